@@ -1,0 +1,1 @@
+"""AOT compiler: captures prefill/decode graphs into AOTInductor packages plus a manifest (compiler issue)."""

@@ -1,0 +1,1 @@
+"""Shipped model configs (`--config NAME`), in Hugging Face config.json field names."""

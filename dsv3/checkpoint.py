@@ -1,0 +1,326 @@
+"""Hugging Face-layout checkpoints: inventory, memory-mapped reading, validation and loading.
+
+Layout: `config.json`, then either `model.safetensors.index.json` + shards or one `model.safetensors`. FP8
+checkpoints store each projection as float8_e4m3fn plus a float32 `<name>_scale_inv`; routed experts are one tensor
+per expert; the MTP layers (`model.layers.{num_hidden_layers + k}`) are recognised and skipped.
+
+Everything is checked before any weight is copied, and all problems are reported together, each naming the tensor,
+its file and expected versus found; then tensors stream one at a time from the memory-mapped shards into the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from dsv3.config import ConfigError, ModelConfig, default_max_seq_len, load_config_file
+from dsv3.kernels.fp8_blocks import FP8_DTYPE
+from dsv3.model import Block, Transformer
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# The dtype every non-FP8 tensor has in a DeepSeek checkpoint (bias and scales excepted).
+CHECKPOINT_DTYPE = torch.bfloat16
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SAFETENSORS_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2,
+}
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(Exception):
+    """The checkpoint on disk does not match what the config says the model needs."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+def _fmt_shape(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+# ---------------------------------------------------------------------- names
+def param_to_checkpoint_names(param: str, num_experts: int) -> list[tuple[str, int | None]]:
+    """Model parameter name -> checkpoint tensor names (one per expert for stacked expert tensors)."""
+    m = re.match(r"^(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$", param)
+    if m:
+        suffix = "weight_scale_inv" if m.group(3) else "weight"
+        return [(f"model.{m.group(1)}.{e}.{m.group(2)}.{suffix}", e) for e in range(num_experts)]
+    if param.startswith("lm_head."):
+        return [(param, None)]
+    return [(f"model.{param}", None)]
+
+
+def checkpoint_to_param_name(name: str) -> tuple[str, int | None]:
+    """Checkpoint tensor name -> (model parameter name, expert index or None)."""
+    m = _EXPERT.match(name)
+    if m:
+        layer, expert, proj, kind = m.groups()
+        return f"layers.{layer}.mlp.experts.{proj}{'_scale_inv' if kind == 'weight_scale_inv' else ''}", int(expert)
+    if name.startswith("model."):
+        return name[len("model."):], None
+    return name, None
+
+
+def _checkpoint_dtype(param: str, dtype: torch.dtype) -> torch.dtype:
+    if dtype == FP8_DTYPE:
+        return FP8_DTYPE
+    if param.endswith(("_scale_inv", "e_score_correction_bias")):
+        return torch.float32
+    return CHECKPOINT_DTYPE
+
+
+def checkpoint_inventory(cfg: ModelConfig, include_mtp: bool = False) -> dict[str, TensorSpec]:
+    """Every tensor a checkpoint of this config holds, with its shape and on-disk dtype, in model order."""
+    with torch.device("meta"):
+        model = Transformer(cfg, dtype=CHECKPOINT_DTYPE, max_batch_size=1, max_seq_len=1)
+    out: dict[str, TensorSpec] = {}
+    for param, t in model.state_dict().items():
+        names = param_to_checkpoint_names(param, cfg.n_routed_experts)
+        shape = tuple(t.shape[1:]) if names[0][1] is not None else tuple(t.shape)
+        for name, _ in names:
+            out[name] = TensorSpec(shape, _checkpoint_dtype(param, t.dtype))
+    if include_mtp:
+        out.update(mtp_inventory(cfg))
+    return out
+
+
+def mtp_inventory(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """Tensors of the multi-token-prediction layers (kept loadable; not used by generation yet)."""
+    out: dict[str, TensorSpec] = {}
+    d, bf = cfg.hidden_size, CHECKPOINT_DTYPE
+    for k in range(cfg.num_nextn_predict_layers):
+        layer = cfg.num_hidden_layers + k
+        with torch.device("meta"):
+            block = Block(cfg, layer, CHECKPOINT_DTYPE, 1, 1)
+        prefix = f"model.layers.{layer}."
+        for param, t in block.state_dict().items():
+            names = param_to_checkpoint_names(f"layers.{layer}.{param}", cfg.n_routed_experts)
+            shape = tuple(t.shape[1:]) if names[0][1] is not None else tuple(t.shape)
+            for name, _ in names:
+                out[name] = TensorSpec(shape, _checkpoint_dtype(param, t.dtype))
+        out[prefix + "embed_tokens.weight"] = TensorSpec((cfg.vocab_size, d), bf)
+        out[prefix + "enorm.weight"] = TensorSpec((d,), bf)
+        out[prefix + "hnorm.weight"] = TensorSpec((d,), bf)
+        out[prefix + "eh_proj.weight"] = TensorSpec((d, 2 * d), bf)
+        out[prefix + "shared_head.norm.weight"] = TensorSpec((d,), bf)
+        out[prefix + "shared_head.head.weight"] = TensorSpec((cfg.vocab_size, d), bf)
+    return out
+
+
+def is_mtp_tensor(name: str, cfg: ModelConfig) -> bool:
+    m = _LAYER.match(name)
+    return bool(m) and cfg.num_hidden_layers <= int(m.group(1)) < cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+
+
+# ---------------------------------------------------------------------- reading
+class CheckpointReader:
+    """Memory-mapped access to the tensors of one HF-layout checkpoint directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.path} does not exist")
+        cfg_path = self.path / "config.json"
+        if not cfg_path.exists():
+            raise CheckpointError(f"{self.path} has no config.json: not a Hugging Face checkpoint directory")
+        try:
+            self.config = load_config_file(cfg_path)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        self._handles: dict[str, object] = {}
+        self._headers: dict[str, dict[str, TensorSpec]] = {}
+        self.weight_map = self._read_weight_map()
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e!r}); "
+                                      "re-create the checkpoint or its index") from None
+            files: dict[str, list[str]] = {}
+            for name, file in weight_map.items():
+                files.setdefault(file, []).append(name)
+            for file, names in sorted(files.items()):
+                if not (self.path / file).exists():
+                    raise CheckpointError(
+                        f"{INDEX_FILE} names shard {file} ({len(names)} tensors, e.g. {names[0]}) but "
+                        f"{self.path / file} does not exist: the download or copy is incomplete"
+                    )
+            return dict(weight_map)
+        single = self.path / SINGLE_FILE
+        if single.exists():
+            return {name: SINGLE_FILE for name in self._header(SINGLE_FILE)}
+        raise CheckpointError(f"{self.path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self.path / file), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for bad headers and short files
+                raise CheckpointError(
+                    f"shard {self.path / file} is truncated or corrupt ({e}); re-download or re-create it"
+                ) from None
+        return self._handles[file]
+
+    def _header(self, file: str) -> dict[str, TensorSpec]:
+        if file not in self._headers:
+            h = self._open(file)
+            specs = {}
+            for name in h.keys():
+                sl = h.get_slice(name)
+                dt = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if dt is None:
+                    raise CheckpointError(f"tensor {name} in {file} has unsupported dtype {sl.get_dtype()}")
+                specs[name] = TensorSpec(tuple(sl.get_shape()), dt)
+            self._headers[file] = specs
+        return self._headers[file]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def spec(self, name: str) -> TensorSpec:
+        file = self.weight_map[name]
+        header = self._header(file)
+        if name not in header:
+            raise CheckpointError(f"{INDEX_FILE} places {name} in {file}, but that shard does not contain it")
+        return header[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, memory-mapped (a view of the page cache until it is copied)."""
+        return self._open(self.weight_map[name]).get_tensor(name)
+
+    def file_of(self, name: str) -> str:
+        return self.weight_map[name]
+
+
+# ---------------------------------------------------------------------- validation and loading
+def _dtype_ok(expected: torch.dtype, found: torch.dtype) -> bool:
+    if expected == FP8_DTYPE:
+        return found == FP8_DTYPE
+    if expected == torch.float32:  # scales and the correction bias: any float that is not FP8
+        return found in _FLOAT_DTYPES
+    return found in _FLOAT_DTYPES
+
+
+def validate(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """Check names, shapes and dtypes of every tensor the model needs; raise one error listing all problems."""
+    expected = checkpoint_inventory(cfg)
+    problems: list[str] = []
+    present = set(reader.names())
+    missing = [n for n in expected if n not in present]
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): " + ", ".join(missing[:8])
+                        + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else ""))
+    full_layers = reader.config.num_hidden_layers
+    unexpected = []
+    for n in reader.names():
+        if n in expected or is_mtp_tensor(n, reader.config):
+            continue
+        m = _LAYER.match(n)
+        if m and cfg.num_hidden_layers <= int(m.group(1)) < full_layers:
+            continue  # a deliberately truncated load (num_layers) skips the later layers
+        unexpected.append(n)
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected[:8])
+                        + (f", ... ({len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+    for name, want in expected.items():
+        if name not in present:
+            continue
+        got = reader.spec(name)
+        where = f"tensor {name} (in {reader.file_of(name)})"
+        if got.shape != want.shape:
+            problems.append(f"{where}: expected shape {_fmt_shape(want.shape)}, found {_fmt_shape(got.shape)}")
+        elif not _dtype_ok(want.dtype, got.dtype):
+            problems.append(f"{where}: expected dtype {_dtype_name(want.dtype)}, found {_dtype_name(got.dtype)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {reader.path} does not match its config ({cfg.name or 'config.json'}):\n  - "
+            + "\n  - ".join(problems)
+            + "\nThe weights were not loaded. Check that config.json belongs to these shards "
+              "(and that quantization_config is present exactly when the weights are FP8)."
+        )
+    return expected
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def load_state(model: Transformer, reader: CheckpointReader, *, progress: bool = True,
+               select: Callable[[str], bool] | None = None) -> None:
+    """Validate, then stream every tensor from the shards into the model's parameters and buffers."""
+    cfg = model.cfg
+    expected = validate(reader, cfg)
+    state = model.state_dict()
+    names = [n for n in expected if select is None or select(n)]
+    # Read shard by shard so each file's pages are touched once, in order.
+    names.sort(key=lambda n: (reader.file_of(n), n))
+    total = sum(expected[n].nbytes() for n in names)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {reader.path.name}", disable=not progress,
+              leave=False) as bar:
+        for name in names:
+            param, expert = checkpoint_to_param_name(name)
+            dst = state[param] if expert is None else state[param][expert]
+            src = reader.get(name)
+            dst.copy_(src.to(dst.dtype) if src.dtype != dst.dtype and dst.dtype != FP8_DTYPE else src)
+            bar.update(expected[name].nbytes())
+
+
+def load(checkpoint_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+         device: torch.device | str = "cpu", max_batch_size: int = 1, max_seq_len: int | None = None,
+         num_layers: int | None = None, progress: bool = True) -> Transformer:
+    """Build the model for a checkpoint directory and load its weights (FP8 weights stay FP8).
+
+    dtype: activations and non-FP8 weights. max_seq_len: latent-cache capacity (default min(4096, max positions)).
+    num_layers: load only the first N decoder layers (for a quick look at a model too big for the host).
+    """
+    reader = CheckpointReader(checkpoint_dir)
+    cfg = reader.config
+    if num_layers is not None:
+        if not 1 <= num_layers <= cfg.num_hidden_layers:
+            raise ConfigError(f"num_layers = {num_layers}: must be between 1 and num_hidden_layers "
+                              f"({cfg.num_hidden_layers}) of {checkpoint_dir}")
+        cfg = cfg.replace(num_hidden_layers=num_layers, num_nextn_predict_layers=0,
+                          first_k_dense_replace=min(cfg.first_k_dense_replace, num_layers))
+    max_seq_len = max_seq_len or default_max_seq_len(cfg)
+    model = Transformer(cfg, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device)
+    load_state(model, reader, progress=progress)
+    return model
+
+
+def iter_shards(names: list[str], specs: dict[str, TensorSpec], max_shard_bytes: int) -> Iterator[list[str]]:
+    """Group tensors in order into shards of at most max_shard_bytes (a larger tensor gets a shard of its own)."""
+    shard: list[str] = []
+    size = 0
+    for n in names:
+        b = specs[n].nbytes()
+        if shard and size + b > max_shard_bytes:
+            yield shard
+            shard, size = [], 0
+        shard.append(n)
+        size += b
+    if shard:
+        yield shard

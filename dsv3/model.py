@@ -1,0 +1,271 @@
+"""DeepSeek-V2/V3 for inference, written for `torch.compile(fullgraph=True)`.
+
+One readable file, each block as in the papers: MLA attention (absorbed, over a static latent cache), dense SwiGLU
+MLP for the first layers, DeepSeekMoE after. Shapes are static; cache writes and positions are driven by the
+`input_pos` tensor; nothing in forward reads a tensor value on the host. The hot ops are `torch.ops.dsv3.*`
+(dsv3.kernels). The model knows nothing of parallelism: tensor/expert parallel is applied to a built model by
+the runtime (it shards weights and inserts collectives).
+
+Parameter names equal the Hugging Face checkpoint names without the leading `model.`, except the routed experts,
+which are stacked per layer: `layers.{i}.mlp.experts.gate_proj` is [E, I, D] (checkpoint: one tensor per expert).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dsv3.kernels  # noqa: F401  (registers torch.ops.dsv3.*)
+from dsv3.config import ModelConfig, ceil_div
+from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
+from dsv3.rope import apply_rope, rope_tables, softmax_scale
+
+
+def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    # Weights are allocated, never initialised here: they come from a checkpoint (or init-random).
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """Bias-free linear layer; FP8 weights (with their block scales) stay FP8 and go through dsv3.fp8_linear."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp8: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _empty(out_features, in_features, dtype=FP8_DTYPE if fp8 else dtype)
+        if fp8:
+            scale_shape = (ceil_div(out_features, BLOCK), ceil_div(in_features, BLOCK))
+            self.register_buffer("weight_scale_inv", torch.empty(scale_shape, dtype=torch.float32))
+        else:
+            self.weight_scale_inv = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale_inv is None:
+            return F.linear(x, self.weight)
+        return torch.ops.dsv3.fp8_linear(x, self.weight, self.weight_scale_inv)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight_scale_inv is None:
+            return self.weight.to(dtype)
+        return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _empty(dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # HF rounding (normalise in fp32, round to the activation dtype, then scale) so logits match transformers.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention, absorbed form: the cache holds kv_norm(c_kv) and roped k_pe per token."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_seq_len: int):
+        super().__init__()
+        fp8 = cfg.is_fp8
+        self.num_heads = cfg.num_attention_heads  # the runtime's tensor-parallel pass sets the per-rank count
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = softmax_scale(cfg)
+        q_out = cfg.num_attention_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, q_out, dtype, fp8)
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype, fp8)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_out, dtype, fp8)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype, fp8)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                dtype, fp8)
+        self.o_proj = Linear(cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size, dtype, fp8)
+        self.register_buffer(
+            "latent_cache", torch.zeros(max_batch_size, max_seq_len, cfg.latent_dim, dtype=dtype), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(bsz, seqlen, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
+        rows = torch.arange(bsz, device=x.device).unsqueeze(1).expand(bsz, seqlen)
+        self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
+
+        # Absorb W_UK into the query and W_UV into the output, so attention runs in the 512-wide latent space.
+        w_kv_b = self.kv_b_proj.dense_weight(x.dtype).view(self.num_heads, self.nope_dim + self.v_dim, -1)
+        w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim:]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        o_latent = torch.ops.dsv3.mla_attention(
+            q_latent, q_pe, self.latent_cache[:bsz], input_pos, self.softmax_scale
+        )
+        o = torch.einsum("bshc,hdc->bshd", o_latent, w_uv)
+        return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter: int, dtype: torch.dtype, fp8: bool):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter, dtype, fp8)
+        self.up_proj = Linear(dim, inter, dtype, fp8)
+        self.down_proj = Linear(inter, dim, dtype, fp8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Expert selection. Scores and top-k in fp32 (as HF) so near-ties resolve the same way as the reference."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = _empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype)
+        if cfg.topk_method == "noaux_tc":
+            # Load-balancing bias: shifts which experts are chosen, never their weights. Always fp32.
+            self.register_buffer("e_score_correction_bias", torch.empty(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            if cfg.topk_method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)  # V3: sum of each group's best two
+            else:
+                group_score = grouped.amax(-1)  # V2: each group's best expert
+            keep = group_score.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        topk_weight = scores.gather(1, topk_idx)
+        if cfg.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
+        return topk_idx, topk_weight * cfg.routed_scaling_factor
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts of a layer, stacked, so one op computes the selected ones with no host sync."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        fp8 = cfg.is_fp8
+        wdtype = FP8_DTYPE if fp8 else dtype
+        self.gate_proj = _empty(e, i, d, dtype=wdtype)
+        self.up_proj = _empty(e, i, d, dtype=wdtype)
+        self.down_proj = _empty(e, d, i, dtype=wdtype)
+        for name, (n, k) in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
+            scale = torch.empty(e, ceil_div(n, BLOCK), ceil_div(k, BLOCK), dtype=torch.float32) if fp8 else None
+            self.register_buffer(f"{name}_scale_inv", scale)
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dsv3.routed_experts(
+            x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj,
+            self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv,
+        )
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.gate = Router(cfg, dtype)
+        self.experts = RoutedExperts(cfg, dtype)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.shared_intermediate_size, dtype, cfg.is_fp8) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        topk_idx, topk_weight = self.gate(flat)
+        y = self.experts(flat, topk_idx, topk_weight).view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, max_batch_size: int, max_seq_len: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = MLA(cfg, dtype, max_batch_size, max_seq_len)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MoE(cfg, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size,
+                                                                        dtype, cfg.is_fp8)
+
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), input_pos, cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """`model(tokens, input_pos)` -> fp32 logits.
+
+    tokens: [B, S] int64 with B <= max_batch_size. input_pos: [B, S] (or [S], shared by the batch) int64, the
+    cache position of each token; every position must be < max_seq_len. Rows of a batch may be at different
+    positions (mixed-length prompts, right-padded). `logits_index` ([B] int64, index into S) returns [B, vocab] for
+    one position per row; `last_only=True` returns [B, vocab] for position S-1; otherwise [B, S, vocab].
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, max_batch_size: int = 1,
+                 max_seq_len: int = 4096, device: torch.device | str | None = None):
+        super().__init__()
+        if max_seq_len < 1 or max_batch_size < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
+        self.cfg, self.dtype = cfg, dtype
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        with torch.device(device or "cpu"):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, _freeze=True,
+                                             _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
+            self.layers = nn.ModuleList(
+                Block(cfg, i, dtype, max_batch_size, max_seq_len) for i in range(cfg.num_hidden_layers)
+            )
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, fp8=False)  # the head is never FP8
+            cos, sin = rope_tables(cfg, max_seq_len)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_index: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        if input_pos.dim() == 1:
+            input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        h = self.embed_tokens(tokens)
+        for layer in self.layers:
+            h = layer(h, input_pos, cos, sin)
+        if logits_index is not None:
+            h = h.gather(1, logits_index.view(bsz, 1, 1).expand(bsz, 1, h.shape[-1])).squeeze(1)
+        elif last_only:
+            h = h[:, -1]
+        return self.lm_head(self.norm(h)).float()
+
+    def reset_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.latent_cache.zero_()
+
+    def latent_caches(self) -> list[torch.Tensor]:
+        return [layer.self_attn.latent_cache for layer in self.layers]

@@ -1,0 +1,1 @@
+"""ONNX export of the dense blocks for inspection (export issue)."""

@@ -1,0 +1,7 @@
+"""Custom ops behind the model's hot paths, registered under `torch.ops.dsv3`.
+
+Each op lives in one file with its plain-PyTorch reference, its fake (shape) implementation and its device
+implementation side by side. Importing this package registers them all.
+"""
+
+from dsv3.kernels import fp8_linear, mla_attention, routed_experts  # noqa: F401  (registers the ops)

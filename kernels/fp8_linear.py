@@ -1,0 +1,327 @@
+"""`torch.ops.dsv3.fp8_linear`: y = x @ W^T with W in DeepSeek's FP8 block format (W8A8).
+
+Contract
+- x: [..., K], bfloat16/float16/float32. weight: [N, K] float8_e4m3fn. weight_scale_inv: [ceil(N/128), ceil(K/128)]
+  float32 (the checkpoint tensor of that name; partial edge blocks allowed, e.g. N=576 or K=10944).
+- Activations are quantized per token per 128 channels (`dsv3.kernels.fp8_blocks.quantize_activation`), then
+  y[m, n] = sum_kb (sum_{k in kb} xq[m,k] * wq[n,k]) * xs[m,kb] * ws[n//128, kb], accumulated in fp32.
+- Returns [..., N] in x.dtype.
+
+Implementations (one op; the branch is taken at trace time from the device and the static shapes)
+- CPU: `fp8_linear_reference` (plain torch; Inductor fuses it when the model is compiled on CPU).
+- CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `_fp8_gemv_kernel`, a split-K "swap-AB" GEMV. Each
+  program owns BLOCK_N weight rows and a range of 128-wide K blocks, streams its weight tiles once, quantizes the
+  matching activation tile in registers (amax/448 with the 1e-4 floor, IEEE division, RTNE cast: bit-identical to
+  `quantize_activation`) and accumulates `tl.dot(w_tile, xq_tile^T)` (FP8 tensor cores, tokens padded to 16) times
+  the two scales per K block in fp32. With more than one split, fp32 partials go through `_splitk_reduce_kernel`.
+- CUDA, larger or dynamic M (prefill): `_act_quant_kernel` then either `F.scaled_mm` with
+  BlockWise1x128/BlockWise128x128 (cuBLAS; sm_90, torch >= 2.11, bf16 output, K % 128 == 0, N % 16 == 0; M padded to
+  a multiple of 4, weight scales zero-padded to round_up(K/128, 4) columns) or the tiled Triton GEMM `_fp8_gemm_kernel`.
+  `DSV3_FP8_GEMM=triton|scaled_mm|gemv` (read at trace time) pins a path, for benchmarks and tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dsv3.kernels._launch import capability, cdiv, env_choice, next_pow2, num_sms, static_int
+from dsv3.kernels.fp8_blocks import (
+    ACT_AMAX_FLOOR,
+    BLOCK,
+    FP8_DTYPE,
+    FP8_MAX,
+    dequantize_activation,
+    dequantize_weight,
+    quantize_activation,
+)
+
+# torch >= 2.11 on CUDA: the v2 scaled-mm API with explicit block-scaling recipes (guarded: torch 2.13 CPU imports
+# this module too, and older builds lack it).
+_HAS_SCALED_MM = hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
+GEMV_MAX_M = 64
+
+
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: quantize activations exactly as the kernels do, dequantize both sides, fp32 GEMM."""
+    xq, xs = quantize_activation(x)
+    w = dequantize_weight(weight, weight_scale_inv)
+    return (dequantize_activation(xq, xs) @ w.t()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def quantize_tile(x):
+    """[R, 128] fp32 tile (zero-padded past K) -> (e4m3 tile, fp32 scale per row), exactly `quantize_activation`."""
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    q = tl.div_rn(x, scale[:, None])
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    return q.to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
+    M, N, K, KB_PER_SPLIT,
+    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_wsk, stride_os, stride_om,
+    PREQUANT: tl.constexpr,  # x is already e4m3 with scales xs [M, ceil(K/128)] (tests; the interpreter)
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """out[split, m, n] (+)= sum over this split's K blocks; acc is [BLOCK_N weight rows, BLOCK_T tokens]."""
+    BLOCK_K: tl.constexpr = 128
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    t_mask = offs_t < M
+    kb_total = tl.cdiv(K, BLOCK_K)
+    kb0 = pid_s * KB_PER_SPLIT
+    kb1 = tl.minimum(kb0 + KB_PER_SPLIT, kb_total)
+    # BLOCK_N divides 128, so all rows of this program share one row of weight scales.
+    ws_row = ws_ptr + ((pid_n * BLOCK_N) // 128) * stride_wsn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_t[:, None] * stride_xm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        k_mask = (kb * BLOCK_K + offs_k) < K
+        w = tl.load(w_ptrs + kb * BLOCK_K, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if PREQUANT:
+            xq = tl.load(x_ptrs + kb * BLOCK_K, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            xs = tl.load(xs_ptr + offs_t * stride_xsm + kb, mask=t_mask, other=1.0)
+        else:
+            xv = tl.load(x_ptrs + kb * BLOCK_K, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            xq, xs = quantize_tile(xv.to(tl.float32))
+        ws = tl.load(ws_row + kb * stride_wsk)
+        acc += tl.dot(w, tl.trans(xq)) * (xs[None, :] * ws)
+    o_ptrs = out_ptr + pid_s * stride_os + offs_t[None, :] * stride_om + offs_n[:, None]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(part_ptr + s * NUMEL + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
+    BLOCKS: tl.constexpr,
+):
+    """Row m (rows >= M are written as zeros: padding for cuBLAS), BLOCKS 128-wide blocks per program."""
+    m = tl.program_id(0)
+    kb = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    offs = kb[:, None] * 128 + tl.arange(0, 128)[None, :]
+    kb_total = tl.cdiv(K, 128)
+    m64 = m.to(tl.int64)
+    row_ok = (tl.zeros_like(offs) + m) < M
+    x = tl.load(x_ptr + m64 * stride_xm + offs, mask=(offs < K) & row_ok, other=0.0).to(tl.float32)
+    q, s = quantize_tile(x)
+    tl.store(q_ptr + m64 * stride_qm + offs, q, mask=offs < K)
+    tl.store(s_ptr + m64 * stride_sm + kb * stride_sk, s, mask=kb < kb_total)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_asm, stride_ask, stride_wn, stride_wsn, stride_wsk, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = dequant(A) @ dequant(W)^T for pre-quantized A (e4m3 + [M, K/128] scales); tiles BLOCK_M x BLOCK_N."""
+    BLOCK_K: tl.constexpr = 128
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm
+    ws_ptrs = ws_ptr + (offs_n // 128) * stride_wsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = (kb * BLOCK_K + offs_k) < K
+        a = tl.load(a_ptrs + kb * BLOCK_K, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + kb * BLOCK_K, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb * stride_ask, mask=m_mask, other=0.0)
+        w_s = tl.load(ws_ptrs + kb * stride_wsk, mask=n_mask, other=0.0)
+        acc += tl.dot(a, tl.trans(w)) * (a_s[:, None] * w_s[None, :])
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers (host side; shapes are static at trace time)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gemv_plan(m: int, n: int, k: int, sms: int, block_n: int = 64, waves: int = 4,
+              partial_div: int = 8) -> tuple[int, int]:
+    """(splits, K blocks per split) for the decode GEMV: about `waves` programs per SM, fp32 partial traffic capped
+    at 4/partial_div of the weight bytes (split * M * N * 4 <= N * K * 4 / partial_div)."""
+    kbt = cdiv(k, BLOCK)
+    split = max(1, min(kbt, cdiv(waves * sms, cdiv(n, block_n))))
+    split = max(1, min(split, k // (partial_div * max(m, 1))))
+    per = cdiv(kbt, split)
+    return cdiv(kbt, per), per
+
+
+def fp8_gemv(
+    x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
+    x_scale: Optional[torch.Tensor] = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 4,
+    split: Optional[int] = None,
+) -> torch.Tensor:
+    """x2 [M <= 64, K] (or e4m3 with `x_scale` [M, ceil(K/128)]) -> [M, N] in out_dtype."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    block_t = max(16, next_pow2(m))
+    assert block_t <= GEMV_MAX_M and 128 % block_n == 0
+    splits, per = gemv_plan(m, n, k, num_sms(x2.device), block_n)
+    if split is not None:
+        per = cdiv(cdiv(k, BLOCK), split)
+        splits = cdiv(cdiv(k, BLOCK), per)
+    out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+    prequant = x_scale is not None
+    xs = x_scale if prequant else x2
+    wrap_triton(_fp8_gemv_kernel)[(cdiv(n, block_n), splits)](
+        x2, xs, weight, scale, target,
+        m, n, k, per,
+        x2.stride(0), xs.stride(0), weight.stride(0), scale.stride(0), scale.stride(1),
+        m * n, n,
+        PREQUANT=prequant, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits > 1:
+        blk = 1024
+        wrap_triton(_splitk_reduce_kernel)[(cdiv(m * n, blk),)](target, out, m * n, splits, BLOCK=blk, num_warps=4)
+    return out
+
+
+def act_quant(x2: torch.Tensor, pad_rows_to: int = 1, scales_m_major: bool = False):
+    """x2 [M, K] -> (e4m3 [Mp, K], fp32 scales [Mp, ceil(K/128)]) with Mp = M rounded up to `pad_rows_to` (padding
+    rows are zeros). `scales_m_major`: scales stored outer-dim-major (strides (1, Mp)), the layout cuBLAS wants."""
+    m, k = x2.shape
+    mp = cdiv(m, pad_rows_to) * pad_rows_to
+    kbt = cdiv(k, BLOCK)
+    q = torch.empty((mp, k), dtype=FP8_DTYPE, device=x2.device)
+    if scales_m_major:
+        s = torch.empty((kbt, mp), dtype=torch.float32, device=x2.device).t()
+    else:
+        s = torch.empty((mp, kbt), dtype=torch.float32, device=x2.device)
+    blocks = min(8, next_pow2(kbt))
+    wrap_triton(_act_quant_kernel)[(mp, cdiv(kbt, blocks))](
+        x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1), BLOCKS=blocks, num_warps=4,
+    )
+    return q, s
+
+
+def fp8_gemm(
+    xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
+    block_m: int = 128, block_n: int = 128, group_m: int = 8, num_warps: int = 8, num_stages: int = 4,
+) -> torch.Tensor:
+    """Tiled Triton W8A8 GEMM on pre-quantized activations: xq [M, K] e4m3, xs [M, ceil(K/128)] (any strides)."""
+    m, k = xq.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
+    wrap_triton(_fp8_gemm_kernel)[grid](
+        xq, xs, weight, scale, out, m, n, k,
+        xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def scaled_mm_usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    k = weight.shape[1]
+    n = weight.shape[0]
+    return (
+        _HAS_SCALED_MM and x2.device.type == "cuda" and capability(x2.device) == (9, 0)
+        and x2.dtype == torch.bfloat16 and k % BLOCK == 0 and n % 16 == 0
+    )
+
+
+def fp8_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """cuBLAS block-scaled GEMM (compile_stack.md §6): M padded to 4, weight scales padded to K/128 -> mult. of 4."""
+    m = x2.shape[0]
+    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True)
+    kb = scale.shape[1]
+    ws = F.pad(scale.float(), (0, (-kb) % 4)) if kb % 4 else scale.float().contiguous()
+    out = F.scaled_mm(
+        xq, weight.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
+        output_dtype=x2.dtype,
+    )
+    return out[:m]  # (a no-op view when M % 4 == 0; no size comparison, so dynamic M stays unguarded)
+
+
+def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    m = static_int(x2.shape[0])
+    if m == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    mode = env_choice("DSV3_FP8_GEMM", "auto")
+    if mode == "auto":
+        if m is not None and m <= GEMV_MAX_M:
+            mode = "gemv"
+        elif scaled_mm_usable(x2, weight):
+            mode = "scaled_mm"
+        else:
+            mode = "triton"
+    if mode == "gemv" and m is not None and m <= GEMV_MAX_M:
+        y = fp8_gemv(x2, weight, weight_scale_inv, x.dtype)
+    elif mode == "scaled_mm" and scaled_mm_usable(x2, weight):
+        y = fp8_scaled_mm(x2, weight, weight_scale_inv)
+    else:
+        xq, xs = act_quant(x2)
+        y = fp8_gemm(xq, xs, weight, weight_scale_inv, x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@triton_op("dsv3::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    # The device branch is resolved at trace time, so one model compiles on CPU (plain torch, fused by Inductor)
+    # and on CUDA (Triton kernels compiled into the graph or the AOTInductor package).
+    if x.device.type == "cpu":
+        return fp8_linear_reference(x, weight, weight_scale_inv)
+    return fp8_linear_triton(x, weight, weight_scale_inv)
+
+
+@fp8_linear.register_fake
+def _fp8_linear_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"fp8_linear: x has K={x.shape[-1]}, weight {weight.shape}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+__all__ = ["fp8_linear", "fp8_linear_reference", "fp8_linear_triton", "fp8_gemv", "fp8_gemm", "act_quant",
+           "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX"]

@@ -1,0 +1,313 @@
+"""`torch.ops.dsv3.mla_attention`: absorbed multi-head latent attention over the static latent cache.
+
+Contract
+- q_latent: [B, S, H, C] (queries already multiplied by W_UK, C = kv_lora_rank), q_pe: [B, S, H, R] (roped),
+  latent_cache: [B, T, C + R] (per token: kv_norm(c_kv) then roped k_pe; head-free; T = cache capacity),
+  input_pos: [B, S] int64, the absolute position of each query token; softmax_scale: float (YaRN mscale included).
+- Query (b, s) attends to cache rows t <= input_pos[b, s] (causal; rows past a sequence's length are never read,
+  so stale or padding entries there are harmless).
+  score = (q_latent . cache[..., :C] + q_pe . cache[..., C:]) * softmax_scale, softmax in fp32,
+  out[b, s, h] = sum_t p[t] * cache[b, t, :C].
+- Returns [B, S, H, C] in q_latent.dtype (the caller applies W_UV).
+
+Implementations (branch taken at trace time)
+- CPU, or fp32 inputs: `mla_attention_reference` (einsum over the whole cache, masked).
+- CUDA, bf16/fp16: one Triton kernel for every S, `_mla_fwd_kernel`. Rows are the (s, h) pairs of one sequence
+  (s-major), BLOCK_H of them per program, so each cache tile is loaded once for BLOCK_H heads (the cache is
+  head-free). A program walks cache rows [0, L) with L = 1 + max input_pos over its rows, read on the device (no
+  host sync, no dependence on the cache capacity), with an online softmax (exp2, fp32 statistics; P is rounded to
+  the cache dtype for the P.V product, as in flash attention). Causality is a per-row mask t <= input_pos[row].
+  * Decode / speculative verify (S statically <= 16: few rows, long context): flash-decoding. The grid has a
+    static number of splits per (sequence, row block), sized to fill the GPU; each program takes an equal share
+    of [0, L) (at least min_chunk rows: 128 for <= 16 rows per block, else 256), splits past L exit at once, and
+    `_mla_combine_kernel` merges the fp32 partials of the splits that ran (it recomputes L the same way).
+  * Blocks of <= 32 rows (H <= 32 per rank at decode) run the transposed problem (SWAP): cache rows on the MMA's
+    M side (wgmma M = 64 / 512), q and the cache tile in shared memory, so no register blow-up from a 16-row A.
+    Larger blocks (H = 128, prefill) use 64 rows x C per program, 8 warps.
+  * Prefill (S larger or dynamic): one split; rows of a block are consecutive query positions, so the loop stops
+    at the block's causal bound. No [S, T] score tensor is ever materialized.
+- Small head dims (C=72, R=8 in tests) are padded to powers of two (>= 16) with masks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dsv3.kernels._launch import cdiv, next_pow2, num_sms, static_int
+
+DECODE_MAX_S = 16
+LOG2E = 1.4426950408889634
+
+
+def mla_attention_reference(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    c = q_latent.shape[-1]
+    kv = latent_cache[..., :c].float()
+    pe = latent_cache[..., c:].float()
+    scores = torch.einsum("bshc,btc->bsht", q_latent.float(), kv) + torch.einsum("bshr,btr->bsht", q_pe.float(), pe)
+    scores = scores * softmax_scale
+    t = torch.arange(latent_cache.shape[1], device=latent_cache.device)
+    visible = t[None, None, None, :] <= input_pos[:, :, None, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bsht,btc->bshc", probs, kv).to(q_latent.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_bounds(pos_ptr, b, rb, S, H, stride_pb, stride_ps, N_SPLITS, MIN_CHUNK_: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows of block rb, their positions, L = 1 + max position and the split chunk length (shared by both kernels)."""
+    rows = rb * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < S * H
+    s_idx = rows // H
+    pos = tl.load(pos_ptr + b * stride_pb + s_idx * stride_ps, mask=row_mask, other=-1)
+    length = tl.max(pos, axis=0) + 1
+    chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_T) * BLOCK_T
+    chunk = tl.maximum(chunk, MIN_CHUNK_)
+    return rows, row_mask, pos, length, chunk
+
+
+@triton.jit
+def _mla_fwd_kernel(
+    q_ptr, qpe_ptr, cache_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
+    S, H, C, R, N_SPLITS, scale_log2,
+    stride_qb, stride_qs, stride_qh, stride_pb_, stride_ps_, stride_ph_,
+    stride_cb, stride_ct, stride_posb, stride_poss,
+    stride_ob, stride_os, stride_oh, stride_oc,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    MIN_CHUNK_: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
+):
+    rb = tl.program_id(0)  # row blocks first: prefill can have more than 65535 of them
+    sp = tl.program_id(1)
+    b = tl.program_id(2)
+    rows, row_mask, pos, length, chunk = _block_bounds(
+        pos_ptr, b, rb, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    start = sp * chunk
+    if start < length:
+        end = tl.minimum(start + chunk, length)
+        s_idx = rows // H
+        h_idx = rows % H
+        offs_c = tl.arange(0, C_PAD)
+        offs_r = tl.arange(0, R_PAD)
+        c_mask = offs_c < C
+        r_mask = offs_r < R
+        b64 = b.to(tl.int64)
+        q = tl.load(q_ptr + b64 * stride_qb + s_idx[:, None] * stride_qs + h_idx[:, None] * stride_qh + offs_c[None, :],
+                    mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+        qpe = tl.load(qpe_ptr + b64 * stride_pb_ + s_idx[:, None] * stride_ps_ + h_idx[:, None] * stride_ph_
+                      + offs_r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        cache_b = cache_ptr + b64 * stride_cb
+        m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        offs_t = tl.arange(0, BLOCK_T)
+        if SWAP:
+            # Few rows (decode, H <= 32 per rank): transposed problem, cache rows on the MMA's M side, so the
+            # tensor cores see M = BLOCK_T / C instead of M = 16 rows, and q stays in shared memory.
+            q_t = tl.trans(q)
+            qpe_t = tl.trans(qpe)
+            acc_t = tl.zeros((C_PAD, BLOCK_H), dtype=tl.float32)
+            for t0 in range(start, end, BLOCK_T):
+                t = t0 + offs_t
+                t_mask = t < end
+                row_ptr = cache_b + t.to(tl.int64)[:, None] * stride_ct
+                kv = tl.load(row_ptr + offs_c[None, :], mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+                pe = tl.load(row_ptr + C + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+                sc = tl.dot(kv, q_t) + tl.dot(pe, qpe_t)                        # [BLOCK_T, BLOCK_H]
+                sc = sc * scale_log2
+                visible = (t[:, None] <= pos[None, :]) & t_mask[:, None]
+                sc = tl.where(visible, sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                acc_t = tl.dot(tl.trans(kv), p.to(kv.dtype), acc_t * alpha[None, :])  # [C_PAD, BLOCK_H]
+                m_i = m_new
+            if SPLIT:
+                base = (b64 * N_SPLITS + sp) * (S * H) + rows
+                tl.store(part_ptr + base[None, :] * C_PAD + offs_c[:, None], acc_t, mask=row_mask[None, :])
+                tl.store(ml_ptr + base * 2, m_i, mask=row_mask)
+                tl.store(ml_ptr + base * 2 + 1, l_i, mask=row_mask)
+            else:
+                o_t = acc_t / tl.where(l_i > 0, l_i, 1.0)[None, :]
+                o_ptrs = (out_ptr + b64 * stride_ob + s_idx[None, :] * stride_os + h_idx[None, :] * stride_oh
+                          + offs_c[:, None] * stride_oc)
+                tl.store(o_ptrs, o_t.to(out_ptr.dtype.element_ty), mask=row_mask[None, :] & c_mask[:, None])
+        else:
+            acc = tl.zeros((BLOCK_H, C_PAD), dtype=tl.float32)
+            for t0 in range(start, end, BLOCK_T):
+                t = t0 + offs_t
+                t_mask = t < end
+                row_ptr = cache_b + t.to(tl.int64)[:, None] * stride_ct
+                kv = tl.load(row_ptr + offs_c[None, :], mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+                pe = tl.load(row_ptr + C + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+                sc = tl.dot(q, tl.trans(kv)) + tl.dot(qpe, tl.trans(pe))          # [BLOCK_H, BLOCK_T]
+                sc = sc * scale_log2
+                visible = (t[None, :] <= pos[:, None]) & t_mask[None, :]
+                sc = tl.where(visible, sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None])  # accumulate in place: one acc in registers
+                m_i = m_new
+            if SPLIT:
+                base = (b64 * N_SPLITS + sp) * (S * H) + rows
+                tl.store(part_ptr + base[:, None] * C_PAD + offs_c[None, :], acc, mask=row_mask[:, None])
+                tl.store(ml_ptr + base * 2, m_i, mask=row_mask)
+                tl.store(ml_ptr + base * 2 + 1, l_i, mask=row_mask)
+            else:
+                o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                o_ptrs = (out_ptr + b64 * stride_ob + s_idx[:, None] * stride_os + h_idx[:, None] * stride_oh
+                          + offs_c[None, :] * stride_oc)
+                tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _mla_combine_kernel(
+    part_ptr, ml_ptr, pos_ptr, out_ptr,
+    S, H, C, N_SPLITS,
+    stride_posb, stride_poss, stride_ob, stride_os, stride_oh, stride_oc,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    MIN_CHUNK_: tl.constexpr,
+):
+    rb = tl.program_id(0)
+    cb = tl.program_id(1)
+    b = tl.program_id(2)
+    rows, row_mask, pos, length, chunk = _block_bounds(
+        pos_ptr, b, rb, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    n_active = tl.minimum(tl.cdiv(length, chunk), N_SPLITS)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    b64 = b.to(tl.int64)
+    m = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)
+    den = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    num = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    for sp in range(0, n_active):
+        base = (b64 * N_SPLITS + sp) * (S * H) + rows
+        m_s = tl.load(ml_ptr + base * 2, mask=row_mask, other=-1.0e30)
+        l_s = tl.load(ml_ptr + base * 2 + 1, mask=row_mask, other=0.0)
+        a_s = tl.load(part_ptr + base[:, None] * C_PAD + offs_c[None, :], mask=row_mask[:, None], other=0.0)
+        m_new = tl.maximum(m, m_s)
+        f_old = tl.exp2(m - m_new)
+        f_new = tl.exp2(m_s - m_new)
+        num = num * f_old[:, None] + a_s * f_new[:, None]
+        den = den * f_old + l_s * f_new
+        m = m_new
+    o = num / tl.where(den > 0, den, 1.0)[:, None]
+    s_idx = rows // H
+    h_idx = rows % H
+    o_ptrs = out_ptr + b64 * stride_ob + s_idx[:, None] * stride_os + h_idx[:, None] * stride_oh + offs_c[None, :] * stride_oc
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_c < C)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c: int, sms: int,
+             block_h: Optional[int] = None, block_t: Optional[int] = None, n_splits: Optional[int] = None,
+             min_chunk: Optional[int] = None, swap: Optional[bool] = None):
+    """(BLOCK_H, BLOCK_T, C_PAD, num_warps, n_splits, min_chunk, swap) from static shapes (None = dynamic).
+    swap: <= 32 query rows per block run the transposed formulation (see `_mla_fwd_kernel`).
+    A split never covers fewer than `min_chunk` cache rows, so its fp32 partial (BLOCK_H x C x 4 bytes) stays
+    small next to the cache bytes it reads."""
+    rows = None if s is None else s * h
+    if block_h is None:
+        block_h = 64 if rows is None else min(64, max(16, next_pow2(rows)))
+    if swap is None:
+        swap = block_h <= 32
+    c_pad = max(16, next_pow2(c))
+    if block_t is None:
+        block_t = 64 if swap or c_pad < 512 else 32
+    if min_chunk is None:
+        min_chunk = max(block_t, 128 if block_h <= 16 else 256)
+    num_warps = 8 if (not swap and block_h * c_pad >= 64 * 512) else 4
+    if n_splits is None:
+        if b is None or s is None or t_cap is None or s > DECODE_MAX_S:
+            n_splits = 1
+        else:
+            n_rb = cdiv(rows, block_h)
+            n_splits = max(1, min(cdiv(2 * sms, b * n_rb), cdiv(t_cap, min_chunk)))
+    return block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap
+
+
+def mla_attention_triton(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
+    n_splits: Optional[int] = None, num_stages: int = 2, min_chunk: Optional[int] = None,
+    swap: Optional[bool] = None, num_warps: Optional[int] = None,
+) -> torch.Tensor:
+    bsz, seqlen, heads, c = q_latent.shape
+    r = q_pe.shape[-1]
+    # Same layout as the fake impl (empty_like), so compiled graphs see the strides they were promised.
+    out = torch.empty_like(q_latent)
+    if q_latent.stride(-1) != 1:
+        q_latent = q_latent.contiguous()
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
+    if latent_cache.stride(-1) != 1:
+        latent_cache = latent_cache.contiguous()
+    block_h, block_t, c_pad, plan_warps, n_splits, min_chunk, swap = mla_plan(
+        static_int(bsz), static_int(seqlen), heads, static_int(latent_cache.shape[1]), c,
+        num_sms(q_latent.device), block_h, block_t, n_splits, min_chunk, swap)
+    num_warps = num_warps or plan_warps
+    r_pad = max(16, next_pow2(r))
+    n_rb = cdiv(seqlen * heads, block_h)
+    split = n_splits > 1
+    if split:
+        part = torch.empty((bsz, n_splits, seqlen * heads, c_pad), dtype=torch.float32, device=q_latent.device)
+        ml = torch.empty((bsz, n_splits, seqlen * heads, 2), dtype=torch.float32, device=q_latent.device)
+    else:
+        part = ml = out  # unused
+    wrap_triton(_mla_fwd_kernel)[(n_rb, n_splits, bsz)](
+        q_latent, q_pe, latent_cache, input_pos, out, part, ml,
+        seqlen, heads, c, r, n_splits, float(softmax_scale) * LOG2E,
+        q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+        latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, R_PAD=r_pad, MIN_CHUNK_=min_chunk, SPLIT=split, SWAP=swap,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        block_c = min(c_pad, 128)
+        wrap_triton(_mla_combine_kernel)[(n_rb, c_pad // block_c, bsz)](
+            part, ml, input_pos, out, seqlen, heads, c, n_splits,
+            input_pos.stride(0), input_pos.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, BLOCK_C=block_c, MIN_CHUNK_=min_chunk, num_warps=4,
+        )
+    return out
+
+
+def _triton_ok(q_latent: torch.Tensor, latent_cache: torch.Tensor) -> bool:
+    return q_latent.dtype in (torch.bfloat16, torch.float16) and latent_cache.dtype == q_latent.dtype
+
+
+@triton_op("dsv3::mla_attention", mutates_args=())
+def mla_attention(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    if q_latent.device.type == "cpu" or not _triton_ok(q_latent, latent_cache):
+        return mla_attention_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale)
+    return mla_attention_triton(q_latent, q_pe, latent_cache, input_pos, softmax_scale)
+
+
+@mla_attention.register_fake
+def _mla_attention_fake(q_latent, q_pe, latent_cache, input_pos, softmax_scale):
+    return torch.empty_like(q_latent)
+
+
+__all__ = ["mla_attention", "mla_attention_reference", "mla_attention_triton", "mla_plan", "math"]

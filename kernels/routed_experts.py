@@ -1,0 +1,362 @@
+"""`torch.ops.dsv3.routed_experts`: the routed-expert half of a DeepSeekMoE layer, with routing given on the device.
+
+Contract
+- x: [T, D] tokens (already normed). topk_idx: [T, K] int64 expert ids; topk_weight: [T, K] float32 combine weights
+  (routing already applied: scoring, groups, renormalisation, routed_scaling_factor).
+- gate_proj, up_proj: [E, I, D]; down_proj: [E, D, I]. Either all bfloat16/float32 (scales None) or all
+  float8_e4m3fn with block scales [E, ceil(I/128), ceil(D/128)] and [E, ceil(D/128), ceil(I/128)].
+- Ids outside [0, E) contribute nothing: an expert-parallel rank passes global ids minus its first expert id.
+- y[t] = sum_k topk_weight[t, k] * down(silu(gate(x[t])) * up(x[t])) for expert topk_idx[t, k], with each FP8
+  projection computed as `dsv3.fp8_linear` does (activations quantized per token per 128 channels).
+- Returns [T, D] in x.dtype. No host synchronisation: the amount of work never depends on the routing values.
+
+Implementations (branch taken at trace time)
+- CPU, or fp32 weights: `routed_experts_reference` (dense over experts).
+- CUDA, FP8 or bf16/fp16 weights: three Triton kernels, no host sync, each selected expert's weights read once per
+  token tile and unselected experts never read:
+  1. `_moe_up_kernel`, grid (slot, I/BLOCK_N): gate and up GEMVs of one expert, fused SiLU*up, the activation
+     quantization (per token per 128 channels) done in registers; writes h [T*K, I] (x.dtype, rounded as the
+     reference rounds: gate/up/silu/product each to x.dtype).
+  2. `_moe_down_kernel`, grid (slot, D/BLOCK_N): down GEMV on h (quantized in registers), writes the unweighted
+     expert output per (token, k) pair, rounded to x.dtype like the reference's per-expert output.
+  3. `_moe_combine_kernel`: y[t] = sum_k w[t,k] * out[t,k] in fp32 over valid pairs, cast to x.dtype.
+  Slot -> expert mapping:
+  * decode (T statically <= 64): slot j is the j-th smallest expert id present in topk_idx, found in-kernel
+    (min(E, T*K) slots, the extra ones exit at once); the program computes all T tokens (masked to the ones routed
+    to its expert; tokens padded to 16 for the tensor cores).
+  * prefill (T larger or dynamic): grouped. The (token, k) pairs are sorted by expert on the device (torch.sort,
+    cumsum, searchsorted: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
+    of up to 64 pairs of one expert.
+  The intermediate buffers are [T*K, I] and [T*K, D] in x.dtype (prefill of 4096 tokens on 671B shapes: ~0.6 GB).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dsv3.kernels._launch import cdiv, next_pow2, static_int
+from dsv3.kernels.fp8_linear import fp8_linear_reference, quantize_tile
+
+DECODE_MAX_T = 64
+GROUPED_BLOCK_T = 64
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, w) if s is None else fp8_linear_reference(x, w, s)
+
+
+def routed_experts_reference(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+    gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+    gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
+    down_scale_inv: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Dense over experts (every expert sees every token, then a select): simple and sync-free, fine on CPU."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(gate_proj.shape[0]):
+        hit = topk_idx == e                                     # [T, K]
+        weight = (topk_weight * hit).sum(-1, keepdim=True)     # [T, 1]
+        pick = lambda t, i=e: None if t is None else t[i]      # noqa: E731
+        h = F.silu(_project(x, gate_proj[e], pick(gate_scale_inv))) * _project(x, up_proj[e], pick(up_scale_inv))
+        y = _project(h.to(x.dtype), down_proj[e], pick(down_scale_inv))
+        # where(), not a multiply: an unselected token's expert output must not leak in even if it is not finite.
+        out = out + torch.where(hit.any(-1, keepdim=True), y.float() * weight, 0.0)
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _slot_columns(
+    idx_ptr, sched_ptr, slot, T, K, E, n_sched,
+    GROUPED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """The expert of this program (-1: nothing to do) and its columns: pair row (t*K + k), token, mask."""
+    offs = tl.arange(0, BLOCK_T)
+    if GROUPED:
+        e = tl.load(sched_ptr + slot)
+        start = tl.load(sched_ptr + n_sched + slot)
+        end = tl.load(sched_ptr + 2 * n_sched + slot)
+        col_mask = (start + offs) < end
+        pair = tl.load(sched_ptr + 3 * n_sched + start + offs, mask=col_mask, other=0)
+        token = pair // K
+        e = tl.where(start < end, e, -1)
+    else:
+        # slot j -> j-th smallest expert id present among the T*K valid ids (ids outside [0, E) never match).
+        offs_p = tl.arange(0, BLOCK_P)
+        flat = tl.load(idx_ptr + offs_p, mask=offs_p < T * K, other=-1)
+        e = slot * 0 - 1
+        base = slot * 0
+        for e0 in range(0, E, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            hit = (flat[None, :] == offs_e[:, None]) & (offs_e < E)[:, None]
+            present = tl.max(hit.to(tl.int32), axis=1)
+            rank = tl.cumsum(present, axis=0) + base
+            e = tl.maximum(e, tl.max(tl.where((present > 0) & (rank == slot + 1), offs_e, -1), axis=0))
+            base += tl.sum(present, axis=0)
+        # tokens routed to e, and for each the first k that names it (its pair row)
+        offs_k = tl.arange(0, BLOCK_K)
+        ids = tl.load(idx_ptr + offs[:, None] * K + offs_k[None, :],
+                      mask=(offs < T)[:, None] & (offs_k < K)[None, :], other=-1)
+        match = ids == e
+        col_mask = tl.max(match.to(tl.int32), axis=1) > 0
+        kk = tl.min(tl.where(match, offs_k[None, :], BLOCK_K), axis=1)
+        kk = tl.where(col_mask, kk, 0)
+        token = offs
+        pair = offs * K + kk
+    return e, pair, token, col_mask
+
+
+@triton.jit
+def _moe_up_kernel(
+    x_ptr, idx_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
+    T, K, E, I, D, n_sched,
+    stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h,
+    IS_FP8: tl.constexpr, GROUPED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    BLOCK_D: tl.constexpr = 128
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, pair, token, col_mask = _slot_columns(idx_ptr, sched_ptr, slot, T, K, E, n_sched,
+                                             GROUPED, BLOCK_T, BLOCK_K, BLOCK_P, BLOCK_E)
+    if e >= 0:
+        e64 = e.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_mask = offs_n < I
+        wg_ptrs = wg_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
+        wu_ptrs = wu_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
+        x_ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xt + offs_d[None, :]
+        srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
+        acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(D, BLOCK_D)):
+            d_mask = (kb * BLOCK_D + offs_d) < D
+            wmask = n_mask[:, None] & d_mask[None, :]
+            wg = tl.load(wg_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
+            wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
+            xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if IS_FP8:
+                xq, xs = quantize_tile(xv.to(tl.float32))
+                xqt = tl.trans(xq)
+                sg = tl.load(sg_ptr + srow + kb * stride_sk)
+                su = tl.load(su_ptr + srow + kb * stride_sk)
+                acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
+                acc_u += tl.dot(wu, xqt) * (xs[None, :] * su)
+            else:
+                xt = tl.trans(xv.to(wg.dtype))
+                acc_g = tl.dot(wg, xt, acc_g)
+                acc_u = tl.dot(wu, xt, acc_u)
+        odt = h_ptr.dtype.element_ty
+        g = acc_g.to(odt).to(tl.float32)
+        u = acc_u.to(odt).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
+        h = (s * u).to(odt)
+        h_ptrs = h_ptr + pair.to(tl.int64)[None, :] * stride_h + offs_n[:, None]
+        tl.store(h_ptrs, h, mask=n_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    h_ptr, idx_ptr, sched_ptr, wd_ptr, sd_ptr, y_ptr,
+    T, K, E, I, D, n_sched,
+    stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
+    IS_FP8: tl.constexpr, GROUPED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    BLOCK_I: tl.constexpr = 128
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, pair, token, col_mask = _slot_columns(idx_ptr, sched_ptr, slot, T, K, E, n_sched,
+                                             GROUPED, BLOCK_T, BLOCK_K, BLOCK_P, BLOCK_E)
+    if e >= 0:
+        e64 = e.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_i = tl.arange(0, BLOCK_I)
+        n_mask = offs_n < D
+        w_ptrs = wd_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_i[None, :]
+        h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_h + offs_i[None, :]
+        srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
+        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(I, BLOCK_I)):
+            i_mask = (kb * BLOCK_I + offs_i) < I
+            w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
+            hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+            if IS_FP8:
+                hq, hs = quantize_tile(hv.to(tl.float32))
+                sd = tl.load(sd_ptr + srow + kb * stride_sk)
+                acc += tl.dot(w, tl.trans(hq)) * (hs[None, :] * sd)
+            else:
+                acc = tl.dot(w, tl.trans(hv.to(w.dtype)), acc)
+        y_ptrs = y_ptr + pair.to(tl.int64)[None, :] * stride_y + offs_n[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _moe_combine_kernel(
+    y_ptr, idx_ptr, wt_ptr, out_ptr, K, E, D, stride_y, stride_ot, stride_od,
+    FIRST_ONLY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    t64 = t.to(tl.int64)
+    ids = tl.load(idx_ptr + t64 * K + offs_k, mask=k_mask, other=-1)
+    wts = tl.load(wt_ptr + t64 * K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    valid = (ids >= 0) & (ids < E) & k_mask
+    if FIRST_ONLY:
+        # decode kernels computed each (token, expert) once, at the first k naming it: weight = sum over its ks.
+        offs_k2 = tl.arange(0, BLOCK_K)
+        ids2 = tl.load(idx_ptr + t64 * K + offs_k2, mask=offs_k2 < K, other=-1)
+        wts2 = tl.load(wt_ptr + t64 * K + offs_k2, mask=offs_k2 < K, other=0.0).to(tl.float32)
+        same = ids[:, None] == ids2[None, :]
+        earlier = same & (offs_k2[None, :] < offs_k[:, None])
+        valid = valid & (tl.max(earlier.to(tl.int32), axis=1) == 0)
+        wts = tl.sum(tl.where(same, wts2[None, :], 0.0), axis=1)
+    rows = t64 * K + offs_k
+    yv = tl.load(y_ptr + rows[:, None] * stride_y + offs_d[None, :],
+                 mask=valid[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+    acc = tl.sum(tl.where(valid[:, None], yv * wts[:, None], 0.0), axis=0)
+    tl.store(out_ptr + t64 * stride_ot + offs_d * stride_od, acc.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tuple[torch.Tensor, int]:
+    """Device-side tile schedule for the grouped path, fixed size (no sync): int32 [3 * n_tiles + T*K] =
+    (expert, start, end) per tile, then the (token*K + k) pair ids sorted by expert (invalid ids last)."""
+    flat = topk_idx.reshape(-1)
+    p = flat.shape[0]
+    e = n_experts
+    valid = (flat >= 0) & (flat < e)
+    key = torch.where(valid, flat, torch.full_like(flat, e))
+    _, order = torch.sort(key, stable=True)
+    counts = torch.zeros(e + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, key, torch.ones_like(key))[:e]
+    tiles = (counts + block_t - 1) // block_t
+    tile_end = torch.cumsum(tiles, 0)
+    seg_start = torch.cumsum(counts, 0) - counts
+    n_tiles = cdiv(p, block_t) + e if isinstance(p, int) else (p + block_t - 1) // block_t + e
+    j = torch.arange(n_tiles, device=flat.device)
+    te = torch.searchsorted(tile_end, j, right=True)
+    ok = te < e
+    tec = te.clamp(max=e - 1)
+    start = seg_start[tec] + (j - (tile_end[tec] - tiles[tec])) * block_t
+    end = torch.where(ok, torch.minimum(start + block_t, seg_start[tec] + counts[tec]), start)
+    sched = torch.cat([tec, start, end, order]).to(torch.int32)
+    return sched, n_tiles
+
+
+def routed_experts_triton(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+    gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+    gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
+    down_scale_inv: Optional[torch.Tensor], grouped: Optional[bool] = None,
+    block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
+) -> torch.Tensor:
+    t, d = x.shape
+    k = topk_idx.shape[1]
+    e, i, _ = gate_proj.shape
+    out = torch.empty_like(x)
+    t_static = static_int(t)
+    if t_static == 0:
+        return out
+    if grouped is None:
+        grouped = t_static is None or t_static > DECODE_MAX_T
+    is_fp8 = gate_scale_inv is not None
+    if not is_fp8 and x.dtype != gate_proj.dtype:
+        x = x.to(gate_proj.dtype)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    idx = topk_idx.contiguous()
+    wt = topk_weight.contiguous()
+    gate_proj, up_proj, down_proj = (w if w.stride(-1) == 1 else w.contiguous() for w in (gate_proj, up_proj, down_proj))
+    if is_fp8:
+        sg, su, sd = gate_scale_inv, up_scale_inv, down_scale_inv
+        assert sg.stride() == su.stride(), "gate/up scales must share a layout"
+    else:
+        sg = su = sd = gate_proj  # unused
+    p = t * k
+    h = torch.empty((p, i), dtype=out.dtype, device=x.device)
+    y = torch.empty((p, d), dtype=out.dtype, device=x.device)
+    block_k = max(2, next_pow2(k))
+    if grouped:
+        block_t = GROUPED_BLOCK_T
+        sched, n_slots = grouped_schedule(idx, e, block_t)
+        block_p = block_e = 2  # unused
+        n_sched = n_slots
+        bn1, bn2, nw, ns = 128, 128, 8, 3
+    else:
+        block_t = max(16, next_pow2(t_static))
+        n_slots = min(e, p)
+        sched = idx  # unused
+        n_sched = 0
+        block_p = max(2, next_pow2(p))
+        block_e = min(64, max(2, next_pow2(e)))
+        bn1 = bn2 = block_n
+        nw, ns = num_warps, num_stages
+    common = dict(IS_FP8=is_fp8, GROUPED=grouped, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p,
+                  BLOCK_E=block_e, num_warps=nw, num_stages=ns)
+    wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, bn1))](
+        x, idx, sched, gate_proj, up_proj, sg, su, h,
+        t, k, e, i, d, n_sched,
+        x.stride(0), gate_proj.stride(0), gate_proj.stride(1),
+        sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0),
+        BLOCK_N=bn1, **common,
+    )
+    wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, bn2))](
+        h, idx, sched, down_proj, sd, y,
+        t, k, e, i, d, n_sched,
+        h.stride(0), down_proj.stride(0), down_proj.stride(1),
+        sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
+        BLOCK_N=bn2, **common,
+    )
+    block_d = 512
+    wrap_triton(_moe_combine_kernel)[(t, cdiv(d, block_d))](
+        y, idx, wt, out, k, e, d, y.stride(0), out.stride(0), out.stride(1),
+        FIRST_ONLY=not grouped, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def _triton_ok(x: torch.Tensor, gate_proj: torch.Tensor, gate_scale_inv: Optional[torch.Tensor]) -> bool:
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if gate_scale_inv is not None:
+        return gate_proj.dtype == torch.float8_e4m3fn
+    return gate_proj.dtype in (torch.bfloat16, torch.float16)
+
+
+@triton_op("dsv3::routed_experts", mutates_args=())
+def routed_experts(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+    gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+    gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
+    down_scale_inv: Optional[torch.Tensor],
+) -> torch.Tensor:
+    if x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv):
+        return routed_experts_reference(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
+                                        gate_scale_inv, up_scale_inv, down_scale_inv)
+    return routed_experts_triton(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
+                                 gate_scale_inv, up_scale_inv, down_scale_inv)
+
+
+@routed_experts.register_fake
+def _routed_experts_fake(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
+                         gate_scale_inv, up_scale_inv, down_scale_inv):
+    return torch.empty_like(x)

@@ -55,6 +55,17 @@ class TensorSpec:
         return n * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Which part of a checkpoint tensor one rank loads: a slice along `dim` (None: all of it), and for a routed
+    expert the slot in the rank's stacked expert tensor (None: the expert's global index)."""
+
+    dim: int | None = None
+    start: int = 0
+    length: int = 0
+    expert: int | None = None
+
+
 def _fmt_shape(shape: Iterable[int]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
@@ -163,16 +174,17 @@ class CheckpointReader:
             files: dict[str, list[str]] = {}
             for name, file in weight_map.items():
                 files.setdefault(file, []).append(name)
-            for file, names in sorted(files.items()):
-                if not (self.path / file).exists():
-                    raise CheckpointError(
-                        f"{INDEX_FILE} names shard {file} ({len(names)} tensors, e.g. {names[0]}) but "
-                        f"{self.path / file} does not exist: the download or copy is incomplete"
-                    )
+            absent = [f"{file} ({len(names)} tensors, e.g. {names[0]}) does not exist"
+                      for file, names in sorted(files.items()) if not (self.path / file).exists()]
+            if absent:
+                raise CheckpointError(
+                    f"{INDEX_FILE} in {self.path} names {len(absent)} missing shard file(s): " + "; ".join(absent)
+                    + ". The download or copy is incomplete."
+                )
             return dict(weight_map)
         single = self.path / SINGLE_FILE
         if single.exists():
-            return {name: SINGLE_FILE for name in self._header(SINGLE_FILE)}
+            return {name: SINGLE_FILE for name in self.header(SINGLE_FILE)}
         raise CheckpointError(f"{self.path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
     def _open(self, file: str):
@@ -185,7 +197,7 @@ class CheckpointReader:
                 ) from None
         return self._handles[file]
 
-    def _header(self, file: str) -> dict[str, TensorSpec]:
+    def header(self, file: str) -> dict[str, TensorSpec]:
         if file not in self._headers:
             h = self._open(file)
             specs = {}
@@ -203,7 +215,7 @@ class CheckpointReader:
 
     def spec(self, name: str) -> TensorSpec:
         file = self.weight_map[name]
-        header = self._header(file)
+        header = self.header(file)
         if name not in header:
             raise CheckpointError(f"{INDEX_FILE} places {name} in {file}, but that shard does not contain it")
         return header[name]
@@ -211,6 +223,14 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """The tensor, memory-mapped (a view of the page cache until it is copied)."""
         return self._open(self.weight_map[name]).get_tensor(name)
+
+    def get_part(self, name: str, dim: int | None, start: int, length: int) -> torch.Tensor:
+        """Rows or columns [start, start+length) along `dim` (None: the whole tensor), read from the mmap."""
+        if dim is None:
+            return self.get(name)
+        sl = self._open(self.weight_map[name]).get_slice(name)
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return sl[index]
 
     def file_of(self, name: str) -> str:
         return self.weight_map[name]
@@ -229,6 +249,12 @@ def validate(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, TensorSpec
     """Check names, shapes and dtypes of every tensor the model needs; raise one error listing all problems."""
     expected = checkpoint_inventory(cfg)
     problems: list[str] = []
+    # Read every shard's header, also shards holding only tensors we skip (MTP): a damaged file is reported now.
+    for file in sorted(set(reader.weight_map.values())):
+        try:
+            reader.header(file)
+        except CheckpointError as e:
+            problems.append(str(e))
     present = set(reader.names())
     missing = [n for n in expected if n not in present]
     if missing:
@@ -249,7 +275,11 @@ def validate(reader: CheckpointReader, cfg: ModelConfig) -> dict[str, TensorSpec
     for name, want in expected.items():
         if name not in present:
             continue
-        got = reader.spec(name)
+        try:
+            got = reader.spec(name)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
         where = f"tensor {name} (in {reader.file_of(name)})"
         if got.shape != want.shape:
             problems.append(f"{where}: expected shape {_fmt_shape(want.shape)}, found {_fmt_shape(got.shape)}")
@@ -270,32 +300,49 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 
 def load_state(model: Transformer, reader: CheckpointReader, *, progress: bool = True,
-               select: Callable[[str], bool] | None = None) -> None:
-    """Validate, then stream every tensor from the shards into the model's parameters and buffers."""
+               placement: Callable[[str, tuple[int, ...]], Placement | None] | None = None) -> None:
+    """Validate, then stream the tensors from the shards into the model's parameters and buffers.
+
+    placement(name, full_shape): which part of each tensor this model (rank) holds; None skips the tensor. Only
+    that part is read from the memory-mapped file.
+    """
     cfg = model.cfg
     expected = validate(reader, cfg)
     state = model.state_dict()
-    names = [n for n in expected if select is None or select(n)]
+    todo: list[tuple[str, Placement]] = []
+    for name, spec in expected.items():
+        where = Placement() if placement is None else placement(name, spec.shape)
+        if where is not None:
+            todo.append((name, where))
     # Read shard by shard so each file's pages are touched once, in order.
-    names.sort(key=lambda n: (reader.file_of(n), n))
-    total = sum(expected[n].nbytes() for n in names)
+    todo.sort(key=lambda item: (reader.file_of(item[0]), item[0]))
+    total = sum(expected[n].nbytes() for n, _ in todo)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {reader.path.name}", disable=not progress,
               leave=False) as bar:
-        for name in names:
+        for name, where in todo:
             param, expert = checkpoint_to_param_name(name)
+            if where.expert is not None:
+                expert = where.expert
             dst = state[param] if expert is None else state[param][expert]
-            src = reader.get(name)
-            dst.copy_(src.to(dst.dtype) if src.dtype != dst.dtype and dst.dtype != FP8_DTYPE else src)
+            src = reader.get_part(name, where.dim, where.start, where.length)
+            if tuple(src.shape) != tuple(dst.shape):
+                raise CheckpointError(f"tensor {name}: this rank's part has shape {_fmt_shape(src.shape)} but the "
+                                      f"model expects {_fmt_shape(dst.shape)}")
+            dst.copy_(src if src.dtype == dst.dtype or dst.dtype == FP8_DTYPE else src.to(dst.dtype))
             bar.update(expected[name].nbytes())
 
 
 def load(checkpoint_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
          device: torch.device | str = "cpu", max_batch_size: int = 1, max_seq_len: int | None = None,
-         num_layers: int | None = None, progress: bool = True) -> Transformer:
+         num_layers: int | None = None, progress: bool = True,
+         prepare: Callable[[Transformer], Callable[[str, tuple[int, ...]], Placement | None] | None] | None = None,
+         ) -> Transformer:
     """Build the model for a checkpoint directory and load its weights (FP8 weights stay FP8).
 
     dtype: activations and non-FP8 weights. max_seq_len: latent-cache capacity (default min(4096, max positions)).
     num_layers: load only the first N decoder layers (for a quick look at a model too big for the host).
+    prepare(model): called on the built, unloaded model (e.g. to shard it for tensor parallel); returns the
+    placement function for load_state, or None to load every tensor whole.
     """
     reader = CheckpointReader(checkpoint_dir)
     cfg = reader.config
@@ -307,7 +354,8 @@ def load(checkpoint_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat
                           first_k_dense_replace=min(cfg.first_k_dense_replace, num_layers))
     max_seq_len = max_seq_len or default_max_seq_len(cfg)
     model = Transformer(cfg, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device)
-    load_state(model, reader, progress=progress)
+    placement = prepare(model) if prepare is not None else None
+    load_state(model, reader, progress=progress, placement=placement)
     return model
 
 

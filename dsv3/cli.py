@@ -77,24 +77,32 @@ def init_random_cmd(config: str, out: str, num_layers: int | None, dtype: str, s
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
     t0 = time.perf_counter()
-    path = write_random_checkpoint(cfg, out, dtype=dtype, seed=seed, num_layers=num_layers,
-                                   max_shard_size=shard_bytes, overwrite=overwrite)
+    try:
+        path = write_random_checkpoint(cfg, out, dtype=dtype, seed=seed, num_layers=num_layers,
+                                       max_shard_size=shard_bytes, overwrite=overwrite)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     size = sum(f.stat().st_size for f in path.iterdir())
     click.echo(f"wrote {path} ({size / 1e6:.1f} MB, {dtype}) in {time.perf_counter() - t0:.1f}s")
 
 
 def _read_prompts(prompts: tuple[str, ...], input_file: str | None) -> list[str]:
+    """--prompt values, then --input-file: JSONL records with a "prompt" field, or one plain prompt per line."""
     out = list(prompts)
     if input_file:
+        jsonl = input_file.endswith(".jsonl")
         for i, line in enumerate(Path(input_file).read_text().splitlines()):
             if not line.strip():
                 continue
-            if line.lstrip().startswith("{"):
-                try:
-                    out.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError):
-                    raise click.BadParameter(f"line {i + 1}: JSONL lines need a \"prompt\" field",
-                                             param_hint="--input-file") from None
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and "prompt" in record:
+                out.append(str(record["prompt"]))
+            elif jsonl:
+                raise click.BadParameter(f"line {i + 1}: JSONL lines need a \"prompt\" field",
+                                         param_hint="--input-file")
             else:
                 out.append(line)
     if not out:

@@ -284,6 +284,8 @@ class ModelConfig:
                 activation_scheme=q.get("activation_scheme", "dynamic"),
                 fmt=q.get("fmt", "e4m3"),
             )
+        if kwargs.get("num_key_value_heads") is None:  # MLA has no KV heads; HF wants the head count here
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         return cls(name=name, **kwargs)
@@ -298,7 +300,6 @@ class ModelConfig:
             if f.name in ("name", "rope_scaling", "quantization_config", "model_type"):
                 continue
             out[f.name] = getattr(self, f.name)
-        out["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
         out["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling else None
         if self.quantization_config is not None:
             out["quantization_config"] = self.quantization_config.to_hf()

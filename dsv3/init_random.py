@@ -1,8 +1,9 @@
 """`dsv3c init-random`: a random checkpoint in exactly the Hugging Face layout of DeepSeek's releases.
 
 No real weights can be downloaded here, so tests and benchmarks run on these. Every tensor is drawn from its own
-generator seeded by (seed, tensor name), so a tensor's values do not depend on sharding, order or rank: a runtime
-can regenerate any rank's slice directly on a GPU (`random_tensor`) and get the numbers init-random writes.
+generator seeded by (seed, tensor name), so a tensor's values do not depend on sharding, order or rank:
+`random_tensor` regenerates any tensor by name. (CPU and CUDA generators draw different streams for one seed, so
+the values equal the files only when generated on the CPU, as init-random does.)
 
 Scales keep activations finite through all layers: linear weights ~ N(0, min(0.02, 1/sqrt(fan_in))), with the
 residual-branch outputs (o_proj, down_proj) further divided by sqrt(2 * layers); norms ~ 1 + N(0, 0.05).
@@ -89,8 +90,9 @@ def write_random_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike, *, dty
         raise ValueError(f"dtype must be fp8 or bf16, got {dtype!r}")
     cfg = cfg.replace(quantization_config=FP8Quantization() if dtype == "fp8" else None)
     if num_layers is not None:
-        if num_layers < 1:
-            raise ValueError(f"--num-layers must be >= 1, got {num_layers}")
+        if not 1 <= num_layers <= cfg.num_hidden_layers:
+            raise ValueError(f"--num-layers must be between 1 and the config's num_hidden_layers "
+                             f"({cfg.num_hidden_layers}), got {num_layers}")
         cfg = cfg.replace(num_hidden_layers=num_layers,
                           first_k_dense_replace=min(cfg.first_k_dense_replace, num_layers))
     out = Path(out_dir)

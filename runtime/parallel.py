@@ -1,0 +1,166 @@
+"""Tensor and expert parallelism, applied to a built model from the outside (the model code knows nothing of it).
+
+`apply_parallel(model, rank, world_size)` edits a freshly built `Transformer` in place:
+- attention heads split over ranks (q_proj / q_b_proj and kv_b_proj rows, o_proj columns), dense MLP and shared
+  experts split by intermediate columns/rows, embedding and head split by vocabulary rows;
+- routed experts split whole: rank r holds experts [r*E/W, (r+1)*E/W) (expert parallel);
+- collectives through forward hooks: one all-reduce after attention, one after each MLP/MoE (routed and shared
+  partial sums reduced together), one for the vocab-parallel embedding, an all-gather of the logits.
+
+Every rank runs the same graph: the rank enters only through buffers (`embed_tokens.vocab_start`,
+`layers.{i}.mlp.experts.expert_start`) read on the device, so one compiled artifact serves all ranks.
+`placement(name)` tells the loader which part of each checkpoint tensor this rank needs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed._functional_collectives as fc
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.checkpoint import Placement, checkpoint_to_param_name
+from dsv3.config import ConfigError, ModelConfig
+from dsv3.kernels.fp8_blocks import BLOCK
+from dsv3.model import Transformer
+
+# model parameter name -> split dim (0: rows / output features, 1: columns / input features)
+_SPLIT_RULES: list[tuple[re.Pattern, int]] = [
+    (re.compile(r"^embed_tokens\.weight$"), 0),
+    (re.compile(r"^lm_head\.weight$"), 0),
+    (re.compile(r"\.self_attn\.(q_proj|q_b_proj|kv_b_proj)\.weight(_scale_inv)?$"), 0),
+    (re.compile(r"\.self_attn\.o_proj\.weight(_scale_inv)?$"), 1),
+    (re.compile(r"\.mlp\.(shared_experts\.)?(gate_proj|up_proj)\.weight(_scale_inv)?$"), 0),
+    (re.compile(r"\.mlp\.(shared_experts\.)?down_proj\.weight(_scale_inv)?$"), 1),
+    (re.compile(r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)(_scale_inv)?$"), 0),  # whole experts
+]
+
+
+def split_dim(param: str) -> int | None:
+    for pattern, dim in _SPLIT_RULES:
+        if pattern.search(param):
+            return dim
+    return None
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    rank: int
+    world_size: int
+    group_name: str = "0"  # the default process group's name
+
+    def check(self, cfg: ModelConfig) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is outside world size {self.world_size}")
+        cfg.check_world_size(self.world_size)
+        if cfg.is_fp8 and self.world_size > 1:
+            # Each rank's slice of an FP8 weight must start on a 128 boundary so its scale grid stays aligned.
+            heads = cfg.num_attention_heads // self.world_size
+            for what, rows in (("q_b_proj/q_proj rows", heads * cfg.qk_head_dim),
+                               ("kv_b_proj rows", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
+                               ("o_proj columns", heads * cfg.v_head_dim)):
+                if rows % BLOCK:
+                    raise ConfigError(
+                        f"config field `num_attention_heads` = {cfg.num_attention_heads} cannot be split over world "
+                        f"size {self.world_size} with FP8 weights: each rank's {what} ({rows}) must be a multiple "
+                        f"of {BLOCK}; use fewer ranks or a BF16 checkpoint")
+
+    def local(self, size: int) -> tuple[int, int]:
+        """(start, length) of this rank's contiguous share of `size`."""
+        n = size // self.world_size
+        return self.rank * n, n
+
+    def placement(self, name: str, shape: tuple[int, ...], cfg: ModelConfig) -> Placement | None:
+        """Which part of checkpoint tensor `name` (full shape `shape`) this rank loads; None: not needed here."""
+        param, expert = checkpoint_to_param_name(name)
+        if expert is not None:
+            start, n = self.local(cfg.n_routed_experts)
+            return Placement(expert=expert - start) if start <= expert < start + n else None
+        dim = split_dim(param)
+        if dim is None or self.world_size == 1:
+            return Placement()
+        # For a block scale this is exact: each rank's weight slice starts on a 128 boundary (see check()).
+        start, n = self.local(shape[dim])
+        return Placement(dim=dim, start=start, length=n)
+
+
+def _shrink(module: nn.Module, attr: str, dim: int, world_size: int) -> None:
+    t = getattr(module, attr)
+    shape = list(t.shape)
+    if shape[dim] % world_size:
+        raise ConfigError(f"{attr} of shape {tuple(t.shape)} cannot be split {world_size} ways along dim {dim}")
+    shape[dim] //= world_size
+    new = torch.empty(shape, dtype=t.dtype, device=t.device)
+    if isinstance(t, nn.Parameter):
+        setattr(module, attr, nn.Parameter(new, requires_grad=False))
+    else:
+        module.register_buffer(attr, new, persistent=attr not in module._non_persistent_buffers_set)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [r*V/W, (r+1)*V/W) of the embedding; other ids give zeros, and an all-reduce fills them in."""
+
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group_name: str):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("vocab_start", torch.tensor(vocab_start, device=weight.device), persistent=False)
+        self.group_name = group_name
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local_vocab = self.weight.shape[0]
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= local_vocab)
+        out = F.embedding(local.clamp(0, local_vocab - 1), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0)
+        return fc.wait_tensor(fc.all_reduce(out, "sum", self.group_name))
+
+
+def _local_expert_ids(experts: nn.Module, args: tuple) -> tuple:
+    x, topk_idx, topk_weight = args
+    return x, topk_idx - experts.expert_start, topk_weight
+
+
+def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
+    """Shard a freshly built (unloaded) model in place for `plan`; a no-op at world size 1."""
+    cfg = model.cfg
+    plan.check(cfg)
+    ws = plan.world_size
+    if ws == 1:
+        return model
+    group = plan.group_name
+
+    def all_reduce(_m, _args, out):
+        return fc.wait_tensor(fc.all_reduce(out, "sum", group))
+
+    def gather_logits(_m, _args, out):
+        return fc.wait_tensor(fc.all_gather_tensor(out.contiguous(), gather_dim=out.dim() - 1, group=group))
+
+    # Parameters and buffers that hold a slice.
+    for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        dim = split_dim(name)
+        if dim is None:
+            continue
+        owner, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        _shrink(owner, attr, dim, ws)
+    for module in model.modules():
+        if hasattr(module, "in_features") and hasattr(module, "weight"):
+            module.out_features, module.in_features = module.weight.shape  # keep Linear's bookkeeping true
+
+    experts_per_rank = cfg.n_routed_experts // ws
+    for layer in model.layers:
+        layer.self_attn.num_heads = cfg.num_attention_heads // ws
+        layer.self_attn.register_forward_hook(all_reduce)
+        layer.mlp.register_forward_hook(all_reduce)
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            experts.register_buffer("expert_start", torch.tensor(plan.rank * experts_per_rank,
+                                                                 device=experts.gate_proj.device), persistent=False)
+            experts.register_forward_pre_hook(_local_expert_ids)
+
+    vocab = model.embed_tokens.weight
+    model.embed_tokens = VocabParallelEmbedding(vocab.data, plan.rank * vocab.shape[0], group)
+    model.lm_head.register_forward_hook(gather_logits)
+    return model

@@ -1,0 +1,34 @@
+"""Shared fixtures: random checkpoints written once per session and reused (read-only) by every test module.
+
+Tests that damage a checkpoint must copy it first (`shutil.copytree(random_checkpoint(...), tmp_path / "ckpt")`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`random_checkpoint(config_name="tiny", dtype="fp8", **kw) -> Path`: a cached `init-random` checkpoint.
+
+    `kw` goes to `dsv3.init_random.write_random_checkpoint` (seed, num_layers, max_shard_size, ...). The same
+    arguments return the same directory; treat it as read-only.
+    """
+    from dsv3.config import resolve_config
+    from dsv3.init_random import write_random_checkpoint
+
+    cache: dict[tuple, Path] = {}
+
+    def make(config_name: str = "tiny", dtype: str = "fp8", **kw) -> Path:
+        key = (config_name, dtype, tuple(sorted(kw.items())))
+        if key not in cache:
+            parent = tmp_path_factory.mktemp(f"ckpt-{config_name}-{dtype}")
+            cache[key] = write_random_checkpoint(resolve_config(config_name), parent / "ckpt", dtype=dtype,
+                                                 progress=False, **kw)
+        return cache[key]
+
+    return make

@@ -1,0 +1,258 @@
+"""Sampling (dsv3.generate.sample) against independent computations, and eager generation over the static cache:
+batching of mixed-length prompts, eos, the end of the cache."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dsv3
+from dsv3.generate import GenerationError, SamplingParams, generate, sample
+
+MAX_SEQ_LEN = 32
+LAYERS = 2  # one dense and one MoE layer of the tiny config: all the kinds of block, less CPU time
+
+
+# ---------------------------------------------------------------------- sample()
+def draws(logits: torch.Tensor, params: SamplingParams, n: int, seed: int = 0) -> torch.Tensor:
+    """n independent draws from one row of logits, as one batch."""
+    g = torch.Generator().manual_seed(seed)
+    return sample(logits.view(1, -1).expand(n, -1).contiguous(), params, g)
+
+
+def chi_square(tokens: torch.Tensor, probs: np.ndarray) -> float:
+    counts = np.bincount(tokens.numpy(), minlength=len(probs)).astype(np.float64)
+    expected = probs * len(tokens)
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "drew a token of probability 0"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def softmax64(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+# chi-square 99.99% quantiles for the degrees of freedom used below (tests are seeded, so they are deterministic)
+CHI2_9999 = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51, 5: 25.74, 7: 29.88}
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(6, 257, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, SamplingParams(temperature=0.0)), logits.argmax(-1))
+    assert sample(logits, SamplingParams()).dtype == torch.int64
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.0, 50.0])
+def test_top_k_1_is_greedy(temperature):
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(1))
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(sample(logits, SamplingParams(temperature=temperature, top_k=1), g), logits.argmax(-1))
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(2))
+    p = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+    a = sample(logits, p, torch.Generator().manual_seed(7))
+    b = sample(logits, p, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    many = [sample(logits, p, torch.Generator().manual_seed(s)) for s in range(5)]
+    assert any(not torch.equal(many[0], m) for m in many[1:])
+
+
+def test_sample_distribution_matches_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, -3.0])
+    n = 20_000
+    for temperature in (1.0, 2.0):
+        tokens = draws(logits, SamplingParams(temperature=temperature), n, seed=11)
+        probs = softmax64(logits.double().numpy() / temperature)
+        assert chi_square(tokens, probs) < CHI2_9999[7], temperature
+
+
+def top_p_support(logits: np.ndarray, top_p: float) -> set[int]:
+    """The smallest set of most likely tokens whose probability reaches top_p (written independently)."""
+    probs = softmax64(logits)
+    keep: set[int] = set()
+    total = 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        keep.add(i)
+        total += probs[i]
+        if total >= top_p:
+            break
+    return keep
+
+
+@pytest.mark.parametrize("top_p,expected", [(0.3, {3}), (0.6, {3, 0}), (0.7, {3, 0, 5}), (0.95, {3, 0, 5, 1, 4}),
+                                            (1.0, {0, 1, 2, 3, 4, 5})])
+def test_top_p_masks_the_tail(top_p, expected):
+    # probabilities 0.40, 0.25, 0.15, 0.10, 0.06, 0.04 placed out of order
+    probs = {3: 0.40, 0: 0.25, 5: 0.15, 1: 0.10, 4: 0.06, 2: 0.04}
+    logits = torch.tensor([math.log(probs[i]) for i in range(6)], dtype=torch.float32)
+    assert top_p_support(logits.double().numpy(), top_p) == expected
+    tokens = draws(logits, SamplingParams(temperature=1.0, top_p=top_p), 20_000, seed=3)
+    assert set(tokens.tolist()) == expected
+    renorm = np.array([probs[i] if i in expected else 0.0 for i in range(6)])
+    renorm /= renorm.sum()
+    dof = len(expected) - 1
+    if dof:
+        assert chi_square(tokens, renorm) < CHI2_9999[dof]
+
+
+def test_top_p_on_random_logits_rows_against_reference():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(40, 30, generator=g) * 2
+    top_p = 0.8
+    support = [top_p_support(row.double().numpy(), top_p) for row in logits]
+    seen: list[set[int]] = [set() for _ in support]
+    for seed in range(300):
+        toks = sample(logits, SamplingParams(temperature=1.0, top_p=top_p), torch.Generator().manual_seed(seed))
+        for i, t in enumerate(toks.tolist()):
+            seen[i].add(t)
+    for i in range(len(support)):
+        assert seen[i] <= support[i], i
+        assert max(support[i], key=lambda j: logits[i, j]) in seen[i]
+
+
+def test_top_k_masks_all_but_k():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.0, 0.5, 2.5, -2.0, 1.0])
+    tokens = draws(logits, SamplingParams(temperature=1.0, top_k=3), 20_000, seed=4)
+    assert set(tokens.tolist()) == {1, 3, 5}
+    probs = np.zeros(8)
+    probs[[1, 3, 5]] = softmax64(logits.double().numpy()[[1, 3, 5]])
+    assert chi_square(tokens, probs) < CHI2_9999[2]
+
+
+def test_top_k_and_top_p_with_temperature():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
+    t = 2.0
+    # top_k=4 first: {0,1,2,3}; then top_p over softmax(logits[:4] / 2) = [.455, .276, .167, .102]:
+    # 0.8 is reached with three tokens (0.898)
+    assert top_p_support(logits.double().numpy()[:4] / t, 0.8) == {0, 1, 2}
+    tokens = draws(logits, SamplingParams(temperature=t, top_k=4, top_p=0.8), 20_000, seed=9)
+    assert set(tokens.tolist()) == {0, 1, 2}
+    p = softmax64(logits.double().numpy()[:3] / t)
+    assert chi_square(tokens, np.concatenate([p, np.zeros(3)])) < CHI2_9999[2]
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_params(kw):
+    with pytest.raises(GenerationError):
+        SamplingParams(**kw)
+
+
+# ---------------------------------------------------------------------- generate()
+@pytest.fixture(scope="module")
+def model(random_checkpoint):
+    return dsv3.load(random_checkpoint("tiny", "bf16"), dtype=torch.float32, max_batch_size=3,
+                     max_seq_len=MAX_SEQ_LEN, num_layers=LAYERS, progress=False)
+
+
+PROMPTS = [[0, 17, 250, 3, 999, 45, 8], [0, 5, 6], [0, 300, 301, 302, 12]]
+
+
+def test_greedy_generation_follows_argmax_of_full_recompute(model):
+    comps, stats = generate(model, [PROMPTS[0]], max_new_tokens=5)
+    tokens = comps[0].tokens
+    assert len(tokens) == 5 and comps[0].finish_reason == "length"
+    assert stats.decode_steps == 4
+    seq = list(PROMPTS[0])
+    for t in tokens:
+        model.reset_caches()
+        logits = model(torch.tensor([seq]), torch.arange(len(seq)), last_only=True)
+        assert logits.argmax(-1).item() == t
+        seq.append(t)
+
+
+def test_mixed_length_batch_equals_each_prompt_alone(model):
+    batch, _ = generate(model, PROMPTS, max_new_tokens=6)
+    for i, p in enumerate(PROMPTS):
+        alone, _ = generate(model, [p], max_new_tokens=6)
+        assert batch[i].tokens == alone[0].tokens, i
+        assert batch[i].prompt_tokens == p
+        assert batch[i].finish_reason == "length"
+
+
+def test_seeded_generation_is_reproducible(model):
+    sp = SamplingParams(temperature=1.0)
+    a, _ = generate(model, PROMPTS, max_new_tokens=6, sampling=sp, seed=123)
+    b, _ = generate(model, PROMPTS, max_new_tokens=6, sampling=sp, seed=123)
+    c, _ = generate(model, PROMPTS, max_new_tokens=6, sampling=sp, seed=124)
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def _spy_positions(model, monkeypatch) -> list[int]:
+    seen: list[int] = []
+    real = model.forward
+
+    def forward(tokens, input_pos, *a, **k):
+        seen.append(int(input_pos.max()))
+        return real(tokens, input_pos, *a, **k)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return seen
+
+
+def test_cache_end_stops_and_never_writes_past_it(random_checkpoint, model, monkeypatch):
+    small = dsv3.load(random_checkpoint("tiny", "bf16"), dtype=torch.float32, max_batch_size=2, max_seq_len=10,
+                      num_layers=LAYERS, progress=False)
+    positions = _spy_positions(small, monkeypatch)
+    prompts = [[0, 1, 2, 3, 4, 5], [0, 9]]
+    comps, _ = generate(small, prompts, max_new_tokens=50)
+    for p, c in zip(prompts, comps):
+        assert c.finish_reason == "cache_end"
+        assert len(p) + len(c.tokens) == small.max_seq_len
+    assert len(comps[0].tokens) == 4 and len(comps[1].tokens) == 8
+    assert positions and max(positions) < small.max_seq_len
+    # the tokens before the cache ran out are those of an unconstrained run
+    for p, c in zip(prompts, comps):
+        ref, _ = generate(model, [p], max_new_tokens=len(c.tokens))
+        assert ref[0].tokens == c.tokens
+
+
+def test_prompt_one_short_of_cache_gets_one_token(random_checkpoint):
+    small = dsv3.load(random_checkpoint("tiny", "bf16"), dtype=torch.float32, max_seq_len=6, num_layers=LAYERS,
+                      progress=False)
+    comps, stats = generate(small, [[0, 1, 2, 3, 4]], max_new_tokens=10)
+    assert len(comps[0].tokens) == 1 and comps[0].finish_reason == "cache_end"
+    assert stats.decode_steps == 0
+
+
+def test_prompt_filling_the_cache_is_refused(model):
+    with pytest.raises(GenerationError, match=r"prompt 1 has 32 tokens but the cache holds 32"):
+        generate(model, [[0, 1], list(range(MAX_SEQ_LEN))], max_new_tokens=1)
+
+
+def test_request_errors(model):
+    with pytest.raises(GenerationError, match="max_batch_size 3"):
+        generate(model, [[0]] * 4, max_new_tokens=1)
+    with pytest.raises(GenerationError, match="prompt 1 is empty"):
+        generate(model, [[0], []], max_new_tokens=1)
+    with pytest.raises(GenerationError, match="no prompts"):
+        generate(model, [], max_new_tokens=1)
+
+
+def test_eos_stops_a_row(model):
+    base, _ = generate(model, PROMPTS[:2], max_new_tokens=6)
+    t0, t1 = base[0].tokens, base[1].tokens
+    # an eos id that row 0 produces at step k (not earlier) and row 1 never produces
+    k, eos = next((k, t) for k, t in enumerate(t0) if k >= 1 and t not in t0[:k] and t not in t1)
+    streamed: list[tuple[int, int]] = []
+    comps, _ = generate(model, PROMPTS[:2], max_new_tokens=6, eos_id=eos,
+                        on_token=lambda row, tok: streamed.append((row, tok)))
+    assert comps[0].tokens == t0[: k + 1] and comps[0].finish_reason == "eos"
+    assert comps[1].tokens == t1 and comps[1].finish_reason == "length"
+    assert [t for r, t in streamed if r == 0] == comps[0].tokens
+    assert [t for r, t in streamed if r == 1] == comps[1].tokens
+
+
+def test_all_rows_eos_ends_early(model):
+    base, _ = generate(model, [PROMPTS[1]], max_new_tokens=3)
+    first = base[0].tokens[0]
+    comps, stats = generate(model, [PROMPTS[1]], max_new_tokens=10, eos_id=first)
+    assert comps[0].tokens == [first] and comps[0].finish_reason == "eos"
+    assert stats.decode_steps == 0

@@ -6,10 +6,7 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 DEMO    ?= demo
 PYTEST_ARGS ?=
-# The compile caches are keyed by the kernels' source: AOTAutograd caches a triton_op's decomposition under the op's
-# name, so an edited op body would otherwise be served stale from the cache (seen with torch 2.13).
-KERNELS_HASH := $(shell cat kernels/*.py | sha1sum | cut -c1-12)
-export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor-$(KERNELS_HASH)
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

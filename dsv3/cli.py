@@ -21,10 +21,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         from dsv3.checkpoint import CheckpointError
         from dsv3.generate import GenerationError
+        from dsv3.runtime.manifest import ArtifactError
 
         try:
             return super().invoke(ctx)
-        except (ConfigError, CheckpointError, GenerationError, FileExistsError) as e:
+        except (ConfigError, CheckpointError, GenerationError, ArtifactError, FileExistsError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -113,6 +114,9 @@ def _read_prompts(prompts: tuple[str, ...], input_file: str | None) -> list[str]
 @main.command("run")
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
               help="Hugging Face-layout checkpoint directory (config.json, safetensors, tokenizer).")
+@click.option("--artifacts", type=click.Path(file_okay=False),
+              help="Artifact directory from `dsv3c compile` (production path: AOT packages + CUDA graphs).")
+@click.option("--jit", is_flag=True, help="Compile the same graphs at start-up with torch.compile (development).")
 @click.option("--eager", is_flag=True, help="Run the plain eager PyTorch model (the reference path).")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
 @click.option("--input-file", type=click.Path(exists=True, dir_okay=False),
@@ -125,31 +129,42 @@ def _read_prompts(prompts: tuple[str, ...], input_file: str | None) -> list[str]
 @click.option("--chat/--no-chat", default=None,
               help="Wrap prompts in the tokenizer's chat template (default: on when the tokenizer has one).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True,
-              help="Activation dtype and dtype of the non-FP8 weights.")
-@click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda when available).")
-@click.option("--max-seq-len", type=int, default=None, help="Cache capacity per sequence (default 4096).")
+              help="Activations and non-FP8 weights (--eager/--jit; artifacts fix their own).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--max-seq-len", type=int, default=None, help="Cache capacity per sequence (--eager/--jit).")
+@click.option("--batch-sizes", default=None, help="--jit decode buckets (default 1,2,4,... up to the batch).")
+@click.option("--prefill-chunk", type=int, default=512, show_default=True, help="--jit prefill chunk length.")
+@click.option("--world-size", type=int, default=None,
+              help="Run on N ranks (GPUs), started with torchrun; under torchrun it is read from the environment.")
 @click.option("--output-file", type=click.Path(dir_okay=False), help="Write JSONL: prompt, token ids, text, timings.")
 @click.option("--stats", is_flag=True, help="Print load time, time to first token and decode speed.")
-def run_cmd(checkpoint: str, eager: bool, prompts: tuple[str, ...], input_file: str | None, max_new_tokens: int,
-            temperature: float, top_k: int, top_p: float, seed: int | None, chat: bool | None, dtype: str,
-            device: str | None, max_seq_len: int | None, output_file: str | None, stats: bool) -> None:
-    """Generate text from a checkpoint.
+def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prompts: tuple[str, ...],
+            input_file: str | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+            seed: int | None, chat: bool | None, dtype: str, device: str | None, max_seq_len: int | None,
+            batch_sizes: str | None, prefill_chunk: int, world_size: int | None, output_file: str | None,
+            stats: bool) -> None:
+    """Generate text from a checkpoint: from AOT artifacts (--artifacts), compiled at start-up (--jit), or eager.
 
-    This build runs the eager model (--eager); the AOT-artifact and --jit paths come with the compiler and
-    runtime. Random checkpoints produce nonsense text: they exercise the real code, not a trained model.
+    \b
+    dsv3c run --artifacts art/16B --checkpoint ckpt/16B --prompt "Hello" --stats
+    dsv3c run --artifacts art/671B-tp8 --checkpoint ckpt/671B --world-size 8 --prompt "Hello"
+    Random checkpoints produce nonsense text: they exercise the real code, not a trained model.
     """
     import torch
     from transformers import AutoTokenizer
 
-    import dsv3
     from dsv3.generate import SamplingParams, generate
+    from dsv3.runtime.distributed import init_from_env, maybe_relaunch
 
-    if not eager:
-        raise click.UsageError("this build runs checkpoints with --eager only (AOT artifacts and --jit are not "
-                               "available yet); add --eager")
+    if sum([bool(artifacts), jit, eager]) != 1:
+        raise click.UsageError("choose one of --artifacts DIR, --jit or --eager")
+    maybe_relaunch(world_size)  # re-executes under torchrun when --world-size N > 1 is asked outside it
+    plan, device = init_from_env(device)
+    echo = click.echo if plan.rank == 0 else (lambda *a, **k: None)
     texts = _read_prompts(prompts, input_file)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if plan.world_size > 1 and seed is None and temperature > 0:
+        seed = 0  # every rank samples the same token only if all draw from one seed
     tok = AutoTokenizer.from_pretrained(str(Path(checkpoint).resolve()))
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
     if use_chat and not getattr(tok, "chat_template", None):
@@ -163,11 +178,29 @@ def run_cmd(checkpoint: str, eager: bool, prompts: tuple[str, ...], input_file: 
 
     encoded = [encode(t) for t in texts]
     t0 = time.perf_counter()
-    model = dsv3.load(checkpoint, dtype=getattr(torch, DTYPES[dtype]), device=device,
-                      max_batch_size=len(encoded), max_seq_len=max_seq_len)
+    timings: dict[str, float] = {}
+    if artifacts:
+        from dsv3.runtime.engine import artifact_stepper
+
+        stepper, timings = artifact_stepper(artifacts, checkpoint, plan, device, progress=plan.rank == 0)
+        mode = "artifacts"
+    else:
+        from dsv3.runtime.engine import load_rank_model
+
+        max_seq = max_seq_len or min(4096, _max_positions(checkpoint))
+        model = load_rank_model(checkpoint, plan, dtype=getattr(torch, DTYPES[dtype]), device=device,
+                                max_batch_size=len(encoded), max_seq_len=max_seq, progress=plan.rank == 0)
+        if jit:
+            from dsv3.runtime.engine import jit_stepper
+
+            buckets = _int_list(batch_sizes) if batch_sizes else (len(encoded),)
+            stepper = jit_stepper(model, buckets, prefill_chunk)
+            mode = "jit"
+        else:
+            stepper, mode = model, "eager"
     load_s = time.perf_counter() - t0
 
-    stream = len(encoded) == 1 and sys.stdout.isatty()
+    stream = len(encoded) == 1 and sys.stdout.isatty() and plan.rank == 0
     streamed: list[int] = []
 
     def on_token(row: int, token: int) -> None:
@@ -178,25 +211,110 @@ def run_cmd(checkpoint: str, eager: bool, prompts: tuple[str, ...], input_file: 
 
     if stream:
         click.echo(texts[0], nl=False)
-    completions, gen_stats = generate(model, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
+    completions, gen_stats = generate(stepper, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
                                       eos_id=tok.eos_token_id, seed=seed, on_token=on_token)
     records = []
     for text, comp in zip(texts, completions):
         out_text = tok.decode(comp.tokens, skip_special_tokens=True)
         if not stream:
-            click.echo(f"### prompt: {text}\n{out_text}\n[{comp.finish_reason}, {len(comp.tokens)} tokens]")
+            echo(f"### prompt: {text}\n{out_text}\n[{comp.finish_reason}, {len(comp.tokens)} tokens]")
         records.append({"prompt": text, "prompt_token_ids": comp.prompt_tokens, "token_ids": comp.tokens,
                         "text": out_text, "finish_reason": comp.finish_reason})
     if stream:
         click.echo(f"\n[{completions[0].finish_reason}, {len(completions[0].tokens)} tokens]")
-    timings = {"load_s": round(load_s, 4), "ttft_s": round(gen_stats.prefill_s, 4),
-               "decode_ms_per_token": round(gen_stats.ms_per_token, 3), "decode_steps": gen_stats.decode_steps}
-    if output_file:
+    timings = {k: round(v, 4) for k, v in timings.items()}
+    timings.update(load_s=round(load_s, 4), ttft_s=round(gen_stats.prefill_s, 4),
+                   decode_ms_per_token=round(gen_stats.ms_per_token, 3), decode_steps=gen_stats.decode_steps)
+    if output_file and plan.rank == 0:
         _write_jsonl(output_file, [dict(r, timings=timings) for r in records])
     if stats:
         tps = 1000 / gen_stats.ms_per_token * len(encoded) if gen_stats.decode_steps else float("nan")
-        click.echo(f"load {load_s:.2f}s | time to first token {gen_stats.prefill_s * 1000:.1f} ms | decode "
-                   f"{gen_stats.ms_per_token:.2f} ms/token, {tps:.1f} tokens/s (batch {len(encoded)}, eager, {device})")
+        extra = f" (capture {timings['capture_s']:.2f}s)" if "capture_s" in timings else ""
+        echo(f"load {load_s:.2f}s{extra} | time to first token {gen_stats.prefill_s * 1000:.1f} ms | decode "
+             f"{gen_stats.ms_per_token:.2f} ms/token, {tps:.1f} tokens/s (batch {len(encoded)}, {mode}, {device}, "
+             f"world size {plan.world_size})")
+
+
+def _max_positions(checkpoint: str) -> int:
+    return json.loads((Path(checkpoint) / "config.json").read_text()).get("max_position_embeddings", 4096)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+
+
+@main.command("compile")
+@click.option("--config", "config", required=True, help="Config name, config.json path or checkpoint dir.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to create.")
+@click.option("--world-size", type=int, default=1, show_default=True,
+              help="Ranks (GPUs) the artifacts run on; graphs get each rank's TP/EP shard shapes.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Target: cuda packages (build on a GPU like the production one) or cpu packages.")
+@click.option("--max-batch-size", type=int, default=8, show_default=True, help="Sequences in flight at once.")
+@click.option("--max-seq-len", type=int, default=4096, show_default=True, help="Latent-cache length per sequence.")
+@click.option("--batch-sizes", default=None, help="Decode buckets (default 1,2,4,... up to --max-batch-size).")
+@click.option("--prefill-chunk", type=int, default=None,
+              help="Longest prompt chunk one prefill call takes; longer prompts run in chunks "
+                   "[default: 512, at most --max-seq-len].")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="Activation dtype (FP8 weights stay FP8).")
+@click.option("--num-layers", type=int, default=None, help="Build only the first N layers (quick trials).")
+@click.option("--no-verify", is_flag=True, help="Skip loading every package in a fresh process to check it.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_size: int, max_seq_len: int,
+                batch_sizes: str | None, prefill_chunk: int | None, dtype: str, num_layers: int | None, no_verify: bool,
+                overwrite: bool) -> None:
+    """Capture prefill and decode graphs into AOTInductor packages plus a manifest; no weights needed.
+
+    \b
+    The output directory holds one decode package per batch bucket, a prefill package (dynamic chunk length),
+    config.json and manifest.json (versions, host, expected weight shapes, sha256 of every file). It appears
+    only when complete and verified. Run it with `dsv3c run --artifacts DIR --checkpoint CKPT`.
+    """
+    from dsv3.compiler.build import CompileOptions, compile_artifacts
+
+    cfg = resolve_config(config)
+    if num_layers is not None:
+        if not 1 <= num_layers <= cfg.num_hidden_layers:
+            raise click.BadParameter(f"must be between 1 and {cfg.num_hidden_layers}", param_hint="--num-layers")
+        cfg = cfg.replace(num_hidden_layers=num_layers, first_k_dense_replace=min(cfg.first_k_dense_replace,
+                                                                                   num_layers))
+    buckets = _int_list(batch_sizes) if batch_sizes else tuple(
+        b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size) + (max_batch_size,)
+    opts = CompileOptions(cfg, world_size=world_size, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                          batch_sizes=buckets, prefill_chunk=prefill_chunk or min(512, max_seq_len), dtype=dtype, device=device,
+                          verify=not no_verify)
+    compile_artifacts(opts, out, overwrite=overwrite, echo=click.echo)
+
+
+@main.command("inspect")
+@click.argument("artifact_dir", type=click.Path(file_okay=False))
+def inspect_cmd(artifact_dir: str) -> None:
+    """Print an artifact directory's manifest and check every file against its sha256."""
+    from dsv3.runtime.manifest import read_manifest, verify_files
+
+    m = read_manifest(artifact_dir)
+    h = m["host"]
+    click.echo(f"artifacts   {artifact_dir}")
+    click.echo(f"config      {m['config_name'] or '?'} (hash {m['config_hash']})")
+    click.echo(f"target      {m['device']}, world size {m['world_size']}, {m['dtype']} activations")
+    click.echo(f"cache       max batch {m['max_batch_size']}, max seq {m['max_seq_len']}, "
+               f"prefill chunk <= {m['prefill_chunk']}")
+    click.echo(f"graphs      " + ", ".join(m["graphs"]))
+    click.echo(f"built       {m['built_at']} with torch {h['torch']}, CUDA {h['cuda']}, triton {h['triton']}"
+               + (f", on {h['gpu']} (sm {'.'.join(map(str, h['compute_capability']))})" if h.get('gpu') else "")
+               + f", CPU {h['machine']}/{h['cpu_capability']}")
+    total = sum(v for v in m["build_seconds"].values())
+    click.echo(f"build time  {total:.1f}s over {len(m['build_seconds'])} stages")
+    n = len(m["rank_weights"]["tensors"])
+    click.echo(f"weights     {n} tensors per rank (names, shapes, dtypes in manifest.json)")
+    size = sum(f["bytes"] for f in m["files"].values())
+    click.echo(f"files       {len(m['files'])}, {size / 1e6:.1f} MB")
+    verify_files(artifact_dir, m)
+    click.echo("integrity   ok (every sha256 matches)")
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:

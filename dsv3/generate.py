@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -78,50 +78,104 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def generate(
-    model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(), eos_id: int | None = None, seed: int | None = None,
-    on_token: Callable[[int, int], None] | None = None,
-) -> tuple[list[Completion], GenerationStats]:
-    """Generate for a batch of token-id prompts. `on_token(row, token)` is called as each token is produced."""
+class Stepper(Protocol):
+    """What generation needs from a model: eager (below), AOT packages or JIT graphs (dsv3.runtime.engine)."""
+
+    max_batch_size: int
+    max_seq_len: int
+    device: torch.device
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Reset the cache, write prompt i into cache row i, return [B, vocab] logits of each last prompt token."""
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions: [B] on the device (row i at position positions[i]) -> [B, vocab] logits."""
+
+
+class EagerStepper:
+    """The plain model: mixed-length prompts right-padded into one prefill batch, then one token per step."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
+        self.device = model.rope_cos.device
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        self.model.reset_caches()
+        longest = max(len(p) for p in prompts)
+        tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self.model(tokens.to(self.device), torch.arange(longest, device=self.device), logits_index=last)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens.view(-1, 1), positions.view(-1, 1), last_only=True)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_batch_size: int, max_seq_len: int) -> None:
+    """Refuse, before any work, what cannot run: too many prompts, empty ones, ones that fill the cache."""
     if not prompts:
         raise GenerationError("no prompts given")
-    if len(prompts) > model.max_batch_size:
+    if len(prompts) > max_batch_size:
         raise GenerationError(f"{len(prompts)} prompts but the model was built for max_batch_size "
-                              f"{model.max_batch_size}; load it with a larger max_batch_size")
+                              f"{max_batch_size}; load (or compile) it with a larger max_batch_size")
     for i, p in enumerate(prompts):
         if not p:
             raise GenerationError(f"prompt {i} is empty")
-        if len(p) >= model.max_seq_len:
-            raise GenerationError(f"prompt {i} has {len(p)} tokens but the cache holds {model.max_seq_len} "
+        if len(p) >= max_seq_len:
+            raise GenerationError(f"prompt {i} has {len(p)} tokens but the cache holds {max_seq_len} "
                                   "(max_seq_len), leaving no room to generate; use a larger max_seq_len")
-    device = model.rope_cos.device
-    bsz, longest = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.zeros(bsz, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer | Stepper, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(), eos_id: int | None = None, seed: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> tuple[list[Completion], GenerationStats]:
+    """Generate for a batch of token-id prompts. `on_token(row, token)` is called as each token is produced.
+
+    The host reads each step's sampled tokens while the device already runs the next step (the copy overlaps);
+    stop decisions therefore lag by one step, and a step computed after every row stopped is discarded.
+    """
+    stepper: Stepper = EagerStepper(model) if isinstance(model, Transformer) else model
+    check_prompts(prompts, stepper.max_batch_size, stepper.max_seq_len)
+    device = stepper.device
+    bsz = len(prompts)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
-    model.reset_caches()
     stats = GenerationStats()
     out = [Completion(list(p)) for p in prompts]
     t0 = time.perf_counter()
-    logits = model(tokens.to(device), torch.arange(longest, device=device), logits_index=lengths - 1)
-    next_tok = sample(logits, sampling, generator)
+    tok = sample(stepper.prefill(prompts), sampling, generator)
     _sync(device)
     stats.prefill_s = time.perf_counter() - t0
 
-    pos = lengths.clone()  # where each row's next token goes
+    pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # where each next token goes
+    limit = torch.full_like(pos, stepper.max_seq_len - 1)
     done = [False] * bsz
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        host_tok = next_tok.tolist()
-        for i, t in enumerate(host_tok):
+        host_tok = tok.to("cpu", non_blocking=True)
+        copied = torch.cuda.Event() if device.type == "cuda" else None
+        if copied is not None:
+            copied.record()
+        # Launch the next step unless every row is certain to stop at this token (length or cache end: known on
+        # the host without waiting; an eos is seen only after the copy, so it costs one discarded step).
+        will_stop = [done[i] or len(out[i].tokens) + 1 >= max_new_tokens
+                     or len(prompts[i]) + len(out[i].tokens) + 1 >= stepper.max_seq_len for i in range(bsz)]
+        if not all(will_stop):
+            # Rows that stopped keep stepping (static batch) at a position inside the cache.
+            logits = stepper.decode(tok, torch.minimum(pos, limit))
+            next_tok = sample(logits, sampling, generator)
+            stats.decode_steps += 1
+        if copied is not None:
+            copied.synchronize()
+        for i, t in enumerate(host_tok.tolist()):
             if done[i]:
                 continue
             out[i].tokens.append(t)
@@ -131,16 +185,12 @@ def generate(
                 done[i], out[i].finish_reason = True, "eos"
             elif len(out[i].tokens) >= max_new_tokens:
                 done[i], out[i].finish_reason = True, "length"
-            elif len(prompts[i]) + len(out[i].tokens) >= model.max_seq_len:
+            elif len(prompts[i]) + len(out[i].tokens) >= stepper.max_seq_len:
                 done[i], out[i].finish_reason = True, "cache_end"
-        if all(done):
+        if all(done) or all(will_stop):
             break
-        # Finished rows keep stepping (static batch) but at a position inside the cache.
-        step_pos = torch.minimum(pos, torch.full_like(pos, model.max_seq_len - 1))
-        logits = model(next_tok.view(bsz, 1), step_pos.view(bsz, 1), last_only=True)
-        next_tok = sample(logits, sampling, generator)
+        tok = next_tok
         pos += 1
-        stats.decode_steps += 1
     _sync(device)
     stats.decode_s = time.perf_counter() - t0
     return out, stats

@@ -90,7 +90,8 @@ class MLA(nn.Module):
             "latent_cache", torch.zeros(max_batch_size, max_seq_len, cfg.latent_dim, dtype=dtype), persistent=False
         )
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -102,16 +103,20 @@ class MLA(nn.Module):
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
-        rows = torch.arange(bsz, device=x.device).unsqueeze(1).expand(bsz, seqlen)
-        self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
+        if cache_rows is None:  # batch row b uses cache row b (decode: a plain slice, no copy)
+            rows = torch.arange(bsz, device=x.device).unsqueeze(1).expand(bsz, seqlen)
+            self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
+            cache = self.latent_cache[:bsz]
+        else:  # chosen rows (prefill of one sequence into its slot): the read gathers those rows
+            rows = cache_rows.unsqueeze(1).expand(bsz, seqlen)
+            self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
+            cache = self.latent_cache.index_select(0, cache_rows)
 
         # Absorb W_UK into the query and W_UV into the output, so attention runs in the 512-wide latent space.
         w_kv_b = self.kv_b_proj.dense_weight(x.dtype).view(self.num_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim:]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        o_latent = torch.ops.dsv3.mla_attention(
-            q_latent, q_pe, self.latent_cache[:bsz], input_pos, self.softmax_scale
-        )
+        o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
         o = torch.einsum("bshc,hdc->bshd", o_latent, w_uv)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
@@ -214,8 +219,9 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size,
                                                                         dtype, cfg.is_fp8)
 
-    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), input_pos, cos, sin)
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -226,6 +232,8 @@ class Transformer(nn.Module):
     cache position of each token; every position must be < max_seq_len. Rows of a batch may be at different
     positions (mixed-length prompts, right-padded). `logits_index` ([B] int64, index into S) returns [B, vocab] for
     one position per row; `last_only=True` returns [B, vocab] for position S-1; otherwise [B, S, vocab].
+    `cache_rows` ([B] int64): the cache rows the batch uses (default: rows 0..B-1), e.g. to prefill one sequence
+    into its own slot of a batch.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, max_batch_size: int = 1,
@@ -249,14 +257,14 @@ class Transformer(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_index: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seqlen = tokens.shape
         if input_pos.dim() == 1:
             input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         h = self.embed_tokens(tokens)
         for layer in self.layers:
-            h = layer(h, input_pos, cos, sin)
+            h = layer(h, input_pos, cos, sin, cache_rows)
         if logits_index is not None:
             h = h.gather(1, logits_index.view(bsz, 1, 1).expand(bsz, 1, h.shape[-1])).squeeze(1)
         elif last_only:

@@ -5,3 +5,6 @@ implementation side by side. Importing this package registers them all.
 """
 
 from dsv3.kernels import fp8_linear, mla_attention, routed_experts  # noqa: F401  (registers the ops)
+from dsv3.kernels.cache_key import install as _install_cache_key
+
+_install_cache_key()

@@ -255,4 +255,5 @@ def test_all_rows_eos_ends_early(model):
     first = base[0].tokens[0]
     comps, stats = generate(model, [PROMPTS[1]], max_new_tokens=10, eos_id=first)
     assert comps[0].tokens == [first] and comps[0].finish_reason == "eos"
-    assert stats.decode_steps == 0
+    # the host sees the eos only after the next step was launched (the token copy overlaps it): one step at most
+    assert stats.decode_steps <= 1

@@ -1,0 +1,44 @@
+"""Process-group set-up for `dsv3c run`: one rank per GPU under torchrun (NCCL), or gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from dsv3.runtime.parallel import ParallelPlan
+
+
+def maybe_relaunch(world_size: int | None) -> None:
+    """`--world-size N` outside torchrun: re-execute this command as N ranks under torchrun (rank 0 prints)."""
+    if not world_size or world_size == 1 or "LOCAL_RANK" in os.environ:
+        return
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--world-size") if "--world-size" in argv else None
+    if i is not None:
+        del argv[i: i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--world-size=")]
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
+           "-m", "dsv3.runtime", *argv]
+    os.execv(sys.executable, cmd)
+
+
+def init_from_env(device: str | None) -> tuple[ParallelPlan, str]:
+    """(plan, this rank's device) from torchrun's environment; a single process gets world size 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world_size == 1:
+        return ParallelPlan(0, 1), device
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return ParallelPlan(rank, world_size), device

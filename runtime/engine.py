@@ -1,0 +1,180 @@
+"""Steppers over compiled graphs: AOTInductor packages (production) or torch.compile at start-up (--jit).
+
+Both implement `dsv3.generate.Stepper`:
+- prefill: each prompt goes into its own cache row through the prefill graph, in chunks of at most
+  `prefill_chunk` tokens (the graph takes 2..chunk tokens; a 1-token piece gets a dummy second token one position
+  later, which the first decode step overwrites before anything attends to it);
+- decode: the batch is padded to the next bucket; on CUDA each bucket's graph is captured once in a CUDA graph
+  (one shared pool, static token/position buffers) and replayed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+import dsv3.checkpoint as ckpt_mod
+from dsv3.config import ModelConfig
+from dsv3.model import Transformer
+from dsv3.runtime.artifacts import bind_constants, load_package
+from dsv3.runtime.manifest import ArtifactError, check_host, read_manifest, verify_files
+from dsv3.runtime.parallel import ParallelPlan, apply_parallel
+from dsv3.runtime.steps import DecodeStep, PrefillStep, constants
+
+StepFn = Callable[..., torch.Tensor]
+
+
+class GraphStepper:
+    def __init__(self, model: Transformer, prefill_fn: StepFn, decode_fns: dict[int, StepFn], prefill_chunk: int,
+                 cuda_graphs: bool):
+        self.model = model
+        self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
+        self.device = model.rope_cos.device
+        self.prefill_fn, self.decode_fns, self.prefill_chunk = prefill_fn, decode_fns, prefill_chunk
+        self.buckets = sorted(decode_fns)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.capture_s = 0.0
+        if cuda_graphs:
+            self._capture()
+
+    # -------------------------------------------------------------- decode
+    def _bucket(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        raise ValueError(f"batch {batch} exceeds the largest decode bucket {self.buckets[-1]}")
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """One CUDA graph per bucket, in one memory pool. Warm-up writes the cache at position 0 of unused rows:
+        harmless, prefill overwrites what a sequence reads."""
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        for b in self.buckets:
+            tok = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+            pos = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.decode_fns[b](tok, pos)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.decode_fns[b](tok, pos)
+            self.graphs[b] = (graph, tok, pos, out)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        b = self._bucket(n)
+        if b in self.graphs:
+            graph, tok, pos, out = self.graphs[b]
+            if n < b:  # padding rows: unused cache rows, position 0
+                tok.zero_()
+                pos.zero_()
+            tok[:n, 0].copy_(tokens)
+            pos[:n, 0].copy_(positions)
+            graph.replay()
+            return out[:n]
+        tok = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        pos = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        tok[:n, 0] = tokens
+        pos[:n, 0] = positions
+        return self.decode_fns[b](tok, pos)[:n]
+
+    # -------------------------------------------------------------- prefill
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        rows = []
+        for row, prompt in enumerate(prompts):
+            logits = None
+            for start in range(0, len(prompt), self.prefill_chunk):
+                piece = list(prompt[start: start + self.prefill_chunk])
+                last = len(piece) - 1
+                if len(piece) == 1:
+                    piece.append(0)  # dummy token at the next position; the first decode step overwrites it
+                tokens = torch.tensor([piece], dtype=torch.long, device=self.device)
+                pos = torch.arange(start, start + len(piece), device=self.device).unsqueeze(0)
+                logits = self.prefill_fn(tokens, pos, torch.tensor([row], device=self.device),
+                                         torch.tensor([last], device=self.device))
+            rows.append(logits)
+        return torch.cat(rows, dim=0)
+
+
+# ------------------------------------------------------------------ building the model for this rank
+def load_rank_model(checkpoint: str | Path, plan: ParallelPlan, *, dtype: torch.dtype, device: str,
+                    max_batch_size: int, max_seq_len: int, progress: bool = True) -> Transformer:
+    """This rank's shard of the checkpoint: only its slices are read from the memory-mapped files."""
+
+    def prepare(model: Transformer):
+        apply_parallel(model, plan)
+        return lambda name, shape: plan.placement(name, shape, model.cfg)
+
+    return ckpt_mod.load(checkpoint, dtype=dtype, device=device, max_batch_size=max_batch_size,
+                         max_seq_len=max_seq_len, progress=progress, prepare=prepare)
+
+
+def _config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    da, db = a.to_hf_dict(), b.to_hf_dict()
+    return [f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+
+
+def artifact_stepper(artifacts: str | Path, checkpoint: str | Path, plan: ParallelPlan, device: str,
+                     progress: bool = True) -> tuple[GraphStepper, dict]:
+    """Check the manifest against this host and checkpoint, load this rank's weights, bind every package."""
+    artifacts = Path(artifacts)
+    manifest = read_manifest(artifacts)
+    check_host(manifest, device, plan.world_size)
+    verify_files(artifacts, manifest)
+    cfg = ckpt_mod.CheckpointReader(checkpoint).config
+    if cfg.config_hash() != manifest["config_hash"]:
+        from dsv3.config import load_config_file
+
+        built = load_config_file(artifacts / "config.json")
+        diff = _config_differences(built, cfg)
+        raise ArtifactError(f"checkpoint {checkpoint} does not match the config the artifacts were built for "
+                            f"({len(diff)} field(s) differ, artifacts vs checkpoint):\n  - " + "\n  - ".join(diff[:12])
+                            + f"\nRebuild: dsv3c compile --config {checkpoint} --world-size {plan.world_size} ...")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[manifest["dtype"]]
+    t0 = time.perf_counter()
+    model = load_rank_model(checkpoint, plan, dtype=dtype, device=device, max_batch_size=manifest["max_batch_size"],
+                            max_seq_len=manifest["max_seq_len"], progress=progress)
+    load_s = time.perf_counter() - t0
+    want = manifest["rank_weights"]["tensors"]
+    for name, t in model.state_dict().items():
+        spec = want.get(name)
+        got = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        if spec != got:
+            raise ArtifactError(f"weight {name}: the artifacts expect {spec}, this rank loaded {got}")
+    tensors = constants(model)
+    cuda = device.startswith("cuda")
+    t0 = time.perf_counter()
+    decode_fns, prefill_fn = {}, None
+    for name, graph in manifest["graphs"].items():
+        pkg = load_package(artifacts, graph, device, single_threaded=cuda and graph["kind"] == "decode")
+        bind_constants(pkg, name, tensors)
+        if graph["kind"] == "decode":
+            decode_fns[graph["batch"]] = pkg
+        else:
+            prefill_fn = pkg
+    if prefill_fn is None:
+        raise ArtifactError(f"{artifacts} has no prefill graph")
+    packages_s = time.perf_counter() - t0
+    stepper = GraphStepper(model, prefill_fn, decode_fns, manifest["prefill_chunk"], cuda_graphs=cuda)
+    return stepper, {"load_weights_s": load_s, "load_packages_s": packages_s, "capture_s": stepper.capture_s}
+
+
+def jit_stepper(model: Transformer, buckets: Sequence[int], prefill_chunk: int) -> GraphStepper:
+    """torch.compile(fullgraph=True) of the same step modules, compiled on first use (development path)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(buckets) + 8)
+    decode = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False)
+    prefill_mod = PrefillStep(model)
+    prefill = torch.compile(prefill_mod, fullgraph=True, dynamic=True)
+    cuda = model.rope_cos.device.type == "cuda"
+    return GraphStepper(model, prefill, {b: decode for b in buckets}, prefill_chunk, cuda_graphs=cuda)

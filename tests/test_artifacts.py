@@ -1,0 +1,205 @@
+"""`dsv3c compile --device cpu` -> `dsv3c run --artifacts` end to end on CPU, and every refusal with its message.
+
+One compile per world size per test session (each ~1 minute on 2 cores), shared by the tests below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dsv3
+from dsv3.cli import main
+from dsv3.config import resolve_config
+from dsv3.generate import GenerationError, generate
+from dsv3.init_random import write_random_checkpoint
+from dsv3.runtime.engine import artifact_stepper
+from dsv3.runtime.manifest import ArtifactError, check_host, read_manifest
+from dsv3.runtime.parallel import ParallelPlan
+
+MAX_BATCH, MAX_SEQ, CHUNK = 3, 48, 8
+PROMPTS = [[0, 5, 9, 13, 200, 7, 81, 44, 3, 17, 99, 12], [0, 33], [0, 7, 8, 9, 10]]
+
+
+def _compile(out: Path, world_size: int = 1, extra: tuple[str, ...] = ()) -> None:
+    res = CliRunner().invoke(main, ["compile", "--config", "tiny", "--device", "cpu", "--out", str(out),
+                                    "--world-size", str(world_size), "--max-batch-size", str(MAX_BATCH),
+                                    "--max-seq-len", str(MAX_SEQ), "--batch-sizes", "1,3",
+                                    "--prefill-chunk", str(CHUNK), "--dtype", "float32", *extra])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    return write_random_checkpoint(resolve_config("tiny"), tmp_path_factory.mktemp("ck") / "tiny", dtype="bf16",
+                                   seed=21, progress=False)
+
+
+@pytest.fixture(scope="session")
+def art(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny-cpu"
+    _compile(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def art_ws2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny-cpu-ws2"
+    _compile(out, world_size=2, extra=("--no-verify",))
+    return out
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_compile_writes_complete_artifacts(art):
+    m = read_manifest(art)
+    assert set(m["graphs"]) == {"decode_b1", "decode_b3", "prefill"}
+    assert {p.name for p in art.iterdir()} == {"decode_b1.pt2", "decode_b3.pt2", "prefill.pt2", "config.json",
+                                               "manifest.json"}
+    assert m["world_size"] == 1 and m["device"] == "cpu" and m["max_seq_len"] == MAX_SEQ
+    assert m["host"]["torch"] == torch.__version__
+    assert m["config_hash"] == resolve_config("tiny").config_hash()
+    assert "model.layers.0.self_attn.kv_b_proj.weight" not in m["rank_weights"]["tensors"]  # names are the model's
+    assert m["rank_weights"]["tensors"]["layers.0.self_attn.kv_b_proj.weight"]["shape"] == [4 * 64, 128]
+    res = CliRunner().invoke(main, ["inspect", str(art)])
+    assert res.exit_code == 0 and "integrity   ok" in res.output and "decode_b3" in res.output
+
+
+def test_artifacts_greedy_tokens_equal_eager(art, ckpt):
+    stepper, timings = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
+    ours, _ = generate(stepper, PROMPTS, max_new_tokens=10)
+    ref, _ = generate(eager, PROMPTS, max_new_tokens=10)
+    assert [c.tokens for c in ours] == [c.tokens for c in ref]
+    # mixed lengths in one batch == each prompt alone (prefill runs each prompt into its own cache row)
+    for i, p in enumerate(PROMPTS):
+        alone, _ = generate(stepper, [p], max_new_tokens=10)
+        assert alone[0].tokens == ours[i].tokens
+
+
+def test_prompt_longer_than_a_chunk_and_one_token_pieces(art, ckpt):
+    stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
+    prompt = list(range(1, 2 * CHUNK + 2))  # chunks of 8, 8 and a 1-token piece
+    logits = stepper.prefill([prompt])
+    ref = eager(torch.tensor([prompt]), torch.arange(len(prompt)), last_only=True)
+    assert ((logits - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert generate(stepper, [[0]], max_new_tokens=3)[0][0].tokens == generate(eager, [[0]], max_new_tokens=3)[0][0].tokens
+
+
+def test_cache_end_stops_cleanly_and_long_prompt_refused(art, ckpt):
+    stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    comps, _ = generate(stepper, [list(range(1, MAX_SEQ - 2))], max_new_tokens=50)
+    assert comps[0].finish_reason == "cache_end" and len(comps[0].tokens) == 3
+    with pytest.raises(GenerationError, match=f"cache holds {MAX_SEQ}"):
+        generate(stepper, [list(range(MAX_SEQ))], max_new_tokens=1)
+    res = CliRunner().invoke(main, ["run", "--artifacts", str(art), "--checkpoint", str(ckpt), "--no-chat",
+                                    "--prompt", "word " * 200])
+    assert res.exit_code == 2 and "max_seq_len" in res.output
+
+
+def test_run_cli_from_artifacts(art, ckpt, tmp_path):
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(main, ["run", "--artifacts", str(art), "--checkpoint", str(ckpt), "--prompt", "hello",
+                                    "--prompt", "a longer prompt here", "--max-new-tokens", "5", "--stats",
+                                    "--output-file", str(out)])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and all(len(r["token_ids"]) <= 5 for r in records)
+    assert "time to first token" in res.output and "artifacts" in res.output
+
+
+def test_tampered_and_truncated_files_refused(art, ckpt, tmp_path):
+    bad = _copy(art, tmp_path)
+    with open(bad / "decode_b1.pt2", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ArtifactError, match=r"decode_b1.pt2 does not match its sha256"):
+        artifact_stepper(bad, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    with open(bad / "prefill.pt2", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ArtifactError, match=r"(?s)prefill.pt2 has 1000 bytes.*truncated"):
+        artifact_stepper(bad, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    (bad / "manifest.json").unlink()
+    res = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert res.exit_code == 2 and "no manifest.json" in res.output
+
+
+def test_host_mismatches_refused(art, ckpt, tmp_path):
+    m = read_manifest(art)
+    other = json.loads(json.dumps(m))
+    other["host"]["torch"] = "2.11.0+cu130"
+    with pytest.raises(ArtifactError, match=r"torch build: built with 2.11.0\+cu130, this host has"):
+        check_host(other, "cpu", 1)
+    other = json.loads(json.dumps(m))
+    other.update(device="cuda")
+    other["host"].update(gpu="NVIDIA H200", compute_capability=[9, 0])
+    with pytest.raises(ArtifactError, match=r"built for device cuda, asked to run on cpu"):
+        check_host(other, "cpu", 1)
+    with pytest.raises(ArtifactError, match=r"(?s)world size: built for 1, running with 2.*--world-size 2"):
+        check_host(m, "cpu", 2)
+
+
+def test_checkpoint_of_another_config_refused(art, tmp_path):
+    other = write_random_checkpoint(resolve_config("tiny-noqlora"), tmp_path / "other", dtype="bf16", progress=False)
+    with pytest.raises(ArtifactError, match=r"(?s)does not match the config.*q_lora_rank: 96 vs None"):
+        artifact_stepper(art, other, ParallelPlan(0, 1), "cpu", progress=False)
+
+
+def test_interrupted_compile_leaves_nothing_that_looks_complete(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "compile", "--config", "tiny", "--device", "cpu",
+                             "--out", str(out), "--max-batch-size", "2", "--max-seq-len", "32",
+                             "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    deadline = time.time() + 120
+    while "[aoti decode_b1] ..." not in seen and time.time() < deadline:  # kill in the middle of a compile
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "[aoti decode_b1] ..." in seen
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "killed"]
+    # a killed process cannot clean up its temp dir, but the temp dir never has the final name or a manifest
+    assert all(p.name.startswith(".killed.tmp-") and not (p / "manifest.json").exists() for p in leftovers)
+
+
+def test_compile_refuses_bad_options(tmp_path):
+    res = CliRunner().invoke(main, ["compile", "--config", "671B", "--device", "cpu", "--out", str(tmp_path / "x"),
+                                    "--world-size", "3"])
+    assert res.exit_code == 2 and "num_attention_heads" in res.output and "world size 3" in res.output
+    res = CliRunner().invoke(main, ["compile", "--config", "tiny", "--device", "cpu", "--out", str(tmp_path / "y"),
+                                    "--max-batch-size", "2", "--batch-sizes", "1,4"])
+    assert res.exit_code == 2 and "--batch-sizes [4]" in res.output
+
+
+WORKER = Path(__file__).parent / "workers" / "run_artifacts.py"
+
+
+def test_two_ranks_from_artifacts_match_one(art, art_ws2, ckpt, tmp_path):
+    """2 ranks (gloo, torchrun) from world-size-2 artifacts give the greedy tokens of world size 1."""
+    ref, _ = generate(artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)[0], PROMPTS,
+                      max_new_tokens=8)
+    out = tmp_path / "ws2.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), str(art_ws2), str(ckpt), str(out), json.dumps(PROMPTS)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(out.read_text()) == [c.tokens for c in ref]
+    with pytest.raises(ArtifactError, match="world size: built for 2, running with 1"):
+        artifact_stepper(art_ws2, ckpt, ParallelPlan(0, 1), "cpu", progress=False)

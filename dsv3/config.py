@@ -216,7 +216,7 @@ class ModelConfig:
             need(self.n_routed_experts % world_size == 0, "n_routed_experts", self.n_routed_experts,
                  "routed experts must be divisible by the world size")
         blk = FP8_BLOCK if self.is_fp8 else 1
-        for fld in ("intermediate_size", "shared_intermediate_size"):
+        for fld in ("intermediate_size", "shared_intermediate_size") if world_size > 1 else ():
             size = getattr(self, fld)
             if size:
                 need(size % (world_size * blk) == 0, fld, size,

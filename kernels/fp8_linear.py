@@ -9,13 +9,15 @@ Contract
 
 Implementations (one op; the branch is taken at trace time from the device and the static shapes)
 - CPU: `fp8_linear_reference` (plain torch; Inductor fuses it when the model is compiled on CPU).
-- CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `_fp8_gemv_kernel`, a split-K "swap-AB" GEMV. Each
-  program owns BLOCK_N weight rows and a range of 128-wide K blocks, streams its weight tiles once, quantizes the
-  matching activation tile in registers (amax/448 with the 1e-4 floor, IEEE division, RTNE cast: bit-identical to
-  `quantize_activation`) and accumulates `tl.dot(w_tile, xq_tile^T)` (FP8 tensor cores, tokens padded to 16) times
-  the two scales per K block in fp32. With more than one split, fp32 partials go through `_splitk_reduce_kernel`.
+- CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `_act_quant_kernel` (one pass over x, exact:
+  amax/448 with the 1e-4 floor, IEEE division, RTNE cast, bit-identical to `quantize_activation`), then
+  `_fp8_gemv_kernel`, a split-K "swap-AB" GEMV: each program owns BLOCK_N = 64 weight rows and a range of
+  128-wide K blocks, streams its weight tiles once (5-stage cp.async pipeline) and accumulates
+  `tl.dot(w_tile, xq_tile^T)` (FP8 wgmma, tokens padded to 16) times the two scales per K block in fp32. About one
+  program per SM (`gemv_plan`); with more than one split the fp32 partials go through `_splitk_reduce_kernel`.
+  `fused=True` (tests, sweeps) quantizes x inside every GEMV program instead: one launch less, but measured slower.
 - CUDA, larger or dynamic M (prefill): `_act_quant_kernel` then either `F.scaled_mm` with
-  BlockWise1x128/BlockWise128x128 (cuBLAS; sm_90, torch >= 2.11, bf16 output, K % 128 == 0, N % 16 == 0; M padded to
+  BlockWise1x128/BlockWise128x128 (cuBLAS; sm_90, torch >= 2.11, bf16 output, K % 128 == 0, N % 128 == 0; M padded to
   a multiple of 4, weight scales zero-padded to round_up(K/128, 4) columns) or the tiled Triton GEMM `_fp8_gemm_kernel`.
   `DSV3_FP8_GEMM=triton|scaled_mm|gemv` (read at trace time) pins a path, for benchmarks and tests.
 """
@@ -180,23 +182,25 @@ def _fp8_gemm_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def gemv_plan(m: int, n: int, k: int, sms: int, block_n: int = 64, waves: int = 4,
-              partial_div: int = 8) -> tuple[int, int]:
-    """(splits, K blocks per split) for the decode GEMV: about `waves` programs per SM, fp32 partial traffic capped
-    at 4/partial_div of the weight bytes (split * M * N * 4 <= N * K * 4 / partial_div)."""
+def gemv_plan(m: int, n: int, k: int, sms: int, block_n: int = 64) -> tuple[int, int]:
+    """(splits, K blocks per split) for the decode GEMV: about one program per SM (the H200 sweep of 2026-11-22:
+    fewer, longer programs beat 2-4 waves of short ones), at least 2 K blocks per program, and fp32 partials at
+    most 1/8 of the weight bytes (split * M * N * 4 <= N * K / 8)."""
     kbt = cdiv(k, BLOCK)
-    split = max(1, min(kbt, cdiv(waves * sms, cdiv(n, block_n))))
-    split = max(1, min(split, k // (partial_div * max(m, 1))))
+    split = max(1, round(sms / cdiv(n, block_n)))
+    split = min(split, max(1, kbt // 2), max(1, k // (32 * max(m, 1))))
     per = cdiv(kbt, split)
     return cdiv(kbt, per), per
 
 
 def fp8_gemv(
     x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
-    x_scale: Optional[torch.Tensor] = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 4,
-    split: Optional[int] = None,
+    x_scale: Optional[torch.Tensor] = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 5,
+    split: Optional[int] = None, fused: bool = False,
 ) -> torch.Tensor:
-    """x2 [M <= 64, K] (or e4m3 with `x_scale` [M, ceil(K/128)]) -> [M, N] in out_dtype."""
+    """x2 [M <= 64, K] -> [M, N] in out_dtype. The activations are quantized first by `_act_quant_kernel` (one
+    pass over x; the GEMV then streams e4m3 tiles), or, with `fused=True`, inside every GEMV program (no extra
+    launch, but each program re-quantizes its x tiles). `x_scale` given: x2 is already e4m3 with these scales."""
     m, k = x2.shape
     n = weight.shape[0]
     block_t = max(16, next_pow2(m))
@@ -205,6 +209,8 @@ def fp8_gemv(
     if split is not None:
         per = cdiv(cdiv(k, BLOCK), split)
         splits = cdiv(cdiv(k, BLOCK), per)
+    if x_scale is None and not fused:
+        x2, x_scale = act_quant(x2)
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
     prequant = x_scale is not None
@@ -258,19 +264,40 @@ def fp8_gemm(
 
 
 def scaled_mm_usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """cuBLAS blockwise FP8 applies: Hopper, torch with F.scaled_mm, bf16 out, K and N multiples of 128.
+    N % 128: eager cuBLAS takes ceil(N/128) weight-scale rows (N=576 runs), but torch 2.11's meta function for
+    `_scaled_mm_v2` expects N // 128 rows, so compile/export of ragged N fails; keep eager and traced paths equal."""
     k = weight.shape[1]
     n = weight.shape[0]
-    return (
+    ok = (
         _HAS_SCALED_MM and x2.device.type == "cuda" and capability(x2.device) == (9, 0)
-        and x2.dtype == torch.bfloat16 and k % BLOCK == 0 and n % 16 == 0
+        and x2.dtype == torch.bfloat16 and k % BLOCK == 0 and n % BLOCK == 0
     )
+    if ok and _aot_compiling():
+        ok = env_choice("DSV3_AOTI_SCALED_MM", "1") == "1" and (k // BLOCK) % 4 == 0
+    return ok
+
+
+def _aot_compiling() -> bool:
+    try:
+        from torch._inductor.virtualized import V
+
+        return bool(V.aot_compilation)
+    except Exception:  # pragma: no cover
+        return False
 
 
 def fp8_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """cuBLAS block-scaled GEMM (compile_stack.md §6): M padded to 4, weight scales padded to K/128 -> mult. of 4."""
+    """cuBLAS block-scaled GEMM (compile_stack.md §6): M padded to 4, weight scales padded to K/128 -> mult. of 4.
+    Inside AOTInductor compilation the v1 `torch._scaled_mm` is used instead (torch 2.11 has a C shim for it but
+    not for `_scaled_mm_v2`, whose proxy-executor fallback fails at run time); v1 infers the recipe from the scale
+    shapes and is only correct when K/128 % 4 == 0, which the dispatcher checks (`_scaled_mm_v1_ok`)."""
     m = x2.shape[0]
     xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True)
     kb = scale.shape[1]
+    if _aot_compiling():
+        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float().t(), out_dtype=x2.dtype)
+        return out[:m]
     ws = F.pad(scale.float(), (0, (-kb) % 4)) if kb % 4 else scale.float().contiguous()
     out = F.scaled_mm(
         xq, weight.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,

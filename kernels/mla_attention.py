@@ -19,11 +19,13 @@ Implementations (branch taken at trace time)
   the cache dtype for the P.V product, as in flash attention). Causality is a per-row mask t <= input_pos[row].
   * Decode / speculative verify (S statically <= 16: few rows, long context): flash-decoding. The grid has a
     static number of splits per (sequence, row block), sized to fill the GPU; each program takes an equal share
-    of [0, L) (at least min_chunk rows: 128 for <= 16 rows per block, else 256), splits past L exit at once, and
-    `_mla_combine_kernel` merges the fp32 partials of the splits that ran (it recomputes L the same way).
-  * Blocks of <= 32 rows (H <= 32 per rank at decode) run the transposed problem (SWAP): cache rows on the MMA's
-    M side (wgmma M = 64 / 512), q and the cache tile in shared memory, so no register blow-up from a 16-row A.
-    Larger blocks (H = 128, prefill) use 64 rows x C per program, 8 warps.
+    of [0, L) (at least min_chunk = 128 rows), splits past L exit at once, and
+    `_mla_combine_kernel` (one program per query row and 128 channels, splits reduced 64 at a time) merges the
+    fp32 partials of the splits that ran (it recomputes L the same way).
+  * Blocks hold min(64, next_pow2(S*H)) rows (>= 16). H = 16 per rank at decode: 16-row blocks, 4 warps
+    (mma.sync); H = 128 or prefill: 64-row blocks, 8 warps (wgmma). BLOCK_T = 64 cache rows per step, 2 stages.
+    `swap=True` selects a transposed formulation (cache rows on the MMA's M side, q in shared memory); it is
+    tested but not the default: on the H200 it was no faster (2026-11-22 sweep, docs/KERNELS.md).
   * Prefill (S larger or dynamic): one split; rows of a block are consecutive query positions, so the loop stops
     at the block's causal bound. No [S, T] score tensor is ever materialized.
 - Small head dims (C=72, R=8 in tests) are padded to powers of two (>= 16) with masks.
@@ -113,6 +115,8 @@ def _mla_fwd_kernel(
         m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
         offs_t = tl.arange(0, BLOCK_T)
+        # Inductor passes Python floats as fp64: keep the softmax arithmetic in fp32.
+        scale_f32 = tl.cast(scale_log2, tl.float32)
         if SWAP:
             # Few rows (decode, H <= 32 per rank): transposed problem, cache rows on the MMA's M side, so the
             # tensor cores see M = BLOCK_T / C instead of M = 16 rows, and q stays in shared memory.
@@ -126,7 +130,7 @@ def _mla_fwd_kernel(
                 kv = tl.load(row_ptr + offs_c[None, :], mask=t_mask[:, None] & c_mask[None, :], other=0.0)
                 pe = tl.load(row_ptr + C + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
                 sc = tl.dot(kv, q_t) + tl.dot(pe, qpe_t)                        # [BLOCK_T, BLOCK_H]
-                sc = sc * scale_log2
+                sc = sc * scale_f32
                 visible = (t[:, None] <= pos[None, :]) & t_mask[:, None]
                 sc = tl.where(visible, sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=0))
@@ -154,7 +158,7 @@ def _mla_fwd_kernel(
                 kv = tl.load(row_ptr + offs_c[None, :], mask=t_mask[:, None] & c_mask[None, :], other=0.0)
                 pe = tl.load(row_ptr + C + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
                 sc = tl.dot(q, tl.trans(kv)) + tl.dot(qpe, tl.trans(pe))          # [BLOCK_H, BLOCK_T]
-                sc = sc * scale_log2
+                sc = sc * scale_f32
                 visible = (t[None, :] <= pos[:, None]) & t_mask[None, :]
                 sc = tl.where(visible, sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -181,35 +185,43 @@ def _mla_combine_kernel(
     S, H, C, N_SPLITS,
     stride_posb, stride_poss, stride_ob, stride_os, stride_oh, stride_oc,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    MIN_CHUNK_: tl.constexpr,
+    MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    rb = tl.program_id(0)
+    """One query row x BLOCK_C channels per program; splits are reduced BLOCK_S at a time (vector loads), in two
+    passes: the max of the split maxima, then the rescaled sums."""
+    row = tl.program_id(0)
     cb = tl.program_id(1)
     b = tl.program_id(2)
     rows, row_mask, pos, length, chunk = _block_bounds(
-        pos_ptr, b, rb, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
+        pos_ptr, b, row // BLOCK_H, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
     n_active = tl.minimum(tl.cdiv(length, chunk), N_SPLITS)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     b64 = b.to(tl.int64)
-    m = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)
-    den = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    num = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
-    for sp in range(0, n_active):
-        base = (b64 * N_SPLITS + sp) * (S * H) + rows
-        m_s = tl.load(ml_ptr + base * 2, mask=row_mask, other=-1.0e30)
-        l_s = tl.load(ml_ptr + base * 2 + 1, mask=row_mask, other=0.0)
-        a_s = tl.load(part_ptr + base[:, None] * C_PAD + offs_c[None, :], mask=row_mask[:, None], other=0.0)
-        m_new = tl.maximum(m, m_s)
-        f_old = tl.exp2(m - m_new)
-        f_new = tl.exp2(m_s - m_new)
-        num = num * f_old[:, None] + a_s * f_new[:, None]
-        den = den * f_old + l_s * f_new
-        m = m_new
-    o = num / tl.where(den > 0, den, 1.0)[:, None]
-    s_idx = rows // H
-    h_idx = rows % H
-    o_ptrs = out_ptr + b64 * stride_ob + s_idx[:, None] * stride_os + h_idx[:, None] * stride_oh + offs_c[None, :] * stride_oc
-    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_c < C)[None, :])
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_vec = tl.full((BLOCK_S,), -1.0e30, dtype=tl.float32)
+    for s0 in range(0, n_active, BLOCK_S):
+        sp = s0 + offs_s
+        base = (b64 * N_SPLITS + sp) * (S * H) + row
+        m_vec = tl.maximum(m_vec, tl.load(ml_ptr + base * 2, mask=sp < n_active, other=-1.0e30))
+    m_max = tl.max(m_vec, axis=0)
+    den_vec = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    num = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, n_active, BLOCK_S):
+        sp = s0 + offs_s
+        s_mask = sp < n_active
+        base = (b64 * N_SPLITS + sp) * (S * H) + row
+        m_s = tl.load(ml_ptr + base * 2, mask=s_mask, other=-1.0e30)
+        l_s = tl.load(ml_ptr + base * 2 + 1, mask=s_mask, other=0.0)
+        w = tl.exp2(m_s - m_max)
+        den_vec += w * l_s
+        a = tl.load(part_ptr + base[:, None] * C_PAD + offs_c[None, :], mask=s_mask[:, None], other=0.0)
+        num += tl.sum(a * w[:, None], axis=0)
+    den = tl.sum(den_vec, axis=0)
+    o = num / tl.where(den > 0, den, 1.0)
+    s_idx = row // H
+    h_idx = row % H
+    o_ptrs = out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_c * stride_oc
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=offs_c < C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,19 +240,19 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
     if block_h is None:
         block_h = 64 if rows is None else min(64, max(16, next_pow2(rows)))
     if swap is None:
-        swap = block_h <= 32
+        swap = False  # measured on the H200 (2026-11-22): the plain layout was as fast or faster at H=16
     c_pad = max(16, next_pow2(c))
     if block_t is None:
-        block_t = 64 if swap or c_pad < 512 else 32
+        block_t = 64
     if min_chunk is None:
-        min_chunk = max(block_t, 128 if block_h <= 16 else 256)
+        min_chunk = max(block_t, 128)
     num_warps = 8 if (not swap and block_h * c_pad >= 64 * 512) else 4
     if n_splits is None:
         if b is None or s is None or t_cap is None or s > DECODE_MAX_S:
             n_splits = 1
         else:
             n_rb = cdiv(rows, block_h)
-            n_splits = max(1, min(cdiv(2 * sms, b * n_rb), cdiv(t_cap, min_chunk)))
+            n_splits = max(1, min(cdiv(sms, b * n_rb), cdiv(t_cap, min_chunk)))
     return block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap
 
 
@@ -283,10 +295,11 @@ def mla_attention_triton(
     )
     if split:
         block_c = min(c_pad, 128)
-        wrap_triton(_mla_combine_kernel)[(n_rb, c_pad // block_c, bsz)](
+        wrap_triton(_mla_combine_kernel)[(seqlen * heads, c_pad // block_c, bsz)](
             part, ml, input_pos, out, seqlen, heads, c, n_splits,
             input_pos.stride(0), input_pos.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, BLOCK_C=block_c, MIN_CHUNK_=min_chunk, num_warps=4,
+            BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, BLOCK_C=block_c, MIN_CHUNK_=min_chunk,
+            BLOCK_S=min(64, max(2, next_pow2(n_splits))), num_warps=4,
         )
     return out
 

@@ -12,13 +12,15 @@ Contract
 
 Implementations (branch taken at trace time)
 - CPU, or fp32 weights: `routed_experts_reference` (dense over experts).
-- CUDA, FP8 or bf16/fp16 weights: three Triton kernels, no host sync, each selected expert's weights read once per
+- CUDA, FP8 or bf16/fp16 weights: Triton kernels, no host sync, each selected expert's weights read once per
   token tile and unselected experts never read:
-  1. `_moe_up_kernel`, grid (slot, I/BLOCK_N): gate and up GEMVs of one expert, fused SiLU*up, the activation
-     quantization (per token per 128 channels) done in registers; writes h [T*K, I] (x.dtype, rounded as the
-     reference rounds: gate/up/silu/product each to x.dtype).
-  2. `_moe_down_kernel`, grid (slot, D/BLOCK_N): down GEMV on h (quantized in registers), writes the unweighted
-     expert output per (token, k) pair, rounded to x.dtype like the reference's per-expert output.
+  0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact).
+  1. `_moe_up_kernel`, grid (slot, I/128): gate and up GEMVs of one expert (FP8 wgmma, fp32 accumulation per
+     128-block with both scales), fused SiLU*up with the reference's rounding points (gate, up, silu and product
+     each rounded to x.dtype); in FP8 mode the program owns one 128-channel block of h and writes it already
+     quantized (e4m3 + per-token scale, exactly `quantize_activation(h)`), so the down kernel streams e4m3.
+  2. `_moe_down_kernel`, grid (slot, D/64): down GEMV, writes the unweighted expert output per (token, k) pair,
+     rounded to x.dtype like the reference's per-expert output.
   3. `_moe_combine_kernel`: y[t] = sum_k w[t,k] * out[t,k] in fp32 over valid pairs, cast to x.dtype.
   Slot -> expert mapping:
   * decode (T statically <= 64): slot j is the j-th smallest expert id present in topk_idx, found in-kernel
@@ -41,7 +43,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, next_pow2, static_int
-from dsv3.kernels.fp8_linear import fp8_linear_reference, quantize_tile
+from dsv3.kernels.fp8_linear import act_quant, fp8_linear_reference
 
 DECODE_MAX_T = 64
 GROUPED_BLOCK_T = 64
@@ -119,13 +121,16 @@ def _slot_columns(
 
 @triton.jit
 def _moe_up_kernel(
-    x_ptr, idx_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
+    x_ptr, xs_ptr, idx_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
     T, K, E, I, D, n_sched,
-    stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h,
+    stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
+    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N == 128, so this program owns one 128-channel
+    block of h and writes it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would.
+    dt_ptr: any tensor of the activation dtype (only its element type is used: the reference's rounding points)."""
     BLOCK_D: tl.constexpr = 128
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -138,7 +143,8 @@ def _moe_up_kernel(
         n_mask = offs_n < I
         wg_ptrs = wg_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
         wu_ptrs = wu_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
-        x_ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xt + offs_d[None, :]
+        token64 = token.to(tl.int64)
+        x_ptrs = x_ptr + token64[:, None] * stride_xt + offs_d[None, :]
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
@@ -149,8 +155,8 @@ def _moe_up_kernel(
             wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if IS_FP8:
-                xq, xs = quantize_tile(xv.to(tl.float32))
-                xqt = tl.trans(xq)
+                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
+                xqt = tl.trans(xv)
                 sg = tl.load(sg_ptr + srow + kb * stride_sk)
                 su = tl.load(su_ptr + srow + kb * stride_sk)
                 acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
@@ -159,20 +165,30 @@ def _moe_up_kernel(
                 xt = tl.trans(xv.to(wg.dtype))
                 acc_g = tl.dot(wg, xt, acc_g)
                 acc_u = tl.dot(wu, xt, acc_u)
-        odt = h_ptr.dtype.element_ty
+        # the reference rounds gate, up, silu and the product to the activation dtype
+        odt = dt_ptr.dtype.element_ty
         g = acc_g.to(odt).to(tl.float32)
         u = acc_u.to(odt).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
-        h = (s * u).to(odt)
+        sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
+        h = (sl * u).to(odt)
         h_ptrs = h_ptr + pair.to(tl.int64)[None, :] * stride_h + offs_n[:, None]
-        tl.store(h_ptrs, h, mask=n_mask[:, None] & col_mask[None, :])
+        if IS_FP8:
+            # quantize h per token (column) over this 128-channel block (rows past I are zeros, as padding is)
+            hf = h.to(tl.float32)
+            amax = tl.max(tl.abs(hf), axis=0)
+            hsc = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
+            hq = tl.minimum(tl.maximum(tl.div_rn(hf, hsc[None, :]), -448.0), 448.0).to(tl.float8e4nv)
+            tl.store(h_ptrs, hq, mask=n_mask[:, None] & col_mask[None, :])
+            tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, hsc.to(tl.float32), mask=col_mask)
+        else:
+            tl.store(h_ptrs, h, mask=n_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _moe_down_kernel(
-    h_ptr, idx_ptr, sched_ptr, wd_ptr, sd_ptr, y_ptr,
+    h_ptr, hs_ptr, idx_ptr, sched_ptr, wd_ptr, sd_ptr, y_ptr,
     T, K, E, I, D, n_sched,
-    stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
+    stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -187,8 +203,9 @@ def _moe_down_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_i = tl.arange(0, BLOCK_I)
         n_mask = offs_n < D
+        pair64 = pair.to(tl.int64)
         w_ptrs = wd_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_i[None, :]
-        h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_h + offs_i[None, :]
+        h_ptrs = h_ptr + pair64[:, None] * stride_h + offs_i[None, :]
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         for kb in range(0, tl.cdiv(I, BLOCK_I)):
@@ -196,12 +213,12 @@ def _moe_down_kernel(
             w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
             hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if IS_FP8:
-                hq, hs = quantize_tile(hv.to(tl.float32))
+                hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
                 sd = tl.load(sd_ptr + srow + kb * stride_sk)
-                acc += tl.dot(w, tl.trans(hq)) * (hs[None, :] * sd)
+                acc += tl.dot(w, tl.trans(hv)) * (hs[None, :] * sd)
             else:
                 acc = tl.dot(w, tl.trans(hv.to(w.dtype)), acc)
-        y_ptrs = y_ptr + pair.to(tl.int64)[None, :] * stride_y + offs_n[:, None]
+        y_ptrs = y_ptr + pair64[None, :] * stride_y + offs_n[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & col_mask[None, :])
 
 
@@ -268,7 +285,7 @@ def routed_experts_triton(
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
     down_scale_inv: Optional[torch.Tensor], grouped: Optional[bool] = None,
-    block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
+    block_n: int = 64, num_warps: int = 4, num_stages: int = 4,
 ) -> torch.Tensor:
     t, d = x.shape
     k = topk_idx.shape[1]
@@ -292,15 +309,23 @@ def routed_experts_triton(
     else:
         sg = su = sd = gate_proj  # unused
     p = t * k
-    h = torch.empty((p, i), dtype=out.dtype, device=x.device)
     y = torch.empty((p, d), dtype=out.dtype, device=x.device)
+    if is_fp8:
+        xq, xs = act_quant(x)                     # once; the expert programs stream e4m3 tiles
+        h = torch.empty((p, i), dtype=torch.float8_e4m3fn, device=x.device)
+        hs = torch.empty((p, cdiv(i, 128)), dtype=torch.float32, device=x.device)
+    else:
+        xq, xs = x, x                             # xs unused
+        h = torch.empty((p, i), dtype=out.dtype, device=x.device)
+        hs = h                                    # unused
     block_k = max(2, next_pow2(k))
     if grouped:
         block_t = GROUPED_BLOCK_T
         sched, n_slots = grouped_schedule(idx, e, block_t)
         block_p = block_e = 2  # unused
         n_sched = n_slots
-        bn1, bn2, nw, ns = 128, 128, 8, 3
+        # bf16 weights: 2 x 32 KB weight tiles + the token tile per stage; 3 stages would exceed 227 KB of smem
+        bn1, bn2, nw, ns = 128, 128, 8, (3 if is_fp8 else 2)
     else:
         block_t = max(16, next_pow2(t_static))
         n_slots = min(e, p)
@@ -308,23 +333,24 @@ def routed_experts_triton(
         n_sched = 0
         block_p = max(2, next_pow2(p))
         block_e = min(64, max(2, next_pow2(e)))
-        bn1 = bn2 = block_n
+        bn1 = 128 if is_fp8 else block_n  # FP8: one program per 128-channel block of h (it quantizes h)
+        bn2 = block_n
         nw, ns = num_warps, num_stages
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p,
-                  BLOCK_E=block_e, num_warps=nw, num_stages=ns)
+                  BLOCK_E=block_e, num_stages=ns)
     wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, bn1))](
-        x, idx, sched, gate_proj, up_proj, sg, su, h,
+        xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
         t, k, e, i, d, n_sched,
-        x.stride(0), gate_proj.stride(0), gate_proj.stride(1),
-        sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0),
-        BLOCK_N=bn1, **common,
+        xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
+        sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
+        BLOCK_N=bn1, num_warps=(8 if (is_fp8 and not grouped) else nw), **common,
     )
     wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, bn2))](
-        h, idx, sched, down_proj, sd, y,
+        h, hs, idx, sched, down_proj, sd, y,
         t, k, e, i, d, n_sched,
-        h.stride(0), down_proj.stride(0), down_proj.stride(1),
+        h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
         sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-        BLOCK_N=bn2, **common,
+        BLOCK_N=bn2, num_warps=nw, **common,
     )
     block_d = 512
     wrap_triton(_moe_combine_kernel)[(t, cdiv(d, block_d))](

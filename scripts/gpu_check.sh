@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Everything the GPU host checks, for device calls: bash scripts/gpu_check.sh STEP...
+#   env        install the package (offline) and print versions
+#   cpu-suite  the fast CPU tests under this host's torch (2.11 on the device): compatibility check
+#   kernels    the GPU kernel tests (scripts/gpu_kernels.sh tests)
+#   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
+#   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
+#   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
+#   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61)
+# Logs land in $OUT (the device tool's output folder; ./gpu_out elsewhere).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+WORK=${WORK:-/tmp/dsv3-work}
+mkdir -p "$OUT" "$WORK"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/dsv3-inductor}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/dsv3-triton}
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++  # the image's default wrapper builds .so files that crash at load
+
+install() {
+  $PY -c "import dsv3.kernels, dsv3.runtime" 2>/dev/null && return 0
+  if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/pip.log" 2>&1; then
+    echo "editable install failed (pip.log); using a copied package tree" | tee -a "$OUT/pip.log"
+    local shim=/tmp/dsv3-shim
+    rm -rf "$shim" && mkdir -p "$shim" && cp -r dsv3 "$shim/dsv3"
+    for sub in kernels configs compiler runtime export; do cp -r "$sub" "$shim/dsv3/$sub"; done
+    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+}
+dsv3c() { $PY -m dsv3.cli "$@"; }
+
+step_env() {
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+}
+
+step_cpu_suite() {
+  CUDA_VISIBLE_DEVICES= timeout 420 $PY -m pytest -q -x -p no:cacheprovider -m "not gpu and not slow" \
+    tests/test_config.py tests/test_parity_hf.py tests/test_routing.py tests/test_ops_reference.py \
+    tests/test_checkpoint.py tests/test_generate.py tests/test_parallel.py 2>&1 | tail -15
+}
+
+step_kernels() { bash scripts/gpu_kernels.sh tests; }
+
+LAYERS16=${LAYERS16:-27}
+step_ckpt16() {
+  [ -f "$WORK/ckpt16/config.json" ] && { echo "ckpt16 exists"; return 0; }
+  /usr/bin/time -f "init-random 16B: %e s, max RSS %M KB" \
+    $PY -m dsv3.cli init-random --config 16B --dtype fp8 --num-layers "$LAYERS16" --out "$WORK/ckpt16" \
+    --overwrite 2>&1 | tr '\r' '\n' | tail -3
+  du -sh "$WORK/ckpt16"
+}
+
+step_compile16() {
+  dsv3c compile --config "$WORK/ckpt16" --out "$WORK/art16" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
+    --max-seq-len 4096 --prefill-chunk 512 --overwrite 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
+    | tail -25
+  dsv3c inspect "$WORK/art16" | tee "$OUT/inspect16.txt"
+  ls -la "$WORK/art16"
+}
+
+step_run16() {
+  local prompts=("Tell me about the weather." "Write a poem about GPUs." "What is 2+2?" "Hello" \
+                 "Explain attention." "A long story begins" "Once upon a time" "The capital of France")
+  local args=()
+  for p in "${prompts[@]}"; do args+=(--prompt "$p"); done
+  dsv3c run --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" \
+    --max-new-tokens 64 --stats --output-file "$OUT/run16_b1.jsonl" 2>&1 | grep -E "load|error|Error" | tail -5
+  dsv3c run --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" "${args[@]}" \
+    --max-new-tokens 64 --stats --output-file "$OUT/run16_b8.jsonl" 2>&1 | grep -E "load|error|Error" | tail -5
+  dsv3c run --eager --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" --max-new-tokens 16 --stats \
+    --output-file "$OUT/run16_eager.jsonl" 2>&1 | grep -E "load|error|Error" | tail -5
+}
+
+step_compile671() {
+  dsv3c compile --config 671B --world-size 8 --num-layers "${NUM_LAYERS_671:-61}" --out "$WORK/art671" \
+    --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite \
+    2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile671.log" | tail -25
+  dsv3c inspect "$WORK/art671" | tee "$OUT/inspect671.txt"
+}
+
+install
+for s in "$@"; do
+  echo "=== $s ($(date -u +%T))"
+  "step_${s//-/_}"
+done

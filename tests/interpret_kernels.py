@@ -1,0 +1,279 @@
+"""Triton kernels of dsv3.kernels run by the Triton CPU interpreter, against their plain-torch references.
+
+Not collected by the normal suite (the name does not start with `test_`): `tests/test_kernels.py` runs this file in
+a subprocess with TRITON_INTERPRET=1 in its environment, because the flag must be set before triton is imported and
+the rest of the suite imports torch/triton normally. By hand:
+
+    TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/interpret_kernels.py
+
+Two interpreter bugs (triton 3.9) matter here, and are handled explicitly:
+- its fp32 -> e4m3 cast rounds wrongly at binade edges (124.3 -> 64): the FP8 GEMM tests feed pre-quantized
+  activations, and the fused-quantization tests use activations that quantize exactly (power-of-two scales, one
+  +-448 per block);
+- its fp32 -> bf16 cast truncates, and its `tl.dot` multiplies bf16 operands as raw uint16 bits.
+  Tests whose kernels quantize or round intermediates they computed themselves (MoE h, MLA in bf16) use the
+  `fixed_interpreter` fixture, which routes those casts through torch (RTNE) and upcasts bf16 dot operands.
+  MLA is also checked in fp16 with the interpreter unpatched.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("interpret_kernels.py must run in its own process with TRITON_INTERPRET=1")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime import interpreter as _interp  # noqa: E402
+
+from dsv3.kernels import fp8_linear as L  # noqa: E402
+from dsv3.kernels import mla_attention as A  # noqa: E402
+from dsv3.kernels import routed_experts as RE  # noqa: E402
+from dsv3.kernels.fp8_blocks import (  # noqa: E402
+    FP8_DTYPE,
+    ceil_div,
+    dequantize_activation,
+    dequantize_weight,
+    quantize_activation,
+    quantize_weight,
+)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def fixed_interpreter(monkeypatch):
+    torch_dtypes = {tl.float8e4nv: torch.float8_e4m3fn, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}
+    orig_convert = _interp._convert_float
+
+    def convert(data, src, dst, rounding_mode):
+        if src == tl.float32 and dst in torch_dtypes:
+            t = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy()).to(torch_dtypes[dst])
+            return t.view(torch.uint8 if dst.primitive_bitwidth == 8 else torch.int16).numpy().view(
+                np.uint8 if dst.primitive_bitwidth == 8 else _interp._get_np_dtype(dst))
+        return orig_convert(data, src, dst, rounding_mode)
+
+    orig_dot = _interp.InterpreterBuilder.create_dot
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def up(h):
+            if h.dtype == tl.bfloat16:
+                return _interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+            return h
+        return orig_dot(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(_interp, "_convert_float", convert)
+    monkeypatch.setattr(_interp.InterpreterBuilder, "create_dot", dot)
+
+
+def exactly_quantizable(m: int, k: int, gen: torch.Generator, dtype=torch.bfloat16) -> torch.Tensor:
+    """Activations whose per-128 quantization is exact: e4m3 values times 2^e per block, one +-448 per block."""
+    kb = ceil_div(k, 128)
+    q = torch.randn(m, kb * 128, generator=gen).to(FP8_DTYPE).float()
+    for b in range(kb):
+        hi = min(k, (b + 1) * 128)
+        j = torch.randint(b * 128, hi, (m,), generator=gen)
+        q[torch.arange(m), j] = 448.0 * torch.where(torch.rand(m, generator=gen) < 0.5, -1.0, 1.0)
+    e = torch.randint(-14, 4, (m, kb), generator=gen).float()
+    return (q[:, :k] * (2.0 ** e).repeat_interleave(128, -1)[:, :k]).to(dtype)
+
+
+SHAPES = [(1, 88, 200), (3, 200, 300), (17, 130, 256), (1, 576, 136), (5, 64, 1408)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 linear
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_gemv_prequantized(m, n, k, split):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w, s = quantize_weight(torch.randn(n, k, generator=gen))
+    xq, xs = quantize_activation(torch.randn(m, k, generator=gen))
+    ref = dequantize_activation(xq, xs).double() @ dequantize_weight(w, s).double().t()
+    out = torch.full((m, n), float("nan"))
+    out = L.fp8_gemv(xq, w, s, torch.float32, x_scale=xs, split=split)
+    assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_gemv_fused_quantization(m, n, k):
+    gen = torch.Generator().manual_seed(7 + m + n + k)
+    w, s = quantize_weight(torch.randn(n, k, generator=gen))
+    x = exactly_quantizable(m, k, gen)
+    ref = L.fp8_linear_reference(x.float(), w, s).double()
+    for block_n in (64, 128):
+        for fused in (False, True):
+            assert rel_err(L.fp8_gemv(x, w, s, torch.float32, block_n=block_n, fused=fused), ref) < 1e-6
+    # bf16 output of the whole op path (dispatch at M <= 64)
+    y = L.fp8_linear_triton(x, w, s)
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 8e-3
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES + [(70, 96, 384)])
+def test_tiled_gemm_prequantized(m, n, k):
+    gen = torch.Generator().manual_seed(11 + m + n + k)
+    w, s = quantize_weight(torch.randn(n, k, generator=gen))
+    xq, xs = quantize_activation(torch.randn(m, k, generator=gen))
+    ref = dequantize_activation(xq, xs).double() @ dequantize_weight(w, s).double().t()
+    out = L.fp8_gemm(xq, xs, w, s, torch.float32, block_m=16, block_n=32, group_m=2)
+    assert rel_err(out, ref) < 1e-6
+    # scales stored outer-dim-major (the cuBLAS layout) are read through their strides
+    xs_t = xs.t().contiguous().t()
+    assert rel_err(L.fp8_gemm(xq, xs_t, w, s, torch.float32, block_m=32, block_n=64), ref) < 1e-6
+
+
+@pytest.mark.parametrize("m,k", [(1, 200), (3, 1408), (17, 256), (6, 72)])
+def test_act_quant_exact(m, k):
+    gen = torch.Generator().manual_seed(m + k)
+    x = exactly_quantizable(m, k, gen)
+    xq_ref, xs_ref = quantize_activation(x)
+    q, s = L.act_quant(x)
+    assert torch.equal(q.float(), xq_ref.float()) and torch.equal(s, xs_ref)
+    q4, s4 = L.act_quant(x, pad_rows_to=4, scales_m_major=True)
+    mp = ceil_div(m, 4) * 4
+    assert q4.shape == (mp, k) and s4.stride() == (1, mp)
+    assert torch.equal(q4[:m].float(), xq_ref.float()) and torch.equal(s4[:m], xs_ref)
+    assert (q4[m:].float() == 0).all() and (s4[m:] > 0).all()
+    # all-zero blocks take the 1e-4 amax floor, as in DeepSeek's act_quant
+    z, zs = L.act_quant(torch.zeros(2, k, dtype=torch.bfloat16))
+    assert (z.float() == 0).all() and torch.allclose(zs, torch.full_like(zs, 1e-4 / 448))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLA
+# ---------------------------------------------------------------------------------------------------------------
+
+MLA_CASES = [
+    # B, S, H, T, C, R, n_splits
+    (2, 1, 4, 300, 128, 16, None),
+    (3, 1, 3, 700, 72, 8, 3),      # several splits, ragged lengths
+    (2, 3, 3, 200, 72, 8, 2),      # speculative verify: S=3, causal between the draft tokens
+    (1, 2, 16, 100, 128, 16, None),
+    (2, 20, 3, 64, 72, 8, None),   # prefill-style: many query rows, one split
+    (1, 1, 2, 1500, 16, 16, 7),
+]
+
+
+def _mla_inputs(b, s, h, t, c, r, dtype, gen):
+    q = torch.randn(b, s, h, c, generator=gen).to(dtype)
+    qp = torch.randn(b, s, h, r, generator=gen).to(dtype)
+    cache = torch.randn(b, t, c + r, generator=gen).to(dtype)
+    start = torch.randint(0, t - s + 1, (b, 1), generator=gen)
+    pos = start + torch.arange(s)[None]
+    return q, qp, cache, pos
+
+
+@pytest.mark.parametrize("case", MLA_CASES)
+@pytest.mark.parametrize("swap", [None, True])
+def test_mla_fp16(case, swap):
+    b, s, h, t, c, r, ns = case
+    gen = torch.Generator().manual_seed(sum(case[:-1]))
+    q, qp, cache, pos = _mla_inputs(b, s, h, t, c, r, torch.float16, gen)
+    block_h = None if swap is None else min(32, max(16, 1 << (s * h - 1).bit_length()))
+    out = A.mla_attention_triton(q, qp, cache, pos, 0.12, n_splits=ns, swap=swap, block_h=block_h)
+    ref = A.mla_attention_reference(q.double(), qp.double(), cache.double(), pos, 0.12)
+    assert out.shape == q.shape and rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("case", MLA_CASES[:3])
+def test_mla_bf16(case, fixed_interpreter):
+    b, s, h, t, c, r, ns = case
+    gen = torch.Generator().manual_seed(3 + sum(case[:-1]))
+    q, qp, cache, pos = _mla_inputs(b, s, h, t, c, r, torch.bfloat16, gen)
+    # stale garbage past every sequence's length must never be read
+    for i in range(b):
+        cache[i, int(pos[i].max()) + 1:] = float("nan")
+    out = A.mla_attention_triton(q, qp, cache, pos, 0.12, n_splits=ns)
+    clean = torch.nan_to_num(cache.double(), nan=0.0)
+    ref = A.mla_attention_reference(q.double(), qp.double(), clean, pos, 0.12)
+    assert rel_err(out, ref) < 8e-3
+
+
+def test_mla_strided_inputs():
+    """q_pe as a view of a wider tensor (as the model splits q), non-contiguous output layout promised by the fake."""
+    gen = torch.Generator().manual_seed(5)
+    b, s, h, c, r, t = 2, 1, 3, 72, 8, 90
+    qfull = torch.randn(b, s, h, c + r, generator=gen).half()
+    q, qp = qfull[..., :c], qfull[..., c:]
+    cache = torch.randn(b, t, c + r, generator=gen).half()
+    pos = torch.tensor([[40], [89]])
+    out = A.mla_attention_triton(q, qp, cache, pos, 0.2)
+    ref = A.mla_attention_reference(q.double(), qp.double(), cache.double(), pos, 0.2)
+    assert rel_err(out, ref) < 2e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routed experts
+# ---------------------------------------------------------------------------------------------------------------
+
+MOE_CASES = [
+    # T, K, E, D, I, fp8, grouped
+    (1, 3, 6, 256, 130, True, False),
+    (3, 2, 5, 200, 88, True, False),
+    (17, 3, 6, 200, 88, True, False),
+    (17, 3, 6, 200, 88, True, True),
+    (5, 2, 4, 136, 72, False, False),
+    (9, 2, 4, 136, 72, False, True),
+]
+
+
+def _moe_inputs(t, k, e, d, i, fp8, dtype, gen):
+    x = torch.randn(t, d, generator=gen).to(dtype)
+    # ids in [-1, E]: out-of-range ones (expert parallel: other ranks' experts) must contribute nothing
+    idx = torch.stack([torch.randperm(e + 2, generator=gen)[:k] - 1 for _ in range(t)])
+    if t > 2 and k > 1:
+        idx[1, 1] = idx[1, 0]  # a duplicate id: the reference sums its weights
+    wt = torch.rand(t, k, generator=gen)
+    ws = [torch.randn(e, i, d, generator=gen) * 0.1, torch.randn(e, i, d, generator=gen) * 0.1,
+          torch.randn(e, d, i, generator=gen) * 0.1]
+    if fp8:
+        qs = [quantize_weight(w) for w in ws]
+        return x, idx, wt, [qs[0][0], qs[1][0], qs[2][0], qs[0][1], qs[1][1], qs[2][1]]
+    return x, idx, wt, [w.to(dtype) for w in ws] + [None] * 3
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_routed_experts(case, fixed_interpreter):
+    t, k, e, d, i, fp8, grouped = case
+    gen = torch.Generator().manual_seed(sum(case[:5]) + 100 * grouped)
+    x, idx, wt, w = _moe_inputs(t, k, e, d, i, fp8, torch.bfloat16, gen)
+    out = RE.routed_experts_triton(x, idx, wt, *w, grouped=grouped)
+    ref = RE.routed_experts_reference(x, idx, wt, *w)
+    # same rounding points as the reference: with the interpreter's casts fixed the results agree to fp32 rounding
+    assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
+
+
+def test_routed_experts_fp16_unpatched():
+    gen = torch.Generator().manual_seed(1)
+    x, idx, wt, w = _moe_inputs(6, 2, 4, 136, 72, False, torch.float16, gen)
+    for grouped in (False, True):
+        out = RE.routed_experts_triton(x, idx, wt, *w, grouped=grouped)
+        assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 2e-3
+
+
+def test_grouped_schedule():
+    idx = torch.tensor([[3, 0], [3, 7], [1, -1], [3, 1]])
+    sched, n = RE.grouped_schedule(idx, n_experts=4, block_t=2)
+    assert n == ceil_div(8, 2) + 4
+    e, start, end, order = sched[:n], sched[n:2 * n], sched[2 * n:3 * n], sched[3 * n:]
+    flat = idx.flatten()
+    seen = []
+    for j in range(n):
+        if start[j] < end[j]:
+            assert end[j] - start[j] <= 2
+            pairs = order[start[j]:end[j]]
+            assert (flat[pairs] == e[j]).all()
+            seen += pairs.tolist()
+    assert sorted(seen) == sorted(i for i, v in enumerate(flat.tolist()) if 0 <= v < 4)

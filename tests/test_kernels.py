@@ -1,0 +1,330 @@
+"""Tests for the dsv3.kernels ops: torch.ops.dsv3.{fp8_linear, mla_attention, routed_experts}.
+
+CPU (part of `make test`):
+- every Triton kernel run by the Triton interpreter against its reference: `tests/interpret_kernels.py`, run in a
+  subprocess because TRITON_INTERPRET=1 must be set before triton is imported (~20 s);
+- op registration checks (`torch.library.opcheck`: schema, fake impl, functionalization) on the CPU branch.
+
+GPU (`pytest -m gpu tests/test_kernels.py`, on the device): each op against a float64 (or, for the MoE, the
+contract's own fp32) reference on fresh random inputs with poisoned allocator memory, every path (decode GEMV,
+tiled GEMM, cuBLAS blockwise, flash-decoding, prefill MLA, decode and grouped MoE, bf16 weights), inside CUDA-graph
+capture (proves there is no host sync), under `torch.compile(fullgraph=True)`, and in AOTInductor packages.
+
+Error bounds (relative Frobenius error):
+- fp8_linear vs float64 GEMM of the identically quantized operands, bf16 output: < 1e-2 (issue 3's bound; bf16
+  rounding of the output alone is ~1.1e-3, Hopper's FP8 MMA accumulates each 128-wide block with reduced
+  precision; measured values are written to $OUT/test_errors.json).
+- mla_attention vs float64 attention on the bf16 inputs: < 6e-3 (bf16 output rounding ~1.1e-3, P rounded to bf16
+  for the P.V product).
+- routed_experts vs the fp32 reference (same quantization and rounding points): FP8 < 3e-2, bf16 < 1e-2. The FP8
+  bound is loose on purpose: the gate/up outputs of kernel and reference differ by fp32-vs-tensor-core rounding,
+  so some h elements land one bf16 ulp apart and then quantize to neighbouring e4m3 values (one e4m3 ulp = 6%).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv3.kernels  # noqa: F401  (registers torch.ops.dsv3.*)
+from dsv3.kernels import fp8_linear as L
+from dsv3.kernels import mla_attention as A
+from dsv3.kernels import routed_experts as RE
+from dsv3.kernels.fp8_blocks import dequantize_activation, dequantize_weight, quantize_activation, quantize_weight
+
+HERE = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", ["gemv or gemm or act_quant", "mla", "routed or grouped"])
+def test_triton_kernels_interpreted(group):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", group,
+           str(HERE / "interpret_kernels.py")]
+    res = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"interpreter tests failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+
+
+def _small_args(device="cpu", dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    w, s = quantize_weight(torch.randn(88, 200, generator=g))
+    x = torch.randn(3, 200, generator=g).to(dtype)
+    lin = (x.to(device), w.to(device), s.to(device))
+    q = torch.randn(2, 1, 3, 72, generator=g).to(dtype)
+    qp = torch.randn(2, 1, 3, 8, generator=g).to(dtype)
+    cache = torch.randn(2, 40, 80, generator=g).to(dtype)
+    pos = torch.tensor([[5], [39]])
+    mla = tuple(t.to(device) for t in (q, qp, cache, pos)) + (0.1,)
+    e, d, i = 5, 200, 88
+    ws = [quantize_weight(torch.randn(*shape, generator=g) * 0.1) for shape in ((e, i, d), (e, i, d), (e, d, i))]
+    idx = torch.tensor([[0, 4], [2, -1], [5, 1]])
+    wt = torch.rand(3, 2, generator=g)
+    moe = tuple(t.to(device) for t in (x, idx, wt, ws[0][0], ws[1][0], ws[2][0], ws[0][1], ws[1][1], ws[2][1]))
+    return lin, mla, moe
+
+
+def test_opcheck_cpu():
+    lin, mla, moe = _small_args()
+    # test_schema's mutation check multiplies inputs, which CPU torch cannot do in float8: fake-tensor checks only
+    # for the FP8 ops.
+    torch.library.opcheck(torch.ops.dsv3.fp8_linear.default, lin, test_utils="test_faketensor")
+    torch.library.opcheck(torch.ops.dsv3.mla_attention.default, mla, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.dsv3.routed_experts.default, moe, test_utils="test_faketensor")
+    assert torch.equal(torch.ops.dsv3.fp8_linear(*lin), L.fp8_linear_reference(*lin))
+
+
+def test_launch_plans():
+    # decode GEMV: enough programs to fill 132 SMs, partial traffic bounded, every K block covered exactly once
+    for m, n, k in [(1, 576, 7168), (4, 2304, 7168), (64, 7168, 2048), (1, 88, 200), (16, 4096, 512)]:
+        splits, per = L.gemv_plan(m, n, k, 132)
+        kb = -(-k // 128)
+        assert (splits - 1) * per < kb <= splits * per
+        assert splits * m * n * 4 <= n * k or splits == 1
+    # MLA: decode splits the sequence, prefill / dynamic shapes never do
+    assert A.mla_plan(1, 1, 16, 32768, 512, 132)[4] > 1
+    assert A.mla_plan(1, 300, 16, 32768, 512, 132)[4] == 1
+    assert A.mla_plan(None, None, 16, None, 512, 132)[4] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ERRORS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_errors():
+    yield
+    if ERRORS and os.environ.get("OUT"):
+        import json
+
+        with open(os.path.join(os.environ["OUT"], "test_errors.json"), "w") as f:
+            json.dump(ERRORS, f, indent=1, sort_keys=True)
+
+
+def note(name: str, err: float) -> float:
+    ERRORS[name] = max(err, ERRORS.get(name, 0.0))
+    return err
+
+
+def poison_allocator():
+    """Fill the caching allocator's free blocks with NaN, so any output element a kernel forgets to write shows."""
+    bufs = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
+    bufs += [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]
+    del bufs
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite (unwritten?) output elements"
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def fp8_ref64(x, w, s):
+    xq, xs = quantize_activation(x)
+    return dequantize_activation(xq, xs).double() @ dequantize_weight(w, s).double().t()
+
+
+def rand_fp8_weight(n, k, device="cuda"):
+    return quantize_weight(torch.randn(n, k, device=device) * 0.05)
+
+
+LINEAR_SHAPES = [(1, 576, 7168), (3, 2304, 7168), (17, 2048, 1408), (64, 7168, 2048), (1, 88, 200), (4, 200, 10944),
+                 (300, 576, 7168), (100, 130, 200), (256, 2048, 10944)]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m,n,k", LINEAR_SHAPES)
+@pytest.mark.parametrize("path", ["auto", "gemv", "triton", "scaled_mm"])
+def test_fp8_linear_gpu(m, n, k, path, monkeypatch):
+    if path == "gemv" and m > L.GEMV_MAX_M:
+        pytest.skip("GEMV path is for M <= 64")
+    w, s = rand_fp8_weight(n, k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    if path == "scaled_mm" and not L.scaled_mm_usable(x, w):
+        pytest.skip("F.scaled_mm blockwise not usable for this shape/build")
+    monkeypatch.setenv("DSV3_FP8_GEMM", path)
+    poison_allocator()
+    y = torch.ops.dsv3.fp8_linear(x, w, s)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert note(f"fp8_linear[{path}] M={m} N={n} K={k}", rel(y, fp8_ref64(x, w, s))) < 1e-2
+    # leading dims are flattened; fp32 activations give fp32 output
+    x3 = torch.randn(2, m, k, device="cuda")
+    y3 = torch.ops.dsv3.fp8_linear(x3, w, s)
+    assert y3.dtype == torch.float32
+    assert note(f"fp8_linear[{path}] fp32 M={2 * m} N={n} K={k}", rel(y3, fp8_ref64(x3, w, s))) < 1e-2
+
+
+MLA_GPU_CASES = [
+    # B, S, H, T, C, R
+    (1, 1, 16, 8192, 512, 64), (3, 1, 128, 3000, 512, 64), (5, 2, 16, 1000, 512, 64), (2, 4, 16, 700, 512, 64),
+    (64, 1, 16, 600, 512, 64), (2, 1, 4, 300, 128, 16), (2, 3, 3, 333, 72, 8), (1, 64, 16, 2048, 512, 64),
+    (2, 37, 3, 100, 72, 8),
+]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", MLA_GPU_CASES)
+def test_mla_gpu(case):
+    b, s, h, t, c, r = case
+    q = torch.randn(b, s, h, c, device="cuda", dtype=torch.bfloat16)
+    qp = torch.randn(b, s, h, r, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(b, t, c + r, device="cuda", dtype=torch.bfloat16)
+    if s > 8:  # prefill: positions 0..s-1 of a fresh sequence
+        pos = torch.arange(s, device="cuda")[None].repeat(b, 1)
+    else:      # decode / verify at ragged lengths
+        start = torch.randint(0, t - s + 1, (b, 1), device="cuda")
+        pos = start + torch.arange(s, device="cuda")[None]
+    for i in range(b):
+        cache[i, int(pos[i].max()) + 1:] = float("nan")  # stale rows past the length must never be read
+    poison_allocator()
+    out = torch.ops.dsv3.mla_attention(q, qp, cache, pos, 0.1352)
+    ref = A.mla_attention_reference(q.double(), qp.double(), torch.nan_to_num(cache.double(), nan=0.0), pos, 0.1352)
+    assert out.shape == q.shape and note(f"mla B={b} S={s} H={h} T={t} C={c} R={r}", rel(out, ref)) < 6e-3
+
+
+MOE_GPU_CASES = [
+    # T, K, E, D, I, fp8
+    (1, 6, 64, 2048, 1408, True), (5, 8, 32, 7168, 2048, True), (17, 3, 6, 200, 88, True),
+    (64, 6, 16, 512, 256, True), (100, 6, 16, 512, 256, True), (300, 8, 12, 256, 200, True),
+    (4, 2, 8, 256, 128, False), (90, 2, 8, 256, 128, False),
+]
+
+
+def moe_inputs(t, k, e, d, i, fp8, device="cuda"):
+    x = torch.randn(t, d, device=device, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(e + 4, device=device)[:k] - 2 for _ in range(t)])  # some ids out of range
+    if t > 2 and k > 1:
+        idx[1, 1] = idx[1, 0]
+    wt = torch.rand(t, k, device=device)
+    shapes = ((e, i, d), (e, i, d), (e, d, i))
+    if fp8:
+        q = [quantize_weight(torch.randn(*sh, device=device) * 0.05) for sh in shapes]
+        return x, idx, wt, [q[0][0], q[1][0], q[2][0], q[0][1], q[1][1], q[2][1]]
+    return x, idx, wt, [(torch.randn(*sh, device=device) * 0.05).bfloat16() for sh in shapes] + [None] * 3
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", MOE_GPU_CASES)
+def test_routed_experts_gpu(case):
+    x, idx, wt, w = moe_inputs(*case)
+    poison_allocator()
+    out = torch.ops.dsv3.routed_experts(x, idx, wt, *w)
+    ref = RE.routed_experts_reference(x, idx, wt, *w)
+    bound = 3e-2 if case[-1] else 1e-2
+    name = "moe T={} K={} E={} D={} I={} fp8={}".format(*case)
+    assert out.shape == x.shape and note(name, rel(out, ref)) < bound
+    if case[0] <= RE.DECODE_MAX_T:  # the grouped (prefill) path must agree on decode-sized inputs too
+        assert note(name + " grouped", rel(RE.routed_experts_triton(x, idx, wt, *w, grouped=True), ref)) < bound
+
+
+def _decode_inputs():
+    w, s = rand_fp8_weight(576, 2048)
+    w2, s2 = rand_fp8_weight(1536, 2048)
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(4, 1, 16, 512, device="cuda", dtype=torch.bfloat16)
+    qp = torch.randn(4, 1, 16, 64, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(4, 4096, 576, device="cuda", dtype=torch.bfloat16)
+    pos = torch.tensor([[5], [4095], [1000], [77]], device="cuda")
+    xm, idx, wt, ew = moe_inputs(4, 6, 16, 512, 256, True)
+    return (x, w, s, w2, s2, q, qp, cache, pos, xm, idx, wt, *ew)
+
+
+def _prefill_inputs(m=200):
+    w, s = rand_fp8_weight(576, 2048)    # ragged N: Triton tiled GEMM
+    w2, s2 = rand_fp8_weight(1536, 2048)  # N % 128 == 0: cuBLAS blockwise (F.scaled_mm) where available
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, m, 16, 512, device="cuda", dtype=torch.bfloat16)
+    qp = torch.randn(1, m, 16, 64, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(1, 4096, 576, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(m, device="cuda")[None]
+    xm, idx, wt, ew = moe_inputs(m, 6, 16, 512, 256, True)
+    return (x, w, s, w2, s2, q, qp, cache, pos, xm, idx, wt, *ew)
+
+
+class AllOps(torch.nn.Module):
+    def forward(self, x, w, s, w2, s2, q, qp, cache, pos, xm, idx, wt, wg, wu, wd, sg, su, sd):
+        y = torch.ops.dsv3.fp8_linear(x, w, s)
+        y2 = torch.ops.dsv3.fp8_linear(x, w2, s2)
+        o = torch.ops.dsv3.mla_attention(q, qp, cache, pos, 0.1352)
+        z = torch.ops.dsv3.routed_experts(xm, idx, wt, wg, wu, wd, sg, su, sd)
+        return y, y2, o, z
+
+
+def _check_same(got, want, tol=1e-3):
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel(a, b) < tol
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_capture_decode():
+    """Decode paths have no host sync: they capture into a CUDA graph and replay correctly on new inputs."""
+    args = _decode_inputs()
+    model = AllOps()
+    eager = model(*args)
+    static = [a.clone() for a in args]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        model(*static)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = model(*static)
+    g.replay()
+    _check_same(outs, eager, 1e-6)
+    fresh = _decode_inputs()
+    for dst, src in zip(static, fresh):
+        dst.copy_(src)
+    g.replay()
+    _check_same(outs, model(*fresh), 1e-6)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_compile_fullgraph_gpu(kind):
+    torch._dynamo.reset()
+    args = _decode_inputs() if kind == "decode" else _prefill_inputs()
+    model = AllOps()
+    compiled = torch.compile(model, fullgraph=True)
+    _check_same(compiled(*args), model(*args), 1e-3)
+    fresh = _decode_inputs() if kind == "decode" else _prefill_inputs()
+    _check_same(compiled(*fresh), model(*fresh), 1e-3)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kind", ["decode", "prefill-dynamic"])
+def test_aoti_package_gpu(kind, tmp_path, monkeypatch):
+    if Path("/usr/bin/g++").exists():  # compile_stack.md §3: the image's /opt/gcc wrapper builds .so that crash
+        monkeypatch.setenv("CXX", "/usr/bin/g++")
+    model = AllOps()
+    if kind == "decode":
+        args, dyn = _decode_inputs(), None
+    else:
+        args = _prefill_inputs(200)
+        m = torch.export.Dim("m", min=65, max=1024)
+        dyn = ({0: m}, None, None, None, None, {1: m}, {1: m}, None, {1: m}, {0: m}, {0: m}, {0: m},
+               None, None, None, None, None, None)
+    ep = torch.export.export(model, args, dynamic_shapes=dyn)
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"{kind}.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    _check_same(runner(*args), model(*args), 1e-3)
+    fresh = _decode_inputs() if kind == "decode" else _prefill_inputs(333)
+    _check_same(runner(*fresh), model(*fresh), 1e-3)

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from dsv3.model import Transformer
 from dsv3.runtime.manifest import host_info, write_manifest
 from dsv3.runtime.parallel import ParallelPlan, apply_parallel
 from dsv3.runtime.steps import DecodeStep, PrefillStep, decode_inputs, prefill_inputs
+from dsv3.staging import staged_directory
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -133,17 +132,13 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
                       echo: Callable[[str], None] = print) -> Path:
     opts.check()
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if opts.device == "cuda" and os.path.exists("/usr/bin/g++") and "CXX" in os.environ:
         # Seen on the GPU image: its default compiler wrapper built .so files that segfault at load.
         echo(f"using CXX=/usr/bin/g++ instead of {os.environ['CXX']}")
         os.environ["CXX"] = "/usr/bin/g++"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     log = StageLog(echo)
     t_start = time.perf_counter()
-    try:
+    with staged_directory(out, overwrite=overwrite) as tmp:
         with torch.no_grad(), _process_group(opts.world_size):
             with log.stage("model"):
                 model = build_model(opts)
@@ -177,13 +172,6 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
         if opts.verify:
             with log.stage("verify"):
                 _verify_in_fresh_process(tmp, echo)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     echo(f"compiled {len(graphs)} graphs into {out} in {time.perf_counter() - t_start:.1f}s")
     return out
 

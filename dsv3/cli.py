@@ -317,6 +317,35 @@ def inspect_cmd(artifact_dir: str) -> None:
     click.echo("integrity   ok (every sha256 matches)")
 
 
+@main.command("convert")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Hugging Face-layout checkpoint directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to create.")
+@click.option("--world-size", type=int, default=None, help="Pre-shard into one file per rank for N ranks.")
+@click.option("--dtype", type=click.Choice(["bf16"]), default=None,
+              help="bf16: dequantize an FP8 checkpoint to BF16 in HF layout (loads in transformers as it is).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | None, overwrite: bool) -> None:
+    """Pre-shard a checkpoint per rank (fast rank loading), or dequantize FP8 to BF16.
+
+    \b
+    dsv3c convert --checkpoint ckpt/671B --out ckpt/671B-tp8 --world-size 8
+    dsv3c convert --checkpoint ckpt/671B --out ckpt/671B-bf16 --dtype bf16
+    Streams one tensor at a time; the output directory appears only when complete.
+    """
+    from dsv3.runtime.convert import convert_to_bf16, convert_to_ranks
+
+    if (world_size is None) == (dtype is None):
+        raise click.UsageError("give exactly one of --world-size N (pre-shard) or --dtype bf16 (dequantize)")
+    t0 = time.perf_counter()
+    if dtype == "bf16":
+        path = convert_to_bf16(checkpoint, out, overwrite=overwrite)
+    else:
+        path = convert_to_ranks(checkpoint, out, world_size, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in Path(path).iterdir())
+    click.echo(f"wrote {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+
+
 def _write_jsonl(path: str, records: list[dict]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

@@ -140,6 +140,8 @@ def generate(
     stop decisions therefore lag by one step, and a step computed after every row stopped is discarded.
     """
     stepper: Stepper = EagerStepper(model) if isinstance(model, Transformer) else model
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_prompts(prompts, stepper.max_batch_size, stepper.max_seq_len)
     device = stepper.device
     bsz = len(prompts)

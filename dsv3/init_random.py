@@ -17,8 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 from dsv3.checkpoint import INDEX_FILE, SINGLE_FILE, TensorSpec, checkpoint_inventory, iter_shards
 from dsv3.config import FP8Quantization, ModelConfig
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, quantize_weight
+from dsv3.staging import staged_directory
 
 _RESIDUAL_OUT = re.compile(r"\.(o_proj|down_proj)\.weight$")
 
@@ -96,11 +95,6 @@ def write_random_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike, *, dty
         cfg = cfg.replace(num_hidden_layers=num_layers,
                           first_k_dense_replace=min(cfg.first_k_dense_replace, num_layers))
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
     specs = checkpoint_inventory(cfg, include_mtp=True)
     # Weight names only: each FP8 weight's scale is produced with it and lands in the same shard.
     weights = [n for n in specs if not n.endswith("_scale_inv")]
@@ -111,8 +105,7 @@ def write_random_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike, *, dty
     shards = list(iter_shards(weights, shard_specs, max_shard_size))
     total_bytes = sum(shard_specs[n].nbytes() for n in weights)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"init-random {cfg.name or ''}".strip(),
                   disable=not progress) as bar:
@@ -130,12 +123,6 @@ def write_random_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike, *, dty
             (tmp / INDEX_FILE).write_text(_json(index))
         (tmp / "config.json").write_text(_json(cfg.to_hf_dict()))
         write_tokenizer(tmp, cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

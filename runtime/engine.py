@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 import dsv3.checkpoint as ckpt_mod
-from dsv3.config import ModelConfig
+from dsv3.config import ModelConfig, load_config_file
 from dsv3.model import Transformer
 from dsv3.runtime.artifacts import bind_constants, load_package
 from dsv3.runtime.manifest import ArtifactError, check_host, read_manifest, verify_files
@@ -108,7 +108,16 @@ class GraphStepper:
 # ------------------------------------------------------------------ building the model for this rank
 def load_rank_model(checkpoint: str | Path, plan: ParallelPlan, *, dtype: torch.dtype, device: str,
                     max_batch_size: int, max_seq_len: int, progress: bool = True) -> Transformer:
-    """This rank's shard of the checkpoint: only its slices are read from the memory-mapped files."""
+    """This rank's shard of the checkpoint: a pre-sharded rank file (`dsv3c convert`) read as it is, or only this
+    rank's slices read from the memory-mapped HF-layout files."""
+    from dsv3.runtime.convert import load_presharded_, read_shards_manifest
+
+    if read_shards_manifest(Path(checkpoint)) is not None:
+        cfg = load_config_file(Path(checkpoint) / "config.json")
+        model = Transformer(cfg, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device)
+        apply_parallel(model, plan)
+        load_presharded_(model, Path(checkpoint), plan, progress=progress)
+        return model
 
     def prepare(model: Transformer):
         apply_parallel(model, plan)
@@ -130,10 +139,8 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path, plan: Parall
     manifest = read_manifest(artifacts)
     check_host(manifest, device, plan.world_size)
     verify_files(artifacts, manifest)
-    cfg = ckpt_mod.CheckpointReader(checkpoint).config
+    cfg = load_config_file(Path(checkpoint) / "config.json")
     if cfg.config_hash() != manifest["config_hash"]:
-        from dsv3.config import load_config_file
-
         built = load_config_file(artifacts / "config.json")
         diff = _config_differences(built, cfg)
         raise ArtifactError(f"checkpoint {checkpoint} does not match the config the artifacts were built for "

@@ -257,3 +257,8 @@ def test_all_rows_eos_ends_early(model):
     assert comps[0].tokens == [first] and comps[0].finish_reason == "eos"
     # the host sees the eos only after the next step was launched (the token copy overlaps it): one step at most
     assert stats.decode_steps <= 1
+
+
+def test_max_new_tokens_must_be_positive(model):
+    with pytest.raises(GenerationError, match="max_new_tokens must be >= 1"):
+        generate(model, [PROMPTS[0]], max_new_tokens=0)

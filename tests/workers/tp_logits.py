@@ -1,12 +1,13 @@
-"""Run under torchrun (gloo): load a checkpoint sharded for this rank, write rank 0's logits to argv[2]."""
+"""Run under torchrun (gloo): load this rank's part of a checkpoint (HF layout or pre-sharded), write rank 0's
+logits to argv[2]."""
 
 import sys
 
 import torch
 import torch.distributed as dist
 
-import dsv3
-from dsv3.runtime.parallel import ParallelPlan, apply_parallel
+from dsv3.runtime.engine import load_rank_model
+from dsv3.runtime.parallel import ParallelPlan
 
 
 def main() -> None:
@@ -14,11 +15,8 @@ def main() -> None:
     dist.init_process_group("gloo")
     plan = ParallelPlan(dist.get_rank(), dist.get_world_size())
 
-    def prepare(model):
-        apply_parallel(model, plan)
-        return lambda name, shape: plan.placement(name, shape, model.cfg)
-
-    model = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=2, max_seq_len=32, progress=False, prepare=prepare)
+    model = load_rank_model(ckpt, plan, dtype=torch.float32, device="cpu", max_batch_size=2, max_seq_len=32,
+                            progress=False)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         outs = [model(tokens[:, :8], torch.arange(8))]

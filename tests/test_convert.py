@@ -1,0 +1,102 @@
+"""`dsv3c convert`: pre-sharded ranks load and match the HF-layout path; BF16 dequantization loads in transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import dsv3
+from dsv3.checkpoint import CheckpointError, CheckpointReader
+from dsv3.cli import main
+from dsv3.config import resolve_config
+from dsv3.init_random import write_random_checkpoint
+from dsv3.kernels.fp8_blocks import dequantize_weight
+from dsv3.runtime.engine import load_rank_model
+from dsv3.runtime.parallel import ParallelPlan
+
+WORKER = Path(__file__).parent / "workers" / "tp_logits.py"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_random_checkpoint(resolve_config("tiny"), tmp_path_factory.mktemp("ck") / "tiny", dtype="bf16",
+                                   seed=8, max_shard_size=2_000_000, progress=False)
+
+
+def test_presharded_world_size_1_equals_hf_layout(ckpt, tmp_path):
+    out = tmp_path / "ws1"
+    res = CliRunner().invoke(main, ["convert", "--checkpoint", str(ckpt), "--out", str(out), "--world-size", "1"])
+    assert res.exit_code == 0, res.output
+    assert (out / "tokenizer.json").exists() and (out / "rank-00000-of-00001.safetensors").exists()
+    plan = ParallelPlan(0, 1)
+    a = load_rank_model(out, plan, dtype=torch.float32, device="cpu", max_batch_size=1, max_seq_len=16, progress=False)
+    b = dsv3.load(ckpt, dtype=torch.float32, max_seq_len=16, progress=False)
+    for name, t in b.state_dict().items():
+        assert torch.equal(a.state_dict()[name], t), name
+
+
+def test_presharded_two_ranks_match_world_size_1(ckpt, tmp_path):
+    out = tmp_path / "ws2"
+    res = CliRunner().invoke(main, ["convert", "--checkpoint", str(ckpt), "--out", str(out), "--world-size", "2"])
+    assert res.exit_code == 0, res.output
+    with safe_open(str(out / "rank-00001-of-00002.safetensors"), "pt") as f:
+        # rank 1 holds experts 8..15 of 16 as slots 0..7, and the second half of each head-split tensor
+        assert f.get_slice("layers.1.mlp.experts.gate_proj").get_shape()[0] == 8
+        full = CheckpointReader(ckpt)
+        assert torch.equal(f.get_tensor("layers.1.mlp.experts.gate_proj")[0],
+                           full.get("model.layers.1.mlp.experts.8.gate_proj.weight"))
+        assert torch.equal(f.get_tensor("layers.0.self_attn.o_proj.weight"),
+                           full.get("model.layers.0.self_attn.o_proj.weight")[:, 64:])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outs = {}
+    for name, src, n in (("hf", ckpt, 1), ("pre", out, 2)):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(n), str(WORKER), str(src), str(tmp_path / f"{name}.pt")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[name] = torch.load(tmp_path / f"{name}.pt")
+    for a, b in zip(outs["hf"], outs["pre"]):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    with pytest.raises(CheckpointError, match="pre-sharded for world size 2, running with 1"):
+        load_rank_model(out, ParallelPlan(0, 1), dtype=torch.float32, device="cpu", max_batch_size=1,
+                        max_seq_len=16, progress=False)
+
+
+def test_bf16_dequantization_loads_in_transformers(tmp_path):
+    cfg = resolve_config("tiny-ragged")  # kv_a rows 72+8 = 80: a partial edge block in every layer
+    fp8 = write_random_checkpoint(cfg, tmp_path / "fp8", dtype="fp8", seed=4, max_shard_size=500_000,
+                                  progress=False)
+    out = tmp_path / "bf16"
+    res = CliRunner().invoke(main, ["convert", "--checkpoint", str(fp8), "--out", str(out), "--dtype", "bf16"])
+    assert res.exit_code == 0, res.output
+    raw = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in raw and (out / "tokenizer_config.json").exists()
+    src, dst = CheckpointReader(fp8), CheckpointReader(out)
+    assert not [n for n in dst.names() if n.endswith("_scale_inv")]
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    expect = dequantize_weight(src.get(name), src.get(name + "_scale_inv"), torch.bfloat16)
+    assert dst.get(name).dtype == torch.bfloat16 and torch.equal(dst.get(name), expect)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours = dsv3.load(out, dtype=torch.float32, max_seq_len=16, progress=False)
+    tokens = torch.tensor([[0, 5, 9, 300, 7, 42]])
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours(tokens, torch.arange(6))
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_convert_needs_one_mode(ckpt, tmp_path):
+    res = CliRunner().invoke(main, ["convert", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "exactly one of" in res.output
+    res = CliRunner().invoke(main, ["convert", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"),
+                                    "--dtype", "bf16"])
+    assert res.exit_code == 2 and "not an FP8 checkpoint" in res.output

@@ -26,10 +26,13 @@ test: venv
 	$(PY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
 
 demo: venv
-	$(VENV)/bin/dsv3c init-random --config tiny --out $(DEMO)/tiny --overwrite
-	@echo "--- random weights: the text below is nonsense; it shows the whole path runs ---"
-	$(VENV)/bin/dsv3c run --checkpoint $(DEMO)/tiny --eager --prompt "Tell me about the weather." \
-		--max-new-tokens 24 --dtype float32 --stats
+	$(VENV)/bin/dsv3c init-random --config tiny --out $(DEMO)/ckpt-tiny --overwrite
+	$(VENV)/bin/dsv3c compile --config $(DEMO)/ckpt-tiny --device cpu --out $(DEMO)/art-tiny --max-batch-size 2 \
+		--max-seq-len 256 --batch-sizes 1,2 --prefill-chunk 64 --dtype float32 --overwrite
+	$(VENV)/bin/dsv3c inspect $(DEMO)/art-tiny
+	@echo "--- random weights: the chat answer below is nonsense; it shows the whole path runs ---"
+	$(VENV)/bin/dsv3c run --artifacts $(DEMO)/art-tiny --checkpoint $(DEMO)/ckpt-tiny --chat \
+		--prompt "Tell me about the weather." --max-new-tokens 24 --stats
 
 clean:
 	rm -rf $(VENV) $(DEMO) .cache .pytest_cache *.egg-info

@@ -26,7 +26,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except (ConfigError, CheckpointError, GenerationError, ArtifactError, FileExistsError) as e:
-            click.echo(f"error: {e}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+                click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
 
@@ -194,7 +195,7 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
             from dsv3.runtime.engine import jit_stepper
 
             buckets = _int_list(batch_sizes) if batch_sizes else (len(encoded),)
-            stepper = jit_stepper(model, buckets, prefill_chunk)
+            stepper, timings = jit_stepper(model, buckets, prefill_chunk)
             mode = "jit"
         else:
             stepper, mode = model, "eager"
@@ -229,7 +230,8 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
         _write_jsonl(output_file, [dict(r, timings=timings) for r in records])
     if stats:
         tps = 1000 / gen_stats.ms_per_token * len(encoded) if gen_stats.decode_steps else float("nan")
-        extra = f" (capture {timings['capture_s']:.2f}s)" if "capture_s" in timings else ""
+        extra = "".join(f", {k[:-2]} {timings[k]:.2f}s" for k in ("compile_s", "capture_s") if timings.get(k))
+        extra = f" (incl.{extra[1:]})" if extra else ""
         echo(f"load {load_s:.2f}s{extra} | time to first token {gen_stats.prefill_s * 1000:.1f} ms | decode "
              f"{gen_stats.ms_per_token:.2f} ms/token, {tps:.1f} tokens/s (batch {len(encoded)}, {mode}, {device}, "
              f"world size {plan.world_size})")

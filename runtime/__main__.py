@@ -1,6 +1,8 @@
 """`torchrun --nproc-per-node N -m dsv3.runtime --artifacts DIR --checkpoint CKPT ...`: the `dsv3c run` command."""
 
-from dsv3.cli import run_cmd
+import sys
+
+from dsv3.cli import main
 
 if __name__ == "__main__":
-    run_cmd()
+    main(args=["run", *sys.argv[1:]], prog_name="python -m dsv3.runtime")

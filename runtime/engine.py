@@ -22,7 +22,7 @@ from dsv3.model import Transformer
 from dsv3.runtime.artifacts import bind_constants, load_package
 from dsv3.runtime.manifest import ArtifactError, check_host, read_manifest, verify_files
 from dsv3.runtime.parallel import ParallelPlan, apply_parallel
-from dsv3.runtime.steps import DecodeStep, PrefillStep, constants
+from dsv3.runtime.steps import DecodeStep, PrefillStep, constants, decode_inputs, prefill_inputs
 
 StepFn = Callable[..., torch.Tensor]
 
@@ -175,13 +175,20 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path, plan: Parall
     return stepper, {"load_weights_s": load_s, "load_packages_s": packages_s, "capture_s": stepper.capture_s}
 
 
-def jit_stepper(model: Transformer, buckets: Sequence[int], prefill_chunk: int) -> GraphStepper:
-    """torch.compile(fullgraph=True) of the same step modules, compiled on first use (development path)."""
+def jit_stepper(model: Transformer, buckets: Sequence[int], prefill_chunk: int) -> tuple[GraphStepper, dict]:
+    """torch.compile(fullgraph=True) of the same step modules, compiled here at start-up (development path)."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(buckets) + 8)
     decode = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False)
-    prefill_mod = PrefillStep(model)
-    prefill = torch.compile(prefill_mod, fullgraph=True, dynamic=True)
-    cuda = model.rope_cos.device.type == "cuda"
-    return GraphStepper(model, prefill, {b: decode for b in buckets}, prefill_chunk, cuda_graphs=cuda)
+    prefill = torch.compile(PrefillStep(model), fullgraph=True, dynamic=True)
+    device = model.rope_cos.device
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # compile now, not inside the first request (writes only unused cache slots)
+        prefill(*prefill_inputs(min(prefill_chunk, 3), device))
+        for b in buckets:
+            decode(*decode_inputs(b, device))
+    compile_s = time.perf_counter() - t0
+    stepper = GraphStepper(model, prefill, {b: decode for b in buckets}, prefill_chunk,
+                           cuda_graphs=device.type == "cuda")
+    return stepper, {"compile_s": compile_s, "capture_s": stepper.capture_s}

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,8 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
         os.environ["CXX"] = "/usr/bin/g++"
     log = StageLog(echo)
     t_start = time.perf_counter()
+    # torch's own pytree code warns about its own deprecated LeafSpec use during export: not actionable here
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     with staged_directory(out, overwrite=overwrite) as tmp:
         with torch.no_grad(), _process_group(opts.world_size):
             with log.stage("model"):

@@ -137,13 +137,15 @@ def _read_prompts(prompts: tuple[str, ...], input_file: str | None) -> list[str]
 @click.option("--prefill-chunk", type=int, default=512, show_default=True, help="--jit prefill chunk length.")
 @click.option("--world-size", type=int, default=None,
               help="Run on N ranks (GPUs), started with torchrun; under torchrun it is read from the environment.")
+@click.option("--stop", "stops", multiple=True, help="Stop a sequence when its text contains this (repeatable).")
+@click.option("--interactive", is_flag=True, help="Chat in the terminal: /clear forgets the conversation, /exit ends.")
 @click.option("--output-file", type=click.Path(dir_okay=False), help="Write JSONL: prompt, token ids, text, timings.")
 @click.option("--stats", is_flag=True, help="Print load time, time to first token and decode speed.")
 def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prompts: tuple[str, ...],
             input_file: str | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
             seed: int | None, chat: bool | None, dtype: str, device: str | None, max_seq_len: int | None,
-            batch_sizes: str | None, prefill_chunk: int, world_size: int | None, output_file: str | None,
-            stats: bool) -> None:
+            batch_sizes: str | None, prefill_chunk: int, world_size: int | None, stops: tuple[str, ...],
+            interactive: bool, output_file: str | None, stats: bool) -> None:
     """Generate text from a checkpoint: from AOT artifacts (--artifacts), compiled at start-up (--jit), or eager.
 
     \b
@@ -162,7 +164,7 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
     maybe_relaunch(world_size)  # re-executes under torchrun when --world-size N > 1 is asked outside it
     plan, device = init_from_env(device)
     echo = click.echo if plan.rank == 0 else (lambda *a, **k: None)
-    texts = _read_prompts(prompts, input_file)
+    texts = [] if interactive and not (prompts or input_file) else _read_prompts(prompts, input_file)
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if plan.world_size > 1 and seed is None and temperature > 0:
         seed = 0  # every rank samples the same token only if all draw from one seed
@@ -178,6 +180,7 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
         return tok.encode(text)
 
     encoded = [encode(t) for t in texts]
+    batch = max(1, len(encoded))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     if artifacts:
@@ -190,33 +193,43 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
 
         max_seq = max_seq_len or min(4096, _max_positions(checkpoint))
         model = load_rank_model(checkpoint, plan, dtype=getattr(torch, DTYPES[dtype]), device=device,
-                                max_batch_size=len(encoded), max_seq_len=max_seq, progress=plan.rank == 0)
+                                max_batch_size=batch, max_seq_len=max_seq, progress=plan.rank == 0)
         if jit:
             from dsv3.runtime.engine import jit_stepper
 
-            buckets = _int_list(batch_sizes) if batch_sizes else (len(encoded),)
+            buckets = _int_list(batch_sizes) if batch_sizes else (batch,)
             stepper, timings = jit_stepper(model, buckets, prefill_chunk)
             mode = "jit"
         else:
             stepper, mode = model, "eager"
     load_s = time.perf_counter() - t0
 
+    def should_stop(row: int, tokens: list[int]) -> bool:
+        tail = tok.decode(tokens[-32:], skip_special_tokens=True)  # a stop string ends within the last tokens
+        return any(s in tail for s in stops)
+
+    def finish_text(tokens: list[int]) -> str:
+        text = tok.decode(tokens, skip_special_tokens=True)
+        cuts = [text.index(s) for s in stops if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_id=tok.eos_token_id, seed=seed,
+                      should_stop=should_stop if stops else None)
+    if interactive:
+        _interactive(stepper, tok, encode_turn=lambda history: (
+            list(tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False))
+            if use_chat else tok.encode(history[-1]["content"])), plan=plan, finish_text=finish_text,
+            gen_kwargs=gen_kwargs)
+        return
+
     stream = len(encoded) == 1 and sys.stdout.isatty() and plan.rank == 0
-    streamed: list[int] = []
-
-    def on_token(row: int, token: int) -> None:
-        if stream:
-            prev = tok.decode(streamed, skip_special_tokens=True)
-            streamed.append(token)
-            click.echo(tok.decode(streamed, skip_special_tokens=True)[len(prev):], nl=False)
-
+    on_token = _streamer(tok) if stream else None
     if stream:
         click.echo(texts[0], nl=False)
-    completions, gen_stats = generate(stepper, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
-                                      eos_id=tok.eos_token_id, seed=seed, on_token=on_token)
+    completions, gen_stats = generate(stepper, encoded, on_token=on_token, **gen_kwargs)
     records = []
     for text, comp in zip(texts, completions):
-        out_text = tok.decode(comp.tokens, skip_special_tokens=True)
+        out_text = finish_text(comp.tokens)
         if not stream:
             echo(f"### prompt: {text}\n{out_text}\n[{comp.finish_reason}, {len(comp.tokens)} tokens]")
         records.append({"prompt": text, "prompt_token_ids": comp.prompt_tokens, "token_ids": comp.tokens,
@@ -235,6 +248,65 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
         echo(f"load {load_s:.2f}s{extra} | time to first token {gen_stats.prefill_s * 1000:.1f} ms | decode "
              f"{gen_stats.ms_per_token:.2f} ms/token, {tps:.1f} tokens/s (batch {len(encoded)}, {mode}, {device}, "
              f"world size {plan.world_size})")
+
+
+def _streamer(tok):
+    """on_token callback printing each row-0 token's text as it arrives (decoding the whole tail keeps multi-byte
+    characters intact)."""
+    streamed: list[int] = []
+
+    def on_token(row: int, token: int) -> None:
+        if row:
+            return
+        prev = tok.decode(streamed, skip_special_tokens=True)
+        streamed.append(token)
+        click.echo(tok.decode(streamed, skip_special_tokens=True)[len(prev):], nl=False)
+
+    return on_token
+
+
+def _interactive(stepper, tok, *, encode_turn, plan, finish_text, gen_kwargs) -> None:
+    """Rank 0 reads a line and every rank gets it; the conversation is re-encoded and generated each turn."""
+    from dsv3.generate import GenerationError, generate
+
+    history: list[dict[str, str]] = []
+    if plan.rank == 0:
+        click.echo("interactive: type a message; /clear forgets the conversation, /exit ends")
+    while True:
+        line = None
+        if plan.rank == 0:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                line = "/exit"
+        if plan.world_size > 1:
+            import torch.distributed as dist
+
+            box = [line]
+            dist.broadcast_object_list(box, src=0)
+            line = box[0]
+        if line == "/exit":
+            return
+        if line == "/clear":
+            history = []
+            if plan.rank == 0:
+                click.echo("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            completions, _ = generate(stepper, [encode_turn(history)], on_token=_streamer(tok) if plan.rank == 0
+                                      else None, **gen_kwargs)
+        except GenerationError as e:
+            history.pop()
+            if plan.rank == 0:
+                click.echo(f"error: {e}; /clear to start over")
+            continue
+        answer = finish_text(completions[0].tokens)
+        history.append({"role": "assistant", "content": answer})
+        if plan.rank == 0:
+            click.echo(f"\n[{completions[0].finish_reason}, {len(completions[0].tokens)} tokens]")
 
 
 def _max_positions(checkpoint: str) -> int:

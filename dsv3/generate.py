@@ -59,7 +59,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 class Completion:
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "eos" | "length" | "cache_end"
+    finish_reason: str = ""  # "eos" | "stop" | "length" | "cache_end"
 
 
 @dataclass
@@ -133,8 +133,10 @@ def generate(
     model: Transformer | Stepper, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     sampling: SamplingParams = SamplingParams(), eos_id: int | None = None, seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
 ) -> tuple[list[Completion], GenerationStats]:
-    """Generate for a batch of token-id prompts. `on_token(row, token)` is called as each token is produced.
+    """Generate for a batch of token-id prompts. `on_token(row, token)` is called as each token is produced;
+    `should_stop(row, tokens)` (e.g. a stop-string check) ends a row with finish_reason "stop".
 
     The host reads each step's sampled tokens while the device already runs the next step (the copy overlaps);
     stop decisions therefore lag by one step, and a step computed after every row stopped is discarded.
@@ -185,6 +187,8 @@ def generate(
                 on_token(i, t)
             if eos_id is not None and t == eos_id:
                 done[i], out[i].finish_reason = True, "eos"
+            elif should_stop is not None and should_stop(i, out[i].tokens):
+                done[i], out[i].finish_reason = True, "stop"
             elif len(out[i].tokens) >= max_new_tokens:
                 done[i], out[i].finish_reason = True, "length"
             elif len(prompts[i]) + len(out[i].tokens) >= stepper.max_seq_len:

@@ -251,3 +251,23 @@ def test_broken_checkpoint_reports_checkpoint_error(ckpt, tmp_path):
     res, _ = run(d, tmp_path, "--prompt", PROMPT)
     assert res.exit_code == 2
     assert "error:" in stderr_of(res) and "not a valid safetensors index" in stderr_of(res)
+
+
+def test_interactive_session(ckpt, tmp_path):
+    """Turns go through the chat template with the history; /clear forgets it; /exit (or EOF) ends."""
+    res = CliRunner().invoke(main, ["run", "--checkpoint", str(ckpt), "--eager", "--interactive", "--dtype",
+                                    "float32", "--max-new-tokens", "3"],
+                             input="hello there\nand again\n/clear\nfresh start\n/exit\n")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("tokens]") == 3 and "(conversation cleared)" in res.output
+
+
+def test_stop_strings_end_a_row(ckpt, tmp_path):
+    out = tmp_path / "o.jsonl"
+    base = run(ckpt, tmp_path, "--prompt", "hello", "--max-new-tokens", "12", name="base.jsonl")[1][0]
+    assert len(base["text"]) > 2
+    stop = base["text"][1:3]  # some text the model will produce
+    res, records = run(ckpt, tmp_path, "--prompt", "hello", "--max-new-tokens", "12", "--stop", stop)
+    assert res.exit_code == 0, res.output
+    assert records[0]["finish_reason"] == "stop" and stop not in records[0]["text"]
+    assert base["text"].startswith(records[0]["text"])

@@ -420,6 +420,89 @@ def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | 
     click.echo(f"wrote {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
 
 
+@main.command("bench")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), help="Checkpoint to load.")
+@click.option("--random-weights", is_flag=True, help="No checkpoint: random weights generated on the device.")
+@click.option("--config", "config", default=None, help="With --random-weights: the config (name or path).")
+@click.option("--artifacts", type=click.Path(file_okay=False), help="Benchmark the AOT packages in this directory.")
+@click.option("--jit", is_flag=True, help="Benchmark torch.compile graphs compiled at start-up.")
+@click.option("--eager", is_flag=True, help="Benchmark the eager model.")
+@click.option("--batch-sizes", default="1,8", show_default=True)
+@click.option("--context", "contexts", default="128,4096", show_default=True, help="Cache lengths to decode at.")
+@click.option("--prompt-len", type=int, default=512, show_default=True, help="Prefill length for TTFT.")
+@click.option("--steps", type=int, default=32, show_default=True, help="Decode steps per point (median).")
+@click.option("--num-layers", type=int, default=None, help="With --random-weights: only the first N layers.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, artifacts: str | None, jit: bool,
+              eager: bool, batch_sizes: str, contexts: str, prompt_len: int, steps: int, num_layers: int | None,
+              dtype: str, device: str | None, json_out: str | None) -> None:
+    """Decode ms/token and prefill speed per batch size and context, next to the bandwidth roofline.
+
+    \b
+    dsv3c bench --artifacts art/16B --checkpoint ckpt/16B --batch-sizes 1,8 --context 128,4096
+    dsv3c bench --random-weights --config 16B --jit --num-layers 4
+    The roofline: bytes one step must read on this rank (non-expert weights, the experts a batch selects under
+    random routing, the latent cache up to the context) over the copy bandwidth measured in the same run.
+    """
+    import torch
+
+    from dsv3.runtime import bench
+    from dsv3.runtime.engine import artifact_stepper, jit_stepper, load_rank_model
+    from dsv3.runtime.parallel import ParallelPlan
+
+    if sum([bool(artifacts), jit, eager]) != 1:
+        raise click.UsageError("choose one of --artifacts DIR, --jit or --eager")
+    if random_weights == bool(checkpoint) or (random_weights and not config):
+        raise click.UsageError("give --checkpoint CKPT, or --random-weights with --config NAME")
+    if artifacts and random_weights:
+        raise click.UsageError("--artifacts needs --checkpoint (random weights for artifacts are not supported yet)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    buckets, ctxs = _int_list(batch_sizes), _int_list(contexts)
+    max_seq = max(max(ctxs), prompt_len) + steps + 2
+    plan = ParallelPlan(0, 1)
+    t0 = time.perf_counter()
+    timings: dict = {}
+    if artifacts:
+        stepper, timings = artifact_stepper(artifacts, checkpoint, plan, device)
+        model = stepper.model
+    else:
+        if random_weights:
+            from dsv3.model import Transformer
+            from dsv3.runtime.random_weights import fill_random_
+
+            cfg = resolve_config(config)
+            if num_layers:
+                cfg = cfg.replace(num_hidden_layers=num_layers,
+                                  first_k_dense_replace=min(cfg.first_k_dense_replace, num_layers))
+            model = fill_random_(Transformer(cfg, dtype=getattr(torch, DTYPES[dtype]), max_batch_size=max(buckets),
+                                             max_seq_len=max_seq, device=device))
+        else:
+            model = load_rank_model(checkpoint, plan, dtype=getattr(torch, DTYPES[dtype]), device=device,
+                                    max_batch_size=max(buckets), max_seq_len=max_seq)
+        if jit:
+            stepper, timings = jit_stepper(model, buckets, min(512, max_seq))
+        else:
+            from dsv3.generate import EagerStepper
+
+            stepper = EagerStepper(model)
+    load_s = time.perf_counter() - t0
+    bw = bench.copy_bandwidth(torch.device(device))
+    click.echo(f"copy bandwidth {bw / 1e12:.3f} TB/s (measured) | load {load_s:.2f}s "
+               + " ".join(f"{k} {v:.2f}s" for k, v in timings.items() if v))
+    decode = bench.bench_decode(stepper, model, buckets, ctxs, steps, bw, echo=click.echo)
+    prefill = bench.bench_prefill(stepper, model, min(prompt_len, stepper.max_seq_len - 1), echo=click.echo)
+    report = {"mode": "artifacts" if artifacts else ("jit" if jit else "eager"), "device": device,
+              "config": model.cfg.name, "copy_bandwidth_Bps": bw, "load_s": load_s, "timings": timings,
+              "decode": decode, "prefill": prefill}
+    if device.startswith("cuda"):
+        report["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        click.echo(f"peak GPU memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if json_out:
+        bench.write_json(json_out, report)
+
+
 def _write_jsonl(path: str, records: list[dict]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

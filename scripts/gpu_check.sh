@@ -6,7 +6,9 @@
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
+#   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4096) and the eager model, JSON in $OUT
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61)
+# A failed AOTInductor build leaves its newest generated wrapper.cpp in $OUT for offline reading.
 # Logs land in $OUT (the device tool's output folder; ./gpu_out elsewhere).
 set -u
 cd "$(dirname "$0")/.."
@@ -59,8 +61,21 @@ step_compile16() {
   dsv3c compile --config "$WORK/ckpt16" --out "$WORK/art16" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
     --max-seq-len 4096 --prefill-chunk 512 --overwrite 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
     | tail -25
-  dsv3c inspect "$WORK/art16" | tee "$OUT/inspect16.txt"
+  dsv3c inspect "$WORK/art16" | tee "$OUT/inspect16.txt" || keep_wrapper
   ls -la "$WORK/art16"
+}
+
+keep_wrapper() {  # the C++ AOTInductor generated last (after a failed build), compressed, for offline reading
+  local f
+  f=$(ls -t $(find "$TORCHINDUCTOR_CACHE_DIR" -name '*.wrapper.cpp' 2>/dev/null) 2>/dev/null | head -1)
+  [ -n "$f" ] && gzip -c "$f" > "$OUT/failed_wrapper.cpp.gz" && echo "kept $f"
+}
+
+step_bench16() {
+  dsv3c bench --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" --batch-sizes 1,8 --context 128,4096 \
+    --steps 32 --prompt-len 4096 --json "$OUT/bench16_artifacts.json" 2>&1 | grep --line-buffered -v Warning | tail -8
+  dsv3c bench --eager --checkpoint "$WORK/ckpt16" --batch-sizes 1 --context 128 --steps 8 --prompt-len 128 \
+    --json "$OUT/bench16_eager.json" 2>&1 | grep --line-buffered -v Warning | tail -4
 }
 
 step_run16() {
@@ -80,7 +95,7 @@ step_compile671() {
   dsv3c compile --config 671B --world-size 8 --num-layers "${NUM_LAYERS_671:-61}" --out "$WORK/art671" \
     --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite \
     2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile671.log" | tail -25
-  dsv3c inspect "$WORK/art671" | tee "$OUT/inspect671.txt"
+  dsv3c inspect "$WORK/art671" | tee "$OUT/inspect671.txt" || keep_wrapper
 }
 
 install

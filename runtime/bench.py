@@ -1,0 +1,133 @@
+"""`dsv3c bench`: decode latency and prefill speed next to the bandwidth roofline, measured in one run.
+
+For each batch size and context length: fill the cache up to the context (prefill of a random prompt), time
+`--steps` decode steps (host-timed with a device sync per step, as users see it) and report ms/token, tokens/s,
+the bytes one step must read (from the loaded tensors, see `step_bytes`) and the fraction of the device's copy
+bandwidth that this implies; the copy bandwidth is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from dsv3.generate import Stepper
+from dsv3.model import Transformer
+
+
+@dataclass
+class DecodeResult:
+    batch: int
+    context: int
+    ms_per_token: float
+    tokens_per_s: float
+    step_bytes: int
+    roofline_ms: float
+    fraction_of_roofline: float
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 10) -> float:
+    """Device-to-device copy, bytes read + written per second (the ceiling a decode step streams against)."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)  # well past the L2 / a CPU smoke test
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * n * 4 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def expected_unique_experts(n_experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts a step reads when `tokens` tokens each pick top_k of n_experts uniformly at random."""
+    return n_experts * (1 - (1 - top_k / n_experts) ** tokens)
+
+
+def step_bytes(model: Transformer, batch: int, context: int) -> int:
+    """Bytes one decode step must read on this rank: every non-expert weight (not the embedding table: one row per
+    token), the routed experts the batch selects (random routing), and each row's latent cache up to `context`."""
+    cfg = model.cfg
+    total = 0
+    expert_bytes_per_layer = 0
+    for name, t in model.state_dict().items():
+        nbytes = t.numel() * t.element_size()
+        if name.startswith("embed_tokens."):
+            total += batch * t.shape[-1] * t.element_size()
+        elif ".mlp.experts." in name:
+            expert_bytes_per_layer += nbytes  # summed over the moe layers; divided below
+        else:
+            total += nbytes
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    if moe_layers:
+        local_experts = model.layers[cfg.first_k_dense_replace].mlp.experts.gate_proj.shape[0]
+        per_expert = expert_bytes_per_layer / moe_layers / local_experts
+        # this rank's share of the globally selected experts
+        selected = expected_unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, batch)
+        total += int(per_expert * selected * local_experts / cfg.n_routed_experts * moe_layers)
+    cache = model.layers[0].self_attn.latent_cache
+    total += batch * context * cache.shape[-1] * cache.element_size() * cfg.num_hidden_layers
+    return total
+
+
+def bench_decode(stepper: Stepper, model: Transformer, batch_sizes: Sequence[int], contexts: Sequence[int],
+                 steps: int, bandwidth: float, echo: Callable[[str], None] = print) -> list[DecodeResult]:
+    device = stepper.device
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for b in batch_sizes:
+        for ctx in contexts:
+            if ctx + steps + 1 > stepper.max_seq_len or b > stepper.max_batch_size:
+                echo(f"skip batch {b} context {ctx}: the cache holds {stepper.max_batch_size} x {stepper.max_seq_len}")
+                continue
+            prompts = [torch.randint(0, model.cfg.vocab_size, (ctx,), generator=g).tolist() for _ in range(b)]
+            tokens = stepper.prefill(prompts).argmax(-1)
+            pos = torch.full((b,), ctx, dtype=torch.long, device=device)
+            times = []
+            for _ in range(steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                tokens = stepper.decode(tokens, pos).argmax(-1)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+                pos += 1
+            ms = 1000 * statistics.median(times[1:] if len(times) > 2 else times)
+            nbytes = step_bytes(model, b, ctx)
+            roof = 1000 * nbytes / bandwidth
+            r = DecodeResult(b, ctx, round(ms, 4), round(1000 * b / ms, 1), nbytes, round(roof, 4),
+                             round(roof / ms, 4))
+            echo(f"decode batch {b:>3} context {ctx:>6}: {ms:8.3f} ms/token {r.tokens_per_s:9.1f} tok/s | "
+                 f"reads {nbytes / 1e9:.3f} GB/step, roofline {roof:.3f} ms -> {100 * r.fraction_of_roofline:.1f}%")
+            out.append(r)
+    return out
+
+
+def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: Callable[[str], None] = print
+                  ) -> dict:
+    device = stepper.device
+    prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
+    stepper.prefill([prompt.tolist()])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    stepper.prefill([prompt.tolist()])
+    _sync(device)
+    dt = time.perf_counter() - t0
+    echo(f"prefill {prompt_len} tokens: {1000 * dt:.1f} ms ({prompt_len / dt:.0f} tokens/s)")
+    return {"prompt_len": prompt_len, "ttft_ms": round(1000 * dt, 3), "tokens_per_s": round(prompt_len / dt, 1)}
+
+
+def write_json(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))

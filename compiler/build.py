@@ -118,13 +118,41 @@ def _inductor_configs(name: str, opts: CompileOptions) -> dict:
     }
 
 
+@contextmanager
+def _fresh_int_arrays() -> Iterator[None]:
+    """Work around a torch 2.11 AOTInductor code-generation error seen on the H200 for the full 16B graph
+    (`int_array_451 was not declared in this scope` in wrapper.cpp): the C++ wrapper caches each shape/stride
+    array declaration and reuses its name later, even where the first declaration sat in a nested scope. Here
+    every use declares its own array, which is valid wherever it lands (more lines of C++, same machine code).
+    Checked on CPU builds (CI); on CUDA it is the candidate fix, not yet confirmed on the device."""
+    try:
+        from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    except ImportError:
+        yield
+        return
+    impl = getattr(CppWrapperCpu, "_codegen_int_array_var_impl", None)
+    if impl is None:
+        yield
+        return
+    original = CppWrapperCpu.codegen_int_array_var
+
+    def uncached(self, int_array, writeline, known_statically=False, graph=None):
+        return impl(self, int_array, writeline, known_statically)
+
+    CppWrapperCpu.codegen_int_array_var = uncached
+    try:
+        yield
+    finally:
+        CppWrapperCpu.codegen_int_array_var = original
+
+
 def _export_and_package(step: torch.nn.Module, args: tuple, dynamic_shapes, name: str, out: Path,
                         opts: CompileOptions, log: StageLog) -> None:
     import torch._inductor
 
     with log.stage(f"export {name}"):
         ep = torch.export.export(step, args, dynamic_shapes=dynamic_shapes)
-    with log.stage(f"aoti {name}"):
+    with log.stage(f"aoti {name}"), _fresh_int_arrays():
         torch._inductor.aoti_compile_and_package(ep, package_path=str(out / f"{name}.pt2"),
                                                  inductor_configs=_inductor_configs(name, opts))
 

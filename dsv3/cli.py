@@ -503,6 +503,44 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
         bench.write_json(json_out, report)
 
 
+@main.command("export-onnx")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Checkpoint directory (only the block's tensors are read; FP8 ones are dequantized).")
+@click.option("--config", "config", default=None,
+              help="Config name or path instead of a checkpoint: random weights as init-random writes them.")
+@click.option("--block", required=True,
+              type=click.Choice(["attention", "dense-mlp", "shared-expert", "dense-layer", "router"]),
+              help="attention: MLA prefill (no cache); dense-mlp / dense-layer: layers < first_k_dense_replace; "
+                   "shared-expert / router: MoE layers.")
+@click.option("--layer", required=True, type=int, help="Decoder layer index.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", type=click.Choice(["20", "23"]), default="20", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weights and activations in the graph (bf16 does not run in onnxruntime's CPU provider).")
+@click.option("--seq-len", type=int, default=16, show_default=True, help="Example sequence length (axes stay dynamic).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="onnx.checker full check, then onnxruntime CPU vs the PyTorch block on random inputs.")
+def export_onnx_cmd(checkpoint: str | None, config: str | None, block: str, layer: int, out: str, opset: str,
+                    dtype: str, seq_len: int, verify: bool) -> None:
+    """Export one dense block of one layer as ONNX (dynamic batch and sequence), verified in onnxruntime.
+
+    Initializers carry the checkpoint tensor names; metadata_props hold the config, layer, block and source.
+    Exits non-zero when the verified error is above the tolerance (relative 1e-4 for fp32, 1e-2 for fp16).
+    """
+    from dsv3.export.onnx_export import export_onnx, format_summary, format_verify
+
+    if (checkpoint is None) == (config is None):
+        raise click.UsageError("give exactly one of --checkpoint or --config")
+    result = export_onnx(block=block, layer=layer, out=out, checkpoint=checkpoint, config=config, opset=int(opset),
+                         dtype=dtype, seq_len=seq_len, do_verify=verify)
+    click.echo(f"wrote {result.path} ({block}, layer {layer}, {dtype}, opset {opset})")
+    click.echo(format_summary(result.summary))
+    if result.verify is not None:
+        click.echo(format_verify(result.verify))
+        if not result.ok:
+            sys.exit(1)
+
+
 def _write_jsonl(path: str, records: list[dict]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

@@ -520,8 +520,11 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
 @click.option("--seq-len", type=int, default=16, show_default=True, help="Example sequence length (axes stay dynamic).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="onnx.checker full check, then onnxruntime CPU vs the PyTorch block on random inputs.")
+@click.option("--keep-fp8", is_flag=True,
+              help="Keep FP8 projections as e4m3 initializers + block scales; dsv3.fp8_linear becomes plain ONNX "
+                   "(float8 Cast, block-scale Gather, per-128 activation quantization, MatMul).")
 def export_onnx_cmd(checkpoint: str | None, config: str | None, block: str, layer: int, out: str, opset: str,
-                    dtype: str, seq_len: int, verify: bool) -> None:
+                    dtype: str, seq_len: int, verify: bool, keep_fp8: bool) -> None:
     """Export one dense block of one layer as ONNX (dynamic batch and sequence), verified in onnxruntime.
 
     Initializers carry the checkpoint tensor names; metadata_props hold the config, layer, block and source.
@@ -532,7 +535,7 @@ def export_onnx_cmd(checkpoint: str | None, config: str | None, block: str, laye
     if (checkpoint is None) == (config is None):
         raise click.UsageError("give exactly one of --checkpoint or --config")
     result = export_onnx(block=block, layer=layer, out=out, checkpoint=checkpoint, config=config, opset=int(opset),
-                         dtype=dtype, seq_len=seq_len, do_verify=verify)
+                         dtype=dtype, seq_len=seq_len, do_verify=verify, keep_fp8=keep_fp8)
     click.echo(f"wrote {result.path} ({block}, layer {layer}, {dtype}, opset {opset})")
     click.echo(format_summary(result.summary))
     if result.verify is not None:

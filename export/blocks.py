@@ -13,6 +13,7 @@ initializer names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,6 +35,30 @@ class ExportError(ConfigError):
 
 def _param(t: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(t.to(dtype).contiguous(), requires_grad=False)
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """An FP8 weight as stored (e4m3 + block scales), for `--keep-fp8` exports."""
+
+    weight: torch.Tensor
+    scale_inv: torch.Tensor
+
+
+class Fp8Linear(nn.Module):
+    """Calls the project op `dsv3.fp8_linear`; the exporter maps it to plain ONNX (export.translations)."""
+
+    def __init__(self, w: Fp8Weight):
+        super().__init__()
+        self.weight = nn.Parameter(w.weight, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(w.scale_inv.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dsv3.fp8_linear(x, self.weight, self.weight_scale_inv)
+
+
+def _linear(value: torch.Tensor | Fp8Weight, dtype: torch.dtype) -> nn.Module:
+    return Fp8Linear(value) if isinstance(value, Fp8Weight) else Linear(_param(value, dtype))
 
 
 class Linear(nn.Module):
@@ -62,9 +87,9 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     def __init__(self, get: TensorGetter, prefix: str, dtype: torch.dtype):
         super().__init__()
-        self.gate_proj = Linear(_param(get(f"{prefix}.gate_proj.weight"), dtype))
-        self.up_proj = Linear(_param(get(f"{prefix}.up_proj.weight"), dtype))
-        self.down_proj = Linear(_param(get(f"{prefix}.down_proj.weight"), dtype))
+        self.gate_proj = _linear(get(f"{prefix}.gate_proj.weight"), dtype)
+        self.up_proj = _linear(get(f"{prefix}.up_proj.weight"), dtype)
+        self.down_proj = _linear(get(f"{prefix}.down_proj.weight"), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -82,16 +107,17 @@ class Attention(nn.Module):
         self.rope_factor = attention_factor(cfg)
         eps = cfg.rms_norm_eps
         w = lambda n: _param(get(f"{prefix}.{n}.weight"), dtype)  # noqa: E731
+        lin = lambda n: _linear(get(f"{prefix}.{n}.weight"), dtype)  # noqa: E731
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(w("q_proj"))
+            self.q_proj = lin("q_proj")
         else:
-            self.q_a_proj = Linear(w("q_a_proj"))
+            self.q_a_proj = lin("q_a_proj")
             self.q_a_layernorm = RMSNorm(w("q_a_layernorm"), eps)
-            self.q_b_proj = Linear(w("q_b_proj"))
-        self.kv_a_proj_with_mqa = Linear(w("kv_a_proj_with_mqa"))
+            self.q_b_proj = lin("q_b_proj")
+        self.kv_a_proj_with_mqa = lin("kv_a_proj_with_mqa")
         self.kv_a_layernorm = RMSNorm(w("kv_a_layernorm"), eps)
-        self.kv_b_proj = Linear(w("kv_b_proj"))
-        self.o_proj = Linear(w("o_proj"))
+        self.kv_b_proj = lin("kv_b_proj")
+        self.o_proj = lin("o_proj")
         # YaRN inverse frequencies (fp32); cos/sin are computed in the graph from arange(seq).
         self.register_buffer("rope_inv_freq", inverse_frequencies(cfg).float())
 

@@ -22,19 +22,25 @@ import torch
 from dsv3.checkpoint import CheckpointError, CheckpointReader, checkpoint_inventory
 from dsv3.config import ModelConfig, resolve_config
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, dequantize_weight
-from dsv3.export.blocks import BLOCKS, ExportBlock, ExportError, TensorGetter, check_block
+from dsv3.export.blocks import (BLOCKS, ExportBlock, ExportError, Fp8Linear, Fp8Weight, TensorGetter,
+                                check_block)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 OPSETS = (20, 23)
 # Relative error bound (max |onnx - torch fp32| / max |torch fp32|) per export dtype. fp16: weights and activations
 # are rounded to fp16 on the ONNX side, compared with the fp32 PyTorch block; a few 1e-3 is typical.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+# --keep-fp8 runs the W8A8 arithmetic on both sides: an activation on an e4m3 rounding boundary can round one way
+# in torch and the other in onnxruntime (1e-7 apart before the cast), one e4m3 step (2^-4 relative) for that element.
+KEEP_FP8_TOLERANCE = 1e-2
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with room for the graph itself
 
 
 # ---------------------------------------------------------------------- weight sources
-def checkpoint_source(path: str | os.PathLike) -> tuple[ModelConfig, TensorGetter, str]:
+def checkpoint_source(path: str | os.PathLike, keep_fp8: bool = False) -> tuple[ModelConfig, TensorGetter, str]:
     reader = CheckpointReader(path)
+    if keep_fp8 and not reader.config.is_fp8:
+        raise ExportError(f"--keep-fp8: {path} is not an FP8 checkpoint (no quantization_config)")
     cfg = reader.config
     specs = checkpoint_inventory(cfg)
 
@@ -47,6 +53,8 @@ def checkpoint_source(path: str | os.PathLike) -> tuple[ModelConfig, TensorGette
             raise CheckpointError(f"tensor {name} in {reader.path}: shape {list(t.shape)}, the config needs "
                                   f"{list(want.shape)}")
         if t.dtype == FP8_DTYPE:
+            if keep_fp8:
+                return Fp8Weight(t, reader.get(name + "_scale_inv"))
             return dequantize_weight(t, reader.get(name + "_scale_inv"), torch.float32)
         return t.float()
 
@@ -102,9 +110,12 @@ def export_module(module: ExportBlock, out: str | os.PathLike, *, opset: int, se
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     x = example_input(module, 2, max(seq_len, 2))
+    from dsv3.export.translations import translation_table
+
     program = torch.onnx.export(
         module, (x,), dynamo=True, dynamic_shapes=_dynamic_shapes(), opset_version=opset,
         input_names=module.input_names, output_names=module.output_names, optimize=False, verbose=False,
+        custom_translation_table=translation_table(),
     )
     model = program.model  # onnx_ir Model
     params = dict(module.named_parameters())
@@ -125,11 +136,20 @@ def _optimize(model, keep: set[str]) -> None:
     anonymous transposed copy: the initializer keeps its checkpoint name and [out, in] layout, as in the checkpoint.
     """
     import onnxscript.optimizer
+    from onnxscript import ir
 
     def should_fold(node) -> bool | None:
-        if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Transpose":
             src = node.inputs[0]
             if src is not None and src.name in keep and src.is_initializer():
+                return False
+        # --keep-fp8: folding the dequantization would store every FP8 weight as a float copy (4x the bytes) and
+        # drop the checkpoint's scale tensors; keep anything that reads an FP8 weight or a block scale.
+        for src in node.inputs:
+            if src is not None and src.is_initializer() and src.name in keep and (
+                    src.name.endswith("_scale_inv") or src.dtype == ir.DataType.FLOAT8E4M3FN):
                 return False
         return None
 
@@ -259,7 +279,8 @@ def verify(path: str | os.PathLike, module: ExportBlock, reference: ExportBlock,
            shapes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
     """onnx.checker full check, then ORT (CPU) vs the fp32 PyTorch block on random inputs of several shapes."""
     check(path)
-    tol = TOLERANCE[dtype]
+    keeps_fp8 = any(isinstance(m, Fp8Linear) for m in module.modules())
+    tol = max(TOLERANCE[dtype], KEEP_FP8_TOLERANCE) if keeps_fp8 else TOLERANCE[dtype]
     shapes = shapes or [(2, seq_len), (1, seq_len + 3)]
     runs = []
     for i, (b, s) in enumerate(shapes):
@@ -301,7 +322,7 @@ def format_verify(v: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- the whole command
 def export_onnx(*, block: str, layer: int, out: str | os.PathLike, checkpoint: str | None = None,
                 config: str | None = None, opset: int = 20, dtype: str = "fp32", seq_len: int = 16,
-                do_verify: bool = True, seed: int = 0) -> ExportResult:
+                do_verify: bool = True, seed: int = 0, keep_fp8: bool = False) -> ExportResult:
     if (checkpoint is None) == (config is None):
         raise ExportError("give exactly one of --checkpoint or --config")
     if block not in BLOCKS:
@@ -313,7 +334,10 @@ def export_onnx(*, block: str, layer: int, out: str | os.PathLike, checkpoint: s
                           "(bf16 does not run in onnxruntime's CPU provider)")
     if seq_len < 1:
         raise ExportError(f"--seq-len must be >= 1, got {seq_len}")
-    cfg, get, source = checkpoint_source(checkpoint) if checkpoint is not None else config_source(config, seed)
+    if keep_fp8 and checkpoint is None:
+        raise ExportError("--keep-fp8 needs --checkpoint with an FP8 checkpoint")
+    cfg, get, source = (checkpoint_source(checkpoint, keep_fp8) if checkpoint is not None
+                        else config_source(config, seed))
     check_block(cfg, block, layer)
     cache: dict[str, torch.Tensor] = {}
 

@@ -223,3 +223,34 @@ def test_16b_dense_layer_shapes(tmp_path):
     assert s["parameters"] >= sum(int(np.prod(specs[n].shape)) for n in expected)
     assert not s["external_data"] and s["file_bytes"] > 150e6
     onnx.checker.check_model(str(res.path), full_check=False)
+
+
+# ---------------------------------------------------------------------- --keep-fp8: dsv3.fp8_linear as plain ONNX
+@pytest.mark.parametrize("block,opset", [("dense-mlp", 20), ("attention", 23), ("shared-expert", 20)])
+def test_keep_fp8_maps_the_project_op(tmp_path, random_checkpoint, block, opset):
+    ckpt = random_checkpoint("tiny-ragged", "fp8")  # K=200/344/72: partial 128-blocks everywhere
+    layer = 0 if block != "shared-expert" else 2
+    res = ox.export_onnx(block=block, layer=layer, out=tmp_path / f"{block}.onnx", checkpoint=str(ckpt),
+                         opset=opset, seq_len=7, do_verify=True, keep_fp8=True)
+    assert res.ok, res.verify
+    proto = onnx.load(str(res.path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    fp8 = [n for n, i in inits.items() if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert fp8 and all(n.endswith(".weight") for n in fp8)
+    for n in fp8:  # each FP8 weight travels with its checkpoint-named block scales, nothing dequantized ahead
+        scale = inits[n + "_scale_inv"]
+        assert scale.data_type == onnx.TensorProto.FLOAT
+        assert list(scale.dims) == [-(-d // 128) for d in inits[n].dims]
+    # besides the weights only small constants: the 1-D element -> block index tables of the scale Gathers
+    assert not [n for n, i in inits.items() if not n.startswith("model.") and np.prod(i.dims) > 64
+                and (len(i.dims) != 1 or i.data_type != onnx.TensorProto.INT64)]
+    assert "Cast" in {node.op_type for node in proto.graph.node}
+    assert not [node for node in proto.graph.node if node.domain.startswith("dsv3")]
+
+
+def test_keep_fp8_needs_an_fp8_checkpoint(tmp_path, random_checkpoint):
+    with pytest.raises(ExportError, match="not an FP8 checkpoint"):
+        ox.export_onnx(block="dense-mlp", layer=0, out=tmp_path / "x.onnx",
+                       checkpoint=str(random_checkpoint("tiny", "bf16")), keep_fp8=True)
+    with pytest.raises(ExportError, match="needs --checkpoint"):
+        ox.export_onnx(block="dense-mlp", layer=0, out=tmp_path / "y.onnx", config="tiny", keep_fp8=True)

@@ -434,10 +434,15 @@ def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | 
 @click.option("--num-layers", type=int, default=None, help="With --random-weights: only the first N layers.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--baseline", type=click.Choice(["hf"]), default=None,
+              help="Also time transformers' DeepseekV3ForCausalLM on the same weights and print the ratio.")
+@click.option("--baseline-checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
+              help="BF16 checkpoint for --baseline hf (default --checkpoint; `dsv3c convert --dtype bf16` makes one).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, artifacts: str | None, jit: bool,
               eager: bool, batch_sizes: str, contexts: str, prompt_len: int, steps: int, num_layers: int | None,
-              dtype: str, device: str | None, json_out: str | None) -> None:
+              dtype: str, device: str | None, baseline: str | None, baseline_checkpoint: str | None,
+              json_out: str | None) -> None:
     """Decode ms/token and prefill speed per batch size and context, next to the bandwidth roofline.
 
     \b
@@ -496,6 +501,16 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     report = {"mode": "artifacts" if artifacts else ("jit" if jit else "eager"), "device": device,
               "config": model.cfg.name, "copy_bandwidth_Bps": bw, "load_s": load_s, "timings": timings,
               "decode": decode, "prefill": prefill}
+    if baseline == "hf":
+        source = baseline_checkpoint or checkpoint
+        if not source:
+            raise click.UsageError("--baseline hf needs --baseline-checkpoint (a BF16 checkpoint) with --random-weights")
+        del stepper, model  # free the device for the baseline
+        hf = bench.bench_hf(source, device, buckets, ctxs, steps, echo=click.echo)
+        for ours, theirs in zip(decode, hf):
+            click.echo(f"batch {ours.batch} context {ours.context}: dsv3c {ours.ms_per_token:.3f} ms vs hf "
+                       f"{theirs['ms_per_token']:.3f} ms -> {theirs['ms_per_token'] / ours.ms_per_token:.1f}x")
+        report["baseline_hf"] = hf
     if device.startswith("cuda"):
         report["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         click.echo(f"peak GPU memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")

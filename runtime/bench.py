@@ -131,3 +131,40 @@ def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: C
 def write_json(path: str, report: dict) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+
+
+@torch.inference_mode()
+def bench_hf(checkpoint: str, device: str, batch_sizes: Sequence[int], contexts: Sequence[int], steps: int,
+             echo: Callable[[str], None] = print) -> list[dict]:
+    """transformers' DeepseekV3ForCausalLM on the same weights, timed the same way (its own DynamicCache).
+
+    Needs a BF16 checkpoint (transformers cannot load DeepSeek's FP8 layout on CPU or offline; make one with
+    `dsv3c convert --dtype bf16`)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load report lists the MTP layer it skips, as we do
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16 if device.startswith("cuda")
+                                              else torch.float32).to(device).eval()
+    dev = torch.device(device)
+    vocab = hf.config.vocab_size
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for b in batch_sizes:
+        for ctx in contexts:
+            ids = torch.randint(0, vocab, (b, ctx), generator=g).to(dev)
+            res = hf(ids, use_cache=True)
+            past, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            times = []
+            for _ in range(steps):
+                _sync(dev)
+                t0 = time.perf_counter()
+                res = hf(tok, past_key_values=past, use_cache=True)
+                tok = res.logits[:, -1].argmax(-1, keepdim=True)
+                _sync(dev)
+                times.append(time.perf_counter() - t0)
+                past = res.past_key_values
+            ms = 1000 * statistics.median(times[1:] if len(times) > 2 else times)
+            echo(f"hf     batch {b:>3} context {ctx:>6}: {ms:8.3f} ms/token")
+            out.append({"batch": b, "context": ctx, "ms_per_token": round(ms, 4)})
+    return out

@@ -47,3 +47,17 @@ def test_bench_cli_smoke(tmp_path):
     assert all(r["ms_per_token"] > 0 and 0 < r["fraction_of_roofline"] for r in report["decode"])
     res = CliRunner().invoke(main, ["bench", "--eager", "--config", "tiny"])
     assert res.exit_code == 2 and "--random-weights" in res.output
+
+
+def test_bench_hf_baseline(tmp_path):
+    from dsv3.init_random import write_random_checkpoint
+
+    ckpt = write_random_checkpoint(resolve_config("tiny"), tmp_path / "ck", dtype="bf16", progress=False)
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", "--checkpoint", str(ckpt), "--eager", "--device", "cpu", "--dtype",
+                                    "float32", "--batch-sizes", "1", "--context", "8", "--steps", "3",
+                                    "--prompt-len", "8", "--baseline", "hf", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["baseline_hf"][0]["batch"] == 1 and report["baseline_hf"][0]["ms_per_token"] > 0
+    assert "vs hf" in res.output

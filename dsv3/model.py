@@ -148,25 +148,31 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
-        scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            if cfg.topk_method == "noaux_tc":
-                group_score = grouped.topk(2, dim=-1).values.sum(-1)  # V3: sum of each group's best two
-            else:
-                group_score = grouped.amax(-1)  # V2: each group's best expert
-            keep = group_score.topk(cfg.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
-            choice = choice.masked_fill(~expert_mask, float("-inf"))
-        topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-        topk_weight = scores.gather(1, topk_idx)
-        if cfg.norm_topk_prob:
-            topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
-        return topk_idx, topk_weight * cfg.routed_scaling_factor
+        return select_experts(F.linear(x.float(), self.weight.float()), self.e_score_correction_bias, self.cfg)
+
+
+def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] (fp32) -> (expert ids [T, k], combine weights [T, k]): scores, group limiting,
+    top-k on the bias-shifted scores, weights from the unshifted ones, renormalisation, routed scaling.
+    Out-of-place ops only, so the same code exports to ONNX (dsv3.export)."""
+    scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+        if cfg.topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # V3: sum of each group's best two
+        else:
+            group_score = grouped.amax(-1)  # V2: each group's best expert
+        keep = group_score.topk(cfg.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, keep, True)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    topk_weight = scores.gather(1, topk_idx)
+    if cfg.norm_topk_prob:
+        topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
+    return topk_idx, topk_weight * cfg.routed_scaling_factor
 
 
 class RoutedExperts(nn.Module):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ConfigError, ModelConfig
+from dsv3.model import select_experts
 from dsv3.rope import apply_rope, attention_factor, inverse_frequencies, softmax_scale
 
 BLOCKS = ("attention", "dense-mlp", "shared-expert", "dense-layer", "router")
@@ -166,28 +167,11 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
         bsz, seqlen, dim = x.shape
-        logits = F.linear(x.reshape(-1, dim).float(), self.weight)
-        scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            if cfg.topk_method == "noaux_tc":
-                group_score = grouped.topk(2, dim=-1).values.sum(-1)
-            else:
-                group_score = grouped.amax(-1)
-            keep = group_score.topk(cfg.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, keep, True)
-            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
-            choice = choice.masked_fill(~expert_mask, float("-inf"))
-        topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-        topk_weight = scores.gather(1, topk_idx)
-        if cfg.norm_topk_prob:
-            topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
-        topk_weight = topk_weight * cfg.routed_scaling_factor
-        k = cfg.num_experts_per_tok
-        return topk_idx.view(bsz, seqlen, k), topk_weight.view(bsz, seqlen, k)
+        idx, weight = select_experts(F.linear(x.reshape(-1, dim).float(), self.weight), self.e_score_correction_bias,
+                                     self.cfg)
+        k = self.cfg.num_experts_per_tok
+        return idx.view(bsz, seqlen, k), weight.view(bsz, seqlen, k)
 
 
 class _Holder(nn.Module):

@@ -25,18 +25,40 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def tolerance(cfg, dtype: str) -> float:
+    """The floor of the acceptance bound on the median per-row relative L2 error of the logits."""
     # FP8 activation quantization turns tiny reordering differences into whole e4m3 steps (see tests/test_compile).
     if dtype == "bfloat16":
-        return 3e-2
+        return 2e-2
     return 1e-2 if cfg.is_fp8 else 1e-4
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+# How far the package may sit from the eager model, in units of the eager model's own noise floor.
+NOISE_FACTOR = 4.0
+MIN_ROWS = 8  # rows of logits compared per graph (decode: trials x batch; prefill: one row per trial)
+
+
+def _row_errors(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    got, expected = got.float().flatten(0, -2), expected.float().flatten(0, -2)
+    return (got - expected).norm(dim=-1) / expected.norm(dim=-1).clamp_min(1e-30)
+
+
+def _perturbed(caches: list[torch.Tensor], g: torch.Generator) -> None:
+    # One unit of rounding of the cache dtype, at random: the size of the difference a reordered sum makes.
+    for c in caches:
+        eps = torch.finfo(c.dtype).eps
+        c.mul_(1 + eps * torch.randn(c.shape, generator=g, device=c.device, dtype=torch.float32).to(c.dtype))
 
 
 @torch.no_grad()
-def verify(directory: str | Path) -> list[tuple[str, float]]:
+def verify(directory: str | Path) -> list[dict]:
+    """Check every package against the eager model; returns one result dict per graph, raises on a mismatch.
+
+    A graph passes when the median over rows of the relative L2 error of its logits is within
+    max(tolerance floor, NOISE_FACTOR x the eager model's own noise floor). The noise floor is measured on the same
+    inputs: the eager model rerun on caches perturbed by one rounding unit. With FP8 activations and MoE routing,
+    a one-ulp difference can move one activation across an e4m3 step or flip one expert choice, which moves
+    individual rows a lot; a wrong graph (wrong weights, cache rows or positions) moves every row.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
@@ -53,8 +75,9 @@ def verify(directory: str | Path) -> list[tuple[str, float]]:
     apply_parallel(model, ParallelPlan(0, ws))
     fill_random_(model, seed=1234)
     tensors = constants(model)
-    tol = tolerance(cfg, manifest["dtype"])
+    floor = tolerance(cfg, manifest["dtype"])
     g = torch.Generator(device=device).manual_seed(0)
+    caches = model.latent_caches()
     results = []
     for name, graph in manifest["graphs"].items():
         pkg = load_package(directory, graph, device, single_threaded=False)
@@ -62,30 +85,52 @@ def verify(directory: str | Path) -> list[tuple[str, float]]:
         if inlined:  # a weight or rank buffer baked into the code would ignore the tensors the runtime hands in
             raise SystemExit(f"{name}: tensors compiled in as constants instead of taken at run time: {inlined}")
         bind_constants(pkg, name, tensors)
-        if graph["kind"] == "decode":
-            b = graph["batch"]
-            step = DecodeStep(model)
-            tokens = torch.randint(0, cfg.vocab_size, (b, 1), generator=g, device=device)
-            pos = torch.randint(0, manifest["max_seq_len"], (b, 1), generator=g, device=device)
-            args: tuple = (tokens, pos)
-        else:
-            step = PrefillStep(model)
-            s = min(graph["max_chunk"], 7)
-            start = int(torch.randint(0, manifest["max_seq_len"] - s + 1, (1,), generator=g, device=device))
-            args = (torch.randint(0, cfg.vocab_size, (1, s), generator=g, device=device),
-                    torch.arange(start, start + s, device=device).unsqueeze(0),
-                    torch.tensor([manifest["max_batch_size"] - 1], device=device),
-                    torch.tensor([s - 1], device=device))
-        for c in model.latent_caches():  # same cache contents for both: random history
-            c.normal_(generator=g)
-        expected = step(*args).clone()
-        got = pkg(*args)
-        err = _rel(got, expected)
-        results.append((name, err))
-        status = "ok" if err <= tol else "MISMATCH"
-        print(f"{name}: max rel err {err:.2e} (tolerance {tol:.0e}) {status}", flush=True)
-        if err > tol or not torch.isfinite(got).all():
-            raise SystemExit(f"{name} does not match the eager model")
+        errs, noise, finite, top1 = [], [], True, []
+        rows_per_trial = graph["batch"] if graph["kind"] == "decode" else 1
+        for _ in range(-(-MIN_ROWS // rows_per_trial)):
+            if graph["kind"] == "decode":
+                b = graph["batch"]
+                step = DecodeStep(model)
+                tokens = torch.randint(0, cfg.vocab_size, (b, 1), generator=g, device=device)
+                pos = torch.randint(0, manifest["max_seq_len"], (b, 1), generator=g, device=device)
+                args: tuple = (tokens, pos)
+            else:
+                step = PrefillStep(model)
+                s = min(graph["max_chunk"], 7)
+                start = int(torch.randint(0, manifest["max_seq_len"] - s + 1, (1,), generator=g, device=device))
+                args = (torch.randint(0, cfg.vocab_size, (1, s), generator=g, device=device),
+                        torch.arange(start, start + s, device=device).unsqueeze(0),
+                        torch.tensor([manifest["max_batch_size"] - 1], device=device),
+                        torch.tensor([s - 1], device=device))
+            for c in caches:  # same cache contents for every run: random history
+                c.normal_(generator=g)
+            saved = [c.clone() for c in caches]
+            expected = step(*args).clone()
+            for c, s_ in zip(caches, saved):
+                c.copy_(s_)
+            _perturbed(caches, g)
+            noisy = step(*args).clone()
+            for c, s_ in zip(caches, saved):
+                c.copy_(s_)
+            got = pkg(*args)
+            finite = finite and bool(torch.isfinite(got).all())
+            errs.append(_row_errors(got, expected))
+            noise.append(_row_errors(noisy, expected))
+            top1.append((got.flatten(0, -2).argmax(-1) == expected.flatten(0, -2).argmax(-1)).float())
+        err, nse = torch.cat(errs), torch.cat(noise)
+        bound = max(floor, NOISE_FACTOR * nse.median().item())
+        res = {"graph": name, "median_err": err.median().item(), "max_err": err.max().item(),
+               "median_noise": nse.median().item(), "max_noise": nse.max().item(), "bound": bound,
+               "top1_agree": torch.cat(top1).mean().item(), "rows": err.numel(), "finite": finite}
+        res["ok"] = finite and res["median_err"] <= bound
+        results.append(res)
+        print(f"{name}: rel L2 err median {res['median_err']:.2e} max {res['max_err']:.2e} over {res['rows']} rows; "
+              f"eager noise floor median {res['median_noise']:.2e} max {res['max_noise']:.2e}; "
+              f"bound {bound:.1e}; top-1 agree {res['top1_agree']:.0%} {'ok' if res['ok'] else 'MISMATCH'}",
+              flush=True)
+        if not res["ok"]:
+            raise SystemExit(f"{name} does not match the eager model"
+                             + ("" if finite else " (non-finite logits)"))
     return results
 
 

@@ -83,12 +83,12 @@ step_run16() {
                  "Explain attention." "A long story begins" "Once upon a time" "The capital of France")
   local args=()
   for p in "${prompts[@]}"; do args+=(--prompt "$p"); done
-  dsv3c run --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" \
-    --max-new-tokens 64 --stats --output-file "$OUT/run16_b1.jsonl" 2>&1 | grep -E "load|error|Error" | tail -5
+  /usr/bin/time -f "cold start to exit (b1, 64 tokens): %e s" $PY -m dsv3.cli run --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" \
+    --max-new-tokens 64 --stats --output-file "$OUT/run16_b1.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
   dsv3c run --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" "${args[@]}" \
-    --max-new-tokens 64 --stats --output-file "$OUT/run16_b8.jsonl" 2>&1 | grep -E "load|error|Error" | tail -5
+    --max-new-tokens 64 --stats --output-file "$OUT/run16_b8.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
   dsv3c run --eager --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" --max-new-tokens 16 --stats \
-    --output-file "$OUT/run16_eager.jsonl" 2>&1 | grep -E "load|error|Error" | tail -5
+    --output-file "$OUT/run16_eager.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
 }
 
 step_compile671() {

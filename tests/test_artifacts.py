@@ -203,3 +203,21 @@ def test_two_ranks_from_artifacts_match_one(art, art_ws2, ckpt, tmp_path):
     assert json.loads(out.read_text()) == [c.tokens for c in ref]
     with pytest.raises(ArtifactError, match="world size: built for 2, running with 1"):
         artifact_stepper(art_ws2, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+
+
+def test_verify_reports_noise_floor_and_catches_a_wrong_graph(art, monkeypatch):
+    from dsv3.runtime import verify as v
+
+    results = v.verify(art)
+    assert [r["graph"] for r in results] == ["decode_b1", "decode_b3", "prefill"]
+    for r in results:  # fp32 CPU packages: the same math as eager up to reordering
+        assert r["ok"] and r["rows"] >= v.MIN_ROWS and r["median_err"] <= 1e-4 and r["top1_agree"] == 1.0, r
+        assert 0 < r["median_noise"] < 1e-4  # one fp32 ulp of cache noise moves the eager logits a little
+
+    class ShiftedDecode(v.DecodeStep):  # the eager side now attends one position further than the package
+        def forward(self, tokens, input_pos):
+            return super().forward(tokens, (input_pos + 1).clamp_max(MAX_SEQ - 1))
+
+    monkeypatch.setattr(v, "DecodeStep", ShiftedDecode)
+    with pytest.raises(SystemExit, match="decode_b1 does not match the eager model"):
+        v.verify(art)

@@ -48,6 +48,7 @@ class CompileOptions:
     dtype: str = "bfloat16"
     device: str = "cuda"
     verify: bool = True
+    jobs: int | None = None  # graphs built at once, each in its own process; None: as many as fit (CUDA), 1 (CPU)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -59,6 +60,8 @@ class CompileOptions:
         if not 2 <= self.prefill_chunk <= self.max_seq_len:
             raise ConfigError(f"--prefill-chunk {self.prefill_chunk}: must be between 2 and --max-seq-len "
                               f"({self.max_seq_len})")
+        if self.jobs is not None and self.jobs < 1:
+            raise ConfigError(f"--jobs {self.jobs}: must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -101,10 +104,10 @@ def _process_group(world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def build_model(opts: CompileOptions) -> Transformer:
-    """This rank's model, weights uninitialised (the graphs never see their values)."""
+def build_model(opts: CompileOptions, device: str | None = None) -> Transformer:
+    """This rank's model, weights uninitialised (the graphs never see their values); `device="meta"`: shapes only."""
     model = Transformer(opts.config, dtype=DTYPES[opts.dtype], max_batch_size=opts.max_batch_size,
-                        max_seq_len=opts.max_seq_len, device=opts.device)
+                        max_seq_len=opts.max_seq_len, device=device or opts.device)
     return apply_parallel(model, ParallelPlan(0, opts.world_size))
 
 
@@ -146,15 +149,69 @@ def _fresh_int_arrays() -> Iterator[None]:
         CppWrapperCpu.codegen_int_array_var = original
 
 
-def _export_and_package(step: torch.nn.Module, args: tuple, dynamic_shapes, name: str, out: Path,
-                        opts: CompileOptions, log: StageLog) -> None:
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    kind: str  # "decode" (static batch bucket) or "prefill" (dynamic chunk length)
+    batch: int = 1
+
+    def manifest_entry(self, opts: CompileOptions) -> dict:
+        if self.kind == "decode":
+            return {"file": f"{self.name}.pt2", "kind": "decode", "batch": self.batch}
+        return {"file": f"{self.name}.pt2", "kind": "prefill", "max_chunk": opts.prefill_chunk}
+
+
+def graph_specs(opts: CompileOptions) -> list[GraphSpec]:
+    return [GraphSpec(f"decode_b{b}", "decode", b) for b in sorted(set(opts.batch_sizes))] + [
+        GraphSpec("prefill", "prefill")]
+
+
+def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable[[str], None] = print
+                ) -> dict[str, float]:
+    """Export one graph of this rank's model and package it as out/<name>.pt2; returns the stage timings.
+    Self-contained (builds its own model) so that graphs can be built in separate processes."""
     import torch._inductor
 
-    with log.stage(f"export {name}"):
-        ep = torch.export.export(step, args, dynamic_shapes=dynamic_shapes)
-    with log.stage(f"aoti {name}"), _fresh_int_arrays():
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(out / f"{name}.pt2"),
-                                                 inductor_configs=_inductor_configs(name, opts))
+    # torch's own pytree code warns about its own deprecated LeafSpec use during export: not actionable here
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    log = StageLog(echo)
+    with torch.no_grad(), _process_group(opts.world_size):
+        model = build_model(opts)
+        if spec.kind == "decode":
+            step, args, dynamic = DecodeStep(model), decode_inputs(spec.batch, opts.device), None
+        else:
+            seq = torch.export.Dim("seq", min=2, max=opts.prefill_chunk)
+            dynamic = {"tokens": {1: seq}, "input_pos": {1: seq}, "cache_row": None, "logits_index": None}
+            step, args = PrefillStep(model), prefill_inputs(min(opts.prefill_chunk, 16), opts.device)
+        with log.stage(f"export {spec.name}"):
+            ep = torch.export.export(step, args, dynamic_shapes=dynamic)
+        with log.stage(f"aoti {spec.name}"), _fresh_int_arrays():
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(out / f"{spec.name}.pt2"),
+                                                     inductor_configs=_inductor_configs(spec.name, opts))
+    return log.timings
+
+
+def _build_graph_in_worker(opts: CompileOptions, spec: GraphSpec, out: str) -> dict[str, float]:
+    return build_graph(opts, spec, Path(out), echo=lambda line: print(line, flush=True))
+
+
+def model_bytes(opts: CompileOptions) -> int:
+    """Bytes of one rank's weights and caches (what each graph-building process allocates)."""
+    with _process_group(opts.world_size):
+        model = build_model(opts, device="meta")
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def default_jobs(opts: CompileOptions, n_graphs: int) -> int:
+    """CUDA: one process per graph, as many as the CPU cores (Inductor also compiles kernels in parallel) and the
+    free GPU memory allow. CPU targets build one graph at a time (CI boxes have few cores)."""
+    if opts.device != "cuda":
+        return 1
+    by_cores = max(1, (os.cpu_count() or 1) // 4)
+    free = torch.cuda.mem_get_info()[0]
+    per_job = model_bytes(opts) * 1.1 + (2 << 30)  # + activations, workspace and the CUDA context
+    return max(1, min(n_graphs, by_cores, int(free * 0.9 // per_job)))
 
 
 def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -167,22 +224,18 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
         os.environ["CXX"] = "/usr/bin/g++"
     log = StageLog(echo)
     t_start = time.perf_counter()
-    # torch's own pytree code warns about its own deprecated LeafSpec use during export: not actionable here
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    specs = graph_specs(opts)
     with staged_directory(out, overwrite=overwrite) as tmp:
-        with torch.no_grad(), _process_group(opts.world_size):
-            with log.stage("model"):
-                model = build_model(opts)
-            graphs = {}
-            for b in sorted(set(opts.batch_sizes)):
-                name = f"decode_b{b}"
-                _export_and_package(DecodeStep(model), decode_inputs(b, opts.device), None, name, tmp, opts, log)
-                graphs[name] = {"file": f"{name}.pt2", "kind": "decode", "batch": b}
-            seq = torch.export.Dim("seq", min=2, max=opts.prefill_chunk)
-            dyn = {"tokens": {1: seq}, "input_pos": {1: seq}, "cache_row": None, "logits_index": None}
-            example = prefill_inputs(min(opts.prefill_chunk, 16), opts.device)
-            _export_and_package(PrefillStep(model), example, dyn, "prefill", tmp, opts, log)
-            graphs["prefill"] = {"file": "prefill.pt2", "kind": "prefill", "max_chunk": opts.prefill_chunk}
+        with log.stage("model"), _process_group(opts.world_size):
+            model = build_model(opts, device="meta")  # shapes only: the manifest's expected weights
+            jobs = min(opts.jobs or default_jobs(opts, len(specs)), len(specs))
+        echo(f"building {len(specs)} graphs ({', '.join(s.name for s in specs)}), {jobs} at a time")
+        if jobs == 1:
+            for spec in specs:
+                log.timings.update(build_graph(opts, spec, tmp, echo))
+        else:
+            _build_in_parallel(opts, specs, tmp, jobs, log, echo)
+        graphs = {spec.name: spec.manifest_entry(opts) for spec in specs}
         with log.stage("manifest"):
             (tmp / "config.json").write_text(json.dumps(opts.config.to_hf_dict(), indent=2) + "\n")
             weights = {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
@@ -198,6 +251,8 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
                 "host": host_info(opts.device),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_seconds": dict(log.timings),
+                "build_jobs": jobs,
+                "build_wall_seconds": round(time.perf_counter() - t_start, 2),  # stages overlap when jobs > 1
             }
             write_manifest(tmp, manifest)
         if opts.verify:
@@ -205,6 +260,26 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
                 _verify_in_fresh_process(tmp, echo)
     echo(f"compiled {len(graphs)} graphs into {out} in {time.perf_counter() - t_start:.1f}s")
     return out
+
+
+def _build_in_parallel(opts: CompileOptions, specs: list[GraphSpec], tmp: Path, jobs: int, log: StageLog,
+                       echo: Callable[[str], None]) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: a CUDA context does not survive fork; each worker builds its own model and prints its own stages
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_build_graph_in_worker, opts, spec, str(tmp)): spec for spec in specs}
+        try:
+            for fut in as_completed(futures):
+                log.timings.update(fut.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    log.timings["graphs (wall)"] = round(time.perf_counter() - t0, 2)
+    echo(f"[graphs] {len(specs)} built by {jobs} processes in {time.perf_counter() - t0:.1f}s")
 
 
 def _verify_in_fresh_process(directory: Path, echo: Callable[[str], None]) -> None:

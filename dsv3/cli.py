@@ -336,11 +336,14 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Activation dtype (FP8 weights stay FP8).")
 @click.option("--num-layers", type=int, default=None, help="Build only the first N layers (quick trials).")
+@click.option("--jobs", type=int, default=None,
+              help="Graphs built at once, one process each [default: cuda: as many as the CPU cores (4 per job) "
+                   "and free GPU memory allow; cpu: 1].")
 @click.option("--no-verify", is_flag=True, help="Skip loading every package in a fresh process to check it.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_size: int, max_seq_len: int,
-                batch_sizes: str | None, prefill_chunk: int | None, dtype: str, num_layers: int | None, no_verify: bool,
-                overwrite: bool) -> None:
+                batch_sizes: str | None, prefill_chunk: int | None, dtype: str, num_layers: int | None, jobs: int | None,
+                no_verify: bool, overwrite: bool) -> None:
     """Capture prefill and decode graphs into AOTInductor packages plus a manifest; no weights needed.
 
     \b
@@ -360,7 +363,7 @@ def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_s
         b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size) + (max_batch_size,)
     opts = CompileOptions(cfg, world_size=world_size, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                           batch_sizes=buckets, prefill_chunk=prefill_chunk or min(512, max_seq_len), dtype=dtype, device=device,
-                          verify=not no_verify)
+                          verify=not no_verify, jobs=jobs)
     compile_artifacts(opts, out, overwrite=overwrite, echo=click.echo)
 
 
@@ -381,8 +384,9 @@ def inspect_cmd(artifact_dir: str) -> None:
     click.echo(f"built       {m['built_at']} with torch {h['torch']}, CUDA {h['cuda']}, triton {h['triton']}"
                + (f", on {h['gpu']} (sm {'.'.join(map(str, h['compute_capability']))})" if h.get('gpu') else "")
                + f", CPU {h['machine']}/{h['cpu_capability']}")
-    total = sum(v for v in m["build_seconds"].values())
-    click.echo(f"build time  {total:.1f}s over {len(m['build_seconds'])} stages")
+    wall = m.get("build_wall_seconds", sum(m["build_seconds"].values()))
+    click.echo(f"build time  {wall:.1f}s before verification ({m.get('build_jobs', 1)} graph(s) at a time); "
+               f"stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in m["build_seconds"].items()))
     n = len(m["rank_weights"]["tensors"])
     click.echo(f"weights     {n} tensors per rank (names, shapes, dtypes in manifest.json)")
     size = sum(f["bytes"] for f in m["files"].values())

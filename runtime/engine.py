@@ -69,6 +69,7 @@ class GraphStepper:
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
 
+    @torch.inference_mode()  # the static buffers were made in inference mode (capture); callers need not be
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]
         b = self._bucket(n)
@@ -88,6 +89,7 @@ class GraphStepper:
         return self.decode_fns[b](tok, pos)[:n]
 
     # -------------------------------------------------------------- prefill
+    @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         rows = []
         for row, prompt in enumerate(prompts):

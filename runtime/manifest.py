@@ -112,6 +112,12 @@ def check_host(manifest: dict[str, Any], device: str, world_size: int) -> None:
             problems.append(f"GPU: built for {built.get('gpu')} (compute capability "
                             f"{built.get('compute_capability')}), this host has {here.get('gpu')} "
                             f"({here.get('compute_capability')})")
+    # The C++ wrapper is compiled for the build host's CPU (-march=native): a lesser CPU would crash in it.
+    isa_rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+    if built.get("machine") != here.get("machine") or isa_rank.get(built.get("cpu_capability"), 0) > isa_rank.get(
+            here.get("cpu_capability"), 0):
+        problems.append(f"CPU: built on {built.get('machine')}/{built.get('cpu_capability')}, this host is "
+                        f"{here.get('machine')}/{here.get('cpu_capability')}")
     if manifest["world_size"] != world_size:
         problems.append(f"world size: built for {manifest['world_size']}, running with {world_size}")
     if problems:

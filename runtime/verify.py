@@ -33,7 +33,7 @@ def tolerance(cfg, dtype: str) -> float:
 
 
 # How far the package may sit from the eager model, in units of the eager model's own noise floor.
-NOISE_FACTOR = 4.0
+NOISE_FACTOR = 2.0
 MIN_ROWS = 8  # rows of logits compared per graph (decode: trials x batch; prefill: one row per trial)
 
 

@@ -6,7 +6,10 @@
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
+#   loadprof   where the artifact cold start goes (scripts/profile_load.py on art16 + ckpt16)
 #   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4096) and the eager model, JSON in $OUT
+#   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
+#   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61)
 # A failed AOTInductor build leaves its newest generated wrapper.cpp in $OUT for offline reading.
 # Logs land in $OUT (the device tool's output folder; ./gpu_out elsewhere).
@@ -52,14 +55,14 @@ LAYERS16=${LAYERS16:-27}
 step_ckpt16() {
   [ -f "$WORK/ckpt16/config.json" ] && { echo "ckpt16 exists"; return 0; }
   /usr/bin/time -f "init-random 16B: %e s, max RSS %M KB" \
-    $PY -m dsv3.cli init-random --config 16B --dtype fp8 --num-layers "$LAYERS16" --out "$WORK/ckpt16" \
+    $PY -m dsv3.cli init-random --config 16B --dtype "${DTYPE16:-fp8}" --num-layers "$LAYERS16" --out "$WORK/ckpt16" \
     --overwrite 2>&1 | tr '\r' '\n' | tail -3
   du -sh "$WORK/ckpt16"
 }
 
 step_compile16() {
   dsv3c compile --config "$WORK/ckpt16" --out "$WORK/art16" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
-    --max-seq-len 4096 --prefill-chunk 512 --overwrite 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
+    --max-seq-len 4096 --prefill-chunk 512 --overwrite ${JOBS:+--jobs $JOBS} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
     | tail -25
   dsv3c inspect "$WORK/art16" | tee "$OUT/inspect16.txt" || keep_wrapper
   ls -la "$WORK/art16"
@@ -70,6 +73,8 @@ keep_wrapper() {  # the C++ AOTInductor generated last (after a failed build), c
   f=$(ls -t $(find "$TORCHINDUCTOR_CACHE_DIR" -name '*.wrapper.cpp' 2>/dev/null) 2>/dev/null | head -1)
   [ -n "$f" ] && gzip -c "$f" > "$OUT/failed_wrapper.cpp.gz" && echo "kept $f"
 }
+
+step_loadprof() { $PY scripts/profile_load.py "$WORK/art16" "$WORK/ckpt16" 2>&1 | grep -v Warning | tail -12; }
 
 step_bench16() {
   dsv3c bench --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" --batch-sizes 1,8 --context 128,4096 \
@@ -89,6 +94,19 @@ step_run16() {
     --max-new-tokens 64 --stats --output-file "$OUT/run16_b8.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
   dsv3c run --eager --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" --max-new-tokens 16 --stats \
     --output-file "$OUT/run16_eager.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
+}
+
+step_compile16_ws2() {
+  dsv3c compile --config "$WORK/ckpt16" --out "$WORK/art16_ws2" --world-size 2 --device cuda --max-batch-size 8 \
+    --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite ${JOBS:+--jobs $JOBS} 2>&1 \
+    | grep --line-buffered -v Warning | tee "$OUT/compile16_ws2.log" | tail -12
+}
+
+step_nccl2() {
+  $PY -m torch.distributed.run --standalone --nproc-per-node 2 scripts/nccl_check.py "$WORK/art16_ws2" \
+    "$WORK/ckpt16" "$OUT/nccl2.json" 2>&1 | grep -v -E "Warning|warn|tokenizer you are" | tail -30
+  dsv3c run --world-size 2 --artifacts "$WORK/art16_ws2" --checkpoint "$WORK/ckpt16" --prompt "Hello there" \
+    --prompt "Write a poem about GPUs." --max-new-tokens 32 --stats 2>&1 | grep -E "load|error|Error" | tail -5
 }
 
 step_compile671() {

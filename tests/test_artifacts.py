@@ -152,6 +152,10 @@ def test_host_mismatches_refused(art, ckpt, tmp_path):
         check_host(other, "cpu", 1)
     with pytest.raises(ArtifactError, match=r"(?s)world size: built for 1, running with 2.*--world-size 2"):
         check_host(m, "cpu", 2)
+    other = json.loads(json.dumps(m))
+    other["host"]["machine"] = "aarch64"
+    with pytest.raises(ArtifactError, match=r"CPU: built on aarch64/"):
+        check_host(other, "cpu", 1)
 
 
 def test_checkpoint_of_another_config_refused(art, tmp_path):

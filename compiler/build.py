@@ -30,7 +30,7 @@ import torch
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.model import Transformer
 from dsv3.runtime.manifest import host_info, write_manifest
-from dsv3.runtime.parallel import ParallelPlan, apply_parallel
+from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 from dsv3.runtime.steps import DecodeStep, PrefillStep, decode_inputs, prefill_inputs
 from dsv3.staging import staged_directory
 
@@ -106,9 +106,9 @@ def _process_group(world_size: int) -> Iterator[None]:
 
 def build_model(opts: CompileOptions, device: str | None = None) -> Transformer:
     """This rank's model, weights uninitialised (the graphs never see their values); `device="meta"`: shapes only."""
-    model = Transformer(opts.config, dtype=DTYPES[opts.dtype], max_batch_size=opts.max_batch_size,
-                        max_seq_len=opts.max_seq_len, device=device or opts.device)
-    return apply_parallel(model, ParallelPlan(0, opts.world_size))
+    return build_rank_model(opts.config, ParallelPlan(0, opts.world_size), dtype=DTYPES[opts.dtype],
+                            device=device or opts.device, max_batch_size=opts.max_batch_size,
+                            max_seq_len=opts.max_seq_len)
 
 
 def _inductor_configs(name: str, opts: CompileOptions) -> dict:

@@ -341,8 +341,9 @@ def load(checkpoint_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat
 
     dtype: activations and non-FP8 weights. max_seq_len: latent-cache capacity (default min(4096, max positions)).
     num_layers: load only the first N decoder layers (for a quick look at a model too big for the host).
-    prepare(model): called on the built, unloaded model (e.g. to shard it for tensor parallel); returns the
-    placement function for load_state, or None to load every tensor whole.
+    prepare(model): called on the model while it is still on the meta device (e.g. to shard it for tensor
+    parallel), so only what it keeps is ever allocated; returns the placement function for load_state, or None
+    to load every tensor whole.
     """
     reader = CheckpointReader(checkpoint_dir)
     cfg = reader.config
@@ -353,8 +354,9 @@ def load(checkpoint_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat
         cfg = cfg.replace(num_hidden_layers=num_layers, num_nextn_predict_layers=0,
                           first_k_dense_replace=min(cfg.first_k_dense_replace, num_layers))
     max_seq_len = max_seq_len or default_max_seq_len(cfg)
-    model = Transformer(cfg, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device)
+    model = Transformer(cfg, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device="meta")
     placement = prepare(model) if prepare is not None else None
+    model.materialize_(device)
     load_state(model, reader, progress=progress, placement=placement)
     return model
 

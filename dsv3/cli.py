@@ -157,97 +157,102 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
     from transformers import AutoTokenizer
 
     from dsv3.generate import SamplingParams, generate
-    from dsv3.runtime.distributed import init_from_env, maybe_relaunch
+    from dsv3.runtime.distributed import init_from_env, maybe_relaunch, shutdown
 
     if sum([bool(artifacts), jit, eager]) != 1:
         raise click.UsageError("choose one of --artifacts DIR, --jit or --eager")
     maybe_relaunch(world_size)  # re-executes under torchrun when --world-size N > 1 is asked outside it
     plan, device = init_from_env(device)
-    echo = click.echo if plan.rank == 0 else (lambda *a, **k: None)
-    texts = [] if interactive and not (prompts or input_file) else _read_prompts(prompts, input_file)
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    if plan.world_size > 1 and seed is None and temperature > 0:
-        seed = 0  # every rank samples the same token only if all draw from one seed
-    tok = AutoTokenizer.from_pretrained(str(Path(checkpoint).resolve()))
-    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
-    if use_chat and not getattr(tok, "chat_template", None):
-        raise click.UsageError(f"--chat: the tokenizer in {checkpoint} has no chat template")
+    stepper = None
+    try:
+        echo = click.echo if plan.rank == 0 else (lambda *a, **k: None)
+        texts = [] if interactive and not (prompts or input_file) else _read_prompts(prompts, input_file)
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        if plan.world_size > 1 and seed is None and temperature > 0:
+            seed = 0  # every rank samples the same token only if all draw from one seed
+        tok = AutoTokenizer.from_pretrained(str(Path(checkpoint).resolve()))
+        use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+        if use_chat and not getattr(tok, "chat_template", None):
+            raise click.UsageError(f"--chat: the tokenizer in {checkpoint} has no chat template")
 
-    def encode(text: str) -> list[int]:
-        if use_chat:
-            return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False))
-        return tok.encode(text)
+        def encode(text: str) -> list[int]:
+            if use_chat:
+                return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False))
+            return tok.encode(text)
 
-    encoded = [encode(t) for t in texts]
-    batch = max(1, len(encoded))
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    if artifacts:
-        from dsv3.runtime.engine import artifact_stepper
+        encoded = [encode(t) for t in texts]
+        batch = max(1, len(encoded))
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        if artifacts:
+            from dsv3.runtime.engine import artifact_stepper
 
-        stepper, timings = artifact_stepper(artifacts, checkpoint, plan, device, progress=plan.rank == 0)
-        mode = "artifacts"
-    else:
-        from dsv3.runtime.engine import load_rank_model
-
-        max_seq = max_seq_len or min(4096, _max_positions(checkpoint))
-        model = load_rank_model(checkpoint, plan, dtype=getattr(torch, DTYPES[dtype]), device=device,
-                                max_batch_size=batch, max_seq_len=max_seq, progress=plan.rank == 0)
-        if jit:
-            from dsv3.runtime.engine import jit_stepper
-
-            buckets = _int_list(batch_sizes) if batch_sizes else (batch,)
-            stepper, timings = jit_stepper(model, buckets, prefill_chunk)
-            mode = "jit"
+            stepper, timings = artifact_stepper(artifacts, checkpoint, plan, device, progress=plan.rank == 0)
+            mode = "artifacts"
         else:
-            stepper, mode = model, "eager"
-    load_s = time.perf_counter() - t0
+            from dsv3.runtime.engine import load_rank_model
 
-    def should_stop(row: int, tokens: list[int]) -> bool:
-        tail = tok.decode(tokens[-32:], skip_special_tokens=True)  # a stop string ends within the last tokens
-        return any(s in tail for s in stops)
+            max_seq = max_seq_len or min(4096, _max_positions(checkpoint))
+            model = load_rank_model(checkpoint, plan, dtype=getattr(torch, DTYPES[dtype]), device=device,
+                                    max_batch_size=batch, max_seq_len=max_seq, progress=plan.rank == 0)
+            if jit:
+                from dsv3.runtime.engine import jit_stepper
 
-    def finish_text(tokens: list[int]) -> str:
-        text = tok.decode(tokens, skip_special_tokens=True)
-        cuts = [text.index(s) for s in stops if s in text]
-        return text[: min(cuts)] if cuts else text
+                buckets = _int_list(batch_sizes) if batch_sizes else (batch,)
+                stepper, timings = jit_stepper(model, buckets, prefill_chunk)
+                mode = "jit"
+            else:
+                stepper, mode = model, "eager"
+        load_s = time.perf_counter() - t0
 
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_id=tok.eos_token_id, seed=seed,
-                      should_stop=should_stop if stops else None)
-    if interactive:
-        _interactive(stepper, tok, encode_turn=lambda history: (
-            list(tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False))
-            if use_chat else tok.encode(history[-1]["content"])), plan=plan, finish_text=finish_text,
-            gen_kwargs=gen_kwargs)
-        return
+        def should_stop(row: int, tokens: list[int]) -> bool:
+            tail = tok.decode(tokens[-32:], skip_special_tokens=True)  # a stop string ends within the last tokens
+            return any(s in tail for s in stops)
 
-    stream = len(encoded) == 1 and sys.stdout.isatty() and plan.rank == 0
-    on_token = _streamer(tok) if stream else None
-    if stream:
-        click.echo(texts[0], nl=False)
-    completions, gen_stats = generate(stepper, encoded, on_token=on_token, **gen_kwargs)
-    records = []
-    for text, comp in zip(texts, completions):
-        out_text = finish_text(comp.tokens)
-        if not stream:
-            echo(f"### prompt: {text}\n{out_text}\n[{comp.finish_reason}, {len(comp.tokens)} tokens]")
-        records.append({"prompt": text, "prompt_token_ids": comp.prompt_tokens, "token_ids": comp.tokens,
-                        "text": out_text, "finish_reason": comp.finish_reason})
-    if stream:
-        click.echo(f"\n[{completions[0].finish_reason}, {len(completions[0].tokens)} tokens]")
-    timings = {k: round(v, 4) for k, v in timings.items()}
-    timings.update(load_s=round(load_s, 4), ttft_s=round(gen_stats.prefill_s, 4),
-                   decode_ms_per_token=round(gen_stats.ms_per_token, 3), decode_steps=gen_stats.decode_steps)
-    if output_file and plan.rank == 0:
-        _write_jsonl(output_file, [dict(r, timings=timings) for r in records])
-    if stats:
-        tps = 1000 / gen_stats.ms_per_token * len(encoded) if gen_stats.decode_steps else float("nan")
-        extra = "".join(f", {k[:-2]} {timings[k]:.2f}s" for k in ("compile_s", "capture_s") if timings.get(k))
-        extra = f" (incl.{extra[1:]})" if extra else ""
-        echo(f"load {load_s:.2f}s{extra} | time to first token {gen_stats.prefill_s * 1000:.1f} ms | decode "
-             f"{gen_stats.ms_per_token:.2f} ms/token, {tps:.1f} tokens/s (batch {len(encoded)}, {mode}, {device}, "
-             f"world size {plan.world_size})")
+        def finish_text(tokens: list[int]) -> str:
+            text = tok.decode(tokens, skip_special_tokens=True)
+            cuts = [text.index(s) for s in stops if s in text]
+            return text[: min(cuts)] if cuts else text
+
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_id=tok.eos_token_id, seed=seed,
+                          should_stop=should_stop if stops else None)
+        if interactive:
+            _interactive(stepper, tok, encode_turn=lambda history: (
+                list(tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False))
+                if use_chat else tok.encode(history[-1]["content"])), plan=plan, finish_text=finish_text,
+                gen_kwargs=gen_kwargs)
+            return
+
+        stream = len(encoded) == 1 and sys.stdout.isatty() and plan.rank == 0
+        on_token = _streamer(tok) if stream else None
+        if stream:
+            click.echo(texts[0], nl=False)
+        completions, gen_stats = generate(stepper, encoded, on_token=on_token, **gen_kwargs)
+        records = []
+        for text, comp in zip(texts, completions):
+            out_text = finish_text(comp.tokens)
+            if not stream:
+                echo(f"### prompt: {text}\n{out_text}\n[{comp.finish_reason}, {len(comp.tokens)} tokens]")
+            records.append({"prompt": text, "prompt_token_ids": comp.prompt_tokens, "token_ids": comp.tokens,
+                            "text": out_text, "finish_reason": comp.finish_reason})
+        if stream:
+            click.echo(f"\n[{completions[0].finish_reason}, {len(completions[0].tokens)} tokens]")
+        timings = {k: round(v, 4) for k, v in timings.items()}
+        timings.update(load_s=round(load_s, 4), ttft_s=round(gen_stats.prefill_s, 4),
+                       decode_ms_per_token=round(gen_stats.ms_per_token, 3), decode_steps=gen_stats.decode_steps)
+        if output_file and plan.rank == 0:
+            _write_jsonl(output_file, [dict(r, timings=timings) for r in records])
+        if stats:
+            tps = 1000 / gen_stats.ms_per_token * len(encoded) if gen_stats.decode_steps else float("nan")
+            extra = "".join(f", {k[:-2]} {timings[k]:.2f}s" for k in ("compile_s", "capture_s") if timings.get(k))
+            extra = f" (incl.{extra[1:]})" if extra else ""
+            echo(f"load {load_s:.2f}s{extra} | time to first token {gen_stats.prefill_s * 1000:.1f} ms | decode "
+                 f"{gen_stats.ms_per_token:.2f} ms/token, {tps:.1f} tokens/s (batch {len(encoded)}, {mode}, {device}, "
+                 f"world size {plan.world_size})")
+    finally:
+        if sys.exc_info()[0] is None:  # after an error the other ranks may never reach the barrier: just exit
+            shutdown(plan, stepper)  # multi-rank: release the CUDA graphs, then leave the NCCL group together
 
 
 def _streamer(tok):

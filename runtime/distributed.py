@@ -42,3 +42,25 @@ def init_from_env(device: str | None) -> tuple[ParallelPlan, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return ParallelPlan(rank, world_size), device
+
+
+def shutdown(plan: ParallelPlan, *holders: object) -> None:
+    """End a multi-rank run cleanly: finish queued work, free the CUDA graphs (they hold NCCL work captured from
+    this process group) before the group goes, then leave together. Without this a rank can sit in the NCCL
+    communicator's teardown at interpreter exit. A no-op at world size 1."""
+    if plan.world_size == 1:
+        return
+    import gc
+
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    for h in holders:
+        graphs = getattr(h, "graphs", None)
+        if isinstance(graphs, dict):
+            graphs.clear()
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

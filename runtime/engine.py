@@ -21,7 +21,7 @@ from dsv3.config import ModelConfig, load_config_file
 from dsv3.model import Transformer
 from dsv3.runtime.artifacts import bind_constants, load_package
 from dsv3.runtime.manifest import ArtifactError, check_host, read_manifest, verify_files
-from dsv3.runtime.parallel import ParallelPlan, apply_parallel
+from dsv3.runtime.parallel import ParallelPlan, apply_parallel, build_rank_model
 from dsv3.runtime.steps import DecodeStep, PrefillStep, constants, decode_inputs, prefill_inputs
 
 StepFn = Callable[..., torch.Tensor]
@@ -71,6 +71,8 @@ class GraphStepper:
 
     @torch.inference_mode()  # the static buffers were made in inference mode (capture); callers need not be
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[n, vocab] fp32 logits. Under CUDA graphs this is a view of the graph's static output buffer, valid until
+        the next decode call (no copy on the hot path): clone it to keep it longer."""
         n = tokens.shape[0]
         b = self._bucket(n)
         if b in self.graphs:
@@ -116,8 +118,8 @@ def load_rank_model(checkpoint: str | Path, plan: ParallelPlan, *, dtype: torch.
 
     if read_shards_manifest(Path(checkpoint)) is not None:
         cfg = load_config_file(Path(checkpoint) / "config.json")
-        model = Transformer(cfg, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device)
-        apply_parallel(model, plan)
+        model = build_rank_model(cfg, plan, dtype=dtype, device=device, max_batch_size=max_batch_size,
+                                 max_seq_len=max_seq_len)
         load_presharded_(model, Path(checkpoint), plan, progress=progress)
         return model
 

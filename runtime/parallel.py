@@ -8,7 +8,8 @@
   partial sums reduced together), one for the vocab-parallel embedding, an all-gather of the logits.
 
 Every rank runs the same graph: the rank enters only through buffers (`embed_tokens.vocab_start`,
-`layers.{i}.mlp.experts.expert_start`) read on the device, so one compiled artifact serves all ranks.
+`layers.{i}.mlp.experts.expert_offset.value`) read on the device, so one compiled artifact serves all ranks.
+`build_rank_model` builds on the meta device, shards, then materialises: a rank only ever allocates its shard.
 `placement(name)` tells the loader which part of each checkpoint tensor this rank needs.
 """
 
@@ -106,8 +107,11 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight: torch.Tensor, vocab_start: int, group_name: str):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.start, self.group_name = vocab_start, group_name
         self.register_buffer("vocab_start", torch.tensor(vocab_start, device=weight.device), persistent=False)
-        self.group_name = group_name
+
+    def reset_buffers_(self) -> None:  # after Transformer.materialize_
+        self.vocab_start.fill_(self.start)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local_vocab = self.weight.shape[0]
@@ -118,9 +122,29 @@ class VocabParallelEmbedding(nn.Module):
         return fc.wait_tensor(fc.all_reduce(out, "sum", self.group_name))
 
 
+class ExpertOffset(nn.Module):
+    """The first global expert id this rank holds, as a device buffer (one graph for every rank)."""
+
+    def __init__(self, start: int, device: torch.device):
+        super().__init__()
+        self.start = start
+        self.register_buffer("value", torch.tensor(start, device=device), persistent=False)
+
+    def reset_buffers_(self) -> None:  # after Transformer.materialize_
+        self.value.fill_(self.start)
+
+
 def _local_expert_ids(experts: nn.Module, args: tuple) -> tuple:
     x, topk_idx, topk_weight = args
-    return x, topk_idx - experts.expert_start, topk_weight
+    return x, topk_idx - experts.expert_offset.value, topk_weight
+
+
+def build_rank_model(cfg: ModelConfig, plan: ParallelPlan, *, dtype: torch.dtype, device: torch.device | str,
+                     max_batch_size: int, max_seq_len: int) -> Transformer:
+    """This rank's shard of the model with uninitialised weights on `device` (meta: shapes only)."""
+    model = Transformer(cfg, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, device="meta")
+    apply_parallel(model, plan)
+    return model if torch.device(device).type == "meta" else model.materialize_(device)
 
 
 def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
@@ -156,8 +180,7 @@ def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
         layer.mlp.register_forward_hook(all_reduce)
         experts = getattr(layer.mlp, "experts", None)
         if experts is not None:
-            experts.register_buffer("expert_start", torch.tensor(plan.rank * experts_per_rank,
-                                                                 device=experts.gate_proj.device), persistent=False)
+            experts.expert_offset = ExpertOffset(plan.rank * experts_per_rank, experts.gate_proj.device)
             experts.register_forward_pre_hook(_local_expert_ids)
 
     vocab = model.embed_tokens.weight

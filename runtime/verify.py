@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from dsv3.config import load_config_file
-from dsv3.model import Transformer
 from dsv3.runtime.artifacts import bind_constants, load_package
 from dsv3.runtime.manifest import read_manifest, verify_files
-from dsv3.runtime.parallel import ParallelPlan, apply_parallel
+from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 from dsv3.runtime.random_weights import fill_random_
 from dsv3.runtime.steps import DecodeStep, PrefillStep, constants
 
@@ -70,9 +69,8 @@ def verify(directory: str | Path) -> list[dict]:
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ws)
-    model = Transformer(cfg, dtype=DTYPES[manifest["dtype"]], max_batch_size=manifest["max_batch_size"],
-                        max_seq_len=manifest["max_seq_len"], device=device)
-    apply_parallel(model, ParallelPlan(0, ws))
+    model = build_rank_model(cfg, ParallelPlan(0, ws), dtype=DTYPES[manifest["dtype"]], device=device,
+                             max_batch_size=manifest["max_batch_size"], max_seq_len=manifest["max_seq_len"])
     fill_random_(model, seed=1234)
     tensors = constants(model)
     floor = tolerance(cfg, manifest["dtype"])

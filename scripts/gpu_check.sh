@@ -7,10 +7,12 @@
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
 #   loadprof   where the artifact cold start goes (scripts/profile_load.py on art16 + ckpt16)
+#   prof16     where a batch-1 decode step goes (scripts/profile_decode.py: graph replay vs kernel time, top kernels)
 #   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4096) and the eager model, JSON in $OUT
 #   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
-#   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61)
+#   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61);
+#              NO_VERIFY_671=1 skips verification (verify with a few layers: same per-layer graph code)
 # A failed AOTInductor build leaves its newest generated wrapper.cpp in $OUT for offline reading.
 # Logs land in $OUT (the device tool's output folder; ./gpu_out elsewhere).
 set -u
@@ -76,6 +78,8 @@ keep_wrapper() {  # the C++ AOTInductor generated last (after a failed build), c
 
 step_loadprof() { $PY scripts/profile_load.py "$WORK/art16" "$WORK/ckpt16" 2>&1 | grep -v Warning | tail -12; }
 
+step_prof16() { $PY scripts/profile_decode.py "$WORK/art16" "$WORK/ckpt16" "$OUT" 128 2>&1 | grep -v Warning | tail -45; }
+
 step_bench16() {
   dsv3c bench --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" --batch-sizes 1,8 --context 128,4096 \
     --steps 32 --prompt-len 4096 --json "$OUT/bench16_artifacts.json" 2>&1 | grep --line-buffered -v Warning | tail -8
@@ -102,17 +106,20 @@ step_compile16_ws2() {
     | grep --line-buffered -v Warning | tee "$OUT/compile16_ws2.log" | tail -12
 }
 
-step_nccl2() {
-  $PY -m torch.distributed.run --standalone --nproc-per-node 2 scripts/nccl_check.py "$WORK/art16_ws2" \
-    "$WORK/ckpt16" "$OUT/nccl2.json" 2>&1 | grep -v -E "Warning|warn|tokenizer you are" | tail -30
-  dsv3c run --world-size 2 --artifacts "$WORK/art16_ws2" --checkpoint "$WORK/ckpt16" --prompt "Hello there" \
-    --prompt "Write a poem about GPUs." --max-new-tokens 32 --stats 2>&1 | grep -E "load|error|Error" | tail -5
+step_nccl2() {  # each under a timeout (a hung collective must not eat the device call); full logs in $OUT
+  timeout 300 $PY -m torch.distributed.run --standalone --nproc-per-node 2 scripts/nccl_check.py "$WORK/art16_ws2" \
+    "$WORK/ckpt16" "$OUT/nccl2.json" >"$OUT/nccl2.log" 2>&1; echo "nccl_check exit $?"
+  grep -v -E "Warning|warn|tokenizer you are" "$OUT/nccl2.log" | tail -30
+  /usr/bin/time -f "ws2 run, cold start to exit: %e s" timeout 240 $PY -m dsv3.cli run --world-size 2 \
+    --artifacts "$WORK/art16_ws2" --checkpoint "$WORK/ckpt16" --prompt "Hello there" \
+    --prompt "Write a poem about GPUs." --max-new-tokens 32 --stats >"$OUT/run16_ws2.log" 2>&1; echo "run exit $?"
+  grep -E "load|error|Error|cold" "$OUT/run16_ws2.log" | tail -5
 }
 
 step_compile671() {
   dsv3c compile --config 671B --world-size 8 --num-layers "${NUM_LAYERS_671:-61}" --out "$WORK/art671" \
     --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite \
-    2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile671.log" | tail -25
+    ${NO_VERIFY_671:+--no-verify} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile671.log" | tail -25
   dsv3c inspect "$WORK/art671" | tee "$OUT/inspect671.txt" || keep_wrapper
 }
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.generate import EagerStepper
-from dsv3.runtime.distributed import init_from_env
+from dsv3.runtime.distributed import init_from_env, shutdown
 from dsv3.runtime.engine import artifact_stepper, load_rank_model
 from dsv3.runtime.parallel import ParallelPlan
 from dsv3.runtime.verify import _row_errors
@@ -31,13 +31,14 @@ STEPS = 8
 @torch.inference_mode()
 def teacher_forced(stepper, prompts, forced: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], list]:
     """Prefill + STEPS decode steps; feeds `forced[i]` at step i when given, else the greedy token."""
-    logits = [stepper.prefill(prompts).float()]
+    # .clone(): a CUDA-graph stepper returns a view of its static output buffer, rewritten by the next step
+    logits = [stepper.prefill(prompts).float().clone()]
     fed = []
     pos = torch.tensor([len(p) for p in prompts], device=logits[0].device)
     for i in range(STEPS):
         tok = forced[i] if forced is not None else logits[-1].argmax(-1)
         fed.append(tok)
-        logits.append(stepper.decode(tok, pos).float())
+        logits.append(stepper.decode(tok, pos).float().clone())
         pos = pos + 1
     return logits, fed
 
@@ -84,8 +85,7 @@ def main() -> None:
         print(json.dumps(res, indent=1))
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown(plan, stepper)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,52 @@ def test_placement_slices_and_experts():
     assert plan.placement("model.layers.5.mlp.experts.128.down_proj.weight", (7168, 2048), cfg) is None
     assert plan.placement("model.layers.5.mlp.gate.weight", (256, 7168), cfg).dim is None
     assert plan.placement("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", (576, 7168), cfg).dim is None
+
+
+def test_rank_model_is_sharded_before_it_is_allocated(monkeypatch):
+    """build_rank_model allocates only the shard (a 671B rank at world size 8 must never hold all 256 experts),
+    and the computed buffers are right after materialising: rope tables, zero caches, the rank offsets."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import torch.distributed as dist
+    from dsv3.model import Transformer
+    from dsv3.runtime.parallel import build_rank_model
+
+    import dsv3.runtime.parallel as parallel
+
+    cfg = resolve_config("tiny")
+    devices = []
+    real_apply = parallel.apply_parallel
+
+    def watching_apply(model, plan):  # where the model lives when it is cut to this rank's shard
+        devices.append(model.embed_tokens.weight.device.type)
+        return real_apply(model, plan)
+
+    monkeypatch.setattr(parallel, "apply_parallel", watching_apply)
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        model = build_rank_model(cfg, ParallelPlan(1, 2), dtype=torch.float32, device="cpu", max_batch_size=2,
+                                 max_seq_len=32)
+    finally:
+        dist.destroy_process_group()
+    assert devices == ["meta"]  # sharded before any storage exists
+    full = Transformer(cfg, dtype=torch.float32, max_batch_size=2, max_seq_len=32)
+    assert model.layers[1].mlp.experts.gate_proj.shape[0] == cfg.n_routed_experts // 2
+    assert model.embed_tokens.weight.shape[0] == cfg.vocab_size // 2
+    assert torch.equal(model.rope_cos, full.rope_cos) and torch.equal(model.rope_sin, full.rope_sin)
+    assert all(int(c.abs().max()) == 0 for c in model.latent_caches())
+    assert int(model.embed_tokens.vocab_start) == cfg.vocab_size // 2
+    assert int(model.layers[1].mlp.experts.expert_offset.value) == cfg.n_routed_experts // 2
+
+
+def test_checkpoint_load_prepares_on_meta(tmp_path):
+    """The loader calls `prepare` (the tensor-parallel pass) before any storage exists."""
+    ckpt = write_random_checkpoint(resolve_config("tiny"), tmp_path / "ck", dtype="bf16", seed=3, progress=False)
+    seen = []
+
+    def prepare(model):
+        seen.append(model.embed_tokens.weight.device.type)
+        return None
+
+    model = dsv3.checkpoint.load(ckpt, dtype=torch.float32, max_seq_len=16, prepare=prepare, progress=False)
+    assert seen == ["meta"] and model.embed_tokens.weight.device.type == "cpu"

@@ -1,0 +1,78 @@
+"""Where a batch-1 decode step goes: python scripts/profile_decode.py ARTIFACTS CHECKPOINT OUT_DIR [CONTEXT]
+
+Loads the artifacts as `dsv3c run` does, fills the cache to CONTEXT (default 128) tokens, then
+1. times replays of the captured decode_b1 CUDA graph (what generation pays per token);
+2. profiles the same package called without the CUDA graph (torch.profiler, CUDA activity): every kernel's
+   time, grouped by name, and the sum of kernel time per step. Graph replay time minus kernel time is what
+   launches and gaps cost; the top kernels are where bandwidth goes.
+Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls/step, us/step).
+A diagnostic for docs/BENCHMARKS.md, not part of the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    artifacts, checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    context = int(sys.argv[4]) if len(sys.argv) > 4 else 128
+    out.mkdir(parents=True, exist_ok=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    from dsv3.runtime.engine import artifact_stepper
+    from dsv3.runtime.parallel import ParallelPlan
+
+    stepper, _ = artifact_stepper(artifacts, checkpoint, ParallelPlan(0, 1), "cuda", progress=False)
+    stepper.prefill([[1] * context])
+    tok = torch.ones(1, dtype=torch.long, device="cuda")
+    pos = torch.full((1,), context, dtype=torch.long, device="cuda")
+    for _ in range(10):
+        stepper.decode(tok, pos)
+    torch.cuda.synchronize()
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        stepper.decode(tok, pos)
+    torch.cuda.synchronize()
+    graph_us = (time.perf_counter() - t0) / n * 1e6
+
+    fn = stepper.decode_fns[1]
+    args = (tok.view(1, 1), pos.view(1, 1))
+    for _ in range(3):
+        fn(*args)
+    torch.cuda.synchronize()
+    steps = 20
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn(*args)
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    rows = sorted(((name, len(t) / steps, sum(t) / steps) for name, t in per_kernel.items()), key=lambda r: -r[2])
+    kernel_us = sum(r[2] for r in rows)
+    launches = sum(r[1] for r in rows)
+    lines = [f"decode_b1 at context {context}: CUDA-graph replay {graph_us:.1f} us/step; "
+             f"kernel time {kernel_us:.1f} us/step over {launches:.0f} kernels "
+             f"({graph_us - kernel_us:.1f} us/step of gaps between kernels)",
+             f"{'us/step':>9} {'share':>6} {'calls':>6}  kernel"]
+    for name, calls, us in rows[:40]:
+        lines.append(f"{us:9.1f} {us / kernel_us:6.1%} {calls:6.0f}  {name[:110]}")
+    text = "\n".join(lines)
+    print(text)
+    (out / "decode_profile.txt").write_text(text + "\n")
+    (out / "decode_profile.json").write_text(json.dumps(
+        {"context": context, "graph_us_per_step": graph_us, "kernel_us_per_step": kernel_us, "kernels_per_step":
+         launches, "kernels": [{"name": n_, "calls_per_step": c, "us_per_step": u} for n_, c, u in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -230,7 +230,7 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
             model = build_model(opts, device="meta")  # shapes only: the manifest's expected weights
             jobs = min(opts.jobs or default_jobs(opts, len(specs)), len(specs))
         echo(f"building {len(specs)} graphs ({', '.join(s.name for s in specs)}), {jobs} at a time")
-        if jobs == 1:
+        if jobs == 1 and opts.device != "cuda":
             for spec in specs:
                 log.timings.update(build_graph(opts, spec, tmp, echo))
         else:
@@ -267,9 +267,12 @@ def _build_in_parallel(opts: CompileOptions, specs: list[GraphSpec], tmp: Path, 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    # spawn: a CUDA context does not survive fork; each worker builds its own model and prints its own stages
+    # spawn: a CUDA context does not survive fork; each worker builds its own model and prints its own stages.
+    # CUDA builds always go through workers, even one at a time: a finished graph's process exits and gives back
+    # its rank model (81 GiB for 671B at world size 8), which an in-process build kept alive into the next graph.
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
         futures = {pool.submit(_build_graph_in_worker, opts, spec, str(tmp)): spec for spec in specs}
         try:
             for fut in as_completed(futures):

@@ -195,22 +195,20 @@ def _build_graph_in_worker(opts: CompileOptions, spec: GraphSpec, out: str) -> d
     return build_graph(opts, spec, Path(out), echo=lambda line: print(line, flush=True))
 
 
-def model_bytes(opts: CompileOptions) -> int:
+def model_bytes(model: Transformer) -> int:
     """Bytes of one rank's weights and caches (what each graph-building process allocates)."""
-    with _process_group(opts.world_size):
-        model = build_model(opts, device="meta")
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def default_jobs(opts: CompileOptions, n_graphs: int) -> int:
+def default_jobs(opts: CompileOptions, n_graphs: int, model: Transformer) -> int:
     """CUDA: one process per graph, as many as the CPU cores (Inductor also compiles kernels in parallel) and the
     free GPU memory allow. CPU targets build one graph at a time (CI boxes have few cores)."""
     if opts.device != "cuda":
         return 1
     by_cores = max(1, (os.cpu_count() or 1) // 4)
     free = torch.cuda.mem_get_info()[0]
-    per_job = model_bytes(opts) * 1.1 + (2 << 30)  # + activations, workspace and the CUDA context
+    per_job = model_bytes(model) * 1.1 + (2 << 30)  # + activations, workspace and the CUDA context
     return max(1, min(n_graphs, by_cores, int(free * 0.9 // per_job)))
 
 
@@ -228,7 +226,7 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
     with staged_directory(out, overwrite=overwrite) as tmp:
         with log.stage("model"), _process_group(opts.world_size):
             model = build_model(opts, device="meta")  # shapes only: the manifest's expected weights
-            jobs = min(opts.jobs or default_jobs(opts, len(specs)), len(specs))
+            jobs = min(opts.jobs or default_jobs(opts, len(specs), model), len(specs))
         echo(f"building {len(specs)} graphs ({', '.join(s.name for s in specs)}), {jobs} at a time")
         if jobs == 1 and opts.device != "cuda":
             for spec in specs:

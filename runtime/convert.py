@@ -24,10 +24,9 @@ from tqdm.auto import tqdm
 
 from dsv3.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, TensorSpec, checkpoint_to_param_name,
                              validate)
-from dsv3.config import ModelConfig
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, dequantize_weight
 from dsv3.model import Transformer
-from dsv3.runtime.parallel import ParallelPlan, apply_parallel
+from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 from dsv3.staging import staged_directory
 
 SHARDS_FILE = "dsv3-shards.json"
@@ -70,12 +69,6 @@ def _copy_side_files(src: Path, dst: Path, cfg_dict: dict) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _rank_model(cfg: ModelConfig, plan: ParallelPlan) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg, dtype=torch.bfloat16, max_batch_size=1, max_seq_len=1)
-    return apply_parallel(model, plan)
-
-
 def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *, overwrite: bool = False,
                      progress: bool = True) -> Path:
     reader = CheckpointReader(checkpoint)
@@ -85,7 +78,8 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
         for rank in range(world_size):
             plan = ParallelPlan(rank, world_size)
             plan.check(cfg)
-            state = _rank_model(cfg, plan).state_dict()
+            state = build_rank_model(cfg, plan, dtype=torch.bfloat16, device="meta", max_batch_size=1,
+                                     max_seq_len=1).state_dict()
             # checkpoint tensors per rank-model tensor: (checkpoint name, placement)
             sources: dict[str, list] = {name: [] for name in state}
             for name, spec in expected.items():

@@ -57,9 +57,8 @@ def shutdown(plan: ParallelPlan, *holders: object) -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     for h in holders:
-        graphs = getattr(h, "graphs", None)
-        if isinstance(graphs, dict):
-            graphs.clear()
+        if hasattr(h, "release_graphs"):  # GraphStepper; the eager model holds no graphs
+            h.release_graphs()
     gc.collect()
     if dist.is_initialized():
         dist.barrier()

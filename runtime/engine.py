@@ -90,6 +90,10 @@ class GraphStepper:
         pos[:n, 0] = positions
         return self.decode_fns[b](tok, pos)[:n]
 
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs (and the NCCL work captured in them) before the process group goes."""
+        self.graphs.clear()
+
     # -------------------------------------------------------------- prefill
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:

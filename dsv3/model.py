@@ -18,7 +18,8 @@ from torch import nn
 
 import dsv3.kernels  # noqa: F401  (registers torch.ops.dsv3.*)
 from dsv3.config import ModelConfig, ceil_div
-from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
+from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
+from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.rope import apply_rope, rope_tables, softmax_scale
 
 
@@ -44,11 +45,6 @@ class Linear(nn.Module):
         if self.weight_scale_inv is None:
             return F.linear(x, self.weight)
         return torch.ops.dsv3.fp8_linear(x, self.weight, self.weight_scale_inv)
-
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.weight_scale_inv is None:
-            return self.weight.to(dtype)
-        return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -113,11 +109,12 @@ class MLA(nn.Module):
             cache = self.latent_cache.index_select(0, cache_rows)
 
         # Absorb W_UK into the query and W_UV into the output, so attention runs in the 512-wide latent space.
-        w_kv_b = self.kv_b_proj.dense_weight(x.dtype).view(self.num_heads, self.nope_dim + self.v_dim, -1)
-        w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim:]
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        # Both are slices of kv_b_proj, read in place (FP8 at decode: no per-step dequantized copy).
+        kv_b = self.kv_b_proj
+        q_latent = torch.ops.dsv3.mla_absorb(q_nope, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
+                                             False)
         o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
-        o = torch.einsum("bshc,hdc->bshd", o_latent, w_uv)
+        o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim, True)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
 
@@ -148,31 +145,16 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(F.linear(x.float(), self.weight.float()), self.e_score_correction_bias, self.cfg)
+        # One op: fp32 logits, scoring, group limiting, top-k and weights (two kernels at decode, no weight copy).
+        return torch.ops.dsv3.route(x, self.weight, self.e_score_correction_bias, **route_args(self.cfg))
 
 
 def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] (fp32) -> (expert ids [T, k], combine weights [T, k]): scores, group limiting,
-    top-k on the bias-shifted scores, weights from the unshifted ones, renormalisation, routed scaling.
-    Out-of-place ops only, so the same code exports to ONNX (dsv3.export)."""
-    scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
-    choice = scores if bias is None else scores + bias
-    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-        if cfg.topk_method == "noaux_tc":
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # V3: sum of each group's best two
-        else:
-            group_score = grouped.amax(-1)  # V2: each group's best expert
-        keep = group_score.topk(cfg.topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, keep, True)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
-    topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-    topk_weight = scores.gather(1, topk_idx)
-    if cfg.norm_topk_prob:
-        topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
-    return topk_idx, topk_weight * cfg.routed_scaling_factor
+    top-k on the bias-shifted scores, weights from the unshifted ones, renormalisation, routed scaling
+    (dsv3.kernels.router has the contract). Out-of-place ops only, so it exports to ONNX (dsv3.export)."""
+    return select_experts_reference(logits, bias, **route_args(cfg))
 
 
 class RoutedExperts(nn.Module):
@@ -190,10 +172,17 @@ class RoutedExperts(nn.Module):
             scale = torch.empty(e, ceil_div(n, BLOCK), ceil_div(k, BLOCK), dtype=torch.float32) if fp8 else None
             self.register_buffer(f"{name}_scale_inv", scale)
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                shared: "MLP | None" = None) -> torch.Tensor:
+        """Routed experts plus, when given, the shared expert MLP: one op, so decode runs both in the same
+        kernels (the shared expert is a few extra programs, not ten more launches)."""
+        extra = ()
+        if shared is not None:
+            lins = (shared.gate_proj, shared.up_proj, shared.down_proj)
+            extra = tuple(m.weight for m in lins) + tuple(m.weight_scale_inv for m in lins)
         return torch.ops.dsv3.routed_experts(
             x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj,
-            self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv,
+            self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv, *extra,
         )
 
 
@@ -210,10 +199,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = self.gate(flat)
-        y = self.experts(flat, topk_idx, topk_weight).view(shape)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        return self.experts(flat, topk_idx, topk_weight, self.shared_experts).view(shape)
 
 
 class Block(nn.Module):

@@ -3,6 +3,8 @@
 #   env        install the package (offline) and print versions
 #   cpu-suite  the fast CPU tests under this host's torch (2.11 on the device): compatibility check
 #   kernels    the GPU kernel tests (scripts/gpu_kernels.sh tests)
+#   kgpu       all GPU-marked kernel tests but the AOTI ones (test_kernels, test_router, test_gemv_variants)
+#   sweep-gemv scripts/sweep_gemv.py: decode GEMV variants and launch configs (JSON in $OUT)
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
@@ -52,6 +54,16 @@ step_cpu_suite() {
 }
 
 step_kernels() { bash scripts/gpu_kernels.sh tests; }
+
+step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (those run in `kernels`), 5 min cap
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "not aoti" tests/test_kernels.py \
+    $(ls tests/test_router.py tests/test_gemv_variants.py 2>/dev/null) 2>&1 | tee "$OUT/kgpu.log" | tail -15
+}
+
+step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B-TP8 shapes, in CUDA graphs
+  timeout 300 $PY scripts/sweep_gemv.py ${SWEEP_ARGS:-} --json "$OUT/sweep_gemv.json" 2>&1 | tee "$OUT/sweep_gemv.log" \
+    | tail -60
+}
 
 LAYERS16=${LAYERS16:-27}
 step_ckpt16() {

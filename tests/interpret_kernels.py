@@ -32,6 +32,7 @@ import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter as _interp  # noqa: E402
 
 from dsv3.kernels import fp8_linear as L  # noqa: E402
+from dsv3.kernels import mla_absorb as AB  # noqa: E402
 from dsv3.kernels import mla_attention as A  # noqa: E402
 from dsv3.kernels import routed_experts as RE  # noqa: E402
 from dsv3.kernels.fp8_blocks import (  # noqa: E402
@@ -255,6 +256,36 @@ def test_routed_experts(case, fixed_interpreter):
     assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
 
 
+SHARED_CASES = [
+    # T, K, E, D, I, I_s, fp8, grouped: the shared expert's intermediate differs from the routed one (and is ragged)
+    (1, 3, 6, 256, 130, 200, True, False),
+    (17, 3, 6, 200, 88, 256, True, False),
+    (17, 3, 6, 200, 88, 256, True, True),
+    (5, 2, 4, 136, 72, 40, False, False),
+    (70, 2, 4, 136, 72, 40, False, True),
+]
+
+
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_routed_experts_with_shared(case, fixed_interpreter):
+    """The shared expert computed by the same kernels (extra programs, weight 1) = routed + dense shared MLP."""
+    t, k, e, d, i, i_s, fp8, grouped = case
+    gen = torch.Generator().manual_seed(sum(case[:6]) + 100 * grouped)
+    x, idx, wt, w = _moe_inputs(t, k, e, d, i, fp8, torch.bfloat16, gen)
+    sw = [torch.randn(i_s, d, generator=gen) * 0.1, torch.randn(i_s, d, generator=gen) * 0.1,
+          torch.randn(d, i_s, generator=gen) * 0.1]
+    if fp8:
+        qs = [quantize_weight(v) for v in sw]
+        shared = (qs[0][0], qs[1][0], qs[2][0], qs[0][1], qs[1][1], qs[2][1])
+    else:
+        shared = tuple(v.to(torch.bfloat16) for v in sw) + (None, None, None)
+    out = RE.routed_experts_triton(x, idx, wt, *w, shared=shared, grouped=grouped)
+    ref = RE.routed_experts_reference(x, idx, wt, *w, shared=shared)
+    alone = RE.routed_experts_reference(x, idx, wt, *w)
+    assert rel_err(ref, alone) > 0.1  # the shared expert contributes: the check below is not vacuous
+    assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
+
+
 def test_routed_experts_fp16_unpatched():
     gen = torch.Generator().manual_seed(1)
     x, idx, wt, w = _moe_inputs(6, 2, 4, 136, 72, False, torch.float16, gen)
@@ -277,3 +308,31 @@ def test_grouped_schedule():
             assert (flat[pairs] == e[j]).all()
             seen += pairs.tolist()
     assert sorted(seen) == sorted(i for i, v in enumerate(flat.tolist()) if 0 <= v < 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLA absorb (W_UK into the query, W_UV^T out of the latent output), weights read from kv_b_proj
+# ---------------------------------------------------------------------------------------------------------------
+
+ABSORB_CASES = [
+    # M, H, Dn, Dv, C, fp8: 128-aligned heads (the real shapes), and heads that straddle the 128-row scale blocks
+    (1, 2, 128, 128, 512, True),
+    (3, 3, 16, 24, 72, True),
+    (17, 2, 32, 16, 200, True),
+    (5, 3, 16, 24, 72, False),
+]
+
+
+@pytest.mark.parametrize("case", ABSORB_CASES)
+@pytest.mark.parametrize("output", [False, True])
+def test_mla_absorb(case, output, fixed_interpreter):
+    m, h, dn, dv, c, fp8 = case
+    gen = torch.Generator().manual_seed(sum(case[:5]) + output)
+    w = torch.randn(h * (dn + dv), c, generator=gen) * 0.1
+    w, s = quantize_weight(w) if fp8 else (w.to(torch.bfloat16), None)
+    full = torch.randn(m, h, dn + 8, generator=gen).to(torch.bfloat16)
+    x = torch.randn(m, h, c, generator=gen).to(torch.bfloat16) if output else full[..., :dn]  # a strided view
+    out = AB.mla_absorb_triton(x, w, s, dn, dv, output)
+    ref = AB.mla_absorb_reference(x.double(), w if fp8 else w.double(), s, dn, dv, output)  # float64 math
+    assert out.shape == (m, h, dv if output else c) and out.dtype == x.dtype
+    assert rel_err(out, ref) < 6e-3

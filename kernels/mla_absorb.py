@@ -1,0 +1,170 @@
+"""`torch.ops.dsv3.mla_absorb`: multiply per-head activations by W_UK or W_UV^T, read straight from `kv_b_proj`.
+
+Absorbed MLA multiplies each query head's nope part by W_UK (into the 512-wide latent space) and each head's
+attention output by W_UV^T (back to v_head_dim). Both matrices are slices of the checkpoint's `kv_b_proj.weight`
+([H * (Dn + Dv), C], rows of head h: Dn rows of W_UK then Dv rows of W_UV), FP8 with 128x128 block scales in V3.
+
+Contract
+- x: [..., H, Dn] (output=False) or [..., H, C] (output=True), bfloat16/float16/float32.
+- weight: [H * (Dn + Dv), C] float8_e4m3fn with weight_scale_inv [ceil(rows/128), ceil(C/128)] fp32, or a dense
+  weight with weight_scale_inv None. nope_dim = Dn, v_dim = Dv.
+- output=False: out[..., h, c] = sum_d x[..., h, d] * W[h*(Dn+Dv) + d, c]            -> [..., H, C]
+  output=True:  out[..., h, d] = sum_c x[..., h, c] * W[h*(Dn+Dv) + Dn + d, c]       -> [..., H, Dv]
+  with W the weight dequantized and rounded to x.dtype (as the model's reference einsum uses it), fp32
+  accumulation, result in x.dtype.
+
+Implementations (branch taken at trace time)
+- CPU, fp32, or more than 64 rows (prefill): `mla_absorb_reference`: dequantize the whole weight once, einsum
+  (for prefill the dequantized weight is reused across many tokens, so this is the efficient form).
+- CUDA, decode (prod(x.shape[:-2]) statically <= 64): one Triton kernel per direction. Each program owns one
+  head and a block of output channels, reads its FP8 weight tile once, dequantizes it in registers (scales
+  gathered per element, so heads need not align with the 128-row scale blocks) and runs a tensor-core dot against
+  all rows of x (padded to 16). Replaces, per layer and step, a dequantize kernel that wrote the whole weight in
+  bf16 and two batched GEMMs that read it back: the weight is read once, in FP8.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dsv3.kernels._launch import cdiv, next_pow2, static_int
+from dsv3.kernels.fp8_blocks import dequantize_weight
+
+DECODE_MAX_M = 64
+
+
+def mla_absorb_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: Optional[torch.Tensor],
+                         nope_dim: int, v_dim: int, output: bool) -> torch.Tensor:
+    heads = x.shape[-2]
+    w = weight.to(x.dtype) if weight_scale_inv is None else dequantize_weight(weight, weight_scale_inv, x.dtype)
+    w = w.view(heads, nope_dim + v_dim, -1)
+    if output:
+        out = torch.einsum("...hc,hdc->...hd", x, w[:, nope_dim:])
+    else:
+        out = torch.einsum("...hd,hdc->...hc", x, w[:, :nope_dim])
+    return out.contiguous()  # einsum may return a permuted layout; the contract (and the fake) is contiguous
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, rows, cols, mask, stride_wr, stride_sr, stride_sc, HAS_SCALE: tl.constexpr, dt):
+    """Weight elements (rows x cols), dequantized and rounded to the activation dtype `dt` (the reference's W)."""
+    w = tl.load(w_ptr + rows[:, None] * stride_wr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s = tl.load(s_ptr + (rows // 128)[:, None] * stride_sr + (cols // 128)[None, :] * stride_sc, mask=mask,
+                    other=0.0)
+        w = w * s
+    return w.to(dt)
+
+
+@triton.jit
+def _absorb_q_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, M, C, DN, ROWS_PER_HEAD,
+    stride_xm, stride_xh, stride_wr, stride_sr, stride_sc, stride_om, stride_oh,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[m, h, c-block] = x[m, h, :Dn] @ W_UK[h][:, c-block]; one program per (head, c block), Dn in one tile."""
+    h = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DN)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + h * stride_xh + offs_d[None, :],
+                mask=(offs_m < M)[:, None] & (offs_d < DN)[None, :], other=0.0)
+    rows = h * ROWS_PER_HEAD + offs_d
+    w = _weight_tile(w_ptr, s_ptr, rows, offs_c, (offs_d < DN)[:, None] & (offs_c < C)[None, :],
+                     stride_wr, stride_sr, stride_sc, HAS_SCALE, x.dtype)
+    acc = tl.dot(x, w)
+    o_ptrs = out_ptr + offs_m[:, None] * stride_om + h * stride_oh + offs_c[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_c < C)[None, :])
+
+
+@triton.jit
+def _absorb_o_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, M, C, DN, DV, ROWS_PER_HEAD,
+    stride_xm, stride_xh, stride_wr, stride_sr, stride_sc, stride_om, stride_oh,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[m, h, d-block] = x[m, h, :] @ W_UV[h][d-block, :]^T; one program per (head, d block), loop over C."""
+    h = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    rows = h * ROWS_PER_HEAD + DN + offs_d
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs_c
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + h * stride_xh + cols[None, :],
+                    mask=(offs_m < M)[:, None] & (cols < C)[None, :], other=0.0)
+        w = _weight_tile(w_ptr, s_ptr, rows, cols, (offs_d < DV)[:, None] & (cols < C)[None, :],
+                         stride_wr, stride_sr, stride_sc, HAS_SCALE, x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc)
+    o_ptrs = out_ptr + offs_m[:, None] * stride_om + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_d < DV)[None, :])
+
+
+def mla_absorb_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: Optional[torch.Tensor],
+                      nope_dim: int, v_dim: int, output: bool, block: int = 64, num_warps: int = 4) -> torch.Tensor:
+    *lead, heads, k = x.shape
+    c = weight.shape[1]
+    x3 = x.reshape(-1, heads, k)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    m = x3.shape[0]
+    n_out = v_dim if output else c
+    out = torch.empty((m, heads, n_out), dtype=x.dtype, device=x.device)
+    has_scale = weight_scale_inv is not None
+    s = weight_scale_inv if has_scale else weight  # unused without scales
+    s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
+    block_m = max(16, next_pow2(m))
+    rows_per_head = nope_dim + v_dim
+    if output:
+        block_d = min(block, max(16, next_pow2(v_dim)))
+        wrap_triton(_absorb_o_kernel)[(heads, cdiv(v_dim, block_d))](
+            x3, weight, s, out, m, c, nope_dim, v_dim, rows_per_head,
+            x3.stride(0), x3.stride(1), weight.stride(0), *s_strides, out.stride(0), out.stride(1),
+            HAS_SCALE=has_scale, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=128, num_warps=num_warps,
+        )
+    else:
+        block_c = min(128, max(16, next_pow2(c)))
+        wrap_triton(_absorb_q_kernel)[(heads, cdiv(c, block_c))](
+            x3, weight, s, out, m, c, nope_dim, rows_per_head,
+            x3.stride(0), x3.stride(1), weight.stride(0), *s_strides, out.stride(0), out.stride(1),
+            HAS_SCALE=has_scale, BLOCK_M=block_m, BLOCK_DN=max(16, next_pow2(nope_dim)), BLOCK_C=block_c,
+            num_warps=num_warps,
+        )
+    return out.view(*lead, heads, n_out)
+
+
+def _triton_ok(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: Optional[torch.Tensor]) -> bool:
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.stride(-1) != 1:
+        return False
+    m = static_int(x.numel() // (x.shape[-1] * x.shape[-2])) if x.shape[-1] * x.shape[-2] else None
+    if m is None or m == 0 or m > DECODE_MAX_M:
+        return False
+    return weight.dtype == torch.float8_e4m3fn if weight_scale_inv is not None else weight.dtype == x.dtype
+
+
+@triton_op("dsv3::mla_absorb", mutates_args=())
+def mla_absorb(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: Optional[torch.Tensor], nope_dim: int,
+               v_dim: int, output: bool) -> torch.Tensor:
+    if x.device.type == "cpu" or not _triton_ok(x, weight, weight_scale_inv):
+        return mla_absorb_reference(x, weight, weight_scale_inv, nope_dim, v_dim, output)
+    return mla_absorb_triton(x, weight, weight_scale_inv, nope_dim, v_dim, output)
+
+
+@mla_absorb.register_fake
+def _mla_absorb_fake(x, weight, weight_scale_inv, nope_dim, v_dim, output):
+    heads = x.shape[-2]
+    torch._check(weight.shape[0] == heads * (nope_dim + v_dim),
+                 lambda: f"mla_absorb: weight has {weight.shape[0]} rows, expected {heads} heads x "
+                         f"({nope_dim} + {v_dim})")
+    torch._check(x.shape[-1] == (weight.shape[1] if output else nope_dim),
+                 lambda: f"mla_absorb: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    return x.new_empty((*x.shape[:-1], v_dim if output else weight.shape[1]))
+
+
+__all__ = ["mla_absorb", "mla_absorb_reference", "mla_absorb_triton"]

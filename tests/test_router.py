@@ -1,0 +1,256 @@
+"""Tests for `torch.ops.dsv3.route` (dsv3.kernels.router): the MoE router as one op.
+
+CPU (part of `make test`):
+- op registration (`torch.library.opcheck`: schema, fake impl, autograd registration, AOT dispatch) on the CPU branch;
+- `route_reference` against a float64 implementation written here from the contract (sorts, not torch.topk) for
+  the 16B / 236B / 671B routings on random inputs at their real shapes;
+- (the model's router against Hugging Face's: tests/test_parity_hf.py);
+- the two Triton kernels run by the Triton interpreter against `route_reference`: `tests/interpret_router.py`, in a
+  subprocess because TRITON_INTERPRET=1 must be set before triton is imported.
+
+GPU (`pytest -m gpu tests/test_router.py`, on the device): the op against the float64 implementation at the
+16B / 236B / 671B shapes for T = 1, 8, 64 (Triton decode path) and T = 300 (plain torch prefill path), inside
+`torch.compile(fullgraph=True)`, and under CUDA graph capture (no host sync) with fresh inputs on replay.
+
+Indices are compared exactly except on tokens whose routing is decided by a gap <= 1e-5 (k-th vs (k+1)-th choice,
+last kept vs first dropped group, in float64): fp32 logits summed in another order may flip those legitimately.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.config import resolve_config
+from dsv3.kernels import router as R  # (importing it registers torch.ops.dsv3.route)
+
+HERE = Path(__file__).resolve().parent
+REAL_CONFIGS = ["16B", "236B", "671B"]
+NEAR_TIE = 1e-5
+
+
+def routing_float64(x, weight, bias, top_k, n_group, topk_group, sigmoid, group_top2, norm_topk_prob,
+                    routed_scaling_factor):
+    """The contract in float64, by sorting (stable: lowest index first on ties), independent of the module's code.
+    Returns (idx [T, k], weights [T, k] float64, margin [T]: the smallest gap deciding the routing)."""
+    logits = x.double() @ weight.double().t()
+    scores = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
+    choice = scores if bias is None else scores + bias.double()
+    t, e = choice.shape
+    gaps = []
+    if n_group > 1 and topk_group < n_group:
+        per = e // n_group
+        best = choice.reshape(t, n_group, per).sort(dim=-1, descending=True).values
+        group_score = best[..., 0] + best[..., 1] if group_top2 else best[..., 0]
+        g_sorted, g_order = group_score.sort(dim=-1, descending=True, stable=True)
+        gaps.append(g_sorted[:, topk_group - 1] - g_sorted[:, topk_group])
+        kept = torch.zeros(t, n_group, dtype=torch.bool).scatter(1, g_order[:, :topk_group], True)
+        choice = torch.where(kept.repeat_interleave(per, dim=1), choice, float("-inf"))
+    c_sorted, order = choice.sort(dim=-1, descending=True, stable=True)
+    idx = order[:, :top_k]
+    following = torch.cat([c_sorted[:, 1:], torch.full((t, 1), float("-inf"), dtype=c_sorted.dtype)], dim=1)
+    gaps.append((c_sorted[:, :top_k] - following[:, :top_k]).min(dim=-1).values)
+    weights = scores.gather(1, idx)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return idx, weights * routed_scaling_factor, torch.stack(gaps).min(dim=0).values
+
+
+def real_inputs(name: str, t: int, device="cpu", seed=0):
+    """x and router weight in bf16 at the config's shapes, logits ~ N(0, 1); the V3 bias as trained ones are
+    (a small positive spread)."""
+    cfg = resolve_config(name)
+    args = R.route_args(cfg)
+    g = torch.Generator().manual_seed(seed)
+    d, e = cfg.hidden_size, cfg.n_routed_experts
+    x = torch.randn(t, d, generator=g).bfloat16()
+    w = (torch.randn(e, d, generator=g) * d ** -0.5).bfloat16()
+    bias = torch.rand(e, generator=g) * 0.1 if cfg.topk_method == "noaux_tc" else None
+    to = (lambda v: None if v is None else v.to(device))  # noqa: E731
+    return to(x), to(w), to(bias), args
+
+
+def assert_routing(idx, wt, x, w, bias, args, rtol, min_stable=0.5):
+    t, k = x.shape[0], args["top_k"]
+    assert idx.shape == (t, k) and wt.shape == (t, k)
+    assert idx.dtype == torch.int64 and wt.dtype == torch.float32
+    idx, wt = idx.cpu(), wt.cpu()
+    x, w, bias = x.cpu(), w.cpu(), None if bias is None else bias.cpu()
+    e = w.shape[0]
+    assert ((idx >= 0) & (idx < e)).all() and torch.isfinite(wt).all()
+    assert all(len(set(row)) == k for row in idx.tolist()), "an expert chosen twice"
+    ridx, rwt, margin = routing_float64(x, w, bias, **args)
+    stable = margin > NEAR_TIE
+    assert stable.float().mean() >= min_stable, "too many near-ties: badly conditioned test inputs"
+    assert torch.equal(idx[stable], ridx[stable])
+    torch.testing.assert_close(wt[stable].double(), rwt[stable], rtol=rtol, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_triton_kernels_interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "interpret_router.py")]
+    res = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"interpreter tests failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2", "tiny-ragged", "16B"])
+def test_opcheck_cpu(name):
+    cfg = resolve_config(name)
+    args = R.route_args(cfg)
+    g = torch.Generator().manual_seed(1)
+    e, d = cfg.n_routed_experts, 64
+    x = torch.randn(5, d, generator=g).bfloat16()
+    w = torch.randn(e, d, generator=g).bfloat16()
+    bias = torch.rand(e, generator=g) if cfg.topk_method == "noaux_tc" else None
+    op_args = (x, w, bias, *args.values())
+    torch.library.opcheck(torch.ops.dsv3.route.default, op_args)
+    idx, wt = torch.ops.dsv3.route(*op_args)
+    ridx, rwt = R.route_reference(x, w, bias, **args)
+    assert torch.equal(idx, ridx) and torch.equal(wt, rwt)
+
+
+def test_route_args():
+    a16, a236, a671 = (R.route_args(resolve_config(n)) for n in REAL_CONFIGS)
+    assert a16 == dict(top_k=6, n_group=1, topk_group=1, sigmoid=False, group_top2=False, norm_topk_prob=False,
+                       routed_scaling_factor=1.0)
+    assert a236 == dict(top_k=6, n_group=8, topk_group=3, sigmoid=False, group_top2=False, norm_topk_prob=False,
+                        routed_scaling_factor=16.0)
+    assert a671 == dict(top_k=8, n_group=8, topk_group=4, sigmoid=True, group_top2=True, norm_topk_prob=True,
+                        routed_scaling_factor=2.5)
+    # groups that keep everything are no limiting at all
+    cfg = resolve_config("tiny-v2").replace(topk_group=4)
+    assert R.route_args(cfg)["n_group"] == 1 and R.route_args(cfg)["topk_group"] == 1
+
+
+def test_bad_args():
+    x, w = torch.randn(2, 8), torch.randn(12, 8)
+    base = dict(top_k=2, n_group=3, topk_group=2, sigmoid=True, group_top2=True, norm_topk_prob=True,
+                routed_scaling_factor=1.0)
+    for bad in (dict(top_k=0), dict(top_k=13), dict(n_group=5), dict(topk_group=0), dict(top_k=9),
+                dict(n_group=12, topk_group=6)):
+        with pytest.raises(ValueError):
+            R.route_triton(x, w, None, **{**base, **bad})
+        with pytest.raises(ValueError):
+            with torch._subclasses.FakeTensorMode() as mode:
+                torch.ops.dsv3.route(mode.from_tensor(x), mode.from_tensor(w), None, *{**base, **bad}.values())
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_reference_matches_float64(name):
+    x, w, bias, args = real_inputs(name, 64, seed=2)
+    idx, wt = R.route_reference(x, w, bias, **args)
+    assert_routing(idx, wt, x, w, bias, args, rtol=1e-5)
+
+
+def test_logits_plan():
+    for t in (1, 3, 8, 17, 64):
+        for e, d in ((64, 2048), (160, 5120), (256, 7168), (16, 64), (12, 200)):
+            p = R.logits_plan(t, e, d, 132)
+            bt, be, bd, splits, per = p["BLOCK_T"], p["BLOCK_E"], p["BLOCK_D"], p["splits"], p["d_per_split"]
+            assert bt >= t and p["FLAT"] == (bt <= 8) and per % bd == 0 and (splits - 1) * per < d <= splits * per
+            assert bt * be * bd <= 2 * R.LOGITS_ACC_ELEMS and p["num_warps"] in (4, 8)
+            assert -(-e // be) * splits <= 4 * 132 or splits == 1           # at most 4 programs per SM
+            assert splits * t * e * 4 <= e * d * 2 // 4 or splits == 1     # partials small next to the weight
+            assert p["STAGES"] == (1 if per == bd else 3)
+    # batch-1 decode of 671B: one 512-wide chunk of D per program, 14 programs per 8 experts
+    p = R.logits_plan(1, 256, 7168, 132)
+    assert (p["BLOCK_D"], p["d_per_split"], p["splits"], p["FLAT"]) == (512, 512, 14, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def poison_allocator():
+    """Fill the caching allocator's free blocks with NaN, so unwritten outputs show (as NaN or wild ids)."""
+    bufs = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(16)]
+    del bufs
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("t", [1, 8, 64, 300])
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_route_gpu(name, t):
+    x, w, bias, args = real_inputs(name, t, device="cuda", seed=t)
+    poison_allocator()
+    idx, wt = torch.ops.dsv3.route(x, w, bias, *args.values())
+    assert idx.device.type == "cuda"
+    # T <= 64: the Triton kernels (tl.exp, fp32 logits in another order); T = 300: plain torch on CUDA
+    assert_routing(idx, wt, x, w, bias, args, rtol=5e-5)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_route_gpu_fp32_weight(name):
+    x, w, bias, args = real_inputs(name, 4, device="cuda", seed=11)
+    idx, wt = torch.ops.dsv3.route(x, w.float(), bias, *args.values())
+    assert_routing(idx, wt, x, w.float(), bias, args, rtol=5e-5)
+
+
+class RouteModule(torch.nn.Module):
+    def __init__(self, args: dict):
+        super().__init__()
+        self.args = args
+
+    def forward(self, x, w, bias):
+        return torch.ops.dsv3.route(x, w, bias, **self.args)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name,t", [("16B", 1), ("236B", 8), ("671B", 1), ("671B", 64)])
+def test_route_compile_fullgraph_gpu(name, t):
+    torch._dynamo.reset()
+    x, w, bias, args = real_inputs(name, t, device="cuda", seed=21)
+    model = RouteModule(args)
+    compiled = torch.compile(model, fullgraph=True)
+    for seed in (21, 22):
+        x, w, bias, _ = real_inputs(name, t, device="cuda", seed=seed)
+        idx, wt = compiled(x, w, bias)
+        ridx, rwt = model(x, w, bias)
+        assert torch.equal(idx, ridx)  # the same kernels with the same launch plan: same results
+        torch.testing.assert_close(wt, rwt, rtol=1e-6, atol=0)
+        assert_routing(idx, wt, x, w, bias, args, rtol=5e-5)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_route_cuda_graph_gpu(name):
+    """The decode path has no host sync: it captures into a CUDA graph and replays correctly on new inputs."""
+    x, w, bias, args = real_inputs(name, 4, device="cuda", seed=31)
+    model = RouteModule(args)
+    static = [x.clone(), w.clone(), None if bias is None else bias.clone()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        model(*static)  # warm-up (Triton compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_idx, out_wt = model(*static)
+    fx, fw, fb, _ = real_inputs(name, 4, device="cuda", seed=32)
+    for dst, src in zip(static, (fx, fw, fb)):
+        if dst is not None:
+            dst.copy_(src)
+    g.replay()
+    torch.cuda.synchronize()
+    want_idx, want_wt = model(fx, fw, fb)
+    assert torch.equal(out_idx, want_idx)
+    torch.testing.assert_close(out_wt, want_wt, rtol=0, atol=0)

@@ -9,13 +9,25 @@ Contract
 
 Implementations (one op; the branch is taken at trace time from the device and the static shapes)
 - CPU: `fp8_linear_reference` (plain torch; Inductor fuses it when the model is compiled on CPU).
-- CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `_act_quant_kernel` (one pass over x, exact:
-  amax/448 with the 1e-4 floor, IEEE division, RTNE cast, bit-identical to `quantize_activation`), then
-  `_fp8_gemv_kernel`, a split-K "swap-AB" GEMV: each program owns BLOCK_N = 64 weight rows and a range of
-  128-wide K blocks, streams its weight tiles once (5-stage cp.async pipeline) and accumulates
-  `tl.dot(w_tile, xq_tile^T)` (FP8 wgmma, tokens padded to 16) times the two scales per K block in fp32. About one
-  program per SM (`gemv_plan`); with more than one split the fp32 partials go through `_splitk_reduce_kernel`.
-  `fused=True` (tests, sweeps) quantizes x inside every GEMV program instead: one launch less, but measured slower.
+- CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `fp8_gemv`, one of five variants, chosen at trace time
+  by `gemv_choice(m, n, k, sms)` (a table; today it always answers 'splitk') or pinned by
+  `DSV3_GEMV_VARIANT=splitk|cc|cc_prequant|nosplit|fused_nosplit[:BLOCK_N:WARPS:STAGES]`. Every variant quantizes x
+  exactly as `quantize_activation` (amax/448 with the 1e-4 floor, correctly rounded division, RTNE cast), either
+  once in `_act_quant_kernel` (`quantize_tile`) or inside each GEMV program on the [M, 128] x block it is about to
+  use (`quantize_tile_rcp`: one division per row, an FMA-corrected product per element; same e4m3 values and scales),
+  and accumulates every 128-wide K block's exact e4m3 products in fp32 times xs * ws.
+  - 'splitk' (3 launches): `_act_quant_kernel`, then `_fp8_gemv_kernel`, a split-K "swap-AB" GEMV: each program
+    owns BLOCK_N = 64 weight rows and a range of 128-wide K blocks, streams its weight tiles once (5-stage cp.async
+    pipeline) and accumulates `tl.dot(w_tile, xq_tile^T)` (FP8 MMA, tokens padded to 16) times the two scales per
+    K block in fp32. About one program per SM (`gemv_plan`); with more than one split the fp32 partials go through
+    `_splitk_reduce_kernel`. `fused=True` (tests, sweeps) quantizes x inside every GEMV program instead.
+  - 'nosplit' (2 launches): `_act_quant_kernel`, then `_fp8_gemv_kernel` with one split (whole K per program) and
+    a small BLOCK_N (16-32) so that N / BLOCK_N programs fill the GPU; no partials, no reduce.
+  - 'fused_nosplit' (1 launch): the same with x quantized inside every program.
+  - 'cc' (1 launch): `_fp8_gemv_cc_kernel`, CUDA cores, no tensor cores: each program owns BLOCK_N (8-64) weight
+    rows and the whole K, quantizes each [M, 128] x block itself, widens the e4m3 weight tile to fp32 and reduces
+    `w * xq` over the block (exact products, fp32 sums). For M <= 8 per program (grid axis 1 chunks larger M).
+  - 'cc_prequant' (2 launches): `_act_quant_kernel`, then the same kernel on the e4m3 activations.
 - CUDA, larger or dynamic M (prefill): `_act_quant_kernel` then either `F.scaled_mm` with
   BlockWise1x128/BlockWise128x128 (cuBLAS; sm_90, torch >= 2.11, bf16 output, K % 128 == 0, N % 128 == 0; M padded to
   a multiple of 4, weight scales zero-padded to round_up(K/128, 4) columns) or the tiled Triton GEMM `_fp8_gemm_kernel`.
@@ -72,6 +84,24 @@ def quantize_tile(x):
 
 
 @triton.jit
+def quantize_tile_rcp(x):
+    """`quantize_tile` with one division per row instead of one per element, for kernels that quantize x inside
+    every program (a per-element `div_rn` is a branch to a slow path each: 16 of them serialized per thread made the
+    CUDA-core GEMV ~1 us per K block). x / scale is computed as q0 = x * r with r = RN(1 / scale), then one FMA
+    residual correction q = q0 + (x - q0 * scale) * r (Markstein): the correctly rounded quotient whenever the
+    residual does not underflow, i.e. |x| > ~2^-100. Below that x / scale < 2^-78 and both paths give e4m3 zero,
+    so the e4m3 values agree with `quantize_activation` (up to the sign of a zero) and the scales bit for bit."""
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    r = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
+    q0 = x * r
+    q = tl.fma(tl.fma(-q0, scale[:, None], x), r, q0)
+    q = tl.where(x == 0.0, x, q)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    return q.to(tl.float8e4nv), scale
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
     M, N, K, KB_PER_SPLIT,
@@ -104,11 +134,71 @@ def _fp8_gemv_kernel(
             xs = tl.load(xs_ptr + offs_t * stride_xsm + kb, mask=t_mask, other=1.0)
         else:
             xv = tl.load(x_ptrs + kb * BLOCK_K, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            xq, xs = quantize_tile(xv.to(tl.float32))
+            xq, xs = quantize_tile_rcp(xv.to(tl.float32))
         ws = tl.load(ws_row + kb * stride_wsk)
         acc += tl.dot(w, tl.trans(xq)) * (xs[None, :] * ws)
     o_ptrs = out_ptr + pid_s * stride_os + offs_t[None, :] * stride_om + offs_n[:, None]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _fp8_gemv_cc_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_wsk, stride_om,
+    PREQUANT: tl.constexpr,  # x is already e4m3 with scales xs [M, ceil(K/128)] (tests; the interpreter)
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, X_ROWS: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """out[m, n] for BLOCK_N weight rows x BLOCK_T tokens over the whole K, on CUDA cores (no tl.dot).
+
+    Per 128-wide K block: quantize the x block of this program's tokens (`quantize_tile`, exact), widen the e4m3
+    weight tile to fp32 (exact), and per token reduce the products (exact in fp32) over the block and add them times
+    xs * ws to that token's fp32 column of the accumulator.
+
+    Code-generation notes (Triton 3.9, sm_90; from the PTX, not from timings):
+    - `tl.range(num_stages=...)`: a loop without tl.dot is not software-pipelined by the launch option alone; with
+      it the weight (and x) tiles stream through cp.async buffers, NUM_STAGES - 1 tiles in flight per program.
+    - the x tile is loaded and quantized before the weight tile, and has X_ROWS >= BLOCK_T rows (the extra ones
+      masked: no memory traffic) so that each thread loads >= 4 bytes of it and it is pipelined too. Otherwise
+      Triton reads the weight tile out of shared memory in the x tile's one-element-per-thread layout and the
+      per-row sums over K become ~8x more shuffles and cross-warp reductions.
+    - tokens are a static loop of [BLOCK_N, 128] x [128] products (each token's row picked out of the quantized
+      tile by a masked sum, exact); a [BLOCK_N, BLOCK_T, 128] broadcast got a layout with K spread over all
+      threads."""
+    BLOCK_K: tl.constexpr = 128
+    pid_n = tl.program_id(0)
+    t0 = tl.program_id(1) * BLOCK_T
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, X_ROWS)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    r_mask = (offs_r < BLOCK_T) & (t0 + offs_r < M)
+    # BLOCK_N divides 128, so all rows of this program share one row of weight scales.
+    ws_row = ws_ptr + ((pid_n * BLOCK_N) // 128) * stride_wsn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + (t0 + offs_r)[:, None] * stride_xm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for kb in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
+        k_mask = (kb * BLOCK_K + offs_k) < K
+        if PREQUANT:
+            xq = tl.load(x_ptrs + kb * BLOCK_K, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            xs = tl.load(xs_ptr + (t0 + offs_r) * stride_xsm + kb, mask=r_mask, other=1.0)
+        else:
+            xv = tl.load(x_ptrs + kb * BLOCK_K, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            xq, xs = quantize_tile_rcp(xv.to(tl.float32))
+        xq = xq.to(tl.float32)
+        w = tl.load(w_ptrs + kb * BLOCK_K, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        ws = tl.load(ws_row + kb * stride_wsk)
+        for t in tl.static_range(BLOCK_T):
+            sel = offs_r == t
+            x_t = tl.sum(tl.where(sel[:, None], xq, 0.0), axis=0)  # [128]: row t (the others add zeros)
+            s_t = tl.sum(tl.where(sel, xs, 0.0), axis=0) * ws
+            part = tl.sum(w * x_t[None, :], axis=1)  # [BLOCK_N], products exact, fp32 sums
+            acc = tl.where((offs_t == t)[None, :], acc + (part * s_t)[:, None], acc)
+    offs_m = t0 + offs_t
+    o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_m < M)[None, :])
 
 
 @triton.jit
@@ -193,27 +283,119 @@ def gemv_plan(m: int, n: int, k: int, sms: int, block_n: int = 64) -> tuple[int,
     return cdiv(kbt, per), per
 
 
+GEMV_VARIANTS = ("splitk", "cc", "cc_prequant", "nosplit", "fused_nosplit")
+# Launch config (block_n, num_warps, num_stages) a variant gets when pinned without one.
+GEMV_VARIANT_DEFAULTS: dict[str, tuple[int, int, int]] = {
+    "splitk": (64, 4, 5), "cc": (16, 2, 8), "cc_prequant": (16, 2, 8), "nosplit": (32, 4, 4),
+    "fused_nosplit": (32, 4, 4),
+}
+# Tokens per `_fp8_gemv_cc_kernel` program (its fp32 product tile is BLOCK_N x BLOCK_T x 128); more tokens take more
+# programs along grid axis 1, each re-reading its weight rows.
+GEMV_CC_MAX_T = 8
+# Measured per weight shape: (N, K) -> ((max M, variant, block_n, num_warps, num_stages), ...) in ascending max M;
+# the first row with M <= max M applies. Paste the table `scripts/sweep_gemv.py` prints (H200, 132 SMs). Shapes
+# not listed, and M above a shape's last row, get GEMV_DEFAULT.
+GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = {}
+GEMV_DEFAULT: tuple[str, int, int, int] = ("splitk", 64, 4, 5)
+
+
+def gemv_choice(m: int, n: int, k: int, sms: int) -> tuple[str, int, int, int]:
+    """(variant, block_n, num_warps, num_stages) for the decode GEMV of an [m, k] x [n, k]^T product on a device
+    with `sms` multiprocessors: the one place the default is decided (trace time, static shapes)."""
+    for max_m, variant, block_n, num_warps, num_stages in GEMV_TUNED.get((n, k), ()):
+        if m <= max_m:
+            return variant, block_n, num_warps, num_stages
+    return GEMV_DEFAULT
+
+
+def parse_gemv_variant(spec: str) -> tuple[str, Optional[tuple[int, int, int]]]:
+    """'cc' -> ('cc', None); 'cc:16:4:3' -> ('cc', (16, 4, 3)) (the DSV3_GEMV_VARIANT syntax)."""
+    name, *cfg = spec.strip().lower().split(":")
+    if name not in GEMV_VARIANTS + ("auto",):
+        raise ValueError(f"GEMV variant {spec!r}: expected one of auto, {', '.join(GEMV_VARIANTS)}")
+    if not cfg:
+        return name, None
+    if len(cfg) != 3 or name == "auto":
+        raise ValueError(f"GEMV variant {spec!r}: expected VARIANT or VARIANT:BLOCK_N:NUM_WARPS:NUM_STAGES")
+    bn, nw, ns = (int(v) for v in cfg)
+    return name, (bn, nw, ns)
+
+
+def resolve_gemv(
+    m: int, n: int, k: int, sms: int, variant: str = "auto", block_n: Optional[int] = None,
+    num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+) -> tuple[str, int, int, int]:
+    """The config `fp8_gemv` launches: an explicit `variant` wins, else DSV3_GEMV_VARIANT, else `gemv_choice`;
+    explicit block_n / num_warps / num_stages override the config's fields."""
+    cfg: Optional[tuple[int, int, int]] = None
+    if variant == "auto":
+        variant, cfg = parse_gemv_variant(env_choice("DSV3_GEMV_VARIANT", "auto"))
+    else:
+        variant, cfg = parse_gemv_variant(variant)
+    if variant == "auto":
+        variant, *chosen = gemv_choice(m, n, k, sms)
+        cfg = tuple(chosen)
+    elif cfg is None:
+        chosen_variant, *chosen = gemv_choice(m, n, k, sms)
+        cfg = tuple(chosen) if chosen_variant == variant else GEMV_VARIANT_DEFAULTS[variant]
+    bn, nw, ns = cfg
+    return (variant, bn if block_n is None else block_n, nw if num_warps is None else num_warps,
+            ns if num_stages is None else num_stages)
+
+
 def fp8_gemv(
     x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
-    x_scale: Optional[torch.Tensor] = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 5,
-    split: Optional[int] = None, fused: bool = False,
+    x_scale: Optional[torch.Tensor] = None, block_n: Optional[int] = None, num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None, split: Optional[int] = None, fused: bool = False, variant: str = "auto",
 ) -> torch.Tensor:
-    """x2 [M <= 64, K] -> [M, N] in out_dtype. The activations are quantized first by `_act_quant_kernel` (one
-    pass over x; the GEMV then streams e4m3 tiles), or, with `fused=True`, inside every GEMV program (no extra
-    launch, but each program re-quantizes its x tiles). `x_scale` given: x2 is already e4m3 with these scales."""
+    """x2 [M <= 64, K] -> [M, N] in out_dtype (the decode GEMV; variants in the module docstring).
+
+    `variant`: 'auto' (DSV3_GEMV_VARIANT if set, else `gemv_choice`), 'splitk', 'nosplit', 'fused_nosplit', 'cc',
+    'cc_prequant' (optionally with ':BLOCK_N:WARPS:STAGES'). Explicit block_n / num_warps / num_stages override the chosen config.
+    Legacy split-K knobs: `split` (number of K splits) or `fused=True` (quantize x inside every GEMV program) given
+    with variant 'auto' select 'splitk'. `x_scale` given: x2 is already e4m3 with these scales (every variant reads
+    it as is; 'fused_nosplit' then equals 'nosplit', 'cc' equals 'cc_prequant')."""
     m, k = x2.shape
     n = weight.shape[0]
+    assert m <= GEMV_MAX_M
+    sms = num_sms(x2.device)
+    if variant == "auto" and (split is not None or fused):
+        variant = "splitk"
+    variant, block_n, num_warps, num_stages = resolve_gemv(m, n, k, sms, variant, block_n, num_warps, num_stages)
+    assert 128 % block_n == 0, f"GEMV block_n={block_n} must divide 128"
+    prequant = x_scale is not None
+    if variant in ("cc", "cc_prequant"):
+        if variant == "cc_prequant" and not prequant:
+            x2, x_scale = act_quant(x2)
+            prequant = True
+        block_t = min(next_pow2(m), GEMV_CC_MAX_T)
+        # x tile rows: at least 4 bytes per thread, so that Triton pipelines it (see the kernel's notes)
+        x_rows = max(block_t, next_pow2(cdiv(4 * 32 * num_warps, BLOCK * x2.element_size())))
+        out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+        xs = x_scale if prequant else x2
+        wrap_triton(_fp8_gemv_cc_kernel)[(cdiv(n, block_n), cdiv(m, block_t))](
+            x2, xs, weight, scale, out,
+            m, n, k,
+            x2.stride(0), xs.stride(0), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
+            PREQUANT=prequant, BLOCK_N=block_n, BLOCK_T=block_t, X_ROWS=x_rows, NUM_STAGES=num_stages,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+    assert block_n >= 16, f"GEMV variant {variant!r} uses tl.dot: block_n={block_n} must be >= 16"
     block_t = max(16, next_pow2(m))
-    assert block_t <= GEMV_MAX_M and 128 % block_n == 0
-    splits, per = gemv_plan(m, n, k, num_sms(x2.device), block_n)
-    if split is not None:
-        per = cdiv(cdiv(k, BLOCK), split)
-        splits = cdiv(cdiv(k, BLOCK), per)
-    if x_scale is None and not fused:
+    if variant == "splitk":
+        splits, per = gemv_plan(m, n, k, sms, block_n)
+        if split is not None:
+            per = cdiv(cdiv(k, BLOCK), split)
+            splits = cdiv(cdiv(k, BLOCK), per)
+    else:  # nosplit, fused_nosplit: every program runs over the whole K
+        fused = variant == "fused_nosplit"
+        splits, per = 1, cdiv(k, BLOCK)
+    if not prequant and not fused:
         x2, x_scale = act_quant(x2)
+        prequant = True
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
-    prequant = x_scale is not None
     xs = x_scale if prequant else x2
     wrap_triton(_fp8_gemv_kernel)[(cdiv(n, block_n), splits)](
         x2, xs, weight, scale, target,
@@ -351,4 +533,4 @@ def _fp8_linear_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
 
 
 __all__ = ["fp8_linear", "fp8_linear_reference", "fp8_linear_triton", "fp8_gemv", "fp8_gemm", "act_quant",
-           "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX"]
+           "gemv_choice", "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX", "GEMV_VARIANTS"]

@@ -66,6 +66,7 @@ step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B
 }
 
 LAYERS16=${LAYERS16:-27}
+ART16=${ART16:-$WORK/art16}  # the 16B artifact directory of compile16/run16/prof16/bench16/loadprof
 step_ckpt16() {
   [ -f "$WORK/ckpt16/config.json" ] && { echo "ckpt16 exists"; return 0; }
   /usr/bin/time -f "init-random 16B: %e s, max RSS %M KB" \
@@ -75,11 +76,11 @@ step_ckpt16() {
 }
 
 step_compile16() {
-  dsv3c compile --config "$WORK/ckpt16" --out "$WORK/art16" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
+  dsv3c compile --config "$WORK/ckpt16" --out "$ART16" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
     --max-seq-len 4096 --prefill-chunk 512 --overwrite ${JOBS:+--jobs $JOBS} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
     | tail -25
-  dsv3c inspect "$WORK/art16" | tee "$OUT/inspect16.txt" || keep_wrapper
-  ls -la "$WORK/art16"
+  dsv3c inspect "$ART16" | tee "$OUT/inspect16.txt" || keep_wrapper
+  ls -la "$ART16"
 }
 
 keep_wrapper() {  # the C++ AOTInductor generated last (after a failed build), compressed, for offline reading
@@ -88,12 +89,12 @@ keep_wrapper() {  # the C++ AOTInductor generated last (after a failed build), c
   [ -n "$f" ] && gzip -c "$f" > "$OUT/failed_wrapper.cpp.gz" && echo "kept $f"
 }
 
-step_loadprof() { $PY scripts/profile_load.py "$WORK/art16" "$WORK/ckpt16" 2>&1 | grep -v Warning | tail -12; }
+step_loadprof() { $PY scripts/profile_load.py "$ART16" "$WORK/ckpt16" 2>&1 | grep -v Warning | tail -12; }
 
-step_prof16() { $PY scripts/profile_decode.py "$WORK/art16" "$WORK/ckpt16" "$OUT" 128 2>&1 | grep -v Warning | tail -45; }
+step_prof16() { $PY scripts/profile_decode.py "$ART16" "$WORK/ckpt16" "$OUT" 128 2>&1 | grep -v Warning | tail -45; }
 
 step_bench16() {
-  dsv3c bench --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" --batch-sizes 1,8 --context 128,4096 \
+  dsv3c bench --artifacts "$ART16" --checkpoint "$WORK/ckpt16" --batch-sizes 1,8 --context 128,4096 \
     --steps 32 --prompt-len 4096 --json "$OUT/bench16_artifacts.json" 2>&1 | grep --line-buffered -v Warning | tail -8
   dsv3c bench --eager --checkpoint "$WORK/ckpt16" --batch-sizes 1 --context 128 --steps 8 --prompt-len 128 \
     --json "$OUT/bench16_eager.json" 2>&1 | grep --line-buffered -v Warning | tail -4
@@ -104,9 +105,9 @@ step_run16() {
                  "Explain attention." "A long story begins" "Once upon a time" "The capital of France")
   local args=()
   for p in "${prompts[@]}"; do args+=(--prompt "$p"); done
-  /usr/bin/time -f "cold start to exit (b1, 64 tokens): %e s" $PY -m dsv3.cli run --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" \
+  /usr/bin/time -f "cold start to exit (b1, 64 tokens): %e s" $PY -m dsv3.cli run --artifacts "$ART16" --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" \
     --max-new-tokens 64 --stats --output-file "$OUT/run16_b1.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
-  dsv3c run --artifacts "$WORK/art16" --checkpoint "$WORK/ckpt16" "${args[@]}" \
+  dsv3c run --artifacts "$ART16" --checkpoint "$WORK/ckpt16" "${args[@]}" \
     --max-new-tokens 64 --stats --output-file "$OUT/run16_b8.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
   dsv3c run --eager --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" --max-new-tokens 16 --stats \
     --output-file "$OUT/run16_eager.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5

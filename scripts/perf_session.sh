@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device session of decode-performance work on a fresh nvidia-h200, meant to run in the background while
+# short device calls poll it (a single call may not exceed 10 minutes):
+#   setsid nohup bash scripts/perf_session.sh > /tmp/perf.out 2>&1 &      then: tail /tmp/perf.out
+# Phases; logs under $OUT/<phase>/ (default OUT=/tmp/perf), a line "PERF_SESSION_DONE" at the end:
+#   k/  env; the 16B checkpoint (CPU, background) while the GPU kernel tests run; SWEEP=1 adds the GEMV sweep
+#   a/  16B compile (3 build processes), run from the artifacts, decode profile, bench (context 128 and 4096)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/perf}
+WORK=${WORK:-/tmp/dsv3-work}
+export WORK
+mkdir -p "$OUT/k" "$OUT/a"
+G="bash scripts/gpu_check.sh"
+stamp() { echo "=== $1 $(date -u +%T)"; }
+
+stamp env; OUT=$OUT/k $G env
+stamp "ckpt16 (background) + kgpu"
+OUT=$OUT/k $G ckpt16 > "$OUT/k/ckpt16.out" 2>&1 &
+OUT=$OUT/k $G kgpu
+wait
+tail -3 "$OUT/k/ckpt16.out"
+[ "${SWEEP:-0}" = 1 ] && { stamp sweep-gemv; OUT=$OUT/k $G sweep-gemv; }
+
+stamp "compile16 run16 prof16 bench16"
+OUT=$OUT/a JOBS=3 $G compile16 run16 prof16 bench16
+stamp PERF_SESSION_DONE

@@ -17,7 +17,7 @@ stamp() { echo "=== $1 $(date -u +%T)"; }
 stamp env; OUT=$OUT/k $G env
 stamp "ckpt16 (background) + kgpu"
 OUT=$OUT/k $G ckpt16 > "$OUT/k/ckpt16.out" 2>&1 &
-OUT=$OUT/k $G kgpu
+[ "${KGPU:-1}" = 1 ] && OUT=$OUT/k $G kgpu
 wait
 tail -3 "$OUT/k/ckpt16.out"
 [ "${SWEEP:-0}" = 1 ] && { stamp sweep-gemv; OUT=$OUT/k $G sweep-gemv; }

@@ -18,6 +18,7 @@ from torch import nn
 
 import dsv3.kernels  # noqa: F401  (registers torch.ops.dsv3.*)
 from dsv3.config import ModelConfig, ceil_div
+from dsv3.kernels._launch import env_choice
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
 from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.rope import apply_rope, rope_tables, softmax_scale
@@ -199,7 +200,12 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = self.gate(flat)
-        return self.experts(flat, topk_idx, topk_weight, self.shared_experts).view(shape)
+        if self.shared_experts is not None and env_choice("DSV3_MOE_SHARED", "separate") == "fused":
+            # Opt-in: the shared expert as extra programs of the routed kernels. Measured slower on the H200
+            # (2026-11-23, docs/BENCHMARKS.md): the shared programs are the longest ones, so the kernels' tail grows.
+            return self.experts(flat, topk_idx, topk_weight, self.shared_experts).view(shape)
+        y = self.experts(flat, topk_idx, topk_weight).view(shape)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
 
 
 class Block(nn.Module):

@@ -51,13 +51,15 @@ def mla_absorb_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv
 
 
 @triton.jit
-def _weight_tile(w_ptr, s_ptr, rows, cols, mask, stride_wr, stride_sr, stride_sc, HAS_SCALE: tl.constexpr, dt):
-    """Weight elements (rows x cols), dequantized and rounded to the activation dtype `dt` (the reference's W)."""
+def _weight_tile(w_ptr, s_ptr, rows, cols, col_block, row_mask, mask, stride_wr, stride_sr, stride_sc,
+                 HAS_SCALE: tl.constexpr, dt):
+    """Weight elements (rows x cols), dequantized and rounded to the activation dtype `dt` (the reference's W).
+    The column tile lies inside one 128-wide scale block (`col_block`), so the scales are one per row: an
+    element-wise scale gather needs a 64-bit address per element and spilled registers (27 us per call on the H200)."""
     w = tl.load(w_ptr + rows[:, None] * stride_wr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        s = tl.load(s_ptr + (rows // 128)[:, None] * stride_sr + (cols // 128)[None, :] * stride_sc, mask=mask,
-                    other=0.0)
-        w = w * s
+        s = tl.load(s_ptr + (rows // 128) * stride_sr + col_block * stride_sc, mask=row_mask, other=0.0)
+        w = w * s[:, None]
     return w.to(dt)
 
 
@@ -75,8 +77,10 @@ def _absorb_q_kernel(
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + h * stride_xh + offs_d[None, :],
                 mask=(offs_m < M)[:, None] & (offs_d < DN)[None, :], other=0.0)
     rows = h * ROWS_PER_HEAD + offs_d
-    w = _weight_tile(w_ptr, s_ptr, rows, offs_c, (offs_d < DN)[:, None] & (offs_c < C)[None, :],
-                     stride_wr, stride_sr, stride_sc, HAS_SCALE, x.dtype)
+    col_block = (tl.program_id(1) * BLOCK_C) // 128  # BLOCK_C divides 128
+    w = _weight_tile(w_ptr, s_ptr, rows, offs_c, col_block, offs_d < DN,
+                     (offs_d < DN)[:, None] & (offs_c < C)[None, :], stride_wr, stride_sr, stride_sc, HAS_SCALE,
+                     x.dtype)
     acc = tl.dot(x, w)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + h * stride_oh + offs_c[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_c < C)[None, :])
@@ -99,8 +103,9 @@ def _absorb_o_kernel(
         cols = c0 + offs_c
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + h * stride_xh + cols[None, :],
                     mask=(offs_m < M)[:, None] & (cols < C)[None, :], other=0.0)
-        w = _weight_tile(w_ptr, s_ptr, rows, cols, (offs_d < DV)[:, None] & (cols < C)[None, :],
-                         stride_wr, stride_sr, stride_sc, HAS_SCALE, x.dtype)
+        w = _weight_tile(w_ptr, s_ptr, rows, cols, c0 // 128, offs_d < DV,
+                         (offs_d < DV)[:, None] & (cols < C)[None, :], stride_wr, stride_sr, stride_sc, HAS_SCALE,
+                         x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_d < DV)[None, :])

@@ -18,7 +18,6 @@ from torch import nn
 
 import dsv3.kernels  # noqa: F401  (registers torch.ops.dsv3.*)
 from dsv3.config import ModelConfig, ceil_div
-from dsv3.kernels._launch import env_choice
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
 from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.rope import apply_rope, rope_tables, softmax_scale
@@ -173,17 +172,10 @@ class RoutedExperts(nn.Module):
             scale = torch.empty(e, ceil_div(n, BLOCK), ceil_div(k, BLOCK), dtype=torch.float32) if fp8 else None
             self.register_buffer(f"{name}_scale_inv", scale)
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-                shared: "MLP | None" = None) -> torch.Tensor:
-        """Routed experts plus, when given, the shared expert MLP: one op, so decode runs both in the same
-        kernels (the shared expert is a few extra programs, not ten more launches)."""
-        extra = ()
-        if shared is not None:
-            lins = (shared.gate_proj, shared.up_proj, shared.down_proj)
-            extra = tuple(m.weight for m in lins) + tuple(m.weight_scale_inv for m in lins)
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.dsv3.routed_experts(
             x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj,
-            self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv, *extra,
+            self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv,
         )
 
 
@@ -200,10 +192,6 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = self.gate(flat)
-        if self.shared_experts is not None and env_choice("DSV3_MOE_SHARED", "separate") == "fused":
-            # Opt-in: the shared expert as extra programs of the routed kernels. Measured slower on the H200
-            # (2026-11-23, docs/BENCHMARKS.md): the shared programs are the longest ones, so the kernels' tail grows.
-            return self.experts(flat, topk_idx, topk_weight, self.shared_experts).view(shape)
         y = self.experts(flat, topk_idx, topk_weight).view(shape)
         return y if self.shared_experts is None else y + self.shared_experts(x)
 

@@ -8,12 +8,6 @@ Contract
 - Ids outside [0, E) contribute nothing: an expert-parallel rank passes global ids minus its first expert id.
 - y[t] = sum_k topk_weight[t, k] * down(silu(gate(x[t])) * up(x[t])) for expert topk_idx[t, k], with each FP8
   projection computed as `dsv3.fp8_linear` does (activations quantized per token per 128 channels).
-- Optional shared expert (`shared_gate`, `shared_up` [I_s, D], `shared_down` [D, I_s] and their scales, same
-  weight format as the routed ones; I_s may differ from I, e.g. 16B: 2 x 1408 = 2816, 671B at TP 8: 256 per rank):
-  y[t] += down(silu(gate(x[t])) * up(x[t])), with weight 1, every token. The model passes its shared experts here,
-  so decode computes them as a few extra programs of the same kernels instead of ten more launches. Rounding: the
-  shared output is rounded to x.dtype like each routed expert's, then everything is summed in fp32 and rounded once
-  (the Hugging Face model adds the two bf16 sums: one rounding more).
 - Returns [T, D] in x.dtype. No host synchronisation: the amount of work never depends on the routing values.
 
 Implementations (branch taken at trace time)
@@ -21,16 +15,13 @@ Implementations (branch taken at trace time)
 - CUDA, FP8 or bf16/fp16 weights: Triton kernels, no host sync, each selected expert's weights read once per
   token tile and unselected experts never read:
   0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact).
-  Grids are 1-D: the routed (slot, block) programs, then, with a shared expert, (token tile, block) programs
-  that run the same per-block code (`_up_block`, `_down_block`) on the shared weights, every token, weight 1.
-  1. `_moe_up_kernel`, (slot, I/128) programs: gate and up GEMVs of one expert (FP8 wgmma, fp32 accumulation per
+  1. `_moe_up_kernel`, grid (slot, I/128): gate and up GEMVs of one expert (FP8 wgmma, fp32 accumulation per
      128-block with both scales), fused SiLU*up with the reference's rounding points (gate, up, silu and product
      each rounded to x.dtype); in FP8 mode the program owns one 128-channel block of h and writes it already
      quantized (e4m3 + per-token scale, exactly `quantize_activation(h)`), so the down kernel streams e4m3.
-  2. `_moe_down_kernel`, (slot, D/64) programs: down GEMV, writes the unweighted expert output per (token, k) pair,
+  2. `_moe_down_kernel`, grid (slot, D/64): down GEMV, writes the unweighted expert output per (token, k) pair,
      rounded to x.dtype like the reference's per-expert output.
-  3. `_moe_combine_kernel`: y[t] = sum_k w[t,k] * out[t,k] (+ shared[t]) in fp32 over valid pairs, cast to
-     x.dtype.
+  3. `_moe_combine_kernel`: y[t] = sum_k w[t,k] * out[t,k] in fp32 over valid pairs, cast to x.dtype.
   Slot -> expert mapping:
   * decode (T statically <= 64): slot j is the j-th smallest expert id present in topk_idx, found in-kernel
     (min(E, T*K) slots, the extra ones exit at once); the program computes all T tokens (masked to the ones routed
@@ -62,28 +53,14 @@ def _project(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor]) -> tor
     return F.linear(x, w) if s is None else fp8_linear_reference(x, w, s)
 
 
-# The shared expert's (gate [I_s, D], up [I_s, D], down [D, I_s], gate/up/down scale_inv or None).
-Shared = tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-               Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
-
-
-def shared_expert_reference(x: torch.Tensor, shared: Shared) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) with the rounding points of dsv3.model.MLP; [T, D] in x.dtype."""
-    wg, wu, wd, sg, su, sd = shared
-    h = F.silu(_project(x, wg, sg)) * _project(x, wu, su)
-    return _project(h.to(x.dtype), wd, sd)
-
-
 def routed_experts_reference(
     x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
-    down_scale_inv: Optional[torch.Tensor], shared: Optional[Shared] = None,
+    down_scale_inv: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Dense over experts (every expert sees every token, then a select): simple and sync-free, fine on CPU."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    if shared is not None:
-        out = out + shared_expert_reference(x, shared).float()
     for e in range(gate_proj.shape[0]):
         hit = topk_idx == e                                     # [T, K]
         weight = (topk_weight * hit).sum(-1, keepdim=True)     # [T, 1]
@@ -143,161 +120,112 @@ def _slot_columns(
 
 
 @triton.jit
-def _up_block(
-    x_ptr, xs_ptr, token, col_mask, wg_base, wu_base, sg_base, su_base, stride_wn, stride_sn, stride_sk,
-    h_ptr, hs_ptr, row, stride_h, stride_hs, pid_n, I, D, stride_xt, stride_xst, dt_ptr,
-    IS_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """One expert matrix pair (gate/up [I, D], bases already at the expert), one BLOCK_N block of h, the tokens in
-    `token` (masked by col_mask); h rows go to `row`. Shared by routed and shared-expert programs."""
-    BLOCK_D: tl.constexpr = 128
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < I
-    wg_ptrs = wg_base + offs_n[:, None] * stride_wn + offs_d[None, :]
-    wu_ptrs = wu_base + offs_n[:, None] * stride_wn + offs_d[None, :]
-    token64 = token.to(tl.int64)
-    x_ptrs = x_ptr + token64[:, None] * stride_xt + offs_d[None, :]
-    srow = ((pid_n * BLOCK_N) // 128) * stride_sn
-    acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(D, BLOCK_D)):
-        d_mask = (kb * BLOCK_D + offs_d) < D
-        wmask = n_mask[:, None] & d_mask[None, :]
-        wg = tl.load(wg_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
-        wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
-        xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        if IS_FP8:
-            xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
-            xqt = tl.trans(xv)
-            sg = tl.load(sg_base + srow + kb * stride_sk)
-            su = tl.load(su_base + srow + kb * stride_sk)
-            acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
-            acc_u += tl.dot(wu, xqt) * (xs[None, :] * su)
-        else:
-            xt = tl.trans(xv.to(wg.dtype))
-            acc_g = tl.dot(wg, xt, acc_g)
-            acc_u = tl.dot(wu, xt, acc_u)
-    # the reference rounds gate, up, silu and the product to the activation dtype
-    odt = dt_ptr.dtype.element_ty
-    g = acc_g.to(odt).to(tl.float32)
-    u = acc_u.to(odt).to(tl.float32)
-    sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
-    h = (sl * u).to(odt)
-    row64 = row.to(tl.int64)
-    h_ptrs = h_ptr + row64[None, :] * stride_h + offs_n[:, None]
-    if IS_FP8:
-        # quantize h per token (column) over this 128-channel block (rows past I are zeros, as padding is)
-        hf = h.to(tl.float32)
-        amax = tl.max(tl.abs(hf), axis=0)
-        hsc = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
-        hq = tl.minimum(tl.maximum(tl.div_rn(hf, hsc[None, :]), -448.0), 448.0).to(tl.float8e4nv)
-        tl.store(h_ptrs, hq, mask=n_mask[:, None] & col_mask[None, :])
-        tl.store(hs_ptr + row64 * stride_hs + pid_n, hsc.to(tl.float32), mask=col_mask)
-    else:
-        tl.store(h_ptrs, h, mask=n_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
 def _moe_up_kernel(
     x_ptr, xs_ptr, idx_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
-    swg_ptr, swu_ptr, ssg_ptr, ssu_ptr, sh_ptr, shs_ptr,
-    T, K, E, I, D, n_sched, n_slots, NB, I_S, NB_S,
+    T, K, E, I, D, n_sched,
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
-    stride_swn, stride_ssn, stride_ssk, stride_sh, stride_shs,
-    IS_FP8: tl.constexpr, GROUPED: tl.constexpr, HAS_SHARED: tl.constexpr,
+    IS_FP8: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """1-D grid: programs [0, n_slots * NB) are (slot, h block) of the routed experts; with HAS_SHARED the rest
-    are (token tile, h block) of the shared expert ([I_S, D] weights, every token, its own h buffer).
-    FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N == 128, so a program owns one 128-channel block of
-    h and writes it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would.
+    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N == 128, so this program owns one 128-channel
+    block of h and writes it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would.
     dt_ptr: any tensor of the activation dtype (only its element type is used: the reference's rounding points)."""
-    pid = tl.program_id(0)
-    if pid < n_slots * NB:
-        slot = pid // NB
-        e, pair, token, col_mask = _slot_columns(idx_ptr, sched_ptr, slot, T, K, E, n_sched,
-                                                 GROUPED, BLOCK_T, BLOCK_K, BLOCK_P, BLOCK_E)
-        if e >= 0:
-            e64 = e.to(tl.int64)
-            _up_block(x_ptr, xs_ptr, token, col_mask, wg_ptr + e64 * stride_we, wu_ptr + e64 * stride_we,
-                      sg_ptr + e64 * stride_se, su_ptr + e64 * stride_se, stride_wn, stride_sn, stride_sk,
-                      h_ptr, hs_ptr, pair, stride_h, stride_hs, pid % NB, I, D, stride_xt, stride_xst, dt_ptr,
-                      IS_FP8, BLOCK_N, BLOCK_T)
-    else:
-        if HAS_SHARED:
-            q = pid - n_slots * NB
-            token = (q // NB_S) * BLOCK_T + tl.arange(0, BLOCK_T)
-            _up_block(x_ptr, xs_ptr, token, token < T, swg_ptr, swu_ptr, ssg_ptr, ssu_ptr,
-                      stride_swn, stride_ssn, stride_ssk, sh_ptr, shs_ptr, token, stride_sh, stride_shs,
-                      q % NB_S, I_S, D, stride_xt, stride_xst, dt_ptr, IS_FP8, BLOCK_N, BLOCK_T)
-
-
-@triton.jit
-def _down_block(
-    h_ptr, hs_ptr, row, col_mask, w_base, s_base, stride_wn, stride_sn, stride_sk, y_ptr, stride_h, stride_hs,
-    stride_y, pid_n, I, D, IS_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """y[row, block] = down(h[row]) for one expert matrix ([D, I], base at the expert), unweighted, in y's dtype."""
-    BLOCK_I: tl.constexpr = 128
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_i = tl.arange(0, BLOCK_I)
-    n_mask = offs_n < D
-    row64 = row.to(tl.int64)
-    w_ptrs = w_base + offs_n[:, None] * stride_wn + offs_i[None, :]
-    h_ptrs = h_ptr + row64[:, None] * stride_h + offs_i[None, :]
-    srow = ((pid_n * BLOCK_N) // 128) * stride_sn
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(I, BLOCK_I)):
-        i_mask = (kb * BLOCK_I + offs_i) < I
-        w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
-        hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+    BLOCK_D: tl.constexpr = 128
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, pair, token, col_mask = _slot_columns(idx_ptr, sched_ptr, slot, T, K, E, n_sched,
+                                             GROUPED, BLOCK_T, BLOCK_K, BLOCK_P, BLOCK_E)
+    if e >= 0:
+        e64 = e.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_mask = offs_n < I
+        wg_ptrs = wg_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
+        wu_ptrs = wu_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
+        token64 = token.to(tl.int64)
+        x_ptrs = x_ptr + token64[:, None] * stride_xt + offs_d[None, :]
+        srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
+        acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(D, BLOCK_D)):
+            d_mask = (kb * BLOCK_D + offs_d) < D
+            wmask = n_mask[:, None] & d_mask[None, :]
+            wg = tl.load(wg_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
+            wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
+            xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if IS_FP8:
+                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
+                xqt = tl.trans(xv)
+                sg = tl.load(sg_ptr + srow + kb * stride_sk)
+                su = tl.load(su_ptr + srow + kb * stride_sk)
+                acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
+                acc_u += tl.dot(wu, xqt) * (xs[None, :] * su)
+            else:
+                xt = tl.trans(xv.to(wg.dtype))
+                acc_g = tl.dot(wg, xt, acc_g)
+                acc_u = tl.dot(wu, xt, acc_u)
+        # the reference rounds gate, up, silu and the product to the activation dtype
+        odt = dt_ptr.dtype.element_ty
+        g = acc_g.to(odt).to(tl.float32)
+        u = acc_u.to(odt).to(tl.float32)
+        sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
+        h = (sl * u).to(odt)
+        h_ptrs = h_ptr + pair.to(tl.int64)[None, :] * stride_h + offs_n[:, None]
         if IS_FP8:
-            hs = tl.load(hs_ptr + row64 * stride_hs + kb, mask=col_mask, other=1.0)
-            sd = tl.load(s_base + srow + kb * stride_sk)
-            acc += tl.dot(w, tl.trans(hv)) * (hs[None, :] * sd)
+            # quantize h per token (column) over this 128-channel block (rows past I are zeros, as padding is)
+            hf = h.to(tl.float32)
+            amax = tl.max(tl.abs(hf), axis=0)
+            hsc = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
+            hq = tl.minimum(tl.maximum(tl.div_rn(hf, hsc[None, :]), -448.0), 448.0).to(tl.float8e4nv)
+            tl.store(h_ptrs, hq, mask=n_mask[:, None] & col_mask[None, :])
+            tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, hsc.to(tl.float32), mask=col_mask)
         else:
-            acc = tl.dot(w, tl.trans(hv.to(w.dtype)), acc)
-    y_ptrs = y_ptr + row64[None, :] * stride_y + offs_n[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & col_mask[None, :])
+            tl.store(h_ptrs, h, mask=n_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _moe_down_kernel(
     h_ptr, hs_ptr, idx_ptr, sched_ptr, wd_ptr, sd_ptr, y_ptr,
-    sh_ptr, shs_ptr, swd_ptr, ssd_ptr, sy_ptr,
-    T, K, E, I, D, n_sched, n_slots, NB, I_S,
+    T, K, E, I, D, n_sched,
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
-    stride_sh, stride_shs, stride_swn, stride_ssn, stride_ssk, stride_sy,
-    IS_FP8: tl.constexpr, GROUPED: tl.constexpr, HAS_SHARED: tl.constexpr,
+    IS_FP8: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """1-D grid like the up kernel: (slot, D block) for routed experts, then (token tile, D block) for the shared
-    expert ([D, I_S] weights, output rows sy[t])."""
-    pid = tl.program_id(0)
-    if pid < n_slots * NB:
-        slot = pid // NB
-        e, pair, token, col_mask = _slot_columns(idx_ptr, sched_ptr, slot, T, K, E, n_sched,
-                                                 GROUPED, BLOCK_T, BLOCK_K, BLOCK_P, BLOCK_E)
-        if e >= 0:
-            e64 = e.to(tl.int64)
-            _down_block(h_ptr, hs_ptr, pair, col_mask, wd_ptr + e64 * stride_we, sd_ptr + e64 * stride_se,
-                        stride_wn, stride_sn, stride_sk, y_ptr, stride_h, stride_hs, stride_y, pid % NB, I, D,
-                        IS_FP8, BLOCK_N, BLOCK_T)
-    else:
-        if HAS_SHARED:
-            q = pid - n_slots * NB
-            token = (q // NB) * BLOCK_T + tl.arange(0, BLOCK_T)
-            _down_block(sh_ptr, shs_ptr, token, token < T, swd_ptr, ssd_ptr, stride_swn, stride_ssn, stride_ssk,
-                        sy_ptr, stride_sh, stride_shs, stride_sy, q % NB, I_S, D, IS_FP8, BLOCK_N, BLOCK_T)
+    BLOCK_I: tl.constexpr = 128
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, pair, token, col_mask = _slot_columns(idx_ptr, sched_ptr, slot, T, K, E, n_sched,
+                                             GROUPED, BLOCK_T, BLOCK_K, BLOCK_P, BLOCK_E)
+    if e >= 0:
+        e64 = e.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_i = tl.arange(0, BLOCK_I)
+        n_mask = offs_n < D
+        pair64 = pair.to(tl.int64)
+        w_ptrs = wd_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_i[None, :]
+        h_ptrs = h_ptr + pair64[:, None] * stride_h + offs_i[None, :]
+        srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
+        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(I, BLOCK_I)):
+            i_mask = (kb * BLOCK_I + offs_i) < I
+            w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
+            hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+            if IS_FP8:
+                hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
+                sd = tl.load(sd_ptr + srow + kb * stride_sk)
+                acc += tl.dot(w, tl.trans(hv)) * (hs[None, :] * sd)
+            else:
+                acc = tl.dot(w, tl.trans(hv.to(w.dtype)), acc)
+        y_ptrs = y_ptr + pair64[None, :] * stride_y + offs_n[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _moe_combine_kernel(
-    y_ptr, idx_ptr, wt_ptr, out_ptr, sy_ptr, K, E, D, stride_y, stride_ot, stride_od, stride_sy,
-    FIRST_ONLY: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    y_ptr, idx_ptr, wt_ptr, out_ptr, K, E, D, stride_y, stride_ot, stride_od,
+    FIRST_ONLY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -320,8 +248,6 @@ def _moe_combine_kernel(
     yv = tl.load(y_ptr + rows[:, None] * stride_y + offs_d[None, :],
                  mask=valid[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
     acc = tl.sum(tl.where(valid[:, None], yv * wts[:, None], 0.0), axis=0)
-    if HAS_SHARED:  # the shared expert's output, weight 1, summed in fp32 with the routed ones
-        acc += tl.load(sy_ptr + t64 * stride_sy + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
     tl.store(out_ptr + t64 * stride_ot + offs_d * stride_od, acc.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
@@ -358,7 +284,7 @@ def routed_experts_triton(
     x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
-    down_scale_inv: Optional[torch.Tensor], shared: Optional[Shared] = None, grouped: Optional[bool] = None,
+    down_scale_inv: Optional[torch.Tensor], grouped: Optional[bool] = None,
     block_n: int = 64, num_warps: int = 4, num_stages: int = 4,
 ) -> torch.Tensor:
     t, d = x.shape
@@ -383,26 +309,15 @@ def routed_experts_triton(
     else:
         sg = su = sd = gate_proj  # unused
     p = t * k
-    hdt = torch.float8_e4m3fn if is_fp8 else out.dtype
     y = torch.empty((p, d), dtype=out.dtype, device=x.device)
-    h = torch.empty((p, i), dtype=hdt, device=x.device)
-    hs = torch.empty((p, cdiv(i, 128)), dtype=torch.float32, device=x.device) if is_fp8 else h  # h: unused
-    # xq/xs: FP8 quantizes x once (the expert programs stream e4m3 tiles); otherwise xs is unused
-    xq, xs = act_quant(x) if is_fp8 else (x, x)
-    has_shared = shared is not None
-    if has_shared:
-        swg, swu, swd, ssg, ssu, ssd = (None if v is None else (v if v.dim() < 2 or v.stride(-1) == 1 else
-                                                                 v.contiguous()) for v in shared)
-        i_s = swg.shape[0]
-        if not is_fp8:
-            ssg = ssu = ssd = swg  # unused
-        sh = torch.empty((t, i_s), dtype=hdt, device=x.device)
-        shs = torch.empty((t, cdiv(i_s, 128)), dtype=torch.float32, device=x.device) if is_fp8 else sh
-        sy = torch.empty((t, d), dtype=out.dtype, device=x.device)
-    else:  # placeholders, never read
-        swg = swu = swd = ssg = ssu = ssd = sh = shs = gate_proj
-        sy = y
-        i_s = 1
+    if is_fp8:
+        xq, xs = act_quant(x)                     # once; the expert programs stream e4m3 tiles
+        h = torch.empty((p, i), dtype=torch.float8_e4m3fn, device=x.device)
+        hs = torch.empty((p, cdiv(i, 128)), dtype=torch.float32, device=x.device)
+    else:
+        xq, xs = x, x                             # xs unused
+        h = torch.empty((p, i), dtype=out.dtype, device=x.device)
+        hs = h                                    # unused
     block_k = max(2, next_pow2(k))
     if grouped:
         block_t = GROUPED_BLOCK_T
@@ -421,47 +336,33 @@ def routed_experts_triton(
         bn1 = 128 if is_fp8 else block_n  # FP8: one program per 128-channel block of h (it quantizes h)
         bn2 = block_n
         nw, ns = num_warps, num_stages
-    tiles = (t + block_t - 1) // block_t if has_shared else 0  # token tiles of the shared expert
-    nb1, nb1_s, nb2 = cdiv(i, bn1), cdiv(i_s, bn1), cdiv(d, bn2)
-    common = dict(IS_FP8=is_fp8, GROUPED=grouped, HAS_SHARED=has_shared, BLOCK_T=block_t, BLOCK_K=block_k,
-                  BLOCK_P=block_p, BLOCK_E=block_e, num_stages=ns)
-
-    def s3(v):  # (expert, row-block, col-block) strides of a routed scale tensor; 0 where absent
-        return (v.stride(0), v.stride(1), v.stride(2)) if v.dim() == 3 else (v.stride(0), 0, 0)
-
-    def s2(v):  # (row-block, col-block) strides of a shared scale tensor
-        return (v.stride(0), v.stride(1)) if v.dim() == 2 else (0, 0)
-
-    wrap_triton(_moe_up_kernel)[(n_slots * nb1 + tiles * nb1_s,)](
+    common = dict(IS_FP8=is_fp8, GROUPED=grouped, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p,
+                  BLOCK_E=block_e, num_stages=ns)
+    wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, bn1))](
         xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
-        swg, swu, ssg, ssu, sh, shs,
-        t, k, e, i, d, n_sched, n_slots, nb1, i_s, nb1_s,
-        xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1), *s3(sg), h.stride(0), hs.stride(0),
-        swg.stride(0), *s2(ssg), sh.stride(0), shs.stride(0),
+        t, k, e, i, d, n_sched,
+        xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
+        sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
         BLOCK_N=bn1, num_warps=(8 if (is_fp8 and not grouped) else nw), **common,
     )
-    wrap_triton(_moe_down_kernel)[(n_slots * nb2 + tiles * nb2,)](
+    wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, bn2))](
         h, hs, idx, sched, down_proj, sd, y,
-        sh, shs, swd, ssd, sy,
-        t, k, e, i, d, n_sched, n_slots, nb2, i_s,
-        h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1), *s3(sd), y.stride(0),
-        sh.stride(0), shs.stride(0), swd.stride(0), *s2(ssd), sy.stride(0),
+        t, k, e, i, d, n_sched,
+        h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
+        sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
         BLOCK_N=bn2, num_warps=nw, **common,
     )
     block_d = 512
     wrap_triton(_moe_combine_kernel)[(t, cdiv(d, block_d))](
-        y, idx, wt, out, sy, k, e, d, y.stride(0), out.stride(0), out.stride(1), sy.stride(0),
-        FIRST_ONLY=not grouped, HAS_SHARED=has_shared, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+        y, idx, wt, out, k, e, d, y.stride(0), out.stride(0), out.stride(1),
+        FIRST_ONLY=not grouped, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
     )
     return out
 
 
-def _triton_ok(x: torch.Tensor, gate_proj: torch.Tensor, gate_scale_inv: Optional[torch.Tensor],
-               shared: Optional[Shared] = None) -> bool:
+def _triton_ok(x: torch.Tensor, gate_proj: torch.Tensor, gate_scale_inv: Optional[torch.Tensor]) -> bool:
     if x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if shared is not None and (shared[0].dtype != gate_proj.dtype or (shared[3] is None) != (gate_scale_inv is None)):
-        return False  # the kernels take one weight format for routed and shared experts
     if gate_scale_inv is not None:
         return gate_proj.dtype == torch.float8_e4m3fn
     return gate_proj.dtype in (torch.bfloat16, torch.float16)
@@ -473,26 +374,15 @@ def routed_experts(
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
     down_scale_inv: Optional[torch.Tensor],
-    shared_gate: Optional[torch.Tensor] = None, shared_up: Optional[torch.Tensor] = None,
-    shared_down: Optional[torch.Tensor] = None, shared_gate_scale_inv: Optional[torch.Tensor] = None,
-    shared_up_scale_inv: Optional[torch.Tensor] = None, shared_down_scale_inv: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    shared = None if shared_gate is None else (shared_gate, shared_up, shared_down, shared_gate_scale_inv,
-                                               shared_up_scale_inv, shared_down_scale_inv)
-    if x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv, shared):
+    if x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv):
         return routed_experts_reference(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                                        gate_scale_inv, up_scale_inv, down_scale_inv, shared)
+                                        gate_scale_inv, up_scale_inv, down_scale_inv)
     return routed_experts_triton(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                                 gate_scale_inv, up_scale_inv, down_scale_inv, shared)
+                                 gate_scale_inv, up_scale_inv, down_scale_inv)
 
 
 @routed_experts.register_fake
 def _routed_experts_fake(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                         gate_scale_inv, up_scale_inv, down_scale_inv, shared_gate=None, shared_up=None,
-                         shared_down=None, shared_gate_scale_inv=None, shared_up_scale_inv=None,
-                         shared_down_scale_inv=None):
-    if shared_gate is not None:
-        torch._check(shared_gate.shape[-1] == x.shape[-1] and shared_down.shape[0] == x.shape[-1],
-                     lambda: f"routed_experts: shared expert shapes {shared_gate.shape}, {shared_down.shape} "
-                             f"do not match x {x.shape}")
+                         gate_scale_inv, up_scale_inv, down_scale_inv):
     return torch.empty_like(x)

@@ -135,8 +135,8 @@ class ExpertOffset(nn.Module):
 
 
 def _local_expert_ids(experts: nn.Module, args: tuple) -> tuple:
-    x, topk_idx, topk_weight, *rest = args  # rest: the shared expert (tensor-parallel, always local)
-    return (x, topk_idx - experts.expert_offset.value, topk_weight, *rest)
+    x, topk_idx, topk_weight = args
+    return x, topk_idx - experts.expert_offset.value, topk_weight
 
 
 def build_rank_model(cfg: ModelConfig, plan: ParallelPlan, *, dtype: torch.dtype, device: torch.device | str,

@@ -256,36 +256,6 @@ def test_routed_experts(case, fixed_interpreter):
     assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
 
 
-SHARED_CASES = [
-    # T, K, E, D, I, I_s, fp8, grouped: the shared expert's intermediate differs from the routed one (and is ragged)
-    (1, 3, 6, 256, 130, 200, True, False),
-    (17, 3, 6, 200, 88, 256, True, False),
-    (17, 3, 6, 200, 88, 256, True, True),
-    (5, 2, 4, 136, 72, 40, False, False),
-    (70, 2, 4, 136, 72, 40, False, True),
-]
-
-
-@pytest.mark.parametrize("case", SHARED_CASES)
-def test_routed_experts_with_shared(case, fixed_interpreter):
-    """The shared expert computed by the same kernels (extra programs, weight 1) = routed + dense shared MLP."""
-    t, k, e, d, i, i_s, fp8, grouped = case
-    gen = torch.Generator().manual_seed(sum(case[:6]) + 100 * grouped)
-    x, idx, wt, w = _moe_inputs(t, k, e, d, i, fp8, torch.bfloat16, gen)
-    sw = [torch.randn(i_s, d, generator=gen) * 0.1, torch.randn(i_s, d, generator=gen) * 0.1,
-          torch.randn(d, i_s, generator=gen) * 0.1]
-    if fp8:
-        qs = [quantize_weight(v) for v in sw]
-        shared = (qs[0][0], qs[1][0], qs[2][0], qs[0][1], qs[1][1], qs[2][1])
-    else:
-        shared = tuple(v.to(torch.bfloat16) for v in sw) + (None, None, None)
-    out = RE.routed_experts_triton(x, idx, wt, *w, shared=shared, grouped=grouped)
-    ref = RE.routed_experts_reference(x, idx, wt, *w, shared=shared)
-    alone = RE.routed_experts_reference(x, idx, wt, *w)
-    assert rel_err(ref, alone) > 0.1  # the shared expert contributes: the check below is not vacuous
-    assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
-
-
 def test_routed_experts_fp16_unpatched():
     gen = torch.Generator().manual_seed(1)
     x, idx, wt, w = _moe_inputs(6, 2, 4, 136, 72, False, torch.float16, gen)

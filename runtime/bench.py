@@ -90,7 +90,8 @@ def bench_decode(stepper: Stepper, model: Transformer, batch_sizes: Sequence[int
     for b in batch_sizes:
         for ctx in contexts:
             if ctx + steps + 1 > stepper.max_seq_len or b > stepper.max_batch_size:
-                echo(f"skip batch {b} context {ctx}: the cache holds {stepper.max_batch_size} x {stepper.max_seq_len}")
+                echo(f"skip batch {b} context {ctx}: context + {steps} timed steps + 1 must fit the cache "
+                     f"({stepper.max_batch_size} x {stepper.max_seq_len}); compile with a larger --max-seq-len")
                 continue
             prompts = [torch.randint(0, model.cfg.vocab_size, (ctx,), generator=g).tolist() for _ in range(b)]
             tokens = stepper.prefill(prompts).argmax(-1)

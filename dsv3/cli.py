@@ -385,7 +385,7 @@ def inspect_cmd(artifact_dir: str) -> None:
     click.echo(f"target      {m['device']}, world size {m['world_size']}, {m['dtype']} activations")
     click.echo(f"cache       max batch {m['max_batch_size']}, max seq {m['max_seq_len']}, "
                f"prefill chunk <= {m['prefill_chunk']}")
-    click.echo(f"graphs      " + ", ".join(m["graphs"]))
+    click.echo("graphs      " + ", ".join(m["graphs"]))
     click.echo(f"built       {m['built_at']} with torch {h['torch']}, CUDA {h['cuda']}, triton {h['triton']}"
                + (f", on {h['gpu']} (sm {'.'.join(map(str, h['compute_capability']))})" if h.get('gpu') else "")
                + f", CPU {h['machine']}/{h['cpu_capability']}")
@@ -448,10 +448,12 @@ def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | 
 @click.option("--baseline-checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
               help="BF16 checkpoint for --baseline hf (default --checkpoint; `dsv3c convert --dtype bf16` makes one).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
+              help="Write an SVG of decode ms/token vs context: ours, the roofline and the --baseline.")
 def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, artifacts: str | None, jit: bool,
               eager: bool, batch_sizes: str, contexts: str, prompt_len: int, steps: int, num_layers: int | None,
               dtype: str, device: str | None, baseline: str | None, baseline_checkpoint: str | None,
-              json_out: str | None) -> None:
+              json_out: str | None, plot_out: str | None) -> None:
     """Decode ms/token and prefill speed per batch size and context, next to the bandwidth roofline.
 
     \b
@@ -525,6 +527,11 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
         click.echo(f"peak GPU memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
     if json_out:
         bench.write_json(json_out, report)
+    if plot_out:
+        if not decode:
+            raise click.ClickException("--plot: no decode point was measured (see the skip lines above)")
+        bench.write_plot(plot_out, report)
+        click.echo(f"wrote {plot_out}")
 
 
 @main.command("export-onnx")

@@ -9,10 +9,13 @@ bandwidth that this implies; the copy bandwidth is measured in the same run.
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
+from xml.sax.saxutils import escape
 
 import torch
 
@@ -129,9 +132,87 @@ def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: C
     return {"prompt_len": prompt_len, "ttft_ms": round(1000 * dt, 3), "tokens_per_s": round(prompt_len / dt, 1)}
 
 
+def _write_atomic(path: str, text: str) -> None:
+    # a temp file beside the target, then a rename: an interrupted run never leaves half a report
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: str, report: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+    _write_atomic(path, json.dumps(
+        report, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+
+
+PLOT_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _field(r, name: str):
+    return r[name] if isinstance(r, dict) else getattr(r, name)
+
+
+def plot_svg(report: dict, width: int = 720, height: int = 420) -> str:
+    """Decode ms/token against context length (log scale), one colour per batch size: ours (solid), the roofline
+    (dashed) and the HF baseline (dotted) when the report has one. Plain SVG: no plotting library needed."""
+    series: list[tuple[str, str, str, list[tuple[float, float]]]] = []  # (label, colour, dash, points)
+    batches = sorted({_field(r, "batch") for r in report["decode"]})
+    for i, b in enumerate(batches):
+        color = PLOT_COLORS[i % len(PLOT_COLORS)]
+        rows = sorted((r for r in report["decode"] if _field(r, "batch") == b), key=lambda r: _field(r, "context"))
+        series.append((f"dsv3c b{b}", color, "", [(_field(r, "context"), _field(r, "ms_per_token")) for r in rows]))
+        series.append((f"roofline b{b}", color, "6,4", [(_field(r, "context"), _field(r, "roofline_ms")) for r in rows]))
+        hf = sorted((r for r in report.get("baseline_hf", []) if r["batch"] == b), key=lambda r: r["context"])
+        if hf:
+            series.append((f"hf b{b}", color, "2,3", [(r["context"], r["ms_per_token"]) for r in hf]))
+    xs = [x for *_, pts in series for x, _ in pts]
+    ys = [y for *_, pts in series for _, y in pts]
+    left, right, top, bottom = 64, 170, 36, 48
+    pw, ph = width - left - right, height - top - bottom
+    lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
+    lx1 = lx1 if lx1 > lx0 else lx0 + 1
+    ymax = max(ys) * 1.1
+
+    def px(x: float) -> float:
+        return left + pw * (math.log10(x) - lx0) / (lx1 - lx0)
+
+    def py(y: float) -> float:
+        return top + ph * (1 - y / ymax)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="20" font-size="14">{escape(str(report.get("config", "")))} decode '
+           f'({escape(str(report.get("mode", "")))}, {escape(str(report.get("device", "")))}): ms/token vs context</text>',
+           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>',
+           f'<text x="{left + pw / 2}" y="{height - 10}" text-anchor="middle">context (tokens, log scale)</text>',
+           f'<text x="16" y="{top + ph / 2}" transform="rotate(-90 16 {top + ph / 2})" text-anchor="middle">'
+           'ms/token</text>']
+    for x in sorted(set(xs)):
+        out.append(f'<text x="{px(x):.1f}" y="{top + ph + 16}" text-anchor="middle">{x}</text>')
+    for j in range(6):
+        y = ymax * j / 5
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+        out.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + pw}" y2="{py(y):.1f}" stroke="#ddd"/>')
+    for k, (label, color, dash, pts) in enumerate(series):
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        out.append(f'<polyline data-label="{escape(label)}" points="{coords}" fill="none" stroke="{color}" '
+                   f'stroke-width="2"{dash_attr}/>')
+        for x, y in pts:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>')
+        ly = top + 14 + 18 * k
+        out.append(f'<line x1="{left + pw + 16}" y1="{ly}" x2="{left + pw + 46}" y2="{ly}" stroke="{color}" '
+                   f'stroke-width="2"{dash_attr}/>')
+        out.append(f'<text x="{left + pw + 52}" y="{ly + 4}">{escape(label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write_plot(path: str, report: dict) -> None:
+    if not report["decode"]:
+        raise ValueError("no decode points to plot (every batch/context pair was skipped)")
+    _write_atomic(path, plot_svg(report))
 
 
 @torch.inference_mode()

@@ -95,7 +95,7 @@ step_prof16() { $PY scripts/profile_decode.py "$ART16" "$WORK/ckpt16" "$OUT" 128
 
 step_bench16() {
   dsv3c bench --artifacts "$ART16" --checkpoint "$WORK/ckpt16" --batch-sizes 1,8 --context 128,4032 \
-    --steps 32 --prompt-len 4096 --json "$OUT/bench16_artifacts.json" 2>&1 | grep --line-buffered -v Warning | tail -8
+    --steps 32 --prompt-len 4096 --json "$OUT/bench16_artifacts.json" --plot "$OUT/bench16_decode.svg" 2>&1 | grep --line-buffered -v Warning | tail -8
   dsv3c bench --eager --checkpoint "$WORK/ckpt16" --batch-sizes 1 --context 128 --steps 8 --prompt-len 128 \
     --json "$OUT/bench16_eager.json" 2>&1 | grep --line-buffered -v Warning | tail -4
 }

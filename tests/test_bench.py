@@ -61,3 +61,34 @@ def test_bench_hf_baseline(tmp_path):
     report = json.loads(out.read_text())
     assert report["baseline_hf"][0]["batch"] == 1 and report["baseline_hf"][0]["ms_per_token"] > 0
     assert "vs hf" in res.output
+
+
+def test_plot_svg_maps_points():
+    """The SVG puts each point where its value says: larger context further right, larger ms/token higher up
+    (smaller y), one polyline per series (ours, roofline, HF baseline per batch size), and it parses as XML."""
+    import xml.etree.ElementTree as ET
+
+    from dsv3.runtime.bench import plot_svg
+
+    decode = [{"batch": b, "context": c, "ms_per_token": ms, "roofline_ms": roof}
+              for b, c, ms, roof in [(1, 128, 4.0, 0.6), (1, 4096, 5.0, 0.9), (8, 128, 6.0, 2.1), (8, 4096, 9.0, 2.5)]]
+    hf = [{"batch": 1, "context": 128, "ms_per_token": 90.0}, {"batch": 1, "context": 4096, "ms_per_token": 95.0}]
+    svg = plot_svg({"config": "16B", "mode": "artifacts", "device": "cuda", "decode": decode, "baseline_hf": hf})
+    root = ET.fromstring(svg)
+    lines = {p.get("data-label"): [tuple(map(float, xy.split(","))) for xy in p.get("points").split()]
+             for p in root.iter("{http://www.w3.org/2000/svg}polyline")}
+    assert set(lines) == {"dsv3c b1", "roofline b1", "hf b1", "dsv3c b8", "roofline b8"}
+    (x0, y0), (x1, y1) = lines["dsv3c b1"]
+    assert x1 > x0 and y1 < y0                      # 4096 right of 128; 5.0 ms above 4.0 ms
+    assert lines["hf b1"][0][1] < lines["dsv3c b8"][1][1] < lines["dsv3c b1"][0][1] < lines["roofline b1"][0][1]
+    assert lines["roofline b8"][0][0] == x0         # same context, same x
+
+
+def test_bench_cli_plot(tmp_path):
+    plot = tmp_path / "decode.svg"
+    args = ["bench", "--random-weights", "--config", "tiny", "--eager", "--device", "cpu", "--dtype", "float32",
+            "--batch-sizes", "1", "--context", "8,16", "--steps", "2", "--prompt-len", "8", "--plot", str(plot)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert plot.read_text().startswith("<svg") and "dsv3c b1" in plot.read_text()
+    assert not list(tmp_path.glob("*.tmp*"))        # written through a temp file, then renamed

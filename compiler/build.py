@@ -247,6 +247,9 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
                 "rank_weights": {"note": "identical shapes on every rank (the rank is a buffer, not baked in)",
                                  "tensors": weights},
                 "host": host_info(opts.device),
+                # trace-time kernel choices pinned through the environment (DSV3_GEMV_VARIANT, DSV3_FP8_GEMM, ...):
+                # they change what the packages contain, so the artifact records them
+                "kernel_overrides": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV3_")},
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_seconds": dict(log.timings),
                 "build_jobs": jobs,

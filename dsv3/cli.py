@@ -389,6 +389,9 @@ def inspect_cmd(artifact_dir: str) -> None:
     click.echo(f"built       {m['built_at']} with torch {h['torch']}, CUDA {h['cuda']}, triton {h['triton']}"
                + (f", on {h['gpu']} (sm {'.'.join(map(str, h['compute_capability']))})" if h.get('gpu') else "")
                + f", CPU {h['machine']}/{h['cpu_capability']}")
+    overrides = m.get("kernel_overrides") or {}
+    click.echo("kernels     " + (", ".join(f"{k}={v}" for k, v in overrides.items()) + " (pinned at build time)"
+                                 if overrides else "default choices (no DSV3_* overrides at build time)"))
     wall = m.get("build_wall_seconds", sum(m["build_seconds"].values()))
     click.echo(f"build time  {wall:.1f}s before verification ({m.get('build_jobs', 1)} graph(s) at a time); "
                f"stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in m["build_seconds"].items()))

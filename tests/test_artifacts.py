@@ -55,7 +55,10 @@ def art(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def art_ws2(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("art") / "tiny-cpu-ws2"
-    _compile(out, world_size=2, extra=("--no-verify",))
+    # a trace-time kernel knob (no effect on CPU): the manifest must record it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSV3_GEMV_VARIANT", "cc")
+        _compile(out, world_size=2, extra=("--no-verify",))
     return out
 
 
@@ -77,6 +80,13 @@ def test_compile_writes_complete_artifacts(art):
     assert m["rank_weights"]["tensors"]["layers.0.self_attn.kv_b_proj.weight"]["shape"] == [4 * 64, 128]
     res = CliRunner().invoke(main, ["inspect", str(art)])
     assert res.exit_code == 0 and "integrity   ok" in res.output and "decode_b3" in res.output
+    assert m["kernel_overrides"] == {k: v for k, v in os.environ.items() if k.startswith("DSV3_")}
+
+
+def test_manifest_records_kernel_overrides(art_ws2):
+    assert read_manifest(art_ws2)["kernel_overrides"].get("DSV3_GEMV_VARIANT") == "cc"
+    res = CliRunner().invoke(main, ["inspect", str(art_ws2)])
+    assert res.exit_code == 0 and "DSV3_GEMV_VARIANT=cc (pinned at build time)" in res.output
 
 
 def test_artifacts_greedy_tokens_equal_eager(art, ckpt):

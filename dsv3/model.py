@@ -137,6 +137,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
         self.cfg = cfg
+        self.route_args = route_args(cfg)  # the op's scalar arguments, computed once
         self.weight = _empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype)
         if cfg.topk_method == "noaux_tc":
             # Load-balancing bias: shifts which experts are chosen, never their weights. Always fp32.
@@ -146,7 +147,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One op: fp32 logits, scoring, group limiting, top-k and weights (two kernels at decode, no weight copy).
-        return torch.ops.dsv3.route(x, self.weight, self.e_score_correction_bias, **route_args(self.cfg))
+        return torch.ops.dsv3.route(x, self.weight, self.e_score_correction_bias, **self.route_args)
 
 
 def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig

@@ -3,7 +3,7 @@
     python3 scripts/sweep_gemv.py --json $OUT/sweep_gemv.json            # ~2-3 min on an H200
     python3 scripts/sweep_gemv.py --quick --json $OUT/sweep_gemv.json    # M in {1, 8}, smaller grids (~45 s)
 
-(From a bare checkout `dsv3` need not be installed: the script then imports it from a temporary shim tree.)
+Needs the package installed (`pip install -e .`, or `bash scripts/gpu_check.sh env` on the device).
 
 What it measures, per decode linear (16B unsharded; 671B at TP 8, per-rank shards) and M (1, 4, 8; 16 for 671B):
 - every variant of `dsv3.kernels.fp8_linear.fp8_gemv` ('splitk' = today's path, 'nosplit', 'fused_nosplit', 'cc',
@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from dsv3.kernels import bench as kbench
+
 PEAK_TB_S = 4.27  # H200 HBM3e
 LINEARS = {
     "16B": [("q_proj", 3072, 2048), ("kv_a_proj", 576, 2048), ("o_proj", 2048, 2048),
@@ -76,31 +78,6 @@ QUICK_GRIDS = {
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def ensure_dsv3() -> None:
-    """Make `dsv3.kernels` importable from a bare checkout (the package maps kernels/ -> dsv3.kernels): a shim tree
-    of copies in a temporary folder, on sys.path and on PYTHONPATH (for the precompilation processes)."""
-    import importlib
-
-    try:
-        importlib.import_module("dsv3.kernels")
-        return
-    except ImportError:
-        pass
-    import shutil
-    import tempfile
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shim = tempfile.mkdtemp(prefix="dsv3-shim-")
-    shutil.copytree(os.path.join(root, "dsv3"), os.path.join(shim, "dsv3"))
-    for sub in ("kernels", "configs", "compiler", "runtime", "export"):
-        if os.path.isdir(os.path.join(root, sub)):
-            shutil.copytree(os.path.join(root, sub), os.path.join(shim, "dsv3", sub))
-    sys.path.insert(0, shim)
-    os.environ["PYTHONPATH"] = shim + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    for name in [n for n in sys.modules if n == "dsv3" or n.startswith("dsv3.")]:
-        del sys.modules[name]
-
-
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -119,8 +96,9 @@ def grid_configs(grid) -> list[tuple[int, int, int]]:
     return [(bn, nw, ns) for bn in bns for nw in nws for ns in nss]
 
 
-def n_copies(nbytes: int, budget: float = 256e6, lo: int = 4, hi: int = 128) -> int:
-    return int(max(lo, min(hi, math.ceil(budget / max(nbytes, 1)))))
+def n_copies(nbytes: int) -> int:
+    """Enough copies of a shape's buffers that one graph replay streams ~256 MB (past the L2)."""
+    return kbench.n_copies(nbytes, budget=256e6, lo=4, hi=128)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -131,31 +109,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def graph_us(calls: list[Callable[[], object]], min_calls: int = 200) -> float:
-    """Median microseconds per call: the calls captured back to back in one CUDA graph, replayed until at least
-    `min_calls` calls ran (and at least 5 times)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        calls[0]()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    reps = max(5, math.ceil(min_calls / len(calls)))
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del g
-    return statistics.median(times) * 1e3 / len(calls)
+    """dsv3.kernels.bench.graph_us (calls back to back in one CUDA graph), replayed until at least `min_calls`
+    calls ran (and at least 5 times)."""
+    return kbench.graph_us(calls, reps=max(5, math.ceil(min_calls / len(calls))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,7 +339,6 @@ def main() -> None:
     set_cc_max_m(args.cc_max_m)
     os.environ.pop("DSV3_GEMV_VARIANT", None)  # the op's row shows the built-in choice
     t_start = time.time()
-    ensure_dsv3()
     from dsv3.kernels import fp8_linear as L  # (importing dsv3.kernels registers torch.ops.dsv3.*)
 
     grids = QUICK_GRIDS if args.quick else GRIDS

@@ -25,9 +25,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dsv3.kernels import fp8_linear as L  # noqa: E402
+from kernel_checks import exactly_quantizable, rel_err  # noqa: E402
 from dsv3.kernels.fp8_blocks import (  # noqa: E402
-    FP8_DTYPE,
-    ceil_div,
     dequantize_activation,
     dequantize_weight,
     quantize_activation,
@@ -54,27 +53,6 @@ def config_for(variant: str, i: int, n: int, k: int) -> tuple[int, int, int]:
     if n * k > 150_000:  # the interpreter's time goes by programs x K blocks: few, wide programs on big shapes
         bn = 64
     return bn, nw, ns
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def exact_activations(m: int, k: int, gen: torch.Generator, dtype=torch.bfloat16) -> torch.Tensor:
-    """[m, k] activations that quantize exactly: each 128-block is e4m3 values times 2^e with one entry +-448, so the
-    block scale is 2^e (amax / 448, exact) and x / scale is the e4m3 value itself."""
-    kb = ceil_div(k, 128)
-    q = torch.randn(m, kb * 128, generator=gen).clamp(-400, 400).to(FP8_DTYPE).float()
-    rows = torch.arange(m)
-    for b in range(kb):
-        col = torch.randint(b * 128, min(k, (b + 1) * 128), (m,), generator=gen)
-        q[rows, col] = torch.where(torch.rand(m, generator=gen) < 0.5, -448.0, 448.0)
-    e = torch.randint(-12, 5, (m, kb), generator=gen).float()
-    x = q[:, :k] * (2.0 ** e).repeat_interleave(128, dim=1)[:, :k]
-    assert torch.equal(x.to(dtype).float(), x)
-    return x.to(dtype)
 
 
 def weights(n: int, k: int, gen: torch.Generator):
@@ -104,7 +82,7 @@ def test_gemv_variant_quantizes_exactly(variant, i):
     m, n, k = SHAPES[i]
     gen = torch.Generator().manual_seed(77 + 1000 * i + m + n + k)
     w, s = weights(n, k, gen)
-    x = exact_activations(m, k, gen)
+    x = exactly_quantizable(m, k, gen)
     ref = L.fp8_linear_reference(x.float(), w, s).double()
     bn, nw, ns = config_for(variant, i + 1, n, k)
     out = L.fp8_gemv(x, w, s, torch.float32, variant=variant, block_n=bn, num_warps=nw, num_stages=ns)
@@ -117,7 +95,7 @@ def test_cc_token_chunks(m):
     n, k = 72, 200
     gen = torch.Generator().manual_seed(m)
     w, s = weights(n, k, gen)
-    x = exact_activations(m, k, gen, dtype=torch.float32)  # fp32 input: another x dtype, X_ROWS from 4-byte rows
+    x = exactly_quantizable(m, k, gen, dtype=torch.float32)  # fp32 input: another x dtype, X_ROWS from 4-byte rows
     ref = L.fp8_linear_reference(x, w, s).double()
     assert rel_err(L.fp8_gemv(x, w, s, torch.float32, variant="cc", block_n=32, num_warps=8), ref) < 1e-6
     xq, xs = quantize_activation(x)
@@ -129,7 +107,7 @@ def test_cc_strided_rows():
     m, n, k = 3, 136, 264
     gen = torch.Generator().manual_seed(5)
     w, s = weights(n, k, gen)
-    wide = exact_activations(m, k + 136, gen)
+    wide = exactly_quantizable(m, k + 136, gen)
     x = wide[:, :k]
     ref = L.fp8_linear_reference(x.float(), w, s).double()
     for variant in ("cc", "fused_nosplit"):
@@ -161,7 +139,7 @@ def test_launches_per_variant(variant, expected, launches):
     m, n, k = 1, 64, 1408  # splitk: 1 program column -> several splits
     gen = torch.Generator().manual_seed(3)
     w, s = weights(n, k, gen)
-    x = exact_activations(m, k, gen)
+    x = exactly_quantizable(m, k, gen)
     out = L.fp8_gemv(x, w, s, torch.float32, variant=variant)
     assert launches == expected
     assert rel_err(out, L.fp8_linear_reference(x.float(), w, s)) < 1e-6
@@ -171,7 +149,7 @@ def test_env_knob_pins_variant_through_the_op_path(launches, monkeypatch):
     m, n, k = 2, 200, 320
     gen = torch.Generator().manual_seed(9)
     w, s = weights(n, k, gen)
-    x = exact_activations(m, k, gen)
+    x = exactly_quantizable(m, k, gen)
     ref = L.fp8_linear_reference(x.float(), w, s).double()
     monkeypatch.setenv("DSV3_GEMV_VARIANT", "cc:8:2:4")
     y = L.fp8_linear_triton(x, w, s)  # the dispatch `torch.ops.dsv3.fp8_linear` takes on CUDA, bf16 output
@@ -188,7 +166,7 @@ def test_legacy_splitk_knobs_win_over_the_env(launches, monkeypatch):
     m, n, k = 1, 64, 1408
     gen = torch.Generator().manual_seed(4)
     w, s = weights(n, k, gen)
-    x = exact_activations(m, k, gen)
+    x = exactly_quantizable(m, k, gen)
     ref = L.fp8_linear_reference(x.float(), w, s)
     monkeypatch.setenv("DSV3_GEMV_VARIANT", "cc")
     assert rel_err(L.fp8_gemv(x, w, s, torch.float32, split=3), ref) < 1e-6

@@ -35,20 +35,14 @@ from dsv3.kernels import fp8_linear as L  # noqa: E402
 from dsv3.kernels import mla_absorb as AB  # noqa: E402
 from dsv3.kernels import mla_attention as A  # noqa: E402
 from dsv3.kernels import routed_experts as RE  # noqa: E402
+from kernel_checks import exactly_quantizable, rel_err  # noqa: E402
 from dsv3.kernels.fp8_blocks import (  # noqa: E402
-    FP8_DTYPE,
     ceil_div,
     dequantize_activation,
     dequantize_weight,
     quantize_activation,
     quantize_weight,
 )
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture
@@ -74,18 +68,6 @@ def fixed_interpreter(monkeypatch):
 
     monkeypatch.setattr(_interp, "_convert_float", convert)
     monkeypatch.setattr(_interp.InterpreterBuilder, "create_dot", dot)
-
-
-def exactly_quantizable(m: int, k: int, gen: torch.Generator, dtype=torch.bfloat16) -> torch.Tensor:
-    """Activations whose per-128 quantization is exact: e4m3 values times 2^e per block, one +-448 per block."""
-    kb = ceil_div(k, 128)
-    q = torch.randn(m, kb * 128, generator=gen).to(FP8_DTYPE).float()
-    for b in range(kb):
-        hi = min(k, (b + 1) * 128)
-        j = torch.randint(b * 128, hi, (m,), generator=gen)
-        q[torch.arange(m), j] = 448.0 * torch.where(torch.rand(m, generator=gen) < 0.5, -1.0, 1.0)
-    e = torch.randint(-14, 4, (m, kb), generator=gen).float()
-    return (q[:, :k] * (2.0 ** e).repeat_interleave(128, -1)[:, :k]).to(dtype)
 
 
 SHAPES = [(1, 88, 200), (3, 200, 300), (17, 130, 256), (1, 576, 136), (5, 64, 1408)]

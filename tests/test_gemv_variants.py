@@ -26,6 +26,7 @@ import torch
 
 from dsv3.kernels import fp8_linear as L  # (importing dsv3.kernels registers torch.ops.dsv3.*)
 from dsv3.kernels.fp8_blocks import dequantize_activation, dequantize_weight, quantize_activation, quantize_weight
+from kernel_checks import ErrorLog, cuda, fp8_ref64, poison_allocator, rel_err
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,40 +99,14 @@ def test_resolve_gemv_precedence(monkeypatch):
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-ERRORS: dict[str, float] = {}
+ERRORS = ErrorLog("gemv_test_errors.json")
+note, rel, ref64 = ERRORS.note, rel_err, fp8_ref64
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_errors():
     yield
-    if ERRORS and os.environ.get("OUT"):
-        import json
-
-        with open(os.path.join(os.environ["OUT"], "gemv_test_errors.json"), "w") as f:
-            json.dump(ERRORS, f, indent=1, sort_keys=True)
-
-
-def note(name: str, err: float) -> float:
-    ERRORS[name] = max(err, ERRORS.get(name, 0.0))
-    return err
-
-
-def poison_allocator():
-    bufs = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
-    bufs += [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]
-    del bufs
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "non-finite (unwritten?) output elements"
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def ref64(x, w, s):
-    xq, xs = quantize_activation(x)
-    return dequantize_activation(xq, xs).double() @ dequantize_weight(w, s).double().t()
+    ERRORS.write()
 
 
 def rand_weight(n, k):

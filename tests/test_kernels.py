@@ -36,7 +36,8 @@ from dsv3.kernels import fp8_linear as L
 from dsv3.kernels import mla_absorb as AB
 from dsv3.kernels import mla_attention as A
 from dsv3.kernels import routed_experts as RE
-from dsv3.kernels.fp8_blocks import dequantize_activation, dequantize_weight, quantize_activation, quantize_weight
+from dsv3.kernels.fp8_blocks import quantize_weight
+from kernel_checks import ErrorLog, cuda, fp8_ref64, poison_allocator, rel_err
 
 HERE = Path(__file__).resolve().parent
 
@@ -107,43 +108,14 @@ def test_launch_plans():
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-ERRORS: dict[str, float] = {}
+ERRORS = ErrorLog("test_errors.json")
+note, rel = ERRORS.note, rel_err
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_errors():
     yield
-    if ERRORS and os.environ.get("OUT"):
-        import json
-
-        with open(os.path.join(os.environ["OUT"], "test_errors.json"), "w") as f:
-            json.dump(ERRORS, f, indent=1, sort_keys=True)
-
-
-def note(name: str, err: float) -> float:
-    ERRORS[name] = max(err, ERRORS.get(name, 0.0))
-    return err
-
-
-def poison_allocator():
-    """Fill the caching allocator's free blocks with NaN, so any output element a kernel forgets to write shows."""
-    bufs = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
-    bufs += [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]
-    del bufs
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "non-finite (unwritten?) output elements"
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def fp8_ref64(x, w, s):
-    # Quantize on the CPU: CUDA evaluates quantize_activation's `amax / 448` as a multiply by the reciprocal (one ulp
-    # off for about half the blocks), which moves values that sit on e4m3 rounding ties; the kernels divide exactly.
-    xq, xs = (t.to(x.device) for t in quantize_activation(x.cpu()))
-    return dequantize_activation(xq, xs).double() @ dequantize_weight(w, s).double().t()
+    ERRORS.write()
 
 
 def rand_fp8_weight(n, k, device="cuda"):

@@ -28,6 +28,7 @@ import torch
 
 from dsv3.config import resolve_config
 from dsv3.kernels import router as R  # (importing it registers torch.ops.dsv3.route)
+from kernel_checks import cuda, poison_allocator
 
 HERE = Path(__file__).resolve().parent
 REAL_CONFIGS = ["16B", "236B", "671B"]
@@ -171,15 +172,6 @@ def test_logits_plan():
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def poison_allocator():
-    """Fill the caching allocator's free blocks with NaN, so unwritten outputs show (as NaN or wild ids)."""
-    bufs = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(16)]
-    del bufs
-
 
 @pytest.mark.gpu
 @cuda

@@ -1,0 +1,76 @@
+"""Helpers shared by the kernel tests (interpreter scripts and GPU tests); not a test module itself.
+
+Imported after the interpreter scripts have set TRITON_INTERPRET=1: nothing here imports triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dsv3.kernels.fp8_blocks import (
+    FP8_DTYPE,
+    ceil_div,
+    dequantize_activation,
+    dequantize_weight,
+    quantize_activation,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error in float64; a non-finite output (an element never written) fails outright."""
+    assert torch.isfinite(out).all(), "non-finite (unwritten?) output elements"
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def exactly_quantizable(m: int, k: int, gen: torch.Generator, dtype=torch.bfloat16) -> torch.Tensor:
+    """[m, k] activations whose per-128 quantization is exact: each block is e4m3 values times 2^e with one entry
+    +-448, so the block scale is 2^e (amax / 448, exact) and x / scale is the e4m3 value itself. Lets tests check
+    kernels that quantize in-program despite the interpreter's unreliable fp32 -> e4m3 cast."""
+    kb = ceil_div(k, 128)
+    q = torch.randn(m, kb * 128, generator=gen).clamp(-400, 400).to(FP8_DTYPE).float()
+    rows = torch.arange(m)
+    for b in range(kb):
+        col = torch.randint(b * 128, min(k, (b + 1) * 128), (m,), generator=gen)
+        q[rows, col] = torch.where(torch.rand(m, generator=gen) < 0.5, -448.0, 448.0)
+    e = torch.randint(-12, 4, (m, kb), generator=gen).float()
+    x = q[:, :k] * (2.0 ** e).repeat_interleave(128, dim=1)[:, :k]
+    assert torch.equal(x.to(dtype).float(), x)
+    return x.to(dtype)
+
+
+def fp8_ref64(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float64 W8A8 reference. Quantizes on the CPU: CUDA evaluates quantize_activation's `amax / 448` as a multiply
+    by the reciprocal (one ulp off for about half the blocks), which moves values sitting on e4m3 rounding ties;
+    the kernels divide exactly."""
+    xq, xs = (t.to(x.device) for t in quantize_activation(x.cpu()))
+    return dequantize_activation(xq, xs).double() @ dequantize_weight(w, s).double().t()
+
+
+def poison_allocator() -> None:
+    """Fill the caching allocator's free blocks with NaN, so any output element a kernel forgets to write shows."""
+    bufs = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(4)]
+    bufs += [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]
+    del bufs
+
+
+class ErrorLog:
+    """The largest measured error per check, written as JSON to $OUT/<filename> (device runs keep them)."""
+
+    def __init__(self, filename: str):
+        self.filename, self.errors = filename, {}
+
+    def note(self, name: str, err: float) -> float:
+        self.errors[name] = max(err, self.errors.get(name, 0.0))
+        return err
+
+    def write(self) -> None:
+        if self.errors and os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], self.filename), "w") as f:
+                json.dump(self.errors, f, indent=1, sort_keys=True)

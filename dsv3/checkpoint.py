@@ -93,6 +93,32 @@ def checkpoint_to_param_name(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+_SHARED_PARAM = re.compile(r"^(layers\.\d+\.mlp)\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
+
+
+def stacked_shared_param(param: str) -> str | None:
+    """For a shared-expert parameter name, the stacked routed-experts tensor that holds it when the layer stacks its
+    shared experts after the routed ones (MoE.stack_shared_); None for any other name."""
+    m = _SHARED_PARAM.match(param)
+    return None if m is None else f"{m.group(1)}.experts.{m.group(2)}{m.group(3) or ''}"
+
+
+def copy_shared_into_stack_(stack: torch.Tensor, n_shared: int, param: str, src: torch.Tensor) -> None:
+    """Write checkpoint tensor `param` of the shared MLP (width S*I) into the last n_shared = S slots of `stack`
+    ([E + S, n, k]): gate/up rows [S*I, D] (scales [S*I/128, D/128]) are the slots one after another; down
+    columns [D, S*I] split into S column blocks, one per slot."""
+    slots = stack[stack.shape[0] - n_shared:]
+    if ".down_proj." in param:
+        dst = slots.permute(1, 0, 2)                        # [D, S, I]: slot s holds columns s*I .. (s+1)*I
+    else:
+        dst = slots.reshape(n_shared * slots.shape[1], -1)  # a view: the slots are contiguous
+    if src.numel() != dst.numel() or src.shape[0] != dst.shape[0]:
+        raise CheckpointError(f"tensor {param}: shape {_fmt_shape(src.shape)} does not fill {n_shared} shared-expert "
+                              f"slots of shape {_fmt_shape(slots.shape[1:])}")
+    dst.copy_(src.reshape(dst.shape) if src.dtype == dst.dtype or dst.dtype == FP8_DTYPE else
+              src.reshape(dst.shape).to(dst.dtype))
+
+
 def _checkpoint_dtype(param: str, dtype: torch.dtype) -> torch.dtype:
     if dtype == FP8_DTYPE:
         return FP8_DTYPE
@@ -321,10 +347,14 @@ def load_state(model: Transformer, reader: CheckpointReader, *, progress: bool =
               leave=False) as bar:
         for name, where in todo:
             param, expert = checkpoint_to_param_name(name)
+            src = reader.get_part(name, where.dim, where.start, where.length)
+            if param not in state and stacked_shared_param(param) in state:  # shared experts stacked as slots
+                copy_shared_into_stack_(state[stacked_shared_param(param)], cfg.n_shared_experts, param, src)
+                bar.update(expected[name].nbytes())
+                continue
             if where.expert is not None:
                 expert = where.expert
             dst = state[param] if expert is None else state[param][expert]
-            src = reader.get_part(name, where.dim, where.start, where.length)
             if tuple(src.shape) != tuple(dst.shape):
                 raise CheckpointError(f"tensor {name}: this rank's part has shape {_fmt_shape(src.shape)} but the "
                                       f"model expects {_fmt_shape(dst.shape)}")

@@ -488,15 +488,15 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
         model = stepper.model
     else:
         if random_weights:
-            from dsv3.model import Transformer
+            from dsv3.runtime.parallel import build_rank_model
             from dsv3.runtime.random_weights import fill_random_
 
             cfg = resolve_config(config)
             if num_layers:
                 cfg = cfg.replace(num_hidden_layers=num_layers,
                                   first_k_dense_replace=min(cfg.first_k_dense_replace, num_layers))
-            model = fill_random_(Transformer(cfg, dtype=getattr(torch, DTYPES[dtype]), max_batch_size=max(buckets),
-                                             max_seq_len=max_seq, device=device))
+            model = fill_random_(build_rank_model(cfg, plan, dtype=getattr(torch, DTYPES[dtype]), device=device,
+                                                  max_batch_size=max(buckets), max_seq_len=max_seq))
         else:
             model = load_rank_model(checkpoint, plan, dtype=getattr(torch, DTYPES[dtype]), device=device,
                                     max_batch_size=max(buckets), max_seq_len=max_seq)

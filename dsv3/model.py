@@ -145,9 +145,11 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, n_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         # One op: fp32 logits, scoring, group limiting, top-k and weights (two kernels at decode, no weight copy).
-        return torch.ops.dsv3.route(x, self.weight, self.e_score_correction_bias, **self.route_args)
+        # n_shared appends always-on columns for shared experts stacked after the routed ones (weight 1).
+        return torch.ops.dsv3.route(x, self.weight, self.e_score_correction_bias, **self.route_args,
+                                    n_shared=n_shared)
 
 
 def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig
@@ -159,11 +161,12 @@ def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelCo
 
 
 class RoutedExperts(nn.Module):
-    """All routed experts of a layer, stacked, so one op computes the selected ones with no host sync."""
+    """All routed experts of a layer, stacked, so one op computes the selected ones with no host sync.
+    `extra` more slots after them hold the shared experts when the layer stacks them (MoE.stack_shared_)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, extra: int = 0):
         super().__init__()
-        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        e, d, i = cfg.n_routed_experts + extra, cfg.hidden_size, cfg.moe_intermediate_size
         fp8 = cfg.is_fp8
         wdtype = FP8_DTYPE if fp8 else dtype
         self.gate_proj = _empty(e, i, d, dtype=wdtype)
@@ -180,6 +183,13 @@ class RoutedExperts(nn.Module):
         )
 
 
+def can_stack_shared(cfg: ModelConfig) -> bool:
+    """Whether the shared experts can live in extra slots of the routed-experts tensors: each shared expert is a
+    moe_intermediate_size slice of the shared MLP, and with FP8 those slices must start on 128-block boundaries."""
+    return cfg.n_shared_experts > 0 and cfg.n_routed_experts > 0 and (
+        not cfg.is_fp8 or cfg.moe_intermediate_size % BLOCK == 0)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
@@ -188,11 +198,31 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.shared_intermediate_size, dtype, cfg.is_fp8) if cfg.n_shared_experts else None
         )
+        self.n_shared_slots = 0  # shared experts stored as extra experts (stack_shared_)
+
+    def stack_shared_(self) -> None:
+        """Store the shared experts as n_shared_experts extra experts after the routed ones, so the routed-experts op
+        computes them too (one launch sequence, every weight streamed by the same kernels). Exact in real
+        arithmetic: the shared MLP of width S*I is the sum of S SwiGLU experts of width I (its intermediate split
+        into S slices); the router appends them to every token with weight 1. Call on a fresh (meta or unloaded)
+        model: the weights are allocated, not moved; the loader fills the slots (dsv3.checkpoint.load_state)."""
+        cfg = self.gate.cfg
+        if self.shared_experts is None or self.n_shared_slots:
+            return
+        if not can_stack_shared(cfg):
+            raise ValueError(f"shared experts of width {cfg.moe_intermediate_size} cannot be stacked with FP8 "
+                             f"128-blocks")
+        device = self.experts.gate_proj.device
+        with torch.device(device):
+            # the router weight has the model's dtype (the experts' own may be FP8)
+            self.experts = RoutedExperts(cfg, self.gate.weight.dtype, extra=cfg.n_shared_experts)
+        self.shared_experts = None
+        self.n_shared_slots = cfg.n_shared_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        topk_idx, topk_weight = self.gate(flat)
+        topk_idx, topk_weight = self.gate(flat, self.n_shared_slots)
         y = self.experts(flat, topk_idx, topk_weight).view(shape)
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
@@ -277,6 +307,14 @@ class Transformer(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "reset_buffers_"):
                 m.reset_buffers_()
+        return self
+
+    def stack_shared_experts_(self) -> "Transformer":
+        """Every MoE layer keeps its shared experts as extra routed-expert slots (MoE.stack_shared_). A storage
+        layout: state-dict names change (no `shared_experts.*`), the loader maps the checkpoint into the slots."""
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.stack_shared_()
         return self
 
     def latent_caches(self) -> list[torch.Tensor]:

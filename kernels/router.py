@@ -7,8 +7,11 @@ Contract
   a multiple of n_group, any multiple: 160 / 8 = 20 experts per group is fine); sigmoid (else softmax);
   group_top2 (a group's score is the sum of its best two choices, V3 `noaux_tc`; else its best one, V2);
   norm_topk_prob; routed_scaling_factor. `route_args(cfg)` maps a ModelConfig to these.
-- Returns (topk_idx int64 [T, top_k], topk_weight float32 [T, top_k]), exactly
-  `select_experts_reference(F.linear(x.float(), weight.float()), bias, ...)`:
+- n_shared (default 0): always-on experts stacked after the E routed ones (the shared experts, when the runtime
+  stores them as extra experts of the routed-experts tensors): the outputs get n_shared more columns naming
+  experts E .. E + n_shared - 1 with weight 1.0 for every token, so one routed-experts op computes both.
+- Returns (topk_idx int64 [T, top_k + n_shared], topk_weight float32 [T, top_k + n_shared]), exactly
+  `select_experts_reference(F.linear(x.float(), weight.float()), bias, ...)` plus those columns:
   logits in fp32; scores = softmax(logits) or sigmoid(logits); choice = scores (+ bias); with group limiting, the
   topk_group best groups are kept and every other expert's choice is -inf; the top_k experts by choice, in
   descending order; their weights gathered from the UNSHIFTED scores; if norm_topk_prob divided by (sum + 1e-20);
@@ -80,13 +83,25 @@ def select_experts_reference(
     return topk_idx, topk_weight * routed_scaling_factor
 
 
+def with_shared_columns(idx: torch.Tensor, weight: torch.Tensor, n_experts: int, n_shared: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append n_shared always-on columns (experts n_experts .. n_experts + n_shared - 1, weight 1.0)."""
+    if n_shared == 0:
+        return idx, weight
+    t = idx.shape[0]
+    ids = torch.arange(n_experts, n_experts + n_shared, dtype=idx.dtype, device=idx.device).expand(t, n_shared)
+    ones = torch.ones((t, n_shared), dtype=weight.dtype, device=weight.device)
+    return torch.cat([idx, ids], dim=1), torch.cat([weight, ones], dim=1)
+
+
 def route_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, n_group: int, topk_group: int,
-    sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float,
+    sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float, n_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's definition: fp32 logits (as HF, so near-ties resolve as the reference model does), then selection."""
-    return select_experts_reference(F.linear(x.float(), weight.float()), bias, top_k, n_group, topk_group,
-                                    sigmoid, group_top2, norm_topk_prob, routed_scaling_factor)
+    idx, wt = select_experts_reference(F.linear(x.float(), weight.float()), bias, top_k, n_group, topk_group,
+                                       sigmoid, group_top2, norm_topk_prob, routed_scaling_factor)
+    return with_shared_columns(idx, wt, weight.shape[0], n_shared)
 
 
 def route_args(cfg: Any) -> dict:
@@ -103,9 +118,12 @@ def route_args(cfg: Any) -> dict:
     )
 
 
-def _check_args(n_experts: int, top_k: int, n_group: int, topk_group: int, group_top2: bool) -> None:
+def _check_args(n_experts: int, top_k: int, n_group: int, topk_group: int, group_top2: bool, n_shared: int = 0
+                ) -> None:
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"route: top_k={top_k} must be in [1, {n_experts}]")
+    if n_shared < 0:
+        raise ValueError(f"route: n_shared={n_shared} must be >= 0")
     if n_group > 1 and topk_group < n_group:
         per_group = n_experts // n_group
         if n_experts % n_group:
@@ -192,6 +210,7 @@ def _router_select_kernel(
     T, E, SPLITS, PER_GROUP, N_GROUP, TOPK_GROUP, scale,
     HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, GROUPED: tl.constexpr, GROUP_TOP2: tl.constexpr,
     NORM: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    N_SHARED: tl.constexpr, S_PAD: tl.constexpr,
 ):
     # Below every real key, including -inf choices (masked groups), so removed/padded experts are never picked.
     REMOVED: tl.constexpr = -(1 << 62)
@@ -243,9 +262,14 @@ def _router_select_kernel(
     if NORM:
         w = tl.div_rn(w, tl.zeros_like(w) + (tl.sum(w, axis=0) + 1e-20))
     w = w * scale
-    out = t.to(tl.int64) * TOP_K + offs_k
-    tl.store(idx_ptr + out, sel.to(tl.int64), mask=k_mask)
-    tl.store(wt_ptr + out, w, mask=k_mask)
+    row = t.to(tl.int64) * (TOP_K + N_SHARED)
+    tl.store(idx_ptr + row + offs_k, sel.to(tl.int64), mask=k_mask)
+    tl.store(wt_ptr + row + offs_k, w, mask=k_mask)
+    if N_SHARED > 0:  # always-on experts E .. E + N_SHARED - 1, weight 1
+        offs_s = tl.arange(0, S_PAD)
+        s_mask = offs_s < N_SHARED
+        tl.store(idx_ptr + row + TOP_K + offs_s, (E + offs_s).to(tl.int64), mask=s_mask)
+        tl.store(wt_ptr + row + TOP_K + offs_s, tl.full((S_PAD,), 1.0, tl.float32), mask=s_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,18 +302,18 @@ def logits_plan(t: int, e: int, d: int, sms: int) -> dict:
 
 def route_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, n_group: int, topk_group: int,
-    sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float,
+    sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float, n_shared: int = 0,
     splits: Optional[int] = None, select_warps: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode path (T <= 64, E <= 512). `splits` overrides the plan's D split (tests, sweeps)."""
     t, d = x.shape
     e = weight.shape[0]
-    _check_args(e, top_k, n_group, topk_group, group_top2)
+    _check_args(e, top_k, n_group, topk_group, group_top2, n_shared)
     assert t <= DECODE_MAX_T and e <= SELECT_MAX_E
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    idx = torch.empty((t, top_k), dtype=torch.int64, device=x.device)
-    wt = torch.empty((t, top_k), dtype=torch.float32, device=x.device)
+    idx = torch.empty((t, top_k + n_shared), dtype=torch.int64, device=x.device)
+    wt = torch.empty((t, top_k + n_shared), dtype=torch.float32, device=x.device)
     if t == 0:
         return idx, wt
     plan = logits_plan(t, e, d, num_sms(x.device))
@@ -316,7 +340,8 @@ def route_triton(
         float(routed_scaling_factor),
         HAS_BIAS=has_bias, SIGMOID=bool(sigmoid), GROUPED=grouped, GROUP_TOP2=bool(group_top2),
         NORM=bool(norm_topk_prob), TOP_K=top_k, E_PAD=e_pad, G_PAD=max(2, next_pow2(n_group if grouped else 1)),
-        K_PAD=max(2, next_pow2(top_k)), num_warps=select_warps,
+        K_PAD=max(2, next_pow2(top_k)), N_SHARED=n_shared, S_PAD=max(2, next_pow2(n_shared)),
+        num_warps=select_warps,
     )
     return idx, wt
 
@@ -324,11 +349,11 @@ def route_triton(
 @triton_op("dsv3::route", mutates_args=())
 def route(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, n_group: int, topk_group: int,
-    sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float,
+    sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float, n_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # The device branch is resolved at trace time (compile_stack.md §1, pattern (a)): plain torch on CPU, Triton
     # kernels compiled into the graph on CUDA for decode-sized batches.
-    args = (top_k, n_group, topk_group, sigmoid, group_top2, norm_topk_prob, routed_scaling_factor)
+    args = (top_k, n_group, topk_group, sigmoid, group_top2, norm_topk_prob, routed_scaling_factor, n_shared)
     t = static_int(x.shape[0])
     if x.device.type != "cuda" or t is None or t > DECODE_MAX_T or weight.shape[0] > SELECT_MAX_E:
         return route_reference(x, weight, bias, *args)
@@ -337,12 +362,12 @@ def route(
 
 @route.register_fake
 def _route_fake(x, weight, bias, top_k, n_group, topk_group, sigmoid, group_top2, norm_topk_prob,
-                routed_scaling_factor):
+                routed_scaling_factor, n_shared=0):
     torch._check(x.dim() == 2 and x.shape[1] == weight.shape[1],
                  lambda: f"route: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    _check_args(weight.shape[0], top_k, n_group, topk_group, group_top2)
-    t = x.shape[0]
-    return (x.new_empty((t, top_k), dtype=torch.int64), x.new_empty((t, top_k), dtype=torch.float32))
+    _check_args(weight.shape[0], top_k, n_group, topk_group, group_top2, n_shared)
+    t, k = x.shape[0], top_k + n_shared
+    return (x.new_empty((t, k), dtype=torch.int64), x.new_empty((t, k), dtype=torch.float32))
 
 
 __all__ = ["route", "route_reference", "route_triton", "route_args", "select_experts_reference", "logits_plan",

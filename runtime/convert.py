@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv3.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, TensorSpec, checkpoint_to_param_name,
-                             validate)
+                             copy_shared_into_stack_, stacked_shared_param, validate)
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, dequantize_weight
 from dsv3.model import Transformer
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model
@@ -85,7 +85,8 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
             for name, spec in expected.items():
                 where = plan.placement(name, spec.shape, cfg)
                 if where is not None:
-                    sources[checkpoint_to_param_name(name)[0]].append((name, where))
+                    param = checkpoint_to_param_name(name)[0]
+                    sources[param if param in sources else stacked_shared_param(param)].append((name, where))
             specs = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in state.items()}
 
             def produce(param: str) -> torch.Tensor:
@@ -96,7 +97,11 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
                     return t if t.dtype == FP8_DTYPE or t.dtype == specs[param].dtype else t.to(specs[param].dtype)
                 stacked = torch.empty(specs[param].shape, dtype=specs[param].dtype)
                 for name, where in parts:
-                    stacked[where.expert].copy_(reader.get(name))
+                    if where.expert is None:  # a shared expert kept as extra slots (world size 1)
+                        copy_shared_into_stack_(stacked, cfg.n_shared_experts, checkpoint_to_param_name(name)[0],
+                                                reader.get(name))
+                    else:
+                        stacked[where.expert].copy_(reader.get(name))
                 return stacked
 
             with tqdm(total=sum(s.nbytes() for s in specs.values()), unit="B", unit_scale=True,

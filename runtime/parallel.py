@@ -26,7 +26,7 @@ from torch import nn
 from dsv3.checkpoint import Placement, checkpoint_to_param_name
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels.fp8_blocks import BLOCK
-from dsv3.model import Transformer
+from dsv3.model import Transformer, can_stack_shared
 
 # model parameter name -> split dim (0: rows / output features, 1: columns / input features)
 _SPLIT_RULES: list[tuple[re.Pattern, int]] = [
@@ -52,6 +52,14 @@ class ParallelPlan:
     rank: int
     world_size: int
     group_name: str = "0"  # the default process group's name
+    # World size 1: keep the shared experts as extra routed-expert slots (MoE.stack_shared_), so one fused op runs
+    # them with the routed ones. Not at world size > 1: a rank's tensor-parallel slice of the shared MLP is not an
+    # expert-sized block (671B at 8: 256 of 2048 columns).
+    stack_shared_experts: bool = True
+
+    @property
+    def stacks_shared(self) -> bool:
+        return self.stack_shared_experts and self.world_size == 1
 
     def check(self, cfg: ModelConfig) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -148,12 +156,13 @@ def build_rank_model(cfg: ModelConfig, plan: ParallelPlan, *, dtype: torch.dtype
 
 
 def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
-    """Shard a freshly built (unloaded) model in place for `plan`; a no-op at world size 1."""
+    """Lay out a freshly built (unloaded) model in place for `plan`: shard it, or at world size 1 stack the shared
+    experts into the routed-experts tensors where the config allows (`ParallelPlan.stack_shared_experts`)."""
     cfg = model.cfg
     plan.check(cfg)
     ws = plan.world_size
     if ws == 1:
-        return model
+        return model.stack_shared_experts_() if plan.stacks_shared and can_stack_shared(cfg) else model
     group = plan.group_name
 
     def all_reduce(_m, _args, out):

@@ -10,7 +10,9 @@
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
 #   loadprof   where the artifact cold start goes (scripts/profile_load.py on art16 + ckpt16)
 #   prof16     where a batch-1 decode step goes (scripts/profile_decode.py: graph replay vs kernel time, top kernels)
-#   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4032: the 32 timed steps must fit the 4096 cache) and the eager model, JSON in $OUT
+#   ckpt16bf16 dsv3c convert --dtype bf16 of ckpt16 (CPU; transformers' baseline loads it)
+#   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4032: the 32 timed steps must fit the 4096 cache)
+#              with --baseline hf when ckpt16bf16 exists, and the eager model, JSON and SVG in $OUT
 #   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61);
@@ -93,9 +95,19 @@ step_loadprof() { $PY scripts/profile_load.py "$ART16" "$WORK/ckpt16" 2>&1 | gre
 
 step_prof16() { $PY scripts/profile_decode.py "$ART16" "$WORK/ckpt16" "$OUT" 128 2>&1 | grep -v Warning | tail -45; }
 
-step_bench16() {
+step_ckpt16bf16() {  # CPU only: the BF16 copy transformers loads for bench16's --baseline hf
+  [ -f "$WORK/ckpt16bf16/config.json" ] && { echo "ckpt16bf16 exists"; return 0; }
+  /usr/bin/time -f "convert --dtype bf16: %e s" dsv3c convert --checkpoint "$WORK/ckpt16" --out "$WORK/ckpt16bf16" \
+    --dtype bf16 --overwrite 2>&1 | tr '\r' '\n' | grep -v "%|" | tail -3
+}
+
+step_bench16() {  # with transformers side by side when ckpt16bf16 exists (BASELINE=0 skips it)
+  local base=()
+  [ "${BASELINE:-1}" = 1 ] && [ -f "$WORK/ckpt16bf16/config.json" ] && \
+    base=(--baseline hf --baseline-checkpoint "$WORK/ckpt16bf16")
   dsv3c bench --artifacts "$ART16" --checkpoint "$WORK/ckpt16" --batch-sizes 1,8 --context 128,4032 \
-    --steps 32 --prompt-len 4096 --json "$OUT/bench16_artifacts.json" --plot "$OUT/bench16_decode.svg" 2>&1 | grep --line-buffered -v Warning | tail -8
+    --steps 32 --prompt-len 4096 "${base[@]}" --json "$OUT/bench16_artifacts.json" --plot "$OUT/bench16_decode.svg" \
+    2>&1 | grep --line-buffered -v Warning | tail -16
   dsv3c bench --eager --checkpoint "$WORK/ckpt16" --batch-sizes 1 --context 128 --steps 8 --prompt-len 128 \
     --json "$OUT/bench16_eager.json" 2>&1 | grep --line-buffered -v Warning | tail -4
 }

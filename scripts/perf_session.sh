@@ -4,7 +4,9 @@
 #   setsid nohup bash scripts/perf_session.sh > /tmp/perf.out 2>&1 &      then: tail /tmp/perf.out
 # Phases; logs under $OUT/<phase>/ (default OUT=/tmp/perf), a line "PERF_SESSION_DONE" at the end:
 #   k/  env; the 16B checkpoint (CPU, background) while the GPU kernel tests run; SWEEP=1 adds the GEMV sweep
-#   a/  16B compile (3 build processes), run from the artifacts, decode profile, bench (context 128 and 4096)
+#   a/  16B compile (3 build processes; the BF16 copy for transformers converts meanwhile, BASELINE=0 skips it), run
+#       from the artifacts, decode profile, bench (context 128 and 4032, transformers side by side)
+# Everything ends up in /tmp/perf.tgz (one file for the device tool to bring back).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/perf}
@@ -22,6 +24,12 @@ wait
 tail -3 "$OUT/k/ckpt16.out"
 [ "${SWEEP:-0}" = 1 ] && { stamp sweep-gemv; OUT=$OUT/k $G sweep-gemv; }
 
-stamp "compile16 run16 prof16 bench16"
-OUT=$OUT/a JOBS=3 $G compile16 run16 prof16 bench16
+stamp "compile16 (+ ckpt16bf16 in the background)"
+[ "${BASELINE:-1}" = 1 ] && { OUT=$OUT/a $G ckpt16bf16 > "$OUT/a/ckpt16bf16.out" 2>&1 & }
+OUT=$OUT/a JOBS=3 $G compile16
+wait
+cat "$OUT/a/ckpt16bf16.out" 2>/dev/null | tail -3
+stamp "run16 prof16 bench16"
+OUT=$OUT/a $G run16 prof16 bench16
+tar czf /tmp/perf.tgz -C "$(dirname "$OUT")" "$(basename "$OUT")" /tmp/perf.out 2>/dev/null
 stamp PERF_SESSION_DONE

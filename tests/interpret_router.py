@@ -107,6 +107,20 @@ def test_route_kernels_splits_and_small_configs(name, splits, t):
     check(out, R.route_reference(x, w, bias, **args), decision_margin(x, w, bias, **args))
 
 
+@pytest.mark.parametrize("n_shared", [1, 2, 3])
+def test_route_kernels_shared_columns(n_shared):
+    """Always-on columns for stacked shared experts: ids E .. E + n_shared - 1 with weight 1 after the top-k."""
+    e, args = CONFIGS["16B"]
+    gen = torch.Generator().manual_seed(40 + n_shared)
+    x, w, bias = routing_inputs(e, 128, 3, args, torch.bfloat16, gen)
+    idx, wt = R.route_triton(x, w, bias, **args, n_shared=n_shared)
+    k = args["top_k"]
+    assert idx.shape == wt.shape == (3, k + n_shared)
+    assert torch.equal(idx[:, k:], torch.arange(e, e + n_shared).expand(3, n_shared))
+    assert torch.equal(wt[:, k:], torch.ones(3, n_shared))
+    check((idx[:, :k], wt[:, :k]), R.route_reference(x, w, bias, **args), decision_margin(x, w, bias, **args))
+
+
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.float16, torch.bfloat16),
                                              (torch.float32, torch.bfloat16)])
 def test_route_kernels_dtypes(x_dtype, w_dtype):

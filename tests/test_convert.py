@@ -39,7 +39,10 @@ def test_presharded_world_size_1_equals_hf_layout(ckpt, tmp_path):
     assert (out / "tokenizer.json").exists() and (out / "rank-00000-of-00001.safetensors").exists()
     plan = ParallelPlan(0, 1)
     a = load_rank_model(out, plan, dtype=torch.float32, device="cpu", max_batch_size=1, max_seq_len=16, progress=False)
-    b = dsv3.load(ckpt, dtype=torch.float32, max_seq_len=16, progress=False)
+    b = load_rank_model(ckpt, plan, dtype=torch.float32, device="cpu", max_batch_size=1, max_seq_len=16,
+                        progress=False)  # the same rank layout (shared experts stacked) read from the HF layout
+    assert b.layers[-1].mlp.n_shared_slots == 1
+    assert a.state_dict().keys() == b.state_dict().keys()
     for name, t in b.state_dict().items():
         assert torch.equal(a.state_dict()[name], t), name
 

@@ -121,6 +121,23 @@ def test_opcheck_cpu(name):
     assert torch.equal(idx, ridx) and torch.equal(wt, rwt)
 
 
+def test_shared_columns_reference_and_fake():
+    """n_shared appends ids E.. with weight 1 (the stacked shared experts); the fake impl gives the same shapes."""
+    cfg = resolve_config("tiny-v2")
+    args = R.route_args(cfg)
+    g = torch.Generator().manual_seed(2)
+    e, d, t = cfg.n_routed_experts, 32, 4
+    x, w = torch.randn(t, d, generator=g), torch.randn(e, d, generator=g)
+    plain = R.route_reference(x, w, None, **args)
+    idx, wt = torch.ops.dsv3.route(x, w, None, *args.values(), 2)
+    k = args["top_k"]
+    assert torch.equal(idx[:, :k], plain[0]) and torch.equal(wt[:, :k], plain[1])
+    assert idx[:, k:].tolist() == [[e, e + 1]] * t and wt[:, k:].tolist() == [[1.0, 1.0]] * t
+    torch.library.opcheck(torch.ops.dsv3.route.default, (x, w, None, *args.values(), 2))
+    with pytest.raises(ValueError, match="n_shared"):
+        R._check_args(e, k, 1, 1, False, -1)
+
+
 def test_route_args():
     a16, a236, a671 = (R.route_args(resolve_config(n)) for n in REAL_CONFIGS)
     assert a16 == dict(top_k=6, n_group=1, topk_group=1, sigmoid=False, group_top2=False, norm_topk_prob=False,

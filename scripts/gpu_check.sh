@@ -15,6 +15,8 @@
 #              with --baseline hf when ckpt16bf16 exists, and the eager model, JSON and SVG in $OUT
 #   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
+#   est671     rank 0 of 671B at world size 8: compile 4 and 6 layers, time decode (collectives stubbed), slope to 61
+#   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61);
 #              NO_VERIFY_671=1 skips verification (verify with a few layers: same per-layer graph code)
 # A failed AOTInductor build leaves its newest generated wrapper.cpp in $OUT for offline reading.
@@ -146,6 +148,22 @@ step_compile671() {
     --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite \
     ${NO_VERIFY_671:+--no-verify} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile671.log" | tail -25
   dsv3c inspect "$WORK/art671" | tee "$OUT/inspect671.txt" || keep_wrapper
+}
+
+step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4 and 6 layers, slope to 61 layers
+  local n
+  for n in 4 6; do
+    dsv3c compile --config 671B --world-size 8 --num-layers $n --out "$WORK/art671_l$n" --device cuda \
+      --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite --no-verify \
+      --jobs 3 2>&1 | grep --line-buffered -v Warning | tail -3
+  done
+  $PY scripts/rank_timing.py --json "$OUT/rank671.json" --full-layers 61 "$WORK/art671_l4" "$WORK/art671_l6" 2>&1 \
+    | grep -v Warning | tail -12
+}
+
+step_ar2() {  # needs 2 GPUs: NCCL all-reduce / all-gather latency of a decode step's collectives, in a CUDA graph
+  timeout 240 $PY -m torch.distributed.run --standalone --nproc-per-node 2 scripts/allreduce_latency.py \
+    "$OUT/allreduce_ws2.json" 2>&1 | grep -v -i warn | tail -8
 }
 
 install

@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from dsv3.config import ConfigError, ModelConfig, default_max_seq_len, load_config_file
-from dsv3.kernels.fp8_blocks import FP8_DTYPE
+from dsv3.config import ConfigError, ModelConfig, ceil_div, default_max_seq_len, load_config_file
+from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
 from dsv3.model import Block, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -117,6 +117,26 @@ def copy_shared_into_stack_(stack: torch.Tensor, n_shared: int, param: str, src:
                               f"slots of shape {_fmt_shape(slots.shape[1:])}")
     dst.copy_(src.reshape(dst.shape) if src.dtype == dst.dtype or dst.dtype == FP8_DTYPE else
               src.reshape(dst.shape).to(dst.dtype))
+
+
+_INPUT_PROJ = re.compile(r"^(layers\.\d+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.weight(_scale_inv)?$")
+
+
+def fused_rows_param(param: str) -> str | None:
+    """For an attention input projection (q_proj / q_a_proj / kv_a_proj_with_mqa weight or scale), the fused
+    `qkv_a_proj` tensor that holds it when the layer fuses them (MLA.fuse_input_projections_); else None."""
+    m = _INPUT_PROJ.match(param)
+    return None if m is None else f"{m.group(1)}.qkv_a_proj.weight{m.group(3) or ''}"
+
+
+def fused_rows_view(model: torch.nn.Module, fused: torch.Tensor, param: str) -> torch.Tensor:
+    """The rows of `fused` (the layer's qkv_a_proj weight, or its block scales) that checkpoint tensor `param`
+    fills: the q projection's rows first, then kv_a's (scales: in 128-row blocks; the q rows end on a block)."""
+    m = _INPUT_PROJ.match(param)
+    start, n = model.get_submodule(m.group(1)).qkv_a_rows[m.group(2)]
+    if m.group(3):
+        start, n = start // BLOCK, ceil_div(n, BLOCK)
+    return fused[start:start + n]
 
 
 def _checkpoint_dtype(param: str, dtype: torch.dtype) -> torch.dtype:
@@ -354,7 +374,10 @@ def load_state(model: Transformer, reader: CheckpointReader, *, progress: bool =
                 continue
             if where.expert is not None:
                 expert = where.expert
-            dst = state[param] if expert is None else state[param][expert]
+            if param not in state and fused_rows_param(param) in state:  # q and kv_a projections as one linear
+                dst = fused_rows_view(model, state[fused_rows_param(param)], param)
+            else:
+                dst = state[param] if expert is None else state[param][expert]
             if tuple(src.shape) != tuple(dst.shape):
                 raise CheckpointError(f"tensor {name}: this rank's part has shape {_fmt_shape(src.shape)} but the "
                                       f"model expects {_fmt_shape(dst.shape)}")

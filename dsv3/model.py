@@ -69,7 +69,9 @@ class MLA(nn.Module):
         self.num_heads = cfg.num_attention_heads  # the runtime's tensor-parallel pass sets the per-rank count
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
         self.softmax_scale = softmax_scale(cfg)
+        self.qkv_a_rows: dict[str, tuple[int, int]] = {}  # set by fuse_input_projections_
         q_out = cfg.num_attention_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(cfg.hidden_size, q_out, dtype, fp8)
@@ -89,15 +91,17 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+        if self.qkv_a_rows:  # both input projections in one linear (fuse_input_projections_)
+            q_first, kv_a = self.qkv_a_proj(x).split([n for _, n in self.qkv_a_rows.values()], dim=-1)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_first = (self.q_proj if self.q_lora_rank is None else self.q_a_proj)(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
+        q = q_first if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_first))
         q = q.view(bsz, seqlen, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
 
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
         if cache_rows is None:  # batch row b uses cache row b (decode: a plain slice, no copy)
             rows = torch.arange(bsz, device=x.device).unsqueeze(1).expand(bsz, seqlen)
@@ -116,6 +120,29 @@ class MLA(nn.Module):
         o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
         o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim, True)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
+
+
+    def can_fuse_input_projections(self) -> bool:
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        return first.weight_scale_inv is None or first.out_features % BLOCK == 0
+
+    def fuse_input_projections_(self) -> None:
+        """q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same x: keep them as one linear of their stacked rows
+        (`qkv_a_proj`), so a decode step quantizes x once and launches one GEMV instead of two. With FP8 the q rows
+        must end on a 128-block boundary so the stacked scale grid stays the two grids one after the other. Call on
+        a fresh model (after sharding: the rows are this rank's); the loader fills the rows (`qkv_a_rows`)."""
+        if self.qkv_a_rows:
+            return
+        if not self.can_fuse_input_projections():
+            raise ValueError("the q projection's rows do not end on an FP8 128-block boundary")
+        name = "q_proj" if self.q_lora_rank is None else "q_a_proj"
+        first, kv = getattr(self, name), self.kv_a_proj_with_mqa
+        fp8 = first.weight_scale_inv is not None
+        with torch.device(first.weight.device):
+            self.qkv_a_proj = Linear(first.in_features, first.out_features + kv.out_features, first.weight.dtype, fp8)
+        self.qkv_a_rows = {name: (0, first.out_features), "kv_a_proj_with_mqa": (first.out_features, kv.out_features)}
+        delattr(self, name)
+        del self.kv_a_proj_with_mqa
 
 
 class MLP(nn.Module):
@@ -308,6 +335,15 @@ class Transformer(nn.Module):
             if m is not self and hasattr(m, "reset_buffers_"):
                 m.reset_buffers_()
         return self
+
+    def fuse_input_projections_(self) -> "Transformer":
+        """Every attention layer computes its two input projections as one linear (MLA.fuse_input_projections_)."""
+        for layer in self.layers:
+            layer.self_attn.fuse_input_projections_()
+        return self
+
+    def can_fuse_input_projections(self) -> bool:
+        return all(layer.self_attn.can_fuse_input_projections() for layer in self.layers)
 
     def stack_shared_experts_(self) -> "Transformer":
         """Every MoE layer keeps its shared experts as extra routed-expert slots (MoE.stack_shared_). A storage

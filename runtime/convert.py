@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv3.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, TensorSpec, checkpoint_to_param_name,
-                             copy_shared_into_stack_, stacked_shared_param, validate)
+                             copy_shared_into_stack_, fused_rows_param, fused_rows_view, stacked_shared_param,
+                             validate)
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, dequantize_weight
 from dsv3.model import Transformer
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model
@@ -78,15 +79,18 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
         for rank in range(world_size):
             plan = ParallelPlan(rank, world_size)
             plan.check(cfg)
-            state = build_rank_model(cfg, plan, dtype=torch.bfloat16, device="meta", max_batch_size=1,
-                                     max_seq_len=1).state_dict()
+            rank_model = build_rank_model(cfg, plan, dtype=torch.bfloat16, device="meta", max_batch_size=1,
+                                          max_seq_len=1)
+            state = rank_model.state_dict()
             # checkpoint tensors per rank-model tensor: (checkpoint name, placement)
             sources: dict[str, list] = {name: [] for name in state}
             for name, spec in expected.items():
                 where = plan.placement(name, spec.shape, cfg)
                 if where is not None:
                     param = checkpoint_to_param_name(name)[0]
-                    sources[param if param in sources else stacked_shared_param(param)].append((name, where))
+                    if param not in sources:  # a stacked or fused layout (ParallelPlan): the tensor that holds it
+                        param = stacked_shared_param(param) or fused_rows_param(param)
+                    sources[param].append((name, where))
             specs = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in state.items()}
 
             def produce(param: str) -> torch.Tensor:
@@ -97,11 +101,14 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
                     return t if t.dtype == FP8_DTYPE or t.dtype == specs[param].dtype else t.to(specs[param].dtype)
                 stacked = torch.empty(specs[param].shape, dtype=specs[param].dtype)
                 for name, where in parts:
-                    if where.expert is None:  # a shared expert kept as extra slots (world size 1)
-                        copy_shared_into_stack_(stacked, cfg.n_shared_experts, checkpoint_to_param_name(name)[0],
-                                                reader.get(name))
-                    else:
+                    src_param = checkpoint_to_param_name(name)[0]
+                    if where.expert is not None:
                         stacked[where.expert].copy_(reader.get(name))
+                    elif stacked_shared_param(src_param):  # a shared expert kept as extra slots (world size 1)
+                        copy_shared_into_stack_(stacked, cfg.n_shared_experts, src_param, reader.get(name))
+                    else:  # one of the fused attention input projections: its rows
+                        fused_rows_view(rank_model, stacked, src_param).copy_(
+                            reader.get_part(name, where.dim, where.start, where.length))
                 return stacked
 
             with tqdm(total=sum(s.nbytes() for s in specs.values()), unit="B", unit_scale=True,

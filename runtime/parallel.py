@@ -56,6 +56,9 @@ class ParallelPlan:
     # them with the routed ones. Not at world size > 1: a rank's tensor-parallel slice of the shared MLP is not an
     # expert-sized block (671B at 8: 256 of 2048 columns).
     stack_shared_experts: bool = True
+    # Any world size: each attention layer's q_proj (q_a_proj) and kv_a_proj_with_mqa as one linear (one GEMV and
+    # one activation quantization per decode step instead of two; MLA.fuse_input_projections_).
+    fuse_input_projections: bool = True
 
     @property
     def stacks_shared(self) -> bool:
@@ -157,12 +160,15 @@ def build_rank_model(cfg: ModelConfig, plan: ParallelPlan, *, dtype: torch.dtype
 
 def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
     """Lay out a freshly built (unloaded) model in place for `plan`: shard it, or at world size 1 stack the shared
-    experts into the routed-experts tensors where the config allows (`ParallelPlan.stack_shared_experts`)."""
+    experts into the routed-experts tensors where the config allows (`ParallelPlan.stack_shared_experts`); then
+    fuse each layer's attention input projections (`ParallelPlan.fuse_input_projections`)."""
     cfg = model.cfg
     plan.check(cfg)
     ws = plan.world_size
     if ws == 1:
-        return model.stack_shared_experts_() if plan.stacks_shared and can_stack_shared(cfg) else model
+        if plan.stacks_shared and can_stack_shared(cfg):
+            model.stack_shared_experts_()
+        return _fuse(model, plan)
     group = plan.group_name
 
     def all_reduce(_m, _args, out):
@@ -195,4 +201,11 @@ def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
     vocab = model.embed_tokens.weight
     model.embed_tokens = VocabParallelEmbedding(vocab.data, plan.rank * vocab.shape[0], group)
     model.lm_head.register_forward_hook(gather_logits)
+    return _fuse(model, plan)
+
+
+def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:
+    # after sharding: the fused rows are this rank's q rows followed by the (replicated) kv_a rows
+    if plan.fuse_input_projections and model.can_fuse_input_projections():
+        model.fuse_input_projections_()
     return model

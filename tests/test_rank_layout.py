@@ -1,10 +1,16 @@
-"""Shared experts stored as extra routed-expert slots (MoE.stack_shared_, the world-size-1 runtime layout).
+"""The runtime's rank layout (runtime.parallel.apply_parallel) beyond sharding, against the checkpoint and references.
+
+Shared experts stored as extra routed-expert slots (MoE.stack_shared_, world size 1):
 
 - the slots hold exactly the checkpoint's shared-MLP slices (gate/up rows, down columns, and their block scales);
 - logits of the stacked model equal the plain model's (the shared MLP of width S*I is the sum of S experts of
   width I) and transformers' DeepseekV3 within the parity bound;
 - the presharded world-size-1 conversion produces the same tensors as loading the HF layout;
 - the layout is skipped where it cannot apply: FP8 with an expert width that is not a multiple of 128, world size > 1.
+
+Attention input projections fused (MLA.fuse_input_projections_, any world size): the rows of `qkv_a_proj` are this
+rank's q_proj / q_a_proj rows then kv_a_proj_with_mqa's, scales by 128-row blocks; skipped with FP8 when the q rows
+do not end on a block.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from dsv3.runtime.engine import load_rank_model
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 
 
-def _rank_model(ckpt, **kw):
-    return load_rank_model(ckpt, ParallelPlan(0, 1, **kw), dtype=torch.float32, device="cpu", max_batch_size=2,
-                           max_seq_len=32, progress=False)
+def _rank_model(ckpt, rank=0, world_size=1, **kw):
+    return load_rank_model(ckpt, ParallelPlan(rank, world_size, **kw), dtype=torch.float32, device="cpu",
+                           max_batch_size=2, max_seq_len=32, progress=False)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,7 +69,7 @@ def test_slots_hold_the_checkpoint_slices(tmp_path, config, dtype):
 def test_stacked_equals_plain_and_presharded(tmp_path, config, dtype):
     cfg = resolve_config(config)
     ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype=dtype, seed=6, progress=False)
-    plain = _rank_model(ckpt, stack_shared_experts=False)
+    plain = _rank_model(ckpt, stack_shared_experts=False, fuse_input_projections=False)
     stacked = _rank_model(ckpt)
     assert plain.layers[-1].mlp.shared_experts is not None and stacked.layers[-1].mlp.shared_experts is None
     presharded = _rank_model(convert_to_ranks(ckpt, tmp_path / "ranks", 1, progress=False))
@@ -106,3 +112,55 @@ def test_not_stacked_where_it_cannot_apply(tmp_path):
                            max_seq_len=8)
     assert ws2.layers[-1].mlp.shared_experts is not None
     assert ws2.layers[-1].mlp.experts.gate_proj.shape[0] == cfg.n_routed_experts // 2
+
+
+@pytest.mark.parametrize("config,dtype,q_lora,world_size", [
+    ("tiny", "fp8", 128, 1),         # q_a_proj (128 rows) + kv_a (144 rows: a partial last scale block)
+    ("tiny-v2", "bf16", None, 1),    # q_proj (no q LoRA)
+    ("tiny-v2", "bf16", None, 2),    # q_proj sharded over 2 ranks: this rank's rows, then the replicated kv_a
+])
+def test_fused_input_rows_hold_the_checkpoint(tmp_path, config, dtype, q_lora, world_size):
+    cfg = resolve_config(config).replace(q_lora_rank=q_lora)
+    ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype=dtype, seed=3, progress=False)
+    reader = CheckpointReader(ckpt)
+    q_name = "q_proj" if q_lora is None else "q_a_proj"
+    for rank in range(world_size):
+        model = _rank_model(ckpt, rank, world_size)
+        for layer in (0, cfg.num_hidden_layers - 1):
+            attn = model.layers[layer].self_attn
+            assert not hasattr(attn, "kv_a_proj_with_mqa") and not hasattr(attn, q_name)
+            prefix = f"model.layers.{layer}.self_attn"
+            q = reader.get(f"{prefix}.{q_name}.weight")
+            rows = q.shape[0] // world_size if q_lora is None else q.shape[0]  # q_a_proj is not sharded
+            q_local = q[rank * rows:(rank + 1) * rows] if q_lora is None else q
+            kv = reader.get(f"{prefix}.kv_a_proj_with_mqa.weight")
+            fused = attn.qkv_a_proj.weight
+            assert fused.shape[0] == rows + kv.shape[0]
+            assert torch.equal(fused[:rows].float(), q_local.float())
+            assert torch.equal(fused[rows:].float(), kv.float())
+            if dtype == "fp8":
+                qs = reader.get(f"{prefix}.{q_name}.weight_scale_inv")
+                kvs = reader.get(f"{prefix}.kv_a_proj_with_mqa.weight_scale_inv")
+                assert torch.equal(attn.qkv_a_proj.weight_scale_inv, torch.cat([qs, kvs]))
+
+
+def test_fused_input_projections_match_transformers(tmp_path):
+    cfg = resolve_config("tiny-noqlora")
+    ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype="bf16", seed=4, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    ours = _rank_model(ckpt)
+    assert ours.layers[0].self_attn.qkv_a_rows
+    seq = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(seq).logits.float()
+        assert _rel_err(ours(seq[:, :9], torch.arange(9)), ref[:, :9]) <= 1e-4
+        for pos in range(9, 12):
+            assert _rel_err(ours(seq[:, pos:pos + 1], torch.tensor([pos]), last_only=True), ref[:, pos]) <= 1e-4
+
+
+def test_not_fused_where_the_q_rows_split_a_block(tmp_path):
+    cfg = resolve_config("tiny")  # FP8 q_a_proj of 96 rows: kv_a's rows would start inside a 128-block
+    ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype="fp8", seed=5, progress=False)
+    model = _rank_model(ckpt)
+    attn = model.layers[0].self_attn
+    assert not attn.qkv_a_rows and hasattr(attn, "q_a_proj") and hasattr(attn, "kv_a_proj_with_mqa")

@@ -75,11 +75,14 @@ def step_bytes(model: Transformer, batch: int, context: int) -> int:
             total += nbytes
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     if moe_layers:
-        local_experts = model.layers[cfg.first_k_dense_replace].mlp.experts.gate_proj.shape[0]
-        per_expert = expert_bytes_per_layer / moe_layers / local_experts
+        moe = model.layers[cfg.first_k_dense_replace].mlp
+        slots = moe.experts.gate_proj.shape[0]
+        shared_slots = moe.n_shared_slots  # shared experts kept as extra slots: read every step
+        local_routed = slots - shared_slots
+        per_expert = expert_bytes_per_layer / moe_layers / slots
         # this rank's share of the globally selected experts
         selected = expected_unique_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, batch)
-        total += int(per_expert * selected * local_experts / cfg.n_routed_experts * moe_layers)
+        total += int(per_expert * (selected * local_routed / cfg.n_routed_experts + shared_slots) * moe_layers)
     cache = model.layers[0].self_attn.latent_cache
     total += batch * context * cache.shape[-1] * cache.element_size() * cfg.num_hidden_layers
     return total

@@ -3,7 +3,8 @@
 # short device calls poll it (a single call may not exceed 10 minutes):
 #   setsid nohup bash scripts/perf_session.sh > /tmp/perf.out 2>&1 &      then: tail /tmp/perf.out
 # Phases; logs under $OUT/<phase>/ (default OUT=/tmp/perf), a line "PERF_SESSION_DONE" at the end:
-#   k/  env; the 16B checkpoint (CPU, background) while the GPU kernel tests run; SWEEP=1 adds the GEMV sweep
+#   k/  env; the 16B checkpoint (CPU, background) while the GPU kernel tests run (KGPU=0 skips them) and, with
+#       EST671=1, one 671B world-size-8 rank is compiled at 4 and 6 layers and timed; SWEEP=1 adds the GEMV sweep
 #   a/  16B compile (3 build processes; the BF16 copy for transformers converts meanwhile, BASELINE=0 skips it), run
 #       from the artifacts, decode profile, bench (context 128 and 4032, transformers side by side)
 # Everything ends up in /tmp/perf.tgz (one file for the device tool to bring back).
@@ -20,6 +21,7 @@ stamp env; OUT=$OUT/k $G env
 stamp "ckpt16 (background) + kgpu"
 OUT=$OUT/k $G ckpt16 > "$OUT/k/ckpt16.out" 2>&1 &
 [ "${KGPU:-1}" = 1 ] && OUT=$OUT/k $G kgpu
+[ "${EST671:-0}" = 1 ] && { stamp est671; OUT=$OUT/k $G est671; }
 wait
 tail -3 "$OUT/k/ckpt16.out"
 [ "${SWEEP:-0}" = 1 ] && { stamp sweep-gemv; OUT=$OUT/k $G sweep-gemv; }

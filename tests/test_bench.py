@@ -35,6 +35,21 @@ def test_step_bytes_hand_count():
     assert step_bytes(m, batch=1, context=40) == pytest.approx(expected, rel=1e-6)
 
 
+def test_step_bytes_same_for_the_rank_layout():
+    """Stacking the shared experts and fusing the input projections moves bytes between tensors, not the total:
+    the shared slots are read every step, like the shared MLP they replace."""
+    from dsv3.runtime.parallel import ParallelPlan, build_rank_model
+
+    cfg = resolve_config("tiny-v2")
+    with torch.device("meta"):
+        plain = Transformer(cfg, dtype=torch.bfloat16, max_batch_size=2, max_seq_len=64)
+    laid_out = build_rank_model(cfg, ParallelPlan(0, 1), dtype=torch.bfloat16, device="meta", max_batch_size=2,
+                                max_seq_len=64)
+    assert laid_out.layers[-1].mlp.n_shared_slots == 2
+    for batch in (1, 8):
+        assert step_bytes(laid_out, batch, 40) == pytest.approx(step_bytes(plain, batch, 40), rel=1e-9)
+
+
 def test_bench_cli_smoke(tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "--random-weights", "--config", "tiny", "--eager", "--device", "cpu",

@@ -164,7 +164,8 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path, plan: Parall
         spec = want.get(name)
         got = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
         if spec != got:
-            raise ArtifactError(f"weight {name}: the artifacts expect {spec}, this rank loaded {got}")
+            raise ArtifactError(f"weight {name}: the artifacts expect {spec}, this rank loaded {got}; the artifacts "
+                                f"were built for another rank layout or checkpoint: rebuild them with `dsv3c compile`")
     tensors = constants(model)
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()

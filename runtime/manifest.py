@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rank layout with stacked shared experts and fused qkv_a_proj (weight names and shapes)
 MANIFEST = "manifest.json"
 
 

@@ -511,7 +511,8 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     click.echo(f"copy bandwidth {bw / 1e12:.3f} TB/s (measured) | load {load_s:.2f}s "
                + " ".join(f"{k} {v:.2f}s" for k, v in timings.items() if v))
     decode = bench.bench_decode(stepper, model, buckets, ctxs, steps, bw, echo=click.echo)
-    prefill = bench.bench_prefill(stepper, model, min(prompt_len, stepper.max_seq_len - 1), echo=click.echo)
+    prefill = bench.bench_prefill(stepper, model, min(prompt_len, stepper.max_seq_len - 1), echo=click.echo,
+                                  fp8_peak=bench.fp8_gemm_peak(torch.device(device)))
     report = {"mode": "artifacts" if artifacts else ("jit" if jit else "eager"), "device": device,
               "config": model.cfg.name, "copy_bandwidth_Bps": bw, "load_s": load_s, "timings": timings,
               "decode": decode, "prefill": prefill}

@@ -3,7 +3,8 @@
 For each batch size and context length: fill the cache up to the context (prefill of a random prompt), time
 `--steps` decode steps (host-timed with a device sync per step, as users see it) and report ms/token, tokens/s,
 the bytes one step must read (from the loaded tensors, see `step_bytes`) and the fraction of the device's copy
-bandwidth that this implies; the copy bandwidth is measured in the same run.
+bandwidth that this implies; the copy bandwidth is measured in the same run. Prefill: time to first token, tokens/s,
+and the model FLOPs utilisation against an FP8 GEMM measured in the same run (`prefill_flops`, `fp8_gemm_peak`).
 """
 
 from __future__ import annotations
@@ -121,8 +122,54 @@ def bench_decode(stepper: Stepper, model: Transformer, batch_sizes: Sequence[int
     return out
 
 
-def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: Callable[[str], None] = print
-                  ) -> dict:
+def fp8_gemm_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
+    """FP8 x FP8 -> bf16 GEMM throughput (FLOP/s) of one n^3 `torch._scaled_mm` with per-tensor scales, the
+    ceiling prefill MFU is quoted against; None where FP8 GEMMs do not run (CPU, GPUs before sm_89)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return None
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as cuBLASLt wants
+    one = torch.ones((), device=device)
+    gemm = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    gemm()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        gemm()
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def prefill_flops(model: Transformer, prompt_len: int) -> float:
+    """Matmul FLOPs one prefill of `prompt_len` tokens performs on this rank, as the model computes it: 2 x the
+    weights each token multiplies (every projection, its top-k routed experts, the shared ones; the LM head for the
+    last token only) plus absorbed causal attention over the latent cache (per head, per query token:
+    scores over kv_lora_rank + rope dims and values over kv_lora_rank, for the (L + 1) / 2 keys it sees on average;
+    W_UK / W_UV absorption per head). Elementwise work (norms, rope, softmax) is not counted."""
+    cfg = model.cfg
+    per_token = 0.0
+    for name, t in model.state_dict().items():
+        if t.dim() < 2 or name.startswith("embed_tokens.") or name.endswith("_scale_inv") or ".kv_b_proj." in name:
+            continue  # kv_b_proj is applied as the absorption below; embeddings are lookups
+        if name.startswith("lm_head."):
+            per_token += 2 * t.numel() / prompt_len
+        elif ".mlp.experts." in name:
+            moe = model.get_submodule(name.rsplit(".mlp.experts.", 1)[0] + ".mlp")
+            slots = t.shape[0]
+            used = cfg.num_experts_per_tok * (slots - moe.n_shared_slots) / cfg.n_routed_experts + moe.n_shared_slots
+            per_token += 2 * t[0].numel() * used
+        else:
+            per_token += 2 * t.numel()
+    heads = model.layers[0].self_attn.num_heads
+    lat, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    absorb = 2 * heads * lat * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    attention = 2 * heads * (lat + rope + lat) * (prompt_len + 1) / 2
+    per_token += cfg.num_hidden_layers * (absorb + attention)
+    return per_token * prompt_len
+
+
+def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: Callable[[str], None] = print,
+                  fp8_peak: float | None = None) -> dict:
     device = stepper.device
     prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
     stepper.prefill([prompt.tolist()])  # warm-up
@@ -131,8 +178,17 @@ def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: C
     stepper.prefill([prompt.tolist()])
     _sync(device)
     dt = time.perf_counter() - t0
-    echo(f"prefill {prompt_len} tokens: {1000 * dt:.1f} ms ({prompt_len / dt:.0f} tokens/s)")
-    return {"prompt_len": prompt_len, "ttft_ms": round(1000 * dt, 3), "tokens_per_s": round(prompt_len / dt, 1)}
+    flops = prefill_flops(model, prompt_len)
+    out = {"prompt_len": prompt_len, "ttft_ms": round(1000 * dt, 3), "tokens_per_s": round(prompt_len / dt, 1),
+           "flops": flops, "tflops_per_s": round(flops / dt / 1e12, 2)}
+    mfu = ""
+    if fp8_peak:
+        out["fp8_peak_tflops_per_s"] = round(fp8_peak / 1e12, 1)
+        out["mfu"] = round(flops / dt / fp8_peak, 4)
+        mfu = f", MFU {100 * out['mfu']:.1f}% of the measured FP8 GEMM peak {fp8_peak / 1e12:.0f} TFLOP/s"
+    echo(f"prefill {prompt_len} tokens: {1000 * dt:.1f} ms ({prompt_len / dt:.0f} tokens/s) | "
+         f"{flops / 1e12:.2f} TFLOP, {flops / dt / 1e12:.1f} TFLOP/s{mfu}")
+    return out
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -50,6 +50,34 @@ def test_step_bytes_same_for_the_rank_layout():
         assert step_bytes(laid_out, batch, 40) == pytest.approx(step_bytes(plain, batch, 40), rel=1e-9)
 
 
+def test_prefill_flops_hand_count():
+    """prefill_flops against the config's formula written out here, for the plain and the runtime's rank layout."""
+    from dsv3.runtime.bench import prefill_flops
+    from dsv3.runtime.parallel import ParallelPlan, build_rank_model
+
+    cfg = resolve_config("tiny")
+    d, h, lat, rope = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    qk, v = cfg.qk_nope_head_dim + rope, cfg.v_head_dim
+    attn_w = d * cfg.q_lora_rank + cfg.q_lora_rank * h * qk + d * (lat + rope) + h * v * d
+    dense_w = 3 * d * cfg.intermediate_size
+    moe_w = (cfg.n_routed_experts * d + cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size
+             + 3 * d * cfg.moe_intermediate_size * cfg.n_shared_experts)
+    n_dense = cfg.first_k_dense_replace
+    n_moe = cfg.num_hidden_layers - n_dense
+    length = 50
+    per_token = 2 * (cfg.num_hidden_layers * attn_w + n_dense * dense_w + n_moe * moe_w)
+    per_token += 2 * cfg.vocab_size * d / length  # the head, for the last token only
+    per_token += cfg.num_hidden_layers * (2 * h * lat * (cfg.qk_nope_head_dim + v)
+                                          + 2 * h * (2 * lat + rope) * (length + 1) / 2)
+    with torch.device("meta"):
+        plain = Transformer(cfg, dtype=torch.bfloat16, max_batch_size=1, max_seq_len=64)
+    laid_out = build_rank_model(cfg, ParallelPlan(0, 1), dtype=torch.bfloat16, device="meta", max_batch_size=1,
+                                max_seq_len=64)
+    assert laid_out.layers[-1].mlp.n_shared_slots == 1 and laid_out.layers[0].self_attn.qkv_a_rows
+    for model in (plain, laid_out):
+        assert prefill_flops(model, length) == pytest.approx(per_token * length, rel=1e-12)
+
+
 def test_bench_cli_smoke(tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "--random-weights", "--config", "tiny", "--eager", "--device", "cpu",
@@ -57,6 +85,7 @@ def test_bench_cli_smoke(tmp_path):
                                     "--prompt-len", "16", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "copy bandwidth" in res.output and "roofline" in res.output and "prefill 16 tokens" in res.output
+    assert "TFLOP/s" in res.output
     report = json.loads(out.read_text())
     assert [(r["batch"], r["context"]) for r in report["decode"]] == [(1, 8), (1, 24), (2, 8), (2, 24)]
     assert all(r["ms_per_token"] > 0 and 0 < r["fraction_of_roofline"] for r in report["decode"])

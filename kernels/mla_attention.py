@@ -244,11 +244,19 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
     c_pad = max(16, next_pow2(c))
     if block_t is None:
         block_t = 64
+    decode = not (b is None or s is None or t_cap is None or s > DECODE_MAX_S)
     if min_chunk is None:
-        min_chunk = max(block_t, 128)
-    num_warps = 8 if (not swap and block_h * c_pad >= 64 * 512) else 4
+        # Decode at H = 16 (16B; 671B per rank at world size 8), scripts/sweep_mla.py on the H200 (2026-11-23):
+        # 64-row splits with 8 warps took 9.4-11.8 us against 12.3-14.8 us for 128-row splits with 4 warps at
+        # context <= 2k (batch 1 and 8), and were best at batch 8 up to 8k; batch 1 at 8k is 8% slower (18.2 vs
+        # 16.8 us). A split's latency (its serial loop) is the cost at short context, not the bytes.
+        min_chunk = max(block_t, 64 if decode else 128)
+    if decode and not swap:
+        num_warps = 8
+    else:
+        num_warps = 8 if (not swap and block_h * c_pad >= 64 * 512) else 4
     if n_splits is None:
-        if b is None or s is None or t_cap is None or s > DECODE_MAX_S:
+        if not decode:
             n_splits = 1
         else:
             n_rb = cdiv(rows, block_h)

@@ -5,6 +5,7 @@
 #   kernels    the GPU kernel tests (scripts/gpu_kernels.sh tests)
 #   kgpu       all GPU-marked kernel tests but the AOTI ones (test_kernels, test_router, test_gemv_variants)
 #   sweep-gemv scripts/sweep_gemv.py: decode GEMV variants and launch configs (JSON in $OUT)
+#   sweep-mla  scripts/sweep_mla.py: decode launch plans of the MLA kernel (checked against the reference, timed)
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
@@ -67,6 +68,10 @@ step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (t
 step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B-TP8 shapes, in CUDA graphs
   timeout 300 $PY scripts/sweep_gemv.py ${SWEEP_ARGS:-} --json "$OUT/sweep_gemv.json" 2>&1 | tee "$OUT/sweep_gemv.log" \
     | tail -60
+}
+
+step_sweep_mla() {  # decode launch plans of dsv3.mla_attention at H = 16, batch 1/8, context 128..8k (JSON in $OUT)
+  timeout 300 $PY scripts/sweep_mla.py --json "$OUT/sweep_mla.json" 2>&1 | grep -v -i warn | tail -45
 }
 
 LAYERS16=${LAYERS16:-27}

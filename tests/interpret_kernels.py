@@ -184,6 +184,19 @@ def test_mla_bf16(case, fixed_interpreter):
     assert rel_err(out, ref) < 8e-3
 
 
+def test_mla_default_decode_plan():
+    """The decode plan as the model gets it (no overrides): 64-row splits, 8 warps, the combine over the splits that
+    ran; rows at different positions, one of them inside the first split."""
+    gen = torch.Generator().manual_seed(9)
+    q, qp, cache, _ = _mla_inputs(3, 1, 16, 300, 64, 16, torch.float16, gen)
+    pos = torch.tensor([[299], [5], [130]])
+    plan = A.mla_plan(3, 1, 16, 300, 64, 132)
+    assert plan[5] == 64 and plan[4] > 1 and plan[3] == 8  # min_chunk, splits, warps
+    out = A.mla_attention_triton(q, qp, cache, pos, 0.12)
+    ref = A.mla_attention_reference(q.double(), qp.double(), cache.double(), pos, 0.12)
+    assert rel_err(out, ref) < 2e-3
+
+
 def test_mla_strided_inputs():
     """q_pe as a view of a wider tensor (as the model splits q), non-contiguous output layout promised by the fake."""
     gen = torch.Generator().manual_seed(5)

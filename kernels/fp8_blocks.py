@@ -73,7 +73,10 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = [xf[..., :full].unflatten(-1, (full // BLOCK, BLOCK)).abs().amax(dim=-1)] if full else []
     if full < k:
         amax.append(xf[..., full:].abs().amax(dim=-1, keepdim=True))
-    scale = torch.cat(amax, dim=-1).clamp_min(ACT_AMAX_FLOOR) / FP8_MAX
+    amax = torch.cat(amax, dim=-1).clamp_min(ACT_AMAX_FLOOR)
+    # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its (inexact) reciprocal, one ulp
+    # off amax / 448, which moves activations sitting on e4m3 ties; the Triton kernels divide exactly (div_rn).
+    scale = amax / torch.full_like(amax, FP8_MAX)
     q = (xf / scale.index_select(-1, _block_of(k, x.device))).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 

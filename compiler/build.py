@@ -30,7 +30,7 @@ import torch
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.model import Transformer
 from dsv3.runtime.manifest import host_info, write_manifest
-from dsv3.runtime.parallel import ParallelPlan, build_rank_model
+from dsv3.runtime.parallel import ParallelPlan, build_rank_model, rank_layout
 from dsv3.runtime.steps import DecodeStep, PrefillStep, decode_inputs, prefill_inputs
 from dsv3.staging import staged_directory
 
@@ -246,6 +246,7 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
                 "graphs": graphs,
                 "rank_weights": {"note": "identical shapes on every rank (the rank is a buffer, not baked in)",
                                  "tensors": weights},
+                "rank_layout": rank_layout(model),
                 "host": host_info(opts.device),
                 # trace-time kernel choices pinned through the environment (DSV3_GEMV_VARIANT, DSV3_FP8_GEMM, ...):
                 # they change what the packages contain, so the artifact records them

@@ -397,6 +397,11 @@ def inspect_cmd(artifact_dir: str) -> None:
                f"stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in m["build_seconds"].items()))
     n = len(m["rank_weights"]["tensors"])
     click.echo(f"weights     {n} tensors per rank (names, shapes, dtypes in manifest.json)")
+    lay = m.get("rank_layout") or {}
+    parts = ([f"shared experts as {lay['shared_expert_slots']} extra expert slot(s)"]
+             if lay.get("shared_expert_slots") else []) + (
+            ["q and kv_a projections fused"] if lay.get("fused_qkv_a_proj") else [])
+    click.echo("layout      " + ("; ".join(parts) if parts else "as in the checkpoint"))
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files       {len(m['files'])}, {size / 1e6:.1f} MB")
     verify_files(artifact_dir, m)

@@ -204,6 +204,13 @@ def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
     return _fuse(model, plan)
 
 
+def rank_layout(model: Transformer) -> dict:
+    """How a laid-out rank model stores its weights beyond sharding (recorded in the manifest, shown by inspect)."""
+    moe = next((layer.mlp for layer in model.layers if hasattr(layer.mlp, "n_shared_slots")), None)
+    return {"shared_expert_slots": moe.n_shared_slots if moe is not None else 0,
+            "fused_qkv_a_proj": all(bool(layer.self_attn.qkv_a_rows) for layer in model.layers)}
+
+
 def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:
     # after sharding: the fused rows are this rank's q rows followed by the (replicated) kv_a rows
     if plan.fuse_input_projections and model.can_fuse_input_projections():

@@ -113,8 +113,12 @@ def _read_prompts(prompts: tuple[str, ...], input_file: str | None) -> list[str]
 
 
 @main.command("run")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
               help="Hugging Face-layout checkpoint directory (config.json, safetensors, tokenizer).")
+@click.option("--random-weights", is_flag=True,
+              help="With --artifacts, instead of --checkpoint: each rank generates its weights on the device "
+                   "(the artifacts' config; for models whose checkpoint does not fit on disk) and uses the "
+                   "tokenizer init-random writes.")
 @click.option("--artifacts", type=click.Path(file_okay=False),
               help="Artifact directory from `dsv3c compile` (production path: AOT packages + CUDA graphs).")
 @click.option("--jit", is_flag=True, help="Compile the same graphs at start-up with torch.compile (development).")
@@ -141,7 +145,8 @@ def _read_prompts(prompts: tuple[str, ...], input_file: str | None) -> list[str]
 @click.option("--interactive", is_flag=True, help="Chat in the terminal: /clear forgets the conversation, /exit ends.")
 @click.option("--output-file", type=click.Path(dir_okay=False), help="Write JSONL: prompt, token ids, text, timings.")
 @click.option("--stats", is_flag=True, help="Print load time, time to first token and decode speed.")
-def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prompts: tuple[str, ...],
+def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None, jit: bool, eager: bool,
+            prompts: tuple[str, ...],
             input_file: str | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
             seed: int | None, chat: bool | None, dtype: str, device: str | None, max_seq_len: int | None,
             batch_sizes: str | None, prefill_chunk: int, world_size: int | None, stops: tuple[str, ...],
@@ -151,6 +156,7 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
     \b
     dsv3c run --artifacts art/16B --checkpoint ckpt/16B --prompt "Hello" --stats
     dsv3c run --artifacts art/671B-tp8 --checkpoint ckpt/671B --world-size 8 --prompt "Hello"
+    dsv3c run --artifacts art/671B-tp8 --random-weights --world-size 8 --prompt "Hello" --stats
     Random checkpoints produce nonsense text: they exercise the real code, not a trained model.
     """
     import torch
@@ -161,6 +167,11 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
 
     if sum([bool(artifacts), jit, eager]) != 1:
         raise click.UsageError("choose one of --artifacts DIR, --jit or --eager")
+    if random_weights == bool(checkpoint):
+        raise click.UsageError("give --checkpoint CKPT, or --random-weights (with --artifacts)")
+    if random_weights and not artifacts:
+        raise click.UsageError("--random-weights needs --artifacts DIR (its config.json says what to generate); "
+                               "for --eager/--jit write a checkpoint with `dsv3c init-random`")
     maybe_relaunch(world_size)  # re-executes under torchrun when --world-size N > 1 is asked outside it
     plan, device = init_from_env(device)
     stepper = None
@@ -170,10 +181,11 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         if plan.world_size > 1 and seed is None and temperature > 0:
             seed = 0  # every rank samples the same token only if all draw from one seed
-        tok = AutoTokenizer.from_pretrained(str(Path(checkpoint).resolve()))
+        tok_dir = Path(checkpoint).resolve() if checkpoint else _random_tokenizer(Path(artifacts))
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
         use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
         if use_chat and not getattr(tok, "chat_template", None):
-            raise click.UsageError(f"--chat: the tokenizer in {checkpoint} has no chat template")
+            raise click.UsageError(f"--chat: the tokenizer in {tok_dir} has no chat template")
 
         def encode(text: str) -> list[int]:
             if use_chat:
@@ -253,6 +265,23 @@ def run_cmd(checkpoint: str, artifacts: str | None, jit: bool, eager: bool, prom
     finally:
         if sys.exc_info()[0] is None:  # after an error the other ranks may never reach the barrier: just exit
             shutdown(plan, stepper)  # multi-rank: release the CUDA graphs, then leave the NCCL group together
+
+
+def _random_tokenizer(artifacts: Path) -> Path:
+    """The tokenizer init-random would write for the artifacts' config, in a per-user cache directory (written once;
+    the same on every rank)."""
+    import hashlib
+    import tempfile
+
+    from dsv3.config import load_config_file
+    from dsv3.tokenizer import write_tokenizer
+
+    cfg = load_config_file(artifacts / "config.json")
+    key = hashlib.sha256(f"{cfg.vocab_size}:{cfg.bos_token_id}:{cfg.eos_token_id}".encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"dsv3c-tokenizer-{os.getuid() if hasattr(os, 'getuid') else 0}-{key}"
+    if not (out / "tokenizer_config.json").exists():
+        write_tokenizer(out, cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    return out
 
 
 def _streamer(tok):
@@ -467,6 +496,7 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     \b
     dsv3c bench --artifacts art/16B --checkpoint ckpt/16B --batch-sizes 1,8 --context 128,4096
     dsv3c bench --random-weights --config 16B --jit --num-layers 4
+    dsv3c bench --artifacts art/671B-l4 --random-weights --batch-sizes 1,8   (weights generated on the device)
     The roofline: bytes one step must read on this rank (non-expert weights, the experts a batch selects under
     random routing, the latent cache up to the context) over the copy bandwidth measured in the same run.
     """
@@ -478,10 +508,11 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
 
     if sum([bool(artifacts), jit, eager]) != 1:
         raise click.UsageError("choose one of --artifacts DIR, --jit or --eager")
-    if random_weights == bool(checkpoint) or (random_weights and not config):
-        raise click.UsageError("give --checkpoint CKPT, or --random-weights with --config NAME")
-    if artifacts and random_weights:
-        raise click.UsageError("--artifacts needs --checkpoint (random weights for artifacts are not supported yet)")
+    if random_weights == bool(checkpoint) or (random_weights and not (config or artifacts)):
+        raise click.UsageError("give --checkpoint CKPT, or --random-weights with --config NAME (with --artifacts "
+                               "DIR the artifacts' config is used)")
+    if artifacts and config:
+        raise click.UsageError("--config: with --artifacts the config is the one the artifacts were built for")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     buckets, ctxs = _int_list(batch_sizes), _int_list(contexts)
     max_seq = max(max(ctxs), prompt_len) + steps + 2

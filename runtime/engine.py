@@ -140,24 +140,38 @@ def _config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     return [f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
 
 
-def artifact_stepper(artifacts: str | Path, checkpoint: str | Path, plan: ParallelPlan, device: str,
-                     progress: bool = True) -> tuple[GraphStepper, dict]:
-    """Check the manifest against this host and checkpoint, load this rank's weights, bind every package."""
+def artifact_stepper(artifacts: str | Path, checkpoint: str | Path | None, plan: ParallelPlan, device: str,
+                     progress: bool = True, weights_seed: int = 0) -> tuple[GraphStepper, dict]:
+    """Check the manifest against this host and checkpoint, load this rank's weights, bind every package.
+
+    checkpoint None: this rank's weights are generated in place on the device (dsv3.runtime.random_weights, seed
+    `weights_seed`; the same on every rank, so replicated tensors agree) for the config the artifacts were built
+    for. That is how 671B runs on hosts whose disks cannot hold its ~690 GB checkpoint."""
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
     check_host(manifest, device, plan.world_size)
     verify_files(artifacts, manifest)
-    cfg = load_config_file(Path(checkpoint) / "config.json")
-    if cfg.config_hash() != manifest["config_hash"]:
-        built = load_config_file(artifacts / "config.json")
-        diff = _config_differences(built, cfg)
-        raise ArtifactError(f"checkpoint {checkpoint} does not match the config the artifacts were built for "
-                            f"({len(diff)} field(s) differ, artifacts vs checkpoint):\n  - " + "\n  - ".join(diff[:12])
-                            + f"\nRebuild: dsv3c compile --config {checkpoint} --world-size {plan.world_size} ...")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[manifest["dtype"]]
     t0 = time.perf_counter()
-    model = load_rank_model(checkpoint, plan, dtype=dtype, device=device, max_batch_size=manifest["max_batch_size"],
-                            max_seq_len=manifest["max_seq_len"], progress=progress)
+    if checkpoint is None:
+        from dsv3.runtime.random_weights import fill_random_
+
+        cfg = load_config_file(artifacts / "config.json")
+        model = build_rank_model(cfg, plan, dtype=dtype, device=device, max_batch_size=manifest["max_batch_size"],
+                                 max_seq_len=manifest["max_seq_len"])
+        fill_random_(model, seed=weights_seed, progress=progress)
+    else:
+        cfg = load_config_file(Path(checkpoint) / "config.json")
+        if cfg.config_hash() != manifest["config_hash"]:
+            built = load_config_file(artifacts / "config.json")
+            diff = _config_differences(built, cfg)
+            raise ArtifactError(f"checkpoint {checkpoint} does not match the config the artifacts were built for "
+                                f"({len(diff)} field(s) differ, artifacts vs checkpoint):\n  - "
+                                + "\n  - ".join(diff[:12])
+                                + f"\nRebuild: dsv3c compile --config {checkpoint} --world-size {plan.world_size} ...")
+        model = load_rank_model(checkpoint, plan, dtype=dtype, device=device,
+                                max_batch_size=manifest["max_batch_size"], max_seq_len=manifest["max_seq_len"],
+                                progress=progress)
     load_s = time.perf_counter() - t0
     want = manifest["rank_weights"]["tensors"]
     for name, t in model.state_dict().items():

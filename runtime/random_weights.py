@@ -11,6 +11,7 @@ import math
 import re
 
 import torch
+from tqdm.auto import tqdm
 
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, quantize_weight
 from dsv3.model import Transformer
@@ -19,12 +20,15 @@ _RESIDUAL_OUT = re.compile(r"\.(o_proj|down_proj)(\.weight)?$")
 
 
 @torch.no_grad()
-def fill_random_(model: Transformer, seed: int = 0) -> Transformer:
+def fill_random_(model: Transformer, seed: int = 0, progress: bool = False) -> Transformer:
     device = model.rope_cos.device
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     state = model.state_dict()  # persistent tensors only: caches and rope tables stay as they are
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="random weights", disable=not progress, leave=False)
     for name, t in state.items():
+        bar.update(t.numel() * t.element_size())
         if name.endswith("_scale_inv"):
             continue  # written with its weight
         if name.endswith("e_score_correction_bias"):
@@ -45,4 +49,5 @@ def fill_random_(model: Transformer, seed: int = 0) -> Transformer:
                     flat_s[i].copy_(s)
             else:
                 t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=torch.float32) * std)
+    bar.close()
     return model

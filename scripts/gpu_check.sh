@@ -18,6 +18,7 @@
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
 #   est671     rank 0 of 671B at world size 8: compile 4 and 6 layers, time decode (collectives stubbed), slope to 61
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
+#   run671     needs 8 GPUs: dsv3c run --world-size 8 --random-weights from art671, batch 1 and 8 (TTFT, ms/token)
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61);
 #              NO_VERIFY_671=1 skips verification (verify with a few layers: same per-layer graph code)
 # A failed AOTInductor build leaves its newest generated wrapper.cpp in $OUT for offline reading.
@@ -169,6 +170,20 @@ step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4 and
 step_ar2() {  # needs 2 GPUs: NCCL all-reduce / all-gather latency of a decode step's collectives, in a CUDA graph
   timeout 240 $PY -m torch.distributed.run --standalone --nproc-per-node 2 scripts/allreduce_latency.py \
     "$OUT/allreduce_ws2.json" 2>&1 | grep -v -i warn | tail -8
+}
+
+step_run671() {  # needs 8 GPUs: 671B from the world-size-8 artifacts of compile671, weights generated on each rank
+  local prompts=("Tell me about the weather." "Write a poem about GPUs." "What is 2+2?" "Hello" \
+                 "Explain attention." "A long story begins" "Once upon a time" "The capital of France")
+  local b args
+  for b in 1 8; do
+    args=()
+    for p in "${prompts[@]:0:$b}"; do args+=(--prompt "$p"); done
+    /usr/bin/time -f "671B ws8 batch $b, cold start to exit: %e s" timeout 900 $PY -m dsv3.cli run --world-size 8 \
+      --artifacts "$WORK/art671" --random-weights "${args[@]}" --max-new-tokens 64 --stats \
+      --output-file "$OUT/run671_b$b.jsonl" > "$OUT/run671_b$b.log" 2>&1; echo "run exit $?"
+    grep -E "load|error|Error|cold" "$OUT/run671_b$b.log" | tail -5
+  done
 }
 
 install

@@ -138,6 +138,40 @@ def test_run_cli_from_artifacts(art, ckpt, tmp_path):
     assert "time to first token" in res.output and "artifacts" in res.output
 
 
+def test_random_weights_from_artifacts_equal_the_eager_random_model(art):
+    """No checkpoint: the rank's weights are generated on the device for the artifacts' config (671B does not fit
+    on a disk). The packages bound to them give the greedy tokens of the eager model with the same random weights."""
+    from dsv3.config import load_config_file
+    from dsv3.runtime.parallel import build_rank_model
+    from dsv3.runtime.random_weights import fill_random_
+
+    stepper, timings = artifact_stepper(art, None, ParallelPlan(0, 1), "cpu", progress=False, weights_seed=3)
+    cfg = load_config_file(art / "config.json")
+    eager = fill_random_(build_rank_model(cfg, ParallelPlan(0, 1), dtype=torch.float32, device="cpu",
+                                          max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ), seed=3)
+    ours, _ = generate(stepper, PROMPTS, max_new_tokens=8)
+    ref, _ = generate(eager, PROMPTS, max_new_tokens=8)
+    assert [c.tokens for c in ours] == [c.tokens for c in ref]
+    assert timings["load_weights_s"] > 0
+
+
+def test_run_cli_random_weights(art, ckpt, tmp_path):
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(main, ["run", "--artifacts", str(art), "--random-weights", "--prompt", "hello",
+                                    "--max-new-tokens", "4", "--stats", "--output-file", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(out.read_text())["token_ids"]) <= 4 and "time to first token" in res.output
+    res = CliRunner().invoke(main, ["bench", "--artifacts", str(art), "--random-weights", "--device", "cpu",
+                                    "--batch-sizes", "1", "--context", "8", "--steps", "2", "--prompt-len", "8"])
+    assert res.exit_code == 0, res.output
+    assert "decode batch   1 context      8" in res.output and "prefill 8 tokens" in res.output
+    res = CliRunner().invoke(main, ["run", "--eager", "--random-weights", "--prompt", "hello"])
+    assert res.exit_code != 0 and "--random-weights needs --artifacts" in res.output
+    res = CliRunner().invoke(main, ["run", "--artifacts", str(art), "--random-weights", "--checkpoint", str(ckpt),
+                                    "--prompt", "hello"])
+    assert res.exit_code != 0 and "give --checkpoint CKPT, or --random-weights" in res.output
+
+
 def test_tampered_and_truncated_files_refused(art, ckpt, tmp_path):
     bad = _copy(art, tmp_path)
     with open(bad / "decode_b1.pt2", "r+b") as f:

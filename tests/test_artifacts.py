@@ -254,6 +254,12 @@ def test_two_ranks_from_artifacts_match_one(art, art_ws2, ckpt, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(out.read_text()) == [c.tokens for c in ref]
+    # random weights at world size 2: every rank generates its shard (same seed: replicated tensors agree)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), str(art_ws2), "-", str(out), json.dumps(PROMPTS)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [len(t) for t in json.loads(out.read_text())] == [8, 8, 8]
     with pytest.raises(ArtifactError, match="world size: built for 2, running with 1"):
         artifact_stepper(art_ws2, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
 

@@ -8,6 +8,8 @@ the runtime (it shards weights and inserts collectives).
 
 Parameter names equal the Hugging Face checkpoint names without the leading `model.`, except the routed experts,
 which are stacked per layer: `layers.{i}.mlp.experts.gate_proj` is [E, I, D] (checkpoint: one tensor per expert).
+The runtime may lay a built model out further for its kernels (MoE.stack_shared_, MLA.fuse_input_projections_);
+the loader maps the checkpoint's tensors into that layout.
 """
 
 from __future__ import annotations
@@ -120,7 +122,6 @@ class MLA(nn.Module):
         o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
         o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim, True)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
-
 
     def can_fuse_input_projections(self) -> bool:
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj

@@ -267,6 +267,13 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
             shutdown(plan, stepper)  # multi-rank: release the CUDA graphs, then leave the NCCL group together
 
 
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _random_tokenizer(artifacts: Path) -> Path:
     """The tokenizer init-random would write for the artifacts' config, in a per-user cache directory (written once;
     the same on every rank)."""
@@ -487,16 +494,21 @@ def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | 
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
               help="Write an SVG of decode ms/token vs context: ours, the roofline and the --baseline.")
+@click.option("--stub-collectives", is_flag=True,
+              help="Artifacts built for world size N > 1: run rank 0 alone on this device, its all-reduces and "
+                   "all-gathers stubbed (no data moves): the rank's compute and memory time per step. Add the "
+                   "collectives' latency (scripts/allreduce_latency.py) for the real step.")
 def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, artifacts: str | None, jit: bool,
               eager: bool, batch_sizes: str, contexts: str, prompt_len: int, steps: int, num_layers: int | None,
               dtype: str, device: str | None, baseline: str | None, baseline_checkpoint: str | None,
-              json_out: str | None, plot_out: str | None) -> None:
+              json_out: str | None, plot_out: str | None, stub_collectives: bool) -> None:
     """Decode ms/token and prefill speed per batch size and context, next to the bandwidth roofline.
 
     \b
     dsv3c bench --artifacts art/16B --checkpoint ckpt/16B --batch-sizes 1,8 --context 128,4096
     dsv3c bench --random-weights --config 16B --jit --num-layers 4
-    dsv3c bench --artifacts art/671B-l4 --random-weights --batch-sizes 1,8   (weights generated on the device)
+    dsv3c bench --artifacts art/16B --random-weights --batch-sizes 1,8   (weights generated on the device)
+    dsv3c bench --artifacts art/671B-tp8 --random-weights --stub-collectives   (one rank of 8, on one GPU)
     The roofline: bytes one step must read on this rank (non-expert weights, the experts a batch selects under
     random routing, the latent cache up to the context) over the copy bandwidth measured in the same run.
     """
@@ -517,6 +529,24 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     buckets, ctxs = _int_list(batch_sizes), _int_list(contexts)
     max_seq = max(max(ctxs), prompt_len) + steps + 2
     plan = ParallelPlan(0, 1)
+    if artifacts:
+        from dsv3.runtime.manifest import read_manifest
+
+        built_ws = read_manifest(artifacts)["world_size"]
+        if built_ws > 1 and not stub_collectives:
+            raise click.UsageError(f"{artifacts} was built for world size {built_ws}: bench runs one process; "
+                                   "add --stub-collectives to time rank 0 alone (or use `dsv3c run --world-size`)")
+        if built_ws > 1:
+            from dsv3.runtime.distributed import stub_process_group
+
+            stub_process_group(built_ws)
+            click.get_current_context().call_on_close(_destroy_process_group)
+            plan = ParallelPlan(0, built_ws)
+            if baseline:
+                raise click.UsageError("--baseline with --stub-collectives: the baseline runs the whole model")
+            click.echo(f"rank 0 of {built_ws}, collectives stubbed: compute and memory time of one rank per step")
+    elif stub_collectives:
+        raise click.UsageError("--stub-collectives needs --artifacts built for world size > 1")
     t0 = time.perf_counter()
     timings: dict = {}
     if artifacts:
@@ -550,6 +580,7 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     prefill = bench.bench_prefill(stepper, model, min(prompt_len, stepper.max_seq_len - 1), echo=click.echo,
                                   fp8_peak=bench.fp8_gemm_peak(torch.device(device)))
     report = {"mode": "artifacts" if artifacts else ("jit" if jit else "eager"), "device": device,
+              "world_size": plan.world_size, "collectives": "stubbed" if plan.world_size > 1 else "none",
               "config": model.cfg.name, "copy_bandwidth_Bps": bw, "load_s": load_s, "timings": timings,
               "decode": decode, "prefill": prefill}
     if baseline == "hf":

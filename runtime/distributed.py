@@ -63,3 +63,13 @@ def shutdown(plan: ParallelPlan, *holders: object) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def stub_process_group(world_size: int) -> None:
+    """A stand-in process group of `world_size` in this one process (torch's fake backend): every collective
+    returns at once and moves no data, so one rank's graphs run (and can be timed) alone. Not for real runs."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)

@@ -172,6 +172,20 @@ def test_run_cli_random_weights(art, ckpt, tmp_path):
     assert res.exit_code != 0 and "give --checkpoint CKPT, or --random-weights" in res.output
 
 
+def test_bench_one_rank_of_two_with_stubbed_collectives(art_ws2):
+    """World-size-2 artifacts benchmarked as rank 0 alone (the 671B-per-rank measurement on one GPU)."""
+    import torch.distributed as dist
+
+    args = ["bench", "--artifacts", str(art_ws2), "--random-weights", "--device", "cpu", "--batch-sizes", "1",
+            "--context", "8", "--steps", "2", "--prompt-len", "8"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and "add --stub-collectives" in res.output
+    res = CliRunner().invoke(main, [*args, "--stub-collectives"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "rank 0 of 2, collectives stubbed" in res.output and "decode batch   1 context      8" in res.output
+    assert not dist.is_initialized()  # the stand-in group is gone after the command
+
+
 def test_tampered_and_truncated_files_refused(art, ckpt, tmp_path):
     bad = _copy(art, tmp_path)
     with open(bad / "decode_b1.pt2", "r+b") as f:

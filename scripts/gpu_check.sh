@@ -165,6 +165,9 @@ step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4 and
   done
   $PY scripts/rank_timing.py --json "$OUT/rank671.json" --full-layers 61 "$WORK/art671_l4" "$WORK/art671_l6" 2>&1 \
     | grep -v Warning | tail -12
+  # the same rank through the CLI (roofline of the rank's bytes, prefill MFU)
+  dsv3c bench --artifacts "$WORK/art671_l6" --random-weights --stub-collectives --batch-sizes 1,8 --context 1024 \
+    --steps 16 --prompt-len 512 --json "$OUT/bench671_l6_rank0.json" 2>&1 | grep -v -i warn | tail -8
 }
 
 step_ar2() {  # needs 2 GPUs: NCCL all-reduce / all-gather latency of a decode step's collectives, in a CUDA graph

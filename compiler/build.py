@@ -104,6 +104,11 @@ def _process_group(world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _meta_model(opts: CompileOptions) -> Transformer:
+    with _process_group(opts.world_size):
+        return build_model(opts, device="meta")
+
+
 def build_model(opts: CompileOptions, device: str | None = None) -> Transformer:
     """This rank's model, weights uninitialised (the graphs never see their values); `device="meta"`: shapes only."""
     return build_rank_model(opts.config, ParallelPlan(0, opts.world_size), dtype=DTYPES[opts.dtype],
@@ -191,8 +196,16 @@ def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable
     return log.timings
 
 
-def _build_graph_in_worker(opts: CompileOptions, spec: GraphSpec, out: str) -> dict[str, float]:
-    return build_graph(opts, spec, Path(out), echo=lambda line: print(line, flush=True))
+def _build_graph_in_worker(opts: CompileOptions, spec: GraphSpec, out: str, gpus=None) -> dict[str, float]:
+    # gpus: a queue of GPU indices shared by the workers (CUDA builds): take one for this graph, give it back after
+    gpu = None if gpus is None else gpus.get()
+    try:
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
+        return build_graph(opts, spec, Path(out), echo=lambda line: print(line, flush=True))
+    finally:
+        if gpu is not None:
+            gpus.put(gpu)
 
 
 def model_bytes(model: Transformer) -> int:
@@ -201,15 +214,30 @@ def model_bytes(model: Transformer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def gpu_slots(free_bytes: list[int], per_job: float) -> list[int]:
+    """The GPU of each build process that fits at once: as many per GPU as 90% of its free memory holds, GPUs
+    interleaved (0, 1, ..., 0, 1, ...) so a few graphs spread over the GPUs; at least one slot on GPU 0."""
+    fits = [int(f * 0.9 // per_job) for f in free_bytes]
+    slots = [gpu for k in range(max(fits, default=0)) for gpu, fit in enumerate(fits) if k < fit]
+    return slots or [0]
+
+
+def _free_gpu_memory() -> list[int]:
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+
+
+def _per_job_bytes(model: Transformer) -> float:
+    return model_bytes(model) * 1.1 + (2 << 30)  # + activations, workspace and the CUDA context
+
+
 def default_jobs(opts: CompileOptions, n_graphs: int, model: Transformer) -> int:
     """CUDA: one process per graph, as many as the CPU cores (Inductor also compiles kernels in parallel) and the
-    free GPU memory allow. CPU targets build one graph at a time (CI boxes have few cores)."""
+    free memory of the visible GPUs allow (a multi-GPU host builds graphs on different GPUs: 671B at world size 8
+    is one 81 GiB rank model per process). CPU targets build one graph at a time (CI boxes have few cores)."""
     if opts.device != "cuda":
         return 1
     by_cores = max(1, (os.cpu_count() or 1) // 4)
-    free = torch.cuda.mem_get_info()[0]
-    per_job = model_bytes(model) * 1.1 + (2 << 30)  # + activations, workspace and the CUDA context
-    return max(1, min(n_graphs, by_cores, int(free * 0.9 // per_job)))
+    return max(1, min(n_graphs, by_cores, len(gpu_slots(_free_gpu_memory(), _per_job_bytes(model)))))
 
 
 def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -273,16 +301,31 @@ def _build_in_parallel(opts: CompileOptions, specs: list[GraphSpec], tmp: Path, 
     # CUDA builds always go through workers, even one at a time: a finished graph's process exits and gives back
     # its rank model (81 GiB for 671B at world size 8), which an in-process build kept alive into the next graph.
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                             max_tasks_per_child=1) as pool:
-        futures = {pool.submit(_build_graph_in_worker, opts, spec, str(tmp)): spec for spec in specs}
-        try:
-            for fut in as_completed(futures):
-                log.timings.update(fut.result())
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    ctx = multiprocessing.get_context("spawn")
+    gpus = manager = None
+    if opts.device == "cuda" and torch.cuda.device_count() > 1:
+        # one GPU index per concurrent process, spread over the visible GPUs as their free memory allows
+        # (one GPU: every process on it, as before; this multi-GPU path has not run on a device yet)
+        slots = gpu_slots(_free_gpu_memory(), _per_job_bytes(_meta_model(opts)))
+        manager = ctx.Manager()
+        gpus = manager.Queue()
+        for k in range(jobs):  # --jobs above what fits: the extra processes share GPUs round-robin
+            gpus.put(slots[k % len(slots)])
+        if len(set(slots[:jobs])) > 1:
+            echo(f"building on GPUs {sorted(set(slots[:jobs]))}")
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+            futures = {pool.submit(_build_graph_in_worker, opts, spec, str(tmp), gpus): spec for spec in specs}
+            try:
+                for fut in as_completed(futures):
+                    log.timings.update(fut.result())
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    finally:
+        if manager is not None:
+            manager.shutdown()
     log.timings["graphs (wall)"] = round(time.perf_counter() - t0, 2)
     echo(f"[graphs] {len(specs)} built by {jobs} processes in {time.perf_counter() - t0:.1f}s")
 

@@ -71,3 +71,17 @@ def test_inductor_matches_eager_without_recompiles(tmp_path_factory, weights):
             compiled = _run(model, prefill, decode, tokens)
     for i, (a, b) in enumerate(zip(compiled, eager)):
         assert _rel(a, b) < TOLERANCE[weights], f"output {i}: rel err {_rel(a, b):.2e}"
+
+
+def test_gpu_slots_spread_builds_over_gpus():
+    """Concurrent CUDA graph builds: one slot per rank model that fits in 90% of a GPU's free memory, interleaved
+    over the GPUs (671B at world size 8: one 81 GiB model per H200, so 8 GPUs build 3 graphs at once)."""
+    from dsv3.compiler.build import gpu_slots
+
+    gib = 1 << 30
+    assert gpu_slots([140 * gib], 90 * gib) == [0]
+    assert gpu_slots([140 * gib] * 8, 90 * gib) == list(range(8))
+    assert gpu_slots([140 * gib, 140 * gib], 20 * gib) == [0, 1] * 6
+    assert gpu_slots([140 * gib, 30 * gib], 20 * gib) == [0, 1] + [0] * 5
+    assert gpu_slots([10 * gib], 90 * gib) == [0]  # nothing fits: still one build (it will say why it fails)
+    assert gpu_slots([], 1) == [0]

@@ -29,6 +29,7 @@ import torch
 
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.model import Transformer
+from dsv3.runtime.distributed import stub_process_group
 from dsv3.runtime.manifest import host_info, write_manifest
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model, rank_layout
 from dsv3.runtime.steps import DecodeStep, PrefillStep, decode_inputs, prefill_inputs
@@ -95,18 +96,11 @@ def _process_group(world_size: int) -> Iterator[None]:
     if world_size == 1 or dist.is_initialized():
         yield
         return
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    stub_process_group(world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
-
-
-def _meta_model(opts: CompileOptions) -> Transformer:
-    with _process_group(opts.world_size):
-        return build_model(opts, device="meta")
 
 
 def build_model(opts: CompileOptions, device: str | None = None) -> Transformer:
@@ -260,7 +254,7 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
             for spec in specs:
                 log.timings.update(build_graph(opts, spec, tmp, echo))
         else:
-            _build_in_parallel(opts, specs, tmp, jobs, log, echo)
+            _build_in_parallel(opts, specs, tmp, jobs, _per_job_bytes(model), log, echo)
         graphs = {spec.name: spec.manifest_entry(opts) for spec in specs}
         with log.stage("manifest"):
             (tmp / "config.json").write_text(json.dumps(opts.config.to_hf_dict(), indent=2) + "\n")
@@ -292,7 +286,8 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
     return out
 
 
-def _build_in_parallel(opts: CompileOptions, specs: list[GraphSpec], tmp: Path, jobs: int, log: StageLog,
+def _build_in_parallel(opts: CompileOptions, specs: list[GraphSpec], tmp: Path, jobs: int, per_job: float,
+                       log: StageLog,
                        echo: Callable[[str], None]) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -306,7 +301,7 @@ def _build_in_parallel(opts: CompileOptions, specs: list[GraphSpec], tmp: Path, 
     if opts.device == "cuda" and torch.cuda.device_count() > 1:
         # one GPU index per concurrent process, spread over the visible GPUs as their free memory allows
         # (one GPU: every process on it, as before; this multi-GPU path has not run on a device yet)
-        slots = gpu_slots(_free_gpu_memory(), _per_job_bytes(_meta_model(opts)))
+        slots = gpu_slots(_free_gpu_memory(), per_job)
         manager = ctx.Manager()
         gpus = manager.Queue()
         for k in range(jobs):  # --jobs above what fits: the extra processes share GPUs round-robin

@@ -15,6 +15,7 @@ import torch
 
 from dsv3.config import load_config_file
 from dsv3.runtime.artifacts import bind_constants, load_package
+from dsv3.runtime.distributed import stub_process_group
 from dsv3.runtime.manifest import read_manifest, verify_files
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 from dsv3.runtime.random_weights import fill_random_
@@ -65,10 +66,7 @@ def verify(directory: str | Path) -> list[dict]:
     device = "cuda" if manifest["device"] == "cuda" else "cpu"
     ws = manifest["world_size"]
     if ws > 1:
-        import torch.distributed as dist
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ws)
+        stub_process_group(ws)
     model = build_rank_model(cfg, ParallelPlan(0, ws), dtype=DTYPES[manifest["dtype"]], device=device,
                              max_batch_size=manifest["max_batch_size"], max_seq_len=manifest["max_seq_len"])
     fill_random_(model, seed=1234)

@@ -4,7 +4,8 @@
 
 Each ART_DIR is a `dsv3c compile --world-size W --num-layers L` artifact directory (W > 1 allowed: rank 0's
 tensor/expert-parallel shard). The rank's model is built with random weights (dsv3.runtime.random_weights), every
-decode package is bound and captured in a CUDA graph, and the replay is timed (median of 200 replays, after 20).
+decode package is bound and captured in a CUDA graph, and the replay is timed (median of 200 replays,
+dsv3.kernels.bench.graph_us).
 Under the stand-in process group (as in dsv3.runtime.verify) an all-reduce returns its input without moving data,
 so the number is the rank's compute and memory time per step: add the measured collective latency separately
 (scripts/allreduce_latency.py) to estimate the real step.
@@ -24,38 +25,15 @@ from pathlib import Path
 import torch
 
 from dsv3.config import load_config_file
+from dsv3.kernels.bench import graph_us
 from dsv3.runtime.artifacts import bind_constants, load_package
+from dsv3.runtime.distributed import stub_process_group
 from dsv3.runtime.manifest import read_manifest
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 from dsv3.runtime.random_weights import fill_random_
 from dsv3.runtime.steps import constants, decode_inputs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def replay_us(fn, args, warmup: int = 20, reps: int = 200) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(*args)
-    for _ in range(warmup):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return statistics.median(times)
 
 
 def launch_us(fn, args, reps: int = 50) -> float:
@@ -96,7 +74,7 @@ def time_artifacts(directory: Path) -> dict:
         pos.fill_(min(1024, manifest["max_seq_len"] - 1))  # some history in the cache
         how = "CUDA graph replay"
         try:
-            us = replay_us(pkg, (tokens, pos))
+            us = graph_us([lambda: pkg(tokens, pos)], reps=200)
         except RuntimeError as e:  # e.g. a stand-in collective that cannot be captured
             print(f"{name}: capture failed ({str(e).splitlines()[0][:200]}); timing plain calls", flush=True)
             how = "plain calls (host launch included: upper bound)"
@@ -121,10 +99,7 @@ def main() -> None:
         raise SystemExit(f"all artifact directories must share one world size, got {sorted(worlds)}")
     ws = worlds.pop()
     if ws > 1:
-        import torch.distributed as dist
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ws)
+        stub_process_group(ws)
     runs = sorted((time_artifacts(d) for d in opts.dirs), key=lambda r: r["layers"])
     report: dict = {"runs": runs, "device": torch.cuda.get_device_name(0)}
     if len(runs) >= 2 and runs[-1]["layers"] > runs[0]["layers"]:

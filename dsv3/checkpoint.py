@@ -103,20 +103,15 @@ def stacked_shared_param(param: str) -> str | None:
     return None if m is None else f"{m.group(1)}.experts.{m.group(2)}{m.group(3) or ''}"
 
 
-def copy_shared_into_stack_(stack: torch.Tensor, n_shared: int, param: str, src: torch.Tensor) -> None:
-    """Write checkpoint tensor `param` of the shared MLP (width S*I) into the last n_shared = S slots of `stack`
-    ([E + S, n, k]): gate/up rows [S*I, D] (scales [S*I/128, D/128]) are the slots one after another; down
-    columns [D, S*I] split into S column blocks, one per slot."""
+def shared_slots_view(stack: torch.Tensor, n_shared: int, param: str) -> torch.Tensor:
+    """The view of the last n_shared = S slots of `stack` ([E + S, n, k]) that checkpoint tensor `param` of the
+    shared MLP (width S*I) fills, in the checkpoint's element order: gate/up rows [S*I, D] (scales [S*I/128, D/128])
+    are the slots one after another; down columns [D, S*I] are [D, S, I] (slot s holds columns s*I .. (s+1)*I),
+    so the checkpoint tensor goes in as `src.reshape(view.shape)`."""
     slots = stack[stack.shape[0] - n_shared:]
     if ".down_proj." in param:
-        dst = slots.permute(1, 0, 2)                        # [D, S, I]: slot s holds columns s*I .. (s+1)*I
-    else:
-        dst = slots.reshape(n_shared * slots.shape[1], -1)  # a view: the slots are contiguous
-    if src.numel() != dst.numel() or src.shape[0] != dst.shape[0]:
-        raise CheckpointError(f"tensor {param}: shape {_fmt_shape(src.shape)} does not fill {n_shared} shared-expert "
-                              f"slots of shape {_fmt_shape(slots.shape[1:])}")
-    dst.copy_(src.reshape(dst.shape) if src.dtype == dst.dtype or dst.dtype == FP8_DTYPE else
-              src.reshape(dst.shape).to(dst.dtype))
+        return slots.permute(1, 0, 2)
+    return slots.reshape(n_shared * slots.shape[1], -1)  # a view: the slots are contiguous
 
 
 _INPUT_PROJ = re.compile(r"^(layers\.\d+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.weight(_scale_inv)?$")
@@ -368,13 +363,13 @@ def load_state(model: Transformer, reader: CheckpointReader, *, progress: bool =
         for name, where in todo:
             param, expert = checkpoint_to_param_name(name)
             src = reader.get_part(name, where.dim, where.start, where.length)
-            if param not in state and stacked_shared_param(param) in state:  # shared experts stacked as slots
-                copy_shared_into_stack_(state[stacked_shared_param(param)], cfg.n_shared_experts, param, src)
-                bar.update(expected[name].nbytes())
-                continue
             if where.expert is not None:
                 expert = where.expert
-            if param not in state and fused_rows_param(param) in state:  # q and kv_a projections as one linear
+            if param not in state and stacked_shared_param(param) in state:  # shared experts stacked as slots
+                dst = shared_slots_view(state[stacked_shared_param(param)], cfg.n_shared_experts, param)
+                if src.dim() == 2 and dst.dim() == 3 and src.numel() == dst.numel():
+                    src = src.reshape(dst.shape)  # down_proj columns [D, S*I] as [D, S, I]
+            elif param not in state and fused_rows_param(param) in state:  # q and kv_a projections as one linear
                 dst = fused_rows_view(model, state[fused_rows_param(param)], param)
             else:
                 dst = state[param] if expert is None else state[param][expert]

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv3.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, TensorSpec, checkpoint_to_param_name,
-                             copy_shared_into_stack_, fused_rows_param, fused_rows_view, stacked_shared_param,
+                             fused_rows_param, fused_rows_view, shared_slots_view, stacked_shared_param,
                              validate)
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, dequantize_weight
 from dsv3.model import Transformer
@@ -105,7 +105,8 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
                     if where.expert is not None:
                         stacked[where.expert].copy_(reader.get(name))
                     elif stacked_shared_param(src_param):  # a shared expert kept as extra slots (world size 1)
-                        copy_shared_into_stack_(stacked, cfg.n_shared_experts, src_param, reader.get(name))
+                        view = shared_slots_view(stacked, cfg.n_shared_experts, src_param)
+                        view.copy_(reader.get(name).reshape(view.shape))
                     else:  # one of the fused attention input projections: its rows
                         fused_rows_view(rank_model, stacked, src_param).copy_(
                             reader.get_part(name, where.dim, where.start, where.length))

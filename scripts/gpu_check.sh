@@ -87,7 +87,7 @@ step_ckpt16() {
 
 step_compile16() {
   dsv3c compile --config "$WORK/ckpt16" --out "$ART16" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
-    --max-seq-len 4096 --prefill-chunk 512 --overwrite ${JOBS:+--jobs $JOBS} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
+    --max-seq-len 4096 --prefill-chunk ${PREFILL_CHUNK16:-512} --overwrite ${JOBS:+--jobs $JOBS} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
     | tail -25
   dsv3c inspect "$ART16" | tee "$OUT/inspect16.txt" || keep_wrapper
   ls -la "$ART16"
@@ -101,7 +101,7 @@ keep_wrapper() {  # the C++ AOTInductor generated last (after a failed build), c
 
 step_loadprof() { $PY scripts/profile_load.py "$ART16" "$WORK/ckpt16" 2>&1 | grep -v Warning | tail -12; }
 
-step_prof16() { $PY scripts/profile_decode.py "$ART16" "$WORK/ckpt16" "$OUT" 128 2>&1 | grep -v Warning | tail -45; }
+step_prof16() { $PY scripts/profile_decode.py "$ART16" "$WORK/ckpt16" "$OUT" 128 4095 2>&1 | grep -v Warning | tail -90; }
 
 step_ckpt16bf16() {  # CPU only: the BF16 copy transformers loads for bench16's --baseline hf
   [ -f "$WORK/ckpt16bf16/config.json" ] && { echo "ckpt16bf16 exists"; return 0; }
@@ -135,7 +135,7 @@ step_run16() {
 
 step_compile16_ws2() {
   dsv3c compile --config "$WORK/ckpt16" --out "$WORK/art16_ws2" --world-size 2 --device cuda --max-batch-size 8 \
-    --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite ${JOBS:+--jobs $JOBS} 2>&1 \
+    --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk ${PREFILL_CHUNK16:-512} --overwrite ${JOBS:+--jobs $JOBS} 2>&1 \
     | grep --line-buffered -v Warning | tee "$OUT/compile16_ws2.log" | tail -12
 }
 

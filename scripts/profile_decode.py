@@ -5,7 +5,9 @@ Loads the artifacts as `dsv3c run` does, fills the cache to CONTEXT (default 128
 2. profiles the same package called without the CUDA graph (torch.profiler, CUDA activity): every kernel's
    time, grouped by name, and the sum of kernel time per step. Graph replay time minus kernel time is what
    launches and gaps cost; the top kernels are where bandwidth goes.
-Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls/step, us/step).
+3. profiles a PREFILL-token prefill (default 4096, in the artifacts' chunks) the same way: where prefill MFU goes.
+Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls/step, us/step), and
+OUT_DIR/prefill_profile.txt / .json.
 A diagnostic for docs/BENCHMARKS.md, not part of the runtime.
 """
 
@@ -23,6 +25,7 @@ import torch
 def main() -> None:
     artifacts, checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     context = int(sys.argv[4]) if len(sys.argv) > 4 else 128
+    prefill_len = int(sys.argv[5]) if len(sys.argv) > 5 else 4096
     out.mkdir(parents=True, exist_ok=True)
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,11 +56,7 @@ def main() -> None:
         for _ in range(steps):
             fn(*args)
         torch.cuda.synchronize()
-    per_kernel: dict[str, list[float]] = defaultdict(list)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
-    rows = sorted(((name, len(t) / steps, sum(t) / steps) for name, t in per_kernel.items()), key=lambda r: -r[2])
+    rows = _kernel_rows(prof, steps)
     kernel_us = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
     lines = [f"decode_b1 at context {context}: CUDA-graph replay {graph_us:.1f} us/step; "
@@ -72,6 +71,41 @@ def main() -> None:
     (out / "decode_profile.json").write_text(json.dumps(
         {"context": context, "graph_us_per_step": graph_us, "kernel_us_per_step": kernel_us, "kernels_per_step":
          launches, "kernels": [{"name": n_, "calls_per_step": c, "us_per_step": u} for n_, c, u in rows]}, indent=1))
+
+    # prefill: one prompt of prefill_len tokens (cache row 0), as `dsv3c run` feeds it: chunks of the artifacts' size
+    prompt = [1 + i % 1000 for i in range(min(prefill_len, stepper.model.max_seq_len - 1))]
+    stepper.prefill([prompt])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        stepper.prefill([prompt])
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / 3 * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        stepper.prefill([prompt])
+        torch.cuda.synchronize()
+    rows = _kernel_rows(prof, 1)
+    kernel_ms = sum(r[2] for r in rows) / 1e3
+    lines = [f"prefill of {len(prompt)} tokens in chunks of {stepper.prefill_chunk}: {wall_ms:.1f} ms wall; kernel "
+             f"time {kernel_ms:.1f} ms over {sum(r[1] for r in rows):.0f} kernels",
+             f"{'us':>9} {'share':>6} {'calls':>6}  kernel"]
+    for name, calls, us in rows[:40]:
+        lines.append(f"{us:9.1f} {us / (kernel_ms * 1e3):6.1%} {calls:6.0f}  {name[:110]}")
+    text = "\n".join(lines)
+    print(text)
+    (out / "prefill_profile.txt").write_text(text + "\n")
+    (out / "prefill_profile.json").write_text(json.dumps(
+        {"tokens": len(prompt), "chunk": stepper.prefill_chunk, "wall_ms": wall_ms, "kernel_ms": kernel_ms,
+         "kernels": [{"name": n_, "calls": c, "us": u} for n_, c, u in rows]}, indent=1))
+
+
+def _kernel_rows(prof, steps: int) -> list[tuple[str, float, float]]:
+    """(kernel name, calls per step, us per step), largest time first."""
+    per_kernel: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    return sorted(((name, len(t) / steps, sum(t) / steps) for name, t in per_kernel.items()), key=lambda r: -r[2])
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@ Implementations (branch taken at trace time)
 - CUDA, FP8 or bf16/fp16 weights: Triton kernels, no host sync, each selected expert's weights read once per
   token tile and unselected experts never read:
   0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact).
-  1. `_moe_up_kernel`, grid (slot, I/128): gate and up GEMVs of one expert (FP8 wgmma, fp32 accumulation per
+  1. `_moe_up_kernel`, grid (slot, I/BLOCK_N): gate and up GEMVs of one expert (FP8 wgmma, fp32 accumulation per
      128-block with both scales), fused SiLU*up with the reference's rounding points (gate, up, silu and product
-     each rounded to x.dtype); in FP8 mode the program owns one 128-channel block of h and writes it already
-     quantized (e4m3 + per-token scale, exactly `quantize_activation(h)`), so the down kernel streams e4m3.
-  2. `_moe_down_kernel`, grid (slot, D/64): down GEMV, writes the unweighted expert output per (token, k) pair,
-     rounded to x.dtype like the reference's per-expert output.
+     each rounded to x.dtype). FP8 with BLOCK_N = 128 (QUANT_H): the program owns one 128-channel block of h and
+     writes it already quantized (e4m3 + per-token scale, exactly `quantize_activation(h)`), so the down kernel
+     streams e4m3. FP8 decode with BLOCK_N in {16, 32, 64} (more programs to fill the GPU): h is written in x.dtype.
+  2. `_moe_down_kernel`, grid (slot, D/BLOCK_N): down GEMV, writes the unweighted expert output per (token, k) pair,
+     rounded to x.dtype like the reference's per-expert output. FP8 without QUANT_H: each program quantizes the
+     [tokens, 128] h tile it is about to use (`quantize_tile`: the same e4m3 values and scales as
+     `quantize_activation(h)`, hence the same result as with QUANT_H).
   3. `_moe_combine_kernel`: y[t] = sum_k w[t,k] * out[t,k] in fp32 over valid pairs, cast to x.dtype.
   Slot -> expert mapping:
   * decode (T statically <= 64): slot j is the j-th smallest expert id present in topk_idx, found in-kernel
@@ -29,12 +32,17 @@ Implementations (branch taken at trace time)
   * prefill (T larger or dynamic): grouped. The (token, k) pairs are sorted by expert on the device (torch.sort,
     cumsum, searchsorted: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
     of up to 64 pairs of one expert.
+  Decode launch config (trace time): `MoeDecodePlan` (BLOCK_N, num_warps, num_stages of the up and of the down
+  kernel) from `moe_decode_plan(t, e_slots, i, d, sms)` (a table, `MOE_DECODE_TUNED`, for `scripts/sweep_moe.py`
+  to fill; shapes not listed get today's FP8 config, up 128/8 warps/4 stages, down 64/4/4), pinned by
+  `DSV3_MOE_DECODE=UP_BN:UP_WARPS:UP_STAGES:DOWN_BN:DOWN_WARPS:DOWN_STAGES` (FP8 decode path; an empty field keeps
+  the plan's), and overridden per call by `routed_experts_triton`'s keyword arguments.
   The intermediate buffers are [T*K, I] and [T*K, D] in x.dtype (prefill of 4096 tokens on 671B shapes: ~0.6 GB).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +50,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, next_pow2, static_int
-from dsv3.kernels.fp8_linear import act_quant, fp8_linear_reference
+from dsv3.kernels._launch import cdiv, env_choice, next_pow2, num_sms, static_int
+from dsv3.kernels.fp8_linear import act_quant, fp8_linear_reference, quantize_tile
 
 DECODE_MAX_T = 64
 GROUPED_BLOCK_T = 64
@@ -124,12 +132,14 @@ def _moe_up_kernel(
     x_ptr, xs_ptr, idx_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
     T, K, E, I, D, n_sched,
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
-    IS_FP8: tl.constexpr, GROUPED: tl.constexpr,
+    IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N == 128, so this program owns one 128-channel
-    block of h and writes it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would.
+    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
+    one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
+    it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
+    the activation dtype (the down kernel quantizes it).
     dt_ptr: any tensor of the activation dtype (only its element type is used: the reference's rounding points)."""
     BLOCK_D: tl.constexpr = 128
     slot = tl.program_id(0)
@@ -172,7 +182,7 @@ def _moe_up_kernel(
         sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
         h = (sl * u).to(odt)
         h_ptrs = h_ptr + pair.to(tl.int64)[None, :] * stride_h + offs_n[:, None]
-        if IS_FP8:
+        if QUANT_H:
             # quantize h per token (column) over this 128-channel block (rows past I are zeros, as padding is)
             hf = h.to(tl.float32)
             amax = tl.max(tl.abs(hf), axis=0)
@@ -189,10 +199,13 @@ def _moe_down_kernel(
     h_ptr, hs_ptr, idx_ptr, sched_ptr, wd_ptr, sd_ptr, y_ptr,
     T, K, E, I, D, n_sched,
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
-    IS_FP8: tl.constexpr, GROUPED: tl.constexpr,
+    IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
+    """FP8 with QUANT_H: h is e4m3 with scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
+    h is in the activation dtype and each [tokens, 128] tile is quantized here (`quantize_tile`, exactly
+    quantize_activation(h): columns past I and tokens not routed here load as zeros, as its padding is)."""
     BLOCK_I: tl.constexpr = 128
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -213,7 +226,10 @@ def _moe_down_kernel(
             w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
             hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if IS_FP8:
-                hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
+                if QUANT_H:
+                    hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
+                else:
+                    hv, hs = quantize_tile(hv.to(tl.float32))
                 sd = tl.load(sd_ptr + srow + kb * stride_sk)
                 acc += tl.dot(w, tl.trans(hv)) * (hs[None, :] * sd)
             else:
@@ -256,6 +272,90 @@ def _moe_combine_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class MoeDecodePlan(NamedTuple):
+    """Launch config of the decode (not grouped) kernels. FP8: up_block_n in {16, 32, 64, 128}; 128 quantizes h in
+    the up kernel, smaller ones leave that to the down kernel. down_block_n: 16..128, a power of two (each program's
+    rows must share one row of 128x128 weight scales)."""
+    up_block_n: int
+    up_num_warps: int
+    up_num_stages: int
+    down_block_n: int
+    down_num_warps: int
+    down_num_stages: int
+
+
+# Today's FP8 decode config: one up program per 128-channel block of h (it quantizes h), 8 warps; down 64 rows.
+MOE_DECODE_DEFAULT = MoeDecodePlan(128, 8, 4, 64, 4, 4)
+# bf16/fp16 weights (decode): not tuned by the table.
+MOE_DECODE_BF16 = MoeDecodePlan(64, 4, 4, 64, 4, 4)
+# Measured per expert shape: (E slots, I, D) -> ((max T, MoeDecodePlan(...)), ...) in ascending max T; the first
+# row with T <= max T applies. Paste what `scripts/sweep_moe.py` prints (H200, 132 SMs). Shapes not listed, and T
+# above a shape's last row, get MOE_DECODE_DEFAULT.
+MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ...]] = {}
+UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
+
+
+def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecodePlan:
+    """The FP8 decode launch config for T tokens over `e_slots` experts of [I, D] gate/up and [D, I] down weights
+    on a device with `sms` multiprocessors: the one place the default is decided (trace time, static shapes)."""
+    for max_t, plan in MOE_DECODE_TUNED.get((e_slots, i, d), ()):
+        if t <= max_t:
+            return MoeDecodePlan(*plan)
+    return MOE_DECODE_DEFAULT
+
+
+def parse_moe_plan(spec: str, base: MoeDecodePlan) -> MoeDecodePlan:
+    """'32:4:4:64:4:4' -> MoeDecodePlan(32, 4, 4, 64, 4, 4) (the DSV3_MOE_DECODE syntax); an empty field keeps
+    `base`'s value ('32:4::::' changes the up kernel's block_n and warps only)."""
+    fields = spec.strip().split(":")
+    if len(fields) != len(MoeDecodePlan._fields):
+        raise ValueError(f"MoE decode plan {spec!r}: expected UP_BN:UP_WARPS:UP_STAGES:DOWN_BN:DOWN_WARPS:DOWN_STAGES")
+    return MoeDecodePlan(*(b if f.strip() == "" else int(f) for f, b in zip(fields, base)))
+
+
+def check_moe_plan(plan: MoeDecodePlan, is_fp8: bool) -> None:
+    for name in ("up_block_n", "down_block_n"):
+        bn = getattr(plan, name)
+        if not (16 <= bn <= 128 and bn & (bn - 1) == 0):
+            raise ValueError(f"MoE decode plan {plan}: {name} must be a power of two in [16, 128]")
+    if is_fp8 and plan.up_block_n not in UP_BLOCK_NS_FP8:
+        raise ValueError(f"MoE decode plan {plan}: FP8 up_block_n must be one of {UP_BLOCK_NS_FP8}")
+    for name in ("up_num_warps", "down_num_warps"):
+        if getattr(plan, name) not in (1, 2, 4, 8, 16):
+            raise ValueError(f"MoE decode plan {plan}: {name} must be a power of two <= 16")
+    if plan.up_num_stages < 1 or plan.down_num_stages < 1:
+        raise ValueError(f"MoE decode plan {plan}: num_stages must be >= 1")
+
+
+def resolve_moe_decode(
+    t: int, e_slots: int, i: int, d: int, sms: int, is_fp8: bool, block_n: Optional[int] = None,
+    num_warps: Optional[int] = None, num_stages: Optional[int] = None, **fields: Optional[int],
+) -> MoeDecodePlan:
+    """The config the decode path launches. FP8: DSV3_MOE_DECODE if set, else `moe_decode_plan`; bf16/fp16:
+    MOE_DECODE_BF16. Then the per-call overrides: legacy `block_n` / `num_warps` set the down kernel's (and with
+    bf16 weights the up kernel's too), `num_stages` both kernels' (their meaning before the plan existed);
+    explicit `up_*` / `down_*` fields (MoeDecodePlan's names) win over those."""
+    if is_fp8:
+        plan = moe_decode_plan(t, e_slots, i, d, sms)
+        spec = env_choice("DSV3_MOE_DECODE", "auto")
+        if spec != "auto":
+            plan = parse_moe_plan(spec, plan)
+    else:
+        plan = MOE_DECODE_BF16
+    legacy: dict[str, Optional[int]] = dict(down_block_n=block_n, down_num_warps=num_warps,
+                                            up_num_stages=num_stages, down_num_stages=num_stages)
+    if not is_fp8:
+        legacy.update(up_block_n=block_n, up_num_warps=num_warps)
+    unknown = set(fields) - set(MoeDecodePlan._fields)
+    if unknown:
+        raise TypeError(f"unknown MoE launch parameters {sorted(unknown)}")
+    changes = {k: v for k, v in legacy.items() if v is not None}
+    changes.update({k: v for k, v in fields.items() if v is not None})
+    plan = plan._replace(**changes)
+    check_moe_plan(plan, is_fp8)
+    return plan
+
+
 def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tuple[torch.Tensor, int]:
     """Device-side tile schedule for the grouped path, fixed size (no sync): int32 [3 * n_tiles + T*K] =
     (expert, start, end) per tile, then the (token*K + k) pair ids sorted by expert (invalid ids last)."""
@@ -285,8 +385,13 @@ def routed_experts_triton(
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
     down_scale_inv: Optional[torch.Tensor], grouped: Optional[bool] = None,
-    block_n: int = 64, num_warps: int = 4, num_stages: int = 4,
+    block_n: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+    up_block_n: Optional[int] = None, up_num_warps: Optional[int] = None, up_num_stages: Optional[int] = None,
+    down_block_n: Optional[int] = None, down_num_warps: Optional[int] = None, down_num_stages: Optional[int] = None,
 ) -> torch.Tensor:
+    """The Triton path (module docstring). Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
+    then these keyword arguments; None keeps the plan's value). The grouped path has a fixed config and ignores
+    them."""
     t, d = x.shape
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
@@ -310,14 +415,6 @@ def routed_experts_triton(
         sg = su = sd = gate_proj  # unused
     p = t * k
     y = torch.empty((p, d), dtype=out.dtype, device=x.device)
-    if is_fp8:
-        xq, xs = act_quant(x)                     # once; the expert programs stream e4m3 tiles
-        h = torch.empty((p, i), dtype=torch.float8_e4m3fn, device=x.device)
-        hs = torch.empty((p, cdiv(i, 128)), dtype=torch.float32, device=x.device)
-    else:
-        xq, xs = x, x                             # xs unused
-        h = torch.empty((p, i), dtype=out.dtype, device=x.device)
-        hs = h                                    # unused
     block_k = max(2, next_pow2(k))
     if grouped:
         block_t = GROUPED_BLOCK_T
@@ -325,7 +422,8 @@ def routed_experts_triton(
         block_p = block_e = 2  # unused
         n_sched = n_slots
         # bf16 weights: 2 x 32 KB weight tiles + the token tile per stage; 3 stages would exceed 227 KB of smem
-        bn1, bn2, nw, ns = 128, 128, 8, (3 if is_fp8 else 2)
+        ns = 3 if is_fp8 else 2
+        plan = MoeDecodePlan(128, 8, ns, 128, 8, ns)
     else:
         block_t = max(16, next_pow2(t_static))
         n_slots = min(e, p)
@@ -333,24 +431,37 @@ def routed_experts_triton(
         n_sched = 0
         block_p = max(2, next_pow2(p))
         block_e = min(64, max(2, next_pow2(e)))
-        bn1 = 128 if is_fp8 else block_n  # FP8: one program per 128-channel block of h (it quantizes h)
-        bn2 = block_n
-        nw, ns = num_warps, num_stages
-    common = dict(IS_FP8=is_fp8, GROUPED=grouped, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p,
-                  BLOCK_E=block_e, num_stages=ns)
-    wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, bn1))](
+        plan = resolve_moe_decode(
+            t_static, e, i, d, num_sms(x.device), is_fp8, block_n, num_warps, num_stages,
+            up_block_n=up_block_n, up_num_warps=up_num_warps, up_num_stages=up_num_stages,
+            down_block_n=down_block_n, down_num_warps=down_num_warps, down_num_stages=down_num_stages)
+    # FP8: the up kernel quantizes h when each of its programs owns a whole 128-channel block, else the down kernel
+    quant_h = is_fp8 and plan.up_block_n == 128
+    if is_fp8:
+        xq, xs = act_quant(x)                     # once; the expert programs stream e4m3 tiles
+    else:
+        xq, xs = x, x                             # xs unused
+    if quant_h:
+        h = torch.empty((p, i), dtype=torch.float8_e4m3fn, device=x.device)
+        hs = torch.empty((p, cdiv(i, 128)), dtype=torch.float32, device=x.device)
+    else:
+        h = torch.empty((p, i), dtype=out.dtype, device=x.device)
+        hs = h                                    # unused
+    common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
+                  BLOCK_P=block_p, BLOCK_E=block_e)
+    wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, plan.up_block_n))](
         xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
         t, k, e, i, d, n_sched,
         xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
         sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-        BLOCK_N=bn1, num_warps=(8 if (is_fp8 and not grouped) else nw), **common,
+        BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
     )
-    wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, bn2))](
+    wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
         h, hs, idx, sched, down_proj, sd, y,
         t, k, e, i, d, n_sched,
         h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
         sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-        BLOCK_N=bn2, num_warps=nw, **common,
+        BLOCK_N=plan.down_block_n, num_warps=plan.down_num_warps, num_stages=plan.down_num_stages, **common,
     )
     block_d = 512
     wrap_triton(_moe_combine_kernel)[(t, cdiv(d, block_d))](

@@ -35,7 +35,7 @@ from dsv3.kernels import fp8_linear as L  # noqa: E402
 from dsv3.kernels import mla_absorb as AB  # noqa: E402
 from dsv3.kernels import mla_attention as A  # noqa: E402
 from dsv3.kernels import routed_experts as RE  # noqa: E402
-from kernel_checks import exactly_quantizable, rel_err  # noqa: E402
+from kernel_checks import exactly_quantizable, moe_shared_slot_idx, rel_err  # noqa: E402
 from dsv3.kernels.fp8_blocks import (  # noqa: E402
     ceil_div,
     dequantize_activation,
@@ -249,6 +249,44 @@ def test_routed_experts(case, fixed_interpreter):
     ref = RE.routed_experts_reference(x, idx, wt, *w)
     # same rounding points as the reference: with the interpreter's casts fixed the results agree to fp32 rounding
     assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
+
+
+# FP8 decode launch plans: up BLOCK_N < 128 writes h in bf16 and the down kernel quantizes it per [tokens, 128] tile.
+# Ragged I (200: one full and one partial 128-block of h), shared experts stacked as the last 2 of 8 slots, invalid
+# (other ranks') ids mixed in.
+MOE_PLAN_CASES = [
+    # T, up_block_n, down_block_n
+    (1, 16, 64), (1, 32, 32), (1, 64, 128), (1, 128, 32),
+    (3, 16, 32), (3, 32, 128), (3, 64, 64), (3, 128, 64),
+]
+
+
+@pytest.mark.parametrize("t,up_bn,down_bn", MOE_PLAN_CASES)
+def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
+    e_routed, n_shared, d, i = 6, 2, 256, 200
+    gen = torch.Generator().manual_seed(1000 + 10 * t + up_bn + down_bn)
+    x, _, _, w = _moe_inputs(t, 1, e_routed + n_shared, d, i, True, torch.bfloat16, gen)
+    idx = moe_shared_slot_idx(t, e_routed, 3, n_shared, gen, n_invalid=1)
+    wt = torch.rand(idx.shape, generator=gen)
+    out = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=down_bn)
+    ref = RE.routed_experts_reference(x, idx, wt, *w)
+    assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
+    # the same e4m3 h and scales whoever quantizes them: the default plan (up quantizes) gives the same result
+    base = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=128, down_block_n=down_bn)
+    assert rel_err(out, base) < 1e-6
+
+
+def test_routed_experts_decode_plan_env(fixed_interpreter, monkeypatch):
+    """DSV3_MOE_DECODE pins the plan (read at trace time); explicit keyword arguments still win."""
+    gen = torch.Generator().manual_seed(77)
+    x, _, _, w = _moe_inputs(2, 1, 5, 136, 72, True, torch.bfloat16, gen)
+    idx = moe_shared_slot_idx(2, 4, 2, 1, gen)
+    wt = torch.rand(idx.shape, generator=gen)
+    ref = RE.routed_experts_reference(x, idx, wt, *w)
+    monkeypatch.setenv("DSV3_MOE_DECODE", "16:4:3:32:4:3")
+    assert RE.resolve_moe_decode(2, 5, 72, 136, 132, True) == RE.MoeDecodePlan(16, 4, 3, 32, 4, 3)
+    assert rel_err(RE.routed_experts_triton(x, idx, wt, *w), ref) < 1e-3
+    assert rel_err(RE.routed_experts_triton(x, idx, wt, *w, up_block_n=128), ref) < 1e-3
 
 
 def test_routed_experts_fp16_unpatched():

@@ -45,6 +45,22 @@ def exactly_quantizable(m: int, k: int, gen: torch.Generator, dtype=torch.bfloat
     return x.to(dtype)
 
 
+def moe_shared_slot_idx(t: int, n_routed: int, k_routed: int, n_shared: int, gen: torch.Generator,
+                        n_invalid: int = 0, device="cpu") -> torch.Tensor:
+    """[T, n_invalid + k_routed + n_shared] int64 expert ids as the model routes with shared experts stacked as extra
+    slots: per token `k_routed` distinct routed ids in [0, n_routed), then the always-on shared slots n_routed ..
+    n_routed + n_shared - 1; `n_invalid` leading ids outside [0, n_routed + n_shared) (other ranks' experts under
+    expert parallelism, which must contribute nothing). `gen` is a CPU generator."""
+    e = n_routed + n_shared
+    rows = []
+    for _ in range(t):
+        routed = torch.randperm(n_routed, generator=gen)[:k_routed]
+        bad = torch.randint(e, e + 1000, (n_invalid,), generator=gen) * torch.where(
+            torch.rand(n_invalid, generator=gen) < 0.5, 1, -1)
+        rows.append(torch.cat([bad, routed, torch.arange(n_routed, e)]))
+    return torch.stack(rows).to(device)
+
+
 def fp8_ref64(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """float64 W8A8 reference. Quantizes on the CPU: CUDA evaluates quantize_activation's `amax / 448` as a multiply
     by the reciprocal (one ulp off for about half the blocks), which moves values sitting on e4m3 rounding ties;

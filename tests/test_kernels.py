@@ -37,7 +37,7 @@ from dsv3.kernels import mla_absorb as AB
 from dsv3.kernels import mla_attention as A
 from dsv3.kernels import routed_experts as RE
 from dsv3.kernels.fp8_blocks import quantize_weight
-from kernel_checks import ErrorLog, cuda, fp8_ref64, poison_allocator, rel_err
+from kernel_checks import ErrorLog, cuda, fp8_ref64, moe_shared_slot_idx, poison_allocator, rel_err
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,6 +102,39 @@ def test_launch_plans():
     assert A.mla_plan(1, 1, 16, 32768, 512, 132)[4] > 1
     assert A.mla_plan(1, 300, 16, 32768, 512, 132)[4] == 1
     assert A.mla_plan(None, None, 16, None, 512, 132)[4] == 1
+
+
+def test_moe_decode_plan(monkeypatch):
+    P = RE.MoeDecodePlan
+    monkeypatch.delenv("DSV3_MOE_DECODE", raising=False)
+    # untuned shapes: today's config (up 128 rows quantizing h, 8 warps; down 64 rows)
+    assert RE.moe_decode_plan(1, 66, 1408, 2048, 132) == RE.MOE_DECODE_DEFAULT == P(128, 8, 4, 64, 4, 4)
+    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True) == RE.MOE_DECODE_DEFAULT
+    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, False) == RE.MOE_DECODE_BF16
+    # a measured table: first row with T <= max T, the default past the last row
+    monkeypatch.setitem(RE.MOE_DECODE_TUNED, (66, 1408, 2048), ((1, P(32, 4, 4, 64, 4, 4)), (8, P(64, 8, 3, 32, 4, 6))))
+    assert RE.moe_decode_plan(1, 66, 1408, 2048, 132).up_block_n == 32
+    assert RE.moe_decode_plan(5, 66, 1408, 2048, 132) == P(64, 8, 3, 32, 4, 6)
+    assert RE.moe_decode_plan(9, 66, 1408, 2048, 132) == RE.MOE_DECODE_DEFAULT
+    # legacy keywords keep their meaning (down block_n / warps; stages of both; bf16: both kernels), up_*/down_* win
+    assert RE.resolve_moe_decode(9, 66, 1408, 2048, 132, True, 32, 8, 3) == P(128, 8, 3, 32, 8, 3)
+    assert RE.resolve_moe_decode(9, 66, 1408, 2048, 132, False, 32, 8, 3) == P(32, 8, 3, 32, 8, 3)
+    assert RE.resolve_moe_decode(9, 66, 1408, 2048, 132, True, 32, num_stages=3, down_block_n=128,
+                                 up_num_stages=6) == P(128, 8, 6, 128, 4, 3)
+    # DSV3_MOE_DECODE pins the FP8 plan (empty fields keep the table's), explicit keywords still win
+    monkeypatch.setenv("DSV3_MOE_DECODE", "16:4::128::")
+    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True) == P(16, 4, 4, 128, 4, 4)
+    monkeypatch.setenv("DSV3_MOE_DECODE", "16:4:3:128:8:6")
+    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True) == P(16, 4, 3, 128, 8, 6)
+    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True, up_block_n=64) == P(64, 4, 3, 128, 8, 6)
+    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, False) == RE.MOE_DECODE_BF16  # bf16 ignores it
+    for bad in ("16:4:3", "16:4:3:128:8:x", "8:4:3:64:4:4", "16:4:3:256:4:4", "16:3:3:64:4:4"):
+        monkeypatch.setenv("DSV3_MOE_DECODE", bad)
+        with pytest.raises(ValueError):
+            RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True)
+    monkeypatch.delenv("DSV3_MOE_DECODE")
+    with pytest.raises(TypeError):
+        RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True, up_blockn=64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,6 +245,47 @@ def test_routed_experts_gpu(case):
     assert out.shape == x.shape and note(name, rel(out, ref)) < bound
     if case[0] <= RE.DECODE_MAX_T:  # the grouped (prefill) path must agree on decode-sized inputs too
         assert note(name + " grouped", rel(RE.routed_experts_triton(x, idx, wt, *w, grouped=True), ref)) < bound
+
+
+MOE_PLAN_GPU_SHAPES = [
+    # T, routed experts, routed top-k, shared slots, invalid ids per token, D, I
+    (1, 64, 6, 2, 0, 2048, 1408),   # 16B: top-6 + 2 shared experts stacked as slots 64, 65
+    (8, 64, 6, 2, 0, 2048, 1408),
+    (1, 32, 1, 0, 7, 7168, 2048),   # 671B at world size 8, one rank: 1 of the 8 global ids local on average
+    (8, 32, 1, 0, 7, 7168, 2048),
+    (3, 6, 3, 2, 1, 256, 200),      # ragged I
+]
+MOE_PLAN_GPU = [  # up_block_n, up_num_warps, up_num_stages, down_block_n, down_num_warps, down_num_stages
+    (16, 4, 4, 64, 4, 4), (32, 4, 3, 32, 4, 6), (64, 8, 6, 128, 8, 3), (32, 8, 4, 128, 4, 4), (16, 8, 6, 32, 8, 4),
+    (128, 4, 3, 32, 8, 6),
+]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("shape", MOE_PLAN_GPU_SHAPES)
+def test_routed_experts_decode_plans_gpu(shape):
+    """Every FP8 decode launch plan against the reference and against the default plan (same e4m3 h and scales
+    whoever quantizes h; the gate/up sums may still round differently between MMA shapes)."""
+    t, n_routed, k_routed, n_shared, n_invalid, d, i = shape
+    e = n_routed + n_shared
+    gen = torch.Generator().manual_seed(sum(shape))
+    idx = moe_shared_slot_idx(t, n_routed, k_routed, n_shared, gen, n_invalid=n_invalid, device="cuda")
+    x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
+    wt = torch.rand(idx.shape, device="cuda")
+    q = [quantize_weight(torch.randn(*sh, device="cuda") * 0.05) for sh in ((e, i, d), (e, i, d), (e, d, i))]
+    w = [q[0][0], q[1][0], q[2][0], q[0][1], q[1][1], q[2][1]]
+    ref = RE.routed_experts_reference(x, idx, wt, *w)
+    poison_allocator()
+    base = RE.routed_experts_triton(x, idx, wt, *w)
+    name = "moe plan T={} E={}+{} top{}+{} invalid={} D={} I={}".format(t, n_routed, n_shared, k_routed, n_shared,
+                                                                      n_invalid, d, i)
+    assert note(name + " default", rel(base, ref)) < 3e-2
+    for plan in MOE_PLAN_GPU:
+        poison_allocator()
+        out = RE.routed_experts_triton(x, idx, wt, *w, **RE.MoeDecodePlan(*plan)._asdict())
+        assert note(f"{name} {plan}", rel(out, ref)) < 3e-2
+        assert note(f"{name} {plan} vs default", rel(out, base)) < 3e-2
 
 
 ABSORB_GPU_CASES = [  # M, H, Dn, Dv, C, fp8: 16B / 671B TP8 per-rank (16 heads), 671B ws1 (128 heads), bf16

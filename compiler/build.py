@@ -45,7 +45,7 @@ class CompileOptions:
     max_batch_size: int = 8
     max_seq_len: int = 4096
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
-    prefill_chunk: int = 512
+    prefill_chunk: int = 4096
     dtype: str = "bfloat16"
     device: str = "cuda"
     verify: bool = True

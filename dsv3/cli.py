@@ -373,7 +373,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--batch-sizes", default=None, help="Decode buckets (default 1,2,4,... up to --max-batch-size).")
 @click.option("--prefill-chunk", type=int, default=None,
               help="Longest prompt chunk one prefill call takes; longer prompts run in chunks "
-                   "[default: 512, at most --max-seq-len].")
+                   "[default: 4096, at most --max-seq-len]. Larger chunks stream the expert weights fewer times.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Activation dtype (FP8 weights stay FP8).")
 @click.option("--num-layers", type=int, default=None, help="Build only the first N layers (quick trials).")
@@ -403,7 +403,7 @@ def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_s
     buckets = _int_list(batch_sizes) if batch_sizes else tuple(
         b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size) + (max_batch_size,)
     opts = CompileOptions(cfg, world_size=world_size, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                          batch_sizes=buckets, prefill_chunk=prefill_chunk or min(512, max_seq_len), dtype=dtype, device=device,
+                          batch_sizes=buckets, prefill_chunk=prefill_chunk or min(4096, max_seq_len), dtype=dtype, device=device,
                           verify=not no_verify, jobs=jobs)
     compile_artifacts(opts, out, overwrite=overwrite, echo=click.echo)
 

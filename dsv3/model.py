@@ -20,7 +20,9 @@ from torch import nn
 
 import dsv3.kernels  # noqa: F401  (registers torch.ops.dsv3.*)
 from dsv3.config import ModelConfig, ceil_div
-from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
+from dsv3.kernels._launch import static_int
+from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
+from dsv3.kernels.mla_attention import DECODE_MAX_S
 from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.rope import apply_rope, rope_tables, softmax_scale
 
@@ -119,9 +121,36 @@ class MLA(nn.Module):
         kv_b = self.kv_b_proj
         q_latent = torch.ops.dsv3.mla_absorb(q_nope, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
                                              False)
-        o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
-        o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim, True)
+        s_static = static_int(seqlen)
+        if s_static is not None and s_static <= DECODE_MAX_S:  # decode, speculative verify: absorbed attention
+            o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
+            o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
+                                          True)
+        else:  # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed
+            o = self._prefill_attention(q_nope, q_pe, q_latent, latent, cache, input_pos)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
+
+    def _prefill_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, q_latent: torch.Tensor,
+                           latent: torch.Tensor, cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Attention of a prefill chunk (consecutive positions per row), dsv3.kernels.mla_prefill: the chunk's keys
+        and values decompressed by kv_b_proj (640 instead of 2176 FLOPs per query-key pair and head on V3 shapes)
+        and attended causally; the rows already in the cache before the chunk (a continued sequence) attended in
+        absorbed form and merged through their log-sum-exp. kv_b_proj is used dequantized to the activation dtype
+        (as the absorbed path uses it), not through the FP8 linear: no activation quantization of the latent."""
+        bsz, seqlen = latent.shape[:2]
+        kv_b = self.kv_b_proj
+        w = kv_b.weight if kv_b.weight_scale_inv is None else dequantize_weight(kv_b.weight, kv_b.weight_scale_inv,
+                                                                                latent.dtype)
+        kv = F.linear(latent[..., :self.kv_lora_rank], w.to(latent.dtype))
+        k_nope, v = kv.view(bsz, seqlen, self.num_heads, self.nope_dim + self.v_dim).split(
+            [self.nope_dim, self.v_dim], dim=-1)
+        k_pe = latent[..., self.kv_lora_rank:]
+        prefix_latent, prefix_lse = torch.ops.dsv3.mla_prefix_attention(q_latent, q_pe, cache, input_pos,
+                                                                        self.softmax_scale)
+        prefix_out = torch.ops.dsv3.mla_absorb(prefix_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim,
+                                               self.v_dim, True)
+        return torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, self.softmax_scale,
+                                                    prefix_out, prefix_lse)
 
     def can_fuse_input_projections(self) -> bool:
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj

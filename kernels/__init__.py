@@ -4,7 +4,7 @@ Each op lives in one file with its plain-PyTorch reference, its fake (shape) imp
 implementation side by side. Importing this package registers them all.
 """
 
-from dsv3.kernels import fp8_linear, mla_absorb, mla_attention, routed_experts  # noqa: F401  (registers the ops)
+from dsv3.kernels import fp8_linear, mla_absorb, mla_attention, mla_prefill, routed_experts  # noqa: F401  (registers the ops)
 from dsv3.kernels import router  # noqa: F401  (registers torch.ops.dsv3.route)
 from dsv3.kernels.cache_key import install as _install_cache_key
 

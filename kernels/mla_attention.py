@@ -84,19 +84,26 @@ def _block_bounds(pos_ptr, b, rb, S, H, stride_pb, stride_ps, N_SPLITS, MIN_CHUN
 
 @triton.jit
 def _mla_fwd_kernel(
-    q_ptr, qpe_ptr, cache_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
+    q_ptr, qpe_ptr, cache_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr, lse_ptr,
     S, H, C, R, N_SPLITS, scale_log2,
     stride_qb, stride_qs, stride_qh, stride_pb_, stride_ps_, stride_ph_,
     stride_cb, stride_ct, stride_posb, stride_poss,
     stride_ob, stride_os, stride_oh, stride_oc,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    MIN_CHUNK_: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
+    MIN_CHUNK_: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, PREFIX: tl.constexpr = False,
 ):
+    """PREFIX (dsv3.mla_prefix_attention; one split, not SWAP): every row of sequence b sees exactly the cache rows
+    t < input_pos[b, 0], and the program also writes each row's log-sum-exp (natural log; -inf and zeros when
+    that prefix is empty) to lse_ptr ([B, S, H] fp32)."""
     rb = tl.program_id(0)  # row blocks first: prefill can have more than 65535 of them
     sp = tl.program_id(1)
     b = tl.program_id(2)
     rows, row_mask, pos, length, chunk = _block_bounds(
         pos_ptr, b, rb, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    if PREFIX:
+        length = tl.load(pos_ptr + b * stride_posb)
+        pos = tl.where(row_mask, length - 1, -1)
+        chunk = tl.maximum(length, 1)
     start = sp * chunk
     if start < length:
         end = tl.minimum(start + chunk, length)
@@ -177,6 +184,20 @@ def _mla_fwd_kernel(
                 o_ptrs = (out_ptr + b64 * stride_ob + s_idx[:, None] * stride_os + h_idx[:, None] * stride_oh
                           + offs_c[None, :] * stride_oc)
                 tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & c_mask[None, :])
+                if PREFIX:
+                    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
+                                   float("-inf"))
+                    tl.store(lse_ptr + b64 * (S * H) + rows, lse, mask=row_mask)
+    elif PREFIX:  # empty prefix: nothing to attend to
+        s_idx = rows // H
+        h_idx = rows % H
+        offs_c = tl.arange(0, C_PAD)
+        o_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + s_idx[:, None] * stride_os + h_idx[:, None] * stride_oh
+                  + offs_c[None, :] * stride_oc)
+        tl.store(o_ptrs, tl.zeros((BLOCK_H, C_PAD), dtype=out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (offs_c < C)[None, :])
+        tl.store(lse_ptr + b.to(tl.int64) * (S * H) + rows, tl.full((BLOCK_H,), float("-inf"), tl.float32),
+                 mask=row_mask)
 
 
 @triton.jit
@@ -293,7 +314,7 @@ def mla_attention_triton(
     else:
         part = ml = out  # unused
     wrap_triton(_mla_fwd_kernel)[(n_rb, n_splits, bsz)](
-        q_latent, q_pe, latent_cache, input_pos, out, part, ml,
+        q_latent, q_pe, latent_cache, input_pos, out, part, ml, ml,
         seqlen, heads, c, r, n_splits, float(softmax_scale) * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),

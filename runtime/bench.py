@@ -140,17 +140,20 @@ def fp8_gemm_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float 
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def prefill_flops(model: Transformer, prompt_len: int) -> float:
-    """Matmul FLOPs one prefill of `prompt_len` tokens performs on this rank, as the model computes it: 2 x the
-    weights each token multiplies (every projection, its top-k routed experts, the shared ones; the LM head for the
-    last token only) plus absorbed causal attention over the latent cache (per head, per query token:
-    scores over kv_lora_rank + rope dims and values over kv_lora_rank, for the (L + 1) / 2 keys it sees on average;
-    W_UK / W_UV absorption per head). Elementwise work (norms, rope, softmax) is not counted."""
+def prefill_flops(model: Transformer, prompt_len: int, chunk: int | None = None) -> float:
+    """Matmul FLOPs one prefill of `prompt_len` tokens needs on this rank, in chunks of `chunk` tokens (default: one
+    chunk), as the model computes it: 2 x the weights each token multiplies (every projection, its top-k routed
+    experts, the shared ones; the LM head for the last token only), the chunk's keys and values decompressed by
+    kv_b_proj, naive causal attention within the chunk (per head and query: scores over qk_nope + rope dims, values
+    over v_head_dim, for the (S + 1) / 2 chunk keys it sees on average), and for a chunk that continues the prompt
+    the absorbed attention over the P rows before it (W_UK / W_UV absorption, scores over kv_lora_rank + rope, values
+    over kv_lora_rank). The model also runs the absorptions on an empty prefix (zeros); that is not counted.
+    Elementwise work (norms, rope, softmax) is not counted either."""
     cfg = model.cfg
     per_token = 0.0
     for name, t in model.state_dict().items():
         if t.dim() < 2 or name.startswith("embed_tokens.") or name.endswith("_scale_inv") or ".kv_b_proj." in name:
-            continue  # kv_b_proj is applied as the absorption below; embeddings are lookups
+            continue  # kv_b_proj is counted with attention below; embeddings are lookups
         if name.startswith("lm_head."):
             per_token += 2 * t.numel() / prompt_len
         elif ".mlp.experts." in name:
@@ -161,11 +164,18 @@ def prefill_flops(model: Transformer, prompt_len: int) -> float:
         else:
             per_token += 2 * t.numel()
     heads = model.layers[0].self_attn.num_heads
-    lat, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    absorb = 2 * heads * lat * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    attention = 2 * heads * (lat + rope + lat) * (prompt_len + 1) / 2
-    per_token += cfg.num_hidden_layers * (absorb + attention)
-    return per_token * prompt_len
+    lat, rope, dn, dv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    decompress = 2 * heads * lat * (dn + dv)
+    absorb = 2 * heads * lat * (dn + dv)
+    total = per_token * prompt_len
+    chunk = chunk or prompt_len
+    for p in range(0, prompt_len, chunk):
+        s = min(chunk, prompt_len - p)
+        attention = s * (decompress + 2 * heads * (dn + rope + dv) * (s + 1) / 2)
+        if p:
+            attention += s * (absorb + 2 * heads * (lat + rope + lat) * p)
+        total += cfg.num_hidden_layers * attention
+    return total
 
 
 def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: Callable[[str], None] = print,
@@ -178,7 +188,7 @@ def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: C
     stepper.prefill([prompt.tolist()])
     _sync(device)
     dt = time.perf_counter() - t0
-    flops = prefill_flops(model, prompt_len)
+    flops = prefill_flops(model, prompt_len, getattr(stepper, "prefill_chunk", None))
     out = {"prompt_len": prompt_len, "ttft_ms": round(1000 * dt, 3), "tokens_per_s": round(prompt_len / dt, 1),
            "flops": flops, "tflops_per_s": round(flops / dt / 1e12, 2)}
     mfu = ""

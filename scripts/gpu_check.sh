@@ -6,6 +6,8 @@
 #   kgpu       all GPU-marked kernel tests but the AOTI ones (test_kernels, test_router, test_gemv_variants)
 #   sweep-gemv scripts/sweep_gemv.py: decode GEMV variants and launch configs (JSON in $OUT)
 #   sweep-mla  scripts/sweep_mla.py: decode launch plans of the MLA kernel (checked against the reference, timed)
+#   sweep-moe  scripts/sweep_moe.py: FP8 decode launch plans of routed_experts (16B, 671B ws8 rank; T 1, 8), checked
+#              against the default plan, timed; prints a suggested MOE_DECODE_TUNED table (JSON in $OUT)
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
@@ -63,7 +65,7 @@ step_kernels() { bash scripts/gpu_kernels.sh tests; }
 
 step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (those run in `kernels`), 5 min cap
   timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "not aoti" tests/test_kernels.py \
-    $(ls tests/test_router.py tests/test_gemv_variants.py 2>/dev/null) 2>&1 | tee "$OUT/kgpu.log" | tail -15
+    $(ls tests/test_router.py tests/test_gemv_variants.py tests/test_prefill.py 2>/dev/null) 2>&1 | tee "$OUT/kgpu.log" | tail -15
 }
 
 step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B-TP8 shapes, in CUDA graphs
@@ -73,6 +75,11 @@ step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B
 
 step_sweep_mla() {  # decode launch plans of dsv3.mla_attention at H = 16, batch 1/8, context 128..8k (JSON in $OUT)
   timeout 300 $PY scripts/sweep_mla.py --json "$OUT/sweep_mla.json" 2>&1 | grep -v -i warn | tail -45
+}
+
+step_sweep_moe() {  # FP8 decode MoE launch plans (up/down block_n, warps, stages) on the 16B and 671B-ws8 shapes
+  timeout 300 $PY scripts/sweep_moe.py ${SWEEP_ARGS:-} --json "$OUT/sweep_moe.json" 2>&1 | grep -v -i warn \
+    | tee "$OUT/sweep_moe.log" | tail -80
 }
 
 LAYERS16=${LAYERS16:-27}
@@ -87,7 +94,7 @@ step_ckpt16() {
 
 step_compile16() {
   dsv3c compile --config "$WORK/ckpt16" --out "$ART16" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
-    --max-seq-len 4096 --prefill-chunk ${PREFILL_CHUNK16:-512} --overwrite ${JOBS:+--jobs $JOBS} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
+    --max-seq-len 4096 --prefill-chunk ${PREFILL_CHUNK16:-4096} --overwrite ${JOBS:+--jobs $JOBS} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16.log" \
     | tail -25
   dsv3c inspect "$ART16" | tee "$OUT/inspect16.txt" || keep_wrapper
   ls -la "$ART16"
@@ -135,7 +142,7 @@ step_run16() {
 
 step_compile16_ws2() {
   dsv3c compile --config "$WORK/ckpt16" --out "$WORK/art16_ws2" --world-size 2 --device cuda --max-batch-size 8 \
-    --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk ${PREFILL_CHUNK16:-512} --overwrite ${JOBS:+--jobs $JOBS} 2>&1 \
+    --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk ${PREFILL_CHUNK16:-4096} --overwrite ${JOBS:+--jobs $JOBS} 2>&1 \
     | grep --line-buffered -v Warning | tee "$OUT/compile16_ws2.log" | tail -12
 }
 

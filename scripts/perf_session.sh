@@ -10,7 +10,7 @@
 # Everything ends up in /tmp/perf.tgz (one file for the device tool to bring back).
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/perf}
+OUT=${PERF_OUT:-/tmp/perf}  # never the device tool's $OUT: each device call empties that folder
 WORK=${WORK:-/tmp/dsv3-work}
 export WORK
 mkdir -p "$OUT/k" "$OUT/a"

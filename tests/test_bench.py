@@ -67,15 +67,23 @@ def test_prefill_flops_hand_count():
     length = 50
     per_token = 2 * (cfg.num_hidden_layers * attn_w + n_dense * dense_w + n_moe * moe_w)
     per_token += 2 * cfg.vocab_size * d / length  # the head, for the last token only
-    per_token += cfg.num_hidden_layers * (2 * h * lat * (cfg.qk_nope_head_dim + v)
-                                          + 2 * h * (2 * lat + rope) * (length + 1) / 2)
+    dn = cfg.qk_nope_head_dim
+    # one chunk: kv_b_proj decompresses every token, naive causal attention (nope + rope scores, v values)
+    one_chunk = per_token * length + cfg.num_hidden_layers * length * (
+        2 * h * lat * (dn + v) + 2 * h * (dn + rope + v) * (length + 1) / 2)
+    # chunks of 30 + 20: the second one also absorbs q and o and attends the 30 rows before it in latent space
+    two_chunks = per_token * length + cfg.num_hidden_layers * (
+        30 * (2 * h * lat * (dn + v) + 2 * h * (dn + rope + v) * 31 / 2)
+        + 20 * (2 * h * lat * (dn + v) + 2 * h * (dn + rope + v) * 21 / 2)
+        + 20 * (2 * h * lat * (dn + v) + 2 * h * (2 * lat + rope) * 30))
     with torch.device("meta"):
         plain = Transformer(cfg, dtype=torch.bfloat16, max_batch_size=1, max_seq_len=64)
     laid_out = build_rank_model(cfg, ParallelPlan(0, 1), dtype=torch.bfloat16, device="meta", max_batch_size=1,
                                 max_seq_len=64)
     assert laid_out.layers[-1].mlp.n_shared_slots == 1 and laid_out.layers[0].self_attn.qkv_a_rows
     for model in (plain, laid_out):
-        assert prefill_flops(model, length) == pytest.approx(per_token * length, rel=1e-12)
+        assert prefill_flops(model, length) == pytest.approx(one_chunk, rel=1e-12)
+        assert prefill_flops(model, length, 30) == pytest.approx(two_chunks, rel=1e-12)
 
 
 def test_bench_cli_smoke(tmp_path):

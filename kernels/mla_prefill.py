@@ -1,0 +1,256 @@
+"""Prefill attention for MLA: `torch.ops.dsv3.mla_prefix_attention` and `torch.ops.dsv3.mla_prefill_attention`.
+
+Why a second form: absorbed attention (dsv3.mla_attention) scores each (query, key) pair in the 576-wide latent
+space for every head, 2 * (576 + 512) FLOPs per pair and head. Prefill has as many keys as queries, so it pays
+that for every pair of the prompt. The naive form decompresses the chunk's own keys and values once (kv_b_proj:
+k_nope [Dn], v [Dv] per head) and then costs 2 * (Dn + R + Dv) = 640 FLOPs per pair and head on V2/V3 shapes:
+3.4x less (DeepSeek's own inference code and the serving stacks prefill this way too). A prefill chunk that
+continues a sequence also sees the rows already in the latent cache (the prefix); those stay in absorbed form
+(no decompression of the whole cache). The two parts are merged through the log-sum-exp of the prefix.
+
+The two ops (the halves of one attention; the model calls the first, absorbs its output with W_UV, then the
+second; see `dsv3.model.MLA`):
+
+`mla_prefix_attention(q_latent, q_pe, latent_cache, input_pos, softmax_scale) -> (out, lse)`
+- As `dsv3.mla_attention` (same shapes and scores), but every query of sequence b sees exactly the cache rows
+  t < input_pos[b, 0] (the rows before the chunk). out: [B, S, H, C] in q_latent.dtype, zeros where the prefix is
+  empty; lse: [B, S, H] float32, the natural log of the softmax denominator over the prefix, -inf where empty.
+- CPU / fp32: reference (masked einsum). CUDA: `_mla_fwd_kernel` of dsv3.kernels.mla_attention with PREFIX=True
+  (one split; rows past the prefix never read; a program whose prefix is empty writes zeros and -inf).
+
+`mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out, prefix_lse) -> out`
+- q_nope, k_nope: [B, S, H, Dn]; q_pe: [B, S, H, R] (roped); k_pe: [B, S, R] (roped, shared by the heads);
+  v: [B, S, H, Dv]; input_pos: [B, S] int64, strictly increasing along S (consecutive positions of a chunk);
+  prefix_out: [B, S, H, Dv] (the prefix attention output already multiplied by W_UV), prefix_lse: [B, S, H] fp32.
+- score(i, j) = (q_nope[i] . k_nope[j] + q_pe[i] . k_pe[j]) * softmax_scale for chunk tokens with
+  input_pos[j] <= input_pos[i]; the prefix enters the same softmax as one more key of logit prefix_lse[i] and
+  value prefix_out[i] (exact: that is what merging two softmax partitions is).
+  out[i] = softmax(...) . values, fp32 statistics, returned as [B, S, H, Dv] in q_nope.dtype.
+- CPU / fp32: reference. CUDA: `_mha_prefill_kernel`, flash attention: one program per (BLOCK_M queries, head,
+  sequence); its online-softmax state starts from the prefix (m = lse, l = 1, acc = prefix_out), then walks the
+  chunk's key blocks up to its causal bound (exp2 arithmetic, P rounded to v's dtype for the P.V product).
+- Head dims that are not powers of two (tests) are padded to >= 16 with masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dsv3.kernels._launch import cdiv, next_pow2
+from dsv3.kernels.mla_attention import LOG2E, _mla_fwd_kernel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# References (fp32 math; float64 inputs stay float64, for the exactness tests)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def mla_prefix_attention_reference(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    c = q_latent.shape[-1]
+    kv = _wide(latent_cache[..., :c])
+    pe = _wide(latent_cache[..., c:])
+    scores = torch.einsum("bshc,btc->bsht", _wide(q_latent), kv) + torch.einsum("bshr,btr->bsht", _wide(q_pe), pe)
+    scores = scores * softmax_scale
+    t = torch.arange(latent_cache.shape[1], device=latent_cache.device)
+    visible = t[None, None, None, :] < input_pos[:, :1, None, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                    # -inf where the prefix is empty
+    probs = torch.where(visible, torch.exp(scores - lse.unsqueeze(-1).clamp_min(-1e30)), 0.0)
+    out = torch.einsum("bsht,btc->bshc", probs, kv).to(q_latent.dtype)
+    return out, lse
+
+
+def mla_prefill_attention_reference(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+    input_pos: torch.Tensor, softmax_scale: float, prefix_out: torch.Tensor, prefix_lse: torch.Tensor,
+) -> torch.Tensor:
+    scores = (torch.einsum("bshd,bthd->bhst", _wide(q_nope), _wide(k_nope))
+              + torch.einsum("bshr,btr->bhst", _wide(q_pe), _wide(k_pe))) * softmax_scale
+    visible = input_pos[:, None, None, :] <= input_pos[:, None, :, None]   # [B, 1, S (query), S (key)]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # the prefix is one more key per query: logit prefix_lse, value prefix_out
+    lse = prefix_lse.to(scores.dtype).permute(0, 2, 1).unsqueeze(-1)       # [B, H, S, 1]
+    probs = torch.softmax(torch.cat([lse, scores], dim=-1), dim=-1)
+    out = probs[..., :1] * _wide(prefix_out).permute(0, 2, 1, 3) + torch.einsum(
+        "bhst,bthd->bhsd", probs[..., 1:], _wide(v))
+    return out.permute(0, 2, 1, 3).to(q_nope.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel (the prefix half runs dsv3.kernels.mla_attention's kernel)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mha_prefill_kernel(
+    qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, pos_ptr, po_ptr, plse_ptr, out_ptr,
+    S, H, DN, R, DV, scale_log2,
+    s_qn_b, s_qn_s, s_qn_h, s_qp_b, s_qp_s, s_qp_h, s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s,
+    s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, s_po_b, s_po_s, s_po_h, s_o_b, s_o_s, s_o_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < S
+    offs_dn = tl.arange(0, DN_PAD)
+    offs_r = tl.arange(0, R_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    dn_mask = offs_dn < DN
+    r_mask = offs_r < R
+    dv_mask = offs_dv < DV
+    pos_q = tl.load(pos_ptr + b * s_pos_b + offs_m * s_pos_s, mask=m_mask, other=-1)  # -1: sees no key
+    q = tl.load(qn_ptr + b * s_qn_b + offs_m[:, None] * s_qn_s + h * s_qn_h + offs_dn[None, :],
+                mask=m_mask[:, None] & dn_mask[None, :], other=0.0)
+    qpe = tl.load(qp_ptr + b * s_qp_b + offs_m[:, None] * s_qp_s + h * s_qp_h + offs_r[None, :],
+                  mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    # Inductor passes Python floats as fp64: keep the softmax arithmetic in fp32.
+    scale_f32 = tl.cast(scale_log2, tl.float32)
+    # Online-softmax state seeded with the prefix: m = its lse (log2 units), l = 1, acc = its normalized output.
+    lse = tl.load(plse_ptr + (b * S + offs_m) * H + h, mask=m_mask, other=float("-inf")) * 1.4426950408889634
+    has_prefix = lse > -1.0e30
+    m_i = tl.where(has_prefix, lse, -1.0e30)
+    l_i = tl.where(has_prefix, 1.0, 0.0)
+    acc = tl.load(po_ptr + b * s_po_b + offs_m[:, None] * s_po_s + h * s_po_h + offs_dv[None, :],
+                  mask=m_mask[:, None] & dv_mask[None, :] & has_prefix[:, None], other=0.0).to(tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)  # causal: keys after this block's last query are never visible
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_mask = offs_n < S
+        pos_k = tl.load(pos_ptr + b * s_pos_b + offs_n * s_pos_s, mask=n_mask, other=0)
+        kn = tl.load(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :],
+                     mask=n_mask[:, None] & dn_mask[None, :], other=0.0)
+        kp = tl.load(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :],
+                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        vv = tl.load(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :],
+                     mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+        sc = (tl.dot(q, tl.trans(kn)) + tl.dot(qpe, tl.trans(kp))) * scale_f32       # [BLOCK_M, BLOCK_N]
+        visible = (pos_k[None, :] <= pos_q[:, None]) & n_mask[None, :]
+        sc = tl.where(visible, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + b * s_o_b + offs_m[:, None] * s_o_s + h * s_o_h + offs_dv[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mla_prefix_attention_triton(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    softmax_scale: float, block_h: int = 64, block_t: int = 64, num_warps: int = 8, num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    bsz, seqlen, heads, c = q_latent.shape
+    r = q_pe.shape[-1]
+    out = torch.empty_like(q_latent)
+    lse = torch.empty((bsz, seqlen, heads), dtype=torch.float32, device=q_latent.device)
+    if q_latent.stride(-1) != 1:
+        q_latent = q_latent.contiguous()
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
+    if latent_cache.stride(-1) != 1:
+        latent_cache = latent_cache.contiguous()
+    c_pad = max(16, next_pow2(c))
+    wrap_triton(_mla_fwd_kernel)[(cdiv(seqlen * heads, block_h), 1, bsz)](
+        q_latent, q_pe, latent_cache, input_pos, out, out, lse, lse,
+        seqlen, heads, c, r, 1, float(softmax_scale) * LOG2E,
+        q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+        latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, R_PAD=max(16, next_pow2(r)), MIN_CHUNK_=block_t,
+        SPLIT=False, SWAP=False, PREFIX=True, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def mla_prefill_attention_triton(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+    input_pos: torch.Tensor, softmax_scale: float, prefix_out: torch.Tensor, prefix_lse: torch.Tensor,
+    block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2,
+) -> torch.Tensor:
+    bsz, seqlen, heads, dn = q_nope.shape
+    r = q_pe.shape[-1]
+    dv = v.shape[-1]
+    out = torch.empty((bsz, seqlen, heads, dv), dtype=q_nope.dtype, device=q_nope.device)
+    q_nope, q_pe, k_nope, k_pe, v, prefix_out = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (q_nope, q_pe, k_nope, k_pe, v, prefix_out))
+    prefix_lse = prefix_lse.contiguous()
+    wrap_triton(_mha_prefill_kernel)[(cdiv(seqlen, block_m), heads, bsz)](
+        q_nope, q_pe, k_nope, k_pe, v, input_pos, prefix_out, prefix_lse, out,
+        seqlen, heads, dn, r, dv, float(softmax_scale) * LOG2E,
+        q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+        k_nope.stride(0), k_nope.stride(1), k_nope.stride(2), k_pe.stride(0), k_pe.stride(1),
+        v.stride(0), v.stride(1), v.stride(2), input_pos.stride(0), input_pos.stride(1),
+        prefix_out.stride(0), prefix_out.stride(1), prefix_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_M=block_m, BLOCK_N=block_n, DN_PAD=max(16, next_pow2(dn)), R_PAD=max(16, next_pow2(r)),
+        DV_PAD=max(16, next_pow2(dv)), num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def _triton_ok(*tensors: torch.Tensor) -> bool:
+    return tensors[0].dtype in (torch.bfloat16, torch.float16) and all(t.dtype == tensors[0].dtype for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton_op("dsv3::mla_prefix_attention", mutates_args=())
+def mla_prefix_attention(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q_latent.device.type == "cpu" or not _triton_ok(q_latent, q_pe, latent_cache):
+        return mla_prefix_attention_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale)
+    return mla_prefix_attention_triton(q_latent, q_pe, latent_cache, input_pos, softmax_scale)
+
+
+@mla_prefix_attention.register_fake
+def _mla_prefix_attention_fake(q_latent, q_pe, latent_cache, input_pos, softmax_scale):
+    b, s, h, _ = q_latent.shape
+    return torch.empty_like(q_latent), q_latent.new_empty((b, s, h), dtype=torch.float32)
+
+
+@triton_op("dsv3::mla_prefill_attention", mutates_args=())
+def mla_prefill_attention(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+    input_pos: torch.Tensor, softmax_scale: float, prefix_out: torch.Tensor, prefix_lse: torch.Tensor,
+) -> torch.Tensor:
+    if q_nope.device.type == "cpu" or not _triton_ok(q_nope, q_pe, k_nope, k_pe, v, prefix_out):
+        return mla_prefill_attention_reference(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale,
+                                               prefix_out, prefix_lse)
+    return mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out,
+                                        prefix_lse)
+
+
+@mla_prefill_attention.register_fake
+def _mla_prefill_attention_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out, prefix_lse):
+    torch._check(k_pe.shape[-1] == q_pe.shape[-1], lambda: "mla_prefill_attention: q_pe and k_pe rope dims differ")
+    b, s, h, _ = q_nope.shape
+    return q_nope.new_empty((b, s, h, v.shape[-1]))
+
+
+__all__ = ["mla_prefix_attention", "mla_prefill_attention", "mla_prefix_attention_reference",
+           "mla_prefill_attention_reference", "mla_prefix_attention_triton", "mla_prefill_attention_triton"]

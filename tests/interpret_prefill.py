@@ -1,0 +1,86 @@
+"""The prefill attention kernels (dsv3.kernels.mla_prefill) run by the Triton CPU interpreter against float64
+references. Run in its own process with TRITON_INTERPRET=1 by tests/test_prefill.py (the flag must be set before
+triton is imported); by hand: TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/interpret_prefill.py
+
+fp16 inputs: the interpreter's fp32 -> bf16 cast truncates and its bf16 dot is wrong (see interpret_kernels.py),
+fp16 is exact enough to check the kernels' logic (masks, causal bounds, the prefix merge) at 2e-3.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("interpret_prefill.py must run in its own process with TRITON_INTERPRET=1")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dsv3.kernels import mla_prefill as P  # noqa: E402
+from kernel_checks import rel_err  # noqa: E402
+
+# (batch, chunk length S, heads, Dn, R, Dv, first position of each sequence's chunk, cache rows)
+CASES = [
+    (1, 5, 2, 16, 8, 16, [0], 8),          # one chunk, no prefix, tiny
+    (2, 37, 3, 24, 8, 20, [0, 11], 64),    # ragged dims, one sequence continues a prefix of 11 rows
+    (1, 150, 2, 32, 16, 32, [70], 256),    # several query and key blocks, prefix longer than one block
+]
+
+
+def _inputs(case, gen, dtype=torch.float16):
+    b, s, h, dn, r, dv, starts, t = case
+    c = 40
+    pos = torch.tensor(starts)[:, None] + torch.arange(s)[None]
+    r_ = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    return dict(q_nope=r_(b, s, h, dn), q_pe=r_(b, s, h, r), k_nope=r_(b, s, h, dn), k_pe=r_(b, s, r),
+                v=r_(b, s, h, dv), q_latent=r_(b, s, h, c), cache=r_(b, t, c + r), pos=pos)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefix_attention(case):
+    a = _inputs(case, torch.Generator().manual_seed(1 + case[1]))
+    starts = case[6]
+    for i, st in enumerate(starts):  # rows at and after the chunk's first position must never be read
+        a["cache"][i, st:] = float("nan")
+    out, lse = P.mla_prefix_attention_triton(a["q_latent"], a["q_pe"], a["cache"], a["pos"], 0.15)
+    clean = torch.nan_to_num(a["cache"].double(), nan=0.0)
+    ref, ref_lse = P.mla_prefix_attention_reference(a["q_latent"].double(), a["q_pe"].double(), clean, a["pos"], 0.15)
+    for i, st in enumerate(starts):
+        if st == 0:
+            assert (out[i] == 0).all() and torch.isneginf(lse[i]).all()
+        else:
+            assert rel_err(out[i], ref[i]) < 2e-3
+            assert (lse[i].double() - ref_lse[i]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_attention(case):
+    a = _inputs(case, torch.Generator().manual_seed(2 + case[1]))
+    b, s, h, dn, r, dv, starts, t = case
+    gen = torch.Generator().manual_seed(7)
+    prefix_out = torch.randn(b, s, h, dv, generator=gen).half()
+    prefix_lse = torch.randn(b, s, h, generator=gen) * 3
+    for i, st in enumerate(starts):
+        if st == 0:
+            prefix_lse[i] = float("-inf")
+            prefix_out[i] = float("nan")  # never read when the prefix is empty
+    args = (a["q_nope"], a["q_pe"], a["k_nope"], a["k_pe"], a["v"], a["pos"], 0.15)
+    out = P.mla_prefill_attention_triton(*args, prefix_out, prefix_lse, block_m=32, block_n=16, num_warps=4)
+    ref = P.mla_prefill_attention_reference(*(x.double() if x.is_floating_point() else x for x in args[:6]), 0.15,
+                                            torch.nan_to_num(prefix_out.double(), nan=0.0), prefix_lse.double())
+    assert out.shape == (b, s, h, dv) and rel_err(out, ref) < 2e-3
+
+
+def test_default_launch_config():
+    """The defaults the model gets (128-query blocks, 64-key blocks)."""
+    case = (1, 150, 2, 32, 16, 32, [0], 256)
+    a = _inputs(case, torch.Generator().manual_seed(3))
+    lse = torch.full((1, 150, 2), float("-inf"))
+    po = torch.zeros(1, 150, 2, 32).half()
+    args = (a["q_nope"], a["q_pe"], a["k_nope"], a["k_pe"], a["v"], a["pos"], 0.15)
+    out = P.mla_prefill_attention_triton(*args, po, lse)
+    ref = P.mla_prefill_attention_reference(*(x.double() if x.is_floating_point() else x for x in args[:6]), 0.15,
+                                            po.double(), lse.double())
+    assert rel_err(out, ref) < 2e-3

@@ -35,8 +35,8 @@ Implementations (branch taken at trace time)
     cumsum, searchsorted: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
     of up to 64 pairs of one expert.
   Decode launch config (trace time): `MoeDecodePlan` (BLOCK_N, num_warps, num_stages of the up and of the down
-  kernel) from `moe_decode_plan(t, e_slots, i, d, sms)` (a table, `MOE_DECODE_TUNED`, for `scripts/sweep_moe.py`
-  to fill; shapes not listed get today's FP8 config, up 128/8 warps/4 stages, down 64/4/4), pinned by
+  kernel) from `moe_decode_plan(t, e_slots, i, d, sms)` (a table, `MOE_DECODE_TUNED`, measured by
+  `scripts/sweep_moe.py`; shapes not listed get MOE_DECODE_DEFAULT: up 128/8 warps/4 stages, down 64/4/4), pinned by
   `DSV3_MOE_DECODE=UP_BN:UP_WARPS:UP_STAGES:DOWN_BN:DOWN_WARPS:DOWN_STAGES` (FP8 decode path; an empty field keeps
   the plan's), and overridden per call by `routed_experts_triton`'s keyword arguments.
   The intermediate buffers are [T*K, I] and [T*K, D] in x.dtype (prefill of 4096 tokens on 671B shapes: ~0.6 GB).
@@ -293,8 +293,17 @@ MOE_DECODE_DEFAULT = MoeDecodePlan(128, 8, 4, 64, 4, 4)
 MOE_DECODE_BF16 = MoeDecodePlan(64, 4, 4, 64, 4, 4)
 # Measured per expert shape: (E slots, I, D) -> ((max T, MoeDecodePlan(...)), ...) in ascending max T; the first
 # row with T <= max T applies. Paste what `scripts/sweep_moe.py` prints (H200, 132 SMs). Shapes not listed, and T
-# above a shape's last row, get MOE_DECODE_DEFAULT.
-MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ...]] = {}
+# above a shape's last row, get MOE_DECODE_DEFAULT. Every plan below gave bitwise the default plan's output.
+MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ...]] = {
+    # 16B (64 routed + 2 shared slots, top-6 + 2), H200, sweep_moe of 2026-11-23, us per layer (default -> plan):
+    # T=1 34.0 (the default is the fastest measured), T=2 55.5 -> 46.5, T=4 75.4 -> 68.0, T=8 121.0 -> 109.8
+    # (T=3 and T=5..7 unmeasured: they take the next row's plan).
+    (66, 1408, 2048): ((1, MOE_DECODE_DEFAULT), (2, MoeDecodePlan(64, 4, 3, 128, 8, 3)),
+                       (4, MoeDecodePlan(64, 4, 3, 128, 4, 3)), (8, MoeDecodePlan(128, 8, 3, 128, 8, 4))),
+    # 671B at world size 8, one rank (32 local experts, ~1 of the top-8 ids local): T=1 51.6 -> 45.3 (the up kernel
+    # of the one expert: 34.3 -> 23.4 us), T=2 51.4 -> 49.7, T=4 61.8 -> 60.6, T=8 98.3 -> 98.0.
+    (32, 2048, 7168): ((1, MoeDecodePlan(64, 4, 10, 128, 8, 6)), (8, MoeDecodePlan(128, 4, 4, 64, 4, 4))),
+}
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
 
 

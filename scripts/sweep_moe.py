@@ -3,6 +3,7 @@
     python3 scripts/sweep_moe.py --json $OUT/sweep_moe.json              # ~1 min on an H200
     python3 scripts/sweep_moe.py --quick --shapes 16B --t 1               # a smaller grid, one shape
     python3 scripts/sweep_moe.py --up-bn 16,32 --warps 2,4 --stages 6,8,10 # another grid
+    python3 scripts/sweep_moe.py --t 1,2,4,8 --json $OUT/sweep_moe.json  # every row of MOE_DECODE_TUNED (~2 min)
 
 Needs the package installed (`pip install -e .`, or `bash scripts/gpu_check.sh env` on the device).
 
@@ -334,9 +335,11 @@ def print_table(rows: list[dict], top: int) -> None:
 
 
 def suggest(rows: list[dict]) -> None:
-    from dsv3.kernels.routed_experts import MOE_DECODE_DEFAULT, MoeDecodePlan
+    """The best plan per (shape, T) and the MOE_DECODE_TUNED table to paste: the current table with the swept rows
+    replaced or added (rows at T values or shapes this run did not sweep are kept, and marked)."""
+    from dsv3.kernels.routed_experts import MOE_DECODE_TUNED, MoeDecodePlan
 
-    table: dict[tuple, list] = {}
+    table: dict[tuple, dict[int, MoeDecodePlan]] = {}
     log("\nbest plan per shape (speedup over the default plan):")
     for name in SHAPES:
         for t in sorted({r["t"] for r in rows if r["shape"] == name}):
@@ -346,18 +349,25 @@ def suggest(rows: list[dict]) -> None:
                 continue
             best = min(ok, key=lambda r: r["us"])
             gain = dflt["us"] / best["us"]
-            chosen = MoeDecodePlan(*best["plan"]) if gain >= WIN else MOE_DECODE_DEFAULT
+            # no clear win: keep what the op launches now (the current table's plan, or MOE_DECODE_DEFAULT)
+            chosen = MoeDecodePlan(*(best if gain >= WIN else dflt)["plan"])
             key = (best["e"], best["i"], best["d"])
-            table.setdefault(key, []).append((t, chosen))
+            table.setdefault(key, {})[t] = chosen
             log(f"  {name:9s} T={t}: default {dflt['us']:7.2f} us ({dflt['tb_s']:.2f} TB/s) -> best "
                 f"{plan_str(MoeDecodePlan(*best['plan']))} {best['us']:7.2f} us ({best['tb_s']:.2f} TB/s, "
                 f"{gain:.3f}x); DSV3_MOE_DECODE={best['env']}")
-    log(f"\nsuggested table for kernels/routed_experts.py (plans that beat the default by >= {WIN:.2f}x; T between"
+    log(f"\nsuggested table for kernels/routed_experts.py (plans that beat the default by >= {WIN:.2f}x, else the"
+        f" default; T between"
         " two rows takes the larger row's plan, T past the last row the default):")
     log("MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ...]] = {")
-    for (e, i, d), entries in table.items():
-        body = ", ".join(f"({t}, MoeDecodePlan({', '.join(str(v) for v in p)}))" for t, p in sorted(entries))
-        log(f"    ({e}, {i}, {d}): ({body},),")
+    for key in list(table) + [k for k in MOE_DECODE_TUNED if k not in table]:
+        current = dict(MOE_DECODE_TUNED.get(key, ()))
+        swept = table.get(key, {})
+        kept = sorted(set(current) - set(swept))
+        merged = {**current, **swept}
+        body = ", ".join(f"({t}, MoeDecodePlan({', '.join(str(v) for v in merged[t])}))" for t in sorted(merged))
+        note = f"  # kept from the current table (not swept): T={','.join(map(str, kept))}" if kept else ""
+        log(f"    {key}: ({body},),{note}")
     log("}")
 
 

@@ -109,7 +109,12 @@ def test_moe_decode_plan(monkeypatch):
     monkeypatch.delenv("DSV3_MOE_DECODE", raising=False)
     # untuned shapes: today's config (up 128 rows quantizing h, 8 warps; down 64 rows)
     assert RE.moe_decode_plan(1, 66, 1408, 2048, 132) == RE.MOE_DECODE_DEFAULT == P(128, 8, 4, 64, 4, 4)
+    assert RE.moe_decode_plan(1, 64, 1408, 2048, 132) == RE.MOE_DECODE_DEFAULT
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True) == RE.MOE_DECODE_DEFAULT
+    for rows in RE.MOE_DECODE_TUNED.values():  # the measured table: ascending T, valid plans
+        assert [t for t, _ in rows] == sorted({t for t, _ in rows}) and rows[-1][0] <= RE.DECODE_MAX_T
+        for _, plan in rows:
+            RE.check_moe_plan(plan, True)
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, False) == RE.MOE_DECODE_BF16
     # a measured table: first row with T <= max T, the default past the last row
     monkeypatch.setitem(RE.MOE_DECODE_TUNED, (66, 1408, 2048), ((1, P(32, 4, 4, 64, 4, 4)), (8, P(64, 8, 3, 32, 4, 6))))
@@ -259,6 +264,7 @@ MOE_PLAN_GPU = [  # up_block_n, up_num_warps, up_num_stages, down_block_n, down_
     (16, 4, 4, 64, 4, 4), (32, 4, 3, 32, 4, 6), (64, 8, 6, 128, 8, 3), (32, 8, 4, 128, 4, 4), (16, 8, 6, 32, 8, 4),
     (128, 4, 3, 32, 8, 6),
 ]
+MOE_PLAN_GPU += sorted({tuple(p) for rows in RE.MOE_DECODE_TUNED.values() for _, p in rows} - set(MOE_PLAN_GPU))
 
 
 @pytest.mark.gpu

@@ -4,7 +4,8 @@
 #   setsid nohup bash scripts/perf_session.sh > /tmp/perf.out 2>&1 &      then: tail /tmp/perf.out
 # Phases; logs under $OUT/<phase>/ (default OUT=/tmp/perf), a line "PERF_SESSION_DONE" at the end:
 #   k/  env; the 16B checkpoint (CPU, background) while the GPU kernel tests run (KGPU=0 skips them) and, with
-#       EST671=1, one 671B world-size-8 rank is compiled at 4 and 6 layers and timed; SWEEP=1 adds the GEMV sweep
+#       EST671=1, one 671B world-size-8 rank is compiled at 4 and 6 layers and timed; SWEEP=1 adds the GEMV (quick)
+#       and MoE decode sweeps
 #   a/  16B compile (3 build processes; the BF16 copy for transformers converts meanwhile, BASELINE=0 skips it), run
 #       from the artifacts, decode profile, bench (context 128 and 4032, transformers side by side)
 # Everything ends up in /tmp/perf.tgz (one file for the device tool to bring back).
@@ -24,7 +25,8 @@ OUT=$OUT/k $G ckpt16 > "$OUT/k/ckpt16.out" 2>&1 &
 [ "${EST671:-0}" = 1 ] && { stamp est671; OUT=$OUT/k $G est671; }
 wait
 tail -3 "$OUT/k/ckpt16.out"
-[ "${SWEEP:-0}" = 1 ] && { stamp sweep-gemv; OUT=$OUT/k $G sweep-gemv; }
+[ "${SWEEP:-0}" = 1 ] && { stamp "sweep-gemv (quick) + sweep-moe"; OUT=$OUT/k SWEEP_ARGS=--quick $G sweep-gemv;
+                            OUT=$OUT/k $G sweep-moe; }
 
 stamp "compile16 (+ ckpt16bf16 in the background)"
 [ "${BASELINE:-1}" = 1 ] && { OUT=$OUT/a $G ckpt16bf16 > "$OUT/a/ckpt16bf16.out" 2>&1 & }

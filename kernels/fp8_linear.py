@@ -11,7 +11,9 @@ Implementations (one op; the branch is taken at trace time from the device and t
 - CPU: `fp8_linear_reference` (plain torch; Inductor fuses it when the model is compiled on CPU).
 - CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `fp8_gemv`, one of five variants, chosen at trace time
   by `gemv_choice(m, n, k, sms)` (a table; today it always answers 'splitk') or pinned by
-  `DSV3_GEMV_VARIANT=splitk|cc|cc_prequant|nosplit|fused_nosplit[:BLOCK_N:WARPS:STAGES]`. Every variant quantizes x
+  `DSV3_GEMV_VARIANT=splitk|splitk_fused|cc|cc_prequant|nosplit|fused_nosplit[:BLOCK_N:WARPS:STAGES]`, or given a
+  measured table by `DSV3_GEMV_TABLE=sweep_gemv.json` (scripts/sweep_gemv.py's output; read at trace time, for
+  building artifacts with a table measured on the build GPU before it is pasted into GEMV_TUNED). Every variant quantizes x
   exactly as `quantize_activation` (amax/448 with the 1e-4 floor, correctly rounded division, RTNE cast), either
   once in `_act_quant_kernel` (`quantize_tile`) or inside each GEMV program on the [M, 128] x block it is about to
   use (`quantize_tile_rcp`: one division per row, an FMA-corrected product per element; same e4m3 values and scales),
@@ -21,6 +23,7 @@ Implementations (one op; the branch is taken at trace time from the device and t
     pipeline) and accumulates `tl.dot(w_tile, xq_tile^T)` (FP8 MMA, tokens padded to 16) times the two scales per
     K block in fp32. About one program per SM (`gemv_plan`); with more than one split the fp32 partials go through
     `_splitk_reduce_kernel`. `fused=True` (tests, sweeps) quantizes x inside every GEMV program instead.
+  - 'splitk_fused' (2 launches, 1 without splits): 'splitk' with x quantized inside every GEMV program.
   - 'nosplit' (2 launches): `_act_quant_kernel`, then `_fp8_gemv_kernel` with one split (whole K per program) and
     a small BLOCK_N (16-32) so that N / BLOCK_N programs fill the GPU; no partials, no reduce.
   - 'fused_nosplit' (1 launch): the same with x quantized inside every program.
@@ -36,6 +39,9 @@ Implementations (one op; the branch is taken at trace time from the device and t
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Optional
 
 import torch
@@ -283,10 +289,10 @@ def gemv_plan(m: int, n: int, k: int, sms: int, block_n: int = 64) -> tuple[int,
     return cdiv(kbt, per), per
 
 
-GEMV_VARIANTS = ("splitk", "cc", "cc_prequant", "nosplit", "fused_nosplit")
+GEMV_VARIANTS = ("splitk", "splitk_fused", "cc", "cc_prequant", "nosplit", "fused_nosplit")
 # Launch config (block_n, num_warps, num_stages) a variant gets when pinned without one.
 GEMV_VARIANT_DEFAULTS: dict[str, tuple[int, int, int]] = {
-    "splitk": (64, 4, 5), "cc": (16, 2, 8), "cc_prequant": (16, 2, 8), "nosplit": (32, 4, 4),
+    "splitk": (64, 4, 5), "splitk_fused": (64, 4, 5), "cc": (16, 2, 8), "cc_prequant": (16, 2, 8), "nosplit": (32, 4, 4),
     "fused_nosplit": (32, 4, 4),
 }
 # Tokens per `_fp8_gemv_cc_kernel` program (its fp32 product tile is BLOCK_N x BLOCK_T x 128); more tokens take more
@@ -299,10 +305,24 @@ GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = 
 GEMV_DEFAULT: tuple[str, int, int, int] = ("splitk", 64, 4, 5)
 
 
+@functools.lru_cache(maxsize=4)
+def _table_file(path: str) -> dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]]:
+    """The suggested table of a scripts/sweep_gemv.py JSON file ({"suggestion": {"table": {"N,K": rows}}})."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)["suggestion"]["table"]
+        return {tuple(int(v) for v in key.split(",")): tuple(tuple(r) for r in vals) for key, vals in rows.items()}
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"DSV3_GEMV_TABLE={path}: not a scripts/sweep_gemv.py JSON with a suggested table ({e})")
+
+
 def gemv_choice(m: int, n: int, k: int, sms: int) -> tuple[str, int, int, int]:
     """(variant, block_n, num_warps, num_stages) for the decode GEMV of an [m, k] x [n, k]^T product on a device
-    with `sms` multiprocessors: the one place the default is decided (trace time, static shapes)."""
-    for max_m, variant, block_n, num_warps, num_stages in GEMV_TUNED.get((n, k), ()):
+    with `sms` multiprocessors: the one place the default is decided (trace time, static shapes). A table file
+    named by DSV3_GEMV_TABLE replaces GEMV_TUNED."""
+    path = os.environ.get("DSV3_GEMV_TABLE", "").strip()
+    table = _table_file(path) if path else GEMV_TUNED
+    for max_m, variant, block_n, num_warps, num_stages in table.get((n, k), ()):
         if m <= max_m:
             return variant, block_n, num_warps, num_stages
     return GEMV_DEFAULT
@@ -362,6 +382,8 @@ def fp8_gemv(
     if variant == "auto" and (split is not None or fused):
         variant = "splitk"
     variant, block_n, num_warps, num_stages = resolve_gemv(m, n, k, sms, variant, block_n, num_warps, num_stages)
+    if variant == "splitk_fused":
+        variant, fused = "splitk", True
     assert 128 % block_n == 0, f"GEMV block_n={block_n} must divide 128"
     prequant = x_scale is not None
     if variant in ("cc", "cc_prequant"):

@@ -5,7 +5,7 @@
 # Phases; logs under $OUT/<phase>/ (default OUT=/tmp/perf), a line "PERF_SESSION_DONE" at the end:
 #   k/  env; the 16B checkpoint (CPU, background) while the GPU kernel tests run (KGPU=0 skips them) and, with
 #       EST671=1, one 671B world-size-8 rank is compiled at 4 and 6 layers and timed; SWEEP=1 adds the GEMV (quick)
-#       and MoE decode sweeps
+#       and MoE decode sweeps; TUNE=1 then builds with the measured GEMV table (DSV3_GEMV_TABLE)
 #   a/  16B compile (3 build processes; the BF16 copy for transformers converts meanwhile, BASELINE=0 skips it), run
 #       from the artifacts, decode profile, bench (context 128 and 4032, transformers side by side)
 # Everything ends up in /tmp/perf.tgz (one file for the device tool to bring back).
@@ -28,6 +28,9 @@ tail -3 "$OUT/k/ckpt16.out"
 [ "${SWEEP:-0}" = 1 ] && { stamp "sweep-gemv (quick) + sweep-moe"; OUT=$OUT/k SWEEP_ARGS=--quick $G sweep-gemv;
                             OUT=$OUT/k $G sweep-moe; }
 
+# TUNE=1 (with SWEEP=1): build the artifacts with the GEMV table the sweep just measured on this GPU (trace-time knob)
+[ "${TUNE:-0}" = 1 ] && [ -f "$OUT/k/sweep_gemv.json" ] && { export DSV3_GEMV_TABLE=$OUT/k/sweep_gemv.json;
+                                                         echo "DSV3_GEMV_TABLE=$DSV3_GEMV_TABLE"; }
 stamp "compile16 (+ ckpt16bf16 in the background)"
 [ "${BASELINE:-1}" = 1 ] && { OUT=$OUT/a $G ckpt16bf16 > "$OUT/a/ckpt16bf16.out" 2>&1 & }
 OUT=$OUT/a JOBS=3 $G compile16

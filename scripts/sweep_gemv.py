@@ -44,13 +44,14 @@ import triton
 from dsv3.kernels import bench as kbench
 
 PEAK_TB_S = 4.27  # H200 HBM3e
+# The GEMVs of the runtime's rank layout (runtime.parallel): q_proj / q_a_proj and kv_a_proj_with_mqa as one linear
+# (qkv_a), 16B's shared experts inside the routed-experts op (no GEMV); 671B at TP 8 keeps its shared expert.
 LINEARS = {
-    "16B": [("q_proj", 3072, 2048), ("kv_a_proj", 576, 2048), ("o_proj", 2048, 2048),
-            ("shared.gate/up", 2816, 2048), ("shared.down", 2048, 2816), ("dense.gate/up", 10944, 2048),
+    "16B": [("qkv_a_proj", 3648, 2048), ("o_proj", 2048, 2048), ("dense.gate/up", 10944, 2048),
             ("dense.down", 2048, 10944)],
-    "671B-tp8": [("q_a_proj", 1536, 7168), ("q_b_proj", 3072, 1536), ("kv_a_proj", 576, 7168),
-                 ("o_proj", 7168, 2048), ("shared.gate/up", 256, 7168), ("shared.down", 7168, 256),
-                 ("dense.gate/up", 2304, 7168), ("dense.down", 7168, 2304)],
+    "671B-tp8": [("qkv_a_proj", 2112, 7168), ("q_b_proj", 3072, 1536), ("o_proj", 7168, 2048),
+                 ("shared.gate/up", 256, 7168), ("shared.down", 7168, 256), ("dense.gate/up", 2304, 7168),
+                 ("dense.down", 7168, 2304)],
 }
 MS = {"16B": (1, 4, 8), "671B-tp8": (1, 4, 8, 16)}
 CC_MAX_M = 4  # cc variants do M x the CUDA-core work (8x slower than split-K at M=8 in a first H200 run): --cc-max-m
@@ -59,6 +60,7 @@ CC_MAX_M = 4  # cc variants do M x the CUDA-core work (8x slower than split-K at
 # cc: a loop without tl.dot streams NUM_STAGES - 1 small tiles per program, hence deeper pipelines.
 GRIDS = {
     "splitk": ((32, 64, 128), (4, 8), (3, 5), 5),
+    "splitk_fused": ((32, 64, 128), (4, 8), (3, 5), 5),
     "nosplit": ((16, 32, 64), (2, 4, 8), (2, 3, 4, 6), 4),
     "fused_nosplit": ((16, 32, 64), (2, 4, 8), (2, 3, 4, 6), 4),
     "cc": ((8, 16, 32, 64), (1, 2, 4, 8), (3, 5, 8, 12), 8),
@@ -66,6 +68,7 @@ GRIDS = {
 }
 QUICK_GRIDS = {
     "splitk": ((64,), (4,), (5,), 5),
+    "splitk_fused": ((32, 64), (4,), (5,), 5),
     "nosplit": ((16, 32), (4,), (3, 4), 4),
     "fused_nosplit": ((16, 32), (4,), (3, 4), 4),
     "cc": ((16, 32), (2, 4), (5, 8), 8),
@@ -325,7 +328,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="M in {1, 8} and smaller grids")
     ap.add_argument("--full", action="store_true", help="time the whole grid instead of the coordinate search")
     ap.add_argument("--models", default=",".join(LINEARS), help="comma list of: " + ", ".join(LINEARS))
-    ap.add_argument("--variants", default="splitk,nosplit,fused_nosplit,cc,cc_prequant")
+    ap.add_argument("--variants", default="splitk,splitk_fused,nosplit,fused_nosplit,cc,cc_prequant")
     ap.add_argument("--ms", default=None, help="comma list of M (default: per model, see MS)")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)),
                     help="precompilation processes")

@@ -134,6 +134,7 @@ def launches(monkeypatch):
     ("nosplit", ["_act_quant_kernel", "_fp8_gemv_kernel"]),
     ("fused_nosplit", ["_fp8_gemv_kernel"]),
     ("splitk", ["_act_quant_kernel", "_fp8_gemv_kernel", "_splitk_reduce_kernel"]),
+    ("splitk_fused", ["_fp8_gemv_kernel", "_splitk_reduce_kernel"]),
 ])
 def test_launches_per_variant(variant, expected, launches):
     m, n, k = 1, 64, 1408  # splitk: 1 program column -> several splits

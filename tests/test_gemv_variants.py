@@ -76,6 +76,27 @@ def test_gemv_choice_table(monkeypatch):
     assert L.resolve_gemv(4, 2048, 2048, 132) == ("cc",) + L.GEMV_VARIANT_DEFAULTS["cc"]
 
 
+def test_gemv_table_file(monkeypatch, tmp_path):
+    """DSV3_GEMV_TABLE: the suggested table of a scripts/sweep_gemv.py JSON replaces GEMV_TUNED at trace time."""
+    import json
+
+    monkeypatch.setattr(L, "GEMV_TUNED", {(2048, 2048): ((8, "cc", 16, 2, 8),)})
+    path = tmp_path / "sweep_gemv.json"
+    path.write_text(json.dumps({"suggestion": {"table": {"2048,2048": [[1, "splitk_fused", 32, 4, 5],
+                                                                          [8, "nosplit", 16, 4, 3]]}}}))
+    monkeypatch.setenv("DSV3_GEMV_TABLE", str(path))
+    assert L.gemv_choice(1, 2048, 2048, 132) == ("splitk_fused", 32, 4, 5)
+    assert L.gemv_choice(8, 2048, 2048, 132) == ("nosplit", 16, 4, 3)
+    assert L.gemv_choice(1, 576, 2048, 132) == L.GEMV_DEFAULT
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    monkeypatch.setenv("DSV3_GEMV_TABLE", str(bad))
+    with pytest.raises(ValueError, match="DSV3_GEMV_TABLE"):
+        L.gemv_choice(1, 2048, 2048, 132)
+    monkeypatch.delenv("DSV3_GEMV_TABLE")
+    assert L.gemv_choice(1, 2048, 2048, 132) == ("cc", 16, 2, 8)
+
+
 def test_resolve_gemv_precedence(monkeypatch):
     monkeypatch.setattr(L, "GEMV_TUNED", {})
     monkeypatch.delenv("DSV3_GEMV_VARIANT", raising=False)
@@ -117,6 +138,7 @@ def rand_weight(n, k):
 SHAPES_16B = [(3072, 2048), (576, 2048), (2048, 2048), (2816, 2048), (2048, 2816), (10944, 2048), (2048, 10944)]
 GPU_CONFIGS = {  # per variant: its default, and one other legal config
     "splitk": [None, (32, 4, 3)],
+    "splitk_fused": [None, (32, 8, 3)],
     "cc": [None, (8, 4, 12)],
     "cc_prequant": [None, (32, 4, 5)],
     "nosplit": [None, (16, 4, 5)],

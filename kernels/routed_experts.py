@@ -136,10 +136,12 @@ def _moe_up_kernel(
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, QUANT_X: tl.constexpr = False,
 ):
-    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
-    one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
+    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]), or with QUANT_X it is the activations themselves and each
+    program quantizes the [tokens, 128] x tile of every K block (`quantize_tile_rcp`: the scales and e4m3 values of
+    `quantize_activation` up to the sign of a zero; no act-quant launch); BLOCK_N divides 128, so the program's
+    weight rows share one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
     it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
     the activation dtype (the down kernel quantizes it).
     dt_ptr: any tensor of the activation dtype (only its element type is used: the reference's rounding points)."""
@@ -167,8 +169,12 @@ def _moe_up_kernel(
             wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if IS_FP8:
-                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
-                xqt = tl.trans(xv)
+                if QUANT_X:
+                    xq, xs = quantize_tile_rcp(xv.to(tl.float32))
+                    xqt = tl.trans(xq)
+                else:
+                    xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
+                    xqt = tl.trans(xv)
                 sg = tl.load(sg_ptr + srow + kb * stride_sk)
                 su = tl.load(su_ptr + srow + kb * stride_sk)
                 acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
@@ -305,6 +311,8 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
     (32, 2048, 7168): ((1, MoeDecodePlan(64, 4, 10, 128, 8, 6)), (8, MoeDecodePlan(128, 4, 4, 64, 4, 4))),
 }
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
+# FP8 decode: the up kernel quantizes x itself (one launch less per layer) instead of `_act_quant_kernel` before it.
+MOE_DECODE_QUANT_X = False
 
 
 def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecodePlan:
@@ -400,10 +408,12 @@ def routed_experts_triton(
     block_n: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
     up_block_n: Optional[int] = None, up_num_warps: Optional[int] = None, up_num_stages: Optional[int] = None,
     down_block_n: Optional[int] = None, down_num_warps: Optional[int] = None, down_num_stages: Optional[int] = None,
+    quant_x: Optional[bool] = None,
 ) -> torch.Tensor:
     """The Triton path (module docstring). Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
     then these keyword arguments; None keeps the plan's value). The grouped path has a fixed config and ignores
-    them."""
+    them. `quant_x` (FP8 decode): the up kernel quantizes x itself instead of an act-quant launch before it
+    (default: MOE_DECODE_QUANT_X, or DSV3_MOE_QUANT_X=0/1 at trace time)."""
     t, d = x.shape
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
@@ -449,7 +459,12 @@ def routed_experts_triton(
             down_block_n=down_block_n, down_num_warps=down_num_warps, down_num_stages=down_num_stages)
     # FP8: the up kernel quantizes h when each of its programs owns a whole 128-channel block, else the down kernel
     quant_h = is_fp8 and plan.up_block_n == 128
-    if is_fp8:
+    if quant_x is None:
+        quant_x = env_choice("DSV3_MOE_QUANT_X", "1" if MOE_DECODE_QUANT_X else "0") == "1"
+    quant_x = bool(quant_x) and is_fp8 and not grouped
+    if quant_x:
+        xq, xs = x, x                             # the up kernel quantizes each x tile (xs unused)
+    elif is_fp8:
         xq, xs = act_quant(x)                     # once; the expert programs stream e4m3 tiles
     else:
         xq, xs = x, x                             # xs unused
@@ -466,7 +481,8 @@ def routed_experts_triton(
         t, k, e, i, d, n_sched,
         xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
         sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-        BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
+        BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, QUANT_X=quant_x,
+        **common,
     )
     wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
         h, hs, idx, sched, down_proj, sd, y,

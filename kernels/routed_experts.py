@@ -408,12 +408,13 @@ def routed_experts_triton(
     block_n: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
     up_block_n: Optional[int] = None, up_num_warps: Optional[int] = None, up_num_stages: Optional[int] = None,
     down_block_n: Optional[int] = None, down_num_warps: Optional[int] = None, down_num_stages: Optional[int] = None,
-    quant_x: Optional[bool] = None,
+    quant_x: Optional[bool] = None, grouped_block_t: Optional[int] = None,
 ) -> torch.Tensor:
     """The Triton path (module docstring). Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
     then these keyword arguments; None keeps the plan's value). The grouped path has a fixed config and ignores
     them. `quant_x` (FP8 decode): the up kernel quantizes x itself instead of an act-quant launch before it
-    (default: MOE_DECODE_QUANT_X, or DSV3_MOE_QUANT_X=0/1 at trace time)."""
+    (default: MOE_DECODE_QUANT_X, or DSV3_MOE_QUANT_X=0/1 at trace time). `grouped_block_t`: (token, expert) pairs
+    per tile of the grouped path (default GROUPED_BLOCK_T; 64 or 128)."""
     t, d = x.shape
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
@@ -439,7 +440,8 @@ def routed_experts_triton(
     y = torch.empty((p, d), dtype=out.dtype, device=x.device)
     block_k = max(2, next_pow2(k))
     if grouped:
-        block_t = GROUPED_BLOCK_T
+        block_t = grouped_block_t or GROUPED_BLOCK_T
+        assert block_t in (64, 128), f"grouped_block_t={block_t}: 64 or 128"
         sched, n_slots = grouped_schedule(idx, e, block_t)
         block_p = block_e = 2  # unused
         n_sched = n_slots

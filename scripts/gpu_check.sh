@@ -8,6 +8,7 @@
 #   sweep-mla  scripts/sweep_mla.py: decode launch plans of the MLA kernel (checked against the reference, timed)
 #   sweep-moe  scripts/sweep_moe.py: FP8 decode launch plans of routed_experts (16B, 671B ws8 rank; T 1, 8), checked
 #              against the default plan, timed; prints a suggested MOE_DECODE_TUNED table (JSON in $OUT)
+#   moe-grouped scripts/bench_grouped_moe.py: prefill MoE (grouped path) at T=4096, 64- vs 128-pair tiles, TFLOP/s
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
@@ -75,6 +76,10 @@ step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B
 
 step_sweep_mla() {  # decode launch plans of dsv3.mla_attention at H = 16, batch 1/8, context 128..8k (JSON in $OUT)
   timeout 300 $PY scripts/sweep_mla.py --json "$OUT/sweep_mla.json" 2>&1 | grep -v -i warn | tail -45
+}
+
+step_moe_grouped() {  # the grouped (prefill) MoE path at T = 4096: 64- vs 128-pair tiles, TFLOP/s vs the FP8 peak
+  timeout 200 $PY scripts/bench_grouped_moe.py --json "$OUT/moe_grouped.json" 2>&1 | grep -v -i warn | tail -12
 }
 
 step_sweep_moe() {  # FP8 decode MoE launch plans (up/down block_n, warps, stages) on the 16B and 671B-ws8 shapes

@@ -26,7 +26,7 @@ OUT=$OUT/k $G ckpt16 > "$OUT/k/ckpt16.out" 2>&1 &
 wait
 tail -3 "$OUT/k/ckpt16.out"
 [ "${SWEEP:-0}" = 1 ] && { stamp "sweep-gemv (quick) + sweep-moe"; OUT=$OUT/k SWEEP_ARGS=--quick $G sweep-gemv;
-                            OUT=$OUT/k $G sweep-moe; }
+                            OUT=$OUT/k $G sweep-moe moe-grouped; }
 
 # TUNE=1 (with SWEEP=1): build the artifacts with the GEMV table the sweep just measured on this GPU (trace-time knob)
 [ "${TUNE:-0}" = 1 ] && [ -f "$OUT/k/sweep_gemv.json" ] && { export DSV3_GEMV_TABLE=$OUT/k/sweep_gemv.json;

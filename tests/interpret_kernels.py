@@ -291,6 +291,16 @@ def test_routed_experts_decode_quant_x(t, up_bn, fixed_interpreter):
     assert rel_err(fused, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
 
 
+def test_routed_experts_grouped_block_t_128(fixed_interpreter):
+    """The grouped (prefill) path with 128-pair tiles: same result as 64-pair tiles and the reference."""
+    gen = torch.Generator().manual_seed(31)
+    x, idx, wt, w = _moe_inputs(150, 3, 5, 136, 200, True, torch.bfloat16, gen)
+    out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=128)
+    base = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=64)
+    assert rel_err(out, base) < 1e-6
+    assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
+
+
 def test_routed_experts_decode_plan_env(fixed_interpreter, monkeypatch):
     """DSV3_MOE_DECODE pins the plan (read at trace time); explicit keyword arguments still win."""
     gen = torch.Generator().manual_seed(77)

@@ -197,9 +197,21 @@ def _build_graph_in_worker(opts: CompileOptions, spec: GraphSpec, out: str, gpus
         if gpu is not None:
             torch.cuda.set_device(gpu)
         return build_graph(opts, spec, Path(out), echo=lambda line: print(line, flush=True))
+    except Exception as e:
+        # Inductor's errors can hold frames and other unpicklable state: send the parent a plain error that names
+        # the graph and keeps the message and traceback text (the original reached the parent as "cannot pickle
+        # 'frame' object", hiding the cause).
+        import traceback
+
+        raise GraphBuildError(f"building graph {spec.name!r} failed: {type(e).__name__}: {e}\n"
+                              f"{traceback.format_exc()[-4000:]}") from None
     finally:
         if gpu is not None:
             gpus.put(gpu)
+
+
+class GraphBuildError(RuntimeError):
+    """A graph build in a worker process failed (the message carries the worker's error and traceback)."""
 
 
 def model_bytes(model: Transformer) -> int:

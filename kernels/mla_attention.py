@@ -90,7 +90,7 @@ def _mla_fwd_kernel(
     stride_cb, stride_ct, stride_posb, stride_poss,
     stride_ob, stride_os, stride_oh, stride_oc,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    MIN_CHUNK_: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, PREFIX: tl.constexpr = False,
+    MIN_CHUNK_: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, PREFIX: tl.constexpr,
 ):
     """PREFIX (dsv3.mla_prefix_attention; one split, not SWAP): every row of sequence b sees exactly the cache rows
     t < input_pos[b, 0], and the program also writes each row's log-sum-exp (natural log; -inf and zeros when
@@ -320,6 +320,7 @@ def mla_attention_triton(
         latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, R_PAD=r_pad, MIN_CHUNK_=min_chunk, SPLIT=split, SWAP=swap,
+        PREFIX=False,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:

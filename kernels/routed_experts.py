@@ -136,7 +136,7 @@ def _moe_up_kernel(
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, QUANT_X: tl.constexpr = False,
+    BLOCK_E: tl.constexpr, QUANT_X: tl.constexpr,
 ):
     """FP8: x is pre-quantized (e4m3 + scales [T, D/128]), or with QUANT_X it is the activations themselves and each
     program quantizes the [tokens, 128] x tile of every K block (`quantize_tile_rcp`: the scales and e4m3 values of

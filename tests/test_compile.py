@@ -85,3 +85,23 @@ def test_gpu_slots_spread_builds_over_gpus():
     assert gpu_slots([140 * gib, 30 * gib], 20 * gib) == [0, 1] + [0] * 5
     assert gpu_slots([10 * gib], 90 * gib) == [0]  # nothing fits: still one build (it will say why it fails)
     assert gpu_slots([], 1) == [0]
+
+
+def test_worker_build_errors_reach_the_parent_picklable(monkeypatch):
+    """A graph build that fails in a worker process sends back a GraphBuildError naming the graph and the cause
+    (Inductor's own exceptions can hold frames: pickling them failed with "cannot pickle 'frame' object")."""
+    import pickle
+    import sys as _sys
+
+    from dsv3.compiler import build as B
+
+    def failing_build(*args, **kwargs):
+        err = RuntimeError("launcher() missing 1 required positional argument: '_grid_2'")
+        err.frame = _sys._getframe()  # unpicklable state, as Inductor's errors carry
+        raise err
+
+    monkeypatch.setattr(B, "build_graph", failing_build)
+    with pytest.raises(B.GraphBuildError) as info:
+        B._build_graph_in_worker(None, B.GraphSpec("decode_b1", "decode", 1), "/nonexistent")
+    back = pickle.loads(pickle.dumps(info.value))
+    assert "decode_b1" in str(back) and "_grid_2" in str(back)

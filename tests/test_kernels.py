@@ -412,3 +412,24 @@ def test_aoti_package_gpu(kind, tmp_path, monkeypatch):
     _check_same(runner(*args), model(*args), 1e-3)
     fresh = _decode_inputs() if kind == "decode" else _prefill_inputs(333)
     _check_same(runner(*fresh), model(*fresh), 1e-3)
+
+
+def test_no_triton_kernel_parameter_has_a_default():
+    """Inductor launches a `wrap_triton` kernel with exactly the arguments the call site passes (its generated
+    launcher takes no defaults): a parameter with a default that a call site leaves out compiles in eager mode but
+    fails inside torch.compile / AOTInductor ("launcher() missing 1 required positional argument"). Seen on the
+    H200 for a constexpr flag added with a default; every call site must pass every parameter."""
+    import inspect
+
+    import triton
+
+    import dsv3.kernels as K
+
+    found = []
+    for mod in [getattr(K, name) for name in dir(K) if inspect.ismodule(getattr(K, name))]:
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.jit.JITFunction) and obj.__module__ == mod.__name__:
+                for p in inspect.signature(obj.fn).parameters.values():
+                    if p.default is not inspect.Parameter.empty:
+                        found.append(f"{mod.__name__}.{name}({p.name}=...)")
+    assert not found, f"Triton kernel parameters with defaults: {found}"

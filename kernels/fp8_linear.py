@@ -10,7 +10,7 @@ Contract
 Implementations (one op; the branch is taken at trace time from the device and the static shapes)
 - CPU: `fp8_linear_reference` (plain torch; Inductor fuses it when the model is compiled on CPU).
 - CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `fp8_gemv`, one of five variants, chosen at trace time
-  by `gemv_choice(m, n, k, sms)` (a table; today it always answers 'splitk') or pinned by
+  by `gemv_choice(m, n, k, sms)` (GEMV_TUNED, measured on the H200; 'splitk' for shapes it does not list) or pinned by
   `DSV3_GEMV_VARIANT=splitk|splitk_fused|cc|cc_prequant|nosplit|fused_nosplit[:BLOCK_N:WARPS:STAGES]`, or given a
   measured table by `DSV3_GEMV_TABLE=sweep_gemv.json` (scripts/sweep_gemv.py's output; read at trace time, for
   building artifacts with a table measured on the build GPU before it is pasted into GEMV_TUNED). Every variant quantizes x
@@ -301,7 +301,22 @@ GEMV_CC_MAX_T = 8
 # Measured per weight shape: (N, K) -> ((max M, variant, block_n, num_warps, num_stages), ...) in ascending max M;
 # the first row with M <= max M applies. Paste the table `scripts/sweep_gemv.py` prints (H200, 132 SMs). Shapes
 # not listed, and M above a shape's last row, get GEMV_DEFAULT.
-GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = {}
+GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = {
+    # H200, scripts/sweep_gemv.py --quick (M = 1 and 8), 2026-11-23, the rank layout's GEMVs. Per shape class, the
+    # best config against the split-K default: M=1 under 2 MB 1.34x, 2-8 MB 1.07x, >= 8 MB 1.00x; M=8 1.31x /
+    # 1.08x / 1.00x (rows equal to the default are kept: they record that the default won there).
+    (256, 7168): ((8, "splitk_fused", 32, 4, 5),),  # 671B-tp8 shared.gate/up
+    (2048, 2048): ((8, "splitk_fused", 64, 4, 5),),  # 16B o_proj
+    (2048, 10944): ((8, "splitk", 64, 4, 5),),  # 16B dense.down
+    (2112, 7168): ((8, "splitk", 64, 4, 5),),  # 671B-tp8 qkv_a_proj
+    (2304, 7168): ((8, "splitk", 64, 4, 5),),  # 671B-tp8 dense.gate/up
+    (3072, 1536): ((1, "cc_prequant", 16, 2, 5), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 q_b_proj
+    (3648, 2048): ((1, "cc_prequant", 16, 2, 5), (8, "splitk", 64, 4, 5)),  # 16B qkv_a_proj
+    (7168, 256): ((1, "cc", 32, 2, 8), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 shared.down
+    (7168, 2048): ((8, "splitk", 64, 4, 5),),  # 671B-tp8 o_proj
+    (7168, 2304): ((1, "splitk", 64, 4, 5), (8, "nosplit", 32, 4, 4)),  # 671B-tp8 dense.down
+    (10944, 2048): ((8, "splitk", 64, 4, 5),),  # 16B dense.gate/up
+}
 GEMV_DEFAULT: tuple[str, int, int, int] = ("splitk", 64, 4, 5)
 
 

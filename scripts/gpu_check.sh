@@ -17,6 +17,7 @@
 #   ckpt16bf16 dsv3c convert --dtype bf16 of ckpt16 (CPU; transformers' baseline loads it)
 #   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4032: the 32 timed steps must fit the 4096 cache)
 #              with --baseline hf when ckpt16bf16 exists, and the eager model, JSON and SVG in $OUT
+#   quick16    no checkpoint: the FP8 16B config compiled, then dsv3c bench --random-weights (weights made on the GPU)
 #   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
 #   est671     rank 0 of 671B at world size 8: compile 4 and 6 layers, time decode (collectives stubbed), slope to 61
@@ -143,6 +144,18 @@ step_run16() {
     --max-new-tokens 64 --stats --output-file "$OUT/run16_b8.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
   dsv3c run --eager --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" --max-new-tokens 16 --stats \
     --output-file "$OUT/run16_eager.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
+}
+
+step_quick16() {  # no checkpoint on disk: FP8 16B config -> compile -> bench with weights generated on the GPU
+  local cfg=$WORK/cfg16fp8
+  mkdir -p "$cfg"
+  $PY -c "import json, sys; from dsv3.config import resolve_config, FP8Quantization
+cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
+json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$cfg"
+  dsv3c compile --config "$cfg" --out "$WORK/art16q" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
+    --max-seq-len 4096 --overwrite --jobs 3 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16q.log" | tail -8
+  dsv3c bench --artifacts "$WORK/art16q" --random-weights --batch-sizes 1,8 --context 128,4032 --steps 32 \
+    --prompt-len 4096 --json "$OUT/bench16q.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -12
 }
 
 step_compile16_ws2() {

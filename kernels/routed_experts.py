@@ -14,7 +14,9 @@ Implementations (branch taken at trace time)
 - CPU, or fp32 weights: `routed_experts_reference` (dense over experts).
 - CUDA, FP8 or bf16/fp16 weights: Triton kernels, no host sync, each selected expert's weights read once per
   token tile and unselected experts never read:
-  0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact).
+  0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact). `quant_x` (decode, off by
+     default) quantizes each x tile inside the up kernel instead: measured slower on the H200 (16B T=1 34.6 vs
+     33.6 us, 671B rank 65.3 vs 47.3 us: the work sits in the serial K loop), kept for the sweeps.
   1. `_moe_up_kernel`, grid (slot, I/BLOCK_N): gate and up GEMVs of one expert (FP8 wgmma, fp32 accumulation per
      128-block with both scales), fused SiLU*up with the reference's rounding points (gate, up, silu and product
      each rounded to x.dtype). FP8 with BLOCK_N = 128 (QUANT_H): the program owns one 128-channel block of h and
@@ -33,7 +35,8 @@ Implementations (branch taken at trace time)
     to its expert; tokens padded to 16 for the tensor cores).
   * prefill (T larger or dynamic): grouped. The (token, k) pairs are sorted by expert on the device (torch.sort,
     cumsum, searchsorted: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
-    of up to 64 pairs of one expert.
+    of up to 64 pairs of one expert (128-pair tiles: `grouped_block_t`, slower at T=4096 on the H200: 2.56 vs
+    1.89 ms on 16B shapes, scripts/bench_grouped_moe.py).
   Decode launch config (trace time): `MoeDecodePlan` (BLOCK_N, num_warps, num_stages of the up and of the down
   kernel) from `moe_decode_plan(t, e_slots, i, d, sms)` (a table, `MOE_DECODE_TUNED`, measured by
   `scripts/sweep_moe.py`; shapes not listed get MOE_DECODE_DEFAULT: up 128/8 warps/4 stages, down 64/4/4), pinned by
@@ -312,6 +315,7 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
 }
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
 # FP8 decode: the up kernel quantizes x itself (one launch less per layer) instead of `_act_quant_kernel` before it.
+# Off: measured slower (sweep_moe on the H200, 2026-11-23; module docstring).
 MOE_DECODE_QUANT_X = False
 
 

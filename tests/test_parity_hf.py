@@ -1,8 +1,9 @@
 """Logits parity with transformers' DeepseekV3ForCausalLM (float32) on random checkpoints from init-random.
 
-Prefill, then single-token decode steps through our static latent cache, each compared with HF's logits for the
-same positions from one full forward (an independent computation: HF expands the latent cache per head, we
-absorb). Bound: max |ours - hf| / max |hf| <= 1e-4.
+Prefill (one chunk of <= 16 tokens: absorbed attention; chunks of 20: the prefill form), then single-token decode
+steps through our static latent cache, each compared with HF's logits for the same positions from one full forward
+(an independent computation: HF expands the latent cache per head, we absorb). Bound: max |ours - hf| / max |hf|
+<= 1e-4.
 """
 
 from __future__ import annotations
@@ -45,6 +46,29 @@ def test_prefill_and_decode_match_transformers(tmp_path, config):
             assert logits.shape == (BATCH, cfg.vocab_size)
             err = _rel_err(logits, ref[:, pos])
             assert err <= REL_TOL, f"decode step {step}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-ragged"])
+def test_long_prompt_chunks_match_transformers(tmp_path, config):
+    """A 40-token prompt in two chunks of 20: chunks longer than 16 tokens take the prefill form (the chunk's keys
+    decompressed, naive attention; the second chunk also attends the first one's cache rows in absorbed form and
+    merges them through their log-sum-exp), then decode steps; every logit against HF's one full forward."""
+    cfg = resolve_config(config)
+    ckpt = write_random_checkpoint(cfg, tmp_path / config, dtype="bf16", seed=11, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    ours = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=BATCH, max_seq_len=64, progress=False)
+    prompt, steps = 40, 4
+    g = torch.Generator().manual_seed(5)
+    seq = torch.randint(0, cfg.vocab_size, (BATCH, prompt + steps), generator=g)
+    with torch.no_grad():
+        ref = hf(seq).logits.float()
+        for start in (0, 20):
+            logits = ours(seq[:, start: start + 20], torch.arange(start, start + 20))
+            err = _rel_err(logits, ref[:, start: start + 20])
+            assert err <= REL_TOL, f"prefill chunk at {start}: rel err {err:.2e}"
+        for pos in range(prompt, prompt + steps):
+            logits = ours(seq[:, pos: pos + 1], torch.tensor([pos]), last_only=True)
+            assert _rel_err(logits, ref[:, pos]) <= REL_TOL
 
 
 def test_routing_matches_transformers_router(tmp_path):

@@ -138,7 +138,8 @@ def _read_prompts(prompts: tuple[str, ...], input_file: str | None) -> list[str]
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--max-seq-len", type=int, default=None, help="Cache capacity per sequence (--eager/--jit).")
 @click.option("--batch-sizes", default=None, help="--jit decode buckets (default 1,2,4,... up to the batch).")
-@click.option("--prefill-chunk", type=int, default=512, show_default=True, help="--jit prefill chunk length.")
+@click.option("--prefill-chunk", type=int, default=None,
+              help="--jit prefill chunk length [default: 4096, at most the cache length].")
 @click.option("--world-size", type=int, default=None,
               help="Run on N ranks (GPUs), started with torchrun; under torchrun it is read from the environment.")
 @click.option("--stop", "stops", multiple=True, help="Stop a sequence when its text contains this (repeatable).")
@@ -149,7 +150,7 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
             prompts: tuple[str, ...],
             input_file: str | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
             seed: int | None, chat: bool | None, dtype: str, device: str | None, max_seq_len: int | None,
-            batch_sizes: str | None, prefill_chunk: int, world_size: int | None, stops: tuple[str, ...],
+            batch_sizes: str | None, prefill_chunk: int | None, world_size: int | None, stops: tuple[str, ...],
             interactive: bool, output_file: str | None, stats: bool) -> None:
     """Generate text from a checkpoint: from AOT artifacts (--artifacts), compiled at start-up (--jit), or eager.
 
@@ -212,7 +213,7 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
                 from dsv3.runtime.engine import jit_stepper
 
                 buckets = _int_list(batch_sizes) if batch_sizes else (batch,)
-                stepper, timings = jit_stepper(model, buckets, prefill_chunk)
+                stepper, timings = jit_stepper(model, buckets, prefill_chunk or min(4096, max_seq))
                 mode = "jit"
             else:
                 stepper, mode = model, "eager"

@@ -121,14 +121,24 @@ class MLA(nn.Module):
         kv_b = self.kv_b_proj
         q_latent = torch.ops.dsv3.mla_absorb(q_nope, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
                                              False)
-        s_static = static_int(seqlen)
-        if s_static is not None and s_static <= DECODE_MAX_S:  # decode, speculative verify: absorbed attention
+        if not self._prefill_form(seqlen, cache_rows):  # decode, speculative verify: absorbed attention
             o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
             o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
                                           True)
         else:  # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed
             o = self._prefill_attention(q_nope, q_pe, q_latent, latent, cache, input_pos)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
+
+    @staticmethod
+    def _prefill_form(seqlen, cache_rows: torch.Tensor | None) -> bool:
+        """Prefill form for a prefill call into chosen cache rows (the runtime's prefill graph, any chunk length) and
+        for more than DECODE_MAX_S tokens per row; absorbed attention for decode and speculative verify. The
+        cache_rows test comes first: under torch.compile a dynamic length is a SymInt that dynamo treats as an int,
+        and comparing it would specialize the graph to one side of the threshold (a recompile at 17 tokens)."""
+        if cache_rows is not None:
+            return True
+        s_static = static_int(seqlen)
+        return s_static is None or s_static > DECODE_MAX_S
 
     def _prefill_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, q_latent: torch.Tensor,
                            latent: torch.Tensor, cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

@@ -153,3 +153,25 @@ def test_model_prefill_form_matches_absorbed_decode(tiny_model):
     steps = torch.cat([_logits(model, tokens[:, i:i + 1], pos[:, i:i + 1]) for i in range(40)], 1)
     assert rel_err(whole, steps) < 1e-5
     assert rel_err(halves, steps) < 1e-5
+
+
+def test_jit_prefill_graph_is_one_graph_for_every_chunk_length(tiny_model):
+    """The runtime's prefill step under torch.compile(dynamic=True) takes the prefill form for any chunk length:
+    no recompile between a 3-token and a 20-token chunk (a comparison of the symbolic length with the decode
+    threshold used to specialize the graph to <= 16 tokens and recompile on the first longer prompt)."""
+    import torch._dynamo
+
+    from dsv3.runtime.steps import PrefillStep, prefill_inputs
+
+    torch._dynamo.reset()
+    step = torch.compile(PrefillStep(tiny_model), fullgraph=True, dynamic=True)
+    tiny_model.reset_caches()
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        step(*prefill_inputs(3, "cpu"))
+        tokens = torch.randint(1, tiny_model.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+        args = (tokens, torch.arange(20)[None], torch.zeros(1, dtype=torch.long), torch.tensor([19]))
+        got = step(*args)
+    tiny_model.reset_caches()
+    want = PrefillStep(tiny_model)(*args)
+    assert rel_err(got, want) < 1e-5
+    torch._dynamo.reset()

@@ -14,9 +14,9 @@ Implementations (branch taken at trace time)
 - CPU, or fp32 weights: `routed_experts_reference` (dense over experts).
 - CUDA, FP8 or bf16/fp16 weights: Triton kernels, no host sync, each selected expert's weights read once per
   token tile and unselected experts never read:
-  0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact). `quant_x` (decode, off by
-     default) quantizes each x tile inside the up kernel instead: measured slower on the H200 (16B T=1 34.6 vs
-     33.6 us, 671B rank 65.3 vs 47.3 us: the work sits in the serial K loop), kept for the sweeps.
+  0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact). Quantizing each x tile
+     inside the up kernel instead (one launch less) measured slower on the H200 (16B T=1 34.6 vs 33.6 us, 671B
+     rank 65.3 vs 47.3 us, 2026-11-23: the work sits in the serial K loop) and was removed.
   1. `_moe_up_kernel`, grid (slot, I/BLOCK_N): gate and up GEMVs of one expert (FP8 wgmma, fp32 accumulation per
      128-block with both scales), fused SiLU*up with the reference's rounding points (gate, up, silu and product
      each rounded to x.dtype). FP8 with BLOCK_N = 128 (QUANT_H): the program owns one 128-channel block of h and
@@ -139,12 +139,10 @@ def _moe_up_kernel(
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, QUANT_X: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
-    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]), or with QUANT_X it is the activations themselves and each
-    program quantizes the [tokens, 128] x tile of every K block (`quantize_tile_rcp`: the scales and e4m3 values of
-    `quantize_activation` up to the sign of a zero; no act-quant launch); BLOCK_N divides 128, so the program's
-    weight rows share one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
+    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
+    one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
     it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
     the activation dtype (the down kernel quantizes it).
     dt_ptr: any tensor of the activation dtype (only its element type is used: the reference's rounding points)."""
@@ -172,12 +170,8 @@ def _moe_up_kernel(
             wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if IS_FP8:
-                if QUANT_X:
-                    xq, xs = quantize_tile_rcp(xv.to(tl.float32))
-                    xqt = tl.trans(xq)
-                else:
-                    xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
-                    xqt = tl.trans(xv)
+                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
+                xqt = tl.trans(xv)
                 sg = tl.load(sg_ptr + srow + kb * stride_sk)
                 su = tl.load(su_ptr + srow + kb * stride_sk)
                 acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
@@ -314,9 +308,6 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
     (32, 2048, 7168): ((1, MoeDecodePlan(64, 4, 10, 128, 8, 6)), (8, MoeDecodePlan(128, 4, 4, 64, 4, 4))),
 }
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
-# FP8 decode: the up kernel quantizes x itself (one launch less per layer) instead of `_act_quant_kernel` before it.
-# Off: measured slower (sweep_moe on the H200, 2026-11-23; module docstring).
-MOE_DECODE_QUANT_X = False
 
 
 def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecodePlan:
@@ -412,13 +403,12 @@ def routed_experts_triton(
     block_n: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
     up_block_n: Optional[int] = None, up_num_warps: Optional[int] = None, up_num_stages: Optional[int] = None,
     down_block_n: Optional[int] = None, down_num_warps: Optional[int] = None, down_num_stages: Optional[int] = None,
-    quant_x: Optional[bool] = None, grouped_block_t: Optional[int] = None,
+    grouped_block_t: Optional[int] = None,
 ) -> torch.Tensor:
     """The Triton path (module docstring). Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
     then these keyword arguments; None keeps the plan's value). The grouped path has a fixed config and ignores
-    them. `quant_x` (FP8 decode): the up kernel quantizes x itself instead of an act-quant launch before it
-    (default: MOE_DECODE_QUANT_X, or DSV3_MOE_QUANT_X=0/1 at trace time). `grouped_block_t`: (token, expert) pairs
-    per tile of the grouped path (default GROUPED_BLOCK_T; 64 or 128)."""
+    them. `grouped_block_t`: (token, expert) pairs per tile of the grouped path (default GROUPED_BLOCK_T; 64 or
+    128)."""
     t, d = x.shape
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
@@ -465,12 +455,7 @@ def routed_experts_triton(
             down_block_n=down_block_n, down_num_warps=down_num_warps, down_num_stages=down_num_stages)
     # FP8: the up kernel quantizes h when each of its programs owns a whole 128-channel block, else the down kernel
     quant_h = is_fp8 and plan.up_block_n == 128
-    if quant_x is None:
-        quant_x = env_choice("DSV3_MOE_QUANT_X", "1" if MOE_DECODE_QUANT_X else "0") == "1"
-    quant_x = bool(quant_x) and is_fp8 and not grouped
-    if quant_x:
-        xq, xs = x, x                             # the up kernel quantizes each x tile (xs unused)
-    elif is_fp8:
+    if is_fp8:
         xq, xs = act_quant(x)                     # once; the expert programs stream e4m3 tiles
     else:
         xq, xs = x, x                             # xs unused
@@ -487,8 +472,7 @@ def routed_experts_triton(
         t, k, e, i, d, n_sched,
         xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
         sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-        BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, QUANT_X=quant_x,
-        **common,
+        BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
     )
     wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
         h, hs, idx, sched, down_proj, sd, y,

@@ -31,13 +31,6 @@ tail -3 "$OUT/k/ckpt16.out"
 # TUNE=1 (with SWEEP=1): build the artifacts with the GEMV table the sweep just measured on this GPU (trace-time knob)
 [ "${TUNE:-0}" = 1 ] && [ -f "$OUT/k/sweep_gemv.json" ] && { export DSV3_GEMV_TABLE=$OUT/k/sweep_gemv.json;
                                                          echo "DSV3_GEMV_TABLE=$DSV3_GEMV_TABLE"; }
-# ... and x quantized inside the MoE up kernel if the MoE sweep measured that faster for 16B at T=1 and T=8
-if [ "${TUNE:-0}" = 1 ] && [ -f "$OUT/k/sweep_moe.json" ]; then
-  DSV3_MOE_QUANT_X=$(python3 -c "import json,sys; q=json.load(open(sys.argv[1]))['meta'].get('quant_x',{});
-r=[q[k] for k in ('16B T=1','16B T=8') if k in q]
-print(int(bool(r) and all(v['in_up']['us'] < v['act_quant_launch']['us'] for v in r)))" "$OUT/k/sweep_moe.json")
-  export DSV3_MOE_QUANT_X; echo "DSV3_MOE_QUANT_X=$DSV3_MOE_QUANT_X"
-fi
 stamp "compile16 (+ ckpt16bf16 in the background)"
 [ "${BASELINE:-1}" = 1 ] && { OUT=$OUT/a $G ckpt16bf16 > "$OUT/a/ckpt16bf16.out" 2>&1 & }
 OUT=$OUT/a JOBS=3 $G compile16

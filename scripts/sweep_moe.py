@@ -204,10 +204,10 @@ class ShapeBench:
         self.w = [w0] + [[a.clone() for a in w0] for _ in range(self.copies - 1)]
         self.base: Optional[torch.Tensor] = None
 
-    def run(self, plan, c: int = 0, quant_x: Optional[bool] = None) -> torch.Tensor:
+    def run(self, plan, c: int = 0) -> torch.Tensor:
         from dsv3.kernels.routed_experts import routed_experts_triton
 
-        return routed_experts_triton(self.x, self.idx, self.wt, *self.w[c], **plan._asdict(), quant_x=quant_x)
+        return routed_experts_triton(self.x, self.idx, self.wt, *self.w[c], **plan._asdict())
 
     def check_default(self) -> float:
         from dsv3.kernels.routed_experts import routed_experts_reference, routed_experts_triton
@@ -225,10 +225,10 @@ class ShapeBench:
             return False, float("inf")
         return False, ((out.float() - self.base.float()).abs().max() / self.base.float().abs().max()).item()
 
-    def time(self, plan, quant_x: Optional[bool] = None) -> float:
+    def time(self, plan) -> float:
         from dsv3.kernels.bench import graph_us
 
-        calls = [lambda c=c: self.run(plan, c, quant_x) for c in range(self.copies)]
+        calls = [lambda c=c: self.run(plan, c) for c in range(self.copies)]
         return graph_us(calls, reps=max(5, math.ceil(200 / self.copies)))
 
 
@@ -467,16 +467,6 @@ def main(argv=None) -> int:
                             here.append(measure(sb, p, "refine", failed))
                 if opts.confirm > 0:
                     confirm(sb, here, opts.confirm)
-                # x quantized in the up kernel (no act-quant launch) vs before it, on the default plan
-                qx = {}
-                for flag in (False, True):
-                    same, rel = sb.diff(sb.run(MoeDecodePlan(*dflt), 0, flag))
-                    qx[flag] = dict(us=statistics.median(sb.time(MoeDecodePlan(*dflt), flag) for _ in range(3)),
-                                    bitwise=same, max_rel_diff=rel)
-                meta.setdefault("quant_x", {})[f"{name} T={t}"] = {"act_quant_launch": qx[False], "in_up": qx[True]}
-                log(f"  x quantized before (act-quant launch) / in the up kernel, default plan: "
-                    f"{qx[False]['us']:.1f} / {qx[True]['us']:.1f} us (in-kernel output bitwise "
-                    f"{qx[True]['bitwise']}, max rel diff {qx[True]['max_rel_diff']:.1e})")
                 rows += here
                 print_table(here, opts.top)
                 if not opts.no_profile:

@@ -276,21 +276,6 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
     assert rel_err(out, base) < 1e-6
 
 
-@pytest.mark.parametrize("t,up_bn", [(1, 128), (3, 128), (3, 32)])
-def test_routed_experts_decode_quant_x(t, up_bn, fixed_interpreter):
-    """quant_x: the up kernel quantizes each x tile itself (no act-quant launch); same e4m3 x and scales as
-    `_act_quant_kernel`, so the same output as the pre-quantized path."""
-    e_routed, n_shared, d, i = 6, 2, 256, 200
-    gen = torch.Generator().manual_seed(2000 + t + up_bn)
-    x, _, _, w = _moe_inputs(t, 1, e_routed + n_shared, d, i, True, torch.bfloat16, gen)
-    idx = moe_shared_slot_idx(t, e_routed, 3, n_shared, gen, n_invalid=1)
-    wt = torch.rand(idx.shape, generator=gen)
-    fused = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, quant_x=True)
-    pre = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, quant_x=False)
-    assert rel_err(fused, pre) < 1e-6
-    assert rel_err(fused, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
-
-
 def test_routed_experts_grouped_block_t_128(fixed_interpreter):
     """The grouped (prefill) path with 128-pair tiles: same result as 64-pair tiles and the reference."""
     gen = torch.Generator().manual_seed(31)

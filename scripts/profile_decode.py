@@ -6,7 +6,7 @@ Loads the artifacts as `dsv3c run` does, fills the cache to CONTEXT (default 128
    time, grouped by name, and the sum of kernel time per step. Graph replay time minus kernel time is what
    launches and gaps cost; the top kernels are where bandwidth goes.
 3. profiles a PREFILL-token prefill (default 4096, in the artifacts' chunks) the same way: where prefill MFU goes.
-Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls/step, us/step), and
+Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls and us per step), and
 OUT_DIR/prefill_profile.txt / .json.
 A diagnostic for docs/BENCHMARKS.md, not part of the runtime.
 """
@@ -59,18 +59,12 @@ def main() -> None:
     rows = _kernel_rows(prof, steps)
     kernel_us = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
-    lines = [f"decode_b1 at context {context}: CUDA-graph replay {graph_us:.1f} us/step; "
-             f"kernel time {kernel_us:.1f} us/step over {launches:.0f} kernels "
-             f"({graph_us - kernel_us:.1f} us/step of gaps between kernels)",
-             f"{'us/step':>9} {'share':>6} {'calls':>6}  kernel"]
-    for name, calls, us in rows[:40]:
-        lines.append(f"{us:9.1f} {us / kernel_us:6.1%} {calls:6.0f}  {name[:110]}")
-    text = "\n".join(lines)
-    print(text)
-    (out / "decode_profile.txt").write_text(text + "\n")
-    (out / "decode_profile.json").write_text(json.dumps(
-        {"context": context, "graph_us_per_step": graph_us, "kernel_us_per_step": kernel_us, "kernels_per_step":
-         launches, "kernels": [{"name": n_, "calls_per_step": c, "us_per_step": u} for n_, c, u in rows]}, indent=1))
+    _write_table(out / "decode_profile", rows, kernel_us, "us/step",
+                 f"decode_b1 at context {context}: CUDA-graph replay {graph_us:.1f} us/step; kernel time "
+                 f"{kernel_us:.1f} us/step over {launches:.0f} kernels ({graph_us - kernel_us:.1f} us/step of gaps "
+                 f"between kernels)",
+                 {"context": context, "graph_us_per_step": graph_us, "kernel_us_per_step": kernel_us,
+                  "kernels_per_step": launches})
 
     # prefill: one prompt of prefill_len tokens (cache row 0), as `dsv3c run` feeds it: chunks of the artifacts' size
     prompt = [1 + i % 1000 for i in range(min(prefill_len, stepper.model.max_seq_len - 1))]
@@ -85,18 +79,25 @@ def main() -> None:
         stepper.prefill([prompt])
         torch.cuda.synchronize()
     rows = _kernel_rows(prof, 1)
-    kernel_ms = sum(r[2] for r in rows) / 1e3
-    lines = [f"prefill of {len(prompt)} tokens in chunks of {stepper.prefill_chunk}: {wall_ms:.1f} ms wall; kernel "
-             f"time {kernel_ms:.1f} ms over {sum(r[1] for r in rows):.0f} kernels",
-             f"{'us':>9} {'share':>6} {'calls':>6}  kernel"]
+    kernel_us = sum(r[2] for r in rows)
+    _write_table(out / "prefill_profile", rows, kernel_us, "us",
+                 f"prefill of {len(prompt)} tokens in chunks of {stepper.prefill_chunk}: {wall_ms:.1f} ms wall; "
+                 f"kernel time {kernel_us / 1e3:.1f} ms over {sum(r[1] for r in rows):.0f} kernels",
+                 {"tokens": len(prompt), "chunk": stepper.prefill_chunk, "wall_ms": wall_ms,
+                  "kernel_ms": kernel_us / 1e3})
+
+
+def _write_table(stem: Path, rows: list[tuple[str, float, float]], total_us: float, unit: str, header: str,
+                 meta: dict) -> None:
+    """Print the top kernels under `header` and write them to STEM.txt, and all of them with `meta` to STEM.json."""
+    lines = [header, f"{unit:>9} {'share':>6} {'calls':>6}  kernel"]
     for name, calls, us in rows[:40]:
-        lines.append(f"{us:9.1f} {us / (kernel_ms * 1e3):6.1%} {calls:6.0f}  {name[:110]}")
+        lines.append(f"{us:9.1f} {us / total_us:6.1%} {calls:6.0f}  {name[:110]}")
     text = "\n".join(lines)
     print(text)
-    (out / "prefill_profile.txt").write_text(text + "\n")
-    (out / "prefill_profile.json").write_text(json.dumps(
-        {"tokens": len(prompt), "chunk": stepper.prefill_chunk, "wall_ms": wall_ms, "kernel_ms": kernel_ms,
-         "kernels": [{"name": n_, "calls": c, "us": u} for n_, c, u in rows]}, indent=1))
+    stem.with_suffix(".txt").write_text(text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(
+        {**meta, "kernels": [{"name": n, "calls": c, "us": u} for n, c, u in rows]}, indent=1))
 
 
 def _kernel_rows(prof, steps: int) -> list[tuple[str, float, float]]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,22 @@ from dsv3.kernels.fp8_blocks import (
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def run_interpreted(script: str, *pytest_args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run tests/SCRIPT (an interpreter test file) with pytest in a fresh process under TRITON_INTERPRET=1: the flag
+    must be set before triton is imported, and the rest of the suite imports triton normally. GPU selection and
+    trace-time path pins (DSV3_GEMV_VARIANT, DSV3_GEMV_TABLE, DSV3_MOE_DECODE) are not passed on."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    for name in ("CUDA_VISIBLE_DEVICES", "DSV3_GEMV_VARIANT", "DSV3_GEMV_TABLE", "DSV3_MOE_DECODE"):
+        env.pop(name, None)
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args, str(here / script)]
+    return subprocess.run(cmd, env=env, cwd=here.parent, capture_output=True, text=True, timeout=timeout)
+
+
+def interpreter_failure(res: subprocess.CompletedProcess) -> str:
+    return f"interpreter tests failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -16,19 +16,13 @@ and the in-program quantization (`quantize_tile_rcp`) bit for bit against `_act_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from dsv3.kernels import fp8_linear as L  # (importing dsv3.kernels registers torch.ops.dsv3.*)
 from dsv3.kernels.fp8_blocks import dequantize_activation, dequantize_weight, quantize_activation, quantize_weight
-from kernel_checks import ErrorLog, cuda, fp8_ref64, poison_allocator, rel_err
-
-HERE = Path(__file__).resolve().parent
+from kernel_checks import cuda, ErrorLog, fp8_ref64, interpreter_failure, poison_allocator, rel_err, run_interpreted
 
 # ---------------------------------------------------------------------------------------------------------------
 # CPU
@@ -36,12 +30,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_gemv_variants_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    env.pop("DSV3_GEMV_VARIANT", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "interpret_gemv.py")]
-    res = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"interpreter tests failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+    res = run_interpreted("interpret_gemv.py")
+    assert res.returncode == 0, interpreter_failure(res)
 
 
 DECODE_SHAPES = [(3072, 2048), (576, 2048), (2048, 2048), (2816, 2048), (2048, 2816), (10944, 2048), (2048, 10944),

@@ -23,9 +23,6 @@ Error bounds (relative Frobenius error):
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,9 +34,16 @@ from dsv3.kernels import mla_absorb as AB
 from dsv3.kernels import mla_attention as A
 from dsv3.kernels import routed_experts as RE
 from dsv3.kernels.fp8_blocks import quantize_weight
-from kernel_checks import ErrorLog, cuda, fp8_ref64, moe_shared_slot_idx, poison_allocator, rel_err
-
-HERE = Path(__file__).resolve().parent
+from kernel_checks import (
+    cuda,
+    ErrorLog,
+    fp8_ref64,
+    interpreter_failure,
+    moe_shared_slot_idx,
+    poison_allocator,
+    rel_err,
+    run_interpreted,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # CPU
@@ -49,12 +53,8 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.parametrize("group", ["gemv or gemm or act_quant", "mla and not absorb", "routed or grouped",
                                    "absorb"])
 def test_triton_kernels_interpreted(group):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", group,
-           str(HERE / "interpret_kernels.py")]
-    res = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"interpreter tests failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+    res = run_interpreted("interpret_kernels.py", "-k", group)
+    assert res.returncode == 0, interpreter_failure(res)
 
 
 def _small_args(device="cpu", dtype=torch.bfloat16):

@@ -8,27 +8,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import dsv3.kernels  # noqa: F401
 from dsv3.kernels import mla_prefill as P
-from kernel_checks import rel_err
-
-HERE = Path(__file__).resolve().parent
+from kernel_checks import interpreter_failure, rel_err, run_interpreted
 
 
 def test_prefill_kernels_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "interpret_prefill.py")]
-    res = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"interpreter tests failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+    res = run_interpreted("interpret_prefill.py")
+    assert res.returncode == 0, interpreter_failure(res)
 
 
 def _naive_full(q_nope, q_pe, k_nope_all, k_pe_all, v_all, q_pos, scale):

@@ -18,19 +18,13 @@ last kept vs first dropped group, in float64): fp32 logits summed in another ord
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from dsv3.config import resolve_config
 from dsv3.kernels import router as R  # (importing it registers torch.ops.dsv3.route)
-from kernel_checks import cuda, poison_allocator
+from kernel_checks import cuda, interpreter_failure, poison_allocator, run_interpreted
 
-HERE = Path(__file__).resolve().parent
 REAL_CONFIGS = ["16B", "236B", "671B"]
 NEAR_TIE = 1e-5
 
@@ -98,11 +92,8 @@ def assert_routing(idx, wt, x, w, bias, args, rtol, min_stable=0.5):
 
 
 def test_triton_kernels_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "interpret_router.py")]
-    res = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"interpreter tests failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+    res = run_interpreted("interpret_router.py", timeout=600)
+    assert res.returncode == 0, interpreter_failure(res)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-v2", "tiny-ragged", "16B"])

@@ -119,14 +119,14 @@ class MLA(nn.Module):
         # Absorb W_UK into the query and W_UV into the output, so attention runs in the 512-wide latent space.
         # Both are slices of kv_b_proj, read in place (FP8 at decode: no per-step dequantized copy).
         kv_b = self.kv_b_proj
-        q_latent = torch.ops.dsv3.mla_absorb(q_nope, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
-                                             False)
         if not self._prefill_form(seqlen, cache_rows):  # decode, speculative verify: absorbed attention
+            q_latent = torch.ops.dsv3.mla_absorb(q_nope, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim,
+                                                 self.v_dim, False)
             o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
             o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
                                           True)
         else:  # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed
-            o = self._prefill_attention(q_nope, q_pe, q_latent, latent, cache, input_pos)
+            o = self._prefill_attention(q_nope, q_pe, latent, cache, input_pos)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
     @staticmethod
@@ -140,25 +140,27 @@ class MLA(nn.Module):
         s_static = static_int(seqlen)
         return s_static is None or s_static > DECODE_MAX_S
 
-    def _prefill_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, q_latent: torch.Tensor,
-                           latent: torch.Tensor, cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def _prefill_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor,
+                           input_pos: torch.Tensor) -> torch.Tensor:
         """Attention of a prefill chunk (consecutive positions per row), dsv3.kernels.mla_prefill: the chunk's keys
         and values decompressed by kv_b_proj (640 instead of 2176 FLOPs per query-key pair and head on V3 shapes)
         and attended causally; the rows already in the cache before the chunk (a continued sequence) attended in
         absorbed form and merged through their log-sum-exp. kv_b_proj is used dequantized to the activation dtype
-        (as the absorbed path uses it), not through the FP8 linear: no activation quantization of the latent."""
+        (as the absorbed path uses it), not through the FP8 linear: no activation quantization of the latent. It is
+        dequantized once per call and serves the decompression and both absorptions."""
         bsz, seqlen = latent.shape[:2]
         kv_b = self.kv_b_proj
         w = kv_b.weight if kv_b.weight_scale_inv is None else dequantize_weight(kv_b.weight, kv_b.weight_scale_inv,
                                                                                 latent.dtype)
-        kv = F.linear(latent[..., :self.kv_lora_rank], w.to(latent.dtype))
+        w = w.to(latent.dtype)
+        kv = F.linear(latent[..., :self.kv_lora_rank], w)
         k_nope, v = kv.view(bsz, seqlen, self.num_heads, self.nope_dim + self.v_dim).split(
             [self.nope_dim, self.v_dim], dim=-1)
         k_pe = latent[..., self.kv_lora_rank:]
+        q_latent = torch.ops.dsv3.mla_absorb(q_nope, w, None, self.nope_dim, self.v_dim, False)
         prefix_latent, prefix_lse = torch.ops.dsv3.mla_prefix_attention(q_latent, q_pe, cache, input_pos,
                                                                         self.softmax_scale)
-        prefix_out = torch.ops.dsv3.mla_absorb(prefix_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim,
-                                               self.v_dim, True)
+        prefix_out = torch.ops.dsv3.mla_absorb(prefix_latent, w, None, self.nope_dim, self.v_dim, True)
         return torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, self.softmax_scale,
                                                     prefix_out, prefix_lse)
 

@@ -108,14 +108,33 @@ def quantize_tile_rcp(x):
 
 
 @triton.jit
+def pick_scale(vals, offs, kb):
+    """Element kb of a scale vector preloaded before a K loop (`offs` its indices): exact (one term, zeros else).
+
+    Why preload: Triton software-pipelines the tile loads that feed tl.dot (cp.async, NUM_STAGES - 1 in flight) but
+    not the small scale loads next to them (a scalar, or one value per token): inside the loop each of those is a
+    synchronous global load whose latency (~0.5-1 us) every K iteration waits out before it can scale its dot
+    (seen in the sm_90 TTGIR: `tt.load` of the scales after `async_wait`). A program's scales are a few hundred
+    bytes, so they are loaded once, before the loop, and picked out of registers here."""
+    return tl.sum(tl.where(offs == kb, vals, 0.0), axis=0)
+
+
+@triton.jit
+def pick_scales(vals, offs, kb):
+    """Column kb of a [R, KB] scale matrix preloaded before a K loop -> [R] (see `pick_scale`)."""
+    return tl.sum(tl.where(offs[None, :] == kb, vals, 0.0), axis=1)
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
     M, N, K, KB_PER_SPLIT,
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_wsk, stride_os, stride_om,
     PREQUANT: tl.constexpr,  # x is already e4m3 with scales xs [M, ceil(K/128)] (tests; the interpreter)
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """out[split, m, n] (+)= sum over this split's K blocks; acc is [BLOCK_N weight rows, BLOCK_T tokens]."""
+    """out[split, m, n] (+)= sum over this split's K blocks; acc is [BLOCK_N weight rows, BLOCK_T tokens].
+    KB_PAD: a power of two >= KB_PER_SPLIT (the split's scales are preloaded, `pick_scale`)."""
     BLOCK_K: tl.constexpr = 128
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -131,17 +150,23 @@ def _fp8_gemv_kernel(
     ws_row = ws_ptr + ((pid_n * BLOCK_N) // 128) * stride_wsn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_t[:, None] * stride_xm + offs_k[None, :]
+    offs_kb = kb0 + tl.arange(0, KB_PAD)
+    kb_mask = offs_kb < kb1
+    ws_all = tl.load(ws_row + offs_kb * stride_wsk, mask=kb_mask, other=0.0)
+    if PREQUANT:
+        xs_all = tl.load(xs_ptr + offs_t[:, None] * stride_xsm + offs_kb[None, :],
+                         mask=t_mask[:, None] & kb_mask[None, :], other=1.0)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for kb in range(kb0, kb1):
         k_mask = (kb * BLOCK_K + offs_k) < K
         w = tl.load(w_ptrs + kb * BLOCK_K, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if PREQUANT:
             xq = tl.load(x_ptrs + kb * BLOCK_K, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            xs = tl.load(xs_ptr + offs_t * stride_xsm + kb, mask=t_mask, other=1.0)
+            xs = pick_scales(xs_all, offs_kb, kb)
         else:
             xv = tl.load(x_ptrs + kb * BLOCK_K, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
             xq, xs = quantize_tile_rcp(xv.to(tl.float32))
-        ws = tl.load(ws_row + kb * stride_wsk)
+        ws = pick_scale(ws_all, offs_kb, kb)
         acc += tl.dot(w, tl.trans(xq)) * (xs[None, :] * ws)
     o_ptrs = out_ptr + pid_s * stride_os + offs_t[None, :] * stride_om + offs_n[:, None]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & t_mask[None, :])
@@ -154,6 +179,7 @@ def _fp8_gemv_cc_kernel(
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_wsk, stride_om,
     PREQUANT: tl.constexpr,  # x is already e4m3 with scales xs [M, ceil(K/128)] (tests; the interpreter)
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, X_ROWS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    KB_PAD: tl.constexpr,
 ):
     """out[m, n] for BLOCK_N weight rows x BLOCK_T tokens over the whole K, on CUDA cores (no tl.dot).
 
@@ -184,18 +210,25 @@ def _fp8_gemv_cc_kernel(
     ws_row = ws_ptr + ((pid_n * BLOCK_N) // 128) * stride_wsn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + (t0 + offs_r)[:, None] * stride_xm + offs_k[None, :]
+    # the block scales of the whole K, preloaded (`pick_scale`); KB_PAD >= ceil(K / 128)
+    offs_kb = tl.arange(0, KB_PAD)
+    kb_mask = offs_kb < tl.cdiv(K, BLOCK_K)
+    ws_all = tl.load(ws_row + offs_kb * stride_wsk, mask=kb_mask, other=0.0)
+    if PREQUANT:
+        xs_all = tl.load(xs_ptr + (t0 + offs_r)[:, None] * stride_xsm + offs_kb[None, :],
+                         mask=r_mask[:, None] & kb_mask[None, :], other=1.0)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for kb in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
         k_mask = (kb * BLOCK_K + offs_k) < K
         if PREQUANT:
             xq = tl.load(x_ptrs + kb * BLOCK_K, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            xs = tl.load(xs_ptr + (t0 + offs_r) * stride_xsm + kb, mask=r_mask, other=1.0)
+            xs = pick_scales(xs_all, offs_kb, kb)
         else:
             xv = tl.load(x_ptrs + kb * BLOCK_K, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             xq, xs = quantize_tile_rcp(xv.to(tl.float32))
         xq = xq.to(tl.float32)
         w = tl.load(w_ptrs + kb * BLOCK_K, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        ws = tl.load(ws_row + kb * stride_wsk)
+        ws = pick_scale(ws_all, offs_kb, kb)
         for t in tl.static_range(BLOCK_T):
             sel = offs_r == t
             x_t = tl.sum(tl.where(sel[:, None], xq, 0.0), axis=0)  # [128]: row t (the others add zeros)
@@ -262,13 +295,21 @@ def _fp8_gemm_kernel(
     as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm
     ws_ptrs = ws_ptr + (offs_n // 128) * stride_wsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    kb_total = tl.cdiv(K, BLOCK_K)
+    # The scale vectors are not software-pipelined by Triton (see `pick_scale`): each iteration loads the next
+    # block's, so their latency overlaps the current block's MMA instead of stalling before it.
+    a_s = tl.load(as_ptrs, mask=m_mask, other=0.0)
+    w_s = tl.load(ws_ptrs, mask=n_mask, other=0.0)
+    for kb in range(0, kb_total):
         k_mask = (kb * BLOCK_K + offs_k) < K
         a = tl.load(a_ptrs + kb * BLOCK_K, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + kb * BLOCK_K, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb * stride_ask, mask=m_mask, other=0.0)
-        w_s = tl.load(ws_ptrs + kb * stride_wsk, mask=n_mask, other=0.0)
+        kb_next = tl.minimum(kb + 1, kb_total - 1)  # the last iteration re-reads its own (unused)
+        a_s_next = tl.load(as_ptrs + kb_next * stride_ask, mask=m_mask, other=0.0)
+        w_s_next = tl.load(ws_ptrs + kb_next * stride_wsk, mask=n_mask, other=0.0)
         acc += tl.dot(a, tl.trans(w)) * (a_s[:, None] * w_s[None, :])
+        a_s = a_s_next
+        w_s = w_s_next
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -415,6 +456,7 @@ def fp8_gemv(
             m, n, k,
             x2.stride(0), xs.stride(0), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
             PREQUANT=prequant, BLOCK_N=block_n, BLOCK_T=block_t, X_ROWS=x_rows, NUM_STAGES=num_stages,
+            KB_PAD=max(2, next_pow2(cdiv(k, BLOCK))),
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -439,7 +481,8 @@ def fp8_gemv(
         m, n, k, per,
         x2.stride(0), xs.stride(0), weight.stride(0), scale.stride(0), scale.stride(1),
         m * n, n,
-        PREQUANT=prequant, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages,
+        PREQUANT=prequant, BLOCK_N=block_n, BLOCK_T=block_t, KB_PAD=max(2, next_pow2(per)), num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits > 1:
         blk = 1024

@@ -56,7 +56,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_choice, next_pow2, num_sms, static_int
-from dsv3.kernels.fp8_linear import act_quant, fp8_linear_reference, quantize_tile_rcp
+from dsv3.kernels.fp8_linear import act_quant, fp8_linear_reference, pick_scale, pick_scales, quantize_tile_rcp
 
 DECODE_MAX_T = 64
 GROUPED_BLOCK_T = 64
@@ -139,9 +139,11 @@ def _moe_up_kernel(
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
+    """KB_PAD: a power of two >= ceil(D / 128); the program's block scales are loaded before its K loop
+    (`pick_scale`: Triton does not pipeline them, and a synchronous load per K block cost ~1 us each).
+    FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
     one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
     it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
     the activation dtype (the down kernel quantizes it).
@@ -163,6 +165,16 @@ def _moe_up_kernel(
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        offs_kb = tl.arange(0, KB_PAD)
+        kb_mask = offs_kb < tl.cdiv(D, BLOCK_D)
+        if IS_FP8:
+            # per (token, K block): x scale times the weight block's scale, the product the loop multiplies by
+            xs_all = tl.load(xs_ptr + token64[:, None] * stride_xst + offs_kb[None, :],
+                             mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
+            sg_all = tl.load(sg_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
+            su_all = tl.load(su_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
+            scale_g = xs_all * sg_all[None, :]
+            scale_u = xs_all * su_all[None, :]
         for kb in range(0, tl.cdiv(D, BLOCK_D)):
             d_mask = (kb * BLOCK_D + offs_d) < D
             wmask = n_mask[:, None] & d_mask[None, :]
@@ -170,12 +182,9 @@ def _moe_up_kernel(
             wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if IS_FP8:
-                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
                 xqt = tl.trans(xv)
-                sg = tl.load(sg_ptr + srow + kb * stride_sk)
-                su = tl.load(su_ptr + srow + kb * stride_sk)
-                acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
-                acc_u += tl.dot(wu, xqt) * (xs[None, :] * su)
+                acc_g += tl.dot(wg, xqt) * pick_scales(scale_g, offs_kb, kb)[None, :]
+                acc_u += tl.dot(wu, xqt) * pick_scales(scale_u, offs_kb, kb)[None, :]
             else:
                 xt = tl.trans(xv.to(wg.dtype))
                 acc_g = tl.dot(wg, xt, acc_g)
@@ -206,9 +215,9 @@ def _moe_down_kernel(
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """FP8 with QUANT_H: h is e4m3 with scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
+    """KB_PAD: a power of two >= ceil(I / 128) (scales preloaded, as in the up kernel). FP8 with QUANT_H: h is e4m3 with scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
     h is in the activation dtype and each [tokens, 128] tile is quantized here (`quantize_tile_rcp`, exactly
     quantize_activation(h) up to the sign of a zero: columns past I and tokens not routed here load as zeros, as its
     padding is)."""
@@ -227,16 +236,23 @@ def _moe_down_kernel(
         h_ptrs = h_ptr + pair64[:, None] * stride_h + offs_i[None, :]
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        offs_kb = tl.arange(0, KB_PAD)
+        kb_mask = offs_kb < tl.cdiv(I, BLOCK_I)
+        if IS_FP8:
+            sd_all = tl.load(sd_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
+            if QUANT_H:
+                hs_all = tl.load(hs_ptr + pair64[:, None] * stride_hs + offs_kb[None, :],
+                                 mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
         for kb in range(0, tl.cdiv(I, BLOCK_I)):
             i_mask = (kb * BLOCK_I + offs_i) < I
             w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
             hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if IS_FP8:
                 if QUANT_H:
-                    hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
+                    hs = pick_scales(hs_all, offs_kb, kb)
                 else:
                     hv, hs = quantize_tile_rcp(hv.to(tl.float32))
-                sd = tl.load(sd_ptr + srow + kb * stride_sk)
+                sd = pick_scale(sd_all, offs_kb, kb)
                 acc += tl.dot(w, tl.trans(hv)) * (hs[None, :] * sd)
             else:
                 acc = tl.dot(w, tl.trans(hv.to(w.dtype)), acc)
@@ -467,19 +483,22 @@ def routed_experts_triton(
         hs = h                                    # unused
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
                   BLOCK_P=block_p, BLOCK_E=block_e)
+    kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
     wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, plan.up_block_n))](
         xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
         t, k, e, i, d, n_sched,
         xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
         sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-        BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
+        BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
+        **common,
     )
     wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
         h, hs, idx, sched, down_proj, sd, y,
         t, k, e, i, d, n_sched,
         h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
         sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-        BLOCK_N=plan.down_block_n, num_warps=plan.down_num_warps, num_stages=plan.down_num_stages, **common,
+        BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
+        num_stages=plan.down_num_stages, **common,
     )
     block_d = 512
     wrap_triton(_moe_combine_kernel)[(t, cdiv(d, block_d))](

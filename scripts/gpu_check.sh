@@ -14,6 +14,7 @@
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
 #   loadprof   where the artifact cold start goes (scripts/profile_load.py on art16 + ckpt16)
 #   prof16     where a batch-1 decode step goes (scripts/profile_decode.py: graph replay vs kernel time, top kernels)
+#   prof16q    the same on quick16's artifacts with weights generated on the GPU (no checkpoint)
 #   ckpt16bf16 dsv3c convert --dtype bf16 of ckpt16 (CPU; transformers' baseline loads it)
 #   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4032: the 32 timed steps must fit the 4096 cache)
 #              with --baseline hf when ckpt16bf16 exists, and the eager model, JSON and SVG in $OUT
@@ -115,6 +116,7 @@ keep_wrapper() {  # the C++ AOTInductor generated last (after a failed build), c
 step_loadprof() { $PY scripts/profile_load.py "$ART16" "$WORK/ckpt16" 2>&1 | grep -v Warning | tail -12; }
 
 step_prof16() { $PY scripts/profile_decode.py "$ART16" "$WORK/ckpt16" "$OUT" 128 4095 2>&1 | grep -v Warning | tail -90; }
+step_prof16q() { $PY scripts/profile_decode.py "$WORK/art16q" random "$OUT" 128 4095 2>&1 | grep -v Warning | tail -90; }
 
 step_ckpt16bf16() {  # CPU only: the BF16 copy transformers loads for bench16's --baseline hf
   [ -f "$WORK/ckpt16bf16/config.json" ] && { echo "ckpt16bf16 exists"; return 0; }

@@ -1,4 +1,7 @@
-"""Where a batch-1 decode step goes: python scripts/profile_decode.py ARTIFACTS CHECKPOINT OUT_DIR [CONTEXT]
+"""Where a batch-1 decode step goes: python scripts/profile_decode.py ARTIFACTS CHECKPOINT OUT_DIR [CONTEXT] [PREFILL]
+
+CHECKPOINT `random`: no checkpoint, weights generated on the GPU for the artifacts' config (as `dsv3c bench
+--random-weights`; the kernels' times do not depend on the weight values).
 
 Loads the artifacts as `dsv3c run` does, fills the cache to CONTEXT (default 128) tokens, then
 1. times replays of the captured decode_b1 CUDA graph (what generation pays per token);
@@ -23,7 +26,8 @@ import torch
 
 
 def main() -> None:
-    artifacts, checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    artifacts, out = Path(sys.argv[1]), Path(sys.argv[3])
+    checkpoint = None if sys.argv[2] == "random" else Path(sys.argv[2])
     context = int(sys.argv[4]) if len(sys.argv) > 4 else 128
     prefill_len = int(sys.argv[5]) if len(sys.argv) > 5 else 4096
     out.mkdir(parents=True, exist_ok=True)

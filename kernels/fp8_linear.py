@@ -131,10 +131,9 @@ def _fp8_gemv_kernel(
     M, N, K, KB_PER_SPLIT,
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_wsk, stride_os, stride_om,
     PREQUANT: tl.constexpr,  # x is already e4m3 with scales xs [M, ceil(K/128)] (tests; the interpreter)
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, KB_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """out[split, m, n] (+)= sum over this split's K blocks; acc is [BLOCK_N weight rows, BLOCK_T tokens].
-    KB_PAD: a power of two >= KB_PER_SPLIT (the split's scales are preloaded, `pick_scale`)."""
+    """out[split, m, n] (+)= sum over this split's K blocks; acc is [BLOCK_N weight rows, BLOCK_T tokens]."""
     BLOCK_K: tl.constexpr = 128
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -150,23 +149,17 @@ def _fp8_gemv_kernel(
     ws_row = ws_ptr + ((pid_n * BLOCK_N) // 128) * stride_wsn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_t[:, None] * stride_xm + offs_k[None, :]
-    offs_kb = kb0 + tl.arange(0, KB_PAD)
-    kb_mask = offs_kb < kb1
-    ws_all = tl.load(ws_row + offs_kb * stride_wsk, mask=kb_mask, other=0.0)
-    if PREQUANT:
-        xs_all = tl.load(xs_ptr + offs_t[:, None] * stride_xsm + offs_kb[None, :],
-                         mask=t_mask[:, None] & kb_mask[None, :], other=1.0)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for kb in range(kb0, kb1):
         k_mask = (kb * BLOCK_K + offs_k) < K
         w = tl.load(w_ptrs + kb * BLOCK_K, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if PREQUANT:
             xq = tl.load(x_ptrs + kb * BLOCK_K, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            xs = pick_scales(xs_all, offs_kb, kb)
+            xs = tl.load(xs_ptr + offs_t * stride_xsm + kb, mask=t_mask, other=1.0)
         else:
             xv = tl.load(x_ptrs + kb * BLOCK_K, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
             xq, xs = quantize_tile_rcp(xv.to(tl.float32))
-        ws = pick_scale(ws_all, offs_kb, kb)
+        ws = tl.load(ws_row + kb * stride_wsk)
         acc += tl.dot(w, tl.trans(xq)) * (xs[None, :] * ws)
     o_ptrs = out_ptr + pid_s * stride_os + offs_t[None, :] * stride_om + offs_n[:, None]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & t_mask[None, :])
@@ -179,7 +172,6 @@ def _fp8_gemv_cc_kernel(
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_wsk, stride_om,
     PREQUANT: tl.constexpr,  # x is already e4m3 with scales xs [M, ceil(K/128)] (tests; the interpreter)
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, X_ROWS: tl.constexpr, NUM_STAGES: tl.constexpr,
-    KB_PAD: tl.constexpr,
 ):
     """out[m, n] for BLOCK_N weight rows x BLOCK_T tokens over the whole K, on CUDA cores (no tl.dot).
 
@@ -210,25 +202,18 @@ def _fp8_gemv_cc_kernel(
     ws_row = ws_ptr + ((pid_n * BLOCK_N) // 128) * stride_wsn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + (t0 + offs_r)[:, None] * stride_xm + offs_k[None, :]
-    # the block scales of the whole K, preloaded (`pick_scale`); KB_PAD >= ceil(K / 128)
-    offs_kb = tl.arange(0, KB_PAD)
-    kb_mask = offs_kb < tl.cdiv(K, BLOCK_K)
-    ws_all = tl.load(ws_row + offs_kb * stride_wsk, mask=kb_mask, other=0.0)
-    if PREQUANT:
-        xs_all = tl.load(xs_ptr + (t0 + offs_r)[:, None] * stride_xsm + offs_kb[None, :],
-                         mask=r_mask[:, None] & kb_mask[None, :], other=1.0)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for kb in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
         k_mask = (kb * BLOCK_K + offs_k) < K
         if PREQUANT:
             xq = tl.load(x_ptrs + kb * BLOCK_K, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            xs = pick_scales(xs_all, offs_kb, kb)
+            xs = tl.load(xs_ptr + (t0 + offs_r) * stride_xsm + kb, mask=r_mask, other=1.0)
         else:
             xv = tl.load(x_ptrs + kb * BLOCK_K, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             xq, xs = quantize_tile_rcp(xv.to(tl.float32))
         xq = xq.to(tl.float32)
         w = tl.load(w_ptrs + kb * BLOCK_K, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        ws = pick_scale(ws_all, offs_kb, kb)
+        ws = tl.load(ws_row + kb * stride_wsk)
         for t in tl.static_range(BLOCK_T):
             sel = offs_r == t
             x_t = tl.sum(tl.where(sel[:, None], xq, 0.0), axis=0)  # [128]: row t (the others add zeros)
@@ -456,7 +441,6 @@ def fp8_gemv(
             m, n, k,
             x2.stride(0), xs.stride(0), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
             PREQUANT=prequant, BLOCK_N=block_n, BLOCK_T=block_t, X_ROWS=x_rows, NUM_STAGES=num_stages,
-            KB_PAD=max(2, next_pow2(cdiv(k, BLOCK))),
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -481,8 +465,7 @@ def fp8_gemv(
         m, n, k, per,
         x2.stride(0), xs.stride(0), weight.stride(0), scale.stride(0), scale.stride(1),
         m * n, n,
-        PREQUANT=prequant, BLOCK_N=block_n, BLOCK_T=block_t, KB_PAD=max(2, next_pow2(per)), num_warps=num_warps,
-        num_stages=num_stages,
+        PREQUANT=prequant, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         blk = 1024

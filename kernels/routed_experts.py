@@ -141,8 +141,9 @@ def _moe_up_kernel(
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """KB_PAD: a power of two >= ceil(D / 128); the program's block scales are loaded before its K loop
-    (`pick_scale`: Triton does not pipeline them, and a synchronous load per K block cost ~1 us each).
+    """KB_PAD: a power of two >= ceil(D / 128). GROUPED (prefill) loads the program's block scales before its
+    K loop and picks them out of registers (`pick_scale`: Triton does not pipeline the scale loads); decode loads
+    them per K block (there the picks measured slower).
     FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
     one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
     it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
@@ -167,7 +168,7 @@ def _moe_up_kernel(
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         offs_kb = tl.arange(0, KB_PAD)
         kb_mask = offs_kb < tl.cdiv(D, BLOCK_D)
-        if IS_FP8:
+        if IS_FP8 and GROUPED:
             # per (token, K block): x scale times the weight block's scale, the product the loop multiplies by
             xs_all = tl.load(xs_ptr + token64[:, None] * stride_xst + offs_kb[None, :],
                              mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
@@ -181,10 +182,18 @@ def _moe_up_kernel(
             wg = tl.load(wg_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            if IS_FP8:
+            if IS_FP8 and GROUPED:
                 xqt = tl.trans(xv)
                 acc_g += tl.dot(wg, xqt) * pick_scales(scale_g, offs_kb, kb)[None, :]
                 acc_u += tl.dot(wu, xqt) * pick_scales(scale_u, offs_kb, kb)[None, :]
+            elif IS_FP8:
+                # decode: the picks cost more than the loads they replace (671B-ep8 T=1 up 23 -> 62 us, H200)
+                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
+                xqt = tl.trans(xv)
+                sg = tl.load(sg_ptr + srow + kb * stride_sk)
+                su = tl.load(su_ptr + srow + kb * stride_sk)
+                acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
+                acc_u += tl.dot(wu, xqt) * (xs[None, :] * su)
             else:
                 xt = tl.trans(xv.to(wg.dtype))
                 acc_g = tl.dot(wg, xt, acc_g)
@@ -238,7 +247,7 @@ def _moe_down_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         offs_kb = tl.arange(0, KB_PAD)
         kb_mask = offs_kb < tl.cdiv(I, BLOCK_I)
-        if IS_FP8:
+        if IS_FP8 and GROUPED:
             sd_all = tl.load(sd_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
             if QUANT_H:
                 hs_all = tl.load(hs_ptr + pair64[:, None] * stride_hs + offs_kb[None, :],
@@ -248,11 +257,16 @@ def _moe_down_kernel(
             w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
             hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if IS_FP8:
-                if QUANT_H:
+                if QUANT_H and GROUPED:
                     hs = pick_scales(hs_all, offs_kb, kb)
+                elif QUANT_H:
+                    hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
                 else:
                     hv, hs = quantize_tile_rcp(hv.to(tl.float32))
-                sd = pick_scale(sd_all, offs_kb, kb)
+                if GROUPED:
+                    sd = pick_scale(sd_all, offs_kb, kb)
+                else:
+                    sd = tl.load(sd_ptr + srow + kb * stride_sk)
                 acc += tl.dot(w, tl.trans(hv)) * (hs[None, :] * sd)
             else:
                 acc = tl.dot(w, tl.trans(hv.to(w.dtype)), acc)

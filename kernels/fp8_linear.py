@@ -31,6 +31,13 @@ Implementations (one op; the branch is taken at trace time from the device and t
     rows and the whole K, quantizes each [M, 128] x block itself, widens the e4m3 weight tile to fp32 and reduces
     `w * xq` over the block (exact products, fp32 sums). For M <= 8 per program (grid axis 1 chunks larger M).
   - 'cc_prequant' (2 launches): `_act_quant_kernel`, then the same kernel on the e4m3 activations.
+  - 'rows' (1 launch): `_fp8_gemv_rows_kernel`, CUDA cores, for one or a few tokens: each program owns BLOCK_N
+    (1-8) weight rows and loads them over the whole K in one [BLOCK_N, KB, 128] tile (K padded to a power of two
+    of 128-blocks), so all its weight bytes are in flight at once and thousands of small programs cover the memory
+    latency; x quantized inside each program; tokens M_TILE (<= 4) per program along grid axis 1. The serial-K
+    kernels above leave each program a chain of dependent K steps, which at M = 1 ran at 0.5-1.6 TB/s; 'rows' was
+    1.1-2.0x faster on every 16B and 671B-tp8 shape measured (H200, 2026-11-23, scripts/bench_rows.py).
+  - 'rows_prequant' (2 launches): `_act_quant_kernel`, then the same kernel on the e4m3 activations.
 - CUDA, larger or dynamic M (prefill): `_act_quant_kernel` then either `F.scaled_mm` with
   BlockWise1x128/BlockWise128x128 (cuBLAS; sm_90, torch >= 2.11, bf16 output, K % 128 == 0, N % 128 == 0; M padded to
   a multiple of 4, weight scales zero-padded to round_up(K/128, 4) columns) or the tiled Triton GEMM `_fp8_gemm_kernel`.
@@ -226,6 +233,55 @@ def _fp8_gemv_cc_kernel(
 
 
 @triton.jit
+def dot_rows(w, ws, xq, xs):
+    """w [BN, KB, 128] fp32 (e4m3 values), ws [BN, KB] their block scales, xq [KB, 128] fp32 (one token's e4m3
+    values), xs [KB] -> [BN] fp32: per 128-block sums of exact products, times both scales, summed."""
+    part = tl.sum(w * xq[None, :, :], axis=2)
+    return tl.sum(part * (ws * xs[None, :]), axis=1)
+
+
+@triton.jit
+def load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, QUANT_X: tl.constexpr):
+    """One token as (e4m3 values in fp32 [KB, 128], scales [KB]): quantized here (`quantize_tile_rcp`, exact) from
+    x in its activation dtype, or loaded already quantized."""
+    if QUANT_X:
+        xq, xs = quantize_tile_rcp(tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32))
+        return xq.to(tl.float32), xs
+    else:
+        xq = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        xs = tl.load(xs_ptr + offs_b, mask=kb_mask, other=0.0)
+        return xq, xs
+
+
+@triton.jit
+def _fp8_gemv_rows_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
+    M, N, K, stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
+    QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr, M_TILE: tl.constexpr, KB_PAD: tl.constexpr,
+):
+    """out[m, n] for BLOCK_N weight rows over the whole K (padded to KB_PAD 128-blocks) in ONE load, and the
+    M_TILE tokens of grid column 1 (a static loop): every weight byte of the program is in flight at once."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t0 = tl.program_id(1) * M_TILE
+    n_mask = offs_n < N
+    offs_b = tl.arange(0, KB_PAD)
+    offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
+    k_mask = offs_k < K
+    kb_mask = offs_b < tl.cdiv(K, 128)
+    w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_k[None, :, :],
+                mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
+    ws = tl.load(ws_ptr + (offs_n // 128)[:, None] * stride_wsn + offs_b[None, :],
+                 mask=n_mask[:, None] & kb_mask[None, :], other=0.0)
+    for j in tl.static_range(M_TILE):
+        t = t0 + j
+        if t < M:
+            xq, xs = load_x_row(x_ptr + t * stride_xm, xs_ptr + t * stride_xsm, offs_k, k_mask, offs_b, kb_mask,
+                                QUANT_X)
+            y = dot_rows(w, ws, xq, xs)
+            tl.store(out_ptr + t * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NUMEL
@@ -315,11 +371,15 @@ def gemv_plan(m: int, n: int, k: int, sms: int, block_n: int = 64) -> tuple[int,
     return cdiv(kbt, per), per
 
 
-GEMV_VARIANTS = ("splitk", "splitk_fused", "cc", "cc_prequant", "nosplit", "fused_nosplit")
+GEMV_VARIANTS = ("splitk", "splitk_fused", "cc", "cc_prequant", "nosplit", "fused_nosplit", "rows", "rows_prequant")
+# variants without tl.dot: any power-of-two block_n dividing 128 (the others need >= 16 rows for the MMA)
+GEMV_CUDA_CORE_VARIANTS = ("cc", "cc_prequant", "rows", "rows_prequant")
+# tokens per `_fp8_gemv_rows_kernel` program (a static loop; more tokens take more programs along grid axis 1)
+GEMV_ROWS_M_TILE = 4
 # Launch config (block_n, num_warps, num_stages) a variant gets when pinned without one.
 GEMV_VARIANT_DEFAULTS: dict[str, tuple[int, int, int]] = {
     "splitk": (64, 4, 5), "splitk_fused": (64, 4, 5), "cc": (16, 2, 8), "cc_prequant": (16, 2, 8), "nosplit": (32, 4, 4),
-    "fused_nosplit": (32, 4, 4),
+    "fused_nosplit": (32, 4, 4), "rows": (8, 8, 1), "rows_prequant": (2, 8, 1),
 }
 # Tokens per `_fp8_gemv_cc_kernel` program (its fp32 product tile is BLOCK_N x BLOCK_T x 128); more tokens take more
 # programs along grid axis 1, each re-reading its weight rows.
@@ -328,18 +388,21 @@ GEMV_CC_MAX_T = 8
 # the first row with M <= max M applies. Paste the table `scripts/sweep_gemv.py` prints (H200, 132 SMs). Shapes
 # not listed, and M above a shape's last row, get GEMV_DEFAULT.
 GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = {
+    # M = 1 rows 'rows'/'rows_prequant': scripts/bench_rows.py on the H200, 2026-11-23 (graph-timed, us, today's
+    # choice -> rows): 16B qkv_a 9.84 -> 5.45, o_proj 7.16 -> 3.86, dense.down 14.50 -> 12.70; 671B-tp8 qkv_a
+    # 10.99 -> 8.85, q_b 8.85 -> 4.32, o_proj 8.88 -> 8.04, shared.down 3.40 -> 2.75. Other rows: the sweep below.
     # H200, scripts/sweep_gemv.py --quick (M = 1 and 8), 2026-11-23, the rank layout's GEMVs. Per shape class, the
     # best config against the split-K default: M=1 under 2 MB 1.34x, 2-8 MB 1.07x, >= 8 MB 1.00x; M=8 1.31x /
     # 1.08x / 1.00x (rows equal to the default are kept: they record that the default won there).
     (256, 7168): ((8, "splitk_fused", 32, 4, 5),),  # 671B-tp8 shared.gate/up
-    (2048, 2048): ((8, "splitk_fused", 64, 4, 5),),  # 16B o_proj
-    (2048, 10944): ((8, "splitk", 64, 4, 5),),  # 16B dense.down
-    (2112, 7168): ((8, "splitk", 64, 4, 5),),  # 671B-tp8 qkv_a_proj
+    (2048, 2048): ((1, "rows", 8, 8, 1), (8, "splitk_fused", 64, 4, 5)),  # 16B o_proj
+    (2048, 10944): ((1, "rows_prequant", 2, 8, 1), (8, "splitk", 64, 4, 5)),  # 16B dense.down
+    (2112, 7168): ((1, "rows_prequant", 4, 8, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 qkv_a_proj
     (2304, 7168): ((8, "splitk", 64, 4, 5),),  # 671B-tp8 dense.gate/up
-    (3072, 1536): ((1, "cc_prequant", 16, 2, 5), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 q_b_proj
-    (3648, 2048): ((1, "cc_prequant", 16, 2, 5), (8, "splitk", 64, 4, 5)),  # 16B qkv_a_proj
-    (7168, 256): ((1, "cc", 32, 2, 8), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 shared.down
-    (7168, 2048): ((8, "splitk", 64, 4, 5),),  # 671B-tp8 o_proj
+    (3072, 1536): ((1, "rows", 8, 8, 1), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 q_b_proj
+    (3648, 2048): ((1, "rows", 8, 8, 1), (8, "splitk", 64, 4, 5)),  # 16B qkv_a_proj
+    (7168, 256): ((1, "rows", 8, 2, 1), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 shared.down
+    (7168, 2048): ((1, "rows_prequant", 2, 4, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 o_proj
     (7168, 2304): ((1, "splitk", 64, 4, 5), (8, "nosplit", 32, 4, 4)),  # 671B-tp8 dense.down
     (10944, 2048): ((8, "splitk", 64, 4, 5),),  # 16B dense.gate/up
 }
@@ -427,6 +490,20 @@ def fp8_gemv(
         variant, fused = "splitk", True
     assert 128 % block_n == 0, f"GEMV block_n={block_n} must divide 128"
     prequant = x_scale is not None
+    if variant in ("rows", "rows_prequant"):
+        if variant == "rows_prequant" and not prequant:
+            x2, x_scale = act_quant(x2)
+            prequant = True
+        m_tile = min(m, GEMV_ROWS_M_TILE)
+        out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+        xs = x_scale if prequant else x2
+        wrap_triton(_fp8_gemv_rows_kernel)[(cdiv(n, block_n), cdiv(m, m_tile))](
+            x2, xs, weight, scale, out,
+            m, n, k, x2.stride(0), xs.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+            QUANT_X=not prequant, BLOCK_N=block_n, M_TILE=m_tile, KB_PAD=next_pow2(cdiv(k, BLOCK)),
+            num_warps=num_warps,
+        )
+        return out
     if variant in ("cc", "cc_prequant"):
         if variant == "cc_prequant" and not prequant:
             x2, x_scale = act_quant(x2)
@@ -596,4 +673,4 @@ def _fp8_linear_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
 
 
 __all__ = ["fp8_linear", "fp8_linear_reference", "fp8_linear_triton", "fp8_gemv", "fp8_gemm", "act_quant",
-           "gemv_choice", "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX", "GEMV_VARIANTS"]
+           "gemv_choice", "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX", "GEMV_VARIANTS", "GEMV_CUDA_CORE_VARIANTS"]

@@ -1,13 +1,25 @@
-"""Row-parallel decode kernels (dsv3.kernels.rows) against the kernels the model launches today, on the GPU.
+"""Row-parallel one-token kernels (the GEMV variant 'rows', and an MoE prototype) against the serial-K ones, on the GPU.
 
     python3 scripts/bench_rows.py [--json PATH]
 
-GEMV at M=1 on the 16B and 671B-tp8 weight shapes: `fp8_gemv` as the model calls it (GEMV_TUNED's variant) vs
-`gemv_rows` over a grid of (block_n, num_warps, x quantized in-kernel or by act_quant). MoE at T=1 (16B: 6 routed +
+GEMV at M=1 on the 16B and 671B-tp8 weight shapes: `fp8_gemv` with the split-K default ('splitk', GEMV_DEFAULT) vs
+the 'rows' / 'rows_prequant' variants over a grid of (block_n, num_warps). MoE at T=1 (16B: 6 routed +
 2 stacked shared experts; 671B-ep8 rank: 1 local id + 7 ids of other ranks): `routed_experts_triton` vs `moe_rows`
 (coordinate search: the up kernel's config, then the down kernel's). Every config is checked against the
 reference first (relative error); timing as scripts/sweep_moe.py: C weight copies (>= 256 MB, several times the L2)
 called back to back in one CUDA graph, median replay / C.
+
+The MoE kernels below are the experiment's own (not part of the package):
+- `_moe_up_rows_kernel`: grid (K slots, cdiv(I, BLOCK_N)): slot k is expert topk_idx[0, k] (ids outside [0, E) do
+  nothing), gate and up rows of that expert, then SiLU(gate) * up with the reference's rounding points, written in
+  x.dtype to h[k].
+- `_moe_down_rows_kernel`: grid cdiv(D, BLOCK_N): each program owns BLOCK_N output channels and walks all K slots
+  (the quantized h[k] times the rows of expert topk_idx[0, k]), rounds each expert's output to x.dtype and adds it
+  times topk_weight[0, k] in fp32: the combine happens here (no [K, D] buffer, no combine launch).
+Measured against `routed_experts_triton` (scripts/bench_rows.py, H200, 2026-11-23): 16B T=1 33.2 vs 34.3 us (up
+14.1 us vs 17.7, but the down kernel with the combine 12.8 us vs 9.5 + 2.2); 671B-ep8 rank T=1 53.9 us vs 45-47 us
+before this session's scale change (up 14.4 us vs 23.4; down 31.5 us: its static loop over the 8 slots, 7 of them
+another rank's, costs as much as the loads). Not faster where it matters yet, so the op does not launch it.
 """
 
 from __future__ import annotations
@@ -18,12 +30,15 @@ import math
 import sys
 
 import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
 
+from dsv3.kernels._launch import cdiv, next_pow2
 from dsv3.kernels.bench import graph_us
 from dsv3.kernels.fp8_blocks import quantize_weight
-from dsv3.kernels.fp8_linear import fp8_gemv, fp8_linear_reference
+from dsv3.kernels.fp8_linear import act_quant, dot_rows, fp8_gemv, fp8_linear_reference, load_x_row
 from dsv3.kernels.routed_experts import routed_experts_reference, routed_experts_triton
-from dsv3.kernels.rows import gemv_rows, moe_rows
 
 PEAK = 4.27e12
 GEMV_SHAPES = {  # name: (N, K)
@@ -36,6 +51,117 @@ MOE_SHAPES = {
     "671B-ep8": dict(e=32, d=7168, i=2048, ids=lambda g: torch.cat([torch.randint(0, 32, (1,), generator=g),
                                                                     torch.full((7,), 1000)])),
 }
+
+
+@triton.jit
+def _moe_up_rows_kernel(
+    x_ptr, xs_ptr, idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
+    E, I, D, stride_we, stride_wn, stride_se, stride_sn, stride_h,
+    QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    e = tl.load(idx_ptr + slot)
+    if (e >= 0) & (e < E):
+        e64 = e.to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < I
+        offs_b = tl.arange(0, KB_PAD)
+        offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
+        k_mask = offs_k < D
+        kb_mask = offs_b < tl.cdiv(D, 128)
+        w_off = e64 * stride_we + offs_n[:, None, None] * stride_wn + offs_k[None, :, :]
+        w_mask = n_mask[:, None, None] & k_mask[None, :, :]
+        s_off = e64 * stride_se + (offs_n // 128)[:, None] * stride_sn + offs_b[None, :]
+        s_mask = n_mask[:, None] & kb_mask[None, :]
+        wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
+        wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
+        sg = tl.load(sg_ptr + s_off, mask=s_mask, other=0.0)
+        su = tl.load(su_ptr + s_off, mask=s_mask, other=0.0)
+        xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, QUANT_X)
+        odt = h_ptr.dtype.element_ty
+        # the reference rounds gate, up, silu and the product to the activation dtype
+        g = dot_rows(wg, sg, xq, xs).to(odt).to(tl.float32)
+        u = dot_rows(wu, su, xq, xs).to(odt).to(tl.float32)
+        sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
+        tl.store(h_ptr + slot * stride_h + offs_n, (sl * u).to(odt), mask=n_mask)
+
+
+@triton.jit
+def _moe_down_rows_kernel(
+    hq_ptr, hs_ptr, idx_ptr, wt_ptr, wd_ptr, sd_ptr, out_ptr,
+    E, I, D, stride_hq, stride_hs, stride_we, stride_wn, stride_se, stride_sn,
+    N_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+):
+    """hq/hs: h quantized per slot (act_quant of [K, I]); out [D] in the activation dtype."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
+    offs_b = tl.arange(0, KB_PAD)
+    offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
+    k_mask = offs_k < I
+    kb_mask = offs_b < tl.cdiv(I, 128)
+    odt = out_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for slot in tl.static_range(N_SLOTS):
+        e = tl.load(idx_ptr + slot)
+        valid = (e >= 0) & (e < E)
+        e64 = tl.where(valid, e, 0).to(tl.int64)
+        wgt = tl.load(wt_ptr + slot)
+        # an id outside [0, E) (another rank's expert) reads nothing: the masks carry `valid` per element
+        ok_n = n_mask & ((offs_n * 0 + e) >= 0) & ((offs_n * 0 + e) < E)
+        ok_b = kb_mask & ((offs_b * 0 + e) >= 0) & ((offs_b * 0 + e) < E)
+        w = tl.load(wd_ptr + e64 * stride_we + offs_n[:, None, None] * stride_wn + offs_k[None, :, :],
+                    mask=ok_n[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
+        sd = tl.load(sd_ptr + e64 * stride_se + (offs_n // 128)[:, None] * stride_sn + offs_b[None, :],
+                     mask=ok_n[:, None] & ok_b[None, :], other=0.0)
+        hq = tl.load(hq_ptr + slot * stride_hq + offs_k, mask=k_mask & ok_b[:, None], other=0.0).to(tl.float32)
+        hs = tl.load(hs_ptr + slot * stride_hs + offs_b, mask=ok_b, other=0.0)
+        y = dot_rows(w, sd, hq, hs).to(odt).to(tl.float32)  # the reference rounds each expert's output
+        acc += tl.where(valid, y * wgt, 0.0)
+    tl.store(out_ptr + offs_n, acc.to(odt), mask=n_mask)
+
+
+def _kb_pad(k: int) -> int:
+    return max(1, next_pow2(cdiv(k, 128)))
+
+
+def moe_rows(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+             gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+             gate_scale_inv: torch.Tensor, up_scale_inv: torch.Tensor, down_scale_inv: torch.Tensor,
+             up_block_n: int = 2, up_num_warps: int = 4, down_block_n: int = 2, down_num_warps: int = 4,
+             quant_x: bool = False) -> torch.Tensor:
+    """`routed_experts` for one token ([1, D]) with FP8 weights: 4 launches (x quantization, up, h quantization,
+    down with the combine) or 3 with `quant_x` (x quantized inside every up program)."""
+    t, d = x.shape
+    assert t == 1
+    k = topk_idx.shape[1]
+    e, i, _ = gate_proj.shape
+    idx = topk_idx.contiguous()
+    wt = topk_weight.contiguous().float()
+    if quant_x:
+        xq, xs = x, x
+    else:
+        xq, xs = act_quant(x)
+    h = torch.empty((k, i), dtype=x.dtype, device=x.device)
+    sg = gate_scale_inv
+    wrap_triton(_moe_up_rows_kernel)[(k, cdiv(i, up_block_n))](
+        xq, xs, idx, gate_proj, up_proj, sg, up_scale_inv, h,
+        e, i, d, gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), h.stride(0),
+        QUANT_X=quant_x, BLOCK_N=up_block_n, KB_PAD=_kb_pad(d), num_warps=up_num_warps,
+    )
+    hq, hs = act_quant(h)
+    out = torch.empty_like(x)
+    sd = down_scale_inv
+    wrap_triton(_moe_down_rows_kernel)[(cdiv(d, down_block_n),)](
+        hq, hs, idx, wt, down_proj, sd, out,
+        e, i, d, hq.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1), sd.stride(0), sd.stride(1),
+        N_SLOTS=k, BLOCK_N=down_block_n, KB_PAD=_kb_pad(i), num_warps=down_num_warps,
+    )
+    return out
+
+
+def gemv_rows(x, w, s, block_n, num_warps, quant_x):
+    return fp8_gemv(x, w, s, torch.bfloat16, variant="rows" if quant_x else "rows_prequant", block_n=block_n,
+                    num_warps=num_warps, num_stages=1)
 
 
 def rel(a, b):
@@ -63,7 +189,7 @@ def bench_gemv(results):
         ws = [(w0, s0)] + [(w0.clone(), s0.clone()) for _ in range(copies - 1)]
         x = torch.randn(1, k, generator=gen).bfloat16().cuda()
         ref = fp8_linear_reference(x, w0, s0)
-        base = timed(lambda c: fp8_gemv(x, ws[c][0], ws[c][1], torch.bfloat16), copies)
+        base = timed(lambda c: fp8_gemv(x, ws[c][0], ws[c][1], torch.bfloat16, variant="splitk"), copies)
         rows = []
         kb_pad = 1 << max(0, math.ceil(math.log2(math.ceil(k / 128))))
         for bn in (1, 2, 4, 8):
@@ -72,19 +198,18 @@ def bench_gemv(results):
                     continue
                 for qx in (True, False):
                     try:
-                        y = gemv_rows(x, w0, s0, torch.bfloat16, block_n=bn, num_warps=warps, quant_x=qx)
+                        y = gemv_rows(x, w0, s0, bn, warps, qx)
                         err = rel(y, ref)
                         if err > 2e-2:
                             rows.append(dict(bn=bn, warps=warps, quant_x=qx, error=f"rel err {err:.2e}"))
                             continue
-                        us = timed(lambda c: gemv_rows(x, ws[c][0], ws[c][1], torch.bfloat16, block_n=bn,
-                                                       num_warps=warps, quant_x=qx), copies)
+                        us = timed(lambda c: gemv_rows(x, ws[c][0], ws[c][1], bn, warps, qx), copies)
                         rows.append(dict(bn=bn, warps=warps, quant_x=qx, us=us, err=err))
                     except Exception as e:  # noqa: BLE001
                         rows.append(dict(bn=bn, warps=warps, quant_x=qx, error=repr(e)[:200]))
         ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
         best = ok[0]
-        print(f"{name:22s} {nbytes / 1e6:6.2f} MB  today {base:6.2f} us ({nbytes / base / 1e6:5.2f} TB/s)  rows best "
+        print(f"{name:22s} {nbytes / 1e6:6.2f} MB  split-K {base:6.2f} us ({nbytes / base / 1e6:5.2f} TB/s)  rows best "
               f"{best['us']:6.2f} us ({nbytes / best['us'] / 1e6:5.2f} TB/s, {base / best['us']:.2f}x) bn={best['bn']} "
               f"warps={best['warps']} quant_x={best['quant_x']}; next: "
               + ", ".join(f"{r['bn']}/{r['warps']}/{'q' if r['quant_x'] else 'p'} {r['us']:.2f}" for r in ok[1:5]),

@@ -45,13 +45,14 @@ CONFIGS = {
     "nosplit": [(32, 4, 4), (16, 4, 3), (64, 8, 2)],
     "fused_nosplit": [(32, 4, 4), (16, 2, 3), (64, 8, 2)],
     "splitk": [(64, 4, 5), (32, 4, 3), (16, 4, 2)],
+    "rows": [(8, 8, 1), (2, 4, 1), (1, 2, 1), (4, 1, 1)],
 }
 
 
 def config_for(variant: str, i: int, n: int, k: int) -> tuple[int, int, int]:
     bn, nw, ns = CONFIGS[variant][i % len(CONFIGS[variant])]
     if n * k > 150_000:  # the interpreter's time goes by programs x K blocks: few, wide programs on big shapes
-        bn = 64
+        bn = 8 if variant == "rows" else 64
     return bn, nw, ns
 
 
@@ -59,8 +60,8 @@ def weights(n: int, k: int, gen: torch.Generator):
     return quantize_weight(torch.randn(n, k, generator=gen))
 
 
-@pytest.mark.parametrize("variant", ["cc", "nosplit", "fused_nosplit"])  # splitk: tests/interpret_kernels.py
-# (cc_prequant with x_scale= is cc with x_scale=)
+@pytest.mark.parametrize("variant", ["cc", "nosplit", "fused_nosplit", "rows"])  # splitk: tests/interpret_kernels.py
+# (cc_prequant / rows_prequant with x_scale= are cc / rows with x_scale=)
 @pytest.mark.parametrize("i", range(len(SHAPES)))
 def test_gemv_variant_prequantized(variant, i):
     m, n, k = SHAPES[i]
@@ -74,7 +75,7 @@ def test_gemv_variant_prequantized(variant, i):
     assert rel_err(out, ref) < 1e-6
 
 
-@pytest.mark.parametrize("variant", ["cc", "fused_nosplit", "cc_prequant"])
+@pytest.mark.parametrize("variant", ["cc", "fused_nosplit", "cc_prequant", "rows"])
 @pytest.mark.parametrize("i", range(len(SHAPES)))
 def test_gemv_variant_quantizes_exactly(variant, i):
     """The variants that quantize x inside the GEMV program (`quantize_tile_rcp`), and cc after `_act_quant_kernel`
@@ -84,9 +85,21 @@ def test_gemv_variant_quantizes_exactly(variant, i):
     w, s = weights(n, k, gen)
     x = exactly_quantizable(m, k, gen)
     ref = L.fp8_linear_reference(x.float(), w, s).double()
-    bn, nw, ns = config_for(variant, i + 1, n, k)
+    bn, nw, ns = config_for("rows" if variant == "rows" else variant, i + 1, n, k)
     out = L.fp8_gemv(x, w, s, torch.float32, variant=variant, block_n=bn, num_warps=nw, num_stages=ns)
     assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("m", [3, 6])
+def test_rows_token_tiles(m):
+    """More tokens than GEMV_ROWS_M_TILE: the rows kernel takes several programs along grid axis 1 (the last one
+    ragged), each token's x quantized in the program."""
+    n, k = 40, 300
+    gen = torch.Generator().manual_seed(50 + m)
+    w, s = weights(n, k, gen)
+    x = exactly_quantizable(m, k, gen)
+    ref = L.fp8_linear_reference(x.float(), w, s).double()
+    assert rel_err(L.fp8_gemv(x, w, s, torch.float32, variant="rows", block_n=8, num_warps=2), ref) < 1e-6
 
 
 @pytest.mark.parametrize("m", [11, 64])
@@ -135,6 +148,8 @@ def launches(monkeypatch):
     ("fused_nosplit", ["_fp8_gemv_kernel"]),
     ("splitk", ["_act_quant_kernel", "_fp8_gemv_kernel", "_splitk_reduce_kernel"]),
     ("splitk_fused", ["_fp8_gemv_kernel", "_splitk_reduce_kernel"]),
+    ("rows", ["_fp8_gemv_rows_kernel"]),
+    ("rows_prequant", ["_act_quant_kernel", "_fp8_gemv_rows_kernel"]),
 ])
 def test_launches_per_variant(variant, expected, launches):
     m, n, k = 1, 64, 1408  # splitk: 1 program column -> several splits

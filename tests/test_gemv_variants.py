@@ -49,7 +49,7 @@ def test_gemv_choice_untuned_shapes_get_the_default(monkeypatch):
     # every shipped choice is a legal launch config
     for choices in [(L.GEMV_DEFAULT,)] + [tuple(r[1:] for r in rows) for rows in L.GEMV_TUNED.values()]:
         for variant, bn, nw, ns in choices:
-            assert variant in L.GEMV_VARIANTS and 128 % bn == 0 and (variant == "cc" or bn >= 16)
+            assert variant in L.GEMV_VARIANTS and 128 % bn == 0 and (variant in L.GEMV_CUDA_CORE_VARIANTS or bn >= 16)
             assert nw in (1, 2, 4, 8) and ns >= 1
 
 
@@ -133,6 +133,8 @@ GPU_CONFIGS = {  # per variant: its default, and one other legal config
     "cc_prequant": [None, (32, 4, 5)],
     "nosplit": [None, (16, 4, 5)],
     "fused_nosplit": [None, (16, 8, 3)],
+    "rows": [None, (1, 4, 1)],
+    "rows_prequant": [None, (4, 2, 1)],
 }
 
 

@@ -139,11 +139,11 @@ def _moe_up_kernel(
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr,
+    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
 ):
-    """KB_PAD: a power of two >= ceil(D / 128). GROUPED (prefill) loads the program's block scales before its
-    K loop and picks them out of registers (`pick_scale`: Triton does not pipeline the scale loads); decode loads
-    them per K block (there the picks measured slower).
+    """KB_PAD: a power of two >= ceil(D / 128). PRELOAD: the program's block scales are loaded before its K loop
+    and picked out of registers (`pick_scale`: Triton does not pipeline the scale loads), else loaded per K block;
+    the launcher decides (`preload_scales`).
     FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
     one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
     it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
@@ -168,7 +168,7 @@ def _moe_up_kernel(
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         offs_kb = tl.arange(0, KB_PAD)
         kb_mask = offs_kb < tl.cdiv(D, BLOCK_D)
-        if IS_FP8 and GROUPED:
+        if IS_FP8 and PRELOAD:
             # per (token, K block): x scale times the weight block's scale, the product the loop multiplies by
             xs_all = tl.load(xs_ptr + token64[:, None] * stride_xst + offs_kb[None, :],
                              mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
@@ -182,7 +182,7 @@ def _moe_up_kernel(
             wg = tl.load(wg_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            if IS_FP8 and GROUPED:
+            if IS_FP8 and PRELOAD:
                 xqt = tl.trans(xv)
                 acc_g += tl.dot(wg, xqt) * pick_scales(scale_g, offs_kb, kb)[None, :]
                 acc_u += tl.dot(wu, xqt) * pick_scales(scale_u, offs_kb, kb)[None, :]
@@ -224,9 +224,10 @@ def _moe_down_kernel(
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr,
+    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
 ):
-    """KB_PAD: a power of two >= ceil(I / 128) (scales preloaded, as in the up kernel). FP8 with QUANT_H: h is e4m3 with scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
+    """KB_PAD: a power of two >= ceil(I / 128); PRELOAD as in the up kernel. FP8 with QUANT_H: h is e4m3 with
+    scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
     h is in the activation dtype and each [tokens, 128] tile is quantized here (`quantize_tile_rcp`, exactly
     quantize_activation(h) up to the sign of a zero: columns past I and tokens not routed here load as zeros, as its
     padding is)."""
@@ -247,7 +248,7 @@ def _moe_down_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         offs_kb = tl.arange(0, KB_PAD)
         kb_mask = offs_kb < tl.cdiv(I, BLOCK_I)
-        if IS_FP8 and GROUPED:
+        if IS_FP8 and PRELOAD:
             sd_all = tl.load(sd_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
             if QUANT_H:
                 hs_all = tl.load(hs_ptr + pair64[:, None] * stride_hs + offs_kb[None, :],
@@ -257,13 +258,13 @@ def _moe_down_kernel(
             w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
             hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if IS_FP8:
-                if QUANT_H and GROUPED:
+                if QUANT_H and PRELOAD:
                     hs = pick_scales(hs_all, offs_kb, kb)
                 elif QUANT_H:
                     hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
                 else:
                     hv, hs = quantize_tile_rcp(hv.to(tl.float32))
-                if GROUPED:
+                if PRELOAD:
                     sd = pick_scale(sd_all, offs_kb, kb)
                 else:
                     sd = tl.load(sd_ptr + srow + kb * stride_sk)
@@ -401,6 +402,18 @@ def resolve_moe_decode(
     return plan
 
 
+# The most K blocks (padded) whose scales a program preloads: the picks scale with it (one [T, KB] select and sum
+# per K step). Grouped MoE at T=4096 on the H200 (scripts/bench_grouped_moe.py, 2026-11-23): 16B shapes (D=2048,
+# 16 blocks) 1.892 -> 1.591 ms with preloading; 671B-rank shapes (D=7168, 64 blocks in the up kernel) 1.426 ->
+# 2.188 ms. Decode (a handful of tokens, short K steps) measured slower with it: 671B-ep8 T=1 up 23 -> 62 us.
+PRELOAD_MAX_KB = 16
+
+
+def preload_scales(grouped: bool, kb_pad: int) -> bool:
+    """Whether a MoE kernel preloads its block scales (see PRELOAD_MAX_KB): the grouped path with few K blocks."""
+    return grouped and kb_pad <= PRELOAD_MAX_KB
+
+
 def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tuple[torch.Tensor, int]:
     """Device-side tile schedule for the grouped path, fixed size (no sync): int32 [3 * n_tiles + T*K] =
     (expert, start, end) per tile, then the (token*K + k) pair ids sorted by expert (invalid ids last)."""
@@ -498,20 +511,21 @@ def routed_experts_triton(
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
                   BLOCK_P=block_p, BLOCK_E=block_e)
     kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
+    preload_up, preload_down = (preload_scales(grouped, kb) for kb in (kb_pad_up, kb_pad_down))
     wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, plan.up_block_n))](
         xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
         t, k, e, i, d, n_sched,
         xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
         sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-        BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
-        **common,
+        BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, PRELOAD=preload_up, num_warps=plan.up_num_warps,
+        num_stages=plan.up_num_stages, **common,
     )
     wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
         h, hs, idx, sched, down_proj, sd, y,
         t, k, e, i, d, n_sched,
         h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
         sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-        BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
+        BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_down, num_warps=plan.down_num_warps,
         num_stages=plan.down_num_stages, **common,
     )
     block_d = 512

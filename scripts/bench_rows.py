@@ -47,7 +47,8 @@ GEMV_SHAPES = {  # name: (N, K)
     "671B-tp8 shared.down": (7168, 256),
 }
 MOE_SHAPES = {
-    "16B": dict(e=66, d=2048, i=1408, ids=lambda g: torch.cat([torch.randperm(64, generator=g)[:6], torch.tensor([64, 65])])),
+    "16B": dict(e=66, d=2048, i=1408, ids=lambda g: torch.cat([torch.randperm(64, generator=g)[:6],
+                                                               torch.tensor([64, 65])])),
     "671B-ep8": dict(e=32, d=7168, i=2048, ids=lambda g: torch.cat([torch.randint(0, 32, (1,), generator=g),
                                                                     torch.full((7,), 1000)])),
 }

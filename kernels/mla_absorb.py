@@ -21,6 +21,9 @@ Implementations (branch taken at trace time)
   gathered per element, so heads need not align with the 128-row scale blocks) and runs a tensor-core dot against
   all rows of x (padded to 16). Replaces, per layer and step, a dequantize kernel that wrote the whole weight in
   bf16 and two batched GEMMs that read it back: the weight is read once, in FP8.
+  Up to ABSORB_ROWS_MAX_M rows (batch-1 decode), CUDA-core kernels instead (`_absorb_q_rows_kernel`,
+  `_absorb_o_rows_kernel`): each program owns a few output channels of one head and loads its whole weight tile at
+  once, so hundreds of small programs are in flight rather than 32-64 MMA tiles walking C serially.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from dsv3.kernels._launch import cdiv, next_pow2, static_int
 from dsv3.kernels.fp8_blocks import dequantize_weight
 
 DECODE_MAX_M = 64
+# Up to this many rows of x (tokens), the CUDA-core kernels (`_absorb_*_rows_kernel`): one weight tile per program
+# in one load, many programs. Their launch config per direction (output=False, output=True): output channels per
+# program and warps.
+ABSORB_ROWS_MAX_M = 4
+ABSORB_ROWS_BLOCK = {False: 16, True: 4}
+ABSORB_ROWS_WARPS = {False: 4, True: 4}
 
 
 def mla_absorb_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: Optional[torch.Tensor],
@@ -111,8 +120,66 @@ def _absorb_o_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_d < DV)[None, :])
 
 
+@triton.jit
+def _absorb_q_rows_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, C, DN, ROWS_PER_HEAD,
+    stride_xm, stride_xh, stride_wr, stride_sr, stride_sc, stride_om, stride_oh,
+    HAS_SCALE: tl.constexpr, M: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """`_absorb_q_kernel` for M <= ABSORB_ROWS_MAX_M tokens on CUDA cores: one program per (head, BLOCK_C output
+    channels) with its [Dn, BLOCK_C] weight tile in one load; many small programs instead of a few MMA tiles."""
+    h = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_DN)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    d_mask = offs_d < DN
+    c_mask = offs_c < C
+    rows = h * ROWS_PER_HEAD + offs_d
+    w = _weight_tile(w_ptr, s_ptr, rows, offs_c, (tl.program_id(1) * BLOCK_C) // 128, d_mask,
+                     d_mask[:, None] & c_mask[None, :], stride_wr, stride_sr, stride_sc, HAS_SCALE,
+                     x_ptr.dtype.element_ty).to(tl.float32)
+    for m in tl.static_range(M):
+        x = tl.load(x_ptr + m * stride_xm + h * stride_xh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        acc = tl.sum(w * x[:, None], axis=0)
+        tl.store(out_ptr + m * stride_om + h * stride_oh + offs_c, acc.to(out_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _absorb_o_rows_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, C, DN, DV, ROWS_PER_HEAD,
+    stride_xm, stride_xh, stride_wr, stride_sr, stride_sc, stride_om, stride_oh,
+    HAS_SCALE: tl.constexpr, M: tl.constexpr, BLOCK_D: tl.constexpr, KB_PAD: tl.constexpr,
+):
+    """`_absorb_o_kernel` for M <= ABSORB_ROWS_MAX_M tokens on CUDA cores: one program per (head, BLOCK_D output
+    channels), its [BLOCK_D, C] rows of W_UV in one load ([BLOCK_D, KB, 128], one scale per row and 128-block)."""
+    h = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < DV
+    offs_b = tl.arange(0, KB_PAD)
+    offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
+    k_mask = offs_k < C
+    rows = h * ROWS_PER_HEAD + DN + offs_d
+    w = tl.load(w_ptr + rows[:, None, None] * stride_wr + offs_k[None, :, :],
+                mask=d_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
+    dt = x_ptr.dtype.element_ty
+    if HAS_SCALE:
+        s = tl.load(s_ptr + (rows // 128)[:, None] * stride_sr + offs_b[None, :] * stride_sc,
+                    mask=d_mask[:, None] & (offs_b < tl.cdiv(C, 128))[None, :], other=0.0)
+        w = (w * s[:, :, None]).to(dt).to(tl.float32)  # the reference's W: dequantized, rounded to x.dtype
+    else:
+        w = w.to(dt).to(tl.float32)
+    for m in tl.static_range(M):
+        x = tl.load(x_ptr + m * stride_xm + h * stride_xh + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        acc = tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
+        tl.store(out_ptr + m * stride_om + h * stride_oh + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
 def mla_absorb_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: Optional[torch.Tensor],
-                      nope_dim: int, v_dim: int, output: bool, block: int = 64, num_warps: int = 4) -> torch.Tensor:
+                      nope_dim: int, v_dim: int, output: bool, block: int = 64, num_warps: int = 4,
+                      rows: Optional[bool] = None, rows_block: Optional[int] = None,
+                      rows_warps: Optional[int] = None) -> torch.Tensor:
+    """The Triton path. `rows` (default: M <= ABSORB_ROWS_MAX_M): the CUDA-core kernels with `rows_block` output
+    channels per program (default ABSORB_ROWS_BLOCK[output]) and `rows_warps` warps; else the MMA kernels with
+    `block` and `num_warps`."""
     *lead, heads, k = x.shape
     c = weight.shape[1]
     x3 = x.reshape(-1, heads, k)
@@ -126,6 +193,26 @@ def mla_absorb_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: O
     s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
     block_m = max(16, next_pow2(m))
     rows_per_head = nope_dim + v_dim
+    if rows is None:
+        rows = m <= ABSORB_ROWS_MAX_M
+    if rows:
+        assert m <= ABSORB_ROWS_MAX_M
+        rb = rows_block or ABSORB_ROWS_BLOCK[output]
+        nw = rows_warps or ABSORB_ROWS_WARPS[output]
+        if output:
+            wrap_triton(_absorb_o_rows_kernel)[(heads, cdiv(v_dim, rb))](
+                x3, weight, s, out, c, nope_dim, v_dim, rows_per_head,
+                x3.stride(0), x3.stride(1), weight.stride(0), *s_strides, out.stride(0), out.stride(1),
+                HAS_SCALE=has_scale, M=m, BLOCK_D=rb, KB_PAD=next_pow2(cdiv(c, 128)), num_warps=nw,
+            )
+        else:
+            assert 128 % rb == 0
+            wrap_triton(_absorb_q_rows_kernel)[(heads, cdiv(c, rb))](
+                x3, weight, s, out, c, nope_dim, rows_per_head,
+                x3.stride(0), x3.stride(1), weight.stride(0), *s_strides, out.stride(0), out.stride(1),
+                HAS_SCALE=has_scale, M=m, BLOCK_DN=max(16, next_pow2(nope_dim)), BLOCK_C=rb, num_warps=nw,
+            )
+        return out.view(*lead, heads, n_out)
     if output:
         block_d = min(block, max(16, next_pow2(v_dim)))
         wrap_triton(_absorb_o_kernel)[(heads, cdiv(v_dim, block_d))](

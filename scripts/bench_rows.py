@@ -304,16 +304,52 @@ def bench_moe(results):
         results["moe"][name] = dict(bytes=nbytes, today_us=base, today_err=base_err, rows=rows, kernels=per)
 
 
+def bench_absorb(results):
+    """mla_absorb at M = 1 on the 16B / 671B-tp8 rank shape (16 heads, Dn = Dv = 128, C = 512, FP8 kv_b_proj):
+    the MMA kernels vs the CUDA-core ones over (output channels per program, warps)."""
+    from dsv3.kernels import mla_absorb as AB
+    gen = torch.Generator().manual_seed(2)
+    h, dn, dv, c = 16, 128, 128, 512
+    w0, s0 = rand_fp8((h * (dn + dv), c), gen)
+    copies = 64
+    ws = [(w0, s0)] + [(w0.clone(), s0.clone()) for _ in range(copies - 1)]
+    for output in (False, True):
+        x = torch.randn(1, 1, h, c if output else dn, generator=gen).bfloat16().cuda()
+        ref = AB.mla_absorb_reference(x.double(), w0, s0, dn, dv, output)
+        run = lambda cc, **kw: AB.mla_absorb_triton(x, ws[cc][0], ws[cc][1], dn, dv, output, **kw)  # noqa: E731
+        mma = timed(lambda cc: run(cc, rows=False), copies)
+        rows = []
+        for rb in ((8, 16, 32, 64) if not output else (2, 4, 8, 16)):
+            for nw in (1, 2, 4, 8):
+                try:
+                    err = rel(run(0, rows=True, rows_block=rb, rows_warps=nw), ref)
+                    if err > 6e-3:
+                        rows.append(dict(block=rb, warps=nw, error=f"rel err {err:.2e}"))
+                        continue
+                    rows.append(dict(block=rb, warps=nw, err=err,
+                                     us=timed(lambda cc: run(cc, rows=True, rows_block=rb, rows_warps=nw), copies)))
+                except Exception as ex:  # noqa: BLE001
+                    rows.append(dict(block=rb, warps=nw, error=repr(ex)[:200]))
+        ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+        name = "absorb_o" if output else "absorb_q"
+        print(f"{name} M=1 H=16: MMA {mma:.2f} us; rows best {ok[0]['us']:.2f} us ({mma / ok[0]['us']:.2f}x) "
+              f"block={ok[0]['block']} warps={ok[0]['warps']}; next: "
+              + ", ".join(f"{r['block']}/{r['warps']} {r['us']:.2f}" for r in ok[1:6]), flush=True)
+        results.setdefault("absorb", {})[name] = dict(mma_us=mma, rows=rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
-    ap.add_argument("--only", choices=("gemv", "moe"))
+    ap.add_argument("--only", choices=("gemv", "moe", "absorb"))
     args = ap.parse_args()
     results = dict(gemv={}, moe={}, device=torch.cuda.get_device_name())
-    if args.only != "moe":
+    if args.only in (None, "gemv"):
         bench_gemv(results)
-    if args.only != "gemv":
+    if args.only in (None, "moe"):
         bench_moe(results)
+    if args.only in (None, "absorb"):
+        bench_absorb(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

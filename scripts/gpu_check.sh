@@ -8,7 +8,8 @@
 #   sweep-mla  scripts/sweep_mla.py: decode launch plans of the MLA kernel (checked against the reference, timed)
 #   sweep-moe  scripts/sweep_moe.py: FP8 decode launch plans of routed_experts (16B, 671B ws8 rank; T 1, 8), checked
 #              against the default plan, timed; prints a suggested MOE_DECODE_TUNED table (JSON in $OUT)
-#   rows       scripts/bench_rows.py: row-parallel M=1 GEMV and T=1 MoE kernels vs today's (JSON in $OUT)
+#   rows       scripts/bench_rows.py: row-parallel M=1 GEMV, T=1 MoE and absorb kernels vs the serial-K / MMA
+#              ones (ROWS_ONLY=gemv|moe|absorb: one part; JSON in $OUT)
 #   moe-grouped scripts/bench_grouped_moe.py: prefill MoE (grouped path) at T=4096, 64- vs 128-pair tiles, TFLOP/s
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
@@ -117,7 +118,8 @@ keep_wrapper() {  # the C++ AOTInductor generated last (after a failed build), c
 step_loadprof() { $PY scripts/profile_load.py "$ART16" "$WORK/ckpt16" 2>&1 | grep -v Warning | tail -12; }
 
 step_prof16() { $PY scripts/profile_decode.py "$ART16" "$WORK/ckpt16" "$OUT" 128 4095 2>&1 | grep -v Warning | tail -90; }
-step_rows() { timeout 400 $PY scripts/bench_rows.py --json "$OUT/rows.json" 2>&1 | grep -v -i warn | tail -30; }
+step_rows() { timeout 400 $PY scripts/bench_rows.py ${ROWS_ONLY:+--only $ROWS_ONLY} --json "$OUT/rows.json" 2>&1 \
+  | grep -v -i warn | tail -30; }
 step_prof16q() { $PY scripts/profile_decode.py "$WORK/art16q" random "$OUT" 128 4095 2>&1 | grep -v Warning | tail -90; }
 
 step_ckpt16bf16() {  # CPU only: the BF16 copy transformers loads for bench16's --baseline hf

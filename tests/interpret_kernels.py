@@ -336,16 +336,20 @@ ABSORB_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", ABSORB_CASES)
+# rows None: the default (the CUDA-core kernels for M <= ABSORB_ROWS_MAX_M); False: the MMA kernels at small M too
+ABSORB_PATHS = [(c, None) for c in ABSORB_CASES] + [(c, False) for c in ABSORB_CASES if c[0] <= AB.ABSORB_ROWS_MAX_M]
+
+
+@pytest.mark.parametrize("case,rows", ABSORB_PATHS)
 @pytest.mark.parametrize("output", [False, True])
-def test_mla_absorb(case, output, fixed_interpreter):
+def test_mla_absorb(case, rows, output, fixed_interpreter):
     m, h, dn, dv, c, fp8 = case
     gen = torch.Generator().manual_seed(sum(case[:5]) + output)
     w = torch.randn(h * (dn + dv), c, generator=gen) * 0.1
     w, s = quantize_weight(w) if fp8 else (w.to(torch.bfloat16), None)
     full = torch.randn(m, h, dn + 8, generator=gen).to(torch.bfloat16)
     x = torch.randn(m, h, c, generator=gen).to(torch.bfloat16) if output else full[..., :dn]  # a strided view
-    out = AB.mla_absorb_triton(x, w, s, dn, dv, output)
+    out = AB.mla_absorb_triton(x, w, s, dn, dv, output, rows=rows)
     ref = AB.mla_absorb_reference(x.double(), w if fp8 else w.double(), s, dn, dv, output)  # float64 math
     assert out.shape == (m, h, dv if output else c) and out.dtype == x.dtype
     assert rel_err(out, ref) < 6e-3

@@ -314,6 +314,9 @@ def test_mla_absorb_gpu(case, output):
     ref = AB.mla_absorb_reference(x.double(), w if fp8 else w.double(), s, dn, dv, output)
     name = "mla_absorb M={} H={} Dn={} Dv={} C={} fp8={}".format(*case) + f" output={output}"
     assert out.shape == ref.shape and note(name, rel(out, ref)) < 6e-3
+    if m <= AB.ABSORB_ROWS_MAX_M:  # the op took the CUDA-core kernels: the MMA ones agree too
+        mma = AB.mla_absorb_triton(x, w, s, dn, dv, output, rows=False)
+        assert note(name + " mma", rel(mma, ref)) < 6e-3
 
 
 def _decode_inputs():

@@ -22,6 +22,11 @@ Implementations (branch taken at trace time)
      each rounded to x.dtype). FP8 with BLOCK_N = 128 (QUANT_H): the program owns one 128-channel block of h and
      writes it already quantized (e4m3 + per-token scale, exactly `quantize_activation(h)`), so the down kernel
      streams e4m3. FP8 decode with BLOCK_N in {16, 32, 64} (more programs to fill the GPU): h is written in x.dtype.
+     FP8 decode of ONE token with up BLOCK_N in {1, 2, 4, 8} (ROWS_UP_BLOCK_NS): `_moe_up_rows_kernel` instead, grid
+     (K slots, I/BLOCK_N), CUDA cores, each program's gate and up rows loaded over the whole D at once (many small
+     programs in flight instead of 88 MMA tiles walking D serially: 16B T=1 14.1 vs 17.7 us on the H200); h is
+     written in x.dtype and quantized by one `_act_quant_kernel` launch, so the down kernel streams e4m3 as with
+     QUANT_H.
   2. `_moe_down_kernel`, grid (slot, D/BLOCK_N): down GEMV, writes the unweighted expert output per (token, k) pair,
      rounded to x.dtype like the reference's per-expert output. FP8 without QUANT_H: each program quantizes the
      [tokens, 128] h tile it is about to use (`quantize_tile_rcp`: the scales of `quantize_activation(h)` bit for
@@ -56,7 +61,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_choice, next_pow2, num_sms, static_int
-from dsv3.kernels.fp8_linear import act_quant, fp8_linear_reference, pick_scale, pick_scales, quantize_tile_rcp
+from dsv3.kernels.fp8_linear import (
+    act_quant, dot_rows, fp8_linear_reference, load_x_row, pick_scale, pick_scales, quantize_tile_rcp,
+)
 
 DECODE_MAX_T = 64
 GROUPED_BLOCK_T = 64
@@ -218,6 +225,42 @@ def _moe_up_kernel(
 
 
 @triton.jit
+def _moe_up_rows_kernel(
+    x_ptr, xs_ptr, idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
+    E, I, D, stride_we, stride_wn, stride_se, stride_sn, stride_h,
+    QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+):
+    """One token (T = 1), row-parallel on CUDA cores: grid (K slots, cdiv(I, BLOCK_N)); slot k computes expert
+    topk_idx[0, k] (ids outside [0, E) do nothing) for BLOCK_N rows of gate and up, each loaded over the whole D
+    at once, then SiLU(gate) * up with the reference's rounding points, written in x.dtype to h[k] (pair row k)."""
+    slot = tl.program_id(0)
+    e = tl.load(idx_ptr + slot)
+    if (e >= 0) & (e < E):
+        e64 = e.to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < I
+        offs_b = tl.arange(0, KB_PAD)
+        offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
+        k_mask = offs_k < D
+        kb_mask = offs_b < tl.cdiv(D, 128)
+        w_off = e64 * stride_we + offs_n[:, None, None] * stride_wn + offs_k[None, :, :]
+        w_mask = n_mask[:, None, None] & k_mask[None, :, :]
+        s_off = e64 * stride_se + (offs_n // 128)[:, None] * stride_sn + offs_b[None, :]
+        s_mask = n_mask[:, None] & kb_mask[None, :]
+        wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
+        wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
+        sg = tl.load(sg_ptr + s_off, mask=s_mask, other=0.0)
+        su = tl.load(su_ptr + s_off, mask=s_mask, other=0.0)
+        xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, QUANT_X)
+        odt = h_ptr.dtype.element_ty
+        # the reference rounds gate, up, silu and the product to the activation dtype
+        g = dot_rows(wg, sg, xq, xs).to(odt).to(tl.float32)
+        u = dot_rows(wu, su, xq, xs).to(odt).to(tl.float32)
+        sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
+        tl.store(h_ptr + slot * stride_h + offs_n, (sl * u).to(odt), mask=n_mask)
+
+
+@triton.jit
 def _moe_down_kernel(
     h_ptr, hs_ptr, idx_ptr, sched_ptr, wd_ptr, sd_ptr, y_ptr,
     T, K, E, I, D, n_sched,
@@ -311,7 +354,8 @@ def _moe_combine_kernel(
 
 class MoeDecodePlan(NamedTuple):
     """Launch config of the decode (not grouped) kernels. FP8: up_block_n in {16, 32, 64, 128}; 128 quantizes h in
-    the up kernel, smaller ones leave that to the down kernel. down_block_n: 16..128, a power of two (each program's
+    the up kernel, smaller ones leave that to the down kernel; {1, 2, 4, 8} (one token only) selects the
+    row-parallel up kernel (its up_num_stages is unused). down_block_n: 16..128, a power of two (each program's
     rows must share one row of 128x128 weight scales)."""
     up_block_n: int
     up_num_warps: int
@@ -332,13 +376,16 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
     # 16B (64 routed + 2 shared slots, top-6 + 2), H200, sweep_moe of 2026-11-23, us per layer (default -> plan):
     # T=1 34.0 (the default is the fastest measured), T=2 55.5 -> 46.5, T=4 75.4 -> 68.0, T=8 121.0 -> 109.8
     # (T=3 and T=5..7 unmeasured: they take the next row's plan).
-    (66, 1408, 2048): ((1, MOE_DECODE_DEFAULT), (2, MoeDecodePlan(64, 4, 3, 128, 8, 3)),
+    # T=1 since 2026-11-23 (fourth session): the row-parallel up kernel (scripts/bench_rows.py: up 14.1 vs 17.7 us).
+    (66, 1408, 2048): ((1, MoeDecodePlan(2, 4, 1, 64, 4, 4)), (2, MoeDecodePlan(64, 4, 3, 128, 8, 3)),
                        (4, MoeDecodePlan(64, 4, 3, 128, 4, 3)), (8, MoeDecodePlan(128, 8, 3, 128, 8, 4))),
     # 671B at world size 8, one rank (32 local experts, ~1 of the top-8 ids local): T=1 51.6 -> 45.3 (the up kernel
     # of the one expert: 34.3 -> 23.4 us), T=2 51.4 -> 49.7, T=4 61.8 -> 60.6, T=8 98.3 -> 98.0.
-    (32, 2048, 7168): ((1, MoeDecodePlan(64, 4, 10, 128, 8, 6)), (8, MoeDecodePlan(128, 4, 4, 64, 4, 4))),
+    # T=1 since the fourth session: the row-parallel up kernel (bench_rows.py: 14.4 us vs 23.4 for the one expert).
+    (32, 2048, 7168): ((1, MoeDecodePlan(1, 4, 1, 128, 4, 8)), (8, MoeDecodePlan(128, 4, 4, 64, 4, 4))),
 }
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
+ROWS_UP_BLOCK_NS = (1, 2, 4, 8)  # FP8, T = 1: `_moe_up_rows_kernel`
 
 
 def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecodePlan:
@@ -359,13 +406,20 @@ def parse_moe_plan(spec: str, base: MoeDecodePlan) -> MoeDecodePlan:
     return MoeDecodePlan(*(b if f.strip() == "" else int(f) for f, b in zip(fields, base)))
 
 
-def check_moe_plan(plan: MoeDecodePlan, is_fp8: bool) -> None:
+def check_moe_plan(plan: MoeDecodePlan, is_fp8: bool, t: Optional[int] = None) -> None:
+    """Raise ValueError naming the bad field. `t`: the token count the plan is for (the row-parallel up kernel,
+    up_block_n < 16, takes one token)."""
+    rows_up = is_fp8 and plan.up_block_n in ROWS_UP_BLOCK_NS
     for name in ("up_block_n", "down_block_n"):
         bn = getattr(plan, name)
-        if not (16 <= bn <= 128 and bn & (bn - 1) == 0):
-            raise ValueError(f"MoE decode plan {plan}: {name} must be a power of two in [16, 128]")
-    if is_fp8 and plan.up_block_n not in UP_BLOCK_NS_FP8:
-        raise ValueError(f"MoE decode plan {plan}: FP8 up_block_n must be one of {UP_BLOCK_NS_FP8}")
+        if not (16 <= bn <= 128 and bn & (bn - 1) == 0) and not (name == "up_block_n" and rows_up):
+            raise ValueError(f"MoE decode plan {plan}: {name} must be a power of two in [16, 128]"
+                             + (f" (FP8 up_block_n also {ROWS_UP_BLOCK_NS} for one token)" if is_fp8 else ""))
+    if is_fp8 and plan.up_block_n not in UP_BLOCK_NS_FP8 + ROWS_UP_BLOCK_NS:
+        raise ValueError(f"MoE decode plan {plan}: FP8 up_block_n must be one of {UP_BLOCK_NS_FP8 + ROWS_UP_BLOCK_NS}")
+    if rows_up and t is not None and t != 1:
+        raise ValueError(f"MoE decode plan {plan}: up_block_n {plan.up_block_n} (the row-parallel up kernel) is for "
+                         f"one token, not {t}")
     for name in ("up_num_warps", "down_num_warps"):
         if getattr(plan, name) not in (1, 2, 4, 8, 16):
             raise ValueError(f"MoE decode plan {plan}: {name} must be a power of two <= 16")
@@ -398,7 +452,7 @@ def resolve_moe_decode(
     changes = {k: v for k, v in legacy.items() if v is not None}
     changes.update({k: v for k, v in fields.items() if v is not None})
     plan = plan._replace(**changes)
-    check_moe_plan(plan, is_fp8)
+    check_moe_plan(plan, is_fp8, t)
     return plan
 
 
@@ -496,13 +550,17 @@ def routed_experts_triton(
             t_static, e, i, d, num_sms(x.device), is_fp8, block_n, num_warps, num_stages,
             up_block_n=up_block_n, up_num_warps=up_num_warps, up_num_stages=up_num_stages,
             down_block_n=down_block_n, down_num_warps=down_num_warps, down_num_stages=down_num_stages)
-    # FP8: the up kernel quantizes h when each of its programs owns a whole 128-channel block, else the down kernel
-    quant_h = is_fp8 and plan.up_block_n == 128
+    # FP8: the up kernel quantizes h when each of its programs owns a whole 128-channel block of h, one act-quant
+    # launch after the row-parallel up kernel, else the down kernel
+    rows_up = is_fp8 and not grouped and plan.up_block_n in ROWS_UP_BLOCK_NS
+    quant_h = is_fp8 and (plan.up_block_n == 128 or rows_up)
     if is_fp8:
         xq, xs = act_quant(x)                     # once; the expert programs stream e4m3 tiles
     else:
         xq, xs = x, x                             # xs unused
-    if quant_h:
+    if rows_up:
+        h = hs = None                             # act_quant of the row-parallel kernel's output, below
+    elif quant_h:
         h = torch.empty((p, i), dtype=torch.float8_e4m3fn, device=x.device)
         hs = torch.empty((p, cdiv(i, 128)), dtype=torch.float32, device=x.device)
     else:
@@ -512,14 +570,23 @@ def routed_experts_triton(
                   BLOCK_P=block_p, BLOCK_E=block_e)
     kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
     preload_up, preload_down = (preload_scales(grouped, kb) for kb in (kb_pad_up, kb_pad_down))
-    wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, plan.up_block_n))](
-        xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
-        t, k, e, i, d, n_sched,
-        xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
-        sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-        BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, PRELOAD=preload_up, num_warps=plan.up_num_warps,
-        num_stages=plan.up_num_stages, **common,
-    )
+    if rows_up:  # one token: h[k] for slot k, then h quantized as the QUANT_H up kernel would have
+        h_act = torch.empty((p, i), dtype=out.dtype, device=x.device)
+        wrap_triton(_moe_up_rows_kernel)[(p, cdiv(i, plan.up_block_n))](
+            xq, xs, idx, gate_proj, up_proj, sg, su, h_act,
+            e, i, d, gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), h_act.stride(0),
+            QUANT_X=False, BLOCK_N=plan.up_block_n, KB_PAD=next_pow2(cdiv(d, 128)), num_warps=plan.up_num_warps,
+        )
+        h, hs = act_quant(h_act)
+    else:
+        wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, plan.up_block_n))](
+            xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
+            t, k, e, i, d, n_sched,
+            xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
+            sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
+            BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, PRELOAD=preload_up, num_warps=plan.up_num_warps,
+            num_stages=plan.up_num_stages, **common,
+        )
     wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
         h, hs, idx, sched, down_proj, sd, y,
         t, k, e, i, d, n_sched,

@@ -38,7 +38,7 @@ from dsv3.kernels._launch import cdiv, next_pow2
 from dsv3.kernels.bench import graph_us
 from dsv3.kernels.fp8_blocks import quantize_weight
 from dsv3.kernels.fp8_linear import act_quant, dot_rows, fp8_gemv, fp8_linear_reference, load_x_row
-from dsv3.kernels.routed_experts import routed_experts_reference, routed_experts_triton
+from dsv3.kernels.routed_experts import _moe_up_rows_kernel, routed_experts_reference, routed_experts_triton
 
 PEAK = 4.27e12
 GEMV_SHAPES = {  # name: (N, K)
@@ -52,39 +52,6 @@ MOE_SHAPES = {
     "671B-ep8": dict(e=32, d=7168, i=2048, ids=lambda g: torch.cat([torch.randint(0, 32, (1,), generator=g),
                                                                     torch.full((7,), 1000)])),
 }
-
-
-@triton.jit
-def _moe_up_rows_kernel(
-    x_ptr, xs_ptr, idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
-    E, I, D, stride_we, stride_wn, stride_se, stride_sn, stride_h,
-    QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
-):
-    slot = tl.program_id(0)
-    e = tl.load(idx_ptr + slot)
-    if (e >= 0) & (e < E):
-        e64 = e.to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < I
-        offs_b = tl.arange(0, KB_PAD)
-        offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
-        k_mask = offs_k < D
-        kb_mask = offs_b < tl.cdiv(D, 128)
-        w_off = e64 * stride_we + offs_n[:, None, None] * stride_wn + offs_k[None, :, :]
-        w_mask = n_mask[:, None, None] & k_mask[None, :, :]
-        s_off = e64 * stride_se + (offs_n // 128)[:, None] * stride_sn + offs_b[None, :]
-        s_mask = n_mask[:, None] & kb_mask[None, :]
-        wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-        wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-        sg = tl.load(sg_ptr + s_off, mask=s_mask, other=0.0)
-        su = tl.load(su_ptr + s_off, mask=s_mask, other=0.0)
-        xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, QUANT_X)
-        odt = h_ptr.dtype.element_ty
-        # the reference rounds gate, up, silu and the product to the activation dtype
-        g = dot_rows(wg, sg, xq, xs).to(odt).to(tl.float32)
-        u = dot_rows(wu, su, xq, xs).to(odt).to(tl.float32)
-        sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
-        tl.store(h_ptr + slot * stride_h + offs_n, (sl * u).to(odt), mask=n_mask)
 
 
 @triton.jit

@@ -276,6 +276,22 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
     assert rel_err(out, base) < 1e-6
 
 
+@pytest.mark.parametrize("up_bn,down_bn", [(1, 64), (2, 32), (8, 128)])
+def test_routed_experts_rows_up(up_bn, down_bn, fixed_interpreter):
+    """One token with the row-parallel up kernel (up_block_n < 16): against the reference (ragged I and D, shared
+    slots, another rank's id), and against the default plan up to a bf16 ulp of h (other fp32 sum order)."""
+    e_routed, n_shared, d, i = 6, 2, 300, 200
+    gen = torch.Generator().manual_seed(2000 + up_bn + down_bn)
+    x, _, _, w = _moe_inputs(1, 1, e_routed + n_shared, d, i, True, torch.bfloat16, gen)
+    idx = moe_shared_slot_idx(1, e_routed, 3, n_shared, gen, n_invalid=1)
+    wt = torch.rand(idx.shape, generator=gen)
+    out = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=down_bn)
+    ref = RE.routed_experts_reference(x, idx, wt, *w)
+    assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
+    base = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=128, down_block_n=down_bn)
+    assert rel_err(out, base) < 1e-2
+
+
 def test_routed_experts_grouped_block_t_128(fixed_interpreter):
     """The grouped (prefill) path with 128-pair tiles: same result as 64-pair tiles and the reference."""
     gen = torch.Generator().manual_seed(31)

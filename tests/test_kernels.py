@@ -108,13 +108,14 @@ def test_moe_decode_plan(monkeypatch):
     P = RE.MoeDecodePlan
     monkeypatch.delenv("DSV3_MOE_DECODE", raising=False)
     # untuned shapes: today's config (up 128 rows quantizing h, 8 warps; down 64 rows)
-    assert RE.moe_decode_plan(1, 66, 1408, 2048, 132) == RE.MOE_DECODE_DEFAULT == P(128, 8, 4, 64, 4, 4)
-    assert RE.moe_decode_plan(1, 64, 1408, 2048, 132) == RE.MOE_DECODE_DEFAULT
-    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True) == RE.MOE_DECODE_DEFAULT
+    assert RE.moe_decode_plan(1, 64, 1408, 2048, 132) == RE.MOE_DECODE_DEFAULT == P(128, 8, 4, 64, 4, 4)
+    assert RE.resolve_moe_decode(1, 64, 1408, 2048, 132, True) == RE.MOE_DECODE_DEFAULT
+    # 16B at one token: the row-parallel up kernel (up_block_n < 16)
+    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True).up_block_n in RE.ROWS_UP_BLOCK_NS
     for rows in RE.MOE_DECODE_TUNED.values():  # the measured table: ascending T, valid plans
         assert [t for t, _ in rows] == sorted({t for t, _ in rows}) and rows[-1][0] <= RE.DECODE_MAX_T
-        for _, plan in rows:
-            RE.check_moe_plan(plan, True)
+        for t, plan in rows:
+            RE.check_moe_plan(plan, True, t)
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, False) == RE.MOE_DECODE_BF16
     # a measured table: first row with T <= max T, the default past the last row
     monkeypatch.setitem(RE.MOE_DECODE_TUNED, (66, 1408, 2048), ((1, P(32, 4, 4, 64, 4, 4)), (8, P(64, 8, 3, 32, 4, 6))))
@@ -133,10 +134,16 @@ def test_moe_decode_plan(monkeypatch):
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True) == P(16, 4, 3, 128, 8, 6)
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True, up_block_n=64) == P(64, 4, 3, 128, 8, 6)
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, False) == RE.MOE_DECODE_BF16  # bf16 ignores it
-    for bad in ("16:4:3", "16:4:3:128:8:x", "8:4:3:64:4:4", "16:4:3:256:4:4", "16:3:3:64:4:4"):
+    for bad in ("16:4:3", "16:4:3:128:8:x", "12:4:3:64:4:4", "16:4:3:256:4:4", "16:3:3:64:4:4"):
         monkeypatch.setenv("DSV3_MOE_DECODE", bad)
         with pytest.raises(ValueError):
             RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True)
+    monkeypatch.setenv("DSV3_MOE_DECODE", "8:4:3:64:4:4")  # the row-parallel up kernel: one token only
+    assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True).up_block_n == 8
+    with pytest.raises(ValueError, match="one token"):
+        RE.resolve_moe_decode(2, 66, 1408, 2048, 132, True)
+    with pytest.raises(ValueError):  # bf16 weights: no row-parallel up kernel
+        RE.check_moe_plan(RE.MoeDecodePlan(8, 4, 3, 64, 4, 4), False, 1)
     monkeypatch.delenv("DSV3_MOE_DECODE")
     with pytest.raises(TypeError):
         RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True, up_blockn=64)
@@ -264,6 +271,7 @@ MOE_PLAN_GPU = [  # up_block_n, up_num_warps, up_num_stages, down_block_n, down_
     (16, 4, 4, 64, 4, 4), (32, 4, 3, 32, 4, 6), (64, 8, 6, 128, 8, 3), (32, 8, 4, 128, 4, 4), (16, 8, 6, 32, 8, 4),
     (128, 4, 3, 32, 8, 6),
 ]
+MOE_PLAN_GPU += [(2, 4, 1, 64, 4, 4), (8, 8, 1, 32, 4, 4)]  # the row-parallel up kernel (one token)
 MOE_PLAN_GPU += sorted({tuple(p) for rows in RE.MOE_DECODE_TUNED.values() for _, p in rows} - set(MOE_PLAN_GPU))
 
 
@@ -287,7 +295,7 @@ def test_routed_experts_decode_plans_gpu(shape):
     name = "moe plan T={} E={}+{} top{}+{} invalid={} D={} I={}".format(t, n_routed, n_shared, k_routed, n_shared,
                                                                       n_invalid, d, i)
     assert note(name + " default", rel(base, ref)) < 3e-2
-    for plan in MOE_PLAN_GPU:
+    for plan in (p for p in MOE_PLAN_GPU if t == 1 or p[0] not in RE.ROWS_UP_BLOCK_NS):
         poison_allocator()
         out = RE.routed_experts_triton(x, idx, wt, *w, **RE.MoeDecodePlan(*plan)._asdict())
         assert note(f"{name} {plan}", rel(out, ref)) < 3e-2

@@ -9,17 +9,12 @@ the 'rows' / 'rows_prequant' variants over a grid of (block_n, num_warps). MoE a
 reference first (relative error); timing as scripts/sweep_moe.py: C weight copies (>= 256 MB, several times the L2)
 called back to back in one CUDA graph, median replay / C.
 
-The MoE kernels below are the experiment's own (not part of the package):
-- `_moe_up_rows_kernel`: grid (K slots, cdiv(I, BLOCK_N)): slot k is expert topk_idx[0, k] (ids outside [0, E) do
-  nothing), gate and up rows of that expert, then SiLU(gate) * up with the reference's rounding points, written in
-  x.dtype to h[k].
-- `_moe_down_rows_kernel`: grid cdiv(D, BLOCK_N): each program owns BLOCK_N output channels and walks all K slots
-  (the quantized h[k] times the rows of expert topk_idx[0, k]), rounds each expert's output to x.dtype and adds it
-  times topk_weight[0, k] in fp32: the combine happens here (no [K, D] buffer, no combine launch).
-Measured against `routed_experts_triton` (scripts/bench_rows.py, H200, 2026-11-23): 16B T=1 33.2 vs 34.3 us (up
-14.1 us vs 17.7, but the down kernel with the combine 12.8 us vs 9.5 + 2.2); 671B-ep8 rank T=1 53.9 us vs 45-47 us
-before this session's scale change (up 14.4 us vs 23.4; down 31.5 us: its static loop over the 8 slots, 7 of them
-another rank's, costs as much as the loads). Not faster where it matters yet, so the op does not launch it.
+The MoE part: `routed_experts_triton` (today's plan) vs the row-parallel pipeline at one token: x quantized,
+`routed_experts._moe_up_rows_kernel` (the op launches it at T = 1 since fa463f8), h quantized, then this script's
+own `_moe_down_rows_kernel` (grid cdiv(D, BLOCK_N): each program owns BLOCK_N output channels and walks all K slots,
+rounds each expert's output to x.dtype and adds it times topk_weight[0, k] in fp32: the combine fused, no [K, D]
+buffer). H200, 2026-11-23: that down kernel 12.8 us vs the op's down + combine 9.5 + 2.2 us on 16B, 31.5 us on the
+671B-ep8 rank (its static loop over 8 slots, 7 of them another rank's): not adopted.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from torch.library import wrap_triton
 from dsv3.kernels._launch import cdiv, next_pow2
 from dsv3.kernels.bench import graph_us
 from dsv3.kernels.fp8_blocks import quantize_weight
-from dsv3.kernels.fp8_linear import act_quant, dot_rows, fp8_gemv, fp8_linear_reference, load_x_row
+from dsv3.kernels.fp8_linear import act_quant, dot_rows, fp8_gemv, fp8_linear_reference
 from dsv3.kernels.routed_experts import _moe_up_rows_kernel, routed_experts_reference, routed_experts_triton
 
 PEAK = 4.27e12

@@ -233,6 +233,15 @@ def _fp8_gemv_cc_kernel(
 
 
 @triton.jit
+def k_blocks(K, KB_PAD: tl.constexpr):
+    """A whole K as [KB_PAD, 128] (128-wide scale blocks, padded to a power of two): block indices [KB_PAD], element
+    offsets [KB_PAD, 128], their masks. The row-parallel kernels load a weight row over all of K with these."""
+    offs_b = tl.arange(0, KB_PAD)
+    offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
+    return offs_b, offs_k, offs_k < K, offs_b < tl.cdiv(K, 128)
+
+
+@triton.jit
 def dot_rows(w, ws, xq, xs):
     """w [BN, KB, 128] fp32 (e4m3 values), ws [BN, KB] their block scales, xq [KB, 128] fp32 (one token's e4m3
     values), xs [KB] -> [BN] fp32: per 128-block sums of exact products, times both scales, summed."""
@@ -264,10 +273,7 @@ def _fp8_gemv_rows_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t0 = tl.program_id(1) * M_TILE
     n_mask = offs_n < N
-    offs_b = tl.arange(0, KB_PAD)
-    offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
-    k_mask = offs_k < K
-    kb_mask = offs_b < tl.cdiv(K, 128)
+    offs_b, offs_k, k_mask, kb_mask = k_blocks(K, KB_PAD)
     w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_k[None, :, :],
                 mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
     ws = tl.load(ws_ptr + (offs_n // 128)[:, None] * stride_wsn + offs_b[None, :],

@@ -37,6 +37,7 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, next_pow2, static_int
 from dsv3.kernels.fp8_blocks import dequantize_weight
+from dsv3.kernels.fp8_linear import k_blocks
 
 DECODE_MAX_M = 64
 # Up to this many rows of x (tokens), the CUDA-core kernels (`_absorb_*_rows_kernel`): one weight tile per program
@@ -154,16 +155,14 @@ def _absorb_o_rows_kernel(
     h = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < DV
-    offs_b = tl.arange(0, KB_PAD)
-    offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
-    k_mask = offs_k < C
+    offs_b, offs_k, k_mask, kb_mask = k_blocks(C, KB_PAD)
     rows = h * ROWS_PER_HEAD + DN + offs_d
     w = tl.load(w_ptr + rows[:, None, None] * stride_wr + offs_k[None, :, :],
                 mask=d_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
     dt = x_ptr.dtype.element_ty
     if HAS_SCALE:
         s = tl.load(s_ptr + (rows // 128)[:, None] * stride_sr + offs_b[None, :] * stride_sc,
-                    mask=d_mask[:, None] & (offs_b < tl.cdiv(C, 128))[None, :], other=0.0)
+                    mask=d_mask[:, None] & kb_mask[None, :], other=0.0)
         w = (w * s[:, :, None]).to(dt).to(tl.float32)  # the reference's W: dequantized, rounded to x.dtype
     else:
         w = w.to(dt).to(tl.float32)

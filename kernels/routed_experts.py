@@ -62,7 +62,7 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_choice, next_pow2, num_sms, static_int
 from dsv3.kernels.fp8_linear import (
-    act_quant, dot_rows, fp8_linear_reference, load_x_row, pick_scale, pick_scales, quantize_tile_rcp,
+    act_quant, dot_rows, fp8_linear_reference, k_blocks, load_x_row, pick_scale, pick_scales, quantize_tile_rcp,
 )
 
 DECODE_MAX_T = 64
@@ -228,9 +228,9 @@ def _moe_up_kernel(
 def _moe_up_rows_kernel(
     x_ptr, xs_ptr, idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
     E, I, D, stride_we, stride_wn, stride_se, stride_sn, stride_h,
-    QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """One token (T = 1), row-parallel on CUDA cores: grid (K slots, cdiv(I, BLOCK_N)); slot k computes expert
+    """x: e4m3 with scales xs (act_quant). One token (T = 1), row-parallel on CUDA cores: grid (K slots, cdiv(I, BLOCK_N)); slot k computes expert
     topk_idx[0, k] (ids outside [0, E) do nothing) for BLOCK_N rows of gate and up, each loaded over the whole D
     at once, then SiLU(gate) * up with the reference's rounding points, written in x.dtype to h[k] (pair row k)."""
     slot = tl.program_id(0)
@@ -239,10 +239,7 @@ def _moe_up_rows_kernel(
         e64 = e.to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < I
-        offs_b = tl.arange(0, KB_PAD)
-        offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
-        k_mask = offs_k < D
-        kb_mask = offs_b < tl.cdiv(D, 128)
+        offs_b, offs_k, k_mask, kb_mask = k_blocks(D, KB_PAD)
         w_off = e64 * stride_we + offs_n[:, None, None] * stride_wn + offs_k[None, :, :]
         w_mask = n_mask[:, None, None] & k_mask[None, :, :]
         s_off = e64 * stride_se + (offs_n // 128)[:, None] * stride_sn + offs_b[None, :]
@@ -251,7 +248,7 @@ def _moe_up_rows_kernel(
         wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
         sg = tl.load(sg_ptr + s_off, mask=s_mask, other=0.0)
         su = tl.load(su_ptr + s_off, mask=s_mask, other=0.0)
-        xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, QUANT_X)
+        xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, False)
         odt = h_ptr.dtype.element_ty
         # the reference rounds gate, up, silu and the product to the activation dtype
         g = dot_rows(wg, sg, xq, xs).to(odt).to(tl.float32)
@@ -575,7 +572,7 @@ def routed_experts_triton(
         wrap_triton(_moe_up_rows_kernel)[(p, cdiv(i, plan.up_block_n))](
             xq, xs, idx, gate_proj, up_proj, sg, su, h_act,
             e, i, d, gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), h_act.stride(0),
-            QUANT_X=False, BLOCK_N=plan.up_block_n, KB_PAD=next_pow2(cdiv(d, 128)), num_warps=plan.up_num_warps,
+            BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps,
         )
         h, hs = act_quant(h_act)
     else:

@@ -32,7 +32,7 @@ from torch.library import wrap_triton
 from dsv3.kernels._launch import cdiv, next_pow2
 from dsv3.kernels.bench import graph_us
 from dsv3.kernels.fp8_blocks import quantize_weight
-from dsv3.kernels.fp8_linear import act_quant, dot_rows, fp8_gemv, fp8_linear_reference
+from dsv3.kernels.fp8_linear import act_quant, dot_rows, fp8_gemv, fp8_linear_reference, k_blocks
 from dsv3.kernels.routed_experts import _moe_up_rows_kernel, routed_experts_reference, routed_experts_triton
 
 PEAK = 4.27e12
@@ -58,10 +58,7 @@ def _moe_down_rows_kernel(
     """hq/hs: h quantized per slot (act_quant of [K, I]); out [D] in the activation dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
-    offs_b = tl.arange(0, KB_PAD)
-    offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
-    k_mask = offs_k < I
-    kb_mask = offs_b < tl.cdiv(I, 128)
+    offs_b, offs_k, k_mask, kb_mask = k_blocks(I, KB_PAD)
     odt = out_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for slot in tl.static_range(N_SLOTS):
@@ -91,25 +88,22 @@ def moe_rows(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
              gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
              gate_scale_inv: torch.Tensor, up_scale_inv: torch.Tensor, down_scale_inv: torch.Tensor,
              up_block_n: int = 2, up_num_warps: int = 4, down_block_n: int = 2, down_num_warps: int = 4,
-             quant_x: bool = False) -> torch.Tensor:
+             ) -> torch.Tensor:
     """`routed_experts` for one token ([1, D]) with FP8 weights: 4 launches (x quantization, up, h quantization,
-    down with the combine) or 3 with `quant_x` (x quantized inside every up program)."""
+    down with the combine)."""
     t, d = x.shape
     assert t == 1
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
     idx = topk_idx.contiguous()
     wt = topk_weight.contiguous().float()
-    if quant_x:
-        xq, xs = x, x
-    else:
-        xq, xs = act_quant(x)
+    xq, xs = act_quant(x)
     h = torch.empty((k, i), dtype=x.dtype, device=x.device)
     sg = gate_scale_inv
     wrap_triton(_moe_up_rows_kernel)[(k, cdiv(i, up_block_n))](
         xq, xs, idx, gate_proj, up_proj, sg, up_scale_inv, h,
         e, i, d, gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), h.stride(0),
-        QUANT_X=quant_x, BLOCK_N=up_block_n, KB_PAD=_kb_pad(d), num_warps=up_num_warps,
+        BLOCK_N=up_block_n, KB_PAD=_kb_pad(d), num_warps=up_num_warps,
     )
     hq, hs = act_quant(h)
     out = torch.empty_like(x)
@@ -224,17 +218,13 @@ def bench_moe(results):
                 rows.append(dict(kw, error=repr(ex)[:200]))
                 return None
 
-        cfg = dict(up_block_n=2, up_num_warps=4, down_block_n=2, down_num_warps=4, quant_x=False)
+        cfg = dict(up_block_n=2, up_num_warps=4, down_block_n=2, down_num_warps=4)
         for key, vals in (("up", [(bn, w) for bn in (1, 2, 4) for w in (2, 4, 8)]),
-                          ("down", [(bn, w) for bn in (1, 2, 4, 8) for w in (2, 4, 8)]),
-                          ("quant_x", [(True,), (False,)])):
+                          ("down", [(bn, w) for bn in (1, 2, 4, 8) for w in (2, 4, 8)])):
             best = (None, None)
             for v in vals:
                 kw = dict(cfg)
-                if key == "quant_x":
-                    kw["quant_x"] = v[0]
-                else:
-                    kw[f"{key}_block_n"], kw[f"{key}_num_warps"] = v
+                kw[f"{key}_block_n"], kw[f"{key}_num_warps"] = v
                 us = run(kw)
                 if us is not None and (best[0] is None or us < best[0]):
                     best = (us, kw)

@@ -10,6 +10,8 @@
 #              against the default plan, timed; prints a suggested MOE_DECODE_TUNED table (JSON in $OUT)
 #   rows       scripts/bench_rows.py: row-parallel M=1 GEMV, T=1 MoE and absorb kernels vs the serial-K / MMA
 #              ones (ROWS_ONLY=gemv|moe|absorb: one part; JSON in $OUT)
+#   pdl        scripts/bench_pdl.py: a chain of dependent FP8 GEMVs in a CUDA graph, plain vs programmatic dependent
+#              launch (weights loaded before gdc_wait): does PDL hide a decode kernel's fixed cost? (JSON in $OUT)
 #   moe-grouped scripts/bench_grouped_moe.py: prefill MoE (grouped path) at T=4096, 64- vs 128-pair tiles, TFLOP/s
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
@@ -72,6 +74,8 @@ step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (t
   timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "not aoti" tests/test_kernels.py \
     $(ls tests/test_router.py tests/test_gemv_variants.py tests/test_prefill.py 2>/dev/null) 2>&1 | tee "$OUT/kgpu.log" | tail -15
 }
+
+step_pdl() { timeout 300 $PY scripts/bench_pdl.py --json "$OUT/pdl.json" 2>&1 | grep -v Warning | tail -8; }
 
 step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B-TP8 shapes, in CUDA graphs
   timeout 300 $PY scripts/sweep_gemv.py ${SWEEP_ARGS:-} --json "$OUT/sweep_gemv.json" 2>&1 | tee "$OUT/sweep_gemv.log" \

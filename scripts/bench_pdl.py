@@ -31,7 +31,13 @@ from dsv3.kernels.fp8_blocks import quantize_weight
 
 SIZES = (1024, 2048, 4096)  # square N = K, so each output feeds the next link
 CHAIN = 48
-BLOCK_N = 8
+# weight values per program (BLOCK_N rows x K): 128 fp32 per thread at 4 warps, as the GEMV 'rows' configs
+# that did not spill (bench_rows.py); so BLOCK_N = 16 / 8 / 4 for K = 1024 / 2048 / 4096
+ROW_ELEMS = 16384
+
+
+def block_n(k: int) -> int:
+    return max(1, min(16, ROW_ELEMS // k))
 
 
 @triton.jit
@@ -54,8 +60,9 @@ def run_chain(x, weights, outs, pdl: bool):
     k = x.shape[0]
     src = x
     for (w, s), y in zip(weights, outs):
-        _chain_gemv_kernel[(k // BLOCK_N,)](src, w, s, y, k, BLOCK_N=BLOCK_N, KB=k // 128, PDL=pdl, num_warps=4,
-                                            launch_pdl=pdl)
+        bn = block_n(k)
+        _chain_gemv_kernel[(k // bn,)](src, w, s, y, k, BLOCK_N=bn, KB=k // 128, PDL=pdl, num_warps=4,
+                                       launch_pdl=pdl)
         src = y
     return src
 

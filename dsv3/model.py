@@ -102,12 +102,27 @@ class MLA(nn.Module):
             kv_a = self.kv_a_proj_with_mqa(x)
         q = q_first if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_first))
         q = q.view(bsz, seqlen, self.num_heads, self.nope_dim + self.rope_dim)
+        # Absorb W_UK into the query and W_UV into the output, so attention runs in the 512-wide latent space.
+        # Both are slices of kv_b_proj, read in place (FP8 at decode: no per-step dequantized copy).
+        kv_b = self.kv_b_proj
+        if not self._prefill_form(seqlen, cache_rows):  # decode, speculative verify: absorbed attention
+            # The steps of the prefill branch below (q/k RoPE, kv_a_layernorm, the cache write of cat(c_kv, k_pe)
+            # at input_pos in rows 0..B-1) plus the W_UK absorption, as one op: one launch on CUDA
+            # (dsv3.kernels.mla_decode_prep).
+            q_latent, q_pe = torch.ops.dsv3.mla_decode_prep(
+                q, kv_a, self.kv_a_layernorm.weight, cos, sin, self.latent_cache, input_pos, kv_b.weight,
+                kv_b.weight_scale_inv, self.kv_a_layernorm.eps, self.nope_dim, self.v_dim)
+            o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, self.latent_cache[:bsz], input_pos,
+                                                    self.softmax_scale)
+            o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
+                                          True)
+            return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
+
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
-        if cache_rows is None:  # batch row b uses cache row b (decode: a plain slice, no copy)
+        if cache_rows is None:  # batch row b uses cache row b
             rows = torch.arange(bsz, device=x.device).unsqueeze(1).expand(bsz, seqlen)
             self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
             cache = self.latent_cache[:bsz]
@@ -115,18 +130,8 @@ class MLA(nn.Module):
             rows = cache_rows.unsqueeze(1).expand(bsz, seqlen)
             self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
             cache = self.latent_cache.index_select(0, cache_rows)
-
-        # Absorb W_UK into the query and W_UV into the output, so attention runs in the 512-wide latent space.
-        # Both are slices of kv_b_proj, read in place (FP8 at decode: no per-step dequantized copy).
-        kv_b = self.kv_b_proj
-        if not self._prefill_form(seqlen, cache_rows):  # decode, speculative verify: absorbed attention
-            q_latent = torch.ops.dsv3.mla_absorb(q_nope, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim,
-                                                 self.v_dim, False)
-            o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, cache, input_pos, self.softmax_scale)
-            o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
-                                          True)
-        else:  # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed
-            o = self._prefill_attention(q_nope, q_pe, latent, cache, input_pos)
+        # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed
+        o = self._prefill_attention(q_nope, q_pe, latent, cache, input_pos)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
     @staticmethod

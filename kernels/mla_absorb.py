@@ -74,26 +74,38 @@ def _weight_tile(w_ptr, s_ptr, rows, cols, col_block, row_mask, mask, stride_wr,
 
 
 @triton.jit
-def _absorb_q_kernel(
-    x_ptr, w_ptr, s_ptr, out_ptr, M, C, DN, ROWS_PER_HEAD,
+def absorb_q_tile(
+    x_ptr, w_ptr, s_ptr, out_ptr, h, cb, M, C, DN, ROWS_PER_HEAD,
     stride_xm, stride_xh, stride_wr, stride_sr, stride_sc, stride_om, stride_oh,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[m, h, c-block] = x[m, h, :Dn] @ W_UK[h][:, c-block]; one program per (head, c block), Dn in one tile."""
-    h = tl.program_id(0)
+    """out[m, h, c-block cb] = x[m, h, :Dn] @ W_UK[h][:, c-block cb] for all M rows (padded to BLOCK_M >= 16 for
+    the tensor cores), Dn in one tile. The body of `_absorb_q_kernel`, shared with the fused decode-prep kernel."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DN)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + h * stride_xh + offs_d[None, :],
                 mask=(offs_m < M)[:, None] & (offs_d < DN)[None, :], other=0.0)
     rows = h * ROWS_PER_HEAD + offs_d
-    col_block = (tl.program_id(1) * BLOCK_C) // 128  # BLOCK_C divides 128
+    col_block = (cb * BLOCK_C) // 128  # BLOCK_C divides 128
     w = _weight_tile(w_ptr, s_ptr, rows, offs_c, col_block, offs_d < DN,
                      (offs_d < DN)[:, None] & (offs_c < C)[None, :], stride_wr, stride_sr, stride_sc, HAS_SCALE,
                      x.dtype)
     acc = tl.dot(x, w)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + h * stride_oh + offs_c[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_c < C)[None, :])
+
+
+@triton.jit
+def _absorb_q_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, M, C, DN, ROWS_PER_HEAD,
+    stride_xm, stride_xh, stride_wr, stride_sr, stride_sc, stride_om, stride_oh,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[m, h, c-block] = x[m, h, :Dn] @ W_UK[h][:, c-block]; one program per (head, c block), Dn in one tile."""
+    absorb_q_tile(x_ptr, w_ptr, s_ptr, out_ptr, tl.program_id(0), tl.program_id(1), M, C, DN, ROWS_PER_HEAD,
+                  stride_xm, stride_xh, stride_wr, stride_sr, stride_sc, stride_om, stride_oh,
+                  HAS_SCALE, BLOCK_M, BLOCK_DN, BLOCK_C)
 
 
 @triton.jit

@@ -25,7 +25,11 @@
 #   quick16    no checkpoint: the FP8 16B config compiled, then dsv3c bench --random-weights (weights made on the GPU)
 #   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
-#   est671     rank 0 of 671B at world size 8: compile 4 and 6 layers, time decode (collectives stubbed), slope to 61
+#   est671     rank 0 of 671B at world size 8: compile 4, 6 and 8 layers (EST671_LAYERS), time decode round-robin
+#              (collectives stubbed), least-squares line to 61 layers
+#   ab16       A/B of trace-time switches: the 16B FP8 config at AB_LAYERS (8) layers built once per variant
+#              (default + AB_VARIANTS, e.g. "DSV3_DECODE_PREP=fused"; several settings in one variant: comma-separated),
+#              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS)
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   run671     needs 8 GPUs: dsv3c run --world-size 8 --random-weights from art671, batch 1 and 8 (TTFT, ms/token)
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61);
@@ -168,6 +172,26 @@ json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" 
     --prompt-len 4096 --json "$OUT/bench16q.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -12
 }
 
+step_ab16() {  # A/B of trace-time fusion switches on the 16B FP8 config at AB_LAYERS layers (default 8): one build
+  # per variant (the default, then each DSV3_* setting in AB_VARIANTS), timed round-robin by rank_timing.py
+  local cfg=$WORK/cfg16fp8 layers=${AB_LAYERS:-8} v dirs=() name
+  mkdir -p "$cfg"
+  $PY -c "import json, sys; from dsv3.config import resolve_config, FP8Quantization
+cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
+json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$cfg"
+  for v in default ${AB_VARIANTS:-DSV3_DECODE_PREP=fused}; do
+    name=ab16_${v//[^A-Za-z0-9]/_}
+    dirs+=("$WORK/$name")
+    [ -f "$WORK/$name/manifest.json" ] && continue
+    ( if [ "$v" != default ]; then export ${v//,/ }; fi
+      /usr/bin/time -f "$v: build %e s" $PY -m dsv3.cli compile --config "$cfg" --num-layers "$layers" \
+        --out "$WORK/$name" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --overwrite \
+        --jobs 3 2>&1 | grep --line-buffered -v Warning | tail -4 )
+  done
+  $PY scripts/rank_timing.py --json "$OUT/ab16.json" --repeats ${AB_REPEATS:-5} "${dirs[@]}" 2>&1 | grep -v Warning \
+    | tail -12
+}
+
 step_compile16_ws2() {
   dsv3c compile --config "$WORK/ckpt16" --out "$WORK/art16_ws2" --world-size 2 --device cuda --max-batch-size 8 \
     --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk ${PREFILL_CHUNK16:-4096} --overwrite ${JOBS:+--jobs $JOBS} 2>&1 \
@@ -198,7 +222,7 @@ step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4 and
       --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite --no-verify \
       --jobs 3 2>&1 | grep --line-buffered -v Warning | tail -3
   done
-  $PY scripts/rank_timing.py --json "$OUT/rank671.json" --full-layers 61 "$WORK/art671_l4" "$WORK/art671_l6" 2>&1 \
+  $PY scripts/rank_timing.py --json "$OUT/rank671.json" --full-layers 61 --repeats 3 "${dirs[@]}" 2>&1 \
     | grep -v Warning | tail -12
   # the same rank through the CLI (roofline of the rank's bytes, prefill MFU)
   dsv3c bench --artifacts "$WORK/art671_l6" --random-weights --stub-collectives --batch-sizes 1,8 --context 1024 \

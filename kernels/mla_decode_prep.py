@@ -1,0 +1,220 @@
+"""`torch.ops.dsv3.mla_decode_prep`: everything between MLA's input projections and absorbed attention, at decode.
+
+After the input projections a decode step of absorbed MLA has four small, independent pieces of work that depend
+only on the projections' outputs: RMSNorm of the compressed kv (kv_a_layernorm), RoPE of the key's rope part,
+the write of the new latent row (both of those) into the cache, RoPE of the queries' rope parts, and the query
+absorption q_nope @ W_UK. Compiled as plain torch they are four Inductor kernels plus the absorb kernel, five
+dependent launches of ~1-3 us each whose bytes are negligible (per layer at batch 1: a 576-wide row, 16-128 query
+heads, a 1-8 MB slice of kv_b_proj). This op does them in ONE launch: its programs take different roles (the
+absorb tiles, then one program per token for the latent row and the query rope), so five phases become one.
+
+Contract
+- q: [B, S, H, Dn + R] (the query projection's output per head, not roped; any strides with a unit last dim),
+  kv_a: [B, S, C + R] (kv_a_proj_with_mqa's output: compressed kv, then the key's rope part, not roped),
+  kv_norm_weight: [C] (kv_a_layernorm.weight), cos / sin: [B, S, R/2] fp32 (rope tables at each token's
+  position, YaRN factor included), latent_cache: [B_max, T, C + R] (MUTATED: row input_pos[b, s] of sequence b is
+  overwritten for every token; rows b < B), input_pos: [B, S] int64 (< T), kv_b_weight / kv_b_scale: kv_b_proj
+  (FP8 with block scales, or dense with scale None), eps: the RMSNorm epsilon, nope_dim = Dn, v_dim = Dv.
+- latent_cache[b, input_pos[b, s]] = cat(RMSNorm(c_kv) * weight, rope(k_pe)) in the cache dtype, with the model's
+  rounding (dsv3.model.RMSNorm: normalise in fp32, round to the activation dtype, times the weight; dsv3.rope.apply_rope:
+  fp32 rotation of interleaved pairs, de-interleaved output, rounded).
+- Returns (q_latent [B, S, H, C] = q_nope @ W_UK per head as `dsv3.mla_absorb(..., output=False)`,
+           q_pe [B, S, H, R] = rope(q[..., Dn:])), contiguous, in q.dtype.
+
+Implementations (branch taken at trace time)
+- CPU, unsupported shapes or dtypes, or DSV3_DECODE_PREP=torch: `mla_decode_prep_reference`, the model's own
+  composition of torch ops plus `dsv3.mla_absorb`; under torch.compile Inductor traces into it, so this path is
+  exactly the graph the model had before this op existed (four Inductor kernels + the absorb kernel on CUDA).
+- CUDA, bf16/fp16, B*S <= 64 tokens: `_mla_decode_prep_kernel`, one launch, 1-D grid: the first H * ceil(C/BLOCK_C)
+  programs are the absorb tiles of `dsv3.mla_absorb`'s MMA kernel (`absorb_q_tile`, identical code and launch
+  config), the next B*S programs one token each: kv RMSNorm over the whole C row in registers, RoPE of k_pe and
+  of all H query rope parts, two stores into the cache row and one of q_pe. No program waits on another.
+  DSV3_DECODE_PREP=fused|torch (read at trace time) pins a path. Default: `torch`, until the fused kernel has been
+  timed side by side on the H200 (scripts/gpu_check.sh ab16): it predicts ~4 us per layer less at batch 1.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dsv3.kernels._launch import cdiv, env_choice, next_pow2, static_int
+from dsv3.kernels.mla_absorb import DECODE_MAX_M, absorb_q_tile  # (also registers dsv3.mla_absorb)
+from dsv3.rope import apply_rope
+
+DECODE_PREP_DEFAULT = "torch"
+
+
+def rms_norm_rounded(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """dsv3.model.RMSNorm's arithmetic (HF rounding): normalise in fp32, round to x.dtype, times the weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def mla_decode_prep_reference(
+    q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent_cache: torch.Tensor, input_pos: torch.Tensor, kv_b_weight: torch.Tensor,
+    kv_b_scale: Optional[torch.Tensor], eps: float, nope_dim: int, v_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    bsz, seqlen = q.shape[:2]
+    kv_rank = kv_norm_weight.shape[0]
+    q_nope, q_pe = q.split([nope_dim, q.shape[-1] - nope_dim], dim=-1)
+    q_pe = apply_rope(q_pe, cos, sin)
+    c_kv, k_pe = kv_a.split([kv_rank, kv_a.shape[-1] - kv_rank], dim=-1)
+    latent = torch.cat([rms_norm_rounded(c_kv, kv_norm_weight, eps), apply_rope(k_pe, cos, sin)], dim=-1)
+    rows = torch.arange(bsz, device=q.device).unsqueeze(1).expand(bsz, seqlen)
+    latent_cache.index_put_((rows, input_pos), latent.to(latent_cache.dtype))
+    q_latent = torch.ops.dsv3.mla_absorb(q_nope, kv_b_weight, kv_b_scale, nope_dim, v_dim, False)
+    return q_latent, q_pe.contiguous()
+
+
+@triton.jit
+def _mla_decode_prep_kernel(
+    q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, w_ptr, s_ptr, qlat_ptr, qpe_ptr,
+    M, S, H, C, DN, R_HALF, ROWS_PER_HEAD, N_CB, T, eps,
+    stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps,
+    stride_wr, stride_sr, stride_sc, stride_lm, stride_lh, stride_em, stride_eh,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_PAD: tl.constexpr, RH_PAD: tl.constexpr, H_PAD: tl.constexpr,
+):
+    """Programs [0, H * N_CB): absorb tiles (head, channel block). Programs [H * N_CB, H * N_CB + M): token m =
+    b * S + s: the latent row into the cache and the query rope of all heads."""
+    pid = tl.program_id(0)
+    n_absorb = H * N_CB
+    if pid < n_absorb:
+        absorb_q_tile(q_ptr, w_ptr, s_ptr, qlat_ptr, pid // N_CB, pid % N_CB, M, C, DN, ROWS_PER_HEAD,
+                      stride_qm, stride_qh, stride_wr, stride_sr, stride_sc, stride_lm, stride_lh,
+                      HAS_SCALE, BLOCK_M, BLOCK_DN, BLOCK_C)
+    else:
+        m = pid - n_absorb
+        b = m // S
+        s = m - b * S
+        dt = q_ptr.dtype.element_ty
+        pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
+        row_ptr = cache_ptr + b * stride_cb + pos * stride_ct
+        # kv_a_layernorm over the C compressed channels, with RMSNorm's rounding points
+        offs_c = tl.arange(0, C_PAD)
+        c_mask = offs_c < C
+        pos_c = pos + tl.zeros_like(offs_c)  # the contract says 0 <= pos < T; never write outside the cache anyway
+        c_store = c_mask & (pos_c >= 0) & (pos_c < T)  # (a vector: the interpreter rejects block & scalar masks)
+        x = tl.load(kv_ptr + m * stride_kvm + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / C + tl.cast(eps, tl.float32))
+        normed = (x * inv).to(dt).to(tl.float32)
+        w = tl.load(nw_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(row_ptr + offs_c, (w * normed).to(dt).to(cache_ptr.dtype.element_ty), mask=c_store)
+        # RoPE of interleaved pairs (x[2j], x[2j+1]) -> (x1 cos - x2 sin, x2 cos + x1 sin) de-interleaved
+        offs_j = tl.arange(0, RH_PAD)
+        j_mask = offs_j < R_HALF
+        pos_j = pos + tl.zeros_like(offs_j)
+        j_store = j_mask & (pos_j >= 0) & (pos_j < T)
+        cs = tl.load(cos_ptr + b * stride_csb + s * stride_css + offs_j, mask=j_mask, other=0.0)
+        sn = tl.load(sin_ptr + b * stride_csb + s * stride_css + offs_j, mask=j_mask, other=0.0)
+        k1 = tl.load(kv_ptr + m * stride_kvm + C + 2 * offs_j, mask=j_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(kv_ptr + m * stride_kvm + C + 2 * offs_j + 1, mask=j_mask, other=0.0).to(tl.float32)
+        ce = cache_ptr.dtype.element_ty
+        tl.store(row_ptr + C + offs_j, (k1 * cs - k2 * sn).to(dt).to(ce), mask=j_store)
+        tl.store(row_ptr + C + R_HALF + offs_j, (k2 * cs + k1 * sn).to(dt).to(ce), mask=j_store)
+        offs_h = tl.arange(0, H_PAD)
+        hj_mask = (offs_h < H)[:, None] & j_mask[None, :]
+        q_base = q_ptr + m * stride_qm + offs_h[:, None] * stride_qh + DN + 2 * offs_j[None, :]
+        q1 = tl.load(q_base, mask=hj_mask, other=0.0).to(tl.float32)
+        q2 = tl.load(q_base + 1, mask=hj_mask, other=0.0).to(tl.float32)
+        e_base = qpe_ptr + m * stride_em + offs_h[:, None] * stride_eh + offs_j[None, :]
+        tl.store(e_base, (q1 * cs[None, :] - q2 * sn[None, :]).to(dt), mask=hj_mask)
+        tl.store(e_base + R_HALF, (q2 * cs[None, :] + q1 * sn[None, :]).to(dt), mask=hj_mask)
+
+
+def mla_decode_prep_triton(
+    q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent_cache: torch.Tensor, input_pos: torch.Tensor, kv_b_weight: torch.Tensor,
+    kv_b_scale: Optional[torch.Tensor], eps: float, nope_dim: int, v_dim: int, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    bsz, seqlen, heads, qdim = q.shape
+    rope = qdim - nope_dim
+    kv_rank = kv_norm_weight.shape[0]
+    m = bsz * seqlen
+    q3 = q.reshape(m, heads, qdim)  # a view for the model's layouts (tokens, then heads at a fixed stride)
+    kv2 = kv_a.reshape(m, kv_a.shape[-1])
+    if q3.stride(-1) != 1:
+        q3 = q3.contiguous()
+    if kv2.stride(-1) != 1:
+        kv2 = kv2.contiguous()
+    cos, sin = cos.expand(bsz, seqlen, rope // 2), sin.expand(bsz, seqlen, rope // 2)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    c = kv_b_weight.shape[1]
+    q_latent = torch.empty((bsz, seqlen, heads, c), dtype=q.dtype, device=q.device)
+    q_pe = torch.empty((bsz, seqlen, heads, rope), dtype=q.dtype, device=q.device)
+    lat3, pe3 = q_latent.view(m, heads, c), q_pe.view(m, heads, rope)
+    has_scale = kv_b_scale is not None
+    s = kv_b_scale if has_scale else kv_b_weight  # unused without scales
+    s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
+    block_c = min(128, max(16, next_pow2(c)))  # as mla_absorb's MMA kernel
+    n_cb = cdiv(c, block_c)
+    wrap_triton(_mla_decode_prep_kernel)[(heads * n_cb + m,)](
+        q3, kv2, kv_norm_weight, cos, sin, latent_cache, input_pos, kv_b_weight, s, lat3, pe3,
+        m, seqlen, heads, c, nope_dim, rope // 2, nope_dim + v_dim, n_cb, latent_cache.shape[1], float(eps),
+        q3.stride(0), q3.stride(1), kv2.stride(0), cos.stride(0), cos.stride(1),
+        latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
+        kv_b_weight.stride(0), *s_strides, lat3.stride(0), lat3.stride(1), pe3.stride(0), pe3.stride(1),
+        HAS_SCALE=has_scale, BLOCK_M=max(16, next_pow2(m)), BLOCK_DN=max(16, next_pow2(nope_dim)), BLOCK_C=block_c,
+        C_PAD=next_pow2(kv_rank), RH_PAD=max(2, next_pow2(rope // 2)), H_PAD=max(2, next_pow2(heads)),
+        num_warps=num_warps,
+    )
+    return q_latent, q_pe
+
+
+def _triton_ok(q: torch.Tensor, kv_a: torch.Tensor, latent_cache: torch.Tensor, kv_b_weight: torch.Tensor,
+               kv_b_scale: Optional[torch.Tensor]) -> bool:
+    if q.dtype not in (torch.bfloat16, torch.float16) or kv_a.dtype != q.dtype or latent_cache.dtype != q.dtype:
+        return False
+    if latent_cache.stride(-1) != 1 or kv_b_weight.stride(-1) != 1:
+        return False
+    m = static_int(q.shape[0] * q.shape[1])
+    if m is None or not 0 < m <= DECODE_MAX_M:
+        return False
+    if kv_b_scale is not None:
+        return kv_b_weight.dtype == torch.float8_e4m3fn
+    return kv_b_weight.dtype == q.dtype
+
+
+def decode_prep_choice() -> str:
+    choice = env_choice("DSV3_DECODE_PREP", DECODE_PREP_DEFAULT)
+    if choice not in ("fused", "torch"):
+        raise ValueError(f"DSV3_DECODE_PREP={choice!r}: use fused or torch")
+    return choice
+
+
+@triton_op("dsv3::mla_decode_prep", mutates_args=("latent_cache",))
+def mla_decode_prep(
+    q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent_cache: torch.Tensor, input_pos: torch.Tensor, kv_b_weight: torch.Tensor,
+    kv_b_scale: Optional[torch.Tensor], eps: float, nope_dim: int, v_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q, kv_a, kv_norm_weight, cos, sin, latent_cache, input_pos, kv_b_weight, kv_b_scale, eps, nope_dim, v_dim)
+    if (q.device.type == "cpu" or decode_prep_choice() == "torch"
+            or not _triton_ok(q, kv_a, latent_cache, kv_b_weight, kv_b_scale)):
+        return mla_decode_prep_reference(*args)
+    return mla_decode_prep_triton(*args)
+
+
+@mla_decode_prep.register_fake
+def _mla_decode_prep_fake(q, kv_a, kv_norm_weight, cos, sin, latent_cache, input_pos, kv_b_weight, kv_b_scale,
+                          eps, nope_dim, v_dim):
+    bsz, seqlen, heads, qdim = q.shape
+    torch._check(kv_b_weight.shape[0] == heads * (nope_dim + v_dim),
+                 lambda: f"mla_decode_prep: kv_b_weight has {kv_b_weight.shape[0]} rows, expected {heads} heads x "
+                         f"({nope_dim} + {v_dim})")
+    torch._check(kv_a.shape[-1] == kv_norm_weight.shape[0] + qdim - nope_dim,
+                 lambda: f"mla_decode_prep: kv_a width {kv_a.shape[-1]} != kv_lora_rank {kv_norm_weight.shape[0]} "
+                         f"+ rope dim {qdim - nope_dim}")
+    return (q.new_empty((bsz, seqlen, heads, kv_b_weight.shape[1])),
+            q.new_empty((bsz, seqlen, heads, qdim - nope_dim)))
+
+
+__all__ = ["mla_decode_prep", "mla_decode_prep_reference", "mla_decode_prep_triton", "rms_norm_rounded"]

@@ -1,0 +1,197 @@
+"""Tests for `torch.ops.dsv3.mla_decode_prep` (kv RMSNorm + RoPE + latent-cache write + W_UK absorption, one op).
+
+CPU (part of `make test`): the fused Triton kernel under the Triton interpreter against the op's torch composition
+(`tests/interpret_mla_prep.py`, its own process); the composition against independent float64 formulas (DeepSeek's
+interleaved rotary as complex multiplication, RMSNorm from its definition); the op's registration (opcheck), its
+path switch, and the model's decode step through it equal to the model's prefill branch (which keeps the torch ops).
+
+GPU (`pytest -m gpu`, on the device): the fused kernel against the composition on fresh inputs with a poisoned
+allocator; under torch.compile(fullgraph=True) with the cache as a module buffer it must stay ONE kernel launch
+(the cache mutated in place: no clone or copy of the cache around it), and inside CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv3.kernels  # noqa: F401
+from dsv3.config import resolve_config
+from dsv3.kernels import mla_decode_prep as P
+from dsv3.kernels.fp8_blocks import quantize_weight
+from dsv3.model import Transformer
+from kernel_checks import cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+
+
+def make_inputs(b, s, h, dn, r, dv, c, t_cap=64, fp8=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(b, s, h * (dn + r) + c + r, generator=g).to(torch.bfloat16)
+    q = proj[..., :h * (dn + r)].view(b, s, h, dn + r)
+    kv_a = proj[..., h * (dn + r):]
+    norm_w = (1 + 0.1 * torch.randn(c, generator=g)).to(torch.bfloat16)
+    pos = torch.randint(0, t_cap - s + 1, (b, 1), generator=g) + torch.arange(s)
+    ang = torch.rand(b, s, r // 2, generator=g) * 6.0
+    cos, sin = ang.cos(), ang.sin()
+    cache = torch.randn(b, t_cap, c + r, generator=g).to(torch.bfloat16)
+    w = torch.randn(h * (dn + dv), c, generator=g) * 0.1
+    w, ws = quantize_weight(w) if fp8 else (w.to(torch.bfloat16), None)
+    args = [q, kv_a, norm_w, cos, sin, cache, pos, w, ws]
+    return [a.to(device) if a is not None else None for a in args] + [1e-6, dn, dv]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_fused_kernel_interpreted():
+    res = run_interpreted("interpret_mla_prep.py")
+    assert res.returncode == 0, interpreter_failure(res)
+
+
+def _rotary64(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's form: interleaved pairs as complex numbers times e^{i angle}; returned de-interleaved (real parts,
+    then imaginary parts), the layout both q and k use here (their dot products are unchanged)."""
+    z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    z = z * torch.polar(torch.ones_like(ang.double()), ang.double())
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def test_composition_matches_float64_formulas():
+    b, s, h, dn, r, dv, c = 2, 3, 4, 16, 8, 24, 72
+    q, kv_a, norm_w, _, _, cache, pos, w, ws, eps, _, _ = make_inputs(b, s, h, dn, r, dv, c, seed=3)
+    ang = torch.rand(b, s, r // 2, generator=torch.Generator().manual_seed(4)) * 6.0
+    cos, sin = ang.cos(), ang.sin()
+    before = cache.clone()
+    q_latent, q_pe = P.mla_decode_prep_reference(q, kv_a, norm_w, cos, sin, cache, pos, w, ws, eps, dn, dv)
+    assert rel_err(q_pe, _rotary64(q[..., dn:], ang[:, :, None, :])) < 4e-3
+    c_kv = kv_a[..., :c].double()
+    normed = c_kv / (c_kv.pow(2).mean(-1, keepdim=True) + eps).sqrt() * norm_w.double()
+    rows = cache[torch.arange(b)[:, None].expand(b, s), pos]
+    assert rel_err(rows[..., :c], normed) < 6e-3
+    assert rel_err(rows[..., c:], _rotary64(kv_a[..., c:], ang)) < 4e-3
+    written = torch.zeros(cache.shape[:2], dtype=torch.bool)
+    written[torch.arange(b)[:, None].expand(b, s), pos] = True
+    assert torch.equal(cache[~written], before[~written])
+    wd = (w.float() * ws.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :c]).double()
+    w_uk = wd.view(h, dn + dv, c)[:, :dn]
+    assert rel_err(q_latent, torch.einsum("bshd,hdc->bshc", q[..., :dn].double(), w_uk)) < 6e-3
+
+
+def test_opcheck_and_path_switch(monkeypatch):
+    args = make_inputs(1, 1, 3, 16, 8, 24, 72, seed=5)
+    torch.library.opcheck(torch.ops.dsv3.mla_decode_prep.default, tuple(args), test_utils="test_faketensor")
+    monkeypatch.setenv("DSV3_DECODE_PREP", "fused")
+    assert P.decode_prep_choice() == "fused"
+    monkeypatch.setenv("DSV3_DECODE_PREP", "bogus")
+    with pytest.raises(ValueError, match="DSV3_DECODE_PREP"):
+        P.decode_prep_choice()
+    monkeypatch.delenv("DSV3_DECODE_PREP")
+    assert P.decode_prep_choice() == P.DECODE_PREP_DEFAULT
+
+
+def test_model_decode_step_equals_prefill_branch():
+    """The decode branch (this op) and the prefill branch (the torch ops kept in the model) compute the same layer:
+    one token decoded after a prompt gives the logits the prefill branch gives at that position."""
+    cfg = resolve_config("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg, dtype=torch.float32, max_batch_size=1, max_seq_len=64)
+    for name, p in model.named_parameters():
+        p.data.copy_(torch.randn_like(p, dtype=torch.float32).mul_(0.05).to(p.dtype))
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+    for name, buf in model.named_buffers():
+        if name.endswith("weight_scale_inv") or name.endswith("scale_inv"):
+            buf.fill_(1.0)
+        elif name.endswith("e_score_correction_bias"):
+            buf.zero_()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 20))
+    full = model(tokens, torch.arange(20))  # 20 > DECODE_MAX_S: the prefill branch for every position
+    model.reset_caches()
+    model(tokens[:, :19], torch.arange(19))
+    step = model(tokens[:, 19:], torch.tensor([19]))  # one token: the decode branch (mla_decode_prep)
+    assert rel_err(step[:, 0], full[:, 19]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+GPU_CASES = [  # B, S, H, Dn, R, Dv, C: V2-Lite / V3 per-rank heads, batch 1 and 8, a verify step of 3 tokens
+    (1, 1, 16, 128, 64, 128, 512),
+    (8, 1, 16, 128, 64, 128, 512),
+    (2, 3, 128, 128, 64, 128, 512),
+]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_fused_kernel_gpu(case):
+    args = make_inputs(*case, t_cap=4096, device="cuda", seed=sum(case))
+    ref_args = list(args)
+    ref_args[5] = args[5].clone()
+    poison_allocator()
+    lat, pe = P.mla_decode_prep_triton(*args)
+    ref_lat, ref_pe = P.mla_decode_prep_reference(*ref_args)
+    c = args[2].shape[0]
+    assert rel_err(pe, ref_pe) < 2e-3 and rel_err(lat, ref_lat) < 6e-3
+    assert rel_err(args[5][..., c:], ref_args[5][..., c:]) < 2e-3
+    assert rel_err(args[5][..., :c], ref_args[5][..., :c]) < 2e-3
+
+
+class _PrepLayer(torch.nn.Module):
+    """The op as the model calls it: the cache is a module buffer, read again after the op."""
+
+    def __init__(self, cache):
+        super().__init__()
+        self.register_buffer("latent_cache", cache)
+
+    def forward(self, q, kv_a, norm_w, cos, sin, pos, w, ws):
+        lat, pe = torch.ops.dsv3.mla_decode_prep(q, kv_a, norm_w, cos, sin, self.latent_cache, pos, w, ws, 1e-6,
+                                                 128, 128)
+        return lat, pe, self.latent_cache[: q.shape[0]].sum(dim=1)
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_kernel_compiled_in_place(monkeypatch):
+    monkeypatch.setenv("DSV3_DECODE_PREP", "fused")
+    torch._dynamo.reset()
+    q, kv_a, norm_w, cos, sin, cache, pos, w, ws, _, _, _ = make_inputs(1, 1, 16, 128, 64, 128, 512, t_cap=4096,
+                                                                       device="cuda", seed=11)
+    eager_layer, layer = _PrepLayer(cache.clone()), _PrepLayer(cache.clone())
+    ref = eager_layer(q, kv_a, norm_w, cos, sin, pos, w, ws)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(q, kv_a, norm_w, cos, sin, pos, w, ws)
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 2e-3
+    assert torch.equal(layer.latent_cache, eager_layer.latent_cache)  # the buffer itself was written
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        compiled(q, kv_a, norm_w, cos, sin, pos, w, ws)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    prep = [n for n in names if "decode_prep" in n]
+    # one launch for the op, and no copy of the 4.7 MB cache around it (only the small sum kernel besides)
+    assert len(prep) == 1, names
+    assert not [n for n in names if "copy" in n.lower() or "clone" in n.lower()], names
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_kernel_cuda_graph():
+    args = make_inputs(8, 1, 16, 128, 64, 128, 512, t_cap=4096, device="cuda", seed=13)
+    ref_args = list(args)
+    ref_args[5] = args[5].clone()
+    ref = P.mla_decode_prep_reference(*ref_args)
+    P.mla_decode_prep_triton(*args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = P.mla_decode_prep_triton(*args)
+    args[5].zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out[1], ref[1]) < 2e-3 and rel_err(out[0], ref[0]) < 6e-3
+    batch = torch.arange(8, device="cuda")[:, None]
+    assert rel_err(args[5][batch, args[6]], ref_args[5][batch, args[6]]) < 2e-3  # written by the replay

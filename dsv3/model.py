@@ -23,6 +23,7 @@ from dsv3.config import ModelConfig, ceil_div
 from dsv3.kernels._launch import static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
 from dsv3.kernels.mla_attention import DECODE_MAX_S
+from dsv3.kernels.rms_norm import rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.rope import apply_rope, rope_tables, softmax_scale
 
@@ -59,9 +60,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # HF rounding (normalise in fp32, round to the activation dtype, then scale) so logits match transformers.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm_rounded(x, self.weight, self.eps)
 
 
 class MLA(nn.Module):
@@ -250,10 +249,11 @@ class RoutedExperts(nn.Module):
             scale = torch.empty(e, ceil_div(n, BLOCK), ceil_div(k, BLOCK), dtype=torch.float32) if fp8 else None
             self.register_buffer(f"{name}_scale_inv", scale)
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.dsv3.routed_experts(
             x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj,
-            self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv,
+            self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv, x_q, x_scale,
         )
 
 
@@ -293,11 +293,14 @@ class MoE(nn.Module):
         self.shared_experts = None
         self.n_shared_slots = cfg.n_shared_experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_q: torch.Tensor | None = None,
+                x_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x_q / x_scale: x already quantized for the FP8 experts (dsv3.add_rms_norm_quant's), else they do it."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = self.gate(flat, self.n_shared_slots)
-        y = self.experts(flat, topk_idx, topk_weight).view(shape)
+        prequant = () if x_q is None else (x_q.reshape(flat.shape), x_scale.reshape(flat.shape[0], -1))
+        y = self.experts(flat, topk_idx, topk_weight, *prequant).view(shape)
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
 
@@ -309,10 +312,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MoE(cfg, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size,
                                                                         dtype, cfg.is_fp8)
+        self.fp8_moe = cfg.is_fp8 and cfg.is_moe_layer(layer)
 
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache_rows: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows)
+        attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows)
+        if self.fp8_moe:
+            # h + attn, post_attention_layernorm and the experts' FP8 quantization of its output: one op (one
+            # launch on CUDA, dsv3.kernels.rms_norm), so the experts skip their own quantization launch.
+            norm = self.post_attention_layernorm
+            h, x, x_q, x_scale = torch.ops.dsv3.add_rms_norm_quant(h, attn, norm.weight, norm.eps)
+            return h + self.mlp(x, x_q, x_scale)
+        h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

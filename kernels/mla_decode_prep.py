@@ -44,16 +44,10 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_choice, next_pow2, static_int
 from dsv3.kernels.mla_absorb import DECODE_MAX_M, absorb_q_tile  # (also registers dsv3.mla_absorb)
+from dsv3.kernels.rms_norm import rms_norm_rounded, rms_scale
 from dsv3.rope import apply_rope
 
 DECODE_PREP_DEFAULT = "torch"
-
-
-def rms_norm_rounded(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """dsv3.model.RMSNorm's arithmetic (HF rounding): normalise in fp32, round to x.dtype, times the weight."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def mla_decode_prep_reference(
@@ -103,7 +97,7 @@ def _mla_decode_prep_kernel(
         pos_c = pos + tl.zeros_like(offs_c)  # the contract says 0 <= pos < T; never write outside the cache anyway
         c_store = c_mask & (pos_c >= 0) & (pos_c < T)  # (a vector: the interpreter rejects block & scalar masks)
         x = tl.load(kv_ptr + m * stride_kvm + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-        inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / C + tl.cast(eps, tl.float32))
+        inv = rms_scale(tl.sum(x * x, axis=0), C, eps)
         normed = (x * inv).to(dt).to(tl.float32)
         w = tl.load(nw_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
         tl.store(row_ptr + offs_c, (w * normed).to(dt).to(cache_ptr.dtype.element_ty), mask=c_store)
@@ -217,4 +211,4 @@ def _mla_decode_prep_fake(q, kv_a, kv_norm_weight, cos, sin, latent_cache, input
             q.new_empty((bsz, seqlen, heads, qdim - nope_dim)))
 
 
-__all__ = ["mla_decode_prep", "mla_decode_prep_reference", "mla_decode_prep_triton", "rms_norm_rounded"]
+__all__ = ["mla_decode_prep", "mla_decode_prep_reference", "mla_decode_prep_triton"]

@@ -8,13 +8,19 @@ Contract
 - Ids outside [0, E) contribute nothing: an expert-parallel rank passes global ids minus its first expert id.
 - y[t] = sum_k topk_weight[t, k] * down(silu(gate(x[t])) * up(x[t])) for expert topk_idx[t, k], with each FP8
   projection computed as `dsv3.fp8_linear` does (activations quantized per token per 128 channels).
+- x_q, x_scale (optional, not mutated, last two arguments): x already quantized, by contract exactly
+  `dsv3.kernels.fp8_blocks.quantize_activation(x)` (float8_e4m3fn [T, D], float32 [T, ceil(D/128)]), e.g. the
+  y_q / y_scale of `dsv3.add_rms_norm_quant`, whose kernel produced x. Give both or neither; with FP8 weights the
+  Triton paths then read them instead of quantizing x (step 0 disappears); bf16/fp16 weights and the reference
+  ignore them (they equal what the reference computes).
 - Returns [T, D] in x.dtype. No host synchronisation: the amount of work never depends on the routing values.
 
 Implementations (branch taken at trace time)
 - CPU, or fp32 weights: `routed_experts_reference` (dense over experts).
 - CUDA, FP8 or bf16/fp16 weights: Triton kernels, no host sync, each selected expert's weights read once per
   token tile and unselected experts never read:
-  0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact). Quantizing each x tile
+  0. (FP8) `_act_quant_kernel` quantizes x once (per token per 128 channels, exact), unless x_q / x_scale are
+     given (then no launch: the producer of x quantized it, `dsv3.add_rms_norm_quant`). Quantizing each x tile
      inside the up kernel instead (one launch less) measured slower on the H200 (16B T=1 34.6 vs 33.6 us, 671B
      rank 65.3 vs 47.3 us, 2026-11-23: the work sits in the serial K loop) and was removed.
   1. `_moe_up_kernel`, grid (slot, I/BLOCK_N): gate and up GEMVs of one expert (FP8 wgmma, fp32 accumulation per
@@ -77,9 +83,11 @@ def routed_experts_reference(
     x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
-    down_scale_inv: Optional[torch.Tensor],
+    down_scale_inv: Optional[torch.Tensor], x_q: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Dense over experts (every expert sees every token, then a select): simple and sync-free, fine on CPU."""
+    """Dense over experts (every expert sees every token, then a select): simple and sync-free, fine on CPU.
+    x_q / x_scale are ignored: by contract they are quantize_activation(x), which fp8_linear_reference computes."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(gate_proj.shape[0]):
         hit = topk_idx == e                                     # [T, K]
@@ -497,12 +505,13 @@ def routed_experts_triton(
     block_n: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
     up_block_n: Optional[int] = None, up_num_warps: Optional[int] = None, up_num_stages: Optional[int] = None,
     down_block_n: Optional[int] = None, down_num_warps: Optional[int] = None, down_num_stages: Optional[int] = None,
-    grouped_block_t: Optional[int] = None,
+    grouped_block_t: Optional[int] = None, x_q: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Triton path (module docstring). Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
     then these keyword arguments; None keeps the plan's value). The grouped path has a fixed config and ignores
     them. `grouped_block_t`: (token, expert) pairs per tile of the grouped path (default GROUPED_BLOCK_T; 64 or
-    128)."""
+    128). `x_q` / `x_scale`: quantize_activation(x), given by the caller (FP8 weights: no act_quant launch)."""
     t, d = x.shape
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
@@ -551,7 +560,10 @@ def routed_experts_triton(
     # launch after the row-parallel up kernel, else the down kernel
     rows_up = is_fp8 and not grouped and plan.up_block_n in ROWS_UP_BLOCK_NS
     quant_h = is_fp8 and (plan.up_block_n == 128 or rows_up)
-    if is_fp8:
+    if is_fp8 and x_q is not None and x_scale is not None:
+        xq = x_q if x_q.stride(-1) == 1 else x_q.contiguous()          # quantized by the producer of x
+        xs = x_scale if x_scale.stride(-1) == 1 else x_scale.contiguous()
+    elif is_fp8:
         xq, xs = act_quant(x)                     # once; the expert programs stream e4m3 tiles
     else:
         xq, xs = x, x                             # xs unused
@@ -613,16 +625,19 @@ def routed_experts(
     x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
-    down_scale_inv: Optional[torch.Tensor],
+    down_scale_inv: Optional[torch.Tensor], x_q: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts: give x_q and x_scale together")
     if x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv):
         return routed_experts_reference(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                                        gate_scale_inv, up_scale_inv, down_scale_inv)
+                                        gate_scale_inv, up_scale_inv, down_scale_inv, x_q, x_scale)
     return routed_experts_triton(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                                 gate_scale_inv, up_scale_inv, down_scale_inv)
+                                 gate_scale_inv, up_scale_inv, down_scale_inv, x_q=x_q, x_scale=x_scale)
 
 
 @routed_experts.register_fake
 def _routed_experts_fake(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                         gate_scale_inv, up_scale_inv, down_scale_inv):
+                         gate_scale_inv, up_scale_inv, down_scale_inv, x_q=None, x_scale=None):
+    torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts: give x_q and x_scale together")
     return torch.empty_like(x)

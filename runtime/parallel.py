@@ -146,8 +146,8 @@ class ExpertOffset(nn.Module):
 
 
 def _local_expert_ids(experts: nn.Module, args: tuple) -> tuple:
-    x, topk_idx, topk_weight = args
-    return x, topk_idx - experts.expert_offset.value, topk_weight
+    x, topk_idx, topk_weight, *prequantized = args  # (x_q, x_scale when the caller quantized x)
+    return (x, topk_idx - experts.expert_offset.value, topk_weight, *prequantized)
 
 
 def build_rank_model(cfg: ModelConfig, plan: ParallelPlan, *, dtype: torch.dtype, device: torch.device | str,

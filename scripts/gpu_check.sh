@@ -3,7 +3,8 @@
 #   env        install the package (offline) and print versions
 #   cpu-suite  the fast CPU tests under this host's torch (2.11 on the device): compatibility check
 #   kernels    the GPU kernel tests (scripts/gpu_kernels.sh tests)
-#   kgpu       all GPU-marked kernel tests but the AOTI ones (test_kernels, test_router, test_gemv_variants)
+#   kgpu       all GPU-marked kernel tests but the AOTI ones (test_kernels, test_router, test_gemv_variants,
+#              test_prefill, test_norm, test_mla_prep)
 #   sweep-gemv scripts/sweep_gemv.py: decode GEMV variants and launch configs (JSON in $OUT)
 #   sweep-mla  scripts/sweep_mla.py: decode launch plans of the MLA kernel (checked against the reference, timed)
 #   sweep-moe  scripts/sweep_moe.py: FP8 decode launch plans of routed_experts (16B, 671B ws8 rank; T 1, 8), checked
@@ -28,7 +29,8 @@
 #   est671     rank 0 of 671B at world size 8: compile 4, 6 and 8 layers (EST671_LAYERS), time decode round-robin
 #              (collectives stubbed), least-squares line to 61 layers
 #   ab16       A/B of trace-time switches: the 16B FP8 config at AB_LAYERS (8) layers built once per variant
-#              (default + AB_VARIANTS, e.g. "DSV3_DECODE_PREP=fused"; several settings in one variant: comma-separated),
+#              (default + AB_VARIANTS, default "DSV3_DECODE_PREP=fused,DSV3_NORM_QUANT=fused DSV3_DECODE_PREP=fused
+#              DSV3_NORM_QUANT=fused": variants space-separated, settings within one comma-separated),
 #              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS)
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   run671     needs 8 GPUs: dsv3c run --world-size 8 --random-weights from art671, batch 1 and 8 (TTFT, ms/token)
@@ -74,9 +76,10 @@ step_cpu_suite() {
 
 step_kernels() { bash scripts/gpu_kernels.sh tests; }
 
-step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (those run in `kernels`), 5 min cap
-  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "not aoti" tests/test_kernels.py \
-    $(ls tests/test_router.py tests/test_gemv_variants.py tests/test_prefill.py 2>/dev/null) 2>&1 | tee "$OUT/kgpu.log" | tail -15
+step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (those run in `kernels`), 7.5 min cap
+  timeout 450 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "not aoti" tests/test_kernels.py \
+    $(ls tests/test_router.py tests/test_gemv_variants.py tests/test_prefill.py tests/test_norm.py tests/test_mla_prep.py \
+      2>/dev/null) 2>&1 | tee "$OUT/kgpu.log" | tail -15
 }
 
 step_pdl() { timeout 300 $PY scripts/bench_pdl.py --json "$OUT/pdl.json" 2>&1 | grep -v Warning | tail -8; }
@@ -179,17 +182,26 @@ step_ab16() {  # A/B of trace-time fusion switches on the 16B FP8 config at AB_L
   $PY -c "import json, sys; from dsv3.config import resolve_config, FP8Quantization
 cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
 json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$cfg"
-  for v in default ${AB_VARIANTS:-DSV3_DECODE_PREP=fused}; do
+  # built variants stay in $WORK while the machine is warm: a call that ran out of time can be repeated
+  for v in default ${AB_VARIANTS:-DSV3_DECODE_PREP=fused,DSV3_NORM_QUANT=fused DSV3_DECODE_PREP=fused \
+                                   DSV3_NORM_QUANT=fused}; do
     name=ab16_${v//[^A-Za-z0-9]/_}
     dirs+=("$WORK/$name")
     [ -f "$WORK/$name/manifest.json" ] && continue
-    ( if [ "$v" != default ]; then export ${v//,/ }; fi
+    ( verify=(); if [ "$v" != default ]; then export ${v//,/ }; else verify=(--no-verify); fi
       /usr/bin/time -f "$v: build %e s" $PY -m dsv3.cli compile --config "$cfg" --num-layers "$layers" \
         --out "$WORK/$name" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --overwrite \
-        --jobs 3 2>&1 | grep --line-buffered -v Warning | tail -4 )
+        --jobs 3 "${verify[@]}" 2>&1 | grep --line-buffered -v Warning | tail -4 )
   done
   $PY scripts/rank_timing.py --json "$OUT/ab16.json" --repeats ${AB_REPEATS:-5} "${dirs[@]}" 2>&1 | grep -v Warning \
     | tail -12
+  if [ "${AB_PROFILE:-0}" = 1 ]; then  # kernels per step of the default and the last variant (decode only)
+    for name in "${dirs[0]}" "${dirs[-1]}"; do
+      mkdir -p "$OUT/$(basename "$name")"
+      $PY scripts/profile_decode.py "$name" random "$OUT/$(basename "$name")" 128 0 2>&1 | grep -v Warning \
+        | grep -E -i "replay|kernels|launch" | head -6
+    done
+  fi
 }
 
 step_compile16_ws2() {

@@ -8,7 +8,8 @@ Loads the artifacts as `dsv3c run` does, fills the cache to CONTEXT (default 128
 2. profiles the same package called without the CUDA graph (torch.profiler, CUDA activity): every kernel's
    time, grouped by name, and the sum of kernel time per step. Graph replay time minus kernel time is what
    launches and gaps cost; the top kernels are where bandwidth goes.
-3. profiles a PREFILL-token prefill (default 4096, in the artifacts' chunks) the same way: where prefill MFU goes.
+3. profiles a PREFILL-token prefill (default 4096, in the artifacts' chunks; 0: none) the same way: where prefill
+   MFU goes.
 Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls and us per step), and
 OUT_DIR/prefill_profile.txt / .json.
 A diagnostic for docs/BENCHMARKS.md, not part of the runtime.
@@ -70,6 +71,8 @@ def main() -> None:
                  {"context": context, "graph_us_per_step": graph_us, "kernel_us_per_step": kernel_us,
                   "kernels_per_step": launches})
 
+    if prefill_len <= 0:  # PREFILL 0: the decode profile only
+        return
     # prefill: one prompt of prefill_len tokens (cache row 0), as `dsv3c run` feeds it: chunks of the artifacts' size
     prompt = [1 + i % 1000 for i in range(min(prefill_len, stepper.model.max_seq_len - 1))]
     stepper.prefill([prompt])

@@ -111,3 +111,18 @@ def test_checkpoint_load_prepares_on_meta(tmp_path):
 
     model = dsv3.checkpoint.load(ckpt, dtype=torch.float32, max_seq_len=16, prepare=prepare, progress=False)
     assert seen == ["meta"] and model.embed_tokens.weight.device.type == "cpu"
+
+
+def test_local_expert_ids_keeps_prequantized_inputs():
+    """The expert-parallel pre-hook shifts the ids to the rank's local numbering and passes on x_q / x_scale (an FP8
+    MoE layer hands its experts x already quantized, dsv3.add_rms_norm_quant)."""
+    from dsv3.runtime.parallel import ExpertOffset, _local_expert_ids
+
+    experts = torch.nn.Module()
+    experts.expert_offset = ExpertOffset(8, "cpu")
+    x, idx, w = torch.randn(2, 4), torch.tensor([[8, 11], [9, 15]]), torch.rand(2, 2)
+    xq, xs = torch.randn(2, 4), torch.rand(2, 1)
+    out = _local_expert_ids(experts, (x, idx, w, xq, xs))
+    assert len(out) == 5 and out[0] is x and out[3] is xq and out[4] is xs
+    assert torch.equal(out[1], idx - 8)
+    assert len(_local_expert_ids(experts, (x, idx, w))) == 3

@@ -88,6 +88,7 @@ def _mla_decode_prep_kernel(
         m = pid - n_absorb
         b = m // S
         s = m - b * S
+        b = b.to(tl.int64)  # b * stride_cb: a cache of 2^31 elements per layer is not reachable today, but cheap
         dt = q_ptr.dtype.element_ty
         pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
         row_ptr = cache_ptr + b * stride_cb + pos * stride_ct

@@ -33,6 +33,8 @@
 #              DSV3_NORM_QUANT=fused": variants space-separated, settings within one comma-separated),
 #              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS)
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
+#   run671ws   needs 2 or 4 GPUs (issue 8 until 8 are lent): 671B truncated to LAYERS671WS (8) layers at world size
+#              WS671 (all visible GPUs): compile, dsv3c run --random-weights at batch 1 and 8, rank 0 alone stubbed
 #   run671     needs 8 GPUs: dsv3c run --world-size 8 --random-weights from art671, batch 1 and 8 (TTFT, ms/token)
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61);
 #              NO_VERIFY_671=1 skips verification (verify with a few layers: same per-layer graph code)
@@ -76,10 +78,13 @@ step_cpu_suite() {
 
 step_kernels() { bash scripts/gpu_kernels.sh tests; }
 
-step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (those run in `kernels`), 7.5 min cap
-  timeout 450 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "not aoti" tests/test_kernels.py \
-    $(ls tests/test_router.py tests/test_gemv_variants.py tests/test_prefill.py tests/test_norm.py tests/test_mla_prep.py \
-      2>/dev/null) 2>&1 | tee "$OUT/kgpu.log" | tail -15
+step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (those run in `kernels`), 9 min cap
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "not aoti" tests/test_kernels.py \
+    $(ls tests/test_router.py tests/test_gemv_variants.py tests/test_prefill.py 2>/dev/null) 2>&1 \
+    | tee "$OUT/kgpu.log" | tail -15
+  # the fused decode-prep and norm ops (2026-11-23), on their own clock so one part's timeout spares the other
+  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_norm.py tests/test_mla_prep.py 2>&1 \
+    | tee "$OUT/kgpu_fused.log" | tail -15
 }
 
 step_pdl() { timeout 300 $PY scripts/bench_pdl.py --json "$OUT/pdl.json" 2>&1 | grep -v Warning | tail -8; }
@@ -244,6 +249,28 @@ step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4 and
 step_ar2() {  # needs 2 GPUs: NCCL all-reduce / all-gather latency of a decode step's collectives, in a CUDA graph
   timeout 240 $PY -m torch.distributed.run --standalone --nproc-per-node 2 scripts/allreduce_latency.py \
     "$OUT/allreduce_ws2.json" 2>&1 | grep -v -i warn | tail -8
+}
+
+step_run671ws() {  # issue 8 on a 2- or 4-GPU host: 671B truncated to LAYERS671WS (8) layers at world size WS671
+  # (default: every visible GPU), TP + EP over NCCL with each rank's weights made on its GPU: dsv3c run at batch 1
+  # and 8 (TTFT, ms/token), then rank 0's graphs timed alone on GPU 0 with the collectives stubbed: the difference
+  # is what the collectives cost at 671B shapes. Per rank: ~11.3 GB of experts per layer / WS, so 8 layers fit at 2.
+  local ws=${WS671:-$(nvidia-smi -L | wc -l)} n=${LAYERS671WS:-8} b args dir
+  dir=$WORK/art671_ws${ws}_l$n
+  [ -f "$dir/manifest.json" ] || dsv3c compile --config 671B --world-size "$ws" --num-layers "$n" --out "$dir" \
+    --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite \
+    --no-verify 2>&1 | grep --line-buffered -v Warning | tail -4
+  local prompts=("Tell me about the weather." "Write a poem about GPUs." "What is 2+2?" "Hello" \
+                 "Explain attention." "A long story begins" "Once upon a time" "The capital of France")
+  for b in 1 8; do
+    args=()
+    for p in "${prompts[@]:0:$b}"; do args+=(--prompt "$p"); done
+    timeout 300 $PY -m dsv3.cli run --world-size "$ws" --artifacts "$dir" --random-weights "${args[@]}" \
+      --max-new-tokens 64 --stats --output-file "$OUT/run671_ws${ws}_b$b.jsonl" > "$OUT/run671_ws${ws}_b$b.log" 2>&1
+    echo "ws$ws batch $b: run exit $?"
+    grep -E "load|error|Error|ms/token|TTFT|tok/s" "$OUT/run671_ws${ws}_b$b.log" | tail -5
+  done
+  $PY scripts/rank_timing.py --json "$OUT/rank671_ws${ws}_l$n.json" --repeats 3 "$dir" 2>&1 | grep -v Warning | tail -4
 }
 
 step_run671() {  # needs 8 GPUs: 671B from the world-size-8 artifacts of compile671, weights generated on each rank

@@ -9,6 +9,8 @@ those steps accumulate through the layers (measured: 1.5e-3 on this model).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch._dynamo
@@ -105,3 +107,31 @@ def test_worker_build_errors_reach_the_parent_picklable(monkeypatch):
         B._build_graph_in_worker(None, B.GraphSpec("decode_b1", "decode", 1), "/nonexistent")
     back = pickle.loads(pickle.dumps(info.value))
     assert "decode_b1" in str(back) and "_grid_2" in str(back)
+
+
+@torch.library.triton_op("dsv3test::switched", mutates_args=())
+def _switched(x: torch.Tensor) -> torch.Tensor:
+    # stands in for an op whose path a DSV3_* variable picks at trace time (DSV3_NORM_QUANT, DSV3_DECODE_PREP)
+    return x * (2.0 if os.environ.get("DSV3_TEST_SWITCH") == "a" else 3.0)
+
+
+@_switched.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_compile_caches_see_trace_time_switches(monkeypatch, tmp_path):
+    """The traced graph holds only the op call, so without dsv3.kernels.cache_key's uuid covering the DSV3_*
+    variables the FX / AOTAutograd caches returned the other path's compiled code after a switch."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache of its own, then warm below
+    x = torch.ones(4)
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        for switch, want in (("a", 2.0), ("b", 3.0), ("a", 2.0)):
+            monkeypatch.setenv("DSV3_TEST_SWITCH", switch)
+            torch._dynamo.reset()
+            out = torch.compile(lambda t: torch.ops.dsv3test.switched(t) + 0, fullgraph=True)(x)
+            assert torch.equal(out, torch.full((4,), want)), (switch, out)
+    torch._dynamo.reset()

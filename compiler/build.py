@@ -65,10 +65,34 @@ class CompileOptions:
             raise ConfigError(f"--jobs {self.jobs}: must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
+        check_kernel_switches()
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible on this build host; use --device cpu "
                               "(tiny configs) or build on a GPU host")
         ParallelPlan(0, self.world_size).check(self.config)
+
+
+def check_kernel_switches() -> None:
+    """The DSV3_* trace-time switches are read inside the graph-building processes: a bad value would surface there
+    as a traceback per graph. Check the ones with a fixed syntax before anything is built."""
+    from dsv3.kernels import fp8_linear, mla_decode_prep, rms_norm, routed_experts
+
+    checks = {
+        "DSV3_DECODE_PREP": mla_decode_prep.decode_prep_choice,
+        "DSV3_NORM_QUANT": rms_norm.norm_quant_choice,
+        "DSV3_GEMV_VARIANT": lambda: fp8_linear.parse_gemv_variant(os.environ["DSV3_GEMV_VARIANT"]),
+        "DSV3_MOE_DECODE": lambda: routed_experts.parse_moe_plan(os.environ["DSV3_MOE_DECODE"],
+                                                                 routed_experts.MOE_DECODE_DEFAULT),
+    }
+    for name, check in checks.items():
+        if name in os.environ:
+            try:
+                check()
+            except ValueError as e:
+                raise ConfigError(f"environment variable {name}={os.environ[name]!r}: {e}") from None
+    mode = os.environ.get("DSV3_FP8_GEMM", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "gemv", "scaled_mm", "triton"):
+        raise ConfigError(f"environment variable DSV3_FP8_GEMM={mode!r}: use auto, gemv, scaled_mm or triton")
 
 
 @dataclass

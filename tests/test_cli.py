@@ -271,3 +271,15 @@ def test_stop_strings_end_a_row(ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     assert records[0]["finish_reason"] == "stop" and stop not in records[0]["text"]
     assert base["text"].startswith(records[0]["text"])
+
+
+@pytest.mark.parametrize("name,value", [("DSV3_DECODE_PREP", "fast"), ("DSV3_NORM_QUANT", "yes"),
+                                        ("DSV3_GEMV_VARIANT", "rows:8"), ("DSV3_FP8_GEMM", "cublas")])
+def test_compile_refuses_bad_kernel_switch(tmp_path, monkeypatch, name, value):
+    """A bad trace-time switch is named before any graph is built (not as a traceback per build process)."""
+    monkeypatch.setenv(name, value)
+    res = invoke("compile", "--config", "tiny", "--device", "cpu", "--out", str(tmp_path / "art"))
+    assert res.exit_code == 2
+    msg = stderr_of(res)
+    assert name in msg and value in msg and "Traceback" not in res.output
+    assert not (tmp_path / "art").exists()

@@ -529,6 +529,7 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
 
     from dsv3.runtime import bench
     from dsv3.runtime.engine import artifact_stepper, jit_stepper, load_rank_model
+    from dsv3.runtime.manifest import read_manifest
     from dsv3.runtime.parallel import ParallelPlan
 
     if sum([bool(artifacts), jit, eager]) != 1:
@@ -543,8 +544,6 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     max_seq = max(max(ctxs), prompt_len) + steps + 2
     plan = ParallelPlan(0, 1)
     if artifacts:
-        from dsv3.runtime.manifest import read_manifest
-
         built_ws = read_manifest(artifacts)["world_size"]
         if built_ws > 1 and not stub_collectives:
             raise click.UsageError(f"{artifacts} was built for world size {built_ws}: bench runs one process; "
@@ -586,6 +585,11 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
 
             stepper = EagerStepper(model)
     load_s = time.perf_counter() - t0
+    # the trace-time kernel switches behind these numbers: the artifacts' (fixed at build time) or this process's
+    overrides = (read_manifest(artifacts).get("kernel_overrides") or {}) if artifacts else {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV3_")}
+    if overrides:
+        click.echo("kernel switches " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     bw = bench.copy_bandwidth(torch.device(device))
     click.echo(f"copy bandwidth {bw / 1e12:.3f} TB/s (measured) | load {load_s:.2f}s "
                + " ".join(f"{k} {v:.2f}s" for k, v in timings.items() if v))
@@ -595,7 +599,7 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     report = {"mode": "artifacts" if artifacts else ("jit" if jit else "eager"), "device": device,
               "world_size": plan.world_size, "collectives": "stubbed" if plan.world_size > 1 else "none",
               "config": model.cfg.name, "copy_bandwidth_Bps": bw, "load_s": load_s, "timings": timings,
-              "decode": decode, "prefill": prefill}
+              "decode": decode, "prefill": prefill, "kernel_overrides": overrides}
     if baseline == "hf":
         source = baseline_checkpoint or checkpoint
         if not source:

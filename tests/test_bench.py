@@ -86,7 +86,8 @@ def test_prefill_flops_hand_count():
         assert prefill_flops(model, length, 30) == pytest.approx(two_chunks, rel=1e-12)
 
 
-def test_bench_cli_smoke(tmp_path):
+def test_bench_cli_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV3_NORM_QUANT", "torch")  # a switch in the environment: reported with the numbers
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "--random-weights", "--config", "tiny", "--eager", "--device", "cpu",
                                     "--dtype", "float32", "--batch-sizes", "1,2", "--context", "8,24", "--steps", "3",
@@ -97,6 +98,7 @@ def test_bench_cli_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert [(r["batch"], r["context"]) for r in report["decode"]] == [(1, 8), (1, 24), (2, 8), (2, 24)]
     assert all(r["ms_per_token"] > 0 and 0 < r["fraction_of_roofline"] for r in report["decode"])
+    assert report["kernel_overrides"] == {"DSV3_NORM_QUANT": "torch"} and "DSV3_NORM_QUANT=torch" in res.output
     res = CliRunner().invoke(main, ["bench", "--eager", "--config", "tiny"])
     assert res.exit_code == 2 and "--random-weights" in res.output
 

@@ -232,9 +232,11 @@ step_compile671() {
   dsv3c inspect "$WORK/art671" | tee "$OUT/inspect671.txt" || keep_wrapper
 }
 
-step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4 and 6 layers, slope to 61 layers
-  local n
-  for n in 4 6; do
+step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4, 6 and 8 layers, fitted line to 61
+  local n dirs=()
+  for n in ${EST671_LAYERS:-4 6 8}; do
+    dirs+=("$WORK/art671_l$n")
+    [ -f "$WORK/art671_l$n/manifest.json" ] && continue  # built earlier while this machine stayed warm
     dsv3c compile --config 671B --world-size 8 --num-layers $n --out "$WORK/art671_l$n" --device cuda \
       --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite --no-verify \
       --jobs 3 2>&1 | grep --line-buffered -v Warning | tail -3

@@ -397,9 +397,9 @@ def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_s
     Kernel choices are made from the static shapes and measured tables; these environment variables pin them
     at build time (recorded in the manifest, shown by `dsv3c inspect`; docs/KERNELS.md has the measurements):
       DSV3_DECODE_PREP=fused|torch   decode: MLA's norm, RoPE, cache write and W_UK absorption in one kernel
-                                     (default torch until timed on the H200)
+                                     (default fused) or as the torch ops + absorb kernel
       DSV3_NORM_QUANT=fused|torch    FP8 MoE layers: residual add + norm + FP8 quantization in one kernel
-                                     (default torch until timed)
+                                     (default fused) or as the torch ops + a quantization kernel
       DSV3_GEMV_VARIANT=NAME[:BLOCK_N:WARPS:STAGES]   decode FP8 GEMV variant (default: the tuned table)
       DSV3_GEMV_TABLE=sweep_gemv.json                 a GEMV table measured by scripts/sweep_gemv.py
       DSV3_MOE_DECODE=UP_BN:UP_WARPS:UP_STAGES:DOWN_BN:DOWN_WARPS:DOWN_STAGES   MoE decode launch plan

@@ -107,7 +107,7 @@ class MLA(nn.Module):
         if not self._prefill_form(seqlen, cache_rows):  # decode, speculative verify: absorbed attention
             # The steps of the prefill branch below (q/k RoPE, kv_a_layernorm, the cache write of cat(c_kv, k_pe)
             # at input_pos in rows 0..B-1) plus the W_UK absorption, as one op (dsv3.kernels.mla_decode_prep):
-            # one launch on CUDA with DSV3_DECODE_PREP=fused instead of five.
+            # one launch on CUDA (by default; DSV3_DECODE_PREP=torch: the five of the composition).
             q_latent, q_pe = torch.ops.dsv3.mla_decode_prep(
                 q, kv_a, self.kv_a_layernorm.weight, cos, sin, self.latent_cache, input_pos, kv_b.weight,
                 kv_b.weight_scale_inv, self.kv_a_layernorm.eps, self.nope_dim, self.v_dim)
@@ -319,7 +319,7 @@ class Block(nn.Module):
         attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows)
         if self.fp8_moe:
             # h + attn, post_attention_layernorm and the experts' FP8 quantization of its output as one op
-            # (dsv3.kernels.rms_norm; one launch on CUDA with DSV3_NORM_QUANT=fused), the experts take x quantized.
+            # (dsv3.kernels.rms_norm; one launch on CUDA by default), the experts take x quantized.
             norm = self.post_attention_layernorm
             h, x, x_q, x_scale = torch.ops.dsv3.add_rms_norm_quant(h, attn, norm.weight, norm.eps)
             return h + self.mlp(x, x_q, x_scale)

@@ -29,8 +29,9 @@ Implementations (branch taken at trace time)
   programs are the absorb tiles of `dsv3.mla_absorb`'s MMA kernel (`absorb_q_tile`, identical code and launch
   config), the next B*S programs one token each: kv RMSNorm over the whole C row in registers, RoPE of k_pe and
   of all H query rope parts, two stores into the cache row and one of q_pe. No program waits on another.
-  DSV3_DECODE_PREP=fused|torch (read at trace time) pins a path. Default: `torch`, until the fused kernel has been
-  timed side by side on the H200 (scripts/gpu_check.sh ab16): it predicts ~4 us per layer less at batch 1.
+  DSV3_DECODE_PREP=fused|torch (read at trace time) pins a path. Default: `fused`, since it was timed side by side
+  on the H200 (scripts/gpu_check.sh ab16, 2026-11-23: 16B at 8 layers, batch 1 703.4 -> 659.4 us per step, 5.5 us
+  per layer less; predicted ~4).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from dsv3.kernels.mla_absorb import DECODE_MAX_M, absorb_q_tile  # (also registe
 from dsv3.kernels.rms_norm import rms_norm_rounded, rms_scale
 from dsv3.rope import apply_rope
 
-DECODE_PREP_DEFAULT = "torch"
+DECODE_PREP_DEFAULT = "fused"
 
 
 def mla_decode_prep_reference(

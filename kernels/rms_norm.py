@@ -19,9 +19,10 @@ Contract
 Implementations (branch taken at trace time)
 - CPU, or h not bfloat16/float16: `add_rms_norm_quant_reference` (plain torch; Inductor fuses it when the model is
   compiled on CPU).
-- CUDA, bfloat16/float16, DSV3_NORM_QUANT=torch (the default until timed): `add_rms_norm_quant_torch`, the add and
-  the norm as torch ops (one Inductor kernel) and `_act_quant_kernel`: the kernels the model ran before this op.
-- CUDA, bfloat16/float16, DSV3_NORM_QUANT=fused: `_add_rms_norm_quant_kernel`, one program per token row (grid = number of rows, static
+- CUDA, bfloat16/float16, DSV3_NORM_QUANT=torch: `add_rms_norm_quant_torch`, the add and the norm as torch ops (one
+  Inductor kernel) and `_act_quant_kernel`: the kernels the model ran before this op (the A/B baseline).
+- CUDA, bfloat16/float16, DSV3_NORM_QUANT=fused (the default since timed on the H200, 2026-11-23: 1.3 us per MoE
+  layer less at batch 1, 2.1 at batch 8; scripts/gpu_check.sh ab16): `_add_rms_norm_quant_kernel`, one program per token row (grid = number of rows, static
   or dynamic: 1-8 at decode, thousands at prefill), the whole row in registers as a [KB_PAD, 128] tile (D padded to
   a power-of-two number of 128-blocks, masked; 16B D=2048: 16 blocks, 671B D=7168: 64), so the 128-channel blocks
   of y are the tile's rows and `quantize_tile_rcp` quantizes them with no reshape (one division per 128-block, an
@@ -53,9 +54,9 @@ from dsv3.kernels._launch import cdiv, env_choice, next_pow2, static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, quantize_activation
 from dsv3.kernels.fp8_linear import act_quant, quantize_tile_rcp
 
-# DSV3_NORM_QUANT (read at trace time): 'fused' runs the one-kernel path on CUDA; the default stays 'torch' until
-# the fused kernel has been timed against it on the H200 (scripts/gpu_check.sh ab16).
-NORM_QUANT_DEFAULT = "torch"
+# DSV3_NORM_QUANT (read at trace time): 'fused' runs the one-kernel path on CUDA (the default: faster on the H200,
+# scripts/gpu_check.sh ab16), 'torch' the kernels it replaced.
+NORM_QUANT_DEFAULT = "fused"
 # Above this D the kernel runs 8 warps (see `norm_num_warps`).
 NORM_WARPS4_MAX_D = 2048
 

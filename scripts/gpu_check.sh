@@ -29,8 +29,8 @@
 #   est671     rank 0 of 671B at world size 8: compile 4, 6 and 8 layers (EST671_LAYERS), time decode round-robin
 #              (collectives stubbed), least-squares line to 61 layers
 #   ab16       A/B of trace-time switches: the 16B FP8 config at AB_LAYERS (8) layers built once per variant
-#              (default + AB_VARIANTS, default "DSV3_DECODE_PREP=fused,DSV3_NORM_QUANT=fused DSV3_DECODE_PREP=fused
-#              DSV3_NORM_QUANT=fused": variants space-separated, settings within one comma-separated),
+#              (default + AB_VARIANTS, default "DSV3_DECODE_PREP=torch,DSV3_NORM_QUANT=torch", the graph before the
+#              two merges: variants space-separated, settings within one comma-separated),
 #              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS)
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   run671ws   needs 2 or 4 GPUs (issue 8 until 8 are lent): 671B truncated to LAYERS671WS (8) layers at world size
@@ -188,8 +188,7 @@ step_ab16() {  # A/B of trace-time fusion switches on the 16B FP8 config at AB_L
 cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
 json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$cfg"
   # built variants stay in $WORK while the machine is warm: a call that ran out of time can be repeated
-  for v in default ${AB_VARIANTS:-DSV3_DECODE_PREP=fused,DSV3_NORM_QUANT=fused DSV3_DECODE_PREP=fused \
-                                   DSV3_NORM_QUANT=fused}; do
+  for v in default ${AB_VARIANTS:-DSV3_DECODE_PREP=torch,DSV3_NORM_QUANT=torch}; do
     name=ab16_${v//[^A-Za-z0-9]/_}
     dirs+=("$WORK/$name")
     [ -f "$WORK/$name/manifest.json" ] && continue
@@ -244,8 +243,8 @@ step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4, 6 
   $PY scripts/rank_timing.py --json "$OUT/rank671.json" --full-layers 61 --repeats 3 "${dirs[@]}" 2>&1 \
     | grep -v Warning | tail -12
   # the same rank through the CLI (roofline of the rank's bytes, prefill MFU)
-  dsv3c bench --artifacts "$WORK/art671_l6" --random-weights --stub-collectives --batch-sizes 1,8 --context 1024 \
-    --steps 16 --prompt-len 512 --json "$OUT/bench671_l6_rank0.json" 2>&1 | grep -v -i warn | tail -8
+  dsv3c bench --artifacts "${dirs[-1]}" --random-weights --stub-collectives --batch-sizes 1,8 --context 1024 \
+    --steps 16 --prompt-len 512 --json "$OUT/bench671_rank0.json" 2>&1 | grep -v -i warn | tail -8
 }
 
 step_ar2() {  # needs 2 GPUs: NCCL all-reduce / all-gather latency of a decode step's collectives, in a CUDA graph

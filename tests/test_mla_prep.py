@@ -145,7 +145,7 @@ def test_fused_kernel_gpu(case):
     poison_allocator()
     lat, pe = P.mla_decode_prep_triton(*args)
     ref_lat, ref_pe = P.mla_decode_prep_reference(*ref_args)
-    assert not args[0].is_contiguous() and not args[1].is_contiguous()  # the fused projection's strided views
+    assert args[0].untyped_storage().data_ptr() == args[1].untyped_storage().data_ptr()  # views of one projection
     assert rel_err(pe, ref_pe) < 2e-3 and rel_err(lat, ref_lat) < 6e-3
     check_cache(args[5], ref_args[5], args[6], args[2].shape[0])
 

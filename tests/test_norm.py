@@ -196,7 +196,7 @@ def norm_path(request, monkeypatch):
     return request.param
 
 
-def check_gpu_outputs(h, delta, weight, outs, eps=EPS):
+def check_gpu_outputs(h, delta, weight, outs, eps=EPS, y_rel=2e-3):
     """h_out bitwise torch's add (CUDA); y within 2 ulps of the CPU reference (rel. error < 2e-3); y_q / y_scale
     bitwise quantize_activation (on the CPU: exact division) of the kernel's own y."""
     h_out, y, y_q, y_scale = outs
@@ -205,7 +205,7 @@ def check_gpu_outputs(h, delta, weight, outs, eps=EPS):
     r_h, r_y, _, _ = N.add_rms_norm_quant_reference(h.cpu(), delta.cpu(), weight.cpu(), eps)
     assert torch.equal(h_out.cpu(), r_h)
     yc, ry = y.cpu().float(), r_y.float()
-    assert rel_err(yc, ry) < 2e-3
+    assert rel_err(yc, ry) < y_rel
     assert ((yc - ry).abs() <= 2.0 ** -6 * ry.abs()).all()
     assert_same((y_q.cpu(), y_scale.cpu()), quantize_activation(y.cpu()))
 
@@ -253,8 +253,8 @@ def test_add_rms_norm_quant_compile_gpu(d, norm_path):
     def check(outs, ref, args):
         if norm_path == "fused":
             assert_same(outs, ref)
-        else:
-            check_gpu_outputs(*args, outs)
+        else:  # one bf16 ulp off in ~25-50% of y (H200: rel. error 2.8e-3); the per-element bound still holds
+            check_gpu_outputs(*args, outs, y_rel=5e-3)
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)
@@ -330,6 +330,7 @@ def test_routed_experts_prequantized_gpu(shape, norm_path):
 
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)(h, delta, weight, idx, wt, *w)
-    # fused: the same kernels as eager; torch: Inductor's norm rounds y its own way (see the compile test above)
-    assert rel_err(compiled, got) < (1e-6 if norm_path == "fused" else 3e-2)
+    # fused: the same kernels as eager. torch: Inductor's norm rounds y its own way (see the compile test above),
+    # and y one bf16 ulp off moves e4m3 values of x by a step (6%): compiled vs eager 3.6-3.9e-2 on the H200
+    assert rel_err(compiled, got) < (1e-6 if norm_path == "fused" else 6e-2)
     torch._dynamo.reset()

@@ -80,6 +80,7 @@ def check_kernel_switches() -> None:
     checks = {
         "DSV3_DECODE_PREP": mla_decode_prep.decode_prep_choice,
         "DSV3_NORM_QUANT": rms_norm.norm_quant_choice,
+        "DSV3_FP8_GEMM": fp8_linear.fp8_gemm_mode,
         "DSV3_GEMV_VARIANT": lambda: fp8_linear.parse_gemv_variant(os.environ["DSV3_GEMV_VARIANT"]),
         "DSV3_MOE_DECODE": lambda: routed_experts.parse_moe_plan(os.environ["DSV3_MOE_DECODE"],
                                                                  routed_experts.MOE_DECODE_DEFAULT),
@@ -90,9 +91,6 @@ def check_kernel_switches() -> None:
                 check()
             except ValueError as e:
                 raise ConfigError(f"environment variable {name}={os.environ[name]!r}: {e}") from None
-    mode = os.environ.get("DSV3_FP8_GEMM", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "gemv", "scaled_mm", "triton"):
-        raise ConfigError(f"environment variable DSV3_FP8_GEMM={mode!r}: use auto, gemv, scaled_mm or triton")
 
 
 @dataclass

@@ -57,3 +57,11 @@ def capability(device: torch.device) -> tuple[int, int]:
 def env_choice(name: str, default: str) -> str:
     """Trace-time override knob (benchmarks and tests use it to pin one path), e.g. DSV3_FP8_GEMM=triton."""
     return os.environ.get(name, default).strip().lower() or default
+
+
+def env_switch(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """A trace-time switch with a fixed set of values: a typo must fail by name, not silently pick a path."""
+    choice = env_choice(name, default)
+    if choice not in choices:
+        raise ValueError(f"{name}={choice!r}: use one of {', '.join(choices)}")
+    return choice

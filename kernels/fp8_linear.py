@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import capability, cdiv, env_choice, next_pow2, num_sms, static_int
+from dsv3.kernels._launch import capability, cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
 from dsv3.kernels.fp8_blocks import (
     ACT_AMAX_FLOOR,
     BLOCK,
@@ -591,6 +591,11 @@ def fp8_gemm(
     return out
 
 
+def fp8_gemm_mode() -> str:
+    """DSV3_FP8_GEMM pins one GEMM path for benchmarks and tests; auto picks by M and hardware."""
+    return env_switch("DSV3_FP8_GEMM", "auto", ("auto", "gemv", "scaled_mm", "triton"))
+
+
 def scaled_mm_usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """cuBLAS blockwise FP8 applies: Hopper, torch with F.scaled_mm, bf16 out, K and N multiples of 128.
     N % 128: eager cuBLAS takes ceil(N/128) weight-scale rows (N=576 runs), but torch 2.11's meta function for
@@ -645,7 +650,7 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
     m = static_int(x2.shape[0])
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    mode = env_choice("DSV3_FP8_GEMM", "auto")
+    mode = fp8_gemm_mode()
     if mode == "auto":
         if m is not None and m <= GEMV_MAX_M:
             mode = "gemv"

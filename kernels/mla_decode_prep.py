@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, env_choice, next_pow2, static_int
+from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.mla_absorb import DECODE_MAX_M, absorb_q_tile  # (also registers dsv3.mla_absorb)
 from dsv3.kernels.rms_norm import rms_norm_rounded, rms_scale
 from dsv3.rope import apply_rope
@@ -180,10 +180,7 @@ def _triton_ok(q: torch.Tensor, kv_a: torch.Tensor, latent_cache: torch.Tensor, 
 
 
 def decode_prep_choice() -> str:
-    choice = env_choice("DSV3_DECODE_PREP", DECODE_PREP_DEFAULT)
-    if choice not in ("fused", "torch"):
-        raise ValueError(f"DSV3_DECODE_PREP={choice!r}: use fused or torch")
-    return choice
+    return env_switch("DSV3_DECODE_PREP", DECODE_PREP_DEFAULT, ("fused", "torch"))
 
 
 @triton_op("dsv3::mla_decode_prep", mutates_args=("latent_cache",))

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, env_choice, next_pow2, static_int
+from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, quantize_activation
 from dsv3.kernels.fp8_linear import act_quant, quantize_tile_rcp
 
@@ -181,10 +181,7 @@ def add_rms_norm_quant_torch(
 
 
 def norm_quant_choice() -> str:
-    choice = env_choice("DSV3_NORM_QUANT", NORM_QUANT_DEFAULT)
-    if choice not in ("fused", "torch"):
-        raise ValueError(f"DSV3_NORM_QUANT={choice!r}: use fused or torch")
-    return choice
+    return env_switch("DSV3_NORM_QUANT", NORM_QUANT_DEFAULT, ("fused", "torch"))
 
 
 @triton_op("dsv3::add_rms_norm_quant", mutates_args=())

@@ -92,6 +92,35 @@ def mla_prefill_attention_reference(
 
 
 @triton.jit
+def _mha_prefill_block(
+    q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
+    s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
+    offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, MASKED: tl.constexpr,
+):
+    """One key block of the online softmax. MASKED=False: every key of the block is before every query of the
+    program (positions strictly increase along S), so no position test."""
+    offs_n = n0 + offs_n0
+    n_mask = offs_n < S
+    kn = tl.load(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :],
+                 mask=n_mask[:, None] & dn_mask[None, :], other=0.0)
+    kp = tl.load(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :],
+                 mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+    vv = tl.load(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :],
+                 mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+    sc = (tl.dot(q, tl.trans(kn)) + tl.dot(qpe, tl.trans(kp))) * scale_f32       # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        pos_k = tl.load(pos_ptr + b * s_pos_b + offs_n * s_pos_s, mask=n_mask, other=0)
+        visible = (pos_k[None, :] <= pos_q[:, None]) & n_mask[None, :]
+        sc = tl.where(visible, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(sc - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _mha_prefill_kernel(
     qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, pos_ptr, po_ptr, plse_ptr, out_ptr,
     S, H, DN, R, DV, scale_log2,
@@ -100,7 +129,9 @@ def _mha_prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # The last query blocks see the most keys: they get the lowest program ids, so they start first and the
+    # short blocks fill the tail (causal work grows with pid_m).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,26 +157,20 @@ def _mha_prefill_kernel(
     acc = tl.load(po_ptr + b * s_po_b + offs_m[:, None] * s_po_s + h * s_po_h + offs_dv[None, :],
                   mask=m_mask[:, None] & dv_mask[None, :] & has_prefix[:, None], other=0.0).to(tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
-    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)  # causal: keys after this block's last query are never visible
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + offs_n0
-        n_mask = offs_n < S
-        pos_k = tl.load(pos_ptr + b * s_pos_b + offs_n * s_pos_s, mask=n_mask, other=0)
-        kn = tl.load(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :],
-                     mask=n_mask[:, None] & dn_mask[None, :], other=0.0)
-        kp = tl.load(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :],
-                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        vv = tl.load(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :],
-                     mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
-        sc = (tl.dot(q, tl.trans(kn)) + tl.dot(qpe, tl.trans(kp))) * scale_f32       # [BLOCK_M, BLOCK_N]
-        visible = (pos_k[None, :] <= pos_q[:, None]) & n_mask[None, :]
-        sc = tl.where(visible, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
-        m_i = m_new
+    # Key blocks wholly before the first query of this program: visible to all its queries (unmasked loop).
+    # From there to the last query (causal bound), the position test.
+    lo = (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, lo, BLOCK_N):
+        acc, m_i, l_i = _mha_prefill_block(
+            q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
+            s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
+            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, False)
+    for n0 in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _mha_prefill_block(
+            q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
+            s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
+            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, True)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b * s_o_b + offs_m[:, None] * s_o_s + h * s_o_h + offs_dv[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])

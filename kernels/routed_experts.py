@@ -389,6 +389,12 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
     # T=1 since the fourth session: the row-parallel up kernel (bench_rows.py: 14.4 us vs 23.4 for the one expert).
     (32, 2048, 7168): ((1, MoeDecodePlan(1, 4, 1, 128, 4, 8)), (8, MoeDecodePlan(128, 4, 4, 64, 4, 4))),
 }
+# The grouped (prefill) path: one config for every shape unless the call passes up_* / down_* fields
+# (scripts/sweep_prefill.py times others). Tiles of GROUPED_BLOCK_T (token, expert) pairs, one of GROUPED_BLOCK_TS.
+# bf16 weights: 2 x 32 KB weight tiles + the token tile per stage; 3 stages would exceed 227 KB of smem.
+MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 3, 128, 8, 3)
+MOE_GROUPED_BF16 = MoeDecodePlan(128, 8, 2, 128, 8, 2)
+GROUPED_BLOCK_TS = (32, 64, 128)
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
 ROWS_UP_BLOCK_NS = (1, 2, 4, 8)  # FP8, T = 1: `_moe_up_rows_kernel`
 
@@ -461,6 +467,16 @@ def resolve_moe_decode(
     return plan
 
 
+def grouped_plan(is_fp8: bool, **fields: Optional[int]) -> MoeDecodePlan:
+    """The grouped path's launch config: MOE_GROUPED_FP8 / _BF16 with the given up_* / down_* fields replaced."""
+    plan = (MOE_GROUPED_FP8 if is_fp8 else MOE_GROUPED_BF16)._replace(
+        **{k: v for k, v in fields.items() if v is not None})
+    check_moe_plan(plan, is_fp8)
+    if plan.up_block_n < 16:
+        raise ValueError(f"grouped MoE plan {plan}: up_block_n must be >= 16 (the row-parallel kernel is one token)")
+    return plan
+
+
 # The most K blocks (padded) whose scales a program preloads: the picks scale with it (one [T, KB] select and sum
 # per K step). Grouped MoE at T=4096 on the H200 (scripts/bench_grouped_moe.py, 2026-11-23): 16B shapes (D=2048,
 # 16 blocks) 1.892 -> 1.591 ms with preloading; 671B-rank shapes (D=7168, 64 blocks in the up kernel) 1.426 ->
@@ -509,9 +525,9 @@ def routed_experts_triton(
     x_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Triton path (module docstring). Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
-    then these keyword arguments; None keeps the plan's value). The grouped path has a fixed config and ignores
-    them. `grouped_block_t`: (token, expert) pairs per tile of the grouped path (default GROUPED_BLOCK_T; 64 or
-    128). `x_q` / `x_scale`: quantize_activation(x), given by the caller (FP8 weights: no act_quant launch)."""
+    then these keyword arguments; None keeps the plan's value). The grouped path starts from MOE_GROUPED_FP8 /
+    _BF16 and takes only the explicit up_* / down_* fields. `grouped_block_t`: (token, expert) pairs per tile of the
+    grouped path (default GROUPED_BLOCK_T; one of GROUPED_BLOCK_TS). `x_q` / `x_scale`: quantize_activation(x), given by the caller (FP8 weights: no act_quant launch)."""
     t, d = x.shape
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
@@ -538,13 +554,14 @@ def routed_experts_triton(
     block_k = max(2, next_pow2(k))
     if grouped:
         block_t = grouped_block_t or GROUPED_BLOCK_T
-        assert block_t in (64, 128), f"grouped_block_t={block_t}: 64 or 128"
+        if block_t not in GROUPED_BLOCK_TS:
+            raise ValueError(f"grouped_block_t={block_t}: one of {GROUPED_BLOCK_TS}")
         sched, n_slots = grouped_schedule(idx, e, block_t)
         block_p = block_e = 2  # unused
         n_sched = n_slots
-        # bf16 weights: 2 x 32 KB weight tiles + the token tile per stage; 3 stages would exceed 227 KB of smem
-        ns = 3 if is_fp8 else 2
-        plan = MoeDecodePlan(128, 8, ns, 128, 8, ns)
+        plan = grouped_plan(is_fp8, up_block_n=up_block_n, up_num_warps=up_num_warps, up_num_stages=up_num_stages,
+                            down_block_n=down_block_n, down_num_warps=down_num_warps,
+                            down_num_stages=down_num_stages)
     else:
         block_t = max(16, next_pow2(t_static))
         n_slots = min(e, p)

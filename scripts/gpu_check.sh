@@ -14,6 +14,9 @@
 #   pdl        scripts/bench_pdl.py: a chain of dependent FP8 GEMVs in a CUDA graph, plain vs programmatic dependent
 #              launch (weights loaded before gdc_wait): does PDL hide a decode kernel's fixed cost? (JSON in $OUT)
 #   moe-grouped scripts/bench_grouped_moe.py: prefill MoE (grouped path) at T=4096, 64- vs 128-pair tiles, TFLOP/s
+#   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
+#              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
+#   kpre       the GPU tests of the prefill kernels: test_prefill, and the routed-experts ones of test_kernels
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
@@ -100,6 +103,16 @@ step_sweep_mla() {  # decode launch plans of dsv3.mla_attention at H = 16, batch
 
 step_moe_grouped() {  # the grouped (prefill) MoE path at T = 4096: 64- vs 128-pair tiles, TFLOP/s vs the FP8 peak
   timeout 200 $PY scripts/bench_grouped_moe.py --json "$OUT/moe_grouped.json" 2>&1 | grep -v -i warn | tail -12
+}
+
+step_sweep_prefill() {
+  timeout 560 $PY scripts/sweep_prefill.py ${SWEEP_ARGS:-} --json "$OUT/sweep_prefill.json" 2>&1 | grep -v -i warn \
+    | tee "$OUT/sweep_prefill.log" | tail -60
+}
+
+step_kpre() {
+  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "prefill or routed or moe" tests/test_prefill.py \
+    tests/test_kernels.py 2>&1 | tee "$OUT/kpre.log" | tail -15
 }
 
 step_sweep_moe() {  # FP8 decode MoE launch plans (up/down block_n, warps, stages) on the 16B and 671B-ws8 shapes

@@ -278,14 +278,23 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
     assert rel_err(out, base) < (1e-2 if up_bn in RE.ROWS_UP_BLOCK_NS else 1e-6)
 
 
-def test_routed_experts_grouped_block_t_128(fixed_interpreter):
-    """The grouped (prefill) path with 128-pair tiles: same result as 64-pair tiles and the reference."""
-    gen = torch.Generator().manual_seed(31)
+@pytest.mark.parametrize("block_t,up_bn,down_bn", [(128, 128, 128), (32, 128, 64), (64, 64, 128), (128, 32, 32)])
+def test_routed_experts_grouped_plans(block_t, up_bn, down_bn, fixed_interpreter):
+    """The grouped (prefill) path with other tiles (pairs per tile, the up and down kernels' BLOCK_N; up BLOCK_N <
+    128 leaves h in bf16 for the down kernel to quantize): same result as the default tiles and the reference."""
+    gen = torch.Generator().manual_seed(31 + block_t + up_bn)
     x, idx, wt, w = _moe_inputs(150, 3, 5, 136, 200, True, torch.bfloat16, gen)
-    out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=128)
-    base = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=64)
+    out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=block_t, up_block_n=up_bn,
+                                   down_block_n=down_bn)
+    base = RE.routed_experts_triton(x, idx, wt, *w, grouped=True)
     assert rel_err(out, base) < 1e-6
     assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
+
+
+def test_grouped_plan_refuses_row_kernel():
+    assert RE.grouped_plan(True, up_block_n=64).up_block_n == 64
+    with pytest.raises(ValueError, match="up_block_n"):
+        RE.grouped_plan(True, up_block_n=4)
 
 
 def test_routed_experts_decode_plan_env(fixed_interpreter, monkeypatch):

@@ -84,3 +84,18 @@ def test_default_launch_config():
     ref = P.mla_prefill_attention_reference(*(x.double() if x.is_floating_point() else x for x in args[:6]), 0.15,
                                             po.double(), lse.double())
     assert rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (64, 16), (32, 32)])
+def test_prefill_attention_block_shapes(block_m, block_n):
+    """Key blocks before a program's first query skip the position test: any block_m / block_n ratio (block_n
+    larger than block_m puts the diagonal inside a block that starts before the program's queries)."""
+    case = (1, 150, 2, 32, 16, 32, [0], 256)
+    a = _inputs(case, torch.Generator().manual_seed(11 + block_m + block_n))
+    lse = torch.full((1, 150, 2), float("-inf"))
+    po = torch.zeros(1, 150, 2, 32).half()
+    args = (a["q_nope"], a["q_pe"], a["k_nope"], a["k_pe"], a["v"], a["pos"], 0.15)
+    out = P.mla_prefill_attention_triton(*args, po, lse, block_m=block_m, block_n=block_n, num_warps=4)
+    ref = P.mla_prefill_attention_reference(*(x.double() if x.is_floating_point() else x for x in args[:6]), 0.15,
+                                            po.double(), lse.double())
+    assert rel_err(out, ref) < 2e-3

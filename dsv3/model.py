@@ -22,9 +22,11 @@ import dsv3.kernels  # noqa: F401  (registers torch.ops.dsv3.*)
 from dsv3.config import ModelConfig, ceil_div
 from dsv3.kernels._launch import static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
+from dsv3.kernels.fp8_linear import GEMV_MAX_M
 from dsv3.kernels.mla_attention import DECODE_MAX_S
 from dsv3.kernels.rms_norm import rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
+from dsv3.kernels.routed_experts import DECODE_MAX_T
 from dsv3.rope import apply_rope, rope_tables, softmax_scale
 
 
@@ -50,6 +52,23 @@ class Linear(nn.Module):
         if self.weight_scale_inv is None:
             return F.linear(x, self.weight)
         return torch.ops.dsv3.fp8_linear(x, self.weight, self.weight_scale_inv)
+
+    def forward_rows(self, x: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """Output features [start, start + n) only; FP8: both ends on 128-block boundaries, or the last rows."""
+        w = self.weight[start:start + n]
+        if self.weight_scale_inv is None:
+            return F.linear(x, w)
+        return torch.ops.dsv3.fp8_linear(x, w, self.weight_scale_inv[start // BLOCK:ceil_div(start + n, BLOCK)])
+
+
+def _gemm_sized(x: torch.Tensor) -> bool:
+    """More tokens than the FP8 decode GEMV takes (or a dynamic count: the prefill graph): dsv3.fp8_linear runs
+    a GEMM (cuBLAS when N and K are multiples of 128)."""
+    m = 1
+    for size in x.shape[:-1]:
+        m = m * size
+    m = static_int(m)
+    return m is None or m > GEMV_MAX_M
 
 
 class RMSNorm(nn.Module):
@@ -94,7 +113,12 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        if self.qkv_a_rows:  # both input projections in one linear (fuse_input_projections_)
+        if self.qkv_a_rows and self.qkv_a_proj.weight_scale_inv is not None and _gemm_sized(x):
+            # Prefill-sized FP8: the q rows (a multiple of 128) as their own GEMM go to cuBLAS block-scaled FP8
+            # (dsv3.fp8_linear); stacked with kv_a's 576 rows the ragged N sends all of it to the Triton tiled GEMM
+            # (2.5x slower at M = 4096 on the H200). The decode GEMV keeps the stacked rows (one launch).
+            q_first, kv_a = (self.qkv_a_proj.forward_rows(x, start, n) for start, n in self.qkv_a_rows.values())
+        elif self.qkv_a_rows:  # both input projections in one linear (fuse_input_projections_)
             q_first, kv_a = self.qkv_a_proj(x).split([n for _, n in self.qkv_a_rows.values()], dim=-1)
         else:
             q_first = (self.q_proj if self.q_lora_rank is None else self.q_a_proj)(x)
@@ -256,6 +280,28 @@ class RoutedExperts(nn.Module):
             self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv, x_q, x_scale,
         )
 
+    def slots_as_mlp(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """Slots [first, E) applied to every token as one dense SwiGLU of width (E - first) * I, the sum of those
+        experts' outputs (what the routed-experts op computes for slots every token selects with weight 1). The
+        slots' gate / up rows are consecutive rows of one [(E - first) * I, D] matrix (a view; with FP8, I is a
+        multiple of 128 so their block scales stack too); down takes each slot's own I input columns, summed."""
+        i = self.gate_proj.shape[1]
+
+        def linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+            return F.linear(x, w) if s is None else torch.ops.dsv3.fp8_linear(x, w, s)
+
+        def rows(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+            w, s = getattr(self, name), getattr(self, f"{name}_scale_inv")
+            return w[first:].flatten(0, 1), None if s is None else s[first:].flatten(0, 1)
+
+        h = F.silu(linear(x, *rows("gate_proj"))) * linear(x, *rows("up_proj"))
+        y = None
+        for j, e in enumerate(range(first, self.gate_proj.shape[0])):
+            s = self.down_proj_scale_inv
+            part = linear(h[:, j * i:(j + 1) * i], self.down_proj[e], None if s is None else s[e])
+            y = part if y is None else y + part
+        return y
+
 
 def can_stack_shared(cfg: ModelConfig) -> bool:
     """Whether the shared experts can live in extra slots of the routed-experts tensors: each shared expert is a
@@ -298,8 +344,17 @@ class MoE(nn.Module):
         """x_q / x_scale: x already quantized for the FP8 experts (dsv3.add_rms_norm_quant's), else they do it."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        topk_idx, topk_weight = self.gate(flat, self.n_shared_slots)
         prequant = () if x_q is None else (x_q.reshape(flat.shape), x_scale.reshape(flat.shape[0], -1))
+        t = static_int(flat.shape[0])
+        if self.n_shared_slots and (t is None or t > DECODE_MAX_T):
+            # Prefill-sized T: the stacked shared experts see every token, so they are a dense MLP there: cuBLAS
+            # block-scaled GEMMs at M = T (~2.5x the grouped kernel's FLOP rate on the H200), the routed ones
+            # grouped. Decode keeps them in the routed op (one launch sequence streams every expert's weights).
+            first = self.experts.gate_proj.shape[0] - self.n_shared_slots
+            topk_idx, topk_weight = self.gate(flat, 0)
+            y = self.experts(flat, topk_idx, topk_weight, *prequant) + self.experts.slots_as_mlp(flat, first)
+            return y.view(shape)
+        topk_idx, topk_weight = self.gate(flat, self.n_shared_slots)
         y = self.experts(flat, topk_idx, topk_weight, *prequant).view(shape)
         return y if self.shared_experts is None else y + self.shared_experts(x)
 

@@ -211,8 +211,11 @@ def mla_prefix_attention_triton(
 def mla_prefill_attention_triton(
     q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
     input_pos: torch.Tensor, softmax_scale: float, prefix_out: torch.Tensor, prefix_lse: torch.Tensor,
-    block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2,
+    block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
 ) -> torch.Tensor:
+    """Launch defaults from scripts/sweep_prefill.py on the H200 (2026-11-23, 16 heads, 4096 tokens, causal):
+    128 x 64 blocks, 8 warps, 3 stages 245.5 us (350 TFLOP/s) vs 311.5 with 2 stages; 128 x 128 and 64 x 64 blocks
+    ~270 us; 128-key blocks need > 227 KB of shared memory at 3 stages."""
     bsz, seqlen, heads, dn = q_nope.shape
     r = q_pe.shape[-1]
     dv = v.shape[-1]

@@ -30,7 +30,7 @@ from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 
 def _rank_model(ckpt, rank=0, world_size=1, **kw):
     return load_rank_model(ckpt, ParallelPlan(rank, world_size, **kw), dtype=torch.float32, device="cpu",
-                           max_batch_size=2, max_seq_len=32, progress=False)
+                           max_batch_size=3, max_seq_len=32, progress=False)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,19 +65,22 @@ def test_slots_hold_the_checkpoint_slices(tmp_path, config, dtype):
     assert torch.equal(moe.experts.up_proj[1].float(), reader.get(f"model.layers.{layer}.mlp.experts.1.up_proj.weight").float())
 
 
+# 2 x 9 tokens: decode-sized, the shared slots run inside the routed op; 3 x 24 (> DECODE_MAX_T): prefill-sized, they
+# run as one dense MLP over the stacked slots (RoutedExperts.slots_as_mlp)
+@pytest.mark.parametrize("bsz,seq", [(2, 9), (3, 24)])
 @pytest.mark.parametrize("config,dtype", [("tiny-v2", "fp8"), ("tiny", "fp8"), ("tiny-ragged", "bf16")])
-def test_stacked_equals_plain_and_presharded(tmp_path, config, dtype):
+def test_stacked_equals_plain_and_presharded(tmp_path, config, dtype, bsz, seq):
     cfg = resolve_config(config)
     ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype=dtype, seed=6, progress=False)
     plain = _rank_model(ckpt, stack_shared_experts=False, fuse_input_projections=False)
     stacked = _rank_model(ckpt)
     assert plain.layers[-1].mlp.shared_experts is not None and stacked.layers[-1].mlp.shared_experts is None
     presharded = _rank_model(convert_to_ranks(ckpt, tmp_path / "ranks", 1, progress=False))
-    tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, cfg.vocab_size, (bsz, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = plain(tokens, torch.arange(9))
-        b = stacked(tokens, torch.arange(9))
-        c = presharded(tokens, torch.arange(9))
+        a = plain(tokens, torch.arange(seq))
+        b = stacked(tokens, torch.arange(seq))
+        c = presharded(tokens, torch.arange(seq))
     # fp32 activations: only the summation order of the shared down projection differs
     assert _rel_err(b, a) <= 1e-5
     assert torch.equal(b, c)

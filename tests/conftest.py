@@ -5,10 +5,19 @@ Tests that damage a checkpoint must copy it first (`shutil.copytree(random_check
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# The device image's default C++ compiler wrapper builds AOTInductor .so files that crash at load
+# (compile_stack.md §3; gpu_check.sh exports CXX=/usr/bin/g++). Set it before any test imports Inductor: a
+# monkeypatch inside a test came too late once the compiler choice was cached (a segfault at aoti_load_package when
+# the AOTI tests ran in a pytest session started without gpu_check.sh, 2026-11-23). Only where a GPU is visible.
+if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and Path("/usr/bin/g++").exists() and shutil.which("nvidia-smi"):
+    os.environ.setdefault("CXX", "/usr/bin/g++")
 
 
 @pytest.fixture(scope="session")

@@ -607,7 +607,7 @@ def scaled_mm_usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
         and x2.dtype == torch.bfloat16 and k % BLOCK == 0 and n % BLOCK == 0
     )
     if ok and _aot_compiling():
-        ok = env_choice("DSV3_AOTI_SCALED_MM", "1") == "1" and (k // BLOCK) % 4 == 0
+        ok = env_choice("DSV3_AOTI_SCALED_MM", "1") == "1"
     return ok
 
 
@@ -624,13 +624,22 @@ def fp8_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     """cuBLAS block-scaled GEMM (compile_stack.md §6): M padded to 4, weight scales padded to K/128 -> mult. of 4.
     Inside AOTInductor compilation the v1 `torch._scaled_mm` is used instead (torch 2.11 has a C shim for it but
     not for `_scaled_mm_v2`, whose proxy-executor fallback fails at run time); v1 infers the recipe from the scale
-    shapes and is only correct when K/128 % 4 == 0, which the dispatcher checks (`_scaled_mm_v1_ok`)."""
+    shapes and is only correct when K/128 % 4 == 0: there K is padded to that with zero blocks (zero activations,
+    zero weight columns, zero weight scales: nothing added), a copy of the weight per call (the 16B experts' down
+    projection, K = 1408: 3 MB against a 24 GFLOP GEMM at a prefill's M; before, such K went to the Triton GEMM)."""
     m = x2.shape[0]
-    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True)
     kb = scale.shape[1]
     if _aot_compiling():
+        if kb % 4:
+            pad_blocks = -kb % 4
+            x2 = F.pad(x2, (0, pad_blocks * BLOCK))
+            # fp8 has no constant-pad kernel: pad the bytes (0x00 is +0.0 in e4m3)
+            weight = F.pad(weight.view(torch.uint8), (0, pad_blocks * BLOCK)).view(weight.dtype)
+            scale = F.pad(scale.float(), (0, pad_blocks))
+        xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True)
         out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float().t(), out_dtype=x2.dtype)
         return out[:m]
+    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True)
     ws = F.pad(scale.float(), (0, (-kb) % 4)) if kb % 4 else scale.float().contiguous()
     out = F.scaled_mm(
         xq, weight.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,

@@ -425,6 +425,29 @@ def test_aoti_package_gpu(kind, tmp_path, monkeypatch):
     _check_same(runner(*fresh), model(*fresh), 1e-3)
 
 
+class _OneLinear(torch.nn.Module):
+    def forward(self, x, w, s):
+        return torch.ops.dsv3.fp8_linear(x, w, s)
+
+
+@pytest.mark.gpu
+@cuda
+def test_aoti_scaled_mm_pads_k_gpu(tmp_path):
+    """Inside an AOTInductor package the cuBLAS path is v1 `torch._scaled_mm`, unambiguous only for K/128 % 4 == 0:
+    K = 1408 (11 blocks, the 16B experts' down projection) is padded with zero blocks. Same result as the reference
+    at a dynamic prefill M."""
+    w, s = rand_fp8_weight(2048, 1408)
+    x = torch.randn(200, 1408, device="cuda", dtype=torch.bfloat16)
+    m = torch.export.Dim("m", min=65, max=1024)
+    ep = torch.export.export(_OneLinear(), (x, w, s), dynamic_shapes=({0: m}, None, None))
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "k1408.pt2")))
+    for rows in (200, 333):
+        xi = torch.randn(rows, 1408, device="cuda", dtype=torch.bfloat16)
+        got = runner(xi, w, s)
+        assert got.shape == (rows, 2048) and rel(got, fp8_ref64(xi, w, s)) < 1e-2
+
+
 def test_no_triton_kernel_parameter_has_a_default():
     """Inductor launches a `wrap_triton` kernel with exactly the arguments the call site passes (its generated
     launcher takes no defaults): a parameter with a default that a call site leaves out compiles in eager mode but

@@ -299,19 +299,20 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr)
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
+    x_ptr, q_ptr, s_ptr, M, K, KP, stride_xm, stride_qm, stride_sm, stride_sk,
     BLOCKS: tl.constexpr,
 ):
-    """Row m (rows >= M are written as zeros: padding for cuBLAS), BLOCKS 128-wide blocks per program."""
+    """Row m, BLOCKS 128-wide blocks per program, written up to KP >= K columns. Rows >= M and columns >= K are
+    quantized zeros (padding for cuBLAS: e4m3 0 with the floor scale, contributing nothing to a product)."""
     m = tl.program_id(0)
     kb = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     offs = kb[:, None] * 128 + tl.arange(0, 128)[None, :]
-    kb_total = tl.cdiv(K, 128)
+    kb_total = tl.cdiv(KP, 128)
     m64 = m.to(tl.int64)
     row_ok = (tl.zeros_like(offs) + m) < M
     x = tl.load(x_ptr + m64 * stride_xm + offs, mask=(offs < K) & row_ok, other=0.0).to(tl.float32)
     q, s = quantize_tile(x)
-    tl.store(q_ptr + m64 * stride_qm + offs, q, mask=offs < K)
+    tl.store(q_ptr + m64 * stride_qm + offs, q, mask=offs < KP)
     tl.store(s_ptr + m64 * stride_sm + kb * stride_sk, s, mask=kb < kb_total)
 
 
@@ -556,20 +557,26 @@ def fp8_gemv(
     return out
 
 
-def act_quant(x2: torch.Tensor, pad_rows_to: int = 1, scales_m_major: bool = False):
-    """x2 [M, K] -> (e4m3 [Mp, K], fp32 scales [Mp, ceil(K/128)]) with Mp = M rounded up to `pad_rows_to` (padding
-    rows are zeros). `scales_m_major`: scales stored outer-dim-major (strides (1, Mp)), the layout cuBLAS wants."""
+def act_quant(x2: torch.Tensor, pad_rows_to: int = 1, scales_m_major: bool = False, pad_k_blocks_to: int = 1):
+    """x2 [M, K] -> (e4m3 [Mp, Kp], fp32 scales [Mp, Kp/128 or ceil(K/128)]) with Mp = M rounded up to
+    `pad_rows_to`, and with pad_k_blocks_to > 1 (K a multiple of 128) Kp = K rounded up to that many 128-blocks;
+    padding rows and columns are quantized zeros. `scales_m_major`: scales stored outer-dim-major (strides (1, Mp)),
+    the layout cuBLAS wants."""
     m, k = x2.shape
     mp = cdiv(m, pad_rows_to) * pad_rows_to
     kbt = cdiv(k, BLOCK)
-    q = torch.empty((mp, k), dtype=FP8_DTYPE, device=x2.device)
+    if pad_k_blocks_to > 1:
+        assert k % BLOCK == 0, "K padding is for K a multiple of 128"
+        kbt = cdiv(kbt, pad_k_blocks_to) * pad_k_blocks_to
+    kp = kbt * BLOCK if pad_k_blocks_to > 1 else k
+    q = torch.empty((mp, kp), dtype=FP8_DTYPE, device=x2.device)
     if scales_m_major:
         s = torch.empty((kbt, mp), dtype=torch.float32, device=x2.device).t()
     else:
         s = torch.empty((mp, kbt), dtype=torch.float32, device=x2.device)
     blocks = min(8, next_pow2(kbt))
     wrap_triton(_act_quant_kernel)[(mp, cdiv(kbt, blocks))](
-        x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1), BLOCKS=blocks, num_warps=4,
+        x2, q, s, m, k, kp, x2.stride(0), q.stride(0), s.stride(0), s.stride(1), BLOCKS=blocks, num_warps=4,
     )
     return q, s
 
@@ -630,13 +637,12 @@ def fp8_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     m = x2.shape[0]
     kb = scale.shape[1]
     if _aot_compiling():
-        if kb % 4:
-            pad_blocks = -kb % 4
-            x2 = F.pad(x2, (0, pad_blocks * BLOCK))
-            # fp8 has no constant-pad kernel: pad the bytes (0x00 is +0.0 in e4m3)
+        pad_blocks = -kb % 4
+        if pad_blocks:
+            # fp8 has no constant-pad kernel: pad the bytes (0x00 is +0.0 in e4m3); x is padded by act_quant
             weight = F.pad(weight.view(torch.uint8), (0, pad_blocks * BLOCK)).view(weight.dtype)
             scale = F.pad(scale.float(), (0, pad_blocks))
-        xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True)
+        xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=4 if pad_blocks else 1)
         out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float().t(), out_dtype=x2.dtype)
         return out[:m]
     xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True)

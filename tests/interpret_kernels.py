@@ -129,6 +129,13 @@ def test_act_quant_exact(m, k):
     assert q4.shape == (mp, k) and s4.stride() == (1, mp)
     assert torch.equal(q4[:m].float(), xq_ref.float()) and torch.equal(s4[:m], xs_ref)
     assert (q4[m:].float() == 0).all() and (s4[m:] > 0).all()
+    if k % 128 == 0:  # K padded to a multiple of 4 blocks (the AOTI cuBLAS path): zero columns, floor scales
+        qk, sk = L.act_quant(x, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=4)
+        kp = ceil_div(k // 128, 4) * 512
+        assert qk.shape == (mp, kp) and sk.shape == (mp, kp // 128) and sk.stride() == (1, mp)
+        assert torch.equal(qk[:m, :k].float(), xq_ref.float()) and torch.equal(sk[:m, :k // 128], xs_ref)
+        assert (qk[:, k:].float() == 0).all() and torch.allclose(sk[:, k // 128:], torch.full_like(sk[:, k // 128:],
+                                                                                                 1e-4 / 448))
     # all-zero blocks take the 1e-4 amax floor, as in DeepSeek's act_quant
     z, zs = L.act_quant(torch.zeros(2, k, dtype=torch.bfloat16))
     assert (z.float() == 0).all() and torch.allclose(zs, torch.full_like(zs, 1e-4 / 448))

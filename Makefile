@@ -6,6 +6,9 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 DEMO    ?= demo
 PYTEST_ARGS ?=
+# CI has 2 cores: two pytest workers, each test file on one worker (a file's session fixtures, e.g. compiled
+# artifacts, are built once); the suite takes ~13 min in one process on that machine, the limit is 15.
+PYTEST_WORKERS ?= 2
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
 export HF_HUB_OFFLINE := 1
@@ -23,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/dsv3c init-random --config tiny --out $(DEMO)/ckpt-tiny --overwrite

@@ -16,7 +16,7 @@
 #   moe-grouped scripts/bench_grouped_moe.py: prefill MoE (grouped path) at T=4096, 64- vs 128-pair tiles, TFLOP/s
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
-#   kpre       the GPU tests of the prefill kernels: test_prefill, and the routed-experts ones of test_kernels
+#   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
@@ -82,11 +82,11 @@ step_cpu_suite() {
 step_kernels() { bash scripts/gpu_kernels.sh tests; }
 
 step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (those run in `kernels`), 9 min cap
-  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "not aoti" tests/test_kernels.py \
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE -k "not aoti" tests/test_kernels.py \
     $(ls tests/test_router.py tests/test_gemv_variants.py tests/test_prefill.py 2>/dev/null) 2>&1 \
     | tee "$OUT/kgpu.log" | tail -15
   # the fused decode-prep and norm ops (2026-11-23), on their own clock so one part's timeout spares the other
-  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_norm.py tests/test_mla_prep.py 2>&1 \
+  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_norm.py tests/test_mla_prep.py 2>&1 \
     | tee "$OUT/kgpu_fused.log" | tail -15
 }
 
@@ -111,7 +111,7 @@ step_sweep_prefill() {
 }
 
 step_kpre() {
-  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE -k "prefill or routed or moe" tests/test_prefill.py \
+  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE -k "prefill or routed or grouped or aoti" tests/test_prefill.py \
     tests/test_kernels.py 2>&1 | tee "$OUT/kpre.log" | tail -15
 }
 

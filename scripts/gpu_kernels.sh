@@ -44,7 +44,7 @@ if has tests || has aoti; then
   has aoti && sel="aoti"
   has tests && has aoti && sel=""
   kexpr="${PYTEST_K:-$sel}"
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider -rfE ${kexpr:+-k "$kexpr"} \
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE ${kexpr:+-k "$kexpr"} \
     tests/test_kernels.py 2>&1 | tee "$OUT/tests.log"
   rc=$((rc | PIPESTATUS[0]))
 fi

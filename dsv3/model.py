@@ -35,6 +35,13 @@ def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T: plain for dense weights, dsv3.fp8_linear for FP8 weights with their 128x128 block scales."""
+    if weight_scale_inv is None:
+        return F.linear(x, weight)
+    return torch.ops.dsv3.fp8_linear(x, weight, weight_scale_inv)
+
+
 class Linear(nn.Module):
     """Bias-free linear layer; FP8 weights (with their block scales) stay FP8 and go through dsv3.fp8_linear."""
 
@@ -49,16 +56,13 @@ class Linear(nn.Module):
             self.weight_scale_inv = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale_inv is None:
-            return F.linear(x, self.weight)
-        return torch.ops.dsv3.fp8_linear(x, self.weight, self.weight_scale_inv)
+        return linear(x, self.weight, self.weight_scale_inv)
 
     def forward_rows(self, x: torch.Tensor, start: int, n: int) -> torch.Tensor:
         """Output features [start, start + n) only; FP8: both ends on 128-block boundaries, or the last rows."""
-        w = self.weight[start:start + n]
-        if self.weight_scale_inv is None:
-            return F.linear(x, w)
-        return torch.ops.dsv3.fp8_linear(x, w, self.weight_scale_inv[start // BLOCK:ceil_div(start + n, BLOCK)])
+        s = self.weight_scale_inv
+        return linear(x, self.weight[start:start + n],
+                      None if s is None else s[start // BLOCK:ceil_div(start + n, BLOCK)])
 
 
 def _gemm_sized(x: torch.Tensor) -> bool:
@@ -286,9 +290,6 @@ class RoutedExperts(nn.Module):
         slots' gate / up rows are consecutive rows of one [(E - first) * I, D] matrix (a view; with FP8, I is a
         multiple of 128 so their block scales stack too); down takes each slot's own I input columns, summed."""
         i = self.gate_proj.shape[1]
-
-        def linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-            return F.linear(x, w) if s is None else torch.ops.dsv3.fp8_linear(x, w, s)
 
         def rows(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
             w, s = getattr(self, name), getattr(self, f"{name}_scale_inv")

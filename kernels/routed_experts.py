@@ -46,8 +46,8 @@ Implementations (branch taken at trace time)
     to its expert; tokens padded to 16 for the tensor cores).
   * prefill (T larger or dynamic): grouped. The (token, k) pairs are sorted by expert on the device (torch.sort,
     cumsum, searchsorted: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
-    of up to 64 pairs of one expert (128-pair tiles: `grouped_block_t`, slower at T=4096 on the H200: 2.56 vs
-    1.89 ms on 16B shapes, scripts/bench_grouped_moe.py).
+    of up to 64 pairs of one expert (other tiles and launch fields: `grouped_block_t`, up_* / down_*; none faster
+    at T=4096 on the H200, scripts/sweep_prefill.py, docs/KERNELS.md).
   Decode launch config (trace time): `MoeDecodePlan` (BLOCK_N, num_warps, num_stages of the up and of the down
   kernel) from `moe_decode_plan(t, e_slots, i, d, sms)` (a table, `MOE_DECODE_TUNED`, measured by
   `scripts/sweep_moe.py`; shapes not listed get MOE_DECODE_DEFAULT: up 128/8 warps/4 stages, down 64/4/4), pinned by
@@ -478,7 +478,7 @@ def grouped_plan(is_fp8: bool, **fields: Optional[int]) -> MoeDecodePlan:
 
 
 # The most K blocks (padded) whose scales a program preloads: the picks scale with it (one [T, KB] select and sum
-# per K step). Grouped MoE at T=4096 on the H200 (scripts/bench_grouped_moe.py, 2026-11-23): 16B shapes (D=2048,
+# per K step). Grouped MoE at T=4096 on the H200 (then scripts/bench_grouped_moe.py, 2026-11-23): 16B shapes (D=2048,
 # 16 blocks) 1.892 -> 1.591 ms with preloading; 671B-rank shapes (D=7168, 64 blocks in the up kernel) 1.426 ->
 # 2.188 ms. Decode (a handful of tokens, short K steps) measured slower with it: 671B-ep8 T=1 up 23 -> 62 us.
 PRELOAD_MAX_KB = 16

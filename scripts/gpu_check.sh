@@ -13,7 +13,7 @@
 #              ones (ROWS_ONLY=gemv|moe|absorb: one part; JSON in $OUT)
 #   pdl        scripts/bench_pdl.py: a chain of dependent FP8 GEMVs in a CUDA graph, plain vs programmatic dependent
 #              launch (weights loaded before gdc_wait): does PDL hide a decode kernel's fixed cost? (JSON in $OUT)
-#   moe-grouped scripts/bench_grouped_moe.py: prefill MoE (grouped path) at T=4096, 64- vs 128-pair tiles, TFLOP/s
+#   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
 #   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
@@ -101,9 +101,7 @@ step_sweep_mla() {  # decode launch plans of dsv3.mla_attention at H = 16, batch
   timeout 300 $PY scripts/sweep_mla.py --json "$OUT/sweep_mla.json" 2>&1 | grep -v -i warn | tail -45
 }
 
-step_moe_grouped() {  # the grouped (prefill) MoE path at T = 4096: 64- vs 128-pair tiles, TFLOP/s vs the FP8 peak
-  timeout 200 $PY scripts/bench_grouped_moe.py --json "$OUT/moe_grouped.json" 2>&1 | grep -v -i warn | tail -12
-}
+step_moe_grouped() { SWEEP_ARGS="--only moe ${SWEEP_ARGS:-}" step_sweep_prefill; }
 
 step_sweep_prefill() {
   timeout 560 $PY scripts/sweep_prefill.py ${SWEEP_ARGS:-} --json "$OUT/sweep_prefill.json" 2>&1 | grep -v -i warn \

@@ -4,7 +4,7 @@ causal attention of `dsv3.mla_prefill_attention`, at prompt-sized T.
     python3 scripts/sweep_prefill.py --json $OUT/sweep_prefill.json        # ~3-4 min on an H200
     python3 scripts/sweep_prefill.py --only moe --t 4096,16384
 
-MoE (FP8 weights, bf16 activations), shapes as scripts/bench_grouped_moe.py: 16B (64 routed + 2 shared slots,
+MoE (FP8 weights, bf16 activations), T tokens with random distinct routing: 16B (64 routed + 2 shared slots,
 top-6 + 2, D 2048, I 1408) and one rank of 671B at world size 8 (32 local experts, 1 local id per token, D 7168,
 I 2048). Configs: the default (`MOE_GROUPED_FP8`, GROUPED_BLOCK_T pairs per tile), then pairs per tile x the up
 kernel's (BLOCK_N, warps, stages) with the down kernel at its default, then the down kernel's (BLOCK_N, warps,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -52,7 +53,6 @@ def moe_configs_up() -> list[dict]:
 
 
 def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
-    from dsv3.kernels.bench import graph_us
     from dsv3.kernels.fp8_blocks import quantize_weight
     from dsv3.kernels.routed_experts import (
         GROUPED_BLOCK_T, MOE_GROUPED_FP8, routed_experts_reference, routed_experts_triton,
@@ -81,23 +81,13 @@ def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
     log(f"MoE {name} T={t}: default ({GROUPED_BLOCK_T} pairs, {MOE_GROUPED_FP8}) vs reference rel err {ref_err:.1e}")
     rows.append(dict(kind="moe", shape=name, t=t, default_ref_rel_err=ref_err))
 
-    def measure(cfg: dict) -> float | None:
-        label = json.dumps(cfg, sort_keys=True)
-        try:
-            out = call(cfg)()
-            diff = (out.float() - base.float()).abs().max().item()
-            if not diff <= 1e-2 * scale:
-                raise ValueError(f"differs from the default: max abs {diff:.3e} (max |default| {scale:.3e})")
-            us = graph_us([call(cfg)] * 3)
-        except Exception as exc:  # a config that does not compile, launch or verify: recorded, skipped
-            rows.append(dict(kind="moe", shape=name, t=t, cfg=cfg, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-            log(f"  {label}: {rows[-1]['error']}")
-            return None
-        rows.append(dict(kind="moe", shape=name, t=t, cfg=cfg, us=round(us, 1), tflops=round(flops / us / 1e6, 1),
-                         share_of_peak=round(flops / us / 1e6 / peak, 3)))
-        log(f"  {label}: {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s ({flops / us / 1e6 / peak:.1%})")
-        return us
+    def check(out):
+        diff = (out.float() - base.float()).abs().max().item()
+        if not diff <= 1e-2 * scale:
+            return f"differs from the default: max abs {diff:.3e} (max |default| {scale:.3e})", {}
+        return None, {}
 
+    measure = measurer("moe", name, t, call, check, flops, peak, rows)
     timed = {json.dumps({}): measure({})}
     for cfg in moe_configs_up():
         timed[json.dumps(cfg, sort_keys=True)] = measure(cfg)
@@ -109,13 +99,37 @@ def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
     confirm("moe", name, t, timed, lambda k: call(json.loads(k)), flops, peak, rows)
 
 
+def measurer(kind, name, t, call, check, flops, peak, rows):
+    """measure(cfg) -> us or None: run the config once, `check(out)` -> (error or None, extra fields to record),
+    then graph-time it; a config that does not compile, launch or verify is recorded and skipped."""
+    from dsv3.kernels.bench import graph_us
+
+    def measure(cfg: dict) -> float | None:
+        label = json.dumps(cfg, sort_keys=True)
+        try:
+            err, extra = check(call(cfg)())
+            if err:
+                raise ValueError(err)
+            us = graph_us([call(cfg)] * 3)
+        except Exception as exc:
+            rows.append(dict(kind=kind, shape=name, t=t, cfg=cfg, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+            log(f"  {label}: {rows[-1]['error']}")
+            return None
+        rows.append(dict(kind=kind, shape=name, t=t, cfg=cfg, us=round(us, 1), tflops=round(flops / us / 1e6, 1),
+                         share_of_peak=round(flops / us / 1e6 / peak, 3), **extra))
+        log(f"  {label}: {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s ({flops / us / 1e6 / peak:.1%})"
+            + "".join(f" {k} {v:.1e}" for k, v in extra.items()))
+        return us
+
+    return measure
+
+
 def confirm(kind, name, t, timed, make_call, flops, peak, rows, rounds: int = 3) -> None:
     from dsv3.kernels.bench import graph_us
 
     ok = sorted((k for k in timed if timed[k] is not None), key=lambda k: timed[k])
-    keys = list(dict.fromkeys(ok[:3] + [json.dumps({})]))
-    if json.dumps({}) not in timed or timed[json.dumps({})] is None:
-        keys = ok[:3]
+    # the three fastest and the default ("{}": the launcher's own defaults), if it ran
+    keys = list(dict.fromkeys(ok[:3] + ([json.dumps({})] if timed.get(json.dumps({})) is not None else [])))
     samples: dict[str, list[float]] = {k: [] for k in keys}
     for _ in range(rounds):
         for k in keys:
@@ -130,7 +144,6 @@ def confirm(kind, name, t, timed, make_call, flops, peak, rows, rounds: int = 3)
 
 
 def sweep_attention(t: int, peak: float, rows: list) -> None:
-    from dsv3.kernels.bench import graph_us
     from dsv3.kernels.mla_prefill import mla_prefill_attention_triton
 
     dev = torch.device("cuda")
@@ -155,28 +168,17 @@ def sweep_attention(t: int, peak: float, rows: list) -> None:
     # reference on the last 256 queries (they see every key): the rows of a full run are checked against it
     sl = slice(t - 256, t)
     ref = _attention_tail_reference(q_nope, q_pe, k_nope, k_pe, v, scale, 256)
-    rows.append(dict(kind="attention", t=t, heads=h))
-    timed = {}
+
+    def check(out):
+        err = ((out[0, sl].double() - ref).norm() / ref.norm()).item()
+        return (f"rel err {err:.1e} against the reference on the last 256 queries" if not err < 5e-3 else None,
+                dict(rel_err=err))
+
+    measure = measurer("attention", "H16", t, call, check, flops, peak, rows)
+    timed = {json.dumps({}): measure({})}
     for bm, bn, nw, ns in ATTN_GRID:
         cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
-        key = json.dumps(cfg, sort_keys=True)
-        try:
-            out = call(cfg)()
-            err = ((out[0, sl].double() - ref).norm() / ref.norm()).item()
-            if not err < 5e-3:
-                raise ValueError(f"rel err {err:.1e} against the reference on the last 256 queries")
-            us = graph_us([call(cfg)] * 3)
-        except Exception as exc:
-            rows.append(dict(kind="attention", t=t, cfg=cfg, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-            log(f"  {key}: {rows[-1]['error']}")
-            timed[key] = None
-            continue
-        timed[key] = us
-        rows.append(dict(kind="attention", t=t, cfg=cfg, us=round(us, 1), rel_err=err,
-                         tflops=round(flops / us / 1e6, 1), share_of_peak=round(flops / us / 1e6 / peak, 3)))
-        log(f"  {key}: {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s ({flops / us / 1e6 / peak:.1%}) err {err:.1e}")
-    default = json.dumps(dict(block_m=128, block_n=64, num_warps=8, num_stages=2), sort_keys=True)
-    timed[json.dumps({})] = timed.get(default)
+        timed[json.dumps(cfg, sort_keys=True)] = measure(cfg)
     confirm("attention", "H16", t, timed, lambda k: call(json.loads(k)), flops, peak, rows)
 
 
@@ -214,7 +216,6 @@ def main() -> None:
         if opts.json:
             with open(opts.json + ".tmp", "w") as f:
                 json.dump(dict(meta, rows=rows), f, indent=1)
-            import os
             os.replace(opts.json + ".tmp", opts.json)
 
     for t in (int(v) for v in opts.t.split(",")):

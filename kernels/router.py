@@ -327,6 +327,19 @@ def route_triton(
     wrap_triton(_router_logits_kernel)[(cdiv(e, plan["BLOCK_E"]), n_split)](
         x, weight, part, t, e, d, per, x.stride(0), weight.stride(0), **plan,
     )
+    select_from_partials(part, bias, idx, wt, top_k, n_group, topk_group, sigmoid, group_top2, norm_topk_prob,
+                         routed_scaling_factor, n_shared, select_warps)
+    return idx, wt
+
+
+def select_from_partials(
+    part: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, wt: torch.Tensor, top_k: int, n_group: int,
+    topk_group: int, sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float,
+    n_shared: int = 0, select_warps: Optional[int] = None,
+) -> None:
+    """`_router_select_kernel` over fp32 logit partials part [splits, T, E] (summed in split order) into idx / wt
+    ([T, top_k + n_shared]); also the second half of dsv3.add_rms_norm_quant_route."""
+    n_split, t, e = part.shape
     grouped = n_group > 1 and topk_group < n_group
     e_pad = max(2, next_pow2(e))
     if select_warps is None:
@@ -343,7 +356,6 @@ def route_triton(
         K_PAD=max(2, next_pow2(top_k)), N_SHARED=n_shared, S_PAD=max(2, next_pow2(n_shared)),
         num_warps=select_warps,
     )
-    return idx, wt
 
 
 @triton_op("dsv3::route", mutates_args=())
@@ -370,5 +382,5 @@ def _route_fake(x, weight, bias, top_k, n_group, topk_group, sigmoid, group_top2
     return (x.new_empty((t, k), dtype=torch.int64), x.new_empty((t, k), dtype=torch.float32))
 
 
-__all__ = ["route", "route_reference", "route_triton", "route_args", "select_experts_reference", "logits_plan",
+__all__ = ["route", "route_reference", "route_triton", "route_args", "select_from_partials", "select_experts_reference", "logits_plan",
            "DECODE_MAX_T", "SELECT_MAX_E"]

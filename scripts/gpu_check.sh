@@ -17,6 +17,8 @@
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
 #   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
+#   kdec       the GPU tests of the decode phase merges (test_norm_linear, test_norm_route, test_mla_out) and of the
+#              ops they build on (test_norm, test_mla_prep, test_router)
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
@@ -32,9 +34,11 @@
 #   est671     rank 0 of 671B at world size 8: compile 4, 6 and 8 layers (EST671_LAYERS), time decode round-robin
 #              (collectives stubbed), least-squares line to 61 layers
 #   ab16       A/B of trace-time switches: the 16B FP8 config at AB_LAYERS (8) layers built once per variant
-#              (default + AB_VARIANTS, default "DSV3_DECODE_PREP=torch,DSV3_NORM_QUANT=torch", the graph before the
-#              two merges: variants space-separated, settings within one comma-separated),
-#              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS)
+#              (default + AB_VARIANTS, by default "DSV3_NORM_ROUTE=torch DSV3_NORM_LINEAR=fused DSV3_ATTN_OUT=fused":
+#              the adopted merge off, the two measured-neutral ones on; variants space-separated, settings within
+#              one comma-separated),
+#              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS);
+#              AB_PARALLEL=1 builds the variants concurrently
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   run671ws   needs 2 or 4 GPUs (issue 8 until 8 are lent): 671B truncated to LAYERS671WS (8) layers at world size
 #              WS671 (all visible GPUs): compile, dsv3c run --random-weights at batch 1 and 8, rank 0 alone stubbed
@@ -111,6 +115,14 @@ step_sweep_prefill() {
 step_kpre() {
   timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE -k "prefill or routed or grouped or aoti" tests/test_prefill.py \
     tests/test_kernels.py 2>&1 | tee "$OUT/kpre.log" | tail -15
+}
+
+step_kdec() {
+  local files=(tests/test_norm_linear.py tests/test_norm_route.py tests/test_norm.py tests/test_mla_prep.py
+               tests/test_router.py)
+  [ -f tests/test_mla_out.py ] && files+=(tests/test_mla_out.py)
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE "${files[@]}" 2>&1 \
+    | tee "$OUT/kdec.log" | tail -25
 }
 
 step_sweep_moe() {  # FP8 decode MoE launch plans (up/down block_n, warps, stages) on the 16B and 671B-ws8 shapes
@@ -199,15 +211,18 @@ step_ab16() {  # A/B of trace-time fusion switches on the 16B FP8 config at AB_L
 cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
 json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$cfg"
   # built variants stay in $WORK while the machine is warm: a call that ran out of time can be repeated
-  for v in default ${AB_VARIANTS:-DSV3_DECODE_PREP=torch,DSV3_NORM_QUANT=torch}; do
+  for v in default ${AB_VARIANTS:-DSV3_NORM_ROUTE=torch DSV3_NORM_LINEAR=fused DSV3_ATTN_OUT=fused}; do
     name=ab16_${v//[^A-Za-z0-9]/_}
     dirs+=("$WORK/$name")
     [ -f "$WORK/$name/manifest.json" ] && continue
     ( verify=(); if [ "$v" != default ]; then export ${v//,/ }; else verify=(--no-verify); fi
       /usr/bin/time -f "$v: build %e s" $PY -m dsv3.cli compile --config "$cfg" --num-layers "$layers" \
         --out "$WORK/$name" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --overwrite \
-        --jobs 3 "${verify[@]}" 2>&1 | grep --line-buffered -v Warning | tail -4 )
+        --jobs 3 "${verify[@]}" 2>&1 | grep --line-buffered -v Warning | tail -4 ) &
+    # AB_PARALLEL=1: all variants build at once (3 processes each; the host has 16 cores), else one at a time
+    [ "${AB_PARALLEL:-0}" = 1 ] || wait
   done
+  wait
   $PY scripts/rank_timing.py --json "$OUT/ab16.json" --repeats ${AB_REPEATS:-5} "${dirs[@]}" 2>&1 | grep -v Warning \
     | tail -12
   if [ "${AB_PROFILE:-0}" = 1 ]; then  # kernels per step of the default and the last variant (decode only)

@@ -1,0 +1,138 @@
+"""Tests for `torch.ops.dsv3.add_rms_norm_quant_route` (residual add + RMSNorm + FP8 quantization + router).
+
+CPU (part of `make test`): the fused kernel under the Triton interpreter against the op's reference
+(`tests/interpret_norm_route.py`, its own process); registration (opcheck), the path switch, and that the model's
+decode step routes through this op (its logits equal to the unfused layers': tests/test_norm_linear.py).
+
+GPU (`pytest -m gpu`, on the device): the fused kernel at the three real routings (16B with the two stacked shared
+slots, 236B, 671B) against the torch path (bitwise for the norm outputs, routing against float64 away from
+near-ties); compiled (fullgraph) it is two launches; CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.config import resolve_config
+from dsv3.kernels import norm_route as NR
+from dsv3.kernels import router as R
+from kernel_checks import cuda, interpreter_failure, poison_allocator, run_interpreted
+from test_router import REAL_CONFIGS, assert_routing
+
+EPS = 1e-6
+
+
+def make_inputs(name, t, device="cpu", seed=0, lead=None):
+    cfg = resolve_config(name)
+    gen = torch.Generator().manual_seed(seed)
+    d, e = cfg.hidden_size, cfg.n_routed_experts
+    shape = lead or (t,)
+    h = (torch.randn(*shape, d, generator=gen) * 3).bfloat16()
+    delta = torch.randn(*shape, d, generator=gen).bfloat16()
+    norm_w = (1 + 0.3 * torch.randn(d, generator=gen)).bfloat16()
+    rw = (torch.randn(e, d, generator=gen) * d ** -0.5).bfloat16()
+    bias = torch.rand(e, generator=gen) * 0.1 if cfg.topk_method == "noaux_tc" else None
+    n_shared = cfg.n_shared_experts if name == "16B" else 0  # 16B stacks its shared experts at world size 1
+    to = (lambda v: None if v is None else v.to(device))  # noqa: E731
+    return [to(h), to(delta), to(norm_w), EPS, to(rw), to(bias)], dict(R.route_args(cfg), n_shared=n_shared)
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_fused_kernel_interpreted():
+    res = run_interpreted("interpret_norm_route.py")
+    assert res.returncode == 0, interpreter_failure(res)
+
+
+def test_opcheck_and_switch(monkeypatch):
+    args, kw = make_inputs("16B", 2, seed=1, lead=(2, 1))
+    torch.library.opcheck(torch.ops.dsv3.add_rms_norm_quant_route.default, tuple(args), kw,
+                          test_utils="test_faketensor")
+    monkeypatch.setenv("DSV3_NORM_ROUTE", "bogus")
+    with pytest.raises(ValueError, match="DSV3_NORM_ROUTE"):
+        NR.norm_route_choice()
+    monkeypatch.delenv("DSV3_NORM_ROUTE")
+    assert NR.norm_route_choice() == NR.NORM_ROUTE_DEFAULT
+
+
+def test_reference_is_norm_then_route():
+    args, kw = make_inputs("671B", 3, seed=2)
+    out = torch.ops.dsv3.add_rms_norm_quant_route(*args, **kw)
+    norm = torch.ops.dsv3.add_rms_norm_quant(*args[:4])
+    for a, b in zip(out[:4], norm):
+        assert torch.equal(_bits(a), _bits(b))
+    idx, wt = torch.ops.dsv3.route(norm[1], args[4], args[5], *kw.values())
+    assert torch.equal(out[4], idx) and torch.equal(out[5], wt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("t", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_gpu_against_torch_path(name, t, monkeypatch):
+    for seed in range(3):
+        poison_allocator()
+        args, kw = make_inputs(name, t, device="cuda", seed=100 * seed + t)
+        monkeypatch.setenv("DSV3_NORM_ROUTE", "fused")
+        out = torch.ops.dsv3.add_rms_norm_quant_route(*args, **kw)
+        monkeypatch.setenv("DSV3_NORM_ROUTE", "torch")
+        ref = torch.ops.dsv3.add_rms_norm_quant_route(*args, **kw)
+        for a, b in zip(out[:4], ref[:4]):  # the same norm kernel arithmetic: bitwise
+            assert torch.equal(_bits(a), _bits(b))
+        k = kw["top_k"]
+        n_shared = kw["n_shared"]
+        assert torch.equal(out[4][:, k:].cpu(), torch.arange(kw["n_shared"]).expand(t, n_shared) + args[4].shape[0])
+        route_kw = {key: v for key, v in kw.items() if key != "n_shared"}
+        assert_routing(out[4][:, :k], out[5][:, :k], out[1], args[4], args[5], route_kw, rtol=5e-5)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", ["16B", "671B"])
+def test_gpu_compiled_two_launches_and_graph_replay(name):
+    torch._dynamo.reset()
+    args, kw = make_inputs(name, 1, device="cuda", seed=7, lead=(1, 1))
+
+    def fn(h, delta, norm_w, rw, bias):
+        return torch.ops.dsv3.add_rms_norm_quant_route(h, delta, norm_w, EPS, rw, bias, **kw)
+
+    tensors = [args[0], args[1], args[2], args[4], args[5]]
+    compiled = torch.compile(fn, fullgraph=True)
+    got, want = compiled(*tensors), fn(*tensors)
+    for a, b in zip(got, want):
+        assert torch.equal(_bits(a), _bits(b))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        compiled(*tensors)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(names) == 2 and "logits" in names[0] and "select" in names[1], names
+    torch._dynamo.reset()
+    static = [a.clone() if a is not None else None for a in tensors]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = fn(*static)
+    fresh, _ = make_inputs(name, 1, device="cuda", seed=8, lead=(1, 1))
+    for dst, src in zip(static[:2], fresh[:2]):
+        dst.copy_(src)
+    g.replay()
+    want = fn(*static)
+    for a, b in zip(outs, want):
+        assert torch.equal(_bits(a), _bits(b))

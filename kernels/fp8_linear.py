@@ -242,6 +242,17 @@ def k_blocks(K, KB_PAD: tl.constexpr):
 
 
 @triton.jit
+def load_weight_rows(w_ptr, ws_ptr, offs_n, n_mask, offs_b, offs_k, k_mask, kb_mask, stride_wn, stride_wsn):
+    """Weight rows offs_n over the whole K as ([BLOCK_N, KB, 128] fp32 e4m3 values, [BLOCK_N, KB] block scales),
+    in one load each (the row-parallel kernels' tile; `k_blocks` gives the K layout)."""
+    w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_k[None, :, :],
+                mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
+    ws = tl.load(ws_ptr + (offs_n // 128)[:, None] * stride_wsn + offs_b[None, :],
+                 mask=n_mask[:, None] & kb_mask[None, :], other=0.0)
+    return w, ws
+
+
+@triton.jit
 def dot_rows(w, ws, xq, xs):
     """w [BN, KB, 128] fp32 (e4m3 values), ws [BN, KB] their block scales, xq [KB, 128] fp32 (one token's e4m3
     values), xs [KB] -> [BN] fp32: per 128-block sums of exact products, times both scales, summed."""
@@ -274,10 +285,7 @@ def _fp8_gemv_rows_kernel(
     t0 = tl.program_id(1) * M_TILE
     n_mask = offs_n < N
     offs_b, offs_k, k_mask, kb_mask = k_blocks(K, KB_PAD)
-    w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_k[None, :, :],
-                mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
-    ws = tl.load(ws_ptr + (offs_n // 128)[:, None] * stride_wsn + offs_b[None, :],
-                 mask=n_mask[:, None] & kb_mask[None, :], other=0.0)
+    w, ws = load_weight_rows(w_ptr, ws_ptr, offs_n, n_mask, offs_b, offs_k, k_mask, kb_mask, stride_wn, stride_wsn)
     for j in tl.static_range(M_TILE):
         t = t0 + j
         if t < M:

@@ -57,6 +57,7 @@ from dsv3.kernels.fp8_linear import (
     fp8_linear_triton,
     gemv_choice,
     k_blocks,
+    load_weight_rows,
     quantize_tile_rcp,
 )
 from dsv3.kernels.rms_norm import add_rms_norm_quant_triton, rms_norm_rounded, rms_scale
@@ -90,10 +91,7 @@ def _add_norm_gemv_rows_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_b, offs_k, k_mask, kb_mask = k_blocks(K, KB_PAD)
-    w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_k[None, :, :],
-                mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
-    ws = tl.load(ws_ptr + (offs_n // 128)[:, None] * stride_wsn + offs_b[None, :],
-                 mask=n_mask[:, None] & kb_mask[None, :], other=0.0)
+    w, ws = load_weight_rows(w_ptr, ws_ptr, offs_n, n_mask, offs_b, offs_k, k_mask, kb_mask, stride_wn, stride_wsn)
     nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
     dt = ho_ptr.dtype.element_ty
     for t in tl.static_range(M_TILE):

@@ -33,6 +33,9 @@ Implementations (branch taken at trace time)
      programs in flight instead of 88 MMA tiles walking D serially: 16B T=1 14.1 vs 17.7 us on the H200); h is
      written in x.dtype and quantized by one `_act_quant_kernel` launch, so the down kernel streams e4m3 as with
      QUANT_H.
+  2'. FP8, one token, after the row-parallel up kernel, with down BLOCK_N in {1, 2, 4, 8} (ROWS_DOWN_BLOCK_NS;
+     opt-in, not yet timed): `_moe_down_rows_kernel`, grid (K slots, D/BLOCK_N), each program's down rows loaded over
+     the whole I at once, the output per slot as step 2 writes it.
   2. `_moe_down_kernel`, grid (slot, D/BLOCK_N): down GEMV, writes the unweighted expert output per (token, k) pair,
      rounded to x.dtype like the reference's per-expert output. FP8 without QUANT_H: each program quantizes the
      [tokens, 128] h tile it is about to use (`quantize_tile_rcp`: the scales of `quantize_activation(h)` bit for
@@ -68,7 +71,8 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_choice, next_pow2, num_sms, static_int
 from dsv3.kernels.fp8_linear import (
-    act_quant, dot_rows, fp8_linear_reference, k_blocks, load_x_row, pick_scale, pick_scales, quantize_tile_rcp,
+    act_quant, dot_rows, fp8_linear_reference, k_blocks, load_weight_rows, load_x_row, pick_scale, pick_scales,
+    quantize_tile_rcp,
 )
 
 DECODE_MAX_T = 64
@@ -324,6 +328,32 @@ def _moe_down_kernel(
 
 
 @triton.jit
+def _moe_down_rows_kernel(
+    h_ptr, hs_ptr, idx_ptr, wd_ptr, sd_ptr, y_ptr,
+    E, I, D, stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_y,
+    BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+):
+    """One token (T = 1), FP8, after the row-parallel up kernel (h e4m3 with scales hs [K, I/128], act_quant's):
+    grid (K slots, cdiv(D, BLOCK_N)), slot k computes expert topk_idx[0, k] (ids outside [0, E) do nothing) for
+    BLOCK_N rows of down, each loaded over the whole I at once, and writes them rounded to the activation dtype to
+    y[k] (pair row k) for `_moe_combine_kernel`: the row-parallel form of `_moe_down_kernel` (whose MMA tiles pad the
+    token to 16 and walk I serially)."""
+    slot = tl.program_id(0)
+    e = tl.load(idx_ptr + slot)
+    if (e >= 0) & (e < E):
+        e64 = e.to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < D
+        offs_b, offs_k, k_mask, kb_mask = k_blocks(I, KB_PAD)
+        w, sd = load_weight_rows(wd_ptr + e64 * stride_we, sd_ptr + e64 * stride_se, offs_n, n_mask, offs_b,
+                                 offs_k, k_mask, kb_mask, stride_wn, stride_sn)
+        hq, hsv = load_x_row(h_ptr + slot * stride_h, hs_ptr + slot * stride_hs, offs_k, k_mask, offs_b, kb_mask,
+                             False)
+        y = dot_rows(w, sd, hq, hsv)
+        tl.store(y_ptr + slot * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _moe_combine_kernel(
     y_ptr, idx_ptr, wt_ptr, out_ptr, K, E, D, stride_y, stride_ot, stride_od,
     FIRST_ONLY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -397,6 +427,11 @@ MOE_GROUPED_BF16 = MoeDecodePlan(128, 8, 2, 128, 8, 2)
 GROUPED_BLOCK_TS = (32, 64, 128)
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
 ROWS_UP_BLOCK_NS = (1, 2, 4, 8)  # FP8, T = 1: `_moe_up_rows_kernel`
+# FP8, T = 1, after the row-parallel up kernel: down_block_n in these selects `_moe_down_rows_kernel`. Opt-in
+# (DSV3_MOE_DECODE=::::BN:WARPS:, scripts/sweep_moe.py, bench_rows.py --only moe): built 2026-11-23 (eighth session)
+# after that session's device time was spent; no table row uses it until it is timed against `_moe_down_kernel`.
+# (The fourth session's prototype that also did the combine in its programs measured slower: 12.8 vs 9.5 + 2.2 us.)
+ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8)
 
 
 def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecodePlan:
@@ -421,9 +456,14 @@ def check_moe_plan(plan: MoeDecodePlan, is_fp8: bool, t: Optional[int] = None) -
     """Raise ValueError naming the bad field. `t`: the token count the plan is for (the row-parallel up kernel,
     up_block_n < 16, takes one token)."""
     rows_up = is_fp8 and plan.up_block_n in ROWS_UP_BLOCK_NS
+    rows_down = is_fp8 and plan.down_block_n in ROWS_DOWN_BLOCK_NS
+    if rows_down and not rows_up:
+        raise ValueError(f"MoE decode plan {plan}: down_block_n {plan.down_block_n} (the row-parallel down kernel) "
+                         f"needs the row-parallel up kernel (up_block_n in {ROWS_UP_BLOCK_NS})")
     for name in ("up_block_n", "down_block_n"):
         bn = getattr(plan, name)
-        if not (16 <= bn <= 128 and bn & (bn - 1) == 0) and not (name == "up_block_n" and rows_up):
+        rows = rows_up if name == "up_block_n" else rows_down
+        if not (16 <= bn <= 128 and bn & (bn - 1) == 0) and not rows:
             raise ValueError(f"MoE decode plan {plan}: {name} must be a power of two in [16, 128]"
                              + (f" (FP8 up_block_n also {ROWS_UP_BLOCK_NS} for one token)" if is_fp8 else ""))
     if is_fp8 and plan.up_block_n not in UP_BLOCK_NS_FP8 + ROWS_UP_BLOCK_NS:
@@ -604,6 +644,14 @@ def routed_experts_triton(
             BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps,
         )
         h, hs = act_quant(h_act)
+        if plan.down_block_n in ROWS_DOWN_BLOCK_NS:  # and the row-parallel down kernel, then the combine below
+            assert sd.stride(-1) == 1, "the row-parallel down kernel reads each row's block scales contiguously"
+            wrap_triton(_moe_down_rows_kernel)[(p, cdiv(d, plan.down_block_n))](
+                h, hs, idx, down_proj, sd, y,
+                e, i, d, h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
+                sd.stride(0), sd.stride(1), y.stride(0),
+                BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
+            )
     else:
         wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, plan.up_block_n))](
             xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
@@ -613,14 +661,15 @@ def routed_experts_triton(
             BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, PRELOAD=preload_up, num_warps=plan.up_num_warps,
             num_stages=plan.up_num_stages, **common,
         )
-    wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
-        h, hs, idx, sched, down_proj, sd, y,
-        t, k, e, i, d, n_sched,
-        h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
-        sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-        BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_down, num_warps=plan.down_num_warps,
-        num_stages=plan.down_num_stages, **common,
-    )
+    if not (rows_up and plan.down_block_n in ROWS_DOWN_BLOCK_NS):
+        wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
+            h, hs, idx, sched, down_proj, sd, y,
+            t, k, e, i, d, n_sched,
+            h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
+            sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
+            BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_down, num_warps=plan.down_num_warps,
+            num_stages=plan.down_num_stages, **common,
+        )
     block_d = 512
     wrap_triton(_moe_combine_kernel)[(t, cdiv(d, block_d))](
         y, idx, wt, out, k, e, d, y.stride(0), out.stride(0), out.stride(1),

@@ -86,6 +86,15 @@ def grid_plans(grid: dict) -> list:
             for ub, db, w, s in itertools.product(grid["up_bn"], grid["down_bn"], grid["warps"], grid["stages"])]
 
 
+def one_token_plans() -> list:
+    """T = 1 only: the row-parallel up kernel with the row-parallel down kernel (ROWS_DOWN_BLOCK_NS, opt-in until
+    timed) next to the MMA down kernel the table uses."""
+    from dsv3.kernels.routed_experts import ROWS_DOWN_BLOCK_NS, ROWS_UP_BLOCK_NS, MoeDecodePlan
+
+    return [MoeDecodePlan(ub, 4, 1, db, w, 1) for ub in ROWS_UP_BLOCK_NS[:2] for db in ROWS_DOWN_BLOCK_NS
+            for w in (4, 8)]
+
+
 def refine_plans(best, grid: dict, kernel: str) -> list:
     """Coordinate-search neighbours of `best`: one kernel's ('up' or 'down') (warps, stages) over the grid's warps
     and the grid's stages plus REFINE_STAGES (deeper pipelines, compiled lazily), the other kernel fixed."""
@@ -430,7 +439,7 @@ def main(argv=None) -> int:
             sh = SHAPES[name]
             for t in ts:
                 dflt = resolve_moe_decode(t, sh["e_routed"] + sh["n_shared"], sh["i"], sh["d"], sms, True)
-                tasks.append((name, t, [dflt] + plans))
+                tasks.append((name, t, [dflt] + plans + (one_token_plans() if t == 1 else [])))
         failed = precompile(tasks, opts.workers)
         log(f"precompiled {sum(len(p) for *_, p in tasks)} plans in {time.time() - t0:.0f} s "
             f"({len(failed)} failed to compile)")
@@ -452,7 +461,7 @@ def main(argv=None) -> int:
                     continue
                 here = [measure(sb, MoeDecodePlan(*dflt), "default", failed)]
                 seen = {tuple(dflt)}
-                for p in plans:
+                for p in plans + (one_token_plans() if t == 1 else []):
                     if tuple(p) not in seen:
                         seen.add(tuple(p))
                         here.append(measure(sb, p, "grid", failed))

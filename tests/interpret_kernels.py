@@ -266,6 +266,7 @@ MOE_PLAN_CASES = [
     # T, up_block_n, down_block_n
     (1, 16, 64), (1, 32, 32), (1, 64, 128), (1, 128, 32), (1, 1, 64), (1, 2, 32), (1, 8, 128),
     (3, 16, 32), (3, 32, 128), (3, 64, 64), (3, 128, 64),
+    (1, 2, 1), (1, 4, 2), (1, 1, 8),  # + the row-parallel down kernel
 ]
 
 
@@ -281,8 +282,11 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
     assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
     # the same e4m3 h and scales whoever quantizes them: the default plan (up quantizes) gives the same result; the
     # row-parallel up kernel sums gate/up in another fp32 order, so its h may differ by a bf16 ulp
-    base = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=128, down_block_n=down_bn)
+    base = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=128,
+                                    down_block_n=64 if down_bn in RE.ROWS_DOWN_BLOCK_NS else down_bn)
     assert rel_err(out, base) < (1e-2 if up_bn in RE.ROWS_UP_BLOCK_NS else 1e-6)
+    if down_bn in RE.ROWS_DOWN_BLOCK_NS:  # the same up kernel with the MMA down kernel: fp32 sum order only
+        assert rel_err(out, RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=64)) < 1e-5
 
 
 @pytest.mark.parametrize("block_t,up_bn,down_bn", [(128, 128, 128), (32, 128, 64), (64, 64, 128), (128, 32, 32)])

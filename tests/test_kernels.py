@@ -110,6 +110,10 @@ def test_moe_decode_plan(monkeypatch):
     assert RE.resolve_moe_decode(1, 64, 1408, 2048, 132, True) == RE.MOE_DECODE_DEFAULT
     # 16B at one token: the row-parallel up kernel (up_block_n < 16)
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True).up_block_n in RE.ROWS_UP_BLOCK_NS
+    # the row-parallel down kernel only behind the row-parallel up kernel (one token)
+    RE.check_moe_plan(P(2, 4, 1, 2, 4, 1), True, 1)
+    with pytest.raises(ValueError, match="needs the row-parallel up kernel"):
+        RE.check_moe_plan(P(128, 8, 4, 2, 4, 1), True, 1)
     for rows in RE.MOE_DECODE_TUNED.values():  # the measured table: ascending T, valid plans
         assert [t for t, _ in rows] == sorted({t for t, _ in rows}) and rows[-1][0] <= RE.DECODE_MAX_T
         for t, plan in rows:
@@ -270,6 +274,7 @@ MOE_PLAN_GPU = [  # up_block_n, up_num_warps, up_num_stages, down_block_n, down_
     (128, 4, 3, 32, 8, 6),
 ]
 MOE_PLAN_GPU += [(2, 4, 1, 64, 4, 4), (8, 8, 1, 32, 4, 4)]  # the row-parallel up kernel (one token)
+MOE_PLAN_GPU += [(2, 4, 1, 1, 4, 1), (2, 4, 1, 2, 4, 1), (1, 4, 1, 4, 8, 1)]  # + the row-parallel down kernel
 MOE_PLAN_GPU += sorted({tuple(p) for rows in RE.MOE_DECODE_TUNED.values() for _, p in rows} - set(MOE_PLAN_GPU))
 
 

@@ -75,15 +75,12 @@ class CompileOptions:
 def check_kernel_switches() -> None:
     """The DSV3_* trace-time switches are read inside the graph-building processes: a bad value would surface there
     as a traceback per graph. Check the ones with a fixed syntax before anything is built."""
-    from dsv3.kernels import (fp8_linear, mla_attention_out, mla_decode_prep, norm_linear, norm_route, rms_norm,
-                              routed_experts)
+    from dsv3.kernels import fp8_linear, mla_decode_prep, norm_route, rms_norm, routed_experts
 
     checks = {
         "DSV3_DECODE_PREP": mla_decode_prep.decode_prep_choice,
         "DSV3_NORM_QUANT": rms_norm.norm_quant_choice,
         "DSV3_NORM_ROUTE": norm_route.norm_route_choice,
-        "DSV3_NORM_LINEAR": norm_linear.norm_linear_choice,
-        "DSV3_ATTN_OUT": mla_attention_out.attn_out_choice,
         "DSV3_FP8_GEMM": fp8_linear.fp8_gemm_mode,
         "DSV3_GEMV_VARIANT": lambda: fp8_linear.parse_gemv_variant(os.environ["DSV3_GEMV_VARIANT"]),
         "DSV3_MOE_DECODE": lambda: routed_experts.parse_moe_plan(os.environ["DSV3_MOE_DECODE"],

@@ -402,10 +402,6 @@ def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_s
                                      (default fused) or as the torch ops + a quantization kernel
       DSV3_NORM_ROUTE=fused|torch    FP8 MoE layers, 1-4 tokens: that kernel also computes the router logits
                                      (default fused) or the router runs its own logits kernel
-      DSV3_NORM_LINEAR=torch|fused   decode: residual add + input norm inside the q/kv_a GEMV (default torch:
-                                     measured no faster)
-      DSV3_ATTN_OUT=torch|fused      decode: MLA's split combine and W_UV absorption in one kernel (default
-                                     torch: measured no faster)
       DSV3_GEMV_VARIANT=NAME[:BLOCK_N:WARPS:STAGES]   decode FP8 GEMV variant (default: the tuned table)
       DSV3_GEMV_TABLE=sweep_gemv.json                 a GEMV table measured by scripts/sweep_gemv.py
       DSV3_MOE_DECODE=UP_BN:UP_WARPS:UP_STAGES:DOWN_BN:DOWN_WARPS:DOWN_STAGES   MoE decode launch plan

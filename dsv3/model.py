@@ -115,14 +115,10 @@ class MLA(nn.Module):
             "latent_cache", torch.zeros(max_batch_size, max_seq_len, cfg.latent_dim, dtype=dtype), persistent=False
         )
 
-    def forward(self, x: torch.Tensor | None, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache_rows: torch.Tensor | None = None, qkv_a: torch.Tensor | None = None) -> torch.Tensor:
-        """x: the normed input [B, S, D]; or None and `qkv_a`, the fused input projection's output computed by the
-        caller (Block: dsv3.add_rms_norm_fp8_linear, when `norm_fusable`)."""
-        bsz, seqlen = input_pos.shape
-        if qkv_a is not None:
-            q_first, kv_a = qkv_a.split([n for _, n in self.qkv_a_rows.values()], dim=-1)
-        elif self.qkv_a_rows and self.qkv_a_proj.weight_scale_inv is not None and _gemm_sized(x):
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        if self.qkv_a_rows and self.qkv_a_proj.weight_scale_inv is not None and _gemm_sized(x):
             # Prefill-sized FP8: the q rows (a multiple of 128) as their own GEMM go to cuBLAS block-scaled FP8
             # (dsv3.fp8_linear); stacked with kv_a's 576 rows the ragged N sends all of it to the Triton tiled GEMM
             # (the q rows alone: 112 vs 56 us at M = 4096 on the H200). Decode keeps the stacked rows (one GEMV).
@@ -144,11 +140,10 @@ class MLA(nn.Module):
             q_latent, q_pe = torch.ops.dsv3.mla_decode_prep(
                 q, kv_a, self.kv_a_layernorm.weight, cos, sin, self.latent_cache, input_pos, kv_b.weight,
                 kv_b.weight_scale_inv, self.kv_a_layernorm.eps, self.nope_dim, self.v_dim)
-            # attention over the latent cache, then W_UV per head (dsv3.mla_attention + dsv3.mla_absorb; on CUDA the
-            # split combine and the absorption share one launch: dsv3.kernels.mla_attention_out)
-            o = torch.ops.dsv3.mla_attention_out(q_latent, q_pe, self.latent_cache[:bsz], input_pos,
-                                                 self.softmax_scale, kv_b.weight, kv_b.weight_scale_inv,
-                                                 self.nope_dim, self.v_dim)
+            o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, self.latent_cache[:bsz], input_pos,
+                                                    self.softmax_scale)
+            o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
+                                          True)
             return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -166,12 +161,6 @@ class MLA(nn.Module):
         # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed
         o = self._prefill_attention(q_nope, q_pe, latent, cache, input_pos)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
-
-    def norm_fusable(self, h: torch.Tensor) -> bool:
-        """Whether the caller may compute the input projection as dsv3.add_rms_norm_fp8_linear (residual add + input
-        norm + the fused FP8 q/kv_a projection in one op): decode-sized FP8 with fused input projections. Prefill
-        keeps the separate norm (its projections go to cuBLAS)."""
-        return bool(self.qkv_a_rows) and self.qkv_a_proj.weight_scale_inv is not None and not _gemm_sized(h)
 
     @staticmethod
     def _prefill_form(seqlen, cache_rows: torch.Tensor | None) -> bool:
@@ -390,21 +379,9 @@ class Block(nn.Module):
                                                                         dtype, cfg.is_fp8)
         self.fp8_moe = cfg.is_fp8 and cfg.is_moe_layer(layer)
 
-    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, input_pos: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, cache_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: the residual stream; delta: the previous layer's MLP output, not yet added (None before the first
-        layer). Returns (h, this layer's MLP output): the residual add is left to the next layer's first op (or the
-        model's final norm), so it can run inside that op's launch."""
-        attn_mod, norm = self.self_attn, self.input_layernorm
-        if delta is not None and attn_mod.norm_fusable(h):
-            # h + delta, input_layernorm and the q/kv_a projection in one op (one launch at batch-1 decode)
-            proj = attn_mod.qkv_a_proj
-            h, qkv_a = torch.ops.dsv3.add_rms_norm_fp8_linear(h, delta, norm.weight, norm.eps, proj.weight,
-                                                              proj.weight_scale_inv)
-            attn = attn_mod(None, input_pos, cos, sin, cache_rows, qkv_a=qkv_a)
-        else:
-            h = h if delta is None else h + delta
-            attn = attn_mod(norm(h), input_pos, cos, sin, cache_rows)
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows)
         if self.fp8_moe:
             # h + attn, post_attention_layernorm and the experts' FP8 quantization of its output as one op
             # (dsv3.kernels.rms_norm; one launch on CUDA by default), the experts take x quantized.
@@ -414,11 +391,11 @@ class Block(nn.Module):
                 h, x, x_q, x_scale, topk_idx, topk_weight = torch.ops.dsv3.add_rms_norm_quant_route(
                     h, attn, norm.weight, norm.eps, gate.weight, gate.e_score_correction_bias, **gate.route_args,
                     n_shared=moe.n_shared_slots)
-                return h, moe(x, x_q, x_scale, routing=(topk_idx, topk_weight))
+                return h + moe(x, x_q, x_scale, routing=(topk_idx, topk_weight))
             h, x, x_q, x_scale = torch.ops.dsv3.add_rms_norm_quant(h, attn, norm.weight, norm.eps)
-            return h, moe(x, x_q, x_scale)
+            return h + moe(x, x_q, x_scale)
         h = h + attn
-        return h, self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Transformer(nn.Module):
@@ -458,10 +435,9 @@ class Transformer(nn.Module):
         if input_pos.dim() == 1:
             input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        h, delta = self.embed_tokens(tokens), None
+        h = self.embed_tokens(tokens)
         for layer in self.layers:
-            h, delta = layer(h, delta, input_pos, cos, sin, cache_rows)
-        h = h + delta
+            h = layer(h, input_pos, cos, sin, cache_rows)
         if logits_index is not None:
             h = h.gather(1, logits_index.view(bsz, 1, 1).expand(bsz, 1, h.shape[-1])).squeeze(1)
         elif last_only:

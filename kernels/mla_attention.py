@@ -285,18 +285,16 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
     return block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap
 
 
-def mla_fwd_launch(
+def mla_attention_triton(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
-    softmax_scale: float, out: Optional[torch.Tensor], force_split: bool = False, block_h: Optional[int] = None,
-    block_t: Optional[int] = None, n_splits: Optional[int] = None, num_stages: int = 2,
-    min_chunk: Optional[int] = None, swap: Optional[bool] = None, num_warps: Optional[int] = None,
-):
-    """Plan (`mla_plan`) and launch `_mla_fwd_kernel`. With more than one split, or `force_split` (then `out` may be
-    None), the programs write fp32 partials `part` [B, n_splits, S*H, C_PAD] and (m, l) `ml` [B, n_splits, S*H, 2]
-    for a combine kernel; else the normalised output straight into `out`.
-    Returns (part, ml, (block_h, block_t, c_pad, n_splits, min_chunk)), part = ml = None without splits."""
+    softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
+    n_splits: Optional[int] = None, num_stages: int = 2, min_chunk: Optional[int] = None,
+    swap: Optional[bool] = None, num_warps: Optional[int] = None,
+) -> torch.Tensor:
     bsz, seqlen, heads, c = q_latent.shape
     r = q_pe.shape[-1]
+    # Same layout as the fake impl (empty_like), so compiled graphs see the strides they were promised.
+    out = torch.empty_like(q_latent)
     if q_latent.stride(-1) != 1:
         q_latent = q_latent.contiguous()
     if q_pe.stride(-1) != 1:
@@ -309,43 +307,23 @@ def mla_fwd_launch(
     num_warps = num_warps or plan_warps
     r_pad = max(16, next_pow2(r))
     n_rb = cdiv(seqlen * heads, block_h)
-    split = force_split or n_splits > 1
+    split = n_splits > 1
     if split:
         part = torch.empty((bsz, n_splits, seqlen * heads, c_pad), dtype=torch.float32, device=q_latent.device)
         ml = torch.empty((bsz, n_splits, seqlen * heads, 2), dtype=torch.float32, device=q_latent.device)
     else:
         part = ml = out  # unused
-    if out is None:  # split only: the kernel never touches out
-        out_arg, out_strides = part, (0, 0, 0, 0)
-    else:
-        out_arg, out_strides = out, (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
     wrap_triton(_mla_fwd_kernel)[(n_rb, n_splits, bsz)](
-        q_latent, q_pe, latent_cache, input_pos, out_arg, part, ml, ml,
+        q_latent, q_pe, latent_cache, input_pos, out, part, ml, ml,
         seqlen, heads, c, r, n_splits, float(softmax_scale) * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
-        *out_strides,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, R_PAD=r_pad, MIN_CHUNK_=min_chunk, SPLIT=split, SWAP=swap,
         PREFIX=False,
         num_warps=num_warps, num_stages=num_stages,
     )
-    plan = (block_h, block_t, c_pad, n_splits, min_chunk)
-    return (part, ml, plan) if split else (None, None, plan)
-
-
-def mla_attention_triton(
-    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
-    softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
-    n_splits: Optional[int] = None, num_stages: int = 2, min_chunk: Optional[int] = None,
-    swap: Optional[bool] = None, num_warps: Optional[int] = None,
-) -> torch.Tensor:
-    bsz, seqlen, heads, c = q_latent.shape
-    # Same layout as the fake impl (empty_like), so compiled graphs see the strides they were promised.
-    out = torch.empty_like(q_latent)
-    part, ml, (block_h, block_t, c_pad, n_splits, min_chunk) = mla_fwd_launch(
-        q_latent, q_pe, latent_cache, input_pos, softmax_scale, out, False, block_h, block_t, n_splits, num_stages,
-        min_chunk, swap, num_warps)
-    if part is not None:
+    if split:
         block_c = min(c_pad, 128)
         wrap_triton(_mla_combine_kernel)[(seqlen * heads, c_pad // block_c, bsz)](
             part, ml, input_pos, out, seqlen, heads, c, n_splits,
@@ -375,4 +353,4 @@ def _mla_attention_fake(q_latent, q_pe, latent_cache, input_pos, softmax_scale):
     return torch.empty_like(q_latent)
 
 
-__all__ = ["mla_attention", "mla_attention_reference", "mla_attention_triton", "mla_fwd_launch", "mla_plan", "math"]
+__all__ = ["mla_attention", "mla_attention_reference", "mla_attention_triton", "mla_plan", "math"]

@@ -1,6 +1,6 @@
 """Row-parallel one-token kernels (the GEMV variant 'rows', and an MoE prototype) against the serial-K ones, on the GPU.
 
-    python3 scripts/bench_rows.py [--json PATH] [--only gemv|moe|absorb|attn_out]
+    python3 scripts/bench_rows.py [--json PATH]
 
 GEMV at M=1 on the 16B and 671B-tp8 weight shapes: `fp8_gemv` with the split-K default ('splitk', GEMV_DEFAULT) vs
 the 'rows' / 'rows_prequant' variants over a grid of (block_n, num_warps). MoE at T=1 (16B: 6 routed +
@@ -290,68 +290,10 @@ def bench_absorb(results):
         results.setdefault("absorb", {})[name] = dict(mma_us=mma, rows=rows)
 
 
-def bench_attn_out(results):
-    """`dsv3.mla_attention_out` (split kernel + combine/absorb kernel, 2 launches) vs the composition it replaces
-    (DSV3_ATTN_OUT=torch: mla_attention's split + combine kernels, then mla_absorb's, 3 launches) at the V2-Lite
-    shape (16 heads, C = 512, R = 64, Dn = Dv = 128, FP8 kv_b_proj), batch 1 and 8, context 128 and 4032 (cache
-    capacity 4096); the fused op with its default plan (`attn_out_plan`) and over BLOCK_D (output channels per
-    combine/absorb program; BLOCK_S and SMALL_S as planned). Also mla_attention alone
-    (split + combine), so fused - attention-alone ~ the second kernel's cost. C copies of the cache and kv_b_proj."""
-    from dsv3.kernels import mla_attention as A
-    from dsv3.kernels import mla_attention_out as AO
-    gen = torch.Generator().manual_seed(3)
-    h, c, r, dn, dv, t_cap, scale = 16, 512, 64, 128, 128, 4096, 0.1
-    out = results.setdefault("attn_out", {})
-    for b in (1, 8):
-        for ctx in (128, 4032):
-            q = torch.randn(b, 1, h, c, generator=gen).bfloat16().cuda()
-            qp = torch.randn(b, 1, h, r, generator=gen).bfloat16().cuda()
-            pos = torch.full((b, 1), ctx - 1, dtype=torch.long).cuda()
-            nbytes = b * ctx * (c + r) * 2 + h * dv * c  # the visible cache rows + W_UV (FP8)
-            copies = int(max(8, min(64, math.ceil(256e6 / nbytes))))
-            cache0 = torch.randn(b, t_cap, c + r, generator=gen).bfloat16().cuda()
-            w0, s0 = rand_fp8((h * (dn + dv), c), gen)
-            sets = [(cache0, w0, s0)] + [(cache0.clone(), w0.clone(), s0.clone()) for _ in range(copies - 1)]
-
-            def args(cc):
-                cache, w, s = sets[cc]
-                return q, qp, cache, pos, scale, w, s, dn, dv
-
-            ref = AO.mla_attention_out_reference(*args(0))
-            plan = A.mla_plan(b, 1, h, t_cap, c, torch.cuda.get_device_properties(0).multi_processor_count)
-            row = dict(n_splits=plan[4], min_chunk=plan[5], bytes=nbytes)
-            row["composition_us"] = timed(lambda cc: AO.mla_attention_out_reference(*args(cc)), copies)
-            row["attention_only_us"] = timed(lambda cc: A.mla_attention_triton(*args(cc)[:5]), copies)
-            fused = []
-            default_plan = AO.attn_out_plan(b, plan[4])
-            for bd in (None, 8, 16, 32, 64):  # None: the default plan (attn_out_plan)
-                try:
-                    err = rel(AO.mla_attention_out_triton(*args(0), block_d=bd), ref)
-                    if err > 5e-3:
-                        fused.append(dict(block_d=bd, error=f"rel err {err:.2e}"))
-                        continue
-                    us = timed(lambda cc: AO.mla_attention_out_triton(*args(cc), block_d=bd), copies)
-                    fused.append(dict(block_d=bd, us=us, err=err))
-                except Exception as ex:  # noqa: BLE001
-                    fused.append(dict(block_d=bd, error=repr(ex)[:200]))
-            row["fused"], row["default_plan"] = fused, default_plan
-            default = next((f for f in fused if f["block_d"] is None and "us" in f), None)
-            ok = sorted((f for f in fused if "us" in f and f["block_d"]), key=lambda f: f["us"])
-            name = f"b{b} ctx{ctx}"
-            print(f"attn_out {name}: {plan[4]} splits; composition {row['composition_us']:.2f} us, attention alone "
-                  f"{row['attention_only_us']:.2f} us; fused (BLOCK_D, BLOCK_S, SMALL_S)={default_plan} "
-                  + (f"{default['us']:.2f} us ({row['composition_us'] / default['us']:.2f}x)" if default else "failed")
-                  + "; " + ", ".join(f"bd{f['block_d']} {f['us']:.2f}" for f in ok), flush=True)
-            bad = [f for f in fused if "error" in f]
-            if bad:
-                print(f"  {len(bad)} configs failed, e.g. {bad[0]}")
-            out[name] = row
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
-    ap.add_argument("--only", choices=("gemv", "moe", "absorb", "attn_out"))
+    ap.add_argument("--only", choices=("gemv", "moe", "absorb"))
     args = ap.parse_args()
     results = dict(gemv={}, moe={}, device=torch.cuda.get_device_name())
     if args.only in (None, "gemv"):
@@ -360,8 +302,6 @@ def main():
         bench_moe(results)
     if args.only in (None, "absorb"):
         bench_absorb(results)
-    if args.only in (None, "attn_out"):
-        bench_attn_out(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -17,8 +17,7 @@
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
 #   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
-#   kdec       the GPU tests of the decode phase merges (test_norm_linear, test_norm_route, test_mla_out) and of the
-#              ops they build on (test_norm, test_mla_prep, test_router)
+#   kdec       the GPU tests of the decode phase merges (test_norm_route, test_mla_prep, test_norm) and of the router
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
@@ -34,9 +33,8 @@
 #   est671     rank 0 of 671B at world size 8: compile 4, 6 and 8 layers (EST671_LAYERS), time decode round-robin
 #              (collectives stubbed), least-squares line to 61 layers
 #   ab16       A/B of trace-time switches: the 16B FP8 config at AB_LAYERS (8) layers built once per variant
-#              (default + AB_VARIANTS, by default "DSV3_NORM_ROUTE=torch DSV3_NORM_LINEAR=fused DSV3_ATTN_OUT=fused":
-#              the adopted merge off, the two measured-neutral ones on; variants space-separated, settings within
-#              one comma-separated),
+#              (default + AB_VARIANTS, by default "DSV3_NORM_ROUTE=torch": the last adopted merge off; variants
+#              space-separated, settings within one comma-separated),
 #              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS);
 #              AB_PARALLEL=1 builds the variants concurrently
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
@@ -118,9 +116,7 @@ step_kpre() {
 }
 
 step_kdec() {
-  local files=(tests/test_norm_linear.py tests/test_norm_route.py tests/test_norm.py tests/test_mla_prep.py
-               tests/test_router.py)
-  [ -f tests/test_mla_out.py ] && files+=(tests/test_mla_out.py)
+  local files=(tests/test_norm_route.py tests/test_norm.py tests/test_mla_prep.py tests/test_router.py)
   timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE "${files[@]}" 2>&1 \
     | tee "$OUT/kdec.log" | tail -25
 }
@@ -211,7 +207,7 @@ step_ab16() {  # A/B of trace-time fusion switches on the 16B FP8 config at AB_L
 cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
 json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$cfg"
   # built variants stay in $WORK while the machine is warm: a call that ran out of time can be repeated
-  for v in default ${AB_VARIANTS:-DSV3_NORM_ROUTE=torch DSV3_NORM_LINEAR=fused DSV3_ATTN_OUT=fused}; do
+  for v in default ${AB_VARIANTS:-DSV3_NORM_ROUTE=torch}; do
     name=ab16_${v//[^A-Za-z0-9]/_}
     dirs+=("$WORK/$name")
     [ -f "$WORK/$name/manifest.json" ] && continue

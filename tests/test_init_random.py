@@ -294,11 +294,8 @@ def test_weight_std_formula_on_full_size_shapes(config, names):
 
 def _layer_rms(model, tokens: torch.Tensor) -> tuple[list[float], torch.Tensor]:
     rms: list[float] = []
-    def record(_m, _i, out):  # a layer returns (h, its MLP output): the residual stream after it is their sum
-        h, delta = out
-        rms.append((h.float() + delta.float()).pow(2).mean().sqrt().item())
-
-    hooks = [layer.register_forward_hook(record) for layer in model.layers]
+    hooks = [layer.register_forward_hook(lambda m, i, o: rms.append(o.float().pow(2).mean().sqrt().item()))
+             for layer in model.layers]
     try:
         out = model(tokens, torch.arange(tokens.shape[1]))
     finally:

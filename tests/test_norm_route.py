@@ -2,7 +2,7 @@
 
 CPU (part of `make test`): the fused kernel under the Triton interpreter against the op's reference
 (`tests/interpret_norm_route.py`, its own process); registration (opcheck), the path switch, and that the model's
-decode step routes through this op (its logits equal to the unfused layers': tests/test_norm_linear.py).
+decode step routes through this op with the logits of the layers written out unfused.
 
 GPU (`pytest -m gpu`, on the device): the fused kernel at the three real routings (16B with the two stacked shared
 slots, 236B, 671B) against the torch path (bitwise for the norm outputs, routing against float64 away from
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsv3.config import resolve_config
+from dsv3.config import FP8Quantization, resolve_config
 from dsv3.kernels import norm_route as NR
 from dsv3.kernels import router as R
-from kernel_checks import cuda, interpreter_failure, poison_allocator, run_interpreted
+from dsv3.model import MoE, Transformer
+from kernel_checks import cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
 from test_router import REAL_CONFIGS, assert_routing
 
 EPS = 1e-6
@@ -71,6 +73,62 @@ def test_reference_is_norm_then_route():
         assert torch.equal(_bits(a), _bits(b))
     idx, wt = torch.ops.dsv3.route(norm[1], args[4], args[5], *kw.values())
     assert torch.equal(out[4], idx) and torch.equal(out[5], wt)
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _unfused_logits(model, tokens, pos):
+    """The layers as the paper writes them: norm, attention, residual add, norm, router, experts, residual add."""
+    bsz, seqlen = tokens.shape
+    pos = pos.unsqueeze(0).expand(bsz, seqlen)
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+    h = model.embed_tokens(tokens)
+    for layer in model.layers:
+        h = h + layer.self_attn(layer.input_layernorm(h), pos, cos, sin)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(model.norm(h)).float()
+
+
+@pytest.mark.parametrize("stack_shared", [False, True])
+def test_model_decode_routes_with_the_norm(stack_shared):
+    """An FP8 decode step (2 tokens) calls the op once per MoE layer (with the stacked shared slots when the layout
+    has them), a 6-token step never; both give the logits of the unfused layers on the same cache contents."""
+    cfg = resolve_config("tiny").replace(quantization_config=FP8Quantization())
+    torch.manual_seed(0)
+    model = Transformer(cfg, dtype=torch.float32, max_batch_size=2, max_seq_len=64)
+    if stack_shared:
+        model.stack_shared_experts_()
+    for name, p in model.named_parameters():
+        p.data.copy_(torch.randn_like(p, dtype=torch.float32).mul_(0.05).to(p.dtype))
+        if name.endswith("norm.weight"):
+            p.data.copy_(1 + 0.2 * torch.randn_like(p, dtype=torch.float32))
+    for name, buf in model.named_buffers():
+        if name.endswith("scale_inv"):
+            buf.copy_(torch.rand_like(buf) * 0.5 + 0.75)
+        elif name.endswith("e_score_correction_bias"):
+            buf.zero_()
+    n_moe = sum(isinstance(layer.mlp, MoE) for layer in model.layers)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        with OpLog() as prompt_log:
+            model(tokens[:, :6], torch.arange(6))
+        with OpLog() as step_log:
+            step = model(tokens[:, 6:], torch.tensor([6]))
+        model.reset_caches()
+        _unfused_logits(model, tokens[:, :6], torch.arange(6))
+        want = _unfused_logits(model, tokens[:, 6:], torch.tensor([6]))
+    assert n_moe > 0
+    assert sum("add_rms_norm_quant_route" in n for n in step_log.names) == n_moe
+    assert not any("add_rms_norm_quant_route" in n for n in prompt_log.names)
+    assert rel_err(step, want) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------

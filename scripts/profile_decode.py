@@ -10,7 +10,9 @@ Loads the artifacts as `dsv3c run` does, fills the cache to CONTEXT (default 128
    launches and gaps cost; the top kernels are where bandwidth goes.
 3. profiles a PREFILL-token prefill (default 4096, in the artifacts' chunks; 0: none) the same way: where prefill
    MFU goes.
-Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls and us per step), and
+Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls and us per step),
+OUT_DIR/decode_sequence.txt (one step's kernels in launch order with the gap before each; called without the CUDA
+graph, as in 2., so the gaps are the host's launch gaps, not the graph's), and
 OUT_DIR/prefill_profile.txt / .json.
 A diagnostic for docs/BENCHMARKS.md, not part of the runtime.
 """
@@ -71,6 +73,13 @@ def main() -> None:
                  {"context": context, "graph_us_per_step": graph_us, "kernel_us_per_step": kernel_us,
                   "kernels_per_step": launches})
 
+    # one step in launch order, with the idle time before each kernel: which op a kernel belongs to (its neighbours)
+    # and where the gaps are
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    _write_sequence(out / "decode_sequence.txt", prof)
+
     if prefill_len <= 0:  # PREFILL 0: the decode profile only
         return
     # prefill: one prompt of prefill_len tokens (cache row 0), as `dsv3c run` feeds it: chunks of the artifacts' size
@@ -105,6 +114,21 @@ def _write_table(stem: Path, rows: list[tuple[str, float, float]], total_us: flo
     stem.with_suffix(".txt").write_text(text + "\n")
     stem.with_suffix(".json").write_text(json.dumps(
         {**meta, "kernels": [{"name": n, "calls": c, "us": u} for n, c, u in rows]}, indent=1))
+
+
+def _write_sequence(path: Path, prof) -> None:
+    """Every kernel of one profiled step in start order: start (us from the first), gap before it, duration, name."""
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    if not events:
+        return
+    t0, prev_end = events[0].time_range.start, events[0].time_range.start
+    lines = [f"{'start':>9} {'gap':>6} {'us':>7}  kernel (one decode step, launch order)"]
+    for e in events:
+        start, end = e.time_range.start, e.time_range.end
+        lines.append(f"{start - t0:9.1f} {start - prev_end:6.2f} {end - start:7.2f}  {e.name[:110]}")
+        prev_end = max(prev_end, end)
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _kernel_rows(prof, steps: int) -> list[tuple[str, float, float]]:

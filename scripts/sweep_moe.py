@@ -15,7 +15,8 @@ Shapes (FP8 weights, bf16 activations, T = 1 and 8 tokens):
   ids falls on a rank).
 Plans (`dsv3.kernels.routed_experts.MoeDecodePlan`): the default (what the op launches today: `moe_decode_plan` /
 DSV3_MOE_DECODE), every (up block_n, down block_n, num_warps, num_stages) of a grid with the same warps and stages for
-both kernels (up block_n 16/32/64/128, down block_n 32/64/128, warps 4/8, stages 3/4/6), then a coordinate search
+both kernels (up block_n 16/32/64/128, down block_n 32/64/128, warps 4/8, stages 3/4/6; at T = 1 also the
+row-parallel up kernel with the row-parallel down kernel, `one_token_plans`), then a coordinate search
 from the best of those: the up kernel's (warps, stages) with the down kernel fixed, then the down kernel's (stages
 also 8 and 10 there). The fastest plans and the default are then re-timed twice more, interleaved, and ranked by
 the median (`--confirm`).

@@ -24,7 +24,6 @@ from dsv3.kernels._launch import static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
 from dsv3.kernels.fp8_linear import GEMV_MAX_M
 from dsv3.kernels.mla_attention import DECODE_MAX_S
-from dsv3.kernels.norm_route import ROUTE_FUSED_MAX_T
 from dsv3.kernels.rms_norm import rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.kernels.routed_experts import DECODE_MAX_T
@@ -66,13 +65,18 @@ class Linear(nn.Module):
                       None if s is None else s[start // BLOCK:ceil_div(start + n, BLOCK)])
 
 
-def _gemm_sized(x: torch.Tensor) -> bool:
-    """More tokens than the FP8 decode GEMV takes (or a dynamic count: the prefill graph): dsv3.fp8_linear runs
-    a GEMM (cuBLAS when N and K are multiples of 128)."""
+def _static_tokens(x: torch.Tensor) -> int | None:
+    """Tokens in x ([..., D]): the product of the leading sizes, or None when dynamic (the prefill graph)."""
     m = 1
     for size in x.shape[:-1]:
         m = m * size
-    m = static_int(m)
+    return static_int(m)
+
+
+def _gemm_sized(x: torch.Tensor) -> bool:
+    """More tokens than the FP8 decode GEMV takes (or a dynamic count: the prefill graph): dsv3.fp8_linear runs
+    a GEMM (cuBLAS when N and K are multiples of 128)."""
+    m = _static_tokens(x)
     return m is None or m > GEMV_MAX_M
 
 
@@ -341,22 +345,23 @@ class MoE(nn.Module):
         self.shared_experts = None
         self.n_shared_slots = cfg.n_shared_experts
 
-    def routes_with_norm(self, h: torch.Tensor) -> bool:
-        """Whether the caller computes the routing together with the post-attention norm
-        (dsv3.add_rms_norm_quant_route, two launches instead of three): a few tokens (batch-1..4 decode)."""
-        t = static_int(h.numel() // h.shape[-1]) if h.shape[-1] else None
-        return t is not None and 0 < t <= ROUTE_FUSED_MAX_T
+    def decode_sized(self, x: torch.Tensor) -> bool:
+        """Decode-sized token count (static, <= DECODE_MAX_T): the router appends the stacked shared slots and the
+        routed-experts op computes them; the caller may route together with the post-attention norm
+        (dsv3.add_rms_norm_quant_route, which fuses the two for up to 4 tokens). Larger or dynamic counts: the
+        prefill form below."""
+        t = _static_tokens(x)
+        return t is not None and t <= DECODE_MAX_T
 
     def forward(self, x: torch.Tensor, x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x_q / x_scale: x already quantized for the FP8 experts (dsv3.add_rms_norm_quant's), else they do it.
         routing: (topk_idx, topk_weight) as this layer's router computes them (with the stacked shared slots), when
-        the caller already did (`routes_with_norm`)."""
+        the caller already did (`decode_sized`)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         prequant = () if x_q is None else (x_q.reshape(flat.shape), x_scale.reshape(flat.shape[0], -1))
-        t = static_int(flat.shape[0])
-        if self.n_shared_slots and (t is None or t > DECODE_MAX_T):
+        if self.n_shared_slots and not self.decode_sized(x):
             # Prefill-sized T: the stacked shared experts see every token, so they are a dense MLP there: cuBLAS
             # block-scaled GEMMs at M = T (~2.5x the grouped kernel's FLOP rate on the H200), the routed ones
             # grouped. Decode keeps them in the routed op (one launch sequence streams every expert's weights).
@@ -386,7 +391,7 @@ class Block(nn.Module):
             # h + attn, post_attention_layernorm and the experts' FP8 quantization of its output as one op
             # (dsv3.kernels.rms_norm; one launch on CUDA by default), the experts take x quantized.
             norm, moe = self.post_attention_layernorm, self.mlp
-            if moe.routes_with_norm(h):  # and the router (its logits GEMV in the norm's launch)
+            if moe.decode_sized(h):  # and the router (for 1-4 tokens its logits GEMV runs in the norm's launch)
                 gate = moe.gate
                 h, x, x_q, x_scale, topk_idx, topk_weight = torch.ops.dsv3.add_rms_norm_quant_route(
                     h, attn, norm.weight, norm.eps, gate.weight, gate.e_score_correction_bias, **gate.route_args,

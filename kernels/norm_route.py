@@ -22,7 +22,8 @@ Implementations (branch taken at trace time)
   program loads the T rows of h and delta and the norm weight, computes y exactly as `_add_rms_norm_quant_kernel`
   (same helper arithmetic) and the fp32 logits of its BLOCK_E experts (their weight rows over the whole D in one
   load); program 0 also stores h_out, y, y_q, y_scale. Then `dsv3.route`'s select kernel over the logits.
-DSV3_NORM_ROUTE=fused|torch (read at trace time; `fused` the default) pins a path.
+DSV3_NORM_ROUTE=fused|torch (read at trace time; `fused` the default) pins a path. The model calls this op for every
+decode-sized step (dsv3.model.MoE.decode_sized); beyond ROUTE_FUSED_MAX_T tokens it is the two ops it replaces.
 
 Measured (H200, scripts/gpu_check.sh ab16, 16B FP8 at 8 layers, 2026-11-23, two runs of 5 and 8 round-robin
 rounds): batch 1 650.3 -> 633.3 us per step with the fused path, 2.39 / 2.12 us per MoE layer less (the other

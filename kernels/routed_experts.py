@@ -33,15 +33,15 @@ Implementations (branch taken at trace time)
      programs in flight instead of 88 MMA tiles walking D serially: 16B T=1 14.1 vs 17.7 us on the H200); h is
      written in x.dtype and quantized by one `_act_quant_kernel` launch, so the down kernel streams e4m3 as with
      QUANT_H.
-  2'. FP8, one token, after the row-parallel up kernel, with down BLOCK_N in {1, 2, 4, 8} (ROWS_DOWN_BLOCK_NS;
-     opt-in, not yet timed): `_moe_down_rows_kernel`, grid (K slots, D/BLOCK_N), each program's down rows loaded over
-     the whole I at once, the output per slot as step 2 writes it.
   2. `_moe_down_kernel`, grid (slot, D/BLOCK_N): down GEMV, writes the unweighted expert output per (token, k) pair,
      rounded to x.dtype like the reference's per-expert output. FP8 without QUANT_H: each program quantizes the
      [tokens, 128] h tile it is about to use (`quantize_tile_rcp`: the scales of `quantize_activation(h)` bit for
      bit and its e4m3 values up to the sign of a zero, which no product or fp32 sum can see, hence the same result
      as with QUANT_H). Not `quantize_tile`: its per-element IEEE division made the 16B down kernel 4x slower
      (9.4 -> 40.6 us at T=1 on an H200; 12.4 us with the reciprocal).
+     FP8, one token, after the row-parallel up kernel, with down BLOCK_N in {1, 2, 4, 8} (ROWS_DOWN_BLOCK_NS;
+     opt-in, not yet timed): `_moe_down_rows_kernel` instead, grid (K slots, D/BLOCK_N), each program's down rows
+     loaded over the whole I at once, the output per slot as `_moe_down_kernel` writes it.
   3. `_moe_combine_kernel`: y[t] = sum_k w[t,k] * out[t,k] in fp32 over valid pairs, cast to x.dtype.
   Slot -> expert mapping:
   * decode (T statically <= 64): slot j is the j-th smallest expert id present in topk_idx, found in-kernel
@@ -428,7 +428,7 @@ GROUPED_BLOCK_TS = (32, 64, 128)
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
 ROWS_UP_BLOCK_NS = (1, 2, 4, 8)  # FP8, T = 1: `_moe_up_rows_kernel`
 # FP8, T = 1, after the row-parallel up kernel: down_block_n in these selects `_moe_down_rows_kernel`. Opt-in
-# (DSV3_MOE_DECODE=::::BN:WARPS:, scripts/sweep_moe.py, bench_rows.py --only moe): built 2026-11-23 (eighth session)
+# (DSV3_MOE_DECODE=:::BN:WARPS:, scripts/sweep_moe.py times it at T=1): built 2026-11-23 (eighth session)
 # after that session's device time was spent; no table row uses it until it is timed against `_moe_down_kernel`.
 # (The fourth session's prototype that also did the combine in its programs measured slower: 12.8 vs 9.5 + 2.2 us.)
 ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8)
@@ -567,7 +567,8 @@ def routed_experts_triton(
     """The Triton path (module docstring). Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
     then these keyword arguments; None keeps the plan's value). The grouped path starts from MOE_GROUPED_FP8 /
     _BF16 and takes only the explicit up_* / down_* fields. `grouped_block_t`: (token, expert) pairs per tile of the
-    grouped path (default GROUPED_BLOCK_T; one of GROUPED_BLOCK_TS). `x_q` / `x_scale`: quantize_activation(x), given by the caller (FP8 weights: no act_quant launch)."""
+    grouped path (default GROUPED_BLOCK_T; one of GROUPED_BLOCK_TS). `x_q` / `x_scale`: quantize_activation(x),
+    given by the caller (FP8 weights: no act_quant launch)."""
     t, d = x.shape
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
@@ -616,6 +617,7 @@ def routed_experts_triton(
     # FP8: the up kernel quantizes h when each of its programs owns a whole 128-channel block of h, one act-quant
     # launch after the row-parallel up kernel, else the down kernel
     rows_up = is_fp8 and not grouped and plan.up_block_n in ROWS_UP_BLOCK_NS
+    rows_down = rows_up and plan.down_block_n in ROWS_DOWN_BLOCK_NS  # (check_moe_plan: only behind rows_up)
     quant_h = is_fp8 and (plan.up_block_n == 128 or rows_up)
     if is_fp8 and x_q is not None and x_scale is not None:
         xq = x_q if x_q.stride(-1) == 1 else x_q.contiguous()          # quantized by the producer of x
@@ -644,7 +646,7 @@ def routed_experts_triton(
             BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps,
         )
         h, hs = act_quant(h_act)
-        if plan.down_block_n in ROWS_DOWN_BLOCK_NS:  # and the row-parallel down kernel, then the combine below
+        if rows_down:  # and the row-parallel down kernel, then the combine below
             assert sd.stride(-1) == 1, "the row-parallel down kernel reads each row's block scales contiguously"
             wrap_triton(_moe_down_rows_kernel)[(p, cdiv(d, plan.down_block_n))](
                 h, hs, idx, down_proj, sd, y,
@@ -661,7 +663,7 @@ def routed_experts_triton(
             BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, PRELOAD=preload_up, num_warps=plan.up_num_warps,
             num_stages=plan.up_num_stages, **common,
         )
-    if not (rows_up and plan.down_block_n in ROWS_DOWN_BLOCK_NS):
+    if not rows_down:
         wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
             h, hs, idx, sched, down_proj, sd, y,
             t, k, e, i, d, n_sched,

@@ -382,5 +382,5 @@ def _route_fake(x, weight, bias, top_k, n_group, topk_group, sigmoid, group_top2
     return (x.new_empty((t, k), dtype=torch.int64), x.new_empty((t, k), dtype=torch.float32))
 
 
-__all__ = ["route", "route_reference", "route_triton", "route_args", "select_from_partials", "select_experts_reference", "logits_plan",
-           "DECODE_MAX_T", "SELECT_MAX_E"]
+__all__ = ["route", "route_reference", "route_triton", "route_args", "select_from_partials", "select_experts_reference",
+           "logits_plan", "DECODE_MAX_T", "SELECT_MAX_E"]

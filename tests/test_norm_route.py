@@ -100,7 +100,8 @@ def _unfused_logits(model, tokens, pos):
 @pytest.mark.parametrize("stack_shared", [False, True])
 def test_model_decode_routes_with_the_norm(stack_shared):
     """An FP8 decode step (2 tokens) calls the op once per MoE layer (with the stacked shared slots when the layout
-    has them), a 6-token step never; both give the logits of the unfused layers on the same cache contents."""
+    has them), a prefill-sized step (2 x 40 tokens > DECODE_MAX_T) never; both give the logits of the unfused layers
+    on the same cache contents."""
     cfg = resolve_config("tiny").replace(quantization_config=FP8Quantization())
     torch.manual_seed(0)
     model = Transformer(cfg, dtype=torch.float32, max_batch_size=2, max_seq_len=64)
@@ -116,15 +117,15 @@ def test_model_decode_routes_with_the_norm(stack_shared):
         elif name.endswith("e_score_correction_bias"):
             buf.zero_()
     n_moe = sum(isinstance(layer.mlp, MoE) for layer in model.layers)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 7))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 41))
     with torch.no_grad():
         with OpLog() as prompt_log:
-            model(tokens[:, :6], torch.arange(6))
+            model(tokens[:, :40], torch.arange(40))
         with OpLog() as step_log:
-            step = model(tokens[:, 6:], torch.tensor([6]))
+            step = model(tokens[:, 40:], torch.tensor([40]))
         model.reset_caches()
-        _unfused_logits(model, tokens[:, :6], torch.arange(6))
-        want = _unfused_logits(model, tokens[:, 6:], torch.tensor([6]))
+        _unfused_logits(model, tokens[:, :40], torch.arange(40))
+        want = _unfused_logits(model, tokens[:, 40:], torch.tensor([40]))
     assert n_moe > 0
     assert sum("add_rms_norm_quant_route" in n for n in step_log.names) == n_moe
     assert not any("add_rms_norm_quant_route" in n for n in prompt_log.names)

@@ -4,7 +4,8 @@ Stages, each timed and reported, each writing plain files into a temp directory 
 1. model    build this rank's model (tensor/expert-parallel shard shapes for --world-size) with uninitialised
             weights and static latent caches for (max_batch_size, max_seq_len) on the target device.
             Every rank runs the same graph (the rank is a buffer), so one set of packages serves all ranks.
-2. export   torch.export of each graph: decode per batch bucket (static shapes), prefill (dynamic chunk length).
+2. export   torch.export of each graph: decode per batch bucket (static shapes), prefill (dynamic chunk length;
+            `prefill_first` for a prompt's first chunk, `prefill` for the chunks after it).
 3. aoti     aoti_compile_and_package, weights and caches left out of the .so (package_constants_in_so=False):
             the runtime hands the same tensors to every package.
 4. manifest config.json, manifest.json (versions, host, buckets, expected weights, sha256 of every file).
@@ -176,16 +177,21 @@ class GraphSpec:
     name: str
     kind: str  # "decode" (static batch bucket) or "prefill" (dynamic chunk length)
     batch: int = 1
+    first_chunk: bool = False  # prefill: the graph for chunks at position 0 (no cached prefix)
 
     def manifest_entry(self, opts: CompileOptions) -> dict:
         if self.kind == "decode":
             return {"file": f"{self.name}.pt2", "kind": "decode", "batch": self.batch}
-        return {"file": f"{self.name}.pt2", "kind": "prefill", "max_chunk": opts.prefill_chunk}
+        return {"file": f"{self.name}.pt2", "kind": "prefill", "max_chunk": opts.prefill_chunk,
+                "first_chunk": self.first_chunk}
 
 
 def graph_specs(opts: CompileOptions) -> list[GraphSpec]:
+    # Two prefill graphs: a prompt's first chunk (position 0) has no cached rows to attend to, so its graph leaves
+    # out the absorbed prefix half (two absorption GEMMs, the copies feeding them, an attention kernel that would
+    # find nothing); later chunks of a long prompt take the general graph.
     return [GraphSpec(f"decode_b{b}", "decode", b) for b in sorted(set(opts.batch_sizes))] + [
-        GraphSpec("prefill", "prefill")]
+        GraphSpec("prefill_first", "prefill", first_chunk=True), GraphSpec("prefill", "prefill")]
 
 
 def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable[[str], None] = print
@@ -204,7 +210,8 @@ def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable
         else:
             seq = torch.export.Dim("seq", min=2, max=opts.prefill_chunk)
             dynamic = {"tokens": {1: seq}, "input_pos": {1: seq}, "cache_row": None, "logits_index": None}
-            step, args = PrefillStep(model), prefill_inputs(min(opts.prefill_chunk, 16), opts.device)
+            step = PrefillStep(model, first_chunk=spec.first_chunk)
+            args = prefill_inputs(min(opts.prefill_chunk, 16), opts.device)
         with log.stage(f"export {spec.name}"):
             ep = torch.export.export(step, args, dynamic_shapes=dynamic)
         with log.stage(f"aoti {spec.name}"), _fresh_int_arrays():

@@ -120,7 +120,7 @@ class MLA(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache_rows: torch.Tensor | None = None, first_chunk: bool = False) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         if self.qkv_a_rows and self.qkv_a_proj.weight_scale_inv is not None and _gemm_sized(x):
             # Prefill-sized FP8: the q rows (a multiple of 128) as their own GEMM go to cuBLAS block-scaled FP8
@@ -162,8 +162,10 @@ class MLA(nn.Module):
             rows = cache_rows.unsqueeze(1).expand(bsz, seqlen)
             self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
             cache = self.latent_cache.index_select(0, cache_rows)
-        # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed
-        o = self._prefill_attention(q_nope, q_pe, latent, cache, input_pos)
+        # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed. A first chunk has
+        # no prefix: its graph has no absorbed half (two absorption GEMMs, an attention kernel, the copies feeding
+        # them; the unused cache read is dead code).
+        o = self._prefill_attention(q_nope, q_pe, latent, None if first_chunk else cache, input_pos)
         return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
     @staticmethod
@@ -177,14 +179,15 @@ class MLA(nn.Module):
         s_static = static_int(seqlen)
         return s_static is None or s_static > DECODE_MAX_S
 
-    def _prefill_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor,
-                           input_pos: torch.Tensor) -> torch.Tensor:
+    def _prefill_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                           cache: torch.Tensor | None, input_pos: torch.Tensor) -> torch.Tensor:
         """Attention of a prefill chunk (consecutive positions per row), dsv3.kernels.mla_prefill: the chunk's keys
         and values decompressed by kv_b_proj (640 instead of 2176 FLOPs per query-key pair and head on V3 shapes)
         and attended causally; the rows already in the cache before the chunk (a continued sequence) attended in
         absorbed form and merged through their log-sum-exp. kv_b_proj is used dequantized to the activation dtype
         (as the absorbed path uses it), not through the FP8 linear: no activation quantization of the latent. It is
-        dequantized once per call and serves the decompression and both absorptions."""
+        dequantized once per call and serves the decompression and both absorptions. cache None: no prefix (every
+        row's chunk starts at position 0)."""
         bsz, seqlen = latent.shape[:2]
         kv_b = self.kv_b_proj
         w = kv_b.weight if kv_b.weight_scale_inv is None else dequantize_weight(kv_b.weight, kv_b.weight_scale_inv,
@@ -194,6 +197,8 @@ class MLA(nn.Module):
         k_nope, v = kv.view(bsz, seqlen, self.num_heads, self.nope_dim + self.v_dim).split(
             [self.nope_dim, self.v_dim], dim=-1)
         k_pe = latent[..., self.kv_lora_rank:]
+        if cache is None:
+            return torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, self.softmax_scale)
         q_latent = torch.ops.dsv3.mla_absorb(q_nope, w, None, self.nope_dim, self.v_dim, False)
         prefix_latent, prefix_lse = torch.ops.dsv3.mla_prefix_attention(q_latent, q_pe, cache, input_pos,
                                                                         self.softmax_scale)
@@ -385,8 +390,8 @@ class Block(nn.Module):
         self.fp8_moe = cfg.is_fp8 and cfg.is_moe_layer(layer)
 
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows)
+                cache_rows: torch.Tensor | None = None, first_chunk: bool = False) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows, first_chunk)
         if self.fp8_moe:
             # h + attn, post_attention_layernorm and the experts' FP8 quantization of its output as one op
             # (dsv3.kernels.rms_norm; one launch on CUDA by default), the experts take x quantized.
@@ -411,7 +416,9 @@ class Transformer(nn.Module):
     positions (mixed-length prompts, right-padded). `logits_index` ([B] int64, index into S) returns [B, vocab] for
     one position per row; `last_only=True` returns [B, vocab] for position S-1; otherwise [B, S, vocab].
     `cache_rows` ([B] int64): the cache rows the batch uses (default: rows 0..B-1), e.g. to prefill one sequence
-    into its own slot of a batch.
+    into its own slot of a batch. `first_chunk=True` promises that every row's tokens start at position 0 (a
+    prompt's first chunk): prefill-sized calls then attend to the chunk alone, without reading the cache (the runtime
+    builds a graph of its own for this; a row that continues a sequence would silently lose its history).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, max_batch_size: int = 1,
@@ -435,14 +442,15 @@ class Transformer(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_index: torch.Tensor | None = None,
-                last_only: bool = False, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, cache_rows: torch.Tensor | None = None,
+                first_chunk: bool = False) -> torch.Tensor:
         bsz, seqlen = tokens.shape
         if input_pos.dim() == 1:
             input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         h = self.embed_tokens(tokens)
         for layer in self.layers:
-            h = layer(h, input_pos, cos, sin, cache_rows)
+            h = layer(h, input_pos, cos, sin, cache_rows, first_chunk)
         if logits_index is not None:
             h = h.gather(1, logits_index.view(bsz, 1, 1).expand(bsz, 1, h.shape[-1])).squeeze(1)
         elif last_only:

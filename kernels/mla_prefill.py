@@ -21,18 +21,23 @@ second; see `dsv3.model.MLA`):
 `mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out, prefix_lse) -> out`
 - q_nope, k_nope: [B, S, H, Dn]; q_pe: [B, S, H, R] (roped); k_pe: [B, S, R] (roped, shared by the heads);
   v: [B, S, H, Dv]; input_pos: [B, S] int64, strictly increasing along S (consecutive positions of a chunk);
-  prefix_out: [B, S, H, Dv] (the prefix attention output already multiplied by W_UV), prefix_lse: [B, S, H] fp32.
+  prefix_out: [B, S, H, Dv] (the prefix attention output already multiplied by W_UV), prefix_lse: [B, S, H] fp32;
+  both None (together): no prefix (a chunk at position 0; the model's first-chunk prefill graph), the softmax runs
+  over the chunk's own keys only.
 - score(i, j) = (q_nope[i] . k_nope[j] + q_pe[i] . k_pe[j]) * softmax_scale for chunk tokens with
   input_pos[j] <= input_pos[i]; the prefix enters the same softmax as one more key of logit prefix_lse[i] and
   value prefix_out[i] (exact: that is what merging two softmax partitions is).
   out[i] = softmax(...) . values, fp32 statistics, returned as [B, S, H, Dv] in q_nope.dtype.
 - CPU / fp32: reference. CUDA: `_mha_prefill_kernel`, flash attention: one program per (BLOCK_M queries, head,
-  sequence); its online-softmax state starts from the prefix (m = lse, l = 1, acc = prefix_out), then walks the
+  sequence); its online-softmax state starts from the prefix (m = lse, l = 1, acc = prefix_out; empty without
+  one: HAS_PREFIX=False reads nothing), then walks the
   chunk's key blocks up to its causal bound (exp2 arithmetic, P rounded to v's dtype for the P.V product).
 - Head dims that are not powers of two (tests) are padded to >= 16 with masks.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -72,12 +77,16 @@ def mla_prefix_attention_reference(
 
 def mla_prefill_attention_reference(
     q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
-    input_pos: torch.Tensor, softmax_scale: float, prefix_out: torch.Tensor, prefix_lse: torch.Tensor,
+    input_pos: torch.Tensor, softmax_scale: float, prefix_out: Optional[torch.Tensor] = None,
+    prefix_lse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     scores = (torch.einsum("bshd,bthd->bhst", _wide(q_nope), _wide(k_nope))
               + torch.einsum("bshr,btr->bhst", _wide(q_pe), _wide(k_pe))) * softmax_scale
     visible = input_pos[:, None, None, :] <= input_pos[:, None, :, None]   # [B, 1, S (query), S (key)]
     scores = scores.masked_fill(~visible, float("-inf"))
+    if prefix_out is None:  # no prefix: every query sees at least its own key
+        out = torch.einsum("bhst,bthd->bhsd", torch.softmax(scores, dim=-1), _wide(v))
+        return out.permute(0, 2, 1, 3).to(q_nope.dtype).contiguous()
     # the prefix is one more key per query: logit prefix_lse, value prefix_out
     lse = prefix_lse.to(scores.dtype).permute(0, 2, 1).unsqueeze(-1)       # [B, H, S, 1]
     probs = torch.softmax(torch.cat([lse, scores], dim=-1), dim=-1)
@@ -127,7 +136,7 @@ def _mha_prefill_kernel(
     s_qn_b, s_qn_s, s_qn_h, s_qp_b, s_qp_s, s_qp_h, s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s,
     s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, s_po_b, s_po_s, s_po_h, s_o_b, s_o_s, s_o_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
     # The last query blocks see the most keys: they get the lowest program ids, so they start first and the
     # short blocks fill the tail (causal work grows with pid_m).
@@ -149,13 +158,18 @@ def _mha_prefill_kernel(
                   mask=m_mask[:, None] & r_mask[None, :], other=0.0)
     # Inductor passes Python floats as fp64: keep the softmax arithmetic in fp32.
     scale_f32 = tl.cast(scale_log2, tl.float32)
-    # Online-softmax state seeded with the prefix: m = its lse (log2 units), l = 1, acc = its normalized output.
-    lse = tl.load(plse_ptr + (b * S + offs_m) * H + h, mask=m_mask, other=float("-inf")) * 1.4426950408889634
-    has_prefix = lse > -1.0e30
-    m_i = tl.where(has_prefix, lse, -1.0e30)
-    l_i = tl.where(has_prefix, 1.0, 0.0)
-    acc = tl.load(po_ptr + b * s_po_b + offs_m[:, None] * s_po_s + h * s_po_h + offs_dv[None, :],
-                  mask=m_mask[:, None] & dv_mask[None, :] & has_prefix[:, None], other=0.0).to(tl.float32)
+    if HAS_PREFIX:
+        # Online-softmax state seeded with the prefix: m = its lse (log2 units), l = 1, acc = its normalized output.
+        lse = tl.load(plse_ptr + (b * S + offs_m) * H + h, mask=m_mask, other=float("-inf")) * 1.4426950408889634
+        has_prefix = lse > -1.0e30
+        m_i = tl.where(has_prefix, lse, -1.0e30)
+        l_i = tl.where(has_prefix, 1.0, 0.0)
+        acc = tl.load(po_ptr + b * s_po_b + offs_m[:, None] * s_po_s + h * s_po_h + offs_dv[None, :],
+                      mask=m_mask[:, None] & dv_mask[None, :] & has_prefix[:, None], other=0.0).to(tl.float32)
+    else:  # empty state: the chunk's first key block sets m
+        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
     # Key blocks wholly before the first query of this program: visible to all its queries (unmasked loop).
     # From there to the last query (causal bound), the position test.
@@ -210,8 +224,9 @@ def mla_prefix_attention_triton(
 
 def mla_prefill_attention_triton(
     q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
-    input_pos: torch.Tensor, softmax_scale: float, prefix_out: torch.Tensor, prefix_lse: torch.Tensor,
-    block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
+    input_pos: torch.Tensor, softmax_scale: float, prefix_out: Optional[torch.Tensor] = None,
+    prefix_lse: Optional[torch.Tensor] = None, block_m: int = 128, block_n: int = 64, num_warps: int = 8,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Launch defaults from scripts/sweep_prefill.py on the H200 (2026-11-23, 16 heads, 4096 tokens, causal):
     128 x 64 blocks, 8 warps, 3 stages 245.5 us (350 TFLOP/s) vs 311.5 with 2 stages; 128 x 128 and 64 x 64 blocks
@@ -220,6 +235,9 @@ def mla_prefill_attention_triton(
     r = q_pe.shape[-1]
     dv = v.shape[-1]
     out = torch.empty((bsz, seqlen, heads, dv), dtype=q_nope.dtype, device=q_nope.device)
+    has_prefix = prefix_out is not None
+    if not has_prefix:  # the kernel reads neither (HAS_PREFIX=False): any tensor serves as the pointer
+        prefix_out, prefix_lse = out, out
     q_nope, q_pe, k_nope, k_pe, v, prefix_out = (
         t if t.stride(-1) == 1 else t.contiguous() for t in (q_nope, q_pe, k_nope, k_pe, v, prefix_out))
     prefix_lse = prefix_lse.contiguous()
@@ -231,7 +249,7 @@ def mla_prefill_attention_triton(
         v.stride(0), v.stride(1), v.stride(2), input_pos.stride(0), input_pos.stride(1),
         prefix_out.stride(0), prefix_out.stride(1), prefix_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, DN_PAD=max(16, next_pow2(dn)), R_PAD=max(16, next_pow2(r)),
-        DV_PAD=max(16, next_pow2(dv)), num_warps=num_warps, num_stages=num_stages,
+        DV_PAD=max(16, next_pow2(dv)), HAS_PREFIX=has_prefix, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -264,9 +282,13 @@ def _mla_prefix_attention_fake(q_latent, q_pe, latent_cache, input_pos, softmax_
 @triton_op("dsv3::mla_prefill_attention", mutates_args=())
 def mla_prefill_attention(
     q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
-    input_pos: torch.Tensor, softmax_scale: float, prefix_out: torch.Tensor, prefix_lse: torch.Tensor,
+    input_pos: torch.Tensor, softmax_scale: float, prefix_out: Optional[torch.Tensor] = None,
+    prefix_lse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    if q_nope.device.type == "cpu" or not _triton_ok(q_nope, q_pe, k_nope, k_pe, v, prefix_out):
+    torch._check((prefix_out is None) == (prefix_lse is None),
+                 lambda: "mla_prefill_attention: give prefix_out and prefix_lse together, or neither")
+    dense = (q_nope, q_pe, k_nope, k_pe, v) + (() if prefix_out is None else (prefix_out,))
+    if q_nope.device.type == "cpu" or not _triton_ok(*dense):
         return mla_prefill_attention_reference(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale,
                                                prefix_out, prefix_lse)
     return mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out,
@@ -274,7 +296,10 @@ def mla_prefill_attention(
 
 
 @mla_prefill_attention.register_fake
-def _mla_prefill_attention_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out, prefix_lse):
+def _mla_prefill_attention_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out=None,
+                                prefix_lse=None):
+    torch._check((prefix_out is None) == (prefix_lse is None),
+                 lambda: "mla_prefill_attention: give prefix_out and prefix_lse together, or neither")
     torch._check(k_pe.shape[-1] == q_pe.shape[-1], lambda: "mla_prefill_attention: q_pe and k_pe rope dims differ")
     b, s, h, _ = q_nope.shape
     return q_nope.new_empty((b, s, h, v.shape[-1]))

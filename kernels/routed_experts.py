@@ -537,7 +537,8 @@ def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tu
     e = n_experts
     valid = (flat >= 0) & (flat < e)
     key = torch.where(valid, flat, torch.full_like(flat, e))
-    _, order = torch.sort(key, stable=True)
+    # the narrowest key that holds 0..E: a radix sort makes one pass per key byte (int64 ids: eight)
+    _, order = torch.sort(key.to(torch.uint8 if e < 256 else torch.int16), stable=True)
     counts = torch.zeros(e + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, key, torch.ones_like(key))[:e]
     tiles = (counts + block_t - 1) // block_t
     tile_end = torch.cumsum(tiles, 0)

@@ -3,7 +3,8 @@
 Both implement `dsv3.generate.Stepper`:
 - prefill: each prompt goes into its own cache row through the prefill graph, in chunks of at most
   `prefill_chunk` tokens (the graph takes 2..chunk tokens; a 1-token piece gets a dummy second token one position
-  later, which the first decode step overwrites before anything attends to it);
+  later, which the first decode step overwrites before anything attends to it); a chunk at position 0 goes through
+  the first-chunk graph when the artifacts have one (no attention over cached rows: there are none);
 - decode: the batch is padded to the next bucket; on CUDA each bucket's graph is captured once in a CUDA graph
   (one shared pool, static token/position buffers) and replayed.
 """
@@ -29,11 +30,13 @@ StepFn = Callable[..., torch.Tensor]
 
 class GraphStepper:
     def __init__(self, model: Transformer, prefill_fn: StepFn, decode_fns: dict[int, StepFn], prefill_chunk: int,
-                 cuda_graphs: bool):
+                 cuda_graphs: bool, prefill_first_fn: StepFn | None = None):
         self.model = model
         self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
         self.device = model.rope_cos.device
         self.prefill_fn, self.decode_fns, self.prefill_chunk = prefill_fn, decode_fns, prefill_chunk
+        # chunks at position 0 (artifacts from before the first-chunk graph: the general one)
+        self.prefill_first_fn = prefill_first_fn or prefill_fn
         self.buckets = sorted(decode_fns)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.capture_s = 0.0
@@ -107,8 +110,9 @@ class GraphStepper:
                     piece.append(0)  # dummy token at the next position; the first decode step overwrites it
                 tokens = torch.tensor([piece], dtype=torch.long, device=self.device)
                 pos = torch.arange(start, start + len(piece), device=self.device).unsqueeze(0)
-                logits = self.prefill_fn(tokens, pos, torch.tensor([row], device=self.device),
-                                         torch.tensor([last], device=self.device))
+                fn = self.prefill_first_fn if start == 0 else self.prefill_fn
+                logits = fn(tokens, pos, torch.tensor([row], device=self.device),
+                            torch.tensor([last], device=self.device))
             rows.append(logits)
         return torch.cat(rows, dim=0)
 
@@ -183,18 +187,19 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path | None, plan:
     tensors = constants(model)
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()
-    decode_fns, prefill_fn = {}, None
+    decode_fns, prefill_fns = {}, {}
     for name, graph in manifest["graphs"].items():
         pkg = load_package(artifacts, graph, device, single_threaded=cuda and graph["kind"] == "decode")
         bind_constants(pkg, name, tensors)
         if graph["kind"] == "decode":
             decode_fns[graph["batch"]] = pkg
         else:
-            prefill_fn = pkg
-    if prefill_fn is None:
-        raise ArtifactError(f"{artifacts} has no prefill graph")
+            prefill_fns[bool(graph.get("first_chunk", False))] = pkg
+    if False not in prefill_fns:
+        raise ArtifactError(f"{artifacts} has no (general) prefill graph: rebuild it with `dsv3c compile`")
     packages_s = time.perf_counter() - t0
-    stepper = GraphStepper(model, prefill_fn, decode_fns, manifest["prefill_chunk"], cuda_graphs=cuda)
+    stepper = GraphStepper(model, prefill_fns[False], decode_fns, manifest["prefill_chunk"], cuda_graphs=cuda,
+                           prefill_first_fn=prefill_fns.get(True))
     return stepper, {"load_weights_s": load_s, "load_packages_s": packages_s, "capture_s": stepper.capture_s}
 
 
@@ -205,13 +210,15 @@ def jit_stepper(model: Transformer, buckets: Sequence[int], prefill_chunk: int) 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(buckets) + 8)
     decode = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False)
     prefill = torch.compile(PrefillStep(model), fullgraph=True, dynamic=True)
+    prefill_first = torch.compile(PrefillStep(model, first_chunk=True), fullgraph=True, dynamic=True)
     device = model.rope_cos.device
     t0 = time.perf_counter()
     with torch.inference_mode():  # compile now, not inside the first request (writes only unused cache slots)
         prefill(*prefill_inputs(min(prefill_chunk, 3), device))
+        prefill_first(*prefill_inputs(min(prefill_chunk, 3), device))
         for b in buckets:
             decode(*decode_inputs(b, device))
     compile_s = time.perf_counter() - t0
     stepper = GraphStepper(model, prefill, {b: decode for b in buckets}, prefill_chunk,
-                           cuda_graphs=device.type == "cuda")
+                           cuda_graphs=device.type == "cuda", prefill_first_fn=prefill_first)
     return stepper, {"compile_s": compile_s, "capture_s": stepper.capture_s}

@@ -5,6 +5,8 @@ runtime (which calls the packages, or compiles these same modules with --jit).
   uses cache row b.
 - prefill, one graph with a dynamic chunk length S: tokens [1, S], input_pos [1, S], cache_row [1],
   logits_index [1] -> logits [1, vocab] for token `logits_index` of the chunk; writes the chunk into `cache_row`.
+  A second prefill graph with the same signature, `first_chunk`, serves chunks at position 0 (a prompt's first):
+  it attends to the chunk alone and skips the absorbed half over the cached prefix (Transformer's first_chunk).
 
 Both wrap the same `Transformer`, so their constants (weights, latent caches, rope tables) have the same names
 (`model.<name>`) and the runtime hands one set of tensors to every graph.
@@ -30,13 +32,17 @@ class DecodeStep(nn.Module):
 
 
 class PrefillStep(nn.Module):
-    def __init__(self, model: Transformer):
+    """first_chunk=True: only for chunks whose input_pos starts at 0 (see Transformer.forward)."""
+
+    def __init__(self, model: Transformer, first_chunk: bool = False):
         super().__init__()
         self.model = model
+        self.first_chunk = first_chunk
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache_row: torch.Tensor,
                 logits_index: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, input_pos, logits_index=logits_index, cache_rows=cache_row)
+        return self.model(tokens, input_pos, logits_index=logits_index, cache_rows=cache_row,
+                          first_chunk=self.first_chunk)
 
 
 def constants(model: Transformer) -> dict[str, torch.Tensor]:

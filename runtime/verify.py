@@ -42,9 +42,9 @@ def _row_errors(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return (got - expected).norm(dim=-1) / expected.norm(dim=-1).clamp_min(1e-30)
 
 
-def _perturbed(caches: list[torch.Tensor], g: torch.Generator) -> None:
-    # One unit of rounding of the cache dtype, at random: the size of the difference a reordered sum makes.
-    for c in caches:
+def _perturbed(tensors: list[torch.Tensor], g: torch.Generator) -> None:
+    # One unit of rounding of the tensors' dtype, at random: the size of the difference a reordered sum makes.
+    for c in tensors:
         eps = torch.finfo(c.dtype).eps
         c.mul_(1 + eps * torch.randn(c.shape, generator=g, device=c.device, dtype=torch.float32).to(c.dtype))
 
@@ -55,7 +55,8 @@ def verify(directory: str | Path) -> list[dict]:
 
     A graph passes when the median over rows of the relative L2 error of its logits is within
     max(tolerance floor, NOISE_FACTOR x the eager model's own noise floor). The noise floor is measured on the same
-    inputs: the eager model rerun on caches perturbed by one rounding unit. With FP8 activations and MoE routing,
+    inputs: the eager model rerun on caches perturbed by one rounding unit (the first-chunk graph, which reads no
+    cache: on embeddings perturbed so). With FP8 activations and MoE routing,
     a one-ulp difference can move one activation across an e4m3 step or flip one expert choice, which moves
     individual rows a lot; a wrong graph (wrong weights, cache rows or positions) moves every row.
     """
@@ -90,10 +91,11 @@ def verify(directory: str | Path) -> list[dict]:
                 tokens = torch.randint(0, cfg.vocab_size, (b, 1), generator=g, device=device)
                 pos = torch.randint(0, manifest["max_seq_len"], (b, 1), generator=g, device=device)
                 args: tuple = (tokens, pos)
-            else:
+            else:  # the eager model's general prefill form, also for the first-chunk graph (then at position 0)
                 step = PrefillStep(model)
                 s = min(graph["max_chunk"], 7)
-                start = int(torch.randint(0, manifest["max_seq_len"] - s + 1, (1,), generator=g, device=device))
+                start = 0 if graph.get("first_chunk") else int(
+                    torch.randint(0, manifest["max_seq_len"] - s + 1, (1,), generator=g, device=device))
                 args = (torch.randint(0, cfg.vocab_size, (1, s), generator=g, device=device),
                         torch.arange(start, start + s, device=device).unsqueeze(0),
                         torch.tensor([manifest["max_batch_size"] - 1], device=device),
@@ -104,10 +106,17 @@ def verify(directory: str | Path) -> list[dict]:
             expected = step(*args).clone()
             for c, s_ in zip(caches, saved):
                 c.copy_(s_)
-            _perturbed(caches, g)
+            # the first-chunk graph reads no cache (nothing precedes position 0): its noise enters through the
+            # embeddings, one rounding unit of the activations every layer sees
+            emb = model.embed_tokens.weight
+            noise_in = [emb] if graph.get("first_chunk") else caches
+            emb_saved = emb.clone() if graph.get("first_chunk") else None
+            _perturbed(noise_in, g)
             noisy = step(*args).clone()
             for c, s_ in zip(caches, saved):
                 c.copy_(s_)
+            if emb_saved is not None:
+                emb.copy_(emb_saved)
             got = pkg(*args)
             finite = finite and bool(torch.isfinite(got).all())
             errs.append(_row_errors(got, expected))

@@ -73,6 +73,22 @@ def test_prefill_attention(case):
     assert out.shape == (b, s, h, dv) and rel_err(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (128, 64)])
+def test_prefill_attention_without_prefix(block_m, block_n):
+    """prefix_out / prefix_lse None (HAS_PREFIX=False, the first-chunk graph): the softmax over the chunk's own
+    keys, equal to the float64 reference and to the kernel seeded with an empty prefix."""
+    case = (2, 150, 2, 24, 8, 20, [0, 0], 256)
+    a = _inputs(case, torch.Generator().manual_seed(5 + block_m))
+    args = (a["q_nope"], a["q_pe"], a["k_nope"], a["k_pe"], a["v"], a["pos"], 0.15)
+    out = P.mla_prefill_attention_triton(*args, block_m=block_m, block_n=block_n, num_warps=4)
+    ref = P.mla_prefill_attention_reference(*(x.double() if x.is_floating_point() else x for x in args[:6]), 0.15)
+    assert out.shape == (2, 150, 2, 20) and rel_err(out, ref) < 2e-3
+    empty = P.mla_prefill_attention_triton(*args, torch.full((2, 150, 2, 20), float("nan")).half(),
+                                           torch.full((2, 150, 2), float("-inf")), block_m=block_m,
+                                           block_n=block_n, num_warps=4)
+    assert torch.equal(out, empty)
+
+
 def test_default_launch_config():
     """The defaults the model gets (128-query blocks, 64-key blocks)."""
     case = (1, 150, 2, 32, 16, 32, [0], 256)

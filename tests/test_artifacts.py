@@ -70,9 +70,10 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 def test_compile_writes_complete_artifacts(art):
     m = read_manifest(art)
-    assert set(m["graphs"]) == {"decode_b1", "decode_b3", "prefill"}
-    assert {p.name for p in art.iterdir()} == {"decode_b1.pt2", "decode_b3.pt2", "prefill.pt2", "config.json",
-                                               "manifest.json"}
+    assert set(m["graphs"]) == {"decode_b1", "decode_b3", "prefill_first", "prefill"}
+    assert m["graphs"]["prefill_first"]["first_chunk"] and not m["graphs"]["prefill"]["first_chunk"]
+    assert {p.name for p in art.iterdir()} == {"decode_b1.pt2", "decode_b3.pt2", "prefill_first.pt2", "prefill.pt2",
+                                               "config.json", "manifest.json"}
     assert m["world_size"] == 1 and m["device"] == "cpu" and m["max_seq_len"] == MAX_SEQ
     assert m["host"]["torch"] == torch.__version__
     assert m["config_hash"] == resolve_config("tiny").config_hash()
@@ -110,7 +111,13 @@ def test_prompt_longer_than_a_chunk_and_one_token_pieces(art, ckpt):
     stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
     eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
     prompt = list(range(1, 2 * CHUNK + 2))  # chunks of 8, 8 and a 1-token piece
+    calls = []  # which graph served each chunk: the first-chunk graph at position 0, the general one after
+    first, general = stepper.prefill_first_fn, stepper.prefill_fn
+    assert first is not general
+    stepper.prefill_first_fn = lambda *a: calls.append(("first", int(a[1][0, 0]))) or first(*a)
+    stepper.prefill_fn = lambda *a: calls.append(("general", int(a[1][0, 0]))) or general(*a)
     logits = stepper.prefill([prompt])
+    assert calls == [("first", 0), ("general", CHUNK), ("general", 2 * CHUNK)]
     ref = eager(torch.tensor([prompt]), torch.arange(len(prompt)), last_only=True)
     assert ((logits - ref).abs().max() / ref.abs().max()).item() < 1e-4
     assert generate(stepper, [[0]], max_new_tokens=3)[0][0].tokens == generate(eager, [[0]], max_new_tokens=3)[0][0].tokens
@@ -282,7 +289,7 @@ def test_verify_reports_noise_floor_and_catches_a_wrong_graph(art, monkeypatch):
     from dsv3.runtime import verify as v
 
     results = v.verify(art)
-    assert [r["graph"] for r in results] == ["decode_b1", "decode_b3", "prefill"]
+    assert [r["graph"] for r in results] == ["decode_b1", "decode_b3", "prefill_first", "prefill"]
     for r in results:  # fp32 CPU packages: the same math as eager up to reordering
         assert r["ok"] and r["rows"] >= v.MIN_ROWS and r["median_err"] <= 1e-4 and r["top1_agree"] == 1.0, r
         assert 0 < r["median_noise"] < 1e-4  # one fp32 ulp of cache noise moves the eager logits a little

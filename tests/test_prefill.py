@@ -58,6 +58,9 @@ def test_references_merge_prefix_exactly(start):
                                             scale, prefix_out, lse)
     assert torch.isneginf(lse).all() == (start == 0)
     assert (got - want).abs().max() < 1e-10
+    if start == 0:  # no prefix at all (the first-chunk graph's call): the same attention
+        alone = P.mla_prefill_attention_reference(q_nope, q_pe, k_nope, k_pe, v, pos, scale)
+        assert (alone - want).abs().max() < 1e-10
 
 
 def test_ops_fake_and_schema():
@@ -74,6 +77,10 @@ def test_ops_fake_and_schema():
             torch.randn(b, s, h, dv, generator=g), torch.randn(b, s, h, generator=g))
     torch.library.opcheck(torch.ops.dsv3.mla_prefill_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.dsv3.mla_prefill_attention.default, args[:7],
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(Exception, match="together"):
+        torch.ops.dsv3.mla_prefill_attention(*args[:8])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,6 +114,9 @@ def test_prefill_kernels_gpu(s, start):
     want = P.mla_prefill_attention_reference(*(x.double() if x.is_floating_point() else x for x in args[:6]), 0.07,
                                              prefix_out.double(), lse.double())
     assert rel_err(o, want) < 8e-3
+    if start == 0:  # no prefix passed at all (the first-chunk graph): the same result as an empty one
+        alone = torch.ops.dsv3.mla_prefill_attention(*args)
+        assert rel_err(alone, want) < 8e-3 and torch.equal(alone, o)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +154,31 @@ def test_model_prefill_form_matches_absorbed_decode(tiny_model):
     steps = torch.cat([_logits(model, tokens[:, i:i + 1], pos[:, i:i + 1]) for i in range(40)], 1)
     assert rel_err(whole, steps) < 1e-5
     assert rel_err(halves, steps) < 1e-5
+
+
+def test_model_first_chunk_form_reads_no_cache(tiny_model):
+    """first_chunk=True (the runtime's prefill_first graph): a chunk at position 0 gives the general prefill form's
+    logits and writes the same cache rows, and never reads the cache (NaN everywhere before the call changes
+    nothing); the absorbed prefix half is not called at all."""
+    from unittest import mock
+
+    from dsv3.kernels import mla_prefill as P
+    from dsv3.runtime.steps import PrefillStep
+
+    model = tiny_model
+    tokens = torch.randint(1, model.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    args = (tokens, torch.arange(20)[None], torch.tensor([1]), torch.tensor([19]))
+    model.reset_caches()
+    want = PrefillStep(model)(*args)
+    want_caches = [c[1, :20].clone() for c in model.latent_caches()]
+    for c in model.latent_caches():
+        c.fill_(float("nan"))
+    with mock.patch.object(P, "mla_prefix_attention_reference", side_effect=AssertionError("prefix half called")):
+        got = PrefillStep(model, first_chunk=True)(*args)
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
+    for c, w in zip(model.latent_caches(), want_caches):
+        assert rel_err(c[1, :20], w) < 1e-5
+    model.reset_caches()
 
 
 def test_jit_prefill_graph_is_one_graph_for_every_chunk_length(tiny_model):

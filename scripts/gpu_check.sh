@@ -17,6 +17,8 @@
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
 #   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
+#   ncu-moe    Nsight Compute sections of the routed-experts kernels (scripts/ncu_moe.py: grouped T=4096, decode T=1;
+#              full report text in $OUT/ncu_moe.txt)
 #   kdec       the GPU tests of the decode phase merges (test_norm_route, test_mla_prep, test_norm) and of the router
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
@@ -113,6 +115,18 @@ step_sweep_prefill() {
 step_kpre() {
   timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE -k "prefill or routed or grouped or aoti" tests/test_prefill.py \
     tests/test_kernels.py 2>&1 | tee "$OUT/kpre.log" | tail -15
+}
+
+step_ncu_moe() {  # Nsight Compute on the routed-experts kernels (scripts/ncu_moe.py): prefill grouped + decode T=1
+  local ncu; ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  if [ -z "$ncu" ]; then echo "ncu not found on this host"; return 1; fi
+  timeout 400 "$ncu" --profile-from-start off --kernel-name 'regex:_moe_(up|down|up_rows)_kernel' \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
+    $PY scripts/ncu_moe.py >"$OUT/ncu_moe.txt" 2>&1
+  echo "ncu exit $?; $(grep -c '_moe_' "$OUT/ncu_moe.txt") kernel lines"
+  grep -E '^  _moe_|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issued Ipc|Stall|Executed Ipc|Shared Memory Configuration Size|Block Limit' \
+    "$OUT/ncu_moe.txt" | head -90
 }
 
 step_kdec() {

@@ -40,7 +40,7 @@ Implementations (branch taken at trace time)
      as with QUANT_H). Not `quantize_tile`: its per-element IEEE division made the 16B down kernel 4x slower
      (9.4 -> 40.6 us at T=1 on an H200; 12.4 us with the reciprocal).
      FP8, one token, after the row-parallel up kernel, with down BLOCK_N in {1, 2, 4, 8} (ROWS_DOWN_BLOCK_NS;
-     opt-in, not yet timed): `_moe_down_rows_kernel` instead, grid (K slots, D/BLOCK_N), each program's down rows
+     the 671B-ws8 rank's T=1 plan; on 16B no faster than the MMA kernel): `_moe_down_rows_kernel` instead, grid (K slots, D/BLOCK_N), each program's down rows
      loaded over the whole I at once, the output per slot as `_moe_down_kernel` writes it.
   3. `_moe_combine_kernel`: y[t] = sum_k w[t,k] * out[t,k] in fp32 over valid pairs, cast to x.dtype.
   Slot -> expert mapping:
@@ -416,8 +416,11 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
                        (4, MoeDecodePlan(64, 4, 3, 128, 4, 3)), (8, MoeDecodePlan(128, 8, 3, 128, 8, 4))),
     # 671B at world size 8, one rank (32 local experts, ~1 of the top-8 ids local): T=1 51.6 -> 45.3 (the up kernel
     # of the one expert: 34.3 -> 23.4 us), T=2 51.4 -> 49.7, T=4 61.8 -> 60.6, T=8 98.3 -> 98.0.
-    # T=1 since the fourth session: the row-parallel up kernel (bench_rows.py: 14.4 us vs 23.4 for the one expert).
-    (32, 2048, 7168): ((1, MoeDecodePlan(1, 4, 1, 128, 4, 8)), (8, MoeDecodePlan(128, 4, 4, 64, 4, 4))),
+    # T=1 since the fourth session: the row-parallel up kernel (bench_rows.py: 14.4 us vs 23.4 for the one expert);
+    # since the ninth, the row-parallel down kernel behind it (sweep_moe --quick --shapes 671B-ep8 --t 1, 3 confirm
+    # rounds: 33.61 -> 30.16 us per call, down 11.53 -> 7.63 us; the MMA down kernel had 56 programs for the one
+    # expert, under half a wave). The rows kernels ignore num_stages (1 here).
+    (32, 2048, 7168): ((1, MoeDecodePlan(1, 4, 1, 8, 4, 1)), (8, MoeDecodePlan(128, 4, 4, 64, 4, 4))),
 }
 # The grouped (prefill) path: one config for every shape unless the call passes up_* / down_* fields
 # (scripts/sweep_prefill.py times others). Tiles of GROUPED_BLOCK_T (token, expert) pairs, one of GROUPED_BLOCK_TS.
@@ -428,8 +431,9 @@ GROUPED_BLOCK_TS = (32, 64, 128)
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
 ROWS_UP_BLOCK_NS = (1, 2, 4, 8)  # FP8, T = 1: `_moe_up_rows_kernel`
 # FP8, T = 1, after the row-parallel up kernel: down_block_n in these selects `_moe_down_rows_kernel`. Opt-in
-# (DSV3_MOE_DECODE=:::BN:WARPS:, scripts/sweep_moe.py times it at T=1): built 2026-11-23 (eighth session)
-# after that session's device time was spent; no table row uses it until it is timed against `_moe_down_kernel`.
+# (DSV3_MOE_DECODE=:::BN:WARPS:, scripts/sweep_moe.py times it at T=1). Timed on the H200 (2026-11-23, ninth
+# session): 16B 9.65 us against the MMA down kernel's 9.36 (BLOCK_N 64, 256 programs): not used there; 671B-ws8 rank
+# (one local expert, D 7168) 7.63 against 11.53 us (56 programs): its T=1 table row uses it.
 # (The fourth session's prototype that also did the combine in its programs measured slower: 12.8 vs 9.5 + 2.2 us.)
 ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8)
 

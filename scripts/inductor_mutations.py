@@ -1,0 +1,67 @@
+"""Which arguments Inductor believes each decode MoE kernel writes (runs on a CPU: Triton IR for sm_90, no GPU).
+
+    python scripts/inductor_mutations.py
+
+torch's `identify_accessed_tensors` (what `wrap_triton` functionalization uses) marks an argument as written when a
+store's address is derived from it, also through loaded values. A kernel that stores at rows computed from the
+routing ids (the MoE down kernel writes y at pair rows t*K + k; the MMA up kernel h the same way) is therefore taken
+to write `idx` as well, and where a later kernel (the combine) still reads the ids, Inductor keeps the original with
+a copy kernel before the "writer": one small pointwise launch per MoE layer in the decode graph. A diagnostic for
+docs/KERNELS.md, not part of the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+class _Sm90Driver:
+    """Stands in for the CUDA driver: the analysis only asks it for the compile target."""
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+
+def main() -> None:
+    triton.runtime.driver._active = _Sm90Driver()
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+
+    from dsv3.kernels import routed_experts as RE
+
+    logging.basicConfig(level=logging.WARNING)
+    e, i, d, k = 66, 1408, 2048, 8  # 16B: 64 routed + 2 shared slots, top-6 + 2
+    fp8 = torch.float8_e4m3fn
+    w_up, w_down = torch.empty(e, i, d, dtype=fp8), torch.empty(e, d, i, dtype=fp8)
+    s_up, s_down = torch.empty(e, 11, 16), torch.empty(e, 16, 11)
+    h, hs, y = torch.empty(8 * k, i, dtype=fp8), torch.empty(8 * k, 11), torch.empty(8 * k, d, dtype=torch.bfloat16)
+    x, xs = torch.empty(8, d, dtype=fp8), torch.empty(8, 16)
+    idx1, idx8 = torch.zeros(1, k, dtype=torch.int64), torch.zeros(8, k, dtype=torch.int64)
+    common = dict(IS_FP8=True, GROUPED=False, QUANT_H=True, BLOCK_K=8, BLOCK_E=64, KB_PAD=16, PRELOAD=False)
+    cases = {
+        "_moe_up_rows_kernel (T=1)": (RE._moe_up_rows_kernel, dict(
+            x_ptr=x, xs_ptr=xs, idx_ptr=idx1, wg_ptr=w_up, wu_ptr=w_up, sg_ptr=s_up, su_ptr=s_up, h_ptr=y, E=e, I=i,
+            D=d, stride_we=i * d, stride_wn=d, stride_se=11 * 16, stride_sn=16, stride_h=i, BLOCK_N=2, KB_PAD=16)),
+        "_moe_up_kernel (T=8)": (RE._moe_up_kernel, dict(
+            x_ptr=x, xs_ptr=xs, idx_ptr=idx8, sched_ptr=idx8, wg_ptr=w_up, wu_ptr=w_up, sg_ptr=s_up, su_ptr=s_up,
+            h_ptr=h, hs_ptr=hs, dt_ptr=y, T=8, K=k, E=e, I=i, D=d, n_sched=0, stride_xt=d, stride_xst=16,
+            stride_we=i * d, stride_wn=d, stride_se=11 * 16, stride_sn=16, stride_sk=1, stride_h=i, stride_hs=11,
+            BLOCK_N=128, BLOCK_T=16, BLOCK_P=64, **common)),
+        "_moe_down_kernel (T=1)": (RE._moe_down_kernel, dict(
+            h_ptr=h, hs_ptr=hs, idx_ptr=idx1, sched_ptr=idx1, wd_ptr=w_down, sd_ptr=s_down, y_ptr=y, T=1, K=k, E=e,
+            I=i, D=d, n_sched=0, stride_h=i, stride_hs=11, stride_we=d * i, stride_wn=i, stride_se=16 * 11,
+            stride_sn=11, stride_sk=1, stride_y=d, BLOCK_N=64, BLOCK_T=16, BLOCK_P=8, **common)),
+        "_moe_combine_kernel (T=1)": (RE._moe_combine_kernel, dict(
+            y_ptr=y, idx_ptr=idx1, wt_ptr=hs, out_ptr=y, K=k, E=e, D=d, stride_y=d, stride_ot=d, stride_od=1,
+            FIRST_ONLY=True, BLOCK_K=8, BLOCK_D=512)),
+    }
+    for name, (kernel, kwargs) in cases.items():
+        acc = identify_accessed_tensors(kernel, kwargs, {})
+        print(f"{name:28s} writes {sorted(w.name for w in acc.read_writes.writes)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -611,7 +611,10 @@ def routed_experts_triton(
     else:
         block_t = max(16, next_pow2(t_static))
         n_slots = min(e, p)
-        sched = idx  # unused
+        # Unused here, but not idx: torch's wrap_triton analysis takes the up (T > 1) and down kernels to write the
+        # tensors their store addresses derive from, and one tensor passed as two such arguments is copied before
+        # the kernel (a launch per MoE layer; scripts/inductor_mutations.py). A private empty buffer costs nothing.
+        sched = torch.empty(1, dtype=torch.int32, device=x.device)
         n_sched = 0
         block_p = max(2, next_pow2(p))
         block_e = min(64, max(2, next_pow2(e)))

@@ -1,18 +1,22 @@
 """Which arguments Inductor believes each decode MoE kernel writes (runs on a CPU: Triton IR for sm_90, no GPU).
 
-    python scripts/inductor_mutations.py
+    python scripts/inductor_mutations.py            # per kernel: the arguments taken as written
+    python scripts/inductor_mutations.py --copies   # per decode shape: copies Inductor keeps in the op's graph
 
 torch's `identify_accessed_tensors` (what `wrap_triton` functionalization uses) marks an argument as written when a
 store's address is derived from it, also through loaded values. A kernel that stores at rows computed from the
 routing ids (the MoE down kernel writes y at pair rows t*K + k; the MMA up kernel h the same way) is therefore taken
 to write `idx` as well, and where a later kernel (the combine) still reads the ids, Inductor keeps the original with
-a copy kernel before the "writer": one small pointwise launch per MoE layer in the decode graph. A diagnostic for
-docs/KERNELS.md, not part of the runtime.
+a copy kernel before the "writer". Passing one tensor as two such arguments has the same effect (the decode path
+once passed idx also as the unused schedule: one copy launch per MoE layer). `--copies` functionalizes
+`routed_experts_triton` on fake CUDA tensors, runs Inductor's reinplacing pass and prints the copies left
+(tests/test_kernels.py asserts there are none). A diagnostic, not part of the runtime.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 import triton
@@ -26,8 +30,45 @@ class _Sm90Driver:
         return GPUTarget("cuda", 90, 32)
 
 
+def decode_copies(t: int, e: int, i: int, d: int, k: int = 8) -> list[str]:
+    """The kernel arguments Inductor still copies before a kernel of `routed_experts_triton` (FP8, T = t tokens,
+    ids produced inside the graph as the router's are) after functionalization and its reinplacing pass."""
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.func import functionalize
+
+    from dsv3.kernels import routed_experts as RE
+
+    def body(x, ids, wt, g, u, dn, sg, su, sd, xq, xs):
+        return RE.routed_experts_triton(x, ids + 0, wt, g, u, dn, sg, su, sd, x_q=xq, x_scale=xs)
+
+    fp8, kb_d, kb_i = torch.float8_e4m3fn, -(-d // 128), -(-i // 128)
+    sms = RE.num_sms
+    RE.num_sms = lambda dev: 132
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            c = dict(device="cuda")
+            args = (torch.empty(t, d, dtype=torch.bfloat16, **c), torch.empty(t, k, dtype=torch.int64, **c),
+                    torch.empty(t, k, **c), torch.empty(e, i, d, dtype=fp8, **c), torch.empty(e, i, d, dtype=fp8, **c),
+                    torch.empty(e, d, i, dtype=fp8, **c), torch.empty(e, kb_i, kb_d, **c),
+                    torch.empty(e, kb_i, kb_d, **c), torch.empty(e, kb_d, kb_i, **c),
+                    torch.empty(t, d, dtype=fp8, **c), torch.empty(t, kb_d, **c))
+            gm = make_fx(functionalize(body), tracing_mode="fake")(*args)
+    finally:
+        RE.num_sms = sms
+    reinplace_inplaceable_ops_core(gm.graph)
+    return [f"kernel {n.kwargs['kernel_idx']}: {name}" for n in gm.graph.nodes
+            if "triton_kernel_wrapper_functional" in str(n.target) for name in n.kwargs["tensors_to_clone"]]
+
+
 def main() -> None:
     triton.runtime.driver._active = _Sm90Driver()
+    if "--copies" in sys.argv[1:]:
+        for name, shape in (("16B T=1", (1, 66, 1408, 2048)), ("16B T=8", (8, 66, 1408, 2048)),
+                            ("671B-ws8 rank T=1", (1, 32, 2048, 7168))):
+            print(f"{name}: copies {decode_copies(*shape)}")
+        return
     from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 
     from dsv3.kernels import routed_experts as RE

@@ -20,7 +20,7 @@ Implementations (branch taken at trace time)
   (on CUDA: the three launches the model ran before this op).
 - CUDA, T statically 1..ROUTE_FUSED_MAX_T, E <= 512: `_add_norm_quant_logits_kernel`, grid E / BLOCK_E: every
   program loads the T rows of h and delta and the norm weight, computes y exactly as `_add_rms_norm_quant_kernel`
-  (same helper arithmetic) and the fp32 logits of its BLOCK_E experts (their weight rows over the whole D in one
+  (the same `add_rms_norm_tile`) and the fp32 logits of its BLOCK_E experts (their weight rows over the whole D in one
   load); program 0 also stores h_out, y, y_q, y_scale. Then `dsv3.route`'s select kernel over the logits.
 DSV3_NORM_ROUTE=fused|torch (read at trace time; `fused` the default) pins a path. The model calls this op for every
 decode-sized step (dsv3.model.MoE.decode_sized); beyond ROUTE_FUSED_MAX_T tokens it is the two ops it replaces.
@@ -43,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
 from dsv3.kernels.fp8_linear import k_blocks, quantize_tile_rcp
-from dsv3.kernels.rms_norm import norm_num_warps, rms_scale
+from dsv3.kernels.rms_norm import add_rms_norm_tile, norm_num_warps
 from dsv3.kernels.router import SELECT_MAX_E, _check_args as check_route_args, select_from_partials
 
 NORM_ROUTE_DEFAULT = "fused"
@@ -80,10 +80,7 @@ def _add_norm_quant_logits_kernel(
     for t in tl.static_range(T_TILE):
         hv = tl.load(h_ptr + t * stride_h + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         dv = tl.load(d_ptr + t * stride_d + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        ho = (hv + dv).to(dt)
-        xf = ho.to(tl.float32)
-        r = rms_scale(tl.sum(tl.sum(xf * xf, axis=1), axis=0), D, eps)
-        y = (nw * (xf * r).to(dt).to(tl.float32)).to(dt)
+        ho, y = add_rms_norm_tile(hv, dv, nw, D, eps, dt)
         if pid == 0:
             row = t * D
             tl.store(ho_ptr + row + offs_k, ho, mask=k_mask)

@@ -94,6 +94,18 @@ def rms_scale(sum_sq, n, eps):
 
 
 @triton.jit
+def add_rms_norm_tile(hv, dv, w, D, eps, dt: tl.constexpr):
+    """h + delta and its RMSNorm for one row held as an fp32 tile (elements past D zero), with the model's rounding
+    points: the sum rounded to `dt` (h_out), normalised in fp32, rounded to `dt`, times the weight, rounded again
+    (y). Shared by this module's kernel and dsv3.kernels.norm_route's."""
+    ho = (hv + dv).to(dt)
+    xf = ho.to(tl.float32)
+    # squares of 16-bit floats are exact in fp32; only the order of this sum is the kernel's own
+    r = rms_scale(tl.sum(tl.sum(xf * xf, axis=1), axis=0), D, eps)
+    return ho, (w * (xf * r).to(dt).to(tl.float32)).to(dt)
+
+
+@triton.jit
 def _add_rms_norm_quant_kernel(
     h_ptr, d_ptr, w_ptr, ho_ptr, y_ptr, q_ptr, s_ptr,
     D, eps, stride_h, stride_d, stride_ho, stride_y, stride_q, stride_s,
@@ -111,14 +123,8 @@ def _add_rms_norm_quant_kernel(
     hv = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
     dv = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ho = (hv + dv).to(dt)
+    ho, y = add_rms_norm_tile(hv, dv, w, D, eps, dt)
     tl.store(ho_ptr + row * stride_ho + offs, ho, mask=mask)
-    xf = ho.to(tl.float32)
-    # squares of 16-bit floats are exact in fp32; only the order of this sum is the kernel's own
-    ss = tl.sum(tl.sum(xf * xf, axis=1), axis=0)
-    r = rms_scale(ss, D, eps)
-    xn = (xf * r).to(dt).to(tl.float32)
-    y = (w * xn).to(dt)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
     q, s = quantize_tile_rcp(y.to(tl.float32))
     tl.store(q_ptr + row * stride_q + offs, q, mask=mask)

@@ -40,8 +40,9 @@ Implementations (branch taken at trace time)
      as with QUANT_H). Not `quantize_tile`: its per-element IEEE division made the 16B down kernel 4x slower
      (9.4 -> 40.6 us at T=1 on an H200; 12.4 us with the reciprocal).
      FP8, one token, after the row-parallel up kernel, with down BLOCK_N in {1, 2, 4, 8} (ROWS_DOWN_BLOCK_NS;
-     the 671B-ws8 rank's T=1 plan; on 16B no faster than the MMA kernel): `_moe_down_rows_kernel` instead, grid (K slots, D/BLOCK_N), each program's down rows
-     loaded over the whole I at once, the output per slot as `_moe_down_kernel` writes it.
+     the 671B-ws8 rank's T=1 plan; on 16B no faster than the MMA kernel): `_moe_down_rows_kernel` instead, grid
+     (K slots, D/BLOCK_N), each program's down rows loaded over the whole I at once, the output per slot as
+     `_moe_down_kernel` writes it.
   3. `_moe_combine_kernel`: y[t] = sum_k w[t,k] * out[t,k] in fp32 over valid pairs, cast to x.dtype.
   Slot -> expert mapping:
   * decode (T statically <= 64): slot j is the j-th smallest expert id present in topk_idx, found in-kernel
@@ -242,9 +243,9 @@ def _moe_up_rows_kernel(
     E, I, D, stride_we, stride_wn, stride_se, stride_sn, stride_h,
     BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """x: e4m3 with scales xs (act_quant). One token (T = 1), row-parallel on CUDA cores: grid (K slots, cdiv(I, BLOCK_N)); slot k computes expert
-    topk_idx[0, k] (ids outside [0, E) do nothing) for BLOCK_N rows of gate and up, each loaded over the whole D
-    at once, then SiLU(gate) * up with the reference's rounding points, written in x.dtype to h[k] (pair row k)."""
+    """x: e4m3 with scales xs (act_quant). One token (T = 1), row-parallel on CUDA cores: grid (K slots,
+    cdiv(I, BLOCK_N)); slot k computes expert topk_idx[0, k] (ids outside [0, E) do nothing) for BLOCK_N rows of
+    gate and up, each loaded over the whole D at once (`load_weight_rows`), then SiLU(gate) * up with the reference's rounding points, written in x.dtype to h[k] (pair row k)."""
     slot = tl.program_id(0)
     e = tl.load(idx_ptr + slot)
     if (e >= 0) & (e < E):
@@ -252,14 +253,10 @@ def _moe_up_rows_kernel(
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < I
         offs_b, offs_k, k_mask, kb_mask = k_blocks(D, KB_PAD)
-        w_off = e64 * stride_we + offs_n[:, None, None] * stride_wn + offs_k[None, :, :]
-        w_mask = n_mask[:, None, None] & k_mask[None, :, :]
-        s_off = e64 * stride_se + (offs_n // 128)[:, None] * stride_sn + offs_b[None, :]
-        s_mask = n_mask[:, None] & kb_mask[None, :]
-        wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-        wu = tl.load(wu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-        sg = tl.load(sg_ptr + s_off, mask=s_mask, other=0.0)
-        su = tl.load(su_ptr + s_off, mask=s_mask, other=0.0)
+        wg, sg = load_weight_rows(wg_ptr + e64 * stride_we, sg_ptr + e64 * stride_se, offs_n, n_mask, offs_b, offs_k,
+                                  k_mask, kb_mask, stride_wn, stride_sn)
+        wu, su = load_weight_rows(wu_ptr + e64 * stride_we, su_ptr + e64 * stride_se, offs_n, n_mask, offs_b, offs_k,
+                                  k_mask, kb_mask, stride_wn, stride_sn)
         xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, False)
         odt = h_ptr.dtype.element_ty
         # the reference rounds gate, up, silu and the product to the activation dtype

@@ -101,9 +101,18 @@ def route_reference(
     sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float, n_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's definition: fp32 logits (as HF, so near-ties resolve as the reference model does), then selection."""
-    idx, wt = select_experts_reference(F.linear(x.float(), weight.float()), bias, top_k, n_group, topk_group,
-                                       sigmoid, group_top2, norm_topk_prob, routed_scaling_factor)
-    return with_shared_columns(idx, wt, weight.shape[0], n_shared)
+    return route_from_logits(F.linear(x.float(), weight.float()), bias, top_k, n_group, topk_group, sigmoid,
+                             group_top2, norm_topk_prob, routed_scaling_factor, n_shared)
+
+
+def route_from_logits(
+    logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, n_group: int, topk_group: int, sigmoid: bool,
+    group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float, n_shared: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits [T, E] -> the op's outputs: `select_experts_reference` plus the n_shared always-on columns."""
+    idx, wt = select_experts_reference(logits, bias, top_k, n_group, topk_group, sigmoid, group_top2,
+                                       norm_topk_prob, routed_scaling_factor)
+    return with_shared_columns(idx, wt, logits.shape[-1], n_shared)
 
 
 def route_args(cfg: Any) -> dict:
@@ -377,10 +386,7 @@ def route(
             # GEMM on upcast copies (an FFMA kernel: 0.92 ms per 4095-token prefill of the 16B model, H200). A
             # product of two bf16 / fp16 values is exact in fp32, so these are the reference's logits up to the
             # order of the fp32 sums.
-            logits = torch.mm(x, weight.t(), out_dtype=torch.float32)
-            idx, wt = select_experts_reference(logits, bias, top_k, n_group, topk_group, sigmoid, group_top2,
-                                               norm_topk_prob, routed_scaling_factor)
-            return with_shared_columns(idx, wt, weight.shape[0], n_shared)
+            return route_from_logits(torch.mm(x, weight.t(), out_dtype=torch.float32), bias, *args)
         return route_reference(x, weight, bias, *args)
     return route_triton(x, weight, bias, *args)
 
@@ -395,5 +401,5 @@ def _route_fake(x, weight, bias, top_k, n_group, topk_group, sigmoid, group_top2
     return (x.new_empty((t, k), dtype=torch.int64), x.new_empty((t, k), dtype=torch.float32))
 
 
-__all__ = ["route", "route_reference", "route_triton", "route_args", "select_from_partials", "select_experts_reference",
-           "logits_plan", "DECODE_MAX_T", "SELECT_MAX_E"]
+__all__ = ["route", "route_reference", "route_from_logits", "route_triton", "route_args", "select_from_partials",
+           "select_experts_reference", "logits_plan", "DECODE_MAX_T", "SELECT_MAX_E"]

@@ -26,7 +26,7 @@ from dsv3.kernels.fp8_linear import GEMV_MAX_M
 from dsv3.kernels.mla_attention import DECODE_MAX_S
 from dsv3.kernels.rms_norm import rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
-from dsv3.kernels.routed_experts import DECODE_MAX_T
+from dsv3.kernels.routed_experts import DECODE_MAX_T, combine_pairs, moe_combine_choice
 from dsv3.rope import apply_rope, rope_tables, softmax_scale
 
 
@@ -289,10 +289,14 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                 x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.dsv3.routed_experts(
-            x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj,
-            self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv, x_q, x_scale,
-        )
+        weights = (self.gate_proj, self.up_proj, self.down_proj,
+                   self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv)
+        if moe_combine_choice() == "kernel":
+            return torch.ops.dsv3.routed_experts(x, topk_idx, topk_weight, *weights, x_q, x_scale)
+        # The weighted sum over each token's experts as plain torch ops: Inductor fuses it into the kernel that
+        # consumes the output (the residual add and the next layer's RMSNorm), one launch less per MoE layer.
+        pairs = torch.ops.dsv3.routed_experts_pairs(x, topk_idx, *weights, x_q, x_scale)
+        return combine_pairs(pairs, topk_idx, topk_weight, self.gate_proj.shape[0])
 
     def slots_as_mlp(self, x: torch.Tensor, first: int) -> torch.Tensor:
         """Slots [first, E) applied to every token as one dense SwiGLU of width (E - first) * I, the sum of those

@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, env_choice, next_pow2, num_sms, static_int
+from dsv3.kernels._launch import cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
 from dsv3.kernels.fp8_linear import (
     act_quant, dot_rows, fp8_linear_reference, k_blocks, load_weight_rows, load_x_row, pick_scale, pick_scales,
     quantize_tile_rcp,
@@ -103,6 +103,52 @@ def routed_experts_reference(
         # where(), not a multiply: an unselected token's expert output must not leak in even if it is not finite.
         out = out + torch.where(hit.any(-1, keepdim=True), y.float() * weight, 0.0)
     return out.to(x.dtype)
+
+
+def routed_experts_pairs_reference(
+    x: torch.Tensor, topk_idx: torch.Tensor,
+    gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+    gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
+    down_scale_inv: Optional[torch.Tensor], x_q: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[T, K, D]: pair (t, k) holds expert topk_idx[t, k]'s output for token t in x.dtype (zeros for ids outside
+    [0, E)); dense over experts as `routed_experts_reference`."""
+    t, k = topk_idx.shape
+    pairs = torch.zeros((t, k, x.shape[1]), dtype=x.dtype, device=x.device)
+    for e in range(gate_proj.shape[0]):
+        pick = lambda w, i=e: None if w is None else w[i]      # noqa: E731
+        h = F.silu(_project(x, gate_proj[e], pick(gate_scale_inv))) * _project(x, up_proj[e], pick(up_scale_inv))
+        y = _project(h.to(x.dtype), down_proj[e], pick(down_scale_inv)).to(x.dtype)
+        pairs = torch.where((topk_idx == e)[:, :, None], y[:, None, :], pairs)
+    return pairs
+
+
+MOE_COMBINE_DEFAULT = "graph"
+
+
+def moe_combine_choice() -> str:
+    """Where the model's MoE sums each token's expert outputs (read at trace time): 'graph' (default):
+    `routed_experts_pairs` + `combine_pairs` in the model's graph; 'kernel': `routed_experts` (its combine kernel).
+    DSV3_MOE_COMBINE pins one."""
+    return env_switch("DSV3_MOE_COMBINE", MOE_COMBINE_DEFAULT, ("graph", "kernel"))
+
+
+def combine_pairs(pairs: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int
+                  ) -> torch.Tensor:
+    """y[t] = sum_k topk_weight[t, k] * pairs[t, k] in fp32 over the pairs whose id is in [0, n_experts), cast to
+    pairs.dtype: `_moe_combine_kernel`'s arithmetic in plain torch ops, for ids without repeats within a token (the
+    router's top-k and the stacked shared slots; the routed-experts op also handles repeats). Written out over the
+    static K (pointwise ops only, no reduction), so that Inductor fuses it into the kernel that consumes y (the
+    residual add and the next RMSNorm): one launch less per MoE layer than the op's own combine kernel. Rows of
+    pairs with other ids are never read into the sum (torch.where), so the op may leave them unwritten."""
+    valid = (topk_idx >= 0) & (topk_idx < n_experts)
+    w = topk_weight.float()
+    acc = None
+    for j in range(pairs.shape[1]):
+        term = torch.where(valid[:, j, None], pairs[:, j].float() * w[:, j, None], 0.0)
+        acc = term if acc is None else acc + term
+    return acc.to(pairs.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,9 +610,10 @@ def routed_experts_triton(
     up_block_n: Optional[int] = None, up_num_warps: Optional[int] = None, up_num_stages: Optional[int] = None,
     down_block_n: Optional[int] = None, down_num_warps: Optional[int] = None, down_num_stages: Optional[int] = None,
     grouped_block_t: Optional[int] = None, x_q: Optional[torch.Tensor] = None,
-    x_scale: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None, combine: bool = True,
 ) -> torch.Tensor:
-    """The Triton path (module docstring). Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
+    """The Triton path (module docstring). combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
+    contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
     then these keyword arguments; None keeps the plan's value). The grouped path starts from MOE_GROUPED_FP8 /
     _BF16 and takes only the explicit up_* / down_* fields. `grouped_block_t`: (token, expert) pairs per tile of the
     grouped path (default GROUPED_BLOCK_T; one of GROUPED_BLOCK_TS). `x_q` / `x_scale`: quantize_activation(x),
@@ -577,7 +624,7 @@ def routed_experts_triton(
     out = torch.empty_like(x)
     t_static = static_int(t)
     if t_static == 0:
-        return out
+        return out if combine else x.new_empty((t, k, d))
     if grouped is None:
         grouped = t_static is None or t_static > DECODE_MAX_T
     is_fp8 = gate_scale_inv is not None
@@ -585,7 +632,7 @@ def routed_experts_triton(
         x = x.to(gate_proj.dtype)
     x = x if x.stride(-1) == 1 else x.contiguous()
     idx = topk_idx.contiguous()
-    wt = topk_weight.contiguous()
+    wt = topk_weight.contiguous() if combine else None
     gate_proj, up_proj, down_proj = (w if w.stride(-1) == 1 else w.contiguous() for w in (gate_proj, up_proj, down_proj))
     if is_fp8:
         sg, su, sd = gate_scale_inv, up_scale_inv, down_scale_inv
@@ -677,6 +724,8 @@ def routed_experts_triton(
             BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_down, num_warps=plan.down_num_warps,
             num_stages=plan.down_num_stages, **common,
         )
+    if not combine:
+        return y.view(t, k, d)
     block_d = 512
     wrap_triton(_moe_combine_kernel)[(t, cdiv(d, block_d))](
         y, idx, wt, out, k, e, d, y.stride(0), out.stride(0), out.stride(1),
@@ -714,3 +763,30 @@ def _routed_experts_fake(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj
                          gate_scale_inv, up_scale_inv, down_scale_inv, x_q=None, x_scale=None):
     torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts: give x_q and x_scale together")
     return torch.empty_like(x)
+
+
+@triton_op("dsv3::routed_experts_pairs", mutates_args=())
+def routed_experts_pairs(
+    x: torch.Tensor, topk_idx: torch.Tensor,
+    gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+    gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
+    down_scale_inv: Optional[torch.Tensor], x_q: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`routed_experts` without its last step: [T, K, D], pair (t, k) = expert topk_idx[t, k]'s output for token t
+    in x.dtype, defined for ids in [0, E) (at decode only the first k naming a repeated id); other rows are
+    unspecified (the Triton path does not write them). With no repeated id within a token,
+    routed_experts == combine_pairs(routed_experts_pairs(...))."""
+    torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts_pairs: give x_q and x_scale together")
+    if x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv):
+        return routed_experts_pairs_reference(x, topk_idx, gate_proj, up_proj, down_proj,
+                                              gate_scale_inv, up_scale_inv, down_scale_inv, x_q, x_scale)
+    return routed_experts_triton(x, topk_idx, None, gate_proj, up_proj, down_proj,
+                                 gate_scale_inv, up_scale_inv, down_scale_inv, x_q=x_q, x_scale=x_scale, combine=False)
+
+
+@routed_experts_pairs.register_fake
+def _routed_experts_pairs_fake(x, topk_idx, gate_proj, up_proj, down_proj,
+                               gate_scale_inv, up_scale_inv, down_scale_inv, x_q=None, x_scale=None):
+    torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts_pairs: give x_q and x_scale together")
+    return x.new_empty((x.shape[0], topk_idx.shape[1], x.shape[1]))

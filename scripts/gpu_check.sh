@@ -13,6 +13,8 @@
 #              ones (ROWS_ONLY=gemv|moe|absorb: one part; JSON in $OUT)
 #   pdl        scripts/bench_pdl.py: a chain of dependent FP8 GEMVs in a CUDA graph, plain vs programmatic dependent
 #              launch (weights loaded before gdc_wait): does PDL hide a decode kernel's fixed cost? (JSON in $OUT)
+#   prefetch   scripts/bench_prefetch.py: o_proj + MoE T=1 (16B) after a latency window, with and without the shared
+#              experts' weights prefetched into L2 during the window (dsv3.kernels.l2_prefetch; JSON in $OUT)
 #   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
@@ -128,6 +130,8 @@ step_ncu_moe() {  # Nsight Compute on the routed-experts kernels (scripts/ncu_mo
   grep -E '^  _moe_|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issued Ipc|Stall|Executed Ipc|Shared Memory Configuration Size|Block Limit' \
     "$OUT/ncu_moe.txt" | head -90
 }
+
+step_prefetch() { timeout 300 $PY scripts/bench_prefetch.py --json "$OUT/bench_prefetch.json" 2>&1 | grep -v -i warn | tail -20; }
 
 step_kdec() {
   local files=(tests/test_norm_route.py tests/test_norm.py tests/test_mla_prep.py tests/test_router.py)

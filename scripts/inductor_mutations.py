@@ -30,9 +30,11 @@ class _Sm90Driver:
         return GPUTarget("cuda", 90, 32)
 
 
-def decode_copies(t: int, e: int, i: int, d: int, k: int = 8) -> list[str]:
+def decode_copies(t: int, e: int, i: int, d: int, k: int = 8, pairs: bool = False) -> list[str]:
     """The kernel arguments Inductor still copies before a kernel of `routed_experts_triton` (FP8, T = t tokens,
-    ids produced inside the graph as the router's are) after functionalization and its reinplacing pass."""
+    ids produced inside the graph as the router's are) after functionalization and its reinplacing pass. pairs: the
+    model's default form, the op without its combine (`routed_experts_pairs`) and `combine_pairs` reading the same
+    ids after it in the graph."""
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -41,7 +43,11 @@ def decode_copies(t: int, e: int, i: int, d: int, k: int = 8) -> list[str]:
     from dsv3.kernels import routed_experts as RE
 
     def body(x, ids, wt, g, u, dn, sg, su, sd, xq, xs):
-        return RE.routed_experts_triton(x, ids + 0, wt, g, u, dn, sg, su, sd, x_q=xq, x_scale=xs)
+        ids = ids + 0
+        if pairs:
+            y = RE.routed_experts_triton(x, ids, None, g, u, dn, sg, su, sd, x_q=xq, x_scale=xs, combine=False)
+            return y, ids * 2, wt  # combine_pairs reads the ids after the op (its indexing does not trace here)
+        return RE.routed_experts_triton(x, ids, wt, g, u, dn, sg, su, sd, x_q=xq, x_scale=xs)
 
     fp8, kb_d, kb_i = torch.float8_e4m3fn, -(-d // 128), -(-i // 128)
     sms = RE.num_sms
@@ -68,6 +74,7 @@ def main() -> None:
         for name, shape in (("16B T=1", (1, 66, 1408, 2048)), ("16B T=8", (8, 66, 1408, 2048)),
                             ("671B-ws8 rank T=1", (1, 32, 2048, 7168))):
             print(f"{name}: copies {decode_copies(*shape)}")
+            print(f"{name} pairs + combine_pairs: copies {decode_copies(*shape, pairs=True)}")
         return
     from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 

@@ -258,6 +258,31 @@ def test_routed_experts(case, fixed_interpreter):
     assert out.dtype == x.dtype and rel_err(out, ref) < 1e-3
 
 
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_routed_experts_pairs_then_combine(case, fixed_interpreter):
+    """The op without its combine kernel (dsv3.routed_experts_pairs, the model's default) and the combine as torch
+    ops (combine_pairs, fused by Inductor into the next kernel): the op's result, with invalid ids (rows the
+    kernels never write are uninitialized and must not leak in: NaN-poisoned buffers here). Ids do not repeat within
+    a token (as the router's): the repeated id of _moe_inputs becomes an invalid one."""
+    t, k, e, d, i, fp8, grouped = case
+    gen = torch.Generator().manual_seed(sum(case[:5]) + 100 * grouped + 7)
+    x, idx, wt, w = _moe_inputs(t, k, e, d, i, fp8, torch.bfloat16, gen)
+    if t > 2 and k > 1:
+        idx[1, 1] = -1
+    real_empty = torch.empty
+    torch.empty = lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")) if kw.get(  # noqa: E731
+        "dtype", torch.float32).is_floating_point else real_empty(*a, **kw)
+    try:
+        pairs = RE.routed_experts_triton(x, idx, None, *w, grouped=grouped, combine=False)
+    finally:
+        torch.empty = real_empty
+    assert pairs.shape == (t, k, d) and pairs.dtype == x.dtype
+    out = RE.combine_pairs(pairs, idx, wt, e)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, RE.routed_experts_triton(x, idx, wt, *w, grouped=grouped)) < 1e-5
+    assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
+
+
 # FP8 decode launch plans: up BLOCK_N < 128 writes h in bf16 and the down kernel quantizes it per [tokens, 128] tile;
 # up BLOCK_N < 16 at one token is the row-parallel up kernel (h quantized by act_quant). Ragged I (200: one full and
 # one partial 128-block of h) and D (300), shared experts stacked as the last 2 of 8 slots, invalid (other ranks')

@@ -116,7 +116,7 @@ def test_decode_moe_graph_keeps_no_copies():
     res = subprocess.run([sys.executable, str(script), "--copies"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if ": copies " in ln]
-    assert len(lines) == 3 and all(ln.endswith("copies []") for ln in lines), res.stdout
+    assert len(lines) == 6 and all(ln.endswith("copies []") for ln in lines), res.stdout
 
 
 def test_moe_decode_plan(monkeypatch):
@@ -279,6 +279,31 @@ def test_routed_experts_gpu(case):
     assert out.shape == x.shape and note(name, rel(out, ref)) < bound
     if case[0] <= RE.DECODE_MAX_T:  # the grouped (prefill) path must agree on decode-sized inputs too
         assert note(name + " grouped", rel(RE.routed_experts_triton(x, idx, wt, *w, grouped=True), ref)) < bound
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", MOE_GPU_CASES)
+def test_routed_experts_pairs_gpu(case):
+    """dsv3.routed_experts_pairs + combine_pairs (the model's default form) == dsv3.routed_experts, eager and under
+    torch.compile(fullgraph=True) (where Inductor fuses combine_pairs), with invalid ids (no repeats within a token,
+    as the router's); poisoned allocations, so rows the kernels leave unwritten would show."""
+    x, idx, wt, w = moe_inputs(*case)
+    if case[0] > 2 and case[1] > 1:
+        idx[1, 1] = -3
+    e = w[0].shape[0]
+    poison_allocator()
+    whole = torch.ops.dsv3.routed_experts(x, idx, wt, *w)
+    name = "moe pairs T={} K={} E={} D={} I={} fp8={}".format(*case)
+
+    def split(x, idx, wt, *w):
+        return RE.combine_pairs(torch.ops.dsv3.routed_experts_pairs(x, idx, *w), idx, wt, e)
+
+    poison_allocator()
+    eager = split(x, idx, wt, *w)
+    assert torch.isfinite(eager).all() and note(name, rel(eager, whole)) < 1e-3  # fp32 sum order only
+    compiled = torch.compile(split, fullgraph=True)(x, idx, wt, *w)
+    assert torch.isfinite(compiled).all() and note(name + " compiled", rel(compiled, whole)) < 1e-3
 
 
 MOE_PLAN_GPU_SHAPES = [

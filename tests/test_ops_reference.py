@@ -115,6 +115,37 @@ def test_mla_attention_absorbed_equals_naive_attention(b, s, h, c, r, t):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
+def test_routed_experts_pairs_and_combine(fp8):
+    """dsv3.routed_experts_pairs (CPU: the dense reference) + combine_pairs (the model's default form) == the
+    routed-experts op, with invalid ids, against float64 sums too (ids do not repeat within a token, as the router's)."""
+    from dsv3.kernels.routed_experts import combine_pairs
+
+    t, d, i, e, topk = 5, 136, 72, 4, 3
+    x = torch.randn(t, d, generator=G).bfloat16()
+    ws = [torch.randn(e, i, d, generator=G) * 0.1, torch.randn(e, i, d, generator=G) * 0.1,
+          torch.randn(e, d, i, generator=G) * 0.1]
+    if fp8:
+        qs = [quantize_weight(w) for w in ws]
+        w = [qs[0][0], qs[1][0], qs[2][0], qs[0][1], qs[1][1], qs[2][1]]
+    else:
+        w = [v.bfloat16() for v in ws] + [None] * 3
+    idx = torch.tensor([[0, 3, 1], [2, 1, -1], [3, 7, 0], [1, 0, 2], [5, -2, 9]])
+    wts = torch.rand(t, topk, generator=G)
+    pairs = torch.ops.dsv3.routed_experts_pairs(x, idx, *w)
+    assert pairs.shape == (t, topk, d) and pairs.dtype == x.dtype
+    y = combine_pairs(pairs, idx, wts, e)
+    assert torch.equal(y[4], torch.zeros_like(y[4]))  # no valid id
+    assert _rel(y, torch.ops.dsv3.routed_experts(x, idx, wts, *w)) < 4e-3  # fp32 sums in another order, bf16 out
+    ref = torch.zeros(t, d, dtype=torch.float64)
+    for ti in range(t):
+        for kk in range(topk):
+            ex = int(idx[ti, kk])
+            if 0 <= ex < e:
+                ref[ti] += wts[ti, kk].double() * pairs[ti, kk].double()
+    assert _rel(y, ref) < 4e-3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
 def test_routed_experts_reference(fp8):
     t, d, i, e, topk = 6, 200, 88, 5, 2
     x = torch.randn(t, d, generator=G)

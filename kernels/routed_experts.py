@@ -88,6 +88,15 @@ def _project(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor]) -> tor
     return F.linear(x, w) if s is None else fp8_linear_reference(x, w, s)
 
 
+def _expert_output(x: torch.Tensor, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
+                   down_scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
+    """Expert e applied to every token (the references' SwiGLU, h rounded to x.dtype before down)."""
+    pick = lambda w: None if w is None else w[e]  # noqa: E731
+    h = F.silu(_project(x, gate_proj[e], pick(gate_scale_inv))) * _project(x, up_proj[e], pick(up_scale_inv))
+    return _project(h.to(x.dtype), down_proj[e], pick(down_scale_inv))
+
+
 def routed_experts_reference(
     x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -98,12 +107,11 @@ def routed_experts_reference(
     """Dense over experts (every expert sees every token, then a select): simple and sync-free, fine on CPU.
     x_q / x_scale are ignored: by contract they are quantize_activation(x), which fp8_linear_reference computes."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    weights = (gate_proj, up_proj, down_proj, gate_scale_inv, up_scale_inv, down_scale_inv)
     for e in range(gate_proj.shape[0]):
         hit = topk_idx == e                                     # [T, K]
         weight = (topk_weight * hit).sum(-1, keepdim=True)     # [T, 1]
-        pick = lambda t, i=e: None if t is None else t[i]      # noqa: E731
-        h = F.silu(_project(x, gate_proj[e], pick(gate_scale_inv))) * _project(x, up_proj[e], pick(up_scale_inv))
-        y = _project(h.to(x.dtype), down_proj[e], pick(down_scale_inv))
+        y = _expert_output(x, e, *weights)
         # where(), not a multiply: an unselected token's expert output must not leak in even if it is not finite.
         out = out + torch.where(hit.any(-1, keepdim=True), y.float() * weight, 0.0)
     return out.to(x.dtype)
@@ -120,10 +128,9 @@ def routed_experts_pairs_reference(
     [0, E)); dense over experts as `routed_experts_reference`."""
     t, k = topk_idx.shape
     pairs = torch.zeros((t, k, x.shape[1]), dtype=x.dtype, device=x.device)
+    weights = (gate_proj, up_proj, down_proj, gate_scale_inv, up_scale_inv, down_scale_inv)
     for e in range(gate_proj.shape[0]):
-        pick = lambda w, i=e: None if w is None else w[i]      # noqa: E731
-        h = F.silu(_project(x, gate_proj[e], pick(gate_scale_inv))) * _project(x, up_proj[e], pick(up_scale_inv))
-        y = _project(h.to(x.dtype), down_proj[e], pick(down_scale_inv)).to(x.dtype)
+        y = _expert_output(x, e, *weights).to(x.dtype)
         pairs = torch.where((topk_idx == e)[:, :, None], y[:, None, :], pairs)
     return pairs
 
@@ -617,18 +624,18 @@ def routed_experts_triton(
     x_scale: Optional[torch.Tensor] = None, combine: bool = True,
 ) -> torch.Tensor:
     """The Triton path (module docstring). combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
-    contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the plan, DSV3_MOE_DECODE,
-    then these keyword arguments; None keeps the plan's value). The grouped path starts from MOE_GROUPED_FP8 /
+    contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the
+    plan, DSV3_MOE_DECODE, then these keyword arguments; None keeps the plan's value). The grouped path starts from MOE_GROUPED_FP8 /
     _BF16 and takes only the explicit up_* / down_* fields. `grouped_block_t`: (token, expert) pairs per tile of the
     grouped path (default GROUPED_BLOCK_T; one of GROUPED_BLOCK_TS). `x_q` / `x_scale`: quantize_activation(x),
     given by the caller (FP8 weights: no act_quant launch)."""
     t, d = x.shape
     k = topk_idx.shape[1]
     e, i, _ = gate_proj.shape
-    out = torch.empty_like(x)
+    odt = x.dtype  # the output's (x may be cast to bf16/fp16 weights' dtype below)
     t_static = static_int(t)
     if t_static == 0:
-        return out if combine else x.new_empty((t, k, d))
+        return torch.empty_like(x) if combine else x.new_empty((t, k, d))
     if grouped is None:
         grouped = t_static is None or t_static > DECODE_MAX_T
     is_fp8 = gate_scale_inv is not None
@@ -644,7 +651,7 @@ def routed_experts_triton(
     else:
         sg = su = sd = gate_proj  # unused
     p = t * k
-    y = torch.empty((p, d), dtype=out.dtype, device=x.device)
+    y = torch.empty((p, d), dtype=odt, device=x.device)
     block_k = max(2, next_pow2(k))
     if grouped:
         block_t = grouped_block_t or GROUPED_BLOCK_T
@@ -688,14 +695,14 @@ def routed_experts_triton(
         h = torch.empty((p, i), dtype=torch.float8_e4m3fn, device=x.device)
         hs = torch.empty((p, cdiv(i, 128)), dtype=torch.float32, device=x.device)
     else:
-        h = torch.empty((p, i), dtype=out.dtype, device=x.device)
+        h = torch.empty((p, i), dtype=odt, device=x.device)
         hs = h                                    # unused
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
                   BLOCK_P=block_p, BLOCK_E=block_e)
     kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
     preload_up, preload_down = (preload_scales(grouped, kb) for kb in (kb_pad_up, kb_pad_down))
     if rows_up:  # one token: h[k] for slot k, then h quantized as the QUANT_H up kernel would have
-        h_act = torch.empty((p, i), dtype=out.dtype, device=x.device)
+        h_act = torch.empty((p, i), dtype=odt, device=x.device)
         wrap_triton(_moe_up_rows_kernel)[(p, cdiv(i, plan.up_block_n))](
             xq, xs, idx, gate_proj, up_proj, sg, su, h_act,
             e, i, d, gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), h_act.stride(0),
@@ -730,6 +737,7 @@ def routed_experts_triton(
         )
     if not combine:
         return y.view(t, k, d)
+    out = torch.empty((t, d), dtype=odt, device=x.device)
     block_d = 512
     wrap_triton(_moe_combine_kernel)[(t, cdiv(d, block_d))](
         y, idx, wt, out, k, e, d, y.stride(0), out.stride(0), out.stride(1),

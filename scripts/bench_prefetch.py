@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bench_rows import rand_fp8  # (scripts/: run from the repository root or scripts/)
 from dsv3.kernels.bench import graph_us
-from dsv3.kernels.fp8_blocks import quantize_weight
 from dsv3.kernels.routed_experts import routed_experts_triton
 
 E_ROUTED, N_SHARED, D, I = 64, 2, 2048, 1408
@@ -39,7 +39,6 @@ COPIES = 8
 
 PREFETCH_CHUNK = 16384  # bytes per bulk request
 PREFETCH_ISSUES = 32    # requests issued at once by a program (one per lane of a warp)
-_INTERPRET = False
 
 
 @triton.jit
@@ -60,40 +59,39 @@ def _line_prefetch(ptrs, valid):
 
 @triton.jit
 def prefetch_range_part(base_ptr, nbytes, part, n_parts, CHUNK: tl.constexpr, ISSUES: tl.constexpr,
-                        INTERPRET: tl.constexpr, LINES: tl.constexpr = False):
+                        LINES: tl.constexpr = False):
     """Program `part` of `n_parts` asks for its share of the byte range [base_ptr, base_ptr + nbytes) in CHUNK-byte
     requests (consecutive chunks per part). base_ptr: any pointer (bytes from its address)."""
-    if not INTERPRET:
-        n_chunks = tl.cdiv(nbytes, CHUNK)
-        per = tl.cdiv(n_chunks, n_parts)
-        c0 = part * per
-        c1 = tl.minimum(c0 + per, n_chunks)
-        base = base_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
-        for c in range(c0, c1, ISSUES):
-            offs = c + tl.arange(0, ISSUES)
-            start = offs.to(tl.int64) * CHUNK
-            size = (tl.minimum(nbytes - start, CHUNK) // 16 * 16).to(tl.int32)
-            valid = ((offs < c1) & (size > 0)).to(tl.int32)
-            if LINES:  # CHUNK = 128: one line per request
-                _line_prefetch(base + start, valid)
-            else:
-                _bulk_prefetch(base + start, size, valid)
+    n_chunks = tl.cdiv(nbytes, CHUNK)
+    per = tl.cdiv(n_chunks, n_parts)
+    c0 = part * per
+    c1 = tl.minimum(c0 + per, n_chunks)
+    base = base_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
+    for c in range(c0, c1, ISSUES):
+        offs = c + tl.arange(0, ISSUES)
+        start = offs.to(tl.int64) * CHUNK
+        size = (tl.minimum(nbytes - start, CHUNK) // 16 * 16).to(tl.int32)
+        valid = ((offs < c1) & (size > 0)).to(tl.int32)
+        if LINES:  # CHUNK = 128: one line per request
+            _line_prefetch(base + start, valid)
+        else:
+            _bulk_prefetch(base + start, size, valid)
 
 
 @triton.jit
 def _l2_prefetch_kernel(p0, n0, p1, n1, p2, n2, p3, n3, N_PARTS, CHUNK: tl.constexpr, ISSUES: tl.constexpr,
-                        INTERPRET: tl.constexpr, LINES: tl.constexpr):
+                        LINES: tl.constexpr):
     """Grid (N_PARTS, 4): program (part, r) prefetches its part of range r (size 0: nothing)."""
     part = tl.program_id(0)
     r = tl.program_id(1)
     if r == 0:
-        prefetch_range_part(p0, n0, part, N_PARTS, CHUNK, ISSUES, INTERPRET, LINES)
+        prefetch_range_part(p0, n0, part, N_PARTS, CHUNK, ISSUES, LINES)
     elif r == 1:
-        prefetch_range_part(p1, n1, part, N_PARTS, CHUNK, ISSUES, INTERPRET, LINES)
+        prefetch_range_part(p1, n1, part, N_PARTS, CHUNK, ISSUES, LINES)
     elif r == 2:
-        prefetch_range_part(p2, n2, part, N_PARTS, CHUNK, ISSUES, INTERPRET, LINES)
+        prefetch_range_part(p2, n2, part, N_PARTS, CHUNK, ISSUES, LINES)
     else:
-        prefetch_range_part(p3, n3, part, N_PARTS, CHUNK, ISSUES, INTERPRET, LINES)
+        prefetch_range_part(p3, n3, part, N_PARTS, CHUNK, ISSUES, LINES)
 
 
 def l2_prefetch(tensors, n_parts: int = 32, chunk: int = PREFETCH_CHUNK, lines: bool = False) -> None:
@@ -106,10 +104,10 @@ def l2_prefetch(tensors, n_parts: int = 32, chunk: int = PREFETCH_CHUNK, lines: 
         t = tensors[j] if j < len(tensors) else tensors[0]
         args += [t, t.numel() * t.element_size() if j < len(tensors) else 0]
     if lines:
-        _l2_prefetch_kernel[(n_parts, 4)](*args, n_parts, CHUNK=128, ISSUES=128, INTERPRET=_INTERPRET, LINES=True,
+        _l2_prefetch_kernel[(n_parts, 4)](*args, n_parts, CHUNK=128, ISSUES=128, LINES=True,
                                           num_warps=4)
     else:
-        _l2_prefetch_kernel[(n_parts, 4)](*args, n_parts, CHUNK=chunk, ISSUES=PREFETCH_ISSUES, INTERPRET=_INTERPRET,
+        _l2_prefetch_kernel[(n_parts, 4)](*args, n_parts, CHUNK=chunk, ISSUES=PREFETCH_ISSUES,
                                           LINES=False, num_warps=1)
 
 
@@ -146,16 +144,6 @@ def l2_load(tensors, sink, n_parts: int = 132) -> None:
         t = tensors[j] if j < len(tensors) else tensors[0]
         args += [t, t.numel() * t.element_size() if j < len(tensors) else 0]
     _l2_load_kernel[(n_parts, 4)](*args, sink, n_parts, BLOCK=1024, num_warps=4)
-
-
-
-
-def rand_fp8(shape, gen):
-    w = torch.randn(*shape, generator=gen) * 0.05
-    if len(shape) == 2:
-        return [t.cuda() for t in quantize_weight(w)]
-    ws, ss = zip(*(quantize_weight(w[j]) for j in range(shape[0])))
-    return [torch.stack(ws).cuda(), torch.stack(ss).cuda()]
 
 
 def main() -> int:

@@ -54,8 +54,12 @@ Implementations (branch taken at trace time)
     to its expert; tokens padded to 16 for the tensor cores).
   * prefill (T larger or dynamic): grouped. The (token, k) pairs are sorted by expert on the device (torch.sort,
     cumsum, searchsorted: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
-    of up to 64 pairs of one expert (other tiles and launch fields: `grouped_block_t`, up_* / down_*; none faster
-    at T=4096 on the H200, scripts/sweep_prefill.py, docs/KERNELS.md).
+    of up to 64 pairs of one expert (other tiles and launch fields: `grouped_block_t`, up_* / down_*; timed by
+    scripts/sweep_prefill.py, docs/KERNELS.md). With FP8 weights the grouped path runs `_moe_up_grouped_kernel`
+    and `_moe_down_grouped_kernel` in place of steps 1-2: the same arithmetic with the tokens as the MMA's M and
+    the weight rows as its N (gate and up rows in one 256-wide dot), which keeps more MACs per shared-memory byte
+    than the decode kernels' orientation (16B at T=4096 on the H200: up 874 -> 755 us, down 467 -> 394 us, bitwise
+    the same outputs).
   Decode launch config (trace time): `MoeDecodePlan` (BLOCK_N, num_warps, num_stages of the up and of the down
   kernel) from `moe_decode_plan(t, e_slots, i, d, sms)` (a table, `MOE_DECODE_TUNED`, measured by
   `scripts/sweep_moe.py`; shapes not listed get MOE_DECODE_DEFAULT: up 128/8 warps/4 stages, down 64/4/4), pinned by
@@ -168,6 +172,39 @@ def combine_pairs(pairs: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torc
 
 
 @triton.jit
+def _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T: tl.constexpr):
+    """Tile `slot` of the grouped schedule (`grouped_schedule`): its expert (-1: empty tile), the pair rows
+    (t*K + k), their tokens and the mask of the BLOCK_T columns in use."""
+    offs = tl.arange(0, BLOCK_T)
+    e = tl.load(sched_ptr + slot)
+    start = tl.load(sched_ptr + n_sched + slot)
+    end = tl.load(sched_ptr + 2 * n_sched + slot)
+    col_mask = (start + offs) < end
+    pair = tl.load(sched_ptr + 3 * n_sched + start + offs, mask=col_mask, other=0)
+    return tl.where(start < end, e, -1), pair, pair // K, col_mask
+
+
+@triton.jit
+def _swiglu(acc_g, acc_u, odt: tl.constexpr):
+    """silu(gate) * up in fp32 with the reference's rounding points: gate, up, silu and the product each rounded
+    to the activation dtype `odt`."""
+    g = acc_g.to(odt).to(tl.float32)
+    u = acc_u.to(odt).to(tl.float32)
+    sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
+    return (sl * u).to(odt).to(tl.float32)
+
+
+@triton.jit
+def _quantize_h(hf, AXIS: tl.constexpr):
+    """e4m3 values and fp32 scales of h over the 128 channels along AXIS (one scale per token), exactly as
+    quantize_activation(h) (channels past I are zeros, as its padding is)."""
+    amax = tl.max(tl.abs(hf), axis=AXIS)
+    hsc = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    hq = tl.minimum(tl.maximum(tl.div_rn(hf, tl.expand_dims(hsc, AXIS)), -448.0), 448.0).to(tl.float8e4nv)
+    return hq, hsc
+
+
+@triton.jit
 def _slot_columns(
     idx_ptr, sched_ptr, slot, T, K, E, n_sched,
     GROUPED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -176,13 +213,7 @@ def _slot_columns(
     """The expert of this program (-1: nothing to do) and its columns: pair row (t*K + k), token, mask."""
     offs = tl.arange(0, BLOCK_T)
     if GROUPED:
-        e = tl.load(sched_ptr + slot)
-        start = tl.load(sched_ptr + n_sched + slot)
-        end = tl.load(sched_ptr + 2 * n_sched + slot)
-        col_mask = (start + offs) < end
-        pair = tl.load(sched_ptr + 3 * n_sched + start + offs, mask=col_mask, other=0)
-        token = pair // K
-        e = tl.where(start < end, e, -1)
+        e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
     else:
         # slot j -> j-th smallest expert id present among the T*K valid ids (ids outside [0, E) never match).
         offs_p = tl.arange(0, BLOCK_P)
@@ -216,11 +247,10 @@ def _moe_up_kernel(
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
-    """KB_PAD: a power of two >= ceil(D / 128). PRELOAD: the program's block scales are loaded before its K loop
-    and picked out of registers (`pick_scale`: Triton does not pipeline the scale loads), else loaded per K block;
-    the launcher decides (`preload_scales`).
+    """acc[weight rows, tokens]: the decode path (FP8 or bf16/fp16) and the grouped bf16/fp16 path (FP8 grouped:
+    `_moe_up_grouped_kernel`).
     FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
     one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
     it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
@@ -243,28 +273,15 @@ def _moe_up_kernel(
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        offs_kb = tl.arange(0, KB_PAD)
-        kb_mask = offs_kb < tl.cdiv(D, BLOCK_D)
-        if IS_FP8 and PRELOAD:
-            # per (token, K block): x scale times the weight block's scale, the product the loop multiplies by
-            xs_all = tl.load(xs_ptr + token64[:, None] * stride_xst + offs_kb[None, :],
-                             mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
-            sg_all = tl.load(sg_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
-            su_all = tl.load(su_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
-            scale_g = xs_all * sg_all[None, :]
-            scale_u = xs_all * su_all[None, :]
         for kb in range(0, tl.cdiv(D, BLOCK_D)):
             d_mask = (kb * BLOCK_D + offs_d) < D
             wmask = n_mask[:, None] & d_mask[None, :]
             wg = tl.load(wg_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            if IS_FP8 and PRELOAD:
-                xqt = tl.trans(xv)
-                acc_g += tl.dot(wg, xqt) * pick_scales(scale_g, offs_kb, kb)[None, :]
-                acc_u += tl.dot(wu, xqt) * pick_scales(scale_u, offs_kb, kb)[None, :]
-            elif IS_FP8:
-                # decode: the picks cost more than the loads they replace (671B-ep8 T=1 up 23 -> 62 us, H200)
+            if IS_FP8:
+                # decode: scales loaded per K block (preloading them measured slower here: 671B-ep8 T=1 up 23 ->
+                # 62 us, H200)
                 xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
                 xqt = tl.trans(xv)
                 sg = tl.load(sg_ptr + srow + kb * stride_sk)
@@ -275,23 +292,15 @@ def _moe_up_kernel(
                 xt = tl.trans(xv.to(wg.dtype))
                 acc_g = tl.dot(wg, xt, acc_g)
                 acc_u = tl.dot(wu, xt, acc_u)
-        # the reference rounds gate, up, silu and the product to the activation dtype
         odt = dt_ptr.dtype.element_ty
-        g = acc_g.to(odt).to(tl.float32)
-        u = acc_u.to(odt).to(tl.float32)
-        sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
-        h = (sl * u).to(odt)
+        hf = _swiglu(acc_g, acc_u, odt)
         h_ptrs = h_ptr + pair.to(tl.int64)[None, :] * stride_h + offs_n[:, None]
-        if QUANT_H:
-            # quantize h per token (column) over this 128-channel block (rows past I are zeros, as padding is)
-            hf = h.to(tl.float32)
-            amax = tl.max(tl.abs(hf), axis=0)
-            hsc = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
-            hq = tl.minimum(tl.maximum(tl.div_rn(hf, hsc[None, :]), -448.0), 448.0).to(tl.float8e4nv)
+        if QUANT_H:  # per token (column) over this 128-channel block
+            hq, hsc = _quantize_h(hf, 0)
             tl.store(h_ptrs, hq, mask=n_mask[:, None] & col_mask[None, :])
-            tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, hsc.to(tl.float32), mask=col_mask)
+            tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, hsc, mask=col_mask)
         else:
-            tl.store(h_ptrs, h, mask=n_mask[:, None] & col_mask[None, :])
+            tl.store(h_ptrs, hf.to(odt), mask=n_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -330,10 +339,10 @@ def _moe_down_kernel(
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
-    """KB_PAD: a power of two >= ceil(I / 128); PRELOAD as in the up kernel. FP8 with QUANT_H: h is e4m3 with
-    scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
+    """acc[weight rows, tokens], the paths of `_moe_up_kernel` (FP8 grouped: `_moe_down_grouped_kernel`).
+    FP8 with QUANT_H: h is e4m3 with scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
     h is in the activation dtype and each [tokens, 128] tile is quantized here (`quantize_tile_rcp`, exactly
     quantize_activation(h) up to the sign of a zero: columns past I and tokens not routed here load as zeros, as its
     padding is)."""
@@ -352,28 +361,16 @@ def _moe_down_kernel(
         h_ptrs = h_ptr + pair64[:, None] * stride_h + offs_i[None, :]
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        offs_kb = tl.arange(0, KB_PAD)
-        kb_mask = offs_kb < tl.cdiv(I, BLOCK_I)
-        if IS_FP8 and PRELOAD:
-            sd_all = tl.load(sd_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
-            if QUANT_H:
-                hs_all = tl.load(hs_ptr + pair64[:, None] * stride_hs + offs_kb[None, :],
-                                 mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
         for kb in range(0, tl.cdiv(I, BLOCK_I)):
             i_mask = (kb * BLOCK_I + offs_i) < I
             w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
             hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if IS_FP8:
-                if QUANT_H and PRELOAD:
-                    hs = pick_scales(hs_all, offs_kb, kb)
-                elif QUANT_H:
+                if QUANT_H:
                     hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
                 else:
                     hv, hs = quantize_tile_rcp(hv.to(tl.float32))
-                if PRELOAD:
-                    sd = pick_scale(sd_all, offs_kb, kb)
-                else:
-                    sd = tl.load(sd_ptr + srow + kb * stride_sk)
+                sd = tl.load(sd_ptr + srow + kb * stride_sk)
                 acc += tl.dot(w, tl.trans(hv)) * (hs[None, :] * sd)
             else:
                 acc = tl.dot(w, tl.trans(hv.to(w.dtype)), acc)
@@ -405,6 +402,128 @@ def _moe_down_rows_kernel(
                              False)
         y = dot_rows(w, sd, hq, hsv)
         tl.store(y_ptr + slot * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _moe_up_grouped_kernel(
+    x_ptr, xs_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
+    K, I, D, n_sched,
+    stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
+    BLOCK_T: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+):
+    """FP8 grouped (prefill) up kernel, grid (tiles, cdiv(I, 128)): one tile of BLOCK_T (token, expert) pairs of
+    one expert (`grouped_schedule`) times 128 gate rows and the same 128 up rows, as ONE [BLOCK_T, 256] dot per
+    128-deep K block: acc[token, r] is gate row pid_n*128 + r for r < 128, up row pid_n*128 + r - 128 after.
+    Tokens are the MMA's M: each warpgroup issues m64 n128 wgmmas (43 MACs per shared-memory byte), where the
+    decode kernel's orientation (weight rows as M, tokens as N) gives m64 n64 (32, the FP8 peak's need with no
+    slack): 16B at T=4096 on the H200, 874 -> 755 us, bitwise the same h (scripts/gpu_check.sh swap, 2026-11-23).
+    Same arithmetic as `_moe_up_kernel` (fp32 partial per K block times x scale x weight block scale, then the
+    SwiGLU rounding points); h is written quantized per token over the program's 128 channels.
+    KB_PAD: a power of two >= ceil(D / 128). PRELOAD: the program's block scales are loaded before its K loop and
+    picked out of registers (`pick_scale`: Triton does not pipeline the scale loads), else loaded per K block; the
+    launcher decides (`preload_scales`)."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
+    if e >= 0:
+        e64 = e.to(tl.int64)
+        token64 = token.to(tl.int64)
+        offs_r = tl.arange(0, 256)
+        is_up = offs_r >= 128
+        rows = pid_n * 128 + (offs_r % 128)
+        r_mask = rows < I
+        offs_d = tl.arange(0, 128)
+        row_off = e64 * stride_we + rows.to(tl.int64) * stride_wn
+        w_ptrs = tl.where(is_up, wu_ptr + row_off, wg_ptr + row_off)[:, None] + offs_d[None, :]
+        x_ptrs = x_ptr + token64[:, None] * stride_xt + offs_d[None, :]
+        srow = e64 * stride_se + pid_n * stride_sn
+        if PRELOAD:
+            offs_kb = tl.arange(0, KB_PAD)
+            kb_mask = offs_kb < tl.cdiv(D, 128)
+            xs_all = tl.load(xs_ptr + token64[:, None] * stride_xst + offs_kb[None, :],
+                             mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
+            sg_all = tl.load(sg_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
+            su_all = tl.load(su_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
+        acc = tl.zeros((BLOCK_T, 256), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(D, 128)):
+            d_mask = (kb * 128 + offs_d) < D
+            wv = tl.load(w_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+            xv = tl.load(x_ptrs + kb * 128, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if PRELOAD:
+                xs = pick_scales(xs_all, offs_kb, kb)
+                s_row = tl.where(is_up, pick_scale(su_all, offs_kb, kb), pick_scale(sg_all, offs_kb, kb))
+            else:
+                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
+                s_row = tl.where(is_up, tl.load(su_ptr + srow + kb * stride_sk),
+                                 tl.load(sg_ptr + srow + kb * stride_sk))
+            acc += tl.dot(xv, tl.trans(wv)) * (xs[:, None] * s_row[None, :])
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_T, 2, 128)), (0, 2, 1)))
+        hq, hsc = _quantize_h(_swiglu(acc_g, acc_u, dt_ptr.dtype.element_ty), 1)
+        offs_c = pid_n * 128 + tl.arange(0, 128)
+        pair64 = pair.to(tl.int64)
+        tl.store(h_ptr + pair64[:, None] * stride_h + offs_c[None, :], hq,
+                 mask=col_mask[:, None] & (offs_c < I)[None, :])
+        tl.store(hs_ptr + pair64 * stride_hs + pid_n, hsc, mask=col_mask)
+
+
+@triton.jit
+def _moe_down_grouped_kernel(
+    h_ptr, hs_ptr, sched_ptr, wd_ptr, sd_ptr, y_ptr,
+    K, I, D, n_sched,
+    stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+):
+    """FP8 grouped (prefill) down kernel, grid (tiles, cdiv(D, BLOCK_N)): acc[token, r] for D rows
+    pid_n*BLOCK_N + r, tokens as the MMA's M as in `_moe_up_grouped_kernel` (16B at T=4096 on the H200, BLOCK_N
+    256: 467 -> 394 us against `_moe_down_kernel`, bitwise the same output). BLOCK_N 128 or 256 (one or two
+    128-row weight blocks); h e4m3 with scales hs [pairs, I/128] from the up kernel; writes each pair's output
+    rounded to the activation dtype. KB_PAD, PRELOAD as in the up kernel (over I)."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
+    if e >= 0:
+        e64 = e.to(tl.int64)
+        pair64 = pair.to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + offs_r
+        n_mask = offs_n < D
+        offs_i = tl.arange(0, 128)
+        w_ptrs = wd_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_i[None, :]
+        h_ptrs = h_ptr + pair64[:, None] * stride_h + offs_i[None, :]
+        # the weight-scale rows of the program's first and (BLOCK_N 256) second 128-row block; past D the second
+        # is the first again (its rows are masked), so every scale read stays inside the tensor
+        s0 = sd_ptr + e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
+        s1 = s0 + tl.where((pid_n * BLOCK_N + 128) < D, stride_sn, 0)
+        second = offs_r >= 128
+        if PRELOAD:
+            offs_kb = tl.arange(0, KB_PAD)
+            kb_mask = offs_kb < tl.cdiv(I, 128)
+            hs_all = tl.load(hs_ptr + pair64[:, None] * stride_hs + offs_kb[None, :],
+                             mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
+            s0_all = tl.load(s0 + offs_kb * stride_sk, mask=kb_mask, other=0.0)
+            if BLOCK_N == 256:
+                s1_all = tl.load(s1 + offs_kb * stride_sk, mask=kb_mask, other=0.0)
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(I, 128)):
+            i_mask = (kb * 128 + offs_i) < I
+            w = tl.load(w_ptrs + kb * 128, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
+            hv = tl.load(h_ptrs + kb * 128, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+            if PRELOAD:
+                hs = pick_scales(hs_all, offs_kb, kb)
+                sd0 = pick_scale(s0_all, offs_kb, kb)
+                if BLOCK_N == 256:
+                    sd1 = pick_scale(s1_all, offs_kb, kb)
+            else:
+                hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
+                sd0 = tl.load(s0 + kb * stride_sk)
+                if BLOCK_N == 256:
+                    sd1 = tl.load(s1 + kb * stride_sk)
+            if BLOCK_N == 256:
+                acc += tl.dot(hv, tl.trans(w)) * (hs[:, None] * tl.where(second, sd1, sd0)[None, :])
+            else:
+                acc += tl.dot(hv, tl.trans(w)) * (hs * sd0)[:, None]
+        tl.store(y_ptr + pair64[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=col_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -479,7 +598,11 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
 # The grouped (prefill) path: one config for every shape unless the call passes up_* / down_* fields
 # (scripts/sweep_prefill.py times others). Tiles of GROUPED_BLOCK_T (token, expert) pairs, one of GROUPED_BLOCK_TS.
 # bf16 weights: 2 x 32 KB weight tiles + the token tile per stage; 3 stages would exceed 227 KB of smem.
-MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 3, 128, 8, 3)
+# FP8 (the grouped kernels, tokens as the MMA's M): 16B at T=4096 on the H200 (scripts/gpu_check.sh swap,
+# 2026-11-23), up 8 warps 3 / 4 stages 761 / 755 us (2 stages 1100, 4 warps 2306); down BLOCK_N 256 8 warps 4
+# stages 394 us (3 stages 405; BLOCK_N 128: 403-431).
+MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 4, 256, 8, 4)
+GROUPED_DOWN_BLOCK_NS_FP8 = (128, 256)
 MOE_GROUPED_BF16 = MoeDecodePlan(128, 8, 2, 128, 8, 2)
 GROUPED_BLOCK_TS = (32, 64, 128)
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
@@ -569,9 +692,17 @@ def grouped_plan(is_fp8: bool, **fields: Optional[int]) -> MoeDecodePlan:
     """The grouped path's launch config: MOE_GROUPED_FP8 / _BF16 with the given up_* / down_* fields replaced."""
     plan = (MOE_GROUPED_FP8 if is_fp8 else MOE_GROUPED_BF16)._replace(
         **{k: v for k, v in fields.items() if v is not None})
-    check_moe_plan(plan, is_fp8)
-    if plan.up_block_n < 16:
-        raise ValueError(f"grouped MoE plan {plan}: up_block_n must be >= 16 (the row-parallel kernel is one token)")
+    if is_fp8:  # `_moe_up_grouped_kernel` / `_moe_down_grouped_kernel`
+        if plan.up_block_n != 128:
+            raise ValueError(f"grouped FP8 MoE plan {plan}: up_block_n must be 128 (each program owns one "
+                             "128-channel block of h, gate and up)")
+        if plan.down_block_n not in GROUPED_DOWN_BLOCK_NS_FP8:
+            raise ValueError(f"grouped FP8 MoE plan {plan}: down_block_n must be one of {GROUPED_DOWN_BLOCK_NS_FP8}")
+        check_moe_plan(plan._replace(down_block_n=128), is_fp8)  # warps and stages
+    else:
+        check_moe_plan(plan, is_fp8)
+        if plan.up_block_n < 16:
+            raise ValueError(f"grouped MoE plan {plan}: up_block_n must be >= 16")
     return plan
 
 
@@ -582,9 +713,9 @@ def grouped_plan(is_fp8: bool, **fields: Optional[int]) -> MoeDecodePlan:
 PRELOAD_MAX_KB = 16
 
 
-def preload_scales(grouped: bool, kb_pad: int) -> bool:
-    """Whether a MoE kernel preloads its block scales (see PRELOAD_MAX_KB): the grouped path with few K blocks."""
-    return grouped and kb_pad <= PRELOAD_MAX_KB
+def preload_scales(kb_pad: int) -> bool:
+    """Whether a grouped FP8 kernel preloads its block scales (see PRELOAD_MAX_KB): few K blocks."""
+    return kb_pad <= PRELOAD_MAX_KB
 
 
 def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tuple[torch.Tensor, int]:
@@ -700,7 +831,6 @@ def routed_experts_triton(
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
                   BLOCK_P=block_p, BLOCK_E=block_e)
     kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
-    preload_up, preload_down = (preload_scales(grouped, kb) for kb in (kb_pad_up, kb_pad_down))
     if rows_up:  # one token: h[k] for slot k, then h quantized as the QUANT_H up kernel would have
         h_act = torch.empty((p, i), dtype=odt, device=x.device)
         wrap_triton(_moe_up_rows_kernel)[(p, cdiv(i, plan.up_block_n))](
@@ -717,23 +847,39 @@ def routed_experts_triton(
                 sd.stride(0), sd.stride(1), y.stride(0),
                 BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
             )
+    elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
+        wrap_triton(_moe_up_grouped_kernel)[(n_slots, cdiv(i, 128))](
+            xq, xs, sched, gate_proj, up_proj, sg, su, h, hs, y,
+            k, i, d, n_sched,
+            xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
+            sg.stride(0), sg.stride(1), sg.stride(2), h.stride(0), hs.stride(0),
+            BLOCK_T=block_t, KB_PAD=kb_pad_up, PRELOAD=preload_scales(kb_pad_up),
+            num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
+        )
     else:
         wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, plan.up_block_n))](
             xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
             t, k, e, i, d, n_sched,
             xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
             sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-            BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, PRELOAD=preload_up, num_warps=plan.up_num_warps,
-            num_stages=plan.up_num_stages, **common,
+            BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
         )
-    if not rows_down:
+    if grouped and is_fp8:
+        wrap_triton(_moe_down_grouped_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
+            h, hs, sched, down_proj, sd, y,
+            k, i, d, n_sched,
+            h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
+            sd.stride(0), sd.stride(1), sd.stride(2), y.stride(0),
+            BLOCK_T=block_t, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_scales(kb_pad_down),
+            num_warps=plan.down_num_warps, num_stages=plan.down_num_stages,
+        )
+    elif not rows_down:
         wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
             h, hs, idx, sched, down_proj, sd, y,
             t, k, e, i, d, n_sched,
             h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
             sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-            BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_down, num_warps=plan.down_num_warps,
-            num_stages=plan.down_num_stages, **common,
+            BLOCK_N=plan.down_block_n, num_warps=plan.down_num_warps, num_stages=plan.down_num_stages, **common,
         )
     if not combine:
         return y.view(t, k, d)

@@ -18,8 +18,6 @@
 #   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
-#   swap       scripts/try_grouped_swap.py: the grouped FP8 MoE up/down kernels with tokens as the MMA's M (T=4096,
-#              16B) against the production ones, checked and timed side by side (JSON in $OUT)
 #   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
 #   ncu-moe    Nsight Compute sections of the routed-experts kernels (scripts/ncu_moe.py: grouped T=4096, decode T=1;
 #              full report text in $OUT/ncu_moe.txt)
@@ -133,7 +131,6 @@ step_ncu_moe() {  # Nsight Compute on the routed-experts kernels (scripts/ncu_mo
     "$OUT/ncu_moe.txt" | head -90
 }
 
-step_swap() { timeout 400 $PY scripts/try_grouped_swap.py --json "$OUT/swap.json" 2>&1 | grep -v -i warn | tail -30; }
 step_prefetch() { timeout 300 $PY scripts/bench_prefetch.py --json "$OUT/bench_prefetch.json" 2>&1 | grep -v -i warn | tail -20; }
 
 step_kdec() {

@@ -88,7 +88,7 @@ def main() -> None:
     h, hs, y = torch.empty(8 * k, i, dtype=fp8), torch.empty(8 * k, 11), torch.empty(8 * k, d, dtype=torch.bfloat16)
     x, xs = torch.empty(8, d, dtype=fp8), torch.empty(8, 16)
     idx1, idx8 = torch.zeros(1, k, dtype=torch.int64), torch.zeros(8, k, dtype=torch.int64)
-    common = dict(IS_FP8=True, GROUPED=False, QUANT_H=True, BLOCK_K=8, BLOCK_E=64, KB_PAD=16, PRELOAD=False)
+    common = dict(IS_FP8=True, GROUPED=False, QUANT_H=True, BLOCK_K=8, BLOCK_E=64)
     cases = {
         "_moe_up_rows_kernel (T=1)": (RE._moe_up_rows_kernel, dict(
             x_ptr=x, xs_ptr=xs, idx_ptr=idx1, wg_ptr=w_up, wu_ptr=w_up, sg_ptr=s_up, su_ptr=s_up, h_ptr=y, E=e, I=i,

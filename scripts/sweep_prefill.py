@@ -7,8 +7,8 @@ causal attention of `dsv3.mla_prefill_attention`, at prompt-sized T.
 MoE (FP8 weights, bf16 activations), T tokens with random distinct routing: 16B (64 routed + 2 shared slots,
 top-6 + 2, D 2048, I 1408) and one rank of 671B at world size 8 (32 local experts, 1 local id per token, D 7168,
 I 2048). Configs: the default (`MOE_GROUPED_FP8`, GROUPED_BLOCK_T pairs per tile), then pairs per tile x the up
-kernel's (BLOCK_N, warps, stages) with the down kernel at its default, then the down kernel's (BLOCK_N, warps,
-stages) under the best up config. Up BLOCK_N 64 leaves h in bf16 and the down kernel quantizes it (same bits).
+kernel's (warps, stages) with the down kernel at its default, then the down kernel's (BLOCK_N 128 / 256, warps,
+stages) under the best up config.
 Attention: 16 heads (the 16B model, and 671B at tensor parallel 8), Dn 128, R 64, Dv 128, one sequence of T tokens,
 no prefix; configs (BLOCK_M, BLOCK_N, warps, stages).
 
@@ -35,8 +35,8 @@ MOE_SHAPES = {
     "16B": dict(e_routed=64, n_shared=2, k=6, d=2048, i=1408),
     "671B-ws8-rank": dict(e_routed=32, n_shared=0, k=1, d=7168, i=2048),
 }
-UP_GRID = [(bt, bn, w, s) for bt in (64, 128) for bn in (64, 128) for w, s in ((4, 3), (8, 3), (8, 4))]
-DOWN_GRID = [(bn, w, s) for bn in (64, 128) for w, s in ((4, 3), (8, 3), (8, 4))]
+UP_GRID = [(bt, w, s) for bt in (64, 128) for w, s in ((4, 3), (8, 3), (8, 4))]
+DOWN_GRID = [(bn, w, s) for bn in (128, 256) for w, s in ((4, 3), (8, 3), (8, 4))]
 ATTN_GRID = [(bm, bn, w, s) for bm, bn in ((128, 64), (128, 128), (128, 32), (64, 64), (64, 128))
              for w in (4, 8) for s in (2, 3)]
 
@@ -47,8 +47,8 @@ def log(msg: str) -> None:
 
 def moe_configs_up() -> list[dict]:
     cfgs = [dict(grouped_block_t=32)]
-    for bt, bn, w, s in UP_GRID:
-        cfgs.append(dict(grouped_block_t=bt, up_block_n=bn, up_num_warps=w, up_num_stages=s))
+    for bt, w, s in UP_GRID:
+        cfgs.append(dict(grouped_block_t=bt, up_num_warps=w, up_num_stages=s))
     return cfgs
 
 

@@ -314,23 +314,57 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
         assert rel_err(out, RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=64)) < 1e-5
 
 
-@pytest.mark.parametrize("block_t,up_bn,down_bn", [(128, 128, 128), (32, 128, 64), (64, 64, 128), (128, 32, 32)])
-def test_routed_experts_grouped_plans(block_t, up_bn, down_bn, fixed_interpreter):
-    """The grouped (prefill) path with other tiles (pairs per tile, the up and down kernels' BLOCK_N; up BLOCK_N <
-    128 leaves h in bf16 for the down kernel to quantize): same result as the default tiles and the reference."""
-    gen = torch.Generator().manual_seed(31 + block_t + up_bn)
-    x, idx, wt, w = _moe_inputs(150, 3, 5, 136, 200, True, torch.bfloat16, gen)
-    out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=block_t, up_block_n=up_bn,
-                                   down_block_n=down_bn)
+# pairs per tile, the down kernel's BLOCK_N, d (136: one full and one partial 128-row block, so BLOCK_N 256 has a
+# second block past D; 300: a partial second block inside BLOCK_N 256), preloaded scales or not
+GROUPED_FP8_CASES = [(128, 128, 136, True), (32, 256, 136, True), (64, 256, 300, True), (64, 256, 300, False),
+                     (32, 128, 300, False)]
+
+
+@pytest.mark.parametrize("block_t,down_bn,d,preload", GROUPED_FP8_CASES)
+def test_routed_experts_grouped_plans(block_t, down_bn, d, preload, fixed_interpreter, monkeypatch):
+    """The grouped FP8 (prefill) kernels with other tiles (pairs per tile, the down kernel's BLOCK_N), ragged D and
+    I (200), with and without preloaded scales: same result as the default tiles and the reference."""
+    gen = torch.Generator().manual_seed(31 + block_t + down_bn + d)
+    x, idx, wt, w = _moe_inputs(150, 3, 5, d, 200, True, torch.bfloat16, gen)
     base = RE.routed_experts_triton(x, idx, wt, *w, grouped=True)
+    monkeypatch.setattr(RE, "PRELOAD_MAX_KB", 16 if preload else 0)
+    out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=block_t, down_block_n=down_bn)
     assert rel_err(out, base) < 1e-6
     assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
 
 
-def test_grouped_plan_refuses_row_kernel():
-    assert RE.grouped_plan(True, up_block_n=64).up_block_n == 64
-    with pytest.raises(ValueError, match="up_block_n"):
-        RE.grouped_plan(True, up_block_n=4)
+def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
+    """`_moe_up_grouped_kernel` / `_moe_down_grouped_kernel` (tokens as the MMA's M) give the bits of the decode
+    kernels (weight rows as M) on the same tiles: h, its scales and the pair outputs, one tile of 20 pairs."""
+    gen = torch.Generator().manual_seed(5)
+    t, k, e, d, i = 20, 2, 3, 300, 200
+    x, idx, _, (wg, wu, wd, sg, su, sd) = _moe_inputs(t, k, e, d, i, True, torch.bfloat16, gen)
+    xq, xs = RE.act_quant(x)
+    sched, n = RE.grouped_schedule(idx, e, 32)
+    p = t * k
+    h0, h1 = (torch.zeros((p, i), dtype=torch.float8_e4m3fn) for _ in range(2))
+    hs0, hs1 = (torch.zeros((p, 2)) for _ in range(2))
+    y0, y1 = (torch.zeros((p, d), dtype=torch.bfloat16) for _ in range(2))
+    flags = dict(IS_FP8=True, GROUPED=True, QUANT_H=True, BLOCK_T=32, BLOCK_K=2, BLOCK_P=2, BLOCK_E=2)
+    RE._moe_up_kernel[(n, 2)](xq, xs, idx, sched, wg, wu, sg, su, h0, hs0, y0, t, k, e, i, d, n, d, 3, i * d, d,
+                              2 * 3, 3, 1, i, 2, BLOCK_N=128, **flags)
+    RE._moe_up_grouped_kernel[(n, 2)](xq, xs, sched, wg, wu, sg, su, h1, hs1, y1, k, i, d, n, d, 3, i * d, d,
+                                      2 * 3, 3, 1, i, 2, BLOCK_T=32, KB_PAD=4, PRELOAD=True)
+    assert torch.equal(h0.view(torch.uint8), h1.view(torch.uint8)) and torch.equal(hs0, hs1)
+    RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
+                                BLOCK_N=128, **flags)
+    RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
+                                        BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False)
+    assert torch.equal(y0, y1)
+
+
+def test_grouped_plan_checks():
+    assert RE.grouped_plan(True, down_block_n=128).down_block_n == 128
+    assert RE.grouped_plan(False, up_block_n=64).up_block_n == 64
+    for fields, name in ((dict(up_block_n=64), "up_block_n"), (dict(up_block_n=4), "up_block_n"),
+                         (dict(down_block_n=64), "down_block_n"), (dict(down_num_warps=3), "down_num_warps")):
+        with pytest.raises(ValueError, match=name):
+            RE.grouped_plan(True, **fields)
 
 
 def test_routed_experts_decode_plan_env(fixed_interpreter, monkeypatch):

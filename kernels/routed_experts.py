@@ -195,12 +195,12 @@ def _swiglu(acc_g, acc_u, odt: tl.constexpr):
 
 
 @triton.jit
-def _quantize_h(hf, AXIS: tl.constexpr):
-    """e4m3 values and fp32 scales of h over the 128 channels along AXIS (one scale per token), exactly as
+def _quantize_h_columns(hf):
+    """e4m3 values and fp32 scales of h [128 channels, tokens] per token (column), exactly as
     quantize_activation(h) (channels past I are zeros, as its padding is)."""
-    amax = tl.max(tl.abs(hf), axis=AXIS)
+    amax = tl.max(tl.abs(hf), axis=0)
     hsc = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
-    hq = tl.minimum(tl.maximum(tl.div_rn(hf, tl.expand_dims(hsc, AXIS)), -448.0), 448.0).to(tl.float8e4nv)
+    hq = tl.minimum(tl.maximum(tl.div_rn(hf, hsc[None, :]), -448.0), 448.0).to(tl.float8e4nv)
     return hq, hsc
 
 
@@ -296,7 +296,7 @@ def _moe_up_kernel(
         hf = _swiglu(acc_g, acc_u, odt)
         h_ptrs = h_ptr + pair.to(tl.int64)[None, :] * stride_h + offs_n[:, None]
         if QUANT_H:  # per token (column) over this 128-channel block
-            hq, hsc = _quantize_h(hf, 0)
+            hq, hsc = _quantize_h_columns(hf)
             tl.store(h_ptrs, hq, mask=n_mask[:, None] & col_mask[None, :])
             tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, hsc, mask=col_mask)
         else:
@@ -419,6 +419,7 @@ def _moe_up_grouped_kernel(
     slack): 16B at T=4096 on the H200, 874 -> 755 us, bitwise the same h (scripts/gpu_check.sh swap, 2026-11-23).
     Same arithmetic as `_moe_up_kernel` (fp32 partial per K block times x scale x weight block scale, then the
     SwiGLU rounding points); h is written quantized per token over the program's 128 channels.
+    (The timings above predate its `quantize_tile_rcp` epilogue.)
     KB_PAD: a power of two >= ceil(D / 128). PRELOAD: the program's block scales are loaded before its K loop and
     picked out of registers (`pick_scale`: Triton does not pipeline the scale loads), else loaded per K block; the
     launcher decides (`preload_scales`)."""
@@ -458,7 +459,8 @@ def _moe_up_grouped_kernel(
                                  tl.load(sg_ptr + srow + kb * stride_sk))
             acc += tl.dot(xv, tl.trans(wv)) * (xs[:, None] * s_row[None, :])
         acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_T, 2, 128)), (0, 2, 1)))
-        hq, hsc = _quantize_h(_swiglu(acc_g, acc_u, dt_ptr.dtype.element_ty), 1)
+        # one division per token, not per element (`quantize_tile_rcp`: the same e4m3 values and scales)
+        hq, hsc = quantize_tile_rcp(_swiglu(acc_g, acc_u, dt_ptr.dtype.element_ty))
         offs_c = pid_n * 128 + tl.arange(0, 128)
         pair64 = pair.to(tl.int64)
         tl.store(h_ptr + pair64[:, None] * stride_h + offs_c[None, :], hq,

@@ -416,7 +416,8 @@ def _moe_up_grouped_kernel(
     128-deep K block: acc[token, r] is gate row pid_n*128 + r for r < 128, up row pid_n*128 + r - 128 after.
     Tokens are the MMA's M: each warpgroup issues m64 n128 wgmmas (43 MACs per shared-memory byte), where the
     decode kernel's orientation (weight rows as M, tokens as N) gives m64 n64 (32, the FP8 peak's need with no
-    slack): 16B at T=4096 on the H200, 874 -> 755 us, bitwise the same h (scripts/gpu_check.sh swap, 2026-11-23).
+    slack): 16B at T=4096 on the H200, 874 -> 755 us, bitwise the same h (scripts/try_grouped_swap.py at commit
+    7915e45, 2026-11-23).
     Same arithmetic as `_moe_up_kernel` (fp32 partial per K block times x scale x weight block scale, then the
     SwiGLU rounding points); h is written quantized per token over the program's 128 channels.
     (The timings above predate its `quantize_tile_rcp` epilogue.)
@@ -600,8 +601,8 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
 # The grouped (prefill) path: one config for every shape unless the call passes up_* / down_* fields
 # (scripts/sweep_prefill.py times others). Tiles of GROUPED_BLOCK_T (token, expert) pairs, one of GROUPED_BLOCK_TS.
 # bf16 weights: 2 x 32 KB weight tiles + the token tile per stage; 3 stages would exceed 227 KB of smem.
-# FP8 (the grouped kernels, tokens as the MMA's M): 16B at T=4096 on the H200 (scripts/gpu_check.sh swap,
-# 2026-11-23), up 8 warps 3 / 4 stages 761 / 755 us (2 stages 1100, 4 warps 2306); down BLOCK_N 256 8 warps 4
+# FP8 (the grouped kernels, tokens as the MMA's M): 16B at T=4096 on the H200 (scripts/try_grouped_swap.py at
+# 7915e45, 2026-11-23), up 8 warps 3 / 4 stages 761 / 755 us (2 stages 1100, 4 warps 2306); down BLOCK_N 256 8 warps 4
 # stages 394 us (3 stages 405; BLOCK_N 128: 403-431).
 MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 4, 256, 8, 4)
 GROUPED_DOWN_BLOCK_NS_FP8 = (128, 256)

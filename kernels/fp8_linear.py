@@ -87,11 +87,12 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv
 
 
 @triton.jit
-def quantize_tile(x):
-    """[R, 128] fp32 tile (zero-padded past K) -> (e4m3 tile, fp32 scale per row), exactly `quantize_activation`."""
-    amax = tl.max(tl.abs(x), axis=1)
+def quantize_tile(x, AXIS: tl.constexpr = 1):
+    """[R, 128] fp32 tile (zero-padded past K) -> (e4m3 tile, fp32 scale per row), exactly `quantize_activation`.
+    AXIS=0: the tile is [128, C], one scale per column."""
+    amax = tl.max(tl.abs(x), axis=AXIS)
     scale = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
-    q = tl.div_rn(x, scale[:, None])
+    q = tl.div_rn(x, tl.expand_dims(scale, AXIS))
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     return q.to(tl.float8e4nv), scale
 

@@ -81,7 +81,7 @@ from torch.library import triton_op, wrap_triton
 from dsv3.kernels._launch import cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
 from dsv3.kernels.fp8_linear import (
     act_quant, dot_rows, fp8_linear_reference, k_blocks, load_weight_rows, load_x_row, pick_scale, pick_scales,
-    quantize_tile_rcp,
+    quantize_tile, quantize_tile_rcp,
 )
 
 DECODE_MAX_T = 64
@@ -195,16 +195,6 @@ def _swiglu(acc_g, acc_u, odt: tl.constexpr):
 
 
 @triton.jit
-def _quantize_h_columns(hf):
-    """e4m3 values and fp32 scales of h [128 channels, tokens] per token (column), exactly as
-    quantize_activation(h) (channels past I are zeros, as its padding is)."""
-    amax = tl.max(tl.abs(hf), axis=0)
-    hsc = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
-    hq = tl.minimum(tl.maximum(tl.div_rn(hf, hsc[None, :]), -448.0), 448.0).to(tl.float8e4nv)
-    return hq, hsc
-
-
-@triton.jit
 def _slot_columns(
     idx_ptr, sched_ptr, slot, T, K, E, n_sched,
     GROUPED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -295,8 +285,8 @@ def _moe_up_kernel(
         odt = dt_ptr.dtype.element_ty
         hf = _swiglu(acc_g, acc_u, odt)
         h_ptrs = h_ptr + pair.to(tl.int64)[None, :] * stride_h + offs_n[:, None]
-        if QUANT_H:  # per token (column) over this 128-channel block
-            hq, hsc = _quantize_h_columns(hf)
+        if QUANT_H:  # per token (column) over this 128-channel block (rows past I are zeros, as padding is)
+            hq, hsc = quantize_tile(hf, 0)
             tl.store(h_ptrs, hq, mask=n_mask[:, None] & col_mask[None, :])
             tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, hsc, mask=col_mask)
         else:
@@ -311,7 +301,8 @@ def _moe_up_rows_kernel(
 ):
     """x: e4m3 with scales xs (act_quant). One token (T = 1), row-parallel on CUDA cores: grid (K slots,
     cdiv(I, BLOCK_N)); slot k computes expert topk_idx[0, k] (ids outside [0, E) do nothing) for BLOCK_N rows of
-    gate and up, each loaded over the whole D at once (`load_weight_rows`), then SiLU(gate) * up with the reference's rounding points, written in x.dtype to h[k] (pair row k)."""
+    gate and up, each loaded over the whole D at once (`load_weight_rows`), then SiLU(gate) * up with the
+    reference's rounding points (`_swiglu`), written in x.dtype to h[k] (pair row k)."""
     slot = tl.program_id(0)
     e = tl.load(idx_ptr + slot)
     if (e >= 0) & (e < E):
@@ -325,11 +316,8 @@ def _moe_up_rows_kernel(
                                   k_mask, kb_mask, stride_wn, stride_sn)
         xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, False)
         odt = h_ptr.dtype.element_ty
-        # the reference rounds gate, up, silu and the product to the activation dtype
-        g = dot_rows(wg, sg, xq, xs).to(odt).to(tl.float32)
-        u = dot_rows(wu, su, xq, xs).to(odt).to(tl.float32)
-        sl = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32)
-        tl.store(h_ptr + slot * stride_h + offs_n, (sl * u).to(odt), mask=n_mask)
+        hf = _swiglu(dot_rows(wg, sg, xq, xs), dot_rows(wu, su, xq, xs), odt)
+        tl.store(h_ptr + slot * stride_h + offs_n, hf.to(odt), mask=n_mask)
 
 
 @triton.jit
@@ -655,11 +643,15 @@ def check_moe_plan(plan: MoeDecodePlan, is_fp8: bool, t: Optional[int] = None) -
     if rows_up and t is not None and t != 1:
         raise ValueError(f"MoE decode plan {plan}: up_block_n {plan.up_block_n} (the row-parallel up kernel) is for "
                          f"one token, not {t}")
+    _check_warps_stages(plan)
+
+
+def _check_warps_stages(plan: MoeDecodePlan) -> None:
     for name in ("up_num_warps", "down_num_warps"):
         if getattr(plan, name) not in (1, 2, 4, 8, 16):
-            raise ValueError(f"MoE decode plan {plan}: {name} must be a power of two <= 16")
+            raise ValueError(f"MoE plan {plan}: {name} must be a power of two <= 16")
     if plan.up_num_stages < 1 or plan.down_num_stages < 1:
-        raise ValueError(f"MoE decode plan {plan}: num_stages must be >= 1")
+        raise ValueError(f"MoE plan {plan}: num_stages must be >= 1")
 
 
 def resolve_moe_decode(
@@ -701,7 +693,7 @@ def grouped_plan(is_fp8: bool, **fields: Optional[int]) -> MoeDecodePlan:
                              "128-channel block of h, gate and up)")
         if plan.down_block_n not in GROUPED_DOWN_BLOCK_NS_FP8:
             raise ValueError(f"grouped FP8 MoE plan {plan}: down_block_n must be one of {GROUPED_DOWN_BLOCK_NS_FP8}")
-        check_moe_plan(plan._replace(down_block_n=128), is_fp8)  # warps and stages
+        _check_warps_stages(plan)
     else:
         check_moe_plan(plan, is_fp8)
         if plan.up_block_n < 16:
@@ -713,6 +705,7 @@ def grouped_plan(is_fp8: bool, **fields: Optional[int]) -> MoeDecodePlan:
 # per K step). Grouped MoE at T=4096 on the H200 (then scripts/bench_grouped_moe.py, 2026-11-23): 16B shapes (D=2048,
 # 16 blocks) 1.892 -> 1.591 ms with preloading; 671B-rank shapes (D=7168, 64 blocks in the up kernel) 1.426 ->
 # 2.188 ms. Decode (a handful of tokens, short K steps) measured slower with it: 671B-ep8 T=1 up 23 -> 62 us.
+# (Those timings are of the decode-orientation kernels; the grouped kernels keep the rule, not re-timed without it.)
 PRELOAD_MAX_KB = 16
 
 
@@ -759,8 +752,8 @@ def routed_experts_triton(
 ) -> torch.Tensor:
     """The Triton path (module docstring). combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
     contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the
-    plan, DSV3_MOE_DECODE, then these keyword arguments; None keeps the plan's value). The grouped path starts from MOE_GROUPED_FP8 /
-    _BF16 and takes only the explicit up_* / down_* fields. `grouped_block_t`: (token, expert) pairs per tile of the
+    plan, DSV3_MOE_DECODE, then these keyword arguments; None keeps the plan's value). The grouped path starts
+    from MOE_GROUPED_FP8 / _BF16 and takes only the explicit up_* / down_* fields. `grouped_block_t`: (token, expert) pairs per tile of the
     grouped path (default GROUPED_BLOCK_T; one of GROUPED_BLOCK_TS). `x_q` / `x_scale`: quantize_activation(x),
     given by the caller (FP8 weights: no act_quant launch)."""
     t, d = x.shape

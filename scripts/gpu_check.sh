@@ -14,7 +14,7 @@
 #   pdl        scripts/bench_pdl.py: a chain of dependent FP8 GEMVs in a CUDA graph, plain vs programmatic dependent
 #              launch (weights loaded before gdc_wait): does PDL hide a decode kernel's fixed cost? (JSON in $OUT)
 #   prefetch   scripts/bench_prefetch.py: o_proj + MoE T=1 (16B) after a latency window, with and without the shared
-#              experts' weights prefetched into L2 during the window (dsv3.kernels.l2_prefetch; JSON in $OUT)
+#              experts' weights prefetched into L2 during the window (its l2_prefetch kernel; JSON in $OUT)
 #   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
@@ -122,7 +122,7 @@ step_kpre() {
 step_ncu_moe() {  # Nsight Compute on the routed-experts kernels (scripts/ncu_moe.py): prefill grouped + decode T=1
   local ncu; ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   if [ -z "$ncu" ]; then echo "ncu not found on this host"; return 1; fi
-  timeout 400 "$ncu" --profile-from-start off --kernel-name 'regex:_moe_(up|down|up_rows)_kernel' \
+  timeout 400 "$ncu" --profile-from-start off --kernel-name 'regex:_moe_(up|down|up_rows|up_grouped|down_grouped)_kernel' \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
     $PY scripts/ncu_moe.py >"$OUT/ncu_moe.txt" 2>&1

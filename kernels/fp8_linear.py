@@ -87,9 +87,9 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv
 
 
 @triton.jit
-def quantize_tile(x, AXIS: tl.constexpr = 1):
-    """[R, 128] fp32 tile (zero-padded past K) -> (e4m3 tile, fp32 scale per row), exactly `quantize_activation`.
-    AXIS=0: the tile is [128, C], one scale per column."""
+def quantize_tile(x, AXIS: tl.constexpr):
+    """fp32 tile (zero-padded past K) -> (e4m3 tile, fp32 scales), exactly `quantize_activation`: AXIS=1 for
+    [R, 128] (one scale per row), AXIS=0 for [128, C] (one per column)."""
     amax = tl.max(tl.abs(x), axis=AXIS)
     scale = tl.div_rn(tl.maximum(amax, 1e-4), 448.0)
     q = tl.div_rn(x, tl.expand_dims(scale, AXIS))
@@ -320,7 +320,7 @@ def _act_quant_kernel(
     m64 = m.to(tl.int64)
     row_ok = (tl.zeros_like(offs) + m) < M
     x = tl.load(x_ptr + m64 * stride_xm + offs, mask=(offs < K) & row_ok, other=0.0).to(tl.float32)
-    q, s = quantize_tile(x)
+    q, s = quantize_tile(x, 1)
     tl.store(q_ptr + m64 * stride_qm + offs, q, mask=offs < KP)
     tl.store(s_ptr + m64 * stride_sm + kb * stride_sk, s, mask=kb < kb_total)
 

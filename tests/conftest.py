@@ -15,9 +15,12 @@ import pytest
 # The device image's default C++ compiler wrapper builds AOTInductor .so files that crash at load
 # (compile_stack.md §3; gpu_check.sh exports CXX=/usr/bin/g++). Set it before any test imports Inductor: a
 # monkeypatch inside a test came too late once the compiler choice was cached (a segfault at aoti_load_package when
-# the AOTI tests ran in a pytest session started without gpu_check.sh, 2026-11-23). Only on NVIDIA hosts.
-if shutil.which("nvidia-smi") and Path("/usr/bin/g++").exists():
-    os.environ.setdefault("CXX", "/usr/bin/g++")
+# the AOTI tests ran in a pytest session started without gpu_check.sh, 2026-11-23). Only on NVIDIA hosts. The
+# image itself exports CXX=/opt/gcc/bin/g++ (the wrapper), so an existing value is replaced, not kept: a default
+# alone left the wrapper in place and test_aoti_package_gpu segfaulted at load (H200, 2026-11-23, eleventh session).
+_CXX = os.environ.get("CXX", "")
+if shutil.which("nvidia-smi") and Path("/usr/bin/g++").exists() and (not _CXX or _CXX.startswith("/opt/gcc/")):
+    os.environ["CXX"] = "/usr/bin/g++"
 
 
 @pytest.fixture(scope="session")

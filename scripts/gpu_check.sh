@@ -16,6 +16,8 @@
 #   prefetch   scripts/bench_prefetch.py: o_proj + MoE T=1 (16B) after a latency window, with and without the shared
 #              experts' weights prefetched into L2 during the window (its l2_prefetch kernel; JSON in $OUT)
 #   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
+#   ab-moe     scripts/ab_grouped_moe.py: this tree's grouped MoE against AB_OLD (a copy of kernels/routed_experts.py
+#              sent with the tree), one process, outputs compared, timed interleaved (JSON in $OUT)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
 #   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
@@ -108,6 +110,11 @@ step_sweep_mla() {  # decode launch plans of dsv3.mla_attention at H = 16, batch
 }
 
 step_moe_grouped() { SWEEP_ARGS="--only moe ${SWEEP_ARGS:-}" step_sweep_prefill; }
+
+step_ab_moe() {
+  timeout 400 $PY scripts/ab_grouped_moe.py --old "${AB_OLD:?AB_OLD: a copy of kernels/routed_experts.py to compare with}" --json "$OUT/ab_moe.json" \
+    2>&1 | grep -v -i warn | tee "$OUT/ab_moe.log" | tail -12
+}
 
 step_sweep_prefill() {
   timeout 560 $PY scripts/sweep_prefill.py ${SWEEP_ARGS:-} --json "$OUT/sweep_prefill.json" 2>&1 | grep -v -i warn \

@@ -397,7 +397,7 @@ def _moe_up_grouped_kernel(
     x_ptr, xs_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
     K, I, D, n_sched,
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
-    BLOCK_T: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr, TWO_DOTS: tl.constexpr,
 ):
     """FP8 grouped (prefill) up kernel, grid (tiles, cdiv(I, 128)): one tile of BLOCK_T (token, expert) pairs of
     one expert (`grouped_schedule`) times 128 gate rows and the same 128 up rows, as ONE [BLOCK_T, 256] dot per
@@ -411,24 +411,18 @@ def _moe_up_grouped_kernel(
     (The timings above predate its `quantize_tile_rcp` epilogue.)
     KB_PAD: a power of two >= ceil(D / 128). PRELOAD: the program's block scales are loaded before its K loop and
     picked out of registers (`pick_scale`: Triton does not pipeline the scale loads), else loaded per K block; the
-    launcher decides (`preload_scales`)."""
+    launcher decides (`preload_scales`).
+    TWO_DOTS (the launcher sets it for 4 warps): the gate and the up rows as two [BLOCK_T, 128] dots into two
+    accumulators, same products and sums. One warpgroup then holds 2 x 64 accumulator values and one 64-value
+    partial per thread (the 256-wide dot would need 2 x 128 and spill), and at 2 stages (82 KB of shared memory)
+    two CTAs share an SM, so one CTA's scale multiplies overlap the other's MMAs."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
     if e >= 0:
         e64 = e.to(tl.int64)
         token64 = token.to(tl.int64)
-        offs_r = tl.arange(0, 256)
-        is_up = offs_r >= 128
-        rows = pid_n * 128 + (offs_r % 128)
-        r_mask = rows < I
         offs_d = tl.arange(0, 128)
-        row_off = e64 * stride_we + rows.to(tl.int64) * stride_wn
-        w_ptrs = tl.where(is_up, wu_ptr + row_off, wg_ptr + row_off)[:, None] + offs_d[None, :]
-        # every row starts 16-byte aligned and runs 128 contiguous bytes (the strides are multiples of 16): Triton
-        # 3.6 proves it through the pointer select, 3.9 does not and loads this tile byte by byte, unpipelined
-        # (sm_90 PTX compiled on the CPU, 2026-11-24); the hint restores 3.6's code
-        w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, 16])
         x_ptrs = x_ptr + token64[:, None] * stride_xt + offs_d[None, :]
         srow = e64 * stride_se + pid_n * stride_sn
         if PRELOAD:
@@ -438,20 +432,54 @@ def _moe_up_grouped_kernel(
                              mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
             sg_all = tl.load(sg_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
             su_all = tl.load(su_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
-        acc = tl.zeros((BLOCK_T, 256), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(D, 128)):
-            d_mask = (kb * 128 + offs_d) < D
-            wv = tl.load(w_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-            xv = tl.load(x_ptrs + kb * 128, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            if PRELOAD:
-                xs = pick_scales(xs_all, offs_kb, kb)
-                s_row = tl.where(is_up, pick_scale(su_all, offs_kb, kb), pick_scale(sg_all, offs_kb, kb))
-            else:
-                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
-                s_row = tl.where(is_up, tl.load(su_ptr + srow + kb * stride_sk),
-                                 tl.load(sg_ptr + srow + kb * stride_sk))
-            acc += tl.dot(xv, tl.trans(wv)) * (xs[:, None] * s_row[None, :])
-        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_T, 2, 128)), (0, 2, 1)))
+        if TWO_DOTS:
+            rows = pid_n * 128 + tl.arange(0, 128)
+            r_mask = rows < I
+            row_off = e64 * stride_we + rows.to(tl.int64) * stride_wn
+            wg_ptrs = wg_ptr + row_off[:, None] + offs_d[None, :]
+            wu_ptrs = wu_ptr + row_off[:, None] + offs_d[None, :]
+            acc_g = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
+            for kb in range(0, tl.cdiv(D, 128)):
+                d_mask = (kb * 128 + offs_d) < D
+                wgv = tl.load(wg_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+                wuv = tl.load(wu_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+                xv = tl.load(x_ptrs + kb * 128, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                if PRELOAD:
+                    xs = pick_scales(xs_all, offs_kb, kb)
+                    sg = pick_scale(sg_all, offs_kb, kb)
+                    su = pick_scale(su_all, offs_kb, kb)
+                else:
+                    xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
+                    sg = tl.load(sg_ptr + srow + kb * stride_sk)
+                    su = tl.load(su_ptr + srow + kb * stride_sk)
+                acc_g += tl.dot(xv, tl.trans(wgv)) * (xs * sg)[:, None]
+                acc_u += tl.dot(xv, tl.trans(wuv)) * (xs * su)[:, None]
+        else:
+            offs_r = tl.arange(0, 256)
+            is_up = offs_r >= 128
+            rows = pid_n * 128 + (offs_r % 128)
+            r_mask = rows < I
+            row_off = e64 * stride_we + rows.to(tl.int64) * stride_wn
+            w_ptrs = tl.where(is_up, wu_ptr + row_off, wg_ptr + row_off)[:, None] + offs_d[None, :]
+            # every row starts 16-byte aligned and runs 128 contiguous bytes (the strides are multiples of 16):
+            # Triton 3.6 proves it through the pointer select, 3.9 does not and loads this tile byte by byte,
+            # unpipelined (sm_90 PTX compiled on the CPU, 2026-11-24); the hint restores 3.6's code
+            w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, 16])
+            acc = tl.zeros((BLOCK_T, 256), dtype=tl.float32)
+            for kb in range(0, tl.cdiv(D, 128)):
+                d_mask = (kb * 128 + offs_d) < D
+                wv = tl.load(w_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+                xv = tl.load(x_ptrs + kb * 128, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                if PRELOAD:
+                    xs = pick_scales(xs_all, offs_kb, kb)
+                    s_row = tl.where(is_up, pick_scale(su_all, offs_kb, kb), pick_scale(sg_all, offs_kb, kb))
+                else:
+                    xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
+                    s_row = tl.where(is_up, tl.load(su_ptr + srow + kb * stride_sk),
+                                     tl.load(sg_ptr + srow + kb * stride_sk))
+                acc += tl.dot(xv, tl.trans(wv)) * (xs[:, None] * s_row[None, :])
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_T, 2, 128)), (0, 2, 1)))
         # one division per token, not per element (`quantize_tile_rcp`: the same e4m3 values and scales)
         hq, hsc = quantize_tile_rcp(_swiglu(acc_g, acc_u, dt_ptr.dtype.element_ty))
         offs_c = pid_n * 128 + tl.arange(0, 128)
@@ -597,6 +625,11 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
 # 7915e45, 2026-11-23), up 8 warps 3 / 4 stages 761 / 755 us (2 stages 1100, 4 warps 2306); down BLOCK_N 256 8 warps 4
 # stages 394 us (3 stages 405; BLOCK_N 128: 403-431).
 MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 4, 256, 8, 4)
+# Grouped FP8 plans by (D, I) where another one measured faster on the H200 (2026-11-24, T=4096, whole op, outputs
+# equal): the 16B shapes with the up kernel at 4 warps and 2 stages (its TWO_DOTS form, scales loaded per K block),
+# 1296.0 -> 1233.0 us (scripts/try_grouped_twodot.py at commit 382b3fb) and 1292.5 -> 1231.5 us
+# (scripts/ab_grouped_moe.py); the 671B-ws8 rank shape (D 7168, I 2048) stays on the default (1108.9 vs 1142.8 us).
+GROUPED_FP8_TUNED = {(2048, 1408): MOE_GROUPED_FP8._replace(up_num_warps=4, up_num_stages=2)}
 GROUPED_DOWN_BLOCK_NS_FP8 = (128, 256)
 MOE_GROUPED_BF16 = MoeDecodePlan(128, 8, 2, 128, 8, 2)
 GROUPED_BLOCK_TS = (32, 64, 128)
@@ -687,10 +720,13 @@ def resolve_moe_decode(
     return plan
 
 
-def grouped_plan(is_fp8: bool, **fields: Optional[int]) -> MoeDecodePlan:
-    """The grouped path's launch config: MOE_GROUPED_FP8 / _BF16 with the given up_* / down_* fields replaced."""
-    plan = (MOE_GROUPED_FP8 if is_fp8 else MOE_GROUPED_BF16)._replace(
-        **{k: v for k, v in fields.items() if v is not None})
+def grouped_plan(is_fp8: bool, d: Optional[int] = None, i: Optional[int] = None,
+                 **fields: Optional[int]) -> MoeDecodePlan:
+    """The grouped path's launch config: GROUPED_FP8_TUNED[(d, i)] or MOE_GROUPED_FP8 (bf16: MOE_GROUPED_BF16) with
+    the given up_* / down_* fields replaced."""
+    # (static_int: under torch.compile with dynamic shapes a size may be a SymInt, which does not hash)
+    base = GROUPED_FP8_TUNED.get((static_int(d), static_int(i)), MOE_GROUPED_FP8) if is_fp8 else MOE_GROUPED_BF16
+    plan = base._replace(**{k: v for k, v in fields.items() if v is not None})
     if is_fp8:  # `_moe_up_grouped_kernel` / `_moe_down_grouped_kernel`
         if plan.up_block_n != 128:
             raise ValueError(f"grouped FP8 MoE plan {plan}: up_block_n must be 128 (each program owns one "
@@ -791,8 +827,8 @@ def routed_experts_triton(
         sched, n_slots = grouped_schedule(idx, e, block_t)
         block_p = block_e = 2  # unused
         n_sched = n_slots
-        plan = grouped_plan(is_fp8, up_block_n=up_block_n, up_num_warps=up_num_warps, up_num_stages=up_num_stages,
-                            down_block_n=down_block_n, down_num_warps=down_num_warps,
+        plan = grouped_plan(is_fp8, d, i, up_block_n=up_block_n, up_num_warps=up_num_warps,
+                            up_num_stages=up_num_stages, down_block_n=down_block_n, down_num_warps=down_num_warps,
                             down_num_stages=down_num_stages)
     else:
         block_t = max(16, next_pow2(t_static))
@@ -848,12 +884,14 @@ def routed_experts_triton(
                 BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
             )
     elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
+        two_dots = plan.up_num_warps <= 4  # (registers: see the kernel)
         wrap_triton(_moe_up_grouped_kernel)[(n_slots, cdiv(i, 128))](
             xq, xs, sched, gate_proj, up_proj, sg, su, h, hs, y,
             k, i, d, n_sched,
             xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
             sg.stride(0), sg.stride(1), sg.stride(2), h.stride(0), hs.stride(0),
-            BLOCK_T=block_t, KB_PAD=kb_pad_up, PRELOAD=preload_scales(kb_pad_up),
+            BLOCK_T=block_t, KB_PAD=kb_pad_up, PRELOAD=preload_scales(kb_pad_up) and not two_dots,
+            TWO_DOTS=two_dots,
             num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
         )
     else:

@@ -315,20 +315,24 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
 
 
 # pairs per tile, the down kernel's BLOCK_N, d (136: one full and one partial 128-row block, so BLOCK_N 256 has a
-# second block past D; 300: a partial second block inside BLOCK_N 256), preloaded scales or not
-GROUPED_FP8_CASES = [(128, 128, 136, True), (32, 256, 136, True), (64, 256, 300, True), (64, 256, 300, False),
-                     (32, 128, 300, False)]
+# second block past D; 300: a partial second block inside BLOCK_N 256), preloaded scales or not, the up kernel's
+# warps (4: its TWO_DOTS form)
+GROUPED_FP8_CASES = [(128, 128, 136, True, 8), (32, 256, 136, True, 8), (64, 256, 300, True, 8),
+                     (64, 256, 300, False, 8), (32, 128, 300, False, 8), (64, 256, 136, True, 4),
+                     (32, 128, 300, False, 4)]
 
 
-@pytest.mark.parametrize("block_t,down_bn,d,preload", GROUPED_FP8_CASES)
-def test_routed_experts_grouped_plans(block_t, down_bn, d, preload, fixed_interpreter, monkeypatch):
+@pytest.mark.parametrize("block_t,down_bn,d,preload,up_warps", GROUPED_FP8_CASES)
+def test_routed_experts_grouped_plans(block_t, down_bn, d, preload, up_warps, fixed_interpreter, monkeypatch):
     """The grouped FP8 (prefill) kernels with other tiles (pairs per tile, the down kernel's BLOCK_N), ragged D and
-    I (200), with and without preloaded scales: same result as the default tiles and the reference."""
+    I (200), with and without preloaded scales, the up kernel's one 256-wide dot or two 128-wide ones: same result
+    as the default tiles and the reference."""
     gen = torch.Generator().manual_seed(31 + block_t + down_bn + d)
     x, idx, wt, w = _moe_inputs(150, 3, 5, d, 200, True, torch.bfloat16, gen)
     base = RE.routed_experts_triton(x, idx, wt, *w, grouped=True)
     monkeypatch.setattr(RE, "PRELOAD_MAX_KB", 16 if preload else 0)
-    out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=block_t, down_block_n=down_bn)
+    out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=block_t, down_block_n=down_bn,
+                                   up_num_warps=up_warps)
     assert rel_err(out, base) < 1e-6
     assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
 
@@ -348,9 +352,13 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
     flags = dict(IS_FP8=True, GROUPED=True, QUANT_H=True, BLOCK_T=32, BLOCK_K=2, BLOCK_P=2, BLOCK_E=2)
     RE._moe_up_kernel[(n, 2)](xq, xs, idx, sched, wg, wu, sg, su, h0, hs0, y0, t, k, e, i, d, n, d, 3, i * d, d,
                               2 * 3, 3, 1, i, 2, BLOCK_N=128, **flags)
-    RE._moe_up_grouped_kernel[(n, 2)](xq, xs, sched, wg, wu, sg, su, h1, hs1, y1, k, i, d, n, d, 3, i * d, d,
-                                      2 * 3, 3, 1, i, 2, BLOCK_T=32, KB_PAD=4, PRELOAD=True)
-    assert torch.equal(h0.float(), h1.float()) and torch.equal(hs0, hs1)  # (quantize_tile_rcp: a zero's sign aside)
+    for two_dots in (False, True):
+        h1.zero_()
+        hs1.zero_()
+        RE._moe_up_grouped_kernel[(n, 2)](xq, xs, sched, wg, wu, sg, su, h1, hs1, y1, k, i, d, n, d, 3, i * d, d,
+                                          2 * 3, 3, 1, i, 2, BLOCK_T=32, KB_PAD=4, PRELOAD=True, TWO_DOTS=two_dots)
+        # (quantize_tile_rcp: a zero's sign aside)
+        assert torch.equal(h0.float(), h1.float()) and torch.equal(hs0, hs1), two_dots
     RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
                                 BLOCK_N=128, **flags)
     RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
@@ -360,6 +368,9 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
 
 def test_grouped_plan_checks():
     assert RE.grouped_plan(True, down_block_n=128).down_block_n == 128
+    assert RE.grouped_plan(True, 2048, 1408) == RE.GROUPED_FP8_TUNED[(2048, 1408)]
+    assert RE.grouped_plan(True, 7168, 2048) == RE.MOE_GROUPED_FP8
+    assert RE.grouped_plan(True, 2048, 1408, up_num_warps=8).up_num_warps == 8
     assert RE.grouped_plan(False, up_block_n=64).up_block_n == 64
     for fields, name in ((dict(up_block_n=64), "up_block_n"), (dict(up_block_n=4), "up_block_n"),
                          (dict(down_block_n=64), "down_block_n"), (dict(down_num_warps=3), "down_num_warps")):

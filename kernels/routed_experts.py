@@ -793,8 +793,9 @@ def routed_experts_triton(
     """The Triton path (module docstring). combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
     contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the
     plan, DSV3_MOE_DECODE, then these keyword arguments; None keeps the plan's value). The grouped path starts
-    from MOE_GROUPED_FP8 / _BF16 and takes only the explicit up_* / down_* fields. `grouped_block_t`: (token, expert) pairs per tile of the
-    grouped path (default GROUPED_BLOCK_T; one of GROUPED_BLOCK_TS). `x_q` / `x_scale`: quantize_activation(x),
+    from `grouped_plan` (GROUPED_FP8_TUNED for its (D, I), else MOE_GROUPED_FP8 / _BF16) and takes only the
+    explicit up_* / down_* fields. `grouped_block_t`: (token, expert) pairs per tile of the grouped path (default
+    GROUPED_BLOCK_T; one of GROUPED_BLOCK_TS). `x_q` / `x_scale`: quantize_activation(x),
     given by the caller (FP8 weights: no act_quant launch)."""
     t, d = x.shape
     k = topk_idx.shape[1]

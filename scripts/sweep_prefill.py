@@ -6,7 +6,8 @@ causal attention of `dsv3.mla_prefill_attention`, at prompt-sized T.
 
 MoE (FP8 weights, bf16 activations), T tokens with random distinct routing: 16B (64 routed + 2 shared slots,
 top-6 + 2, D 2048, I 1408) and one rank of 671B at world size 8 (32 local experts, 1 local id per token, D 7168,
-I 2048). Configs: the default (`MOE_GROUPED_FP8`, GROUPED_BLOCK_T pairs per tile), then pairs per tile x the up
+I 2048). Configs: the default (`grouped_plan` for the shape's (D, I), GROUPED_BLOCK_T pairs per tile; 4 up warps run
+the up kernel's TWO_DOTS form), then pairs per tile x the up
 kernel's (warps, stages) with the down kernel at its default, then the down kernel's (BLOCK_N 128 / 256, warps,
 stages) under the best up config.
 Attention: 16 heads (the 16B model, and 671B at tensor parallel 8), Dn 128, R 64, Dv 128, one sequence of T tokens,
@@ -55,7 +56,7 @@ def moe_configs_up() -> list[dict]:
 def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
     from dsv3.kernels.fp8_blocks import quantize_weight
     from dsv3.kernels.routed_experts import (
-        GROUPED_BLOCK_T, MOE_GROUPED_FP8, routed_experts_reference, routed_experts_triton,
+        GROUPED_BLOCK_T, grouped_plan, routed_experts_reference, routed_experts_triton,
     )
 
     sh = MOE_SHAPES[name]
@@ -78,7 +79,8 @@ def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
     ref = routed_experts_reference(x[:64], idx[:64], wt[:64], *w)
     ref_err = ((base[:64].double() - ref.double()).norm() / ref.double().norm()).item()
     scale = base.float().abs().max().item()
-    log(f"MoE {name} T={t}: default ({GROUPED_BLOCK_T} pairs, {MOE_GROUPED_FP8}) vs reference rel err {ref_err:.1e}")
+    log(f"MoE {name} T={t}: default ({GROUPED_BLOCK_T} pairs, {grouped_plan(True, d, i)}) vs reference rel err "
+        f"{ref_err:.1e}")
     rows.append(dict(kind="moe", shape=name, t=t, default_ref_rel_err=ref_err))
 
     def check(out):

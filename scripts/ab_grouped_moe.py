@@ -11,7 +11,7 @@ file must not depend on helpers this tree has since removed. Shapes (FP8 weights
 distinct routing, as `scripts/sweep_prefill.py`): 16B (64 routed + 2 shared slots, top-6 + 2, D 2048, I 1408) and
 one rank of 671B at world size 8 (32 local experts, 1 id per token, D 7168, I 2048). Each round times both modules
 (`dsv3.kernels.bench.graph_us`, 3 calls per graph), alternating which goes first; the median per module is
-reported with TFLOP/s (2 x 3 x D x I per pair).
+reported with TFLOP/s (2 x 3 x D x I per pair). Inputs: `sweep_prefill.moe_inputs`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep_prefill import MOE_SHAPES  # noqa: E402
+from sweep_prefill import MOE_SHAPES, moe_inputs  # noqa: E402
 
 
 def load_old(path: str):
@@ -44,23 +44,6 @@ def load_old(path: str):
     return mod
 
 
-def inputs(name: str, t: int):
-    from dsv3.kernels.fp8_blocks import quantize_weight
-
-    sh = MOE_SHAPES[name]
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    e, d, i = sh["e_routed"] + sh["n_shared"], sh["d"], sh["i"]
-    routed = torch.stack([torch.randperm(sh["e_routed"], device=dev, generator=g)[:sh["k"]] for _ in range(t)])
-    shared = torch.arange(sh["e_routed"], e, device=dev).expand(t, sh["n_shared"])
-    idx = torch.cat([routed, shared], 1)
-    wt = torch.rand(idx.shape, device=dev, generator=g)
-    x = torch.randn(t, d, device=dev, generator=g).bfloat16()
-    q = [quantize_weight(torch.randn(*s, device=dev, generator=g) * 0.05) for s in ((e, i, d), (e, i, d), (e, d, i))]
-    w = [q[0][0], q[1][0], q[2][0], q[0][1], q[1][1], q[2][1]]
-    return x, idx, wt, w, 2 * 3 * d * i * idx.numel()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=True, help="a copy of kernels/routed_experts.py to compare against")
@@ -75,7 +58,7 @@ def main() -> None:
     old = load_old(opts.old)
     rows = []
     for name in opts.shapes.split(","):
-        x, idx, wt, w, flops = inputs(name, opts.t)
+        x, idx, wt, w, flops = moe_inputs(name, opts.t)
         mods = {"old": old, "new": new}
         calls = {k: (lambda m=m: m.routed_experts_triton(x, idx, wt, *w, grouped=True)) for k, m in mods.items()}
         outs = {k: c() for k, c in calls.items()}

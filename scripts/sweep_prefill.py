@@ -53,11 +53,10 @@ def moe_configs_up() -> list[dict]:
     return cfgs
 
 
-def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
+def moe_inputs(name: str, t: int):
+    """(x, topk_idx, topk_weight, weights, FLOPs) for MOE_SHAPES[name] at T tokens, on the GPU, seed 0: random
+    distinct routed ids, the shared slots appended to every token, FP8 weights with 128x128 block scales."""
     from dsv3.kernels.fp8_blocks import quantize_weight
-    from dsv3.kernels.routed_experts import (
-        GROUPED_BLOCK_T, grouped_plan, routed_experts_reference, routed_experts_triton,
-    )
 
     sh = MOE_SHAPES[name]
     dev = torch.device("cuda")
@@ -70,7 +69,16 @@ def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
     x = torch.randn(t, d, device=dev, generator=g).bfloat16()
     q = [quantize_weight(torch.randn(*s, device=dev, generator=g) * 0.05) for s in ((e, i, d), (e, i, d), (e, d, i))]
     w = [q[0][0], q[1][0], q[2][0], q[0][1], q[1][1], q[2][1]]
-    flops = 2 * 3 * d * i * idx.numel()
+    return x, idx, wt, w, 2 * 3 * d * i * idx.numel()
+
+
+def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
+    from dsv3.kernels.routed_experts import (
+        GROUPED_BLOCK_T, grouped_plan, routed_experts_reference, routed_experts_triton,
+    )
+
+    d, i = MOE_SHAPES[name]["d"], MOE_SHAPES[name]["i"]
+    x, idx, wt, w, flops = moe_inputs(name, t)
 
     def call(cfg):
         return lambda: routed_experts_triton(x, idx, wt, *w, grouped=True, **cfg)

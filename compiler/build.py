@@ -51,6 +51,14 @@ class CompileOptions:
     device: str = "cuda"
     verify: bool = True
     jobs: int | None = None  # graphs built at once, each in its own process; None: as many as fit (CUDA), 1 (CPU)
+    # world size > 1: the decode graphs' all-reduces. "one-shot": dsv3::one_shot_all_reduce over a symmetric-memory
+    # buffer (NVLink, CUDA); "nccl": NCCL's; "auto": one-shot on CUDA, nccl on CPU (gloo: nothing to gain).
+    all_reduce: str = "auto"
+
+    def plan(self) -> ParallelPlan:
+        """Rank 0's plan (every rank runs the same graphs)."""
+        one_shot = self.all_reduce == "one-shot" or (self.all_reduce == "auto" and self.device == "cuda")
+        return ParallelPlan(0, self.world_size, one_shot_all_reduce=one_shot and self.world_size > 1)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -70,7 +78,9 @@ class CompileOptions:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible on this build host; use --device cpu "
                               "(tiny configs) or build on a GPU host")
-        ParallelPlan(0, self.world_size).check(self.config)
+        if self.all_reduce not in ("auto", "nccl", "one-shot"):
+            raise ConfigError(f"--all-reduce {self.all_reduce!r}: use auto, nccl or one-shot")
+        self.plan().check(self.config)
 
 
 def check_kernel_switches() -> None:
@@ -129,7 +139,7 @@ def _process_group(world_size: int) -> Iterator[None]:
 
 def build_model(opts: CompileOptions, device: str | None = None) -> Transformer:
     """This rank's model, weights uninitialised (the graphs never see their values); `device="meta"`: shapes only."""
-    return build_rank_model(opts.config, ParallelPlan(0, opts.world_size), dtype=DTYPES[opts.dtype],
+    return build_rank_model(opts.config, opts.plan(), dtype=DTYPES[opts.dtype],
                             device=device or opts.device, max_batch_size=opts.max_batch_size,
                             max_seq_len=opts.max_seq_len)
 
@@ -305,6 +315,7 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
             manifest = {
                 "config_name": opts.config.name, "config_hash": opts.config.config_hash(),
                 "world_size": opts.world_size, "device": opts.device, "dtype": opts.dtype,
+                "all_reduce": opts.plan().all_reduce,
                 "max_batch_size": opts.max_batch_size, "max_seq_len": opts.max_seq_len,
                 "prefill_chunk": opts.prefill_chunk, "batch_sizes": sorted(set(opts.batch_sizes)),
                 "graphs": graphs,

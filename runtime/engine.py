@@ -40,6 +40,7 @@ class GraphStepper:
         self.buckets = sorted(decode_fns)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.capture_s = 0.0
+        self.all_reduce = "none" if getattr(model, "tp_all_reduce", None) is None else "nccl"  # artifact_stepper
         if cuda_graphs:
             self._capture()
 
@@ -155,6 +156,7 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path | None, plan:
     manifest = read_manifest(artifacts)
     check_host(manifest, device, plan.world_size)
     verify_files(artifacts, manifest)
+    plan = plan.for_artifacts(manifest)  # the graphs' collectives are a compile-time choice
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[manifest["dtype"]]
     t0 = time.perf_counter()
     if checkpoint is None:
@@ -184,6 +186,9 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path | None, plan:
         if spec != got:
             raise ArtifactError(f"weight {name}: the artifacts expect {spec}, this rank loaded {got}; the artifacts "
                                 f"were built for another rank layout or checkpoint: rebuild them with `dsv3c compile`")
+    # one-shot all-reduce artifacts: the scratch buffer goes into symmetric memory on every rank (collective)
+    reducer = getattr(model, "tp_all_reduce", None)
+    symmetric = reducer is not None and reducer.use_symmetric_memory_()
     tensors = constants(model)
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()
@@ -200,6 +205,7 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path | None, plan:
     packages_s = time.perf_counter() - t0
     stepper = GraphStepper(model, prefill_fns[False], decode_fns, manifest["prefill_chunk"], cuda_graphs=cuda,
                            prefill_first_fn=prefill_fns.get(True))
+    stepper.all_reduce = plan.all_reduce + (" (symmetric memory)" if symmetric else "")
     return stepper, {"load_weights_s": load_s, "load_packages_s": packages_s, "capture_s": stepper.capture_s}
 
 

@@ -5,7 +5,10 @@
   experts split by intermediate columns/rows, embedding and head split by vocabulary rows;
 - routed experts split whole: rank r holds experts [r*E/W, (r+1)*E/W) (expert parallel);
 - collectives through forward hooks: one all-reduce after attention, one after each MLP/MoE (routed and shared
-  partial sums reduced together), one for the vocab-parallel embedding, an all-gather of the logits.
+  partial sums reduced together), one for the vocab-parallel embedding, an all-gather of the logits. The
+  all-reduces go through `model.tp_all_reduce` (`AllReduce`): NCCL's, or, where the plan asks for it
+  (`ParallelPlan.one_shot_all_reduce`), a one-shot all-reduce through a symmetric-memory buffer for tensors of
+  decode size (dsv3.collectives).
 
 Every rank runs the same graph: the rank enters only through buffers (`embed_tokens.vocab_start`,
 `layers.{i}.mlp.experts.expert_offset.value`) read on the device, so one compiled artifact serves all ranks.
@@ -16,13 +19,14 @@ Every rank runs the same graph: the rank enters only through buffers (`embed_tok
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 from torch import nn
 
+import dsv3.collectives  # noqa: F401  (registers torch.ops.dsv3.one_shot_all_reduce, which graphs may call)
 from dsv3.checkpoint import Placement, checkpoint_to_param_name
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels.fp8_blocks import BLOCK
@@ -59,6 +63,19 @@ class ParallelPlan:
     # Any world size: each attention layer's q_proj (q_a_proj) and kv_a_proj_with_mqa as one linear (one GEMV and
     # one activation quantization per decode step instead of two; MLA.fuse_input_projections_).
     fuse_input_projections: bool = True
+    # World size > 1: all-reduces of at most ONE_SHOT_MAX_BYTES with static shapes (decode steps) go through
+    # dsv3::one_shot_all_reduce and a [max_batch_size * hidden] buffer the runtime puts in symmetric memory. A
+    # compile-time choice (the graphs call a different op); the manifest records it.
+    one_shot_all_reduce: bool = False
+
+    @property
+    def all_reduce(self) -> str:
+        """What the manifest records: "none" (one rank), "one-shot" or "nccl"."""
+        return "none" if self.world_size == 1 else "one-shot" if self.one_shot_all_reduce else "nccl"
+
+    def for_artifacts(self, manifest: dict) -> "ParallelPlan":
+        """This rank's plan with the compile-time choices of the artifacts (the graphs' all-reduce op)."""
+        return replace(self, one_shot_all_reduce=manifest.get("all_reduce") == "one-shot")
 
     @property
     def stacks_shared(self) -> bool:
@@ -113,12 +130,12 @@ def _shrink(module: nn.Module, attr: str, dim: int, world_size: int) -> None:
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [r*V/W, (r+1)*V/W) of the embedding; other ids give zeros, and an all-reduce fills them in."""
+    """Rows [r*V/W, (r+1)*V/W) of the embedding; other ids give zeros, and an all-reduce (a hook) fills them in."""
 
-    def __init__(self, weight: torch.Tensor, vocab_start: int, group_name: str):
+    def __init__(self, weight: torch.Tensor, vocab_start: int):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.start, self.group_name = vocab_start, group_name
+        self.start = vocab_start
         self.register_buffer("vocab_start", torch.tensor(vocab_start, device=weight.device), persistent=False)
 
     def reset_buffers_(self) -> None:  # after Transformer.materialize_
@@ -129,8 +146,47 @@ class VocabParallelEmbedding(nn.Module):
         local = tokens - self.vocab_start
         outside = (local < 0) | (local >= local_vocab)
         out = F.embedding(local.clamp(0, local_vocab - 1), self.weight)
-        out = out.masked_fill(outside.unsqueeze(-1), 0)
-        return fc.wait_tensor(fc.all_reduce(out, "sum", self.group_name))
+        return out.masked_fill(outside.unsqueeze(-1), 0)  # partial: apply_parallel's hook sums over the ranks
+
+
+# Above this a one-shot all-reduce (every rank reads every peer's whole input) loses to NCCL's ring; decode
+# tensors of 671B (hidden 7168, bf16) stay under it up to batch 36.
+ONE_SHOT_MAX_BYTES = 512 * 1024
+
+
+class AllReduce(nn.Module):
+    """Sum over the tensor-parallel group. With a one-shot buffer (`one_shot_buffer`, non-persistent: scratch, not
+    weights), tensors of static size that fit it go through dsv3::one_shot_all_reduce; everything else (prefill's
+    dynamic chunk, bigger tensors) through the functional NCCL all-reduce."""
+
+    def __init__(self, group_name: str, one_shot_numel: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.group_name = group_name
+        self.register_buffer("one_shot_buffer", torch.empty(one_shot_numel, dtype=dtype, device=device)
+                             if one_shot_numel else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buf = self.one_shot_buffer
+        n = x.numel()
+        if buf is not None and type(n) is int and n <= buf.numel() and x.dtype == buf.dtype:
+            return torch.ops.dsv3.one_shot_all_reduce(buf, x, self.group_name)
+        return fc.wait_tensor(fc.all_reduce(x, "sum", self.group_name))
+
+    def use_symmetric_memory_(self) -> bool:
+        """Replace the one-shot buffer with one in symmetric memory (collective: every rank at the same point).
+        Only over NCCL on CUDA: the stand-in group of one-rank timing and gloo keep the ordinary buffer, which the
+        op reduces through the group's own all-reduce. True when replaced."""
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        buf = self.one_shot_buffer
+        if buf is None or buf.device.type != "cuda" or not dist.is_initialized():
+            return False
+        if dist.get_backend(_resolve_process_group(self.group_name)) != "nccl":
+            return False
+        self.one_shot_buffer = dsv3.collectives.symmetric_buffer(buf.numel(), buf.dtype, buf.device,
+                                                                 self.group_name)
+        return True
 
 
 class ExpertOffset(nn.Module):
@@ -170,9 +226,14 @@ def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
             model.stack_shared_experts_()
         return _fuse(model, plan)
     group = plan.group_name
+    hidden = cfg.hidden_size
+    one_shot_numel = 0
+    if plan.one_shot_all_reduce:
+        one_shot_numel = min(model.max_batch_size, ONE_SHOT_MAX_BYTES // (hidden * model.dtype.itemsize)) * hidden
+    model.tp_all_reduce = AllReduce(group, one_shot_numel, model.dtype, model.rope_cos.device)
 
     def all_reduce(_m, _args, out):
-        return fc.wait_tensor(fc.all_reduce(out, "sum", group))
+        return model.tp_all_reduce(out)
 
     def gather_logits(_m, _args, out):
         return fc.wait_tensor(fc.all_gather_tensor(out.contiguous(), gather_dim=out.dim() - 1, group=group))
@@ -199,7 +260,8 @@ def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
             experts.register_forward_pre_hook(_local_expert_ids)
 
     vocab = model.embed_tokens.weight
-    model.embed_tokens = VocabParallelEmbedding(vocab.data, plan.rank * vocab.shape[0], group)
+    model.embed_tokens = VocabParallelEmbedding(vocab.data, plan.rank * vocab.shape[0])
+    model.embed_tokens.register_forward_hook(all_reduce)
     model.lm_head.register_forward_hook(gather_logits)
     return _fuse(model, plan)
 

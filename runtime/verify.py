@@ -68,7 +68,7 @@ def verify(directory: str | Path) -> list[dict]:
     ws = manifest["world_size"]
     if ws > 1:
         stub_process_group(ws)
-    model = build_rank_model(cfg, ParallelPlan(0, ws), dtype=DTYPES[manifest["dtype"]], device=device,
+    model = build_rank_model(cfg, ParallelPlan(0, ws).for_artifacts(manifest), dtype=DTYPES[manifest["dtype"]], device=device,
                              max_batch_size=manifest["max_batch_size"], max_seq_len=manifest["max_seq_len"])
     fill_random_(model, seed=1234)
     tensors = constants(model)

@@ -46,6 +46,10 @@
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   run671ws   needs 2 or 4 GPUs (issue 8 until 8 are lent): 671B truncated to LAYERS671WS (8) layers at world size
 #              WS671 (all visible GPUs): compile, dsv3c run --random-weights at batch 1 and 8, rank 0 alone stubbed
+#   coll2      needs 2 GPUs: tests/test_collectives.py (dsv3::one_shot_all_reduce over NCCL + symmetric memory)
+#   ab671ws    needs 2 GPUs: 671B truncated to LAYERS671WS (8) layers at world size 2, compiled twice (--all-reduce
+#              nccl and one-shot, one build per GPU at once), dsv3c run of each at batch 1 and 8 with the same
+#              random weights: ms/token side by side and the greedy tokens compared
 #   run671     needs 8 GPUs: dsv3c run --world-size 8 --random-weights from art671, batch 1 and 8 (TTFT, ms/token)
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61);
 #              NO_VERIFY_671=1 skips verification (verify with a few layers: same per-layer graph code)
@@ -319,6 +323,43 @@ step_run671ws() {  # issue 8 on a 2- or 4-GPU host: 671B truncated to LAYERS671W
     grep -E "load|error|Error|ms/token|TTFT|tok/s" "$OUT/run671_ws${ws}_b$b.log" | tail -5
   done
   $PY scripts/rank_timing.py --json "$OUT/rank671_ws${ws}_l$n.json" --repeats 3 "$dir" 2>&1 | grep -v Warning | tail -4
+}
+
+step_coll2() {  # needs 2 GPUs: the one-shot all-reduce op's GPU test (symmetric memory, eager and in a CUDA graph)
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_collectives.py 2>&1 | tail -5
+}
+
+step_ab671ws() {
+  local n=${LAYERS671WS:-8} ar b args dir gpu=0
+  for ar in nccl one-shot; do
+    dir=$WORK/art671_ws2_l${n}_$ar
+    [ -f "$dir/manifest.json" ] || CUDA_VISIBLE_DEVICES=$gpu timeout 500 $PY -m dsv3.cli compile --config 671B \
+      --world-size 2 --num-layers "$n" --out "$dir" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
+      --max-seq-len 4096 --prefill-chunk 512 --all-reduce $ar --overwrite --no-verify > "$OUT/compile671_$ar.log" 2>&1 &
+    gpu=$((gpu + 1))
+  done
+  wait
+  for ar in nccl one-shot; do tail -2 "$OUT/compile671_$ar.log"; done
+  local prompts=("Tell me about the weather." "Write a poem about GPUs." "What is 2+2?" "Hello" \
+                 "Explain attention." "A long story begins" "Once upon a time" "The capital of France")
+  for b in 1 8; do
+    args=()
+    for p in "${prompts[@]:0:$b}"; do args+=(--prompt "$p"); done
+    for ar in nccl one-shot nccl one-shot; do  # twice each, interleaved
+      timeout 200 $PY -m dsv3.cli run --world-size 2 --artifacts "$WORK/art671_ws2_l${n}_$ar" --random-weights \
+        "${args[@]}" --max-new-tokens 128 --stats --output-file "$OUT/ab671_${ar}_b$b.jsonl" \
+        > "$OUT/ab671_${ar}_b$b.log" 2>&1
+      echo "$ar batch $b: exit $? $(grep -E 'ms/token' "$OUT/ab671_${ar}_b$b.log" | tail -1)"
+    done
+    $PY - "$OUT/ab671_nccl_b$b.jsonl" "$OUT/ab671_one-shot_b$b.jsonl" <<'PYEOF'
+import json, sys
+a, b = ([json.loads(line)["token_ids"] for line in open(p)] for p in sys.argv[1:3])
+same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+total = sum(len(r) for r in a)
+first = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
+print(f"  greedy tokens, one-shot vs nccl: {same}/{total} equal; first difference per prompt: {first}")
+PYEOF
+  done
 }
 
 step_run671() {  # needs 8 GPUs: 671B from the world-size-8 artifacts of compile671, weights generated on each rank

@@ -64,7 +64,7 @@ def load_artifacts(directory: Path) -> dict:
     manifest = read_manifest(directory)
     cfg = load_config_file(directory / "config.json")
     ws = manifest["world_size"]
-    model = build_rank_model(cfg, ParallelPlan(0, ws), dtype=DTYPES[manifest["dtype"]], device="cuda",
+    model = build_rank_model(cfg, ParallelPlan(0, ws).for_artifacts(manifest), dtype=DTYPES[manifest["dtype"]], device="cuda",
                              max_batch_size=manifest["max_batch_size"], max_seq_len=manifest["max_seq_len"])
     fill_random_(model, seed=7)
     for c in model.latent_caches():

@@ -62,6 +62,13 @@ def art_ws2(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def art_ws2_one_shot(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny-cpu-ws2-one-shot"
+    _compile(out, world_size=2, extra=("--no-verify", "--all-reduce", "one-shot"))
+    return out
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / src.name
     shutil.copytree(src, dst)
@@ -283,6 +290,34 @@ def test_two_ranks_from_artifacts_match_one(art, art_ws2, ckpt, tmp_path):
     assert [len(t) for t in json.loads(out.read_text())] == [8, 8, 8]
     with pytest.raises(ArtifactError, match="world size: built for 2, running with 1"):
         artifact_stepper(art_ws2, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+
+
+def _package_mentions(art: Path, graph: str, text: bytes) -> bool:
+    import zipfile
+
+    with zipfile.ZipFile(art / read_manifest(art)["graphs"][graph]["file"]) as z:
+        return any(text in z.read(n) for n in z.namelist() if n.endswith((".json", ".cpp", ".py")))
+
+
+def test_one_shot_all_reduce_artifacts_match_one_rank(art, art_ws2, art_ws2_one_shot, ckpt, tmp_path):
+    """`--all-reduce one-shot`: the decode packages call dsv3::one_shot_all_reduce (prefill, with its dynamic chunk,
+    NCCL's functional all-reduce); 2 ranks from them (gloo: the op reduces through the group) give the greedy
+    tokens of world size 1."""
+    assert read_manifest(art_ws2_one_shot)["all_reduce"] == "one-shot"
+    assert read_manifest(art_ws2)["all_reduce"] == "nccl" and read_manifest(art)["all_reduce"] == "none"
+    assert _package_mentions(art_ws2_one_shot, "decode_b1", b"one_shot_all_reduce")
+    assert not _package_mentions(art_ws2_one_shot, "prefill", b"one_shot_all_reduce")
+    assert not _package_mentions(art_ws2, "decode_b1", b"one_shot_all_reduce")
+    res = CliRunner().invoke(main, ["inspect", str(art_ws2_one_shot)])
+    assert res.exit_code == 0 and "one-shot all-reduce" in res.output, res.output
+    ref, _ = generate(artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)[0], PROMPTS,
+                      max_new_tokens=8)
+    out = tmp_path / "ws2.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), str(art_ws2_one_shot), str(ckpt), str(out), json.dumps(PROMPTS)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(out.read_text()) == [c.tokens for c in ref]
 
 
 def test_verify_reports_noise_floor_and_catches_a_wrong_graph(art, monkeypatch):

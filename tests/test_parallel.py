@@ -26,11 +26,12 @@ def _torchrun(nproc: int, *args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("config,dtype", [("tiny", "bf16"), ("tiny-v2", "bf16")])
-def test_two_ranks_match_one(tmp_path, config, dtype):
+@pytest.mark.parametrize("config,dtype,all_reduce", [("tiny", "bf16", "nccl"), ("tiny-v2", "bf16", "nccl"),
+                                                     ("tiny", "bf16", "one-shot")])
+def test_two_ranks_match_one(tmp_path, config, dtype, all_reduce):
     ckpt = write_random_checkpoint(resolve_config(config), tmp_path / "ck", dtype=dtype, seed=3, progress=False)
     _torchrun(1, str(ckpt), str(tmp_path / "ws1.pt"))
-    _torchrun(2, str(ckpt), str(tmp_path / "ws2.pt"))
+    _torchrun(2, str(ckpt), str(tmp_path / "ws2.pt"), all_reduce)
     one, two = torch.load(tmp_path / "ws1.pt"), torch.load(tmp_path / "ws2.pt")
     for a, b in zip(one, two):
         assert a.shape == b.shape

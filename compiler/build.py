@@ -52,13 +52,14 @@ class CompileOptions:
     verify: bool = True
     jobs: int | None = None  # graphs built at once, each in its own process; None: as many as fit (CUDA), 1 (CPU)
     # world size > 1: the decode graphs' all-reduces. "one-shot": dsv3::one_shot_all_reduce over a symmetric-memory
-    # buffer (NVLink, CUDA); "nccl": NCCL's; "auto": one-shot on CUDA, nccl on CPU (gloo: nothing to gain).
-    all_reduce: str = "auto"
+    # buffer (NVLink, CUDA); "nccl": NCCL's. nccl stays the default until one-shot artifacts have run end to end on
+    # two GPUs (the op alone: 8.3 vs 10.5 us per dependent link; docs/BENCHMARKS.md, thirteenth session).
+    all_reduce: str = "nccl"
 
     def plan(self) -> ParallelPlan:
         """Rank 0's plan (every rank runs the same graphs)."""
-        one_shot = self.all_reduce == "one-shot" or (self.all_reduce == "auto" and self.device == "cuda")
-        return ParallelPlan(0, self.world_size, one_shot_all_reduce=one_shot and self.world_size > 1)
+        one_shot = self.all_reduce == "one-shot" and self.world_size > 1
+        return ParallelPlan(0, self.world_size, one_shot_all_reduce=one_shot)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -78,8 +79,8 @@ class CompileOptions:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible on this build host; use --device cpu "
                               "(tiny configs) or build on a GPU host")
-        if self.all_reduce not in ("auto", "nccl", "one-shot"):
-            raise ConfigError(f"--all-reduce {self.all_reduce!r}: use auto, nccl or one-shot")
+        if self.all_reduce not in ("nccl", "one-shot"):
+            raise ConfigError(f"--all-reduce {self.all_reduce!r}: use nccl or one-shot")
         self.plan().check(self.config)
 
 

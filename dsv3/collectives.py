@@ -2,10 +2,12 @@
 has given it a symmetric-memory buffer, the process group's own all-reduce otherwise.
 
 Why: a decode step of 671B at world size 8 issues 123 all-reduces of [batch, 7168] bf16 (two per layer and the
-embedding's); at 14-115 KB each they are pure latency. NCCL's kernels inside a CUDA graph take 17-19 us each on two
-H200s back to back; PyTorch's symmetric-memory one-shot all-reduce (`symm_mem.one_shot_all_reduce_copy`: copy the
-input into this rank's slot of a peer-mapped buffer, barrier, read every peer's slot over NVLink and sum, barrier)
-takes ~7 us (docs/BENCHMARKS.md, thirteenth session). It uses plain peer loads, not NVLink multicast.
+embedding's); at 14-115 KB each they are pure latency. PyTorch's symmetric-memory one-shot all-reduce
+(`symm_mem.one_shot_all_reduce_copy`: copy the input into this rank's slot of a peer-mapped buffer, barrier, read
+every peer's slot over NVLink and sum, barrier) is one kernel where the functional NCCL all-reduce is a copy plus
+NCCL's kernel. Measured on two H200s in a CUDA graph (scripts/allreduce_latency.py, docs/BENCHMARKS.md, thirteenth
+session), [1, 7168]: 7.3 us back to back vs NCCL's 19.4; in a dependent chain with one elementwise kernel per link,
+8.3 vs 10.5 us per link. Plain peer loads, no NVLink multicast.
 
 `dsv3::one_shot_all_reduce(buffer, x, group_name)` returns the sum of `x` over the group:
 - `buffer` was made by `symmetric_buffer` for this group and holds `x` (CUDA, same dtype): one-shot all-reduce

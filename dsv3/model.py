@@ -239,7 +239,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, dim, dtype, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if down.weight_scale_inv is not None and _gemm_sized(x):
+            # FP8 at GEMM-sized M: x quantized once, SiLU-mul fused with h's quantization (dsv3.fp8_swiglu)
+            return torch.ops.dsv3.fp8_swiglu(x, gate.weight, gate.weight_scale_inv, up.weight, up.weight_scale_inv,
+                                             down.weight.unsqueeze(0), down.weight_scale_inv.unsqueeze(0))
+        return down(F.silu(gate(x)) * up(x))
 
 
 class Router(nn.Module):
@@ -309,6 +314,9 @@ class RoutedExperts(nn.Module):
             w, s = getattr(self, name), getattr(self, f"{name}_scale_inv")
             return w[first:].flatten(0, 1), None if s is None else s[first:].flatten(0, 1)
 
+        if self.down_proj_scale_inv is not None:  # FP8: one op, the down slots as one GEMM (dsv3.fp8_swiglu)
+            return torch.ops.dsv3.fp8_swiglu(x, *rows("gate_proj"), *rows("up_proj"), self.down_proj[first:],
+                                             self.down_proj_scale_inv[first:])
         h = F.silu(linear(x, *rows("gate_proj"))) * linear(x, *rows("up_proj"))
         y = None
         for j, e in enumerate(range(first, self.gate_proj.shape[0])):

@@ -644,23 +644,35 @@ def fp8_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     zero weight columns, zero weight scales: nothing added), a copy of the weight per call (the 16B experts' down
     projection, K = 1408: 3 MB against a 24 GFLOP GEMM at a prefill's M; before, such K went to the Triton GEMM)."""
     m = x2.shape[0]
+    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=scaled_mm_k_blocks(scale.shape[1]))
+    # (a no-op view when M % 4 == 0; no size comparison, so dynamic M stays unguarded)
+    return scaled_mm_quantized(xq, xs, weight, scale, x2.dtype)[:m]
+
+
+def scaled_mm_k_blocks(kb: int) -> int:
+    """The `pad_k_blocks_to` an activation quantized for `scaled_mm_quantized` needs: 4 inside AOTInductor
+    compilation when the weight has K/128 % 4 != 0 (the v1 API, see fp8_scaled_mm), else 1."""
+    return 4 if _aot_compiling() and kb % 4 else 1
+
+
+def scaled_mm_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLAS block-scaled GEMM on an activation already quantized for it: xq [Mp, Kx] e4m3 with Mp % 4 == 0, xs
+    [Mp, Kx/128] M-major (act_quant(..., pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=
+    scaled_mm_k_blocks(kb))); weight [N, K] with scale [N/128, kb]. Returns [Mp, N]."""
     kb = scale.shape[1]
     if _aot_compiling():
-        pad_blocks = -kb % 4
+        pad_blocks = xq.shape[1] // BLOCK - kb
         if pad_blocks:
-            # fp8 has no constant-pad kernel: pad the bytes (0x00 is +0.0 in e4m3); x is padded by act_quant
+            # fp8 has no constant-pad kernel: pad the bytes (0x00 is +0.0 in e4m3); x is padded by its quantizer
             weight = F.pad(weight.view(torch.uint8), (0, pad_blocks * BLOCK)).view(weight.dtype)
             scale = F.pad(scale.float(), (0, pad_blocks))
-        xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=4 if pad_blocks else 1)
-        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float().t(), out_dtype=x2.dtype)
-        return out[:m]
-    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True)
+        return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float().t(), out_dtype=out_dtype)
     ws = F.pad(scale.float(), (0, (-kb) % 4)) if kb % 4 else scale.float().contiguous()
-    out = F.scaled_mm(
+    return F.scaled_mm(
         xq, weight.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
-        output_dtype=x2.dtype,
+        output_dtype=out_dtype,
     )
-    return out[:m]  # (a no-op view when M % 4 == 0; no size comparison, so dynamic M stays unguarded)
 
 
 def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,9 @@ class VocabParallelEmbedding(nn.Module):
         return out.masked_fill(outside.unsqueeze(-1), 0)  # partial: apply_parallel's hook sums over the ranks
 
 
+# Buffers that only the decode graphs read (verification accepts their absence from the prefill packages).
+DECODE_ONLY_BUFFERS = ("tp_all_reduce.one_shot_buffer",)
+
 # Above this a one-shot all-reduce (every rank reads every peer's whole input) loses to NCCL's ring; decode
 # tensors of 671B (hidden 7168, bf16) stay under it up to batch 36.
 ONE_SHOT_MAX_BYTES = 512 * 1024

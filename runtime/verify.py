@@ -17,9 +17,9 @@ from dsv3.config import load_config_file
 from dsv3.runtime.artifacts import bind_constants, load_package
 from dsv3.runtime.distributed import stub_process_group
 from dsv3.runtime.manifest import read_manifest, verify_files
-from dsv3.runtime.parallel import ParallelPlan, build_rank_model
+from dsv3.runtime.parallel import DECODE_ONLY_BUFFERS, ParallelPlan, build_rank_model
 from dsv3.runtime.random_weights import fill_random_
-from dsv3.runtime.steps import DecodeStep, PrefillStep, constants
+from dsv3.runtime.steps import PREFIX, DecodeStep, PrefillStep, constants
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -78,7 +78,9 @@ def verify(directory: str | Path) -> list[dict]:
     results = []
     for name, graph in manifest["graphs"].items():
         pkg = load_package(directory, graph, device, single_threaded=False)
-        inlined = sorted(set(tensors) - set(pkg.get_constant_fqns()))
+        # the one-shot all-reduce's scratch buffer is read only by decode graphs (prefill reduces through NCCL)
+        unused = set() if graph["kind"] == "decode" else {PREFIX + n for n in DECODE_ONLY_BUFFERS}
+        inlined = sorted(set(tensors) - set(pkg.get_constant_fqns()) - unused)
         if inlined:  # a weight or rank buffer baked into the code would ignore the tensors the runtime hands in
             raise SystemExit(f"{name}: tensors compiled in as constants instead of taken at run time: {inlined}")
         bind_constants(pkg, name, tensors)

@@ -1,0 +1,124 @@
+"""dsv3.fp8_swiglu: the FP8 SwiGLU MLP (dense layers, shared experts) at prefill-sized M.
+
+- CPU: the Triton kernel under the interpreter (`tests/interpret_swiglu.py`, subprocess); the op against a float64
+  SwiGLU on the dequantized weights with the spec's activation quantization of x and h; the model's prefill MoE
+  and dense MLP through the op equal the composition they replaced.
+- GPU (`-m gpu`): the cuBLAS path (x quantized once, fused SiLU-mul-quant, the S down slots as one GEMM) against the
+  float64 SwiGLU and against the composition of dsv3.fp8_linear calls, eager and under torch.compile(fullgraph=True),
+  on the 16B shared-expert and 671B-rank shapes, outputs poisoned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsv3.kernels  # noqa: F401  (registers the ops)
+from dsv3.kernels.fp8_blocks import dequantize_activation, dequantize_weight, quantize_activation
+from dsv3.kernels.fp8_linear import fp8_linear_reference
+from dsv3.kernels.fp8_swiglu import fp8_swiglu_reference
+from kernel_checks import cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+
+FP8 = torch.float8_e4m3fn
+
+
+def random_fp8(rows: int, cols: int, gen: torch.Generator, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    w = (torch.randn(rows, cols, generator=gen) * 0.5).clamp(-448, 448).to(FP8)
+    s = torch.rand(-(-rows // 128), -(-cols // 128), generator=gen) * 0.02 + 0.005
+    return w.to(device), s.to(device)
+
+
+def swiglu_inputs(m: int, d: int, slots: int, inter: int, gen: torch.Generator, device="cpu", dtype=torch.bfloat16):
+    x = torch.randn(m, d, generator=gen).to(dtype).to(device)
+    gate_w, gate_s = random_fp8(slots * inter, d, gen, device)
+    up_w, up_s = random_fp8(slots * inter, d, gen, device)
+    downs = [random_fp8(d, inter, gen, device) for _ in range(slots)]
+    down_w = torch.stack([w for w, _ in downs])
+    down_s = torch.stack([s for _, s in downs])
+    return x, gate_w, gate_s, up_w, up_s, down_w, down_s
+
+
+def swiglu_float64(x, gate_w, gate_s, up_w, up_s, down_w, down_s) -> torch.Tensor:
+    """The SwiGLU in float64 on the dequantized weights, with the spec's 1x128 activation quantization of the two
+    GEMM inputs (x, and h = silu(g) * u) and nothing else rounded."""
+    def w64(w, s):
+        return dequantize_weight(w, s).double()
+
+    def act64(a):
+        return dequantize_activation(*quantize_activation(a.float())).double()
+    xd = act64(x)
+    h = F.silu(xd @ w64(gate_w, gate_s).t()) * (xd @ w64(up_w, up_s).t())
+    inter = down_w.shape[2]  # each down projection quantizes its own input slice
+    return sum(act64(h[:, j * inter:(j + 1) * inter]) @ w64(down_w[j], down_s[j]).t() for j in range(down_w.shape[0]))
+
+
+def test_silu_mul_quant_interpreted():
+    res = run_interpreted("interpret_swiglu.py")
+    assert res.returncode == 0, interpreter_failure(res)
+
+
+@pytest.mark.parametrize("m,d,slots,inter", [(5, 256, 2, 128), (70, 384, 1, 256), (3, 128, 3, 200)])
+def test_reference_against_float64(m, d, slots, inter):
+    gen = torch.Generator().manual_seed(m + d + slots)
+    args = swiglu_inputs(m, d, slots, inter, gen)
+    out = torch.ops.dsv3.fp8_swiglu(*args)
+    assert out.shape == (m, d) and out.dtype == torch.bfloat16
+    assert rel_err(out, swiglu_float64(*args)) < 2e-2
+
+
+def test_model_paths_use_the_op_and_match_the_composition():
+    """The prefill MoE's stacked shared slots and a dense FP8 MLP at GEMM-sized M go through dsv3.fp8_swiglu and
+    give what the composition of fp8_linear calls gave (CPU: the same reference arithmetic)."""
+    from dsv3.config import FP8Quantization, resolve_config
+    from dsv3.model import MLP, Transformer
+    from dsv3.runtime.random_weights import fill_random_
+
+    cfg = resolve_config("tiny").replace(quantization_config=FP8Quantization())
+    model = Transformer(cfg, dtype=torch.bfloat16, max_batch_size=1, max_seq_len=128)
+    fill_random_(model.stack_shared_experts_(), seed=5)  # the world-size-1 layout, then weights
+    moe = next(layer.mlp for layer in model.layers if hasattr(layer.mlp, "n_shared_slots"))
+    ex = moe.experts
+    first = ex.gate_proj.shape[0] - moe.n_shared_slots
+    x = torch.randn(80, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got = ex.slots_as_mlp(x, first)
+    i = ex.gate_proj.shape[1]
+    want = fp8_swiglu_reference(x, ex.gate_proj[first:].flatten(0, 1), ex.gate_proj_scale_inv[first:].flatten(0, 1),
+                                ex.up_proj[first:].flatten(0, 1), ex.up_proj_scale_inv[first:].flatten(0, 1),
+                                ex.down_proj[first:], ex.down_proj_scale_inv[first:])
+    assert torch.equal(got, want) and want.shape == (80, cfg.hidden_size) and i % 128 == 0
+    dense = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, MLP))
+    want = dense.down_proj(F.silu(dense.gate_proj(x)) * dense.up_proj(x))
+    assert torch.equal(dense(x), want)
+    with torch.no_grad():
+        for m in (1, 80):  # decode-sized and GEMM-sized through the model's MLP
+            assert torch.equal(dense(x[:m]), fp8_linear_reference(
+                F.silu(fp8_linear_reference(x[:m], dense.gate_proj.weight, dense.gate_proj.weight_scale_inv))
+                * fp8_linear_reference(x[:m], dense.up_proj.weight, dense.up_proj.weight_scale_inv),
+                dense.down_proj.weight, dense.down_proj.weight_scale_inv))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(4095, 2048, 2, 1408), (300, 2048, 2, 1408), (65, 7168, 1, 256), (1000, 7168, 1, 2304)]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m,d,slots,inter", GPU_SHAPES)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cublas_path_gpu(m, d, slots, inter, compiled):
+    gen = torch.Generator().manual_seed(m * 7 + inter)
+    args = swiglu_inputs(m, d, slots, inter, gen, device="cuda")
+    op = torch.ops.dsv3.fp8_swiglu
+    fn = torch.compile(lambda *a: op(*a), fullgraph=True, dynamic=False) if compiled else op
+    with poison_allocator():
+        out = fn(*args)
+    ref64 = swiglu_float64(*args)
+    composed = fp8_swiglu_reference(*args, linear=lambda x, w, s: torch.ops.dsv3.fp8_linear(x, w, s))
+    assert out.shape == (m, d) and torch.isfinite(out).all()
+    assert rel_err(out, ref64) < 2e-2
+    # one GEMM over the S slots (fp32 accumulation) vs S bf16 GEMMs summed: a few bf16 roundings apart
+    assert rel_err(out, composed) < 8e-3

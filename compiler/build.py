@@ -81,6 +81,11 @@ class CompileOptions:
                               "(tiny configs) or build on a GPU host")
         if self.all_reduce not in ("nccl", "one-shot"):
             raise ConfigError(f"--all-reduce {self.all_reduce!r}: use nccl or one-shot")
+        if self.all_reduce == "one-shot" and self.device != "cuda":
+            # symmetric memory is CUDA's; and a CPU package calling the op (gloo fallback from inside the package's
+            # proxy-executor call) hung intermittently in 2-rank runs (thirteenth session)
+            raise ConfigError("--all-reduce one-shot needs --device cuda (symmetric memory over NVLink); CPU "
+                              "artifacts use --all-reduce nccl")
         self.plan().check(self.config)
 
 

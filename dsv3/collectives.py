@@ -19,6 +19,10 @@ session), [1, 7168]: 7.3 us back to back vs NCCL's 19.4; in a dependent chain wi
 
 The compiled graphs call this op where the plan asks for it (dsv3.runtime.parallel), with a module buffer as
 `buffer`; the runtime swaps that buffer for `symmetric_buffer(...)` on every rank before binding the graphs.
+Only CUDA artifacts do (`dsv3c compile --all-reduce one-shot` refuses --device cpu): CPU AOTInductor packages
+calling the op, whose gloo reduction then runs from inside the package's proxy-executor call, hung in 3 of 4
+2-rank runs (thirteenth session; a CUDA package only reaches that fallback under the stand-in group, whose
+collectives return at once). Eager CPU models may use it (tests/test_parallel.py).
 """
 
 from __future__ import annotations

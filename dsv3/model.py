@@ -58,11 +58,6 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.weight_scale_inv)
 
-    def forward_rows(self, x: torch.Tensor, start: int, n: int) -> torch.Tensor:
-        """Output features [start, start + n) only; FP8: both ends on 128-block boundaries, or the last rows."""
-        s = self.weight_scale_inv
-        return linear(x, self.weight[start:start + n],
-                      None if s is None else s[start // BLOCK:ceil_div(start + n, BLOCK)])
 
 
 def _static_tokens(x: torch.Tensor) -> int | None:
@@ -122,12 +117,9 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache_rows: torch.Tensor | None = None, first_chunk: bool = False) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        if self.qkv_a_rows and self.qkv_a_proj.weight_scale_inv is not None and _gemm_sized(x):
-            # Prefill-sized FP8: the q rows (a multiple of 128) as their own GEMM go to cuBLAS block-scaled FP8
-            # (dsv3.fp8_linear); stacked with kv_a's 576 rows the ragged N sends all of it to the Triton tiled GEMM
-            # (the q rows alone: 112 vs 56 us at M = 4096 on the H200). Decode keeps the stacked rows (one GEMV).
-            q_first, kv_a = (self.qkv_a_proj.forward_rows(x, start, n) for start, n in self.qkv_a_rows.values())
-        elif self.qkv_a_rows:  # both input projections in one linear (fuse_input_projections_)
+        if self.qkv_a_rows:
+            # both input projections in one linear (fuse_input_projections_): one GEMV at decode, one cuBLAS GEMM at
+            # prefill (its ragged N, q rows + kv_a's 576, padded to whole blocks by dsv3.fp8_linear)
             q_first, kv_a = self.qkv_a_proj(x).split([n for _, n in self.qkv_a_rows.values()], dim=-1)
         else:
             q_first = (self.q_proj if self.q_lora_rank is None else self.q_a_proj)(x)

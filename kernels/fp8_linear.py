@@ -566,18 +566,17 @@ def fp8_gemv(
     return out
 
 
-def act_quant(x2: torch.Tensor, pad_rows_to: int = 1, scales_m_major: bool = False, pad_k_blocks_to: int = 1):
+def act_quant(x2: torch.Tensor, pad_rows_to: int = 1, scales_m_major: bool = False, pad_k_blocks_to: int = 1,
+              pad_k: bool = False):
     """x2 [M, K] -> (e4m3 [Mp, Kp], fp32 scales [Mp, Kp/128 or ceil(K/128)]) with Mp = M rounded up to
-    `pad_rows_to`, and with pad_k_blocks_to > 1 (K a multiple of 128) Kp = K rounded up to that many 128-blocks;
-    padding rows and columns are quantized zeros. `scales_m_major`: scales stored outer-dim-major (strides (1, Mp)),
+    `pad_rows_to`, and with pad_k (or pad_k_blocks_to > 1) Kp = K rounded up to whole 128-blocks, and to a multiple
+    of pad_k_blocks_to blocks; padding rows and columns are quantized zeros (a ragged last block keeps the scale of
+    its real columns, as quantize_activation's). `scales_m_major`: scales stored outer-dim-major (strides (1, Mp)),
     the layout cuBLAS wants."""
     m, k = x2.shape
     mp = cdiv(m, pad_rows_to) * pad_rows_to
-    kbt = cdiv(k, BLOCK)
-    if pad_k_blocks_to > 1:
-        assert k % BLOCK == 0, "K padding is for K a multiple of 128"
-        kbt = cdiv(kbt, pad_k_blocks_to) * pad_k_blocks_to
-    kp = kbt * BLOCK if pad_k_blocks_to > 1 else k
+    kbt = cdiv(cdiv(k, BLOCK), pad_k_blocks_to) * pad_k_blocks_to
+    kp = kbt * BLOCK if pad_k or pad_k_blocks_to > 1 else k
     q = torch.empty((mp, kp), dtype=FP8_DTYPE, device=x2.device)
     if scales_m_major:
         s = torch.empty((kbt, mp), dtype=torch.float32, device=x2.device).t()
@@ -613,14 +612,12 @@ def fp8_gemm_mode() -> str:
 
 
 def scaled_mm_usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """cuBLAS blockwise FP8 applies: Hopper, torch with F.scaled_mm, bf16 out, K and N multiples of 128.
-    N % 128: eager cuBLAS takes ceil(N/128) weight-scale rows (N=576 runs), but torch 2.11's meta function for
-    `_scaled_mm_v2` expects N // 128 rows, so compile/export of ragged N fails; keep eager and traced paths equal."""
-    k = weight.shape[1]
-    n = weight.shape[0]
+    """cuBLAS blockwise FP8 applies: Hopper, torch with F.scaled_mm, bf16 out. Any N and K: fp8_scaled_mm pads a
+    ragged N or K to whole 128-blocks with zeros (torch 2.11's meta function for `_scaled_mm_v2` wants N // 128
+    weight-scale rows, so a ragged N cannot be passed as it is; the ceil-shaped scales already cover the padding)."""
     ok = (
         _HAS_SCALED_MM and x2.device.type == "cuda" and capability(x2.device) == (9, 0)
-        and x2.dtype == torch.bfloat16 and k % BLOCK == 0 and n % BLOCK == 0
+        and x2.dtype == torch.bfloat16
     )
     if ok and _aot_compiling():
         ok = env_choice("DSV3_AOTI_SCALED_MM", "1") == "1"
@@ -642,11 +639,15 @@ def fp8_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     not for `_scaled_mm_v2`, whose proxy-executor fallback fails at run time); v1 infers the recipe from the scale
     shapes and is only correct when K/128 % 4 == 0: there K is padded to that with zero blocks (zero activations,
     zero weight columns, zero weight scales: nothing added), a copy of the weight per call (the 16B experts' down
-    projection, K = 1408: 3 MB against a 24 GFLOP GEMM at a prefill's M; before, such K went to the Triton GEMM)."""
+    projection, K = 1408: 3 MB against a 24 GFLOP GEMM at a prefill's M; before, such K went to the Triton GEMM).
+    A ragged N or K (16B's kv_a 576 rows, its dense MLP's 10944) is padded to whole 128-blocks the same way (a
+    weight copy per call; before the thirteenth session those shapes went to the Triton tiled GEMM)."""
     m = x2.shape[0]
-    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=scaled_mm_k_blocks(scale.shape[1]))
-    # (a no-op view when M % 4 == 0; no size comparison, so dynamic M stays unguarded)
-    return scaled_mm_quantized(xq, xs, weight, scale, x2.dtype)[:m]
+    n = weight.shape[0]
+    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=scaled_mm_k_blocks(scale.shape[1]),
+                       pad_k=True)
+    # (no-op views when M % 4 == 0 and N % 128 == 0; no size comparison, so dynamic M stays unguarded)
+    return scaled_mm_quantized(xq, xs, weight, scale, x2.dtype)[:m, :n]
 
 
 def scaled_mm_k_blocks(kb: int) -> int:
@@ -657,15 +658,19 @@ def scaled_mm_k_blocks(kb: int) -> int:
 
 def scaled_mm_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                         out_dtype: torch.dtype) -> torch.Tensor:
-    """cuBLAS block-scaled GEMM on an activation already quantized for it: xq [Mp, Kx] e4m3 with Mp % 4 == 0, xs
-    [Mp, Kx/128] M-major (act_quant(..., pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=
-    scaled_mm_k_blocks(kb))); weight [N, K] with scale [N/128, kb]. Returns [Mp, N]."""
+    """cuBLAS block-scaled GEMM on an activation already quantized for it: xq [Mp, Kx] e4m3 with Mp % 4 == 0 and
+    Kx whole 128-blocks, xs [Mp, Kx/128] M-major (act_quant(..., pad_rows_to=4, scales_m_major=True, pad_k=True,
+    pad_k_blocks_to=scaled_mm_k_blocks(kb))); weight [N, K] with scale [ceil(N/128), kb]. The weight is padded with
+    zero rows to whole 128-blocks of N and zero columns to Kx (fp8 has no constant-pad kernel: the bytes are padded,
+    0x00 is +0.0 in e4m3). Returns [Mp, ceil(N/128) * 128]."""
     kb = scale.shape[1]
+    n, k = weight.shape
+    pad_rows, pad_cols = scale.shape[0] * BLOCK - n, xq.shape[1] - k
+    if pad_rows or pad_cols:
+        weight = F.pad(weight.view(torch.uint8), (0, pad_cols, 0, pad_rows)).view(weight.dtype)
     if _aot_compiling():
         pad_blocks = xq.shape[1] // BLOCK - kb
         if pad_blocks:
-            # fp8 has no constant-pad kernel: pad the bytes (0x00 is +0.0 in e4m3); x is padded by its quantizer
-            weight = F.pad(weight.view(torch.uint8), (0, pad_blocks * BLOCK)).view(weight.dtype)
             scale = F.pad(scale.float(), (0, pad_blocks))
         return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float().t(), out_dtype=out_dtype)
     ws = F.pad(scale.float(), (0, (-kb) % 4)) if kb % 4 else scale.float().contiguous()

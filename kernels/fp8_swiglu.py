@@ -97,9 +97,7 @@ def _cublas_path(x2: torch.Tensor, gate_w: torch.Tensor, down_w: torch.Tensor) -
     m = static_int(x2.shape[0])
     if m is not None and m <= GEMV_MAX_M:
         return False  # decode-sized: the GEMV kernels
-    s, d, i = down_w.shape
-    return (i % BLOCK == 0 and scaled_mm_usable(x2, gate_w)
-            and scaled_mm_usable(x2.new_empty((0, s * i)), down_w[0]))  # down: K = S * I, N = D
+    return down_w.shape[2] % BLOCK == 0 and scaled_mm_usable(x2, gate_w)  # I: the slots' K blocks concatenate
 
 
 def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor,
@@ -112,7 +110,8 @@ def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tenso
         return fp8_swiglu_reference(x, gate_w, gate_s, up_w, up_s, down_w, down_s, linear=fp8_linear_triton)
     m = x2.shape[0]
     s, _, i = down_w.shape
-    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=scaled_mm_k_blocks(gate_s.shape[1]))
+    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=scaled_mm_k_blocks(gate_s.shape[1]),
+                       pad_k=True)
     g = scaled_mm_quantized(xq, xs, gate_w, gate_s, x.dtype)
     u = scaled_mm_quantized(xq, xs, up_w, up_s, x.dtype)
     kb = s * (i // BLOCK)
@@ -122,7 +121,7 @@ def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tenso
     w = down_w.view(torch.uint8).permute(1, 0, 2).reshape(d, s * i).view(down_w.dtype)
     ws = down_s.permute(1, 0, 2).reshape(down_s.shape[1], kb)
     y = scaled_mm_quantized(hq, hs, w, ws, x.dtype)
-    return y[:m].reshape(*x.shape[:-1], d)
+    return y[:m, :d].reshape(*x.shape[:-1], d)
 
 
 @triton_op("dsv3::fp8_swiglu", mutates_args=())

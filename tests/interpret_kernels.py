@@ -129,6 +129,12 @@ def test_act_quant_exact(m, k):
     assert q4.shape == (mp, k) and s4.stride() == (1, mp)
     assert torch.equal(q4[:m].float(), xq_ref.float()) and torch.equal(s4[:m], xs_ref)
     assert (q4[m:].float() == 0).all() and (s4[m:] > 0).all()
+    # K padded to whole blocks (cuBLAS's path for a ragged K): zero columns; the ragged block keeps its scale
+    qr, sr = L.act_quant(x, pad_rows_to=4, scales_m_major=True, pad_k=True)
+    kp = ceil_div(k, 128) * 128
+    assert qr.shape == (mp, kp) and sr.shape == (mp, kp // 128) and sr.stride() == (1, mp)
+    assert torch.equal(qr[:m, :k].float(), xq_ref.float()) and torch.equal(sr[:m], xs_ref)
+    assert (qr[:, k:].float() == 0).all()
     if k % 128 == 0:  # K padded to a multiple of 4 blocks (the AOTI cuBLAS path): zero columns, floor scales
         qk, sk = L.act_quant(x, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=4)
         kp = ceil_div(k // 128, 4) * 512

@@ -160,6 +160,39 @@ def _inductor_configs(name: str, opts: CompileOptions) -> dict:
     }
 
 
+# Prefill graphs: rows up to this many elements are reduced in one pass whatever Inductor's reduction hint (its
+# default: rows up to 1024 with an INNER hint). 16B's hidden size is 2048: the prefill kernel that sums each token's
+# expert outputs, adds the residual and applies the next RMSNorm looped over the row twice, reading the [T, 6, 2048]
+# expert outputs twice (2.0 ms of the 4095-token prefill at f26559c; its hint is not INNER). Decode graphs keep the
+# default (their norm kernels measured slower in one pass: 2.5 -> 3.1 us).
+ONE_PASS_ROW_MAX = 2048
+
+
+@contextmanager
+def _one_pass_rows(enabled: bool) -> Iterator[None]:
+    """Inductor's persistent-reduction choice widened to rows of ONE_PASS_ROW_MAX with exact bounds, through its
+    out-of-tree heuristics hook (`V.set_choices_handler`)."""
+    try:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.virtualized import V
+    except ImportError:  # pragma: no cover
+        enabled = False
+    if not enabled:
+        yield
+        return
+
+    class Choices(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            return (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, ONE_PASS_ROW_MAX))
+
+    with V.set_choices_handler(Choices()):
+        yield
+
+
 @contextmanager
 def _fresh_int_arrays() -> Iterator[None]:
     """Work around a torch 2.11 AOTInductor code-generation error seen on the H200 for the full 16B graph
@@ -230,7 +263,7 @@ def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable
             args = prefill_inputs(min(opts.prefill_chunk, 16), opts.device)
         with log.stage(f"export {spec.name}"):
             ep = torch.export.export(step, args, dynamic_shapes=dynamic)
-        with log.stage(f"aoti {spec.name}"), _fresh_int_arrays():
+        with log.stage(f"aoti {spec.name}"), _fresh_int_arrays(), _one_pass_rows(spec.kind == "prefill"):
             torch._inductor.aoti_compile_and_package(ep, package_path=str(out / f"{spec.name}.pt2"),
                                                      inductor_configs=_inductor_configs(spec.name, opts))
     return log.timings

@@ -98,7 +98,7 @@ step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (t
     $(ls tests/test_router.py tests/test_gemv_variants.py tests/test_prefill.py 2>/dev/null) 2>&1 \
     | tee "$OUT/kgpu.log" | tail -15
   # the fused decode-prep and norm ops (2026-11-23), on their own clock so one part's timeout spares the other
-  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_norm.py tests/test_mla_prep.py 2>&1 \
+  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_norm.py tests/test_mla_prep.py tests/test_swiglu.py 2>&1 \
     | tee "$OUT/kgpu_fused.log" | tail -15
 }
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import torch
 
-# data_ptr -> group name of every buffer symmetric_buffer() allocated in this process: how the op tells a
-# symmetric buffer from an ordinary one (PyTorch's rendezvous does not refuse ordinary CUDA tensors).
-_SYMMETRIC: dict[int, str] = {}
+# data_ptr -> (group name, the buffer) for every buffer symmetric_buffer() allocated in this process: how the op
+# tells a symmetric buffer from an ordinary one (PyTorch's rendezvous does not refuse ordinary CUDA tensors). The
+# buffer is held so its address is never reused by an ordinary allocation (a few hundred KB per process).
+_SYMMETRIC: dict[int, tuple[str, torch.Tensor]] = {}
 
 
 def symmetric_buffer(numel: int, dtype: torch.dtype, device: torch.device | str, group_name: str) -> torch.Tensor:
@@ -43,12 +44,13 @@ def symmetric_buffer(numel: int, dtype: torch.dtype, device: torch.device | str,
         symm_mem.enable_symm_mem_for_group(group_name)
     buf = symm_mem.empty(numel, dtype=dtype, device=device)
     symm_mem.rendezvous(buf, group_name)
-    _SYMMETRIC[buf.data_ptr()] = group_name
+    _SYMMETRIC[buf.data_ptr()] = (group_name, buf)
     return buf
 
 
 def is_symmetric(buffer: torch.Tensor, group_name: str) -> bool:
-    return _SYMMETRIC.get(buffer.data_ptr()) == group_name
+    entry = _SYMMETRIC.get(buffer.data_ptr())
+    return entry is not None and entry[0] == group_name
 
 
 @torch.library.custom_op("dsv3::one_shot_all_reduce", mutates_args=())

@@ -40,6 +40,7 @@ from dsv3.kernels.fp8_linear import (
     scaled_mm_quantized,
     scaled_mm_usable,
 )
+from dsv3.kernels.routed_experts import _swiglu
 
 
 def fp8_swiglu_reference(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor,
@@ -69,10 +70,8 @@ def _silu_mul_quant_kernel(
     mask = offs < N
     g = tl.load(g_ptr + m64 * stride_gm + offs, mask=mask, other=0.0)
     u = tl.load(u_ptr + m64 * stride_um + offs, mask=mask, other=0.0)
-    gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu: computed in fp32, rounded to the activation dtype
-    h = (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32)  # the product, rounded likewise
-    q, s = quantize_tile(h, 1)
+    # the routed experts' SwiGLU (silu and the product each rounded to the activation dtype, as eager PyTorch)
+    q, s = quantize_tile(_swiglu(g.to(tl.float32), u.to(tl.float32), g.dtype), 1)
     tl.store(q_ptr + m64 * stride_qm + offs, q, mask=offs < KP)
     tl.store(s_ptr + m64 * stride_sm + kb * stride_sk, s, mask=kb < tl.cdiv(KP, 128))
 

@@ -136,10 +136,11 @@ class MLA(nn.Module):
             q_latent, q_pe = torch.ops.dsv3.mla_decode_prep(
                 q, kv_a, self.kv_a_layernorm.weight, cos, sin, self.latent_cache, input_pos, kv_b.weight,
                 kv_b.weight_scale_inv, self.kv_a_layernorm.eps, self.nope_dim, self.v_dim)
-            o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, self.latent_cache[:bsz], input_pos,
-                                                    self.softmax_scale)
-            o = torch.ops.dsv3.mla_absorb(o_latent, kv_b.weight, kv_b.weight_scale_inv, self.nope_dim, self.v_dim,
-                                          True)
+            # attention over the latent cache and W_UV on its output (dsv3.kernels.mla_attention_out: on CUDA the
+            # W_UV kernel merges flash-decoding's splits itself; DSV3_ATTN_OUT=two: mla_attention + mla_absorb)
+            o = torch.ops.dsv3.mla_attention_out(q_latent, q_pe, self.latent_cache[:bsz], input_pos,
+                                                 self.softmax_scale, kv_b.weight, kv_b.weight_scale_inv,
+                                                 self.nope_dim, self.v_dim)
             return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)

@@ -34,7 +34,7 @@ Implementations (branch taken at trace time)
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -201,6 +201,48 @@ def _mla_fwd_kernel(
 
 
 @triton.jit
+def split_max(ml_ptr, b64, row, n_active, ROWS, N_SPLITS, BLOCK_S: tl.constexpr):
+    """The largest running max over the splits of query row `row` that ran (fp32 statistics of `_mla_fwd_kernel`)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    m_vec = tl.full((BLOCK_S,), -1.0e30, dtype=tl.float32)
+    for s0 in range(0, n_active, BLOCK_S):
+        sp = s0 + offs_s
+        base = (b64 * N_SPLITS + sp) * ROWS + row
+        m_vec = tl.maximum(m_vec, tl.load(ml_ptr + base * 2, mask=sp < n_active, other=-1.0e30))
+    return tl.max(m_vec, axis=0)
+
+
+@triton.jit
+def combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, ROWS, N_SPLITS, C_PAD: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
+    """Channels offs_c of query row `row` merged over its splits, BLOCK_S splits at a time (vector loads):
+    (the rescaled numerator [BLOCK_C], the denominator); the output is their quotient."""
+    offs_s = tl.arange(0, BLOCK_S)
+    den_vec = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    num = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for s0 in range(0, n_active, BLOCK_S):
+        sp = s0 + offs_s
+        s_mask = sp < n_active
+        base = (b64 * N_SPLITS + sp) * ROWS + row
+        m_s = tl.load(ml_ptr + base * 2, mask=s_mask, other=-1.0e30)
+        l_s = tl.load(ml_ptr + base * 2 + 1, mask=s_mask, other=0.0)
+        w = tl.exp2(m_s - m_max)
+        den_vec += w * l_s
+        a = tl.load(part_ptr + base[:, None] * C_PAD + offs_c[None, :], mask=s_mask[:, None], other=0.0)
+        num += tl.sum(a * w[:, None], axis=0)
+    return num, tl.sum(den_vec, axis=0)
+
+
+@triton.jit
+def active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+    """How many splits of query row `row`'s block ran (recomputed as `_mla_fwd_kernel` computed them)."""
+    _, _, _, length, chunk = _block_bounds(pos_ptr, b, row // BLOCK_H, S, H, stride_posb, stride_poss, N_SPLITS,
+                                           MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    return tl.minimum(tl.cdiv(length, chunk), N_SPLITS)
+
+
+@triton.jit
 def _mla_combine_kernel(
     part_ptr, ml_ptr, pos_ptr, out_ptr,
     S, H, C, N_SPLITS,
@@ -213,31 +255,11 @@ def _mla_combine_kernel(
     row = tl.program_id(0)
     cb = tl.program_id(1)
     b = tl.program_id(2)
-    rows, row_mask, pos, length, chunk = _block_bounds(
-        pos_ptr, b, row // BLOCK_H, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
-    n_active = tl.minimum(tl.cdiv(length, chunk), N_SPLITS)
+    n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
     b64 = b.to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
+    m_max = split_max(ml_ptr, b64, row, n_active, S * H, N_SPLITS, BLOCK_S)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_vec = tl.full((BLOCK_S,), -1.0e30, dtype=tl.float32)
-    for s0 in range(0, n_active, BLOCK_S):
-        sp = s0 + offs_s
-        base = (b64 * N_SPLITS + sp) * (S * H) + row
-        m_vec = tl.maximum(m_vec, tl.load(ml_ptr + base * 2, mask=sp < n_active, other=-1.0e30))
-    m_max = tl.max(m_vec, axis=0)
-    den_vec = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    num = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for s0 in range(0, n_active, BLOCK_S):
-        sp = s0 + offs_s
-        s_mask = sp < n_active
-        base = (b64 * N_SPLITS + sp) * (S * H) + row
-        m_s = tl.load(ml_ptr + base * 2, mask=s_mask, other=-1.0e30)
-        l_s = tl.load(ml_ptr + base * 2 + 1, mask=s_mask, other=0.0)
-        w = tl.exp2(m_s - m_max)
-        den_vec += w * l_s
-        a = tl.load(part_ptr + base[:, None] * C_PAD + offs_c[None, :], mask=s_mask[:, None], other=0.0)
-        num += tl.sum(a * w[:, None], axis=0)
-    den = tl.sum(den_vec, axis=0)
+    num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, S * H, N_SPLITS, C_PAD, BLOCK_S)
     o = num / tl.where(den > 0, den, 1.0)
     s_idx = row // H
     h_idx = row % H
@@ -285,12 +307,28 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
     return block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap
 
 
-def mla_attention_triton(
+class SplitAttention(NamedTuple):
+    """What `mla_attention_split` leaves for a combine: the output tensor (already final when n_splits == 1), the
+    fp32 partials [B, n_splits, S*H, C_PAD] and running (max, sum) [B, n_splits, S*H, 2] (None without splits), and
+    the plan fields a combine kernel recomputes the active splits from."""
+    out: torch.Tensor
+    part: Optional[torch.Tensor]
+    ml: Optional[torch.Tensor]
+    n_splits: int
+    block_h: int
+    block_t: int
+    c_pad: int
+    min_chunk: int
+
+
+def mla_attention_split(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
     n_splits: Optional[int] = None, num_stages: int = 2, min_chunk: Optional[int] = None,
     swap: Optional[bool] = None, num_warps: Optional[int] = None,
-) -> torch.Tensor:
+) -> SplitAttention:
+    """`_mla_fwd_kernel` alone: with one split the attention output, else the splits' partials to be combined
+    (`_mla_combine_kernel` here, or the W_UV absorption kernel of dsv3.kernels.mla_attention_out)."""
     bsz, seqlen, heads, c = q_latent.shape
     r = q_pe.shape[-1]
     # Same layout as the fake impl (empty_like), so compiled graphs see the strides they were promised.
@@ -323,14 +361,34 @@ def mla_attention_triton(
         PREFIX=False,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if split:
-        block_c = min(c_pad, 128)
-        wrap_triton(_mla_combine_kernel)[(seqlen * heads, c_pad // block_c, bsz)](
-            part, ml, input_pos, out, seqlen, heads, c, n_splits,
-            input_pos.stride(0), input_pos.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, BLOCK_C=block_c, MIN_CHUNK_=min_chunk,
-            BLOCK_S=min(64, max(2, next_pow2(n_splits))), num_warps=4,
-        )
+    return SplitAttention(out, part if split else None, ml if split else None, n_splits, block_h, block_t, c_pad,
+                          min_chunk)
+
+
+def combine_block_s(n_splits: int) -> int:
+    """Splits merged per step of a combine loop (one vector load each)."""
+    return min(64, max(2, next_pow2(n_splits)))
+
+
+def mla_attention_triton(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
+    n_splits: Optional[int] = None, num_stages: int = 2, min_chunk: Optional[int] = None,
+    swap: Optional[bool] = None, num_warps: Optional[int] = None,
+) -> torch.Tensor:
+    sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, block_h, block_t, n_splits,
+                             num_stages, min_chunk, swap, num_warps)
+    if sa.part is None:
+        return sa.out
+    bsz, seqlen, heads, c = q_latent.shape
+    out = sa.out
+    block_c = min(sa.c_pad, 128)
+    wrap_triton(_mla_combine_kernel)[(seqlen * heads, sa.c_pad // block_c, bsz)](
+        sa.part, sa.ml, input_pos, out, seqlen, heads, c, sa.n_splits,
+        input_pos.stride(0), input_pos.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad, BLOCK_C=block_c, MIN_CHUNK_=sa.min_chunk,
+        BLOCK_S=combine_block_s(sa.n_splits), num_warps=4,
+    )
     return out
 
 

@@ -140,6 +140,14 @@ def routed_experts_pairs_reference(
 
 
 MOE_COMBINE_DEFAULT = "graph"
+MOE_DOWN_QUANT_DEFAULT = "down"
+
+
+def down_quant_choice() -> str:
+    """Who quantizes h at one token behind the row-parallel kernels (read at trace time): 'down' (default): each
+    program of `_moe_down_rows_kernel` quantizes its slot's row; 'launch': one act_quant launch between the up and
+    down kernels. DSV3_MOE_DOWN_QUANT pins one."""
+    return env_switch("DSV3_MOE_DOWN_QUANT", MOE_DOWN_QUANT_DEFAULT, ("down", "launch"))
 
 
 def moe_combine_choice() -> str:
@@ -370,13 +378,15 @@ def _moe_down_kernel(
 def _moe_down_rows_kernel(
     h_ptr, hs_ptr, idx_ptr, wd_ptr, sd_ptr, y_ptr,
     E, I, D, stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_y,
-    BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+    QUANT_H: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """One token (T = 1), FP8, after the row-parallel up kernel (h e4m3 with scales hs [K, I/128], act_quant's):
-    grid (K slots, cdiv(D, BLOCK_N)), slot k computes expert topk_idx[0, k] (ids outside [0, E) do nothing) for
-    BLOCK_N rows of down, each loaded over the whole I at once, and writes them rounded to the activation dtype to
-    y[k] (pair row k) for `_moe_combine_kernel`: the row-parallel form of `_moe_down_kernel` (whose MMA tiles pad the
-    token to 16 and walk I serially)."""
+    """One token (T = 1), FP8, after the row-parallel up kernel: grid (K slots, cdiv(D, BLOCK_N)), slot k computes
+    expert topk_idx[0, k] (ids outside [0, E) do nothing) for BLOCK_N rows of down, each loaded over the whole I at
+    once, and writes them rounded to the activation dtype to y[k] (pair row k) for `_moe_combine_kernel`: the
+    row-parallel form of `_moe_down_kernel` (whose MMA tiles pad the token to 16 and walk I serially).
+    QUANT_H: h [K, I] is in the activation dtype and every program quantizes its slot's row itself
+    (`quantize_tile_rcp`: act_quant's values and scales, see `_moe_down_kernel`), in place of an act_quant launch
+    between the two kernels; else h is e4m3 with scales hs [K, I/128] (act_quant's)."""
     slot = tl.program_id(0)
     e = tl.load(idx_ptr + slot)
     if (e >= 0) & (e < E):
@@ -387,7 +397,7 @@ def _moe_down_rows_kernel(
         w, sd = load_weight_rows(wd_ptr + e64 * stride_we, sd_ptr + e64 * stride_se, offs_n, n_mask, offs_b,
                                  offs_k, k_mask, kb_mask, stride_wn, stride_sn)
         hq, hsv = load_x_row(h_ptr + slot * stride_h, hs_ptr + slot * stride_hs, offs_k, k_mask, offs_b, kb_mask,
-                             False)
+                             QUANT_H)
         y = dot_rows(w, sd, hq, hsv)
         tl.store(y_ptr + slot * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
@@ -607,8 +617,10 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
     # 16B (64 routed + 2 shared slots, top-6 + 2), H200, sweep_moe of 2026-11-23, us per layer (default -> plan):
     # T=1 34.0 (the default is the fastest measured), T=2 55.5 -> 46.5, T=4 75.4 -> 68.0, T=8 121.0 -> 109.8
     # (T=3 and T=5..7 unmeasured: they take the next row's plan).
-    # T=1 since 2026-11-23 (fourth session): the row-parallel up kernel (scripts/bench_rows.py: up 14.1 vs 17.7 us).
-    (66, 1408, 2048): ((1, MoeDecodePlan(2, 4, 1, 64, 4, 4)), (2, MoeDecodePlan(64, 4, 3, 128, 8, 3)),
+    # T=1 since 2026-11-23 (fourth session): the row-parallel up kernel (scripts/bench_rows.py: up 14.1 vs 17.7 us);
+    # since 2026-11-24 (fourteenth session) the row-parallel down kernel behind it, quantizing h in its programs (the
+    # act_quant launch between the two kernels gone; rows down alone 9.65 vs the MMA kernel's 9.36 us, ninth session).
+    (66, 1408, 2048): ((1, MoeDecodePlan(2, 4, 1, 8, 4, 1)), (2, MoeDecodePlan(64, 4, 3, 128, 8, 3)),
                        (4, MoeDecodePlan(64, 4, 3, 128, 4, 3)), (8, MoeDecodePlan(128, 8, 3, 128, 8, 4))),
     # 671B at world size 8, one rank (32 local experts, ~1 of the top-8 ids local): T=1 51.6 -> 45.3 (the up kernel
     # of the one expert: 34.3 -> 23.4 us), T=2 51.4 -> 49.7, T=4 61.8 -> 60.6, T=8 98.3 -> 98.0.
@@ -875,14 +887,16 @@ def routed_experts_triton(
             e, i, d, gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), h_act.stride(0),
             BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps,
         )
-        h, hs = act_quant(h_act)
+        # h quantized by the row-parallel down kernel's programs (one launch less), else by one act_quant launch
+        quant_in_down = rows_down and down_quant_choice() == "down"
+        h, hs = (h_act, h_act) if quant_in_down else act_quant(h_act)
         if rows_down:  # and the row-parallel down kernel, then the combine below
             assert sd.stride(-1) == 1, "the row-parallel down kernel reads each row's block scales contiguously"
             wrap_triton(_moe_down_rows_kernel)[(p, cdiv(d, plan.down_block_n))](
                 h, hs, idx, down_proj, sd, y,
                 e, i, d, h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
                 sd.stride(0), sd.stride(1), y.stride(0),
-                BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
+                QUANT_H=quant_in_down, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
             )
     elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
         two_dots = plan.up_num_warps <= 4  # (registers: see the kernel)

@@ -23,6 +23,10 @@
 #   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
 #   ncu-moe    Nsight Compute sections of the routed-experts kernels (scripts/ncu_moe.py: grouped T=4096, decode T=1;
 #              full report text in $OUT/ncu_moe.txt)
+#   attnout    the GPU tests of dsv3.mla_attention_out and of the MLA kernels, then scripts/sweep_attn_out.py (the op's
+#              launch block and warps against the two ops it replaces; JSON in $OUT)
+#   sdpa       scripts/bench_prefill_sdpa.py: the first-chunk prefill attention, our kernel vs PyTorch's cuDNN / flash
+#              SDPA (timed, checked, and inside AOTInductor packages; JSON in $OUT)
 #   kdec       the GPU tests of the decode phase merges (test_norm_route, test_mla_prep, test_norm) and of the router
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
@@ -101,6 +105,14 @@ step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (t
   timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_norm.py tests/test_mla_prep.py tests/test_swiglu.py 2>&1 \
     | tee "$OUT/kgpu_fused.log" | tail -15
 }
+
+step_attnout() {
+  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_attn_out.py \
+    tests/test_kernels.py -k "attn_out or mla or compiled_and_graph" 2>&1 | tee "$OUT/attnout.log" | tail -12
+  timeout 300 $PY scripts/sweep_attn_out.py --json "$OUT/sweep_attn_out.json" 2>&1 | grep -v -i warn | tail -20
+}
+
+step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_prefill_sdpa.json" 2>&1 | grep -v -i warn | tail -60; }
 
 step_pdl() { timeout 300 $PY scripts/bench_pdl.py --json "$OUT/pdl.json" 2>&1 | grep -v Warning | tail -8; }
 

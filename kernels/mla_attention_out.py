@@ -1,0 +1,164 @@
+"""`torch.ops.dsv3.mla_attention_out`: absorbed MLA attention at decode with its output taken back through W_UV,
+`mla_absorb(mla_attention(...), kv_b_weight, kv_b_scale, nope_dim, v_dim, output=True)` as one op.
+
+Why: flash-decoding (dsv3.kernels.mla_attention) writes each split's fp32 partial output; a combine kernel merges
+them into the [B, S, H, C] latent output, and the W_UV absorption kernel (dsv3.kernels.mla_absorb) reads that back.
+At batch-1 decode both are a few KB of work behind a dependent launch of ~2-3 us each (H200). Here the absorption
+kernel merges the partials itself: one launch less per layer and step.
+
+Contract
+- q_latent [B, S, H, C], q_pe [B, S, H, R], latent_cache [B, T, C + R], input_pos [B, S], softmax_scale: as
+  `dsv3.mla_attention`; kv_b_weight [H * (Dn + Dv), C] (float8_e4m3fn with kv_b_scale [ceil(rows/128),
+  ceil(C/128)] fp32, or dense with kv_b_scale None), nope_dim = Dn, v_dim = Dv: as `dsv3.mla_absorb`.
+- Returns [B, S, H, Dv] in q_latent.dtype: the composition of the two ops. The attention output is rounded to
+  q_latent.dtype before W_UV (as mla_attention returns it), W_UV is dequantized and rounded to that dtype, fp32
+  accumulation (as mla_absorb computes).
+
+Implementations (branch taken at trace time)
+- CPU, shapes or dtypes either op's kernels do not take, a single split (the attention kernel then writes its
+  output directly: nothing to merge), or DSV3_ATTN_OUT=two: the two ops.
+- CUDA decode: `_mla_fwd_kernel` (the splits' partials, as mla_attention) then `_mla_combine_absorb_kernel`, grid
+  (S*H query rows, Dv / BLOCK_D, B): each program merges its row's splits 128 channels at a time with mla_attention's
+  combine code (`combine_channels`), rounds them as mla_attention's output, and accumulates its BLOCK_D rows of W_UV
+  over those channels as mla_absorb's CUDA-core kernel does (`_absorb_o_rows_kernel`: per 128-block sums of the
+  dequantized, rounded weight times the rounded input, blocks summed in order). The D blocks of one row each merge
+  the row's partials again (n_active x C x 4 bytes from L2): BLOCK_D trades that against programs in flight.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
+from dsv3.kernels.mla_absorb import _weight_tile, mla_absorb_reference
+from dsv3.kernels.mla_attention import (
+    DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels,
+    mla_attention_reference, mla_attention_split, split_max,
+)
+
+ATTN_OUT_DEFAULT = "fused"
+# W_UV rows per program and warps. Measured by scripts/sweep_attn_out.py; see docs/KERNELS.md.
+ATTN_OUT_BLOCK_D = 16
+ATTN_OUT_WARPS = 4
+
+
+def mla_attention_out_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float,
+                                kv_b_weight, kv_b_scale, nope_dim: int, v_dim: int) -> torch.Tensor:
+    o_latent = mla_attention_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale)
+    return mla_absorb_reference(o_latent, kv_b_weight, kv_b_scale, nope_dim, v_dim, True)
+
+
+def _two_ops(q_latent, q_pe, latent_cache, input_pos, softmax_scale, kv_b_weight, kv_b_scale, nope_dim, v_dim):
+    o_latent = torch.ops.dsv3.mla_attention(q_latent, q_pe, latent_cache, input_pos, softmax_scale)
+    return torch.ops.dsv3.mla_absorb(o_latent, kv_b_weight, kv_b_scale, nope_dim, v_dim, True)
+
+
+@triton.jit
+def _mla_combine_absorb_kernel(
+    part_ptr, ml_ptr, pos_ptr, w_ptr, s_ptr, out_ptr,
+    S, H, C, DN, DV, ROWS_PER_HEAD, N_SPLITS,
+    stride_posb, stride_poss, stride_wr, stride_sr, stride_sc, stride_ob, stride_os, stride_oh,
+    HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr, MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, s, h, d-block] = merge(splits of row (s, h))[:C] @ W_UV[h][d-block, :]^T, in 128-channel steps."""
+    row = tl.program_id(0)
+    db = tl.program_id(1)
+    b = tl.program_id(2)
+    n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    b64 = b.to(tl.int64)
+    m_max = split_max(ml_ptr, b64, row, n_active, S * H, N_SPLITS, BLOCK_S)
+    s_idx = row // H
+    h_idx = row % H
+    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < DV
+    w_rows = h_idx * ROWS_PER_HEAD + DN + offs_d
+    odt = out_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for cb in tl.static_range(C_PAD // BLOCK_C):
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, S * H, N_SPLITS, C_PAD,
+                                    BLOCK_S)
+        o = (num / tl.where(den > 0, den, 1.0)).to(odt).to(tl.float32)  # mla_attention's output, rounded
+        w = _weight_tile(w_ptr, s_ptr, w_rows, offs_c, (cb * BLOCK_C) // 128, d_mask,
+                         d_mask[:, None] & c_mask[None, :], stride_wr, stride_sr, stride_sc, HAS_SCALE,
+                         odt).to(tl.float32)
+        acc += tl.sum(w * o[None, :], axis=1)
+    o_ptrs = out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_d
+    tl.store(o_ptrs, acc.to(odt), mask=d_mask)
+
+
+def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float, kv_b_weight,
+                             kv_b_scale, nope_dim: int, v_dim: int, block_d: Optional[int] = None,
+                             num_warps: Optional[int] = None, **attention_plan) -> torch.Tensor:
+    """The CUDA path; `attention_plan` overrides mla_attention's launch plan (tests, sweeps)."""
+    bsz, seqlen, heads, c = q_latent.shape
+    sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, **attention_plan)
+    if sa.part is None:  # one split: the attention output is final, nothing to merge
+        return torch.ops.dsv3.mla_absorb(sa.out, kv_b_weight, kv_b_scale, nope_dim, v_dim, True)
+    out = torch.empty((bsz, seqlen, heads, v_dim), dtype=q_latent.dtype, device=q_latent.device)
+    has_scale = kv_b_scale is not None
+    s = kv_b_scale if has_scale else kv_b_weight  # unused without scales
+    s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
+    block_d = min(block_d or ATTN_OUT_BLOCK_D, max(2, next_pow2(v_dim)))
+    block_c = min(sa.c_pad, 128)
+    wrap_triton(_mla_combine_absorb_kernel)[(seqlen * heads, cdiv(v_dim, block_d), bsz)](
+        sa.part, sa.ml, input_pos, kv_b_weight, s, out,
+        seqlen, heads, c, nope_dim, v_dim, nope_dim + v_dim, sa.n_splits,
+        input_pos.stride(0), input_pos.stride(1), kv_b_weight.stride(0), *s_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        HAS_SCALE=has_scale, BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad, BLOCK_C=block_c,
+        MIN_CHUNK_=sa.min_chunk, BLOCK_S=combine_block_s(sa.n_splits), BLOCK_D=block_d,
+        num_warps=num_warps or ATTN_OUT_WARPS,
+    )
+    return out
+
+
+def attention_out_choice() -> str:
+    return env_switch("DSV3_ATTN_OUT", ATTN_OUT_DEFAULT, ("fused", "two"))
+
+
+def _fusable(q_latent, latent_cache, kv_b_weight, kv_b_scale) -> bool:
+    """Decode shapes (static B, S <= DECODE_MAX_S) whose attention and W_UV both run on the Triton kernels."""
+    s = static_int(q_latent.shape[1])
+    if s is None or s > DECODE_MAX_S or static_int(q_latent.shape[0]) is None:
+        return False
+    if not attention_triton_ok(q_latent, latent_cache) or kv_b_weight.stride(-1) != 1:
+        return False
+    if kv_b_scale is not None:
+        return kv_b_weight.dtype == torch.float8_e4m3fn
+    return kv_b_weight.dtype == q_latent.dtype
+
+
+@triton_op("dsv3::mla_attention_out", mutates_args=())
+def mla_attention_out(q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor,
+                      input_pos: torch.Tensor, softmax_scale: float, kv_b_weight: torch.Tensor,
+                      kv_b_scale: Optional[torch.Tensor], nope_dim: int, v_dim: int) -> torch.Tensor:
+    args = (q_latent, q_pe, latent_cache, input_pos, softmax_scale, kv_b_weight, kv_b_scale, nope_dim, v_dim)
+    if q_latent.device.type == "cpu":
+        return mla_attention_out_reference(*args)
+    if attention_out_choice() == "two" or not _fusable(q_latent, latent_cache, kv_b_weight, kv_b_scale):
+        return _two_ops(*args)
+    return mla_attention_out_triton(*args)
+
+
+@mla_attention_out.register_fake
+def _mla_attention_out_fake(q_latent, q_pe, latent_cache, input_pos, softmax_scale, kv_b_weight, kv_b_scale,
+                            nope_dim, v_dim):
+    heads = q_latent.shape[2]
+    torch._check(kv_b_weight.shape[0] == heads * (nope_dim + v_dim),
+                 lambda: f"mla_attention_out: kv_b_weight has {kv_b_weight.shape[0]} rows, expected {heads} heads x "
+                         f"({nope_dim} + {v_dim})")
+    torch._check(q_latent.shape[-1] == kv_b_weight.shape[1],
+                 lambda: f"mla_attention_out: q_latent {tuple(q_latent.shape)} does not match kv_b_weight "
+                         f"{tuple(kv_b_weight.shape)}")
+    return q_latent.new_empty((*q_latent.shape[:-1], v_dim))
+
+
+__all__ = ["mla_attention_out", "mla_attention_out_reference", "mla_attention_out_triton", "attention_out_choice"]

@@ -215,8 +215,8 @@ def split_max(ml_ptr, b64, row, n_active, ROWS, N_SPLITS, BLOCK_S: tl.constexpr)
 @triton.jit
 def combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, ROWS, N_SPLITS, C_PAD: tl.constexpr,
                      BLOCK_S: tl.constexpr):
-    """Channels offs_c of query row `row` merged over its splits, BLOCK_S splits at a time (vector loads):
-    (the rescaled numerator [BLOCK_C], the denominator); the output is their quotient."""
+    """Channels offs_c (1-D; those past C_PAD read as zeros) of query row `row` merged over its splits, BLOCK_S
+    splits at a time (vector loads): (the rescaled numerator, the denominator); the output is their quotient."""
     offs_s = tl.arange(0, BLOCK_S)
     den_vec = tl.zeros((BLOCK_S,), dtype=tl.float32)
     num = tl.zeros(offs_c.shape, dtype=tl.float32)
@@ -228,7 +228,8 @@ def combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, ROWS, 
         l_s = tl.load(ml_ptr + base * 2 + 1, mask=s_mask, other=0.0)
         w = tl.exp2(m_s - m_max)
         den_vec += w * l_s
-        a = tl.load(part_ptr + base[:, None] * C_PAD + offs_c[None, :], mask=s_mask[:, None], other=0.0)
+        a = tl.load(part_ptr + base[:, None] * C_PAD + offs_c[None, :],
+                    mask=s_mask[:, None] & (offs_c < C_PAD)[None, :], other=0.0)
         num += tl.sum(a * w[:, None], axis=0)
     return num, tl.sum(den_vec, axis=0)
 

@@ -35,16 +35,23 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
-from dsv3.kernels.mla_absorb import _weight_tile, mla_absorb_reference
+from dsv3.kernels.fp8_linear import k_blocks
+from dsv3.kernels.mla_absorb import mla_absorb_reference
 from dsv3.kernels.mla_attention import (
     DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels,
     mla_attention_reference, mla_attention_split, split_max,
 )
 
 ATTN_OUT_DEFAULT = "fused"
-# W_UV rows per program and warps. Measured by scripts/sweep_attn_out.py; see docs/KERNELS.md.
-ATTN_OUT_BLOCK_D = 16
+# W_UV rows per program (by batch), warps, splits per merge step.
+# scripts/sweep_attn_out.py on the H200 (2026-11-24; 16 heads, FP8 kv_b_proj, a 4096-row cache, us per call against
+# the two ops at context 128 / 1024 / 4031): batch 1 with 16 rows per program 9.45 / 10.74 / 14.16 vs 11.49 / 13.21 /
+# 15.69 (16 rows re-merge each row 8 times; 4 rows: 512 programs, slower past context 128); batch 8 with 64 rows
+# 13.33 / 22.23 / 30.88 vs 15.04 / 23.49 / 32.48 (16 rows there: 14.93 / 25.42 / 32.41).
+ATTN_OUT_ROWS_SMALL_M = 4  # query rows (B * S) up to which ATTN_OUT_BLOCK_D[True] applies
+ATTN_OUT_BLOCK_D = {True: 16, False: 64}
 ATTN_OUT_WARPS = 4
+ATTN_OUT_BLOCK_S = 16
 
 
 def mla_attention_out_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float,
@@ -64,39 +71,47 @@ def _mla_combine_absorb_kernel(
     S, H, C, DN, DV, ROWS_PER_HEAD, N_SPLITS,
     stride_posb, stride_poss, stride_wr, stride_sr, stride_sc, stride_ob, stride_os, stride_oh,
     HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr,
-    BLOCK_C: tl.constexpr, MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    KB_PAD: tl.constexpr, MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, s, h, d-block] = merge(splits of row (s, h))[:C] @ W_UV[h][d-block, :]^T, in 128-channel steps."""
+    """out[b, s, h, d-block] = merge(splits of row (s, h))[:C] @ W_UV[h][d-block, :]^T."""
     row = tl.program_id(0)
     db = tl.program_id(1)
     b = tl.program_id(2)
-    n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
-    b64 = b.to(tl.int64)
-    m_max = split_max(ml_ptr, b64, row, n_active, S * H, N_SPLITS, BLOCK_S)
-    s_idx = row // H
+    odt = out_ptr.dtype.element_ty
+    # This program's W_UV rows over the whole C first ([BLOCK_D, KB, 128], one scale per row and 128-block), as
+    # `_absorb_o_rows_kernel` loads them: they do not depend on the attention, so their load overlaps the dependent
+    # chain below (positions -> split statistics -> partials) instead of following it.
     h_idx = row % H
     offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < DV
     w_rows = h_idx * ROWS_PER_HEAD + DN + offs_d
-    odt = out_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for cb in tl.static_range(C_PAD // BLOCK_C):
-        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C
-        num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, S * H, N_SPLITS, C_PAD,
-                                    BLOCK_S)
-        o = (num / tl.where(den > 0, den, 1.0)).to(odt).to(tl.float32)  # mla_attention's output, rounded
-        w = _weight_tile(w_ptr, s_ptr, w_rows, offs_c, (cb * BLOCK_C) // 128, d_mask,
-                         d_mask[:, None] & c_mask[None, :], stride_wr, stride_sr, stride_sc, HAS_SCALE,
-                         odt).to(tl.float32)
-        acc += tl.sum(w * o[None, :], axis=1)
-    o_ptrs = out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_d
-    tl.store(o_ptrs, acc.to(odt), mask=d_mask)
+    offs_b, offs_k, k_mask, kb_mask = k_blocks(C, KB_PAD)
+    w = tl.load(w_ptr + w_rows[:, None, None] * stride_wr + offs_k[None, :, :],
+                mask=d_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(s_ptr + (w_rows // 128)[:, None] * stride_sr + offs_b[None, :] * stride_sc,
+                     mask=d_mask[:, None] & kb_mask[None, :], other=0.0)
+        w = (w * sc[:, :, None]).to(odt).to(tl.float32)  # mla_absorb's W: dequantized, rounded to the act. dtype
+    else:
+        w = w.to(odt).to(tl.float32)
+    # The row's merged attention output over all C at once (mla_attention's combine, `combine_channels`: the same
+    # splits, weights and order per channel), rounded as mla_attention returns it.
+    n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    b64 = b.to(tl.int64)
+    m_max = split_max(ml_ptr, b64, row, n_active, S * H, N_SPLITS, BLOCK_S)
+    num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, tl.arange(0, KB_PAD * 128), S * H,
+                                N_SPLITS, C_PAD, BLOCK_S)
+    num = tl.reshape(num, (KB_PAD, 128))
+    o = (num / tl.where(den > 0, den, 1.0)).to(odt).to(tl.float32)
+    acc = tl.sum(tl.sum(w * o[None, :, :], axis=2), axis=1)
+    s_idx = row // H
+    tl.store(out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_d, acc.to(odt), mask=d_mask)
 
 
 def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float, kv_b_weight,
                              kv_b_scale, nope_dim: int, v_dim: int, block_d: Optional[int] = None,
-                             num_warps: Optional[int] = None, **attention_plan) -> torch.Tensor:
+                             num_warps: Optional[int] = None, block_s: Optional[int] = None,
+                             **attention_plan) -> torch.Tensor:
     """The CUDA path; `attention_plan` overrides mla_attention's launch plan (tests, sweeps)."""
     bsz, seqlen, heads, c = q_latent.shape
     sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, **attention_plan)
@@ -106,15 +121,16 @@ def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_sc
     has_scale = kv_b_scale is not None
     s = kv_b_scale if has_scale else kv_b_weight  # unused without scales
     s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
-    block_d = min(block_d or ATTN_OUT_BLOCK_D, max(2, next_pow2(v_dim)))
-    block_c = min(sa.c_pad, 128)
+    block_d = min(block_d or ATTN_OUT_BLOCK_D[bsz * seqlen <= ATTN_OUT_ROWS_SMALL_M], max(2, next_pow2(v_dim)))
+    # splits per merge step: the [BLOCK_S, C] partial tile shares the registers with the W_UV tile
+    block_s = block_s or min(ATTN_OUT_BLOCK_S, combine_block_s(sa.n_splits))
     wrap_triton(_mla_combine_absorb_kernel)[(seqlen * heads, cdiv(v_dim, block_d), bsz)](
         sa.part, sa.ml, input_pos, kv_b_weight, s, out,
         seqlen, heads, c, nope_dim, v_dim, nope_dim + v_dim, sa.n_splits,
         input_pos.stride(0), input_pos.stride(1), kv_b_weight.stride(0), *s_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        HAS_SCALE=has_scale, BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad, BLOCK_C=block_c,
-        MIN_CHUNK_=sa.min_chunk, BLOCK_S=combine_block_s(sa.n_splits), BLOCK_D=block_d,
+        HAS_SCALE=has_scale, BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad,
+        KB_PAD=max(1, next_pow2(cdiv(c, 128))), MIN_CHUNK_=sa.min_chunk, BLOCK_S=block_s, BLOCK_D=block_d,
         num_warps=num_warps or ATTN_OUT_WARPS,
     )
     return out

@@ -37,8 +37,8 @@ def main() -> None:
     heads, c, r, dn, dv, t_cap, scale = 16, 512, 64, 128, 128, 4096, 0.1
     w, ws = quantize_weight(torch.randn(heads * (dn + dv), c) * 0.05)
     w, ws = w.to(dev), ws.to(dev)
-    variants = [("two_ops", None, None)] + [(f"fused_d{d}_w{nw}", d, nw)
-                                            for d, nw in itertools.product([4, 8, 16, 32, 64, 128], [2, 4, 8])]
+    variants = [("two_ops", None, None, None)] + [
+        (f"fused_d{d}_w{nw}_s{bs}", d, nw, bs) for d, nw, bs in itertools.product([4, 8, 16, 32, 64], [2, 4, 8], [8, 16])]
     rows = []
     for b, ctx in itertools.product([1, 8], [128, 1024, 4031]):
         copies = max(2, min(32, (256 << 20) // (b * t_cap * (c + r) * 2)))
@@ -52,13 +52,13 @@ def main() -> None:
             return mla_absorb_triton(mla_attention_triton(q, qpe, cache, pos, scale), w, ws, dn, dv, True)
 
         ref = two(caches[0])
-        for name, block_d, nw in variants:
+        for name, block_d, nw, bs in variants:
             if block_d is None:
                 fn = two
             else:
-                def fn(cache, block_d=block_d, nw=nw):
+                def fn(cache, block_d=block_d, nw=nw, bs=bs):
                     return mla_attention_out_triton(q, qpe, cache, pos, scale, w, ws, dn, dv, block_d=block_d,
-                                                    num_warps=nw)
+                                                    num_warps=nw, block_s=bs)
             try:
                 err = rel(fn(caches[0]), ref)
                 if not err < 4e-3:
@@ -77,8 +77,8 @@ def main() -> None:
     for x in rows:
         if "error" in x:
             print(f"  b={x['b']} ctx={x['ctx']} {x['variant']}: {x['error']}")
-    default = [x for x in rows if x["variant"] == "fused_d16_w4"]
-    print("default (d16, 4 warps): " + ", ".join(f"b{x['b']} ctx{x['ctx']} {x.get('us')}" for x in default))
+    default = [x for x in rows if x["variant"] == "fused_d16_w4_s16"]
+    print("default (d16, 4 warps, 16 splits per step): " + ", ".join(f"b{x['b']} ctx{x['ctx']} {x.get('us')}" for x in default))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(rows, f, indent=1)

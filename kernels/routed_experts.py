@@ -140,13 +140,17 @@ def routed_experts_pairs_reference(
 
 
 MOE_COMBINE_DEFAULT = "graph"
-MOE_DOWN_QUANT_DEFAULT = "down"
+# Measured on the H200 (gpu_check.sh ab16, 16B FP8 at 8 layers, 2026-11-24, 5 round-robin rounds): with the
+# row-parallel down kernel at T=1, 'down' took 609.3 us per batch-1 step against 596.3 for 'launch' (and 597.0 for
+# 'launch' with the MMA down kernel): 1.6 us per layer slower. Each of the down kernel's ~2000 programs quantizes the
+# whole h row before its first product, which costs more than the launch it saves.
+MOE_DOWN_QUANT_DEFAULT = "launch"
 
 
 def down_quant_choice() -> str:
-    """Who quantizes h at one token behind the row-parallel kernels (read at trace time): 'down' (default): each
-    program of `_moe_down_rows_kernel` quantizes its slot's row; 'launch': one act_quant launch between the up and
-    down kernels. DSV3_MOE_DOWN_QUANT pins one."""
+    """Who quantizes h at one token behind the row-parallel kernels (read at trace time): 'launch' (default): one
+    act_quant launch between the up and down kernels; 'down': each program of `_moe_down_rows_kernel` quantizes its
+    slot's row (one launch less, measured slower). DSV3_MOE_DOWN_QUANT pins one."""
     return env_switch("DSV3_MOE_DOWN_QUANT", MOE_DOWN_QUANT_DEFAULT, ("down", "launch"))
 
 
@@ -617,10 +621,10 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
     # 16B (64 routed + 2 shared slots, top-6 + 2), H200, sweep_moe of 2026-11-23, us per layer (default -> plan):
     # T=1 34.0 (the default is the fastest measured), T=2 55.5 -> 46.5, T=4 75.4 -> 68.0, T=8 121.0 -> 109.8
     # (T=3 and T=5..7 unmeasured: they take the next row's plan).
-    # T=1 since 2026-11-23 (fourth session): the row-parallel up kernel (scripts/bench_rows.py: up 14.1 vs 17.7 us);
-    # since 2026-11-24 (fourteenth session) the row-parallel down kernel behind it, quantizing h in its programs (the
-    # act_quant launch between the two kernels gone; rows down alone 9.65 vs the MMA kernel's 9.36 us, ninth session).
-    (66, 1408, 2048): ((1, MoeDecodePlan(2, 4, 1, 8, 4, 1)), (2, MoeDecodePlan(64, 4, 3, 128, 8, 3)),
+    # T=1 since 2026-11-23 (fourth session): the row-parallel up kernel (scripts/bench_rows.py: up 14.1 vs 17.7 us).
+    # The row-parallel down kernel quantizing h in its programs instead (no act_quant launch) measured 1.6 us per
+    # layer slower (ab16, 2026-11-24; see MOE_DOWN_QUANT_DEFAULT).
+    (66, 1408, 2048): ((1, MoeDecodePlan(2, 4, 1, 64, 4, 4)), (2, MoeDecodePlan(64, 4, 3, 128, 8, 3)),
                        (4, MoeDecodePlan(64, 4, 3, 128, 4, 3)), (8, MoeDecodePlan(128, 8, 3, 128, 8, 4))),
     # 671B at world size 8, one rank (32 local experts, ~1 of the top-8 ids local): T=1 51.6 -> 45.3 (the up kernel
     # of the one expert: 34.3 -> 23.4 us), T=2 51.4 -> 49.7, T=4 61.8 -> 60.6, T=8 98.3 -> 98.0.

@@ -30,15 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sweep_prefill import MOE_SHAPES, moe_inputs  # noqa: E402
 
 
-def load_old(path: str):
+def load_old(path: str, name: str = "routed_experts"):
+    """The kernels and launchers of an old copy of kernels/NAME.py, cut before its first `@triton_op`."""
     src = open(path).read()
     cut = src.find("\n@triton_op(")
     if cut < 0:
-        raise SystemExit(f"{path}: no '@triton_op(' found; is it a copy of kernels/routed_experts.py?")
-    fd, tmp = tempfile.mkstemp(prefix="ab_old_routed_experts_", suffix=".py")
+        raise SystemExit(f"{path}: no '@triton_op(' found; is it a copy of kernels/{name}.py?")
+    fd, tmp = tempfile.mkstemp(prefix=f"ab_old_{name}_", suffix=".py")
     with os.fdopen(fd, "w") as f:  # triton.jit reads kernel sources from a real file
         f.write(src[:cut] + "\n")
-    spec = importlib.util.spec_from_file_location("ab_old_routed_experts", tmp)
+    spec = importlib.util.spec_from_file_location(f"ab_old_{name}", tmp)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

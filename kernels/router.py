@@ -21,8 +21,10 @@ Contract
 
 Implementations (branch taken at trace time from the device and the static shapes)
 - CPU: `route_reference` (plain torch, out-of-place, ONNX-exportable; Inductor fuses it when compiled on CPU).
-- CUDA, T larger or dynamic (prefill): the reference's selection on logits from `torch.mm(..., out_dtype=float32)`
-  (16-bit operands, fp32 accumulation: the same products, exact in fp32); fp32 weights: the reference.
+- CUDA, T larger or dynamic (prefill): logits from `torch.mm(..., out_dtype=float32)` (16-bit operands, fp32
+  accumulation: the same products, exact in fp32), then, for E <= 512, the decode path's `_router_select_kernel`
+  over them (one program per token; `select_logits`) in place of the reference's torch.topk / gather / softmax
+  kernels (DSV3_ROUTE_PREFILL=torch keeps those); fp32 weights: the reference.
 - CUDA, T statically <= 64 (decode), E <= 512: two Triton kernels, no host sync:
   1. `_router_logits_kernel`, grid (E / BLOCK_E, splits): each program owns BLOCK_E experts and one slice of D,
      computes all T tokens (padded to a power of two) with fp32 multiply-accumulate of both operands converted to
@@ -33,7 +35,7 @@ Implementations (branch taken at trace time from the device and the static shape
      limiting (group of expert e = e // (E / n_group), on a [G_PAD, E_PAD] masked matrix), then TOP_K rounds of
      argmax-and-mask on 64-bit keys (order-preserving fp32 bits << 32 | reversed index: one reduction per round,
      lowest index on ties), gathers the weights, normalises, scales, writes idx (int64) and weights.
-- CUDA, larger or dynamic T (prefill), or E > 512: `route_reference` in plain torch.
+- CUDA, E > 512: `route_reference` in plain torch.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, next_pow2, num_sms, static_int
+from dsv3.kernels._launch import cdiv, env_switch, next_pow2, num_sms, static_int
 
 DECODE_MAX_T = 64
 SELECT_MAX_E = 512
@@ -369,6 +371,30 @@ def select_from_partials(
     )
 
 
+ROUTE_PREFILL_DEFAULT = "kernel"
+
+
+def route_prefill_choice() -> str:
+    """How prefill-sized T selects experts from the cuBLAS logits (read at trace time): 'kernel' (default):
+    `_router_select_kernel`; 'torch': the reference's selection. DSV3_ROUTE_PREFILL pins one."""
+    return env_switch("DSV3_ROUTE_PREFILL", ROUTE_PREFILL_DEFAULT, ("kernel", "torch"))
+
+
+def select_logits(
+    logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, n_group: int, topk_group: int, sigmoid: bool,
+    group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float, n_shared: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits [T, E] (any T, E <= SELECT_MAX_E) -> the op's outputs, by `_router_select_kernel`."""
+    t, e = logits.shape
+    _check_args(e, top_k, n_group, topk_group, group_top2, n_shared)
+    logits = logits if logits.is_contiguous() else logits.contiguous()
+    idx = torch.empty((t, top_k + n_shared), dtype=torch.int64, device=logits.device)
+    wt = torch.empty((t, top_k + n_shared), dtype=torch.float32, device=logits.device)
+    select_from_partials(logits.unsqueeze(0), bias, idx, wt, top_k, n_group, topk_group, sigmoid, group_top2,
+                         norm_topk_prob, routed_scaling_factor, n_shared)
+    return idx, wt
+
+
 @triton_op("dsv3::route", mutates_args=())
 def route(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, n_group: int, topk_group: int,
@@ -386,7 +412,12 @@ def route(
             # GEMM on upcast copies (an FFMA kernel: 0.92 ms per 4095-token prefill of the 16B model, H200). A
             # product of two bf16 / fp16 values is exact in fp32, so these are the reference's logits up to the
             # order of the fp32 sums.
-            return route_from_logits(torch.mm(x, weight.t(), out_dtype=torch.float32), bias, *args)
+            logits = torch.mm(x, weight.t(), out_dtype=torch.float32)
+            if weight.shape[0] <= SELECT_MAX_E and route_prefill_choice() == "kernel":
+                # one select kernel where torch's top-k, sort, gather and softmax took ~30 us per layer (16B
+                # prefill of 4095 tokens, H200)
+                return select_logits(logits, bias, *args)
+            return route_from_logits(logits, bias, *args)
         return route_reference(x, weight, bias, *args)
     return route_triton(x, weight, bias, *args)
 
@@ -402,4 +433,5 @@ def _route_fake(x, weight, bias, top_k, n_group, topk_group, sigmoid, group_top2
 
 
 __all__ = ["route", "route_reference", "route_from_logits", "route_triton", "route_args", "select_from_partials",
+           "select_logits", "route_prefill_choice",
            "select_experts_reference", "logits_plan", "DECODE_MAX_T", "SELECT_MAX_E"]

@@ -186,3 +186,19 @@ def test_route_kernels_exact_ties(name):
     assert stable.any()
     assert torch.equal(idx[stable], ridx[stable])
     torch.testing.assert_close(wt[stable], rwt[stable], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_shared", [0, 2])
+@pytest.mark.parametrize("name", ["16B", "236B", "671B", "tiny-ragged"])
+def test_select_logits_prefill_sized(name, n_shared):
+    """The prefill path: fp32 logits of many tokens (the cuBLAS GEMM's on the GPU; here the reference's) selected by
+    `_router_select_kernel`, one program per token: the reference's selection on the same logits. Same logits on
+    both sides, so only exact ties could differ (the kernel's rule: lowest index)."""
+    e, args = CONFIGS[name]
+    gen = torch.Generator().manual_seed(e * 7 + n_shared)
+    x, w, bias = routing_inputs(e, 96, 150, args, torch.bfloat16, gen)
+    logits = torch.nn.functional.linear(x.float(), w.float())
+    out = R.select_logits(logits, bias, **args, n_shared=n_shared)
+    ref = R.route_from_logits(logits, bias, **args, n_shared=n_shared)
+    assert torch.equal(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-6, atol=1e-7)

@@ -9,8 +9,10 @@ CPU (part of `make test`):
   subprocess because TRITON_INTERPRET=1 must be set before triton is imported.
 
 GPU (`pytest -m gpu tests/test_router.py`, on the device): the op against the float64 implementation at the
-16B / 236B / 671B shapes for T = 1, 8, 64 (Triton decode path) and T = 300 (plain torch prefill path), inside
-`torch.compile(fullgraph=True)`, and under CUDA graph capture (no host sync) with fresh inputs on replay.
+16B / 236B / 671B shapes for T = 1, 8, 64 (Triton decode path) and T = 300, 4095 (prefill path: cuBLAS logits, the
+select kernel; also with DSV3_ROUTE_PREFILL=torch), inside `torch.compile(fullgraph=True)` (prefill sizes also with
+dynamic shapes, as the prefill graph has them), and under CUDA graph capture (no host sync) with fresh inputs on
+replay.
 
 Indices are compared exactly except on tokens whose routing is decided by a gap <= 1e-5 (k-th vs (k+1)-th choice,
 last kept vs first dropped group, in float64): fp32 logits summed in another order may flip those legitimately.
@@ -129,6 +131,14 @@ def test_shared_columns_reference_and_fake():
         R._check_args(e, k, 1, 1, False, -1)
 
 
+def test_prefill_select_switch(monkeypatch):
+    monkeypatch.setenv("DSV3_ROUTE_PREFILL", "bogus")
+    with pytest.raises(ValueError, match="DSV3_ROUTE_PREFILL"):
+        R.route_prefill_choice()
+    monkeypatch.delenv("DSV3_ROUTE_PREFILL")
+    assert R.route_prefill_choice() == R.ROUTE_PREFILL_DEFAULT == "kernel"
+
+
 def test_route_args():
     a16, a236, a671 = (R.route_args(resolve_config(n)) for n in REAL_CONFIGS)
     assert a16 == dict(top_k=6, n_group=1, topk_group=1, sigmoid=False, group_top2=False, norm_topk_prob=False,
@@ -183,16 +193,40 @@ def test_logits_plan():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("t", [1, 8, 64, 300])
+@pytest.mark.parametrize("t", [1, 8, 64, 300, 4095])
 @pytest.mark.parametrize("name", REAL_CONFIGS)
-def test_route_gpu(name, t):
+@pytest.mark.parametrize("prefill_select", ["kernel", "torch"])
+def test_route_gpu(name, t, prefill_select, monkeypatch):
+    if t <= 64 and prefill_select == "torch":
+        pytest.skip("the switch only applies to prefill-sized T")
+    monkeypatch.setenv("DSV3_ROUTE_PREFILL", prefill_select)
     x, w, bias, args = real_inputs(name, t, device="cuda", seed=t)
     poison_allocator()
     idx, wt = torch.ops.dsv3.route(x, w, bias, *args.values())
     assert idx.device.type == "cuda"
-    # T <= 64: the Triton kernels (tl.exp, fp32 logits in another order); T = 300: cuBLAS logits from the bf16
-    # operands with fp32 accumulation (torch.mm out_dtype), then the reference's selection
+    # T <= 64: the Triton kernels (tl.exp, fp32 logits in another order); T = 300, 4095: cuBLAS logits from the bf16
+    # operands with fp32 accumulation (torch.mm out_dtype), then the select kernel (or the reference's selection)
     assert_routing(idx, wt, x, w, bias, args, rtol=5e-5)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_route_prefill_dynamic_compiled_gpu(name, monkeypatch):
+    """As the prefill graph runs it: compiled with a dynamic T, called at two lengths; equal to the eager op."""
+    monkeypatch.setenv("DSV3_ROUTE_PREFILL", "kernel")
+    torch._dynamo.reset()
+    _, _, _, args = real_inputs(name, 300, device="cuda", seed=31)
+    model = RouteModule(args)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for t in (300, 777):
+        x, w, bias, _ = real_inputs(name, t, device="cuda", seed=t)
+        idx, wt = compiled(x, w, bias)
+        ridx, rwt = model(x, w, bias)
+        assert torch.equal(idx, ridx)
+        torch.testing.assert_close(wt, rwt, rtol=1e-6, atol=0)
+        assert_routing(idx, wt, x, w, bias, args, rtol=5e-5)
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu

@@ -779,11 +779,15 @@ def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tu
     valid = (flat >= 0) & (flat < e)
     key = torch.where(valid, flat, torch.full_like(flat, e))
     # the narrowest key that holds 0..E: a radix sort makes one pass per key byte (int64 ids: eight)
-    _, order = torch.sort(key.to(torch.uint8 if e < 256 else torch.int16), stable=True)
-    counts = torch.zeros(e + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, key, torch.ones_like(key))[:e]
+    kdt = torch.uint8 if e < 256 else torch.int16
+    sorted_key, order = torch.sort(key.to(kdt), stable=True)
+    # expert i's pairs are sorted_key[bounds[i]:bounds[i + 1]]: E + 1 binary searches over the sorted keys instead of
+    # a scatter-add of T*K ones into E + 1 counters (atomics on a few addresses: 7 us per layer at T = 4095, H200)
+    bounds = torch.searchsorted(sorted_key, torch.arange(e + 1, device=flat.device, dtype=kdt))
+    seg_start = bounds[:-1]
+    counts = bounds[1:] - seg_start
     tiles = (counts + block_t - 1) // block_t
     tile_end = torch.cumsum(tiles, 0)
-    seg_start = torch.cumsum(counts, 0) - counts
     n_tiles = cdiv(p, block_t) + e if isinstance(p, int) else (p + block_t - 1) // block_t + e
     j = torch.arange(n_tiles, device=flat.device)
     te = torch.searchsorted(tile_end, j, right=True)

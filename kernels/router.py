@@ -35,7 +35,7 @@ Implementations (branch taken at trace time from the device and the static shape
      limiting (group of expert e = e // (E / n_group), on a [G_PAD, E_PAD] masked matrix), then TOP_K rounds of
      argmax-and-mask on 64-bit keys (order-preserving fp32 bits << 32 | reversed index: one reduction per round,
      lowest index on ties), gathers the weights, normalises, scales, writes idx (int64) and weights.
-- CUDA, E > 512: `route_reference` in plain torch.
+- CUDA, E > 512 (no shipped config): the reference's selection, on cuBLAS logits for 16-bit operands.
 """
 
 from __future__ import annotations

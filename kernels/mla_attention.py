@@ -379,8 +379,11 @@ def mla_attention_triton(
 ) -> torch.Tensor:
     sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, block_h, block_t, n_splits,
                              num_stages, min_chunk, swap, num_warps)
-    if sa.part is None:
-        return sa.out
+    return sa.out if sa.part is None else combine_splits(sa, q_latent, input_pos)
+
+
+def combine_splits(sa: SplitAttention, q_latent: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """`_mla_combine_kernel` over the partials of `mla_attention_split`: the attention output (in sa.out)."""
     bsz, seqlen, heads, c = q_latent.shape
     out = sa.out
     block_c = min(sa.c_pad, 128)

@@ -41,7 +41,7 @@ from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.fp8_linear import k_blocks
 from dsv3.kernels.mla_absorb import mla_absorb_reference
 from dsv3.kernels.mla_attention import (
-    DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels,
+    DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels, combine_splits,
     mla_attention_reference, mla_attention_split, split_max,
 )
 
@@ -51,10 +51,17 @@ ATTN_OUT_DEFAULT = "fused"
 # the two ops at context 128 / 1024 / 4031): batch 1 with 16 rows per program 9.45 / 10.74 / 14.16 vs 11.49 / 13.21 /
 # 15.69 (16 rows re-merge each row 8 times; 4 rows: 512 programs, slower past context 128); batch 8 with 64 rows
 # 13.33 / 22.23 / 30.88 vs 15.04 / 23.49 / 32.48 (16 rows there: 14.93 / 25.42 / 32.41).
-ATTN_OUT_ROWS_SMALL_M = 4  # query rows (B * S) up to which ATTN_OUT_BLOCK_D[True] applies
-ATTN_OUT_BLOCK_D = {True: 16, False: 64}
+ATTN_OUT_ROWS_SMALL_M = 4  # query rows (B * S) up to which the small-batch ladder below applies
 ATTN_OUT_WARPS = 4
 ATTN_OUT_BLOCK_S = 16
+# Every D block of a row merges the row's partials again: Dv / BLOCK_D reads of rows x splits x C x 4 bytes (from L2)
+# where the combine kernel read them once. Bounded by the largest measured case (16 heads, batch 1, a 4096-row cache:
+# 64 splits at 16 rows per program, 16 MiB at full length, still faster than the two ops); a plan above it takes the
+# next block of the ladder (batch 1 with 32 rows measured 0.96-1.0x of the two ops at 1k-4k; 64 rows there up to 1.11x
+# slower, so not on its ladder), or the two ops: e.g. a cache of more than 8448 rows at 16 heads (132 splits), or 64
+# heads per rank (671B at world size 2): unmeasured, kept on the previous path.
+ATTN_OUT_MERGE_BYTES_MAX = 16 << 20
+ATTN_OUT_BLOCK_D_LADDER = {True: (16, 32), False: (64,)}
 
 
 def mla_attention_out_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float,
@@ -111,6 +118,16 @@ def _mla_combine_absorb_kernel(
     tl.store(out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_d, acc.to(odt), mask=d_mask)
 
 
+def fused_block_d(rows: int, n_splits: int, c: int, v_dim: int, small: bool) -> Optional[int]:
+    """The W_UV rows per program of the fused kernel for `rows` query rows (B * S * H) over `n_splits` splits, or
+    None where every block of its ladder would re-read more partial bytes than ATTN_OUT_MERGE_BYTES_MAX."""
+    for block_d in ATTN_OUT_BLOCK_D_LADDER[small]:
+        block_d = min(block_d, max(2, next_pow2(v_dim)))
+        if cdiv(v_dim, block_d) * rows * n_splits * c * 4 <= ATTN_OUT_MERGE_BYTES_MAX:
+            return block_d
+    return None
+
+
 def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float, kv_b_weight,
                              kv_b_scale, nope_dim: int, v_dim: int, block_d: Optional[int] = None,
                              num_warps: Optional[int] = None, block_s: Optional[int] = None,
@@ -124,7 +141,11 @@ def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_sc
     has_scale = kv_b_scale is not None
     s = kv_b_scale if has_scale else kv_b_weight  # unused without scales
     s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
-    block_d = min(block_d or ATTN_OUT_BLOCK_D[bsz * seqlen <= ATTN_OUT_ROWS_SMALL_M], max(2, next_pow2(v_dim)))
+    if block_d is None:
+        block_d = fused_block_d(bsz * seqlen * heads, sa.n_splits, c, v_dim, bsz * seqlen <= ATTN_OUT_ROWS_SMALL_M)
+        if block_d is None:  # too much re-merging for this plan: the combine kernel, then W_UV
+            return torch.ops.dsv3.mla_absorb(combine_splits(sa, q_latent, input_pos), kv_b_weight, kv_b_scale, nope_dim,
+                                             v_dim, True)
     # splits per merge step: the [BLOCK_S, C] partial tile shares the registers with the W_UV tile
     block_s = block_s or min(ATTN_OUT_BLOCK_S, combine_block_s(sa.n_splits))
     wrap_triton(_mla_combine_absorb_kernel)[(seqlen * heads, cdiv(v_dim, block_d), bsz)](

@@ -97,3 +97,16 @@ def test_default_plan_at_decode_shapes(fixed_interpreter):
     out = O.mla_attention_out_triton(q, qp, cache, pos, 0.11, w, ws, dn, dv)
     two = AB.mla_absorb_triton(A.mla_attention_triton(q, qp, cache, pos, 0.11), w, ws, dn, dv, True, rows=True)
     assert torch.equal(out, two)
+
+
+def test_over_the_merge_budget_falls_back_to_combine_and_w_uv(fixed_interpreter, monkeypatch):
+    """A plan whose re-merging would exceed ATTN_OUT_MERGE_BYTES_MAX runs the combine kernel over the same
+    partials, then mla_absorb: exactly the two ops."""
+    monkeypatch.setattr(O, "ATTN_OUT_MERGE_BYTES_MAX", 0)
+    case = CASES[1]
+    b, s, h, dn, dv, c, r, t_cap, n_splits, _ = case
+    q, qp, cache, pos, w, ws = _inputs(case, seed=17)
+    out = O.mla_attention_out_triton(q, qp, cache, pos, 0.11, w, ws, dn, dv, n_splits=n_splits)
+    two = AB.mla_absorb_triton(A.mla_attention_triton(q, qp, cache, pos, 0.11, n_splits=n_splits), w, ws, dn, dv,
+                               True)
+    assert torch.equal(out, two)

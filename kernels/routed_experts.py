@@ -140,18 +140,6 @@ def routed_experts_pairs_reference(
 
 
 MOE_COMBINE_DEFAULT = "graph"
-# Measured on the H200 (gpu_check.sh ab16, 16B FP8 at 8 layers, 2026-11-24, 5 round-robin rounds): with the
-# row-parallel down kernel at T=1, 'down' took 609.3 us per batch-1 step against 596.3 for 'launch' (and 597.0 for
-# 'launch' with the MMA down kernel): 1.6 us per layer slower. Each of the down kernel's ~2000 programs quantizes the
-# whole h row before its first product, which costs more than the launch it saves.
-MOE_DOWN_QUANT_DEFAULT = "launch"
-
-
-def down_quant_choice() -> str:
-    """Who quantizes h at one token behind the row-parallel kernels (read at trace time): 'launch' (default): one
-    act_quant launch between the up and down kernels; 'down': each program of `_moe_down_rows_kernel` quantizes its
-    slot's row (one launch less, measured slower). DSV3_MOE_DOWN_QUANT pins one."""
-    return env_switch("DSV3_MOE_DOWN_QUANT", MOE_DOWN_QUANT_DEFAULT, ("down", "launch"))
 
 
 def moe_combine_choice() -> str:
@@ -382,15 +370,13 @@ def _moe_down_kernel(
 def _moe_down_rows_kernel(
     h_ptr, hs_ptr, idx_ptr, wd_ptr, sd_ptr, y_ptr,
     E, I, D, stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_y,
-    QUANT_H: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """One token (T = 1), FP8, after the row-parallel up kernel: grid (K slots, cdiv(D, BLOCK_N)), slot k computes
-    expert topk_idx[0, k] (ids outside [0, E) do nothing) for BLOCK_N rows of down, each loaded over the whole I at
-    once, and writes them rounded to the activation dtype to y[k] (pair row k) for `_moe_combine_kernel`: the
-    row-parallel form of `_moe_down_kernel` (whose MMA tiles pad the token to 16 and walk I serially).
-    QUANT_H: h [K, I] is in the activation dtype and every program quantizes its slot's row itself
-    (`quantize_tile_rcp`: act_quant's values and scales, see `_moe_down_kernel`), in place of an act_quant launch
-    between the two kernels; else h is e4m3 with scales hs [K, I/128] (act_quant's)."""
+    """One token (T = 1), FP8, after the row-parallel up kernel (h e4m3 with scales hs [K, I/128], act_quant's):
+    grid (K slots, cdiv(D, BLOCK_N)), slot k computes expert topk_idx[0, k] (ids outside [0, E) do nothing) for
+    BLOCK_N rows of down, each loaded over the whole I at once, and writes them rounded to the activation dtype to
+    y[k] (pair row k) for `_moe_combine_kernel`: the row-parallel form of `_moe_down_kernel` (whose MMA tiles pad the
+    token to 16 and walk I serially)."""
     slot = tl.program_id(0)
     e = tl.load(idx_ptr + slot)
     if (e >= 0) & (e < E):
@@ -401,7 +387,7 @@ def _moe_down_rows_kernel(
         w, sd = load_weight_rows(wd_ptr + e64 * stride_we, sd_ptr + e64 * stride_se, offs_n, n_mask, offs_b,
                                  offs_k, k_mask, kb_mask, stride_wn, stride_sn)
         hq, hsv = load_x_row(h_ptr + slot * stride_h, hs_ptr + slot * stride_hs, offs_k, k_mask, offs_b, kb_mask,
-                             QUANT_H)
+                             False)
         y = dot_rows(w, sd, hq, hsv)
         tl.store(y_ptr + slot * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
@@ -623,7 +609,7 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
     # (T=3 and T=5..7 unmeasured: they take the next row's plan).
     # T=1 since 2026-11-23 (fourth session): the row-parallel up kernel (scripts/bench_rows.py: up 14.1 vs 17.7 us).
     # The row-parallel down kernel quantizing h in its programs instead (no act_quant launch) measured 1.6 us per
-    # layer slower (ab16, 2026-11-24; see MOE_DOWN_QUANT_DEFAULT).
+    # layer slower (ab16, 2026-11-24; branch experiment/moe-down-quant).
     (66, 1408, 2048): ((1, MoeDecodePlan(2, 4, 1, 64, 4, 4)), (2, MoeDecodePlan(64, 4, 3, 128, 8, 3)),
                        (4, MoeDecodePlan(64, 4, 3, 128, 4, 3)), (8, MoeDecodePlan(128, 8, 3, 128, 8, 4))),
     # 671B at world size 8, one rank (32 local experts, ~1 of the top-8 ids local): T=1 51.6 -> 45.3 (the up kernel
@@ -895,16 +881,14 @@ def routed_experts_triton(
             e, i, d, gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), h_act.stride(0),
             BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps,
         )
-        # h quantized by the row-parallel down kernel's programs (one launch less), else by one act_quant launch
-        quant_in_down = rows_down and down_quant_choice() == "down"
-        h, hs = (h_act, h_act) if quant_in_down else act_quant(h_act)
+        h, hs = act_quant(h_act)
         if rows_down:  # and the row-parallel down kernel, then the combine below
             assert sd.stride(-1) == 1, "the row-parallel down kernel reads each row's block scales contiguously"
             wrap_triton(_moe_down_rows_kernel)[(p, cdiv(d, plan.down_block_n))](
                 h, hs, idx, down_proj, sd, y,
                 e, i, d, h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
                 sd.stride(0), sd.stride(1), y.stride(0),
-                QUANT_H=quant_in_down, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
+                BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
             )
     elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
         two_dots = plan.up_num_warps <= 4  # (registers: see the kernel)

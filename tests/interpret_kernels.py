@@ -290,8 +290,7 @@ def test_routed_experts_pairs_then_combine(case, fixed_interpreter):
 
 
 # FP8 decode launch plans: up BLOCK_N < 128 writes h in bf16 and the down kernel quantizes it per [tokens, 128] tile;
-# up BLOCK_N < 16 at one token is the row-parallel up kernel (h quantized by act_quant; DSV3_MOE_DOWN_QUANT=down: by
-# the row-parallel down kernel's programs when that one follows). Ragged I (200: one full and
+# up BLOCK_N < 16 at one token is the row-parallel up kernel (h quantized by act_quant). Ragged I (200: one full and
 # one partial 128-block of h) and D (300), shared experts stacked as the last 2 of 8 slots, invalid (other ranks')
 # ids mixed in.
 MOE_PLAN_CASES = [
@@ -303,7 +302,7 @@ MOE_PLAN_CASES = [
 
 
 @pytest.mark.parametrize("t,up_bn,down_bn", MOE_PLAN_CASES)
-def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter, monkeypatch):
+def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
     e_routed, n_shared, d, i = 6, 2, 300, 200
     gen = torch.Generator().manual_seed(1000 + 10 * t + up_bn + down_bn)
     x, _, _, w = _moe_inputs(t, 1, e_routed + n_shared, d, i, True, torch.bfloat16, gen)
@@ -319,10 +318,6 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter, monke
     assert rel_err(out, base) < (1e-2 if up_bn in RE.ROWS_UP_BLOCK_NS else 1e-6)
     if down_bn in RE.ROWS_DOWN_BLOCK_NS:  # the same up kernel with the MMA down kernel: fp32 sum order only
         assert rel_err(out, RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=64)) < 1e-5
-        # h quantized by an act_quant launch (the default) or by the down kernel's programs: the same e4m3 values
-        # and scales (up to the sign of a zero), so the same output
-        monkeypatch.setenv("DSV3_MOE_DOWN_QUANT", "down")
-        assert torch.equal(out, RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=down_bn))
 
 
 # pairs per tile, the down kernel's BLOCK_N, d (136: one full and one partial 128-row block, so BLOCK_N 256 has a

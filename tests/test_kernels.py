@@ -130,11 +130,6 @@ def test_moe_decode_plan(monkeypatch):
     # the 671B-ws8 rank at one token: row-parallel up and down kernels (16B keeps the MMA down kernel)
     assert RE.resolve_moe_decode(1, 32, 2048, 7168, 132, True).down_block_n in RE.ROWS_DOWN_BLOCK_NS
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True).down_block_n not in RE.ROWS_DOWN_BLOCK_NS
-    monkeypatch.setenv("DSV3_MOE_DOWN_QUANT", "bogus")
-    with pytest.raises(ValueError, match="DSV3_MOE_DOWN_QUANT"):
-        RE.down_quant_choice()
-    monkeypatch.delenv("DSV3_MOE_DOWN_QUANT")
-    assert RE.down_quant_choice() == RE.MOE_DOWN_QUANT_DEFAULT == "launch"
     # the row-parallel down kernel only behind the row-parallel up kernel (one token)
     RE.check_moe_plan(P(2, 4, 1, 2, 4, 1), True, 1)
     with pytest.raises(ValueError, match="needs the row-parallel up kernel"):

@@ -157,6 +157,22 @@ def _absorb_q_rows_kernel(
 
 
 @triton.jit
+def w_uv_rows(w_ptr, s_ptr, rows, d_mask, C, stride_wr, stride_sr, stride_sc, HAS_SCALE: tl.constexpr,
+              KB_PAD: tl.constexpr, dt):
+    """Weight rows `rows` over the whole C as [BLOCK_D, KB, 128] in one load (one scale per row and 128-block),
+    dequantized and rounded to the activation dtype `dt` (the reference's W), in fp32; with the C layout
+    (offs_k [KB, 128], its mask) that the activation row is loaded in."""
+    offs_b, offs_k, k_mask, kb_mask = k_blocks(C, KB_PAD)
+    w = tl.load(w_ptr + rows[:, None, None] * stride_wr + offs_k[None, :, :],
+                mask=d_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s = tl.load(s_ptr + (rows // 128)[:, None] * stride_sr + offs_b[None, :] * stride_sc,
+                    mask=d_mask[:, None] & kb_mask[None, :], other=0.0)
+        w = w * s[:, :, None]
+    return offs_k, k_mask, w.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _absorb_o_rows_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, C, DN, DV, ROWS_PER_HEAD,
     stride_xm, stride_xh, stride_wr, stride_sr, stride_sc, stride_om, stride_oh,
@@ -167,17 +183,8 @@ def _absorb_o_rows_kernel(
     h = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < DV
-    offs_b, offs_k, k_mask, kb_mask = k_blocks(C, KB_PAD)
-    rows = h * ROWS_PER_HEAD + DN + offs_d
-    w = tl.load(w_ptr + rows[:, None, None] * stride_wr + offs_k[None, :, :],
-                mask=d_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
-    dt = x_ptr.dtype.element_ty
-    if HAS_SCALE:
-        s = tl.load(s_ptr + (rows // 128)[:, None] * stride_sr + offs_b[None, :] * stride_sc,
-                    mask=d_mask[:, None] & kb_mask[None, :], other=0.0)
-        w = (w * s[:, :, None]).to(dt).to(tl.float32)  # the reference's W: dequantized, rounded to x.dtype
-    else:
-        w = w.to(dt).to(tl.float32)
+    offs_k, k_mask, w = w_uv_rows(w_ptr, s_ptr, h * ROWS_PER_HEAD + DN + offs_d, d_mask, C, stride_wr, stride_sr,
+                                  stride_sc, HAS_SCALE, KB_PAD, x_ptr.dtype.element_ty)
     for m in tl.static_range(M):
         x = tl.load(x_ptr + m * stride_xm + h * stride_xh + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         acc = tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)

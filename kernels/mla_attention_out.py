@@ -38,8 +38,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
-from dsv3.kernels.fp8_linear import k_blocks
-from dsv3.kernels.mla_absorb import mla_absorb_reference
+from dsv3.kernels.mla_absorb import mla_absorb_reference, w_uv_rows
 from dsv3.kernels.mla_attention import (
     DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels, combine_splits,
     mla_attention_reference, mla_attention_split, split_max,
@@ -88,22 +87,14 @@ def _mla_combine_absorb_kernel(
     db = tl.program_id(1)
     b = tl.program_id(2)
     odt = out_ptr.dtype.element_ty
-    # This program's W_UV rows over the whole C first ([BLOCK_D, KB, 128], one scale per row and 128-block), as
-    # `_absorb_o_rows_kernel` loads them: they do not depend on the attention, so their load overlaps the dependent
-    # chain below (positions -> split statistics -> partials) instead of following it.
+    # This program's W_UV rows over the whole C first, as `_absorb_o_rows_kernel` loads them (`w_uv_rows`): they do
+    # not depend on the attention, so their load overlaps the dependent chain below (positions -> split statistics ->
+    # partials) instead of following it.
     h_idx = row % H
     offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < DV
-    w_rows = h_idx * ROWS_PER_HEAD + DN + offs_d
-    offs_b, offs_k, k_mask, kb_mask = k_blocks(C, KB_PAD)
-    w = tl.load(w_ptr + w_rows[:, None, None] * stride_wr + offs_k[None, :, :],
-                mask=d_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        sc = tl.load(s_ptr + (w_rows // 128)[:, None] * stride_sr + offs_b[None, :] * stride_sc,
-                     mask=d_mask[:, None] & kb_mask[None, :], other=0.0)
-        w = (w * sc[:, :, None]).to(odt).to(tl.float32)  # mla_absorb's W: dequantized, rounded to the act. dtype
-    else:
-        w = w.to(odt).to(tl.float32)
+    _, _, w = w_uv_rows(w_ptr, s_ptr, h_idx * ROWS_PER_HEAD + DN + offs_d, d_mask, C, stride_wr, stride_sr, stride_sc,
+                        HAS_SCALE, KB_PAD, odt)
     # The row's merged attention output over all C at once (mla_attention's combine, `combine_channels`: the same
     # splits, weights and order per channel), rounded as mla_attention returns it.
     n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
@@ -137,15 +128,15 @@ def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_sc
     sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, **attention_plan)
     if sa.part is None:  # one split: the attention output is final, nothing to merge
         return torch.ops.dsv3.mla_absorb(sa.out, kv_b_weight, kv_b_scale, nope_dim, v_dim, True)
-    out = torch.empty((bsz, seqlen, heads, v_dim), dtype=q_latent.dtype, device=q_latent.device)
-    has_scale = kv_b_scale is not None
-    s = kv_b_scale if has_scale else kv_b_weight  # unused without scales
-    s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
     if block_d is None:
         block_d = fused_block_d(bsz * seqlen * heads, sa.n_splits, c, v_dim, bsz * seqlen <= ATTN_OUT_ROWS_SMALL_M)
         if block_d is None:  # too much re-merging for this plan: the combine kernel, then W_UV
             return torch.ops.dsv3.mla_absorb(combine_splits(sa, q_latent, input_pos), kv_b_weight, kv_b_scale, nope_dim,
                                              v_dim, True)
+    out = torch.empty((bsz, seqlen, heads, v_dim), dtype=q_latent.dtype, device=q_latent.device)
+    has_scale = kv_b_scale is not None
+    s = kv_b_scale if has_scale else kv_b_weight  # unused without scales
+    s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
     # splits per merge step: the [BLOCK_S, C] partial tile shares the registers with the W_UV tile
     block_s = block_s or min(ATTN_OUT_BLOCK_S, combine_block_s(sa.n_splits))
     wrap_triton(_mla_combine_absorb_kernel)[(seqlen * heads, cdiv(v_dim, block_d), bsz)](

@@ -45,6 +45,23 @@ def load_old(path: str, name: str = "routed_experts"):
     return mod
 
 
+def timed_old_new(calls: dict, rounds: int, flops: float) -> dict:
+    """calls {'old': fn, 'new': fn} timed in CUDA graphs of 3 calls (`dsv3.kernels.bench.graph_us`), `rounds`
+    rounds alternating which goes first: {'old'/'new': {us (median), tflops, rounds}, 'speedup': old / new}."""
+    from dsv3.kernels.bench import graph_us
+
+    times = {k: [] for k in calls}
+    for r in range(rounds):
+        for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            times[k].append(graph_us([calls[k]] * 3))
+    out = {}
+    for k in calls:
+        us = statistics.median(times[k])
+        out[k] = dict(us=round(us, 1), tflops=round(flops / us / 1e6, 1), rounds=[round(v, 1) for v in times[k]])
+    out["speedup"] = round(out["old"]["us"] / out["new"]["us"], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=True, help="a copy of kernels/routed_experts.py to compare against")
@@ -54,7 +71,6 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     opts = ap.parse_args()
     from dsv3.kernels import routed_experts as new
-    from dsv3.kernels.bench import graph_us
 
     old = load_old(opts.old)
     rows = []
@@ -66,15 +82,8 @@ def main() -> None:
         equal = torch.equal(outs["old"], outs["new"])
         ref = new.routed_experts_reference(x[:64], idx[:64], wt[:64], *w).double()
         ref_err = {k: ((o[:64].double() - ref).norm() / ref.norm()).item() for k, o in outs.items()}
-        times = {k: [] for k in mods}
-        for r in range(opts.rounds):
-            for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
-                times[k].append(graph_us([calls[k]] * 3))
-        row = dict(shape=name, t=opts.t, outputs_equal=equal, ref_rel_err=ref_err)
-        for k in mods:
-            us = statistics.median(times[k])
-            row[k] = dict(us=round(us, 1), tflops=round(flops / us / 1e6, 1), rounds=[round(v, 1) for v in times[k]])
-        row["speedup"] = round(row["old"]["us"] / row["new"]["us"], 3)
+        row = dict(shape=name, t=opts.t, outputs_equal=equal, ref_rel_err=ref_err,
+                   **timed_old_new(calls, opts.rounds, flops))
         rows.append(row)
         print(f"{name} T={opts.t}: old {row['old']['us']:.1f} us ({row['old']['tflops']:.0f} TFLOP/s), new "
               f"{row['new']['us']:.1f} us ({row['new']['tflops']:.0f} TFLOP/s): {row['speedup']:.3f}x; outputs "

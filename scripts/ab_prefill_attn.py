@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ab_grouped_moe import load_old  # noqa: E402
+from ab_grouped_moe import load_old, timed_old_new  # noqa: E402
 from sweep_prefill import _attention_tail_reference  # noqa: E402
 
 
@@ -35,7 +34,6 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     opts = ap.parse_args()
     from dsv3.kernels import mla_prefill as new
-    from dsv3.kernels.bench import graph_us
 
     old = load_old(opts.old, "mla_prefill")
     dev = torch.device("cuda")
@@ -54,16 +52,8 @@ def main() -> None:
         ref = _attention_tail_reference(q_nope, q_pe, k_nope, k_pe, v, scale, 256)
         errs = {k: ((o[0, -256:].double() - ref).norm() / ref.norm()).item() for k, o in outs.items()}
         diff = ((outs["new"] - outs["old"]).norm() / outs["old"].norm()).item()
-        times = {k: [] for k in calls}
-        for r in range(opts.rounds):
-            for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
-                times[k].append(graph_us([calls[k]] * 3))
         flops = 2 * h * s * (s + 1) // 2 * (192 + 128)
-        row = dict(h=h, s=s, new_vs_old_rel=diff, ref_rel_err=errs)
-        for k in calls:
-            us = statistics.median(times[k])
-            row[k] = dict(us=round(us, 1), tflops=round(flops / us / 1e6, 1), rounds=[round(x, 1) for x in times[k]])
-        row["speedup"] = round(row["old"]["us"] / row["new"]["us"], 3)
+        row = dict(h=h, s=s, new_vs_old_rel=diff, ref_rel_err=errs, **timed_old_new(calls, opts.rounds, flops))
         rows.append(row)
         print(f"H={h} S={s}: old {row['old']['us']} us ({row['old']['tflops']} TFLOP/s), new {row['new']['us']} us "
               f"({row['new']['tflops']} TFLOP/s): {row['speedup']}x; new vs old {diff:.1e}; vs float64 (last 256 "

@@ -27,6 +27,8 @@
 #              full report text in $OUT/ncu_moe.txt)
 #   attnout    the GPU tests of dsv3.mla_attention_out and of the MLA kernels, then scripts/sweep_attn_out.py (the op's
 #              launch block and warps against the two ops it replaces; JSON in $OUT)
+#   tma-moe    scripts/try_grouped_tma.py: the grouped MoE kernels with TMA descriptor loads vs the production ones
+#              (bitwise compared, timed interleaved; JSON in $OUT)
 #   sdpa       scripts/bench_prefill_sdpa.py: the first-chunk prefill attention, our kernel vs PyTorch's cuDNN / flash
 #              SDPA (timed, checked, and inside AOTInductor packages; JSON in $OUT)
 #   kdec       the GPU tests of the decode phase merges (test_norm_route, test_mla_prep, test_norm) and of the router
@@ -115,6 +117,8 @@ step_attnout() {
 }
 
 step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_prefill_sdpa.json" 2>&1 | grep -v -i warn | tail -60; }
+
+step_tma_moe() { timeout 400 $PY scripts/try_grouped_tma.py --json "$OUT/try_grouped_tma.json" 2>&1 | grep -v -i warn | tail -30; }
 
 step_pdl() { timeout 300 $PY scripts/bench_pdl.py --json "$OUT/pdl.json" 2>&1 | grep -v Warning | tail -8; }
 

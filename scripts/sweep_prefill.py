@@ -53,13 +53,13 @@ def moe_configs_up() -> list[dict]:
     return cfgs
 
 
-def moe_inputs(name: str, t: int):
-    """(x, topk_idx, topk_weight, weights, FLOPs) for MOE_SHAPES[name] at T tokens, on the GPU, seed 0: random
+def moe_inputs(name: str, t: int, device: str = "cuda"):
+    """(x, topk_idx, topk_weight, weights, FLOPs) for MOE_SHAPES[name] at T tokens, on `device`, seed 0: random
     distinct routed ids, the shared slots appended to every token, FP8 weights with 128x128 block scales."""
     from dsv3.kernels.fp8_blocks import quantize_weight
 
     sh = MOE_SHAPES[name]
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
     e, d, i = sh["e_routed"] + sh["n_shared"], sh["d"], sh["i"]
     routed = torch.stack([torch.randperm(sh["e_routed"], device=dev, generator=g)[:sh["k"]] for _ in range(t)])

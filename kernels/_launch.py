@@ -84,23 +84,3 @@ def tma_descriptor_ok(t: torch.Tensor) -> bool:
     shape, strides, offset = dims[:n], dims[n:2 * n], dims[-1]
     return (n > 0 and min(shape) > 0 and strides[-1] == 1 and all(st * item % 16 == 0 for st in strides[:-1])
             and offset * item % 16 == 0)
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def set_triton_scratch_allocator() -> None:
-    """Give Triton the allocator its kernels with in-kernel TMA descriptors (`tl.make_tensor_descriptor`) need for
-    their global scratch in eager launches (torch.compile's and AOTInductor's launchers allocate it themselves).
-    Triton keeps one allocator per process; this one takes from torch's caching allocator (the CUDA graph's pool
-    during capture), which is what any torch program would install. Kept if one is set already."""
-    import triton
-    from triton.runtime import _allocation
-
-    if not hasattr(triton, "set_allocator"):
-        return
-    current = getattr(_allocation, "_allocator", None)
-    current = current.get() if hasattr(current, "get") else current
-    if current is None or isinstance(current, getattr(_allocation, "NullAllocator", ())):
-        triton.set_allocator(_scratch)

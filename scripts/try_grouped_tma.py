@@ -7,13 +7,12 @@ TMA instruction (bounds handled by the copy engine, out-of-range elements zero, 
 script times, on one layer of the 16B and 671B-ws8-rank shapes at T=4096 (`sweep_prefill.moe_inputs`):
 
   up    `_moe_up_grouped_kernel` (the plan's launch) vs `_up_tma_kernel` (gate/up weights through 3-D descriptors
-        [E, I, D], box [1, 128, 128], made in the kernel; x, scales, epilogue unchanged), several warps/stages;
+        [E, I, D], box [1, 128, 128]; x, scales, epilogue unchanged), several warps/stages;
   down  the pointer tiles at the plan before TMA (BLOCK_N 256, 8 warps, 4 stages, scales preloaded) vs the
-        production kernel's W_TMA form (down weights through a descriptor [E, D, I], box [1, BLOCK_N, 128], made in
-        the kernel) at several plans.
+        production kernel's W_DESC form (down weights through a descriptor [E, D, I], box [1, BLOCK_N, 128]) at
+        several plans.
 
-First runs (2026-11-24, H200, T=4096, with host-side descriptors: wrap_triton cannot take those inside a
-triton_op, hence the in-kernel descriptor since): up through descriptors
+First run (2026-11-24, H200, T=4096, then with a kernel of this script for the down side): up through descriptors
 no faster (16B 662 vs 662 us at 8 warps / 3 stages, 811 at 4 / 2); down at BLOCK_N 128 / 4 warps / 3 stages 390 ->
 325 us (16B) and 269 -> 217 (671B-ws8 rank), adopted. h written in the schedule's sorted order so that the down
 kernel reads it through a descriptor as well: no further gain (328 vs 325 us), not kept.
@@ -37,11 +36,12 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sweep_prefill import MOE_SHAPES, moe_inputs  # noqa: E402
 
-from dsv3.kernels._launch import cdiv, next_pow2, set_triton_scratch_allocator  # noqa: E402
+from dsv3.kernels._launch import cdiv, next_pow2  # noqa: E402
 from dsv3.kernels.fp8_linear import act_quant, quantize_tile_rcp  # noqa: E402
 from dsv3.kernels.routed_experts import (  # noqa: E402
     GROUPED_BLOCK_T, _grouped_tile, _moe_down_grouped_kernel, _moe_up_grouped_kernel, _swiglu, grouped_plan,
@@ -51,13 +51,12 @@ from dsv3.kernels.routed_experts import (  # noqa: E402
 
 @triton.jit
 def _up_tma_kernel(
-    x_ptr, xs_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
-    K, E, I, D, n_sched,
-    stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
+    x_ptr, xs_ptr, sched_ptr, wg_desc, wu_desc, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
+    K, I, D, n_sched,
+    stride_xt, stride_xst, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     BLOCK_T: tl.constexpr,
 ):
-    """`_moe_up_grouped_kernel`'s TWO_DOTS form with the gate and up tiles loaded through tensor descriptors (made in
-    the kernel, as production would have to)."""
+    """`_moe_up_grouped_kernel`'s TWO_DOTS form with the gate and up tiles loaded through tensor descriptors."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
@@ -66,10 +65,6 @@ def _up_tma_kernel(
         offs_d = tl.arange(0, 128)
         x_ptrs = x_ptr + token64[:, None] * stride_xt + offs_d[None, :]
         srow = e.to(tl.int64) * stride_se + pid_n * stride_sn
-        wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[E, I, D], strides=[stride_we, stride_wn, 1],
-                                            block_shape=[1, 128, 128])
-        wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[E, I, D], strides=[stride_we, stride_wn, 1],
-                                            block_shape=[1, 128, 128])
         acc_g = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
         for kb in range(0, tl.cdiv(D, 128)):
@@ -137,20 +132,21 @@ def run_shape(name: str, t: int, rounds: int, timing: bool) -> dict:
             PRELOAD=preload_scales(kb_up) and not two, TWO_DOTS=two,
             num_warps=plan.up_num_warps, num_stages=plan.up_num_stages)
 
-    set_triton_scratch_allocator()
-
-    def down(y, bn, warps, stages, w_tma, preload):
+    def down(y, bn, warps, stages, w_desc, preload):
+        wd = TensorDescriptor.from_tensor(down_proj, [1, bn, 128]) if w_desc else down_proj
         return lambda: _moe_down_grouped_kernel[(n_slots, cdiv(d, bn))](
-            h0, hs0, sched, down_proj, sd, y, k, e, i, d, n_slots,
+            h0, hs0, sched, wd, sd, y, k, i, d, n_slots,
             h0.stride(0), hs0.stride(0), down_proj.stride(0), down_proj.stride(1), sd.stride(0), sd.stride(1),
-            sd.stride(2), y.stride(0), BLOCK_T=block_t, BLOCK_N=bn, KB_PAD=kb_down, PRELOAD=preload, W_TMA=w_tma,
+            sd.stride(2), y.stride(0), BLOCK_T=block_t, BLOCK_N=bn, KB_PAD=kb_down, PRELOAD=preload, W_DESC=w_desc,
             num_warps=warps, num_stages=stages)
+
+    wg_desc = TensorDescriptor.from_tensor(gate, [1, 128, 128])
+    wu_desc = TensorDescriptor.from_tensor(up, [1, 128, 128])
 
     def up_tma(h, hs, warps, stages):
         return lambda: _up_tma_kernel[(n_slots, n_i)](
-            xq, xs, sched, gate, up, sg, su, h, hs, y0, k, e, i, d, n_slots,
-            xq.stride(0), xs.stride(0), gate.stride(0), gate.stride(1), sg.stride(0), sg.stride(1), sg.stride(2),
-            h.stride(0), hs.stride(0),
+            xq, xs, sched, wg_desc, wu_desc, sg, su, h, hs, y0, k, i, d, n_slots,
+            xq.stride(0), xs.stride(0), sg.stride(0), sg.stride(1), sg.stride(2), h.stride(0), hs.stride(0),
             BLOCK_T=block_t, num_warps=warps, num_stages=stages)
 
     up_base()

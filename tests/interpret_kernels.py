@@ -369,15 +369,15 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
         assert torch.equal(h0.float(), h1.float()) and torch.equal(hs0, hs1), two_dots
     RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
                                 BLOCK_N=128, **flags)
-    RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
-                                        BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False, W_TMA=False)
+    RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
+                                        BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False, W_DESC=False)
     assert torch.equal(y0, y1)
 
 
 @pytest.mark.parametrize("block_n", [128, 256])
 def test_grouped_down_weights_through_descriptor(block_n, fixed_interpreter):
-    """`_moe_down_grouped_kernel` with the down weights through a TMA descriptor made in the kernel (the launcher's
-    choice when the layout allows one) gives the pointer tiles' y bit for bit: D 300 (rows past D inside BLOCK_N, zero-filled by the
+    """`_moe_down_grouped_kernel` with the down weights through a TMA descriptor (the launcher's choice when the
+    layout allows one) gives the pointer tiles' y bit for bit: D 300 (rows past D inside BLOCK_N, zero-filled by the
     descriptor as by the masks), I 208 (a partial second K block; 16-byte aligned rows, as a descriptor needs)."""
     gen = torch.Generator().manual_seed(11 + block_n)
     t, k, e, d, i = 40, 2, 3, 300, 208
@@ -391,10 +391,11 @@ def test_grouped_down_weights_through_descriptor(block_n, fixed_interpreter):
     RE._moe_up_grouped_kernel[(n, 2)](xq, xs, sched, wg, wu, sg, su, h, hs, x, k, i, d, n, d, 3, i * d, d,
                                       2 * 3, 3, 1, i, 2, BLOCK_T=32, KB_PAD=4, PRELOAD=True, TWO_DOTS=True)
     ys = [torch.full((p, d), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
-    for y, w_tma in zip(ys, (False, True)):
+    for y, w_desc in zip(ys, (False, True)):
+        wd_arg = RE.TensorDescriptor.from_tensor(wd, [1, block_n, 128]) if w_desc else wd
         RE._moe_down_grouped_kernel[(n, RE.cdiv(d, block_n))](
-            h, hs, sched, wd, sd, y, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
-            BLOCK_T=32, BLOCK_N=block_n, KB_PAD=2, PRELOAD=False, W_TMA=w_tma)
+            h, hs, sched, wd_arg, sd, y, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
+            BLOCK_T=32, BLOCK_N=block_n, KB_PAD=2, PRELOAD=False, W_DESC=w_desc)
     torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=0, equal_nan=True)  # (rows of invalid ids: unwritten)
 
 

@@ -65,22 +65,3 @@ def env_switch(name: str, default: str, choices: tuple[str, ...]) -> str:
     if choice not in choices:
         raise ValueError(f"{name}={choice!r}: use one of {', '.join(choices)}")
     return choice
-
-
-def tma_descriptor_ok(t: torch.Tensor) -> bool:
-    """Whether `t` can back a TMA tensor descriptor (`triton.tools.tensor_descriptor.TensorDescriptor`): a Hopper or
-    newer GPU (or the Triton interpreter, which emulates descriptors on the CPU), static sizes, the last dim
-    contiguous, the base address and every other stride 16-byte aligned (allocations themselves are)."""
-    if t.device.type == "cuda":
-        if capability(t.device) < (9, 0):
-            return False
-    elif os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    item = t.element_size()
-    dims = [static_int(v) for v in (*t.shape, *t.stride(), t.storage_offset())]
-    if any(v is None for v in dims):
-        return False
-    n = t.dim()
-    shape, strides, offset = dims[:n], dims[n:2 * n], dims[-1]
-    return (n > 0 and min(shape) > 0 and strides[-1] == 1 and all(st * item % 16 == 0 for st in strides[:-1])
-            and offset * item % 16 == 0)

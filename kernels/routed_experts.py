@@ -77,11 +77,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dsv3.kernels._launch import (
-    cdiv, env_choice, env_switch, next_pow2, num_sms, static_int, tma_descriptor_ok,
-)
+from dsv3.kernels._launch import cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
 from dsv3.kernels.fp8_linear import (
     act_quant, dot_rows, fp8_linear_reference, k_blocks, load_weight_rows, load_x_row, pick_scale, pick_scales,
     quantize_tile, quantize_tile_rcp,
@@ -494,23 +491,16 @@ def _moe_up_grouped_kernel(
 
 @triton.jit
 def _moe_down_grouped_kernel(
-    h_ptr, hs_ptr, sched_ptr, wd, sd_ptr, y_ptr,
+    h_ptr, hs_ptr, sched_ptr, wd_ptr, sd_ptr, y_ptr,
     K, I, D, n_sched,
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
-    W_DESC: tl.constexpr,
 ):
     """FP8 grouped (prefill) down kernel, grid (tiles, cdiv(D, BLOCK_N)): acc[token, r] for D rows
     pid_n*BLOCK_N + r, tokens as the MMA's M as in `_moe_up_grouped_kernel` (16B at T=4096 on the H200, BLOCK_N
     256: 467 -> 394 us against `_moe_down_kernel`, bitwise the same output). BLOCK_N 128 or 256 (one or two
     128-row weight blocks); h e4m3 with scales hs [pairs, I/128] from the up kernel; writes each pair's output
-    rounded to the activation dtype. KB_PAD, PRELOAD as in the up kernel (over I).
-    W_DESC: `wd` is a TMA tensor descriptor of the down weights [E, D, I] with box [1, BLOCK_N, 128] (rows past D and
-    columns past I read as zeros, as the masked loads' `other`), else a pointer. The pointer tile costs each thread
-    address and mask arithmetic every K step, issued next to the scale multiplies; TMA moves it with one instruction
-    (16B at T=4096 on the H200, BLOCK_N 128, 4 warps, 3 stages, scales per K block: 390 -> 325 us, 671B-ws8 rank
-    269 -> 217 us, bitwise the same y; scripts/try_grouped_tma.py, 2026-11-24). The up kernel's weights through
-    descriptors measured no faster (662 vs 662 us at 8 warps, slower at 4) and stay pointer tiles."""
+    rounded to the activation dtype. KB_PAD, PRELOAD as in the up kernel (over I)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
@@ -521,8 +511,7 @@ def _moe_down_grouped_kernel(
         offs_n = pid_n * BLOCK_N + offs_r
         n_mask = offs_n < D
         offs_i = tl.arange(0, 128)
-        if not W_DESC:
-            w_ptrs = wd + e64 * stride_we + offs_n[:, None] * stride_wn + offs_i[None, :]
+        w_ptrs = wd_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_i[None, :]
         h_ptrs = h_ptr + pair64[:, None] * stride_h + offs_i[None, :]
         # the weight-scale rows of the program's first and (BLOCK_N 256) second 128-row block; past D the second
         # is the first again (its rows are masked), so every scale read stays inside the tensor
@@ -540,10 +529,7 @@ def _moe_down_grouped_kernel(
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(I, 128)):
             i_mask = (kb * 128 + offs_i) < I
-            if W_DESC:
-                w = wd.load([e, pid_n * BLOCK_N, kb * 128]).reshape(BLOCK_N, 128)
-            else:
-                w = tl.load(w_ptrs + kb * 128, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs + kb * 128, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
             hv = tl.load(h_ptrs + kb * 128, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if PRELOAD:
                 hs = pick_scales(hs_all, offs_kb, kb)
@@ -639,11 +625,8 @@ MOE_DECODE_TUNED: dict[tuple[int, int, int], tuple[tuple[int, MoeDecodePlan], ..
 # bf16 weights: 2 x 32 KB weight tiles + the token tile per stage; 3 stages would exceed 227 KB of smem.
 # FP8 (the grouped kernels, tokens as the MMA's M): 16B at T=4096 on the H200 (scripts/try_grouped_swap.py at
 # 7915e45, 2026-11-23), up 8 warps 3 / 4 stages 761 / 755 us (2 stages 1100, 4 warps 2306); down BLOCK_N 256 8 warps 4
-# stages 394 us (3 stages 405; BLOCK_N 128: 403-431). Since 2026-11-24 the down kernel reads its weights through
-# TMA descriptors, where BLOCK_N 128 at 4 warps and 3 stages measured fastest (scripts/try_grouped_tma.py: 16B 325
-# us, 671B-ws8 rank 217, against 378 / 244 at 256 / 8 / 4); weights whose layout takes no descriptor (strides not
-# 16-byte aligned: small test shapes only) run the pointer tiles at the same plan.
-MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 4, 128, 4, 3)
+# stages 394 us (3 stages 405; BLOCK_N 128: 403-431).
+MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 4, 256, 8, 4)
 # Grouped FP8 plans by (D, I) where another one measured faster on the H200 (2026-11-24, T=4096, whole op, outputs
 # equal): the 16B shapes with the up kernel at 4 warps and 2 stages (its TWO_DOTS form, scales loaded per K block),
 # 1296.0 -> 1233.0 us (scripts/try_grouped_twodot.py at commit 382b3fb) and 1292.5 -> 1231.5 us
@@ -927,17 +910,12 @@ def routed_experts_triton(
             BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
         )
     if grouped and is_fp8:
-        # the down weights through a TMA descriptor where the layout allows one (see the kernel); scales then per K
-        # block, the measured form
-        w_desc = tma_descriptor_ok(down_proj)
-        wd = TensorDescriptor.from_tensor(down_proj, [1, plan.down_block_n, 128]) if w_desc else down_proj
         wrap_triton(_moe_down_grouped_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
-            h, hs, sched, wd, sd, y,
+            h, hs, sched, down_proj, sd, y,
             k, i, d, n_sched,
             h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
             sd.stride(0), sd.stride(1), sd.stride(2), y.stride(0),
-            BLOCK_T=block_t, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down,
-            PRELOAD=preload_scales(kb_pad_down) and not w_desc, W_DESC=w_desc,
+            BLOCK_T=block_t, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_scales(kb_pad_down),
             num_warps=plan.down_num_warps, num_stages=plan.down_num_stages,
         )
     elif not rows_down:

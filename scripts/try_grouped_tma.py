@@ -8,17 +8,12 @@ script times, on one layer of the 16B and 671B-ws8-rank shapes at T=4096 (`sweep
 
   up    `_moe_up_grouped_kernel` (the plan's launch) vs `_up_tma_kernel` (gate/up weights through 3-D descriptors
         [E, I, D], box [1, 128, 128]; x, scales, epilogue unchanged), several warps/stages;
-  down  the pointer tiles at the plan before TMA (BLOCK_N 256, 8 warps, 4 stages, scales preloaded) vs the
-        production kernel's W_DESC form (down weights through a descriptor [E, D, I], box [1, BLOCK_N, 128]) at
-        several plans.
-
-First run (2026-11-24, H200, T=4096, then with a kernel of this script for the down side): up through descriptors
-no faster (16B 662 vs 662 us at 8 warps / 3 stages, 811 at 4 / 2); down at BLOCK_N 128 / 4 warps / 3 stages 390 ->
-325 us (16B) and 269 -> 217 (671B-ws8 rank), adopted. h written in the schedule's sorted order so that the down
-kernel reads it through a descriptor as well: no further gain (328 vs 325 us), not kept.
+  down  `_moe_down_grouped_kernel` vs `_down_tma_kernel` (down weights through a descriptor [E, D, I], box
+        [1, BLOCK_N, 128]) and `H_SORTED` (h also through a descriptor, when the up kernel writes h in the
+        schedule's sorted order instead of by pair: its tiles are then contiguous rows).
 
 Each variant's output is compared bit for bit with the production kernel's on the same inputs (h, hs for up; y for
-down: the pointer tiles at the old plan). Timing: `dsv3.kernels.bench.graph_us`
+down; the sorted-h variant gets the production h permuted into sorted order). Timing: `dsv3.kernels.bench.graph_us`
 (3 calls per CUDA graph), interleaved rounds, median. CPU: `TRITON_INTERPRET=1 ... --t 40 --shapes tiny` checks
 bit-equality only.
 
@@ -54,9 +49,10 @@ def _up_tma_kernel(
     x_ptr, xs_ptr, sched_ptr, wg_desc, wu_desc, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
     K, I, D, n_sched,
     stride_xt, stride_xst, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, H_SORTED: tl.constexpr,
 ):
-    """`_moe_up_grouped_kernel`'s TWO_DOTS form with the gate and up tiles loaded through tensor descriptors."""
+    """`_moe_up_grouped_kernel`'s TWO_DOTS form with the gate and up tiles loaded through tensor descriptors.
+    H_SORTED: h row = the pair's position in the schedule's sorted order (start + column) instead of its pair id."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
@@ -79,9 +75,56 @@ def _up_tma_kernel(
             acc_u += tl.dot(xv, tl.trans(wuv)) * (xs * su)[:, None]
         hq, hsc = quantize_tile_rcp(_swiglu(acc_g, acc_u, dt_ptr.dtype.element_ty))
         offs_c = pid_n * 128 + tl.arange(0, 128)
-        row = pair.to(tl.int64)
+        if H_SORTED:
+            row = (tl.load(sched_ptr + n_sched + slot) + tl.arange(0, BLOCK_T)).to(tl.int64)
+        else:
+            row = pair.to(tl.int64)
         tl.store(h_ptr + row[:, None] * stride_h + offs_c[None, :], hq, mask=col_mask[:, None] & (offs_c < I)[None, :])
         tl.store(hs_ptr + row * stride_hs + pid_n, hsc, mask=col_mask)
+
+
+@triton.jit
+def _down_tma_kernel(
+    h_ptr, h_desc, hs_ptr, sched_ptr, wd_desc, sd_ptr, y_ptr,
+    K, I, D, n_sched,
+    stride_h, stride_hs, stride_se, stride_sn, stride_sk, stride_y,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, H_SORTED: tl.constexpr,
+):
+    """`_moe_down_grouped_kernel` (scales per K block) with the down tiles through a descriptor; H_SORTED: h (and
+    hs) in sorted order, h tiles through `h_desc` too."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
+    if e >= 0:
+        e64 = e.to(tl.int64)
+        pair64 = pair.to(tl.int64)
+        start = tl.load(sched_ptr + n_sched + slot)
+        row = (start + tl.arange(0, BLOCK_T)).to(tl.int64) if H_SORTED else pair64
+        offs_r = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + offs_r
+        n_mask = offs_n < D
+        offs_i = tl.arange(0, 128)
+        h_ptrs = h_ptr + row[:, None] * stride_h + offs_i[None, :]
+        s0 = sd_ptr + e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
+        s1 = s0 + tl.where((pid_n * BLOCK_N + 128) < D, stride_sn, 0)
+        second = offs_r >= 128
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(I, 128)):
+            i_mask = (kb * 128 + offs_i) < I
+            w = wd_desc.load([e, pid_n * BLOCK_N, kb * 128]).reshape(BLOCK_N, 128)
+            if H_SORTED:
+                hv = h_desc.load([start, kb * 128])
+            else:
+                hv = tl.load(h_ptrs + kb * 128, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+            hs = tl.load(hs_ptr + row * stride_hs + kb, mask=col_mask, other=1.0)
+            sd0 = tl.load(s0 + kb * stride_sk)
+            if BLOCK_N == 256:
+                sd1 = tl.load(s1 + kb * stride_sk)
+                acc += tl.dot(hv, tl.trans(w)) * (hs[:, None] * tl.where(second, sd1, sd0)[None, :])
+            else:
+                acc += tl.dot(hv, tl.trans(w)) * (hs * sd0)[:, None]
+        tl.store(y_ptr + pair64[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=col_mask[:, None] & n_mask[None, :])
 
 
 def sync() -> None:
@@ -104,7 +147,7 @@ MOE_SHAPES["tiny"] = dict(e_routed=6, n_shared=1, k=2, d=256, i=192)
 
 def run_shape(name: str, t: int, rounds: int, timing: bool) -> dict:
     x, idx, _wt, w, flops = moe_inputs(name, t, "cuda" if timing else "cpu")
-    gate, up, down_proj, sg, su, sd = w
+    gate, up, down, sg, su, sd = w
     e, i, d = gate.shape
     k = idx.shape[1]
     p = t * k
@@ -132,31 +175,32 @@ def run_shape(name: str, t: int, rounds: int, timing: bool) -> dict:
             PRELOAD=preload_scales(kb_up) and not two, TWO_DOTS=two,
             num_warps=plan.up_num_warps, num_stages=plan.up_num_stages)
 
-    def down(y, bn, warps, stages, w_desc, preload):
-        wd = TensorDescriptor.from_tensor(down_proj, [1, bn, 128]) if w_desc else down_proj
-        return lambda: _moe_down_grouped_kernel[(n_slots, cdiv(d, bn))](
-            h0, hs0, sched, wd, sd, y, k, i, d, n_slots,
-            h0.stride(0), hs0.stride(0), down_proj.stride(0), down_proj.stride(1), sd.stride(0), sd.stride(1),
-            sd.stride(2), y.stride(0), BLOCK_T=block_t, BLOCK_N=bn, KB_PAD=kb_down, PRELOAD=preload, W_DESC=w_desc,
-            num_warps=warps, num_stages=stages)
+    def down_base(y):
+        _moe_down_grouped_kernel[(n_slots, cdiv(d, plan.down_block_n))](
+            h0, hs0, sched, down, sd, y, k, i, d, n_slots,
+            h0.stride(0), hs0.stride(0), down.stride(0), down.stride(1), sd.stride(0), sd.stride(1), sd.stride(2),
+            y.stride(0), BLOCK_T=block_t, BLOCK_N=plan.down_block_n, KB_PAD=kb_down,
+            PRELOAD=preload_scales(kb_down), num_warps=plan.down_num_warps, num_stages=plan.down_num_stages)
 
     wg_desc = TensorDescriptor.from_tensor(gate, [1, 128, 128])
     wu_desc = TensorDescriptor.from_tensor(up, [1, 128, 128])
 
-    def up_tma(h, hs, warps, stages):
+    def up_tma(h, hs, warps, stages, sorted_h=False):
         return lambda: _up_tma_kernel[(n_slots, n_i)](
             xq, xs, sched, wg_desc, wu_desc, sg, su, h, hs, y0, k, i, d, n_slots,
             xq.stride(0), xs.stride(0), sg.stride(0), sg.stride(1), sg.stride(2), h.stride(0), hs.stride(0),
-            BLOCK_T=block_t, num_warps=warps, num_stages=stages)
+            BLOCK_T=block_t, H_SORTED=sorted_h, num_warps=warps, num_stages=stages)
 
     up_base()
     y_base = torch.full_like(y0, float("nan"))
-    down(y_base, 256, 8, 4, False, preload_scales(kb_down))()
+    down_base(y_base)
     sync()
+    order = sched[3 * n_slots:].long()
+    h_sorted, hs_sorted = h0[order], hs0[order]
 
     row = dict(shape=name, t=t, flops_up=flops * 2 / 3, flops_down=flops / 3, up={}, down={})
     calls_up = {"base": up_base}
-    for warps, stages in ((4, 2), (8, 3), (8, 4)):
+    for warps, stages in ((4, 2), (4, 3), (8, 3)):
         h, hs = new_h()
         fn = up_tma(h, hs, warps, stages)
         fn()
@@ -165,20 +209,35 @@ def run_shape(name: str, t: int, rounds: int, timing: bool) -> dict:
         row["up"][f"tma_w{warps}_s{stages}"] = dict(equal=ok)
         if ok:
             calls_up[f"tma_w{warps}_s{stages}"] = fn
+    h, hs = new_h()
+    up_tma(h, hs, 4, 2, sorted_h=True)()
+    sync()
+    ok = _check_or_equal("up tma sorted h", h, h_sorted) & _check_or_equal("sorted hs", hs, hs_sorted)
+    row["up"]["tma_sorted_h"] = dict(equal=ok)
 
-    calls_down = {"ptr_n256_w8_s4": down(y0, 256, 8, 4, False, preload_scales(kb_down))}
-    for bn, warps, stages, preload in ((128, 4, 3, False), (128, 4, 2, False), (128, 4, 4, False),
-                                       (128, 8, 3, False), (128, 8, 4, False), (256, 8, 4, False),
-                                       (128, 4, 3, preload_scales(kb_down))):
-        y = torch.full_like(y0, float("nan"))
-        fn = down(y, bn, warps, stages, True, preload)
-        fn()
-        sync()
-        key = f"tma_n{bn}_w{warps}_s{stages}{'_preload' if preload else ''}"
-        ok = _check_or_equal(f"down {key}", y, y_base)
-        row["down"][key] = dict(equal=ok)
-        if ok and key not in calls_down:
-            calls_down[key] = fn
+    calls_down = {"base": lambda: down_base(y0)}
+    for bn, warps, stages in ((plan.down_block_n, plan.down_num_warps, plan.down_num_stages), (256, 8, 3),
+                              (128, 4, 3), (256, 4, 3)):
+        wd_desc = TensorDescriptor.from_tensor(down, [1, bn, 128])
+        for sorted_h in (False, True):
+            hh, hss = (h_sorted, hs_sorted) if sorted_h else (h0, hs0)
+            h_desc = TensorDescriptor.from_tensor(hh, [block_t, 128])
+            y = torch.full_like(y0, float("nan"))
+
+            def fn(y=y, hh=hh, hss=hss, h_desc=h_desc, wd_desc=wd_desc, bn=bn, warps=warps, stages=stages,
+                   sorted_h=sorted_h):
+                _down_tma_kernel[(n_slots, cdiv(d, bn))](
+                    hh, h_desc, hss, sched, wd_desc, sd, y, k, i, d, n_slots,
+                    hh.stride(0), hss.stride(0), sd.stride(0), sd.stride(1), sd.stride(2), y.stride(0),
+                    BLOCK_T=block_t, BLOCK_N=bn, H_SORTED=sorted_h, num_warps=warps, num_stages=stages)
+
+            fn()
+            sync()
+            key = f"tma{'_sortedh' if sorted_h else ''}_n{bn}_w{warps}_s{stages}"
+            ok = _check_or_equal(f"down {key}", y, y_base)
+            row["down"][key] = dict(equal=ok)
+            if ok:
+                calls_down[key] = fn
     if timing:
         from dsv3.kernels.bench import graph_us
 
@@ -192,7 +251,7 @@ def run_shape(name: str, t: int, rounds: int, timing: bool) -> dict:
                 us = statistics.median(v)
                 row[part].setdefault(kk, {}).update(us=round(us, 1), tflops=round(fl / us / 1e6, 1),
                                                      rounds=[round(a, 1) for a in v])
-            base = row[part][next(iter(calls))]["us"]
+            base = row[part]["base"]["us"]
             print(f"{name} T={t} {part}: " + ", ".join(
                 f"{kk} {row[part][kk]['us']:.1f} us ({row[part][kk]['tflops']:.0f} TF, {base / row[part][kk]['us']:.3f}x)"
                 for kk in times), flush=True)

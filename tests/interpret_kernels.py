@@ -322,21 +322,19 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
 
 # pairs per tile, the down kernel's BLOCK_N, d (136: one full and one partial 128-row block, so BLOCK_N 256 has a
 # second block past D; 300: a partial second block inside BLOCK_N 256), preloaded scales or not, the up kernel's
-# warps (4: its TWO_DOTS form), I (200: rows not 16-byte aligned, the down weights as pointer tiles; 208: through a
-# TMA descriptor)
-GROUPED_FP8_CASES = [(128, 128, 136, True, 8, 200), (32, 256, 136, True, 8, 200), (64, 256, 300, True, 8, 200),
-                     (64, 256, 300, False, 8, 200), (32, 128, 300, False, 8, 200), (64, 256, 136, True, 4, 200),
-                     (32, 128, 300, False, 4, 200), (64, 128, 300, True, 4, 208), (32, 256, 136, False, 8, 208)]
+# warps (4: its TWO_DOTS form)
+GROUPED_FP8_CASES = [(128, 128, 136, True, 8), (32, 256, 136, True, 8), (64, 256, 300, True, 8),
+                     (64, 256, 300, False, 8), (32, 128, 300, False, 8), (64, 256, 136, True, 4),
+                     (32, 128, 300, False, 4)]
 
 
-@pytest.mark.parametrize("block_t,down_bn,d,preload,up_warps,i", GROUPED_FP8_CASES)
-def test_routed_experts_grouped_plans(block_t, down_bn, d, preload, up_warps, i, fixed_interpreter, monkeypatch):
+@pytest.mark.parametrize("block_t,down_bn,d,preload,up_warps", GROUPED_FP8_CASES)
+def test_routed_experts_grouped_plans(block_t, down_bn, d, preload, up_warps, fixed_interpreter, monkeypatch):
     """The grouped FP8 (prefill) kernels with other tiles (pairs per tile, the down kernel's BLOCK_N), ragged D and
-    I, with and without preloaded scales, the up kernel's one 256-wide dot or two 128-wide ones, the down weights
-    through pointers or a descriptor: same result as the default tiles and the reference."""
+    I (200), with and without preloaded scales, the up kernel's one 256-wide dot or two 128-wide ones: same result
+    as the default tiles and the reference."""
     gen = torch.Generator().manual_seed(31 + block_t + down_bn + d)
-    x, idx, wt, w = _moe_inputs(150, 3, 5, d, i, True, torch.bfloat16, gen)
-    assert RE.tma_descriptor_ok(w[2]) == (i % 16 == 0)
+    x, idx, wt, w = _moe_inputs(150, 3, 5, d, 200, True, torch.bfloat16, gen)
     base = RE.routed_experts_triton(x, idx, wt, *w, grouped=True)
     monkeypatch.setattr(RE, "PRELOAD_MAX_KB", 16 if preload else 0)
     out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=block_t, down_block_n=down_bn,
@@ -370,33 +368,8 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
     RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
                                 BLOCK_N=128, **flags)
     RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
-                                        BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False, W_DESC=False)
+                                        BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False)
     assert torch.equal(y0, y1)
-
-
-@pytest.mark.parametrize("block_n", [128, 256])
-def test_grouped_down_weights_through_descriptor(block_n, fixed_interpreter):
-    """`_moe_down_grouped_kernel` with the down weights through a TMA descriptor (the launcher's choice when the
-    layout allows one) gives the pointer tiles' y bit for bit: D 300 (rows past D inside BLOCK_N, zero-filled by the
-    descriptor as by the masks), I 208 (a partial second K block; 16-byte aligned rows, as a descriptor needs)."""
-    gen = torch.Generator().manual_seed(11 + block_n)
-    t, k, e, d, i = 40, 2, 3, 300, 208
-    x, idx, _, (wg, wu, wd, sg, su, sd) = _moe_inputs(t, k, e, d, i, True, torch.bfloat16, gen)
-    assert RE.tma_descriptor_ok(wd) and not RE.tma_descriptor_ok(wd[:, :, 1:])
-    xq, xs = RE.act_quant(x)
-    sched, n = RE.grouped_schedule(idx, e, 32)
-    p = t * k
-    h = torch.zeros((p, i), dtype=torch.float8_e4m3fn)
-    hs = torch.zeros((p, 2))
-    RE._moe_up_grouped_kernel[(n, 2)](xq, xs, sched, wg, wu, sg, su, h, hs, x, k, i, d, n, d, 3, i * d, d,
-                                      2 * 3, 3, 1, i, 2, BLOCK_T=32, KB_PAD=4, PRELOAD=True, TWO_DOTS=True)
-    ys = [torch.full((p, d), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
-    for y, w_desc in zip(ys, (False, True)):
-        wd_arg = RE.TensorDescriptor.from_tensor(wd, [1, block_n, 128]) if w_desc else wd
-        RE._moe_down_grouped_kernel[(n, RE.cdiv(d, block_n))](
-            h, hs, sched, wd_arg, sd, y, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
-            BLOCK_T=32, BLOCK_N=block_n, KB_PAD=2, PRELOAD=False, W_DESC=w_desc)
-    torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=0, equal_nan=True)  # (rows of invalid ids: unwritten)
 
 
 def test_grouped_plan_checks():

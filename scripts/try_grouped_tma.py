@@ -12,6 +12,18 @@ script times, on one layer of the 16B and 671B-ws8-rank shapes at T=4096 (`sweep
         [1, BLOCK_N, 128]) and `H_SORTED` (h also through a descriptor, when the up kernel writes h in the
         schedule's sorted order instead of by pair: its tiles are then contiguous rows).
 
+Outcome (2026-11-24, H200, torch 2.11, triton 3.6, T=4096; us per call, median of 5 interleaved rounds):
+- down, host-side descriptors: BLOCK_N 128 / 4 warps / 3 stages 16B 390 -> 325 and 379 -> 319 us (1.19-1.20x),
+  671B-ws8 rank 269 -> 217 and 260 -> 217 (1.20-1.24x), bitwise the same y; other plans slower or equal; h in
+  sorted order (descriptor loads for h too) no further gain.
+- up, host-side descriptors: 16B 0.82x (4 warps / 2 stages), 1.00x (8 / 3), 1.03x (8 / 4); 671B rank 1.03-1.14x.
+- Not adoptable: torch's wrap_triton does not take a host-side descriptor through a `triton_op` ("TMA descriptor
+  capturing not yet supported in non-dynamo tracing", torch 2.11 and 2.13: torch.compile and AOTInductor fail). A
+  descriptor made in the kernel (`tl.make_tensor_descriptor`, branch experiment/moe-down-tma) compiles, but each
+  program then builds its own: down 384 -> 411 us on 16B (0.93x), 1.05x on the 671B rank; and inside an
+  AOTInductor package with a dynamic token count its output was non-finite on the second size (the package's
+  global-scratch handling for user kernels, torch 2.11). The production kernels stay pointer tiles.
+
 Each variant's output is compared bit for bit with the production kernel's on the same inputs (h, hs for up; y for
 down; the sorted-h variant gets the production h permuted into sorted order). Timing: `dsv3.kernels.bench.graph_us`
 (3 calls per CUDA graph), interleaved rounds, median. CPU: `TRITON_INTERPRET=1 ... --t 40 --shapes tiny` checks

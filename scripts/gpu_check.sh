@@ -54,7 +54,8 @@
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   run671ws   needs 2 or 4 GPUs (issue 8 until 8 are lent): 671B truncated to LAYERS671WS (8) layers at world size
 #              WS671 (all visible GPUs): compile, dsv3c run --random-weights at batch 1 and 8, rank 0 alone stubbed
-#   coll2      needs 2 GPUs: tests/test_collectives.py (dsv3::one_shot_all_reduce over NCCL + symmetric memory)
+#   coll2      needs 2 GPUs: tests/test_collectives.py (dsv3::one_shot_all_reduce over NCCL + symmetric memory;
+#              the tiny config compiled with each all-reduce, logits of 2-rank runs compared)
 #   ab671ws    needs 2 GPUs: 671B truncated to LAYERS671WS (8) layers at world size 2, compiled twice (--all-reduce
 #              nccl and one-shot, one build per GPU at once), dsv3c run of each at batch 1 and 8 with the same
 #              random weights: ms/token side by side and the greedy tokens compared
@@ -349,7 +350,7 @@ step_run671ws() {  # issue 8 on a 2- or 4-GPU host: 671B truncated to LAYERS671W
 }
 
 step_coll2() {  # needs 2 GPUs: the one-shot all-reduce op's GPU test (symmetric memory, eager and in a CUDA graph)
-  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_collectives.py 2>&1 | tail -5
+  timeout 580 $PY -m pytest -m gpu -q -s -p no:cacheprovider -rfEs tests/test_collectives.py 2>&1 | grep -v -i warn | tail -25
 }
 
 step_ab671ws() {

@@ -52,13 +52,19 @@ class CompileOptions:
     verify: bool = True
     jobs: int | None = None  # graphs built at once, each in its own process; None: as many as fit (CUDA), 1 (CPU)
     # world size > 1: the decode graphs' all-reduces. "one-shot": dsv3::one_shot_all_reduce over a symmetric-memory
-    # buffer (NVLink, CUDA); "nccl": NCCL's. nccl stays the default until one-shot artifacts have run end to end on
-    # two GPUs (the op alone: 8.3 vs 10.5 us per dependent link; docs/BENCHMARKS.md, thirteenth session).
-    all_reduce: str = "nccl"
+    # buffer (NVLink, CUDA); "nccl": NCCL's; "auto": one-shot for CUDA, nccl for CPU. One-shot is the CUDA default
+    # since it ran end to end on two H200s (fifteenth session, docs/BENCHMARKS.md): 671B at 8 layers 2.00-2.02 vs
+    # 2.12-2.16 ms/token at batch 1, and the tiny config's world-size-2 logits bit for bit those of NCCL's graphs.
+    all_reduce: str = "auto"
+
+    def resolved_all_reduce(self) -> str:
+        if self.all_reduce == "auto":
+            return "one-shot" if self.device == "cuda" else "nccl"
+        return self.all_reduce
 
     def plan(self) -> ParallelPlan:
         """Rank 0's plan (every rank runs the same graphs)."""
-        one_shot = self.all_reduce == "one-shot" and self.world_size > 1
+        one_shot = self.resolved_all_reduce() == "one-shot" and self.world_size > 1
         return ParallelPlan(0, self.world_size, one_shot_all_reduce=one_shot)
 
     def check(self) -> None:
@@ -79,8 +85,8 @@ class CompileOptions:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible on this build host; use --device cpu "
                               "(tiny configs) or build on a GPU host")
-        if self.all_reduce not in ("nccl", "one-shot"):
-            raise ConfigError(f"--all-reduce {self.all_reduce!r}: use nccl or one-shot")
+        if self.all_reduce not in ("auto", "nccl", "one-shot"):
+            raise ConfigError(f"--all-reduce {self.all_reduce!r}: use auto, nccl or one-shot")
         if self.all_reduce == "one-shot" and self.device != "cuda":
             # symmetric memory is CUDA's; and a CPU package calling the op (gloo fallback from inside the package's
             # proxy-executor call) hung intermittently in 2-rank runs (thirteenth session)

@@ -187,8 +187,14 @@ class AllReduce(nn.Module):
             return False
         if dist.get_backend(_resolve_process_group(self.group_name)) != "nccl":
             return False
-        self.one_shot_buffer = dsv3.collectives.symmetric_buffer(buf.numel(), buf.dtype, buf.device,
-                                                                 self.group_name)
+        try:
+            self.one_shot_buffer = dsv3.collectives.symmetric_buffer(buf.numel(), buf.dtype, buf.device,
+                                                                     self.group_name)
+        except Exception as exc:  # e.g. GPUs without peer access: say what to do instead of a bare traceback
+            raise RuntimeError(
+                f"these artifacts reduce through symmetric memory (one-shot all-reduce), which this host could not "
+                f"set up ({type(exc).__name__}: {exc}); rebuild them with `dsv3c compile ... --all-reduce nccl`"
+            ) from exc
         return True
 
 

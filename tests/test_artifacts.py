@@ -287,9 +287,17 @@ def test_two_ranks_from_artifacts_match_one(art, art_ws2, ckpt, tmp_path):
 
 def test_all_reduce_choice_is_recorded_and_one_shot_needs_cuda(art, art_ws2, tmp_path):
     """The manifest records the graphs' all-reduce; one-shot artifacts (symmetric memory) are CUDA-only: a CPU build
-    asking for them is refused before anything is built. (The one-shot packages themselves are checked on the
-    device: tests/test_collectives.py and gpu_check.sh ab671ws.)"""
+    asking for them is refused before anything is built; the default (auto) is NCCL's on CPU, one-shot on CUDA.
+    (The one-shot packages themselves are checked on the device: tests/test_collectives.py and gpu_check.sh
+    ab671ws.)"""
+    from dsv3.compiler.build import CompileOptions
+
     assert read_manifest(art_ws2)["all_reduce"] == "nccl" and read_manifest(art)["all_reduce"] == "none"
+    cfg = resolve_config("tiny")
+    assert CompileOptions(cfg, world_size=2, device="cuda").plan().all_reduce == "one-shot"
+    assert CompileOptions(cfg, world_size=2, device="cpu").plan().all_reduce == "nccl"
+    assert CompileOptions(cfg, world_size=2, device="cuda", all_reduce="nccl").plan().all_reduce == "nccl"
+    assert CompileOptions(cfg, world_size=1, device="cuda").plan().all_reduce == "none"
     res = CliRunner().invoke(main, ["compile", "--config", "tiny", "--device", "cpu", "--out", str(tmp_path / "x"),
                                     "--world-size", "2", "--all-reduce", "one-shot"])
     assert res.exit_code != 0 and "--all-reduce one-shot needs --device cuda" in res.output

@@ -27,6 +27,8 @@
 #              full report text in $OUT/ncu_moe.txt)
 #   attnout    the GPU tests of dsv3.mla_attention_out and of the MLA kernels, then scripts/sweep_attn_out.py (the op's
 #              launch block and warps against the two ops it replaces; JSON in $OUT)
+#   mla-splits scripts/sweep_mla_splits.py: the MLA decode op's split count (the plan's vs whole waves of programs)
+#              at H 16 / 128, batch 1 / 8 / 32, context 1k-32k (checked, timed; JSON in $OUT)
 #   tma-moe    scripts/try_grouped_tma.py: the grouped MoE kernels with TMA descriptor loads vs the production ones
 #              (bitwise compared, timed interleaved; JSON in $OUT)
 #   sdpa       scripts/bench_prefill_sdpa.py: the first-chunk prefill attention, our kernel vs PyTorch's cuDNN / flash
@@ -118,6 +120,8 @@ step_attnout() {
 }
 
 step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_prefill_sdpa.json" 2>&1 | grep -v -i warn | tail -60; }
+
+step_mla_splits() { timeout 400 $PY scripts/sweep_mla_splits.py --json "$OUT/sweep_mla_splits.json" 2>&1 | grep -v -i warn | tail -20; }
 
 step_tma_moe() { timeout 400 $PY scripts/try_grouped_tma.py --json "$OUT/try_grouped_tma.json" 2>&1 | grep -v -i warn | tail -30; }
 

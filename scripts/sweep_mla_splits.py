@@ -1,0 +1,76 @@
+"""How many flash-decoding splits should `dsv3.mla_attention` use? (GPU measurement, issue 3.)
+
+`mla_plan` sizes the splits as ceil(SMs / (batch x row blocks)): at batch 8 on 132 SMs that is 17 splits, 136
+programs, and at batch 32 5 splits, 160 programs: one wave and a few programs more, which a second wave then runs
+alone. The kernel bench of 2026-11-24 measured batch 32 at 8k context at 39% of copy bandwidth (54.6% on
+2026-11-22, before the 8-warp 64-row plan). This script times the op (splits + combine) at H = 16 and 128, batch 1,
+8 and 32, contexts 1k, 8k and 32k (cache filled up to the position), with the plan's split count and with whole
+waves of programs (floor(SMs / programs per split) x 1, 2, 3), each checked against `mla_attention_reference`
+(max abs error < 2e-2) and timed as the kernel bench does (C cache copies past the L2, C calls in one CUDA graph).
+
+    python3 scripts/sweep_mla_splits.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+
+import torch
+
+from dsv3.kernels._launch import cdiv, num_sms
+from dsv3.kernels.bench import graph_us
+from dsv3.kernels.mla_attention import mla_attention_reference, mla_attention_triton, mla_plan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    opts = ap.parse_args()
+    dev = torch.device("cuda")
+    sms = num_sms(dev)
+    c, r, scale = 512, 64, 0.1
+    copy_tb_s = 4.28
+    rows = []
+    for heads, b, ctx in itertools.chain(itertools.product([16], [1, 8, 32], [1024, 8192, 32768]),
+                                         itertools.product([128], [1, 8, 32], [8192])):
+        t_cap = ctx
+        size = b * t_cap * (c + r) * 2
+        copies = max(2, min(16, (512 << 20) // size))
+        g = torch.Generator(device=dev).manual_seed(b * 100000 + ctx + heads)
+        caches = [torch.randn(b, t_cap, c + r, device=dev, generator=g).bfloat16() for _ in range(copies)]
+        q = torch.randn(b, 1, heads, c, device=dev, generator=g).bfloat16()
+        qpe = torch.randn(b, 1, heads, r, device=dev, generator=g).bfloat16()
+        pos = torch.full((b, 1), ctx - 1, device=dev, dtype=torch.long)
+        ref = mla_attention_reference(q, qpe, caches[0], pos, scale).float()
+        block_h, _, _, _, default_splits, min_chunk, _ = mla_plan(b, 1, heads, t_cap, c, sms)
+        per_split = b * cdiv(heads, block_h)
+        cap = cdiv(t_cap, min_chunk)
+        whole = max(1, sms // per_split)
+        cands = sorted({default_splits, *(min(cap, whole * k) for k in (1, 2, 3))})
+        res = {}
+        for n in cands:
+            out = mla_attention_triton(q, qpe, caches[0], pos, scale, n_splits=n).float()
+            err = (out - ref).abs().max().item()
+            if not err < 2e-2:
+                res[n] = dict(error=f"max abs err {err:.3g}")
+                continue
+            us = graph_us([lambda cc=cc, n=n: mla_attention_triton(q, qpe, cc, pos, scale, n_splits=n)
+                           for cc in caches])
+            res[n] = dict(us=round(us, 2), pct_copy=round(100 * size / us / 1e6 / copy_tb_s, 1), programs=n * per_split)
+        row = dict(heads=heads, b=b, ctx=ctx, default_splits=default_splits, results=res)
+        rows.append(row)
+        print(f"H={heads:3d} B={b:2d} ctx={ctx:5d}: " + ", ".join(
+            f"{n} splits{' (plan)' if n == default_splits else ''} "
+            + (f"{v['us']:.1f} us {v['pct_copy']}%" if "us" in v else v["error"]) for n, v in res.items()), flush=True)
+        del caches
+    if opts.json:
+        with open(opts.json + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(opts.json + ".tmp", opts.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -303,8 +303,12 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
         if not decode:
             n_splits = 1
         else:
+            # whole waves: floor(SMs / programs per split). ceil() made 136 programs at batch 8 and 160 at batch 32
+            # on 132 SMs, one wave plus a few programs a second wave ran alone (scripts/sweep_mla_splits.py, H200,
+            # 2026-11-24: H 16 batch 8 at 32k 171.7 -> 131.7 us, batch 32 at 8k / 32k 182.2 -> 133.0 / 660.9 ->
+            # 458.0 us, H 128 batch 8 / 32 at 8k 136.4 -> 99.9 / 428.3 -> 312.1 us; 2-3x whole waves were no better)
             n_rb = cdiv(rows, block_h)
-            n_splits = max(1, min(cdiv(sms, b * n_rb), cdiv(t_cap, min_chunk)))
+            n_splits = max(1, min(sms // (b * n_rb), cdiv(t_cap, min_chunk)))
     return block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap
 
 

@@ -97,7 +97,10 @@ def test_launch_plans():
         assert (splits - 1) * per < kb <= splits * per
         assert splits * m * n * 4 <= n * k or splits == 1
     # MLA: decode splits the sequence, prefill / dynamic shapes never do
-    assert A.mla_plan(1, 1, 16, 32768, 512, 132)[4] > 1
+    assert A.mla_plan(1, 1, 16, 32768, 512, 132)[4] == 132
+    # whole waves of programs: 8 x 16 = 128 (not 8 x 17 = 136) on 132 SMs; 128 heads: 2 row blocks per sequence
+    assert A.mla_plan(8, 1, 16, 32768, 512, 132)[4] == 16 and A.mla_plan(32, 1, 16, 8192, 512, 132)[4] == 4
+    assert A.mla_plan(8, 1, 128, 8192, 512, 132)[4] == 8 and A.mla_plan(200, 1, 16, 8192, 512, 132)[4] == 1
     assert A.mla_plan(1, 300, 16, 32768, 512, 132)[4] == 1
     assert A.mla_plan(None, None, 16, None, 512, 132)[4] == 1
 

@@ -7,6 +7,12 @@ alone. The kernel bench of 2026-11-24 measured batch 32 at 8k context at 39% of 
 8 and 32, contexts 1k, 8k and 32k (cache filled up to the position), with the plan's split count and with whole
 waves of programs (floor(SMs / programs per split) x 1, 2, 3), each checked against `mla_attention_reference`
 (max abs error < 2e-2) and timed as the kernel bench does (C cache copies past the L2, C calls in one CUDA graph).
+At contexts >= 8k also other forms at the plan's split count: the transposed formulation (swap) at 4 / 8 warps,
+128-row key blocks.
+
+Outcome (2026-11-24, H200, 132 SMs, us, plan's ceil() split count -> whole waves): H 16 batch 8 at 32k 171.7 ->
+131.7, batch 32 at 8k 182.2 -> 133.0 and at 32k 660.9 -> 458.0, H 128 batch 8 / 32 at 8k 136.4 -> 99.9 / 428.3 ->
+312.1; batch 1 and batch 8 up to 8k unchanged; 2-3x whole waves no better. Adopted in `mla_plan`.
 
     python3 scripts/sweep_mla_splits.py [--json out.json]
 """
@@ -60,11 +66,33 @@ def main() -> None:
             us = graph_us([lambda cc=cc, n=n: mla_attention_triton(q, qpe, cc, pos, scale, n_splits=n)
                            for cc in caches])
             res[n] = dict(us=round(us, 2), pct_copy=round(100 * size / us / 1e6 / copy_tb_s, 1), programs=n * per_split)
-        row = dict(heads=heads, b=b, ctx=ctx, default_splits=default_splits, results=res)
+        # and at the plan's split count: the transposed formulation (cache rows as the MMA's M: 16 query rows fill
+        # a quarter of a 64-row wgmma in the plain one), 128-row key blocks
+        forms = {}
+        if ctx >= 8192:
+            for name, kw in (("swap_w4", dict(swap=True, num_warps=4)), ("swap_w8", dict(swap=True, num_warps=8)),
+                             ("bt128", dict(block_t=128, min_chunk=128)),
+                             ("swap_w4_bt128", dict(swap=True, num_warps=4, block_t=128, min_chunk=128))):
+                try:
+                    out = mla_attention_triton(q, qpe, caches[0], pos, scale, n_splits=default_splits, **kw).float()
+                    err = (out - ref).abs().max().item()
+                    if not err < 2e-2:
+                        forms[name] = dict(error=f"max abs err {err:.3g}")
+                        continue
+                    us = graph_us([lambda cc=cc, kw=kw: mla_attention_triton(q, qpe, cc, pos, scale,
+                                                                             n_splits=default_splits, **kw)
+                                   for cc in caches])
+                except Exception as e:  # shared memory / registers
+                    forms[name] = dict(error=str(e).splitlines()[0][:120])
+                    continue
+                forms[name] = dict(us=round(us, 2), pct_copy=round(100 * size / us / 1e6 / copy_tb_s, 1))
+        row = dict(heads=heads, b=b, ctx=ctx, default_splits=default_splits, results=res, forms=forms)
         rows.append(row)
         print(f"H={heads:3d} B={b:2d} ctx={ctx:5d}: " + ", ".join(
             f"{n} splits{' (plan)' if n == default_splits else ''} "
-            + (f"{v['us']:.1f} us {v['pct_copy']}%" if "us" in v else v["error"]) for n, v in res.items()), flush=True)
+            + (f"{v['us']:.1f} us {v['pct_copy']}%" if "us" in v else v["error"]) for n, v in res.items())
+            + "".join(f"; {k} " + (f"{v['us']:.1f} us {v['pct_copy']}%" if "us" in v else v["error"])
+                      for k, v in forms.items()), flush=True)
         del caches
     if opts.json:
         with open(opts.json + ".tmp", "w") as f:

@@ -121,7 +121,7 @@ step_attnout() {
 
 step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_prefill_sdpa.json" 2>&1 | grep -v -i warn | tail -60; }
 
-step_mla_splits() { timeout 400 $PY scripts/sweep_mla_splits.py --json "$OUT/sweep_mla_splits.json" 2>&1 | grep -v -i warn | tail -20; }
+step_mla_splits() { timeout 400 $PY scripts/sweep_mla_splits.py ${SPLITS_ARGS:-} --json "$OUT/sweep_mla_splits.json" 2>&1 | grep -v -i warn | tail -20; }
 
 step_tma_moe() { timeout 400 $PY scripts/try_grouped_tma.py --json "$OUT/try_grouped_tma.json" 2>&1 | grep -v -i warn | tail -30; }
 

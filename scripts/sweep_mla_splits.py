@@ -20,7 +20,6 @@ Outcome (2026-11-24, H200, 132 SMs, us, plan's ceil() split count -> whole waves
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 
@@ -34,17 +33,23 @@ from dsv3.kernels.mla_attention import mla_attention_reference, mla_attention_tr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only-short", action="store_true", help="only the short contexts in long caches")
     opts = ap.parse_args()
     dev = torch.device("cuda")
     sms = num_sms(dev)
     c, r, scale = 512, 64, 0.1
     copy_tb_s = 4.28
     rows = []
-    for heads, b, ctx in itertools.chain(itertools.product([16], [1, 8, 32], [1024, 8192, 32768]),
-                                         itertools.product([128], [1, 8, 32], [8192])):
-        t_cap = ctx
-        size = b * t_cap * (c + r) * 2
-        copies = max(2, min(16, (512 << 20) // size))
+    cases = [(16, b, ctx, ctx) for b in (1, 8, 32) for ctx in (1024, 8192, 32768)]
+    cases += [(128, b, 8192, 8192) for b in (1, 8, 32)]
+    # short contexts in long caches (the plan sees only the cache length): what 128-row key blocks cost there
+    cases += [(16, b, ctx, t_cap) for t_cap in (4096, 32768) for b in (1, 8) for ctx in (128, 1024, 4095)]
+    if opts.only_short:
+        cases = cases[12:]
+    for heads, b, ctx, t_cap in cases:
+        size = b * ctx * (c + r) * 2  # the rows read
+        cache_bytes = b * t_cap * (c + r) * 2
+        copies = max(2, min(16, (512 << 20) // cache_bytes))
         g = torch.Generator(device=dev).manual_seed(b * 100000 + ctx + heads)
         caches = [torch.randn(b, t_cap, c + r, device=dev, generator=g).bfloat16() for _ in range(copies)]
         q = torch.randn(b, 1, heads, c, device=dev, generator=g).bfloat16()
@@ -55,7 +60,7 @@ def main() -> None:
         per_split = b * cdiv(heads, block_h)
         cap = cdiv(t_cap, min_chunk)
         whole = max(1, sms // per_split)
-        cands = sorted({default_splits, *(min(cap, whole * k) for k in (1, 2, 3))})
+        cands = sorted({default_splits, *(min(cap, whole * k) for k in (1, 2, 3))}) if t_cap == ctx else [default_splits]
         res = {}
         for n in cands:
             out = mla_attention_triton(q, qpe, caches[0], pos, scale, n_splits=n).float()
@@ -69,26 +74,28 @@ def main() -> None:
         # and at the plan's split count: the transposed formulation (cache rows as the MMA's M: 16 query rows fill
         # a quarter of a 64-row wgmma in the plain one), 128-row key blocks
         forms = {}
-        if ctx >= 8192:
-            for name, kw in (("swap_w4", dict(swap=True, num_warps=4)), ("swap_w8", dict(swap=True, num_warps=8)),
-                             ("bt128", dict(block_t=128, min_chunk=128)),
-                             ("swap_w4_bt128", dict(swap=True, num_warps=4, block_t=128, min_chunk=128))):
+        if ctx >= 8192 or t_cap > ctx:
+            forms_kw = (("swap_w4", dict(swap=True, num_warps=4)), ("swap_w8", dict(swap=True, num_warps=8)),
+                        ("bt128", dict(block_t=128, min_chunk=128)))
+            if t_cap > ctx:  # short context: 128-row blocks with the split count the plan would then choose
+                forms_kw = (("bt128", dict(block_t=128, min_chunk=128, n_splits=None)),)
+            for name, kw in forms_kw:
+                kw = dict(dict(n_splits=default_splits), **kw)
                 try:
-                    out = mla_attention_triton(q, qpe, caches[0], pos, scale, n_splits=default_splits, **kw).float()
+                    out = mla_attention_triton(q, qpe, caches[0], pos, scale, **kw).float()
                     err = (out - ref).abs().max().item()
                     if not err < 2e-2:
                         forms[name] = dict(error=f"max abs err {err:.3g}")
                         continue
-                    us = graph_us([lambda cc=cc, kw=kw: mla_attention_triton(q, qpe, cc, pos, scale,
-                                                                             n_splits=default_splits, **kw)
+                    us = graph_us([lambda cc=cc, kw=kw: mla_attention_triton(q, qpe, cc, pos, scale, **kw)
                                    for cc in caches])
                 except Exception as e:  # shared memory / registers
                     forms[name] = dict(error=str(e).splitlines()[0][:120])
                     continue
                 forms[name] = dict(us=round(us, 2), pct_copy=round(100 * size / us / 1e6 / copy_tb_s, 1))
-        row = dict(heads=heads, b=b, ctx=ctx, default_splits=default_splits, results=res, forms=forms)
+        row = dict(heads=heads, b=b, ctx=ctx, t_cap=t_cap, default_splits=default_splits, results=res, forms=forms)
         rows.append(row)
-        print(f"H={heads:3d} B={b:2d} ctx={ctx:5d}: " + ", ".join(
+        print(f"H={heads:3d} B={b:2d} ctx={ctx:5d} cache={t_cap:5d}: " + ", ".join(
             f"{n} splits{' (plan)' if n == default_splits else ''} "
             + (f"{v['us']:.1f} us {v['pct_copy']}%" if "us" in v else v["error"]) for n, v in res.items())
             + "".join(f"; {k} " + (f"{v['us']:.1f} us {v['pct_copy']}%" if "us" in v else v["error"])

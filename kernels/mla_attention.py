@@ -273,6 +273,9 @@ def _mla_combine_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+LONG_CACHE_ROWS = 8192
+
+
 def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c: int, sms: int,
              block_h: Optional[int] = None, block_t: Optional[int] = None, n_splits: Optional[int] = None,
              min_chunk: Optional[int] = None, swap: Optional[bool] = None):
@@ -286,9 +289,15 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
     if swap is None:
         swap = False  # measured on the H200 (2026-11-22): the plain layout was as fast or faster at H=16
     c_pad = max(16, next_pow2(c))
-    if block_t is None:
-        block_t = 64
     decode = not (b is None or s is None or t_cap is None or s > DECODE_MAX_S)
+    if block_t is None:
+        # 128-row key blocks (and splits of >= 128 rows) for one-token decode over long caches: at H 16 on the H200
+        # (scripts/sweep_mla_splits.py, 2026-11-24) 16-20% faster at 8k-32k context (batch 32 at 32k 457 -> 364
+        # us, batch 8 128 -> 108, batch 1 32.3 -> 30.5) and +0.4 to +1.9 us per call below 1k context (batch 1 / 8
+        # at context 128 in a 32k cache 9.8 -> 11.6 / 12.0 -> 13.8 us). The plan sees only the cache length, so
+        # caches of LONG_CACHE_ROWS or more (deployments that expect long contexts) take them. 16-row blocks only:
+        # wider ones (128 heads: 64 rows) ran out of shared memory.
+        block_t = 128 if decode and block_h == 16 and t_cap >= LONG_CACHE_ROWS else 64
     if min_chunk is None:
         # Decode at H = 16 (16B; 671B per rank at world size 8), scripts/sweep_mla.py on the H200 (2026-11-23):
         # 64-row splits with 8 warps took 9.4-11.8 us against 12.3-14.8 us for 128-row splits with 4 warps at

@@ -97,10 +97,14 @@ def test_launch_plans():
         assert (splits - 1) * per < kb <= splits * per
         assert splits * m * n * 4 <= n * k or splits == 1
     # MLA: decode splits the sequence, prefill / dynamic shapes never do
-    assert A.mla_plan(1, 1, 16, 32768, 512, 132)[4] == 132
+    assert A.mla_plan(1, 1, 16, 32768, 512, 132)[4] == 132 and A.mla_plan(1, 1, 16, 8192, 512, 132)[4] == 64
     # whole waves of programs: 8 x 16 = 128 (not 8 x 17 = 136) on 132 SMs; 128 heads: 2 row blocks per sequence
     assert A.mla_plan(8, 1, 16, 32768, 512, 132)[4] == 16 and A.mla_plan(32, 1, 16, 8192, 512, 132)[4] == 4
     assert A.mla_plan(8, 1, 128, 8192, 512, 132)[4] == 8 and A.mla_plan(200, 1, 16, 8192, 512, 132)[4] == 1
+    # 128-row key blocks and splits at 16 heads over caches of LONG_CACHE_ROWS or more, 64 below and at 128 heads
+    assert A.mla_plan(1, 1, 16, 32768, 512, 132)[1] == 128 and A.mla_plan(1, 1, 16, 32768, 512, 132)[5] == 128
+    assert A.mla_plan(1, 1, 16, 4096, 512, 132)[1] == 64 and A.mla_plan(1, 1, 128, 32768, 512, 132)[1] == 64
+    assert A.mla_plan(1, 4, 16, 32768, 512, 132)[1] == 64 and A.mla_plan(1, 1, 16, 4096, 512, 132)[4] == 64
     assert A.mla_plan(1, 300, 16, 32768, 512, 132)[4] == 1
     assert A.mla_plan(None, None, 16, None, 512, 132)[4] == 1
 
@@ -221,7 +225,7 @@ def test_fp8_linear_gpu(m, n, k, path, monkeypatch):
 
 MLA_GPU_CASES = [
     # B, S, H, T, C, R
-    (1, 1, 16, 8192, 512, 64), (3, 1, 128, 3000, 512, 64), (5, 2, 16, 1000, 512, 64), (2, 4, 16, 700, 512, 64),
+    (1, 1, 16, 8192, 512, 64), (8, 1, 16, 16384, 512, 64), (3, 1, 128, 3000, 512, 64), (5, 2, 16, 1000, 512, 64), (2, 4, 16, 700, 512, 64),
     (64, 1, 16, 600, 512, 64), (2, 1, 4, 300, 128, 16), (2, 3, 3, 333, 72, 8), (1, 64, 16, 2048, 512, 64),
     (2, 37, 3, 100, 72, 8),
 ]

@@ -77,8 +77,11 @@ def main() -> None:
     for x in rows:
         if "error" in x:
             print(f"  b={x['b']} ctx={x['ctx']} {x['variant']}: {x['error']}")
-    default = [x for x in rows if x["variant"] == "fused_d16_w4_s16"]
-    print("default (d16, 4 warps, 16 splits per step): " + ", ".join(f"b{x['b']} ctx{x['ctx']} {x.get('us')}" for x in default))
+    # the op's own plan: 16 W_UV rows per program at <= ATTN_OUT_ROWS_SMALL_M query rows, 64 above; 4 warps; 16
+    # splits per merge step
+    default = [x for x in rows if x["variant"] == f"fused_d{16 if x['b'] <= 4 else 64}_w4_s16"]
+    print("default (d16 at batch <= 4, else d64; 4 warps, 16 splits per step): "
+          + ", ".join(f"b{x['b']} ctx{x['ctx']} {x.get('us')}" for x in default))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -373,20 +373,26 @@ step_ab671ws() {
   for b in 1 8; do
     args=()
     for p in "${prompts[@]:0:$b}"; do args+=(--prompt "$p"); done
-    for ar in nccl one-shot nccl one-shot; do  # twice each, interleaved
+    local run=0
+    for ar in nccl one-shot nccl one-shot; do  # twice each, interleaved; each run's tokens kept (run 1, run 2)
+      run=$((run + 1)); local tag="${ar}_b${b}_r$(( (run + 1) / 2 ))"
       timeout 200 $PY -m dsv3.cli run --world-size 2 --artifacts "$WORK/art671_ws2_l${n}_$ar" --random-weights \
-        "${args[@]}" --max-new-tokens 128 --stats --output-file "$OUT/ab671_${ar}_b$b.jsonl" \
-        > "$OUT/ab671_${ar}_b$b.log" 2>&1
-      echo "$ar batch $b: exit $? $(grep -E 'ms/token' "$OUT/ab671_${ar}_b$b.log" | tail -1)"
+        "${args[@]}" --max-new-tokens 128 --stats --output-file "$OUT/ab671_$tag.jsonl" > "$OUT/ab671_$tag.log" 2>&1
+      echo "$ar batch $b: exit $? $(grep -E 'ms/token' "$OUT/ab671_$tag.log" | tail -1)"
     done
-    $PY - "$OUT/ab671_nccl_b$b.jsonl" "$OUT/ab671_one-shot_b$b.jsonl" <<'PYEOF'
+    # run to run (the same build twice) and build to build: greedy tokens compared
+    local pair
+    for pair in "nccl_b${b}_r1 nccl_b${b}_r2" "one-shot_b${b}_r1 one-shot_b${b}_r2" "nccl_b${b}_r1 one-shot_b${b}_r1"; do
+      set -- $pair
+      $PY - "$OUT/ab671_$1.jsonl" "$OUT/ab671_$2.jsonl" "$1 vs $2" <<'PYEOF'
 import json, sys
 a, b = ([json.loads(line)["token_ids"] for line in open(p)] for p in sys.argv[1:3])
 same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 total = sum(len(r) for r in a)
 first = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
-print(f"  greedy tokens, one-shot vs nccl: {same}/{total} equal; first difference per prompt: {first}")
+print(f"  greedy tokens, {sys.argv[3]}: {same}/{total} equal; first difference per prompt: {first}")
 PYEOF
+    done
   done
 }
 

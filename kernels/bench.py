@@ -46,7 +46,10 @@ LINEAR_M = (1, 4, 16, 64, 4096)
 MLA_CTX = (1024, 8192, 32768)
 MLA_BATCH = (1, 8, 32)
 MLA_HEADS = (16, 128)
-MOE = {"16B": dict(E=64, D=2048, I=1408, K=6), "671B-rank": dict(E=32, D=7168, I=2048, K=8)}
+# The issue's shapes, plus the 16B model's own layout: its 2 shared experts ride as slots 64 and 65 that every token
+# selects (the slot count MOE_DECODE_TUNED is keyed by, so this row times the model's decode plans).
+MOE = {"16B": dict(E=64, D=2048, I=1408, K=6), "16B-model-slots": dict(E=64, D=2048, I=1408, K=6, SHARED=2),
+       "671B-rank": dict(E=32, D=7168, I=2048, K=8)}
 MOE_T = (1, 8, 32)
 
 RESULTS: list[dict] = []
@@ -268,9 +271,13 @@ def bench_mla(sweep: bool = False):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def moe_case(e, d, i, k, t):
+def moe_case(e, d, i, k, t, shared=0):
+    """Random distinct top-k ids of e routed experts per token, then the `shared` slots e.. every token selects."""
     x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
     idx = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
+    if shared:
+        idx = torch.cat([idx, torch.arange(e, e + shared, device="cuda").expand(t, shared)], 1)
+        e, k = e + shared, k + shared
     wt = torch.rand(t, k, device="cuda")
     q = [quantize_weight(torch.randn(*sh, device="cuda") * 0.05) for sh in ((e, i, d), (e, i, d), (e, d, i))]
     ws = [q[0][0], q[1][0], q[2][0], q[0][1], q[1][1], q[2][1]]
@@ -282,16 +289,18 @@ def moe_case(e, d, i, k, t):
 
 def bench_moe(sweep: bool = False):
     for cfg, p in MOE.items():
-        e, d, i, k = p["E"], p["D"], p["I"], p["K"]
+        e, d, i, k, shared = p["E"], p["D"], p["I"], p["K"], p.get("SHARED", 0)
         for t in MOE_T:
-            x, idx, wt, ws, n_used, nbytes, flops = moe_case(e, d, i, k, t)
-            shape = f"{cfg} T={t} E={e} top{k} D={d} I={i} experts_used={n_used}"
+            x, idx, wt, ws, n_used, nbytes, flops = moe_case(e, d, i, k, t, shared)
+            e_all = e + shared
+            shape = (f"{cfg} T={t} E={e}{f'+{shared} shared' if shared else ''} top{k} D={d} I={i} "
+                     f"experts_used={n_used}")
             wb = [dequantize_weight(ws[j], ws[j + 3], torch.bfloat16) for j in range(3)]
 
             def looped():
                 out = torch.zeros(t, d, device="cuda", dtype=torch.float32)
-                counts = torch.bincount(idx.flatten(), minlength=e).tolist()  # host sync, as the official code
-                for ex in range(e):
+                counts = torch.bincount(idx.flatten(), minlength=e_all).tolist()  # host sync, as the official code
+                for ex in range(e_all):
                     if counts[ex] == 0:
                         continue
                     tok, kk = torch.where(idx == ex)

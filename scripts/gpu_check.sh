@@ -40,6 +40,7 @@
 #   loadprof   where the artifact cold start goes (scripts/profile_load.py on art16 + ckpt16)
 #   prof16     where a batch-1 decode step goes (scripts/profile_decode.py: graph replay vs kernel time, top kernels)
 #   prof16q    the same on quick16's artifacts with weights generated on the GPU (no checkpoint)
+#   det16q     run-to-run determinism: dsv3c run twice from quick16's artifacts (random weights, batch 8), tokens compared
 #   ckpt16bf16 dsv3c convert --dtype bf16 of ckpt16 (CPU; transformers' baseline loads it)
 #   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4032: the 32 timed steps must fit the 4096 cache)
 #              with --baseline hf when ckpt16bf16 exists, and the eager model, JSON and SVG in $OUT
@@ -242,6 +243,24 @@ step_run16() {
     --max-new-tokens 64 --stats --output-file "$OUT/run16_b8.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
   dsv3c run --eager --checkpoint "$WORK/ckpt16" --prompt "${prompts[0]}" --max-new-tokens 16 --stats \
     --output-file "$OUT/run16_eager.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -5
+}
+
+step_det16q() {  # run-to-run determinism on one GPU: quick16's artifacts, random weights, batch 8, twice; tokens compared
+  local prompts=("Tell me about the weather." "Write a poem about GPUs." "What is 2+2?" "Hello" \
+                 "Explain attention." "A long story begins" "Once upon a time" "The capital of France")
+  local args=() r
+  for p in "${prompts[@]}"; do args+=(--prompt "$p"); done
+  for r in 1 2; do
+    dsv3c run --artifacts "$WORK/art16q" --random-weights "${args[@]}" --max-new-tokens 128 --stats \
+      --output-file "$OUT/det16q_r$r.jsonl" 2>&1 | grep -E "ms/token|error|Error" | tail -2
+  done
+  $PY - "$OUT/det16q_r1.jsonl" "$OUT/det16q_r2.jsonl" <<'PYEOF'
+import json, sys
+a, b = ([json.loads(line)["token_ids"] for line in open(p)] for p in sys.argv[1:3])
+same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+first = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
+print(f"  greedy tokens, run 1 vs run 2: {same}/{sum(len(r) for r in a)} equal; first difference per prompt: {first}")
+PYEOF
 }
 
 step_quick16() {  # no checkpoint on disk: FP8 16B config -> compile -> bench with weights generated on the GPU

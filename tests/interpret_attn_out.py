@@ -35,6 +35,7 @@ CASES = [
     (2, 1, 3, 16, 24, 72, 8, 90, 3, True),
     (1, 3, 2, 32, 16, 200, 16, 120, 5, True),   # speculative verify: 3 query tokens, causal among them
     (3, 1, 2, 16, 24, 72, 8, 90, 2, False),     # bf16 kv_b_proj (no scales)
+    (2, 1, 2, 16, 24, 72, 8, 8192, 6, True),    # a long cache: the plan's 128-row key blocks and splits
 ]
 
 

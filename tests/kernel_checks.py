@@ -25,6 +25,19 @@ from dsv3.kernels.fp8_blocks import (
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def check_env_switch(monkeypatch, name: str, choice, default, valid: str | None = None) -> None:
+    """A DSV3_* trace-time switch read by `choice()`: a valid value is returned as given, a typo fails naming the
+    variable, and without the variable `choice()` returns `default`."""
+    if valid is not None:
+        monkeypatch.setenv(name, valid)
+        assert choice() == valid
+    monkeypatch.setenv(name, "bogus")
+    with pytest.raises(ValueError, match=name):
+        choice()
+    monkeypatch.delenv(name)
+    assert choice() == default
+
+
 def run_interpreted(script: str, *pytest_args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run tests/SCRIPT (an interpreter test file) with pytest in a fresh process under TRITON_INTERPRET=1: the flag
     must be set before triton is imported, and the rest of the suite imports triton normally. GPU selection and

@@ -18,7 +18,7 @@ import torch
 import dsv3.kernels  # noqa: F401
 from dsv3.kernels import mla_attention_out as O
 from dsv3.kernels.fp8_blocks import dequantize_weight, quantize_weight
-from kernel_checks import cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+from kernel_checks import check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
 
 
 def make_inputs(b, s, h, dn, dv, c, r, t_cap, ctx, device="cpu", seed=0, fp8=True):
@@ -73,13 +73,7 @@ def test_opcheck_and_switch(monkeypatch):
     q, qp, cache, pos, w, ws = make_inputs(2, 1, 3, 16, 24, 72, 8, 40, [20, 39], seed=5)
     torch.library.opcheck(torch.ops.dsv3.mla_attention_out.default, (q, qp, cache, pos, 0.1, w, ws, 16, 24),
                           test_utils="test_faketensor")
-    monkeypatch.setenv("DSV3_ATTN_OUT", "two")
-    assert O.attention_out_choice() == "two"
-    monkeypatch.setenv("DSV3_ATTN_OUT", "bogus")
-    with pytest.raises(ValueError, match="DSV3_ATTN_OUT"):
-        O.attention_out_choice()
-    monkeypatch.delenv("DSV3_ATTN_OUT")
-    assert O.attention_out_choice() == O.ATTN_OUT_DEFAULT
+    check_env_switch(monkeypatch, "DSV3_ATTN_OUT", O.attention_out_choice, O.ATTN_OUT_DEFAULT, valid="two")
 
 
 def test_fused_block_by_merge_budget():

@@ -20,7 +20,7 @@ from dsv3.config import resolve_config
 from dsv3.kernels import mla_decode_prep as P
 from dsv3.kernels.fp8_blocks import quantize_weight
 from dsv3.model import Transformer
-from kernel_checks import cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+from kernel_checks import check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
 
 
 def make_inputs(b, s, h, dn, r, dv, c, t_cap=64, fp8=True, device="cpu", seed=0):
@@ -92,13 +92,7 @@ def test_composition_matches_float64_formulas():
 def test_opcheck_and_path_switch(monkeypatch):
     args = make_inputs(1, 1, 3, 16, 8, 24, 72, seed=5)
     torch.library.opcheck(torch.ops.dsv3.mla_decode_prep.default, tuple(args), test_utils="test_faketensor")
-    monkeypatch.setenv("DSV3_DECODE_PREP", "fused")
-    assert P.decode_prep_choice() == "fused"
-    monkeypatch.setenv("DSV3_DECODE_PREP", "bogus")
-    with pytest.raises(ValueError, match="DSV3_DECODE_PREP"):
-        P.decode_prep_choice()
-    monkeypatch.delenv("DSV3_DECODE_PREP")
-    assert P.decode_prep_choice() == P.DECODE_PREP_DEFAULT
+    check_env_switch(monkeypatch, "DSV3_DECODE_PREP", P.decode_prep_choice, P.DECODE_PREP_DEFAULT, valid="fused")
 
 
 def test_model_decode_step_equals_prefill_branch():

@@ -19,7 +19,7 @@ from dsv3.config import FP8Quantization, resolve_config
 from dsv3.kernels import norm_route as NR
 from dsv3.kernels import router as R
 from dsv3.model import MoE, Transformer
-from kernel_checks import cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+from kernel_checks import check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
 from test_router import REAL_CONFIGS, assert_routing
 
 EPS = 1e-6
@@ -58,11 +58,7 @@ def test_opcheck_and_switch(monkeypatch):
     args, kw = make_inputs("16B", 2, seed=1, lead=(2, 1))
     torch.library.opcheck(torch.ops.dsv3.add_rms_norm_quant_route.default, tuple(args), kw,
                           test_utils="test_faketensor")
-    monkeypatch.setenv("DSV3_NORM_ROUTE", "bogus")
-    with pytest.raises(ValueError, match="DSV3_NORM_ROUTE"):
-        NR.norm_route_choice()
-    monkeypatch.delenv("DSV3_NORM_ROUTE")
-    assert NR.norm_route_choice() == NR.NORM_ROUTE_DEFAULT
+    check_env_switch(monkeypatch, "DSV3_NORM_ROUTE", NR.norm_route_choice, NR.NORM_ROUTE_DEFAULT)
 
 
 def test_reference_is_norm_then_route():

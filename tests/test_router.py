@@ -25,7 +25,7 @@ import torch
 
 from dsv3.config import resolve_config
 from dsv3.kernels import router as R  # (importing it registers torch.ops.dsv3.route)
-from kernel_checks import cuda, interpreter_failure, poison_allocator, run_interpreted
+from kernel_checks import check_env_switch, cuda, interpreter_failure, poison_allocator, run_interpreted
 
 REAL_CONFIGS = ["16B", "236B", "671B"]
 NEAR_TIE = 1e-5
@@ -132,11 +132,8 @@ def test_shared_columns_reference_and_fake():
 
 
 def test_prefill_select_switch(monkeypatch):
-    monkeypatch.setenv("DSV3_ROUTE_PREFILL", "bogus")
-    with pytest.raises(ValueError, match="DSV3_ROUTE_PREFILL"):
-        R.route_prefill_choice()
-    monkeypatch.delenv("DSV3_ROUTE_PREFILL")
-    assert R.route_prefill_choice() == R.ROUTE_PREFILL_DEFAULT == "kernel"
+    check_env_switch(monkeypatch, "DSV3_ROUTE_PREFILL", R.route_prefill_choice, R.ROUTE_PREFILL_DEFAULT)
+    assert R.ROUTE_PREFILL_DEFAULT == "kernel"
 
 
 def test_route_args():

@@ -47,7 +47,7 @@ MLA_CTX = (1024, 8192, 32768)
 MLA_BATCH = (1, 8, 32)
 MLA_HEADS = (16, 128)
 # The issue's shapes, plus the 16B model's own layout: its 2 shared experts ride as slots 64 and 65 that every token
-# selects (the slot count MOE_DECODE_TUNED is keyed by, so this row times the model's decode plans).
+# selects (the slot count MOE_DECODE_TUNED is measured at; the issue shape shares its plans, see _tuned_key).
 MOE = {"16B": dict(E=64, D=2048, I=1408, K=6), "16B-model-slots": dict(E=64, D=2048, I=1408, K=6, SHARED=2),
        "671B-rank": dict(E=32, D=7168, I=2048, K=8)}
 MOE_T = (1, 8, 32)

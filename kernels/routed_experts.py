@@ -648,10 +648,21 @@ ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8)
 def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecodePlan:
     """The FP8 decode launch config for T tokens over `e_slots` experts of [I, D] gate/up and [D, I] down weights
     on a device with `sms` multiprocessors: the one place the default is decided (trace time, static shapes)."""
-    for max_t, plan in MOE_DECODE_TUNED.get((e_slots, i, d), ()):
+    for max_t, plan in MOE_DECODE_TUNED.get(_tuned_key(e_slots, i, d), ()):
         if t <= max_t:
             return MoeDecodePlan(*plan)
     return MOE_DECODE_DEFAULT
+
+
+def _tuned_key(e_slots: int, i: int, d: int) -> tuple[int, int, int]:
+    """The MOE_DECODE_TUNED row for (e_slots, I, D): its own, else the same expert shape's row with the nearest slot
+    count within a factor of 2 (the 16B issue shape, 64 routed experts, takes the model's 66-slot row: a plan's cost
+    follows how many experts the T tokens touch, which barely moves from 64 to 66 slots). Farther slot counts (an EP
+    shard of another world size) keep the default until swept."""
+    if (e_slots, i, d) in MOE_DECODE_TUNED:
+        return (e_slots, i, d)
+    near = [k for k in MOE_DECODE_TUNED if k[1:] == (i, d) and k[0] <= 2 * e_slots and e_slots <= 2 * k[0]]
+    return min(near, key=lambda k: (abs(k[0] - e_slots), k[0])) if near else (e_slots, i, d)
 
 
 def parse_moe_plan(spec: str, base: MoeDecodePlan) -> MoeDecodePlan:

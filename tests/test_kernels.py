@@ -130,8 +130,14 @@ def test_moe_decode_plan(monkeypatch):
     P = RE.MoeDecodePlan
     monkeypatch.delenv("DSV3_MOE_DECODE", raising=False)
     # untuned shapes: today's config (up 128 rows quantizing h, 8 warps; down 64 rows)
-    assert RE.moe_decode_plan(1, 64, 1408, 2048, 132) == RE.MOE_DECODE_DEFAULT == P(128, 8, 4, 64, 4, 4)
-    assert RE.resolve_moe_decode(1, 64, 1408, 2048, 132, True) == RE.MOE_DECODE_DEFAULT
+    assert RE.MOE_DECODE_DEFAULT == P(128, 8, 4, 64, 4, 4)
+    # a shape with no row of its own: the default (no slot count within 2x shares its (I, D))
+    assert RE.moe_decode_plan(1, 16, 1408, 2048, 132) == RE.moe_decode_plan(1, 160, 1408, 2048, 132) \
+        == RE.moe_decode_plan(1, 64, 1408, 1024, 132) == RE.MOE_DECODE_DEFAULT
+    # the 16B issue shape (64 routed experts, no shared slots) takes the model's 66-slot row
+    for t in (1, 2, 4, 8, 9):
+        assert RE.moe_decode_plan(t, 64, 1408, 2048, 132) == RE.moe_decode_plan(t, 66, 1408, 2048, 132)
+    assert RE.resolve_moe_decode(1, 64, 1408, 2048, 132, True) == RE.moe_decode_plan(1, 66, 1408, 2048, 132)
     # 16B at one token: the row-parallel up kernel (up_block_n < 16)
     assert RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True).up_block_n in RE.ROWS_UP_BLOCK_NS
     # the 671B-ws8 rank at one token: row-parallel up and down kernels (16B keeps the MMA down kernel)

@@ -2,12 +2,13 @@
 
     python3 scripts/sweep_gemv.py --json $OUT/sweep_gemv.json            # ~2-3 min on an H200
     python3 scripts/sweep_gemv.py --quick --json $OUT/sweep_gemv.json    # M in {1, 8}, smaller grids (~45 s)
+    python3 scripts/sweep_gemv.py --quick --models 671B-tp4,671B-tp2 --ms 1,4,16 ...  # other rank layouts
 
 Needs the package installed (`pip install -e .`, or `bash scripts/gpu_check.sh env` on the device).
 
 What it measures, per decode linear (16B unsharded; 671B at TP 8, per-rank shards) and M (1, 4, 8; 16 for 671B):
 - every variant of `dsv3.kernels.fp8_linear.fp8_gemv` ('splitk' = today's path, 'nosplit', 'fused_nosplit', 'cc',
-  'cc_prequant'; the cc ones at M <= 4, see --cc-max-m)
+  'cc_prequant', 'rows', 'rows_prequant'; the cc and rows ones at M <= 4, see --cc-max-m)
   over a small grid of (block_n, num_warps, num_stages): a coordinate search (all block_n x num_warps at a middle
   num_stages, then every num_stages at the best pair; `--full` times the whole grid);
 - the op as dispatched today (`torch.ops.dsv3.fp8_linear`, i.e. `gemv_choice` / DSV3_GEMV_VARIANT), `F.linear` in
@@ -53,7 +54,21 @@ LINEARS = {
                  ("shared.gate/up", 256, 7168), ("shared.down", 7168, 256), ("dense.gate/up", 2304, 7168),
                  ("dense.down", 7168, 2304)],
 }
-MS = {"16B": (1, 4, 8), "671B-tp8": (1, 4, 8, 16)}
+# Not in the table's default run (--models picks them): the issue's bench shapes that the rank layout merges or does
+# not run at decode (q_a and kv_a alone, kv_b, 16B's shared MLP as a GEMV), and 671B's GEMVs at TP 4 and 2 (the
+# 4- and 2-GPU runs; q_a / kv_a are replicated, so qkv_a is TP 8's shape).
+EXTRA_LINEARS = {
+    "16B-bench": [("q_proj", 3072, 2048), ("kv_a_proj", 576, 2048), ("kv_b_proj", 4096, 512),
+                  ("shared.gate/up", 2816, 2048), ("shared.down", 2048, 2816)],
+    "671B-tp8-bench": [("q_a_proj", 1536, 7168), ("kv_a_proj", 576, 7168)],
+    "671B-tp4": [("q_b_proj", 6144, 1536), ("o_proj", 7168, 4096), ("shared.gate/up", 512, 7168),
+                 ("shared.down", 7168, 512), ("dense.gate/up", 4608, 7168), ("dense.down", 7168, 4608)],
+    "671B-tp2": [("q_b_proj", 12288, 1536), ("o_proj", 7168, 8192), ("shared.gate/up", 1024, 7168),
+                 ("shared.down", 7168, 1024), ("dense.gate/up", 9216, 7168), ("dense.down", 7168, 9216)],
+}
+MS = {"16B": (1, 4, 8), "671B-tp8": (1, 4, 8, 16), "16B-bench": (1, 4, 16), "671B-tp8-bench": (1, 4, 16),
+      "671B-tp4": (1, 4, 8, 16), "671B-tp2": (1, 4, 8, 16)}
+ALL_LINEARS = {**LINEARS, **EXTRA_LINEARS}
 CC_MAX_M = 4  # cc variants do M x the CUDA-core work (8x slower than split-K at M=8 in a first H200 run): --cc-max-m
 
 # variant -> (block_n values, num_warps values, num_stages values, num_stages used while searching bn x nw).
@@ -65,6 +80,9 @@ GRIDS = {
     "fused_nosplit": ((16, 32, 64), (2, 4, 8), (2, 3, 4, 6), 4),
     "cc": ((8, 16, 32, 64), (1, 2, 4, 8), (3, 5, 8, 12), 8),
     "cc_prequant": ((8, 16, 32, 64), (1, 2, 4, 8), (3, 5, 8, 12), 8),
+    # the row-parallel kernels load a program's rows over the whole K at once (num_stages unused: 1)
+    "rows": ((1, 2, 4, 8, 16), (2, 4, 8), (1,), 1),
+    "rows_prequant": ((1, 2, 4, 8, 16), (2, 4, 8), (1,), 1),
 }
 QUICK_GRIDS = {
     "splitk": ((64,), (4,), (5,), 5),
@@ -73,6 +91,8 @@ QUICK_GRIDS = {
     "fused_nosplit": ((16, 32), (4,), (3, 4), 4),
     "cc": ((16, 32), (2, 4), (5, 8), 8),
     "cc_prequant": ((16, 32), (2, 4), (5, 8), 8),
+    "rows": ((2, 4, 8), (4, 8), (1,), 1),
+    "rows_prequant": ((2, 4, 8), (4, 8), (1,), 1),
 }
 
 
@@ -86,7 +106,8 @@ def log(msg: str) -> None:
 
 
 def variant_ms(variant: str, ms: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(m for m in ms if not variant.startswith("cc") or m <= CC_MAX_M)
+    """The cc and rows variants redo their weight tile's work per token: timed at M <= --cc-max-m only."""
+    return tuple(m for m in ms if not variant.startswith(("cc", "rows")) or m <= CC_MAX_M)
 
 
 def set_cc_max_m(m: int) -> None:
@@ -327,7 +348,7 @@ def main() -> None:
     ap.add_argument("--json", help="write every measurement here")
     ap.add_argument("--quick", action="store_true", help="M in {1, 8} and smaller grids")
     ap.add_argument("--full", action="store_true", help="time the whole grid instead of the coordinate search")
-    ap.add_argument("--models", default=",".join(LINEARS), help="comma list of: " + ", ".join(LINEARS))
+    ap.add_argument("--models", default=",".join(LINEARS), help="comma list of: " + ", ".join(ALL_LINEARS))
     ap.add_argument("--variants", default="splitk,splitk_fused,nosplit,fused_nosplit,cc,cc_prequant")
     ap.add_argument("--ms", default=None, help="comma list of M (default: per model, see MS)")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)),
@@ -356,7 +377,7 @@ def main() -> None:
             ms = tuple(int(v) for v in args.ms.split(","))
         elif args.quick:
             ms = tuple(m for m in ms if m in (1, 8))
-        for name, n, k in LINEARS[mdl]:
+        for name, n, k in ALL_LINEARS[mdl]:
             for m in ms:
                 plan.append((mdl, name, n, k, m))
     props = torch.cuda.get_device_properties(0)

@@ -9,9 +9,10 @@ Contract
 
 Implementations (one op; the branch is taken at trace time from the device and the static shapes)
 - CPU: `fp8_linear_reference` (plain torch; Inductor fuses it when the model is compiled on CPU).
-- CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `fp8_gemv`, one of five variants, chosen at trace time
-  by `gemv_choice(m, n, k, sms)` (GEMV_TUNED, measured on the H200; 'splitk' for shapes it does not list) or pinned by
-  `DSV3_GEMV_VARIANT=splitk|splitk_fused|cc|cc_prequant|nosplit|fused_nosplit[:BLOCK_N:WARPS:STAGES]`, or given a
+- CUDA, M = prod(x.shape[:-1]) statically <= 64 (decode): `fp8_gemv`, one of its variants, chosen at trace time
+  by `gemv_choice(m, n, k, sms)` (GEMV_TUNED, measured on the H200; `gemv_default`'s shape classes for shapes it
+  does not list) or pinned by `DSV3_GEMV_VARIANT=splitk|splitk_fused|cc|cc_prequant|nosplit|fused_nosplit|rows|
+  rows_prequant[:BLOCK_N:WARPS:STAGES]`, or given a
   measured table by `DSV3_GEMV_TABLE=sweep_gemv.json` (scripts/sweep_gemv.py's output; read at trace time, for
   building artifacts with a table measured on the build GPU before it is pasted into GEMV_TUNED). Every variant quantizes x
   exactly as `quantize_activation` (amax/448 with the 1e-4 floor, correctly rounded division, RTNE cast), either
@@ -402,7 +403,7 @@ GEMV_VARIANT_DEFAULTS: dict[str, tuple[int, int, int]] = {
 GEMV_CC_MAX_T = 8
 # Measured per weight shape: (N, K) -> ((max M, variant, block_n, num_warps, num_stages), ...) in ascending max M;
 # the first row with M <= max M applies. Paste the table `scripts/sweep_gemv.py` prints (H200, 132 SMs). Shapes
-# not listed, and M above a shape's last row, get GEMV_DEFAULT.
+# not listed, and M above a shape's last row, get `gemv_default` (by shape class).
 GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = {
     # M = 1 rows 'rows'/'rows_prequant': scripts/bench_rows.py on the H200, 2026-11-23 (graph-timed, us, today's
     # choice -> rows): 16B qkv_a 9.84 -> 5.45, o_proj 7.16 -> 3.86, dense.down 14.50 -> 12.70; 671B-tp8 qkv_a
@@ -421,8 +422,40 @@ GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = 
     (7168, 2048): ((1, "rows_prequant", 2, 4, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 o_proj
     (7168, 2304): ((1, "splitk", 64, 4, 5), (8, "nosplit", 32, 4, 4)),  # 671B-tp8 dense.down
     (10944, 2048): ((8, "splitk", 64, 4, 5),),  # 16B dense.gate/up
+    # 671B at TP 4 / 2 where the shape-class rule of `gemv_default` measured >= 7% slower than the sweep's best
+    # (sweep_gemv.py --quick --models 671B-tp4,671B-tp2 --ms 1,4,16, H200, 2026-11-24): us, rule -> row.
+    (512, 7168): ((1, "rows", 4, 8, 1),),  # 671B-tp4 shared.gate/up: 5.23 -> 4.48
+    (7168, 1024): ((1, "rows", 8, 4, 1), (16, "splitk", 64, 4, 5)),  # 671B-tp2 shared.down: M=4 7.88 -> 6.79
 }
 GEMV_DEFAULT: tuple[str, int, int, int] = ("splitk", 64, 4, 5)
+# The rows kernels hold a program's rows over the whole K (padded to a power of two of 128-blocks) in registers:
+# past this K they spill (H200: 7168 x 9216 at 8 rows x 8 warps took 710 us against 28 us split-K).
+ROWS_MAX_K = 8192
+
+
+def gemv_default(m: int, n: int, k: int) -> tuple[str, int, int, int]:
+    """The decode GEMV config for a shape GEMV_TUNED does not list, by measured class. scripts/sweep_gemv.py --quick
+    on the H200 (2026-11-24) over 19 shapes the table does not list (the issue's bench shapes, 671B at TP 4 and 2),
+    M = 1, 4, 16: this rule within 8% of the best config in 54 of the 57 cases (the 3 others 15-17% slower: two are
+    rows of GEMV_TUNED now, one a bench-only shape), where split-K everywhere was up to 2.7x slower at M = 1:
+    - M = 1, weights under 8 MB (or K <= 2048 under 16 MB): the row-parallel kernel quantizing x in its programs,
+      8 rows per program (4 warps at K <= 1024, else 8): one launch, every weight byte of a program in flight at once;
+    - M = 1, larger weights with K >= 4096 in nearly whole power-of-two 128-blocks (KB >= 3/4 of its padding):
+      x quantized once, then 2 rows per program (rows_prequant) 1.13-1.29x over split-K;
+    - M = 1 otherwise (K padded by more than 1/4, e.g. 4608, 9216; large N at small K): split-K (the rows kernels
+      lost 1-8% there);
+    - 2 <= M <= 16, weights under 8 MB: split-K quantizing x in its programs (1.0-1.12x), else split-K."""
+    wbytes = n * k
+    if m == 1 and k <= ROWS_MAX_K:
+        if wbytes < 8e6 or (k <= 2048 and wbytes < 16e6):
+            return ("rows", 8, 4 if k <= 1024 else 8, 1)
+        kb = cdiv(k, BLOCK)
+        if k >= 4096 and 4 * kb >= 3 * next_pow2(kb):
+            return ("rows_prequant", 2, 4, 1)
+        return GEMV_DEFAULT
+    if 1 < m <= 16 and wbytes < 8e6:
+        return ("splitk_fused",) + GEMV_DEFAULT[1:]
+    return GEMV_DEFAULT
 
 
 @functools.lru_cache(maxsize=4)
@@ -445,7 +478,7 @@ def gemv_choice(m: int, n: int, k: int, sms: int) -> tuple[str, int, int, int]:
     for max_m, variant, block_n, num_warps, num_stages in table.get((n, k), ()):
         if m <= max_m:
             return variant, block_n, num_warps, num_stages
-    return GEMV_DEFAULT
+    return gemv_default(m, n, k)
 
 
 def parse_gemv_variant(spec: str) -> tuple[str, Optional[tuple[int, int, int]]]:

@@ -3,7 +3,7 @@
 CPU (part of `make test`):
 - every variant run by the Triton interpreter against the reference: `tests/interpret_gemv.py`, in a subprocess
   because TRITON_INTERPRET=1 must be set before triton is imported (~20 s);
-- the trace-time choice: `gemv_choice` (today: always split-K), the GEMV_TUNED table, DSV3_GEMV_VARIANT parsing and
+- the trace-time choice: `gemv_choice` (GEMV_TUNED, else `gemv_default`'s shape classes), DSV3_GEMV_VARIANT parsing and
   precedence (`resolve_gemv`).
 
 GPU (`pytest -m gpu tests/test_gemv_variants.py`, on the device): each variant at the 16B decode shapes (M = 1, 4, 8)
@@ -39,15 +39,31 @@ DECODE_SHAPES = [(3072, 2048), (576, 2048), (2048, 2048), (2816, 2048), (2048, 2
                  (7168, 2304)]
 
 
-def test_gemv_choice_untuned_shapes_get_the_default(monkeypatch):
+def test_gemv_choice_untuned_shapes_get_the_shape_class_default(monkeypatch):
     monkeypatch.setattr(L, "GEMV_TUNED", {})
     for n, k in DECODE_SHAPES:
         for m in (1, 4, 8, 16, 64):
-            assert L.gemv_choice(m, n, k, 132) == L.GEMV_DEFAULT
+            assert L.gemv_choice(m, n, k, 132) == L.gemv_default(m, n, k)
+    # the classes (sweep_gemv.py, H200): one token, small weights -> rows quantizing x; one token, large weights
+    # with K in nearly whole power-of-two blocks -> rows over pre-quantized x; else split-K (x quantized in the
+    # programs for small weights at 2-16 tokens)
+    assert L.gemv_default(1, 576, 2048) == ("rows", 8, 8, 1)
+    assert L.gemv_default(1, 7168, 512) == ("rows", 8, 4, 1)
+    assert L.gemv_default(1, 6144, 1536) == ("rows", 8, 8, 1)  # 9.4 MB at K 1536
+    assert L.gemv_default(1, 12288, 1536) == L.GEMV_DEFAULT  # 18.9 MB
+    assert L.gemv_default(1, 7168, 8192) == ("rows_prequant", 2, 4, 1)  # 64 blocks: no padding
+    assert L.gemv_default(1, 1536, 7168) == ("rows_prequant", 2, 4, 1)  # 56 of 64
+    assert L.gemv_default(1, 7168, 4608) == L.GEMV_DEFAULT  # 36 of 64
+    assert L.gemv_default(1, 256, 18432) == L.GEMV_DEFAULT  # past ROWS_MAX_K (registers)
+    assert L.gemv_default(4, 576, 2048) == ("splitk_fused", 64, 4, 5)
+    assert L.gemv_default(16, 2048, 2816) == ("splitk_fused", 64, 4, 5)
+    assert L.gemv_default(4, 1536, 7168) == L.gemv_default(17, 576, 2048) == L.GEMV_DEFAULT
     monkeypatch.delenv("DSV3_GEMV_VARIANT", raising=False)
-    assert L.resolve_gemv(1, 576, 2048, 132) == L.GEMV_DEFAULT
+    assert L.resolve_gemv(1, 576, 2048, 132) == ("rows", 8, 8, 1)
     # every shipped choice is a legal launch config
-    for choices in [(L.GEMV_DEFAULT,)] + [tuple(r[1:] for r in rows) for rows in L.GEMV_TUNED.values()]:
+    shipped = [(L.GEMV_DEFAULT,)] + [tuple(r[1:] for r in rows) for rows in L.GEMV_TUNED.values()]
+    shipped += [tuple(L.gemv_default(m, n, k) for n, k in DECODE_SHAPES for m in (1, 4, 16, 64))]
+    for choices in shipped:
         for variant, bn, nw, ns in choices:
             assert variant in L.GEMV_VARIANTS and 128 % bn == 0 and (variant in L.GEMV_CUDA_CORE_VARIANTS or bn >= 16)
             assert nw in (1, 2, 4, 8) and ns >= 1
@@ -58,8 +74,8 @@ def test_gemv_choice_table(monkeypatch):
     assert L.gemv_choice(1, 2048, 2048, 132) == ("cc", 16, 2, 8)
     assert L.gemv_choice(4, 2048, 2048, 132) == ("nosplit", 32, 4, 4)
     assert L.gemv_choice(8, 2048, 2048, 132) == ("nosplit", 32, 4, 4)
-    assert L.gemv_choice(9, 2048, 2048, 132) == L.GEMV_DEFAULT
-    assert L.gemv_choice(1, 2048, 2816, 132) == L.GEMV_DEFAULT
+    assert L.gemv_choice(9, 2048, 2048, 132) == L.gemv_default(9, 2048, 2048)
+    assert L.gemv_choice(1, 2048, 2816, 132) == L.gemv_default(1, 2048, 2816)
     # a pinned variant takes the table's config when the table chose that variant, else the variant's default
     monkeypatch.setenv("DSV3_GEMV_VARIANT", "cc")
     assert L.resolve_gemv(1, 2048, 2048, 132) == ("cc", 16, 2, 8)
@@ -77,7 +93,7 @@ def test_gemv_table_file(monkeypatch, tmp_path):
     monkeypatch.setenv("DSV3_GEMV_TABLE", str(path))
     assert L.gemv_choice(1, 2048, 2048, 132) == ("splitk_fused", 32, 4, 5)
     assert L.gemv_choice(8, 2048, 2048, 132) == ("nosplit", 16, 4, 3)
-    assert L.gemv_choice(1, 576, 2048, 132) == L.GEMV_DEFAULT
+    assert L.gemv_choice(1, 576, 2048, 132) == L.gemv_default(1, 576, 2048)
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     monkeypatch.setenv("DSV3_GEMV_TABLE", str(bad))
@@ -98,7 +114,7 @@ def test_resolve_gemv_precedence(monkeypatch):
     assert L.resolve_gemv(1, 576, 2048, 132, num_stages=5) == ("nosplit", 16, 8, 5)
     assert L.resolve_gemv(1, 576, 2048, 132, "cc") == ("cc",) + L.GEMV_VARIANT_DEFAULTS["cc"]  # explicit wins
     monkeypatch.setenv("DSV3_GEMV_VARIANT", "auto")
-    v, _, nw, ns = L.GEMV_DEFAULT
+    v, _, nw, ns = L.gemv_default(1, 576, 2048)
     assert L.resolve_gemv(1, 576, 2048, 132, block_n=32) == (v, 32, nw, ns)
     for bad in ("gemv", "cc:16", "auto:16:4:4", "cc:a:b:c"):
         monkeypatch.setenv("DSV3_GEMV_VARIANT", bad)

@@ -411,17 +411,21 @@ GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = 
     # H200, scripts/sweep_gemv.py --quick (M = 1 and 8), 2026-11-23, the rank layout's GEMVs. Per shape class, the
     # best config against the split-K default: M=1 under 2 MB 1.34x, 2-8 MB 1.07x, >= 8 MB 1.00x; M=8 1.31x /
     # 1.08x / 1.00x (rows equal to the default are kept: they record that the default won there).
-    (256, 7168): ((8, "splitk_fused", 32, 4, 5),),  # 671B-tp8 shared.gate/up
+    (256, 7168): ((1, "rows", 2, 8, 1), (8, "splitk_fused", 32, 4, 5)),  # 671B-tp8 shared.gate/up
     (2048, 2048): ((1, "rows", 8, 8, 1), (8, "splitk_fused", 64, 4, 5)),  # 16B o_proj
     (2048, 10944): ((1, "rows_prequant", 2, 8, 1), (8, "splitk", 64, 4, 5)),  # 16B dense.down
-    (2112, 7168): ((1, "rows_prequant", 4, 8, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 qkv_a_proj
-    (2304, 7168): ((8, "splitk", 64, 4, 5),),  # 671B-tp8 dense.gate/up
+    (2112, 7168): ((1, "rows_prequant", 2, 8, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 qkv_a_proj
+    (2304, 7168): ((1, "rows_prequant", 2, 8, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 dense.gate/up
     (3072, 1536): ((1, "rows", 8, 8, 1), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 q_b_proj
-    (3648, 2048): ((1, "rows", 8, 8, 1), (8, "splitk", 64, 4, 5)),  # 16B qkv_a_proj
+    (3648, 2048): ((1, "rows", 8, 8, 1), (16, "splitk", 64, 4, 5)),  # 16B qkv_a_proj
     (7168, 256): ((1, "rows", 8, 2, 1), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 shared.down
     (7168, 2048): ((1, "rows_prequant", 2, 4, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 o_proj
     (7168, 2304): ((1, "splitk", 64, 4, 5), (8, "nosplit", 32, 4, 4)),  # 671B-tp8 dense.down
-    (10944, 2048): ((8, "splitk", 64, 4, 5),),  # 16B dense.gate/up
+    (10944, 2048): ((1, "rows_prequant", 4, 4, 1), (8, "splitk", 64, 4, 5)),  # 16B dense.gate/up
+    # 2026-11-24, the same sweep with the row-parallel variants in its grid (--models 16B,671B-tp8 --ms 1,4,8,16),
+    # rows changed where the best beat the op by >= 5% (us, op -> best): 671B-tp8 shared.gate/up M=1 8.66 -> 3.51
+    # (split-K had 8 programs of 32 rows), dense.gate/up M=1 11.85 -> 9.52, qkv_a M=1 10.01 -> 9.20 (2 rows per
+    # program, not 4); 16B dense.gate/up M=1 11.06 -> 10.21, qkv_a M=16 9.49 (gemv_default) -> 8.95 (split-K).
     # 671B at TP 4 / 2 where the shape-class rule of `gemv_default` measured >= 7% slower than the sweep's best
     # (sweep_gemv.py --quick --models 671B-tp4,671B-tp2 --ms 1,4,16, H200, 2026-11-24): us, rule -> row.
     (512, 7168): ((1, "rows", 4, 8, 1),),  # 671B-tp4 shared.gate/up: 5.23 -> 4.48

@@ -40,6 +40,7 @@
 #   loadprof   where the artifact cold start goes (scripts/profile_load.py on art16 + ckpt16)
 #   prof16     where a batch-1 decode step goes (scripts/profile_decode.py: graph replay vs kernel time, top kernels)
 #   prof16q    the same on quick16's artifacts with weights generated on the GPU (no checkpoint)
+#   prof671    batch-1 decode profile of rank 0 of 671B at world size 8 (est671's 4-layer artifacts; collectives stubbed)
 #   det16q     run-to-run determinism: dsv3c run twice from quick16's artifacts (random weights, batch 8), tokens compared
 #   ckpt16bf16 dsv3c convert --dtype bf16 of ckpt16 (CPU; transformers' baseline loads it)
 #   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4032: the 32 timed steps must fit the 4096 cache)
@@ -213,6 +214,10 @@ step_loadprof() { $PY scripts/profile_load.py "$ART16" "$WORK/ckpt16" 2>&1 | gre
 step_prof16() { $PY scripts/profile_decode.py "$ART16" "$WORK/ckpt16" "$OUT" 128 4095 2>&1 | grep -v Warning | tail -90; }
 step_rows() { timeout 400 $PY scripts/bench_rows.py ${ROWS_ONLY:+--only $ROWS_ONLY} --json "$OUT/rows.json" 2>&1 \
   | grep -v -i warn | tail -30; }
+step_prof671() {  # rank 0 of 671B at world size 8 (est671's 4-layer artifacts, built if missing): batch-1 profile
+  build671_layers 4
+  $PY scripts/profile_decode.py "$WORK/art671_l4" random "$OUT/prof671" 1024 0 2>&1 | grep -v Warning | tail -45
+}
 step_prof16q() { $PY scripts/profile_decode.py "$WORK/art16q" random "$OUT" 128 4095 2>&1 | grep -v Warning | tail -90; }
 
 step_ckpt16bf16() {  # CPU only: the BF16 copy transformers loads for bench16's --baseline hf
@@ -329,14 +334,17 @@ step_compile671() {
   dsv3c inspect "$WORK/art671" | tee "$OUT/inspect671.txt" || keep_wrapper
 }
 
+build671_layers() {  # 671B rank graphs at world size 8 with $1 layers into $WORK/art671_l$1 (kept while warm)
+  [ -f "$WORK/art671_l$1/manifest.json" ] && return 0
+  dsv3c compile --config 671B --world-size 8 --num-layers $1 --out "$WORK/art671_l$1" --device cuda \
+    --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite --no-verify \
+    --jobs 3 2>&1 | grep --line-buffered -v Warning | tail -3
+}
 step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4, 6 and 8 layers, fitted line to 61
   local n dirs=()
   for n in ${EST671_LAYERS:-4 6 8}; do
     dirs+=("$WORK/art671_l$n")
-    [ -f "$WORK/art671_l$n/manifest.json" ] && continue  # built earlier while this machine stayed warm
-    dsv3c compile --config 671B --world-size 8 --num-layers $n --out "$WORK/art671_l$n" --device cuda \
-      --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --prefill-chunk 512 --overwrite --no-verify \
-      --jobs 3 2>&1 | grep --line-buffered -v Warning | tail -3
+    build671_layers $n
   done
   $PY scripts/rank_timing.py --json "$OUT/rank671.json" --full-layers 61 --repeats 3 "${dirs[@]}" 2>&1 \
     | grep -v Warning | tail -12

@@ -1,7 +1,8 @@
 """Where a batch-1 decode step goes: python scripts/profile_decode.py ARTIFACTS CHECKPOINT OUT_DIR [CONTEXT] [PREFILL]
 
 CHECKPOINT `random`: no checkpoint, weights generated on the GPU for the artifacts' config (as `dsv3c bench
---random-weights`; the kernels' times do not depend on the weight values).
+--random-weights`; the kernels' times do not depend on the weight values). Artifacts built for world size > 1:
+rank 0's graphs with the collectives stubbed (as `dsv3c bench --stub-collectives`; weights: `random` only).
 
 Loads the artifacts as `dsv3c run` does, fills the cache to CONTEXT (default 128) tokens, then
 1. times replays of the captured decode_b1 CUDA graph (what generation pays per token);
@@ -39,7 +40,17 @@ def main() -> None:
     from dsv3.runtime.engine import artifact_stepper
     from dsv3.runtime.parallel import ParallelPlan
 
-    stepper, _ = artifact_stepper(artifacts, checkpoint, ParallelPlan(0, 1), "cuda", progress=False)
+    from dsv3.runtime.manifest import read_manifest
+
+    plan = ParallelPlan(0, 1)
+    world_size = read_manifest(artifacts)["world_size"]
+    if world_size > 1:  # one rank's graphs (e.g. 671B at world size 8) on this GPU: collectives stubbed, as
+        # `dsv3c bench --stub-collectives` (the profile then has no all-reduce kernels: add their measured cost)
+        from dsv3.runtime.distributed import stub_process_group
+
+        stub_process_group(world_size)
+        plan = ParallelPlan(0, world_size)
+    stepper, _ = artifact_stepper(artifacts, checkpoint, plan, "cuda", progress=False)
     stepper.prefill([[1] * context])
     tok = torch.ones(1, dtype=torch.long, device="cuda")
     pos = torch.full((1,), context, dtype=torch.long, device="cuda")

@@ -223,8 +223,11 @@ def _router_select_kernel(
     T, E, SPLITS, PER_GROUP, N_GROUP, TOPK_GROUP, scale,
     HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, GROUPED: tl.constexpr, GROUP_TOP2: tl.constexpr,
     NORM: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    N_SHARED: tl.constexpr, S_PAD: tl.constexpr,
+    N_SHARED: tl.constexpr, S_PAD: tl.constexpr, GROUP_VIEW: tl.constexpr,
 ):
+    """GROUP_VIEW (E = E_PAD = G_PAD groups x PER_GROUP experts, both powers of two, e.g. 671B's 8 x 32): the group
+    scores come from a [G_PAD, E / G_PAD] view of the experts (reductions over E values), else from a [G_PAD, E_PAD]
+    membership grid (G_PAD x the work; any grouping). Same keys and maxima either way: the same selection."""
     # Below every real key, including -inf choices (masked groups), so removed/padded experts are never picked.
     REMOVED: tl.constexpr = -(1 << 62)
     t = tl.program_id(0)
@@ -245,12 +248,17 @@ def _router_select_kernel(
         choice = choice + tl.load(bias_ptr + offs_e, mask=valid, other=0.0).to(tl.float32)
     if GROUPED:
         offs_g = tl.arange(0, G_PAD)
-        member = ((offs_e // PER_GROUP)[None, :] == offs_g[:, None]) & valid[None, :]  # [G_PAD, E_PAD]
-        if GROUP_TOP2:
+        if GROUP_VIEW:
+            gk = tl.reshape(_order_key(choice, offs_e, E_PAD), (G_PAD, E_PAD // G_PAD))
+        else:
+            member = ((offs_e // PER_GROUP)[None, :] == offs_g[:, None]) & valid[None, :]  # [G_PAD, E_PAD]
             gk = tl.where(member, _order_key(choice, offs_e, E_PAD)[None, :], REMOVED)
+        if GROUP_TOP2:
             k1 = tl.max(gk, axis=1)
             k2 = tl.max(tl.where(gk == k1[:, None], REMOVED, gk), axis=1)  # keys are unique: drops exactly one
             gscore = _key_value(k1) + _key_value(k2)
+        elif GROUP_VIEW:
+            gscore = tl.max(tl.reshape(choice, (G_PAD, E_PAD // G_PAD)), axis=1)
         else:
             gscore = tl.max(tl.where(member, choice[None, :], float("-inf")), axis=1)
         gscore = tl.where(offs_g < N_GROUP, gscore, float("-inf"))
@@ -259,7 +267,10 @@ def _router_select_kernel(
             (gscore[None, :] == gscore[:, None]) & (offs_g[None, :] < offs_g[:, None]))
         rank = tl.sum(ahead.to(tl.int32), axis=1)
         keep = (rank < TOPK_GROUP) & (offs_g < N_GROUP)
-        allowed = tl.max((member & keep[:, None]).to(tl.int32), axis=0) > 0
+        if GROUP_VIEW:
+            allowed = tl.reshape(tl.broadcast_to(keep[:, None], (G_PAD, E_PAD // G_PAD)), (E_PAD,))
+        else:
+            allowed = tl.max((member & keep[:, None]).to(tl.int32), axis=0) > 0
         choice = tl.where(allowed, choice, float("-inf"))
     keys = tl.where(valid, _order_key(choice, offs_e, E_PAD), REMOVED)
     offs_k = tl.arange(0, K_PAD)
@@ -348,7 +359,7 @@ def route_triton(
 def select_from_partials(
     part: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, wt: torch.Tensor, top_k: int, n_group: int,
     topk_group: int, sigmoid: bool, group_top2: bool, norm_topk_prob: bool, routed_scaling_factor: float,
-    n_shared: int = 0, select_warps: Optional[int] = None,
+    n_shared: int = 0, select_warps: Optional[int] = None, group_view: Optional[bool] = None,
 ) -> None:
     """`_router_select_kernel` over fp32 logit partials part [splits, T, E] (summed in split order) into idx / wt
     ([T, top_k + n_shared]); also the second half of dsv3.add_rms_norm_quant_route."""
@@ -360,14 +371,17 @@ def select_from_partials(
         # build of triton 3.9: 2 barriers and no spills at E = 256 or 512, against 33 barriers with 2 warps).
         select_warps = 1
     has_bias = bias is not None
+    g_pad = max(2, next_pow2(n_group if grouped else 1))
+    if group_view is None:  # (tests and sweeps pass False: the membership grid on the same inputs)
+        group_view = grouped and e == e_pad and n_group == g_pad
     wrap_triton(_router_select_kernel)[(t,)](
         part, bias if has_bias else part, idx, wt,
         t, e, n_split, e // n_group if grouped else e, n_group if grouped else 1, topk_group if grouped else 1,
         float(routed_scaling_factor),
         HAS_BIAS=has_bias, SIGMOID=bool(sigmoid), GROUPED=grouped, GROUP_TOP2=bool(group_top2),
-        NORM=bool(norm_topk_prob), TOP_K=top_k, E_PAD=e_pad, G_PAD=max(2, next_pow2(n_group if grouped else 1)),
+        NORM=bool(norm_topk_prob), TOP_K=top_k, E_PAD=e_pad, G_PAD=g_pad,
         K_PAD=max(2, next_pow2(top_k)), N_SHARED=n_shared, S_PAD=max(2, next_pow2(n_shared)),
-        num_warps=select_warps,
+        GROUP_VIEW=bool(group_view), num_warps=select_warps,
     )
 
 

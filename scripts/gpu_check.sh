@@ -40,6 +40,7 @@
 #   loadprof   where the artifact cold start goes (scripts/profile_load.py on art16 + ckpt16)
 #   prof16     where a batch-1 decode step goes (scripts/profile_decode.py: graph replay vs kernel time, top kernels)
 #   prof16q    the same on quick16's artifacts with weights generated on the GPU (no checkpoint)
+#   select     scripts/bench_select.py: the router select kernel at 671B's grouping, group view vs membership grid
 #   prof671    batch-1 decode profile of rank 0 of 671B at world size 8 (est671's 4-layer artifacts; collectives stubbed)
 #   det16q     run-to-run determinism: dsv3c run twice from quick16's artifacts (random weights, batch 8), tokens compared
 #   ckpt16bf16 dsv3c convert --dtype bf16 of ckpt16 (CPU; transformers' baseline loads it)
@@ -127,6 +128,9 @@ step_mla_splits() { timeout 400 $PY scripts/sweep_mla_splits.py ${SPLITS_ARGS:-}
 
 step_tma_moe() { timeout 400 $PY scripts/try_grouped_tma.py --json "$OUT/try_grouped_tma.json" 2>&1 | grep -v -i warn | tail -30; }
 
+step_select() {  # the router select kernel at 671B's grouping: group view vs membership grid (scripts/bench_select.py)
+  timeout 200 $PY scripts/bench_select.py --json "$OUT/bench_select.json" 2>&1 | grep -v -i warn | tail -16
+}
 step_pdl() { timeout 300 $PY scripts/bench_pdl.py --json "$OUT/pdl.json" 2>&1 | grep -v Warning | tail -8; }
 
 step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B-TP8 shapes, in CUDA graphs

@@ -202,3 +202,25 @@ def test_select_logits_prefill_sized(name, n_shared):
     ref = R.route_from_logits(logits, bias, **args, n_shared=n_shared)
     assert torch.equal(out[0], ref[0])
     torch.testing.assert_close(out[1], ref[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["671B", "tiny-v2-norm"])
+def test_select_group_view_equals_membership_grid(name):
+    """Power-of-two groupings (671B: 8 groups of 32) score groups on a [groups, per group] view of the experts;
+    the [groups, experts] membership grid every grouping can use must select the same experts with the same
+    weights, exact ties included (duplicated logits)."""
+    e, args = CONFIGS[name]
+    gen = torch.Generator().manual_seed(e + 11)
+    logits = torch.randn(1, 40, e, generator=gen)
+    logits[0, :8, 1::2] = logits[0, :8, 0::2]  # exact ties inside groups (and across them)
+    logits[0, 8:12] = logits[0, 8:12, :1]  # every expert tied
+    bias = torch.rand(e, generator=gen) * 0.1 if args["group_top2"] else None
+    outs = []
+    for view in (None, False):
+        idx = torch.empty(40, args["top_k"], dtype=torch.int64)
+        wt = torch.empty(40, args["top_k"], dtype=torch.float32)
+        R.select_from_partials(logits, bias, idx, wt, **args, group_view=view)
+        outs.append((idx, wt))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    ref = R.route_from_logits(logits[0], bias, **args)
+    assert torch.equal(outs[0][0][12:], ref[0][12:])  # untied rows: the reference's selection

@@ -366,14 +366,18 @@ def select_from_partials(
     n_split, t, e = part.shape
     grouped = n_group > 1 and topk_group < n_group
     e_pad = max(2, next_pow2(e))
-    if select_warps is None:
-        # One token per program is a chain of ~TOP_K + 10 reductions: in one warp they are shuffles only (sm_90
-        # build of triton 3.9: 2 barriers and no spills at E = 256 or 512, against 33 barriers with 2 warps).
-        select_warps = 1
     has_bias = bias is not None
     g_pad = max(2, next_pow2(n_group if grouped else 1))
     if group_view is None:  # (tests and sweeps pass False: the membership grid on the same inputs)
         group_view = grouped and e == e_pad and n_group == g_pad
+    if select_warps is None and group_view:
+        # 671B's grouping on the H200 (scripts/bench_select.py, 2026-11-24, us per call at T = 1, outputs bitwise
+        # equal): membership grid 7.27 (1 warp) / 5.85 (4 warps), group view 3.83 / 3.54
+        select_warps = 4
+    elif select_warps is None:
+        # One token per program is a chain of ~TOP_K + 10 reductions: in one warp they are shuffles only (sm_90
+        # build of triton 3.9: 2 barriers and no spills at E = 256 or 512, against 33 barriers with 2 warps).
+        select_warps = 1
     wrap_triton(_router_select_kernel)[(t,)](
         part, bias if has_bias else part, idx, wt,
         t, e, n_split, e // n_group if grouped else e, n_group if grouped else 1, topk_group if grouped else 1,

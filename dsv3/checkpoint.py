@@ -114,21 +114,39 @@ def shared_slots_view(stack: torch.Tensor, n_shared: int, param: str) -> torch.T
     return slots.reshape(n_shared * slots.shape[1], -1)  # a view: the slots are contiguous
 
 
-_INPUT_PROJ = re.compile(r"^(layers\.\d+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.weight(_scale_inv)?$")
+# Linears the rank layout stores as one linear of stacked rows: (pattern, fused linear's name, the module's
+# {part: (first row, rows)} attribute). Attention input projections (MLA.fuse_input_projections_) and the gate / up
+# projections of dense MLPs and shared experts (MLP.fuse_gate_up_; not the stacked routed experts).
+_FUSED_ROWS = (
+    (re.compile(r"^(layers\.\d+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.weight(_scale_inv)?$"),
+     "qkv_a_proj", "qkv_a_rows"),
+    (re.compile(r"^(layers\.\d+\.mlp(?:\.shared_experts)?)\.(gate_proj|up_proj)\.weight(_scale_inv)?$"),
+     "gate_up_proj", "gate_up_rows"),
+)
+
+
+def _fused_rows_match(param: str):
+    for pattern, fused, rows_attr in _FUSED_ROWS:
+        m = pattern.match(param)
+        if m is not None:
+            return m, fused, rows_attr
+    return None, None, None
 
 
 def fused_rows_param(param: str) -> str | None:
-    """For an attention input projection (q_proj / q_a_proj / kv_a_proj_with_mqa weight or scale), the fused
-    `qkv_a_proj` tensor that holds it when the layer fuses them (MLA.fuse_input_projections_); else None."""
-    m = _INPUT_PROJ.match(param)
-    return None if m is None else f"{m.group(1)}.qkv_a_proj.weight{m.group(3) or ''}"
+    """For a linear the rank layout may fuse with its neighbour (an attention input projection: q_proj / q_a_proj /
+    kv_a_proj_with_mqa; an MLP's gate_proj / up_proj; weight or scale), the fused tensor that holds it when the
+    module fuses them (`qkv_a_proj`, `gate_up_proj`); else None."""
+    m, fused, _ = _fused_rows_match(param)
+    return None if m is None else f"{m.group(1)}.{fused}.weight{m.group(3) or ''}"
 
 
 def fused_rows_view(model: torch.nn.Module, fused: torch.Tensor, param: str) -> torch.Tensor:
-    """The rows of `fused` (the layer's qkv_a_proj weight, or its block scales) that checkpoint tensor `param`
-    fills: the q projection's rows first, then kv_a's (scales: in 128-row blocks; the q rows end on a block)."""
-    m = _INPUT_PROJ.match(param)
-    start, n = model.get_submodule(m.group(1)).qkv_a_rows[m.group(2)]
+    """The rows of `fused` (the module's fused weight, or its block scales) that checkpoint tensor `param` fills:
+    its part's rows in the stacking order (q then kv_a; gate then up; scales in 128-row blocks, each part but the
+    last ending on a block)."""
+    m, _, rows_attr = _fused_rows_match(param)
+    start, n = getattr(model.get_submodule(m.group(1)), rows_attr)[m.group(2)]
     if m.group(3):
         start, n = start // BLOCK, ceil_div(n, BLOCK)
     return fused[start:start + n]
@@ -365,12 +383,12 @@ def load_state(model: Transformer, reader: CheckpointReader, *, progress: bool =
             src = reader.get_part(name, where.dim, where.start, where.length)
             if where.expert is not None:
                 expert = where.expert
-            if param not in state and stacked_shared_param(param) in state:  # shared experts stacked as slots
+            if param not in state and fused_rows_param(param) in state:  # q + kv_a, or gate + up, as one linear
+                dst = fused_rows_view(model, state[fused_rows_param(param)], param)
+            elif param not in state and stacked_shared_param(param) in state:  # shared experts stacked as slots
                 dst = shared_slots_view(state[stacked_shared_param(param)], cfg.n_shared_experts, param)
                 if src.dim() == 2 and dst.dim() == 3 and src.numel() == dst.numel():
                     src = src.reshape(dst.shape)  # down_proj columns [D, S*I] as [D, S, I]
-            elif param not in state and fused_rows_param(param) in state:  # q and kv_a projections as one linear
-                dst = fused_rows_view(model, state[fused_rows_param(param)], param)
             else:
                 dst = state[param] if expert is None else state[param][expert]
             if tuple(src.shape) != tuple(dst.shape):

@@ -31,6 +31,7 @@ from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 from dsv3.staging import staged_directory
 
 SHARDS_FILE = "dsv3-shards.json"
+SHARDS_FORMAT_VERSION = 2  # 2: the rank layout's gate_up_proj (MLP.fuse_gate_up_)
 _ST_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
               torch.int64: "I64"}
 
@@ -88,8 +89,9 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
                 where = plan.placement(name, spec.shape, cfg)
                 if where is not None:
                     param = checkpoint_to_param_name(name)[0]
-                    if param not in sources:  # a stacked or fused layout (ParallelPlan): the tensor that holds it
-                        param = stacked_shared_param(param) or fused_rows_param(param)
+                    if param not in sources:  # a fused or stacked layout (ParallelPlan): the tensor that holds it
+                        fused = fused_rows_param(param)
+                        param = fused if fused in sources else stacked_shared_param(param)
                     sources[param].append((name, where))
             specs = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in state.items()}
 
@@ -104,12 +106,12 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
                     src_param = checkpoint_to_param_name(name)[0]
                     if where.expert is not None:
                         stacked[where.expert].copy_(reader.get(name))
-                    elif stacked_shared_param(src_param):  # a shared expert kept as extra slots (world size 1)
-                        view = shared_slots_view(stacked, cfg.n_shared_experts, src_param)
-                        view.copy_(reader.get(name).reshape(view.shape))
-                    else:  # one of the fused attention input projections: its rows
+                    elif fused_rows_param(src_param) == param:  # fused attention input projections, or gate + up
                         fused_rows_view(rank_model, stacked, src_param).copy_(
                             reader.get_part(name, where.dim, where.start, where.length))
+                    else:  # a shared expert kept as extra slots (world size 1)
+                        view = shared_slots_view(stacked, cfg.n_shared_experts, src_param)
+                        view.copy_(reader.get(name).reshape(view.shape))
                 return stacked
 
             with tqdm(total=sum(s.nbytes() for s in specs.values()), unit="B", unit_scale=True,
@@ -117,7 +119,7 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
                 write_safetensors_streaming(tmp / rank_file(rank, world_size), specs, produce, on_tensor=bar.update)
         _copy_side_files(reader.path, tmp, cfg.to_hf_dict())
         (tmp / SHARDS_FILE).write_text(json.dumps({
-            "format_version": 1, "world_size": world_size, "config_hash": cfg.config_hash(),
+            "format_version": SHARDS_FORMAT_VERSION, "world_size": world_size, "config_hash": cfg.config_hash(),
             "source": str(Path(checkpoint).resolve()),
             "files": {str(r): rank_file(r, world_size) for r in range(world_size)},
         }, indent=2) + "\n")
@@ -176,6 +178,10 @@ def load_presharded_(model: Transformer, directory: Path, plan: ParallelPlan, pr
     from safetensors import safe_open
 
     meta = read_shards_manifest(directory)
+    if meta.get("format_version") != SHARDS_FORMAT_VERSION:
+        raise CheckpointError(f"{directory} was pre-sharded in rank-layout format {meta.get('format_version')}; this "
+                              f"dsv3c reads format {SHARDS_FORMAT_VERSION}: convert again (dsv3c convert) or use the "
+                              "HF checkpoint")
     if meta["world_size"] != plan.world_size:
         raise CheckpointError(f"{directory} is pre-sharded for world size {meta['world_size']}, running with "
                               f"{plan.world_size}; convert again with --world-size {plan.world_size} or use the HF "

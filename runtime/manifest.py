@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 2  # 2: rank layout with stacked shared experts and fused qkv_a_proj (weight names and shapes)
+# 2: rank layout with stacked shared experts and fused qkv_a_proj (weight names and shapes); 3: + gate_up_proj
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 

@@ -63,6 +63,9 @@ class ParallelPlan:
     # Any world size: each attention layer's q_proj (q_a_proj) and kv_a_proj_with_mqa as one linear (one GEMV and
     # one activation quantization per decode step instead of two; MLA.fuse_input_projections_).
     fuse_input_projections: bool = True
+    # Any world size: each dense MLP's and (unstacked) shared expert's gate_proj and up_proj as one linear where the
+    # gate rows end on an FP8 block (one GEMV per decode step instead of two; MLP.fuse_gate_up_).
+    fuse_gate_up: bool = True
     # World size > 1: all-reduces of at most ONE_SHOT_MAX_BYTES with static shapes (decode steps) go through
     # dsv3::one_shot_all_reduce and a [max_batch_size * hidden] buffer the runtime puts in symmetric memory. A
     # compile-time choice (the graphs call a different op); the manifest records it.
@@ -226,7 +229,8 @@ def build_rank_model(cfg: ModelConfig, plan: ParallelPlan, *, dtype: torch.dtype
 def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
     """Lay out a freshly built (unloaded) model in place for `plan`: shard it, or at world size 1 stack the shared
     experts into the routed-experts tensors where the config allows (`ParallelPlan.stack_shared_experts`); then
-    fuse each layer's attention input projections (`ParallelPlan.fuse_input_projections`)."""
+    fuse each layer's attention input projections and each MLP's gate and up (`ParallelPlan.fuse_input_projections`,
+    `fuse_gate_up`)."""
     cfg = model.cfg
     plan.check(cfg)
     ws = plan.world_size
@@ -279,11 +283,14 @@ def rank_layout(model: Transformer) -> dict:
     """How a laid-out rank model stores its weights beyond sharding (recorded in the manifest, shown by inspect)."""
     moe = next((layer.mlp for layer in model.layers if hasattr(layer.mlp, "n_shared_slots")), None)
     return {"shared_expert_slots": moe.n_shared_slots if moe is not None else 0,
-            "fused_qkv_a_proj": all(bool(layer.self_attn.qkv_a_rows) for layer in model.layers)}
+            "fused_qkv_a_proj": all(bool(layer.self_attn.qkv_a_rows) for layer in model.layers),
+            "fused_gate_up_proj": sum(bool(mlp.gate_up_rows) for mlp in model.mlps())}
 
 
 def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:
     # after sharding: the fused rows are this rank's q rows followed by the (replicated) kv_a rows
     if plan.fuse_input_projections and model.can_fuse_input_projections():
         model.fuse_input_projections_()
+    if plan.fuse_gate_up:
+        model.fuse_gate_up_()
     return model

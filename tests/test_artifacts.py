@@ -82,8 +82,11 @@ def test_compile_writes_complete_artifacts(art):
     res = CliRunner().invoke(main, ["inspect", str(art)])
     assert res.exit_code == 0 and "integrity   ok" in res.output and "decode_b3" in res.output
     assert m["kernel_overrides"] == {k: v for k, v in os.environ.items() if k.startswith("DSV3_")}
-    assert m["rank_layout"] == {"shared_expert_slots": 1, "fused_qkv_a_proj": True}
-    assert "layout      shared experts as 1 extra expert slot(s); q and kv_a projections fused" in res.output
+    # the dense layer's gate and up as one linear (its 512 rows end on a block); the shared expert is in the slots
+    assert m["rank_layout"] == {"shared_expert_slots": 1, "fused_qkv_a_proj": True, "fused_gate_up_proj": 1}
+    assert ("layout      shared experts as 1 extra expert slot(s); q and kv_a projections fused; gate and up fused "
+            "in 1 MLP(s)") in res.output
+    assert "layers.0.mlp.gate_up_proj.weight" in m["rank_weights"]["tensors"]
     assert "layers.1.mlp.shared_experts.gate_proj.weight" not in m["rank_weights"]["tensors"]
 
 
@@ -91,8 +94,10 @@ def test_manifest_records_kernel_overrides(art_ws2):
     assert read_manifest(art_ws2)["kernel_overrides"].get("DSV3_GEMV_VARIANT") == "cc"
     res = CliRunner().invoke(main, ["inspect", str(art_ws2)])
     assert res.exit_code == 0 and "DSV3_GEMV_VARIANT=cc (pinned at build time)" in res.output
-    # world size 2: the shared MLP is tensor-parallel, not stacked; the input projections are still fused
-    assert read_manifest(art_ws2)["rank_layout"] == {"shared_expert_slots": 0, "fused_qkv_a_proj": True}
+    # world size 2: the shared MLPs are tensor-parallel, not stacked; the input projections are still fused, and
+    # gate and up in the dense layer and both shared MLPs
+    assert read_manifest(art_ws2)["rank_layout"] == {"shared_expert_slots": 0, "fused_qkv_a_proj": True,
+                                                     "fused_gate_up_proj": 3}
 
 
 def test_artifacts_greedy_tokens_equal_eager(art, ckpt):

@@ -167,3 +167,58 @@ def test_not_fused_where_the_q_rows_split_a_block(tmp_path):
     model = _rank_model(ckpt)
     attn = model.layers[0].self_attn
     assert not attn.qkv_a_rows and hasattr(attn, "q_a_proj") and hasattr(attn, "kv_a_proj_with_mqa")
+
+
+@pytest.mark.parametrize("config,dtype,world_size,n_fused", [
+    ("tiny", "fp8", 1, 1),         # the dense layer (512 rows each: gate then up, scales by 128-row blocks)
+    ("tiny-v2", "bf16", 2, 3),     # bf16 at world size 2: the dense layer and both tensor-parallel shared MLPs
+    ("tiny-ragged", "fp8", 1, 0),  # FP8 344 / 176 rows: up's rows would start inside a 128-block, not fused
+])
+def test_fused_gate_up_rows_hold_the_checkpoint(tmp_path, config, dtype, world_size, n_fused):
+    cfg = resolve_config(config)
+    ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype=dtype, seed=6, progress=False)
+    reader = CheckpointReader(ckpt)
+    fp8 = dtype == "fp8"
+    for rank in range(world_size):
+        model = _rank_model(ckpt, rank, world_size)
+        checked = 0
+        for layer in range(cfg.num_hidden_layers):
+            mlp = model.layers[layer].mlp
+            for prefix, m in ((f"model.layers.{layer}.mlp", mlp),
+                              (f"model.layers.{layer}.mlp.shared_experts", getattr(mlp, "shared_experts", None))):
+                if m is None or not hasattr(m, "gate_up_rows"):
+                    continue
+                gate = reader.get(f"{prefix}.gate_proj.weight")
+                rows = gate.shape[0] // world_size
+                if fp8 and rows % BLOCK:
+                    assert not m.gate_up_rows and hasattr(m, "gate_proj") and hasattr(m, "up_proj")
+                    continue
+                assert m.gate_up_rows and not hasattr(m, "gate_proj") and not hasattr(m, "up_proj")
+                fused = m.gate_up_proj.weight
+                assert fused.shape[0] == 2 * rows
+                up = reader.get(f"{prefix}.up_proj.weight")
+                local = slice(rank * rows, (rank + 1) * rows)
+                assert torch.equal(fused[:rows].float(), gate[local].float())
+                assert torch.equal(fused[rows:].float(), up[local].float())
+                if fp8:
+                    gs, us = (reader.get(f"{prefix}.{n}.weight_scale_inv") for n in ("gate_proj", "up_proj"))
+                    blocks = slice(rank * rows // BLOCK, (rank + 1) * rows // BLOCK)
+                    assert torch.equal(m.gate_up_proj.weight_scale_inv, torch.cat([gs[blocks], us[blocks]]))
+                checked += 1
+        assert checked == n_fused
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-v2"])
+def test_fused_gate_up_matches_the_unfused_model(tmp_path, config):
+    """Logits with gate and up fused equal the unfused layout's (prefill and decode steps, float32 on CPU)."""
+    cfg = resolve_config(config)
+    ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype="bf16", seed=8, progress=False)
+    fused, plain = _rank_model(ckpt), _rank_model(ckpt, fuse_gate_up=False)
+    assert any(m.gate_up_rows for m in fused.mlps()) and not any(m.gate_up_rows for m in plain.mlps())
+    seq = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert _rel_err(fused(seq[:, :9], torch.arange(9)), plain(seq[:, :9], torch.arange(9))) <= 1e-6
+        for pos in range(9, 12):
+            a = fused(seq[:, pos:pos + 1], torch.tensor([pos]), last_only=True)
+            b = plain(seq[:, pos:pos + 1], torch.tensor([pos]), last_only=True)
+            assert _rel_err(a, b) <= 1e-6

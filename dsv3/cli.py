@@ -517,7 +517,8 @@ def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | 
               help="BF16 checkpoint for --baseline hf (default --checkpoint; `dsv3c convert --dtype bf16` makes one).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
-              help="Write an SVG of decode ms/token vs context: ours, the roofline and the --baseline.")
+              help="Write a plot of decode ms/token vs context (ours, the roofline and the --baseline): .svg (no "
+                   "plotting library needed) or .png (needs matplotlib).")
 @click.option("--stub-collectives", is_flag=True,
               help="Artifacts built for world size N > 1: run rank 0 alone on this device, its all-reduces and "
                    "all-gathers stubbed (no data moves): the rank's compute and memory time per step. Add the "
@@ -550,6 +551,11 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
                                "DIR the artifacts' config is used)")
     if artifacts and config:
         raise click.UsageError("--config: with --artifacts the config is the one the artifacts were built for")
+    if plot_out:
+        try:  # before the benchmark runs, not after
+            bench.check_plot_path(plot_out)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     buckets, ctxs = _int_list(batch_sizes), _int_list(contexts)
     max_seq = max(max(ctxs), prompt_len) + steps + 2

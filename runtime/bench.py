@@ -221,10 +221,10 @@ def _field(r, name: str):
     return r[name] if isinstance(r, dict) else getattr(r, name)
 
 
-def plot_svg(report: dict, width: int = 720, height: int = 420) -> str:
-    """Decode ms/token against context length (log scale), one colour per batch size: ours (solid), the roofline
-    (dashed) and the HF baseline (dotted) when the report has one. Plain SVG: no plotting library needed."""
-    series: list[tuple[str, str, str, list[tuple[float, float]]]] = []  # (label, colour, dash, points)
+def plot_series(report: dict) -> list[tuple[str, str, str, list[tuple[float, float]]]]:
+    """What the decode plot draws: (label, colour, SVG dash pattern, [(context, ms/token)]) per line, one colour per
+    batch size: ours (solid), the roofline (dashed) and the HF baseline (dotted) when the report has one."""
+    series: list[tuple[str, str, str, list[tuple[float, float]]]] = []
     batches = sorted({_field(r, "batch") for r in report["decode"]})
     for i, b in enumerate(batches):
         color = PLOT_COLORS[i % len(PLOT_COLORS)]
@@ -234,6 +234,18 @@ def plot_svg(report: dict, width: int = 720, height: int = 420) -> str:
         hf = sorted((r for r in report.get("baseline_hf", []) if r["batch"] == b), key=lambda r: r["context"])
         if hf:
             series.append((f"hf b{b}", color, "2,3", [(r["context"], r["ms_per_token"]) for r in hf]))
+    return series
+
+
+def _plot_title(report: dict) -> str:
+    return (f'{report.get("config", "")} decode ({report.get("mode", "")}, {report.get("device", "")}): '
+            "ms/token vs context")
+
+
+def plot_svg(report: dict, width: int = 720, height: int = 420) -> str:
+    """Decode ms/token against context length (log scale), the lines of `plot_series`. Plain SVG: no plotting
+    library needed."""
+    series = plot_series(report)
     xs = [x for *_, pts in series for x, _ in pts]
     ys = [y for *_, pts in series for _, y in pts]
     left, right, top, bottom = 64, 170, 36, 48
@@ -250,8 +262,7 @@ def plot_svg(report: dict, width: int = 720, height: int = 420) -> str:
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="20" font-size="14">{escape(str(report.get("config", "")))} decode '
-           f'({escape(str(report.get("mode", "")))}, {escape(str(report.get("device", "")))}): ms/token vs context</text>',
+           f'<text x="{left}" y="20" font-size="14">{escape(_plot_title(report))}</text>',
            f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>',
            f'<text x="{left + pw / 2}" y="{height - 10}" text-anchor="middle">context (tokens, log scale)</text>',
@@ -278,10 +289,65 @@ def plot_svg(report: dict, width: int = 720, height: int = 420) -> str:
     return "\n".join(out) + "\n"
 
 
+PLOT_FORMATS = (".svg", ".png")
+
+
+def check_plot_path(path: str) -> None:
+    """Before a benchmark runs: the plot's format from its suffix. SVG needs nothing; PNG needs matplotlib."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in PLOT_FORMATS:
+        raise ValueError(f"--plot {path}: the file name must end in .svg or .png")
+    if suffix == ".png" and not _has_matplotlib():
+        raise ValueError(f"--plot {path}: PNG output needs matplotlib (pip install matplotlib); an .svg path needs "
+                         "no plotting library")
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_png(report: dict, path: str) -> None:
+    """The SVG's plot drawn by matplotlib into the PNG file `path` (a bare Figure: no pyplot, no display, the
+    process's backend untouched)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    fig = Figure(figsize=(7.2, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    series = plot_series(report)
+    for label, color, dash, pts in series:
+        style = "-" if not dash else ("--" if dash == "6,4" else ":")
+        ax.plot([x for x, _ in pts], [y for _, y in pts], style, color=color, marker="o", markersize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({x for *_, pts in series for x, _ in pts}))
+    ax.get_xaxis().set_major_formatter(ScalarFormatter())
+    ax.minorticks_off()  # the measured contexts only
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("context (tokens, log scale)")
+    ax.set_ylabel("ms/token")
+    ax.set_title(_plot_title(report), fontsize=10)
+    ax.grid(True, color="#ddd")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
 def write_plot(path: str, report: dict) -> None:
     if not report["decode"]:
         raise ValueError("no decode points to plot (every batch/context pair was skipped)")
-    _write_atomic(path, plot_svg(report))
+    check_plot_path(path)
+    if path.lower().endswith(".png"):
+        tmp = f"{path}.tmp{os.getpid()}"  # as _write_atomic: no half-written file on failure
+        try:
+            plot_png(report, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        _write_atomic(path, plot_svg(report))
 
 
 @torch.inference_mode()

@@ -146,3 +146,70 @@ def test_bench_cli_plot(tmp_path):
     assert res.exit_code == 0, res.output
     assert plot.read_text().startswith("<svg") and "dsv3c b1" in plot.read_text()
     assert not list(tmp_path.glob("*.tmp*"))        # written through a temp file, then renamed
+
+
+def _png_pixels(path):
+    """(width, height, rows of RGBA tuples) of a PNG as matplotlib's Agg backend writes it (8-bit RGBA,
+    non-interlaced): decoded here with zlib and the PNG row filters, independently of matplotlib."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            width, height, depth, color = struct.unpack(">IIBB", body[:10])
+            assert (depth, color) == (8, 6)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw, bpp, stride = zlib.decompress(idat), 4, width * 4
+    rows, prev = [], bytearray(stride)
+    for y in range(height):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            pred = {0: 0, 1: a, 2: b, 3: (a + b) // 2}.get(f)
+            if f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            line[i] = (line[i] + pred) & 0xFF
+        rows.append([tuple(line[i:i + 4]) for i in range(0, stride, 4)])
+        prev = line
+    return width, height, rows
+
+
+def test_plot_png(tmp_path):
+    """--plot x.png: the same lines drawn by matplotlib (a test dependency) into a PNG, checked by decoding it: the
+    right size and the series' colours present; written through a temp file."""
+    from dsv3.runtime.bench import PLOT_COLORS, write_plot
+
+    decode = [{"batch": b, "context": c, "ms_per_token": ms, "roofline_ms": roof}
+              for b, c, ms, roof in [(1, 128, 4.0, 0.6), (1, 4096, 5.0, 0.9), (8, 128, 6.0, 2.1), (8, 4096, 9.0, 2.5)]]
+    out = tmp_path / "decode.png"
+    write_plot(str(out), {"config": "16B", "mode": "artifacts", "device": "cuda", "decode": decode})
+    width, height, rows = _png_pixels(out)
+    assert (width, height) == (720, 420)
+    seen = {px[:3] for row in rows for px in row}
+    for color in PLOT_COLORS[:2]:  # batch 1 and batch 8
+        assert tuple(int(color[i:i + 2], 16) for i in (1, 3, 5)) in seen
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_bench_cli_plot_format_checked_first(tmp_path, monkeypatch):
+    """A plot path the bench cannot write fails before anything is timed, naming the path and the fix."""
+    args = ["bench", "--random-weights", "--config", "tiny", "--eager", "--device", "cpu", "--batch-sizes", "1",
+            "--context", "8", "--steps", "2", "--plot"]
+    res = CliRunner().invoke(main, args + [str(tmp_path / "decode.pdf")])
+    assert res.exit_code == 2 and "must end in .svg or .png" in res.output
+    from dsv3.runtime import bench
+
+    monkeypatch.setattr(bench, "_has_matplotlib", lambda: False)  # a host without it
+    res = CliRunner().invoke(main, args + [str(tmp_path / "decode.png")])
+    assert res.exit_code == 2 and "needs matplotlib (pip install matplotlib)" in res.output
+    assert "ms/token" not in res.output and not list(tmp_path.iterdir())  # nothing was timed or written

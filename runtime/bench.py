@@ -201,11 +201,11 @@ def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: C
     return out
 
 
-def _write_atomic(path: str, text: str) -> None:
+def _write_atomic(path: str, data: str | bytes) -> None:
     # a temp file beside the target, then a rename: an interrupted run never leaves half a report
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 
@@ -308,9 +308,11 @@ def _has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def plot_png(report: dict, path: str) -> None:
-    """The SVG's plot drawn by matplotlib into the PNG file `path` (a bare Figure: no pyplot, no display, the
-    process's backend untouched)."""
+def plot_png(report: dict) -> bytes:
+    """The SVG's plot drawn by matplotlib as PNG bytes (a bare Figure: no pyplot, no display, the process's backend
+    untouched)."""
+    import io
+
     from matplotlib.figure import Figure
     from matplotlib.ticker import ScalarFormatter
 
@@ -331,23 +333,16 @@ def plot_png(report: dict, path: str) -> None:
     ax.grid(True, color="#ddd")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def write_plot(path: str, report: dict) -> None:
     if not report["decode"]:
         raise ValueError("no decode points to plot (every batch/context pair was skipped)")
     check_plot_path(path)
-    if path.lower().endswith(".png"):
-        tmp = f"{path}.tmp{os.getpid()}"  # as _write_atomic: no half-written file on failure
-        try:
-            plot_png(report, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        _write_atomic(path, plot_svg(report))
+    _write_atomic(path, plot_png(report) if path.lower().endswith(".png") else plot_svg(report))
 
 
 @torch.inference_mode()

@@ -45,7 +45,8 @@ def main() -> None:
     plan = ParallelPlan(0, 1)
     world_size = read_manifest(artifacts)["world_size"]
     if world_size > 1:  # one rank's graphs (e.g. 671B at world size 8) on this GPU: collectives stubbed, as
-        # `dsv3c bench --stub-collectives` (the profile then has no all-reduce kernels: add their measured cost)
+        # `dsv3c bench --stub-collectives` (the profile shows the stubs' device copies where all-reduces would run:
+        # add their measured cost)
         from dsv3.runtime.distributed import stub_process_group
 
         stub_process_group(world_size)

@@ -20,6 +20,7 @@ from dsv3.cli import main
 from dsv3.config import resolve_config
 from dsv3.init_random import write_random_checkpoint
 from dsv3.kernels.fp8_blocks import dequantize_weight
+from dsv3.runtime.convert import SHARDS_FILE
 from dsv3.runtime.engine import load_rank_model
 from dsv3.runtime.parallel import ParallelPlan
 
@@ -45,6 +46,14 @@ def test_presharded_world_size_1_equals_hf_layout(ckpt, tmp_path):
     assert a.state_dict().keys() == b.state_dict().keys()
     for name, t in b.state_dict().items():
         assert torch.equal(a.state_dict()[name], t), name
+    assert "layers.0.mlp.gate_up_proj.weight" in b.state_dict()  # the dense layer's gate and up as one linear
+    # a conversion written in an older rank layout is refused with the fix, not loaded by name mismatch
+    meta_path = out / SHARDS_FILE
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(meta, format_version=1)))
+    with pytest.raises(CheckpointError, match="pre-sharded in rank-layout format 1.*convert again"):
+        load_rank_model(out, plan, dtype=torch.float32, device="cpu", max_batch_size=1, max_seq_len=16,
+                        progress=False)
 
 
 def test_presharded_two_ranks_match_world_size_1(ckpt, tmp_path):

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from dsv3.config import ConfigError, ModelConfig
-from dsv3.model import Transformer
+from dsv3.model import BATCH1_ACTIVATIONS, Transformer
 from dsv3.runtime.distributed import stub_process_group
 from dsv3.runtime.manifest import host_info, write_manifest
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model, rank_layout
@@ -56,6 +56,9 @@ class CompileOptions:
     # since it ran end to end on two H200s (fifteenth session, docs/BENCHMARKS.md): 671B at 8 layers 2.00-2.02 vs
     # 2.12-2.16 ms/token at batch 1, and the tiny config's world-size-2 logits bit for bit those of NCCL's graphs.
     all_reduce: str = "auto"
+    # FP8 layers at one-token steps (the batch-1 decode graph): "fp8" quantizes activations (W8A8, as every other
+    # step), "bf16" does not (W8A16, Transformer.set_batch1_activations_).
+    batch1_activations: str = "fp8"
 
     def resolved_all_reduce(self) -> str:
         if self.all_reduce == "auto":
@@ -65,7 +68,8 @@ class CompileOptions:
     def plan(self) -> ParallelPlan:
         """Rank 0's plan (every rank runs the same graphs)."""
         one_shot = self.resolved_all_reduce() == "one-shot" and self.world_size > 1
-        return ParallelPlan(0, self.world_size, one_shot_all_reduce=one_shot)
+        return ParallelPlan(0, self.world_size, one_shot_all_reduce=one_shot,
+                            batch1_activations=self.batch1_activations)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -85,6 +89,9 @@ class CompileOptions:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible on this build host; use --device cpu "
                               "(tiny configs) or build on a GPU host")
+        if self.batch1_activations not in BATCH1_ACTIVATIONS:
+            raise ConfigError(f"--batch1-activations {self.batch1_activations!r}: use one of "
+                              f"{', '.join(BATCH1_ACTIVATIONS)}")
         if self.all_reduce not in ("auto", "nccl", "one-shot"):
             raise ConfigError(f"--all-reduce {self.all_reduce!r}: use auto, nccl or one-shot")
         if self.all_reduce == "one-shot" and self.device != "cuda":
@@ -361,6 +368,7 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
                 "config_name": opts.config.name, "config_hash": opts.config.config_hash(),
                 "world_size": opts.world_size, "device": opts.device, "dtype": opts.dtype,
                 "all_reduce": opts.plan().all_reduce,
+                "batch1_activations": opts.batch1_activations,
                 "max_batch_size": opts.max_batch_size, "max_seq_len": opts.max_seq_len,
                 "prefill_chunk": opts.prefill_chunk, "batch_sizes": sorted(set(opts.batch_sizes)),
                 "graphs": graphs,

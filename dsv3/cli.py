@@ -388,11 +388,17 @@ def _int_list(text: str) -> tuple[int, ...]:
                    "kernel instead of a copy + NCCL's; 671B at 8 layers on 2 H200s: 2.0 vs 2.14 ms/token), or "
                    "NCCL's. auto: one-shot for --device cuda, nccl for cpu. Choose nccl for GPUs without "
                    "peer-to-peer access (no NVLink). Prefill always uses NCCL.")
+@click.option("--batch1-activations", "batch1_activations", type=click.Choice(["fp8", "bf16"]), default="fp8",
+              show_default=True,
+              help="FP8 checkpoints, the batch-1 decode graph: fp8 quantizes activations per token per 128 channels "
+                   "before each FP8 GEMV (W8A8, as every other graph); bf16 keeps them in bf16 (W8A16: the FP8 "
+                   "weights scaled in the GEMV, the official DeepSeek code's default numerics, no quantization "
+                   "step). Other graphs are W8A8 either way.")
 @click.option("--no-verify", is_flag=True, help="Skip loading every package in a fresh process to check it.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_size: int, max_seq_len: int,
                 batch_sizes: str | None, prefill_chunk: int | None, dtype: str, num_layers: int | None, jobs: int | None,
-                all_reduce: str, no_verify: bool, overwrite: bool) -> None:
+                all_reduce: str, batch1_activations: str, no_verify: bool, overwrite: bool) -> None:
     """Capture prefill and decode graphs into AOTInductor packages plus a manifest; no weights needed.
 
     \b
@@ -426,7 +432,8 @@ def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_s
         b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size) + (max_batch_size,)
     opts = CompileOptions(cfg, world_size=world_size, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                           batch_sizes=buckets, prefill_chunk=prefill_chunk or min(4096, max_seq_len), dtype=dtype, device=device,
-                          verify=not no_verify, jobs=jobs, all_reduce=all_reduce)
+                          verify=not no_verify, jobs=jobs, all_reduce=all_reduce,
+                          batch1_activations=batch1_activations)
     compile_artifacts(opts, out, overwrite=overwrite, echo=click.echo)
 
 
@@ -441,7 +448,9 @@ def inspect_cmd(artifact_dir: str) -> None:
     click.echo(f"artifacts   {artifact_dir}")
     click.echo(f"config      {m['config_name'] or '?'} (hash {m['config_hash']})")
     click.echo(f"target      {m['device']}, world size {m['world_size']}, {m['dtype']} activations"
-               + (f", {m.get('all_reduce', 'nccl')} all-reduce" if m["world_size"] > 1 else ""))
+               + (f", {m.get('all_reduce', 'nccl')} all-reduce" if m["world_size"] > 1 else "")
+               + (", batch-1 FP8 layers on bf16 activations (W8A16)"
+                  if m.get("batch1_activations", "fp8") == "bf16" else ""))
     click.echo(f"cache       max batch {m['max_batch_size']}, max seq {m['max_seq_len']}, "
                f"prefill chunk <= {m['prefill_chunk']}")
     click.echo("graphs      " + ", ".join(m["graphs"]))

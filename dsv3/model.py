@@ -30,6 +30,10 @@ from dsv3.kernels.routed_experts import DECODE_MAX_T, combine_pairs, moe_combine
 from dsv3.rope import apply_rope, rope_tables, softmax_scale
 
 
+# Activations of one-token steps in FP8 layers (Transformer.set_batch1_activations_)
+BATCH1_ACTIVATIONS = ("fp8", "bf16")
+
+
 def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     # Weights are allocated, never initialised here: they come from a checkpoint (or init-random).
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -43,7 +47,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor
 
 
 class Linear(nn.Module):
-    """Bias-free linear layer; FP8 weights (with their block scales) stay FP8 and go through dsv3.fp8_linear."""
+    """Bias-free linear layer; FP8 weights (with their block scales) stay FP8 and go through dsv3.fp8_linear, or
+    dsv3.fp8_linear_a16 for one-token inputs when the model is built with bf16 batch-1 activations
+    (Transformer.set_batch1_activations_)."""
+
+    one_token_a16 = False  # set per instance by Transformer.set_batch1_activations_
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp8: bool):
         super().__init__()
@@ -56,6 +64,8 @@ class Linear(nn.Module):
             self.weight_scale_inv = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_token_a16 and self.weight_scale_inv is not None and _static_tokens(x) == 1:
+            return torch.ops.dsv3.fp8_linear_a16(x, self.weight, self.weight_scale_inv)
         return linear(x, self.weight, self.weight_scale_inv)
 
 
@@ -305,6 +315,8 @@ class RoutedExperts(nn.Module):
     """All routed experts of a layer, stacked, so one op computes the selected ones with no host sync.
     `extra` more slots after them hold the shared experts when the layer stacks them (MoE.stack_shared_)."""
 
+    one_token_a16 = False  # set per instance by Transformer.set_batch1_activations_
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, extra: int = 0):
         super().__init__()
         e, d, i = cfg.n_routed_experts + extra, cfg.hidden_size, cfg.moe_intermediate_size
@@ -321,11 +333,14 @@ class RoutedExperts(nn.Module):
                 x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> torch.Tensor:
         weights = (self.gate_proj, self.up_proj, self.down_proj,
                    self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv)
+        # bf16 batch-1 activations (Transformer.set_batch1_activations_): one token's experts without activation
+        # quantization (W8A16), x_q / x_scale then unused
+        quant_act = not (self.one_token_a16 and self.down_proj_scale_inv is not None and _static_tokens(x) == 1)
         if moe_combine_choice() == "kernel":
-            return torch.ops.dsv3.routed_experts(x, topk_idx, topk_weight, *weights, x_q, x_scale)
+            return torch.ops.dsv3.routed_experts(x, topk_idx, topk_weight, *weights, x_q, x_scale, quant_act)
         # The weighted sum over each token's experts as plain torch ops: Inductor fuses it into the kernel that
         # consumes the output (the residual add and the next layer's RMSNorm), one launch less per MoE layer.
-        pairs = torch.ops.dsv3.routed_experts_pairs(x, topk_idx, *weights, x_q, x_scale)
+        pairs = torch.ops.dsv3.routed_experts_pairs(x, topk_idx, *weights, x_q, x_scale, quant_act)
         return combine_pairs(pairs, topk_idx, topk_weight, self.gate_proj.shape[0])
 
     def slots_as_mlp(self, x: torch.Tensor, first: int) -> torch.Tensor:
@@ -465,6 +480,7 @@ class Transformer(nn.Module):
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
         self.cfg, self.dtype = cfg, dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.batch1_activations = "fp8"  # set_batch1_activations_
         with torch.device(device or "cpu"):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, _freeze=True,
                                              _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
@@ -533,6 +549,22 @@ class Transformer(nn.Module):
         for mlp in self.mlps():
             if mlp.can_fuse_gate_up():
                 mlp.fuse_gate_up_()
+        return self
+
+    def set_batch1_activations_(self, mode: str) -> "Transformer":
+        """How FP8 layers treat the activations of one-token steps (batch-1 decode): "fp8" (the default) quantizes
+        them per token per 128 channels (W8A8, as every other step: dsv3.fp8_linear, dsv3.routed_experts); "bf16"
+        leaves them in the activation dtype (W8A16: dsv3.fp8_linear_a16 and the experts' quant_act=False), the
+        numerics of DeepSeek's official inference code at its default, and no quantization step before the
+        one-token GEMVs, which widen x to fp32 on CUDA cores anyway. Other token counts stay W8A8. A compile-time
+        choice (`dsv3c compile --batch1-activations`, recorded in the manifest); call after the layout methods
+        (fuse_*_, stack_shared_experts_: they build new modules)."""
+        if mode not in BATCH1_ACTIVATIONS:
+            raise ValueError(f"batch-1 activations {mode!r}: use one of {', '.join(BATCH1_ACTIVATIONS)}")
+        self.batch1_activations = mode
+        for m in self.modules():
+            if isinstance(m, (Linear, RoutedExperts)):
+                m.one_token_a16 = mode == "bf16"
         return self
 
     def stack_shared_experts_(self) -> "Transformer":

@@ -276,13 +276,23 @@ def load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, QUANT_X: tl.const
 
 
 @triton.jit
+def load_x_act(x_ptr, offs_k, k_mask, offs_b):
+    """One token in its activation dtype, not quantized (W8A16: `fp8_linear_a16`), as (fp32 [KB, 128], ones [KB]):
+    the pair `dot_rows` takes, with unit activation scales."""
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    return x, tl.full(offs_b.shape, 1.0, tl.float32)
+
+
+@triton.jit
 def _fp8_gemv_rows_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
     M, N, K, stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
-    QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr, M_TILE: tl.constexpr, KB_PAD: tl.constexpr,
+    QUANT_X: tl.constexpr, ACT16: tl.constexpr, BLOCK_N: tl.constexpr, M_TILE: tl.constexpr,
+    KB_PAD: tl.constexpr,
 ):
     """out[m, n] for BLOCK_N weight rows over the whole K (padded to KB_PAD 128-blocks) in ONE load, and the
-    M_TILE tokens of grid column 1 (a static loop): every weight byte of the program is in flight at once."""
+    M_TILE tokens of grid column 1 (a static loop): every weight byte of the program is in flight at once.
+    ACT16: x is used in its dtype (W8A16, `fp8_linear_a16`; xs_ptr and QUANT_X unused)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t0 = tl.program_id(1) * M_TILE
     n_mask = offs_n < N
@@ -291,8 +301,11 @@ def _fp8_gemv_rows_kernel(
     for j in tl.static_range(M_TILE):
         t = t0 + j
         if t < M:
-            xq, xs = load_x_row(x_ptr + t * stride_xm, xs_ptr + t * stride_xsm, offs_k, k_mask, offs_b, kb_mask,
-                                QUANT_X)
+            if ACT16:
+                xq, xs = load_x_act(x_ptr + t * stride_xm, offs_k, k_mask, offs_b)
+            else:
+                xq, xs = load_x_row(x_ptr + t * stride_xm, xs_ptr + t * stride_xsm, offs_k, k_mask, offs_b, kb_mask,
+                                    QUANT_X)
             y = dot_rows(w, ws, xq, xs)
             tl.store(out_ptr + t * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
@@ -553,7 +566,7 @@ def fp8_gemv(
         wrap_triton(_fp8_gemv_rows_kernel)[(cdiv(n, block_n), cdiv(m, m_tile))](
             x2, xs, weight, scale, out,
             m, n, k, x2.stride(0), xs.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
-            QUANT_X=not prequant, BLOCK_N=block_n, M_TILE=m_tile, KB_PAD=next_pow2(cdiv(k, BLOCK)),
+            QUANT_X=not prequant, ACT16=False, BLOCK_N=block_n, M_TILE=m_tile, KB_PAD=next_pow2(cdiv(k, BLOCK)),
             num_warps=num_warps,
         )
         return out
@@ -761,5 +774,90 @@ def _fp8_linear_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-__all__ = ["fp8_linear", "fp8_linear_reference", "fp8_linear_triton", "fp8_gemv", "fp8_gemm", "act_quant",
+# ----------------------------------------------------------------------------------------------------------------
+# W8A16: `torch.ops.dsv3.fp8_linear_a16`
+# ----------------------------------------------------------------------------------------------------------------
+
+# The row-parallel kernel holds BLOCK_N x KB_PAD x 128 weight values per program in registers; at most this many per
+# thread (the GEMV sweeps' rows configs that did not spill held 128: bench_rows.py, sweep_gemv.py).
+A16_VALUES_PER_THREAD = 128
+# Tokens up to which the W8A16 op runs the row-parallel kernel (each program re-reads nothing: its rows stay in
+# registers while its M_TILE tokens go by); more or dynamic tokens dequantize the weight for a bf16 GEMM.
+A16_ROWS_MAX_M = 16
+
+
+def fp8_linear_a16_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: the weight dequantized by its block scales, x as it is, fp32 GEMM, rounded to x.dtype."""
+    return (x.float() @ dequantize_weight(weight, weight_scale_inv).t()).to(x.dtype)
+
+
+def gemv_a16_config(m: int, n: int, k: int) -> tuple[int, int]:
+    """(block_n, num_warps) of the W8A16 row-parallel GEMV: the W8A8 op's measured rows config for this shape when it
+    runs a rows kernel there (GEMV_TUNED / gemv_default: the same loads, minus the activation quantization), else 8
+    warps and the most rows (<= 8, a power of two) that keep A16_VALUES_PER_THREAD weight values per thread."""
+    variant, block_n, num_warps, _ = gemv_choice(m, n, k, 0)
+    if variant in ("rows", "rows_prequant"):
+        return block_n, num_warps
+    row_values = next_pow2(cdiv(k, BLOCK)) * BLOCK
+    return max(1, min(8, next_pow2(A16_VALUES_PER_THREAD * 32 * 8 // row_values + 1) // 2)), 8
+
+
+def fp8_gemv_a16(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: Optional[int] = None,
+                 num_warps: Optional[int] = None) -> torch.Tensor:
+    """x2 [M <= A16_ROWS_MAX_M, K] in its dtype -> [M, N] in x2.dtype: `_fp8_gemv_rows_kernel` with ACT16 (one
+    launch, no activation quantization)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    bn, nw = gemv_a16_config(m, n, k)
+    block_n, num_warps = block_n or bn, num_warps or nw
+    m_tile = min(m, GEMV_ROWS_M_TILE)
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    wrap_triton(_fp8_gemv_rows_kernel)[(cdiv(n, block_n), cdiv(m, m_tile))](
+        x2, x2, weight, scale, out,
+        m, n, k, x2.stride(0), x2.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+        QUANT_X=False, ACT16=True, BLOCK_N=block_n, M_TILE=m_tile, KB_PAD=next_pow2(cdiv(k, BLOCK)),
+        num_warps=num_warps,
+    )
+    return out
+
+
+def fp8_linear_a16_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = static_int(x2.shape[0])
+    if m == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    if m is not None and m <= A16_ROWS_MAX_M and x2.dtype in (torch.bfloat16, torch.float16):
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        y = fp8_gemv_a16(x2, weight, weight_scale_inv)
+    else:  # not a decode size: the weight dequantized once for this call, a GEMM in x's dtype with fp32 accumulation
+        y = F.linear(x2, dequantize_weight(weight, weight_scale_inv, x2.dtype))
+    return y.reshape(*x.shape[:-1], n)
+
+
+@triton_op("dsv3::fp8_linear_a16", mutates_args=())
+def fp8_linear_a16(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """`dsv3.fp8_linear` without activation quantization (W8A16): y[m, n] = sum_kb (sum_{k in kb} x[m,k] * wq[n,k])
+    * ws[n//128, kb] in fp32, rounded to x.dtype; x, weight and scales as fp8_linear's. The numerics of DeepSeek's
+    official inference code at its default (`gemm_impl="bf16"`: weights dequantized, activations not quantized),
+    closer to the bf16 model than W8A8. The model uses it for one-token steps when built so
+    (`Transformer.set_batch1_activations_`): no quantization launch or in-program quantization before a GEMV whose
+    CUDA cores widen x to fp32 anyway. CPU: `fp8_linear_a16_reference`; CUDA, statically <= A16_ROWS_MAX_M tokens:
+    the row-parallel GEMV (`_fp8_gemv_rows_kernel` with ACT16); more or dynamic tokens (not on the model's hot path):
+    the weight dequantized to x.dtype and F.linear (fp32 accumulation, so equal to the reference up to rounding)."""
+    if x.device.type == "cpu":
+        return fp8_linear_a16_reference(x, weight, weight_scale_inv)
+    return fp8_linear_a16_triton(x, weight, weight_scale_inv)
+
+
+@fp8_linear_a16.register_fake
+def _fp8_linear_a16_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"fp8_linear_a16: x has K={x.shape[-1]}, weight {weight.shape}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+__all__ = ["fp8_linear", "fp8_linear_a16", "fp8_linear_a16_reference", "fp8_linear_reference", "fp8_linear_triton", "fp8_gemv", "fp8_gemm", "act_quant",
            "gemv_choice", "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX", "GEMV_VARIANTS", "GEMV_CUDA_CORE_VARIANTS"]

@@ -80,25 +80,28 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
 from dsv3.kernels.fp8_linear import (
-    act_quant, dot_rows, fp8_linear_reference, k_blocks, load_weight_rows, load_x_row, pick_scale, pick_scales,
-    quantize_tile, quantize_tile_rcp,
+    act_quant, dot_rows, fp8_linear_a16_reference, fp8_linear_reference, k_blocks, load_weight_rows, load_x_act,
+    load_x_row, pick_scale, pick_scales, quantize_tile, quantize_tile_rcp,
 )
 
 DECODE_MAX_T = 64
 GROUPED_BLOCK_T = 64
 
 
-def _project(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
-    return F.linear(x, w) if s is None else fp8_linear_reference(x, w, s)
+def _project(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], quant_act: bool = True) -> torch.Tensor:
+    if s is None:
+        return F.linear(x, w)
+    return fp8_linear_reference(x, w, s) if quant_act else fp8_linear_a16_reference(x, w, s)
 
 
 def _expert_output(x: torch.Tensor, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
                    gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
-                   down_scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
+                   down_scale_inv: Optional[torch.Tensor], quant_act: bool = True) -> torch.Tensor:
     """Expert e applied to every token (the references' SwiGLU, h rounded to x.dtype before down)."""
     pick = lambda w: None if w is None else w[e]  # noqa: E731
-    h = F.silu(_project(x, gate_proj[e], pick(gate_scale_inv))) * _project(x, up_proj[e], pick(up_scale_inv))
-    return _project(h.to(x.dtype), down_proj[e], pick(down_scale_inv))
+    h = (F.silu(_project(x, gate_proj[e], pick(gate_scale_inv), quant_act))
+         * _project(x, up_proj[e], pick(up_scale_inv), quant_act))
+    return _project(h.to(x.dtype), down_proj[e], pick(down_scale_inv), quant_act)
 
 
 def routed_experts_reference(
@@ -106,16 +109,17 @@ def routed_experts_reference(
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
     down_scale_inv: Optional[torch.Tensor], x_q: Optional[torch.Tensor] = None,
-    x_scale: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None, quant_act: bool = True,
 ) -> torch.Tensor:
     """Dense over experts (every expert sees every token, then a select): simple and sync-free, fine on CPU.
-    x_q / x_scale are ignored: by contract they are quantize_activation(x), which fp8_linear_reference computes."""
+    x_q / x_scale are ignored: by contract they are quantize_activation(x), which fp8_linear_reference computes.
+    quant_act=False: the FP8 projections without activation quantization (fp8_linear_a16_reference)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     weights = (gate_proj, up_proj, down_proj, gate_scale_inv, up_scale_inv, down_scale_inv)
     for e in range(gate_proj.shape[0]):
         hit = topk_idx == e                                     # [T, K]
         weight = (topk_weight * hit).sum(-1, keepdim=True)     # [T, 1]
-        y = _expert_output(x, e, *weights)
+        y = _expert_output(x, e, *weights, quant_act)
         # where(), not a multiply: an unselected token's expert output must not leak in even if it is not finite.
         out = out + torch.where(hit.any(-1, keepdim=True), y.float() * weight, 0.0)
     return out.to(x.dtype)
@@ -126,7 +130,7 @@ def routed_experts_pairs_reference(
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
     down_scale_inv: Optional[torch.Tensor], x_q: Optional[torch.Tensor] = None,
-    x_scale: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None, quant_act: bool = True,
 ) -> torch.Tensor:
     """[T, K, D]: pair (t, k) holds expert topk_idx[t, k]'s output for token t in x.dtype (zeros for ids outside
     [0, E)); dense over experts as `routed_experts_reference`."""
@@ -134,7 +138,7 @@ def routed_experts_pairs_reference(
     pairs = torch.zeros((t, k, x.shape[1]), dtype=x.dtype, device=x.device)
     weights = (gate_proj, up_proj, down_proj, gate_scale_inv, up_scale_inv, down_scale_inv)
     for e in range(gate_proj.shape[0]):
-        y = _expert_output(x, e, *weights).to(x.dtype)
+        y = _expert_output(x, e, *weights, quant_act).to(x.dtype)
         pairs = torch.where((topk_idx == e)[:, :, None], y[:, None, :], pairs)
     return pairs
 
@@ -297,12 +301,13 @@ def _moe_up_kernel(
 def _moe_up_rows_kernel(
     x_ptr, xs_ptr, idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
     E, I, D, stride_we, stride_wn, stride_se, stride_sn, stride_h,
-    BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+    ACT16: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """x: e4m3 with scales xs (act_quant). One token (T = 1), row-parallel on CUDA cores: grid (K slots,
-    cdiv(I, BLOCK_N)); slot k computes expert topk_idx[0, k] (ids outside [0, E) do nothing) for BLOCK_N rows of
-    gate and up, each loaded over the whole D at once (`load_weight_rows`), then SiLU(gate) * up with the
-    reference's rounding points (`_swiglu`), written in x.dtype to h[k] (pair row k)."""
+    """x: e4m3 with scales xs (act_quant), or with ACT16 x in its dtype (W8A16; xs unused). One token (T = 1),
+    row-parallel on CUDA cores: grid (K slots, cdiv(I, BLOCK_N)); slot k computes expert topk_idx[0, k] (ids outside
+    [0, E) do nothing) for BLOCK_N rows of gate and up, each loaded over the whole D at once (`load_weight_rows`),
+    then SiLU(gate) * up with the reference's rounding points (`_swiglu`), written in h's dtype to h[k] (pair row
+    k)."""
     slot = tl.program_id(0)
     e = tl.load(idx_ptr + slot)
     if (e >= 0) & (e < E):
@@ -314,7 +319,10 @@ def _moe_up_rows_kernel(
                                   k_mask, kb_mask, stride_wn, stride_sn)
         wu, su = load_weight_rows(wu_ptr + e64 * stride_we, su_ptr + e64 * stride_se, offs_n, n_mask, offs_b, offs_k,
                                   k_mask, kb_mask, stride_wn, stride_sn)
-        xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, False)
+        if ACT16:
+            xq, xs = load_x_act(x_ptr, offs_k, k_mask, offs_b)
+        else:
+            xq, xs = load_x_row(x_ptr, xs_ptr, offs_k, k_mask, offs_b, kb_mask, False)
         odt = h_ptr.dtype.element_ty
         hf = _swiglu(dot_rows(wg, sg, xq, xs), dot_rows(wu, su, xq, xs), odt)
         tl.store(h_ptr + slot * stride_h + offs_n, hf.to(odt), mask=n_mask)
@@ -370,9 +378,10 @@ def _moe_down_kernel(
 def _moe_down_rows_kernel(
     h_ptr, hs_ptr, idx_ptr, wd_ptr, sd_ptr, y_ptr,
     E, I, D, stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_y,
-    BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
+    ACT16: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
 ):
-    """One token (T = 1), FP8, after the row-parallel up kernel (h e4m3 with scales hs [K, I/128], act_quant's):
+    """One token (T = 1), FP8, after the row-parallel up kernel (h e4m3 with scales hs [K, I/128], act_quant's;
+    with ACT16 h in the activation dtype, not quantized: W8A16, hs unused):
     grid (K slots, cdiv(D, BLOCK_N)), slot k computes expert topk_idx[0, k] (ids outside [0, E) do nothing) for
     BLOCK_N rows of down, each loaded over the whole I at once, and writes them rounded to the activation dtype to
     y[k] (pair row k) for `_moe_combine_kernel`: the row-parallel form of `_moe_down_kernel` (whose MMA tiles pad the
@@ -386,8 +395,11 @@ def _moe_down_rows_kernel(
         offs_b, offs_k, k_mask, kb_mask = k_blocks(I, KB_PAD)
         w, sd = load_weight_rows(wd_ptr + e64 * stride_we, sd_ptr + e64 * stride_se, offs_n, n_mask, offs_b,
                                  offs_k, k_mask, kb_mask, stride_wn, stride_sn)
-        hq, hsv = load_x_row(h_ptr + slot * stride_h, hs_ptr + slot * stride_hs, offs_k, k_mask, offs_b, kb_mask,
-                             False)
+        if ACT16:
+            hq, hsv = load_x_act(h_ptr + slot * stride_h, offs_k, k_mask, offs_b)
+        else:
+            hq, hsv = load_x_row(h_ptr + slot * stride_h, hs_ptr + slot * stride_hs, offs_k, k_mask, offs_b,
+                                 kb_mask, False)
         y = dot_rows(w, sd, hq, hsv)
         tl.store(y_ptr + slot * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
@@ -643,6 +655,10 @@ ROWS_UP_BLOCK_NS = (1, 2, 4, 8)  # FP8, T = 1: `_moe_up_rows_kernel`
 # (one local expert, D 7168) 7.63 against 11.53 us (56 programs): its T=1 table row uses it.
 # (The fourth session's prototype that also did the combine in its programs measured slower: 12.8 vs 9.5 + 2.2 us.)
 ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8)
+# W8A16 (quant_act=False, one token) launch fields (BLOCK_N, num_warps) where the T = 1 plan does not run the rows
+# kernels: the 16B row's up config and the 671B row's down config (both hold <= 128 weight values per thread).
+A16_UP = (2, 4)
+A16_DOWN = (8, 4)
 
 
 def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecodePlan:
@@ -805,9 +821,11 @@ def routed_experts_triton(
     up_block_n: Optional[int] = None, up_num_warps: Optional[int] = None, up_num_stages: Optional[int] = None,
     down_block_n: Optional[int] = None, down_num_warps: Optional[int] = None, down_num_stages: Optional[int] = None,
     grouped_block_t: Optional[int] = None, x_q: Optional[torch.Tensor] = None,
-    x_scale: Optional[torch.Tensor] = None, combine: bool = True,
+    x_scale: Optional[torch.Tensor] = None, combine: bool = True, quant_act: bool = True,
 ) -> torch.Tensor:
-    """The Triton path (module docstring). combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
+    """The Triton path (module docstring). quant_act=False (FP8 weights, one token, `a16_supported`): W8A16, the
+    row-parallel up and down kernels on x and h in the activation dtype (no quantization launch; x_q / x_scale
+    unused); their launch fields come from the T = 1 plan where it runs the rows kernels, else A16_UP / A16_DOWN. combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
     contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the
     plan, DSV3_MOE_DECODE, then these keyword arguments; None keeps the plan's value). The grouped path starts
     from `grouped_plan` (GROUPED_FP8_TUNED for its (D, I), else MOE_GROUPED_FP8 / _BF16) and takes only the
@@ -864,10 +882,19 @@ def routed_experts_triton(
             down_block_n=down_block_n, down_num_warps=down_num_warps, down_num_stages=down_num_stages)
     # FP8: the up kernel quantizes h when each of its programs owns a whole 128-channel block of h, one act-quant
     # launch after the row-parallel up kernel, else the down kernel
+    a16 = not quant_act
+    if a16:
+        assert is_fp8 and not grouped and t_static == 1, "W8A16 experts: FP8 weights and one token (a16_supported)"
+        up_bn, up_w = ((plan.up_block_n, plan.up_num_warps) if plan.up_block_n in ROWS_UP_BLOCK_NS else A16_UP)
+        down_bn, down_w = ((plan.down_block_n, plan.down_num_warps) if plan.up_block_n in ROWS_UP_BLOCK_NS
+                           and plan.down_block_n in ROWS_DOWN_BLOCK_NS else A16_DOWN)
+        plan = plan._replace(up_block_n=up_bn, up_num_warps=up_w, down_block_n=down_bn, down_num_warps=down_w)
     rows_up = is_fp8 and not grouped and plan.up_block_n in ROWS_UP_BLOCK_NS
     rows_down = rows_up and plan.down_block_n in ROWS_DOWN_BLOCK_NS  # (check_moe_plan: only behind rows_up)
     quant_h = is_fp8 and (plan.up_block_n == 128 or rows_up)
-    if is_fp8 and x_q is not None and x_scale is not None:
+    if a16:
+        xq, xs = x, x                             # x as it is (xs unused)
+    elif is_fp8 and x_q is not None and x_scale is not None:
         xq = x_q if x_q.stride(-1) == 1 else x_q.contiguous()          # quantized by the producer of x
         xs = x_scale if x_scale.stride(-1) == 1 else x_scale.contiguous()
     elif is_fp8:
@@ -890,16 +917,16 @@ def routed_experts_triton(
         wrap_triton(_moe_up_rows_kernel)[(p, cdiv(i, plan.up_block_n))](
             xq, xs, idx, gate_proj, up_proj, sg, su, h_act,
             e, i, d, gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), h_act.stride(0),
-            BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps,
+            ACT16=a16, BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, num_warps=plan.up_num_warps,
         )
-        h, hs = act_quant(h_act)
+        h, hs = (h_act, h_act) if a16 else act_quant(h_act)
         if rows_down:  # and the row-parallel down kernel, then the combine below
             assert sd.stride(-1) == 1, "the row-parallel down kernel reads each row's block scales contiguously"
             wrap_triton(_moe_down_rows_kernel)[(p, cdiv(d, plan.down_block_n))](
                 h, hs, idx, down_proj, sd, y,
                 e, i, d, h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
                 sd.stride(0), sd.stride(1), y.stride(0),
-                BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
+                ACT16=a16, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
             )
     elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
         two_dots = plan.up_num_warps <= 4  # (registers: see the kernel)
@@ -948,6 +975,12 @@ def routed_experts_triton(
     return out
 
 
+def a16_supported(x: torch.Tensor, gate_scale_inv: Optional[torch.Tensor]) -> bool:
+    """quant_act=False (W8A16) runs the Triton kernels for FP8 weights and statically one token (the model's batch-1
+    decode); other calls take the reference (correct, dense over experts: not for hot paths)."""
+    return gate_scale_inv is not None and static_int(x.shape[0]) == 1
+
+
 def _triton_ok(x: torch.Tensor, gate_proj: torch.Tensor, gate_scale_inv: Optional[torch.Tensor]) -> bool:
     if x.dtype not in (torch.bfloat16, torch.float16):
         return False
@@ -962,19 +995,21 @@ def routed_experts(
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
     down_scale_inv: Optional[torch.Tensor], x_q: Optional[torch.Tensor] = None,
-    x_scale: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None, quant_act: bool = True,
 ) -> torch.Tensor:
     torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts: give x_q and x_scale together")
-    if x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv):
+    if (x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv)
+            or not (quant_act or a16_supported(x, gate_scale_inv))):
         return routed_experts_reference(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                                        gate_scale_inv, up_scale_inv, down_scale_inv, x_q, x_scale)
+                                        gate_scale_inv, up_scale_inv, down_scale_inv, x_q, x_scale, quant_act)
     return routed_experts_triton(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                                 gate_scale_inv, up_scale_inv, down_scale_inv, x_q=x_q, x_scale=x_scale)
+                                 gate_scale_inv, up_scale_inv, down_scale_inv, x_q=x_q, x_scale=x_scale,
+                                 quant_act=quant_act)
 
 
 @routed_experts.register_fake
 def _routed_experts_fake(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj,
-                         gate_scale_inv, up_scale_inv, down_scale_inv, x_q=None, x_scale=None):
+                         gate_scale_inv, up_scale_inv, down_scale_inv, x_q=None, x_scale=None, quant_act=True):
     torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts: give x_q and x_scale together")
     return torch.empty_like(x)
 
@@ -985,22 +1020,24 @@ def routed_experts_pairs(
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
     gate_scale_inv: Optional[torch.Tensor], up_scale_inv: Optional[torch.Tensor],
     down_scale_inv: Optional[torch.Tensor], x_q: Optional[torch.Tensor] = None,
-    x_scale: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None, quant_act: bool = True,
 ) -> torch.Tensor:
     """`routed_experts` without its last step: [T, K, D], pair (t, k) = expert topk_idx[t, k]'s output for token t
     in x.dtype, defined for ids in [0, E) (at decode only the first k naming a repeated id); other rows are
     unspecified (the Triton path does not write them). With no repeated id within a token,
     routed_experts == combine_pairs(routed_experts_pairs(...))."""
     torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts_pairs: give x_q and x_scale together")
-    if x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv):
+    if (x.device.type == "cpu" or not _triton_ok(x, gate_proj, gate_scale_inv)
+            or not (quant_act or a16_supported(x, gate_scale_inv))):
         return routed_experts_pairs_reference(x, topk_idx, gate_proj, up_proj, down_proj,
-                                              gate_scale_inv, up_scale_inv, down_scale_inv, x_q, x_scale)
+                                              gate_scale_inv, up_scale_inv, down_scale_inv, x_q, x_scale, quant_act)
     return routed_experts_triton(x, topk_idx, None, gate_proj, up_proj, down_proj,
-                                 gate_scale_inv, up_scale_inv, down_scale_inv, x_q=x_q, x_scale=x_scale, combine=False)
+                                 gate_scale_inv, up_scale_inv, down_scale_inv, x_q=x_q, x_scale=x_scale, combine=False,
+                                 quant_act=quant_act)
 
 
 @routed_experts_pairs.register_fake
 def _routed_experts_pairs_fake(x, topk_idx, gate_proj, up_proj, down_proj,
-                               gate_scale_inv, up_scale_inv, down_scale_inv, x_q=None, x_scale=None):
+                               gate_scale_inv, up_scale_inv, down_scale_inv, x_q=None, x_scale=None, quant_act=True):
     torch._check((x_q is None) == (x_scale is None), lambda: "routed_experts_pairs: give x_q and x_scale together")
     return x.new_empty((x.shape[0], topk_idx.shape[1], x.shape[1]))

@@ -70,6 +70,10 @@ class ParallelPlan:
     # dsv3::one_shot_all_reduce and a [max_batch_size * hidden] buffer the runtime puts in symmetric memory. A
     # compile-time choice (the graphs call a different op); the manifest records it.
     one_shot_all_reduce: bool = False
+    # Any world size: "bf16" runs one-token steps' FP8 layers without activation quantization (W8A16,
+    # Transformer.set_batch1_activations_); "fp8" quantizes them as every other step. A compile-time choice (the
+    # graphs call other ops); the manifest records it.
+    batch1_activations: str = "fp8"
 
     @property
     def all_reduce(self) -> str:
@@ -78,7 +82,8 @@ class ParallelPlan:
 
     def for_artifacts(self, manifest: dict) -> "ParallelPlan":
         """This rank's plan with the compile-time choices of the artifacts (the graphs' all-reduce op)."""
-        return replace(self, one_shot_all_reduce=manifest.get("all_reduce") == "one-shot")
+        return replace(self, one_shot_all_reduce=manifest.get("all_reduce") == "one-shot",
+                       batch1_activations=manifest.get("batch1_activations", "fp8"))
 
     @property
     def stacks_shared(self) -> bool:
@@ -293,4 +298,4 @@ def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:
         model.fuse_input_projections_()
     if plan.fuse_gate_up:
         model.fuse_gate_up_()
-    return model
+    return model.set_batch1_activations_(plan.batch1_activations)  # last: the fusions above build new modules

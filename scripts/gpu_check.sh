@@ -53,9 +53,12 @@
 #              (collectives stubbed), least-squares line to 61 layers
 #   ab16       A/B of trace-time switches: the 16B FP8 config at AB_LAYERS (8) layers built once per variant
 #              (default + AB_VARIANTS, by default "DSV3_NORM_ROUTE=torch": the last adopted merge off; variants
-#              space-separated, settings within one comma-separated),
+#              space-separated, settings within one comma-separated; a variant starting with -- is a list of
+#              compile options instead, e.g. --batch1-activations=bf16),
 #              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS);
 #              AB_PARALLEL=1 builds the variants concurrently
+#   ab671      A/B on rank 0 of 671B at world size 8, AB671_LAYERS (4) layers, one build per variant (default +
+#              AB_VARIANTS, default "--batch1-activations=bf16"), decode timed round-robin (collectives stubbed)
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   run671ws   needs 2 or 4 GPUs (issue 8 until 8 are lent): 671B truncated to LAYERS671WS (8) layers at world size
 #              WS671 (all visible GPUs): compile, dsv3c run --random-weights at batch 1 and 8, rank 0 alone stubbed
@@ -296,10 +299,11 @@ json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" 
     name=ab16_${v//[^A-Za-z0-9]/_}
     dirs+=("$WORK/$name")
     [ -f "$WORK/$name/manifest.json" ] && continue
-    ( verify=(); if [ "$v" != default ]; then export ${v//,/ }; else verify=(--no-verify); fi
+    ( verify=(); extra=(); if [ "$v" = default ]; then verify=(--no-verify)
+      elif [ "${v:0:2}" = -- ]; then extra=(${v//,/ }); else export ${v//,/ }; fi
       /usr/bin/time -f "$v: build %e s" $PY -m dsv3.cli compile --config "$cfg" --num-layers "$layers" \
         --out "$WORK/$name" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 --overwrite \
-        --jobs 3 "${verify[@]}" 2>&1 | grep --line-buffered -v Warning | tail -4 ) &
+        --jobs 3 "${verify[@]}" "${extra[@]}" 2>&1 | grep --line-buffered -v Warning | tail -4 ) &
     # AB_PARALLEL=1: all variants build at once (3 processes each; the host has 16 cores), else one at a time
     [ "${AB_PARALLEL:-0}" = 1 ] || wait
   done
@@ -355,6 +359,25 @@ step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4, 6 
   # the same rank through the CLI (roofline of the rank's bytes, prefill MFU)
   dsv3c bench --artifacts "${dirs[-1]}" --random-weights --stub-collectives --batch-sizes 1,8 --context 1024 \
     --steps 16 --prompt-len 512 --json "$OUT/bench671_rank0.json" 2>&1 | grep -v -i warn | tail -8
+}
+
+step_ab671() {  # A/B of compile options / trace-time switches on rank 0 of 671B at world size 8 (AB671_LAYERS, 4):
+  # one build per variant (default + AB_VARIANTS, syntax as ab16's), decode timed round-robin (collectives stubbed)
+  local layers=${AB671_LAYERS:-4} v dirs=() name
+  for v in default ${AB_VARIANTS:---batch1-activations=bf16}; do
+    name=ab671_${v//[^A-Za-z0-9]/_}
+    dirs+=("$WORK/$name")
+    [ -f "$WORK/$name/manifest.json" ] && continue
+    ( extra=(); if [ "${v:0:2}" = -- ]; then extra=(${v//,/ }); elif [ "$v" != default ]; then export ${v//,/ }; fi
+      /usr/bin/time -f "$v: build %e s" dsv3c compile --config 671B --world-size 8 --num-layers "$layers" \
+        --out "$WORK/$name" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 \
+        --prefill-chunk 512 --overwrite --no-verify --jobs 3 "${extra[@]}" 2>&1 | grep --line-buffered -v Warning \
+        | tail -3 ) &
+    [ "${AB_PARALLEL:-0}" = 1 ] || wait
+  done
+  wait
+  $PY scripts/rank_timing.py --json "$OUT/ab671.json" --repeats ${AB_REPEATS:-5} "${dirs[@]}" 2>&1 | grep -v Warning \
+    | tail -12
 }
 
 step_ar2() {  # needs 2 GPUs: NCCL all-reduce / all-gather latency of a decode step's collectives, in a CUDA graph

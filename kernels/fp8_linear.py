@@ -791,15 +791,31 @@ def fp8_linear_a16_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale
     return (x.float() @ dequantize_weight(weight, weight_scale_inv).t()).to(x.dtype)
 
 
+# W8A16 one-token GEMV launch configs (block_n, num_warps) per weight shape (N, K), measured on the H200
+# (scripts/sweep_a16.py, 2026-11-24, every (1, 2, 4, 8) x (4, 8) within the per-thread budget); shapes not listed
+# take `gemv_a16_config`'s rule, which gives 4/8 (the sweep's best at 6 of the 11 shapes). us of W8A8 as the model
+# runs it -> W8A16 at this config: 16B dense gate 10.19 -> 8.26; 671B-tp8 o_proj 8.12 -> 6.39, dense down 11.15 ->
+# 8.98, shared gate/up 4.60 -> 3.73; 4/8 at the others: 16B qkv_a 5.34 -> 4.53, o_proj 4.02 -> 3.65, dense down
+# 13.49 -> 12.31; 671B-tp8 qkv_a 8.87 -> 7.77, q_b 4.49 -> 3.97, dense gate/up 13.62 -> 12.88. (The first rule, the
+# W8A8 table's rows configs, kept 2 rows per program at K = 7168, where every program's bf16 x re-read is as many
+# bytes as its weights: qkv_a 9.03 and dense gate/up 14.51 us, slower than W8A8.)
+A16_TUNED: dict[tuple[int, int], tuple[int, int]] = {
+    (10944, 2048): (4, 4),  # 16B dense gate / up
+    (7168, 2048): (4, 4),  # 671B-tp8 o_proj
+    (7168, 2304): (4, 4),  # 671B-tp8 dense down
+    (512, 7168): (1, 8),  # 671B-tp8 shared gate/up
+    (7168, 256): (8, 2),  # 671B-tp8 shared down: W8A8's rows config (2.46 us; W8A16 8/4 2.48)
+}
+
+
 def gemv_a16_config(m: int, n: int, k: int) -> tuple[int, int]:
-    """(block_n, num_warps) of the W8A16 row-parallel GEMV: the W8A8 op's measured rows config for this shape when it
-    runs a rows kernel there (GEMV_TUNED / gemv_default: the same loads, minus the activation quantization), else 8
-    warps and the most rows (<= 8, a power of two) that keep A16_VALUES_PER_THREAD weight values per thread."""
-    variant, block_n, num_warps, _ = gemv_choice(m, n, k, 0)
-    if variant in ("rows", "rows_prequant"):
-        return block_n, num_warps
+    """(block_n, num_warps) of the W8A16 row-parallel GEMV: A16_TUNED's row, else 4 rows at 8 warps, fewer (a power
+    of two) where 4 would hold more than A16_VALUES_PER_THREAD weight values per thread (K > 8192)."""
+    if (n, k) in A16_TUNED:
+        return A16_TUNED[(n, k)]
     row_values = next_pow2(cdiv(k, BLOCK)) * BLOCK
-    return max(1, min(8, next_pow2(A16_VALUES_PER_THREAD * 32 * 8 // row_values + 1) // 2)), 8
+    fit = next_pow2(A16_VALUES_PER_THREAD * 32 * 8 // row_values + 1) // 2
+    return max(1, min(4, fit)), 8
 
 
 def fp8_gemv_a16(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: Optional[int] = None,

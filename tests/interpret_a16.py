@@ -69,12 +69,14 @@ def test_gemv_a16_is_not_w8a8():
 
 
 def test_a16_config():
-    """Rows configs: the W8A8 table's where it runs a rows kernel, else <= 128 weight values per thread."""
-    assert L.gemv_a16_config(1, 2048, 2048) == (8, 8)         # 16B o_proj: GEMV_TUNED's rows row
-    assert L.gemv_a16_config(1, 7168, 2048) == (2, 4)         # 671B-tp8 o_proj: its rows_prequant row
-    assert L.gemv_a16_config(1, 7168, 2304) == (8, 8)         # dense.down (split-K in the table): 32 blocks -> 8
+    """Rows configs: A16_TUNED's, else 4 rows at 8 warps within <= 128 weight values per thread."""
+    assert L.gemv_a16_config(1, 7168, 2048) == (4, 4)         # 671B-tp8 o_proj: a measured row
+    assert L.gemv_a16_config(1, 2112, 7168) == (4, 8)         # 671B-tp8 qkv_a: the rule (64 blocks of 128)
+    assert L.gemv_a16_config(1, 576, 320) == (4, 8)
     bn, nw = L.gemv_a16_config(1, 4096, 16384)                 # 128 blocks of 128: 2 rows at 8 warps
     assert (bn, nw) == (2, 8) and bn * 16384 // (32 * nw) <= L.A16_VALUES_PER_THREAD
+    for (n, k), (bn, nw) in L.A16_TUNED.items():
+        assert 128 % bn == 0 and bn * L.next_pow2(L.cdiv(k, 128)) * 128 // (32 * nw) <= 2 * L.A16_VALUES_PER_THREAD
 
 
 # experts: (D, I, routed experts, shared slots, top-k); D and I ragged, ids include other ranks' (-1, E)

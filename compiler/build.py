@@ -57,8 +57,8 @@ class CompileOptions:
     # 2.12-2.16 ms/token at batch 1, and the tiny config's world-size-2 logits bit for bit those of NCCL's graphs.
     all_reduce: str = "auto"
     # FP8 layers at one-token steps (the batch-1 decode graph): "fp8" quantizes activations (W8A8, as every other
-    # step), "bf16" does not (W8A16, Transformer.set_batch1_activations_).
-    batch1_activations: str = "fp8"
+    # step), "bf16" does not (W8A16, Transformer.set_batch1_activations_; the default: ParallelPlan's note).
+    batch1_activations: str = "bf16"
 
     def resolved_all_reduce(self) -> str:
         if self.all_reduce == "auto":

@@ -43,6 +43,10 @@ Implementations (one op; the branch is taken at trace time from the device and t
   BlockWise1x128/BlockWise128x128 (cuBLAS; sm_90, torch >= 2.11, bf16 output, K % 128 == 0, N % 128 == 0; M padded to
   a multiple of 4, weight scales zero-padded to round_up(K/128, 4) columns) or the tiled Triton GEMM `_fp8_gemm_kernel`.
   `DSV3_FP8_GEMM=triton|scaled_mm|gemv` (read at trace time) pins a path, for benchmarks and tests.
+
+`torch.ops.dsv3.fp8_linear_a16` (end of this file): the same product without the activation quantization (W8A16),
+the row-parallel kernel with ACT16 at <= 16 tokens; the model's one-token steps use it by default in compiled
+artifacts (bf16 batch-1 activations, docs/KERNELS.md).
 """
 
 from __future__ import annotations

@@ -72,8 +72,10 @@ class ParallelPlan:
     one_shot_all_reduce: bool = False
     # Any world size: "bf16" runs one-token steps' FP8 layers without activation quantization (W8A16,
     # Transformer.set_batch1_activations_); "fp8" quantizes them as every other step. A compile-time choice (the
-    # graphs call other ops); the manifest records it.
-    batch1_activations: str = "fp8"
+    # graphs call other ops); the manifest records it (artifacts from before the choice: "fp8"). bf16 by default
+    # since the seventeenth session (H200, batch 1: 671B rank 388.1 -> 361.9 us per 4-layer step, 16B 591.0 ->
+    # 579.9 us per 8-layer step; docs/BENCHMARKS.md).
+    batch1_activations: str = "bf16"
 
     @property
     def all_reduce(self) -> str:

@@ -54,11 +54,11 @@
 #   ab16       A/B of trace-time switches: the 16B FP8 config at AB_LAYERS (8) layers built once per variant
 #              (default + AB_VARIANTS, by default "DSV3_NORM_ROUTE=torch": the last adopted merge off; variants
 #              space-separated, settings within one comma-separated; a variant starting with -- is a list of
-#              compile options instead, e.g. --batch1-activations=bf16),
+#              compile options instead, e.g. --batch1-activations=fp8),
 #              decode batch 1 and 8 timed round-robin (scripts/rank_timing.py --repeats AB_REPEATS);
 #              AB_PARALLEL=1 builds the variants concurrently
 #   ab671      A/B on rank 0 of 671B at world size 8, AB671_LAYERS (4) layers, one build per variant (default +
-#              AB_VARIANTS, default "--batch1-activations=bf16"), decode timed round-robin (collectives stubbed)
+#              AB_VARIANTS, default "--batch1-activations=fp8"), decode timed round-robin (collectives stubbed)
 #   ar2        needs 2 GPUs: scripts/allreduce_latency.py (a decode step's collectives over NCCL, CUDA graph)
 #   run671ws   needs 2 or 4 GPUs (issue 8 until 8 are lent): 671B truncated to LAYERS671WS (8) layers at world size
 #              WS671 (all visible GPUs): compile, dsv3c run --random-weights at batch 1 and 8, rank 0 alone stubbed
@@ -364,7 +364,7 @@ step_est671() {  # one rank of 671B at world size 8 on this GPU: decode at 4, 6 
 step_ab671() {  # A/B of compile options / trace-time switches on rank 0 of 671B at world size 8 (AB671_LAYERS, 4):
   # one build per variant (default + AB_VARIANTS, syntax as ab16's), decode timed round-robin (collectives stubbed)
   local layers=${AB671_LAYERS:-4} v dirs=() name
-  for v in default ${AB_VARIANTS:---batch1-activations=bf16}; do
+  for v in default ${AB_VARIANTS:---batch1-activations=fp8}; do
     name=ab671_${v//[^A-Za-z0-9]/_}
     dirs+=("$WORK/$name")
     [ -f "$WORK/$name/manifest.json" ] && continue

@@ -879,5 +879,5 @@ def _fp8_linear_a16_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-__all__ = ["fp8_linear", "fp8_linear_a16", "fp8_linear_a16_reference", "fp8_linear_reference", "fp8_linear_triton", "fp8_gemv", "fp8_gemm", "act_quant",
-           "gemv_choice", "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX", "GEMV_VARIANTS", "GEMV_CUDA_CORE_VARIANTS"]
+__all__ = ["fp8_linear", "fp8_linear_a16", "fp8_linear_a16_reference", "fp8_linear_reference", "fp8_linear_triton",
+           "fp8_gemv", "fp8_gemm", "act_quant", "gemv_choice", "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX", "GEMV_VARIANTS", "GEMV_CUDA_CORE_VARIANTS"]

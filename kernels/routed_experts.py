@@ -825,7 +825,8 @@ def routed_experts_triton(
 ) -> torch.Tensor:
     """The Triton path (module docstring). quant_act=False (FP8 weights, one token, `a16_supported`): W8A16, the
     row-parallel up and down kernels on x and h in the activation dtype (no quantization launch; x_q / x_scale
-    unused); their launch fields come from the T = 1 plan where it runs the rows kernels, else A16_UP / A16_DOWN. combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
+    unused); their launch fields come from the T = 1 plan where it runs the rows kernels, else A16_UP / A16_DOWN.
+    combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
     contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the
     plan, DSV3_MOE_DECODE, then these keyword arguments; None keeps the plan's value). The grouped path starts
     from `grouped_plan` (GROUPED_FP8_TUNED for its (D, I), else MOE_GROUPED_FP8 / _BF16) and takes only the

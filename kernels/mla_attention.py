@@ -22,8 +22,10 @@ Implementations (branch taken at trace time)
     of [0, L) (at least min_chunk = 128 rows), splits past L exit at once, and
     `_mla_combine_kernel` (one program per query row and 128 channels, splits reduced 64 at a time) merges the
     fp32 partials of the splits that ran (it recomputes L the same way).
-  * Blocks hold min(64, next_pow2(S*H)) rows (>= 16). H = 16 per rank at decode: 16-row blocks, 4 warps
-    (mma.sync); H = 128 or prefill: 64-row blocks, 8 warps (wgmma). BLOCK_T = 64 cache rows per step, 2 stages.
+  * Blocks hold min(64, next_pow2(S*H)) rows (>= 16). H = 16 per rank at decode: 16-row blocks, 8 warps
+    (mma.sync); H = 128 or prefill: 64-row blocks, 8 warps (wgmma). BLOCK_T = 64 cache rows per step, 2 stages;
+    at H = 16 128-row steps where a split is one step at a full long cache, 3 stages where it is several
+    (`mla_plan`).
     `swap=True` selects a transposed formulation (cache rows on the MMA's M side, q in shared memory); it is
     tested but not the default: on the H200 it was no faster (2026-11-22 sweep, docs/KERNELS.md).
   * Prefill (S larger or dynamic): one split; rows of a block are consecutive query positions, so the loop stops
@@ -41,7 +43,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, next_pow2, num_sms, static_int
+from dsv3.kernels._launch import cdiv, env_switch, next_pow2, num_sms, static_int
 
 DECODE_MAX_S = 16
 LOG2E = 1.4426950408889634
@@ -276,13 +278,35 @@ def _mla_combine_kernel(
 LONG_CACHE_ROWS = 8192
 
 
+class MlaPlan(NamedTuple):
+    block_h: int
+    block_t: int
+    c_pad: int
+    num_warps: int
+    n_splits: int
+    min_chunk: int
+    swap: bool
+    num_stages: int
+
+
+MLA_DEPTH_DEFAULT = "deep"
+
+
+def mla_depth() -> str:
+    """How `mla_plan` pipelines splits of several key blocks (read at trace time): 'deep' (default): 64-row blocks,
+    3 stages; 'shallow': the blocks of before with 2 stages (one kv buffer). DSV3_MLA_DEPTH pins one (A/B runs)."""
+    return env_switch("DSV3_MLA_DEPTH", MLA_DEPTH_DEFAULT, ("deep", "shallow"))
+
+
 def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c: int, sms: int,
              block_h: Optional[int] = None, block_t: Optional[int] = None, n_splits: Optional[int] = None,
-             min_chunk: Optional[int] = None, swap: Optional[bool] = None):
-    """(BLOCK_H, BLOCK_T, C_PAD, num_warps, n_splits, min_chunk, swap) from static shapes (None = dynamic).
+             min_chunk: Optional[int] = None, swap: Optional[bool] = None,
+             num_stages: Optional[int] = None) -> MlaPlan:
+    """The launch plan from static shapes (None = dynamic); arguments given are kept as they are.
     swap: <= 32 query rows per block run the transposed formulation (see `_mla_fwd_kernel`).
     A split never covers fewer than `min_chunk` cache rows, so its fp32 partial (BLOCK_H x C x 4 bytes) stays
     small next to the cache bytes it reads."""
+    auto_depth = block_t is None and num_stages is None and min_chunk is None
     rows = None if s is None else s * h
     if block_h is None:
         block_h = 64 if rows is None else min(64, max(16, next_pow2(rows)))
@@ -318,7 +342,21 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
             # 458.0 us, H 128 batch 8 / 32 at 8k 136.4 -> 99.9 / 428.3 -> 312.1 us; 2-3x whole waves were no better)
             n_rb = cdiv(rows, block_h)
             n_splits = max(1, min(sms // (b * n_rb), cdiv(t_cap, min_chunk)))
-    return block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap
+    if num_stages is None:
+        num_stages = 2
+    if (auto_depth and decode and block_h == 16 and not swap and cdiv(t_cap, n_splits) > block_t
+            and mla_depth() == "deep"):
+        # A full cache gives each split several key blocks (batch >= 4 at 4096 rows, long caches): with 2 stages
+        # Triton keeps one kv buffer, refilled only after the step's math; 64-row blocks in 3 stages (two buffers,
+        # 147 KB) overlap the next block's load with it. Same split count; splits of >= 64 rows, so a short context
+        # in a long cache still spreads over a few programs. scripts/sweep_mla_pipeline.py, H200, 2026-11-24, op
+        # us (splits + combine), 2-stage plan -> this: 4096-row cache at context 4032 batch 4 18.7 -> 17.4, batch 8
+        # 27.1 -> 22.0, batch 32 74.6 -> 57.4; at context 128 batch 4 / 8 10.2 / 10.4 -> 10.6 / 10.8; full caches of
+        # 8k / 32k rows batch 8 39.8 -> 32.5 / 107.3 -> 90.7, batch 32 at 32k 358.4 -> 321.6, batch 1 at 32k 30.3 ->
+        # 27.2; context 128 in a 32k cache batch 1 / 8 11.7 -> 10.1 / 14.5 -> 13.5. One key block per split (batch 1-2
+        # at 4096 rows, batch 1 at 8192) keeps the 2-stage plan: 3 stages gained nothing there.
+        block_t, min_chunk, num_stages = 64, 64, 3
+    return MlaPlan(block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap, num_stages)
 
 
 class SplitAttention(NamedTuple):
@@ -338,7 +376,7 @@ class SplitAttention(NamedTuple):
 def mla_attention_split(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
-    n_splits: Optional[int] = None, num_stages: int = 2, min_chunk: Optional[int] = None,
+    n_splits: Optional[int] = None, num_stages: Optional[int] = None, min_chunk: Optional[int] = None,
     swap: Optional[bool] = None, num_warps: Optional[int] = None,
 ) -> SplitAttention:
     """`_mla_fwd_kernel` alone: with one split the attention output, else the splits' partials to be combined
@@ -353,9 +391,9 @@ def mla_attention_split(
         q_pe = q_pe.contiguous()
     if latent_cache.stride(-1) != 1:
         latent_cache = latent_cache.contiguous()
-    block_h, block_t, c_pad, plan_warps, n_splits, min_chunk, swap = mla_plan(
+    block_h, block_t, c_pad, plan_warps, n_splits, min_chunk, swap, num_stages = mla_plan(
         static_int(bsz), static_int(seqlen), heads, static_int(latent_cache.shape[1]), c,
-        num_sms(q_latent.device), block_h, block_t, n_splits, min_chunk, swap)
+        num_sms(q_latent.device), block_h, block_t, n_splits, min_chunk, swap, num_stages)
     num_warps = num_warps or plan_warps
     r_pad = max(16, next_pow2(r))
     n_rb = cdiv(seqlen * heads, block_h)
@@ -387,7 +425,7 @@ def combine_block_s(n_splits: int) -> int:
 def mla_attention_triton(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
-    n_splits: Optional[int] = None, num_stages: int = 2, min_chunk: Optional[int] = None,
+    n_splits: Optional[int] = None, num_stages: Optional[int] = None, min_chunk: Optional[int] = None,
     swap: Optional[bool] = None, num_warps: Optional[int] = None,
 ) -> torch.Tensor:
     sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, block_h, block_t, n_splits,
@@ -428,4 +466,6 @@ def _mla_attention_fake(q_latent, q_pe, latent_cache, input_pos, softmax_scale):
     return torch.empty_like(q_latent)
 
 
-__all__ = ["mla_attention", "mla_attention_reference", "mla_attention_triton", "mla_plan", "math"]
+__all__ = [
+    "MlaPlan", "mla_attention", "mla_attention_reference", "mla_attention_triton", "mla_depth", "mla_plan", "math",
+]

@@ -29,6 +29,8 @@
 #              launch block and warps against the two ops it replaces; JSON in $OUT)
 #   mla-splits scripts/sweep_mla_splits.py: the MLA decode op's split count (the plan's vs whole waves of programs)
 #              at H 16 / 128, batch 1 / 8 / 32, context 1k-32k (checked, timed; JSON in $OUT)
+#   mla-pipe   scripts/sweep_mla_pipeline.py: the MLA decode op's plan against the 2-stage plan of before and 32- / 64-row
+#              key blocks in 2-4 stages at the plan's split count; H 16, batch 1-32, context 128-32k (JSON in $OUT)
 #   tma-moe    scripts/try_grouped_tma.py: the grouped MoE kernels with TMA descriptor loads vs the production ones
 #              (bitwise compared, timed interleaved; JSON in $OUT)
 #   sdpa       scripts/bench_prefill_sdpa.py: the first-chunk prefill attention, our kernel vs PyTorch's cuDNN / flash
@@ -126,6 +128,8 @@ step_attnout() {
 }
 
 step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_prefill_sdpa.json" 2>&1 | grep -v -i warn | tail -60; }
+
+step_mla_pipe() { timeout 400 $PY scripts/sweep_mla_pipeline.py --json "$OUT/sweep_mla_pipeline.json" 2>&1 | grep -v -i warn | tail -24; }
 
 step_mla_splits() { timeout 400 $PY scripts/sweep_mla_splits.py ${SPLITS_ARGS:-} --json "$OUT/sweep_mla_splits.json" 2>&1 | grep -v -i warn | tail -20; }
 

@@ -56,7 +56,8 @@ def main() -> None:
         qpe = torch.randn(b, 1, heads, r, device=dev, generator=g).bfloat16()
         pos = torch.full((b, 1), ctx - 1, device=dev, dtype=torch.long)
         ref = mla_attention_reference(q, qpe, caches[0], pos, scale).float()
-        block_h, _, _, _, default_splits, min_chunk, _ = mla_plan(b, 1, heads, t_cap, c, sms)
+        plan = mla_plan(b, 1, heads, t_cap, c, sms)
+        block_h, default_splits, min_chunk = plan.block_h, plan.n_splits, plan.min_chunk
         per_split = b * cdiv(heads, block_h)
         cap = cdiv(t_cap, min_chunk)
         whole = max(1, sms // per_split)

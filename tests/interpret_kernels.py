@@ -211,14 +211,15 @@ def test_mla_default_decode_plan():
 
 
 def test_mla_long_cache_decode_plan():
-    """The plan over a cache of LONG_CACHE_ROWS rows at 16 heads: 128-row key blocks and splits; rows at positions
+    """The plan over a cache of LONG_CACHE_ROWS rows at 16 heads: 3-stage splits; rows at positions
     inside the first split, across split boundaries and at the end of the cache."""
     gen = torch.Generator().manual_seed(19)
     t_cap = A.LONG_CACHE_ROWS
     q, qp, cache, _ = _mla_inputs(3, 1, 16, t_cap, 64, 16, torch.float16, gen)
     pos = torch.tensor([[t_cap - 1], [5], [1000]])
     plan = A.mla_plan(3, 1, 16, t_cap, 64, 132)
-    assert plan[1] == 128 and plan[5] == 128 and plan[4] == 44  # block_t, min_chunk, splits (132 // 3)
+    # 44 splits (132 // 3), each of several 64-row blocks in 3 stages at a full cache
+    assert (plan.block_t, plan.min_chunk, plan.n_splits, plan.num_stages) == (64, 64, 44, 3)
     out = A.mla_attention_triton(q, qp, cache, pos, 0.12)
     ref = A.mla_attention_reference(q.double(), qp.double(), cache.double(), pos, 0.12)
     assert rel_err(out, ref) < 2e-3

@@ -89,7 +89,7 @@ def test_opcheck_cpu():
     assert torch.equal(torch.ops.dsv3.fp8_linear(*lin), L.fp8_linear_reference(*lin))
 
 
-def test_launch_plans():
+def test_launch_plans(monkeypatch):
     # decode GEMV: enough programs to fill 132 SMs, partial traffic bounded, every K block covered exactly once
     for m, n, k in [(1, 576, 7168), (4, 2304, 7168), (64, 7168, 2048), (1, 88, 200), (16, 4096, 512)]:
         splits, per = L.gemv_plan(m, n, k, 132)
@@ -101,10 +101,25 @@ def test_launch_plans():
     # whole waves of programs: 8 x 16 = 128 (not 8 x 17 = 136) on 132 SMs; 128 heads: 2 row blocks per sequence
     assert A.mla_plan(8, 1, 16, 32768, 512, 132)[4] == 16 and A.mla_plan(32, 1, 16, 8192, 512, 132)[4] == 4
     assert A.mla_plan(8, 1, 128, 8192, 512, 132)[4] == 8 and A.mla_plan(200, 1, 16, 8192, 512, 132)[4] == 1
-    # 128-row key blocks and splits at 16 heads over caches of LONG_CACHE_ROWS or more, 64 below and at 128 heads
-    assert A.mla_plan(1, 1, 16, 32768, 512, 132)[1] == 128 and A.mla_plan(1, 1, 16, 32768, 512, 132)[5] == 128
-    assert A.mla_plan(1, 1, 16, 4096, 512, 132)[1] == 64 and A.mla_plan(1, 1, 128, 32768, 512, 132)[1] == 64
-    assert A.mla_plan(1, 4, 16, 32768, 512, 132)[1] == 64 and A.mla_plan(1, 1, 16, 4096, 512, 132)[4] == 64
+    # 128-row splits at 16 heads over caches of LONG_CACHE_ROWS or more, 64 below and at 128 heads; where a split
+    # has several key blocks at a full cache, 64-row blocks in 3 stages and splits of >= 64 rows (same split count)
+    p = A.mla_plan(1, 1, 16, 8192, 512, 132)
+    assert (p.block_t, p.min_chunk, p.num_stages, p.n_splits) == (128, 128, 2, 64)
+    p = A.mla_plan(1, 1, 16, 32768, 512, 132)
+    assert (p.block_t, p.min_chunk, p.num_stages, p.n_splits) == (64, 64, 3, 132)
+    p = A.mla_plan(1, 1, 16, 4096, 512, 132)
+    assert (p.block_t, p.min_chunk, p.num_stages, p.n_splits) == (64, 64, 2, 64)
+    p = A.mla_plan(8, 1, 16, 4096, 512, 132)
+    assert (p.block_t, p.min_chunk, p.num_stages, p.n_splits) == (64, 64, 3, 16)
+    assert A.mla_plan(1, 1, 128, 32768, 512, 132).num_stages == 2 and A.mla_plan(1, 1, 128, 32768, 512, 132)[1] == 64
+    assert A.mla_plan(1, 4, 16, 32768, 512, 132)[1] == 64 and A.mla_plan(1, 4, 16, 32768, 512, 132).num_stages == 2
+    # given block sizes or stages are kept; DSV3_MLA_DEPTH=shallow restores the 2-stage plan
+    assert A.mla_plan(8, 1, 16, 4096, 512, 132, num_stages=2).num_stages == 2
+    assert A.mla_plan(1, 1, 16, 32768, 512, 132, min_chunk=128)[1:6:4] == (128, 128)
+    assert A.mla_plan(1, 1, 16, 32768, 512, 132, block_t=128)[1:6:4] == (128, 128)
+    monkeypatch.setenv("DSV3_MLA_DEPTH", "shallow")
+    p = A.mla_plan(1, 1, 16, 32768, 512, 132)
+    assert (p.block_t, p.num_stages) == (128, 2) and A.mla_plan(8, 1, 16, 4096, 512, 132).num_stages == 2
     assert A.mla_plan(1, 300, 16, 32768, 512, 132)[4] == 1
     assert A.mla_plan(None, None, 16, None, 512, 132)[4] == 1
 

@@ -31,6 +31,8 @@
 #              at H 16 / 128, batch 1 / 8 / 32, context 1k-32k (checked, timed; JSON in $OUT)
 #   mla-pipe   scripts/sweep_mla_pipeline.py: the MLA decode op's plan against the 2-stage plan of before and 32- / 64-row
 #              key blocks in 2-4 stages at the plan's split count; H 16, batch 1-32, context 128-32k (JSON in $OUT)
+#   ncu-mla    Nsight Compute sections of the MLA decode kernels (scripts/ncu_mla.py: batch 1 at 128 / 8k / 32k, batch 8
+#              at 4k; full report text in $OUT/ncu_mla.txt)
 #   tma-moe    scripts/try_grouped_tma.py: the grouped MoE kernels with TMA descriptor loads vs the production ones
 #              (bitwise compared, timed interleaved; JSON in $OUT)
 #   sdpa       scripts/bench_prefill_sdpa.py: the first-chunk prefill attention, our kernel vs PyTorch's cuDNN / flash
@@ -184,6 +186,18 @@ step_ncu_moe() {  # Nsight Compute on the routed-experts kernels (scripts/ncu_mo
 }
 
 step_prefetch() { timeout 300 $PY scripts/bench_prefetch.py --json "$OUT/bench_prefetch.json" 2>&1 | grep -v -i warn | tail -20; }
+
+step_ncu_mla() {  # Nsight Compute on the MLA decode kernels (scripts/ncu_mla.py): batch 1 at 128 / 8k / 32k, batch 8 at 4k
+  local ncu; ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  if [ -z "$ncu" ]; then echo "ncu not found on this host"; return 1; fi
+  timeout 300 "$ncu" --profile-from-start off --kernel-name 'regex:_mla_(fwd|combine)_kernel' \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    --section LaunchStats --section SchedulerStats --section SourceCounters \
+    $PY scripts/ncu_mla.py >"$OUT/ncu_mla.txt" 2>&1
+  echo "ncu exit $?; $(grep -c '_mla_' "$OUT/ncu_mla.txt") kernel lines"
+  grep -E '^  _mla_|Duration|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Issued Ipc|Stall|Local Memory|Dynamic Shared|Grid Size|Block Size' \
+    "$OUT/ncu_mla.txt" | head -120
+}
 
 step_kdec() {
   local files=(tests/test_norm_route.py tests/test_norm.py tests/test_mla_prep.py tests/test_router.py)

@@ -655,10 +655,19 @@ ROWS_UP_BLOCK_NS = (1, 2, 4, 8)  # FP8, T = 1: `_moe_up_rows_kernel`
 # (one local expert, D 7168) 7.63 against 11.53 us (56 programs): its T=1 table row uses it.
 # (The fourth session's prototype that also did the combine in its programs measured slower: 12.8 vs 9.5 + 2.2 us.)
 ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8)
-# W8A16 (quant_act=False, one token) launch fields (BLOCK_N, num_warps) where the T = 1 plan does not run the rows
-# kernels: the 16B row's up config and the 671B row's down config (both hold <= 128 weight values per thread).
+# W8A16 (quant_act=False, one token) launch fields (BLOCK_N, num_warps) of shapes without an A16_MOE_TUNED row, where
+# the T = 1 plan does not run the rows kernels: the 16B row's up config and the 671B row's down config (both hold
+# <= 128 weight values per thread).
 A16_UP = (2, 4)
 A16_DOWN = (8, 4)
+# Measured W8A16 one-token configs per expert shape (E slots, I, D) -> (up BLOCK_N, up warps, down BLOCK_N, down
+# warps); scripts/sweep_moe_a16.py on the H200 (2026-11-24), whole op (pairs) over weight copies, median of 3
+# interleaved rounds. Before, the W8A8 T = 1 plan's up config (2 rows, 4 warps: each of 5632 programs re-read the
+# bf16 x, half its own weight bytes) and A16_DOWN: 16B 28.45 -> 26.30 us, 671B rank 23.36 -> 22.84 us.
+A16_MOE_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (66, 1408, 2048): (4, 4, 4, 4),
+    (32, 2048, 7168): (2, 4, 8, 8),
+}
 
 
 def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecodePlan:
@@ -670,15 +679,29 @@ def moe_decode_plan(t: int, e_slots: int, i: int, d: int, sms: int) -> MoeDecode
     return MOE_DECODE_DEFAULT
 
 
-def _tuned_key(e_slots: int, i: int, d: int) -> tuple[int, int, int]:
-    """The MOE_DECODE_TUNED row for (e_slots, I, D): its own, else the same expert shape's row with the nearest slot
-    count within a factor of 2 (the 16B issue shape, 64 routed experts, takes the model's 66-slot row: a plan's cost
-    follows how many experts the T tokens touch, which barely moves from 64 to 66 slots). Farther slot counts (an EP
-    shard of another world size) keep the default until swept."""
-    if (e_slots, i, d) in MOE_DECODE_TUNED:
+def _tuned_key(e_slots: int, i: int, d: int, table: Optional[dict] = None) -> tuple[int, int, int]:
+    """The row of `table` (MOE_DECODE_TUNED by default) for (e_slots, I, D): its own, else the same expert shape's
+    row with the nearest slot count within a factor of 2 (the 16B issue shape, 64 routed experts, takes the model's
+    66-slot row: a plan's cost follows how many experts the T tokens touch, which barely moves from 64 to 66 slots).
+    Farther slot counts (an EP shard of another world size) keep the default until swept."""
+    table = MOE_DECODE_TUNED if table is None else table
+    if (e_slots, i, d) in table:
         return (e_slots, i, d)
-    near = [k for k in MOE_DECODE_TUNED if k[1:] == (i, d) and k[0] <= 2 * e_slots and e_slots <= 2 * k[0]]
+    near = [k for k in table if k[1:] == (i, d) and k[0] <= 2 * e_slots and e_slots <= 2 * k[0]]
     return min(near, key=lambda k: (abs(k[0] - e_slots), k[0])) if near else (e_slots, i, d)
+
+
+def a16_moe_config(e_slots: int, i: int, d: int, plan: MoeDecodePlan) -> tuple[int, int, int, int]:
+    """(up BLOCK_N, up warps, down BLOCK_N, down warps) of the W8A16 one-token kernels: the A16_MOE_TUNED row unless
+    DSV3_MOE_DECODE pins a plan; otherwise the T = 1 plan's row-parallel fields, A16_UP / A16_DOWN where it has none."""
+    row = A16_MOE_TUNED.get(_tuned_key(e_slots, i, d, A16_MOE_TUNED))
+    if row is not None and env_choice("DSV3_MOE_DECODE", "auto") == "auto":
+        return row
+    rows_up = plan.up_block_n in ROWS_UP_BLOCK_NS
+    up = (plan.up_block_n, plan.up_num_warps) if rows_up else A16_UP
+    down = ((plan.down_block_n, plan.down_num_warps) if rows_up and plan.down_block_n in ROWS_DOWN_BLOCK_NS
+            else A16_DOWN)
+    return (*up, *down)
 
 
 def parse_moe_plan(spec: str, base: MoeDecodePlan) -> MoeDecodePlan:
@@ -825,7 +848,7 @@ def routed_experts_triton(
 ) -> torch.Tensor:
     """The Triton path (module docstring). quant_act=False (FP8 weights, one token, `a16_supported`): W8A16, the
     row-parallel up and down kernels on x and h in the activation dtype (no quantization launch; x_q / x_scale
-    unused); their launch fields come from the T = 1 plan where it runs the rows kernels, else A16_UP / A16_DOWN.
+    unused); their launch fields from `a16_moe_config` (A16_MOE_TUNED), then this call's up_* / down_* fields.
     combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
     contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the
     plan, DSV3_MOE_DECODE, then these keyword arguments; None keeps the plan's value). The grouped path starts
@@ -886,10 +909,12 @@ def routed_experts_triton(
     a16 = not quant_act
     if a16:
         assert is_fp8 and not grouped and t_static == 1, "W8A16 experts: FP8 weights and one token (a16_supported)"
-        up_bn, up_w = ((plan.up_block_n, plan.up_num_warps) if plan.up_block_n in ROWS_UP_BLOCK_NS else A16_UP)
-        down_bn, down_w = ((plan.down_block_n, plan.down_num_warps) if plan.up_block_n in ROWS_UP_BLOCK_NS
-                           and plan.down_block_n in ROWS_DOWN_BLOCK_NS else A16_DOWN)
-        plan = plan._replace(up_block_n=up_bn, up_num_warps=up_w, down_block_n=down_bn, down_num_warps=down_w)
+        up_bn, up_w, down_bn, down_w = a16_moe_config(e, i, d, plan)
+        given = dict(up_block_n=up_block_n, up_num_warps=up_num_warps, down_block_n=down_block_n,
+                     down_num_warps=down_num_warps)  # this call's own fields win (tests, sweeps)
+        plan = plan._replace(**dict(dict(up_block_n=up_bn, up_num_warps=up_w, down_block_n=down_bn,
+                                         down_num_warps=down_w), **{k: v for k, v in given.items() if v is not None}))
+        check_moe_plan(plan, is_fp8, t_static)
     rows_up = is_fp8 and not grouped and plan.up_block_n in ROWS_UP_BLOCK_NS
     rows_down = rows_up and plan.down_block_n in ROWS_DOWN_BLOCK_NS  # (check_moe_plan: only behind rows_up)
     quant_h = is_fp8 and (plan.up_block_n == 128 or rows_up)

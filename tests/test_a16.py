@@ -242,6 +242,20 @@ def test_routed_experts_a16_gpu(e_routed, n_shared, i, d, k):
     assert rel_err(torch.ops.dsv3.routed_experts(x, idx, wt, *w), want) > 2 * rel_err(out, want)
 
 
+def test_a16_moe_configs(monkeypatch):
+    """The W8A16 experts' launch fields: the measured table (nearest slot count of the same expert shape), else the
+    T = 1 plan's row-parallel fields or A16_UP / A16_DOWN; DSV3_MOE_DECODE pins the plan's."""
+    plan = RE.moe_decode_plan(1, 66, 1408, 2048, 132)
+    assert RE.a16_moe_config(66, 1408, 2048, plan) == RE.A16_MOE_TUNED[(66, 1408, 2048)]
+    assert RE.a16_moe_config(64, 1408, 2048, plan) == RE.A16_MOE_TUNED[(66, 1408, 2048)]
+    assert RE.a16_moe_config(32, 2048, 7168, plan) == RE.A16_MOE_TUNED[(32, 2048, 7168)]
+    other = RE.moe_decode_plan(1, 16, 640, 512, 132)  # no row: the default plan (MMA kernels) -> the fallbacks
+    assert RE.a16_moe_config(16, 640, 512, other) == (*RE.A16_UP, *RE.A16_DOWN)
+    monkeypatch.setenv("DSV3_MOE_DECODE", "2:4:1:8:4:1")
+    pinned = RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True)
+    assert RE.a16_moe_config(66, 1408, 2048, pinned) == (2, 4, 8, 4)
+
+
 def test_opcheck_a16_cpu():
     g = torch.Generator().manual_seed(3)
     w, s = quantize_weight(torch.randn(200, 320, generator=g))

@@ -661,11 +661,13 @@ ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8)
 A16_UP = (2, 4)
 A16_DOWN = (8, 4)
 # Measured W8A16 one-token configs per expert shape (E slots, I, D) -> (up BLOCK_N, up warps, down BLOCK_N, down
-# warps); scripts/sweep_moe_a16.py on the H200 (2026-11-24), whole op (pairs) over weight copies, median of 3
-# interleaved rounds. Before, the W8A8 T = 1 plan's up config (2 rows, 4 warps: each of 5632 programs re-read the
-# bf16 x, half its own weight bytes) and A16_DOWN: 16B 28.45 -> 26.30 us, 671B rank 23.36 -> 22.84 us.
+# warps); scripts/sweep_moe_a16.py on the H200 (2026-11-24), whole op (pairs) over weight copies. Before, the W8A8
+# T = 1 plan's up config (2 rows, 4 warps: each of 5632 programs re-read the bf16 x, half its own weight bytes) and
+# A16_DOWN. 16B: up 4 rows / 4 warps 28.13 -> 24.80 us with the same down; the sweep's down 4 / 4 (25.47 vs 25.70 us
+# for 8 / 4, within its noise) ran 10.9 us per call in the model's profile against 10.0 for 8 / 4: 8 / 4 kept.
+# 671B rank: 23.36 -> 22.84 us (median of 3 interleaved rounds).
 A16_MOE_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (66, 1408, 2048): (4, 4, 4, 4),
+    (66, 1408, 2048): (4, 4, 8, 4),
     (32, 2048, 7168): (2, 4, 8, 8),
 }
 

@@ -23,9 +23,9 @@ Implementations (branch taken at trace time)
     `_mla_combine_kernel` (one program per query row and 128 channels, splits reduced 64 at a time) merges the
     fp32 partials of the splits that ran (it recomputes L the same way).
   * Blocks hold min(64, next_pow2(S*H)) rows (>= 16). H = 16 per rank at decode: 16-row blocks, 8 warps
-    (mma.sync); H = 128 or prefill: 64-row blocks, 8 warps (wgmma). BLOCK_T = 64 cache rows per step, 2 stages;
-    at H = 16 128-row steps where a split is one step at a full long cache, 3 stages where it is several
-    (`mla_plan`).
+    (mma.sync); H = 128 or prefill: 64-row blocks, 8 warps (wgmma). BLOCK_T = 64 cache rows per step, 2 stages.
+    At H = 16 (`mla_plan`): 128-row steps over caches of 8192+ rows where a split is one step; 64-row steps in 3
+    stages wherever a split covers several steps at a full cache.
     `swap=True` selects a transposed formulation (cache rows on the MMA's M side, q in shared memory); it is
     tested but not the default: on the H200 it was no faster (2026-11-22 sweep, docs/KERNELS.md).
   * Prefill (S larger or dynamic): one split; rows of a block are consecutive query positions, so the loop stops

@@ -911,11 +911,16 @@ def routed_experts_triton(
     a16 = not quant_act
     if a16:
         assert is_fp8 and not grouped and t_static == 1, "W8A16 experts: FP8 weights and one token (a16_supported)"
-        up_bn, up_w, down_bn, down_w = a16_moe_config(e, i, d, plan)
+        fields = dict(zip(("up_block_n", "up_num_warps", "down_block_n", "down_num_warps"),
+                          a16_moe_config(e, i, d, plan)))
         given = dict(up_block_n=up_block_n, up_num_warps=up_num_warps, down_block_n=down_block_n,
                      down_num_warps=down_num_warps)  # this call's own fields win (tests, sweeps)
-        plan = plan._replace(**dict(dict(up_block_n=up_bn, up_num_warps=up_w, down_block_n=down_bn,
-                                         down_num_warps=down_w), **{k: v for k, v in given.items() if v is not None}))
+        fields.update({k: v for k, v in given.items() if v is not None})
+        if fields["up_block_n"] not in ROWS_UP_BLOCK_NS or fields["down_block_n"] not in ROWS_DOWN_BLOCK_NS:
+            raise ValueError(f"W8A16 experts run the row-parallel kernels: up_block_n in {ROWS_UP_BLOCK_NS} and "
+                             f"down_block_n in {ROWS_DOWN_BLOCK_NS}, got {fields['up_block_n']} and "
+                             f"{fields['down_block_n']}")
+        plan = plan._replace(**fields)
         check_moe_plan(plan, is_fp8, t_static)
     rows_up = is_fp8 and not grouped and plan.up_block_n in ROWS_UP_BLOCK_NS
     rows_down = rows_up and plan.down_block_n in ROWS_DOWN_BLOCK_NS  # (check_moe_plan: only behind rows_up)

@@ -251,6 +251,12 @@ def test_a16_moe_configs(monkeypatch):
     assert RE.a16_moe_config(32, 2048, 7168, plan) == RE.A16_MOE_TUNED[(32, 2048, 7168)]
     other = RE.moe_decode_plan(1, 16, 640, 512, 132)  # no row: the default plan (MMA kernels) -> the fallbacks
     assert RE.a16_moe_config(16, 640, 512, other) == (*RE.A16_UP, *RE.A16_DOWN)
+    x = torch.zeros(1, 2048, dtype=torch.bfloat16)
+    w = [torch.zeros(66, *shape, dtype=FP8_DTYPE) for shape in ((1408, 2048), (1408, 2048), (2048, 1408))]
+    s = [torch.ones(66, *shape) for shape in ((11, 16), (11, 16), (16, 11))]
+    idx = torch.tensor([[0, 1, 2, 3, 4, 5, 64, 65]])
+    with pytest.raises(ValueError, match="up_block_n in"):  # W8A16 takes the row-parallel kernels only
+        RE.routed_experts_triton(x, idx, idx.float(), *w, *s, quant_act=False, up_block_n=64)
     monkeypatch.setenv("DSV3_MOE_DECODE", "2:4:1:8:4:1")
     pinned = RE.resolve_moe_decode(1, 66, 1408, 2048, 132, True)
     assert RE.a16_moe_config(66, 1408, 2048, pinned) == (2, 4, 8, 4)

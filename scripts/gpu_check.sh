@@ -45,7 +45,8 @@
 #   run16      dsv3c run from the artifacts: batch 1 and 8, TTFT and decode ms/token, plus the eager baseline
 #   loadprof   where the artifact cold start goes (scripts/profile_load.py on art16 + ckpt16)
 #   prof16     where a batch-1 decode step goes (scripts/profile_decode.py: graph replay vs kernel time, top kernels)
-#   prof16q    the same on quick16's artifacts with weights generated on the GPU (no checkpoint)
+#   prof16q    the same on quick16's artifacts with weights generated on the GPU (no checkpoint); PROF_CTX sets the
+#              decode context (default 128)
 #   select     scripts/bench_select.py: the router select kernel at 671B's grouping, group view vs membership grid
 #   prof671    batch-1 decode profile of rank 0 of 671B at world size 8 (est671's 4-layer artifacts; collectives stubbed)
 #   det16q     run-to-run determinism: dsv3c run twice from quick16's artifacts (random weights, batch 8), tokens compared
@@ -247,7 +248,9 @@ step_prof671() {  # rank 0 of 671B at world size 8 (est671's 4-layer artifacts, 
   build671_layers 4
   $PY scripts/profile_decode.py "$WORK/art671_l4" random "$OUT/prof671" 1024 0 2>&1 | grep -v Warning | tail -45
 }
-step_prof16q() { $PY scripts/profile_decode.py "$WORK/art16q" random "$OUT" 128 4095 2>&1 | grep -v Warning | tail -90; }
+step_prof16q() {  # PROF_CTX: the decode step's context (128; quick16's cache holds 4096 rows)
+  $PY scripts/profile_decode.py "$WORK/art16q" random "$OUT" "${PROF_CTX:-128}" 4095 2>&1 | grep -v Warning | tail -90
+}
 
 step_ckpt16bf16() {  # CPU only: the BF16 copy transformers loads for bench16's --baseline hf
   [ -f "$WORK/ckpt16bf16/config.json" ] && { echo "ckpt16bf16 exists"; return 0; }

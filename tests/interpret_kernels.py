@@ -225,6 +225,19 @@ def test_mla_long_cache_decode_plan():
     assert rel_err(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("block_c,warps", [(32, 4), (16, 2)])
+def test_mla_combine_block_c(block_c, warps):
+    """Narrower combine programs (more of them per query row) merge the same splits."""
+    gen = torch.Generator().manual_seed(23)
+    q, qp, cache, _ = _mla_inputs(2, 1, 3, 400, 72, 8, torch.float16, gen)
+    pos = torch.tensor([[399], [70]])
+    out = A.mla_attention_triton(q, qp, cache, pos, 0.12, n_splits=5, combine_block_c=block_c, combine_warps=warps)
+    ref = A.mla_attention_reference(q.double(), qp.double(), cache.double(), pos, 0.12)
+    assert rel_err(out, ref) < 2e-3
+    with pytest.raises(ValueError, match="block_c=24"):
+        A.mla_attention_triton(q, qp, cache, pos, 0.12, n_splits=5, combine_block_c=24)
+
+
 def test_mla_strided_inputs():
     """q_pe as a view of a wider tensor (as the model splits q), non-contiguous output layout promised by the fake."""
     gen = torch.Generator().manual_seed(5)

@@ -218,24 +218,21 @@ def _key_value(key):
 
 
 @triton.jit
-def _router_select_kernel(
-    part_ptr, bias_ptr, idx_ptr, wt_ptr,
-    T, E, SPLITS, PER_GROUP, N_GROUP, TOPK_GROUP, scale,
+def select_top_k(
+    logits, bias_ptr, E, PER_GROUP, N_GROUP, TOPK_GROUP, scale,
     HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, GROUPED: tl.constexpr, GROUP_TOP2: tl.constexpr,
     NORM: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    N_SHARED: tl.constexpr, S_PAD: tl.constexpr, GROUP_VIEW: tl.constexpr,
+    GROUP_VIEW: tl.constexpr,
 ):
-    """GROUP_VIEW (E = E_PAD = G_PAD groups x PER_GROUP experts, both powers of two, e.g. 671B's 8 x 32): the group
+    """One token's fp32 logits [E_PAD] (entries past E ignored) -> (expert ids [K_PAD] int32, their weights [K_PAD]
+    fp32; entries past TOP_K are 0): `_router_select_kernel`'s selection, also callable from other kernels.
+    GROUP_VIEW (E = E_PAD = G_PAD groups x PER_GROUP experts, both powers of two, e.g. 671B's 8 x 32): the group
     scores come from a [G_PAD, E / G_PAD] view of the experts (reductions over E values), else from a [G_PAD, E_PAD]
     membership grid (G_PAD x the work; any grouping). Same keys and maxima either way: the same selection."""
     # Below every real key, including -inf choices (masked groups), so removed/padded experts are never picked.
     REMOVED: tl.constexpr = -(1 << 62)
-    t = tl.program_id(0)
     offs_e = tl.arange(0, E_PAD)
     valid = offs_e < E
-    logits = tl.zeros((E_PAD,), dtype=tl.float32)
-    for s in range(0, SPLITS):  # fixed order: the result does not depend on scheduling
-        logits += tl.load(part_ptr + (s * T + t) * E + offs_e, mask=valid, other=0.0)
     if SIGMOID:
         scores = tl.div_rn(tl.full((E_PAD,), 1.0, tl.float32), 1.0 + tl.exp(-logits))
     else:
@@ -285,7 +282,29 @@ def _router_select_kernel(
     w = tl.where(k_mask, w, 0.0)
     if NORM:
         w = tl.div_rn(w, tl.zeros_like(w) + (tl.sum(w, axis=0) + 1e-20))
-    w = w * scale
+    return sel, w * scale
+
+
+@triton.jit
+def _router_select_kernel(
+    part_ptr, bias_ptr, idx_ptr, wt_ptr,
+    T, E, SPLITS, PER_GROUP, N_GROUP, TOPK_GROUP, scale,
+    HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, GROUPED: tl.constexpr, GROUP_TOP2: tl.constexpr,
+    NORM: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    N_SHARED: tl.constexpr, S_PAD: tl.constexpr, GROUP_VIEW: tl.constexpr,
+):
+    """One token per program: its logits summed over the D splits of the partials (fixed order: the result does not
+    depend on scheduling), `select_top_k`, then ids and weights stored, followed by the always-on shared slots."""
+    t = tl.program_id(0)
+    offs_e = tl.arange(0, E_PAD)
+    valid = offs_e < E
+    logits = tl.zeros((E_PAD,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        logits += tl.load(part_ptr + (s * T + t) * E + offs_e, mask=valid, other=0.0)
+    sel, w = select_top_k(logits, bias_ptr, E, PER_GROUP, N_GROUP, TOPK_GROUP, scale, HAS_BIAS, SIGMOID, GROUPED,
+                          GROUP_TOP2, NORM, TOP_K, E_PAD, G_PAD, K_PAD, GROUP_VIEW)
+    offs_k = tl.arange(0, K_PAD)
+    k_mask = offs_k < TOP_K
     row = t.to(tl.int64) * (TOP_K + N_SHARED)
     tl.store(idx_ptr + row + offs_k, sel.to(tl.int64), mask=k_mask)
     tl.store(wt_ptr + row + offs_k, w, mask=k_mask)

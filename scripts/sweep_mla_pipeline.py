@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
 from dsv3.kernels._launch import num_sms
-from dsv3.kernels.bench import graph_us
-from dsv3.kernels.mla_attention import mla_attention_reference, mla_attention_triton, mla_plan
+from dsv3.kernels.mla_attention import mla_attention_reference, mla_plan
 
-COPY_TB_S = 4.28
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep_mla_splits import timed_variant  # noqa: E402  (the same check and timing)
+
 # (batch, context, cache rows): the 16B bench's cache (4096 rows) at short and full contexts, short contexts in a
 # long cache, the long contexts
 CASES = ([(b, ctx, 4096) for b in (1, 2, 4, 8) for ctx in (128, 1024, 4032)]
@@ -68,18 +70,7 @@ def main() -> None:
         shallow = mla_plan(b, 1, heads, t_cap, c, sms, num_stages=2)
         res = {}
         for name, kw in variants(plan, shallow):
-            try:
-                out = mla_attention_triton(q, qpe, caches[0], pos, scale, **kw).float()
-                err = (out - ref).abs().max().item()
-                if not err < 2e-2:
-                    res[name] = dict(error=f"max abs err {err:.3g}")
-                    continue
-                us = graph_us([lambda cc=cc, kw=kw: mla_attention_triton(q, qpe, cc, pos, scale, **kw)
-                               for cc in caches])
-            except Exception as e:  # shared memory / registers
-                res[name] = dict(error=str(e).splitlines()[0][:120])
-                continue
-            res[name] = dict(us=round(us, 2), pct_copy=round(100 * size / us / 1e6 / COPY_TB_S, 1))
+            res[name] = timed_variant(q, qpe, caches, pos, scale, ref, size, **kw)
         ok = sorted((v["us"], k) for k, v in res.items() if "us" in v)
         p, o = (res[k].get("us", res[k].get("error")) for k in ("plan", "shallow"))
         print(f"B={b:2d} ctx={ctx:5d} cache={t_cap:5d} plan bt{plan.block_t} mc{plan.min_chunk} s{plan.num_stages} "

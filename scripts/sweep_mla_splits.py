@@ -30,6 +30,24 @@ from dsv3.kernels.bench import graph_us
 from dsv3.kernels.mla_attention import mla_attention_reference, mla_attention_triton, mla_plan
 
 
+COPY_TB_S = 4.28  # the H200's measured device-to-device copy bandwidth (docs/KERNELS.md)
+
+
+def timed_variant(q, qpe, caches, pos, scale, ref, size, **kw) -> dict:
+    """`mla_attention_triton` with the launch overrides `kw`: checked against `ref` (max abs error < 2e-2) on the
+    first cache copy, then timed over all copies in one CUDA graph: {us, pct_copy} for the `size` bytes of cache
+    rows read, or {error} (a mismatch, or a config that does not compile or launch: shared memory, registers)."""
+    try:
+        out = mla_attention_triton(q, qpe, caches[0], pos, scale, **kw).float()
+        err = (out - ref).abs().max().item()
+        if not err < 2e-2:
+            return dict(error=f"max abs err {err:.3g}")
+        us = graph_us([lambda cc=cc: mla_attention_triton(q, qpe, cc, pos, scale, **kw) for cc in caches])
+    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+        return dict(error=str(e).splitlines()[0][:120])
+    return dict(us=round(us, 2), pct_copy=round(100 * size / us / 1e6 / COPY_TB_S, 1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
@@ -38,7 +56,6 @@ def main() -> None:
     dev = torch.device("cuda")
     sms = num_sms(dev)
     c, r, scale = 512, 64, 0.1
-    copy_tb_s = 4.28
     rows = []
     cases = [(16, b, ctx, ctx) for b in (1, 8, 32) for ctx in (1024, 8192, 32768)]
     cases += [(128, b, 8192, 8192) for b in (1, 8, 32)]
@@ -64,14 +81,9 @@ def main() -> None:
         cands = sorted({default_splits, *(min(cap, whole * k) for k in (1, 2, 3))}) if t_cap == ctx else [default_splits]
         res = {}
         for n in cands:
-            out = mla_attention_triton(q, qpe, caches[0], pos, scale, n_splits=n).float()
-            err = (out - ref).abs().max().item()
-            if not err < 2e-2:
-                res[n] = dict(error=f"max abs err {err:.3g}")
-                continue
-            us = graph_us([lambda cc=cc, n=n: mla_attention_triton(q, qpe, cc, pos, scale, n_splits=n)
-                           for cc in caches])
-            res[n] = dict(us=round(us, 2), pct_copy=round(100 * size / us / 1e6 / copy_tb_s, 1), programs=n * per_split)
+            res[n] = timed_variant(q, qpe, caches, pos, scale, ref, size, n_splits=n)
+            if "us" in res[n]:
+                res[n]["programs"] = n * per_split
         # and at the plan's split count: the transposed formulation (cache rows as the MMA's M: 16 query rows fill
         # a quarter of a 64-row wgmma in the plain one), 128-row key blocks
         forms = {}
@@ -81,19 +93,8 @@ def main() -> None:
             if t_cap > ctx:  # short context: 128-row blocks with the split count the plan would then choose
                 forms_kw = (("bt128", dict(block_t=128, min_chunk=128, n_splits=None)),)
             for name, kw in forms_kw:
-                kw = dict(dict(n_splits=default_splits), **kw)
-                try:
-                    out = mla_attention_triton(q, qpe, caches[0], pos, scale, **kw).float()
-                    err = (out - ref).abs().max().item()
-                    if not err < 2e-2:
-                        forms[name] = dict(error=f"max abs err {err:.3g}")
-                        continue
-                    us = graph_us([lambda cc=cc, kw=kw: mla_attention_triton(q, qpe, cc, pos, scale, **kw)
-                                   for cc in caches])
-                except Exception as e:  # shared memory / registers
-                    forms[name] = dict(error=str(e).splitlines()[0][:120])
-                    continue
-                forms[name] = dict(us=round(us, 2), pct_copy=round(100 * size / us / 1e6 / copy_tb_s, 1))
+                forms[name] = timed_variant(q, qpe, caches, pos, scale, ref, size,
+                                            **dict(dict(n_splits=default_splits), **kw))
         row = dict(heads=heads, b=b, ctx=ctx, t_cap=t_cap, default_splits=default_splits, results=res, forms=forms)
         rows.append(row)
         print(f"H={heads:3d} B={b:2d} ctx={ctx:5d} cache={t_cap:5d}: " + ", ".join(

@@ -427,29 +427,38 @@ def mla_attention_triton(
     softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
     n_splits: Optional[int] = None, num_stages: Optional[int] = None, min_chunk: Optional[int] = None,
     swap: Optional[bool] = None, num_warps: Optional[int] = None, combine_block_c: Optional[int] = None,
-    combine_warps: int = 4,
+    combine_warps: Optional[int] = None,
 ) -> torch.Tensor:
     sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, block_h, block_t, n_splits,
                              num_stages, min_chunk, swap, num_warps)
     return sa.out if sa.part is None else combine_splits(sa, q_latent, input_pos, combine_block_c, combine_warps)
 
 
+# Channels per combine program and its warps. One program per query row and COMBINE_BLOCK_C channels; 128 channels
+# made 64 programs at batch 1 (16 heads), each over up to 132 splits' partials, and the combine cost nearly what the
+# attention did at 8k-32k (Nsight Compute, 2026-11-24). 32 channels in 2 warps (256 programs at batch 1),
+# scripts/sweep_mla_pipeline.py on the H200, 2026-11-24, op us (splits + combine) 128 / 4 warps -> 32 / 2: batch 1
+# 4096-row cache context 128 / 1024 / 4032 9.71 / 10.77 / 13.59 -> 8.87 / 9.38 / 10.80, batch 1 full 8k / 32k
+# caches 16.15 / 27.06 -> 13.63 / 21.25, batch 8 at 4032 22.36 -> 21.99, batch 32 at 32k 322.9 -> 316.7; the best
+# combine variant at every case but two (batch 8 at context 128: 10.5-11.0 us either way; batch 8 at 32k: 64 / 4).
+COMBINE_BLOCK_C = 32
+COMBINE_WARPS = 2
+
+
 def combine_splits(sa: SplitAttention, q_latent: torch.Tensor, input_pos: torch.Tensor,
-                   block_c: Optional[int] = None, num_warps: int = 4) -> torch.Tensor:
+                   block_c: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
     """`_mla_combine_kernel` over the partials of `mla_attention_split`: the attention output (in sa.out).
-    block_c: channels per program (a power of two, default 128). One program per query row and block_c channels:
-    at batch 1 that is 64 programs over up to 132 splits' partials (Nsight Compute, 2026-11-24: nearly as long as
-    the attention at 8k-32k context); narrower blocks give more programs (scripts/sweep_mla_pipeline.py times them)."""
+    block_c: channels per program (a power of two >= 16, default COMBINE_BLOCK_C)."""
     bsz, seqlen, heads, c = q_latent.shape
     out = sa.out
-    block_c = min(sa.c_pad, block_c or 128)
+    block_c = min(sa.c_pad, block_c or COMBINE_BLOCK_C)
     if block_c & (block_c - 1) or block_c < 16:
         raise ValueError(f"combine block_c={block_c}: a power of two >= 16")
     wrap_triton(_mla_combine_kernel)[(seqlen * heads, sa.c_pad // block_c, bsz)](
         sa.part, sa.ml, input_pos, out, seqlen, heads, c, sa.n_splits,
         input_pos.stride(0), input_pos.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad, BLOCK_C=block_c, MIN_CHUNK_=sa.min_chunk,
-        BLOCK_S=combine_block_s(sa.n_splits), num_warps=num_warps,
+        BLOCK_S=combine_block_s(sa.n_splits), num_warps=num_warps or COMBINE_WARPS,
     )
     return out
 

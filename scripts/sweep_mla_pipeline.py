@@ -7,8 +7,9 @@ num_warps) with the plan's split count rule: 64-row blocks in 3 stages were best
 blocks, now `mla_plan`'s default ('deep'; DSV3_MLA_DEPTH=shallow gives the plan of before). This run times, per
 case (H = 16: 16B, and 671B per rank at world size 8), the op (splits + combine) with the plan, the plan of before,
 32- / 64-row blocks at the plan's split count (a split of a short context then still spreads over several
-programs), and the plan with narrower combine programs (Nsight Compute, 2026-11-24: at batch 1 the combine's 64
-programs take nearly as long as the attention at 8k-32k; `scripts/ncu_mla.py`; not yet run with these variants);
+programs), and the plan with other combine programs (Nsight Compute, 2026-11-24: at batch 1 the combine's 64
+programs of 128 channels took nearly as long as the attention at 8k-32k, `scripts/ncu_mla.py`; the second run
+made 32 channels in 2 warps the default, COMBINE_BLOCK_C);
 every variant checked against `mla_attention_reference` (max abs error < 2e-2), timed as the kernel
 bench does (cache copies past the L2, the calls captured in one CUDA graph, median replay / copies).
 
@@ -40,8 +41,9 @@ CASES = ([(b, ctx, 4096) for b in (1, 2, 4, 8) for ctx in (128, 1024, 4032)]
 def variants(plan, shallow):
     yield "plan", {}
     yield "shallow", dict(block_t=shallow.block_t, min_chunk=shallow.min_chunk, num_stages=2)
-    # the combine kernel's channels per program (default 128: 64 programs at batch 1) and warps, with the plan
-    for bc, cw in ((64, 4), (32, 4), (32, 2), (16, 2)):
+    # the combine kernel's channels per program and warps (default COMBINE_BLOCK_C / COMBINE_WARPS, 32 / 2; 128 / 4
+    # before 2026-11-24), with the plan
+    for bc, cw in ((128, 4), (64, 4), (32, 4), (16, 2)):
         yield f"combine_bc{bc}_w{cw}", dict(combine_block_c=bc, combine_warps=cw)
     for bt, mc, stages, warps in ((32, 32, 2, 4), (32, 32, 3, 4), (32, 32, 4, 4), (32, 32, 3, 8), (32, 64, 3, 4),
                                   (64, 64, 3, 8), (64, 128, 3, 8)):

@@ -11,7 +11,7 @@ writes the ids and weights for the down kernel and the combine; shared-expert sl
 one dependent phase less, the selection's ~0.5-1 us moved onto the up kernel's critical path: ~1-2 us per layer.
 Variants, timed as the kernel bench does (weight copies past the L2, the calls captured in one CUDA graph):
 (a) today: select kernel + `_moe_up_rows_kernel` (W8A16, the 16B / 671B-rank configs of A16_MOE_TUNED);
-(b) the fused prototype kernel below. h, ids and weights are compared bitwise. Not wired into the model: a
+(b) the fused prototype kernel below. h and ids are compared bitwise, weights to 1e-6. Not wired into the model: a
 measured gain would be integrated as a op of its own (route + experts) next.
 """
 
@@ -149,9 +149,14 @@ def run_case(name: str, dev: torch.device, copies: int, time_it: bool) -> dict:
     for t in bufs[0]:
         t.zero_()
     b = fused(0)
-    same = all(torch.equal(u, v) for u, v in zip(a, b))
-    row = {"shape": name, "block_n": ub, "warps": uw, "outputs_equal": same}
-    if not same:
+    # ids and h bitwise; the weights to fp32 rounding: the select kernel runs in 1 warp (4 at the group view), the
+    # fused one in the up kernel's warps, and a softmax / normalisation sum over other warps rounds differently
+    # (the first GPU run, 2026-11-24: the 16B outputs were not all bitwise equal)
+    (h_a, idx_a, wt_a), (h_b, idx_b, wt_b) = a, b
+    weight_err = ((wt_a - wt_b).abs().max() / wt_a.abs().max()).item()
+    row = {"shape": name, "block_n": ub, "warps": uw, "ids_equal": torch.equal(idx_a, idx_b),
+           "h_equal": torch.equal(h_a, h_b), "weights_equal": torch.equal(wt_a, wt_b), "weight_rel_err": weight_err}
+    if not (row["ids_equal"] and row["h_equal"] and weight_err < 1e-6):
         raise SystemExit(f"{name}: fused outputs differ from select + up ({row})")
     if time_it:
         from dsv3.kernels.bench import graph_us

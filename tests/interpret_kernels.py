@@ -225,9 +225,9 @@ def test_mla_long_cache_decode_plan():
     assert rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("block_c,warps", [(32, 4), (16, 2)])
+@pytest.mark.parametrize("block_c,warps", [(128, 4), (16, 2)])
 def test_mla_combine_block_c(block_c, warps):
-    """Narrower combine programs (more of them per query row) merge the same splits."""
+    """Combine programs of other widths than the default (more or fewer per query row) merge the same splits."""
     gen = torch.Generator().manual_seed(23)
     q, qp, cache, _ = _mla_inputs(2, 1, 3, 400, 72, 8, torch.float16, gen)
     pos = torch.tensor([[399], [70]])

@@ -86,28 +86,22 @@ def _block_bounds(pos_ptr, b, rb, S, H, stride_pb, stride_ps, N_SPLITS, MIN_CHUN
 
 @triton.jit
 def _mla_fwd_kernel(
-    q_ptr, qpe_ptr, cache_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr, lse_ptr, cnt_ptr,
+    q_ptr, qpe_ptr, cache_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr, lse_ptr,
     S, H, C, R, N_SPLITS, scale_log2,
     stride_qb, stride_qs, stride_qh, stride_pb_, stride_ps_, stride_ph_,
     stride_cb, stride_ct, stride_posb, stride_poss,
     stride_ob, stride_os, stride_oh, stride_oc,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr, R_PAD: tl.constexpr,
     MIN_CHUNK_: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, PREFIX: tl.constexpr,
-    ZERO_CNT: tl.constexpr,
 ):
     """PREFIX (dsv3.mla_prefix_attention; one split, not SWAP): every row of sequence b sees exactly the cache rows
     t < input_pos[b, 0], and the program also writes each row's log-sum-exp (natural log; -inf and zeros when
-    that prefix is empty) to lse_ptr ([B, S, H] fp32). ZERO_CNT: split 0's programs also zero one int32 per query
-    row at cnt_ptr ([B, S*H]): the arrival counters of the kernel that merges these partials next
-    (dsv3.kernels.mla_attention_out's chained kernel), so that launch needs no memset of its own."""
+    that prefix is empty) to lse_ptr ([B, S, H] fp32)."""
     rb = tl.program_id(0)  # row blocks first: prefill can have more than 65535 of them
     sp = tl.program_id(1)
     b = tl.program_id(2)
     rows, row_mask, pos, length, chunk = _block_bounds(
         pos_ptr, b, rb, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
-    if ZERO_CNT:
-        if sp == 0:
-            tl.store(cnt_ptr + b.to(tl.int64) * (S * H) + rows, tl.zeros((BLOCK_H,), tl.int32), mask=row_mask)
     if PREFIX:
         length = tl.load(pos_ptr + b * stride_posb)
         pos = tl.where(row_mask, length - 1, -1)
@@ -383,11 +377,10 @@ def mla_attention_split(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
     n_splits: Optional[int] = None, num_stages: Optional[int] = None, min_chunk: Optional[int] = None,
-    swap: Optional[bool] = None, num_warps: Optional[int] = None, counters: Optional[torch.Tensor] = None,
+    swap: Optional[bool] = None, num_warps: Optional[int] = None,
 ) -> SplitAttention:
     """`_mla_fwd_kernel` alone: with one split the attention output, else the splits' partials to be combined
-    (`_mla_combine_kernel` here, or the W_UV absorption kernels of dsv3.kernels.mla_attention_out). counters: an
-    int32 [B * S * H] buffer the kernel zeroes (ZERO_CNT) when it splits."""
+    (`_mla_combine_kernel` here, or the W_UV absorption kernel of dsv3.kernels.mla_attention_out)."""
     bsz, seqlen, heads, c = q_latent.shape
     r = q_pe.shape[-1]
     # Same layout as the fake impl (empty_like), so compiled graphs see the strides they were promised.
@@ -410,15 +403,14 @@ def mla_attention_split(
         ml = torch.empty((bsz, n_splits, seqlen * heads, 2), dtype=torch.float32, device=q_latent.device)
     else:
         part = ml = out  # unused
-    zero_cnt = split and counters is not None
     wrap_triton(_mla_fwd_kernel)[(n_rb, n_splits, bsz)](
-        q_latent, q_pe, latent_cache, input_pos, out, part, ml, ml, counters if zero_cnt else ml,
+        q_latent, q_pe, latent_cache, input_pos, out, part, ml, ml,
         seqlen, heads, c, r, n_splits, float(softmax_scale) * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, R_PAD=r_pad, MIN_CHUNK_=min_chunk, SPLIT=split, SWAP=swap,
-        PREFIX=False, ZERO_CNT=zero_cnt,
+        PREFIX=False,
         num_warps=num_warps, num_stages=num_stages,
     )
     return SplitAttention(out, part if split else None, ml if split else None, n_splits, block_h, block_t, c_pad,

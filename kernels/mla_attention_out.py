@@ -40,8 +40,8 @@ from torch.library import triton_op, wrap_triton
 from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.mla_absorb import mla_absorb_reference, w_uv_rows
 from dsv3.kernels.mla_attention import (
-    COMBINE_BLOCK_C, DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels,
-    combine_splits, mla_attention_reference, mla_attention_split, split_max,
+    DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels, combine_splits,
+    mla_attention_reference, mla_attention_split, split_max,
 )
 
 ATTN_OUT_DEFAULT = "fused"
@@ -61,11 +61,6 @@ ATTN_OUT_BLOCK_S = 16
 # heads per rank (671B at world size 2): unmeasured, kept on the previous path.
 ATTN_OUT_MERGE_BYTES_MAX = 16 << 20
 ATTN_OUT_BLOCK_D_LADDER = {True: (16, 32), False: (64,)}
-# The chained kernel (DSV3_ATTN_OUT=chained): channels per merge program (mla_attention's combine default), W_UV rows
-# per absorb program (by small batch as above), warps. First values, not yet swept.
-CHAINED_BLOCK_C = COMBINE_BLOCK_C
-CHAINED_BLOCK_D = {True: 16, False: 64}
-CHAINED_WARPS = 4
 
 
 def mla_attention_out_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float,
@@ -114,71 +109,6 @@ def _mla_combine_absorb_kernel(
     tl.store(out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_d, acc.to(odt), mask=d_mask)
 
 
-@triton.jit
-def _mla_chained_kernel(
-    part_ptr, ml_ptr, pos_ptr, w_ptr, s_ptr, lat_ptr, cnt_ptr, out_ptr,
-    S, H, C, DN, DV, ROWS_PER_HEAD, N_SPLITS, N_MERGE,
-    stride_posb, stride_poss, stride_wr, stride_sr, stride_sc, stride_lb, stride_ls, stride_lh,
-    stride_ob, stride_os, stride_oh,
-    HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr,
-    KB_PAD: tl.constexpr, MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Two kinds of programs in one 1-D launch. Programs [0, N_MERGE): merge programs, (b, query row, BLOCK_C
-    channels) each, mla_attention's combine (`_mla_combine_kernel`'s arithmetic): the merged latent output rounded
-    to its dtype into lat_ptr, then one arrival on the row's counter (cnt_ptr, zeroed by `_mla_fwd_kernel`). The
-    programs after them: absorb programs, (b, query row, BLOCK_D rows of W_UV) each: their W_UV rows first (they do
-    not depend on the attention), then a wait until all C_PAD / BLOCK_C merges of the row have arrived, then the
-    product over C as `_absorb_o_rows_kernel` computes it.
-    An absorb program waits only on programs of lower index. Thread blocks are dispatched in index order, so every
-    program it waits on is already running or done and never waits itself: no deadlock whatever fits on the GPU
-    (the ordering CUTLASS's serial split-K semaphore relies on too)."""
-    pid = tl.program_id(0)
-    rows_per_b = S * H
-    n_cb: tl.constexpr = C_PAD // BLOCK_C
-    if pid < N_MERGE:
-        cb = pid % n_cb
-        row = (pid // n_cb) % rows_per_b
-        b = pid // (n_cb * rows_per_b)
-        n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H,
-                                 BLOCK_T)
-        b64 = b.to(tl.int64)
-        m_max = split_max(ml_ptr, b64, row, n_active, rows_per_b, N_SPLITS, BLOCK_S)
-        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, rows_per_b, N_SPLITS, C_PAD,
-                                    BLOCK_S)
-        o = num / tl.where(den > 0, den, 1.0)
-        lat = lat_ptr + b64 * stride_lb + (row // H) * stride_ls + (row % H) * stride_lh
-        tl.store(lat + offs_c, o.to(lat_ptr.dtype.element_ty), mask=offs_c < C)
-        # every thread's stores before the arrival (one thread issues the scalar atomic; release at GPU scope)
-        tl.debug_barrier()
-        tl.atomic_add(cnt_ptr + b64 * rows_per_b + row, 1, sem="release", scope="gpu")
-    else:
-        a = pid - N_MERGE
-        n_db = tl.cdiv(DV, BLOCK_D)
-        db = a % n_db
-        row = (a // n_db) % rows_per_b
-        b64 = (a // (n_db * rows_per_b)).to(tl.int64)
-        h_idx = row % H
-        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < DV
-        odt = out_ptr.dtype.element_ty
-        offs_k, k_mask, w = w_uv_rows(w_ptr, s_ptr, h_idx * ROWS_PER_HEAD + DN + offs_d, d_mask, C, stride_wr,
-                                      stride_sr, stride_sc, HAS_SCALE, KB_PAD, odt)
-        cnt = cnt_ptr + b64 * rows_per_b + row
-        arrived = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
-        while arrived < n_cb:
-            arrived = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
-        # the merged row from L2 (.cg): the merge programs wrote it on other SMs. (Names differ from the merge
-        # branch's: Triton types a name across both branches of an if.)
-        lat_row = lat_ptr + b64 * stride_lb + (row // H) * stride_ls + h_idx * stride_lh
-        o_row = tl.load(lat_row + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        acc = tl.sum(tl.sum(w * o_row[None, :, :], axis=2), axis=1)
-        tl.store(out_ptr + b64 * stride_ob + (row // H) * stride_os + h_idx * stride_oh + offs_d, acc.to(odt),
-                 mask=d_mask)
-
-
 def fused_block_d(rows: int, n_splits: int, c: int, v_dim: int, small: bool) -> Optional[int]:
     """The W_UV rows per program of the fused kernel for `rows` query rows (B * S * H) over `n_splits` splits, or
     None where every block of its ladder would re-read more partial bytes than ATTN_OUT_MERGE_BYTES_MAX."""
@@ -221,46 +151,8 @@ def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_sc
     return out
 
 
-def mla_attention_out_chained(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float, kv_b_weight,
-                              kv_b_scale, nope_dim: int, v_dim: int, block_c: Optional[int] = None,
-                              block_d: Optional[int] = None, num_warps: Optional[int] = None,
-                              **attention_plan) -> torch.Tensor:
-    """The CUDA path with `_mla_chained_kernel`: mla_attention's split kernel (which also zeroes the chained
-    kernel's per-row counters), then one launch of merge programs (block_c channels each, as mla_attention's
-    combine) and absorb programs (block_d rows of W_UV each). `attention_plan` overrides mla_attention's plan."""
-    bsz, seqlen, heads, c = q_latent.shape
-    rows = bsz * seqlen * heads
-    counters = torch.empty((rows,), dtype=torch.int32, device=q_latent.device)
-    sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, counters=counters,
-                             **attention_plan)
-    if sa.part is None:  # one split: the attention output is final, nothing to merge
-        return torch.ops.dsv3.mla_absorb(sa.out, kv_b_weight, kv_b_scale, nope_dim, v_dim, True)
-    small = bsz * seqlen <= ATTN_OUT_ROWS_SMALL_M
-    block_c = min(sa.c_pad, block_c or CHAINED_BLOCK_C)
-    if block_c & (block_c - 1) or block_c < 16:
-        raise ValueError(f"chained block_c={block_c}: a power of two >= 16")
-    block_d = min(block_d or CHAINED_BLOCK_D[small], max(2, next_pow2(v_dim)))
-    n_merge = rows * (sa.c_pad // block_c)
-    n_absorb = rows * cdiv(v_dim, block_d)
-    out = torch.empty((bsz, seqlen, heads, v_dim), dtype=q_latent.dtype, device=q_latent.device)
-    has_scale = kv_b_scale is not None
-    s = kv_b_scale if has_scale else kv_b_weight  # unused without scales
-    s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
-    lat = sa.out  # the split kernel's output tensor, unused when it splits: the merged latent rows go there
-    wrap_triton(_mla_chained_kernel)[(n_merge + n_absorb,)](
-        sa.part, sa.ml, input_pos, kv_b_weight, s, lat, counters, out,
-        seqlen, heads, c, nope_dim, v_dim, nope_dim + v_dim, sa.n_splits, n_merge,
-        input_pos.stride(0), input_pos.stride(1), kv_b_weight.stride(0), *s_strides,
-        lat.stride(0), lat.stride(1), lat.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        HAS_SCALE=has_scale, BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad,
-        KB_PAD=max(1, next_pow2(cdiv(c, 128))), MIN_CHUNK_=sa.min_chunk, BLOCK_S=combine_block_s(sa.n_splits),
-        BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps or CHAINED_WARPS,
-    )
-    return out
-
-
 def attention_out_choice() -> str:
-    return env_switch("DSV3_ATTN_OUT", ATTN_OUT_DEFAULT, ("fused", "chained", "two"))
+    return env_switch("DSV3_ATTN_OUT", ATTN_OUT_DEFAULT, ("fused", "two"))
 
 
 def _fusable(q_latent, latent_cache, kv_b_weight, kv_b_scale) -> bool:
@@ -282,11 +174,8 @@ def mla_attention_out(q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: 
     args = (q_latent, q_pe, latent_cache, input_pos, softmax_scale, kv_b_weight, kv_b_scale, nope_dim, v_dim)
     if q_latent.device.type == "cpu":
         return mla_attention_out_reference(*args)
-    choice = attention_out_choice()
-    if choice == "two" or not _fusable(q_latent, latent_cache, kv_b_weight, kv_b_scale):
+    if attention_out_choice() == "two" or not _fusable(q_latent, latent_cache, kv_b_weight, kv_b_scale):
         return _two_ops(*args)
-    if choice == "chained":
-        return mla_attention_out_chained(*args)
     return mla_attention_out_triton(*args)
 
 
@@ -303,5 +192,4 @@ def _mla_attention_out_fake(q_latent, q_pe, latent_cache, input_pos, softmax_sca
     return q_latent.new_empty((*q_latent.shape[:-1], v_dim))
 
 
-__all__ = ["mla_attention_out", "mla_attention_out_reference", "mla_attention_out_triton", "mla_attention_out_chained",
-           "attention_out_choice"]
+__all__ = ["mla_attention_out", "mla_attention_out_reference", "mla_attention_out_triton", "attention_out_choice"]

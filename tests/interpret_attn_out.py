@@ -79,50 +79,6 @@ def test_fused_equals_two_ops(case, block_d, fixed_interpreter):
     assert rel_err(out, ref) < 8e-3
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("block_c,block_d", [(None, None), (16, 4), (128, 64)])
-def test_chained_equals_two_ops(case, block_c, block_d, fixed_interpreter):
-    """The chained kernel (merge programs, then absorb programs, one launch): the merge is mla_attention's combine
-    and the product `_absorb_o_rows_kernel`'s, so at batch 1 it equals the composition bit for bit. (The
-    interpreter runs programs one after another in index order: the counters' wait is only exercised on the GPU.)"""
-    b, s, h, dn, dv, c, r, t_cap, n_splits, _ = case
-    q, qp, cache, pos, w, ws = _inputs(case, seed=sum(case[:8]) + 1)
-    out = O.mla_attention_out_chained(q, qp, cache, pos, 0.11, w, ws, dn, dv, block_c=block_c, block_d=block_d,
-                                      n_splits=n_splits)
-    assert out.shape == (b, s, h, dv) and out.dtype == q.dtype
-    o_latent = A.mla_attention_triton(q, qp, cache, pos, 0.11, n_splits=n_splits)
-    if b * s <= AB.ABSORB_ROWS_MAX_M:
-        assert torch.equal(out, AB.mla_absorb_triton(o_latent, w, ws, dn, dv, True, rows=True))
-    else:
-        assert rel_err(out, AB.mla_absorb_triton(o_latent, w, ws, dn, dv, True)) < 4e-3
-    clean = torch.nan_to_num(cache.double(), nan=0.0)
-    w_ref = w if ws is not None else w.double()
-    ref = O.mla_attention_out_reference(q.double(), qp.double(), clean, pos, 0.11, w_ref, ws, dn, dv)
-    assert rel_err(out, ref) < 8e-3
-
-
-def test_chained_split_kernel_zeroes_the_counters(fixed_interpreter, monkeypatch):
-    """The split kernel zeroes one int32 per query row (ZERO_CNT) for the chained kernel, which then counts the
-    C_PAD / BLOCK_C merges of each row on it: garbage in the fresh buffer must not survive into the count."""
-    case = CASES[1]
-    b, s, h, dn, dv, c, r, t_cap, n_splits, _ = case
-    q, qp, cache, pos, w, ws = _inputs(case, seed=29)
-    seen = {}
-    real_empty = torch.empty
-
-    def empty(*shape, **kw):
-        t = real_empty(*shape, **kw)
-        if kw.get("dtype") == torch.int32:
-            t.fill_(-7)  # what a fresh allocation may hold
-            seen["counters"] = t
-        return t
-
-    monkeypatch.setattr(O.torch, "empty", empty)
-    O.mla_attention_out_chained(q, qp, cache, pos, 0.11, w, ws, dn, dv, block_c=32, n_splits=n_splits)
-    # each row: zeroed by the split kernel, then one arrival per merge program (C_PAD 128 / 32 channels)
-    assert seen["counters"].tolist() == [128 // 32] * (b * s * h)
-
-
 def test_one_split_falls_back_to_the_composition(fixed_interpreter):
     """A cache too short to split: the attention kernel writes its output itself and W_UV follows as before."""
     case = (1, 1, 2, 16, 24, 72, 8, 40, 1, True)

@@ -5,9 +5,9 @@ bitwise equal to the two-op composition at batch 1, close to float64 math); the 
 float64 formula (naive attention with keys and values decompressed by kv_b_proj, which absorbed attention must
 equal); the op's registration (opcheck) and its switch.
 
-GPU (`pytest -m gpu`, on the device): the fused and chained paths against the two ops they replace on fresh inputs
-with a poisoned allocator, at the model's decode shapes (16 heads; batch 1, 8 and 32; a 3-token verify step;
-contexts from one split to many; 128 heads at batch 8), eager, compiled (fullgraph) and in CUDA-graph capture.
+GPU (`pytest -m gpu`, on the device): the fused path against the two ops it replaces on fresh inputs with a poisoned
+allocator, at the model's decode shapes (16 heads; batch 1 and 8; a 3-token verify step; contexts from one split
+to many), eager, compiled (fullgraph) and in CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -128,41 +128,6 @@ def test_fused_gpu(case, fp8, monkeypatch):
     assert rel_err(out, ref) < 8e-3
 
 
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("case", GPU_CASES + [
-    (32, 1, [(97 * i) % 4096 for i in range(32)]),  # 8192 merge + 1024 absorb programs: more than fit at once
-])
-@pytest.mark.parametrize("fp8", [True, False])
-def test_chained_gpu(case, fp8):
-    """The chained kernel (merge programs, then absorb programs that wait on per-row counters, one launch) against
-    the two ops, three calls in a row on the same inputs (the caching allocator hands back the counters the last
-    call left at their full count: the split kernel must zero them)."""
-    b, s, ctx = case
-    args = make_inputs(b, s, 16, 128, 128, 512, 64, 4096, ctx, device="cuda", seed=b * 100 + s + ctx[0] + 1, fp8=fp8)
-    poison_allocator()
-    two = O._two_ops(*args[:4], 0.13, *args[4:], 128, 128)
-    ref = O.mla_attention_out_reference(args[0].double(), args[1].double(), args[2].double(), args[3], 0.13,
-                                        args[4] if fp8 else args[4].double(), args[5], 128, 128)
-    outs = [O.mla_attention_out_chained(*args[:4], 0.13, *args[4:], 128, 128) for _ in range(3)]
-    torch.cuda.synchronize()
-    for out in outs:
-        assert torch.equal(out, outs[0])
-    assert rel_err(outs[0], two) < 4e-3
-    assert rel_err(outs[0], ref) < 8e-3
-
-
-@pytest.mark.gpu
-@cuda
-def test_chained_many_heads_gpu():
-    """128 heads (671B on one GPU), batch 8: 16384 merge and 2048 absorb programs."""
-    ctx = [4095, 17, 2000, 3333, 64, 1024, 4000, 255]
-    args = make_inputs(8, 1, 128, 128, 128, 512, 64, 4096, ctx, device="cuda", seed=77)
-    out = O.mla_attention_out_chained(*args[:4], 0.13, *args[4:], 128, 128)
-    two = O._two_ops(*args[:4], 0.13, *args[4:], 128, 128)
-    assert rel_err(out, two) < 4e-3
-
-
 class _AttnOut(torch.nn.Module):
     def __init__(self, cache, w, ws):
         super().__init__()
@@ -177,22 +142,20 @@ class _AttnOut(torch.nn.Module):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("choice,kernel", [("fused", "combine_absorb"), ("chained", "chained")])
-def test_fused_compiled_and_graph_captured(choice, kernel, monkeypatch):
-    monkeypatch.setenv("DSV3_ATTN_OUT", choice)
+def test_fused_compiled_and_graph_captured(monkeypatch):
+    monkeypatch.setenv("DSV3_ATTN_OUT", "fused")
     torch._dynamo.reset()
     q, qp, cache, pos, w, ws = make_inputs(1, 1, 16, 128, 128, 512, 64, 4096, [1500], device="cuda", seed=21)
     layer = _AttnOut(cache, w, ws)
-    eager = O.mla_attention_out_triton if choice == "fused" else O.mla_attention_out_chained
-    ref = eager(q, qp, cache, pos, 0.13, w, ws, 128, 128)
+    ref = O.mla_attention_out_triton(q, qp, cache, pos, 0.13, w, ws, 128, 128)
     compiled = torch.compile(layer, fullgraph=True)
     assert rel_err(compiled(q, qp, pos), ref) < 1e-6
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         compiled(q, qp, pos)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert sum("_mla_fwd_kernel" in n for n in names) == 1 and sum(kernel in n for n in names) == 1, names
-    assert len(names) == 2, names  # no separate combine, W_UV launch or memset
+    assert sum("_mla_fwd_kernel" in n for n in names) == 1 and sum("combine_absorb" in n for n in names) == 1, names
+    assert len(names) == 2, names  # no separate combine or W_UV launch
     out = torch.empty_like(ref)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -200,5 +163,5 @@ def test_fused_compiled_and_graph_captured(choice, kernel, monkeypatch):
     pos.fill_(3000)  # the length is read on the device at replay
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(out, eager(q, qp, cache, pos, 0.13, w, ws, 128, 128)) < 1e-6
+    assert rel_err(out, O.mla_attention_out_triton(q, qp, cache, pos, 0.13, w, ws, 128, 128)) < 1e-6
     torch._dynamo.reset()

@@ -61,6 +61,11 @@ ATTN_OUT_BLOCK_S = 16
 # heads per rank (671B at world size 2): unmeasured, kept on the previous path.
 ATTN_OUT_MERGE_BYTES_MAX = 16 << 20
 ATTN_OUT_BLOCK_D_LADDER = {True: (16, 32), False: (64,)}
+# Query tokens (B * S) above which the two ops run: at batch 32 (16 heads, 4096-row cache, 4 splits) every fused
+# configuration was slower, 29.0 / 68.8 us at context 128 / 4031 at best against 22.6 / 62.3 for the two ops (the
+# split kernel plus combine, then the W_UV MMA kernel: 512 rows are an MMA's work); at batch 8 the fused kernel
+# still wins, 13.3 / 25.4 vs 14.8 / 26.8 (scripts/sweep_attn_out.py, H200, 2026-11-24). Between 8 and 32: unmeasured.
+ATTN_OUT_FUSED_MAX_M = 8
 
 
 def mla_attention_out_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float,
@@ -109,10 +114,14 @@ def _mla_combine_absorb_kernel(
     tl.store(out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_d, acc.to(odt), mask=d_mask)
 
 
-def fused_block_d(rows: int, n_splits: int, c: int, v_dim: int, small: bool) -> Optional[int]:
-    """The W_UV rows per program of the fused kernel for `rows` query rows (B * S * H) over `n_splits` splits, or
-    None where every block of its ladder would re-read more partial bytes than ATTN_OUT_MERGE_BYTES_MAX."""
-    for block_d in ATTN_OUT_BLOCK_D_LADDER[small]:
+def fused_block_d(m: int, heads: int, n_splits: int, c: int, v_dim: int) -> Optional[int]:
+    """The W_UV rows per program of the fused kernel for m query tokens (B * S) of `heads` heads over `n_splits`
+    splits, or None (the two ops) above ATTN_OUT_FUSED_MAX_M tokens or where every block of its ladder would re-read
+    more partial bytes than ATTN_OUT_MERGE_BYTES_MAX."""
+    if m > ATTN_OUT_FUSED_MAX_M:
+        return None
+    rows = m * heads
+    for block_d in ATTN_OUT_BLOCK_D_LADDER[m <= ATTN_OUT_ROWS_SMALL_M]:
         block_d = min(block_d, max(2, next_pow2(v_dim)))
         if cdiv(v_dim, block_d) * rows * n_splits * c * 4 <= ATTN_OUT_MERGE_BYTES_MAX:
             return block_d
@@ -129,8 +138,8 @@ def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_sc
     if sa.part is None:  # one split: the attention output is final, nothing to merge
         return torch.ops.dsv3.mla_absorb(sa.out, kv_b_weight, kv_b_scale, nope_dim, v_dim, True)
     if block_d is None:
-        block_d = fused_block_d(bsz * seqlen * heads, sa.n_splits, c, v_dim, bsz * seqlen <= ATTN_OUT_ROWS_SMALL_M)
-        if block_d is None:  # too much re-merging for this plan: the combine kernel, then W_UV
+        block_d = fused_block_d(bsz * seqlen, heads, sa.n_splits, c, v_dim)
+        if block_d is None:  # many query rows, or too much re-merging for this plan: the combine kernel, then W_UV
             return torch.ops.dsv3.mla_absorb(combine_splits(sa, q_latent, input_pos), kv_b_weight, kv_b_scale, nope_dim,
                                              v_dim, True)
     out = torch.empty((bsz, seqlen, heads, v_dim), dtype=q_latent.dtype, device=q_latent.device)

@@ -4,16 +4,19 @@ over its launch block (W_UV rows per program) and warps, on the GPU.
     python3 scripts/sweep_attn_out.py --json $OUT/sweep_attn_out.json      # ~1 min on an H200
 
 Shapes: 16 query heads (16B; 671B per rank at world size 8), C 512, R 64, Dn = Dv = 128, FP8 kv_b_proj, a 4096-row
-cache (the 16B bench's), batch 1 and 8, the last query at context 128 / 1024 / 4031. Each variant is first checked
-against the two-op composition (relative error < 4e-3), then timed as dsv3.kernels.bench.graph_us does: C copies
-of the cache (>= 256 MB together, past the L2) and C calls captured in one CUDA graph, median replay / C.
+cache (the 16B bench's), batch 1 and 8 with the last query at context 128 / 1024 / 4031, batch 32 at 128 / 4031.
+Variants: the op as the model calls it, the two ops, the fused kernel (`mla_attention_out_triton`) in several
+launch configurations and with fewer attention splits. (A chained kernel, merge programs then W_UV programs in one
+launch, was timed here once: branch experiment/mla-chained.) Each variant is first checked against the two-op
+composition (relative error < 4e-3), then timed as dsv3.kernels.bench.graph_us does: C copies of the cache
+(>= 256 MB together, past the L2) and C calls captured in one CUDA graph, median replay / C.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import os
 
 import torch
 
@@ -37,10 +40,16 @@ def main() -> None:
     heads, c, r, dn, dv, t_cap, scale = 16, 512, 64, 128, 128, 4096, 0.1
     w, ws = quantize_weight(torch.randn(heads * (dn + dv), c) * 0.05)
     w, ws = w.to(dev), ws.to(dev)
-    variants = [("two_ops", None, None, None)] + [
-        (f"fused_d{d}_w{nw}_s{bs}", d, nw, bs) for d, nw, bs in itertools.product([4, 8, 16, 32, 64], [2, 4, 8], [8, 16])]
+    # (name, kind, launch fields): the op as the model calls it (its own choice), the two ops, the fused kernel (W_UV
+    # rows per program, warps, splits per merge step: the best configurations of the first sweeps; then fewer
+    # attention splits than mla_attention's plan, which halves the partials each program re-merges)
+    variants = [("op", "op", {}), ("two_ops", "two", {})]
+    variants += [(f"fused_d{d}_w{nw}_s{bs}", "fused", dict(block_d=d, num_warps=nw, block_s=bs))
+                 for d, nw, bs in ((8, 2, 8), (8, 4, 16), (16, 4, 8), (16, 4, 16), (32, 2, 8), (64, 4, 8), (64, 4, 16))]
+    variants += [(f"fused_d{d}_w{nw}_s{bs}_splits{n}", "fused", dict(block_d=d, num_warps=nw, block_s=bs, n_splits=n))
+                 for d, nw, bs, n in ((16, 4, 16, 32), (16, 4, 16, 16), (8, 2, 8, 32), (64, 4, 8, 8), (64, 4, 16, 8))]
     rows = []
-    for b, ctx in itertools.product([1, 8], [128, 1024, 4031]):
+    for b, ctx in [(b, ctx) for b in (1, 8) for ctx in (128, 1024, 4031)] + [(32, 128), (32, 4031)]:
         copies = max(2, min(32, (256 << 20) // (b * t_cap * (c + r) * 2)))
         g = torch.Generator(device=dev).manual_seed(b * 10000 + ctx)
         caches = [torch.randn(b, t_cap, c + r, device=dev, generator=g).bfloat16() for _ in range(copies)]
@@ -52,13 +61,15 @@ def main() -> None:
             return mla_absorb_triton(mla_attention_triton(q, qpe, cache, pos, scale), w, ws, dn, dv, True)
 
         ref = two(caches[0])
-        for name, block_d, nw, bs in variants:
-            if block_d is None:
+        for name, kind, kw in variants:
+            if kind == "op":
+                def fn(cache):
+                    return torch.ops.dsv3.mla_attention_out(q, qpe, cache, pos, scale, w, ws, dn, dv)
+            elif kind == "two":
                 fn = two
             else:
-                def fn(cache, block_d=block_d, nw=nw, bs=bs):
-                    return mla_attention_out_triton(q, qpe, cache, pos, scale, w, ws, dn, dv, block_d=block_d,
-                                                    num_warps=nw, block_s=bs)
+                def fn(cache, kw=kw):
+                    return mla_attention_out_triton(q, qpe, cache, pos, scale, w, ws, dn, dv, **kw)
             try:
                 err = rel(fn(caches[0]), ref)
                 if not err < 4e-3:
@@ -77,14 +88,12 @@ def main() -> None:
     for x in rows:
         if "error" in x:
             print(f"  b={x['b']} ctx={x['ctx']} {x['variant']}: {x['error']}")
-    # the op's own plan: 16 W_UV rows per program at <= ATTN_OUT_ROWS_SMALL_M query rows, 64 above; 4 warps; 16
-    # splits per merge step
-    default = [x for x in rows if x["variant"] == f"fused_d{16 if x['b'] <= 4 else 64}_w4_s16"]
-    print("default (d16 at batch <= 4, else d64; 4 warps, 16 splits per step): "
-          + ", ".join(f"b{x['b']} ctx{x['ctx']} {x.get('us')}" for x in default))
+    print("op (the model's choice): " + ", ".join(f"b{x['b']} ctx{x['ctx']} {x.get('us')}" for x in rows
+                                                  if x["variant"] == "op"))
     if opts.json:
-        with open(opts.json, "w") as f:
+        with open(opts.json + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)
+        os.replace(opts.json + ".tmp", opts.json)
 
 
 if __name__ == "__main__":

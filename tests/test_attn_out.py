@@ -78,15 +78,17 @@ def test_opcheck_and_switch(monkeypatch):
 
 def test_fused_block_by_merge_budget():
     """The W_UV rows per program from the static plan: the measured shapes keep their blocks, a plan that would
-    re-read more partials than the budget steps up its ladder, then falls back to the two ops (None)."""
+    re-read more partials than the budget steps up its ladder, then falls back to the two ops (None), as do more
+    query tokens than ATTN_OUT_FUSED_MAX_M."""
     from dsv3.kernels.mla_attention import mla_plan
 
-    def block(b, h, t_cap):
-        return O.fused_block_d(b * h, mla_plan(b, 1, h, t_cap, 512, 132)[4], 512, 128, b <= O.ATTN_OUT_ROWS_SMALL_M)
+    def block(b, h, t_cap, s=1):
+        return O.fused_block_d(b * s, h, mla_plan(b, s, h, t_cap, 512, 132)[4], 512, 128)
 
     assert block(1, 16, 4096) == 16 and block(8, 16, 4096) == 64  # the sweep's shapes (16B bench cache)
     assert block(2, 16, 4096) == 32                                 # twice the rows: the next block
     assert block(1, 16, 32768) is None and block(1, 64, 4096) is None  # 132 splits; 64 heads per rank
+    assert block(32, 16, 4096) is None and block(4, 16, 4096, s=3) is None  # 32 / 12 query tokens: the two ops
 
 
 def test_reference_dequantizes_w_uv_as_mla_absorb():

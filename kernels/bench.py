@@ -317,6 +317,11 @@ def bench_moe(sweep: bool = False):
             tt = graph_us([lambda s=s: torch.ops.dsv3.routed_experts(x, idx, wt, *s) for s in sets])
             record("moe", shape, "dsv3.routed_experts [decode]", tt, nbytes, flops, base, cfg=cfg, t=t,
                    target="bw>=60%")
+            if t == 1:  # one token, x and h in bf16 (W8A16): what the model's batch-1 decode runs by default
+                ta = graph_us([lambda s=s: torch.ops.dsv3.routed_experts(x, idx, wt, *s, quant_act=False)
+                               for s in sets])
+                record("moe", shape, "dsv3.routed_experts W8A16 [decode, batch-1 default]", ta, nbytes, flops, base,
+                       cfg=cfg, t=t, target="bw>=60%")
             tg = graph_us([lambda s=s: RE.routed_experts_triton(x, idx, wt, *s, grouped=True) for s in sets])
             record("moe", shape, "dsv3 grouped path (prefill kernel)", tg, nbytes, flops, base, cfg=cfg, t=t)
             if sweep:

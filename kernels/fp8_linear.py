@@ -248,27 +248,6 @@ def k_blocks(K, KB_PAD: tl.constexpr):
 
 
 @triton.jit
-def k_blocks_at(K, B0: tl.constexpr, KB: tl.constexpr):
-    """`k_blocks` for the 128-blocks [B0, B0 + KB) of K: a second, power-of-two part of a K whose block count is not
-    one (`kb_split`)."""
-    offs_b = B0 + tl.arange(0, KB)
-    offs_k = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
-    return offs_b, offs_k, offs_k < K, offs_b < tl.cdiv(K, 128)
-
-
-def kb_split(k: int) -> tuple[int, int]:
-    """K's 128-blocks as a power-of-two head and a power-of-two tail (0: none) for the row-parallel kernels, where
-    that pads fewer blocks than one power of two: 11 blocks (16B's expert I = 1408) -> 8 + 4 instead of 16 (5 of
-    16 lanes of the weight tile masked), 18 (I = 2304) -> 16 + 2; 16 -> 16 + 0; 56 (K = 7168) -> 64 + 0."""
-    n = max(1, -(-k // 128))
-    whole = max(2, 1 << (n - 1).bit_length())
-    head = max(2, 1 << (n.bit_length() - 1))
-    rest = n - head
-    tail = 0 if rest <= 0 else max(2, 1 << (rest - 1).bit_length())
-    return (head, tail) if tail and head + tail < whole else (whole, 0)
-
-
-@triton.jit
 def load_weight_rows(w_ptr, ws_ptr, offs_n, n_mask, offs_b, offs_k, k_mask, kb_mask, stride_wn, stride_wsn):
     """Weight rows offs_n over the whole K as ([BLOCK_N, KB, 128] fp32 e4m3 values, [BLOCK_N, KB] block scales),
     in one load each (the row-parallel kernels' tile; `k_blocks` gives the K layout)."""

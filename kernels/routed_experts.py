@@ -39,7 +39,7 @@ Implementations (branch taken at trace time)
      bit and its e4m3 values up to the sign of a zero, which no product or fp32 sum can see, hence the same result
      as with QUANT_H). Not `quantize_tile`: its per-element IEEE division made the 16B down kernel 4x slower
      (9.4 -> 40.6 us at T=1 on an H200; 12.4 us with the reciprocal).
-     FP8, one token, after the row-parallel up kernel, with down BLOCK_N in {1, 2, 4, 8, 16} (ROWS_DOWN_BLOCK_NS;
+     FP8, one token, after the row-parallel up kernel, with down BLOCK_N in {1, 2, 4, 8} (ROWS_DOWN_BLOCK_NS;
      the 671B-ws8 rank's T=1 plan; on 16B no faster than the MMA kernel): `_moe_down_rows_kernel` instead, grid
      (K slots, D/BLOCK_N), each program's down rows loaded over the whole I at once, the output per slot as
      `_moe_down_kernel` writes it.
@@ -80,8 +80,8 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
 from dsv3.kernels.fp8_linear import (
-    act_quant, dot_rows, fp8_linear_a16_reference, fp8_linear_reference, k_blocks, k_blocks_at, kb_split,
-    load_weight_rows, load_x_act, load_x_row, pick_scale, pick_scales, quantize_tile, quantize_tile_rcp,
+    act_quant, dot_rows, fp8_linear_a16_reference, fp8_linear_reference, k_blocks, load_weight_rows, load_x_act,
+    load_x_row, pick_scale, pick_scales, quantize_tile, quantize_tile_rcp,
 )
 
 DECODE_MAX_T = 64
@@ -375,45 +375,32 @@ def _moe_down_kernel(
 
 
 @triton.jit
-def _down_rows_part(h_row, hs_row, w_e, s_e, offs_n, n_mask, I, stride_wn, stride_sn, ACT16: tl.constexpr,
-                    B0: tl.constexpr, KB: tl.constexpr):
-    """Rows offs_n of one expert's down weights over I's 128-blocks [B0, B0 + KB) times the token's h: [BLOCK_N]
-    fp32 (`dot_rows`)."""
-    offs_b, offs_k, k_mask, kb_mask = k_blocks_at(I, B0, KB)
-    w, sd = load_weight_rows(w_e, s_e, offs_n, n_mask, offs_b, offs_k, k_mask, kb_mask, stride_wn, stride_sn)
-    if ACT16:
-        hq, hsv = load_x_act(h_row, offs_k, k_mask, offs_b)
-    else:
-        hq, hsv = load_x_row(h_row, hs_row, offs_k, k_mask, offs_b, kb_mask, False)
-    return dot_rows(w, sd, hq, hsv)
-
-
-@triton.jit
 def _moe_down_rows_kernel(
     h_ptr, hs_ptr, idx_ptr, wd_ptr, sd_ptr, y_ptr,
     E, I, D, stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_y,
-    ACT16: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr, KB_TAIL: tl.constexpr,
+    ACT16: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr,
 ):
     """One token (T = 1), FP8, after the row-parallel up kernel (h e4m3 with scales hs [K, I/128], act_quant's;
     with ACT16 h in the activation dtype, not quantized: W8A16, hs unused):
     grid (K slots, cdiv(D, BLOCK_N)), slot k computes expert topk_idx[0, k] (ids outside [0, E) do nothing) for
     BLOCK_N rows of down, each loaded over the whole I at once, and writes them rounded to the activation dtype to
     y[k] (pair row k) for `_moe_combine_kernel`: the row-parallel form of `_moe_down_kernel` (whose MMA tiles pad the
-    token to 16 and walk I serially).
-    KB_TAIL (`kb_split`): I's blocks as KB_PAD then KB_TAIL more (two loads, two partial sums), not one padded
-    power of two; 0: one part of KB_PAD blocks."""
+    token to 16 and walk I serially)."""
     slot = tl.program_id(0)
     e = tl.load(idx_ptr + slot)
     if (e >= 0) & (e < E):
         e64 = e.to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < D
-        y = _down_rows_part(h_ptr + slot * stride_h, hs_ptr + slot * stride_hs, wd_ptr + e64 * stride_we,
-                            sd_ptr + e64 * stride_se, offs_n, n_mask, I, stride_wn, stride_sn, ACT16, 0, KB_PAD)
-        if KB_TAIL > 0:
-            y += _down_rows_part(h_ptr + slot * stride_h, hs_ptr + slot * stride_hs, wd_ptr + e64 * stride_we,
-                                 sd_ptr + e64 * stride_se, offs_n, n_mask, I, stride_wn, stride_sn, ACT16, KB_PAD,
-                                 KB_TAIL)
+        offs_b, offs_k, k_mask, kb_mask = k_blocks(I, KB_PAD)
+        w, sd = load_weight_rows(wd_ptr + e64 * stride_we, sd_ptr + e64 * stride_se, offs_n, n_mask, offs_b,
+                                 offs_k, k_mask, kb_mask, stride_wn, stride_sn)
+        if ACT16:
+            hq, hsv = load_x_act(h_ptr + slot * stride_h, offs_k, k_mask, offs_b)
+        else:
+            hq, hsv = load_x_row(h_ptr + slot * stride_h, hs_ptr + slot * stride_hs, offs_k, k_mask, offs_b,
+                                 kb_mask, False)
+        y = dot_rows(w, sd, hq, hsv)
         tl.store(y_ptr + slot * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -662,15 +649,12 @@ MOE_GROUPED_BF16 = MoeDecodePlan(128, 8, 2, 128, 8, 2)
 GROUPED_BLOCK_TS = (32, 64, 128)
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
 ROWS_UP_BLOCK_NS = (1, 2, 4, 8)  # FP8, T = 1: `_moe_up_rows_kernel`
-# The row-parallel down kernel's I in two power-of-two parts (`kb_split`) rather than one padded power of two.
-# Not yet timed (scripts/try_down_kb_split.py).
-ROWS_DOWN_KB_SPLIT = True
 # FP8, T = 1, after the row-parallel up kernel: down_block_n in these selects `_moe_down_rows_kernel`. Opt-in
 # (DSV3_MOE_DECODE=:::BN:WARPS:, scripts/sweep_moe.py times it at T=1). Timed on the H200 (2026-11-23, ninth
 # session): 16B 9.65 us against the MMA down kernel's 9.36 (BLOCK_N 64, 256 programs): not used there; 671B-ws8 rank
 # (one local expert, D 7168) 7.63 against 11.53 us (56 programs): its T=1 table row uses it.
 # (The fourth session's prototype that also did the combine in its programs measured slower: 12.8 vs 9.5 + 2.2 us.)
-ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8, 16)
+ROWS_DOWN_BLOCK_NS = (1, 2, 4, 8)
 # W8A16 (quant_act=False, one token) launch fields (BLOCK_N, num_warps) of shapes without an A16_MOE_TUNED row, where
 # the T = 1 plan does not run the rows kernels: the 16B row's up config and the 671B row's down config (both hold
 # <= 128 weight values per thread).
@@ -971,13 +955,11 @@ def routed_experts_triton(
         h, hs = (h_act, h_act) if a16 else act_quant(h_act)
         if rows_down:  # and the row-parallel down kernel, then the combine below
             assert sd.stride(-1) == 1, "the row-parallel down kernel reads each row's block scales contiguously"
-            kb_down_head, kb_down_tail = kb_split(i) if ROWS_DOWN_KB_SPLIT else (kb_pad_down, 0)
             wrap_triton(_moe_down_rows_kernel)[(p, cdiv(d, plan.down_block_n))](
                 h, hs, idx, down_proj, sd, y,
                 e, i, d, h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
                 sd.stride(0), sd.stride(1), y.stride(0),
-                ACT16=a16, BLOCK_N=plan.down_block_n, KB_PAD=kb_down_head, KB_TAIL=kb_down_tail,
-                num_warps=plan.down_num_warps,
+                ACT16=a16, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
             )
     elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
         two_dots = plan.up_num_warps <= 4  # (registers: see the kernel)

@@ -31,8 +31,6 @@
 #              at H 16 / 128, batch 1 / 8 / 32, context 1k-32k (checked, timed; JSON in $OUT)
 #   sel-up     scripts/try_select_in_up.py: one-token MoE up kernel that computes the router's top-k itself vs the
 #              select kernel + up kernel (16B, 671B rank; outputs compared bitwise, timed; JSON in $OUT)
-#   down-split the W8A16 / routed-experts GPU tests, then scripts/try_down_kb_split.py: the row-parallel MoE down kernel
-#              with I in two power-of-two parts (kb_split) vs one padded part, 16B W8A16 op (JSON in $OUT)
 #   moe-a16    scripts/sweep_moe_a16.py: W8A16 one-token routed experts, the row-parallel up / down kernels' (block_n,
 #              warps) at the 16B and 671B-rank expert shapes against today's configs (JSON in $OUT)
 #   mla-pipe   scripts/sweep_mla_pipeline.py: the MLA decode op's plan against the 2-stage plan of before and 32- / 64-row
@@ -139,12 +137,6 @@ step_attnout() {
 step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_prefill_sdpa.json" 2>&1 | grep -v -i warn | tail -60; }
 
 step_sel_up() { timeout 300 $PY scripts/try_select_in_up.py --json "$OUT/try_select_in_up.json" 2>&1 | grep -v -i warn | tail -6; }
-
-step_down_split() {  # the W8A16 and one-token routed-experts GPU tests, then scripts/try_down_kb_split.py
-  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_a16.py \
-    tests/test_kernels.py -k "a16 or routed or moe" 2>&1 | tee "$OUT/down_split_tests.log" | tail -6
-  timeout 300 $PY scripts/try_down_kb_split.py --json "$OUT/try_down_kb_split.json" 2>&1 | grep -v -i warn | tail -8
-}
 
 step_moe_a16() { timeout 400 $PY scripts/sweep_moe_a16.py --json "$OUT/sweep_moe_a16.json" 2>&1 | grep -v -i warn | tail -12; }
 

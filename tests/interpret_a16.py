@@ -80,7 +80,7 @@ def test_a16_config():
 
 
 # experts: (D, I, routed experts, shared slots, top-k); D and I ragged, ids include other ranks' (-1, E)
-MOE_CASES = [(300, 200, 6, 2, 3), (256, 130, 5, 0, 2), (136, 650, 4, 1, 2)]  # I = 650: 6 blocks, 4 + 2 (kb_split)
+MOE_CASES = [(300, 200, 6, 2, 3), (256, 130, 5, 0, 2)]
 
 
 @pytest.mark.parametrize("d,i,e_routed,n_shared,k", MOE_CASES)
@@ -113,25 +113,3 @@ def test_routed_experts_a16(d, i, e_routed, n_shared, k, plan, fixed_interpreter
             h = (torch.nn.functional.silu(x64 @ g.t()) * (x64 @ u.t())).to(torch.bfloat16).double()
             want += wt[0, j].double() * (h @ dn.t())
     assert rel_err(out, want) < 2e-2
-
-
-@pytest.mark.parametrize("quant_act", [False, True])
-def test_down_rows_kb_split(quant_act, fixed_interpreter, monkeypatch):
-    """The row-parallel down kernel with I's 128-blocks in two power-of-two parts (`kb_split`: 11 -> 8 + 4, here
-    6 -> 4 + 2) equals the one padded part up to the fp32 order of the two partial sums, W8A16 and W8A8."""
-    from dsv3.kernels.fp8_linear import kb_split
-
-    d, i, e = 136, 1408, 3
-    assert kb_split(i) == (8, 4) and kb_split(650) == (4, 2) and kb_split(2048) == (16, 0)
-    gen = torch.Generator().manual_seed(31)
-    x = torch.randn(1, d, generator=gen).to(torch.bfloat16)
-    idx = torch.tensor([[2, 0, -1]])
-    wt = torch.rand(idx.shape, generator=gen)
-    q = [quantize_weight(torch.randn(*s, generator=gen) * 0.1) for s in ((e, i, d), (e, i, d), (e, d, i))]
-    w = [q[0][0], q[1][0], q[2][0], q[0][1], q[1][1], q[2][1]]
-    kw = dict(quant_act=quant_act, up_block_n=4, up_num_warps=2, down_block_n=4, down_num_warps=2)
-    split = RE.routed_experts_triton(x, idx, wt, *w, **kw)
-    monkeypatch.setattr(RE, "ROWS_DOWN_KB_SPLIT", False)
-    whole = RE.routed_experts_triton(x, idx, wt, *w, **kw)
-    assert rel_err(split, whole) < 1e-5
-    assert rel_err(split, RE.routed_experts_reference(x, idx, wt, *w, quant_act=quant_act)) < 1e-3

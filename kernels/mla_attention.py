@@ -20,8 +20,8 @@ Implementations (branch taken at trace time)
   * Decode / speculative verify (S statically <= 16: few rows, long context): flash-decoding. The grid has a
     static number of splits per (sequence, row block), sized to fill the GPU; each program takes an equal share
     of [0, L) (at least min_chunk = 128 rows), splits past L exit at once, and
-    `_mla_combine_kernel` (one program per query row and 128 channels, splits reduced 64 at a time) merges the
-    fp32 partials of the splits that ran (it recomputes L the same way).
+    `_mla_combine_kernel` (one program per query row and COMBINE_BLOCK_C = 32 channels, splits reduced up to 64 at
+    a time) merges the fp32 partials of the splits that ran (it recomputes L the same way).
   * Blocks hold min(64, next_pow2(S*H)) rows (>= 16). H = 16 per rank at decode: 16-row blocks, 8 warps
     (mma.sync); H = 128 or prefill: 64-row blocks, 8 warps (wgmma). BLOCK_T = 64 cache rows per step, 2 stages.
     At H = 16 (`mla_plan`): 128-row steps over caches of 8192+ rows where a split is one step; 64-row steps in 3

@@ -353,9 +353,16 @@ def print_table(rows):
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
 
 
+def save_json(path: str, obj) -> None:
+    """`obj` as indented JSON at `path`, written to path.tmp first and renamed: a run killed mid-write (a device
+    call's time limit) leaves the previous file or none, never half of one. The sweeps and A/B scripts use it too."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def write_json(path: str, meta: dict):
-    with open(path, "w") as f:
-        json.dump(dict(meta=meta, results=RESULTS), f, indent=1)
+    save_json(path, dict(meta=meta, results=RESULTS))
 
 
 def main(argv=None):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -90,9 +89,8 @@ def main() -> None:
               f"{'equal' if equal else 'DIFFER'}; rel err vs reference (64 tokens) old {ref_err['old']:.2e} new "
               f"{ref_err['new']:.2e}; rounds old {row['old']['rounds']} new {row['new']['rounds']}", flush=True)
     if opts.json:
-        with open(opts.json + ".tmp", "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
-        os.replace(opts.json + ".tmp", opts.json)
+        from dsv3.kernels.bench import save_json
+        save_json(opts.json, dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows))
 
 
 if __name__ == "__main__":

@@ -396,9 +396,8 @@ def main() -> int:
 
     def dump():
         if opts.json:
-            with open(opts.json + ".tmp", "w") as f:
-                json.dump(dict(meta, rows=rows), f, indent=1)
-            os.replace(opts.json + ".tmp", opts.json)
+            from dsv3.kernels.bench import save_json
+            save_json(opts.json, dict(meta, rows=rows))
 
     cases = [tuple(int(v) for v in c.split(":")) for c in opts.cases.split(",")]
     if opts.first_call:

@@ -30,7 +30,7 @@
 #   mla-splits scripts/sweep_mla_splits.py: the MLA decode op's split count (the plan's vs whole waves of programs)
 #              at H 16 / 128, batch 1 / 8 / 32, context 1k-32k (checked, timed; JSON in $OUT)
 #   sel-up     scripts/try_select_in_up.py: one-token MoE up kernel that computes the router's top-k itself vs the
-#              select kernel + up kernel (16B, 671B rank; outputs compared bitwise, timed; JSON in $OUT)
+#              select kernel + up kernel (16B, 671B rank; checked, timed; JSON in $OUT; 2026-11-24: slower)
 #   moe-a16    scripts/sweep_moe_a16.py: W8A16 one-token routed experts, the row-parallel up / down kernels' (block_n,
 #              warps) at the 16B and 671B-rank expert shapes against today's configs (JSON in $OUT)
 #   mla-pipe   scripts/sweep_mla_pipeline.py: the MLA decode op's plan against the 2-stage plan of before and 32- / 64-row

@@ -15,13 +15,11 @@ composition (relative error < 4e-3), then timed as dsv3.kernels.bench.graph_us d
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
 import dsv3.kernels  # noqa: F401  (registers the ops the fused path calls on one split)
-from dsv3.kernels.bench import graph_us
+from dsv3.kernels.bench import graph_us, save_json
 from dsv3.kernels.fp8_blocks import quantize_weight
 from dsv3.kernels.mla_absorb import mla_absorb_triton
 from dsv3.kernels.mla_attention import mla_attention_triton
@@ -91,9 +89,7 @@ def main() -> None:
     print("op (the model's choice): " + ", ".join(f"b{x['b']} ctx{x['ctx']} {x.get('us')}" for x in rows
                                                   if x["variant"] == "op"))
     if opts.json:
-        with open(opts.json + ".tmp", "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(opts.json + ".tmp", opts.json)
+        save_json(opts.json, rows)
 
 
 if __name__ == "__main__":

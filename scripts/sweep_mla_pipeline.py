@@ -19,7 +19,6 @@ bench does (cache copies past the L2, the calls captured in one CUDA graph, medi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,6 +26,7 @@ import torch
 
 from dsv3.kernels._launch import num_sms
 from dsv3.kernels.mla_attention import mla_attention_reference, mla_plan
+from dsv3.kernels.bench import save_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sweep_mla_splits import timed_variant  # noqa: E402  (the same check and timing)
@@ -83,9 +83,7 @@ def main() -> None:
     bad = sum("error" in v for x in rows for v in x["results"].values())
     print(f"{sum(len(x['results']) for x in rows)} variants timed or tried, {bad} failed or mismatched", flush=True)
     if opts.json:
-        with open(opts.json + ".tmp", "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(opts.json + ".tmp", opts.json)
+        save_json(opts.json, rows)
 
 
 if __name__ == "__main__":

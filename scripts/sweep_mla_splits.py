@@ -20,13 +20,11 @@ Outcome (2026-11-24, H200, 132 SMs, us, plan's ceil() split count -> whole waves
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
 from dsv3.kernels._launch import cdiv, num_sms
-from dsv3.kernels.bench import graph_us
+from dsv3.kernels.bench import graph_us, save_json
 from dsv3.kernels.mla_attention import mla_attention_reference, mla_attention_triton, mla_plan
 
 
@@ -104,9 +102,7 @@ def main() -> None:
                       for k, v in forms.items()), flush=True)
         del caches
     if opts.json:
-        with open(opts.json + ".tmp", "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(opts.json + ".tmp", opts.json)
+        save_json(opts.json, rows)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ us (up 4 rows / 4 warps, down 4 / 4), 671B rank 23.36 -> 22.84 us (up 2 / 4, dow
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -98,9 +97,8 @@ def main() -> int:
         sb.w = []  # free the weight copies before the next shape
         torch.cuda.empty_cache()
     if opts.json:
-        with open(opts.json + ".tmp", "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(opts.json + ".tmp", opts.json)
+        from dsv3.kernels.bench import save_json
+        save_json(opts.json, out)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -224,9 +223,8 @@ def main() -> None:
 
     def dump():
         if opts.json:
-            with open(opts.json + ".tmp", "w") as f:
-                json.dump(dict(meta, rows=rows), f, indent=1)
-            os.replace(opts.json + ".tmp", opts.json)
+            from dsv3.kernels.bench import save_json
+            save_json(opts.json, dict(meta, rows=rows))
 
     for t in (int(v) for v in opts.t.split(",")):
         if opts.only in (None, "attention"):

@@ -281,9 +281,8 @@ def main() -> None:
     rows = [run_shape(n, opts.t, opts.rounds, timing) for n in opts.shapes.split(",")]
     print(json.dumps([{kk: v for kk, v in r.items() if kk in ("shape", "up", "down")} for r in rows]))
     if opts.json:
-        with open(opts.json + ".tmp", "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name() if timing else "cpu", rows=rows), f, indent=1)
-        os.replace(opts.json + ".tmp", opts.json)
+        from dsv3.kernels.bench import save_json
+        save_json(opts.json, dict(device=torch.cuda.get_device_name() if timing else "cpu", rows=rows))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ Variants per shape (sweep_moe's: 16B with its 2 shared slots; one 671B rank at w
 model runs it (pairs, no combine) over weight copies past the L2 in one CUDA graph, `--rounds` interleaved rounds,
 median: 'two' (today's launches, A16_MOE_TUNED), 'chained' (a zeroed counter buffer per call: the op's default form,
 one small fill more in the graph), 'chained-reset' (one buffer the kernel leaves zero: the fill's cost removed), and
-chained with the down kernel's rows / the warps changed. Every output is checked against 'two' (bitwise where the
-launch fields are the same, else 1e-5).
+chained with the down kernel's rows / the warps changed. Every output is checked against 'two': bitwise where the
+launch fields are the same, else within 1e-3 (other rows per program or warps sum in another order: a last-bit bf16
+flip here and there, ~3e-5 measured).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> int:
             got = run(kw)[0, valid]
             same = torch.equal(got, base)
             err = 0.0 if same else ((got.double() - base.double()).norm() / base.double().norm()).item()
-            if not (err < 1e-5 and torch.isfinite(got).all()) or sync.any():
+            if not (err < 1e-3 and torch.isfinite(got).all()) or sync.any():
                 raise SystemExit(f"{name} {label}: differs from 'two' (rel {err:.2e}) or left the counters nonzero")
             checks[label] = "bitwise" if same else f"{err:.1e}"
         reps = max(5, -(-200 // sb.copies))

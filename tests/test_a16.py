@@ -279,7 +279,7 @@ def test_opcheck_a16_cpu():
 @pytest.mark.parametrize("e_routed,n_shared,i,d,k", A16_MOE)
 def test_routed_experts_a16_chained_gpu(e_routed, n_shared, i, d, k):
     """The one-launch form against the two-launch form at the models' shapes: the same pairs (bitwise where both
-    launch with the same warps, as on 16B), and a counter buffer the kernel must leave zero stays zero over CUDA-graph
+    launch with the same warps, as on 16B; else to the last bits of a few bf16 values), and a counter buffer the kernel must leave zero stays zero over CUDA-graph
     replays with new routing each time (a stale count would let a down program read h before it is written)."""
     e = e_routed + n_shared
     g = torch.Generator(device="cuda").manual_seed(3 * e + i)
@@ -302,7 +302,7 @@ def test_routed_experts_a16_chained_gpu(e_routed, n_shared, i, d, k):
     chained = RE.routed_experts_triton(x, idx, None, *w, a16_form="chained", **kw)
     if plan[1] == plan[3]:
         assert torch.equal(chained, two)
-    assert rel_err(chained, two) < 1e-5
+    assert rel_err(chained, two) < 1e-3  # else other warps sum in another order (671B rank: 2.2e-5, H200)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -317,4 +317,4 @@ def test_routed_experts_a16_chained_gpu(e_routed, n_shared, i, d, k):
         graph.replay()
         torch.cuda.synchronize()
         want = RE.routed_experts_triton(x, idx, None, *w, a16_form="two", **kw)
-        assert not sync.any() and rel_err(out, want) < 1e-5 and torch.isfinite(out).all()
+        assert not sync.any() and rel_err(out, want) < 1e-3 and torch.isfinite(out).all()

@@ -450,14 +450,18 @@ def _moe_rows_chained_kernel(
             offs_d = (q % DOWN_PER_SLOT) * DOWN_BN + tl.arange(0, DOWN_BN)
             d_mask = offs_d < D
             db, dk, dk_mask, dkb_mask = k_blocks(I, KB_DOWN)
-            w, sd = load_weight_rows(wd_ptr + ed64 * stride_de, sd_ptr + ed64 * stride_sde, offs_d, d_mask, db, dk,
-                                     dk_mask, dkb_mask, stride_dn, stride_sdn)
+            # the weight rows stay e4m3 across the wait (4 per register; widened after it): `load_weight_rows`'
+            # fp32 tile held through the loop took the kernel to 157 registers, 3 CTAs per SM for the up phase too
+            w8 = tl.load(wd_ptr + ed64 * stride_de + offs_d[:, None, None] * stride_dn + dk[None, :, :],
+                         mask=d_mask[:, None, None] & dk_mask[None, :, :], other=0.0)
+            sd = tl.load(sd_ptr + ed64 * stride_sde + (offs_d // 128)[:, None] * stride_sdn + db[None, :],
+                         mask=d_mask[:, None] & dkb_mask[None, :], other=0.0)
             arrived = tl.atomic_add(sync_ptr + slot_d, 0, sem="acquire", scope="gpu")
             while arrived < UP_PER_SLOT:
                 arrived = tl.atomic_add(sync_ptr + slot_d, 0, sem="acquire", scope="gpu")
             tl.debug_barrier()
             hv = tl.load(h_ptr + slot_d * stride_h + dk, mask=dk_mask, other=0.0, cache_modifier=".cg")
-            y = dot_rows(w, sd, hv.to(tl.float32), tl.full(db.shape, 1.0, tl.float32))
+            y = dot_rows(w8.to(tl.float32), sd, hv.to(tl.float32), tl.full(db.shape, 1.0, tl.float32))
             tl.store(y_ptr + slot_d * stride_y + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
             if SELF_RESET:
                 gone = tl.atomic_add(sync_ptr + K + slot_d, 1, sem="relaxed", scope="gpu")

@@ -410,7 +410,7 @@ def _moe_rows_chained_kernel(
     E, I, D, K, UP_PER_SLOT, DOWN_PER_SLOT,
     stride_we, stride_wn, stride_se, stride_sn, stride_de, stride_dn, stride_sde, stride_sdn, stride_h, stride_y,
     UP_BN: tl.constexpr, DOWN_BN: tl.constexpr, KB_UP: tl.constexpr, KB_DOWN: tl.constexpr,
-    SELF_RESET: tl.constexpr,
+    SELF_RESET: tl.constexpr, SPIN_NS: tl.constexpr,
 ):
     """W8A16, one token: `_moe_up_rows_kernel` and `_moe_down_rows_kernel` (ACT16) in ONE launch, so the down
     programs stream their weights while the up programs still run. 1-D grid: K * UP_PER_SLOT up programs (slot-major,
@@ -458,6 +458,9 @@ def _moe_rows_chained_kernel(
                          mask=d_mask[:, None] & dkb_mask[None, :], other=0.0)
             arrived = tl.atomic_add(sync_ptr + slot_d, 0, sem="acquire", scope="gpu")
             while arrived < UP_PER_SLOT:
+                if SPIN_NS > 0:  # back off between polls (fewer L2 requests on the slot's counter)
+                    arrived = tl.inline_asm_elementwise(f"nanosleep.u32 {SPIN_NS}; mov.u32 $0, $1;", "=r,r",
+                                                        [arrived], dtype=tl.int32, is_pure=False, pack=1)
                 arrived = tl.atomic_add(sync_ptr + slot_d, 0, sem="acquire", scope="gpu")
             tl.debug_barrier()
             hv = tl.load(h_ptr + slot_d * stride_h + dk, mask=dk_mask, other=0.0, cache_modifier=".cg")
@@ -1036,7 +1039,8 @@ def routed_experts_triton(
             gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), down_proj.stride(0),
             down_proj.stride(1), sd.stride(0), sd.stride(1), h.stride(0), y.stride(0),
             UP_BN=plan.up_block_n, DOWN_BN=plan.down_block_n, KB_UP=kb_pad_up, KB_DOWN=kb_pad_down,
-            SELF_RESET=a16_sync is not None, num_warps=plan.up_num_warps,
+            SELF_RESET=a16_sync is not None, SPIN_NS=int(env_choice("DSV3_MOE_CHAIN_SPIN_NS", "0")),
+            num_warps=plan.up_num_warps,
         )
     elif rows_up:  # one token: h[k] for slot k, then h quantized as the QUANT_H up kernel would have
         h_act = torch.empty((p, i), dtype=odt, device=x.device)

@@ -54,10 +54,14 @@ def main() -> int:
             f"chained-reset {8 if uw == 4 else 4} warps": dict(a16_form="chained", a16_sync=sync,
                                                                up_num_warps=8 if uw == 4 else 4),
         }
+        for ns in (100, 400):
+            variants[f"chained-reset spin {ns} ns"] = dict(a16_form="chained", a16_sync=sync, spin_ns=ns)
         if db < 8:
             variants["chained-reset down 8"] = dict(a16_form="chained", a16_sync=sync, down_block_n=8)
 
         def run(kw, c=0):
+            kw = dict(kw)
+            os.environ["DSV3_MOE_CHAIN_SPIN_NS"] = str(kw.pop("spin_ns", 0))  # read at launch (eager)
             return R.routed_experts_triton(sb.x, sb.idx, None, *sb.w[c], combine=False, quant_act=False, **kw)
 
         valid = ((sb.idx[0] >= 0) & (sb.idx[0] < sb.e)).nonzero().flatten()

@@ -405,75 +405,6 @@ def _moe_down_rows_kernel(
 
 
 @triton.jit
-def _moe_rows_chained_kernel(
-    x_ptr, idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, wd_ptr, sd_ptr, h_ptr, y_ptr, sync_ptr,
-    E, I, D, K, UP_PER_SLOT, DOWN_PER_SLOT,
-    stride_we, stride_wn, stride_se, stride_sn, stride_de, stride_dn, stride_sde, stride_sdn, stride_h, stride_y,
-    UP_BN: tl.constexpr, DOWN_BN: tl.constexpr, KB_UP: tl.constexpr, KB_DOWN: tl.constexpr,
-    SELF_RESET: tl.constexpr, SPIN_NS: tl.constexpr,
-):
-    """W8A16, one token: `_moe_up_rows_kernel` and `_moe_down_rows_kernel` (ACT16) in ONE launch, so the down
-    programs stream their weights while the up programs still run. 1-D grid: K * UP_PER_SLOT up programs (slot-major,
-    the lower ids: they are dispatched first and never wait), then K * DOWN_PER_SLOT down programs. An up program
-    writes its rows of h[slot] and arrives on sync[slot] (CTA barrier, then one release atomic at GPU scope). A down
-    program loads its weight rows and their scales first, then waits (acquire) until all UP_PER_SLOT up programs of
-    its slot arrived, then reads h[slot] past L1 (.cg) and writes y[slot]. Slots whose id is outside [0, E) neither
-    arrive nor wait. sync: int32 [2, K], zero on entry. SELF_RESET: the kernel leaves it zero (each down program
-    counts itself out on sync[1, slot]; the last one of a slot zeroes both counters), so one buffer serves every
-    call; otherwise the caller zeroes it per call."""
-    pid = tl.program_id(0)
-    n_up = K * UP_PER_SLOT
-    if pid < n_up:
-        slot_u = pid // UP_PER_SLOT
-        e_u = tl.load(idx_ptr + slot_u)
-        if (e_u >= 0) & (e_u < E):
-            eu64 = e_u.to(tl.int64)
-            offs_u = (pid % UP_PER_SLOT) * UP_BN + tl.arange(0, UP_BN)
-            u_mask = offs_u < I
-            ub, uk, uk_mask, ukb_mask = k_blocks(D, KB_UP)
-            wg, sg = load_weight_rows(wg_ptr + eu64 * stride_we, sg_ptr + eu64 * stride_se, offs_u, u_mask, ub, uk,
-                                      uk_mask, ukb_mask, stride_wn, stride_sn)
-            wu, su = load_weight_rows(wu_ptr + eu64 * stride_we, su_ptr + eu64 * stride_se, offs_u, u_mask, ub, uk,
-                                      uk_mask, ukb_mask, stride_wn, stride_sn)
-            xq, xs = load_x_act(x_ptr, uk, uk_mask, ub)
-            odt = h_ptr.dtype.element_ty
-            hf = _swiglu(dot_rows(wg, sg, xq, xs), dot_rows(wu, su, xq, xs), odt)
-            tl.store(h_ptr + slot_u * stride_h + offs_u, hf.to(odt), mask=u_mask)
-            tl.debug_barrier()  # every thread's stores before the arrival (one thread issues the scalar atomic)
-            tl.atomic_add(sync_ptr + slot_u, 1, sem="release", scope="gpu")
-    else:
-        q = pid - n_up
-        slot_d = q // DOWN_PER_SLOT
-        e_d = tl.load(idx_ptr + slot_d)
-        if (e_d >= 0) & (e_d < E):
-            ed64 = e_d.to(tl.int64)
-            offs_d = (q % DOWN_PER_SLOT) * DOWN_BN + tl.arange(0, DOWN_BN)
-            d_mask = offs_d < D
-            db, dk, dk_mask, dkb_mask = k_blocks(I, KB_DOWN)
-            # the weight rows stay e4m3 across the wait (4 per register; widened after it): `load_weight_rows`'
-            # fp32 tile held through the loop took the kernel to 157 registers, 3 CTAs per SM for the up phase too
-            w8 = tl.load(wd_ptr + ed64 * stride_de + offs_d[:, None, None] * stride_dn + dk[None, :, :],
-                         mask=d_mask[:, None, None] & dk_mask[None, :, :], other=0.0)
-            sd = tl.load(sd_ptr + ed64 * stride_sde + (offs_d // 128)[:, None] * stride_sdn + db[None, :],
-                         mask=d_mask[:, None] & dkb_mask[None, :], other=0.0)
-            arrived = tl.atomic_add(sync_ptr + slot_d, 0, sem="acquire", scope="gpu")
-            while arrived < UP_PER_SLOT:
-                if SPIN_NS > 0:  # back off between polls (fewer L2 requests on the slot's counter)
-                    arrived = tl.inline_asm_elementwise(f"nanosleep.u32 {SPIN_NS}; mov.u32 $0, $1;", "=r,r",
-                                                        [arrived], dtype=tl.int32, is_pure=False, pack=1)
-                arrived = tl.atomic_add(sync_ptr + slot_d, 0, sem="acquire", scope="gpu")
-            tl.debug_barrier()
-            hv = tl.load(h_ptr + slot_d * stride_h + dk, mask=dk_mask, other=0.0, cache_modifier=".cg")
-            y = dot_rows(w8.to(tl.float32), sd, hv.to(tl.float32), tl.full(db.shape, 1.0, tl.float32))
-            tl.store(y_ptr + slot_d * stride_y + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
-            if SELF_RESET:
-                gone = tl.atomic_add(sync_ptr + K + slot_d, 1, sem="relaxed", scope="gpu")
-                if gone == DOWN_PER_SLOT - 1:  # every down program of the slot is past its wait
-                    tl.store(sync_ptr + slot_d, 0)
-                    tl.store(sync_ptr + K + slot_d, 0)
-
-
-@triton.jit
 def _moe_up_grouped_kernel(
     x_ptr, xs_ptr, sched_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, dt_ptr,
     K, I, D, n_sched,
@@ -762,15 +693,6 @@ def _tuned_key(e_slots: int, i: int, d: int, table: Optional[dict] = None) -> tu
     return min(near, key=lambda k: (abs(k[0] - e_slots), k[0])) if near else (e_slots, i, d)
 
 
-MOE_A16_FORM_DEFAULT = "two"
-
-
-def moe_a16_form() -> str:
-    """How the W8A16 one-token experts launch (trace time): 'two' (default): the row-parallel up kernel, then the
-    down kernel; 'chained': both in one launch (`_moe_rows_chained_kernel`). DSV3_MOE_A16 pins one (A/B runs)."""
-    return env_switch("DSV3_MOE_A16", MOE_A16_FORM_DEFAULT, ("two", "chained"))
-
-
 def a16_moe_config(e_slots: int, i: int, d: int, plan: MoeDecodePlan) -> tuple[int, int, int, int]:
     """(up BLOCK_N, up warps, down BLOCK_N, down warps) of the W8A16 one-token kernels: the A16_MOE_TUNED row unless
     DSV3_MOE_DECODE pins a plan; otherwise the T = 1 plan's row-parallel fields, A16_UP / A16_DOWN where it has none."""
@@ -925,14 +847,10 @@ def routed_experts_triton(
     down_block_n: Optional[int] = None, down_num_warps: Optional[int] = None, down_num_stages: Optional[int] = None,
     grouped_block_t: Optional[int] = None, x_q: Optional[torch.Tensor] = None,
     x_scale: Optional[torch.Tensor] = None, combine: bool = True, quant_act: bool = True,
-    a16_form: Optional[str] = None, a16_sync: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Triton path (module docstring). quant_act=False (FP8 weights, one token, `a16_supported`): W8A16, the
     row-parallel up and down kernels on x and h in the activation dtype (no quantization launch; x_q / x_scale
     unused); their launch fields from `a16_moe_config` (A16_MOE_TUNED), then this call's up_* / down_* fields.
-    a16_form: 'two' (two launches) or 'chained' (`_moe_rows_chained_kernel`: both in one launch, num_warps the up
-    kernel's); None: `moe_a16_form()`. a16_sync (chained only): an int32 [2, T*K] buffer, zero, that the kernel
-    leaves zero (its SELF_RESET form); None: a zeroed buffer per call.
     combine=False: the [T, K, D] pair outputs (`routed_experts_pairs`'s
     contract) instead of their weighted sum: no combine launch. Decode launch config: `resolve_moe_decode` (the
     plan, DSV3_MOE_DECODE, then these keyword arguments; None keeps the plan's value). The grouped path starts
@@ -1027,22 +945,7 @@ def routed_experts_triton(
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
                   BLOCK_P=block_p, BLOCK_E=block_e)
     kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
-    chained = a16 and (a16_form or moe_a16_form()) == "chained"
-    if chained:  # one launch: up programs, then down programs that wait on their slot's (`_moe_rows_chained_kernel`)
-        assert sd.stride(-1) == 1, "the row-parallel down kernel reads each row's block scales contiguously"
-        h = torch.empty((p, i), dtype=odt, device=x.device)
-        sync = a16_sync if a16_sync is not None else torch.zeros((2, p), dtype=torch.int32, device=x.device)
-        up_per, down_per = cdiv(i, plan.up_block_n), cdiv(d, plan.down_block_n)
-        wrap_triton(_moe_rows_chained_kernel)[(p * (up_per + down_per),)](
-            x, idx, gate_proj, up_proj, sg, su, down_proj, sd, h, y, sync,
-            e, i, d, p, up_per, down_per,
-            gate_proj.stride(0), gate_proj.stride(1), sg.stride(0), sg.stride(1), down_proj.stride(0),
-            down_proj.stride(1), sd.stride(0), sd.stride(1), h.stride(0), y.stride(0),
-            UP_BN=plan.up_block_n, DOWN_BN=plan.down_block_n, KB_UP=kb_pad_up, KB_DOWN=kb_pad_down,
-            SELF_RESET=a16_sync is not None, SPIN_NS=int(env_choice("DSV3_MOE_CHAIN_SPIN_NS", "0")),
-            num_warps=plan.up_num_warps,
-        )
-    elif rows_up:  # one token: h[k] for slot k, then h quantized as the QUANT_H up kernel would have
+    if rows_up:  # one token: h[k] for slot k, then h quantized as the QUANT_H up kernel would have
         h_act = torch.empty((p, i), dtype=odt, device=x.device)
         wrap_triton(_moe_up_rows_kernel)[(p, cdiv(i, plan.up_block_n))](
             xq, xs, idx, gate_proj, up_proj, sg, su, h_act,

@@ -31,9 +31,6 @@
 #              at H 16 / 128, batch 1 / 8 / 32, context 1k-32k (checked, timed; JSON in $OUT)
 #   sel-up     scripts/try_select_in_up.py: one-token MoE up kernel that computes the router's top-k itself vs the
 #              select kernel + up kernel (16B, 671B rank; checked, timed; JSON in $OUT; 2026-11-24: slower)
-#   moe-chain  scripts/try_moe_chained.py: the W8A16 one-token experts in one launch (down programs wait on counters)
-#              vs today's two launches (16B, 671B rank; checked against each other, timed; JSON in $OUT), then the
-#              W8A16 GPU tests (tests/test_a16.py -k routed)
 #   moe-a16    scripts/sweep_moe_a16.py: W8A16 one-token routed experts, the row-parallel up / down kernels' (block_n,
 #              warps) at the 16B and 671B-rank expert shapes against today's configs (JSON in $OUT)
 #   mla-pipe   scripts/sweep_mla_pipeline.py: the MLA decode op's plan against the 2-stage plan of before and 32- / 64-row
@@ -141,11 +138,6 @@ step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_p
 
 step_sel_up() { timeout 300 $PY scripts/try_select_in_up.py --json "$OUT/try_select_in_up.json" 2>&1 | grep -v -i warn | tail -6; }
 
-step_moe_chain() {
-  timeout 300 $PY scripts/try_moe_chained.py --json "$OUT/try_moe_chained.json" 2>&1 | grep -v -i warn | tail -6
-  timeout 200 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE -k routed tests/test_a16.py 2>&1 \
-    | tee "$OUT/moe_chain_tests.log" | tail -6
-}
 step_moe_a16() { timeout 400 $PY scripts/sweep_moe_a16.py --json "$OUT/sweep_moe_a16.json" 2>&1 | grep -v -i warn | tail -12; }
 
 step_mla_pipe() { timeout 400 $PY scripts/sweep_mla_pipeline.py --json "$OUT/sweep_mla_pipeline.json" 2>&1 | grep -v -i warn | tail -24; }

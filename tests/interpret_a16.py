@@ -113,29 +113,3 @@ def test_routed_experts_a16(d, i, e_routed, n_shared, k, plan, fixed_interpreter
             h = (torch.nn.functional.silu(x64 @ g.t()) * (x64 @ u.t())).to(torch.bfloat16).double()
             want += wt[0, j].double() * (h @ dn.t())
     assert rel_err(out, want) < 2e-2
-
-
-@pytest.mark.parametrize("d,i,e_routed,n_shared,k", MOE_CASES)
-def test_routed_experts_a16_chained(d, i, e_routed, n_shared, k, fixed_interpreter):
-    """The one-launch form (`_moe_rows_chained_kernel`: up programs, then down programs waiting on their slot's
-    counter): the two-launch form's pairs bit for bit, with a per-call zeroed counter buffer and with a buffer the
-    kernel must leave zero (SELF_RESET; called twice). The interpreter runs programs in id order, so this checks the
-    arithmetic and the counting, not the concurrency (the GPU test does)."""
-    gen = torch.Generator().manual_seed(7 * d + i)
-    e = e_routed + n_shared
-    x = torch.randn(1, d, generator=gen).to(torch.bfloat16)
-    ids = torch.randperm(e_routed, generator=gen)[:k].tolist() + list(range(e_routed, e))
-    idx = torch.tensor([ids + [-1, e]])
-    ws = [torch.randn(e, i, d, generator=gen) * 0.1, torch.randn(e, i, d, generator=gen) * 0.1,
-          torch.randn(e, d, i, generator=gen) * 0.1]
-    q = [quantize_weight(w) for w in ws]
-    w = [q[0][0], q[1][0], q[2][0], q[0][1], q[1][1], q[2][1]]
-    kw = dict(up_block_n=4, up_num_warps=2, down_block_n=2, down_num_warps=2, quant_act=False, combine=False)
-    two = RE.routed_experts_triton(x, idx, None, *w, a16_form="two", **kw)
-    valid = ((idx[0] >= 0) & (idx[0] < e)).nonzero().flatten()
-    chained = RE.routed_experts_triton(x, idx, None, *w, a16_form="chained", **kw)
-    assert torch.equal(chained[0, valid], two[0, valid])
-    sync = torch.zeros(2, idx.shape[1], dtype=torch.int32)
-    for _ in range(2):
-        again = RE.routed_experts_triton(x, idx, None, *w, a16_form="chained", a16_sync=sync, **kw)
-        assert torch.equal(again[0, valid], two[0, valid]) and not sync.any()

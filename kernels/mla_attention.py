@@ -85,37 +85,9 @@ def _block_bounds(pos_ptr, b, rb, S, H, stride_pb, stride_ps, N_SPLITS, MIN_CHUN
 
 
 @triton.jit
-def attend_rows(q, qpe, cache_b, start, end, pos, stride_ct, C, offs_c, offs_r, c_mask, r_mask, scale_f32, m_i, l_i,
-                BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr):
-    """The online softmax of BLOCK_H query rows (q [BLOCK_H, C_PAD], qpe [BLOCK_H, R_PAD], scores in log2 units via
-    scale_f32) over cache rows [start, end) of one sequence (cache_b), row r seeing t <= pos[r], from the state
-    (m_i, l_i): returns (acc [BLOCK_H, C_PAD] fp32, unnormalized; m_i; l_i). P is rounded to the cache dtype for
-    the P.V product, as in flash attention."""
-    offs_t = tl.arange(0, BLOCK_T)
-    acc = tl.zeros((BLOCK_H, C_PAD), dtype=tl.float32)
-    for t0 in range(start, end, BLOCK_T):
-        t = t0 + offs_t
-        t_mask = t < end
-        row_ptr = cache_b + t.to(tl.int64)[:, None] * stride_ct
-        kv = tl.load(row_ptr + offs_c[None, :], mask=t_mask[:, None] & c_mask[None, :], other=0.0)
-        pe = tl.load(row_ptr + C + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
-        sc = tl.dot(q, tl.trans(kv)) + tl.dot(qpe, tl.trans(pe))          # [BLOCK_H, BLOCK_T]
-        sc = sc * scale_f32
-        visible = (t[None, :] <= pos[:, None]) & t_mask[None, :]
-        sc = tl.where(visible, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None])  # accumulate in place: one acc in registers
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _mla_fwd_kernel(
     q_ptr, qpe_ptr, cache_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr, lse_ptr,
-    S, H, C, R, N_SPLITS, scale_log2, SKIP_MAX,
+    S, H, C, R, N_SPLITS, scale_log2,
     stride_qb, stride_qs, stride_qh, stride_pb_, stride_ps_, stride_ph_,
     stride_cb, stride_ct, stride_posb, stride_poss,
     stride_ob, stride_os, stride_oh, stride_oc,
@@ -124,9 +96,7 @@ def _mla_fwd_kernel(
 ):
     """PREFIX (dsv3.mla_prefix_attention; one split, not SWAP): every row of sequence b sees exactly the cache rows
     t < input_pos[b, 0], and the program also writes each row's log-sum-exp (natural log; -inf and zeros when
-    that prefix is empty) to lse_ptr ([B, S, H] fp32).
-    SKIP_MAX: a block whose L is at most this does nothing (dsv3.mla_attention_out's one-pass path computes it in
-    the W_UV kernel); 0 never skips."""
+    that prefix is empty) to lse_ptr ([B, S, H] fp32)."""
     rb = tl.program_id(0)  # row blocks first: prefill can have more than 65535 of them
     sp = tl.program_id(1)
     b = tl.program_id(2)
@@ -137,7 +107,7 @@ def _mla_fwd_kernel(
         pos = tl.where(row_mask, length - 1, -1)
         chunk = tl.maximum(length, 1)
     start = sp * chunk
-    if (start < length) & (length > SKIP_MAX):
+    if start < length:
         end = tl.minimum(start + chunk, length)
         s_idx = rows // H
         h_idx = rows % H
@@ -189,8 +159,23 @@ def _mla_fwd_kernel(
                           + offs_c[:, None] * stride_oc)
                 tl.store(o_ptrs, o_t.to(out_ptr.dtype.element_ty), mask=row_mask[None, :] & c_mask[:, None])
         else:
-            acc, m_i, l_i = attend_rows(q, qpe, cache_b, start, end, pos, stride_ct, C, offs_c, offs_r, c_mask, r_mask,
-                                        scale_f32, m_i, l_i, BLOCK_H, BLOCK_T, C_PAD)
+            acc = tl.zeros((BLOCK_H, C_PAD), dtype=tl.float32)
+            for t0 in range(start, end, BLOCK_T):
+                t = t0 + offs_t
+                t_mask = t < end
+                row_ptr = cache_b + t.to(tl.int64)[:, None] * stride_ct
+                kv = tl.load(row_ptr + offs_c[None, :], mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+                pe = tl.load(row_ptr + C + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+                sc = tl.dot(q, tl.trans(kv)) + tl.dot(qpe, tl.trans(pe))          # [BLOCK_H, BLOCK_T]
+                sc = sc * scale_f32
+                visible = (t[None, :] <= pos[:, None]) & t_mask[None, :]
+                sc = tl.where(visible, sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None])  # accumulate in place: one acc in registers
+                m_i = m_new
             if SPLIT:
                 base = (b64 * N_SPLITS + sp) * (S * H) + rows
                 tl.store(part_ptr + base[:, None] * C_PAD + offs_c[None, :], acc, mask=row_mask[:, None])
@@ -392,11 +377,10 @@ def mla_attention_split(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
     n_splits: Optional[int] = None, num_stages: Optional[int] = None, min_chunk: Optional[int] = None,
-    swap: Optional[bool] = None, num_warps: Optional[int] = None, skip_max: int = 0,
+    swap: Optional[bool] = None, num_warps: Optional[int] = None,
 ) -> SplitAttention:
     """`_mla_fwd_kernel` alone: with one split the attention output, else the splits' partials to be combined
-    (`_mla_combine_kernel` here, or the W_UV absorption kernel of dsv3.kernels.mla_attention_out). skip_max: row
-    blocks of sequences at most this long are left to the caller's kernel (nothing written for them)."""
+    (`_mla_combine_kernel` here, or the W_UV absorption kernel of dsv3.kernels.mla_attention_out)."""
     bsz, seqlen, heads, c = q_latent.shape
     r = q_pe.shape[-1]
     # Same layout as the fake impl (empty_like), so compiled graphs see the strides they were promised.
@@ -421,7 +405,7 @@ def mla_attention_split(
         part = ml = out  # unused
     wrap_triton(_mla_fwd_kernel)[(n_rb, n_splits, bsz)](
         q_latent, q_pe, latent_cache, input_pos, out, part, ml, ml,
-        seqlen, heads, c, r, n_splits, float(softmax_scale) * LOG2E, skip_max,
+        seqlen, heads, c, r, n_splits, float(softmax_scale) * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),

@@ -37,11 +37,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
+from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.mla_absorb import mla_absorb_reference, w_uv_rows
 from dsv3.kernels.mla_attention import (
-    DECODE_MAX_S, LOG2E, _block_bounds, _triton_ok as attention_triton_ok, attend_rows, combine_block_s,
-    combine_channels, combine_splits, mla_attention_reference, mla_attention_split, mla_plan, split_max,
+    DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels, combine_splits,
+    mla_attention_reference, mla_attention_split, split_max,
 )
 
 ATTN_OUT_DEFAULT = "fused"
@@ -68,31 +68,6 @@ ATTN_OUT_BLOCK_D_LADDER = {True: (16, 32), False: (64,)}
 ATTN_OUT_FUSED_MAX_M = 8
 
 
-# The one-pass path (SHORT in `_mla_combine_absorb_kernel`): query tokens (B * S) -> the longest sequence that takes
-# it. Every W_UV program of a row then runs the attention of the row's block itself over the whole sequence (the
-# split kernel skips it): no partials, no merge, the split kernel's work gone but for its exit, at the price of each
-# of those programs re-reading the sequence's cache rows from L2. Not measured yet: 0 (off) until it is.
-ATTN_OUT_SHORT_MAX: dict[int, int] = {}
-ATTN_OUT_SHORT_BLOCK_T = 32
-
-
-def attn_out_short_max(m: int) -> int:
-    """Sequences up to this length take the one-pass path at m query tokens (0: none); DSV3_ATTN_OUT_SHORT=N pins N
-    (A/B runs; read at trace time)."""
-    pinned = env_choice("DSV3_ATTN_OUT_SHORT", "")
-    if pinned:
-        return int(pinned)
-    return ATTN_OUT_SHORT_MAX.get(m, 0)
-
-
-def mla_plan_splits(q_latent: torch.Tensor, latent_cache: torch.Tensor, num_warps: Optional[int] = None,
-                    **plan_fields) -> int:
-    """The split count of mla_attention's plan for these shapes and fields (`mla_attention_split`'s)."""
-    bsz, seqlen, heads, c = q_latent.shape
-    return mla_plan(static_int(bsz), static_int(seqlen), heads, static_int(latent_cache.shape[1]), c,
-                    num_sms(q_latent.device), **plan_fields).n_splits
-
-
 def mla_attention_out_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float,
                                 kv_b_weight, kv_b_scale, nope_dim: int, v_dim: int) -> torch.Tensor:
     o_latent = mla_attention_reference(q_latent, q_pe, latent_cache, input_pos, softmax_scale)
@@ -105,30 +80,14 @@ def _two_ops(q_latent, q_pe, latent_cache, input_pos, softmax_scale, kv_b_weight
 
 
 @triton.jit
-def _merge_row(part_ptr, ml_ptr, b64, row, n_active, ROWS, N_SPLITS, C_PAD: tl.constexpr, KB_PAD: tl.constexpr,
-               BLOCK_S: tl.constexpr):
-    """Query row `row`'s split partials merged over all KB_PAD * 128 channels (mla_attention's combine,
-    `combine_channels`: the same splits, weights and order per channel): (numerator [KB_PAD * 128], denominator)."""
-    m_max = split_max(ml_ptr, b64, row, n_active, ROWS, N_SPLITS, BLOCK_S)
-    return combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, tl.arange(0, KB_PAD * 128), ROWS, N_SPLITS,
-                            C_PAD, BLOCK_S)
-
-
-@triton.jit
 def _mla_combine_absorb_kernel(
-    part_ptr, ml_ptr, pos_ptr, w_ptr, s_ptr, out_ptr, q_ptr, qpe_ptr, cache_ptr,
-    S, H, C, R, DN, DV, ROWS_PER_HEAD, N_SPLITS, SHORT_MAX, scale_log2,
+    part_ptr, ml_ptr, pos_ptr, w_ptr, s_ptr, out_ptr,
+    S, H, C, DN, DV, ROWS_PER_HEAD, N_SPLITS,
     stride_posb, stride_poss, stride_wr, stride_sr, stride_sc, stride_ob, stride_os, stride_oh,
-    stride_qb, stride_qs, stride_qh, stride_pb_, stride_ps_, stride_ph_, stride_cb, stride_ct,
     HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr,
     KB_PAD: tl.constexpr, MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    SHORT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T_SHORT: tl.constexpr,
 ):
-    """out[b, s, h, d-block] = attention output of row (s, h)[:C] @ W_UV[h][d-block, :]^T: the merge of the row's
-    splits, or with SHORT, where the sequence is at most SHORT_MAX rows long (the split kernel then skipped it,
-    `_mla_fwd_kernel`'s SKIP_MAX), the attention itself in one pass (`attend_rows`, the row's block of BLOCK_H query
-    rows on the tensor cores, BLOCK_T_SHORT cache rows per step). q_ptr / qpe_ptr / cache_ptr and their strides,
-    R, scale_log2: as `_mla_fwd_kernel`'s (unused without SHORT)."""
+    """out[b, s, h, d-block] = merge(splits of row (s, h))[:C] @ W_UV[h][d-block, :]^T."""
     row = tl.program_id(0)
     db = tl.program_id(1)
     b = tl.program_id(2)
@@ -141,39 +100,18 @@ def _mla_combine_absorb_kernel(
     d_mask = offs_d < DV
     _, _, w = w_uv_rows(w_ptr, s_ptr, h_idx * ROWS_PER_HEAD + DN + offs_d, d_mask, C, stride_wr, stride_sr, stride_sc,
                         HAS_SCALE, KB_PAD, odt)
+    # The row's merged attention output over all C at once (mla_attention's combine, `combine_channels`: the same
+    # splits, weights and order per channel), rounded as mla_attention returns it.
+    n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
     b64 = b.to(tl.int64)
-    rows, row_mask, pos, length, chunk = _block_bounds(pos_ptr, b, row // BLOCK_H, S, H, stride_posb, stride_poss,
-                                                       N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
-    n_active = tl.minimum(tl.cdiv(length, chunk), N_SPLITS)  # the splits that ran (`active_splits`)
-    if SHORT:
-        if length <= SHORT_MAX:
-            offs_c = tl.arange(0, KB_PAD * 128)
-            offs_r = tl.arange(0, R_PAD)
-            c_mask = offs_c < C
-            r_mask = offs_r < R
-            s_rows = rows // H
-            h_rows = rows % H
-            q = tl.load(q_ptr + b64 * stride_qb + s_rows[:, None] * stride_qs + h_rows[:, None] * stride_qh
-                        + offs_c[None, :], mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-            qpe = tl.load(qpe_ptr + b64 * stride_pb_ + s_rows[:, None] * stride_ps_ + h_rows[:, None] * stride_ph_
-                          + offs_r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            acc, m_i, l_i = attend_rows(q, qpe, cache_ptr + b64 * stride_cb, 0, length, pos, stride_ct, C, offs_c, offs_r,
-                                      c_mask, r_mask, tl.cast(scale_log2, tl.float32),
-                                      tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32),
-                                      tl.zeros((BLOCK_H,), dtype=tl.float32), BLOCK_H, BLOCK_T_SHORT, KB_PAD * 128)
-            mine = rows == row
-            num = tl.sum(tl.where(mine[:, None], acc, 0.0), axis=0)
-            den = tl.sum(tl.where(mine, l_i, 0.0), axis=0)
-        else:
-            num, den = _merge_row(part_ptr, ml_ptr, b64, row, n_active, S * H, N_SPLITS, C_PAD, KB_PAD, BLOCK_S)
-    else:
-        num, den = _merge_row(part_ptr, ml_ptr, b64, row, n_active, S * H, N_SPLITS, C_PAD, KB_PAD, BLOCK_S)
+    m_max = split_max(ml_ptr, b64, row, n_active, S * H, N_SPLITS, BLOCK_S)
+    num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, tl.arange(0, KB_PAD * 128), S * H,
+                                N_SPLITS, C_PAD, BLOCK_S)
     num = tl.reshape(num, (KB_PAD, 128))
-    # rounded as mla_attention returns its output, then summed per 128-block as `_absorb_o_rows_kernel` does
     o = (num / tl.where(den > 0, den, 1.0)).to(odt).to(tl.float32)
-    acc_o = tl.sum(tl.sum(w * o[None, :, :], axis=2), axis=1)
+    acc = tl.sum(tl.sum(w * o[None, :, :], axis=2), axis=1)
     s_idx = row // H
-    tl.store(out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_d, acc_o.to(odt), mask=d_mask)
+    tl.store(out_ptr + b64 * stride_ob + s_idx * stride_os + h_idx * stride_oh + offs_d, acc.to(odt), mask=d_mask)
 
 
 def fused_block_d(m: int, heads: int, n_splits: int, c: int, v_dim: int) -> Optional[int]:
@@ -193,46 +131,30 @@ def fused_block_d(m: int, heads: int, n_splits: int, c: int, v_dim: int) -> Opti
 def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_scale: float, kv_b_weight,
                              kv_b_scale, nope_dim: int, v_dim: int, block_d: Optional[int] = None,
                              num_warps: Optional[int] = None, block_s: Optional[int] = None,
-                             short_max: Optional[int] = None, block_t_short: Optional[int] = None,
                              **attention_plan) -> torch.Tensor:
-    """The CUDA path; `attention_plan` overrides mla_attention's launch plan (tests, sweeps). short_max: sequences
-    at most this long take the one-pass path in the W_UV kernel (0: never; None: `attn_out_short_max`), with
-    block_t_short cache rows per step (default ATTN_OUT_SHORT_BLOCK_T)."""
+    """The CUDA path; `attention_plan` overrides mla_attention's launch plan (tests, sweeps)."""
     bsz, seqlen, heads, c = q_latent.shape
-    n_splits = mla_plan_splits(q_latent, latent_cache, **attention_plan)
-    if block_d is None and n_splits > 1:
-        block_d = fused_block_d(bsz * seqlen, heads, n_splits, c, v_dim)
-    fused = block_d is not None and n_splits > 1
-    if short_max is None:
-        short_max = attn_out_short_max(bsz * seqlen) if fused else 0
-    elif short_max and not fused:
-        raise ValueError("short_max: the one-pass path runs in the fused kernel (more than one split, block_d)")
-    sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, skip_max=short_max,
-                             **attention_plan)
+    sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, **attention_plan)
     if sa.part is None:  # one split: the attention output is final, nothing to merge
         return torch.ops.dsv3.mla_absorb(sa.out, kv_b_weight, kv_b_scale, nope_dim, v_dim, True)
-    if block_d is None:  # many query rows, or too much re-merging for this plan: the combine kernel, then W_UV
-        return torch.ops.dsv3.mla_absorb(combine_splits(sa, q_latent, input_pos), kv_b_weight, kv_b_scale, nope_dim,
-                                         v_dim, True)
+    if block_d is None:
+        block_d = fused_block_d(bsz * seqlen, heads, sa.n_splits, c, v_dim)
+        if block_d is None:  # many query rows, or too much re-merging for this plan: the combine kernel, then W_UV
+            return torch.ops.dsv3.mla_absorb(combine_splits(sa, q_latent, input_pos), kv_b_weight, kv_b_scale, nope_dim,
+                                             v_dim, True)
     out = torch.empty((bsz, seqlen, heads, v_dim), dtype=q_latent.dtype, device=q_latent.device)
     has_scale = kv_b_scale is not None
     s = kv_b_scale if has_scale else kv_b_weight  # unused without scales
     s_strides = (s.stride(0), s.stride(1)) if has_scale else (0, 0)
     # splits per merge step: the [BLOCK_S, C] partial tile shares the registers with the W_UV tile
     block_s = block_s or min(ATTN_OUT_BLOCK_S, combine_block_s(sa.n_splits))
-    q, qp, cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_latent, q_pe, latent_cache))
-    r = q_pe.shape[-1]
     wrap_triton(_mla_combine_absorb_kernel)[(seqlen * heads, cdiv(v_dim, block_d), bsz)](
-        sa.part, sa.ml, input_pos, kv_b_weight, s, out, q, qp, cache,
-        seqlen, heads, c, r, nope_dim, v_dim, nope_dim + v_dim, sa.n_splits, short_max,
-        float(softmax_scale) * LOG2E,
+        sa.part, sa.ml, input_pos, kv_b_weight, s, out,
+        seqlen, heads, c, nope_dim, v_dim, nope_dim + v_dim, sa.n_splits,
         input_pos.stride(0), input_pos.stride(1), kv_b_weight.stride(0), *s_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        q.stride(0), q.stride(1), q.stride(2), qp.stride(0), qp.stride(1), qp.stride(2), cache.stride(0),
-        cache.stride(1),
         HAS_SCALE=has_scale, BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad,
         KB_PAD=max(1, next_pow2(cdiv(c, 128))), MIN_CHUNK_=sa.min_chunk, BLOCK_S=block_s, BLOCK_D=block_d,
-        SHORT=short_max > 0, R_PAD=max(16, next_pow2(r)), BLOCK_T_SHORT=block_t_short or ATTN_OUT_SHORT_BLOCK_T,
         num_warps=num_warps or ATTN_OUT_WARPS,
     )
     return out

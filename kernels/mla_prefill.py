@@ -212,7 +212,7 @@ def mla_prefix_attention_triton(
     c_pad = max(16, next_pow2(c))
     wrap_triton(_mla_fwd_kernel)[(cdiv(seqlen * heads, block_h), 1, bsz)](
         q_latent, q_pe, latent_cache, input_pos, out, out, lse, lse,
-        seqlen, heads, c, r, 1, float(softmax_scale) * LOG2E, 0,
+        seqlen, heads, c, r, 1, float(softmax_scale) * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),

@@ -4,12 +4,10 @@ over its launch block (W_UV rows per program) and warps, on the GPU.
     python3 scripts/sweep_attn_out.py --json $OUT/sweep_attn_out.json      # ~1 min on an H200
 
 Shapes: 16 query heads (16B; 671B per rank at world size 8), C 512, R 64, Dn = Dv = 128, FP8 kv_b_proj, a 4096-row
-cache (the 16B bench's), batch 1 with the last query at context 128 / 256 / 512 / 1024 / 4031, batch 8 at 128 / 512 / 1024 / 4031, batch
-32 at 128 / 4031 (the fused variants only where the op takes the fused kernel: batch <= 8).
-Variants: the op as the model calls it, the two ops, the fused kernel (`mla_attention_out_triton`) merging the
-splits, and its one-pass path for short sequences (the split kernel skips them; each W_UV program runs its row
-block's attention itself) in several launch configurations. (Earlier sweeps here: fewer attention splits, slower;
-a chained kernel, merge programs then W_UV programs in one launch: branch experiment/mla-chained.) Each variant is first checked against the two-op
+cache (the 16B bench's), batch 1 and 8 with the last query at context 128 / 1024 / 4031, batch 32 at 128 / 4031.
+Variants: the op as the model calls it, the two ops, the fused kernel (`mla_attention_out_triton`) in several
+launch configurations and with fewer attention splits. (A chained kernel, merge programs then W_UV programs in one
+launch, was timed here once: branch experiment/mla-chained.) Each variant is first checked against the two-op
 composition (relative error < 4e-3), then timed as dsv3.kernels.bench.graph_us does: C copies of the cache
 (>= 256 MB together, past the L2) and C calls captured in one CUDA graph, median replay / C.
 """
@@ -40,19 +38,16 @@ def main() -> None:
     heads, c, r, dn, dv, t_cap, scale = 16, 512, 64, 128, 128, 4096, 0.1
     w, ws = quantize_weight(torch.randn(heads * (dn + dv), c) * 0.05)
     w, ws = w.to(dev), ws.to(dev)
-    # (name, kind, launch fields): the op as the model calls it (its own choice), the two ops, the fused kernel's
-    # merge path at the blocks the op picks (16 W_UV rows per program at batch 1, 64 at batch 8; 4 warps), and its
-    # one-pass path (every sequence short: `short_max` past the context) in several configurations (W_UV rows,
-    # warps, cache rows per step): where the one pass is faster than split + merge sets ATTN_OUT_SHORT_MAX.
-    always = 1 << 30
+    # (name, kind, launch fields): the op as the model calls it (its own choice), the two ops, the fused kernel (W_UV
+    # rows per program, warps, splits per merge step: the best configurations of the first sweeps; then fewer
+    # attention splits than mla_attention's plan, which halves the partials each program re-merges)
     variants = [("op", "op", {}), ("two_ops", "two", {})]
-    variants += [(f"fused_d{d}_w4", "fused", dict(block_d=d, num_warps=4, short_max=0)) for d in (16, 64)]
-    variants += [(f"short_d{d}_w{nw}_t{bt}", "fused", dict(block_d=d, num_warps=nw, block_t_short=bt, short_max=always))
-                 for d, nw, bt in ((16, 4, 32), (16, 8, 32), (16, 4, 16), (16, 8, 64), (32, 4, 32), (32, 8, 32),
-                                   (64, 4, 32), (64, 8, 32))]
+    variants += [(f"fused_d{d}_w{nw}_s{bs}", "fused", dict(block_d=d, num_warps=nw, block_s=bs))
+                 for d, nw, bs in ((8, 2, 8), (8, 4, 16), (16, 4, 8), (16, 4, 16), (32, 2, 8), (64, 4, 8), (64, 4, 16))]
+    variants += [(f"fused_d{d}_w{nw}_s{bs}_splits{n}", "fused", dict(block_d=d, num_warps=nw, block_s=bs, n_splits=n))
+                 for d, nw, bs, n in ((16, 4, 16, 32), (16, 4, 16, 16), (8, 2, 8, 32), (64, 4, 8, 8), (64, 4, 16, 8))]
     rows = []
-    for b, ctx in ([(1, ctx) for ctx in (128, 256, 512, 1024, 4031)] + [(8, ctx) for ctx in (128, 512, 1024, 4031)]
-                   + [(32, 128), (32, 4031)]):
+    for b, ctx in [(b, ctx) for b in (1, 8) for ctx in (128, 1024, 4031)] + [(32, 128), (32, 4031)]:
         copies = max(2, min(32, (256 << 20) // (b * t_cap * (c + r) * 2)))
         g = torch.Generator(device=dev).manual_seed(b * 10000 + ctx)
         caches = [torch.randn(b, t_cap, c + r, device=dev, generator=g).bfloat16() for _ in range(copies)]
@@ -65,8 +60,6 @@ def main() -> None:
 
         ref = two(caches[0])
         for name, kind, kw in variants:
-            if kind == "fused" and b > 8:  # above ATTN_OUT_FUSED_MAX_M the op runs the two ops (measured)
-                continue
             if kind == "op":
                 def fn(cache):
                     return torch.ops.dsv3.mla_attention_out(q, qpe, cache, pos, scale, w, ws, dn, dv)

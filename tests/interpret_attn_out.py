@@ -111,30 +111,3 @@ def test_over_the_merge_budget_falls_back_to_combine_and_w_uv(fixed_interpreter,
     two = AB.mla_absorb_triton(A.mla_attention_triton(q, qp, cache, pos, 0.11, n_splits=n_splits), w, ws, dn, dv,
                                True)
     assert torch.equal(out, two)
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c[8] > 1])
-@pytest.mark.parametrize("short_max", [6, 1 << 20])
-def test_one_pass_short_sequences(case, short_max, fixed_interpreter):
-    """Sequences of at most short_max cache rows: the split kernel skips them and the W_UV kernel runs their attention
-    itself in one pass; longer ones merge their splits as before (the first batch row is long, the second short, so a
-    small short_max mixes both in one launch). All short: the one-split composition at the same key-block size, bit
-    for bit (one row per query); always float64 math."""
-    b, s, h, dn, dv, c, r, t_cap, n_splits, _ = case
-    q, qp, cache, pos, w, ws = _inputs(case, seed=sum(case[:8]) + short_max % 97)
-    out = O.mla_attention_out_triton(q, qp, cache, pos, 0.11, w, ws, dn, dv, n_splits=n_splits, short_max=short_max,
-                                     block_t_short=16)
-    clean = torch.nan_to_num(cache.double(), nan=0.0)
-    w_ref = w if ws is not None else w.double()
-    ref = O.mla_attention_out_reference(q.double(), qp.double(), clean, pos, 0.11, w_ref, ws, dn, dv)
-    assert rel_err(out, ref) < 8e-3
-    if short_max >= t_cap and b * s <= AB.ABSORB_ROWS_MAX_M:
-        o_latent = A.mla_attention_triton(q, qp, cache, pos, 0.11, n_splits=1, block_t=16)
-        assert torch.equal(out, AB.mla_absorb_triton(o_latent, w, ws, dn, dv, True, rows=True))
-
-
-def test_short_max_needs_the_fused_kernel():
-    case = CASES[0]
-    q, qp, cache, pos, w, ws = _inputs(case, seed=3)
-    with pytest.raises(ValueError, match="short_max"):
-        O.mla_attention_out_triton(q, qp, cache, pos, 0.11, w, ws, 128, 128, n_splits=1, short_max=64)

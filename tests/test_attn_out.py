@@ -117,13 +117,11 @@ GPU_CASES = [  # B, S, positions per sequence (last query): one split, a few, ma
 @cuda
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("fp8", [True, False])
-@pytest.mark.parametrize("short_max", [None, 0, 512])
-def test_fused_gpu(case, fp8, short_max, monkeypatch):
-    """short_max: the op's own choice (None), the merge path only (0), sequences up to 512 rows in one pass."""
+def test_fused_gpu(case, fp8, monkeypatch):
     b, s, ctx = case
     args = make_inputs(b, s, 16, 128, 128, 512, 64, 4096, ctx, device="cuda", seed=b * 100 + s + ctx[0], fp8=fp8)
     poison_allocator()
-    out = O.mla_attention_out_triton(*args[:4], 0.13, *args[4:], 128, 128, short_max=short_max)
+    out = O.mla_attention_out_triton(*args[:4], 0.13, *args[4:], 128, 128)
     monkeypatch.setenv("DSV3_ATTN_OUT", "two")
     two = torch.ops.dsv3.mla_attention_out(*args[:4], 0.13, *args[4:], 128, 128)
     ref = O.mla_attention_out_reference(args[0].double(), args[1].double(), args[2].double(), args[3], 0.13,
@@ -169,32 +167,3 @@ def test_fused_compiled_and_graph_captured(monkeypatch):
     torch.cuda.synchronize()
     assert rel_err(out, O.mla_attention_out_triton(q, qp, cache, pos, 0.13, w, ws, 128, 128)) < 1e-6
     torch._dynamo.reset()
-
-
-@pytest.mark.gpu
-@cuda
-def test_one_pass_follows_the_length_across_graph_replays():
-    """One captured graph with short_max 512: replays at a short, a long and again a short context (the choice
-    between the one-pass attention and split + merge is made on the device from input_pos), each against the
-    float64 reference."""
-    q, qp, cache, pos, w, ws = make_inputs(1, 1, 16, 128, 128, 512, 64, 4096, [100], device="cuda", seed=31)
-    out = torch.empty(1, 1, 16, 128, dtype=torch.bfloat16, device="cuda")
-
-    def call():
-        out.copy_(O.mla_attention_out_triton(q, qp, cache, pos, 0.13, w, ws, 128, 128, short_max=512))
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    for ctx in (100, 3000, 511, 512, 40):
-        pos.fill_(ctx)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = O.mla_attention_out_reference(q.double(), qp.double(), cache.double(), pos, 0.13, w, ws, 128, 128)
-        assert rel_err(out, ref) < 8e-3, ctx

@@ -252,8 +252,11 @@ step_prof671() {  # rank 0 of 671B at world size 8 (est671's 4-layer artifacts, 
   build671_layers 4
   $PY scripts/profile_decode.py "$WORK/art671_l4" random "$OUT/prof671" 1024 0 2>&1 | grep -v Warning | tail -45
 }
-step_prof16q() {  # PROF_CTX: the decode step's context (128; quick16's cache holds 4096 rows)
-  $PY scripts/profile_decode.py "$WORK/art16q" random "$OUT" "${PROF_CTX:-128}" 4095 2>&1 | grep -v Warning | tail -90
+step_prof16q() {  # PROF_CTX: the decode step's context (128; quick16's cache holds 4096 rows); PROF_BATCH (1 or 8);
+  # PROF_PREFILL: prompt tokens of the prefill profile (4095; 0: none). Outputs in $OUT/prof_b<batch>/
+  local dir=$OUT/prof_b${PROF_BATCH:-1}
+  $PY scripts/profile_decode.py "$WORK/art16q" random "$dir" "${PROF_CTX:-128}" "${PROF_PREFILL:-4095}" \
+    "${PROF_BATCH:-1}" 2>&1 | grep -v Warning | tail -90
 }
 
 step_ckpt16bf16() {  # CPU only: the BF16 copy transformers loads for bench16's --baseline hf

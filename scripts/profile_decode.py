@@ -1,11 +1,12 @@
-"""Where a batch-1 decode step goes: python scripts/profile_decode.py ARTIFACTS CHECKPOINT OUT_DIR [CONTEXT] [PREFILL]
+"""Where a decode step goes: python scripts/profile_decode.py ARTIFACTS CHECKPOINT OUT_DIR [CONTEXT] [PREFILL] [BATCH]
 
 CHECKPOINT `random`: no checkpoint, weights generated on the GPU for the artifacts' config (as `dsv3c bench
 --random-weights`; the kernels' times do not depend on the weight values). Artifacts built for world size > 1:
 rank 0's graphs with the collectives stubbed (as `dsv3c bench --stub-collectives`; weights: `random` only).
 
-Loads the artifacts as `dsv3c run` does, fills the cache to CONTEXT (default 128) tokens, then
-1. times replays of the captured decode_b1 CUDA graph (what generation pays per token);
+Loads the artifacts as `dsv3c run` does, fills the cache of BATCH (default 1; a batch size the artifacts have a
+decode graph for) sequences to CONTEXT (default 128) tokens, then
+1. times replays of the captured decode CUDA graph of that batch (what generation pays per step);
 2. profiles the same package called without the CUDA graph (torch.profiler, CUDA activity): every kernel's
    time, grouped by name, and the sum of kernel time per step. Graph replay time minus kernel time is what
    launches and gaps cost; the top kernels are where bandwidth goes.
@@ -34,6 +35,7 @@ def main() -> None:
     checkpoint = None if sys.argv[2] == "random" else Path(sys.argv[2])
     context = int(sys.argv[4]) if len(sys.argv) > 4 else 128
     prefill_len = int(sys.argv[5]) if len(sys.argv) > 5 else 4096
+    batch = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     out.mkdir(parents=True, exist_ok=True)
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,9 +54,11 @@ def main() -> None:
         stub_process_group(world_size)
         plan = ParallelPlan(0, world_size)
     stepper, _ = artifact_stepper(artifacts, checkpoint, plan, "cuda", progress=False)
-    stepper.prefill([[1] * context])
-    tok = torch.ones(1, dtype=torch.long, device="cuda")
-    pos = torch.full((1,), context, dtype=torch.long, device="cuda")
+    if batch not in stepper.decode_fns:
+        raise SystemExit(f"no decode graph for batch {batch} in {artifacts} (it has {sorted(stepper.decode_fns)})")
+    stepper.prefill([[1] * context] * batch)
+    tok = torch.ones(batch, dtype=torch.long, device="cuda")
+    pos = torch.full((batch,), context, dtype=torch.long, device="cuda")
     for _ in range(10):
         stepper.decode(tok, pos)
     torch.cuda.synchronize()
@@ -65,8 +69,8 @@ def main() -> None:
     torch.cuda.synchronize()
     graph_us = (time.perf_counter() - t0) / n * 1e6
 
-    fn = stepper.decode_fns[1]
-    args = (tok.view(1, 1), pos.view(1, 1))
+    fn = stepper.decode_fns[batch]
+    args = (tok.view(batch, 1), pos.view(batch, 1))
     for _ in range(3):
         fn(*args)
     torch.cuda.synchronize()
@@ -79,10 +83,10 @@ def main() -> None:
     kernel_us = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
     _write_table(out / "decode_profile", rows, kernel_us, "us/step",
-                 f"decode_b1 at context {context}: CUDA-graph replay {graph_us:.1f} us/step; kernel time "
+                 f"decode_b{batch} at context {context}: CUDA-graph replay {graph_us:.1f} us/step; kernel time "
                  f"{kernel_us:.1f} us/step over {launches:.0f} kernels ({graph_us - kernel_us:.1f} us/step of gaps "
                  f"between kernels)",
-                 {"context": context, "graph_us_per_step": graph_us, "kernel_us_per_step": kernel_us,
+                 {"context": context, "batch": batch, "graph_us_per_step": graph_us, "kernel_us_per_step": kernel_us,
                   "kernels_per_step": launches})
 
     # one step in launch order, with the idle time before each kernel: which op a kernel belongs to (its neighbours)

@@ -56,8 +56,12 @@ def main() -> None:
     stepper, _ = artifact_stepper(artifacts, checkpoint, plan, "cuda", progress=False)
     if batch not in stepper.decode_fns:
         raise SystemExit(f"no decode graph for batch {batch} in {artifacts} (it has {sorted(stepper.decode_fns)})")
-    stepper.prefill([[1] * context] * batch)
-    tok = torch.ones(batch, dtype=torch.long, device="cuda")
+    # distinct random prompts and tokens per row: with identical rows every token of a batch would route to the
+    # same experts, and the MoE of a batch > 1 would read a fraction of what `dsv3c bench` (random prompts) reads
+    g = torch.Generator().manual_seed(0)
+    vocab = stepper.model.cfg.vocab_size
+    stepper.prefill([torch.randint(0, vocab, (context,), generator=g).tolist() for _ in range(batch)])
+    tok = torch.randint(0, vocab, (batch,), generator=g).to("cuda")
     pos = torch.full((batch,), context, dtype=torch.long, device="cuda")
     for _ in range(10):
         stepper.decode(tok, pos)

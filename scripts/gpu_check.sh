@@ -138,7 +138,10 @@ step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_p
 
 step_sel_up() { timeout 300 $PY scripts/try_select_in_up.py --json "$OUT/try_select_in_up.json" 2>&1 | grep -v -i warn | tail -6; }
 
-step_moe_a16() { timeout 400 $PY scripts/sweep_moe_a16.py --json "$OUT/sweep_moe_a16.json" 2>&1 | grep -v -i warn | tail -12; }
+step_moe_a16() {  # A16_SHAPES: a subset of sweep_moe's shapes (default all)
+  timeout 400 $PY scripts/sweep_moe_a16.py ${A16_SHAPES:+--shapes "$A16_SHAPES"} --json "$OUT/sweep_moe_a16.json" 2>&1 \
+    | grep -v -i warn | tail -12
+}
 
 step_mla_pipe() { timeout 400 $PY scripts/sweep_mla_pipeline.py --json "$OUT/sweep_mla_pipeline.json" 2>&1 | grep -v -i warn | tail -24; }
 

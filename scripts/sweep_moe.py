@@ -56,6 +56,8 @@ SHAPES = {
     # slots, n_invalid ids outside [0, E)
     "16B": dict(e_routed=64, n_shared=2, d=2048, i=1408, k_local=6, n_invalid=0),
     "671B-ep8": dict(e_routed=32, n_shared=0, d=7168, i=2048, k_local=1, n_invalid=7),
+    # the kernel bench's (issue 3's) 16B shape: 64 routed experts, top-6, no stacked shared slots
+    "16B-routed": dict(e_routed=64, n_shared=0, d=2048, i=1408, k_local=6, n_invalid=0),
 }
 TS = (1, 8)
 GRID = dict(up_bn=(16, 32, 64, 128), down_bn=(32, 64, 128), warps=(4, 8), stages=(3, 4, 6))

@@ -8,7 +8,8 @@ per layer with bf16 x, where the W8A8 form of the same kernel ran 13.8 us (fourt
 took the W8A8 T = 1 plan's up config (2 rows per program, 4 warps), so each of the 5632 programs re-reads the bf16
 x (4 KB: half its own weight bytes) - the effect `scripts/sweep_a16.py` found and fixed for the linears. The down
 kernel took A16_DOWN (8 rows, 4 warps) without a sweep either.
-Per shape (sweep_moe.py's: 16B with its 2 shared slots, one 671B rank at world size 8), this times the whole op as
+Per shape (sweep_moe.py's: 16B with its 2 shared slots, one 671B rank at world size 8, the kernel bench's 16B shape
+without shared slots; `--shapes` picks), this times the whole op as
 the model runs it (pairs, no combine) over weight copies past the L2 in one CUDA graph: first every up config
 (block_n 1-8, 4 / 8 warps, within 256 weight values per thread) with today's down config, then every down config
 with the best up config, then today's and the best pair re-timed interleaved (`--rounds`, median). Every config is
@@ -44,13 +45,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     opts = ap.parse_args()
+    shapes = [s for s in opts.shapes.split(",") if s]
+    for s in shapes:
+        if s not in SHAPES:
+            ap.error(f"unknown shape {s!r}")
     from dsv3.kernels import routed_experts as R
     from dsv3.kernels.bench import graph_us
 
     out = {"device": torch.cuda.get_device_name(), "shapes": {}}
-    for n_shape, name in enumerate(SHAPES):
-        sb = ShapeBench(name, 1, seed=1000 * n_shape + 1)
+    for name in shapes:
+        sb = ShapeBench(name, 1, seed=1000 * list(SHAPES).index(name) + 1)  # the same inputs whatever the subset
         ref = R.routed_experts_pairs_reference(sb.x, sb.idx, *sb.w[0], quant_act=False).double()
 
         def run(cfg, c=0):

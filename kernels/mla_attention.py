@@ -21,7 +21,8 @@ Implementations (branch taken at trace time)
     static number of splits per (sequence, row block), sized to fill the GPU; each program takes an equal share
     of [0, L) (at least min_chunk = 128 rows), splits past L exit at once, and
     `_mla_combine_kernel` (one program per query row and COMBINE_BLOCK_C = 32 channels, splits reduced up to 64 at
-    a time) merges the fp32 partials of the splits that ran (it recomputes L the same way).
+    a time) merges the partials of the splits that ran (it recomputes L the same way). Partials are unnormalized
+    split outputs in fp32 (`mla_partials`; bf16 halves their bytes), statistics (max, sum) in fp32.
   * Blocks hold min(64, next_pow2(S*H)) rows (>= 16). H = 16 per rank at decode: 16-row blocks, 8 warps
     (mma.sync); H = 128 or prefill: 64-row blocks, 8 warps (wgmma). BLOCK_T = 64 cache rows per step, 2 stages.
     At H = 16 (`mla_plan`): 128-row steps over caches of 8192+ rows where a split is one step; 64-row steps in 3
@@ -150,7 +151,8 @@ def _mla_fwd_kernel(
                 m_i = m_new
             if SPLIT:
                 base = (b64 * N_SPLITS + sp) * (S * H) + rows
-                tl.store(part_ptr + base[None, :] * C_PAD + offs_c[:, None], acc_t, mask=row_mask[None, :])
+                tl.store(part_ptr + base[None, :] * C_PAD + offs_c[:, None], acc_t.to(part_ptr.dtype.element_ty),
+                         mask=row_mask[None, :])
                 tl.store(ml_ptr + base * 2, m_i, mask=row_mask)
                 tl.store(ml_ptr + base * 2 + 1, l_i, mask=row_mask)
             else:
@@ -178,7 +180,8 @@ def _mla_fwd_kernel(
                 m_i = m_new
             if SPLIT:
                 base = (b64 * N_SPLITS + sp) * (S * H) + rows
-                tl.store(part_ptr + base[:, None] * C_PAD + offs_c[None, :], acc, mask=row_mask[:, None])
+                tl.store(part_ptr + base[:, None] * C_PAD + offs_c[None, :], acc.to(part_ptr.dtype.element_ty),
+                         mask=row_mask[:, None])
                 tl.store(ml_ptr + base * 2, m_i, mask=row_mask)
                 tl.store(ml_ptr + base * 2 + 1, l_i, mask=row_mask)
             else:
@@ -231,7 +234,7 @@ def combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, ROWS, 
         w = tl.exp2(m_s - m_max)
         den_vec += w * l_s
         a = tl.load(part_ptr + base[:, None] * C_PAD + offs_c[None, :],
-                    mask=s_mask[:, None] & (offs_c < C_PAD)[None, :], other=0.0)
+                    mask=s_mask[:, None] & (offs_c < C_PAD)[None, :], other=0.0).to(tl.float32)
         num += tl.sum(a * w[:, None], axis=0)
     return num, tl.sum(den_vec, axis=0)
 
@@ -359,10 +362,20 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
     return MlaPlan(block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap, num_stages)
 
 
+MLA_PARTIALS_DEFAULT = "fp32"
+_PARTIAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def mla_partials() -> torch.dtype:
+    """The dtype of flash-decoding's unnormalized split outputs (read at trace time): fp32 (default) or bf16 (half
+    the bytes the split kernel stores and every merge reads; fp32 statistics either way). DSV3_MLA_PARTIALS pins one."""
+    return _PARTIAL_DTYPES[env_switch("DSV3_MLA_PARTIALS", MLA_PARTIALS_DEFAULT, tuple(_PARTIAL_DTYPES))]
+
+
 class SplitAttention(NamedTuple):
     """What `mla_attention_split` leaves for a combine: the output tensor (already final when n_splits == 1), the
-    fp32 partials [B, n_splits, S*H, C_PAD] and running (max, sum) [B, n_splits, S*H, 2] (None without splits), and
-    the plan fields a combine kernel recomputes the active splits from."""
+    partials [B, n_splits, S*H, C_PAD] (`mla_partials()`'s dtype) and running (max, sum) [B, n_splits, S*H, 2] fp32
+    (None without splits), and the plan fields a combine kernel recomputes the active splits from."""
     out: torch.Tensor
     part: Optional[torch.Tensor]
     ml: Optional[torch.Tensor]
@@ -377,10 +390,11 @@ def mla_attention_split(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
     n_splits: Optional[int] = None, num_stages: Optional[int] = None, min_chunk: Optional[int] = None,
-    swap: Optional[bool] = None, num_warps: Optional[int] = None,
+    swap: Optional[bool] = None, num_warps: Optional[int] = None, partial_dtype: Optional[torch.dtype] = None,
 ) -> SplitAttention:
     """`_mla_fwd_kernel` alone: with one split the attention output, else the splits' partials to be combined
-    (`_mla_combine_kernel` here, or the W_UV absorption kernel of dsv3.kernels.mla_attention_out)."""
+    (`_mla_combine_kernel` here, or the W_UV absorption kernel of dsv3.kernels.mla_attention_out), in
+    partial_dtype (default `mla_partials()`)."""
     bsz, seqlen, heads, c = q_latent.shape
     r = q_pe.shape[-1]
     # Same layout as the fake impl (empty_like), so compiled graphs see the strides they were promised.
@@ -399,7 +413,8 @@ def mla_attention_split(
     n_rb = cdiv(seqlen * heads, block_h)
     split = n_splits > 1
     if split:
-        part = torch.empty((bsz, n_splits, seqlen * heads, c_pad), dtype=torch.float32, device=q_latent.device)
+        part = torch.empty((bsz, n_splits, seqlen * heads, c_pad), dtype=partial_dtype or mla_partials(),
+                           device=q_latent.device)
         ml = torch.empty((bsz, n_splits, seqlen * heads, 2), dtype=torch.float32, device=q_latent.device)
     else:
         part = ml = out  # unused
@@ -427,10 +442,10 @@ def mla_attention_triton(
     softmax_scale: float, block_h: Optional[int] = None, block_t: Optional[int] = None,
     n_splits: Optional[int] = None, num_stages: Optional[int] = None, min_chunk: Optional[int] = None,
     swap: Optional[bool] = None, num_warps: Optional[int] = None, combine_block_c: Optional[int] = None,
-    combine_warps: Optional[int] = None,
+    combine_warps: Optional[int] = None, partial_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     sa = mla_attention_split(q_latent, q_pe, latent_cache, input_pos, softmax_scale, block_h, block_t, n_splits,
-                             num_stages, min_chunk, swap, num_warps)
+                             num_stages, min_chunk, swap, num_warps, partial_dtype)
     return sa.out if sa.part is None else combine_splits(sa, q_latent, input_pos, combine_block_c, combine_warps)
 
 

@@ -4,12 +4,13 @@ over its launch block (W_UV rows per program) and warps, on the GPU.
     python3 scripts/sweep_attn_out.py --json $OUT/sweep_attn_out.json      # ~1 min on an H200
 
 Shapes: 16 query heads (16B; 671B per rank at world size 8), C 512, R 64, Dn = Dv = 128, FP8 kv_b_proj, a 4096-row
-cache (the 16B bench's), batch 1 and 8 with the last query at context 128 / 1024 / 4031, batch 32 at 128 / 4031.
-Variants: the op as the model calls it, the two ops, the fused kernel (`mla_attention_out_triton`) in several
-launch configurations and with fewer attention splits. (A chained kernel, merge programs then W_UV programs in one
-launch, was timed here once: branch experiment/mla-chained.) Each variant is first checked against the two-op
-composition (relative error < 4e-3), then timed as dsv3.kernels.bench.graph_us does: C copies of the cache
-(>= 256 MB together, past the L2) and C calls captured in one CUDA graph, median replay / C.
+cache (the 16B bench's), batch 1 and 8 with the last query at context 128 / 1024 / 2048 / 4031, batch 32 at 128 / 4031.
+Variants: the op as the model calls it, the two ops, the fused kernel (`mla_attention_out_triton`) at 16 / 32 / 64
+W_UV rows per program, each with fp32 and bf16 partials. (Timed here before: other warps and merge steps, fewer
+attention splits; a chained kernel, branch experiment/mla-chained; a one-pass path, branch experiment/mla-one-pass.)
+Each variant is first checked against the two-op composition (relative error < 4e-3), then timed as
+dsv3.kernels.bench.graph_us does: C copies of the cache (>= 256 MB together, past the L2) and C calls captured in one
+CUDA graph, median replay / C.
 """
 
 from __future__ import annotations
@@ -38,16 +39,16 @@ def main() -> None:
     heads, c, r, dn, dv, t_cap, scale = 16, 512, 64, 128, 128, 4096, 0.1
     w, ws = quantize_weight(torch.randn(heads * (dn + dv), c) * 0.05)
     w, ws = w.to(dev), ws.to(dev)
-    # (name, kind, launch fields): the op as the model calls it (its own choice), the two ops, the fused kernel (W_UV
-    # rows per program, warps, splits per merge step: the best configurations of the first sweeps; then fewer
-    # attention splits than mla_attention's plan, which halves the partials each program re-merges)
-    variants = [("op", "op", {}), ("two_ops", "two", {})]
-    variants += [(f"fused_d{d}_w{nw}_s{bs}", "fused", dict(block_d=d, num_warps=nw, block_s=bs))
-                 for d, nw, bs in ((8, 2, 8), (8, 4, 16), (16, 4, 8), (16, 4, 16), (32, 2, 8), (64, 4, 8), (64, 4, 16))]
-    variants += [(f"fused_d{d}_w{nw}_s{bs}_splits{n}", "fused", dict(block_d=d, num_warps=nw, block_s=bs, n_splits=n))
-                 for d, nw, bs, n in ((16, 4, 16, 32), (16, 4, 16, 16), (8, 2, 8, 32), (64, 4, 8, 8), (64, 4, 16, 8))]
+    # (name, kind, launch fields): the op as the model calls it (its own choice), the two ops, the fused kernel at the
+    # blocks the op picks (16 W_UV rows per program at batch 1, 64 at batch 8; 4 warps) and at 32, each with fp32 and
+    # with bf16 partials (mla_partials / DSV3_MLA_PARTIALS: half the bytes the split kernel stores and each W_UV
+    # program re-merges). Earlier sweeps here: other warps and merge steps, fewer attention splits (slower), a chained
+    # kernel (branch experiment/mla-chained), a one-pass short-context path (branch experiment/mla-one-pass).
+    variants = [("op", "op", {}), ("two_ops", "two", {}), ("two_ops_bf16part", "two_bf16", {})]
+    variants += [(f"fused_d{d}_w4{tag}", "fused", dict(block_d=d, num_warps=4, partial_dtype=dt))
+                 for d in (16, 32, 64) for tag, dt in (("", torch.float32), ("_bf16part", torch.bfloat16))]
     rows = []
-    for b, ctx in [(b, ctx) for b in (1, 8) for ctx in (128, 1024, 4031)] + [(32, 128), (32, 4031)]:
+    for b, ctx in [(b, ctx) for b in (1, 8) for ctx in (128, 1024, 2048, 4031)] + [(32, 128), (32, 4031)]:
         copies = max(2, min(32, (256 << 20) // (b * t_cap * (c + r) * 2)))
         g = torch.Generator(device=dev).manual_seed(b * 10000 + ctx)
         caches = [torch.randn(b, t_cap, c + r, device=dev, generator=g).bfloat16() for _ in range(copies)]
@@ -60,11 +61,17 @@ def main() -> None:
 
         ref = two(caches[0])
         for name, kind, kw in variants:
+            if kind == "fused" and b > 8:  # above ATTN_OUT_FUSED_MAX_M the op runs the two ops (measured)
+                continue
             if kind == "op":
                 def fn(cache):
                     return torch.ops.dsv3.mla_attention_out(q, qpe, cache, pos, scale, w, ws, dn, dv)
             elif kind == "two":
                 fn = two
+            elif kind == "two_bf16":
+                def fn(cache):
+                    o = mla_attention_triton(q, qpe, cache, pos, scale, partial_dtype=torch.bfloat16)
+                    return mla_absorb_triton(o, w, ws, dn, dv, True)
             else:
                 def fn(cache, kw=kw):
                     return mla_attention_out_triton(q, qpe, cache, pos, scale, w, ws, dn, dv, **kw)

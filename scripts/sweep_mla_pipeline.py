@@ -9,11 +9,12 @@ case (H = 16: 16B, and 671B per rank at world size 8), the op (splits + combine)
 32- / 64-row blocks at the plan's split count (a split of a short context then still spreads over several
 programs), and the plan with other combine programs (Nsight Compute, 2026-11-24: at batch 1 the combine's 64
 programs of 128 channels took nearly as long as the attention at 8k-32k, `scripts/ncu_mla.py`; the second run
-made 32 channels in 2 warps the default, COMBINE_BLOCK_C);
+made 32 channels in 2 warps the default, COMBINE_BLOCK_C), and the plan with bf16 partials (`mla_partials`: half
+the bytes the split kernel stores and the combine reads);
 every variant checked against `mla_attention_reference` (max abs error < 2e-2), timed as the kernel
 bench does (cache copies past the L2, the calls captured in one CUDA graph, median replay / copies).
 
-    python3 scripts/sweep_mla_pipeline.py [--json out.json]
+    python3 scripts/sweep_mla_pipeline.py [--json out.json]     # MLA_PIPE_GRID=1: also the earlier runs' grids
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ CASES = ([(b, ctx, 4096) for b in (1, 2, 4, 8) for ctx in (128, 1024, 4032)]
 
 def variants(plan, shallow):
     yield "plan", {}
+    yield "plan_bf16part", dict(partial_dtype=torch.bfloat16)
     yield "shallow", dict(block_t=shallow.block_t, min_chunk=shallow.min_chunk, num_stages=2)
-    # the combine kernel's channels per program and warps (default COMBINE_BLOCK_C / COMBINE_WARPS, 32 / 2; 128 / 4
-    # before 2026-11-24), with the plan
-    for bc, cw in ((128, 4), (64, 4), (32, 4), (16, 2)):
-        yield f"combine_bc{bc}_w{cw}", dict(combine_block_c=bc, combine_warps=cw)
-    for bt, mc, stages, warps in ((32, 32, 2, 4), (32, 32, 3, 4), (32, 32, 4, 4), (32, 32, 3, 8), (32, 64, 3, 4),
-                                  (64, 64, 3, 8), (64, 128, 3, 8)):
-        yield f"bt{bt}_mc{mc}_s{stages}_w{warps}", dict(block_t=bt, min_chunk=mc, num_stages=stages, num_warps=warps,
-                                                          n_splits=plan.n_splits)
+    if os.environ.get("MLA_PIPE_GRID"):  # the grids of the first two runs (their results: docs/BENCHMARKS.md)
+        # the combine kernel's channels per program and warps (default COMBINE_BLOCK_C / COMBINE_WARPS, 32 / 2; 128
+        # / 4 before 2026-11-24), with the plan
+        for bc, cw in ((128, 4), (64, 4), (32, 4), (16, 2)):
+            yield f"combine_bc{bc}_w{cw}", dict(combine_block_c=bc, combine_warps=cw)
+        for bt, mc, stages, warps in ((32, 32, 2, 4), (32, 32, 3, 4), (32, 32, 4, 4), (32, 32, 3, 8), (32, 64, 3, 4),
+                                      (64, 64, 3, 8), (64, 128, 3, 8)):
+            yield f"bt{bt}_mc{mc}_s{stages}_w{warps}", dict(block_t=bt, min_chunk=mc, num_stages=stages,
+                                                              num_warps=warps, n_splits=plan.n_splits)
 
 
 def main() -> None:

@@ -111,3 +111,19 @@ def test_over_the_merge_budget_falls_back_to_combine_and_w_uv(fixed_interpreter,
     two = AB.mla_absorb_triton(A.mla_attention_triton(q, qp, cache, pos, 0.11, n_splits=n_splits), w, ws, dn, dv,
                                True)
     assert torch.equal(out, two)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]])
+def test_bf16_partials(case, fixed_interpreter, monkeypatch):
+    """Split outputs stored in bf16 (DSV3_MLA_PARTIALS=bf16): the fused kernel still equals the two-op composition
+    over the same partials bit for bit, and float64 math within the fp32-partials bound."""
+    monkeypatch.setenv("DSV3_MLA_PARTIALS", "bf16")
+    b, s, h, dn, dv, c, r, t_cap, n_splits, _ = case
+    q, qp, cache, pos, w, ws = _inputs(case, seed=sum(case[:8]) + 1)
+    out = O.mla_attention_out_triton(q, qp, cache, pos, 0.11, w, ws, dn, dv, block_d=16, n_splits=n_splits)
+    o_latent = A.mla_attention_triton(q, qp, cache, pos, 0.11, n_splits=n_splits)
+    assert torch.equal(out, AB.mla_absorb_triton(o_latent, w, ws, dn, dv, True, rows=True))
+    clean = torch.nan_to_num(cache.double(), nan=0.0)
+    ref = O.mla_attention_out_reference(q.double(), qp.double(), clean, pos, 0.11, w, ws, dn, dv)
+    assert rel_err(out, ref) < 8e-3
+    assert rel_err(o_latent, A.mla_attention_reference(q.double(), qp.double(), clean, pos, 0.11)) < 8e-3

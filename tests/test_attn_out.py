@@ -117,7 +117,9 @@ GPU_CASES = [  # B, S, positions per sequence (last query): one split, a few, ma
 @cuda
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("fp8", [True, False])
-def test_fused_gpu(case, fp8, monkeypatch):
+@pytest.mark.parametrize("partials", ["fp32", "bf16"])
+def test_fused_gpu(case, fp8, partials, monkeypatch):
+    monkeypatch.setenv("DSV3_MLA_PARTIALS", partials)
     b, s, ctx = case
     args = make_inputs(b, s, 16, 128, 128, 512, 64, 4096, ctx, device="cuda", seed=b * 100 + s + ctx[0], fp8=fp8)
     poison_allocator()

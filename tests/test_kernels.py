@@ -256,7 +256,10 @@ MLA_GPU_CASES = [
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("case", MLA_GPU_CASES)
-def test_mla_gpu(case):
+@pytest.mark.parametrize("partials", ["fp32", "bf16"])
+def test_mla_gpu(case, partials, monkeypatch):
+    """partials: the dtype of flash-decoding's split outputs (DSV3_MLA_PARTIALS; prefill shapes have one split)."""
+    monkeypatch.setenv("DSV3_MLA_PARTIALS", partials)
     b, s, h, t, c, r = case
     q = torch.randn(b, s, h, c, device="cuda", dtype=torch.bfloat16)
     qp = torch.randn(b, s, h, r, device="cuda", dtype=torch.bfloat16)
@@ -271,7 +274,8 @@ def test_mla_gpu(case):
     poison_allocator()
     out = torch.ops.dsv3.mla_attention(q, qp, cache, pos, 0.1352)
     ref = A.mla_attention_reference(q.double(), qp.double(), torch.nan_to_num(cache.double(), nan=0.0), pos, 0.1352)
-    assert out.shape == q.shape and note(f"mla B={b} S={s} H={h} T={t} C={c} R={r}", rel(out, ref)) < 6e-3
+    assert out.shape == q.shape and note(f"mla B={b} S={s} H={h} T={t} C={c} R={r} {partials} partials",
+                                         rel(out, ref)) < 6e-3
 
 
 MOE_GPU_CASES = [

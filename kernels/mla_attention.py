@@ -362,6 +362,9 @@ def mla_plan(b: Optional[int], s: Optional[int], h: int, t_cap: Optional[int], c
     return MlaPlan(block_h, block_t, c_pad, num_warps, n_splits, min_chunk, swap, num_stages)
 
 
+# bf16 partials, H200 (2026-11-24, scripts/sweep_mla_pipeline.py / sweep_attn_out.py): this op (split + combine)
+# 1-3% faster (batch 1 at 4032 10.88 -> 10.58 us, batch 32 at 32k 325.3 -> 318.7), the fused attention-out kernel
+# the model runs at batch 1-8 0.1-1.4 us slower, error against float64 1.8e-3 -> 2.4e-3: fp32 stays the default.
 MLA_PARTIALS_DEFAULT = "fp32"
 _PARTIAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

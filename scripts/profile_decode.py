@@ -31,6 +31,9 @@ import torch
 
 
 def main() -> None:
+    if len(sys.argv) < 4 or any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        raise SystemExit(0 if len(sys.argv) > 1 else 2)
     artifacts, out = Path(sys.argv[1]), Path(sys.argv[3])
     checkpoint = None if sys.argv[2] == "random" else Path(sys.argv[2])
     context = int(sys.argv[4]) if len(sys.argv) > 4 else 128

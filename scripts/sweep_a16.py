@@ -16,12 +16,11 @@ to A16_ROWS_MAX_M, M_TILE tokens per program), e.g. 8 for a batch-8 step, which 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from dsv3.kernels import fp8_linear as L
-from dsv3.kernels.bench import graph_us
+from dsv3.kernels.bench import graph_us, save_json
 from dsv3.kernels.fp8_blocks import dequantize_weight, quantize_weight
 
 # (name, N, K): 16B at world size 1, 671B at world size 8 (one rank's shards), as the models run them at batch 1
@@ -84,8 +83,7 @@ def main() -> int:
     print("}")
     out["table"] = {f"{n},{k}": list(v) for (n, k), v in table.items()}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        save_json(args.json, out)
     return 0
 
 

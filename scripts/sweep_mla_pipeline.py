@@ -4,13 +4,13 @@ The sm_90 code of `_mla_fwd_kernel` (triton 3.6, compiled on the CPU) keeps one 
 next key block's load starts only after the step's math. The first run of this script (2026-11-24) timed early
 loads of q / k_pe (branch experiment/mla-early-loads: no faster) and a grid of (block_t, min_chunk, num_stages,
 num_warps) with the plan's split count rule: 64-row blocks in 3 stages were best wherever a split has several key
-blocks, now `mla_plan`'s default ('deep'; DSV3_MLA_DEPTH=shallow gives the plan of before). This run times, per
-case (H = 16: 16B, and 671B per rank at world size 8), the op (splits + combine) with the plan, the plan of before,
-32- / 64-row blocks at the plan's split count (a split of a short context then still spreads over several
-programs), and the plan with other combine programs (Nsight Compute, 2026-11-24: at batch 1 the combine's 64
-programs of 128 channels took nearly as long as the attention at 8k-32k, `scripts/ncu_mla.py`; the second run
-made 32 channels in 2 warps the default, COMBINE_BLOCK_C), and the plan with bf16 partials (`mla_partials`: half
-the bytes the split kernel stores and the combine reads);
+blocks, now `mla_plan`'s default ('deep'; DSV3_MLA_DEPTH=shallow gives the plan of before). The second run added
+32- / 64-row blocks at the plan's split count and other combine programs (Nsight Compute, 2026-11-24: at batch 1
+the combine's 64 programs of 128 channels took nearly as long as the attention at 8k-32k, `scripts/ncu_mla.py`; 32
+channels in 2 warps became the default, COMBINE_BLOCK_C); those grids run with MLA_PIPE_GRID=1. By default this
+times, per case (H = 16: 16B, and 671B per rank at world size 8), the op (splits + combine) with the plan, with
+bf16 partials (`mla_partials`: half the bytes the split kernel stores and the combine reads; third run: 1-3%
+faster, not the default) and the plan of before;
 every variant checked against `mla_attention_reference` (max abs error < 2e-2), timed as the kernel
 bench does (cache copies past the L2, the calls captured in one CUDA graph, median replay / copies).
 

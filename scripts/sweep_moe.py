@@ -392,7 +392,8 @@ def write_json(path: Optional[str], rows: list[dict], meta: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None, help="write every measurement here")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default="16B,671B-ep8",
+                    help=f"comma-separated subset of {', '.join(SHAPES)} (default: the models' layouts)")
     ap.add_argument("--t", default=",".join(str(t) for t in TS), help="token counts (decode: <= 64)")
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     for key, what in (("up_bn", "up block_n"), ("down_bn", "down block_n"), ("warps", "num_warps"),

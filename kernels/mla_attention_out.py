@@ -41,7 +41,7 @@ from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.mla_absorb import mla_absorb_reference, w_uv_rows
 from dsv3.kernels.mla_attention import (
     DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels, combine_splits,
-    mla_attention_reference, mla_attention_split, split_max,
+    mla_attention_reference, mla_attention_split,
 )
 
 ATTN_OUT_DEFAULT = "fused"
@@ -86,12 +86,20 @@ def _mla_combine_absorb_kernel(
     stride_posb, stride_poss, stride_wr, stride_sr, stride_sc, stride_ob, stride_os, stride_oh,
     HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr,
     KB_PAD: tl.constexpr, MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    NS_PAD: tl.constexpr,
 ):
-    """out[b, s, h, d-block] = merge(splits of row (s, h))[:C] @ W_UV[h][d-block, :]^T."""
+    """out[b, s, h, d-block] = merge(splits of row (s, h))[:C] @ W_UV[h][d-block, :]^T. NS_PAD: N_SPLITS padded to a
+    power of two."""
     row = tl.program_id(0)
     db = tl.program_id(1)
     b = tl.program_id(2)
     odt = out_ptr.dtype.element_ty
+    b64 = b.to(tl.int64)
+    # Every split's running max, loaded with the positions instead of after them: one dependent L2 round trip less
+    # (splits that did not run hold stale values, masked below once the positions say how many ran; the index is
+    # clamped, not masked, so the load has no predicate and the compiler issues it first: sm_90 SASS, triton 3.6).
+    offs_s = tl.arange(0, NS_PAD)
+    m_all = tl.load(ml_ptr + ((b64 * N_SPLITS + tl.minimum(offs_s, N_SPLITS - 1)) * (S * H) + row) * 2)
     # This program's W_UV rows over the whole C first, as `_absorb_o_rows_kernel` loads them (`w_uv_rows`): they do
     # not depend on the attention, so their load overlaps the dependent chain below (positions -> split statistics ->
     # partials) instead of following it.
@@ -103,8 +111,7 @@ def _mla_combine_absorb_kernel(
     # The row's merged attention output over all C at once (mla_attention's combine, `combine_channels`: the same
     # splits, weights and order per channel), rounded as mla_attention returns it.
     n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
-    b64 = b.to(tl.int64)
-    m_max = split_max(ml_ptr, b64, row, n_active, S * H, N_SPLITS, BLOCK_S)
+    m_max = tl.max(tl.where(offs_s < n_active, m_all, -1.0e30), axis=0)  # = mla_attention's split_max
     num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, tl.arange(0, KB_PAD * 128), S * H,
                                 N_SPLITS, C_PAD, BLOCK_S)
     num = tl.reshape(num, (KB_PAD, 128))
@@ -155,7 +162,7 @@ def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_sc
         out.stride(0), out.stride(1), out.stride(2),
         HAS_SCALE=has_scale, BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad,
         KB_PAD=max(1, next_pow2(cdiv(c, 128))), MIN_CHUNK_=sa.min_chunk, BLOCK_S=block_s, BLOCK_D=block_d,
-        num_warps=num_warps or ATTN_OUT_WARPS,
+        NS_PAD=max(2, next_pow2(sa.n_splits)), num_warps=num_warps or ATTN_OUT_WARPS,
     )
     return out
 

@@ -206,15 +206,19 @@ def _mla_fwd_kernel(
 
 
 @triton.jit
-def split_max(ml_ptr, b64, row, n_active, ROWS, N_SPLITS, BLOCK_S: tl.constexpr):
-    """The largest running max over the splits of query row `row` that ran (fp32 statistics of `_mla_fwd_kernel`)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    m_vec = tl.full((BLOCK_S,), -1.0e30, dtype=tl.float32)
-    for s0 in range(0, n_active, BLOCK_S):
-        sp = s0 + offs_s
-        base = (b64 * N_SPLITS + sp) * ROWS + row
-        m_vec = tl.maximum(m_vec, tl.load(ml_ptr + base * 2, mask=sp < n_active, other=-1.0e30))
-    return tl.max(m_vec, axis=0)
+def split_maxima(ml_ptr, b64, row, ROWS, N_SPLITS, NS_PAD: tl.constexpr):
+    """Every split's running max for query row `row` (fp32 statistics of `_mla_fwd_kernel`), as (split ids [NS_PAD],
+    values), loaded without waiting for the positions: the split index is clamped instead of masked, so the load
+    has no predicate and the compiler issues it with the first loads (sm_90 SASS, triton 3.6), one dependent L2
+    round trip before the merge less. Splits that did not run hold stale values: take `active_max`."""
+    offs_s = tl.arange(0, NS_PAD)
+    return offs_s, tl.load(ml_ptr + ((b64 * N_SPLITS + tl.minimum(offs_s, N_SPLITS - 1)) * ROWS + row) * 2)
+
+
+@triton.jit
+def active_max(offs_s, m_all, n_active):
+    """The largest running max over the n_active splits that ran (`split_maxima`'s values)."""
+    return tl.max(tl.where(offs_s < n_active, m_all, -1.0e30), axis=0)
 
 
 @triton.jit
@@ -254,16 +258,18 @@ def _mla_combine_kernel(
     S, H, C, N_SPLITS,
     stride_posb, stride_poss, stride_ob, stride_os, stride_oh, stride_oc,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr,
+    MIN_CHUNK_: tl.constexpr, BLOCK_S: tl.constexpr, NS_PAD: tl.constexpr,
 ):
     """One query row x BLOCK_C channels per program; splits are reduced BLOCK_S at a time (vector loads), in two
-    passes: the max of the split maxima, then the rescaled sums."""
+    passes: the max of the split maxima (`split_maxima`, loaded with the positions), then the rescaled sums.
+    NS_PAD: N_SPLITS padded to a power of two."""
     row = tl.program_id(0)
     cb = tl.program_id(1)
     b = tl.program_id(2)
-    n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
     b64 = b.to(tl.int64)
-    m_max = split_max(ml_ptr, b64, row, n_active, S * H, N_SPLITS, BLOCK_S)
+    offs_s, m_all = split_maxima(ml_ptr, b64, row, S * H, N_SPLITS, NS_PAD)
+    n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    m_max = active_max(offs_s, m_all, n_active)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, S * H, N_SPLITS, C_PAD, BLOCK_S)
     o = num / tl.where(den > 0, den, 1.0)
@@ -476,7 +482,8 @@ def combine_splits(sa: SplitAttention, q_latent: torch.Tensor, input_pos: torch.
         sa.part, sa.ml, input_pos, out, seqlen, heads, c, sa.n_splits,
         input_pos.stride(0), input_pos.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad, BLOCK_C=block_c, MIN_CHUNK_=sa.min_chunk,
-        BLOCK_S=combine_block_s(sa.n_splits), num_warps=num_warps or COMBINE_WARPS,
+        BLOCK_S=combine_block_s(sa.n_splits), NS_PAD=max(2, next_pow2(sa.n_splits)),
+        num_warps=num_warps or COMBINE_WARPS,
     )
     return out
 

@@ -40,8 +40,8 @@ from torch.library import triton_op, wrap_triton
 from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.mla_absorb import mla_absorb_reference, w_uv_rows
 from dsv3.kernels.mla_attention import (
-    DECODE_MAX_S, _triton_ok as attention_triton_ok, active_splits, combine_block_s, combine_channels, combine_splits,
-    mla_attention_reference, mla_attention_split,
+    DECODE_MAX_S, _triton_ok as attention_triton_ok, active_max, active_splits, combine_block_s, combine_channels,
+    combine_splits, mla_attention_reference, mla_attention_split, split_maxima,
 )
 
 ATTN_OUT_DEFAULT = "fused"
@@ -95,11 +95,7 @@ def _mla_combine_absorb_kernel(
     b = tl.program_id(2)
     odt = out_ptr.dtype.element_ty
     b64 = b.to(tl.int64)
-    # Every split's running max, loaded with the positions instead of after them: one dependent L2 round trip less
-    # (splits that did not run hold stale values, masked below once the positions say how many ran; the index is
-    # clamped, not masked, so the load has no predicate and the compiler issues it first: sm_90 SASS, triton 3.6).
-    offs_s = tl.arange(0, NS_PAD)
-    m_all = tl.load(ml_ptr + ((b64 * N_SPLITS + tl.minimum(offs_s, N_SPLITS - 1)) * (S * H) + row) * 2)
+    offs_s, m_all = split_maxima(ml_ptr, b64, row, S * H, N_SPLITS, NS_PAD)  # issued with the first loads
     # This program's W_UV rows over the whole C first, as `_absorb_o_rows_kernel` loads them (`w_uv_rows`): they do
     # not depend on the attention, so their load overlaps the dependent chain below (positions -> split statistics ->
     # partials) instead of following it.
@@ -111,7 +107,7 @@ def _mla_combine_absorb_kernel(
     # The row's merged attention output over all C at once (mla_attention's combine, `combine_channels`: the same
     # splits, weights and order per channel), rounded as mla_attention returns it.
     n_active = active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
-    m_max = tl.max(tl.where(offs_s < n_active, m_all, -1.0e30), axis=0)  # = mla_attention's split_max
+    m_max = active_max(offs_s, m_all, n_active)
     num, den = combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, tl.arange(0, KB_PAD * 128), S * H,
                                 N_SPLITS, C_PAD, BLOCK_S)
     num = tl.reshape(num, (KB_PAD, 128))

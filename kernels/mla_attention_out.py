@@ -20,9 +20,10 @@ Implementations (branch taken at trace time)
 - CUDA decode: `_mla_fwd_kernel` (the splits' partials, as mla_attention) then `_mla_combine_absorb_kernel`, grid
   (S*H query rows, Dv / BLOCK_D, B). Each program first loads its BLOCK_D rows of W_UV over the whole C (as
   mla_absorb's CUDA-core kernel `_absorb_o_rows_kernel` does): they do not depend on the attention, so the load
-  overlaps the dependent chain that follows (positions -> split statistics -> partials). It then merges its row's
-  partials over all C at once with mla_attention's combine code (`combine_channels`), rounds them as mla_attention's
-  output is rounded, and sums per 128-block as `_absorb_o_rows_kernel` does. The D blocks of one row each merge the
+  overlaps the dependent chain that follows (positions and, loaded with them, every split's running max
+  (`split_maxima`) -> partials). It then merges its row's partials over all C at once with mla_attention's combine
+  code (`combine_channels`), rounds them as mla_attention's output is rounded, and sums per 128-block as
+  `_absorb_o_rows_kernel` does. The D blocks of one row each merge the
   row's partials (n_active x C x 4 bytes from L2): BLOCK_D trades that against programs in flight. A first form
   that merged 128 channels and then loaded that block's W_UV, four times over, was slower than the two ops
   (docs/KERNELS.md).

@@ -23,10 +23,9 @@ Implementations (branch taken at trace time)
   overlaps the dependent chain that follows (positions and, loaded with them, every split's running max
   (`split_maxima`) -> partials). It then merges its row's partials over all C at once with mla_attention's combine
   code (`combine_channels`), rounds them as mla_attention's output is rounded, and sums per 128-block as
-  `_absorb_o_rows_kernel` does. The D blocks of one row each merge the
-  row's partials (n_active x C x 4 bytes from L2): BLOCK_D trades that against programs in flight. A first form
-  that merged 128 channels and then loaded that block's W_UV, four times over, was slower than the two ops
-  (docs/KERNELS.md).
+  `_absorb_o_rows_kernel` does. The D blocks of one row each merge the row's partials (n_active x C x 4 bytes from
+  L2): BLOCK_D trades that against programs in flight. A first form that merged 128 channels and then loaded that
+  block's W_UV, four times over, was slower than the two ops (docs/KERNELS.md).
 """
 
 from __future__ import annotations
@@ -98,8 +97,8 @@ def _mla_combine_absorb_kernel(
     b64 = b.to(tl.int64)
     offs_s, m_all = split_maxima(ml_ptr, b64, row, S * H, N_SPLITS, NS_PAD)  # issued with the first loads
     # This program's W_UV rows over the whole C first, as `_absorb_o_rows_kernel` loads them (`w_uv_rows`): they do
-    # not depend on the attention, so their load overlaps the dependent chain below (positions -> split statistics ->
-    # partials) instead of following it.
+    # not depend on the attention, so their load overlaps the dependent chain below (positions, with the splits'
+    # maxima beside them -> partials) instead of following it.
     h_idx = row % H
     offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < DV

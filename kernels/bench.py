@@ -361,6 +361,24 @@ def save_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
+def profile_under_ncu(cases: list, run: Callable[..., object], warmup: int = 2) -> None:
+    """Nsight Compute's profiled range (`ncu --profile-from-start off`): each (name, args) case runs `warmup` times
+    outside it (Triton compiles, caches warm), then once inside `torch.cuda.profiler.start/stop`, in an NVTX range
+    named after it. Without ncu it just runs. The scripts/ncu_*.py diagnostics use it."""
+    for _, args in cases:
+        for _ in range(warmup):
+            run(*args)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for name, args in cases:
+        torch.cuda.nvtx.range_push(name)
+        run(*args)
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print("profiled:", ", ".join(n for n, _ in cases))
+
+
 def write_json(path: str, meta: dict):
     save_json(path, dict(meta=meta, results=RESULTS))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.kernels.bench import profile_under_ncu
 from dsv3.kernels.mla_attention import mla_attention_triton
 
 CASES = [(1, 128, 4096), (1, 8192, 8192), (1, 32768, 32768), (8, 4032, 4096)]
@@ -30,18 +31,7 @@ def main() -> None:
         qpe = torch.randn(b, 1, heads, r, device=dev, generator=g).bfloat16()
         pos = torch.full((b, 1), ctx - 1, device=dev, dtype=torch.long)
         inputs.append((f"B={b} ctx={ctx} cache={t_cap}", (q, qpe, cache, pos, 0.1)))
-    for _, args in inputs:
-        for _ in range(2):
-            mla_attention_triton(*args)
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    for name, args in inputs:
-        torch.cuda.nvtx.range_push(name)
-        mla_attention_triton(*args)
-        torch.cuda.nvtx.range_pop()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
-    print("profiled:", ", ".join(n for n, _ in inputs))
+    profile_under_ncu(inputs, mla_attention_triton)
 
 
 if __name__ == "__main__":

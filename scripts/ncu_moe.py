@@ -17,6 +17,7 @@ import torch
 
 
 def main() -> None:
+    from dsv3.kernels.bench import profile_under_ncu
     from dsv3.kernels.fp8_blocks import quantize_weight
     from dsv3.kernels.routed_experts import routed_experts_triton
 
@@ -36,18 +37,7 @@ def main() -> None:
         return x, idx, wt
 
     cases = [("grouped T=4096", inputs(4096, False)), ("decode T=1", inputs(1, True))]
-    for _, (x, idx, wt) in cases:
-        for _ in range(2):
-            routed_experts_triton(x, idx, wt, *w)
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    for name, (x, idx, wt) in cases:
-        torch.cuda.nvtx.range_push(name)
-        routed_experts_triton(x, idx, wt, *w)
-        torch.cuda.nvtx.range_pop()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
-    print("profiled:", ", ".join(n for n, _ in cases))
+    profile_under_ncu(cases, lambda x, idx, wt: routed_experts_triton(x, idx, wt, *w))
 
 
 if __name__ == "__main__":

@@ -394,6 +394,11 @@ class SplitAttention(NamedTuple):
     c_pad: int
     min_chunk: int
 
+    @property
+    def ns_pad(self) -> int:
+        """n_splits padded to a power of two (the merge kernels' NS_PAD: `split_maxima` loads that many maxima)."""
+        return max(2, next_pow2(self.n_splits))
+
 
 def mla_attention_split(
     q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
@@ -482,7 +487,7 @@ def combine_splits(sa: SplitAttention, q_latent: torch.Tensor, input_pos: torch.
         sa.part, sa.ml, input_pos, out, seqlen, heads, c, sa.n_splits,
         input_pos.stride(0), input_pos.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad, BLOCK_C=block_c, MIN_CHUNK_=sa.min_chunk,
-        BLOCK_S=combine_block_s(sa.n_splits), NS_PAD=max(2, next_pow2(sa.n_splits)),
+        BLOCK_S=combine_block_s(sa.n_splits), NS_PAD=sa.ns_pad,
         num_warps=num_warps or COMBINE_WARPS,
     )
     return out

@@ -158,7 +158,7 @@ def mla_attention_out_triton(q_latent, q_pe, latent_cache, input_pos, softmax_sc
         out.stride(0), out.stride(1), out.stride(2),
         HAS_SCALE=has_scale, BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad,
         KB_PAD=max(1, next_pow2(cdiv(c, 128))), MIN_CHUNK_=sa.min_chunk, BLOCK_S=block_s, BLOCK_D=block_d,
-        NS_PAD=max(2, next_pow2(sa.n_splits)), num_warps=num_warps or ATTN_OUT_WARPS,
+        NS_PAD=sa.ns_pad, num_warps=num_warps or ATTN_OUT_WARPS,
     )
     return out
 

@@ -482,24 +482,37 @@ def inspect_cmd(artifact_dir: str) -> None:
               help="Hugging Face-layout checkpoint directory.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to create.")
 @click.option("--world-size", type=int, default=None, help="Pre-shard into one file per rank for N ranks.")
-@click.option("--dtype", type=click.Choice(["bf16"]), default=None,
-              help="bf16: dequantize an FP8 checkpoint to BF16 in HF layout (loads in transformers as it is).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp8"]), default=None,
+              help="bf16: dequantize an FP8 checkpoint to BF16 in HF layout (loads in transformers as it is). "
+                   "fp8: quantize a BF16 checkpoint (V2, V2-Lite as published) to DeepSeek-V3's FP8 format, "
+                   "e4m3 weights with 128x128 block scales (the FP8 kernels, half the weight bytes).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="--dtype fp8: where the block quantization runs (auto: the GPU if there is one; same result).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | None, overwrite: bool) -> None:
-    """Pre-shard a checkpoint per rank (fast rank loading), or dequantize FP8 to BF16.
+def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | None, device: str,
+                overwrite: bool) -> None:
+    """Pre-shard a checkpoint per rank (fast rank loading), dequantize FP8 to BF16, or quantize BF16 to FP8.
 
     \b
     dsv3c convert --checkpoint ckpt/671B --out ckpt/671B-tp8 --world-size 8
     dsv3c convert --checkpoint ckpt/671B --out ckpt/671B-bf16 --dtype bf16
+    dsv3c convert --checkpoint DeepSeek-V2-Lite --out ckpt/16B-fp8 --dtype fp8
     Streams one tensor at a time; the output directory appears only when complete.
     """
-    from dsv3.runtime.convert import convert_to_bf16, convert_to_ranks
+    import torch
+
+    from dsv3.runtime.convert import convert_to_bf16, convert_to_fp8, convert_to_ranks
 
     if (world_size is None) == (dtype is None):
-        raise click.UsageError("give exactly one of --world-size N (pre-shard) or --dtype bf16 (dequantize)")
+        raise click.UsageError("give exactly one of --world-size N (pre-shard), --dtype bf16 (dequantize) or "
+                               "--dtype fp8 (quantize); to pre-shard a quantized checkpoint, convert twice")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
     t0 = time.perf_counter()
     if dtype == "bf16":
         path = convert_to_bf16(checkpoint, out, overwrite=overwrite)
+    elif dtype == "fp8":
+        path = convert_to_fp8(checkpoint, out, overwrite=overwrite, device=device)
     else:
         path = convert_to_ranks(checkpoint, out, world_size, overwrite=overwrite)
     size = sum(f.stat().st_size for f in Path(path).iterdir())

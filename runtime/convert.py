@@ -1,4 +1,5 @@
-"""`dsv3c convert`: pre-shard a Hugging Face checkpoint per rank, or dequantize an FP8 one to BF16.
+"""`dsv3c convert`: pre-shard a Hugging Face checkpoint per rank, dequantize an FP8 one to BF16, or quantize a BF16
+one to DeepSeek's FP8 block format.
 
 Pre-sharded layout (`--world-size N`): one safetensors file per rank whose tensors are named and shaped exactly like
 that rank's model state (tensor-parallel slices, the rank's routed experts stacked), plus config.json, the
@@ -8,7 +9,13 @@ BF16 (`--dtype bf16`): every FP8 weight times its block scales (edge blocks of a
 projection), written as bfloat16 under the same names and shard files, scales dropped, `quantization_config`
 removed from config.json, tokenizer files copied: the result loads in transformers as it is.
 
-Both stream: one tensor in memory at a time (the writer emits the safetensors header first, then each tensor's bytes).
+FP8 (`--dtype fp8`): the inverse, for the checkpoints DeepSeek publishes in BF16 (V2, V2-Lite, V2.5): every
+projection that DeepSeek-V3's FP8 checkpoint stores in e4m3 (attention and MLP / expert linears; not the embedding,
+the LM head, norms, the router) is quantized in 128x128 blocks (`quantize_weight`: scale = block amax / 448, values
+rounded to nearest even in e4m3) and written with its float32 `<name>_scale_inv` in the same shard; config.json gains
+DeepSeek's `quantization_config`. The result loads like an FP8 checkpoint (the FP8 kernels, half the weight bytes).
+
+All stream: one tensor in memory at a time (the writer emits the safetensors header first, then each tensor's bytes).
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from dsv3.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, TensorSpec, checkpoint_to_param_name,
+from dsv3.checkpoint import (INDEX_FILE, checkpoint_inventory, CheckpointError, CheckpointReader, TensorSpec, checkpoint_to_param_name,
                              fused_rows_param, fused_rows_view, shared_slots_view, stacked_shared_param,
                              validate)
-from dsv3.kernels.fp8_blocks import FP8_DTYPE, dequantize_weight
+from dsv3.config import FP8Quantization
+from dsv3.kernels.fp8_blocks import FP8_DTYPE, dequantize_weight, quantize_weight
 from dsv3.model import Transformer
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model
 from dsv3.staging import staged_directory
@@ -150,21 +158,79 @@ def convert_to_bf16(checkpoint: str | Path, out: str | Path, *, overwrite: bool 
             raise CheckpointError(f"FP8 tensor {name} has no {scale} in {checkpoint}")
         return dequantize_weight(t, reader.get(scale), torch.bfloat16)
 
-    total = sum(spec_of(n).nbytes() for n in names)
+    raw = json.loads((reader.path / "config.json").read_text())
+    raw.pop("quantization_config", None)
     with staged_directory(out, overwrite=overwrite) as tmp:
-        weight_map: dict[str, str] = {}
-        with tqdm(total=total, unit="B", unit_scale=True, desc="dequantize to bf16", disable=not progress,
-                  leave=False) as bar:
-            for file, file_names in sorted(by_file.items()):
-                specs = {n: spec_of(n) for n in file_names}
-                write_safetensors_streaming(tmp / file, specs, produce, on_tensor=bar.update)
-                weight_map.update({n: file for n in file_names})
-        if (reader.path / INDEX_FILE).exists():
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        raw = json.loads((reader.path / "config.json").read_text())
-        raw.pop("quantization_config", None)
-        _copy_side_files(reader.path, tmp, raw)
+        _write_shards(reader, tmp, by_file, spec_of, produce, raw, "dequantize to bf16", progress)
+    return Path(out)
+
+
+def _write_shards(reader: CheckpointReader, out: Path, by_file: dict[str, list[str]],
+                  spec_of: Callable[[str], TensorSpec], produce: Callable[[str], torch.Tensor], config: dict,
+                  desc: str, progress: bool) -> None:
+    """The HF layout again under `out` (staged): the same shard files holding `by_file`'s names, an index when the
+    source had one, config.json = `config`, the tokenizer files."""
+    total = sum(spec_of(n).nbytes() for names in by_file.values() for n in names)
+    weight_map: dict[str, str] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
+        for file, file_names in sorted(by_file.items()):
+            write_safetensors_streaming(out / file, {n: spec_of(n) for n in file_names}, produce,
+                                        on_tensor=bar.update)
+            weight_map.update({n: file for n in file_names})
+    if (reader.path / INDEX_FILE).exists():
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    _copy_side_files(reader.path, out, config)
+
+
+def quantization_device(device: str = "auto") -> torch.device:
+    """Where `convert_to_fp8` does the block arithmetic: 'auto' is the GPU when there is one (the same e4m3 values
+    and scales as on the CPU: one correctly rounded division and one round-to-nearest-even cast per element)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def convert_to_fp8(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+                   device: str = "auto") -> Path:
+    reader = CheckpointReader(checkpoint)
+    cfg = reader.config
+    if cfg.is_fp8:
+        raise CheckpointError(f"{checkpoint} is already an FP8 checkpoint (its config.json has quantization_config); "
+                              "nothing to quantize")
+    validate(reader, cfg)
+    # Which tensors an FP8 checkpoint of this config stores in e4m3 (the MTP layers' too, when present).
+    fp8_specs = checkpoint_inventory(cfg.replace(quantization_config=FP8Quantization()), include_mtp=True)
+    to_quantize = {n for n in reader.names() if n in fp8_specs and fp8_specs[n].dtype == FP8_DTYPE}
+    dev = quantization_device(device)
+    by_file: dict[str, list[str]] = {}
+    for n in reader.names():
+        by_file.setdefault(reader.file_of(n), []).append(n)
+        if n in to_quantize:  # the scale goes into the weight's shard, right after it (produced together)
+            by_file[reader.file_of(n)].append(n + "_scale_inv")
+    scale_specs = {n + "_scale_inv": fp8_specs[n + "_scale_inv"] for n in to_quantize}
+    last: dict[str, torch.Tensor] = {}  # the scale of the weight quantized last, until its turn comes
+
+    def spec_of(name: str) -> TensorSpec:
+        if name in scale_specs:
+            return scale_specs[name]
+        s = reader.spec(name)
+        return TensorSpec(s.shape, FP8_DTYPE) if name in to_quantize else s
+
+    def produce(name: str) -> torch.Tensor:
+        if name in scale_specs:
+            return last.pop(name)
+        t = reader.get(name)
+        if name not in to_quantize:
+            return t
+        q, s = quantize_weight(t.to(dev))
+        last[name + "_scale_inv"] = s.cpu()
+        return q.cpu()
+
+    raw = json.loads((reader.path / "config.json").read_text())
+    raw["quantization_config"] = FP8Quantization().to_hf()
+    with staged_directory(out, overwrite=overwrite) as tmp:
+        _write_shards(reader, tmp, by_file, spec_of, produce, raw, "quantize to fp8", progress)
     return Path(out)
 
 

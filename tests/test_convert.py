@@ -1,4 +1,5 @@
-"""`dsv3c convert`: pre-sharded ranks load and match the HF-layout path; BF16 dequantization loads in transformers."""
+"""`dsv3c convert`: pre-sharded ranks load and match the HF-layout path; BF16 dequantization loads in transformers;
+FP8 quantization of a BF16 checkpoint meets the e4m3 rounding bound per element (float64 check) and loads."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from transformers import AutoModelForCausalLM
 import dsv3
 from dsv3.checkpoint import CheckpointError, CheckpointReader
 from dsv3.cli import main
-from dsv3.config import resolve_config
+from dsv3.config import FP8Quantization, resolve_config
 from dsv3.init_random import write_random_checkpoint
-from dsv3.kernels.fp8_blocks import dequantize_weight
+from dsv3.kernels.fp8_blocks import FP8_DTYPE, FP8_MAX, dequantize_weight
 from dsv3.runtime.convert import SHARDS_FILE
 from dsv3.runtime.engine import load_rank_model
 from dsv3.runtime.parallel import ParallelPlan
@@ -112,3 +113,60 @@ def test_convert_needs_one_mode(ckpt, tmp_path):
     res = CliRunner().invoke(main, ["convert", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"),
                                     "--dtype", "bf16"])
     assert res.exit_code == 2 and "not an FP8 checkpoint" in res.output
+
+
+def _blocks_f64(t: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/128), ceil(K/128), 128 * 128] float64, edge blocks padded with zeros."""
+    n, k = t.shape
+    p = torch.zeros(-(-n // 128) * 128, -(-k // 128) * 128, dtype=torch.float64)
+    p[:n, :k] = t.double()
+    return p.unflatten(0, (-1, 128)).unflatten(2, (-1, 128)).permute(0, 2, 1, 3).flatten(2)
+
+
+def test_fp8_quantization_of_a_bf16_checkpoint(tmp_path):
+    cfg = resolve_config("tiny-ragged")  # partial edge blocks (80 kv_a rows)
+    bf16 = write_random_checkpoint(cfg, tmp_path / "bf16", dtype="bf16", seed=5, max_shard_size=400_000,
+                                   progress=False)
+    out = tmp_path / "fp8"
+    res = CliRunner().invoke(main, ["convert", "--checkpoint", str(bf16), "--out", str(out), "--dtype", "fp8",
+                                    "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["quantization_config"] == FP8Quantization().to_hf() and (out / "tokenizer.json").exists()
+    src, dst = CheckpointReader(bf16), CheckpointReader(out)
+    quantized = [n for n in dst.names() if dst.spec(n).dtype == FP8_DTYPE]
+    # every projection of every layer, and nothing else: embedding, head, norms and router stay as they were
+    assert len(quantized) == len([n for n in dst.names() if n.endswith("_scale_inv")]) > 0
+    assert {n.split(".")[-2] for n in quantized} >= {"kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"}
+    for n in src.names():
+        if n not in quantized:
+            assert torch.equal(dst.get(n), src.get(n)), n
+    for n in quantized:
+        assert dst.file_of(n + "_scale_inv") == dst.file_of(n)
+        w, q, s = _blocks_f64(src.get(n)), _blocks_f64(dst.get(n).float()), dst.get(n + "_scale_inv").double()
+        amax = w.abs().amax(-1)
+        # the scale is the block's amax / 448 (to float32 rounding), so the block's largest element becomes +-448
+        assert torch.allclose(s, amax / FP8_MAX, rtol=2e-7, atol=0), n
+        assert torch.equal(q.abs().amax(-1), torch.full_like(amax, FP8_MAX)), n
+        # each value is within half an e4m3 step of w / scale (3 mantissa bits; below 2^-6 the subnormal step 2^-9)
+        v = (w / s[..., None]).abs()
+        step = torch.where(v >= 2.0 ** -6, torch.exp2(torch.floor(torch.log2(v.clamp_min(2.0 ** -6))) - 3), 2.0 ** -9)
+        assert ((q - w / s[..., None]).abs() <= 0.5 * step * (1 + 1e-6)).all(), n
+    # the quantized checkpoint loads as FP8 and predicts what the BF16 one does, to FP8 precision
+    tokens = torch.tensor([[0, 5, 9, 300, 7, 42]])
+    with torch.no_grad():
+        ref = dsv3.load(bf16, dtype=torch.float32, max_seq_len=16, progress=False)(tokens, torch.arange(6))
+        model = dsv3.load(out, dtype=torch.float32, max_seq_len=16, progress=False)
+        got = model(tokens, torch.arange(6))
+    assert model.layers[0].self_attn.o_proj.weight.dtype == FP8_DTYPE
+    rel = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert 0 < rel < 0.1, rel
+
+
+def test_fp8_quantization_refuses_an_fp8_checkpoint(tmp_path):
+    fp8 = write_random_checkpoint(resolve_config("tiny"), tmp_path / "fp8", dtype="fp8", seed=1, progress=False)
+    res = CliRunner().invoke(main, ["convert", "--checkpoint", str(fp8), "--out", str(tmp_path / "again"),
+                                    "--dtype", "fp8"])
+    assert res.exit_code == 2 and "already an FP8 checkpoint" in res.output
+    assert not (tmp_path / "again").exists()

@@ -41,6 +41,12 @@
 #              (bitwise compared, timed interleaved; JSON in $OUT)
 #   sdpa       scripts/bench_prefill_sdpa.py: the first-chunk prefill attention, our kernel vs PyTorch's cuDNN / flash
 #              SDPA (timed, checked, and inside AOTInductor packages; JSON in $OUT)
+#   gpu-all    the whole GPU-marked suite (`pytest -m gpu tests/`) in one run, GPU_WORKERS (6) pytest-xdist workers
+#              sharing the GPU (Triton compiles in parallel; carry .whl/ with pytest-xdist and execnet wheels if the
+#              image lacks them), durations and the summary in $OUT/gpu_all.log
+#   build16both the 16B config compiled twice at once: FP8 (quick16's) into $WORK/art16q and BF16 (the published
+#              V2-Lite form, no conversion) into $WORK/art16b; bench16both times both (kept while the machine is warm)
+#   bench16both dsv3c bench --random-weights on both builds of build16both, one after the other in one call
 #   kdec       the GPU tests of the decode phase merges (test_norm_route, test_mla_prep, test_norm) and of the router
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
@@ -126,6 +132,42 @@ step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (t
   # the fused decode-prep and norm ops (2026-11-23), on their own clock so one part's timeout spares the other
   timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_norm.py tests/test_mla_prep.py tests/test_swiglu.py 2>&1 \
     | tee "$OUT/kgpu_fused.log" | tail -15
+}
+
+step_gpu_all() {  # the whole GPU suite in one run; pytest-xdist from .whl/ when the image has none
+  $PY -c "import xdist" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl pytest-xdist >"$OUT/xdist_pip.log" 2>&1
+  local par=()
+  $PY -c "import xdist" 2>/dev/null && par=(-n "${GPU_WORKERS:-6}")
+  timeout "${GPU_ALL_TIMEOUT:-540}" $PY -m pytest -m gpu "${par[@]}" -q -p no:cacheprovider -p no:logging --tb=short -rfEs \
+    --durations=15 tests/ 2>&1 | tee "$OUT/gpu_all.log" | grep -v -i warn | tail -40
+}
+
+cfg16fp8() {  # the 16B config with DeepSeek-V3's FP8 quantization_config, into $WORK/cfg16fp8
+  mkdir -p "$WORK/cfg16fp8"
+  $PY -c "import json, sys; from dsv3.config import resolve_config, FP8Quantization
+cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
+json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$WORK/cfg16fp8"
+}
+
+step_build16both() {  # FP8 and BF16 16B builds at once (8 compile processes in all)
+  cfg16fp8
+  local c
+  for c in "$WORK/cfg16fp8 art16q" "16B art16b"; do
+    set -- $c
+    ( dsv3c compile --config "$1" --out "$WORK/$2" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 \
+        --overwrite --jobs 4 > "$OUT/compile_$2.log" 2>&1; echo "compile $2: exit $?" ) &
+  done
+  wait
+  tail -4 "$OUT/compile_art16q.log" "$OUT/compile_art16b.log" | grep -v Warning
+}
+
+step_bench16both() {
+  local a
+  for a in art16q art16b; do
+    echo "--- $a"
+    dsv3c bench --artifacts "$WORK/$a" --random-weights --batch-sizes 1,8 --context 128,4032 --steps 32 \
+      --prompt-len 4096 --json "$OUT/bench_$a.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -12
+  done
 }
 
 step_attnout() {
@@ -312,10 +354,7 @@ PYEOF
 
 step_quick16() {  # no checkpoint on disk: FP8 16B config -> compile -> bench with weights generated on the GPU
   local cfg=$WORK/cfg16fp8
-  mkdir -p "$cfg"
-  $PY -c "import json, sys; from dsv3.config import resolve_config, FP8Quantization
-cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
-json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$cfg"
+  cfg16fp8
   dsv3c compile --config "$cfg" --out "$WORK/art16q" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
     --max-seq-len 4096 --overwrite --jobs "${Q16_JOBS:-4}" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16q.log" | tail -8
   dsv3c bench --artifacts "$WORK/art16q" --random-weights --batch-sizes 1,8 --context 128,4032 --steps 32 \
@@ -325,10 +364,7 @@ json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" 
 step_ab16() {  # A/B of trace-time fusion switches on the 16B FP8 config at AB_LAYERS layers (default 8): one build
   # per variant (the default, then each DSV3_* setting in AB_VARIANTS), timed round-robin by rank_timing.py
   local cfg=$WORK/cfg16fp8 layers=${AB_LAYERS:-8} v dirs=() name
-  mkdir -p "$cfg"
-  $PY -c "import json, sys; from dsv3.config import resolve_config, FP8Quantization
-cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
-json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$cfg"
+  cfg16fp8
   # built variants stay in $WORK while the machine is warm: a call that ran out of time can be repeated
   for v in default ${AB_VARIANTS:-DSV3_NORM_ROUTE=torch}; do
     name=ab16_${v//[^A-Za-z0-9]/_}

@@ -44,8 +44,8 @@
 #   gpu-all    the whole GPU-marked suite (`pytest -m gpu tests/`) in one run, GPU_WORKERS (6) pytest-xdist workers
 #              sharing the GPU (Triton compiles in parallel; carry .whl/ with pytest-xdist and execnet wheels if the
 #              image lacks them), durations and the summary in $OUT/gpu_all.log
-#   build16both the 16B config compiled twice at once: FP8 (quick16's) into $WORK/art16q and BF16 (the published
-#              V2-Lite form, no conversion) into $WORK/art16b; bench16both times both (kept while the machine is warm)
+#   build16both the 16B config compiled twice: FP8 (quick16's) into $WORK/art16q and BF16 (the published V2-Lite
+#              form, no conversion) into $WORK/art16b (BUILD16=fp8 or bf16: one of them); bench16both times both
 #   bench16both dsv3c bench --random-weights on both builds of build16both, one after the other in one call
 #   kdec       the GPU tests of the decode phase merges (test_norm_route, test_mla_prep, test_norm) and of the router
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
@@ -149,16 +149,16 @@ cfg = resolve_config('16B').replace(quantization_config=FP8Quantization())
 json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" "$WORK/cfg16fp8"
 }
 
-step_build16both() {  # FP8 and BF16 16B builds at once (8 compile processes in all)
+step_build16both() {  # FP8 then BF16 16B builds, one after the other (each build's processes hold a model on the GPU:
+  # two builds at once ran out of its memory); BUILD16 (fp8,bf16) picks, so that one call per build fits the time limit
+  local kinds=${BUILD16:-fp8,bf16} cfg out
   cfg16fp8
-  local c
-  for c in "$WORK/cfg16fp8 art16q" "16B art16b"; do
-    set -- $c
-    ( dsv3c compile --config "$1" --out "$WORK/$2" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 \
-        --overwrite --jobs 4 > "$OUT/compile_$2.log" 2>&1; echo "compile $2: exit $?" ) &
+  for k in ${kinds//,/ }; do
+    if [ "$k" = fp8 ]; then cfg=$WORK/cfg16fp8 out=art16q; else cfg=16B out=art16b; fi
+    dsv3c compile --config "$cfg" --out "$WORK/$out" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 \
+      --overwrite > "$OUT/compile_$out.log" 2>&1; echo "compile $out ($k): exit $?"
+    grep -v Warning "$OUT/compile_$out.log" | tail -4
   done
-  wait
-  tail -4 "$OUT/compile_art16q.log" "$OUT/compile_art16b.log" | grep -v Warning
 }
 
 step_bench16both() {

@@ -16,12 +16,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import dsv3
-from dsv3.checkpoint import CheckpointError, CheckpointReader
+from dsv3.checkpoint import CheckpointError, CheckpointReader, checkpoint_inventory
 from dsv3.cli import main
 from dsv3.config import FP8Quantization, resolve_config
 from dsv3.init_random import write_random_checkpoint
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, FP8_MAX, dequantize_weight
-from dsv3.runtime.convert import SHARDS_FILE
+from dsv3.runtime.convert import SHARDS_FILE, convert_to_fp8
 from dsv3.runtime.engine import load_rank_model
 from dsv3.runtime.parallel import ParallelPlan
 
@@ -164,8 +164,16 @@ def test_fp8_quantization_of_a_bf16_checkpoint(tmp_path):
     assert 0 < rel < 0.1, rel
 
 
-def test_fp8_quantization_refuses_an_fp8_checkpoint(tmp_path):
-    fp8 = write_random_checkpoint(resolve_config("tiny"), tmp_path / "fp8", dtype="fp8", seed=1, progress=False)
+def test_fp8_quantization_covers_mtp_layers_and_refuses_an_fp8_checkpoint(tmp_path):
+    cfg = resolve_config("tiny")  # one MTP layer (model.layers.3): its projections are FP8 in V3's checkpoint too
+    bf16 = write_random_checkpoint(cfg, tmp_path / "bf16", dtype="bf16", seed=2, progress=False)
+    out = convert_to_fp8(bf16, tmp_path / "q", progress=False, device="cpu")
+    mtp = f"model.layers.{cfg.num_hidden_layers}."
+    dst = CheckpointReader(out)
+    assert dst.spec(mtp + "self_attn.o_proj.weight").dtype == FP8_DTYPE
+    assert dst.spec(mtp + "eh_proj.weight").dtype == torch.bfloat16  # as in DeepSeek-V3's FP8 release
+    assert sorted(dst.names()) == sorted(checkpoint_inventory(dst.config, include_mtp=True))
+    fp8 = write_random_checkpoint(cfg, tmp_path / "fp8", dtype="fp8", seed=1, progress=False)
     res = CliRunner().invoke(main, ["convert", "--checkpoint", str(fp8), "--out", str(tmp_path / "again"),
                                     "--dtype", "fp8"])
     assert res.exit_code == 2 and "already an FP8 checkpoint" in res.output

@@ -178,3 +178,28 @@ def test_fp8_quantization_covers_mtp_layers_and_refuses_an_fp8_checkpoint(tmp_pa
                                     "--dtype", "fp8"])
     assert res.exit_code == 2 and "already an FP8 checkpoint" in res.output
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.gpu
+def test_fp8_quantization_on_the_gpu_equals_the_cpu(tmp_path):
+    """`convert --device cuda` (the default where there is a GPU) writes the same bytes as on the CPU: one correctly
+    rounded division and one round-to-nearest-even cast per element on both."""
+    from dsv3.kernels.fp8_blocks import quantize_weight
+
+    gen = torch.Generator().manual_seed(0)
+    # a weight-like matrix with ragged edges, outliers and tiny blocks (subnormal e4m3 values after scaling)
+    w = (torch.randn(1000, 2100, generator=gen) * 0.02).to(torch.bfloat16)
+    w[::97, ::13] *= 300
+    w[:128, :128] *= 1e-6
+    qc, sc = quantize_weight(w)
+    qg, sg = quantize_weight(w.cuda())
+    assert torch.equal(sg.cpu(), sc)
+    assert torch.equal(qg.cpu().view(torch.uint8), qc.view(torch.uint8))
+    bf16 = write_random_checkpoint(resolve_config("tiny-ragged"), tmp_path / "bf16", dtype="bf16", seed=3,
+                                   progress=False)
+    cpu = CheckpointReader(convert_to_fp8(bf16, tmp_path / "cpu", progress=False, device="cpu"))
+    gpu = CheckpointReader(convert_to_fp8(bf16, tmp_path / "gpu", progress=False, device="cuda"))
+    assert cpu.names() == gpu.names()
+    for n in cpu.names():
+        a, b = cpu.get(n), gpu.get(n)
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), n

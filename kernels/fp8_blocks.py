@@ -58,7 +58,9 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nb, kb = wp.shape[-2] // BLOCK, wp.shape[-1] // BLOCK
     blocks = wp.reshape(*lead, nb, BLOCK, kb, BLOCK)
     amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(1e-12)
-    scale = amax / FP8_MAX
+    # a tensor divisor, as in quantize_activation: CUDA divides by a Python scalar as a multiply by its reciprocal
+    # (one ulp off amax / 448 in some blocks), so `convert --dtype fp8` on a GPU would write other scales than on a CPU
+    scale = amax / torch.full_like(amax, FP8_MAX)
     q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
     q = q.reshape(*lead, nb * BLOCK, kb * BLOCK)[..., :n, :k].to(FP8_DTYPE)
     return q.contiguous(), scale.contiguous()

@@ -299,8 +299,9 @@ step_prof671() {  # rank 0 of 671B at world size 8 (est671's 4-layer artifacts, 
 }
 step_prof16q() {  # PROF_CTX: the decode step's context (128; quick16's cache holds 4096 rows); PROF_BATCH (1 or 8);
   # PROF_PREFILL: prompt tokens of the prefill profile (4095; 0: none). Outputs in $OUT/prof_b<batch>/
+  # PROF_ART: the artifacts under $WORK (art16q; art16b: build16both's BF16 build)
   local dir=$OUT/prof_b${PROF_BATCH:-1}
-  $PY scripts/profile_decode.py "$WORK/art16q" random "$dir" "${PROF_CTX:-128}" "${PROF_PREFILL:-4095}" \
+  $PY scripts/profile_decode.py "$WORK/${PROF_ART:-art16q}" random "$dir" "${PROF_CTX:-128}" "${PROF_PREFILL:-4095}" \
     "${PROF_BATCH:-1}" 2>&1 | grep -v Warning | tail -90
 }
 

@@ -241,11 +241,10 @@ def _moe_up_kernel(
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """acc[weight rows, tokens]: the decode path (FP8 or bf16/fp16) and the grouped bf16/fp16 path (FP8 grouped:
-    `_moe_up_grouped_kernel`). PRELOAD (FP8): the x and weight block scales of all KB_PAD K blocks are loaded before
-    the K loop and picked per block (`pick_scale`), instead of synchronous loads inside every iteration.
+    `_moe_up_grouped_kernel`).
     FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
     one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
     it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
@@ -268,13 +267,6 @@ def _moe_up_kernel(
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        if IS_FP8 and PRELOAD:
-            offs_kb = tl.arange(0, KB_PAD)
-            kb_mask = offs_kb < tl.cdiv(D, BLOCK_D)
-            xs_all = tl.load(xs_ptr + token64[:, None] * stride_xst + offs_kb[None, :],
-                             mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
-            sg_all = tl.load(sg_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
-            su_all = tl.load(su_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
         for kb in range(0, tl.cdiv(D, BLOCK_D)):
             d_mask = (kb * BLOCK_D + offs_d) < D
             wmask = n_mask[:, None] & d_mask[None, :]
@@ -282,15 +274,12 @@ def _moe_up_kernel(
             wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if IS_FP8:
-                if PRELOAD:
-                    xs = pick_scales(xs_all, offs_kb, kb)
-                    sg = pick_scale(sg_all, offs_kb, kb)
-                    su = pick_scale(su_all, offs_kb, kb)
-                else:  # many K blocks (671B: D 7168): the picks would cost more than the loads' latency
-                    xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
-                    sg = tl.load(sg_ptr + srow + kb * stride_sk)
-                    su = tl.load(su_ptr + srow + kb * stride_sk)
+                # decode: scales loaded per K block (preloading them measured slower here: 671B-ep8 T=1 up 23 ->
+                # 62 us, H200)
+                xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
                 xqt = tl.trans(xv)
+                sg = tl.load(sg_ptr + srow + kb * stride_sk)
+                su = tl.load(su_ptr + srow + kb * stride_sk)
                 acc_g += tl.dot(wg, xqt) * (xs[None, :] * sg)
                 acc_u += tl.dot(wu, xqt) * (xs[None, :] * su)
             else:
@@ -346,10 +335,9 @@ def _moe_down_kernel(
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
-    """acc[weight rows, tokens], the paths of `_moe_up_kernel` (FP8 grouped: `_moe_down_grouped_kernel`); PRELOAD
-    as there (the weight scales, and h's when QUANT_H).
+    """acc[weight rows, tokens], the paths of `_moe_up_kernel` (FP8 grouped: `_moe_down_grouped_kernel`).
     FP8 with QUANT_H: h is e4m3 with scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
     h is in the activation dtype and each [tokens, 128] tile is quantized here (`quantize_tile_rcp`, exactly
     quantize_activation(h) up to the sign of a zero: columns past I and tokens not routed here load as zeros, as its
@@ -369,29 +357,16 @@ def _moe_down_kernel(
         h_ptrs = h_ptr + pair64[:, None] * stride_h + offs_i[None, :]
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        if IS_FP8 and PRELOAD:
-            offs_kb = tl.arange(0, KB_PAD)
-            kb_mask = offs_kb < tl.cdiv(I, BLOCK_I)
-            sd_all = tl.load(sd_ptr + srow + offs_kb * stride_sk, mask=kb_mask, other=0.0)
-            if QUANT_H:
-                hs_all = tl.load(hs_ptr + pair64[:, None] * stride_hs + offs_kb[None, :],
-                                 mask=col_mask[:, None] & kb_mask[None, :], other=1.0)
         for kb in range(0, tl.cdiv(I, BLOCK_I)):
             i_mask = (kb * BLOCK_I + offs_i) < I
             w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
             hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if IS_FP8:
                 if QUANT_H:
-                    if PRELOAD:
-                        hs = pick_scales(hs_all, offs_kb, kb)
-                    else:
-                        hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
+                    hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
                 else:
                     hv, hs = quantize_tile_rcp(hv.to(tl.float32))
-                if PRELOAD:
-                    sd = pick_scale(sd_all, offs_kb, kb)
-                else:
-                    sd = tl.load(sd_ptr + srow + kb * stride_sk)
+                sd = tl.load(sd_ptr + srow + kb * stride_sk)
                 acc += tl.dot(w, tl.trans(hv)) * (hs[None, :] * sd)
             else:
                 acc = tl.dot(w, tl.trans(hv.to(w.dtype)), acc)
@@ -828,14 +803,8 @@ def grouped_plan(is_fp8: bool, d: Optional[int] = None, i: Optional[int] = None,
 PRELOAD_MAX_KB = 16
 
 
-def moe_decode_preload() -> bool:
-    """Whether the FP8 decode kernels (`_moe_up_kernel`, `_moe_down_kernel`) may preload their scales (then
-    `preload_scales` decides by the K blocks): DSV3_MOE_DECODE_PRELOAD=on (default) | off, read at trace time."""
-    return env_switch("DSV3_MOE_DECODE_PRELOAD", "on", ("on", "off")) == "on"
-
-
 def preload_scales(kb_pad: int) -> bool:
-    """Whether an FP8 MoE kernel preloads its block scales (see PRELOAD_MAX_KB): few K blocks."""
+    """Whether a grouped FP8 kernel preloads its block scales (see PRELOAD_MAX_KB): few K blocks."""
     return kb_pad <= PRELOAD_MAX_KB
 
 
@@ -976,7 +945,6 @@ def routed_experts_triton(
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
                   BLOCK_P=block_p, BLOCK_E=block_e)
     kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
-    preload_decode = moe_decode_preload()
     if rows_up:  # one token: h[k] for slot k, then h quantized as the QUANT_H up kernel would have
         h_act = torch.empty((p, i), dtype=odt, device=x.device)
         wrap_triton(_moe_up_rows_kernel)[(p, cdiv(i, plan.up_block_n))](
@@ -1010,8 +978,7 @@ def routed_experts_triton(
             t, k, e, i, d, n_sched,
             xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
             sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-            BLOCK_N=plan.up_block_n, KB_PAD=kb_pad_up, PRELOAD=preload_decode and preload_scales(kb_pad_up),
-            num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
+            BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
         )
     if grouped and is_fp8:
         wrap_triton(_moe_down_grouped_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
@@ -1028,8 +995,7 @@ def routed_experts_triton(
             t, k, e, i, d, n_sched,
             h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
             sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-            BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_decode and preload_scales(kb_pad_down),
-            num_warps=plan.down_num_warps, num_stages=plan.down_num_stages, **common,
+            BLOCK_N=plan.down_block_n, num_warps=plan.down_num_warps, num_stages=plan.down_num_stages, **common,
         )
     if not combine:
         return y.view(t, k, d)

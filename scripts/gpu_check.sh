@@ -47,8 +47,6 @@
 #   build16both the 16B config compiled twice: FP8 (quick16's) into $WORK/art16q and BF16 (the published V2-Lite
 #              form, no conversion) into $WORK/art16b (BUILD16=fp8 or bf16: one of them); bench16both times both
 #   bench16both dsv3c bench --random-weights on both builds of build16both, one after the other in one call
-#   ab-moe-preload scripts/ab_moe_preload.py: the FP8 decode MoE kernels with preloaded block scales vs loads in
-#              every K iteration (T 2, 4, 8; 16B and the 671B rank; bitwise compared, timed interleaved; JSON in $OUT)
 #   kdec       the GPU tests of the decode phase merges (test_norm_route, test_mla_prep, test_norm) and of the router
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
@@ -134,10 +132,6 @@ step_kgpu() {  # every GPU-marked kernel test except the AOTInductor packages (t
   # the fused decode-prep and norm ops (2026-11-23), on their own clock so one part's timeout spares the other
   timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_norm.py tests/test_mla_prep.py tests/test_swiglu.py 2>&1 \
     | tee "$OUT/kgpu_fused.log" | tail -15
-}
-
-step_ab_moe_preload() {
-  timeout 400 $PY scripts/ab_moe_preload.py --json "$OUT/ab_moe_preload.json" 2>&1 | grep -v -i warn | tail -30
 }
 
 step_gpu_all() {  # the whole GPU suite in one run; pytest-xdist from .whl/ when the image has none

@@ -92,18 +92,16 @@ def main() -> None:
     cases = {
         "_moe_up_rows_kernel (T=1)": (RE._moe_up_rows_kernel, dict(
             x_ptr=x, xs_ptr=xs, idx_ptr=idx1, wg_ptr=w_up, wu_ptr=w_up, sg_ptr=s_up, su_ptr=s_up, h_ptr=y, E=e, I=i,
-            D=d, stride_we=i * d, stride_wn=d, stride_se=11 * 16, stride_sn=16, stride_h=i, ACT16=False, BLOCK_N=2,
-            KB_PAD=16)),
+            D=d, stride_we=i * d, stride_wn=d, stride_se=11 * 16, stride_sn=16, stride_h=i, BLOCK_N=2, KB_PAD=16)),
         "_moe_up_kernel (T=8)": (RE._moe_up_kernel, dict(
             x_ptr=x, xs_ptr=xs, idx_ptr=idx8, sched_ptr=idx8, wg_ptr=w_up, wu_ptr=w_up, sg_ptr=s_up, su_ptr=s_up,
             h_ptr=h, hs_ptr=hs, dt_ptr=y, T=8, K=k, E=e, I=i, D=d, n_sched=0, stride_xt=d, stride_xst=16,
             stride_we=i * d, stride_wn=d, stride_se=11 * 16, stride_sn=16, stride_sk=1, stride_h=i, stride_hs=11,
-            BLOCK_N=128, BLOCK_T=16, BLOCK_P=64, KB_PAD=16, PRELOAD=True, **common)),
+            BLOCK_N=128, BLOCK_T=16, BLOCK_P=64, **common)),
         "_moe_down_kernel (T=1)": (RE._moe_down_kernel, dict(
             h_ptr=h, hs_ptr=hs, idx_ptr=idx1, sched_ptr=idx1, wd_ptr=w_down, sd_ptr=s_down, y_ptr=y, T=1, K=k, E=e,
             I=i, D=d, n_sched=0, stride_h=i, stride_hs=11, stride_we=d * i, stride_wn=i, stride_se=16 * 11,
-            stride_sn=11, stride_sk=1, stride_y=d, BLOCK_N=64, BLOCK_T=16, BLOCK_P=8, KB_PAD=16, PRELOAD=True,
-            **common)),
+            stride_sn=11, stride_sk=1, stride_y=d, BLOCK_N=64, BLOCK_T=16, BLOCK_P=8, **common)),
         "_moe_combine_kernel (T=1)": (RE._moe_combine_kernel, dict(
             y_ptr=y, idx_ptr=idx1, wt_ptr=hs, out_ptr=y, K=k, E=e, D=d, stride_y=d, stride_ot=d, stride_od=1,
             FIRST_ONLY=True, BLOCK_K=8, BLOCK_D=512)),

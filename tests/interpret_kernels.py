@@ -348,23 +348,6 @@ def test_routed_experts_decode_plans(t, up_bn, down_bn, fixed_interpreter):
         assert rel_err(out, RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=64)) < 1e-5
 
 
-@pytest.mark.parametrize("t,up_bn,down_bn", [(3, 128, 64), (5, 64, 128), (3, 32, 32)])
-def test_routed_experts_decode_preloaded_scales(t, up_bn, down_bn, fixed_interpreter, monkeypatch):
-    """The FP8 decode kernels with their block scales preloaded before the K loop (the default at <= 16 K blocks)
-    or loaded in every iteration (DSV3_MOE_DECODE_PRELOAD=off): bitwise the same output (the same scale values
-    picked exactly), ragged D and I; up_bn 128: h quantized by the up kernel (the down kernel's h scales preloaded
-    too)."""
-    gen = torch.Generator().manual_seed(77 + t + up_bn)
-    x, _, _, w = _moe_inputs(t, 1, 8, 300, 200, True, torch.bfloat16, gen)
-    idx = moe_shared_slot_idx(t, 6, 3, 2, gen, n_invalid=1)
-    wt = torch.rand(idx.shape, generator=gen)
-    on = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=down_bn)
-    monkeypatch.setenv("DSV3_MOE_DECODE_PRELOAD", "off")
-    off = RE.routed_experts_triton(x, idx, wt, *w, up_block_n=up_bn, down_block_n=down_bn)
-    assert torch.equal(on, off)
-    assert rel_err(on, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
-
-
 # pairs per tile, the down kernel's BLOCK_N, d (136: one full and one partial 128-row block, so BLOCK_N 256 has a
 # second block past D; 300: a partial second block inside BLOCK_N 256), preloaded scales or not, the up kernel's
 # warps (4: its TWO_DOTS form)
@@ -402,7 +385,7 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
     y0, y1 = (torch.zeros((p, d), dtype=torch.bfloat16) for _ in range(2))
     flags = dict(IS_FP8=True, GROUPED=True, QUANT_H=True, BLOCK_T=32, BLOCK_K=2, BLOCK_P=2, BLOCK_E=2)
     RE._moe_up_kernel[(n, 2)](xq, xs, idx, sched, wg, wu, sg, su, h0, hs0, y0, t, k, e, i, d, n, d, 3, i * d, d,
-                              2 * 3, 3, 1, i, 2, BLOCK_N=128, KB_PAD=4, PRELOAD=False, **flags)
+                              2 * 3, 3, 1, i, 2, BLOCK_N=128, **flags)
     for two_dots in (False, True):
         h1.zero_()
         hs1.zero_()
@@ -411,7 +394,7 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
         # (quantize_tile_rcp: a zero's sign aside)
         assert torch.equal(h0.float(), h1.float()) and torch.equal(hs0, hs1), two_dots
     RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
-                                BLOCK_N=128, KB_PAD=2, PRELOAD=True, **flags)
+                                BLOCK_N=128, **flags)
     RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
                                         BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False)
     assert torch.equal(y0, y1)

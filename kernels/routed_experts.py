@@ -275,7 +275,8 @@ def _moe_up_kernel(
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if IS_FP8:
                 # decode: scales loaded per K block (preloading them measured slower here: 671B-ep8 T=1 up 23 ->
-                # 62 us, H200)
+                # 62 us, H200; again 2026-11-24 at 16B T = 8 with the six loads gone from the loop's SASS: 110.0 ->
+                # 112.7 us per op, branch experiment/moe-decode-preload)
                 xs = tl.load(xs_ptr + token64 * stride_xst + kb, mask=col_mask, other=1.0)
                 xqt = tl.trans(xv)
                 sg = tl.load(sg_ptr + srow + kb * stride_sk)

@@ -92,7 +92,8 @@ def main() -> None:
     cases = {
         "_moe_up_rows_kernel (T=1)": (RE._moe_up_rows_kernel, dict(
             x_ptr=x, xs_ptr=xs, idx_ptr=idx1, wg_ptr=w_up, wu_ptr=w_up, sg_ptr=s_up, su_ptr=s_up, h_ptr=y, E=e, I=i,
-            D=d, stride_we=i * d, stride_wn=d, stride_se=11 * 16, stride_sn=16, stride_h=i, BLOCK_N=2, KB_PAD=16)),
+            D=d, stride_we=i * d, stride_wn=d, stride_se=11 * 16, stride_sn=16, stride_h=i, ACT16=False, BLOCK_N=2,
+            KB_PAD=16)),
         "_moe_up_kernel (T=8)": (RE._moe_up_kernel, dict(
             x_ptr=x, xs_ptr=xs, idx_ptr=idx8, sched_ptr=idx8, wg_ptr=w_up, wu_ptr=w_up, sg_ptr=s_up, su_ptr=s_up,
             h_ptr=h, hs_ptr=hs, dt_ptr=y, T=8, K=k, E=e, I=i, D=d, n_sched=0, stride_xt=d, stride_xst=16,

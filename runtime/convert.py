@@ -29,9 +29,9 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from dsv3.checkpoint import (INDEX_FILE, checkpoint_inventory, CheckpointError, CheckpointReader, TensorSpec, checkpoint_to_param_name,
-                             fused_rows_param, fused_rows_view, shared_slots_view, stacked_shared_param,
-                             validate)
+from dsv3.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, TensorSpec, checkpoint_inventory,
+                             checkpoint_to_param_name, fused_rows_param, fused_rows_view, shared_slots_view,
+                             stacked_shared_param, validate)
 from dsv3.config import FP8Quantization
 from dsv3.kernels.fp8_blocks import FP8_DTYPE, dequantize_weight, quantize_weight
 from dsv3.model import Transformer

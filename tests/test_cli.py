@@ -284,3 +284,21 @@ def test_compile_refuses_bad_kernel_switch(tmp_path, monkeypatch, name, value):
     msg = stderr_of(res)
     assert name in msg and value in msg and "Traceback" not in res.output
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("config,noted", [("tiny", True), ("fp8", False)])
+def test_compile_for_cuda_notes_fp8_for_bf16_weights(tmp_path, monkeypatch, config, noted):
+    """`dsv3c compile --device cuda` of a config with BF16 weights (as DeepSeek publishes V2 / V2-Lite) says what
+    FP8 gains and how to convert; an FP8 config does not. (The build itself is stubbed: no GPU here.)"""
+    import dsv3.compiler.build as build
+    from dsv3.config import FP8Quantization, resolve_config
+
+    if config == "fp8":
+        config = str(tmp_path / "fp8.json")
+        Path(config).write_text(json.dumps(resolve_config("tiny").replace(
+            quantization_config=FP8Quantization()).to_hf_dict()))
+    built = []
+    monkeypatch.setattr(build, "compile_artifacts", lambda opts, out, **kw: built.append(opts))
+    res = invoke("compile", "--config", config, "--device", "cuda", "--out", str(tmp_path / "art"))
+    assert res.exit_code == 0 and len(built) == 1, res.output
+    assert ("dsv3c convert --checkpoint CKPT --out CKPT-fp8 --dtype fp8" in stderr_of(res)) == noted

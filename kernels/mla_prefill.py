@@ -101,21 +101,37 @@ def mla_prefill_attention_reference(
 
 
 @triton.jit
+def _load_tile(ptrs, row_mask, col_mask, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A [rows, head dim] tile, masked only where a mask can be false (ROWS / COLS: apply row_mask / col_mask);
+    masks cost issue slots next to the MMA in the key loop."""
+    if ROWS and COLS:
+        return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    elif ROWS:
+        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    elif COLS:
+        return tl.load(ptrs, mask=col_mask[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _mha_prefill_block(
     q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
     s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
-    offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, MASKED: tl.constexpr,
+    offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, MASKED: tl.constexpr, EXACT_D: tl.constexpr,
 ):
     """One key block of the online softmax. MASKED=False: every key of the block is before every query of the
-    program (positions strictly increase along S), so no position test."""
+    program (positions strictly increase along S), so no position test, and every key row exists (the block ends
+    before the program's first query), so no row mask. EXACT_D: the head dims are their padded sizes (no column
+    masks)."""
     offs_n = n0 + offs_n0
     n_mask = offs_n < S
-    kn = tl.load(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :],
-                 mask=n_mask[:, None] & dn_mask[None, :], other=0.0)
-    kp = tl.load(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :],
-                 mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-    vv = tl.load(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :],
-                 mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+    kn = _load_tile(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :], n_mask, dn_mask,
+                    MASKED, not EXACT_D)
+    kp = _load_tile(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :], n_mask, r_mask,
+                    MASKED, not EXACT_D)
+    vv = _load_tile(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :], n_mask, dv_mask,
+                    MASKED, not EXACT_D)
     sc = (tl.dot(q, tl.trans(kn)) + tl.dot(qpe, tl.trans(kp))) * scale_f32       # [BLOCK_M, BLOCK_N]
     if MASKED:
         pos_k = tl.load(pos_ptr + b * s_pos_b + offs_n * s_pos_s, mask=n_mask, other=0)
@@ -136,7 +152,7 @@ def _mha_prefill_kernel(
     s_qn_b, s_qn_s, s_qn_h, s_qp_b, s_qp_s, s_qp_h, s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s,
     s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, s_po_b, s_po_s, s_po_h, s_o_b, s_o_s, s_o_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DV_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr, EXACT_D: tl.constexpr,
 ):
     # The last query blocks see the most keys: they get the lowest program ids, so they start first and the
     # short blocks fill the tail (causal work grows with pid_m).
@@ -179,12 +195,12 @@ def _mha_prefill_kernel(
         acc, m_i, l_i = _mha_prefill_block(
             q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
             s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
-            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, False)
+            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, False, EXACT_D)
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _mha_prefill_block(
             q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
             s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
-            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, True)
+            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, True, EXACT_D)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b * s_o_b + offs_m[:, None] * s_o_s + h * s_o_h + offs_dv[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
@@ -249,7 +265,8 @@ def mla_prefill_attention_triton(
         v.stride(0), v.stride(1), v.stride(2), input_pos.stride(0), input_pos.stride(1),
         prefix_out.stride(0), prefix_out.stride(1), prefix_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, DN_PAD=max(16, next_pow2(dn)), R_PAD=max(16, next_pow2(r)),
-        DV_PAD=max(16, next_pow2(dv)), HAS_PREFIX=has_prefix, num_warps=num_warps, num_stages=num_stages,
+        DV_PAD=max(16, next_pow2(dv)), HAS_PREFIX=has_prefix,
+        EXACT_D=all(n == max(16, next_pow2(n)) for n in (dn, r, dv)), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

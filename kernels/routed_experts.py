@@ -411,6 +411,7 @@ def _moe_up_grouped_kernel(
     K, I, D, n_sched,
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     BLOCK_T: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr, TWO_DOTS: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """FP8 grouped (prefill) up kernel, grid (tiles, cdiv(I, 128)): one tile of BLOCK_T (token, expert) pairs of
     one expert (`grouped_schedule`) times 128 gate rows and the same 128 up rows, as ONE [BLOCK_T, 256] dot per
@@ -428,7 +429,10 @@ def _moe_up_grouped_kernel(
     TWO_DOTS (the launcher sets it for 4 warps): the gate and the up rows as two [BLOCK_T, 128] dots into two
     accumulators, same products and sums. One warpgroup then holds 2 x 64 accumulator values and one 64-value
     partial per thread (the 256-wide dot would need 2 x 128 and spill), and at 2 stages (82 KB of shared memory)
-    two CTAs share an SM, so one CTA's scale multiplies overlap the other's MMAs."""
+    two CTAs share an SM, so one CTA's scale multiplies overlap the other's MMAs.
+    EVEN (`even_blocks`): every K block and row block is whole, so the loop's loads go unmasked; the tile's unused
+    columns (pairs past its end, 0 from `_grouped_tile`) then load token 0's row, whose results are never stored
+    (every reduction of the epilogue is per token)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
@@ -455,9 +459,14 @@ def _moe_up_grouped_kernel(
             acc_u = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
             for kb in range(0, tl.cdiv(D, 128)):
                 d_mask = (kb * 128 + offs_d) < D
-                wgv = tl.load(wg_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-                wuv = tl.load(wu_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-                xv = tl.load(x_ptrs + kb * 128, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                if EVEN:  # whole blocks (`even_blocks`); the tile's unused columns read token 0's row
+                    wgv = tl.load(wg_ptrs + kb * 128)
+                    wuv = tl.load(wu_ptrs + kb * 128)
+                    xv = tl.load(x_ptrs + kb * 128)
+                else:
+                    wgv = tl.load(wg_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+                    wuv = tl.load(wu_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+                    xv = tl.load(x_ptrs + kb * 128, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
                 if PRELOAD:
                     xs = pick_scales(xs_all, offs_kb, kb)
                     sg = pick_scale(sg_all, offs_kb, kb)
@@ -508,12 +517,13 @@ def _moe_down_grouped_kernel(
     K, I, D, n_sched,
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """FP8 grouped (prefill) down kernel, grid (tiles, cdiv(D, BLOCK_N)): acc[token, r] for D rows
     pid_n*BLOCK_N + r, tokens as the MMA's M as in `_moe_up_grouped_kernel` (16B at T=4096 on the H200, BLOCK_N
     256: 467 -> 394 us against `_moe_down_kernel`, bitwise the same output). BLOCK_N 128 or 256 (one or two
     128-row weight blocks); h e4m3 with scales hs [pairs, I/128] from the up kernel; writes each pair's output
-    rounded to the activation dtype. KB_PAD, PRELOAD as in the up kernel (over I)."""
+    rounded to the activation dtype. KB_PAD, PRELOAD, EVEN as in the up kernel (over I)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
@@ -542,8 +552,12 @@ def _moe_down_grouped_kernel(
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(I, 128)):
             i_mask = (kb * 128 + offs_i) < I
-            w = tl.load(w_ptrs + kb * 128, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
-            hv = tl.load(h_ptrs + kb * 128, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+            if EVEN:  # whole blocks (`even_blocks`); the tile's unused columns read pair 0's row
+                w = tl.load(w_ptrs + kb * 128)
+                hv = tl.load(h_ptrs + kb * 128)
+            else:
+                w = tl.load(w_ptrs + kb * 128, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
+                hv = tl.load(h_ptrs + kb * 128, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if PRELOAD:
                 hs = pick_scales(hs_all, offs_kb, kb)
                 sd0 = pick_scale(s0_all, offs_kb, kb)
@@ -809,6 +823,16 @@ def preload_scales(kb_pad: int) -> bool:
     return kb_pad <= PRELOAD_MAX_KB
 
 
+def even_blocks(k: int, n: int, block_n: int) -> bool:
+    """Whether a grouped FP8 kernel may run its K loop unmasked (EVEN): whole 128-deep K blocks and whole
+    `block_n`-row blocks. The masks cost issue slots next to the MMA: the 16B down kernel at T = 4096 on the H200
+    369.9 -> 351.8 us, the 671B-ws8 rank's 254.4 -> 241.4 (2026-11-24, scripts/try_grouped_lag.py on branch
+    experiment/grouped-scale-lag; outputs equal). The up kernel's 256-wide form measured no gain (671B rank
+    482.0 -> 493.6 us) and keeps its masks; its TWO_DOTS form (the 16B plan) takes EVEN."""
+    ks, ns = static_int(k), static_int(n)
+    return ks is not None and ns is not None and ks % 128 == 0 and ns % block_n == 0
+
+
 def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tuple[torch.Tensor, int]:
     """Device-side tile schedule for the grouped path, fixed size (no sync): int32 [3 * n_tiles + T*K] =
     (expert, start, end) per tile, then the (token*K + k) pair ids sorted by expert (invalid ids last)."""
@@ -970,7 +994,7 @@ def routed_experts_triton(
             xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
             sg.stride(0), sg.stride(1), sg.stride(2), h.stride(0), hs.stride(0),
             BLOCK_T=block_t, KB_PAD=kb_pad_up, PRELOAD=preload_scales(kb_pad_up) and not two_dots,
-            TWO_DOTS=two_dots,
+            TWO_DOTS=two_dots, EVEN=two_dots and even_blocks(d, i, 128),
             num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
         )
     else:
@@ -988,7 +1012,7 @@ def routed_experts_triton(
             h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
             sd.stride(0), sd.stride(1), sd.stride(2), y.stride(0),
             BLOCK_T=block_t, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, PRELOAD=preload_scales(kb_pad_down),
-            num_warps=plan.down_num_warps, num_stages=plan.down_num_stages,
+            EVEN=even_blocks(i, d, plan.down_block_n), num_warps=plan.down_num_warps, num_stages=plan.down_num_stages,
         )
     elif not rows_down:
         wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](

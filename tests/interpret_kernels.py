@@ -390,14 +390,41 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
         h1.zero_()
         hs1.zero_()
         RE._moe_up_grouped_kernel[(n, 2)](xq, xs, sched, wg, wu, sg, su, h1, hs1, y1, k, i, d, n, d, 3, i * d, d,
-                                          2 * 3, 3, 1, i, 2, BLOCK_T=32, KB_PAD=4, PRELOAD=True, TWO_DOTS=two_dots)
+                                          2 * 3, 3, 1, i, 2, BLOCK_T=32, KB_PAD=4, PRELOAD=True, TWO_DOTS=two_dots,
+                                          EVEN=False)
         # (quantize_tile_rcp: a zero's sign aside)
         assert torch.equal(h0.float(), h1.float()) and torch.equal(hs0, hs1), two_dots
     RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
                                 BLOCK_N=128, **flags)
     RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
-                                        BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False)
+                                        BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False, EVEN=False)
     assert torch.equal(y0, y1)
+
+
+# (D, I, pairs per tile, the down kernel's BLOCK_N, the up kernel's warps: 4 is its TWO_DOTS form)
+GROUPED_EVEN_CASES = [(256, 256, 32, 256, 4), (256, 384, 64, 128, 4), (256, 256, 32, 128, 8)]
+
+
+@pytest.mark.parametrize("d,i,block_t,down_bn,up_warps", GROUPED_EVEN_CASES)
+def test_grouped_fp8_even_blocks_bitwise(d, i, block_t, down_bn, up_warps, fixed_interpreter, monkeypatch):
+    """Whole K and row blocks: the grouped FP8 kernels' unmasked loops (EVEN, `even_blocks`) give bitwise the
+    masked loops' output, on tiles with unused columns (150 tokens, 3 of 5 experts each; those columns load row 0)."""
+    gen = torch.Generator().manual_seed(d + i + block_t + up_warps)
+    x, idx, wt, w = _moe_inputs(150, 3, 5, d, i, True, torch.bfloat16, gen)
+    kw = dict(grouped=True, grouped_block_t=block_t, down_block_n=down_bn, up_num_warps=up_warps)
+    assert RE.even_blocks(i, d, down_bn) and RE.even_blocks(d, i, 128)
+    out = RE.routed_experts_triton(x, idx, wt, *w, **kw)
+    pairs = RE.routed_experts_triton(x, idx, None, *w, combine=False, **kw)
+    monkeypatch.setattr(RE, "even_blocks", lambda *a: False)
+    assert torch.equal(out, RE.routed_experts_triton(x, idx, wt, *w, **kw))
+    valid = (idx >= 0) & (idx < 5)  # (rows of invalid ids are never written)
+    assert torch.equal(pairs[valid], RE.routed_experts_triton(x, idx, None, *w, combine=False, **kw)[valid])
+    assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
+
+
+def test_even_blocks():
+    assert RE.even_blocks(1408, 2048, 256) and RE.even_blocks(2048, 7168, 256) and RE.even_blocks(2048, 1408, 128)
+    assert not RE.even_blocks(200, 256, 128) and not RE.even_blocks(256, 300, 256) and not RE.even_blocks(256, 384, 256)
 
 
 def test_grouped_plan_checks():

@@ -336,13 +336,15 @@ def _moe_down_kernel(
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, EVEN: tl.constexpr,
 ):
     """acc[weight rows, tokens], the paths of `_moe_up_kernel` (FP8 grouped: `_moe_down_grouped_kernel`).
     FP8 with QUANT_H: h is e4m3 with scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
     h is in the activation dtype and each [tokens, 128] tile is quantized here (`quantize_tile_rcp`, exactly
     quantize_activation(h) up to the sign of a zero: columns past I and tokens not routed here load as zeros, as its
-    padding is)."""
+    padding is). EVEN (`even_blocks`): whole K and row blocks, the weight loads unmasked (at T = 2 / 4 the down
+    kernel 0.2-1.6 us faster per call on the 16B and 671B-ep8 shapes, bitwise equal; the up kernel measured no gain
+    and keeps its masks: scripts/ab_moe_decode.py, H200, 2026-11-24)."""
     BLOCK_I: tl.constexpr = 128
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -359,9 +361,13 @@ def _moe_down_kernel(
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         for kb in range(0, tl.cdiv(I, BLOCK_I)):
-            i_mask = (kb * BLOCK_I + offs_i) < I
-            w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
-            hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+            if EVEN:  # whole K and row blocks (`even_blocks`): only the tokens' mask
+                w = tl.load(w_ptrs + kb * BLOCK_I)
+                hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None], other=0.0)
+            else:
+                i_mask = (kb * BLOCK_I + offs_i) < I
+                w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
+                hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if IS_FP8:
                 if QUANT_H:
                     hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
@@ -824,11 +830,13 @@ def preload_scales(kb_pad: int) -> bool:
 
 
 def even_blocks(k: int, n: int, block_n: int) -> bool:
-    """Whether a grouped FP8 kernel may run its K loop unmasked (EVEN): whole 128-deep K blocks and whole
-    `block_n`-row blocks. The masks cost issue slots next to the MMA: the 16B down kernel at T = 4096 on the H200
-    369.9 -> 351.8 us, the 671B-ws8 rank's 254.4 -> 241.4 (2026-11-24, scripts/try_grouped_lag.py on branch
-    experiment/grouped-scale-lag; outputs equal). The up kernel's 256-wide form measured no gain (671B rank
-    482.0 -> 493.6 us) and keeps its masks; its TWO_DOTS form (the 16B plan) takes EVEN."""
+    """Whether an MoE kernel may run its K loop unmasked (EVEN: the grouped FP8 kernels, the decode down kernel):
+    whole 128-deep K blocks and whole `block_n`-row blocks. The masks cost issue slots next to the MMA: the 16B
+    grouped down kernel at T = 4096 on the H200 369.9 -> 351.8 us, the 671B-ws8 rank's 254.4 -> 241.4 (2026-11-24,
+    scripts/try_grouped_lag.py on branch experiment/grouped-scale-lag; outputs equal). The grouped up kernel's
+    256-wide form measured no gain (671B rank 482.0 -> 493.6 us) and keeps its masks; its TWO_DOTS form (the 16B
+    plan) takes EVEN: the whole 16B op 1217.8 -> 1154.6 us (scripts/ab_grouped_moe.py). The decode up kernel keeps
+    its masks too (see `_moe_down_kernel`)."""
     ks, ns = static_int(k), static_int(n)
     return ks is not None and ns is not None and ks % 128 == 0 and ns % block_n == 0
 
@@ -1020,7 +1028,8 @@ def routed_experts_triton(
             t, k, e, i, d, n_sched,
             h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
             sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-            BLOCK_N=plan.down_block_n, num_warps=plan.down_num_warps, num_stages=plan.down_num_stages, **common,
+            BLOCK_N=plan.down_block_n, EVEN=even_blocks(i, d, plan.down_block_n), num_warps=plan.down_num_warps,
+            num_stages=plan.down_num_stages, **common,
         )
     if not combine:
         return y.view(t, k, d)

@@ -18,6 +18,8 @@
 #   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
 #   ab-moe     scripts/ab_grouped_moe.py: this tree's grouped MoE against AB_OLD (a copy of kernels/routed_experts.py
 #              sent with the tree), one process, outputs compared, timed interleaved (JSON in $OUT)
+#   ab-moe-decode scripts/ab_moe_decode.py: this tree's decode MoE (T = 2, 4, 8) against AB_OLD (a copy of
+#              kernels/routed_experts.py sent with the tree), bitwise compared, timed over weight copies, per kernel
 #   ab-prefill-attn scripts/ab_prefill_attn.py: this tree's prefill attention kernel against AB_OLD_ATTN (a copy of
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
@@ -210,6 +212,11 @@ step_moe_grouped() { SWEEP_ARGS="--only moe ${SWEEP_ARGS:-}" step_sweep_prefill;
 step_ab_moe() {
   timeout 400 $PY scripts/ab_grouped_moe.py --old "${AB_OLD:?AB_OLD: a copy of kernels/routed_experts.py to compare with}" --json "$OUT/ab_moe.json" \
     2>&1 | grep -v -i warn | tee "$OUT/ab_moe.log" | tail -12
+}
+
+step_ab_moe_decode() {
+  timeout 400 $PY scripts/ab_moe_decode.py --old "${AB_OLD:?AB_OLD: a copy of kernels/routed_experts.py to compare with}" \
+    ${AB_DECODE_ARGS:-} --json "$OUT/ab_moe_decode.json" 2>&1 | grep -v -i warn | tee "$OUT/ab_moe_decode.log" | tail -30
 }
 
 step_ab_prefill_attn() {

@@ -395,7 +395,7 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
         # (quantize_tile_rcp: a zero's sign aside)
         assert torch.equal(h0.float(), h1.float()) and torch.equal(hs0, hs1), two_dots
     RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
-                                BLOCK_N=128, **flags)
+                                BLOCK_N=128, EVEN=False, **flags)
     RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
                                         BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False, EVEN=False)
     assert torch.equal(y0, y1)
@@ -419,6 +419,22 @@ def test_grouped_fp8_even_blocks_bitwise(d, i, block_t, down_bn, up_warps, fixed
     assert torch.equal(out, RE.routed_experts_triton(x, idx, wt, *w, **kw))
     valid = (idx >= 0) & (idx < 5)  # (rows of invalid ids are never written)
     assert torch.equal(pairs[valid], RE.routed_experts_triton(x, idx, None, *w, combine=False, **kw)[valid])
+    assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
+
+
+@pytest.mark.parametrize("t,up_bn,down_bn", [(3, 64, 64), (8, 128, 128)])
+def test_decode_fp8_even_blocks_bitwise(t, up_bn, down_bn, fixed_interpreter, monkeypatch):
+    """The decode MoE down kernel (weight rows as the MMA's M) with whole K and row blocks: unmasked weight loads
+    (EVEN) give bitwise the masked loop's output; 6 routed + 2 shared slots, an invalid id among them."""
+    gen = torch.Generator().manual_seed(300 + t + up_bn)
+    x, _, _, w = _moe_inputs(t, 1, 8, 256, 384, True, torch.bfloat16, gen)
+    idx = moe_shared_slot_idx(t, 6, 3, 2, gen, n_invalid=1)
+    wt = torch.rand(idx.shape, generator=gen)
+    kw = dict(up_block_n=up_bn, down_block_n=down_bn, up_num_stages=3, down_num_stages=3)
+    assert RE.even_blocks(256, 384, up_bn) and RE.even_blocks(384, 256, down_bn)
+    out = RE.routed_experts_triton(x, idx, wt, *w, **kw)
+    monkeypatch.setattr(RE, "even_blocks", lambda *a: False)
+    assert torch.equal(out, RE.routed_experts_triton(x, idx, wt, *w, **kw))
     assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
 
 

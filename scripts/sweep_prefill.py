@@ -35,8 +35,8 @@ MOE_SHAPES = {
     "16B": dict(e_routed=64, n_shared=2, k=6, d=2048, i=1408),
     "671B-ws8-rank": dict(e_routed=32, n_shared=0, k=1, d=7168, i=2048),
 }
-UP_GRID = [(bt, w, s) for bt in (64, 128) for w, s in ((4, 3), (8, 3), (8, 4))]
-DOWN_GRID = [(bn, w, s) for bn in (128, 256) for w, s in ((4, 3), (8, 3), (8, 4))]
+UP_GRID = [(bt, w, s) for bt in (32, 64, 128) for w, s in ((4, 2), (4, 3), (8, 3), (8, 4))]
+DOWN_GRID = [(bn, w, s) for bn in (128, 256) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4))]
 ATTN_GRID = [(bm, bn, w, s) for bm, bn in ((128, 64), (128, 128), (128, 32), (64, 64), (64, 128))
              for w in (4, 8) for s in (2, 3)]
 

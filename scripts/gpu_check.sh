@@ -20,6 +20,8 @@
 #              sent with the tree), one process, outputs compared, timed interleaved (JSON in $OUT)
 #   ab-moe-decode scripts/ab_moe_decode.py: this tree's decode MoE (T = 2, 4, 8) against AB_OLD (a copy of
 #              kernels/routed_experts.py sent with the tree), bitwise compared, timed over weight copies, per kernel
+#   ab-mla     scripts/ab_mla.py: this tree's MLA decode op against AB_OLD_MLA (a copy of kernels/mla_attention.py
+#              sent with the tree), H 16 batch 1/8/32 at 1k-32k and H 128 at 8k, bitwise compared, timed interleaved
 #   ab-prefill-attn scripts/ab_prefill_attn.py: this tree's prefill attention kernel against AB_OLD_ATTN (a copy of
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
@@ -217,6 +219,11 @@ step_ab_moe() {
 step_ab_moe_decode() {
   timeout 400 $PY scripts/ab_moe_decode.py --old "${AB_OLD:?AB_OLD: a copy of kernels/routed_experts.py to compare with}" \
     ${AB_DECODE_ARGS:-} --json "$OUT/ab_moe_decode.json" 2>&1 | grep -v -i warn | tee "$OUT/ab_moe_decode.log" | tail -30
+}
+
+step_ab_mla() {
+  timeout 400 $PY scripts/ab_mla.py --old "${AB_OLD_MLA:?AB_OLD_MLA: a copy of kernels/mla_attention.py to compare with}" \
+    ${AB_MLA_ARGS:-} --json "$OUT/ab_mla.json" 2>&1 | grep -v -i warn | tee "$OUT/ab_mla.log" | tail -14
 }
 
 step_ab_prefill_attn() {

@@ -464,12 +464,12 @@ def _moe_up_grouped_kernel(
             acc_g = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
             for kb in range(0, tl.cdiv(D, 128)):
-                d_mask = (kb * 128 + offs_d) < D
                 if EVEN:  # whole blocks (`even_blocks`); the tile's unused columns read token 0's row
                     wgv = tl.load(wg_ptrs + kb * 128)
                     wuv = tl.load(wu_ptrs + kb * 128)
                     xv = tl.load(x_ptrs + kb * 128)
                 else:
+                    d_mask = (kb * 128 + offs_d) < D
                     wgv = tl.load(wg_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
                     wuv = tl.load(wu_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
                     xv = tl.load(x_ptrs + kb * 128, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
@@ -557,11 +557,11 @@ def _moe_down_grouped_kernel(
                 s1_all = tl.load(s1 + offs_kb * stride_sk, mask=kb_mask, other=0.0)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(I, 128)):
-            i_mask = (kb * 128 + offs_i) < I
             if EVEN:  # whole blocks (`even_blocks`); the tile's unused columns read pair 0's row
                 w = tl.load(w_ptrs + kb * 128)
                 hv = tl.load(h_ptrs + kb * 128)
             else:
+                i_mask = (kb * 128 + offs_i) < I
                 w = tl.load(w_ptrs + kb * 128, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
                 hv = tl.load(h_ptrs + kb * 128, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
             if PRELOAD:

@@ -46,6 +46,7 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, next_pow2
 from dsv3.kernels.mla_attention import LOG2E, _mla_fwd_kernel
+from dsv3.kernels.tiles import load_tile
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,20 +102,6 @@ def mla_prefill_attention_reference(
 
 
 @triton.jit
-def _load_tile(ptrs, row_mask, col_mask, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """A [rows, head dim] tile, masked only where a mask can be false (ROWS / COLS: apply row_mask / col_mask);
-    masks cost issue slots next to the MMA in the key loop."""
-    if ROWS and COLS:
-        return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-    elif ROWS:
-        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
-    elif COLS:
-        return tl.load(ptrs, mask=col_mask[None, :], other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
 def _mha_prefill_block(
     q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
     s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
@@ -126,11 +113,11 @@ def _mha_prefill_block(
     masks)."""
     offs_n = n0 + offs_n0
     n_mask = offs_n < S
-    kn = _load_tile(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :], n_mask, dn_mask,
+    kn = load_tile(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :], n_mask, dn_mask,
                     MASKED, not EXACT_D)
-    kp = _load_tile(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :], n_mask, r_mask,
+    kp = load_tile(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :], n_mask, r_mask,
                     MASKED, not EXACT_D)
-    vv = _load_tile(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :], n_mask, dv_mask,
+    vv = load_tile(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :], n_mask, dv_mask,
                     MASKED, not EXACT_D)
     sc = (tl.dot(q, tl.trans(kn)) + tl.dot(qpe, tl.trans(kp))) * scale_f32       # [BLOCK_M, BLOCK_N]
     if MASKED:

@@ -79,6 +79,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
+from dsv3.kernels.tiles import load_tile
 from dsv3.kernels.fp8_linear import (
     act_quant, dot_rows, fp8_linear_a16_reference, fp8_linear_reference, k_blocks, load_weight_rows, load_x_act,
     load_x_row, pick_scale, pick_scales, quantize_tile, quantize_tile_rcp,
@@ -361,13 +362,9 @@ def _moe_down_kernel(
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         for kb in range(0, tl.cdiv(I, BLOCK_I)):
-            if EVEN:  # whole K and row blocks (`even_blocks`): only the tokens' mask
-                w = tl.load(w_ptrs + kb * BLOCK_I)
-                hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None], other=0.0)
-            else:
-                i_mask = (kb * BLOCK_I + offs_i) < I
-                w = tl.load(w_ptrs + kb * BLOCK_I, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
-                hv = tl.load(h_ptrs + kb * BLOCK_I, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+            i_mask = (kb * BLOCK_I + offs_i) < I  # EVEN (`even_blocks`): whole blocks, only the tokens' mask
+            w = load_tile(w_ptrs + kb * BLOCK_I, n_mask, i_mask, not EVEN, not EVEN)
+            hv = load_tile(h_ptrs + kb * BLOCK_I, col_mask, i_mask, True, not EVEN)
             if IS_FP8:
                 if QUANT_H:
                     hs = tl.load(hs_ptr + pair64 * stride_hs + kb, mask=col_mask, other=1.0)
@@ -464,15 +461,11 @@ def _moe_up_grouped_kernel(
             acc_g = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
             for kb in range(0, tl.cdiv(D, 128)):
-                if EVEN:  # whole blocks (`even_blocks`); the tile's unused columns read token 0's row
-                    wgv = tl.load(wg_ptrs + kb * 128)
-                    wuv = tl.load(wu_ptrs + kb * 128)
-                    xv = tl.load(x_ptrs + kb * 128)
-                else:
-                    d_mask = (kb * 128 + offs_d) < D
-                    wgv = tl.load(wg_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-                    wuv = tl.load(wu_ptrs + kb * 128, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-                    xv = tl.load(x_ptrs + kb * 128, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                # EVEN (`even_blocks`): whole blocks, no masks; the tile's unused columns read token 0's row
+                d_mask = (kb * 128 + offs_d) < D
+                wgv = load_tile(wg_ptrs + kb * 128, r_mask, d_mask, not EVEN, not EVEN)
+                wuv = load_tile(wu_ptrs + kb * 128, r_mask, d_mask, not EVEN, not EVEN)
+                xv = load_tile(x_ptrs + kb * 128, col_mask, d_mask, not EVEN, not EVEN)
                 if PRELOAD:
                     xs = pick_scales(xs_all, offs_kb, kb)
                     sg = pick_scale(sg_all, offs_kb, kb)
@@ -557,13 +550,10 @@ def _moe_down_grouped_kernel(
                 s1_all = tl.load(s1 + offs_kb * stride_sk, mask=kb_mask, other=0.0)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(I, 128)):
-            if EVEN:  # whole blocks (`even_blocks`); the tile's unused columns read pair 0's row
-                w = tl.load(w_ptrs + kb * 128)
-                hv = tl.load(h_ptrs + kb * 128)
-            else:
-                i_mask = (kb * 128 + offs_i) < I
-                w = tl.load(w_ptrs + kb * 128, mask=n_mask[:, None] & i_mask[None, :], other=0.0)
-                hv = tl.load(h_ptrs + kb * 128, mask=col_mask[:, None] & i_mask[None, :], other=0.0)
+            # EVEN (`even_blocks`): whole blocks, no masks; the tile's unused columns read pair 0's row
+            i_mask = (kb * 128 + offs_i) < I
+            w = load_tile(w_ptrs + kb * 128, n_mask, i_mask, not EVEN, not EVEN)
+            hv = load_tile(h_ptrs + kb * 128, col_mask, i_mask, not EVEN, not EVEN)
             if PRELOAD:
                 hs = pick_scales(hs_all, offs_kb, kb)
                 sd0 = pick_scale(s0_all, offs_kb, kb)

@@ -87,6 +87,8 @@
 #              nccl and one-shot, one build per GPU at once), dsv3c run of each at batch 1 and 8 with the same
 #              random weights: ms/token side by side and the greedy tokens compared
 #   run671     needs 8 GPUs: dsv3c run --world-size 8 --random-weights from art671, batch 1 and 8 (TTFT, ms/token)
+#   anatomy16  16B FP8 at 3 layers compiled with its own Inductor cache, prefill + decode profiles, and the generated
+#              Triton kernels' sources in $OUT/anatomy16/kernels.tgz (what each profiled glue kernel computes)
 #   compile671 dsv3c compile 671B at world size 8 (per-rank graphs), NUM_LAYERS_671 layers (default 61);
 #              NO_VERIFY_671=1 skips verification (verify with a few layers: same per-layer graph code)
 # A failed AOTInductor build leaves its newest generated wrapper.cpp in $OUT for offline reading.
@@ -374,6 +376,19 @@ step_quick16() {  # no checkpoint on disk: FP8 16B config -> compile -> bench wi
     --max-seq-len 4096 --overwrite --jobs "${Q16_JOBS:-4}" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16q.log" | tail -8
   dsv3c bench --artifacts "$WORK/art16q" --random-weights --batch-sizes 1,8 --context 128,4032 --steps 32 \
     --prompt-len 4096 --json "$OUT/bench16q.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -12
+}
+
+step_anatomy16() {  # the 16B FP8 config at 3 layers (dense + 2 MoE) compiled with its own Inductor cache, then the
+  # prefill / decode profiles of prof16q on it; the Inductor-generated Triton kernels' sources land in
+  # $OUT/anatomy16/kernels.tgz, so each profiled glue kernel can be read
+  local cfg=$WORK/cfg16fp8 cache=$WORK/ind_anatomy16 dir=$OUT/anatomy16
+  cfg16fp8
+  rm -rf "$cache"
+  TORCHINDUCTOR_CACHE_DIR=$cache dsv3c compile --config "$cfg" --num-layers 3 --out "$WORK/art16l3" --device cuda \
+    --max-batch-size 1 --batch-sizes 1 --max-seq-len 4096 --overwrite --no-verify 2>&1 | grep -v Warning | tail -3
+  $PY scripts/profile_decode.py "$WORK/art16l3" random "$dir" 128 4095 1 2>&1 | grep -v Warning | tail -45
+  # one archive (the device tool brings back a bounded number of files): tar xzf kernels.tgz, grep '^def triton_'
+  (cd "$cache" && grep -rl --include='*.py' -E '^def triton_' . | tar czf "$dir/kernels.tgz" -T -)
 }
 
 step_ab16() {  # A/B of trace-time fusion switches on the 16B FP8 config at AB_LAYERS layers (default 8): one build

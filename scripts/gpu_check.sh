@@ -24,6 +24,8 @@
 #              sent with the tree), H 16 batch 1/8/32 at 1k-32k and H 128 at 8k, bitwise compared, timed interleaved
 #   ab-prefill-attn scripts/ab_prefill_attn.py: this tree's prefill attention kernel against AB_OLD_ATTN (a copy of
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
+#   rope       scripts/bench_rope.py: the prefill's q_pe RoPE compiled by Inductor, apply_rope's cat form against an
+#              indexed form of the same values (bitwise compared, timed)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
 #              T=4096 (SWEEP_ARGS), checked, timed, TFLOP/s vs the peaks (JSON in $OUT)
 #   kpre       the GPU tests of the prefill kernels: test_prefill, the routed-experts and AOTI-package ones of test_kernels
@@ -231,6 +233,10 @@ step_ab_mla() {
 step_ab_prefill_attn() {
   timeout 300 $PY scripts/ab_prefill_attn.py --old "${AB_OLD_ATTN:?AB_OLD_ATTN: a copy of kernels/mla_prefill.py to compare with}" \
     --json "$OUT/ab_prefill_attn.json" 2>&1 | grep -v -i warn | tail -6
+}
+
+step_rope() {  # scripts/bench_rope.py: the prefill q_pe RoPE as Inductor compiles it, cat form vs indexed form
+  timeout 200 $PY scripts/bench_rope.py --json "$OUT/bench_rope.json" 2>&1 | grep -v -i warn | tail -3
 }
 
 step_sweep_prefill() {

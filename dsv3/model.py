@@ -27,7 +27,7 @@ from dsv3.kernels.mla_attention import DECODE_MAX_S
 from dsv3.kernels.rms_norm import rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.kernels.routed_experts import DECODE_MAX_T, combine_pairs, moe_combine_choice
-from dsv3.rope import apply_rope, rope_tables, softmax_scale
+from dsv3.rope import rope_tables, softmax_scale
 
 
 # Activations of one-token steps in FP8 layers (Transformer.set_batch1_activations_)
@@ -153,18 +153,15 @@ class MLA(nn.Module):
                                                  self.nope_dim, self.v_dim)
             return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
-        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
-        if cache_rows is None:  # batch row b uses cache row b
-            rows = torch.arange(bsz, device=x.device).unsqueeze(1).expand(bsz, seqlen)
-            self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
-            cache = self.latent_cache[:bsz]
-        else:  # chosen rows (prefill of one sequence into its slot): the read gathers those rows
-            rows = cache_rows.unsqueeze(1).expand(bsz, seqlen)
-            self.latent_cache.index_put_((rows, input_pos), latent.to(self.latent_cache.dtype))
-            cache = self.latent_cache.index_select(0, cache_rows)
+        # q/k RoPE, kv_a_layernorm and the cache write of cat(c_kv, k_pe) at input_pos, in cache row b of batch row
+        # b or in cache_rows[b] (prefill of one sequence into its slot), as one op (dsv3.kernels.mla_decode_prep:
+        # one launch on CUDA; DSV3_PREFILL_PREP=torch: the composition, four Inductor kernels)
+        q_nope = q[..., :self.nope_dim]
+        q_pe, latent = torch.ops.dsv3.mla_prefill_prep(q, kv_a, self.kv_a_layernorm.weight, cos, sin,
+                                                       self.latent_cache, input_pos, cache_rows,
+                                                       self.kv_a_layernorm.eps, self.nope_dim)
+        # the read gathers the chosen rows
+        cache = self.latent_cache[:bsz] if cache_rows is None else self.latent_cache.index_select(0, cache_rows)
         # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed. A first chunk has
         # no prefix: its graph has no absorbed half (two absorption GEMMs, an attention kernel, the copies feeding
         # them; the unused cache read is dead code).

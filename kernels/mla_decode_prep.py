@@ -32,6 +32,14 @@ Implementations (branch taken at trace time)
   DSV3_DECODE_PREP=fused|torch (read at trace time) pins a path. Default: `fused`, since it was timed side by side
   on the H200 (scripts/gpu_check.sh ab16, 2026-11-23: 16B at 8 layers, batch 1 703.4 -> 659.4 us per step, 5.5 us
   per layer less; predicted ~4).
+
+`torch.ops.dsv3.mla_prefill_prep(q, kv_a, kv_norm_weight, cos, sin, latent_cache, input_pos, cache_rows, eps,
+nope_dim) -> (q_pe, latent)`: the prefill's share of the same work (the prefill attention decompresses the chunk's
+keys instead of absorbing the queries): the latent rows into the cache (row cache_rows[b] of sequence b, or b when
+cache_rows is None) and returned ([B, S, C + R] in q.dtype: the naive attention's input), and q_pe roped. CPU, other
+dtypes or DSV3_PREFILL_PREP=torch: `mla_prefill_prep_reference` (the composition the prefill graph had before:
+Inductor made it four kernels, ~40 us per 16B layer at 4095 tokens, the q rope alone ~26). CUDA:
+`_mla_prefill_prep_kernel`, one program per token running the decode kernel's token role (`prep_token`).
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ from dsv3.kernels.rms_norm import rms_norm_rounded, rms_scale
 from dsv3.rope import apply_rope
 
 DECODE_PREP_DEFAULT = "fused"
+# `mla_prefill_prep`: DSV3_PREFILL_PREP=fused|torch pins a path (read at trace time); torch is the composition the
+# prefill graph had before the op (Inductor's q rope, kv norm, latent cat and cache-write kernels).
+PREFILL_PREP_DEFAULT = "fused"
 
 
 def mla_decode_prep_reference(
@@ -90,39 +101,63 @@ def _mla_decode_prep_kernel(
         b = m // S
         s = m - b * S
         b = b.to(tl.int64)  # b * stride_cb: a cache of 2^31 elements per layer is not reachable today, but cheap
-        dt = q_ptr.dtype.element_ty
-        pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
-        row_ptr = cache_ptr + b * stride_cb + pos * stride_ct
-        # kv_a_layernorm over the C compressed channels, with RMSNorm's rounding points
-        offs_c = tl.arange(0, C_PAD)
-        c_mask = offs_c < C
-        pos_c = pos + tl.zeros_like(offs_c)  # the contract says 0 <= pos < T; never write outside the cache anyway
-        c_store = c_mask & (pos_c >= 0) & (pos_c < T)  # (a vector: the interpreter rejects block & scalar masks)
-        x = tl.load(kv_ptr + m * stride_kvm + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-        inv = rms_scale(tl.sum(x * x, axis=0), C, eps)
-        normed = (x * inv).to(dt).to(tl.float32)
-        w = tl.load(nw_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-        tl.store(row_ptr + offs_c, (w * normed).to(dt).to(cache_ptr.dtype.element_ty), mask=c_store)
-        # RoPE of interleaved pairs (x[2j], x[2j+1]) -> (x1 cos - x2 sin, x2 cos + x1 sin) de-interleaved
-        offs_j = tl.arange(0, RH_PAD)
-        j_mask = offs_j < R_HALF
-        pos_j = pos + tl.zeros_like(offs_j)
-        j_store = j_mask & (pos_j >= 0) & (pos_j < T)
-        cs = tl.load(cos_ptr + b * stride_csb + s * stride_css + offs_j, mask=j_mask, other=0.0)
-        sn = tl.load(sin_ptr + b * stride_csb + s * stride_css + offs_j, mask=j_mask, other=0.0)
-        k1 = tl.load(kv_ptr + m * stride_kvm + C + 2 * offs_j, mask=j_mask, other=0.0).to(tl.float32)
-        k2 = tl.load(kv_ptr + m * stride_kvm + C + 2 * offs_j + 1, mask=j_mask, other=0.0).to(tl.float32)
-        ce = cache_ptr.dtype.element_ty
-        tl.store(row_ptr + C + offs_j, (k1 * cs - k2 * sn).to(dt).to(ce), mask=j_store)
-        tl.store(row_ptr + C + R_HALF + offs_j, (k2 * cs + k1 * sn).to(dt).to(ce), mask=j_store)
-        offs_h = tl.arange(0, H_PAD)
-        hj_mask = (offs_h < H)[:, None] & j_mask[None, :]
-        q_base = q_ptr + m * stride_qm + offs_h[:, None] * stride_qh + DN + 2 * offs_j[None, :]
-        q1 = tl.load(q_base, mask=hj_mask, other=0.0).to(tl.float32)
-        q2 = tl.load(q_base + 1, mask=hj_mask, other=0.0).to(tl.float32)
-        e_base = qpe_ptr + m * stride_em + offs_h[:, None] * stride_eh + offs_j[None, :]
-        tl.store(e_base, (q1 * cs[None, :] - q2 * sn[None, :]).to(dt), mask=hj_mask)
-        tl.store(e_base + R_HALF, (q2 * cs[None, :] + q1 * sn[None, :]).to(dt), mask=hj_mask)
+        prep_token(q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, qpe_ptr, qpe_ptr, m, b, s, b, H, C,
+                   DN, R_HALF, T, eps, stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb,
+                   stride_ct, stride_pb, stride_ps, stride_em, stride_eh, 0, False, C_PAD, RH_PAD, H_PAD)
+
+
+@triton.jit
+def prep_token(
+    q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, qpe_ptr, lat_ptr, m, b, s, row, H, C, DN, R_HALF,
+    T, eps, stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps,
+    stride_em, stride_eh, stride_am, LATENT_OUT: tl.constexpr, C_PAD: tl.constexpr, RH_PAD: tl.constexpr,
+    H_PAD: tl.constexpr,
+):
+    """One token's share of MLA's prep (decode: `_mla_decode_prep_kernel`'s token programs; prefill:
+    `_mla_prefill_prep_kernel`): token m = b * S + s of q / kv_a; its latent row (kv RMSNorm, roped k_pe) into
+    cache row `row` at position input_pos[b, s] (and, LATENT_OUT, into lat[m]); its H query rope parts into
+    qpe[m]."""
+    dt = q_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
+    row_ptr = cache_ptr + row * stride_cb + pos * stride_ct
+    # kv_a_layernorm over the C compressed channels, with RMSNorm's rounding points
+    offs_c = tl.arange(0, C_PAD)
+    c_mask = offs_c < C
+    pos_c = pos + tl.zeros_like(offs_c)  # the contract says 0 <= pos < T; never write outside the cache anyway
+    c_store = c_mask & (pos_c >= 0) & (pos_c < T)  # (a vector: the interpreter rejects block & scalar masks)
+    x = tl.load(kv_ptr + m * stride_kvm + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    inv = rms_scale(tl.sum(x * x, axis=0), C, eps)
+    normed = (x * inv).to(dt).to(tl.float32)
+    w = tl.load(nw_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    c_kv = (w * normed).to(dt)
+    tl.store(row_ptr + offs_c, c_kv.to(cache_ptr.dtype.element_ty), mask=c_store)
+    if LATENT_OUT:
+        tl.store(lat_ptr + m * stride_am + offs_c, c_kv, mask=c_mask)
+    # RoPE of interleaved pairs (x[2j], x[2j+1]) -> (x1 cos - x2 sin, x2 cos + x1 sin) de-interleaved
+    offs_j = tl.arange(0, RH_PAD)
+    j_mask = offs_j < R_HALF
+    pos_j = pos + tl.zeros_like(offs_j)
+    j_store = j_mask & (pos_j >= 0) & (pos_j < T)
+    cs = tl.load(cos_ptr + b * stride_csb + s * stride_css + offs_j, mask=j_mask, other=0.0)
+    sn = tl.load(sin_ptr + b * stride_csb + s * stride_css + offs_j, mask=j_mask, other=0.0)
+    k1 = tl.load(kv_ptr + m * stride_kvm + C + 2 * offs_j, mask=j_mask, other=0.0).to(tl.float32)
+    k2 = tl.load(kv_ptr + m * stride_kvm + C + 2 * offs_j + 1, mask=j_mask, other=0.0).to(tl.float32)
+    ce = cache_ptr.dtype.element_ty
+    k_lo = (k1 * cs - k2 * sn).to(dt)
+    k_hi = (k2 * cs + k1 * sn).to(dt)
+    tl.store(row_ptr + C + offs_j, k_lo.to(ce), mask=j_store)
+    tl.store(row_ptr + C + R_HALF + offs_j, k_hi.to(ce), mask=j_store)
+    if LATENT_OUT:
+        tl.store(lat_ptr + m * stride_am + C + offs_j, k_lo, mask=j_mask)
+        tl.store(lat_ptr + m * stride_am + C + R_HALF + offs_j, k_hi, mask=j_mask)
+    offs_h = tl.arange(0, H_PAD)
+    hj_mask = (offs_h < H)[:, None] & j_mask[None, :]
+    q_base = q_ptr + m * stride_qm + offs_h[:, None] * stride_qh + DN + 2 * offs_j[None, :]
+    q1 = tl.load(q_base, mask=hj_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_base + 1, mask=hj_mask, other=0.0).to(tl.float32)
+    e_base = qpe_ptr + m * stride_em + offs_h[:, None] * stride_eh + offs_j[None, :]
+    tl.store(e_base, (q1 * cs[None, :] - q2 * sn[None, :]).to(dt), mask=hj_mask)
+    tl.store(e_base + R_HALF, (q2 * cs[None, :] + q1 * sn[None, :]).to(dt), mask=hj_mask)
 
 
 def mla_decode_prep_triton(
@@ -210,4 +245,111 @@ def _mla_decode_prep_fake(q, kv_a, kv_norm_weight, cos, sin, latent_cache, input
             q.new_empty((bsz, seqlen, heads, qdim - nope_dim)))
 
 
-__all__ = ["mla_decode_prep", "mla_decode_prep_reference", "mla_decode_prep_triton"]
+# ----------------------------------------------------------------------------------------------------------------
+# Prefill: the same per-token work without the absorption (the prefill attention decompresses the keys instead)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mla_prefill_prep_reference(
+    q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent_cache: torch.Tensor, input_pos: torch.Tensor, cache_rows: Optional[torch.Tensor], eps: float,
+    nope_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    bsz, seqlen = q.shape[:2]
+    kv_rank = kv_norm_weight.shape[0]
+    q_pe = apply_rope(q[..., nope_dim:], cos, sin)
+    c_kv, k_pe = kv_a.split([kv_rank, kv_a.shape[-1] - kv_rank], dim=-1)
+    latent = torch.cat([rms_norm_rounded(c_kv, kv_norm_weight, eps), apply_rope(k_pe, cos, sin)], dim=-1)
+    rows = torch.arange(bsz, device=q.device) if cache_rows is None else cache_rows
+    latent_cache.index_put_((rows.unsqueeze(1).expand(bsz, seqlen), input_pos), latent.to(latent_cache.dtype))
+    return q_pe.contiguous(), latent
+
+
+@triton.jit
+def _mla_prefill_prep_kernel(
+    q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, rows_ptr, qpe_ptr, lat_ptr,
+    S, H, C, DN, R_HALF, T, eps,
+    stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps,
+    stride_em, stride_eh, stride_am,
+    HAS_ROWS: tl.constexpr, C_PAD: tl.constexpr, RH_PAD: tl.constexpr, H_PAD: tl.constexpr,
+):
+    """One program per token m = b * S + s (`prep_token`, writing the latent row out too); cache row
+    cache_rows[b] (HAS_ROWS) or b."""
+    m = tl.program_id(0)
+    b = m // S
+    s = m - b * S
+    b = b.to(tl.int64)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + b)
+    else:
+        row = b
+    prep_token(q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, qpe_ptr, lat_ptr, m, b, s, row, H, C,
+               DN, R_HALF, T, eps, stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct,
+               stride_pb, stride_ps, stride_em, stride_eh, stride_am, True, C_PAD, RH_PAD, H_PAD)
+
+
+def mla_prefill_prep_triton(
+    q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent_cache: torch.Tensor, input_pos: torch.Tensor, cache_rows: Optional[torch.Tensor], eps: float,
+    nope_dim: int, num_warps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """num_warps: 1 (scripts/ab_prep.py on the H200, 2026-11-24, 16B shapes, 4095 tokens: 1 / 2 / 4 / 8 warps
+    16.57 / 17.29 / 18.18 / 21.44 us against 24.12 for the Inductor-compiled composition)."""
+    bsz, seqlen, heads, qdim = q.shape
+    rope = qdim - nope_dim
+    kv_rank = kv_norm_weight.shape[0]
+    m = bsz * seqlen
+    q3 = q.reshape(m, heads, qdim)
+    kv2 = kv_a.reshape(m, kv_a.shape[-1])
+    if q3.stride(-1) != 1:
+        q3 = q3.contiguous()
+    if kv2.stride(-1) != 1:
+        kv2 = kv2.contiguous()
+    cos, sin = cos.expand(bsz, seqlen, rope // 2), sin.expand(bsz, seqlen, rope // 2)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    q_pe = torch.empty((bsz, seqlen, heads, rope), dtype=q.dtype, device=q.device)
+    latent = torch.empty((bsz, seqlen, kv_a.shape[-1]), dtype=q.dtype, device=q.device)
+    pe3, lat2 = q_pe.view(m, heads, rope), latent.view(m, kv_a.shape[-1])
+    rows = cache_rows if cache_rows is not None else input_pos  # unread without HAS_ROWS
+    wrap_triton(_mla_prefill_prep_kernel)[(m,)](
+        q3, kv2, kv_norm_weight, cos, sin, latent_cache, input_pos, rows, pe3, lat2,
+        seqlen, heads, kv_rank, nope_dim, rope // 2, latent_cache.shape[1], float(eps),
+        q3.stride(0), q3.stride(1), kv2.stride(0), cos.stride(0), cos.stride(1),
+        latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
+        pe3.stride(0), pe3.stride(1), lat2.stride(0),
+        HAS_ROWS=cache_rows is not None, C_PAD=next_pow2(kv_rank), RH_PAD=max(2, next_pow2(rope // 2)),
+        H_PAD=max(2, next_pow2(heads)), num_warps=num_warps,
+    )
+    return q_pe, latent
+
+
+def prefill_prep_choice() -> str:
+    return env_switch("DSV3_PREFILL_PREP", PREFILL_PREP_DEFAULT, ("fused", "torch"))
+
+
+@triton_op("dsv3::mla_prefill_prep", mutates_args=("latent_cache",))
+def mla_prefill_prep(
+    q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent_cache: torch.Tensor, input_pos: torch.Tensor, cache_rows: Optional[torch.Tensor], eps: float,
+    nope_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q, kv_a, kv_norm_weight, cos, sin, latent_cache, input_pos, cache_rows, eps, nope_dim)
+    usable = (q.dtype in (torch.bfloat16, torch.float16) and kv_a.dtype == q.dtype
+              and latent_cache.dtype == q.dtype and latent_cache.stride(-1) == 1)
+    if q.device.type == "cpu" or prefill_prep_choice() == "torch" or not usable:
+        return mla_prefill_prep_reference(*args)
+    return mla_prefill_prep_triton(*args)
+
+
+@mla_prefill_prep.register_fake
+def _mla_prefill_prep_fake(q, kv_a, kv_norm_weight, cos, sin, latent_cache, input_pos, cache_rows, eps, nope_dim):
+    bsz, seqlen, heads, qdim = q.shape
+    torch._check(kv_a.shape[-1] == kv_norm_weight.shape[0] + qdim - nope_dim,
+                 lambda: f"mla_prefill_prep: kv_a width {kv_a.shape[-1]} != kv_lora_rank {kv_norm_weight.shape[0]} "
+                         f"+ rope dim {qdim - nope_dim}")
+    return q.new_empty((bsz, seqlen, heads, qdim - nope_dim)), q.new_empty((bsz, seqlen, kv_a.shape[-1]))
+
+
+__all__ = ["mla_decode_prep", "mla_decode_prep_reference", "mla_decode_prep_triton", "mla_prefill_prep",
+           "mla_prefill_prep_reference", "mla_prefill_prep_triton"]

@@ -24,6 +24,8 @@
 #              sent with the tree), H 16 batch 1/8/32 at 1k-32k and H 128 at 8k, bitwise compared, timed interleaved
 #   ab-prefill-attn scripts/ab_prefill_attn.py: this tree's prefill attention kernel against AB_OLD_ATTN (a copy of
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
+#   ab-prep    scripts/ab_prep.py: dsv3.mla_decode_prep against AB_OLD_PREP (a copy of kernels/mla_decode_prep.py
+#              sent with the tree) at batch 1 / 8, and dsv3.mla_prefill_prep's kernel against the composition it replaced
 #   rope       scripts/bench_rope.py: the prefill's q_pe RoPE compiled by Inductor, apply_rope's cat form against an
 #              indexed form of the same values (bitwise compared, timed)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
@@ -237,6 +239,11 @@ step_ab_prefill_attn() {
 
 step_rope() {  # scripts/bench_rope.py: the prefill q_pe RoPE as Inductor compiles it, cat form vs indexed form
   timeout 200 $PY scripts/bench_rope.py --json "$OUT/bench_rope.json" 2>&1 | grep -v -i warn | tail -3
+}
+
+step_ab_prep() {  # scripts/ab_prep.py: decode prep old (AB_OLD_PREP) vs new, prefill prep kernel vs composition
+  timeout 300 $PY scripts/ab_prep.py --old "${AB_OLD_PREP:?AB_OLD_PREP: a copy of kernels/mla_decode_prep.py}" \
+    --json "$OUT/ab_prep.json" 2>&1 | grep -v -i warn | tail -6
 }
 
 step_sweep_prefill() {

@@ -90,3 +90,38 @@ def test_broadcast_positions_and_tables(fixed_interpreter):
     lat, pe = P.mla_decode_prep_triton(q, kv_a, norm_w, cos, sin, cache, pos, w, ws, eps, dn, dv)
     assert torch.equal(pe, ref_pe)
     assert rel_err(cache, ref_cache) < 1e-3 and rel_err(lat, ref_lat) < 6e-3
+
+
+# B, S, H, Dn, R, C, cache rows given: the prefill op (no absorption), longer chunks, a chosen cache row per sequence
+PREFILL_CASES = [(1, 37, 2, 128, 64, 512, False), (2, 19, 3, 16, 8, 72, True), (1, 40, 2, 32, 16, 200, True)]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_prefill_prep_kernel_matches_composition(case, fixed_interpreter):
+    """`_mla_prefill_prep_kernel` against `mla_prefill_prep_reference`: q_pe and the roped k_pe bit for bit, the
+    normalised latent to one bf16 ulp (another summation order), the same rows of the cache written (cache_rows[b]
+    or b) and nothing else, the returned latent equal to what went into the cache."""
+    b, s, h, dn, r, c, with_rows = case
+    q, kv_a, norm_w, cos, sin, cache, _, _, _, eps, _, _ = _inputs((b, 1, h, dn, r, 8, c, False), seed=sum(case[:6]))
+    g = torch.Generator().manual_seed(5 + s)
+    proj = torch.randn(b, s, h * (dn + r) + c + r + 8, generator=g).to(torch.bfloat16)
+    q = proj[..., :h * (dn + r)].view(b, s, h, dn + r)
+    kv_a = proj[..., h * (dn + r):h * (dn + r) + c + r]
+    cache = torch.randn(b + 2, s + 5, c + r, generator=g).to(torch.bfloat16)
+    pos = (torch.arange(b)[:, None] + torch.arange(s)[None, :]).contiguous()
+    ang = torch.rand(b, s, r // 2, generator=g) * 6.0
+    cos, sin = ang.cos(), ang.sin()
+    rows = torch.tensor([b + 1 - i for i in range(b)]) if with_rows else None
+    ref_cache = cache.clone()
+    ref_pe, ref_lat = P.mla_prefill_prep_reference(q, kv_a, norm_w, cos, sin, ref_cache, pos, rows, eps, dn)
+    pe, lat = P.mla_prefill_prep_triton(q, kv_a, norm_w, cos, sin, cache, pos, rows, eps, dn)
+    assert pe.is_contiguous() and torch.equal(pe, ref_pe)
+    assert torch.equal(lat[..., c:], ref_lat[..., c:]) and torch.equal(cache[..., c:], ref_cache[..., c:])
+    diff = (lat[..., :c].float() - ref_lat[..., :c].float()).abs()
+    assert (diff <= ref_lat[..., :c].float().abs() * 2.0 ** -7).all() and (diff > 0).float().mean() < 0.01
+    assert rel_err(cache, ref_cache) < 1e-3
+    written = torch.zeros(cache.shape[:2], dtype=torch.bool)
+    cache_row = (rows if with_rows else torch.arange(b)).unsqueeze(1).expand_as(pos)
+    written[cache_row, pos] = True
+    assert torch.equal(cache[~written], ref_cache[~written])
+    assert torch.equal(cache[cache_row, pos], lat)  # the latent returned is the one written

@@ -95,9 +95,34 @@ def test_opcheck_and_path_switch(monkeypatch):
     check_env_switch(monkeypatch, "DSV3_DECODE_PREP", P.decode_prep_choice, P.DECODE_PREP_DEFAULT, valid="fused")
 
 
+def test_prefill_prep_opcheck_and_path_switch(monkeypatch):
+    q, kv_a, norm_w, cos, sin, cache, pos, _, _, eps, dn, _ = make_inputs(2, 5, 3, 16, 8, 24, 72, seed=6)
+    for rows in (None, torch.tensor([1, 0])):
+        torch.library.opcheck(torch.ops.dsv3.mla_prefill_prep.default,
+                              (q, kv_a, norm_w, cos, sin, cache.clone(), pos, rows, eps, dn),
+                              test_utils="test_faketensor")
+    check_env_switch(monkeypatch, "DSV3_PREFILL_PREP", P.prefill_prep_choice, P.PREFILL_PREP_DEFAULT, valid="fused")
+
+
+def test_prefill_prep_reference_is_the_decode_prep_token_work():
+    """mla_prefill_prep's reference writes the rows and ropes q_pe as mla_decode_prep's does (one token at a time),
+    into the chosen cache rows, and returns the latent it wrote."""
+    q, kv_a, norm_w, cos, sin, cache, pos, w, ws, eps, dn, dv = make_inputs(2, 4, 3, 16, 8, 24, 72, t_cap=16,
+                                                                           seed=8)
+    cache = torch.cat([cache, cache[:1]])  # three rows, sequences written into rows 2 and 0
+    rows = torch.tensor([2, 0])
+    got = cache.clone()
+    pe, lat = P.mla_prefill_prep_reference(q, kv_a, norm_w, cos, sin, got, pos, rows, eps, dn)
+    want = cache.clone()[rows]
+    _, want_pe = P.mla_decode_prep_reference(q, kv_a, norm_w, cos, sin, want, pos, w, ws, eps, dn, dv)
+    assert torch.equal(pe, want_pe) and torch.equal(got[rows], want)
+    assert torch.equal(got[1], cache[1]) and torch.equal(got[rows.unsqueeze(1).expand_as(pos), pos], lat)
+
+
 def test_model_decode_step_equals_prefill_branch():
-    """The decode branch (this op) and the prefill branch (the torch ops kept in the model) compute the same layer:
-    one token decoded after a prompt gives the logits the prefill branch gives at that position."""
+    """The decode branch (mla_decode_prep) and the prefill branch (mla_prefill_prep, then the naive attention)
+    compute the same layer: one token decoded after a prompt gives the logits the prefill branch gives at that
+    position."""
     cfg = resolve_config("tiny")
     torch.manual_seed(0)
     model = Transformer(cfg, dtype=torch.float32, max_batch_size=1, max_seq_len=64)
@@ -142,6 +167,28 @@ def test_fused_kernel_gpu(case):
     assert args[0].untyped_storage().data_ptr() == args[1].untyped_storage().data_ptr()  # views of one projection
     assert rel_err(pe, ref_pe) < 2e-3 and rel_err(lat, ref_lat) < 6e-3
     check_cache(args[5], ref_args[5], args[6], args[2].shape[0])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("rows", [None, [1]])
+def test_prefill_prep_gpu(rows):
+    """The prefill op's kernel against its reference at 16B shapes, a 1000-token chunk, into cache row 0 or 1."""
+    q, kv_a, norm_w, cos, sin, cache, pos, _, _, eps, dn, _ = make_inputs(1, 1000, 16, 128, 64, 128, 512,
+                                                                         t_cap=4096, device="cuda", seed=21)
+    cache = torch.cat([cache, cache.clone()])
+    rows = None if rows is None else torch.tensor(rows, device="cuda")
+    ref_cache = cache.clone()
+    poison_allocator()
+    pe, lat = P.mla_prefill_prep_triton(q, kv_a, norm_w, cos, sin, cache, pos, rows, eps, dn)
+    ref_pe, ref_lat = P.mla_prefill_prep_reference(q, kv_a, norm_w, cos, sin, ref_cache, pos, rows, eps, dn)
+    assert rel_err(pe, ref_pe) < 2e-3 and rel_err(lat, ref_lat) < 2e-3
+    row = 0 if rows is None else 1
+    assert torch.equal(cache[row, pos[0]], lat[0])
+    assert torch.equal(cache[1 - row], ref_cache[1 - row])  # the other row untouched
+    others = torch.ones(cache.shape[1], dtype=torch.bool, device="cuda")
+    others[pos[0]] = False
+    assert torch.equal(cache[row, others], ref_cache[row, others])
 
 
 class _PrepLayer(torch.nn.Module):

@@ -411,6 +411,8 @@ def compile_cmd(config: str, out: str, world_size: int, device: str, max_batch_s
     at build time (recorded in the manifest, shown by `dsv3c inspect`; docs/KERNELS.md has the measurements):
       DSV3_DECODE_PREP=fused|torch   decode: MLA's norm, RoPE, cache write and W_UK absorption in one kernel
                                      (default fused) or as the torch ops + absorb kernel
+      DSV3_PREFILL_PREP=fused|torch  prefill: MLA's norm, RoPE and cache write in one kernel (default fused)
+                                     or as the torch ops
       DSV3_NORM_QUANT=fused|torch    FP8 MoE layers: residual add + norm + FP8 quantization in one kernel
                                      (default fused) or as the torch ops + a quantization kernel
       DSV3_NORM_ROUTE=fused|torch    FP8 MoE layers, 1-4 tokens: that kernel also computes the router logits

@@ -7,7 +7,7 @@ implementation side by side. Importing this package registers them all.
 from dsv3.kernels import fp8_linear, mla_absorb, mla_attention, mla_prefill, routed_experts  # noqa: F401  (registers the ops)
 from dsv3.kernels import router  # noqa: F401  (registers torch.ops.dsv3.route)
 from dsv3.kernels import rms_norm  # noqa: F401  (registers torch.ops.dsv3.add_rms_norm_quant)
-from dsv3.kernels import mla_decode_prep  # noqa: F401  (registers torch.ops.dsv3.mla_decode_prep)
+from dsv3.kernels import mla_decode_prep  # noqa: F401  (registers dsv3.mla_decode_prep and dsv3.mla_prefill_prep)
 from dsv3.kernels import mla_attention_out  # noqa: F401  (registers torch.ops.dsv3.mla_attention_out)
 from dsv3.kernels import norm_route  # noqa: F401  (registers torch.ops.dsv3.add_rms_norm_quant_route)
 from dsv3.kernels import fp8_swiglu  # noqa: F401  (registers torch.ops.dsv3.fp8_swiglu)

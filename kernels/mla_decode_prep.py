@@ -160,6 +160,25 @@ def prep_token(
     tl.store(e_base + R_HALF, (q2 * cs[None, :] + q1 * sn[None, :]).to(dt), mask=hj_mask)
 
 
+def _token_rows(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' views of their inputs: q as [M, H, Dn + R] and kv_a as [M, C + R] (views of the model's layouts:
+    tokens, then heads at a fixed stride; copied only without a unit last stride), cos / sin as [B, S, R/2] with one
+    layout for both."""
+    bsz, seqlen, heads, qdim = q.shape
+    m = bsz * seqlen
+    q3 = q.reshape(m, heads, qdim)
+    kv2 = kv_a.reshape(m, kv_a.shape[-1])
+    if q3.stride(-1) != 1:
+        q3 = q3.contiguous()
+    if kv2.stride(-1) != 1:
+        kv2 = kv2.contiguous()
+    cos, sin = cos.expand(bsz, seqlen, rope // 2), sin.expand(bsz, seqlen, rope // 2)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return q3, kv2, cos, sin
+
+
 def mla_decode_prep_triton(
     q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     latent_cache: torch.Tensor, input_pos: torch.Tensor, kv_b_weight: torch.Tensor,
@@ -169,15 +188,7 @@ def mla_decode_prep_triton(
     rope = qdim - nope_dim
     kv_rank = kv_norm_weight.shape[0]
     m = bsz * seqlen
-    q3 = q.reshape(m, heads, qdim)  # a view for the model's layouts (tokens, then heads at a fixed stride)
-    kv2 = kv_a.reshape(m, kv_a.shape[-1])
-    if q3.stride(-1) != 1:
-        q3 = q3.contiguous()
-    if kv2.stride(-1) != 1:
-        kv2 = kv2.contiguous()
-    cos, sin = cos.expand(bsz, seqlen, rope // 2), sin.expand(bsz, seqlen, rope // 2)
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    q3, kv2, cos, sin = _token_rows(q, kv_a, cos, sin, rope)
     c = kv_b_weight.shape[1]
     q_latent = torch.empty((bsz, seqlen, heads, c), dtype=q.dtype, device=q.device)
     q_pe = torch.empty((bsz, seqlen, heads, rope), dtype=q.dtype, device=q.device)
@@ -299,15 +310,7 @@ def mla_prefill_prep_triton(
     rope = qdim - nope_dim
     kv_rank = kv_norm_weight.shape[0]
     m = bsz * seqlen
-    q3 = q.reshape(m, heads, qdim)
-    kv2 = kv_a.reshape(m, kv_a.shape[-1])
-    if q3.stride(-1) != 1:
-        q3 = q3.contiguous()
-    if kv2.stride(-1) != 1:
-        kv2 = kv2.contiguous()
-    cos, sin = cos.expand(bsz, seqlen, rope // 2), sin.expand(bsz, seqlen, rope // 2)
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    q3, kv2, cos, sin = _token_rows(q, kv_a, cos, sin, rope)
     q_pe = torch.empty((bsz, seqlen, heads, rope), dtype=q.dtype, device=q.device)
     latent = torch.empty((bsz, seqlen, kv_a.shape[-1]), dtype=q.dtype, device=q.device)
     pe3, lat2 = q_pe.view(m, heads, rope), latent.view(m, kv_a.shape[-1])

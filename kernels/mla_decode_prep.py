@@ -39,7 +39,7 @@ keys instead of absorbing the queries): the latent rows into the cache (row cach
 cache_rows is None) and returned ([B, S, C + R] in q.dtype: the naive attention's input), and q_pe roped. CPU, other
 dtypes or DSV3_PREFILL_PREP=torch: `mla_prefill_prep_reference` (the composition the prefill graph had before:
 Inductor made it four kernels, ~40 us per 16B layer at 4095 tokens, the q rope alone ~26). CUDA:
-`_mla_prefill_prep_kernel`, one program per token running the decode kernel's token role (`prep_token`).
+`_mla_prefill_prep_kernel`, one program per token running the decode kernel's token code (`prep_latent_row`, `rope_query_heads`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ DECODE_PREP_DEFAULT = "fused"
 # `mla_prefill_prep`: DSV3_PREFILL_PREP=fused|torch pins a path (read at trace time); torch is the composition the
 # prefill graph had before the op (Inductor's q rope, kv norm, latent cat and cache-write kernels).
 PREFILL_PREP_DEFAULT = "fused"
+PREFILL_PREP_HEADS = 16  # query heads per `_mla_prefill_prep_kernel` program
 
 
 def mla_decode_prep_reference(
@@ -101,23 +102,22 @@ def _mla_decode_prep_kernel(
         b = m // S
         s = m - b * S
         b = b.to(tl.int64)  # b * stride_cb: a cache of 2^31 elements per layer is not reachable today, but cheap
-        prep_token(q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, qpe_ptr, qpe_ptr, m, b, s, b, H, C,
-                   DN, R_HALF, T, eps, stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb,
-                   stride_ct, stride_pb, stride_ps, stride_em, stride_eh, 0, False, C_PAD, RH_PAD, H_PAD)
+        prep_latent_row(kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, kv_ptr, m, b, s, b, C, R_HALF, T, eps,
+                        stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps, 0,
+                        False, C_PAD, RH_PAD)
+        rope_query_heads(q_ptr, cos_ptr, sin_ptr, qpe_ptr, m, b, s, 0, H, DN, R_HALF, stride_qm, stride_qh,
+                         stride_csb, stride_css, stride_em, stride_eh, RH_PAD, H_PAD)
 
 
 @triton.jit
-def prep_token(
-    q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, qpe_ptr, lat_ptr, m, b, s, row, H, C, DN, R_HALF,
-    T, eps, stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps,
-    stride_em, stride_eh, stride_am, LATENT_OUT: tl.constexpr, C_PAD: tl.constexpr, RH_PAD: tl.constexpr,
-    H_PAD: tl.constexpr,
+def prep_latent_row(
+    kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, lat_ptr, m, b, s, row, C, R_HALF, T, eps,
+    stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps, stride_am,
+    LATENT_OUT: tl.constexpr, C_PAD: tl.constexpr, RH_PAD: tl.constexpr,
 ):
-    """One token's share of MLA's prep (decode: `_mla_decode_prep_kernel`'s token programs; prefill:
-    `_mla_prefill_prep_kernel`): token m = b * S + s of q / kv_a; its latent row (kv RMSNorm, roped k_pe) into
-    cache row `row` at position input_pos[b, s] (and, LATENT_OUT, into lat[m]); its H query rope parts into
-    qpe[m]."""
-    dt = q_ptr.dtype.element_ty
+    """Token m = b * S + s of kv_a: its latent row (kv RMSNorm, roped k_pe) into cache row `row` at position
+    input_pos[b, s] and, LATENT_OUT, into lat[m]."""
+    dt = kv_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps)
     row_ptr = cache_ptr + row * stride_cb + pos * stride_ct
     # kv_a_layernorm over the C compressed channels, with RMSNorm's rounding points
@@ -150,7 +150,20 @@ def prep_token(
     if LATENT_OUT:
         tl.store(lat_ptr + m * stride_am + C + offs_j, k_lo, mask=j_mask)
         tl.store(lat_ptr + m * stride_am + C + R_HALF + offs_j, k_hi, mask=j_mask)
-    offs_h = tl.arange(0, H_PAD)
+
+
+@triton.jit
+def rope_query_heads(
+    q_ptr, cos_ptr, sin_ptr, qpe_ptr, m, b, s, h0, H, DN, R_HALF,
+    stride_qm, stride_qh, stride_csb, stride_css, stride_em, stride_eh, RH_PAD: tl.constexpr, H_PAD: tl.constexpr,
+):
+    """Token m's query rope parts of heads [h0, h0 + H_PAD) (those < H) into qpe[m], as `apply_rope`."""
+    dt = q_ptr.dtype.element_ty
+    offs_j = tl.arange(0, RH_PAD)
+    j_mask = offs_j < R_HALF
+    cs = tl.load(cos_ptr + b * stride_csb + s * stride_css + offs_j, mask=j_mask, other=0.0)
+    sn = tl.load(sin_ptr + b * stride_csb + s * stride_css + offs_j, mask=j_mask, other=0.0)
+    offs_h = h0 + tl.arange(0, H_PAD)
     hj_mask = (offs_h < H)[:, None] & j_mask[None, :]
     q_base = q_ptr + m * stride_qm + offs_h[:, None] * stride_qh + DN + 2 * offs_j[None, :]
     q1 = tl.load(q_base, mask=hj_mask, other=0.0).to(tl.float32)
@@ -284,19 +297,25 @@ def _mla_prefill_prep_kernel(
     stride_em, stride_eh, stride_am,
     HAS_ROWS: tl.constexpr, C_PAD: tl.constexpr, RH_PAD: tl.constexpr, H_PAD: tl.constexpr,
 ):
-    """One program per token m = b * S + s (`prep_token`, writing the latent row out too); cache row
-    cache_rows[b] (HAS_ROWS) or b."""
+    """Grid (tokens, head blocks): program (m, j) ropes token m's query heads [j * H_PAD, (j + 1) * H_PAD), and the
+    first of each token's programs also writes its latent row (cache row cache_rows[b] (HAS_ROWS) or b, and lat[m]).
+    Head blocks rather than all heads per program: at 64 or 128 heads one program per token measured 1.5-1.7x
+    slower than the composition (the rope of all heads serialized in one program)."""
     m = tl.program_id(0)
+    j = tl.program_id(1)
     b = m // S
     s = m - b * S
     b = b.to(tl.int64)
-    if HAS_ROWS:
-        row = tl.load(rows_ptr + b)
-    else:
-        row = b
-    prep_token(q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, qpe_ptr, lat_ptr, m, b, s, row, H, C,
-               DN, R_HALF, T, eps, stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct,
-               stride_pb, stride_ps, stride_em, stride_eh, stride_am, True, C_PAD, RH_PAD, H_PAD)
+    if j == 0:
+        if HAS_ROWS:
+            row = tl.load(rows_ptr + b)
+        else:
+            row = b
+        prep_latent_row(kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, lat_ptr, m, b, s, row, C, R_HALF, T,
+                        eps, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps,
+                        stride_am, True, C_PAD, RH_PAD)
+    rope_query_heads(q_ptr, cos_ptr, sin_ptr, qpe_ptr, m, b, s, j * H_PAD, H, DN, R_HALF, stride_qm, stride_qh,
+                     stride_csb, stride_css, stride_em, stride_eh, RH_PAD, H_PAD)
 
 
 def mla_prefill_prep_triton(
@@ -304,8 +323,8 @@ def mla_prefill_prep_triton(
     latent_cache: torch.Tensor, input_pos: torch.Tensor, cache_rows: Optional[torch.Tensor], eps: float,
     nope_dim: int, num_warps: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """num_warps: 1 (scripts/ab_prep.py on the H200, 2026-11-24, 16B shapes, 4095 tokens: 1 / 2 / 4 / 8 warps
-    16.57 / 17.29 / 18.18 / 21.44 us against 24.12 for the Inductor-compiled composition)."""
+    """Programs of 16 query heads, 1 warp each (scripts/ab_prep.py on the H200, 2026-11-24, 16B shapes, 4095 tokens:
+    1 / 2 / 4 / 8 warps 16.57 / 17.29 / 18.18 / 21.44 us against 24.12 for the Inductor-compiled composition)."""
     bsz, seqlen, heads, qdim = q.shape
     rope = qdim - nope_dim
     kv_rank = kv_norm_weight.shape[0]
@@ -315,14 +334,15 @@ def mla_prefill_prep_triton(
     latent = torch.empty((bsz, seqlen, kv_a.shape[-1]), dtype=q.dtype, device=q.device)
     pe3, lat2 = q_pe.view(m, heads, rope), latent.view(m, kv_a.shape[-1])
     rows = cache_rows if cache_rows is not None else input_pos  # unread without HAS_ROWS
-    wrap_triton(_mla_prefill_prep_kernel)[(m,)](
+    h_pad = min(PREFILL_PREP_HEADS, max(2, next_pow2(heads)))
+    wrap_triton(_mla_prefill_prep_kernel)[(m, cdiv(heads, h_pad))](
         q3, kv2, kv_norm_weight, cos, sin, latent_cache, input_pos, rows, pe3, lat2,
         seqlen, heads, kv_rank, nope_dim, rope // 2, latent_cache.shape[1], float(eps),
         q3.stride(0), q3.stride(1), kv2.stride(0), cos.stride(0), cos.stride(1),
         latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
         pe3.stride(0), pe3.stride(1), lat2.stride(0),
         HAS_ROWS=cache_rows is not None, C_PAD=next_pow2(kv_rank), RH_PAD=max(2, next_pow2(rope // 2)),
-        H_PAD=max(2, next_pow2(heads)), num_warps=num_warps,
+        H_PAD=h_pad, num_warps=num_warps,
     )
     return q_pe, latent
 

@@ -4,7 +4,8 @@ kernels/mla_decode_prep.py, and `dsv3.mla_prefill_prep`'s kernel against the com
     git show REF:kernels/mla_decode_prep.py > ab_old/mla_decode_prep.py    # on the development machine
     python3 scripts/ab_prep.py --old ab_old/mla_decode_prep.py [--rounds 5] [--json out.json]
 
-16B shapes (16 heads, Dn 128, R 64, Dv 128, C 512, FP8 kv_b_proj, a 4096-row cache). Decode: batch 1 and 8, one
+16B shapes (16 heads, Dn 128, R 64, Dv 128, C 512, FP8 kv_b_proj, a 4096-row cache; --prefill-heads for the prefill
+cases, e.g. 16,64,128: one rank of 671B at tensor parallel 8, 2, 1). Decode: batch 1 and 8, one
 token each, old vs new module (outputs and cache compared bitwise). Prefill: one 4095-token chunk into cache row 1:
 the reference composition compiled by Inductor (what the prefill graph ran before the op: q rope, kv norm, latent
 cat, cache write) against the op's kernel at 1, 2, 4 and 8 warps (outputs within one bf16 ulp of the composition's).
@@ -25,11 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ab_grouped_moe import load_old, timed_old_new  # noqa: E402
 
 
-def inputs(b: int, s: int, seed: int, dev: torch.device):
+def inputs(b: int, s: int, seed: int, dev: torch.device, h: int = 16):
     from dsv3.kernels.fp8_blocks import quantize_weight
 
     g = torch.Generator(device=dev).manual_seed(seed)
-    h, dn, r, dv, c, t = 16, 128, 64, 128, 512, 4096
+    dn, r, dv, c, t = 128, 64, 128, 512, 4096
     proj = torch.randn(b, s, h * (dn + r) + c + r, device=dev, generator=g).bfloat16()
     q = proj[..., :h * (dn + r)].view(b, s, h, dn + r)
     kv_a = proj[..., h * (dn + r):]
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--old", required=True, help="a copy of kernels/mla_decode_prep.py to compare against")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--prefill-heads", default="16", help="comma-separated query heads of the prefill cases")
     opts = ap.parse_args()
     from dsv3.kernels import mla_decode_prep as new
     from dsv3.kernels.bench import graph_us
@@ -70,7 +72,15 @@ def main() -> None:
         print(f"decode prep batch {b}: old {row['old']['us']} us, new {row['new']['us']} us ({row['speedup']}x); "
               f"outputs and cache bitwise equal: {same}", flush=True)
 
-    a = inputs(1, 4095, 7, dev)
+    for heads in (int(v) for v in opts.prefill_heads.split(",")):
+        rows.append(prefill_case(new, graph_us, dev, heads, opts.rounds))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def prefill_case(new, graph_us, dev: torch.device, heads: int, rounds: int) -> dict:
+    a = inputs(1, 4095, 7, dev, heads)
     cache_rows = torch.tensor([1], device=dev)
     composition = torch.compile(new.mla_prefill_prep_reference, fullgraph=True, dynamic=False)
     caches = {}
@@ -92,17 +102,15 @@ def main() -> None:
         ulp = ((lat.float() - ref_lat.float()).abs() / ref_lat.float().abs().clamp_min(1e-30)).max().item()
         errs[k] = dict(q_pe_equal=torch.equal(pe, ref_pe), latent_max_rel=ulp)
     times = {k: [] for k in calls}
-    for _ in range(opts.rounds):
+    for _ in range(rounds):
         for k, c in calls.items():
             times[k].append(graph_us([c] * 3))
     med = {k: round(statistics.median(v), 2) for k, v in times.items()}
-    rows.append(dict(op="mla_prefill_prep", tokens=4095, us=med, checks=errs))
-    print("prefill prep, 4095 tokens: " + ", ".join(f"{k} {v} us" for k, v in med.items()), flush=True)
+    print(f"prefill prep, 4095 tokens, {heads} heads: " + ", ".join(f"{k} {v} us" for k, v in med.items()),
+          flush=True)
     print("  checks against the composition: " + "; ".join(
         f"{k}: q_pe equal {e['q_pe_equal']}, latent max rel {e['latent_max_rel']:.1e}" for k, e in errs.items()))
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    return dict(op="mla_prefill_prep", tokens=4095, heads=heads, us=med, checks=errs)
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ step_rope() {  # scripts/bench_rope.py: the prefill q_pe RoPE as Inductor compil
 
 step_ab_prep() {  # scripts/ab_prep.py: decode prep old (AB_OLD_PREP) vs new, prefill prep kernel vs composition
   timeout 300 $PY scripts/ab_prep.py --old "${AB_OLD_PREP:?AB_OLD_PREP: a copy of kernels/mla_decode_prep.py}" \
-    --json "$OUT/ab_prep.json" 2>&1 | grep -v -i warn | tail -6
+    ${AB_PREP_ARGS:-} --json "$OUT/ab_prep.json" 2>&1 | grep -v -i warn | tail -10
 }
 
 step_sweep_prefill() {

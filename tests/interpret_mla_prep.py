@@ -92,8 +92,10 @@ def test_broadcast_positions_and_tables(fixed_interpreter):
     assert rel_err(cache, ref_cache) < 1e-3 and rel_err(lat, ref_lat) < 6e-3
 
 
-# B, S, H, Dn, R, C, cache rows given: the prefill op (no absorption), longer chunks, a chosen cache row per sequence
-PREFILL_CASES = [(1, 37, 2, 128, 64, 512, False), (2, 19, 3, 16, 8, 72, True), (1, 40, 2, 32, 16, 200, True)]
+# B, S, H, Dn, R, C, cache rows given: the prefill op (no absorption), longer chunks, a chosen cache row per sequence;
+# 20 heads: two head blocks of PREFILL_PREP_HEADS, the second partial
+PREFILL_CASES = [(1, 37, 2, 128, 64, 512, False), (2, 19, 3, 16, 8, 72, True), (1, 40, 2, 32, 16, 200, True),
+                 (2, 9, 20, 16, 8, 24, True)]
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES)

@@ -171,10 +171,11 @@ def test_fused_kernel_gpu(case):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("rows", [None, [1]])
-def test_prefill_prep_gpu(rows):
-    """The prefill op's kernel against its reference at 16B shapes, a 1000-token chunk, into cache row 0 or 1."""
-    q, kv_a, norm_w, cos, sin, cache, pos, _, _, eps, dn, _ = make_inputs(1, 1000, 16, 128, 64, 128, 512,
+@pytest.mark.parametrize("rows,heads", [(None, 16), ([1], 16), ([1], 128)])
+def test_prefill_prep_gpu(rows, heads):
+    """The prefill op's kernel against its reference at V2/V3 head dims (16 heads: 16B, 671B per rank at TP 8; 128:
+    one rank of 236B / 671B), a 1000-token chunk, into cache row 0 or 1."""
+    q, kv_a, norm_w, cos, sin, cache, pos, _, _, eps, dn, _ = make_inputs(1, 1000, heads, 128, 64, 128, 512,
                                                                          t_cap=4096, device="cuda", seed=21)
     cache = torch.cat([cache, cache.clone()])
     rows = None if rows is None else torch.tensor(rows, device="cuda")

@@ -39,7 +39,8 @@ keys instead of absorbing the queries): the latent rows into the cache (row cach
 cache_rows is None) and returned ([B, S, C + R] in q.dtype: the naive attention's input), and q_pe roped. CPU, other
 dtypes or DSV3_PREFILL_PREP=torch: `mla_prefill_prep_reference` (the composition the prefill graph had before:
 Inductor made it four kernels, ~40 us per 16B layer at 4095 tokens, the q rope alone ~26). CUDA:
-`_mla_prefill_prep_kernel`, one program per token running the decode kernel's token code (`prep_latent_row`, `rope_query_heads`).
+`_mla_prefill_prep_kernel`, programs of (token, 16 query heads) running the decode kernel's per-token code
+(`prep_latent_row`, `rope_query_heads`).
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ def _mla_prefill_prep_kernel(
 ):
     """Grid (tokens, head blocks): program (m, j) ropes token m's query heads [j * H_PAD, (j + 1) * H_PAD), and the
     first of each token's programs also writes its latent row (cache row cache_rows[b] (HAS_ROWS) or b, and lat[m]).
-    Head blocks rather than all heads per program: at 64 or 128 heads one program per token measured 1.5-1.7x
+    Head blocks rather than all heads per program: at 64 or 128 heads one program per token measured 1.5-1.8x
     slower than the composition (the rope of all heads serialized in one program)."""
     m = tl.program_id(0)
     j = tl.program_id(1)

@@ -64,21 +64,33 @@ PREFILL_PREP_DEFAULT = "fused"
 PREFILL_PREP_HEADS = 16  # query heads per `_mla_prefill_prep_kernel` program
 
 
+def mla_prefill_prep_reference(
+    q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent_cache: torch.Tensor, input_pos: torch.Tensor, cache_rows: Optional[torch.Tensor], eps: float,
+    nope_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's torch composition: roped q_pe, and the latent rows (RMSNorm'd c_kv, roped k_pe) written into cache
+    row cache_rows[b] (or b) at input_pos and returned."""
+    bsz, seqlen = q.shape[:2]
+    kv_rank = kv_norm_weight.shape[0]
+    q_pe = apply_rope(q[..., nope_dim:], cos, sin)
+    c_kv, k_pe = kv_a.split([kv_rank, kv_a.shape[-1] - kv_rank], dim=-1)
+    latent = torch.cat([rms_norm_rounded(c_kv, kv_norm_weight, eps), apply_rope(k_pe, cos, sin)], dim=-1)
+    rows = torch.arange(bsz, device=q.device) if cache_rows is None else cache_rows
+    latent_cache.index_put_((rows.unsqueeze(1).expand(bsz, seqlen), input_pos), latent.to(latent_cache.dtype))
+    return q_pe.contiguous(), latent
+
+
 def mla_decode_prep_reference(
     q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     latent_cache: torch.Tensor, input_pos: torch.Tensor, kv_b_weight: torch.Tensor,
     kv_b_scale: Optional[torch.Tensor], eps: float, nope_dim: int, v_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    bsz, seqlen = q.shape[:2]
-    kv_rank = kv_norm_weight.shape[0]
-    q_nope, q_pe = q.split([nope_dim, q.shape[-1] - nope_dim], dim=-1)
-    q_pe = apply_rope(q_pe, cos, sin)
-    c_kv, k_pe = kv_a.split([kv_rank, kv_a.shape[-1] - kv_rank], dim=-1)
-    latent = torch.cat([rms_norm_rounded(c_kv, kv_norm_weight, eps), apply_rope(k_pe, cos, sin)], dim=-1)
-    rows = torch.arange(bsz, device=q.device).unsqueeze(1).expand(bsz, seqlen)
-    latent_cache.index_put_((rows, input_pos), latent.to(latent_cache.dtype))
-    q_latent = torch.ops.dsv3.mla_absorb(q_nope, kv_b_weight, kv_b_scale, nope_dim, v_dim, False)
-    return q_latent, q_pe.contiguous()
+    """The prefill op's work (into cache rows 0..B-1) plus the query absorption."""
+    q_pe, _ = mla_prefill_prep_reference(q, kv_a, kv_norm_weight, cos, sin, latent_cache, input_pos, None, eps,
+                                         nope_dim)
+    q_latent = torch.ops.dsv3.mla_absorb(q[..., :nope_dim], kv_b_weight, kv_b_scale, nope_dim, v_dim, False)
+    return q_latent, q_pe
 
 
 @triton.jit
@@ -273,21 +285,6 @@ def _mla_decode_prep_fake(q, kv_a, kv_norm_weight, cos, sin, latent_cache, input
 # ----------------------------------------------------------------------------------------------------------------
 # Prefill: the same per-token work without the absorption (the prefill attention decompresses the keys instead)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def mla_prefill_prep_reference(
-    q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    latent_cache: torch.Tensor, input_pos: torch.Tensor, cache_rows: Optional[torch.Tensor], eps: float,
-    nope_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    bsz, seqlen = q.shape[:2]
-    kv_rank = kv_norm_weight.shape[0]
-    q_pe = apply_rope(q[..., nope_dim:], cos, sin)
-    c_kv, k_pe = kv_a.split([kv_rank, kv_a.shape[-1] - kv_rank], dim=-1)
-    latent = torch.cat([rms_norm_rounded(c_kv, kv_norm_weight, eps), apply_rope(k_pe, cos, sin)], dim=-1)
-    rows = torch.arange(bsz, device=q.device) if cache_rows is None else cache_rows
-    latent_cache.index_put_((rows.unsqueeze(1).expand(bsz, seqlen), input_pos), latent.to(latent_cache.dtype))
-    return q_pe.contiguous(), latent
 
 
 @triton.jit

@@ -3,6 +3,8 @@
 Prompts of different lengths run as one batch: right-padded, each row at its own positions (`input_pos` is
 [B, S]); the padding writes cache rows that the row's own later tokens overwrite before anything attends to them.
 Sampling runs on the device (exponential race, so no host sync inside it); the host reads one token per step.
+Steps run through a `DecodeLoop`: a stepper may offer its own (the CUDA-graph stepper replays one graph per greedy
+token, sampling and input updates included); otherwise decode + sample as separate calls.
 """
 
 from __future__ import annotations
@@ -113,6 +115,38 @@ class EagerStepper:
         return self.model(tokens.view(-1, 1), positions.view(-1, 1), last_only=True)
 
 
+class DecodeLoop(Protocol):
+    def step(self) -> torch.Tensor:
+        """Run one decode step on the tokens the previous step produced (the first on those the loop started
+        from), each row at its next position, and return the [n] sampled tokens on the device. The result may be
+        a view of a static buffer that the next step overwrites (read it, or queue its copy, before stepping)."""
+
+
+class EagerDecodeLoop:
+    """`stepper.decode`, then `sample`: works with every stepper. Positions stop at the cache's last slot (a row
+    there has stopped; its later tokens are discarded)."""
+
+    def __init__(self, stepper: Stepper, tokens: torch.Tensor, positions: torch.Tensor, sampling: SamplingParams,
+                 generator: torch.Generator | None = None):
+        self.stepper, self.sampling, self.generator = stepper, sampling, generator
+        self.limit = stepper.max_seq_len - 1
+        self.tokens, self.positions = tokens, positions.clamp(max=self.limit)
+
+    def step(self) -> torch.Tensor:
+        self.tokens = sample(self.stepper.decode(self.tokens, self.positions), self.sampling, self.generator)
+        self.positions = (self.positions + 1).clamp_(max=self.limit)
+        return self.tokens
+
+
+def decode_loop(stepper: Stepper, tokens: torch.Tensor, positions: torch.Tensor, sampling: SamplingParams,
+                generator: torch.Generator | None = None) -> DecodeLoop:
+    """The stepper's own loop when it has one for these sampling settings (`stepper.decode_loop`), else the eager
+    one. tokens: [n] the first step's inputs; positions: [n] where each goes."""
+    own = getattr(stepper, "decode_loop", None)
+    loop = own(tokens, positions, sampling, generator) if own is not None else None
+    return loop if loop is not None else EagerDecodeLoop(stepper, tokens, positions, sampling, generator)
+
+
 def check_prompts(prompts: Sequence[Sequence[int]], max_batch_size: int, max_seq_len: int) -> None:
     """Refuse, before any work, what cannot run: too many prompts, empty ones, ones that fill the cache."""
     if not prompts:
@@ -160,11 +194,11 @@ def generate(
     stats.prefill_s = time.perf_counter() - t0
 
     pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # where each next token goes
-    limit = torch.full_like(pos, stepper.max_seq_len - 1)
+    loop = decode_loop(stepper, tok, pos, sampling, generator)
     done = [False] * bsz
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        host_tok = tok.to("cpu", non_blocking=True)
+        host_tok = tok.to("cpu", non_blocking=True, copy=True)  # a copy even on the CPU: the step may overwrite tok
         copied = torch.cuda.Event() if device.type == "cuda" else None
         if copied is not None:
             copied.record()
@@ -173,9 +207,9 @@ def generate(
         will_stop = [done[i] or len(out[i].tokens) + 1 >= max_new_tokens
                      or len(prompts[i]) + len(out[i].tokens) + 1 >= stepper.max_seq_len for i in range(bsz)]
         if not all(will_stop):
-            # Rows that stopped keep stepping (static batch) at a position inside the cache.
-            logits = stepper.decode(tok, torch.minimum(pos, limit))
-            next_tok = sample(logits, sampling, generator)
+            # Rows that stopped keep stepping (static batch) at a position inside the cache. The step may
+            # overwrite `tok` in place: its copy to the host above is queued first.
+            next_tok = loop.step()
             stats.decode_steps += 1
         if copied is not None:
             copied.synchronize()
@@ -196,7 +230,6 @@ def generate(
         if all(done) or all(will_stop):
             break
         tok = next_tok
-        pos += 1
     _sync(device)
     stats.decode_s = time.perf_counter() - t0
     return out, stats

@@ -1,7 +1,10 @@
 """`dsv3c bench`: decode latency and prefill speed next to the bandwidth roofline, measured in one run.
 
 For each batch size and context length: fill the cache up to the context (prefill of a random prompt), time
-`--steps` decode steps (host-timed with a device sync per step, as users see it) and report ms/token, tokens/s,
+`--steps` greedy decode steps (host-timed with a device sync per step, the method of the peers' numbers in
+shared/reference/baselines.md) and, separately, `generate()` over as many steps (the loop `dsv3c run` uses: the
+host reads each token while the device runs the next step, so launch and sync latency overlap the step), and report
+ms/token, tokens/s,
 the bytes one step must read (from the loaded tensors, see `step_bytes`) and the fraction of the device's copy
 bandwidth that this implies; the copy bandwidth is measured in the same run. Prefill: time to first token, tokens/s,
 and the model FLOPs utilisation against an FP8 GEMM measured in the same run (`prefill_flops`, `fp8_gemm_peak`).
@@ -20,8 +23,11 @@ from xml.sax.saxutils import escape
 
 import torch
 
-from dsv3.generate import Stepper
+from dsv3.generate import SamplingParams, Stepper, decode_loop, generate
 from dsv3.model import Transformer
+
+
+GREEDY = SamplingParams()
 
 
 @dataclass
@@ -33,6 +39,7 @@ class DecodeResult:
     step_bytes: int
     roofline_ms: float
     fraction_of_roofline: float
+    generate_ms_per_token: float  # generate()'s decode time per step at this batch and context (no sync per step)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 10) -> float:
@@ -103,21 +110,24 @@ def bench_decode(stepper: Stepper, model: Transformer, batch_sizes: Sequence[int
             prompts = [torch.randint(0, model.cfg.vocab_size, (ctx,), generator=g).tolist() for _ in range(b)]
             tokens = stepper.prefill(prompts).argmax(-1)
             pos = torch.full((b,), ctx, dtype=torch.long, device=device)
+            loop = decode_loop(stepper, tokens, pos, GREEDY)
             times = []
             for _ in range(steps):
                 _sync(device)
                 t0 = time.perf_counter()
-                tokens = stepper.decode(tokens, pos).argmax(-1)
+                loop.step()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-                pos += 1
             ms = 1000 * statistics.median(times[1:] if len(times) > 2 else times)
+            # the same prompts through generate(): its prefill rewrites the rows, then `steps` pipelined steps
+            _, gen = generate(stepper, prompts, max_new_tokens=steps + 1)
             nbytes = step_bytes(model, b, ctx)
             roof = 1000 * nbytes / bandwidth
             r = DecodeResult(b, ctx, round(ms, 4), round(1000 * b / ms, 1), nbytes, round(roof, 4),
-                             round(roof / ms, 4))
+                             round(roof / ms, 4), round(gen.ms_per_token, 4))
             echo(f"decode batch {b:>3} context {ctx:>6}: {ms:8.3f} ms/token {r.tokens_per_s:9.1f} tok/s | "
-                 f"reads {nbytes / 1e9:.3f} GB/step, roofline {roof:.3f} ms -> {100 * r.fraction_of_roofline:.1f}%")
+                 f"reads {nbytes / 1e9:.3f} GB/step, roofline {roof:.3f} ms -> {100 * r.fraction_of_roofline:.1f}% | "
+                 f"generate() {gen.ms_per_token:.3f} ms/token")
             out.append(r)
     return out
 

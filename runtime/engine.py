@@ -6,7 +6,9 @@ Both implement `dsv3.generate.Stepper`:
   later, which the first decode step overwrites before anything attends to it); a chunk at position 0 goes through
   the first-chunk graph when the artifacts have one (no attention over cached rows: there are none);
 - decode: the batch is padded to the next bucket; on CUDA each bucket's graph is captured once in a CUDA graph
-  (one shared pool, static token/position buffers) and replayed.
+  (one shared pool, static token/position buffers) and replayed;
+- greedy generation (`decode_loop`): a second graph per bucket steps the batch with the argmax and the next step's
+  tokens and positions computed inside it, so a generated token costs one replay and nothing else on the device.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 import dsv3.checkpoint as ckpt_mod
 from dsv3.config import ModelConfig, load_config_file
+from dsv3.generate import DecodeLoop, SamplingParams
 from dsv3.model import Transformer
 from dsv3.runtime.artifacts import bind_constants, load_package
 from dsv3.runtime.manifest import ArtifactError, check_host, read_manifest, verify_files
@@ -39,6 +42,8 @@ class GraphStepper:
         self.prefill_first_fn = prefill_first_fn or prefill_fn
         self.buckets = sorted(decode_fns)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.loops = {b: _GreedyLoopBuffers(b, self.device) for b in self.buckets}
+        self.loop_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_s = 0.0
         self.all_reduce = "none" if getattr(model, "tp_all_reduce", None) is None else "nccl"  # artifact_stepper
         if cuda_graphs:
@@ -70,6 +75,10 @@ class GraphStepper:
             with torch.cuda.graph(graph, pool=pool):
                 out = self.decode_fns[b](tok, pos)
             self.graphs[b] = (graph, tok, pos, out)
+            loop_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(loop_graph, pool=pool):
+                self._greedy_step(b)
+            self.loop_graphs[b] = loop_graph
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
 
@@ -94,9 +103,35 @@ class GraphStepper:
         pos[:n, 0] = positions
         return self.decode_fns[b](tok, pos)[:n]
 
+    @torch.inference_mode()
+    def _greedy_step(self, b: int) -> None:
+        """One greedy step of bucket b on its static buffers: decode, argmax, then the next step's inputs in place.
+        Padding rows (active 0) keep token 0 at position 0; positions stop at the cache's last slot (a row that
+        reached it has stopped, generate() discards what it produces)."""
+        buf = self.loops[b]
+        logits = self.decode_fns[b](buf.tokens, buf.positions)
+        buf.tokens.copy_(logits.argmax(-1, keepdim=True) * buf.active)
+        buf.positions.copy_(torch.clamp(buf.positions + buf.active, max=self.max_seq_len - 1))
+
+    @torch.inference_mode()
+    def decode_loop(self, tokens: torch.Tensor, positions: torch.Tensor, sampling: SamplingParams,
+                    generator: torch.Generator | None = None) -> DecodeLoop | None:
+        """Greedy steps that feed themselves (see `dsv3.generate.DecodeLoop`): under CUDA graphs one replay per
+        token. None for sampled generation: its random draws stay outside the graph (`generate` falls back to
+        decode + sample), so a seeded run draws the same numbers whichever path runs it."""
+        if sampling.temperature != 0.0:
+            return None
+        n = tokens.shape[0]
+        b = self._bucket(n)
+        buf = self.loops[b]
+        buf.start(tokens, positions.clamp(max=self.max_seq_len - 1))
+        graph = self.loop_graphs.get(b)
+        return _GreedyLoop(buf, n, graph.replay if graph is not None else lambda: self._greedy_step(b))
+
     def release_graphs(self) -> None:
         """Drop the CUDA graphs (and the NCCL work captured in them) before the process group goes."""
         self.graphs.clear()
+        self.loop_graphs.clear()
 
     # -------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -116,6 +151,33 @@ class GraphStepper:
                             torch.tensor([last], device=self.device))
             rows.append(logits)
         return torch.cat(rows, dim=0)
+
+
+class _GreedyLoopBuffers:
+    """A bucket's static inputs for greedy stepping: [b, 1] tokens and positions, and 1 / 0 for real / padding
+    rows. The loop graph reads them and writes the next step's values back."""
+
+    def __init__(self, b: int, device: torch.device):
+        self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.active = torch.zeros(b, 1, dtype=torch.long, device=device)
+
+    def start(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        n = tokens.shape[0]
+        for t in (self.tokens, self.positions, self.active):
+            t.zero_()
+        self.tokens[:n, 0].copy_(tokens)
+        self.positions[:n, 0].copy_(positions)
+        self.active[:n] = 1
+
+
+class _GreedyLoop:
+    def __init__(self, buf: _GreedyLoopBuffers, n: int, run_step: Callable[[], None]):
+        self.buf, self.n, self.run_step = buf, n, run_step
+
+    def step(self) -> torch.Tensor:
+        self.run_step()
+        return self.buf.tokens[:self.n, 0]
 
 
 # ------------------------------------------------------------------ building the model for this rank

@@ -26,6 +26,9 @@
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
 #   ab-prep    scripts/ab_prep.py: dsv3.mla_decode_prep against AB_OLD_PREP (a copy of kernels/mla_decode_prep.py
 #              sent with the tree) at batch 1 / 8, and dsv3.mla_prefill_prep's kernel against the composition it replaced
+#   loop16     scripts/bench_decode_loop.py on quick16's artifacts: per-token time as replay, as a synced step with the
+#              logits graph or the greedy loop graph, and through generate() on either path (tokens compared)
+#   ggen       the GPU test of the greedy loop graph (tests/test_generate.py -m gpu)
 #   rope       scripts/bench_rope.py: the prefill's q_pe RoPE compiled by Inductor, apply_rope's cat form against an
 #              indexed form of the same values (bitwise compared, timed)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
@@ -235,6 +238,16 @@ step_ab_mla() {
 step_ab_prefill_attn() {
   timeout 300 $PY scripts/ab_prefill_attn.py --old "${AB_OLD_ATTN:?AB_OLD_ATTN: a copy of kernels/mla_prefill.py to compare with}" \
     --json "$OUT/ab_prefill_attn.json" 2>&1 | grep -v -i warn | tail -6
+}
+
+step_loop16() {  # needs quick16's artifacts ($WORK/art16q)
+  $PY scripts/bench_decode_loop.py "$WORK/art16q" --batches 1,8 --context 128 --steps 64 --rounds 5 2>&1 \
+    | grep -v Warning | tail -20
+}
+
+step_ggen() {
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_generate.py 2>&1 \
+    | grep -v -i warn | tail -8
 }
 
 step_rope() {  # scripts/bench_rope.py: the prefill q_pe RoPE as Inductor compiles it, cat form vs indexed form

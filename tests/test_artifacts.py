@@ -112,6 +112,31 @@ def test_artifacts_greedy_tokens_equal_eager(art, ckpt):
         assert alone[0].tokens == ours[i].tokens
 
 
+def test_greedy_loop_feeds_itself_with_padding_rows(art, ckpt, monkeypatch):
+    """Two prompts in the 3-row bucket: the stepper's own greedy loop (the body its CUDA graph captures, run plainly
+    on the CPU) writes the next tokens and positions into its static buffers, leaves the padding row at token 0 /
+    position 0, and gives the eager model's tokens. Sampled generation takes the eager decode + sample loop."""
+    from dsv3.generate import EagerDecodeLoop, SamplingParams, decode_loop
+
+    stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
+    prompts = PROMPTS[1:]
+    starts = []
+    real = stepper.decode_loop
+    monkeypatch.setattr(stepper, "decode_loop", lambda *a: starts.append(a[2]) or real(*a))
+    ours, _ = generate(stepper, prompts, max_new_tokens=6)
+    ref, _ = generate(eager, prompts, max_new_tokens=6)
+    assert [c.tokens for c in ours] == [c.tokens for c in ref]
+    assert starts == [SamplingParams()]
+    buf = stepper.loops[3]
+    # 5 steps ran (the 6th token is the 5th step's): each row 5 past its prompt; the padding row untouched
+    assert buf.positions[:, 0].tolist() == [len(p) + 5 for p in prompts] + [0]
+    assert buf.tokens[:, 0].tolist() == [c.tokens[-1] for c in ours] + [0]
+    assert buf.active[:, 0].tolist() == [1, 1, 0]
+    tok = torch.tensor([1, 2])
+    assert isinstance(decode_loop(stepper, tok, tok, SamplingParams(temperature=1.0)), EagerDecodeLoop)
+
+
 def test_prompt_longer_than_a_chunk_and_one_token_pieces(art, ckpt):
     stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
     eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)

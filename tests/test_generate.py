@@ -262,3 +262,37 @@ def test_all_rows_eos_ends_early(model):
 def test_max_new_tokens_must_be_positive(model):
     with pytest.raises(GenerationError, match="max_new_tokens must be >= 1"):
         generate(model, [PROMPTS[0]], max_new_tokens=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_greedy_loop_equals_eager(random_checkpoint):
+    """The JIT stepper on the GPU captures a greedy loop graph per bucket (decode, argmax, next inputs in place):
+    its tokens equal eager decode + argmax on the same model, with a padding row (2 prompts in the 4-row bucket)
+    and with a row that reaches the end of the cache while the other goes on."""
+    from dsv3.runtime.engine import jit_stepper
+
+    model = dsv3.load(random_checkpoint("tiny", "fp8"), dtype=torch.bfloat16, max_batch_size=4,
+                      max_seq_len=MAX_SEQ_LEN, num_layers=LAYERS, device="cuda", progress=False)
+    stepper, _ = jit_stepper(model, (1, 4), prefill_chunk=16)
+    assert sorted(stepper.loop_graphs) == [1, 4]
+    prompts = [PROMPTS[0], list(range(1, MAX_SEQ_LEN - 3))]
+    for batch in ([prompts[0]], prompts):
+        ours, _ = generate(stepper, batch, max_new_tokens=8)
+        ref, _ = generate(EagerGraphless(stepper), batch, max_new_tokens=8)
+        assert [c.tokens for c in ours] == [c.tokens for c in ref]
+        assert [c.finish_reason for c in ours] == [c.finish_reason for c in ref]
+    assert [c.finish_reason for c in ours] == ["length", "cache_end"]
+
+
+class EagerGraphless:
+    """The same compiled stepper without its loop graph: decode (logits graph), then argmax outside it."""
+
+    def __init__(self, stepper):
+        self.stepper = stepper
+        self.max_batch_size, self.max_seq_len, self.device = stepper.max_batch_size, stepper.max_seq_len, stepper.device
+
+    def prefill(self, prompts):
+        return self.stepper.prefill(prompts)
+
+    def decode(self, tokens, positions):
+        return self.stepper.decode(tokens, positions)

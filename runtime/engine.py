@@ -22,6 +22,7 @@ import torch
 import dsv3.checkpoint as ckpt_mod
 from dsv3.config import ModelConfig, load_config_file
 from dsv3.generate import DecodeLoop, SamplingParams
+from dsv3.kernels.greedy import greedy_next_, greedy_scratch
 from dsv3.model import Transformer
 from dsv3.runtime.artifacts import bind_constants, load_package
 from dsv3.runtime.manifest import ArtifactError, check_host, read_manifest, verify_files
@@ -39,7 +40,7 @@ class GraphStepper:
         self.device = model.rope_cos.device
         self.prefill_fn, self.decode_fns, self.prefill_chunk = prefill_fn, decode_fns, prefill_chunk
         # chunks at position 0 (artifacts from before the first-chunk graph: the general one)
-        self.prefill_first_fn = prefill_first_fn or prefill_fn
+        self.prefill_first_fn = prefill_first_fn if prefill_first_fn is not None else prefill_fn
         self.buckets = sorted(decode_fns)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.loops = {b: _GreedyLoopBuffers(b, self.device) for b in self.buckets}
@@ -70,6 +71,7 @@ class GraphStepper:
             with torch.cuda.stream(side):
                 for _ in range(2):
                     self.decode_fns[b](tok, pos)
+                self._greedy_step(b)  # compiles greedy_next_'s kernel before the capture (all rows padding)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -110,8 +112,7 @@ class GraphStepper:
         reached it has stopped, generate() discards what it produces)."""
         buf = self.loops[b]
         logits = self.decode_fns[b](buf.tokens, buf.positions)
-        buf.tokens.copy_(logits.argmax(-1, keepdim=True) * buf.active)
-        buf.positions.copy_(torch.clamp(buf.positions + buf.active, max=self.max_seq_len - 1))
+        greedy_next_(logits, buf.tokens, buf.positions, buf.active, buf.best, buf.count, self.max_seq_len - 1)
 
     @torch.inference_mode()
     def decode_loop(self, tokens: torch.Tensor, positions: torch.Tensor, sampling: SamplingParams,
@@ -155,12 +156,13 @@ class GraphStepper:
 
 class _GreedyLoopBuffers:
     """A bucket's static inputs for greedy stepping: [b, 1] tokens and positions, and 1 / 0 for real / padding
-    rows. The loop graph reads them and writes the next step's values back."""
+    rows. The loop graph reads them and writes the next step's values back (`dsv3.greedy_next_`, one launch)."""
 
     def __init__(self, b: int, device: torch.device):
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(b, 1, dtype=torch.long, device=device)
         self.active = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.best, self.count = greedy_scratch(b, device)  # the op's scratch, left as it found it
 
     def start(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         n = tokens.shape[0]

@@ -28,7 +28,7 @@
 #              sent with the tree) at batch 1 / 8, and dsv3.mla_prefill_prep's kernel against the composition it replaced
 #   loop16     scripts/bench_decode_loop.py on quick16's artifacts: per-token time as replay, as a synced step with the
 #              logits graph or the greedy loop graph, and through generate() on either path (tokens compared)
-#   ggen       the GPU test of the greedy loop graph (tests/test_generate.py -m gpu)
+#   ggen       the GPU tests of the greedy loop graph and its op (tests/test_generate.py, tests/test_greedy.py -m gpu)
 #   rope       scripts/bench_rope.py: the prefill's q_pe RoPE compiled by Inductor, apply_rope's cat form against an
 #              indexed form of the same values (bitwise compared, timed)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
@@ -246,7 +246,7 @@ step_loop16() {  # needs quick16's artifacts ($WORK/art16q)
 }
 
 step_ggen() {
-  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_generate.py 2>&1 \
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_generate.py tests/test_greedy.py 2>&1 \
     | grep -v -i warn | tail -8
 }
 

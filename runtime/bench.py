@@ -28,6 +28,7 @@ from dsv3.model import Transformer
 
 
 GREEDY = SamplingParams()
+WARMUP_STEPS = 4
 
 
 @dataclass
@@ -103,13 +104,16 @@ def bench_decode(stepper: Stepper, model: Transformer, batch_sizes: Sequence[int
     g = torch.Generator().manual_seed(0)
     for b in batch_sizes:
         for ctx in contexts:
-            if ctx + steps + 1 > stepper.max_seq_len or b > stepper.max_batch_size:
+            if ctx + max(steps, WARMUP_STEPS) + 1 > stepper.max_seq_len or b > stepper.max_batch_size:
                 echo(f"skip batch {b} context {ctx}: context + {steps} timed steps + 1 must fit the cache "
                      f"({stepper.max_batch_size} x {stepper.max_seq_len}); compile with a larger --max-seq-len")
                 continue
             prompts = [torch.randint(0, model.cfg.vocab_size, (ctx,), generator=g).tolist() for _ in range(b)]
             tokens = stepper.prefill(prompts).argmax(-1)
             pos = torch.full((b,), ctx, dtype=torch.long, device=device)
+            loop = decode_loop(stepper, tokens, pos, GREEDY)
+            for _ in range(WARMUP_STEPS):  # untimed (clocks, first replays), then the loop again from the context
+                loop.step()
             loop = decode_loop(stepper, tokens, pos, GREEDY)
             times = []
             for _ in range(steps):

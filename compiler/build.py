@@ -171,8 +171,6 @@ def _inductor_configs(name: str, opts: CompileOptions) -> dict:
         # (the rank's vocab/expert offsets, a small model's router bias), never compile-time values.
         "always_keep_tensor_constants": True,
         "aot_inductor.metadata": {"dsv3c_graph": name, "config_hash": opts.config.config_hash()},
-        **({"aot_inductor.use_runtime_constant_folding": True}
-           if name.startswith("prefill") and os.environ.get("DSV3_AOTI_CONST_FOLD") == "1" else {}),
     }
 
 

@@ -51,14 +51,9 @@ def load_package(directory: Path, graph: dict[str, Any], device: str, single_thr
         raise ArtifactError(f"cannot load {graph['file']} from {directory}: {e}") from None
 
 
-FOLDED_PREFIX = "_FOLDED_CONST_"
-
-
 def bind_constants(package, graph_name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Give the package our tensors (no copies; user_managed): weights, latent caches, rope tables."""
-    # constants the package folds itself at its first run (aot_inductor.use_runtime_constant_folding: weight pads,
-    # dequantized copies, ... computed once from ours) are not ours to give
-    fqns = [f for f in package.get_constant_fqns() if not f.startswith(FOLDED_PREFIX)]
+    fqns = list(package.get_constant_fqns())
     missing = [f for f in fqns if f not in tensors]
     if missing:
         raise ArtifactError(f"graph {graph_name} expects constants this model does not have: {missing[:5]} "

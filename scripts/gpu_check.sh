@@ -26,6 +26,7 @@
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
 #   ab-prep    scripts/ab_prep.py: dsv3.mla_decode_prep against AB_OLD_PREP (a copy of kernels/mla_decode_prep.py
 #              sent with the tree) at batch 1 / 8, and dsv3.mla_prefill_prep's kernel against the composition it replaced
+#   run16q     dsv3c run --random-weights on quick16's artifacts: batch 1 and 8, 64 new tokens, --stats (the user's loop)
 #   loop16     scripts/bench_decode_loop.py on quick16's artifacts: per-token time as replay, as a synced step with the
 #              logits graph or the greedy loop graph, and through generate() on either path (tokens compared)
 #   ggen       the GPU tests of the greedy loop graph and its op (tests/test_generate.py, tests/test_greedy.py -m gpu)
@@ -238,6 +239,18 @@ step_ab_mla() {
 step_ab_prefill_attn() {
   timeout 300 $PY scripts/ab_prefill_attn.py --old "${AB_OLD_ATTN:?AB_OLD_ATTN: a copy of kernels/mla_prefill.py to compare with}" \
     --json "$OUT/ab_prefill_attn.json" 2>&1 | grep -v -i warn | tail -6
+}
+
+step_run16q() {  # needs quick16's artifacts ($WORK/art16q)
+  local prompts=("Tell me about the weather." "Write a poem about GPUs." "What is 2+2?" "Hello" \
+                 "Explain attention." "A long story begins" "Once upon a time" "The capital of France")
+  local b p args
+  for b in 1 8; do
+    args=()
+    for p in "${prompts[@]:0:$b}"; do args+=(--prompt "$p"); done
+    /usr/bin/time -f "batch $b, cold start to exit: %e s" $PY -m dsv3.cli run --artifacts "$WORK/art16q" --random-weights \
+      "${args[@]}" --max-new-tokens 64 --stats --output-file "$OUT/run16q_b$b.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -4
+  done
 }
 
 step_loop16() {  # needs quick16's artifacts ($WORK/art16q)

@@ -4,7 +4,7 @@ Prompts of different lengths run as one batch: right-padded, each row at its own
 [B, S]); the padding writes cache rows that the row's own later tokens overwrite before anything attends to them.
 Sampling runs on the device (exponential race, so no host sync inside it); the host reads one token per step.
 Steps run through a `DecodeLoop`: a stepper may offer its own (the CUDA-graph stepper replays one graph per greedy
-token, sampling and input updates included); otherwise decode + sample as separate calls.
+token, argmax and input updates included); otherwise decode + sample as separate calls.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def _sync(device: torch.device) -> None:
 
 
 class Stepper(Protocol):
-    """What generation needs from a model: eager (below), AOT packages or JIT graphs (dsv3.runtime.engine)."""
+    """What generation needs from a model: eager (below), AOT packages or JIT graphs (dsv3.runtime.engine).
+    Optional: `decode_loop(tokens, positions, sampling, generator) -> DecodeLoop | None`, its own stepping for
+    these sampling settings (see `decode_loop` below)."""
 
     max_batch_size: int
     max_seq_len: int

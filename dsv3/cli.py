@@ -258,7 +258,8 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
             _write_jsonl(output_file, [dict(r, timings=timings) for r in records])
         if stats:
             tps = 1000 / gen_stats.ms_per_token * len(encoded) if gen_stats.decode_steps else float("nan")
-            extra = "".join(f", {k[:-2]} {timings[k]:.2f}s" for k in ("compile_s", "capture_s") if timings.get(k))
+            extra = "".join(f", {k[:-2]} {timings[k]:.2f}s" for k in ("compile_s", "capture_s", "warmup_s")
+                            if timings.get(k))
             extra = f" (incl.{extra[1:]})" if extra else ""
             echo(f"load {load_s:.2f}s{extra} | time to first token {gen_stats.prefill_s * 1000:.1f} ms | decode "
                  f"{gen_stats.ms_per_token:.2f} ms/token, {tps:.1f} tokens/s (batch {len(encoded)}, {mode}, {device}, "

@@ -140,6 +140,21 @@ class EagerDecodeLoop:
         return self.tokens
 
 
+class PlainSteps:
+    """A stepper seen without its own `decode_loop`: generate() then runs `decode` + `sample` per step. What a
+    stepper's own loop is checked and timed against."""
+
+    def __init__(self, stepper: Stepper):
+        self.stepper = stepper
+        self.max_batch_size, self.max_seq_len, self.device = stepper.max_batch_size, stepper.max_seq_len, stepper.device
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.stepper.prefill(prompts)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.stepper.decode(tokens, positions)
+
+
 def decode_loop(stepper: Stepper, tokens: torch.Tensor, positions: torch.Tensor, sampling: SamplingParams,
                 generator: torch.Generator | None = None) -> DecodeLoop:
     """The stepper's own loop when it has one for these sampling settings (`stepper.decode_loop`), else the eager

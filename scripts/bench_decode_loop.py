@@ -19,23 +19,9 @@ import time
 
 import torch
 
-from dsv3.generate import SamplingParams, decode_loop, generate
+from dsv3.generate import PlainSteps, SamplingParams, decode_loop, generate
 from dsv3.runtime.engine import artifact_stepper
 from dsv3.runtime.parallel import ParallelPlan
-
-
-class WithoutLoop:
-    """The stepper with its loop graph hidden: generate() falls back to decode + sample per step."""
-
-    def __init__(self, stepper):
-        self.s = stepper
-        self.max_batch_size, self.max_seq_len, self.device = stepper.max_batch_size, stepper.max_seq_len, stepper.device
-
-    def prefill(self, prompts):
-        return self.s.prefill(prompts)
-
-    def decode(self, tokens, positions):
-        return self.s.decode(tokens, positions)
 
 
 def replay_ms(replay, n: int = 50) -> float:
@@ -85,7 +71,7 @@ def main() -> None:
                 sync_steps(lambda: stepper.decode(tokens, pos).argmax(-1), args.steps))
             loop = decode_loop(stepper, tokens, pos, SamplingParams())
             rows.setdefault("sync, loop graph", []).append(sync_steps(loop.step, args.steps))
-            old, old_stats = generate(WithoutLoop(stepper), prompts, max_new_tokens=args.steps + 1)
+            old, old_stats = generate(PlainSteps(stepper), prompts, max_new_tokens=args.steps + 1)
             new, new_stats = generate(stepper, prompts, max_new_tokens=args.steps + 1)
             assert [c.tokens for c in old] == [c.tokens for c in new], "the two generate() paths differ"
             rows.setdefault("generate(), decode + argmax", []).append(old_stats.ms_per_token)

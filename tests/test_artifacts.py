@@ -116,7 +116,7 @@ def test_greedy_loop_feeds_itself_with_padding_rows(art, ckpt, monkeypatch):
     """Two prompts in the 3-row bucket: the stepper's own greedy loop (the body its CUDA graph captures, run plainly
     on the CPU) writes the next tokens and positions into its static buffers, leaves the padding row at token 0 /
     position 0, and gives the eager model's tokens. Sampled generation takes the eager decode + sample loop."""
-    from dsv3.generate import EagerDecodeLoop, SamplingParams, decode_loop
+    from dsv3.generate import EagerDecodeLoop, PlainSteps, SamplingParams, decode_loop
 
     stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
     eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
@@ -128,6 +128,8 @@ def test_greedy_loop_feeds_itself_with_padding_rows(art, ckpt, monkeypatch):
     ref, _ = generate(eager, prompts, max_new_tokens=6)
     assert [c.tokens for c in ours] == [c.tokens for c in ref]
     assert starts == [SamplingParams()]
+    plain, _ = generate(PlainSteps(stepper), prompts, max_new_tokens=6)  # decode + argmax per step, no own loop
+    assert [c.tokens for c in plain] == [c.tokens for c in ref] and starts == [SamplingParams()]
     buf = stepper.loops[3]
     # 5 steps ran (the 6th token is the 5th step's): each row 5 past its prompt; the padding row untouched
     assert buf.positions[:, 0].tolist() == [len(p) + 5 for p in prompts] + [0]

@@ -269,6 +269,7 @@ def test_cuda_graph_greedy_loop_equals_eager(random_checkpoint):
     """The JIT stepper on the GPU captures a greedy loop graph per bucket (decode, argmax, next inputs in place):
     its tokens equal eager decode + argmax on the same model, with a padding row (2 prompts in the 4-row bucket)
     and with a row that reaches the end of the cache while the other goes on."""
+    from dsv3.generate import PlainSteps
     from dsv3.runtime.engine import jit_stepper
 
     model = dsv3.load(random_checkpoint("tiny", "fp8"), dtype=torch.bfloat16, max_batch_size=4,
@@ -278,21 +279,8 @@ def test_cuda_graph_greedy_loop_equals_eager(random_checkpoint):
     prompts = [PROMPTS[0], list(range(1, MAX_SEQ_LEN - 3))]
     for batch in ([prompts[0]], prompts):
         ours, _ = generate(stepper, batch, max_new_tokens=8)
-        ref, _ = generate(EagerGraphless(stepper), batch, max_new_tokens=8)
+        ref, _ = generate(PlainSteps(stepper), batch, max_new_tokens=8)
         assert [c.tokens for c in ours] == [c.tokens for c in ref]
         assert [c.finish_reason for c in ours] == [c.finish_reason for c in ref]
     assert [c.finish_reason for c in ours] == ["length", "cache_end"]
 
-
-class EagerGraphless:
-    """The same compiled stepper without its loop graph: decode (logits graph), then argmax outside it."""
-
-    def __init__(self, stepper):
-        self.stepper = stepper
-        self.max_batch_size, self.max_seq_len, self.device = stepper.max_batch_size, stepper.max_seq_len, stepper.device
-
-    def prefill(self, prompts):
-        return self.stepper.prefill(prompts)
-
-    def decode(self, tokens, positions):
-        return self.stepper.decode(tokens, positions)

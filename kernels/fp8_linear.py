@@ -694,8 +694,9 @@ def fp8_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     shapes and is only correct when K/128 % 4 == 0: there K is padded to that with zero blocks (zero activations,
     zero weight columns, zero weight scales: nothing added), a copy of the weight per call (the 16B experts' down
     projection, K = 1408: 3 MB against a 24 GFLOP GEMM at a prefill's M; before, such K went to the Triton GEMM).
-    A ragged N or K (16B's kv_a 576 rows, its dense MLP's 10944) is padded to whole 128-blocks the same way (a
-    weight copy per call; before the thirteenth session those shapes went to the Triton tiled GEMM)."""
+    A ragged K (16B's dense MLP's 10944) is padded to whole 128-blocks the same way (a weight copy per call; before
+    the thirteenth session those shapes went to the Triton tiled GEMM); a ragged N (16B's kv_a 576 rows) too, except
+    in packages (see scaled_mm_quantized)."""
     m = x2.shape[0]
     n = weight.shape[0]
     xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=scaled_mm_k_blocks(scale.shape[1]),
@@ -715,14 +716,18 @@ def scaled_mm_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor
     """cuBLAS block-scaled GEMM on an activation already quantized for it: xq [Mp, Kx] e4m3 with Mp % 4 == 0 and
     Kx whole 128-blocks, xs [Mp, Kx/128] M-major (act_quant(..., pad_rows_to=4, scales_m_major=True, pad_k=True,
     pad_k_blocks_to=scaled_mm_k_blocks(kb))); weight [N, K] with scale [ceil(N/128), kb]. The weight is padded with
-    zero rows to whole 128-blocks of N and zero columns to Kx (fp8 has no constant-pad kernel: the bytes are padded,
-    0x00 is +0.0 in e4m3). Returns [Mp, ceil(N/128) * 128]."""
+    zero columns to Kx and, for F.scaled_mm, zero rows to whole 128-blocks of N (fp8 has no constant-pad kernel: the
+    bytes are padded, 0x00 is +0.0 in e4m3). Returns [Mp, ceil(N/128) * 128], or [Mp, N] inside AOTInductor
+    compilation: v1 `torch._scaled_mm` takes a ragged N with its ceil(N/128) scale rows as it is (H200, 2026-11-25,
+    `scripts/try_scaled_mm_ragged_n.py`: N 3648 / 2112 / 576, eager and packaged, bitwise equal to the padded call),
+    so the per-call row pad of 16B's fused q / kv_a weight (~160 us per 4095-token prefill) is not made there."""
     kb = scale.shape[1]
     n, k = weight.shape
-    pad_rows, pad_cols = scale.shape[0] * BLOCK - n, xq.shape[1] - k
+    aot = _aot_compiling()
+    pad_rows, pad_cols = 0 if aot else scale.shape[0] * BLOCK - n, xq.shape[1] - k
     if pad_rows or pad_cols:
         weight = F.pad(weight.view(torch.uint8), (0, pad_cols, 0, pad_rows)).view(weight.dtype)
-    if _aot_compiling():
+    if aot:
         pad_blocks = xq.shape[1] // BLOCK - kb
         if pad_blocks:
             scale = F.pad(scale.float(), (0, pad_blocks))

@@ -528,6 +528,26 @@ def test_aoti_scaled_mm_pads_k_gpu(tmp_path):
         assert got.shape == (rows, 2048) and rel(got, fp8_ref64(xi, w, s)) < 1e-2
 
 
+@pytest.mark.gpu
+@cuda
+def test_aoti_scaled_mm_ragged_n_gpu(tmp_path):
+    """Inside a package a ragged N (16B's fused q / kv_a weight, 3648 rows) goes to v1 `torch._scaled_mm` unpadded:
+    the same values as the eager op (which pads the rows for F.scaled_mm) and as the float64 reference."""
+    from dsv3.kernels.fp8_linear import fp8_linear_triton
+
+    w, s = rand_fp8_weight(3648, 2048)
+    x = torch.randn(200, 2048, device="cuda", dtype=torch.bfloat16)
+    m = torch.export.Dim("m", min=65, max=1024)
+    ep = torch.export.export(_OneLinear(), (x, w, s), dynamic_shapes=({0: m}, None, None))
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "n3648.pt2")))
+    for rows in (200, 333):
+        xi = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+        got = runner(xi, w, s)
+        assert got.shape == (rows, 3648) and rel(got, fp8_ref64(xi, w, s)) < 1e-2
+        assert rel(got, fp8_linear_triton(xi, w, s)) < 1e-3  # the eager op: F.scaled_mm on the padded weight
+
+
 def test_no_triton_kernel_parameter_has_a_default():
     """Inductor launches a `wrap_triton` kernel with exactly the arguments the call site passes (its generated
     launcher takes no defaults): a parameter with a default that a call site leaves out compiles in eager mode but

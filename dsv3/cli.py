@@ -217,6 +217,9 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
                 mode = "jit"
             else:
                 stepper, mode = model, "eager"
+        if hasattr(stepper, "prepare_sampling"):  # a sampled run's loop graph, captured now rather than on request
+            stepper.prepare_sampling(sampling, batch)
+            timings["capture_s"] = stepper.capture_s
         load_s = time.perf_counter() - t0
 
         def should_stop(row: int, tokens: list[int]) -> bool:

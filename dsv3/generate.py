@@ -37,10 +37,13 @@ class SamplingParams:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, V] fp32 logits -> [B] int64 tokens, on the logits' device."""
+def sample_scores(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """[B, V] fp32 logits -> [B, V] scores whose row argmax is the sampled token: the logits themselves when greedy,
+    else the filtered probabilities over exponential noise. Torch ops only, no host sync: the runtime captures them
+    in its sampled loop graphs, where `dsv3.greedy_next_` takes the argmax."""
     if params.temperature == 0.0:
-        return logits.argmax(-1)
+        return logits
     logits = logits / params.temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -54,7 +57,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = logits.softmax(-1)
     # argmax(p / E) with E ~ Exp(1) draws from p (exponential race): no multinomial, no host sync.
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax(-1)
+    return probs / noise
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, V] fp32 logits -> [B] int64 tokens, on the logits' device."""
+    return sample_scores(logits, params, generator).argmax(-1)
 
 
 @dataclass

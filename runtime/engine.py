@@ -7,8 +7,10 @@ Both implement `dsv3.generate.Stepper`:
   the first-chunk graph when the artifacts have one (no attention over cached rows: there are none);
 - decode: the batch is padded to the next bucket; on CUDA each bucket's graph is captured once in a CUDA graph
   (one shared pool, static token/position buffers) and replayed;
-- greedy generation (`decode_loop`): a second graph per bucket steps the batch with the argmax and the next step's
-  tokens and positions computed inside it, so a generated token costs one replay and nothing else on the device.
+- generation (`decode_loop`): a second graph per bucket steps the batch with the argmax and the next step's
+  tokens and positions computed inside it, so a generated token costs one replay and nothing else on the device;
+  sampled generation gets such a graph per (bucket, sampling settings) on first use (`prepare_sampling`), with the
+  sampling ops and their random draws inside it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 import dsv3.checkpoint as ckpt_mod
 from dsv3.config import ModelConfig, load_config_file
-from dsv3.generate import DecodeLoop, SamplingParams
+from dsv3.generate import DecodeLoop, SamplingParams, sample_scores
 from dsv3.kernels.greedy import greedy_next_, greedy_scratch
 from dsv3.model import Transformer
 from dsv3.runtime.artifacts import bind_constants, load_package
@@ -43,8 +45,14 @@ class GraphStepper:
         self.prefill_first_fn = prefill_first_fn if prefill_first_fn is not None else prefill_fn
         self.buckets = sorted(decode_fns)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.loops = {b: _GreedyLoopBuffers(b, self.device) for b in self.buckets}
+        self.loops = {b: _LoopBuffers(b, self.device) for b in self.buckets}
         self.loop_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Sampled loop graphs, captured on first use, at most MAX_SAMPLED_GRAPHS (the oldest goes). Their random
+        # draws come from one generator of ours registered with each graph; a run's own generator (a seed) is
+        # copied into it when the loop starts, so the draws continue that generator's sequence.
+        self.sampled_graphs: dict[tuple[int, SamplingParams], torch.cuda.CUDAGraph] = {}
+        self.sample_generator = torch.Generator(device=self.device) if cuda_graphs else None
+        self.pool = None
         self.capture_s = 0.0
         self.all_reduce = "none" if getattr(model, "tp_all_reduce", None) is None else "nccl"  # artifact_stepper
         if cuda_graphs:
@@ -62,7 +70,7 @@ class GraphStepper:
         """One CUDA graph per bucket, in one memory pool. Warm-up writes the cache at position 0 of unused rows:
         harmless, prefill overwrites what a sequence reads."""
         t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         for b in self.buckets:
@@ -106,33 +114,76 @@ class GraphStepper:
         return self.decode_fns[b](tok, pos)[:n]
 
     @torch.inference_mode()
-    def _greedy_step(self, b: int) -> None:
-        """One greedy step of bucket b on its static buffers: decode, argmax, then the next step's inputs in place.
-        Padding rows (active 0) keep token 0 at position 0; positions stop at the cache's last slot (a row that
-        reached it has stopped, generate() discards what it produces)."""
+    def _greedy_step(self, b: int, sampling: SamplingParams = SamplingParams(),
+                     generator: torch.Generator | None = None) -> None:
+        """One step of bucket b on its static buffers: decode, sample (the argmax of `sample_scores`), then the next
+        step's inputs in place. Padding rows (active 0) keep token 0 at position 0; positions stop at the cache's
+        last slot (a row that reached it has stopped, generate() discards what it produces)."""
         buf = self.loops[b]
-        logits = self.decode_fns[b](buf.tokens, buf.positions)
-        greedy_next_(logits, buf.tokens, buf.positions, buf.active, buf.best, buf.count, self.max_seq_len - 1)
+        scores = sample_scores(self.decode_fns[b](buf.tokens, buf.positions), sampling, generator)
+        greedy_next_(scores, buf.tokens, buf.positions, buf.active, buf.best, buf.count, self.max_seq_len - 1)
+
+    MAX_SAMPLED_GRAPHS = 8
+
+    @torch.inference_mode()
+    def prepare_sampling(self, sampling: SamplingParams, batch: int) -> None:
+        """Capture the sampled loop graph for this batch's bucket and these settings now (dsv3c run does at load, so
+        the first request does not wait for it; decode_loop otherwise captures on first use). No-op when greedy
+        or without CUDA graphs."""
+        if sampling.temperature != 0.0 and self.graphs:
+            self._sampled_graph(self._bucket(batch), sampling)
+
+    def _sampled_graph(self, b: int, sampling: SamplingParams) -> torch.cuda.CUDAGraph:
+        key = (b, sampling)
+        graph = self.sampled_graphs.pop(key, None)
+        if graph is None:
+            t0 = time.perf_counter()
+            logits = self.graphs[b][3]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the sampling ops' first calls (library handles, workspaces) outside
+                sample_scores(logits.clone(), sampling, torch.Generator(device=self.device))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.sample_generator)
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._greedy_step(b, sampling, self.sample_generator)
+            torch.cuda.synchronize(self.device)
+            self.capture_s += time.perf_counter() - t0
+            while len(self.sampled_graphs) >= self.MAX_SAMPLED_GRAPHS:
+                self.sampled_graphs.pop(next(iter(self.sampled_graphs)))
+        self.sampled_graphs[key] = graph  # re-inserted: the most recently used is last
+        return graph
 
     @torch.inference_mode()
     def decode_loop(self, tokens: torch.Tensor, positions: torch.Tensor, sampling: SamplingParams,
                     generator: torch.Generator | None = None) -> DecodeLoop | None:
-        """Greedy steps that feed themselves (see `dsv3.generate.DecodeLoop`): under CUDA graphs one replay per
-        token. None for sampled generation: its random draws stay outside the graph (`generate` falls back to
-        decode + sample), so a seeded run draws the same numbers whichever path runs it."""
-        if sampling.temperature != 0.0:
-            return None
+        """Steps that feed themselves (see `dsv3.generate.DecodeLoop`): under CUDA graphs one replay per token.
+        Sampled steps draw from `generator` (or, when None, from a seed taken from torch's default CPU generator):
+        a batch that fills its bucket draws the numbers decode + `sample` would, a smaller one draws noise for the
+        bucket's padding rows too, so its tokens differ from that path's. Without CUDA graphs, sampled generation
+        returns None (`generate` runs decode + sample)."""
         n = tokens.shape[0]
         b = self._bucket(n)
+        sampled = sampling.temperature != 0.0
+        if sampled and not self.graphs:
+            return None
+        graph = self._sampled_graph(b, sampling) if sampled else self.loop_graphs.get(b)
+        if sampled:
+            gen = self.sample_generator
+            if generator is not None:
+                gen.set_state(generator.get_state())
+            else:
+                gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
         buf = self.loops[b]
         buf.start(tokens, positions.clamp(max=self.max_seq_len - 1))
-        graph = self.loop_graphs.get(b)
-        return _GreedyLoop(buf, n, graph.replay if graph is not None else lambda: self._greedy_step(b))
+        return _Loop(buf, n, graph.replay if graph is not None else lambda: self._greedy_step(b))
 
     def release_graphs(self) -> None:
         """Drop the CUDA graphs (and the NCCL work captured in them) before the process group goes."""
         self.graphs.clear()
         self.loop_graphs.clear()
+        self.sampled_graphs.clear()
 
     # -------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -166,9 +217,10 @@ class GraphStepper:
         return torch.cat(rows, dim=0)
 
 
-class _GreedyLoopBuffers:
-    """A bucket's static inputs for greedy stepping: [b, 1] tokens and positions, and 1 / 0 for real / padding
-    rows. The loop graph reads them and writes the next step's values back (`dsv3.greedy_next_`, one launch)."""
+class _LoopBuffers:
+    """A bucket's static inputs for stepping: [b, 1] tokens and positions, and 1 / 0 for real / padding rows. The
+    loop graphs (greedy and sampled) read them and write the next step's values back (`dsv3.greedy_next_`, one
+    launch, over the logits or the sampling scores)."""
 
     def __init__(self, b: int, device: torch.device):
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
@@ -185,8 +237,8 @@ class _GreedyLoopBuffers:
         self.active[:n] = 1
 
 
-class _GreedyLoop:
-    def __init__(self, buf: _GreedyLoopBuffers, n: int, run_step: Callable[[], None]):
+class _Loop:
+    def __init__(self, buf: _LoopBuffers, n: int, run_step: Callable[[], None]):
         self.buf, self.n, self.run_step = buf, n, run_step
 
     def step(self) -> torch.Tensor:

@@ -7,8 +7,10 @@
 - sync, loop graph: today's `dsv3c bench` step (`GraphStepper.decode_loop`: argmax and next inputs in the graph);
 - generate(), eager loop / loop graph: `dsv3.generate.generate` over `--steps` tokens with the stepper's loop graph
   hidden (decode + argmax per step, the former path) and with it.
-Greedy tokens of both generate() paths are compared (they must be equal). Medians over the rounds, spread next to
-them.
+- generate(), sampled (temperature 0.6, top-p 0.95, seed 0), decode + sample / the sampled loop graph: the same
+  with the sampling ops and their random draws outside and inside the graph (`--sampled` adds these rows).
+Tokens of both generate() paths are compared (they must be equal: the batch fills its bucket, so the sampled loop
+draws the numbers decode + sample draws). Medians over the rounds, spread next to them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from dsv3.generate import PlainSteps, SamplingParams, decode_loop, generate
 from dsv3.runtime.engine import artifact_stepper
 from dsv3.runtime.parallel import ParallelPlan
+
+SAMPLED = SamplingParams(temperature=0.6, top_p=0.95)  # DeepSeek's recommended settings for V3
 
 
 def replay_ms(replay, n: int = 50) -> float:
@@ -53,6 +57,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sampled", action="store_true", help="also time sampled generate() on both paths")
     args = ap.parse_args()
     stepper, _ = artifact_stepper(args.artifacts, None, ParallelPlan(0, 1), "cuda", progress=False)
     vocab = stepper.model.cfg.vocab_size
@@ -76,6 +81,13 @@ def main() -> None:
             assert [c.tokens for c in old] == [c.tokens for c in new], "the two generate() paths differ"
             rows.setdefault("generate(), decode + argmax", []).append(old_stats.ms_per_token)
             rows.setdefault("generate(), loop graph", []).append(new_stats.ms_per_token)
+            if args.sampled:
+                old, old_stats = generate(PlainSteps(stepper), prompts, max_new_tokens=args.steps + 1,
+                                          sampling=SAMPLED, seed=0)
+                new, new_stats = generate(stepper, prompts, max_new_tokens=args.steps + 1, sampling=SAMPLED, seed=0)
+                assert [c.tokens for c in old] == [c.tokens for c in new], "the two sampled generate() paths differ"
+                rows.setdefault("generate(), decode + sample", []).append(old_stats.ms_per_token)
+                rows.setdefault("generate(), sampled loop graph", []).append(new_stats.ms_per_token)
         print(f"batch {b}, context {args.context}, {args.steps} steps, {args.rounds} rounds (ms per token, median "
               f"[spread]); generate() tokens equal on both paths")
         for name, v in rows.items():

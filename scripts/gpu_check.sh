@@ -29,8 +29,10 @@
 #   run16q     dsv3c run --random-weights on quick16's artifacts: batch 1 and 8, 64 new tokens, --stats (the user's loop)
 #   ragged-n   scripts/try_scaled_mm_ragged_n.py: v1 torch._scaled_mm with N not a multiple of 128, eager and in AOTI
 #   loop16     scripts/bench_decode_loop.py on quick16's artifacts: per-token time as replay, as a synced step with the
-#              logits graph or the greedy loop graph, and through generate() on either path (tokens compared)
-#   ggen       the GPU tests of the greedy loop graph and its op (tests/test_generate.py, tests/test_greedy.py -m gpu)
+#              logits graph or the greedy loop graph, and through generate() on either path (tokens compared), greedy
+#              and sampled (temperature 0.6, top-p 0.95: decode + sample against the sampled loop graph)
+#   ggen       the GPU tests of the loop graphs (greedy, sampled) and greedy_next_ (tests/test_generate.py,
+#              tests/test_greedy.py -m gpu)
 #   rope       scripts/bench_rope.py: the prefill's q_pe RoPE compiled by Inductor, apply_rope's cat form against an
 #              indexed form of the same values (bitwise compared, timed)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
@@ -259,7 +261,7 @@ step_ragged_n() {
 }
 
 step_loop16() {  # needs quick16's artifacts ($WORK/art16q)
-  $PY scripts/bench_decode_loop.py "$WORK/art16q" --batches 1,8 --context 128 --steps 64 --rounds 5 2>&1 \
+  $PY scripts/bench_decode_loop.py "$WORK/art16q" --batches 1,8 --context 128 --steps 64 --rounds 5 --sampled 2>&1 \
     | grep -v Warning | tail -20
 }
 

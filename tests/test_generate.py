@@ -284,3 +284,38 @@ def test_cuda_graph_greedy_loop_equals_eager(random_checkpoint):
         assert [c.finish_reason for c in ours] == [c.finish_reason for c in ref]
     assert [c.finish_reason for c in ours] == ["length", "cache_end"]
 
+
+
+@pytest.mark.gpu
+def test_cuda_graph_sampled_loop(random_checkpoint):
+    """Sampled generation through the JIT stepper's sampled loop graphs (decode, temperature / top-k / top-p, the
+    random draws and the next inputs in one graph, captured on first use): a batch that fills its bucket draws what
+    eager decode + sample draws from the same seed, so the tokens are equal; with padding rows (2 prompts in the
+    4-row bucket) top-k 1 gives the greedy tokens; a seed reproduces a run; the oldest graph goes past the limit."""
+    from dsv3.generate import PlainSteps
+    from dsv3.runtime.engine import jit_stepper
+
+    model = dsv3.load(random_checkpoint("tiny", "fp8"), dtype=torch.bfloat16, max_batch_size=4,
+                      max_seq_len=MAX_SEQ_LEN, num_layers=LAYERS, device="cuda", progress=False)
+    stepper, _ = jit_stepper(model, (1, 4), prefill_chunk=16)
+    four = [PROMPTS[i % len(PROMPTS)][: 3 + i] for i in range(4)]
+    for params in (SamplingParams(temperature=0.8), SamplingParams(temperature=0.7, top_k=20, top_p=0.9)):
+        for batch in (four[:1], four):
+            ours, _ = generate(stepper, batch, max_new_tokens=10, sampling=params, seed=3)
+            again, _ = generate(stepper, batch, max_new_tokens=10, sampling=params, seed=3)
+            ref, _ = generate(PlainSteps(stepper), batch, max_new_tokens=10, sampling=params, seed=3)
+            assert [c.tokens for c in ours] == [c.tokens for c in ref] == [c.tokens for c in again]
+    assert sorted(stepper.sampled_graphs) == sorted((b, p) for b in (1, 4) for p in (
+        SamplingParams(temperature=0.8), SamplingParams(temperature=0.7, top_k=20, top_p=0.9)))
+
+    greedy, _ = generate(stepper, four[:2], max_new_tokens=10)
+    top1, _ = generate(stepper, four[:2], max_new_tokens=10, sampling=SamplingParams(temperature=1.0, top_k=1))
+    assert [c.tokens for c in top1] == [c.tokens for c in greedy]
+    draws = {tuple(generate(stepper, four[:2], max_new_tokens=10, sampling=SamplingParams(temperature=1.5),
+                            seed=s)[0][0].tokens) for s in (1, 1, 2)}
+    assert len(draws) == 2  # seed 1 twice: one sequence; seed 2: another (vocab 1024, 10 tokens: no collision)
+
+    stepper.MAX_SAMPLED_GRAPHS = 2
+    stepper.prepare_sampling(SamplingParams(temperature=0.5), 1)
+    assert list(stepper.sampled_graphs)[-1] == (1, SamplingParams(temperature=0.5))
+    assert len(stepper.sampled_graphs) == 2

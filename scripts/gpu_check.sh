@@ -26,7 +26,8 @@
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
 #   ab-prep    scripts/ab_prep.py: dsv3.mla_decode_prep against AB_OLD_PREP (a copy of kernels/mla_decode_prep.py
 #              sent with the tree) at batch 1 / 8, and dsv3.mla_prefill_prep's kernel against the composition it replaced
-#   run16q     dsv3c run --random-weights on quick16's artifacts: batch 1 and 8, 64 new tokens, --stats (the user's loop)
+#   run16q     dsv3c run --random-weights on quick16's artifacts: batch 1 and 8, 64 new tokens, --stats (the user's loop),
+#              greedy and sampled
 #   ragged-n   scripts/try_scaled_mm_ragged_n.py: v1 torch._scaled_mm with N not a multiple of 128, eager and in AOTI
 #   loop16     scripts/bench_decode_loop.py on quick16's artifacts: per-token time as replay, as a synced step with the
 #              logits graph or the greedy loop graph, and through generate() on either path (tokens compared), greedy
@@ -253,6 +254,9 @@ step_run16q() {  # needs quick16's artifacts ($WORK/art16q)
     for p in "${prompts[@]:0:$b}"; do args+=(--prompt "$p"); done
     /usr/bin/time -f "batch $b, cold start to exit: %e s" $PY -m dsv3.cli run --artifacts "$WORK/art16q" --random-weights \
       "${args[@]}" --max-new-tokens 64 --stats --output-file "$OUT/run16q_b$b.jsonl" 2>&1 | grep -E "load|error|Error|cold" | tail -4
+    echo "  sampled (temperature 0.6, top-p 0.95, seed 0):"
+    $PY -m dsv3.cli run --artifacts "$WORK/art16q" --random-weights "${args[@]}" --max-new-tokens 64 --stats \
+      --temperature 0.6 --top-p 0.95 --seed 0 2>&1 | grep -E "load|error|Error" | tail -3
   done
 }
 

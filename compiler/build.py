@@ -239,22 +239,24 @@ def _fresh_int_arrays() -> Iterator[None]:
 class GraphSpec:
     name: str
     kind: str  # "decode" (static batch bucket) or "prefill" (dynamic chunk length)
-    batch: int = 1
+    batch: int = 1  # decode: the bucket; prefill: the most rows per call (dynamic when > 1)
     first_chunk: bool = False  # prefill: the graph for chunks at position 0 (no cached prefix)
 
     def manifest_entry(self, opts: CompileOptions) -> dict:
         if self.kind == "decode":
             return {"file": f"{self.name}.pt2", "kind": "decode", "batch": self.batch}
         return {"file": f"{self.name}.pt2", "kind": "prefill", "max_chunk": opts.prefill_chunk,
-                "first_chunk": self.first_chunk}
+                "first_chunk": self.first_chunk, "max_batch": self.batch}
 
 
 def graph_specs(opts: CompileOptions) -> list[GraphSpec]:
     # Two prefill graphs: a prompt's first chunk (position 0) has no cached rows to attend to, so its graph leaves
     # out the absorbed prefix half (two absorption GEMMs, the copies feeding them, an attention kernel that would
-    # find nothing); later chunks of a long prompt take the general graph.
+    # find nothing); later chunks of a long prompt take the general graph. The first-chunk graph takes several
+    # prompts per call (a batch's prompts in one pass over the weights instead of one pass each).
     return [GraphSpec(f"decode_b{b}", "decode", b) for b in sorted(set(opts.batch_sizes))] + [
-        GraphSpec("prefill_first", "prefill", first_chunk=True), GraphSpec("prefill", "prefill")]
+        GraphSpec("prefill_first", "prefill", batch=opts.max_batch_size, first_chunk=True),
+        GraphSpec("prefill", "prefill")]
 
 
 def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable[[str], None] = print
@@ -272,9 +274,14 @@ def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable
             step, args, dynamic = DecodeStep(model), decode_inputs(spec.batch, opts.device), None
         else:
             seq = torch.export.Dim("seq", min=2, max=opts.prefill_chunk)
-            dynamic = {"tokens": {1: seq}, "input_pos": {1: seq}, "cache_row": None, "logits_index": None}
+            if spec.batch > 1:  # a dynamic row count too (the example has 2 rows: export specializes a size of 1)
+                rows = torch.export.Dim("rows", min=1, max=spec.batch)
+                dynamic = {"tokens": {0: rows, 1: seq}, "input_pos": {0: rows, 1: seq}, "cache_row": {0: rows},
+                           "logits_index": {0: rows}}
+            else:
+                dynamic = {"tokens": {1: seq}, "input_pos": {1: seq}, "cache_row": None, "logits_index": None}
             step = PrefillStep(model, first_chunk=spec.first_chunk)
-            args = prefill_inputs(min(opts.prefill_chunk, 16), opts.device)
+            args = prefill_inputs(min(opts.prefill_chunk, 16), opts.device, rows=min(spec.batch, 2))
         with log.stage(f"export {spec.name}"):
             ep = torch.export.export(step, args, dynamic_shapes=dynamic)
         with log.stage(f"aoti {spec.name}"), _fresh_int_arrays(), _one_pass_rows(spec.kind == "prefill"):

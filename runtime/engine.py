@@ -4,7 +4,10 @@ Both implement `dsv3.generate.Stepper`:
 - prefill: each prompt goes into its own cache row through the prefill graph, in chunks of at most
   `prefill_chunk` tokens (the graph takes 2..chunk tokens; a 1-token piece gets a dummy second token one position
   later, which the first decode step overwrites before anything attends to it); a chunk at position 0 goes through
-  the first-chunk graph when the artifacts have one (no attention over cached rows: there are none);
+  the first-chunk graph when the artifacts have one (no attention over cached rows: there are none), several
+  prompts' first chunks per call when it takes rows (right-padded to one length, at most `prefill_chunk` tokens
+  per call with the padding: the padding writes cache slots after a prompt's end, which its decode steps overwrite
+  before they attend to them);
 - decode: the batch is padded to the next bucket; on CUDA each bucket's graph is captured once in a CUDA graph
   (one shared pool, static token/position buffers) and replayed;
 - generation (`decode_loop`): a second graph per bucket steps the batch with the argmax and the next step's
@@ -36,13 +39,14 @@ StepFn = Callable[..., torch.Tensor]
 
 class GraphStepper:
     def __init__(self, model: Transformer, prefill_fn: StepFn, decode_fns: dict[int, StepFn], prefill_chunk: int,
-                 cuda_graphs: bool, prefill_first_fn: StepFn | None = None):
+                 cuda_graphs: bool, prefill_first_fn: StepFn | None = None, prefill_first_rows: int = 1):
         self.model = model
         self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
         self.device = model.rope_cos.device
         self.prefill_fn, self.decode_fns, self.prefill_chunk = prefill_fn, decode_fns, prefill_chunk
         # chunks at position 0 (artifacts from before the first-chunk graph: the general one)
         self.prefill_first_fn = prefill_first_fn if prefill_first_fn is not None else prefill_fn
+        self.prefill_first_rows = prefill_first_rows if prefill_first_fn is not None else 1  # prompts per call
         self.buckets = sorted(decode_fns)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.loops = {b: _LoopBuffers(b, self.device) for b in self.buckets}
@@ -192,29 +196,53 @@ class GraphStepper:
         their first calls (loading every kernel of the package, library handles, first allocations). Harmless: a
         prefill rewrites the cache rows its sequence reads. Returns the seconds it took."""
         t0 = time.perf_counter()
-        for fn in dict.fromkeys((self.prefill_first_fn, self.prefill_fn)):  # one graph when there is no first-chunk one
-            fn(*prefill_inputs(2, self.device))
+        self.prefill_first_fn(*prefill_inputs(2, self.device, rows=min(2, self.prefill_first_rows)))
+        if self.prefill_fn is not self.prefill_first_fn:
+            self.prefill_fn(*prefill_inputs(2, self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
+    def _first_chunk_groups(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Prompt indices in calls of the first-chunk graph: consecutive prompts while the call stays within its
+        rows and within prefill_chunk tokens counting the right-padding to the longest first chunk."""
+        groups: list[list[int]] = []
+        width = 0
+        for i, prompt in enumerate(prompts):
+            s = max(2, min(len(prompt), self.prefill_chunk))
+            if groups and len(groups[-1]) < self.prefill_first_rows and \
+                    (len(groups[-1]) + 1) * max(width, s) <= self.prefill_chunk:
+                groups[-1].append(i)
+                width = max(width, s)
+            else:
+                groups.append([i])
+                width = s
+        return groups
+
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        rows = []
-        for row, prompt in enumerate(prompts):
-            logits = None
-            for start in range(0, len(prompt), self.prefill_chunk):
+        logits: list[torch.Tensor | None] = [None] * len(prompts)
+        for group in self._first_chunk_groups(prompts):
+            firsts = [list(prompts[i][: self.prefill_chunk]) for i in group]
+            # right-padded with token 0 (a 1-token prompt gets its dummy second token this way too)
+            width = max(2, max(len(p) for p in firsts))
+            tokens = torch.tensor([p + [0] * (width - len(p)) for p in firsts], dtype=torch.long, device=self.device)
+            pos = torch.arange(width, device=self.device).unsqueeze(0).repeat(len(group), 1)
+            out = self.prefill_first_fn(tokens, pos, torch.tensor(group, device=self.device),
+                                        torch.tensor([len(p) - 1 for p in firsts], device=self.device))
+            for r, i in enumerate(group):
+                logits[i] = out[r]
+        for row, prompt in enumerate(prompts):  # the chunks after the first, one prompt at a time
+            for start in range(self.prefill_chunk, len(prompt), self.prefill_chunk):
                 piece = list(prompt[start: start + self.prefill_chunk])
                 last = len(piece) - 1
                 if len(piece) == 1:
                     piece.append(0)  # dummy token at the next position; the first decode step overwrites it
                 tokens = torch.tensor([piece], dtype=torch.long, device=self.device)
                 pos = torch.arange(start, start + len(piece), device=self.device).unsqueeze(0)
-                fn = self.prefill_first_fn if start == 0 else self.prefill_fn
-                logits = fn(tokens, pos, torch.tensor([row], device=self.device),
-                            torch.tensor([last], device=self.device))
-            rows.append(logits)
-        return torch.cat(rows, dim=0)
+                logits[row] = self.prefill_fn(tokens, pos, torch.tensor([row], device=self.device),
+                                              torch.tensor([last], device=self.device))[0]
+        return torch.stack(logits)
 
 
 class _LoopBuffers:
@@ -331,8 +359,10 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path | None, plan:
     if False not in prefill_fns:
         raise ArtifactError(f"{artifacts} has no (general) prefill graph: rebuild it with `dsv3c compile`")
     packages_s = time.perf_counter() - t0
+    first_rows = next((g.get("max_batch", 1) for g in manifest["graphs"].values()
+                       if g["kind"] == "prefill" and g.get("first_chunk")), 1)
     stepper = GraphStepper(model, prefill_fns[False], decode_fns, manifest["prefill_chunk"], cuda_graphs=cuda,
-                           prefill_first_fn=prefill_fns.get(True))
+                           prefill_first_fn=prefill_fns.get(True), prefill_first_rows=first_rows)
     stepper.all_reduce = plan.all_reduce + (" (symmetric memory)" if symmetric else "")
     return stepper, {"load_weights_s": load_s, "load_packages_s": packages_s, "capture_s": stepper.capture_s,
                      "warmup_s": stepper.warm_prefill()}
@@ -350,10 +380,12 @@ def jit_stepper(model: Transformer, buckets: Sequence[int], prefill_chunk: int) 
     t0 = time.perf_counter()
     with torch.inference_mode():  # compile now, not inside the first request (writes only unused cache slots)
         prefill(*prefill_inputs(min(prefill_chunk, 3), device))
-        prefill_first(*prefill_inputs(min(prefill_chunk, 3), device))
+        for rows in sorted({1, min(2, model.max_batch_size)}):  # one row, and a dynamic row count from 2
+            prefill_first(*prefill_inputs(min(prefill_chunk, 3), device, rows=rows))
         for b in buckets:
             decode(*decode_inputs(b, device))
     compile_s = time.perf_counter() - t0
     stepper = GraphStepper(model, prefill, {b: decode for b in buckets}, prefill_chunk,
-                           cuda_graphs=device.type == "cuda", prefill_first_fn=prefill_first)
+                           cuda_graphs=device.type == "cuda", prefill_first_fn=prefill_first,
+                           prefill_first_rows=model.max_batch_size)
     return stepper, {"compile_s": compile_s, "capture_s": stepper.capture_s}

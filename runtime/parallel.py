@@ -256,7 +256,11 @@ def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
         return model.tp_all_reduce(out)
 
     def gather_logits(_m, _args, out):
-        return fc.wait_tensor(fc.all_gather_tensor(out.contiguous(), gather_dim=out.dim() - 1, group=group))
+        # gathered along dim 0, then each rank's vocab slice put side by side with a view: all_gather_tensor's own
+        # gather_dim=-1 splits with torch.chunk, whose symbolic chunk count export cannot prove for a dynamic row
+        # count (the batched first-chunk prefill graph)
+        full = fc.wait_tensor(fc.all_gather_tensor(out.contiguous(), gather_dim=0, group=group))
+        return full.view(ws, *out.shape).movedim(0, -2).flatten(-2)
 
     # Parameters and buffers that hold a slice.
     for name, _ in list(model.named_parameters()) + list(model.named_buffers()):

@@ -7,6 +7,8 @@ runtime (which calls the packages, or compiles these same modules with --jit).
   logits_index [1] -> logits [1, vocab] for token `logits_index` of the chunk; writes the chunk into `cache_row`.
   A second prefill graph with the same signature, `first_chunk`, serves chunks at position 0 (a prompt's first):
   it attends to the chunk alone and skips the absorbed half over the cached prefix (Transformer's first_chunk).
+  Its row count R is dynamic too (1..`max_batch` of its manifest entry; 1 in artifacts from before it): the first
+  chunks of R prompts, right-padded to one S, each into its own cache_row[r], logits [R, vocab].
 
 Both wrap the same `Transformer`, so their constants (weights, latent caches, rope tables) have the same names
 (`model.<name>`) and the runtime hands one set of tensors to every graph.
@@ -57,8 +59,9 @@ def decode_inputs(batch: int, device: torch.device | str) -> tuple[torch.Tensor,
     return z, z.clone()
 
 
-def prefill_inputs(seq: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
-    return (torch.zeros(1, seq, dtype=torch.long, device=device),
-            torch.arange(seq, device=device).unsqueeze(0),
-            torch.zeros(1, dtype=torch.long, device=device),
-            torch.full((1,), seq - 1, dtype=torch.long, device=device))
+def prefill_inputs(seq: int, device: torch.device | str, rows: int = 1) -> tuple[torch.Tensor, ...]:
+    """rows chunks of seq tokens at positions 0.., into cache rows 0..rows-1, logits of each last token."""
+    return (torch.zeros(rows, seq, dtype=torch.long, device=device),
+            torch.arange(seq, device=device).unsqueeze(0).repeat(rows, 1),
+            torch.arange(rows, dtype=torch.long, device=device),
+            torch.full((rows,), seq - 1, dtype=torch.long, device=device))

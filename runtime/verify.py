@@ -85,7 +85,8 @@ def verify(directory: str | Path) -> list[dict]:
             raise SystemExit(f"{name}: tensors compiled in as constants instead of taken at run time: {inlined}")
         bind_constants(pkg, name, tensors)
         errs, noise, finite, top1 = [], [], True, []
-        rows_per_trial = graph["batch"] if graph["kind"] == "decode" else 1
+        # a first-chunk graph that takes several prompts per call is checked with up to 4 of them (distinct rows)
+        rows_per_trial = graph["batch"] if graph["kind"] == "decode" else min(graph.get("max_batch", 1), 4)
         for _ in range(-(-MIN_ROWS // rows_per_trial)):
             if graph["kind"] == "decode":
                 b = graph["batch"]
@@ -95,13 +96,14 @@ def verify(directory: str | Path) -> list[dict]:
                 args: tuple = (tokens, pos)
             else:  # the eager model's general prefill form, also for the first-chunk graph (then at position 0)
                 step = PrefillStep(model)
-                s = min(graph["max_chunk"], 7)
+                s, r = min(graph["max_chunk"], 7), rows_per_trial
                 start = 0 if graph.get("first_chunk") else int(
                     torch.randint(0, manifest["max_seq_len"] - s + 1, (1,), generator=g, device=device))
-                args = (torch.randint(0, cfg.vocab_size, (1, s), generator=g, device=device),
-                        torch.arange(start, start + s, device=device).unsqueeze(0),
-                        torch.tensor([manifest["max_batch_size"] - 1], device=device),
-                        torch.tensor([s - 1], device=device))
+                args = (torch.randint(0, cfg.vocab_size, (r, s), generator=g, device=device),
+                        torch.arange(start, start + s, device=device).unsqueeze(0).repeat(r, 1),
+                        manifest["max_batch_size"] - 1 - torch.arange(r, device=device),
+                        torch.randint(0, s, (r,), generator=g, device=device) if r > 1
+                        else torch.tensor([s - 1], device=device))
             for c in caches:  # same cache contents for every run: random history
                 c.normal_(generator=g)
             saved = [c.clone() for c in caches]

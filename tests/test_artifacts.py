@@ -112,6 +112,34 @@ def test_artifacts_greedy_tokens_equal_eager(art, ckpt):
         assert alone[0].tokens == ours[i].tokens
 
 
+def test_first_chunks_of_several_prompts_in_one_prefill_call(art, ckpt):
+    """The first-chunk graph takes several prompts per call (dynamic row count): short prompts are right-padded to
+    one length and prefilled together while the call stays within the chunk's tokens; logits and greedy tokens
+    equal the eager model's, and each prompt's own when prefilled alone (the padding writes only cache slots its
+    decode steps overwrite first)."""
+    stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    assert stepper.prefill_first_rows == MAX_BATCH == read_manifest(art)["graphs"]["prefill_first"]["max_batch"]
+    prompts = [[0, 33], [0, 7, 8], [0, 1, 2, 3], [0]]  # first chunks 2, 3, 4, 1 tokens; CHUNK 8
+    assert stepper._first_chunk_groups(prompts) == [[0, 1], [2, 3]]  # 2 x 3 <= 8; 3 x 4 > 8; 2 x 4 <= 8
+    assert stepper._first_chunk_groups(PROMPTS) == [[0], [1], [2]]  # PROMPTS[0] fills a chunk
+    calls = []
+    real = stepper.prefill_first_fn
+    stepper.prefill_first_fn = lambda *a: calls.append(a[0].shape) or real(*a)
+    eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
+    batch = prompts[:3]
+    got = stepper.prefill(batch)
+    assert calls == [torch.Size([2, 3]), torch.Size([1, 4])]
+    for i, p in enumerate(batch):
+        want = eager(torch.tensor([p]), torch.arange(len(p)).unsqueeze(0), last_only=True)[0]
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+    ours, _ = generate(stepper, batch, max_new_tokens=8)
+    ref, _ = generate(eager, batch, max_new_tokens=8)
+    assert [c.tokens for c in ours] == [c.tokens for c in ref]
+    for i, p in enumerate(batch):
+        alone, _ = generate(stepper, [p], max_new_tokens=8)
+        assert alone[0].tokens == ours[i].tokens
+
+
 def test_greedy_loop_feeds_itself_with_padding_rows(art, ckpt, monkeypatch):
     """Two prompts in the 3-row bucket: the stepper's own greedy loop (the body its CUDA graph captures, run plainly
     on the CPU) writes the next tokens and positions into its static buffers, leaves the padding row at token 0 /

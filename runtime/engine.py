@@ -83,7 +83,7 @@ class GraphStepper:
             with torch.cuda.stream(side):
                 for _ in range(2):
                     self.decode_fns[b](tok, pos)
-                self._greedy_step(b)  # compiles greedy_next_'s kernel before the capture (all rows padding)
+                self._loop_step(b)  # compiles greedy_next_'s kernel before the capture (all rows padding)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -91,7 +91,7 @@ class GraphStepper:
             self.graphs[b] = (graph, tok, pos, out)
             loop_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(loop_graph, pool=pool):
-                self._greedy_step(b)
+                self._loop_step(b)
             self.loop_graphs[b] = loop_graph
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
@@ -118,7 +118,7 @@ class GraphStepper:
         return self.decode_fns[b](tok, pos)[:n]
 
     @torch.inference_mode()
-    def _greedy_step(self, b: int, sampling: SamplingParams = SamplingParams(),
+    def _loop_step(self, b: int, sampling: SamplingParams = SamplingParams(),
                      generator: torch.Generator | None = None) -> None:
         """One step of bucket b on its static buffers: decode, sample (the argmax of `sample_scores`), then the next
         step's inputs in place. Padding rows (active 0) keep token 0 at position 0; positions stop at the cache's
@@ -151,7 +151,7 @@ class GraphStepper:
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.sample_generator)
             with torch.cuda.graph(graph, pool=self.pool):
-                self._greedy_step(b, sampling, self.sample_generator)
+                self._loop_step(b, sampling, self.sample_generator)
             torch.cuda.synchronize(self.device)
             self.capture_s += time.perf_counter() - t0
             while len(self.sampled_graphs) >= self.MAX_SAMPLED_GRAPHS:
@@ -181,7 +181,7 @@ class GraphStepper:
                 gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
         buf = self.loops[b]
         buf.start(tokens, positions.clamp(max=self.max_seq_len - 1))
-        return _Loop(buf, n, graph.replay if graph is not None else lambda: self._greedy_step(b))
+        return _Loop(buf, n, graph.replay if graph is not None else lambda: self._loop_step(b))
 
     def release_graphs(self) -> None:
         """Drop the CUDA graphs (and the NCCL work captured in them) before the process group goes."""
@@ -210,8 +210,8 @@ class GraphStepper:
         width = 0
         for i, prompt in enumerate(prompts):
             s = max(2, min(len(prompt), self.prefill_chunk))
-            if groups and len(groups[-1]) < self.prefill_first_rows and \
-                    (len(groups[-1]) + 1) * max(width, s) <= self.prefill_chunk:
+            fits = groups and len(groups[-1]) < self.prefill_first_rows
+            if fits and (len(groups[-1]) + 1) * max(width, s) <= self.prefill_chunk:
                 groups[-1].append(i)
                 width = max(width, s)
             else:

@@ -50,9 +50,9 @@ def sample_scores(logits: torch.Tensor, params: SamplingParams, generator: torch
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        sorted_probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach top_p (the first token always stays).
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(-1)
     # argmax(p / E) with E ~ Exp(1) draws from p (exponential race): no multinomial, no host sync.

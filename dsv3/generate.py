@@ -3,8 +3,8 @@
 Prompts of different lengths run as one batch: right-padded, each row at its own positions (`input_pos` is
 [B, S]); the padding writes cache rows that the row's own later tokens overwrite before anything attends to them.
 Sampling runs on the device (exponential race, so no host sync inside it); the host reads one token per step.
-Steps run through a `DecodeLoop`: a stepper may offer its own (the CUDA-graph stepper replays one graph per greedy
-token, argmax and input updates included); otherwise decode + sample as separate calls.
+Steps run through a `DecodeLoop`: a stepper may offer its own (the CUDA-graph stepper replays one graph per token,
+sampling and input updates included); otherwise decode + sample as separate calls.
 """
 
 from __future__ import annotations

@@ -102,8 +102,7 @@ def verify(directory: str | Path) -> list[dict]:
                 args = (torch.randint(0, cfg.vocab_size, (r, s), generator=g, device=device),
                         torch.arange(start, start + s, device=device).unsqueeze(0).repeat(r, 1),
                         manifest["max_batch_size"] - 1 - torch.arange(r, device=device),
-                        torch.randint(0, s, (r,), generator=g, device=device) if r > 1
-                        else torch.tensor([s - 1], device=device))
+                        torch.randint(0, s, (r,), generator=g, device=device))
             for c in caches:  # same cache contents for every run: random history
                 c.normal_(generator=g)
             saved = [c.clone() for c in caches]

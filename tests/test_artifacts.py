@@ -100,16 +100,21 @@ def test_manifest_records_kernel_overrides(art_ws2):
                                                      "fused_gate_up_proj": 3}
 
 
+def _assert_greedy_equals_eager_and_alone(stepper, eager, prompts, max_new_tokens: int) -> None:
+    """The batch's greedy tokens equal the eager model's, and each prompt's equal its own run alone (mixed lengths
+    in one batch: each prompt in its own cache row)."""
+    ours, _ = generate(stepper, prompts, max_new_tokens=max_new_tokens)
+    ref, _ = generate(eager, prompts, max_new_tokens=max_new_tokens)
+    assert [c.tokens for c in ours] == [c.tokens for c in ref]
+    for i, p in enumerate(prompts):
+        alone, _ = generate(stepper, [p], max_new_tokens=max_new_tokens)
+        assert alone[0].tokens == ours[i].tokens
+
+
 def test_artifacts_greedy_tokens_equal_eager(art, ckpt):
     stepper, timings = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
     eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
-    ours, _ = generate(stepper, PROMPTS, max_new_tokens=10)
-    ref, _ = generate(eager, PROMPTS, max_new_tokens=10)
-    assert [c.tokens for c in ours] == [c.tokens for c in ref]
-    # mixed lengths in one batch == each prompt alone (prefill runs each prompt into its own cache row)
-    for i, p in enumerate(PROMPTS):
-        alone, _ = generate(stepper, [p], max_new_tokens=10)
-        assert alone[0].tokens == ours[i].tokens
+    _assert_greedy_equals_eager_and_alone(stepper, eager, PROMPTS, 10)
 
 
 def test_first_chunks_of_several_prompts_in_one_prefill_call(art, ckpt):
@@ -132,12 +137,7 @@ def test_first_chunks_of_several_prompts_in_one_prefill_call(art, ckpt):
     for i, p in enumerate(batch):
         want = eager(torch.tensor([p]), torch.arange(len(p)).unsqueeze(0), last_only=True)[0]
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
-    ours, _ = generate(stepper, batch, max_new_tokens=8)
-    ref, _ = generate(eager, batch, max_new_tokens=8)
-    assert [c.tokens for c in ours] == [c.tokens for c in ref]
-    for i, p in enumerate(batch):
-        alone, _ = generate(stepper, [p], max_new_tokens=8)
-        assert alone[0].tokens == ours[i].tokens
+    _assert_greedy_equals_eager_and_alone(stepper, eager, batch, 8)
 
 
 def test_greedy_loop_feeds_itself_with_padding_rows(art, ckpt, monkeypatch):

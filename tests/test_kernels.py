@@ -23,6 +23,8 @@ Error bounds (relative Frobenius error):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -510,6 +512,14 @@ class _OneLinear(torch.nn.Module):
         return torch.ops.dsv3.fp8_linear(x, w, s)
 
 
+def _packaged_linear(w: torch.Tensor, s: torch.Tensor, path: Path):
+    """dsv3.fp8_linear on (w, s) in an AOTInductor package with a dynamic prefill M (65..1024)."""
+    x = torch.randn(200, w.shape[1], device="cuda", dtype=torch.bfloat16)
+    m = torch.export.Dim("m", min=65, max=1024)
+    ep = torch.export.export(_OneLinear(), (x, w, s), dynamic_shapes=({0: m}, None, None))
+    return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep, package_path=str(path)))
+
+
 @pytest.mark.gpu
 @cuda
 def test_aoti_scaled_mm_pads_k_gpu(tmp_path):
@@ -517,11 +527,7 @@ def test_aoti_scaled_mm_pads_k_gpu(tmp_path):
     K = 1408 (11 blocks, the 16B experts' down projection) is padded with zero blocks. Same result as the reference
     at a dynamic prefill M."""
     w, s = rand_fp8_weight(2048, 1408)
-    x = torch.randn(200, 1408, device="cuda", dtype=torch.bfloat16)
-    m = torch.export.Dim("m", min=65, max=1024)
-    ep = torch.export.export(_OneLinear(), (x, w, s), dynamic_shapes=({0: m}, None, None))
-    runner = torch._inductor.aoti_load_package(
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "k1408.pt2")))
+    runner = _packaged_linear(w, s, tmp_path / "k1408.pt2")
     for rows in (200, 333):
         xi = torch.randn(rows, 1408, device="cuda", dtype=torch.bfloat16)
         got = runner(xi, w, s)
@@ -536,11 +542,7 @@ def test_aoti_scaled_mm_ragged_n_gpu(tmp_path):
     from dsv3.kernels.fp8_linear import fp8_linear_triton
 
     w, s = rand_fp8_weight(3648, 2048)
-    x = torch.randn(200, 2048, device="cuda", dtype=torch.bfloat16)
-    m = torch.export.Dim("m", min=65, max=1024)
-    ep = torch.export.export(_OneLinear(), (x, w, s), dynamic_shapes=({0: m}, None, None))
-    runner = torch._inductor.aoti_load_package(
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "n3648.pt2")))
+    runner = _packaged_linear(w, s, tmp_path / "n3648.pt2")
     for rows in (200, 333):
         xi = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
         got = runner(xi, w, s)

@@ -40,7 +40,7 @@ class CompiledGraph:
 
 
 def load_package(directory: Path, graph: dict[str, Any], device: str, single_threaded: bool) -> CompiledGraph:
-    """One .pt2 package. `single_threaded` (CUDA decode graphs): required to capture it in a CUDA graph."""
+    """One .pt2 package. `single_threaded` (CUDA): required to capture it in a CUDA graph."""
     index = torch.device(device).index if device.startswith("cuda") else -1
     path = str(directory / graph["file"])
     try:

@@ -8,6 +8,10 @@ Both implement `dsv3.generate.Stepper`:
   prompts' first chunks per call when it takes rows (right-padded to one length, at most `prefill_chunk` tokens
   per call with the padding: the padding writes cache slots after a prompt's end, which its decode steps overwrite
   before they attend to them);
+  On CUDA, short first chunks replay CUDA graphs of the first-chunk graph captured at load, one per (rows,
+  width) bucket (`_ShortPrefill`): a call is padded to the bucket (tokens right-padded, extra rows repeating the
+  first row: the same writes into the same cache row), so a short prompt pays neither ~850 kernel launches from
+  the host nor a first call at a new length;
 - decode: the batch is padded to the next bucket; on CUDA each bucket's graph is captured once in a CUDA graph
   (one shared pool, static token/position buffers) and replayed;
 - generation (`decode_loop`): a second graph per bucket steps the batch with the argmax and the next step's
@@ -56,6 +60,8 @@ class GraphStepper:
         # copied into it when the loop starts, so the draws continue that generator's sequence.
         self.sampled_graphs: dict[tuple[int, SamplingParams], torch.cuda.CUDAGraph] = {}
         self.sample_generator = torch.Generator(device=self.device) if cuda_graphs else None
+        # short first chunks: (rows, width) -> static inputs and, on CUDA, the captured graph (`short_prefill_`)
+        self.short_prefill: dict[tuple[int, int], _ShortPrefill] = {}
         self.pool = None
         self.capture_s = 0.0
         self.all_reduce = "none" if getattr(model, "tp_all_reduce", None) is None else "nccl"  # artifact_stepper
@@ -95,6 +101,7 @@ class GraphStepper:
             self.loop_graphs[b] = loop_graph
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
+        self.short_prefill_(capture=True)
 
     @torch.inference_mode()  # the static buffers were made in inference mode (capture); callers need not be
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -188,6 +195,7 @@ class GraphStepper:
         self.graphs.clear()
         self.loop_graphs.clear()
         self.sampled_graphs.clear()
+        self.short_prefill.clear()
 
     # -------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -219,6 +227,41 @@ class GraphStepper:
                 width = s
         return groups
 
+    # Short first chunks through static (rows, width) buckets: widths SHORT_PREFILL_WIDTHS (at most prefill_chunk),
+    # rows the decode buckets that the first-chunk graph takes, at most SHORT_PREFILL_TOKENS per call. Padding a
+    # 14-token prompt to 16 costs little; the replay saves the launches (2.6 ms of gaps in a 14-token prefill of
+    # the 16B, 9.7 ms in all) and the host work around them.
+    SHORT_PREFILL_WIDTHS = (16, 32, 64, 128, 256)
+    SHORT_PREFILL_TOKENS = 1024
+
+    @torch.inference_mode()
+    def short_prefill_(self, capture: bool) -> None:
+        """Make the short-prefill buckets: static inputs per (rows, width), each run once (the first call of the
+        package at that shape happens here, not in a request) and, with capture, captured in a CUDA graph in the
+        decode graphs' pool, largest first (what a smaller one allocates fits in what a larger one freed). Run at
+        load, before any request: warm-up and capture write cache row 0, which a prefill rewrites. A graph that
+        cannot be captured leaves the plain calls in place, with a warning."""
+        widths = [w for w in self.SHORT_PREFILL_WIDTHS if w <= self.prefill_chunk]
+        rows = [b for b in self.buckets if b <= self.prefill_first_rows] or [1]
+        shapes = sorted(((r, w) for r in rows for w in widths if r * w <= self.SHORT_PREFILL_TOKENS),
+                        key=lambda rw: (-rw[0] * rw[1], -rw[0]))
+        t0 = time.perf_counter()
+        try:
+            for r, w in shapes:
+                self.short_prefill[(r, w)] = _ShortPrefill(self.prefill_first_fn, r, w, self.device,
+                                                           self.pool if capture else None)
+        except RuntimeError as e:  # a host sync or an uncapturable library call inside the package
+            import warnings
+
+            warnings.warn(f"short prefills run without CUDA graphs: capturing the first-chunk graph failed ({e})")
+            self.short_prefill.clear()
+            torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - t0
+
+    def _short_prefill_for(self, rows: int, width: int) -> _ShortPrefill | None:
+        fits = [k for k in self.short_prefill if k[0] >= rows and k[1] >= width]
+        return self.short_prefill[min(fits, key=lambda rw: (rw[0] * rw[1], rw[1]))] if fits else None
+
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         logits: list[torch.Tensor | None] = [None] * len(prompts)
@@ -226,10 +269,15 @@ class GraphStepper:
             firsts = [list(prompts[i][: self.prefill_chunk]) for i in group]
             # right-padded with token 0 (a 1-token prompt gets its dummy second token this way too)
             width = max(2, max(len(p) for p in firsts))
-            tokens = torch.tensor([p + [0] * (width - len(p)) for p in firsts], dtype=torch.long, device=self.device)
-            pos = torch.arange(width, device=self.device).unsqueeze(0).repeat(len(group), 1)
-            out = self.prefill_first_fn(tokens, pos, torch.tensor(group, device=self.device),
-                                        torch.tensor([len(p) - 1 for p in firsts], device=self.device))
+            short = self._short_prefill_for(len(group), width)
+            if short is not None:
+                out = short.run(firsts, group)
+            else:
+                tokens = torch.tensor([p + [0] * (width - len(p)) for p in firsts], dtype=torch.long,
+                                      device=self.device)
+                pos = torch.arange(width, device=self.device).unsqueeze(0).repeat(len(group), 1)
+                out = self.prefill_first_fn(tokens, pos, torch.tensor(group, device=self.device),
+                                            torch.tensor([len(p) - 1 for p in firsts], device=self.device))
             for r, i in enumerate(group):
                 logits[i] = out[r]
         for row, prompt in enumerate(prompts):  # the chunks after the first, one prompt at a time
@@ -243,6 +291,48 @@ class GraphStepper:
                 logits[row] = self.prefill_fn(tokens, pos, torch.tensor([row], device=self.device),
                                               torch.tensor([last], device=self.device))[0]
         return torch.stack(logits)
+
+
+class _ShortPrefill:
+    """First-chunk calls of `rows` x `width` tokens on static inputs, replayed from a CUDA graph when captured (pool
+    given), else called directly (CPU, and tests of the padding). Fewer prompts than rows: the extra rows repeat
+    the first prompt into its own cache row (identical writes of identical values); shorter prompts are
+    right-padded with token 0, whose cache slots come after the prompt's end (overwritten by its decode steps
+    before they are attended to)."""
+
+    def __init__(self, fn: StepFn, rows: int, width: int, device: torch.device, pool=None):
+        self.fn, self.rows, self.width = fn, rows, width
+        self.tokens, self.positions, self.cache_rows, self.logits_index = prefill_inputs(width, device, rows)
+        self.cache_rows.zero_()  # warm-up and capture write cache row 0 (see short_prefill_)
+        self.graph = None
+        self.out = fn(self.tokens, self.positions, self.cache_rows, self.logits_index)  # first call at this shape
+        if pool is not None:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                fn(self.tokens, self.positions, self.cache_rows, self.logits_index)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.out = fn(self.tokens, self.positions, self.cache_rows, self.logits_index)
+            self.graph = graph
+
+    def run(self, firsts: list[list[int]], cache_rows: list[int]) -> torch.Tensor:
+        """[len(firsts), vocab] logits of each prompt's last token (a copy: the next replay overwrites the output)."""
+        n = len(firsts)
+        tokens = torch.zeros(self.rows, self.width, dtype=torch.long)
+        for r, p in enumerate(firsts):
+            tokens[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens[n:] = tokens[0]
+        rows = cache_rows + [cache_rows[0]] * (self.rows - n)
+        last = [len(p) - 1 for p in firsts] + [len(firsts[0]) - 1] * (self.rows - n)
+        self.tokens.copy_(tokens)
+        self.cache_rows.copy_(torch.tensor(rows, dtype=torch.long))
+        self.logits_index.copy_(torch.tensor(last, dtype=torch.long))
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out[:n].clone()
+        return self.fn(self.tokens, self.positions, self.cache_rows, self.logits_index)[:n]
 
 
 class _LoopBuffers:
@@ -350,7 +440,7 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path | None, plan:
     t0 = time.perf_counter()
     decode_fns, prefill_fns = {}, {}
     for name, graph in manifest["graphs"].items():
-        pkg = load_package(artifacts, graph, device, single_threaded=cuda and graph["kind"] == "decode")
+        pkg = load_package(artifacts, graph, device, single_threaded=cuda)  # every graph may be captured
         bind_constants(pkg, name, tensors)
         if graph["kind"] == "decode":
             decode_fns[graph["batch"]] = pkg

@@ -32,6 +32,8 @@
 #   loop16     scripts/bench_decode_loop.py on quick16's artifacts: per-token time as replay, as a synced step with the
 #              logits graph or the greedy loop graph, and through generate() on either path (tokens compared), greedy
 #              and sampled (temperature 0.6, top-p 0.95: decode + sample against the sampled loop graph)
+#   ttft16     scripts/bench_ttft.py on quick16's artifacts: a short prompt's prefill at lengths 5..1000, batch 1 and 8:
+#              the plain calls (first at a new length, again, host time) against the short-prefill CUDA graphs
 #   ggen       the GPU tests of the loop graphs (greedy, sampled) and greedy_next_ (tests/test_generate.py,
 #              tests/test_greedy.py -m gpu)
 #   rope       scripts/bench_rope.py: the prefill's q_pe RoPE compiled by Inductor, apply_rope's cat form against an
@@ -267,6 +269,10 @@ step_ragged_n() {
 step_loop16() {  # needs quick16's artifacts ($WORK/art16q)
   $PY scripts/bench_decode_loop.py "$WORK/art16q" --batches 1,8 --context 128 --steps 64 --rounds 5 --sampled 2>&1 \
     | grep -v Warning | tail -20
+}
+
+step_ttft16() {  # needs quick16's artifacts ($WORK/art16q)
+  timeout 300 $PY scripts/bench_ttft.py "$WORK/art16q" --json "$OUT/bench_ttft.json" 2>&1 | grep -v -i warn | tail -16
 }
 
 step_ggen() {

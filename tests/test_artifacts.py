@@ -140,6 +140,38 @@ def test_first_chunks_of_several_prompts_in_one_prefill_call(art, ckpt):
     _assert_greedy_equals_eager_and_alone(stepper, eager, batch, 8)
 
 
+def test_short_prefills_padded_to_static_buckets(art, ckpt):
+    """Short first chunks through the static (rows, width) buckets that CUDA graphs replay on the GPU (here called
+    directly): fewer prompts than rows repeat the first prompt, shorter ones are right-padded; logits and greedy
+    tokens equal the eager model's and each prompt's alone, and a chunk wider than every bucket takes the plain
+    call."""
+    stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    stepper.SHORT_PREFILL_WIDTHS, stepper.SHORT_PREFILL_TOKENS = (4, 8), 16
+    stepper.short_prefill_(capture=False)
+    assert sorted(stepper.short_prefill) == [(1, 4), (1, 8), (3, 4)]  # rows: the decode buckets 1, 3; 3 x 8 > 16
+    calls = []
+    real = stepper.prefill_first_fn
+    for short in stepper.short_prefill.values():
+        short.fn = lambda *a: calls.append((a[0].tolist(), a[2].tolist(), a[3].tolist())) or real(*a)
+    stepper.prefill_first_fn = lambda *a: calls.append(("plain", a[0].shape)) or real(*a)
+    prompts = [[0, 33], [0, 7, 8], [0, 1, 2, 3], [5]]
+    eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
+    got = stepper.prefill(prompts[:3])  # groups [0, 1] and [2]
+    assert calls == [([[0, 33, 0, 0], [0, 7, 8, 0], [0, 33, 0, 0]], [0, 1, 0], [1, 2, 1]),
+                     ([[0, 1, 2, 3]], [2], [3])]
+    for i, p in enumerate(prompts[:3]):
+        want = eager(torch.tensor([p]), torch.arange(len(p)).unsqueeze(0), last_only=True)[0]
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+    _assert_greedy_equals_eager_and_alone(stepper, eager, [prompts[3], prompts[0], prompts[2]], 8)
+    calls.clear()
+    stepper.prefill([list(range(1, 7))])
+    assert [c[1] for c in calls] == [[0]]  # 6 tokens: the (1, 8) bucket
+    del stepper.short_prefill[(1, 8)]
+    calls.clear()
+    stepper.prefill([list(range(1, 7))])
+    assert calls == [("plain", torch.Size([1, 6]))]  # no bucket that wide: the plain call
+
+
 def test_greedy_loop_feeds_itself_with_padding_rows(art, ckpt, monkeypatch):
     """Two prompts in the 3-row bucket: the stepper's own greedy loop (the body its CUDA graph captures, run plainly
     on the CPU) writes the next tokens and positions into its static buffers, leaves the padding row at token 0 /

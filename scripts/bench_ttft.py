@@ -1,0 +1,88 @@
+"""Where a short prompt's time to first token goes, on one set of artifacts (weights generated on the GPU):
+
+    python scripts/bench_ttft.py ART_DIR [--lengths 5,14,30,100,300,1000] [--batches 1,8] [--repeats 5]
+
+For each prompt length and batch (fresh random prompts of that length each call), in this order:
+- plain, first call: `GraphStepper.prefill` with the short-prefill CUDA graphs set aside, the first call at this
+  length (what a request at a new length paid before the graphs);
+- plain, again: the same path, median of the repeats;
+- plain, host: the same call's time to return on the host, before the device finished (host-bound if this is
+  close to the synced time);
+- graphs: the short-prefill graphs replayed (a bucket: rows and width padded), median of the repeats;
+- ttft: what `generate` counts as time to first token (prefill, the first token's argmax, sync) on the default
+  path (graphs where a bucket fits).
+Prints one line per case; `--json PATH` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from dsv3.generate import SamplingParams, sample
+from dsv3.runtime.engine import artifact_stepper
+from dsv3.runtime.parallel import ParallelPlan
+
+
+def timed(fn) -> tuple[float, float]:
+    """(ms until fn returned, ms until the device finished)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    del out
+    return 1e3 * (t1 - t0), 1e3 * (t2 - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifacts")
+    ap.add_argument("--lengths", default="5,14,30,100,300,1000")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    stepper, timings = artifact_stepper(args.artifacts, None, ParallelPlan(0, 1), "cuda", progress=False)
+    graphs = dict(stepper.short_prefill)
+    print(f"load: {json.dumps({k: round(v, 3) for k, v in timings.items()})}; short-prefill buckets "
+          f"{sorted(graphs)} (captured: {all(g.graph is not None for g in graphs.values())})", flush=True)
+    vocab = stepper.model.cfg.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def prompts(length: int, batch: int) -> list[list[int]]:
+        return [torch.randint(1, vocab, (length,), generator=gen).tolist() for _ in range(batch)]
+
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        for batch in (int(x) for x in args.batches.split(",")):
+            if length * batch > 4 * stepper.prefill_chunk or length >= stepper.max_seq_len:
+                continue
+            stepper.short_prefill.clear()
+            first = timed(lambda: stepper.prefill(prompts(length, batch)))[1]
+            plain = [timed(lambda: stepper.prefill(prompts(length, batch))) for _ in range(args.repeats)]
+            stepper.short_prefill.update(graphs)
+            replayed = [timed(lambda: stepper.prefill(prompts(length, batch)))[1] for _ in range(args.repeats)]
+            ttft = [timed(lambda: sample(stepper.prefill(prompts(length, batch)), SamplingParams()))[1]
+                    for _ in range(args.repeats)]
+            row = {"length": length, "batch": batch, "plain_first_ms": first,
+                   "plain_ms": statistics.median(p[1] for p in plain),
+                   "plain_host_ms": statistics.median(p[0] for p in plain),
+                   "graphs_ms": statistics.median(replayed), "ttft_ms": statistics.median(ttft)}
+            rows.append(row)
+            print(f"length {length:5d} batch {batch}: plain first call {first:7.2f} ms, again "
+                  f"{row['plain_ms']:7.2f} ms (host returns at {row['plain_host_ms']:6.2f}), graphs "
+                  f"{row['graphs_ms']:7.2f} ms ({row['plain_ms'] / row['graphs_ms']:.2f}x), ttft "
+                  f"{row['ttft_ms']:7.2f} ms", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"timings": timings, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

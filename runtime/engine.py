@@ -315,6 +315,7 @@ class _ShortPrefill:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.out = fn(self.tokens, self.positions, self.cache_rows, self.logits_index)
+            graph.replay()  # a graph's first launch uploads it: here, not in the first request
             self.graph = graph
 
     def run(self, firsts: list[list[int]], cache_rows: list[int]) -> torch.Tensor:

@@ -40,24 +40,18 @@ class SamplingParams:
 def sample_scores(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
     """[B, V] fp32 logits -> [B, V] scores whose row argmax is the sampled token: the logits themselves when greedy,
-    else the filtered probabilities over exponential noise. Torch ops only, no host sync: the runtime captures them
-    in its sampled loop graphs, where `dsv3.greedy_next_` takes the argmax."""
+    else the kept probabilities over exponential noise (`dsv3.top_p_scores`: temperature, the top-p filter without
+    a sort, p / E). Torch ops only, no host sync: the runtime captures them in its sampled loop graphs, where
+    `dsv3.greedy_next_` takes the argmax. Top-p keeps the smallest most-probable set whose mass reaches top_p, and
+    every token tied with its least probable member."""
     if params.temperature == 0.0:
         return logits
-    logits = logits / params.temperature
-    if params.top_k:
+    if params.top_k:  # on the raw logits: dividing by the temperature keeps their order
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens before it already reach top_p (the first token always stays).
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(-1)
     # argmax(p / E) with E ~ Exp(1) draws from p (exponential race): no multinomial, no host sync.
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return probs / noise
+    noise = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=generator)
+    return torch.ops.dsv3.top_p_scores(logits, noise, params.temperature, params.top_p)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

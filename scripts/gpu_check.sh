@@ -34,8 +34,10 @@
 #              and sampled (temperature 0.6, top-p 0.95: decode + sample against the sampled loop graph)
 #   ttft16     scripts/bench_ttft.py on quick16's artifacts: a short prompt's prefill at lengths 5..1000, batch 1 and 8:
 #              the plain calls (first at a new length, again, host time) against the short-prefill CUDA graphs
-#   ggen       the GPU tests of the loop graphs (greedy, sampled) and greedy_next_ (tests/test_generate.py,
-#              tests/test_greedy.py -m gpu)
+#   ggen       the GPU tests of the loop graphs (greedy, sampled), the short-prefill graphs, greedy_next_ and
+#              top_p_scores (tests/test_generate.py, tests/test_greedy.py, tests/test_top_p.py -m gpu)
+#   topp       scripts/bench_top_p.py: dsv3.top_p_scores against the sort-based top-p it replaced, in CUDA graphs,
+#              batch 1 / 8 / 64 at the 16B vocab, 1 / 8 at the 671B one (JSON in $OUT)
 #   rope       scripts/bench_rope.py: the prefill's q_pe RoPE compiled by Inductor, apply_rope's cat form against an
 #              indexed form of the same values (bitwise compared, timed)
 #   sweep-prefill scripts/sweep_prefill.py: launch configs of the grouped MoE and the causal prefill attention at
@@ -170,13 +172,15 @@ json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" 
 }
 
 step_build16both() {  # FP8 then BF16 16B builds, one after the other (each build's processes hold a model on the GPU:
-  # two builds at once ran out of its memory); BUILD16 (fp8,bf16) picks, so that one call per build fits the time limit
+  # two builds at once ran out of its memory); BUILD16 (fp8,bf16) picks, so that one call per build fits the time limit;
+  # BUILD_VERIFY=0 skips the compile-time verification (~50 s) when the call only measures
   local kinds=${BUILD16:-fp8,bf16} cfg out
   cfg16fp8
   for k in ${kinds//,/ }; do
     if [ "$k" = fp8 ]; then cfg=$WORK/cfg16fp8 out=art16q; else cfg=16B out=art16b; fi
     dsv3c compile --config "$cfg" --out "$WORK/$out" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 \
-      --overwrite > "$OUT/compile_$out.log" 2>&1; echo "compile $out ($k): exit $?"
+      --overwrite --jobs "${Q16_JOBS:-4}" $([ "${BUILD_VERIFY:-1}" = 0 ] && echo --no-verify) > "$OUT/compile_$out.log" 2>&1
+    echo "compile $out ($k): exit $?"
     grep -v Warning "$OUT/compile_$out.log" | tail -4
   done
 }
@@ -275,8 +279,15 @@ step_ttft16() {  # needs quick16's artifacts ($WORK/art16q)
   timeout 300 $PY scripts/bench_ttft.py "$WORK/art16q" --json "$OUT/bench_ttft.json" 2>&1 | grep -v -i warn | tail -16
 }
 
+step_topp() {
+  timeout 200 $PY scripts/bench_top_p.py --batch 1,8,64 --json "$OUT/bench_top_p.json" 2>&1 | grep -v -i warn | tail -6
+  timeout 200 $PY scripts/bench_top_p.py --batch 1,8 --vocab 129280 --temperature 1.0 --top-p 0.9 2>&1 \
+    | grep -v -i warn | tail -4
+}
+
 step_ggen() {
-  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_generate.py tests/test_greedy.py 2>&1 \
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_generate.py tests/test_greedy.py \
+    tests/test_top_p.py 2>&1 \
     | grep -v -i warn | tail -8
 }
 

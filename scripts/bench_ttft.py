@@ -12,6 +12,7 @@ For each prompt length and batch (fresh random prompts of that length each call)
   the median of the repeats after it;
 - ttft: what `generate` counts as time to first token (prefill, the first token's argmax, sync) on the default
   path (graphs where a bucket fits).
+First, the first requests after load (14 tokens; the largest batch first): prefill and the argmax timed apart.
 Prints one line per case; `--json PATH` writes them.
 """
 
@@ -59,6 +60,16 @@ def main() -> None:
     def prompts(length: int, batch: int) -> list[list[int]]:
         return [torch.randint(1, vocab, (length,), generator=gen).tolist() for _ in range(batch)]
 
+    # the first request after load, as `dsv3c run` meets it: its prefill and its first token's argmax timed apart
+    cold = {}
+    for batch in sorted((int(x) for x in args.batches.split(",")), reverse=True):
+        first_logits = []
+        pre = timed(lambda: first_logits.append(stepper.prefill(prompts(14, batch))))[1]
+        arg = timed(lambda: sample(first_logits[0], SamplingParams()))[1]
+        again = timed(lambda: sample(stepper.prefill(prompts(14, batch)), SamplingParams()))[1]
+        cold[batch] = {"prefill_ms": pre, "argmax_ms": arg, "again_ttft_ms": again}
+        print(f"first request after load, batch {batch}, 14 tokens: prefill {pre:.2f} ms, argmax {arg:.2f} ms; "
+              f"the next request {again:.2f} ms", flush=True)
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):
@@ -83,7 +94,7 @@ def main() -> None:
                   f"{row['ttft_ms']:7.2f} ms", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"timings": timings, "rows": rows}, f, indent=1)
+            json.dump({"timings": timings, "first_requests": cold, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 
 import dsv3.checkpoint as ckpt_mod
 from dsv3.config import ModelConfig, load_config_file
-from dsv3.generate import DecodeLoop, SamplingParams, sample_scores
+from dsv3.generate import DecodeLoop, SamplingParams, sample, sample_scores
 from dsv3.kernels.greedy import greedy_next_, greedy_scratch
 from dsv3.model import Transformer
 from dsv3.runtime.artifacts import bind_constants, load_package
@@ -200,13 +200,18 @@ class GraphStepper:
     # -------------------------------------------------------------- prefill
     @torch.inference_mode()
     def warm_prefill(self) -> float:
-        """Run each prefill graph once on a 2-token chunk in cache row 0, so that the first request does not pay
-        their first calls (loading every kernel of the package, library handles, first allocations). Harmless: a
-        prefill rewrites the cache rows its sequence reads. Returns the seconds it took."""
+        """Run each prefill graph once on a 2-token chunk in cache row 0, and a request's prefill + first token at
+        each short-prefill row count, so that the first request does not pay their first calls (loading every
+        kernel of the package and of torch, library handles, first allocations). Harmless: a prefill rewrites the
+        cache rows its sequence reads. Returns the seconds it took."""
         t0 = time.perf_counter()
         self.prefill_first_fn(*prefill_inputs(2, self.device, rows=min(2, self.prefill_first_rows)))
         if self.prefill_fn is not self.prefill_first_fn:
             self.prefill_fn(*prefill_inputs(2, self.device))
+        # a request's path around the prefill graphs, at each short-prefill row count: the logits' copies and the
+        # first token's argmax (torch kernels are loaded at their first launch, ~1 ms each on the H200)
+        for rows in sorted({r for r, _ in self.short_prefill}):
+            sample(self.prefill([[0, 0]] * rows), SamplingParams())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0

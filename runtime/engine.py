@@ -269,7 +269,7 @@ class GraphStepper:
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        logits: list[torch.Tensor | None] = [None] * len(prompts)
+        logits: torch.Tensor | None = None  # [prompts, vocab], each call's rows copied in as it returns
         for group in self._first_chunk_groups(prompts):
             firsts = [list(prompts[i][: self.prefill_chunk]) for i in group]
             # right-padded with token 0 (a 1-token prompt gets its dummy second token this way too)
@@ -283,8 +283,9 @@ class GraphStepper:
                 pos = torch.arange(width, device=self.device).unsqueeze(0).repeat(len(group), 1)
                 out = self.prefill_first_fn(tokens, pos, torch.tensor(group, device=self.device),
                                             torch.tensor([len(p) - 1 for p in firsts], device=self.device))
-            for r, i in enumerate(group):
-                logits[i] = out[r]
+            if logits is None:
+                logits = out.new_empty(len(prompts), out.shape[-1])
+            logits[group[0]: group[0] + len(group)] = out[: len(group)]  # a group is consecutive prompts
         for row, prompt in enumerate(prompts):  # the chunks after the first, one prompt at a time
             for start in range(self.prefill_chunk, len(prompt), self.prefill_chunk):
                 piece = list(prompt[start: start + self.prefill_chunk])
@@ -295,7 +296,7 @@ class GraphStepper:
                 pos = torch.arange(start, start + len(piece), device=self.device).unsqueeze(0)
                 logits[row] = self.prefill_fn(tokens, pos, torch.tensor([row], device=self.device),
                                               torch.tensor([last], device=self.device))[0]
-        return torch.stack(logits)
+        return logits
 
 
 class _ShortPrefill:
@@ -324,7 +325,8 @@ class _ShortPrefill:
             self.graph = graph
 
     def run(self, firsts: list[list[int]], cache_rows: list[int]) -> torch.Tensor:
-        """[len(firsts), vocab] logits of each prompt's last token (a copy: the next replay overwrites the output)."""
+        """[len(firsts), vocab] logits of each prompt's last token; from a graph, a view of its output, valid until its
+        next replay."""
         n = len(firsts)
         tokens = torch.zeros(self.rows, self.width, dtype=torch.long)
         for r, p in enumerate(firsts):
@@ -337,7 +339,7 @@ class _ShortPrefill:
         self.logits_index.copy_(torch.tensor(last, dtype=torch.long))
         if self.graph is not None:
             self.graph.replay()
-            return self.out[:n].clone()
+            return self.out[:n]
         return self.fn(self.tokens, self.positions, self.cache_rows, self.logits_index)[:n]
 
 

@@ -42,9 +42,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, next_pow2
+from dsv3.kernels._launch import (
+    cdiv, descriptor_launch_supported, env_switch, launch_with_descriptors, next_pow2, tma_descriptor_ok,
+)
 from dsv3.kernels.mla_attention import LOG2E, _mla_fwd_kernel
 from dsv3.kernels.tiles import load_tile
 
@@ -106,19 +109,26 @@ def _mha_prefill_block(
     q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
     s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
     offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, MASKED: tl.constexpr, EXACT_D: tl.constexpr,
+    KV_DESC: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
 ):
     """One key block of the online softmax. MASKED=False: every key of the block is before every query of the
     program (positions strictly increase along S), so no position test, and every key row exists (the block ends
     before the program's first query), so no row mask. EXACT_D: the head dims are their padded sizes (no column
-    masks)."""
+    masks). KV_DESC: kn / kp / v are TMA descriptors over the [B*S, ...] row views (see the kernel)."""
     offs_n = n0 + offs_n0
     n_mask = offs_n < S
-    kn = load_tile(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :], n_mask, dn_mask,
-                    MASKED, not EXACT_D)
-    kp = load_tile(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :], n_mask, r_mask,
-                    MASKED, not EXACT_D)
-    vv = load_tile(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :], n_mask, dv_mask,
-                    MASKED, not EXACT_D)
+    if KV_DESC:
+        row = (b * S + n0).to(tl.int32)
+        kn = kn_ptr.load([row, h, 0]).reshape(BLOCK_N, DN_PAD)
+        kp = kp_ptr.load([row, 0])
+        vv = v_ptr.load([row, h, 0]).reshape(BLOCK_N, DV_PAD)
+    else:
+        kn = load_tile(kn_ptr + b * s_kn_b + offs_n[:, None] * s_kn_s + h * s_kn_h + offs_dn[None, :], n_mask,
+                       dn_mask, MASKED, not EXACT_D)
+        kp = load_tile(kp_ptr + b * s_kp_b + offs_n[:, None] * s_kp_s + offs_r[None, :], n_mask, r_mask,
+                       MASKED, not EXACT_D)
+        vv = load_tile(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :], n_mask, dv_mask,
+                       MASKED, not EXACT_D)
     sc = (tl.dot(q, tl.trans(kn)) + tl.dot(qpe, tl.trans(kp))) * scale_f32       # [BLOCK_M, BLOCK_N]
     if MASKED:
         pos_k = tl.load(pos_ptr + b * s_pos_b + offs_n * s_pos_s, mask=n_mask, other=0)
@@ -139,8 +149,14 @@ def _mha_prefill_kernel(
     s_qn_b, s_qn_s, s_qn_h, s_qp_b, s_qp_s, s_qp_h, s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s,
     s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, s_po_b, s_po_s, s_po_h, s_o_b, s_o_s, s_o_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr, EXACT_D: tl.constexpr,
+    DV_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr, EXACT_D: tl.constexpr, KV_DESC: tl.constexpr,
 ):
+    """Causal flash attention over a chunk's own keys (module docstring). KV_DESC (the launcher's choice, with
+    EXACT_D): kn_ptr, kp_ptr and v_ptr are TMA tensor descriptors over the keys' row views k_nope [B*S, H, DN], k_pe
+    [B*S, R] and v [B*S, H, DV] with boxes [BLOCK_N, 1, DN], [BLOCK_N, R], [BLOCK_N, 1, DV]: one copy instruction per
+    tile instead of each thread's 64-bit address and mask arithmetic (and the registers that holds). Rows past a
+    sequence's S are then the next sequence's rows (or zeros past the last): finite, and masked out of the scores
+    exactly as the pointer tiles' zeros."""
     # The last query blocks see the most keys: they get the lowest program ids, so they start first and the
     # short blocks fill the tail (causal work grows with pid_m).
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -182,12 +198,14 @@ def _mha_prefill_kernel(
         acc, m_i, l_i = _mha_prefill_block(
             q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
             s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
-            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, False, EXACT_D)
+            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, False, EXACT_D, KV_DESC, BLOCK_N, DN_PAD,
+            DV_PAD)
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _mha_prefill_block(
             q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
             s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
-            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, True, EXACT_D)
+            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, True, EXACT_D, KV_DESC, BLOCK_N, DN_PAD,
+            DV_PAD)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b * s_o_b + offs_m[:, None] * s_o_s + h * s_o_h + offs_dv[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
@@ -244,18 +262,38 @@ def mla_prefill_attention_triton(
     q_nope, q_pe, k_nope, k_pe, v, prefix_out = (
         t if t.stride(-1) == 1 else t.contiguous() for t in (q_nope, q_pe, k_nope, k_pe, v, prefix_out))
     prefix_lse = prefix_lse.contiguous()
-    wrap_triton(_mha_prefill_kernel)[(cdiv(seqlen, block_m), heads, bsz)](
-        q_nope, q_pe, k_nope, k_pe, v, input_pos, prefix_out, prefix_lse, out,
-        seqlen, heads, dn, r, dv, float(softmax_scale) * LOG2E,
-        q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
-        k_nope.stride(0), k_nope.stride(1), k_nope.stride(2), k_pe.stride(0), k_pe.stride(1),
-        v.stride(0), v.stride(1), v.stride(2), input_pos.stride(0), input_pos.stride(1),
-        prefix_out.stride(0), prefix_out.stride(1), prefix_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=block_m, BLOCK_N=block_n, DN_PAD=max(16, next_pow2(dn)), R_PAD=max(16, next_pow2(r)),
-        DV_PAD=max(16, next_pow2(dv)), HAS_PREFIX=has_prefix,
-        EXACT_D=all(n == max(16, next_pow2(n)) for n in (dn, r, dv)), num_warps=num_warps, num_stages=num_stages,
+    dn_pad, r_pad, dv_pad = (max(16, next_pow2(n)) for n in (dn, r, dv))
+    exact_d = (dn, r, dv) == (dn_pad, r_pad, dv_pad)
+    # the keys through TMA descriptors over their [B*S, ...] row views, where those are views (see the kernel)
+    kv_desc = exact_d and prefill_attn_tma() and all(
+        tma_descriptor_ok(t) and statically_known_true(t.stride(0) == t.shape[1] * t.stride(1))
+        for t in (k_nope, k_pe, v))
+    keys = dict(kn_ptr=k_nope, kp_ptr=k_pe, v_ptr=v)
+    descriptors = {}
+    if kv_desc:
+        keys = {name: t.flatten(0, 1) for name, t in keys.items()}
+        descriptors = {"kn_ptr": [block_n, 1, dn_pad], "kp_ptr": [block_n, r_pad], "v_ptr": [block_n, 1, dv_pad]}
+    launch_with_descriptors(
+        _mha_prefill_kernel, (cdiv(seqlen, block_m), heads, bsz), descriptors,
+        qn_ptr=q_nope, qp_ptr=q_pe, **keys, pos_ptr=input_pos, po_ptr=prefix_out, plse_ptr=prefix_lse, out_ptr=out,
+        S=seqlen, H=heads, DN=dn, R=r, DV=dv, scale_log2=float(softmax_scale) * LOG2E,
+        s_qn_b=q_nope.stride(0), s_qn_s=q_nope.stride(1), s_qn_h=q_nope.stride(2),
+        s_qp_b=q_pe.stride(0), s_qp_s=q_pe.stride(1), s_qp_h=q_pe.stride(2),
+        s_kn_b=k_nope.stride(0), s_kn_s=k_nope.stride(1), s_kn_h=k_nope.stride(2),
+        s_kp_b=k_pe.stride(0), s_kp_s=k_pe.stride(1), s_v_b=v.stride(0), s_v_s=v.stride(1), s_v_h=v.stride(2),
+        s_pos_b=input_pos.stride(0), s_pos_s=input_pos.stride(1),
+        s_po_b=prefix_out.stride(0), s_po_s=prefix_out.stride(1), s_po_h=prefix_out.stride(2),
+        s_o_b=out.stride(0), s_o_s=out.stride(1), s_o_h=out.stride(2),
+        BLOCK_M=block_m, BLOCK_N=block_n, DN_PAD=dn_pad, R_PAD=r_pad, DV_PAD=dv_pad, HAS_PREFIX=has_prefix,
+        EXACT_D=exact_d, KV_DESC=kv_desc, num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def prefill_attn_tma() -> bool:
+    """DSV3_PREFILL_ATTN_TMA=on (default) / off: whether the prefill attention kernel may read its keys through TMA
+    descriptors (off: pointer tiles; the A/B baseline). Read at trace time."""
+    return env_switch("DSV3_PREFILL_ATTN_TMA", "on", ("on", "off")) == "on" and descriptor_launch_supported()
 
 
 def _triton_ok(*tensors: torch.Tensor) -> bool:

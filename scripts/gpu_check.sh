@@ -57,6 +57,8 @@
 #              key blocks in 2-4 stages at the plan's split count; H 16, batch 1-32, context 128-32k (JSON in $OUT)
 #   ncu-mla    Nsight Compute sections of the MLA decode kernels (scripts/ncu_mla.py: batch 1 at 128 / 8k / 32k, batch 8
 #              at 4k; full report text in $OUT/ncu_mla.txt)
+#   tma-op     scripts/try_tma_op.py (a host-side TMA descriptor through a triton_op: eager, torch.compile, AOTInductor
+#              package at 3 sizes), then the GPU tests of the prefill attention's descriptor form (incl. an AOTI package)
 #   tma-moe    scripts/try_grouped_tma.py: the grouped MoE kernels with TMA descriptor loads vs the production ones
 #              (bitwise compared, timed interleaved; JSON in $OUT)
 #   sdpa       scripts/bench_prefill_sdpa.py: the first-chunk prefill attention, our kernel vs PyTorch's cuDNN / flash
@@ -230,6 +232,12 @@ step_sweep_mla() {  # decode launch plans of dsv3.mla_attention at H = 16, batch
 }
 
 step_moe_grouped() { SWEEP_ARGS="--only moe ${SWEEP_ARGS:-}" step_sweep_prefill; }
+
+step_tma_op() {
+  timeout 200 $PY scripts/try_tma_op.py 2>&1 | grep -v -i warn | tee "$OUT/tma_op.log" | tail -12
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_prefill.py \
+    2>&1 | tee "$OUT/tma_tests.log" | tail -12
+}
 
 step_ab_moe() {
   timeout 400 $PY scripts/ab_grouped_moe.py --old "${AB_OLD:?AB_OLD: a copy of kernels/routed_experts.py to compare with}" --json "$OUT/ab_moe.json" \

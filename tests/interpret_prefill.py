@@ -115,3 +115,37 @@ def test_prefill_attention_block_shapes(block_m, block_n):
     ref = P.mla_prefill_attention_reference(*(x.double() if x.is_floating_point() else x for x in args[:6]), 0.15,
                                             po.double(), lse.double())
     assert rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_prefill_keys_through_descriptors(prefix, monkeypatch):
+    """The keys through TMA descriptors over their row views (the launcher's choice where the layout allows one)
+    give the pointer tiles' output bit for bit, on the model's layouts: k_nope and v split out of one kv_b output,
+    k_pe a column slice of the latent rows; two sequences, so a key block past the first one's S reads the second
+    one's rows (masked out of the scores)."""
+    from dsv3.kernels._launch import tma_descriptor_ok
+
+    gen = torch.Generator().manual_seed(17)
+    b, s, h, dn, r, dv, c = 2, 150, 2, 32, 16, 32, 40
+    kv = torch.randn(b, s, h, dn + dv, generator=gen).half()
+    k_nope, v = kv.split([dn, dv], dim=-1)
+    k_pe = torch.randn(b, s, c + r, generator=gen).half()[..., c:]
+    q_nope, q_pe = torch.randn(b, s, h, dn, generator=gen).half(), torch.randn(b, s, h, r, generator=gen).half()
+    pos = torch.arange(s)[None].repeat(b, 1)
+    extra = ()
+    if prefix:
+        pos = pos + torch.tensor([[0], [9]])
+        extra = (torch.randn(b, s, h, dv, generator=gen).half(), torch.randn(b, s, h, generator=gen) * 3)
+    assert all(tma_descriptor_ok(t) for t in (k_nope, k_pe, v))
+    args = (q_nope, q_pe, k_nope, k_pe, v, pos, 0.15)
+    outs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("DSV3_PREFILL_ATTN_TMA", mode)
+        outs[mode] = P.mla_prefill_attention_triton(*args, *extra, block_m=32, block_n=32, num_warps=4)
+    assert torch.equal(outs["on"], outs["off"])
+    ref = P.mla_prefill_attention_reference(*(x.double() if x.is_floating_point() else x for x in args[:6]), 0.15,
+                                            *(x.double() for x in extra))
+    assert rel_err(outs["on"], ref) < 2e-3
+    monkeypatch.setenv("DSV3_PREFILL_ATTN_TMA", "maybe")
+    with pytest.raises(ValueError, match="DSV3_PREFILL_ATTN_TMA"):
+        P.mla_prefill_attention_triton(*args, *extra, block_m=32, block_n=32, num_warps=4)

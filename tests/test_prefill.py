@@ -119,6 +119,47 @@ def test_prefill_kernels_gpu(s, start):
         assert rel_err(alone, want) < 8e-3 and torch.equal(alone, o)
 
 
+class _FirstChunkAttention(torch.nn.Module):
+    """The first-chunk attention as the model calls it: k_nope and v split out of one kv_b output, k_pe a column
+    slice of the latent rows (the layouts the keys' TMA descriptors are built over)."""
+
+    def forward(self, q_nope, q_pe, kv, latent, pos):
+        k_nope, v = kv.split([128, 128], dim=-1)
+        return torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, k_nope, latent[..., 512:], v, pos, 0.07)
+
+
+@pytest.mark.gpu
+def test_prefill_keys_through_descriptors_gpu(monkeypatch, tmp_path):
+    """The prefill attention's keys through TMA descriptors (the default on sm_90) give the pointer tiles' output
+    bit for bit, eagerly, under torch.compile(fullgraph=True) and inside an AOTInductor package with a dynamic
+    chunk length run at two lengths (the descriptors are rebuilt from each call's sizes); 16B shapes, 2 sequences."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(3)
+    rn = lambda *shape: torch.randn(*shape, device=dev, generator=g).bfloat16()  # noqa: E731
+
+    def inputs(s):
+        return (rn(2, s, 16, 128), rn(2, s, 16, 64), rn(2, s, 16, 256), rn(2, s, 576),
+                torch.arange(s, device=dev)[None].repeat(2, 1))
+
+    mod = _FirstChunkAttention()
+    a = inputs(700)
+    outs = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("DSV3_PREFILL_ATTN_TMA", mode)
+        outs[mode] = mod(*a)
+    assert torch.isfinite(outs["on"]).all() and torch.equal(outs["on"], outs["off"])
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(mod, fullgraph=True)(*a), outs["on"])
+    s_dim = torch.export.Dim("s", min=65, max=4096)
+    ep = torch.export.export(mod, a, dynamic_shapes=({1: s_dim}, {1: s_dim}, {1: s_dim}, {1: s_dim}, {1: s_dim}))
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "attn.pt2")))
+    for s in (700, 333, 4096):
+        b = a if s == 700 else inputs(s)
+        monkeypatch.setenv("DSV3_PREFILL_ATTN_TMA", "off")
+        assert torch.equal(runner(*b), mod(*b)), s
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model's prefill path (CPU, float32: the references)
 # ---------------------------------------------------------------------------------------------------------------

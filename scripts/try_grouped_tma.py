@@ -23,6 +23,10 @@ Outcome (2026-11-24, H200, torch 2.11, triton 3.6, T=4096; us per call, median o
   program then builds its own: down 384 -> 411 us on 16B (0.93x), 1.05x on the 671B rank; and inside an
   AOTInductor package with a dynamic token count its output was non-finite on the second size (the package's
   global-scratch handling for user kernels, torch 2.11). The production kernels stay pointer tiles.
+- 2026-11-25: `dsv3.kernels._launch.launch_with_descriptors` now passes host-side descriptors through a triton_op,
+  but against today's kernels (unmasked EVEN loops, preloaded scales; this script's baselines keep EVEN=False) the
+  down kernel's descriptor form is no faster: 1163 vs 1159 us for the whole 16B op (branch
+  experiment/moe-down-tma-op, scripts/sweep_down_tma.py there).
 
 Each variant's output is compared bit for bit with the production kernel's on the same inputs (h, hs for up; y for
 down; the sorted-h variant gets the production h permuted into sorted order). Timing: `dsv3.kernels.bench.graph_us`
@@ -184,7 +188,7 @@ def run_shape(name: str, t: int, rounds: int, timing: bool) -> dict:
             xq, xs, sched, gate, up, sg, su, h0, hs0, y0, k, i, d, n_slots,
             xq.stride(0), xs.stride(0), gate.stride(0), gate.stride(1), sg.stride(0), sg.stride(1), sg.stride(2),
             h0.stride(0), hs0.stride(0), BLOCK_T=block_t, KB_PAD=kb_up,
-            PRELOAD=preload_scales(kb_up) and not two, TWO_DOTS=two,
+            PRELOAD=preload_scales(kb_up) and not two, TWO_DOTS=two, EVEN=False,
             num_warps=plan.up_num_warps, num_stages=plan.up_num_stages)
 
     def down_base(y):
@@ -192,7 +196,8 @@ def run_shape(name: str, t: int, rounds: int, timing: bool) -> dict:
             h0, hs0, sched, down, sd, y, k, i, d, n_slots,
             h0.stride(0), hs0.stride(0), down.stride(0), down.stride(1), sd.stride(0), sd.stride(1), sd.stride(2),
             y.stride(0), BLOCK_T=block_t, BLOCK_N=plan.down_block_n, KB_PAD=kb_down,
-            PRELOAD=preload_scales(kb_down), num_warps=plan.down_num_warps, num_stages=plan.down_num_stages)
+            PRELOAD=preload_scales(kb_down), EVEN=False, num_warps=plan.down_num_warps,
+            num_stages=plan.down_num_stages)
 
     wg_desc = TensorDescriptor.from_tensor(gate, [1, 128, 128])
     wu_desc = TensorDescriptor.from_tensor(up, [1, 128, 128])

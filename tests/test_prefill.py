@@ -63,6 +63,33 @@ def test_references_merge_prefix_exactly(start):
         assert (alone - want).abs().max() < 1e-10
 
 
+def test_descriptor_launch_support_and_layout_checks():
+    """The private torch classes `launch_with_descriptors` leans on exist in this torch (CI fails here, not by a
+    silent fallback to pointer tiles, when an upgrade removes them), and `tma_descriptor_ok` takes the model's key
+    layouts and refuses the rest: no GPU and no interpreter, a misaligned column slice, a last dim not contiguous."""
+    import os
+
+    from dsv3.kernels._launch import descriptor_launch_supported, tma_descriptor_ok
+
+    assert descriptor_launch_supported()
+    kv = torch.zeros(1, 7, 2, 256, dtype=torch.bfloat16)
+    latent = torch.zeros(1, 7, 576, dtype=torch.bfloat16)
+    k_nope, v = kv.split([128, 128], dim=-1)
+    cases = [(k_nope, True), (v, True), (latent[..., 512:], True), (latent[..., 3:], False),
+             (kv.transpose(-1, -2), False)]
+    saved = os.environ.get("TRITON_INTERPRET")
+    try:
+        os.environ.pop("TRITON_INTERPRET", None)
+        assert not any(tma_descriptor_ok(t) for t, _ in cases)   # a CPU tensor outside the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+        assert [tma_descriptor_ok(t) for t, _ in cases] == [ok for _, ok in cases]
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def test_ops_fake_and_schema():
     g = torch.Generator().manual_seed(0)
     b, s, h, dn, r, dv, c, t = 1, 5, 2, 8, 4, 8, 12, 16

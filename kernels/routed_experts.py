@@ -78,7 +78,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, env_choice, env_switch, next_pow2, num_sms, static_int
+from dsv3.kernels._launch import (
+    cdiv, descriptor_launch_supported, env_choice, env_switch, launch_with_descriptors, next_pow2, num_sms,
+    static_int, tma_descriptor_ok,
+)
 from dsv3.kernels.tiles import load_tile
 from dsv3.kernels.fp8_linear import (
     act_quant, dot_rows, fp8_linear_a16_reference, fp8_linear_reference, k_blocks, load_weight_rows, load_x_act,
@@ -242,10 +245,11 @@ def _moe_up_kernel(
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, W_DESC: tl.constexpr,
 ):
     """acc[weight rows, tokens]: the decode path (FP8 or bf16/fp16) and the grouped bf16/fp16 path (FP8 grouped:
-    `_moe_up_grouped_kernel`).
+    `_moe_up_grouped_kernel`). W_DESC: wg_ptr / wu_ptr are TMA descriptors of the gate / up weights [E, I, D] with
+    box [1, BLOCK_N, 128] (out-of-range rows and columns read as zeros, as the masked loads' `other`).
     FP8: x is pre-quantized (e4m3 + scales [T, D/128]); BLOCK_N divides 128, so the program's weight rows share
     one row of block scales. QUANT_H (FP8, BLOCK_N == 128): this program owns one 128-channel block of h and writes
     it quantized (e4m3 + one scale per token), exactly as quantize_activation(h) would; otherwise h is written in
@@ -261,8 +265,9 @@ def _moe_up_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         n_mask = offs_n < I
-        wg_ptrs = wg_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
-        wu_ptrs = wu_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
+        if not W_DESC:
+            wg_ptrs = wg_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
+            wu_ptrs = wu_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_d[None, :]
         token64 = token.to(tl.int64)
         x_ptrs = x_ptr + token64[:, None] * stride_xt + offs_d[None, :]
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
@@ -270,9 +275,13 @@ def _moe_up_kernel(
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         for kb in range(0, tl.cdiv(D, BLOCK_D)):
             d_mask = (kb * BLOCK_D + offs_d) < D
-            wmask = n_mask[:, None] & d_mask[None, :]
-            wg = tl.load(wg_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
-            wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
+            if W_DESC:
+                wg = wg_ptr.load([e, pid_n * BLOCK_N, kb * BLOCK_D]).reshape(BLOCK_N, BLOCK_D)
+                wu = wu_ptr.load([e, pid_n * BLOCK_N, kb * BLOCK_D]).reshape(BLOCK_N, BLOCK_D)
+            else:
+                wmask = n_mask[:, None] & d_mask[None, :]
+                wg = tl.load(wg_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
+                wu = tl.load(wu_ptrs + kb * BLOCK_D, mask=wmask, other=0.0)
             xv = tl.load(x_ptrs + kb * BLOCK_D, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if IS_FP8:
                 # decode: scales loaded per K block (preloading them measured slower here: 671B-ep8 T=1 up 23 ->
@@ -337,9 +346,10 @@ def _moe_down_kernel(
     stride_h, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_y,
     IS_FP8: tl.constexpr, GROUPED: tl.constexpr, QUANT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_E: tl.constexpr, EVEN: tl.constexpr, W_DESC: tl.constexpr,
 ):
     """acc[weight rows, tokens], the paths of `_moe_up_kernel` (FP8 grouped: `_moe_down_grouped_kernel`).
+    W_DESC: wd_ptr is a TMA descriptor of the down weights [E, D, I] with box [1, BLOCK_N, 128].
     FP8 with QUANT_H: h is e4m3 with scales hs [pairs, I/128] (the up kernel quantized it). FP8 without:
     h is in the activation dtype and each [tokens, 128] tile is quantized here (`quantize_tile_rcp`, exactly
     quantize_activation(h) up to the sign of a zero: columns past I and tokens not routed here load as zeros, as its
@@ -357,13 +367,17 @@ def _moe_down_kernel(
         offs_i = tl.arange(0, BLOCK_I)
         n_mask = offs_n < D
         pair64 = pair.to(tl.int64)
-        w_ptrs = wd_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_i[None, :]
+        if not W_DESC:
+            w_ptrs = wd_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_i[None, :]
         h_ptrs = h_ptr + pair64[:, None] * stride_h + offs_i[None, :]
         srow = e64 * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         for kb in range(0, tl.cdiv(I, BLOCK_I)):
             i_mask = (kb * BLOCK_I + offs_i) < I  # EVEN (`even_blocks`): whole blocks, only the tokens' mask
-            w = load_tile(w_ptrs + kb * BLOCK_I, n_mask, i_mask, not EVEN, not EVEN)
+            if W_DESC:
+                w = wd_ptr.load([e, pid_n * BLOCK_N, kb * BLOCK_I]).reshape(BLOCK_N, BLOCK_I)
+            else:
+                w = load_tile(w_ptrs + kb * BLOCK_I, n_mask, i_mask, not EVEN, not EVEN)
             hv = load_tile(h_ptrs + kb * BLOCK_I, col_mask, i_mask, True, not EVEN)
             if IS_FP8:
                 if QUANT_H:
@@ -860,6 +874,15 @@ def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tu
     return sched, n_tiles
 
 
+def moe_decode_tma() -> bool:
+    """DSV3_MOE_DECODE_TMA=on (default) / off: whether the FP8 decode MoE kernels with MMA tiles (`_moe_up_kernel`,
+    `_moe_down_kernel`; T = 2..64) read their weights through TMA descriptors where the layout takes one (off: the
+    pointer tiles, the A/B baseline). Whole op on the H200 (scripts/ab_moe_decode.py, 2026-11-25, bitwise equal):
+    16B T = 2 / 4 / 8 / 16 / 32 1.003 / 1.029 / 1.009 / 1.000 / 1.020x, 671B-ep8 rank 1.055 / 1.021 / 1.008 / 1.002 /
+    1.036x. Read at trace time."""
+    return env_switch("DSV3_MOE_DECODE_TMA", "on", ("on", "off")) == "on"
+
+
 def routed_experts_triton(
     x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -965,6 +988,8 @@ def routed_experts_triton(
     else:
         h = torch.empty((p, i), dtype=odt, device=x.device)
         hs = h                                    # unused
+    # FP8 decode, the MMA kernels: the weights through TMA descriptors where their layout takes one
+    decode_desc = is_fp8 and not grouped and moe_decode_tma() and descriptor_launch_supported()
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
                   BLOCK_P=block_p, BLOCK_E=block_e)
     kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
@@ -996,12 +1021,17 @@ def routed_experts_triton(
             num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
         )
     else:
-        wrap_triton(_moe_up_kernel)[(n_slots, cdiv(i, plan.up_block_n))](
-            xq, xs, idx, sched, gate_proj, up_proj, sg, su, h, hs, y,
-            t, k, e, i, d, n_sched,
-            xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
-            sg.stride(0), sg.stride(1), sg.stride(2) if sg.dim() == 3 else 0, h.stride(0), hs.stride(0),
-            BLOCK_N=plan.up_block_n, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages, **common,
+        up_desc = decode_desc and all(tma_descriptor_ok(w) for w in (gate_proj, up_proj))
+        launch_with_descriptors(
+            _moe_up_kernel, (n_slots, cdiv(i, plan.up_block_n)),
+            {"wg_ptr": [1, plan.up_block_n, 128], "wu_ptr": [1, plan.up_block_n, 128]} if up_desc else {},
+            x_ptr=xq, xs_ptr=xs, idx_ptr=idx, sched_ptr=sched, wg_ptr=gate_proj, wu_ptr=up_proj, sg_ptr=sg,
+            su_ptr=su, h_ptr=h, hs_ptr=hs, dt_ptr=y, T=t, K=k, E=e, I=i, D=d, n_sched=n_sched,
+            stride_xt=xq.stride(0), stride_xst=xs.stride(0), stride_we=gate_proj.stride(0),
+            stride_wn=gate_proj.stride(1), stride_se=sg.stride(0), stride_sn=sg.stride(1),
+            stride_sk=sg.stride(2) if sg.dim() == 3 else 0, stride_h=h.stride(0), stride_hs=hs.stride(0),
+            BLOCK_N=plan.up_block_n, W_DESC=up_desc, num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
+            **common,
         )
     if grouped and is_fp8:
         wrap_triton(_moe_down_grouped_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
@@ -1013,13 +1043,16 @@ def routed_experts_triton(
             EVEN=even_blocks(i, d, plan.down_block_n), num_warps=plan.down_num_warps, num_stages=plan.down_num_stages,
         )
     elif not rows_down:
-        wrap_triton(_moe_down_kernel)[(n_slots, cdiv(d, plan.down_block_n))](
-            h, hs, idx, sched, down_proj, sd, y,
-            t, k, e, i, d, n_sched,
-            h.stride(0), hs.stride(0), down_proj.stride(0), down_proj.stride(1),
-            sd.stride(0), sd.stride(1), sd.stride(2) if sd.dim() == 3 else 0, y.stride(0),
-            BLOCK_N=plan.down_block_n, EVEN=even_blocks(i, d, plan.down_block_n), num_warps=plan.down_num_warps,
-            num_stages=plan.down_num_stages, **common,
+        down_desc = decode_desc and tma_descriptor_ok(down_proj)
+        launch_with_descriptors(
+            _moe_down_kernel, (n_slots, cdiv(d, plan.down_block_n)),
+            {"wd_ptr": [1, plan.down_block_n, 128]} if down_desc else {},
+            h_ptr=h, hs_ptr=hs, idx_ptr=idx, sched_ptr=sched, wd_ptr=down_proj, sd_ptr=sd, y_ptr=y,
+            T=t, K=k, E=e, I=i, D=d, n_sched=n_sched, stride_h=h.stride(0), stride_hs=hs.stride(0),
+            stride_we=down_proj.stride(0), stride_wn=down_proj.stride(1), stride_se=sd.stride(0),
+            stride_sn=sd.stride(1), stride_sk=sd.stride(2) if sd.dim() == 3 else 0, stride_y=y.stride(0),
+            BLOCK_N=plan.down_block_n, EVEN=even_blocks(i, d, plan.down_block_n), W_DESC=down_desc,
+            num_warps=plan.down_num_warps, num_stages=plan.down_num_stages, **common,
         )
     if not combine:
         return y.view(t, k, d)

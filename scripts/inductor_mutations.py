@@ -98,11 +98,12 @@ def main() -> None:
             x_ptr=x, xs_ptr=xs, idx_ptr=idx8, sched_ptr=idx8, wg_ptr=w_up, wu_ptr=w_up, sg_ptr=s_up, su_ptr=s_up,
             h_ptr=h, hs_ptr=hs, dt_ptr=y, T=8, K=k, E=e, I=i, D=d, n_sched=0, stride_xt=d, stride_xst=16,
             stride_we=i * d, stride_wn=d, stride_se=11 * 16, stride_sn=16, stride_sk=1, stride_h=i, stride_hs=11,
-            BLOCK_N=128, BLOCK_T=16, BLOCK_P=64, **common)),
+            BLOCK_N=128, BLOCK_T=16, BLOCK_P=64, W_DESC=False, **common)),
         "_moe_down_kernel (T=1)": (RE._moe_down_kernel, dict(
             h_ptr=h, hs_ptr=hs, idx_ptr=idx1, sched_ptr=idx1, wd_ptr=w_down, sd_ptr=s_down, y_ptr=y, T=1, K=k, E=e,
             I=i, D=d, n_sched=0, stride_h=i, stride_hs=11, stride_we=d * i, stride_wn=i, stride_se=16 * 11,
-            stride_sn=11, stride_sk=1, stride_y=d, BLOCK_N=64, BLOCK_T=16, BLOCK_P=8, **common)),
+            stride_sn=11, stride_sk=1, stride_y=d, BLOCK_N=64, BLOCK_T=16, BLOCK_P=8, EVEN=False, W_DESC=False,
+            **common)),
         "_moe_combine_kernel (T=1)": (RE._moe_combine_kernel, dict(
             y_ptr=y, idx_ptr=idx1, wt_ptr=hs, out_ptr=y, K=k, E=e, D=d, stride_y=d, stride_ot=d, stride_od=1,
             FIRST_ONLY=True, BLOCK_K=8, BLOCK_D=512)),

@@ -385,7 +385,7 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
     y0, y1 = (torch.zeros((p, d), dtype=torch.bfloat16) for _ in range(2))
     flags = dict(IS_FP8=True, GROUPED=True, QUANT_H=True, BLOCK_T=32, BLOCK_K=2, BLOCK_P=2, BLOCK_E=2)
     RE._moe_up_kernel[(n, 2)](xq, xs, idx, sched, wg, wu, sg, su, h0, hs0, y0, t, k, e, i, d, n, d, 3, i * d, d,
-                              2 * 3, 3, 1, i, 2, BLOCK_N=128, **flags)
+                              2 * 3, 3, 1, i, 2, BLOCK_N=128, W_DESC=False, **flags)
     for two_dots in (False, True):
         h1.zero_()
         hs1.zero_()
@@ -395,10 +395,34 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
         # (quantize_tile_rcp: a zero's sign aside)
         assert torch.equal(h0.float(), h1.float()) and torch.equal(hs0, hs1), two_dots
     RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
-                                BLOCK_N=128, EVEN=False, **flags)
+                                BLOCK_N=128, EVEN=False, W_DESC=False, **flags)
     RE._moe_down_grouped_kernel[(n, 2)](h0, hs0, sched, wd, sd, y1, k, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
                                         BLOCK_T=32, BLOCK_N=256, KB_PAD=2, PRELOAD=False, EVEN=False)
     assert torch.equal(y0, y1)
+
+
+@pytest.mark.parametrize("t,up_bn,down_bn,d,i", [(3, 128, 64, 304, 208), (8, 64, 128, 256, 256), (5, 32, 32, 144, 144)])
+def test_decode_weights_through_descriptors(t, up_bn, down_bn, d, i, fixed_interpreter, monkeypatch):
+    """The FP8 decode MoE kernels with MMA tiles with their weights through TMA descriptors (DSV3_MOE_DECODE_TMA=on)
+    give the pointer tiles' pair outputs bit for bit: ragged D (rows past D zero-filled by the descriptor as by the
+    masks), a partial K block (I 208), whole blocks (the down kernel's EVEN loop), row blocks below 128."""
+    gen = torch.Generator().manual_seed(7 + t + d)
+    x, idx, _, w = _moe_inputs(t, 3, 5, d, i, True, torch.bfloat16, gen)
+    assert all(RE.tma_descriptor_ok(v) for v in w[:3])
+    kw = dict(up_block_n=up_bn, down_block_n=down_bn)
+    outs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("DSV3_MOE_DECODE_TMA", mode)
+        outs[mode] = RE.routed_experts_triton(x, idx, None, *w, combine=False, **kw)
+    # the decode kernels write a token's pair row for each valid id once (the first k naming it): the rows of
+    # invalid ids and of repeats stay unwritten
+    repeat = torch.zeros_like(idx, dtype=torch.bool)
+    for j in range(1, idx.shape[1]):
+        repeat[:, j] = (idx[:, :j] == idx[:, j:j + 1]).any(1)
+    valid = ((idx >= 0) & (idx < 5) & ~repeat).reshape(-1)
+    on, off = (outs[m].reshape(-1, d)[valid] for m in ("on", "off"))
+    assert torch.equal(on, off)
+    assert rel_err(on, RE.routed_experts_pairs_reference(x, idx, *w).reshape(-1, d)[valid]) < 1e-3
 
 
 # (D, I, pairs per tile, the down kernel's BLOCK_N, the up kernel's warps: 4 is its TWO_DOTS form)

@@ -428,7 +428,7 @@ def _moe_up_grouped_kernel(
     K, I, D, n_sched,
     stride_xt, stride_xst, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_h, stride_hs,
     BLOCK_T: tl.constexpr, KB_PAD: tl.constexpr, PRELOAD: tl.constexpr, TWO_DOTS: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, W_DESC: tl.constexpr,
 ):
     """FP8 grouped (prefill) up kernel, grid (tiles, cdiv(I, 128)): one tile of BLOCK_T (token, expert) pairs of
     one expert (`grouped_schedule`) times 128 gate rows and the same 128 up rows, as ONE [BLOCK_T, 256] dot per
@@ -449,7 +449,9 @@ def _moe_up_grouped_kernel(
     two CTAs share an SM, so one CTA's scale multiplies overlap the other's MMAs.
     EVEN (`even_blocks`): every K block and row block is whole, so the loop's loads go unmasked; the tile's unused
     columns (pairs past its end, 0 from `_grouped_tile`) then load token 0's row, whose results are never stored
-    (every reduction of the epilogue is per token)."""
+    (every reduction of the epilogue is per token).
+    W_DESC (TWO_DOTS only): wg_ptr / wu_ptr are TMA descriptors of the gate / up weights [E, I, D], box
+    [1, 128, 128]."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
@@ -469,16 +471,21 @@ def _moe_up_grouped_kernel(
         if TWO_DOTS:
             rows = pid_n * 128 + tl.arange(0, 128)
             r_mask = rows < I
-            row_off = e64 * stride_we + rows.to(tl.int64) * stride_wn
-            wg_ptrs = wg_ptr + row_off[:, None] + offs_d[None, :]
-            wu_ptrs = wu_ptr + row_off[:, None] + offs_d[None, :]
+            if not W_DESC:
+                row_off = e64 * stride_we + rows.to(tl.int64) * stride_wn
+                wg_ptrs = wg_ptr + row_off[:, None] + offs_d[None, :]
+                wu_ptrs = wu_ptr + row_off[:, None] + offs_d[None, :]
             acc_g = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_T, 128), dtype=tl.float32)
             for kb in range(0, tl.cdiv(D, 128)):
                 # EVEN (`even_blocks`): whole blocks, no masks; the tile's unused columns read token 0's row
                 d_mask = (kb * 128 + offs_d) < D
-                wgv = load_tile(wg_ptrs + kb * 128, r_mask, d_mask, not EVEN, not EVEN)
-                wuv = load_tile(wu_ptrs + kb * 128, r_mask, d_mask, not EVEN, not EVEN)
+                if W_DESC:
+                    wgv = wg_ptr.load([e, pid_n * 128, kb * 128]).reshape(128, 128)
+                    wuv = wu_ptr.load([e, pid_n * 128, kb * 128]).reshape(128, 128)
+                else:
+                    wgv = load_tile(wg_ptrs + kb * 128, r_mask, d_mask, not EVEN, not EVEN)
+                    wuv = load_tile(wu_ptrs + kb * 128, r_mask, d_mask, not EVEN, not EVEN)
                 xv = load_tile(x_ptrs + kb * 128, col_mask, d_mask, not EVEN, not EVEN)
                 if PRELOAD:
                     xs = pick_scales(xs_all, offs_kb, kb)
@@ -874,6 +881,17 @@ def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tu
     return sched, n_tiles
 
 
+def grouped_up_tma(up_num_warps: int) -> bool:
+    """DSV3_MOE_UP_TMA=auto (default) / on / off: whether the grouped FP8 up kernel reads its gate / up weights
+    through TMA descriptors (then in its TWO_DOTS form). auto: for 8-warp plans. H200, T=4096, whole op, bitwise
+    equal (scripts/ab_grouped_moe.py, 2026-11-25): the 671B-ws8 rank's 8-warp plan 1091.5 -> 1067.3 us (1.023x, the
+    one 256-wide pointer dot against two descriptor-fed dots); the 16B's 4-warp TWO_DOTS plan 1151.1 -> 1411.1 us
+    (0.816x: two 4-warp CTAs per SM already overlap one's scale arithmetic with the other's MMAs). Read at trace
+    time."""
+    choice = env_switch("DSV3_MOE_UP_TMA", "auto", ("auto", "on", "off"))
+    return choice == "on" or (choice == "auto" and up_num_warps > 4)
+
+
 def moe_decode_tma() -> bool:
     """DSV3_MOE_DECODE_TMA=on (default) / off: whether the FP8 decode MoE kernels with MMA tiles (`_moe_up_kernel`,
     `_moe_down_kernel`; T = 2..64) read their weights through TMA descriptors where the layout takes one (off: the
@@ -1010,14 +1028,19 @@ def routed_experts_triton(
                 ACT16=a16, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
             )
     elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
-        two_dots = plan.up_num_warps <= 4  # (registers: see the kernel)
-        wrap_triton(_moe_up_grouped_kernel)[(n_slots, cdiv(i, 128))](
-            xq, xs, sched, gate_proj, up_proj, sg, su, h, hs, y,
-            k, i, d, n_sched,
-            xq.stride(0), xs.stride(0), gate_proj.stride(0), gate_proj.stride(1),
-            sg.stride(0), sg.stride(1), sg.stride(2), h.stride(0), hs.stride(0),
+        # the weights through TMA descriptors (DSV3_MOE_UP_TMA): the TWO_DOTS form at any warp count
+        up_desc = (grouped_up_tma(plan.up_num_warps) and descriptor_launch_supported()
+                   and all(tma_descriptor_ok(w) for w in (gate_proj, up_proj)))
+        two_dots = plan.up_num_warps <= 4 or up_desc  # (registers: see the kernel)
+        launch_with_descriptors(
+            _moe_up_grouped_kernel, (n_slots, cdiv(i, 128)),
+            {"wg_ptr": [1, 128, 128], "wu_ptr": [1, 128, 128]} if up_desc else {},
+            x_ptr=xq, xs_ptr=xs, sched_ptr=sched, wg_ptr=gate_proj, wu_ptr=up_proj, sg_ptr=sg, su_ptr=su, h_ptr=h,
+            hs_ptr=hs, dt_ptr=y, K=k, I=i, D=d, n_sched=n_sched, stride_xt=xq.stride(0), stride_xst=xs.stride(0),
+            stride_we=gate_proj.stride(0), stride_wn=gate_proj.stride(1), stride_se=sg.stride(0),
+            stride_sn=sg.stride(1), stride_sk=sg.stride(2), stride_h=h.stride(0), stride_hs=hs.stride(0),
             BLOCK_T=block_t, KB_PAD=kb_pad_up, PRELOAD=preload_scales(kb_pad_up) and not two_dots,
-            TWO_DOTS=two_dots, EVEN=two_dots and even_blocks(d, i, 128),
+            TWO_DOTS=two_dots, EVEN=two_dots and even_blocks(d, i, 128), W_DESC=up_desc,
             num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
         )
     else:

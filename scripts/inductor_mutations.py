@@ -40,6 +40,7 @@ def decode_copies(t: int, e: int, i: int, d: int, k: int = 8, pairs: bool = Fals
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.func import functionalize
 
+    from dsv3.kernels import _launch
     from dsv3.kernels import routed_experts as RE
 
     def body(x, ids, wt, g, u, dn, sg, su, sd, xq, xs):
@@ -50,8 +51,9 @@ def decode_copies(t: int, e: int, i: int, d: int, k: int = 8, pairs: bool = Fals
         return RE.routed_experts_triton(x, ids, wt, g, u, dn, sg, su, sd, x_q=xq, x_scale=xs)
 
     fp8, kb_d, kb_i = torch.float8_e4m3fn, -(-d // 128), -(-i // 128)
-    sms = RE.num_sms
+    sms, cap = RE.num_sms, _launch.capability
     RE.num_sms = lambda dev: 132
+    _launch.capability = lambda dev: (9, 0)  # an H200: the kernels take their TMA descriptor forms, as on the device
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             c = dict(device="cuda")
@@ -62,7 +64,7 @@ def decode_copies(t: int, e: int, i: int, d: int, k: int = 8, pairs: bool = Fals
                     torch.empty(t, d, dtype=fp8, **c), torch.empty(t, kb_d, **c))
             gm = make_fx(functionalize(body), tracing_mode="fake")(*args)
     finally:
-        RE.num_sms = sms
+        RE.num_sms, _launch.capability = sms, cap
     reinplace_inplaceable_ops_core(gm.graph)
     return [f"kernel {n.kwargs['kernel_idx']}: {name}" for n in gm.graph.nodes
             if "triton_kernel_wrapper_functional" in str(n.target) for name in n.kwargs["tensors_to_clone"]]

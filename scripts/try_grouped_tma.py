@@ -188,7 +188,7 @@ def run_shape(name: str, t: int, rounds: int, timing: bool) -> dict:
             xq, xs, sched, gate, up, sg, su, h0, hs0, y0, k, i, d, n_slots,
             xq.stride(0), xs.stride(0), gate.stride(0), gate.stride(1), sg.stride(0), sg.stride(1), sg.stride(2),
             h0.stride(0), hs0.stride(0), BLOCK_T=block_t, KB_PAD=kb_up,
-            PRELOAD=preload_scales(kb_up) and not two, TWO_DOTS=two, EVEN=False,
+            PRELOAD=preload_scales(kb_up) and not two, TWO_DOTS=two, EVEN=False, W_DESC=False,
             num_warps=plan.up_num_warps, num_stages=plan.up_num_stages)
 
     def down_base(y):

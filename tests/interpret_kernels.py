@@ -391,7 +391,7 @@ def test_grouped_fp8_kernels_match_decode_orientation(fixed_interpreter):
         hs1.zero_()
         RE._moe_up_grouped_kernel[(n, 2)](xq, xs, sched, wg, wu, sg, su, h1, hs1, y1, k, i, d, n, d, 3, i * d, d,
                                           2 * 3, 3, 1, i, 2, BLOCK_T=32, KB_PAD=4, PRELOAD=True, TWO_DOTS=two_dots,
-                                          EVEN=False)
+                                          EVEN=False, W_DESC=False)
         # (quantize_tile_rcp: a zero's sign aside)
         assert torch.equal(h0.float(), h1.float()) and torch.equal(hs0, hs1), two_dots
     RE._moe_down_kernel[(n, 3)](h0, hs0, idx, sched, wd, sd, y0, t, k, e, i, d, n, i, 2, d * i, i, 3 * 2, 2, 1, d,
@@ -423,6 +423,26 @@ def test_decode_weights_through_descriptors(t, up_bn, down_bn, d, i, fixed_inter
     on, off = (outs[m].reshape(-1, d)[valid] for m in ("on", "off"))
     assert torch.equal(on, off)
     assert rel_err(on, RE.routed_experts_pairs_reference(x, idx, *w).reshape(-1, d)[valid]) < 1e-3
+
+
+@pytest.mark.parametrize("d,i,up_warps", [(304, 208, 8), (256, 256, 4), (144, 200, 8)])
+def test_grouped_up_weights_through_descriptors(d, i, up_warps, fixed_interpreter, monkeypatch):
+    """The grouped FP8 up kernel with its gate / up weights through TMA descriptors (DSV3_MOE_UP_TMA=on, the TWO_DOTS
+    form at any warp count; 8 warps: the pointer form's one 256-wide dot, the same products and sums) gives the
+    pointer tiles' output bit for bit: ragged D and I (rows and columns past them zero-filled by the descriptor as
+    by the masks) and whole blocks (EVEN)."""
+    gen = torch.Generator().manual_seed(3 + d + i)
+    x, idx, wt, w = _moe_inputs(150, 3, 5, d, i, True, torch.bfloat16, gen)
+    assert RE.tma_descriptor_ok(w[0]) and RE.tma_descriptor_ok(w[1])
+    kw = dict(grouped=True, grouped_block_t=32, up_num_warps=up_warps)
+    outs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("DSV3_MOE_UP_TMA", mode)
+        outs[mode] = RE.routed_experts_triton(x, idx, wt, *w, **kw)
+    assert torch.equal(outs["on"], outs["off"])
+    assert rel_err(outs["on"], RE.routed_experts_reference(x, idx, wt, *w)) < 1e-3
+    monkeypatch.setenv("DSV3_MOE_UP_TMA", "auto")  # the default: descriptors for 8-warp plans only
+    assert RE.grouped_up_tma(8) and not RE.grouped_up_tma(4)
 
 
 # (D, I, pairs per tile, the down kernel's BLOCK_N, the up kernel's warps: 4 is its TWO_DOTS form)

@@ -71,7 +71,10 @@ def tma_descriptor_ok(t: torch.Tensor) -> bool:
     """Whether `t` can back a TMA tensor descriptor (`triton.tools.tensor_descriptor.TensorDescriptor`): a Hopper or
     newer GPU (or the Triton interpreter, which emulates descriptors on the CPU), the last dim contiguous, the
     base address and every other stride 16-byte aligned, all known at trace time (sizes may be dynamic: the
-    descriptor is built at each launch from the tensor's sizes then)."""
+    descriptor is built at each launch from the tensor's sizes then), and a torch that `launch_with_descriptors`
+    can launch through (`descriptor_launch_supported`): the one gate every descriptor form's caller asks."""
+    if not descriptor_launch_supported():
+        return False
     if t.device.type == "cuda":
         if capability(t.device) < (9, 0):
             return False

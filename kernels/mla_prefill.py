@@ -46,7 +46,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import (
-    cdiv, descriptor_launch_supported, env_switch, launch_with_descriptors, next_pow2, tma_descriptor_ok,
+    cdiv, env_switch, launch_with_descriptors, next_pow2, tma_descriptor_ok,
 )
 from dsv3.kernels.mla_attention import LOG2E, _mla_fwd_kernel
 from dsv3.kernels.tiles import load_tile
@@ -293,7 +293,7 @@ def mla_prefill_attention_triton(
 def prefill_attn_tma() -> bool:
     """DSV3_PREFILL_ATTN_TMA=on (default) / off: whether the prefill attention kernel may read its keys through TMA
     descriptors (off: pointer tiles; the A/B baseline). Read at trace time."""
-    return env_switch("DSV3_PREFILL_ATTN_TMA", "on", ("on", "off")) == "on" and descriptor_launch_supported()
+    return env_switch("DSV3_PREFILL_ATTN_TMA", "on", ("on", "off")) == "on"
 
 
 def _triton_ok(*tensors: torch.Tensor) -> bool:

@@ -79,8 +79,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import (
-    cdiv, descriptor_launch_supported, env_choice, env_switch, launch_with_descriptors, next_pow2, num_sms,
-    static_int, tma_descriptor_ok,
+    cdiv, env_choice, env_switch, launch_with_descriptors, next_pow2, num_sms, static_int, tma_descriptor_ok,
 )
 from dsv3.kernels.tiles import load_tile
 from dsv3.kernels.fp8_linear import (
@@ -1007,7 +1006,7 @@ def routed_experts_triton(
         h = torch.empty((p, i), dtype=odt, device=x.device)
         hs = h                                    # unused
     # FP8 decode, the MMA kernels: the weights through TMA descriptors where their layout takes one
-    decode_desc = is_fp8 and not grouped and moe_decode_tma() and descriptor_launch_supported()
+    decode_desc = is_fp8 and not grouped and moe_decode_tma()
     common = dict(IS_FP8=is_fp8, GROUPED=grouped, QUANT_H=quant_h, BLOCK_T=block_t, BLOCK_K=block_k,
                   BLOCK_P=block_p, BLOCK_E=block_e)
     kb_pad_up, kb_pad_down = (max(2, next_pow2(cdiv(n, 128))) for n in (d, i))
@@ -1029,8 +1028,7 @@ def routed_experts_triton(
             )
     elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
         # the weights through TMA descriptors (DSV3_MOE_UP_TMA): the TWO_DOTS form at any warp count
-        up_desc = (grouped_up_tma(plan.up_num_warps) and descriptor_launch_supported()
-                   and all(tma_descriptor_ok(w) for w in (gate_proj, up_proj)))
+        up_desc = grouped_up_tma(plan.up_num_warps) and all(tma_descriptor_ok(w) for w in (gate_proj, up_proj))
         two_dots = plan.up_num_warps <= 4 or up_desc  # (registers: see the kernel)
         launch_with_descriptors(
             _moe_up_grouped_kernel, (n_slots, cdiv(i, 128)),

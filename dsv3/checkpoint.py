@@ -396,6 +396,7 @@ def load_state(model: Transformer, reader: CheckpointReader, *, progress: bool =
                                       f"model expects {_fmt_shape(dst.shape)}")
             dst.copy_(src if src.dtype == dst.dtype or dst.dtype == FP8_DTYPE else src.to(dst.dtype))
             bar.update(expected[name].nbytes())
+    model.refresh_prefill_copies_()  # a laid-out model's copies of the weights (Transformer.add_prefill_copies_)
 
 
 def load(checkpoint_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,

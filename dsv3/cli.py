@@ -480,7 +480,8 @@ def inspect_cmd(artifact_dir: str) -> None:
     parts = ([f"shared experts as {lay['shared_expert_slots']} extra expert slot(s)"]
              if lay.get("shared_expert_slots") else []) + (
             ["q and kv_a projections fused"] if lay.get("fused_qkv_a_proj") else []) + (
-            [f"gate and up fused in {lay['fused_gate_up_proj']} MLP(s)"] if lay.get("fused_gate_up_proj") else [])
+            [f"gate and up fused in {lay['fused_gate_up_proj']} MLP(s)"] if lay.get("fused_gate_up_proj") else []) + (
+            [f"{lay['prefill_copies']} prefill copies of weights"] if lay.get("prefill_copies") else [])
     click.echo("layout      " + ("; ".join(parts) if parts else "as in the checkpoint"))
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files       {len(m['files'])}, {size / 1e6:.1f} MB")

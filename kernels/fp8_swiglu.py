@@ -6,6 +6,9 @@ Contract:
     h = silu(g) * u, summed. S = 1 is a plain MLP (dense layers, an unstacked shared MLP); S > 1 the stacked shared
     experts of world size 1 (their gate/up rows are consecutive rows of one matrix, their down projections separate
     slots). Returns [..., D] in x's dtype: sum_s fp8_linear(h[:, s*I:(s+1)*I], down_w[s], down_s[s]).
+    Or S = 1 with I > N, a multiple of 128: the down projection's columns past N are zero padding (weights and
+    scales), h is taken as padded with zeros: the stacked shared experts' down projections laid side by side and
+    padded once at load (RoutedExperts.add_prefill_copies_), so no call copies them.
 
 Why one op (the 16B prefill's profile, a3c632a): the shared experts cost per MoE layer two activation quantizations
 of x (one per gate and up GEMM), an elementwise SiLU-mul writing h in bf16, one quantization of h per down slot and
@@ -49,6 +52,8 @@ def fp8_swiglu_reference(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Te
     """The composition (plain PyTorch with the default `linear`)."""
     i = down_w.shape[2]
     h = F.silu(linear(x, gate_w, gate_s)) * linear(x, up_w, up_s)
+    if down_w.shape[0] == 1 and i > h.shape[-1]:  # a padded down projection: zero columns past N
+        h = F.pad(h, (0, i - h.shape[-1]))
     y = None
     for s in range(down_w.shape[0]):
         part = linear(h[..., s * i:(s + 1) * i], down_w[s], down_s[s])
@@ -76,11 +81,12 @@ def _silu_mul_quant_kernel(
     tl.store(s_ptr + m64 * stride_sm + kb * stride_sk, s, mask=kb < tl.cdiv(KP, 128))
 
 
-def silu_mul_quant(g: torch.Tensor, u: torch.Tensor, pad_k_blocks_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_quant(g: torch.Tensor, u: torch.Tensor, pad_k_blocks_to: int = 1, k_blocks: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """g, u [M, N] (N % 128 == 0) -> (e4m3 [M, Kp], fp32 scales [M, Kp/128] M-major): silu(g) * u quantized per
-    1x128 block, K padded with zero blocks to a multiple of `pad_k_blocks_to` blocks."""
+    1x128 block, K padded with zero blocks to at least `k_blocks` blocks, then to a multiple of `pad_k_blocks_to`."""
     m, n = g.shape
-    kbt = cdiv(cdiv(n, BLOCK), pad_k_blocks_to) * pad_k_blocks_to
+    kbt = cdiv(max(cdiv(n, BLOCK), k_blocks), pad_k_blocks_to) * pad_k_blocks_to
     kp = kbt * BLOCK
     q = torch.empty((m, kp), dtype=FP8_DTYPE, device=g.device)
     s = torch.empty((kbt, m), dtype=torch.float32, device=g.device).t()
@@ -114,9 +120,9 @@ def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tenso
     g = scaled_mm_quantized(xq, xs, gate_w, gate_s, x.dtype)
     u = scaled_mm_quantized(xq, xs, up_w, up_s, x.dtype)
     kb = s * (i // BLOCK)
-    hq, hs = silu_mul_quant(g, u, pad_k_blocks_to=scaled_mm_k_blocks(kb))
+    hq, hs = silu_mul_quant(g, u, pad_k_blocks_to=scaled_mm_k_blocks(kb), k_blocks=kb)
     # the S down slots side by side along K: [D, S*I] (a copy, fused with scaled_mm_quantized's K padding by
-    # Inductor); S = 1 is a view
+    # Inductor); S = 1 (one MLP, or slots laid side by side and padded at load) is a view
     w = down_w.view(torch.uint8).permute(1, 0, 2).reshape(d, s * i).view(down_w.dtype)
     ws = down_s.permute(1, 0, 2).reshape(down_s.shape[1], kb)
     y = scaled_mm_quantized(hq, hs, w, ws, x.dtype)
@@ -134,8 +140,10 @@ def fp8_swiglu(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w
 @fp8_swiglu.register_fake
 def _fp8_swiglu_fake(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor,
                      up_s: torch.Tensor, down_w: torch.Tensor, down_s: torch.Tensor) -> torch.Tensor:
-    torch._check(gate_w.shape[0] == down_w.shape[0] * down_w.shape[2],
-                 lambda: f"fp8_swiglu: gate rows {gate_w.shape[0]} != slots x I {tuple(down_w.shape)}")
+    n, (s, _, i) = gate_w.shape[0], down_w.shape
+    torch._check(n == s * i or (s == 1 and i > n and i % 128 == 0),
+                 lambda: f"fp8_swiglu: gate rows {n} != slots x I {tuple(down_w.shape)} (nor a padded single down "
+                         f"projection)")
     return x.new_empty((*x.shape[:-1], down_w.shape[1]))
 
 

@@ -272,3 +272,4 @@ def load_presharded_(model: Transformer, directory: Path, plan: ParallelPlan, pr
                                       f"{tuple(dst.shape)} {dst.dtype}")
             dst.copy_(t if t.dtype == dst.dtype else t.to(dst.dtype))
             bar.update()
+    model.refresh_prefill_copies_()

@@ -76,6 +76,11 @@ class ParallelPlan:
     # since the seventeenth session (H200, batch 1: 671B rank 388.1 -> 361.9 us per 4-layer step, 16B 591.0 ->
     # 579.9 us per 8-layer step; docs/BENCHMARKS.md).
     batch1_activations: str = "bf16"
+    # Any world size: keep copies of the weights the prefill would otherwise rearrange on every call (kv_b_proj
+    # dequantized; at world size 1 the stacked shared experts' down projections side by side;
+    # Transformer.add_prefill_copies_), ~0.27 GB on 16B and on a 671B rank at world size 8. The graphs read them as
+    # constants, so it is a compile-time choice too; both sides default to it.
+    prefill_copies: bool = True
 
     @property
     def all_reduce(self) -> str:
@@ -295,7 +300,9 @@ def rank_layout(model: Transformer) -> dict:
     moe = next((layer.mlp for layer in model.layers if hasattr(layer.mlp, "n_shared_slots")), None)
     return {"shared_expert_slots": moe.n_shared_slots if moe is not None else 0,
             "fused_qkv_a_proj": all(bool(layer.self_attn.qkv_a_rows) for layer in model.layers),
-            "fused_gate_up_proj": sum(bool(mlp.gate_up_rows) for mlp in model.mlps())}
+            "fused_gate_up_proj": sum(bool(mlp.gate_up_rows) for mlp in model.mlps()),
+            "prefill_copies": sum(name.endswith(("kv_b_dequantized", "slots_down_packed"))
+                                  for name, _ in model.named_buffers())}
 
 
 def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:
@@ -304,4 +311,6 @@ def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:
         model.fuse_input_projections_()
     if plan.fuse_gate_up:
         model.fuse_gate_up_()
+    if plan.prefill_copies:  # after sharding and stacking: the copies take the rank's shapes
+        model.add_prefill_copies_()
     return model.set_batch1_activations_(plan.batch1_activations)  # last: the fusions above build new modules

@@ -50,4 +50,4 @@ def fill_random_(model: Transformer, seed: int = 0, progress: bool = False) -> T
             else:
                 t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=torch.float32) * std)
     bar.close()
-    return model
+    return model.refresh_prefill_copies_()

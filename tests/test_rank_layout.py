@@ -222,3 +222,80 @@ def test_fused_gate_up_matches_the_unfused_model(tmp_path, config):
             a = fused(seq[:, pos:pos + 1], torch.tensor([pos]), last_only=True)
             b = plain(seq[:, pos:pos + 1], torch.tensor([pos]), last_only=True)
             assert _rel_err(a, b) <= 1e-6
+
+
+# Prefill copies (Transformer.add_prefill_copies_, any world size): kv_b_proj dequantized, and at world size 1 the
+# stacked shared experts' down projections side by side, kept as non-persistent buffers that every loader refreshes.
+
+def _check_prefill_copies(model, cfg) -> int:
+    """Asserts every copy equals what it copies; returns how many copies the model holds."""
+    from dsv3.kernels.fp8_blocks import dequantize_weight
+
+    n = 0
+    for layer in model.layers:
+        attn = layer.self_attn
+        kv_b = attn.kv_b_proj
+        assert torch.equal(attn.kv_b_dequantized,
+                           dequantize_weight(kv_b.weight, kv_b.weight_scale_inv, attn.latent_cache.dtype))
+        n += 1
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None or not hasattr(experts, "slots_down_packed"):
+            continue
+        first, (e, d, i) = experts.slots_down_first, experts.down_proj.shape
+        s = e - first
+        assert s == cfg.n_shared_experts >= 2
+        packed, scales = experts.slots_down_packed, experts.slots_down_packed_scale_inv
+        assert packed.shape[1] % (4 * BLOCK) == 0 and packed.shape[1] >= s * i
+        for slot in range(s):
+            cols = slice(slot * i, (slot + 1) * i)
+            assert torch.equal(packed[:, cols].view(torch.uint8), experts.down_proj[first + slot].view(torch.uint8))
+            assert torch.equal(scales[:, slot * (i // BLOCK):(slot + 1) * (i // BLOCK)],
+                               experts.down_proj_scale_inv[first + slot])
+        assert not packed[:, s * i:].view(torch.uint8).any() and not scales[:, s * i // BLOCK:].any()
+        n += 1
+    return n
+
+
+def test_prefill_copies_follow_every_loader(tmp_path):
+    from dsv3.runtime.random_weights import fill_random_
+
+    ckpt = write_random_checkpoint(resolve_config("tiny-v2"), tmp_path / "ck", dtype="fp8", seed=7, progress=False)
+    cfg = CheckpointReader(ckpt).config  # two shared experts of width 128, FP8: stacked at world size 1
+    want = cfg.num_hidden_layers + cfg.num_hidden_layers - cfg.first_k_dense_replace
+    hf_layout = _rank_model(ckpt)
+    assert _check_prefill_copies(hf_layout, cfg) == want
+    presharded = _rank_model(convert_to_ranks(ckpt, tmp_path / "ranks", 1, progress=False))
+    assert _check_prefill_copies(presharded, cfg) == want
+    fresh = build_rank_model(cfg, ParallelPlan(0, 1), dtype=torch.float32, device="cpu", max_batch_size=1,
+                             max_seq_len=8)
+    assert _check_prefill_copies(fill_random_(fresh, seed=3), cfg) == want
+    fresh.load_state_dict(hf_layout.state_dict())  # the copies are not in the state dict: a hook refreshes them
+    assert _check_prefill_copies(fresh, cfg) == want
+    none = build_rank_model(cfg, ParallelPlan(0, 1, prefill_copies=False), dtype=torch.float32, device="meta",
+                            max_batch_size=1, max_seq_len=8)
+    assert not any(n.endswith(("kv_b_dequantized", "slots_down_packed")) for n, _ in none.named_buffers())
+    # world size 2 (FP8 heads of 128-row blocks): the rank's kv_b rows dequantized; the shared MLPs are not slots
+    cfg2 = cfg.replace(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    ws2 = build_rank_model(cfg2, ParallelPlan(0, 2), dtype=torch.bfloat16, device="meta", max_batch_size=1,
+                           max_seq_len=8)
+    attn = ws2.layers[-1].self_attn
+    assert attn.kv_b_dequantized.shape == attn.kv_b_proj.weight.shape == (2 * 256, cfg.kv_lora_rank)
+    assert attn.kv_b_dequantized.dtype == torch.bfloat16
+    assert not any(n.endswith("slots_down_packed") for n, _ in ws2.named_buffers())
+
+
+def test_prefill_copies_keep_the_logits(tmp_path):
+    cfg = resolve_config("tiny-v2")
+    ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype="fp8", seed=8, progress=False)
+    with_copies, without = _rank_model(ckpt), _rank_model(ckpt, prefill_copies=False)
+    assert hasattr(with_copies.layers[-1].mlp.experts, "slots_down_packed")
+    tokens = torch.randint(0, cfg.vocab_size, (3, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = with_copies(tokens, torch.arange(24))  # prefill-sized: the copies are read
+        b = without(tokens, torch.arange(24))
+        # a continued chunk: the cached prefix attended in absorbed form through the dequantized kv_b
+        rows = torch.arange(3)
+        c = with_copies(tokens[:, :8], torch.arange(24, 32), cache_rows=rows)
+        d = without(tokens[:, :8], torch.arange(24, 32), cache_rows=rows)
+    # fp32 activations: only the summation order of the shared down projection differs (one GEMM over the slots)
+    assert _rel_err(a, b) <= 1e-5 and _rel_err(c, d) <= 1e-5

@@ -67,6 +67,34 @@ def test_reference_against_float64(m, d, slots, inter):
     assert rel_err(out, swiglu_float64(*args)) < 2e-2
 
 
+def packed_down(down_w: torch.Tensor, down_s: torch.Tensor, pad_blocks: int = 4):
+    """The S down slots side by side ([1, D, Kp]: slot s in columns s*I..(s+1)*I, zero columns up to a multiple of
+    pad_blocks blocks) with their scales (zero past the slots): RoutedExperts.add_prefill_copies_'s layout."""
+    s, d, i = down_w.shape
+    kp = -(-s * i // (pad_blocks * 128)) * pad_blocks * 128
+    w = torch.cat(list(down_w.view(torch.uint8)), dim=1)
+    ws = torch.cat(list(down_s), dim=1)
+    w = F.pad(w, (0, kp - s * i)).view(down_w.dtype)
+    ws = F.pad(ws, (0, kp // 128 - ws.shape[1]))
+    return w.unsqueeze(0), ws.unsqueeze(0)
+
+
+@pytest.mark.parametrize("m,d,slots,inter", [(70, 256, 2, 128), (5, 384, 3, 256)])
+def test_packed_down_equals_one_projection(m, d, slots, inter):
+    """A padded single down projection (the slots side by side, zero columns to whole 4-block groups) gives the
+    unpadded one's output and the float64 SwiGLU's."""
+    gen = torch.Generator().manual_seed(m + slots)
+    x, gate_w, gate_s, up_w, up_s, down_w, down_s = swiglu_inputs(m, d, slots, inter, gen)
+    pw, ps = packed_down(down_w, down_s)
+    assert pw.shape[2] > slots * inter
+    one_w, one_s = pw[:, :, :slots * inter], ps[:, :, :slots * inter // 128]
+    out = torch.ops.dsv3.fp8_swiglu(x, gate_w, gate_s, up_w, up_s, pw, ps)
+    one = torch.ops.dsv3.fp8_swiglu(x, gate_w, gate_s, up_w, up_s, one_w.contiguous(), one_s.contiguous())
+    assert rel_err(out, one) < 4e-3  # the fp32 sums over K with and without the zero columns: one bf16 rounding
+    ref = swiglu_float64(x, gate_w, gate_s, up_w, up_s, one_w, one_s)
+    assert rel_err(out, ref) < 2e-2
+
+
 def test_model_paths_use_the_op_and_match_the_composition():
     """The prefill MoE's stacked shared slots and a dense FP8 MLP at GEMM-sized M go through dsv3.fp8_swiglu and
     give what the composition of fp8_linear calls gave (CPU: the same reference arithmetic)."""
@@ -122,3 +150,35 @@ def test_cublas_path_gpu(m, d, slots, inter, compiled):
     assert rel_err(out, ref64) < 2e-2
     # one GEMM over the S slots (fp32 accumulation) vs S bf16 GEMMs summed: a few bf16 roundings apart
     assert rel_err(out, composed) < 8e-3
+    if slots > 1:  # the slots side by side and padded at load (RoutedExperts.add_prefill_copies_): no copy per call
+        pw, ps = packed_down(args[5], args[6])
+        packed = fn(*args[:5], pw, ps)
+        assert rel_err(packed, out) < 2e-3 and rel_err(packed, ref64) < 2e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_packed_down_in_a_package_gpu(tmp_path):
+    """Inside an AOTInductor package (v1 `torch._scaled_mm`, K padded to whole 4-block groups) at a dynamic prefill
+    M: the packed down projection needs no pad, and gives the slots' result."""
+    gen = torch.Generator().manual_seed(11)
+    x, gate_w, gate_s, up_w, up_s, down_w, down_s = swiglu_inputs(300, 2048, 2, 1408, gen, device="cuda")
+    pw, ps = packed_down(down_w, down_s)
+
+    class Swiglu(torch.nn.Module):
+        def forward(self, x, *w):
+            return torch.ops.dsv3.fp8_swiglu(x, *w)
+
+    m = torch.export.Dim("m", min=65, max=4096)
+    weights = (gate_w, gate_s, up_w, up_s, pw, ps)
+    ep = torch.export.export(Swiglu(), (x, *weights), dynamic_shapes=({0: m},) + (None,) * 6)
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "swiglu.pt2")))
+    for rows in (300, 777):
+        xr = torch.randn(rows, 2048, generator=gen).to(torch.bfloat16).cuda()
+        poison_allocator()
+        out = runner(xr, *weights)
+        ref64 = swiglu_float64(xr, gate_w, gate_s, up_w, up_s, down_w, down_s)
+        assert out.shape == (rows, 2048) and torch.isfinite(out).all()
+        assert rel_err(out, ref64) < 2e-2
+        assert rel_err(out, torch.ops.dsv3.fp8_swiglu(xr, gate_w, gate_s, up_w, up_s, down_w, down_s)) < 2e-3

@@ -30,6 +30,9 @@ from dsv3.kernels.routed_experts import DECODE_MAX_T, combine_pairs, moe_combine
 from dsv3.rope import rope_tables, softmax_scale
 
 
+# Buffers of Transformer.add_prefill_copies_ (weights rearranged for the prefill at load): decode graphs never read them
+PREFILL_COPIES = ("kv_b_dequantized", "slots_down_packed", "slots_down_packed_scale_inv")
+
 # Activations of one-token steps in FP8 layers (Transformer.set_batch1_activations_)
 BATCH1_ACTIVATIONS = ("fp8", "bf16")
 

@@ -30,7 +30,7 @@ import dsv3.collectives  # noqa: F401  (registers torch.ops.dsv3.one_shot_all_re
 from dsv3.checkpoint import Placement, checkpoint_to_param_name
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels.fp8_blocks import BLOCK
-from dsv3.model import Transformer, can_stack_shared
+from dsv3.model import PREFILL_COPIES, Transformer, can_stack_shared
 
 # model parameter name -> split dim (0: rows / output features, 1: columns / input features)
 _SPLIT_RULES: list[tuple[re.Pattern, int]] = [
@@ -301,8 +301,7 @@ def rank_layout(model: Transformer) -> dict:
     return {"shared_expert_slots": moe.n_shared_slots if moe is not None else 0,
             "fused_qkv_a_proj": all(bool(layer.self_attn.qkv_a_rows) for layer in model.layers),
             "fused_gate_up_proj": sum(bool(mlp.gate_up_rows) for mlp in model.mlps()),
-            "prefill_copies": sum(name.endswith(("kv_b_dequantized", "slots_down_packed"))
-                                  for name, _ in model.named_buffers())}
+            "prefill_copies": sum(name.rsplit(".", 1)[-1] in PREFILL_COPIES[:2] for name, _ in model.named_buffers())}
 
 
 def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:

@@ -16,12 +16,27 @@ import torch
 from dsv3.config import load_config_file
 from dsv3.runtime.artifacts import bind_constants, load_package
 from dsv3.runtime.distributed import stub_process_group
+from dsv3.model import PREFILL_COPIES
 from dsv3.runtime.manifest import read_manifest, verify_files
 from dsv3.runtime.parallel import DECODE_ONLY_BUFFERS, ParallelPlan, build_rank_model
 from dsv3.runtime.random_weights import fill_random_
 from dsv3.runtime.steps import PREFIX, DecodeStep, PrefillStep, constants
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def unread_constants(kind: str, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The model's tensors a graph of this kind does not read: a decode graph, the prefill copies of weights
+    (Transformer.add_prefill_copies_); a prefill graph, the one-shot all-reduce's scratch buffer (prefill reduces
+    through NCCL) and the FP8 kv_b_proj where its dequantized copy is kept (the prefill reads only that)."""
+    if kind == "decode":
+        return {name for name in tensors if name.rsplit(".", 1)[-1] in PREFILL_COPIES}
+    unread = {PREFIX + n for n in DECODE_ONLY_BUFFERS}
+    for name in tensors:
+        if name.endswith(".kv_b_dequantized"):
+            attn = name.rsplit(".", 1)[0]
+            unread |= {f"{attn}.kv_b_proj.weight", f"{attn}.kv_b_proj.weight_scale_inv"}
+    return unread
 
 
 def tolerance(cfg, dtype: str) -> float:
@@ -78,8 +93,7 @@ def verify(directory: str | Path) -> list[dict]:
     results = []
     for name, graph in manifest["graphs"].items():
         pkg = load_package(directory, graph, device, single_threaded=False)
-        # the one-shot all-reduce's scratch buffer is read only by decode graphs (prefill reduces through NCCL)
-        unused = set() if graph["kind"] == "decode" else {PREFIX + n for n in DECODE_ONLY_BUFFERS}
+        unused = unread_constants(graph["kind"], tensors)
         inlined = sorted(set(tensors) - set(pkg.get_constant_fqns()) - unused)
         if inlined:  # a weight or rank buffer baked into the code would ignore the tensors the runtime hands in
             raise SystemExit(f"{name}: tensors compiled in as constants instead of taken at run time: {inlined}")

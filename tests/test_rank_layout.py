@@ -245,7 +245,7 @@ def _check_prefill_copies(model, cfg) -> int:
         s = e - first
         assert s == cfg.n_shared_experts >= 2
         packed, scales = experts.slots_down_packed, experts.slots_down_packed_scale_inv
-        assert packed.shape[1] % (4 * BLOCK) == 0 and packed.shape[1] >= s * i
+        assert packed.shape[0] == d and packed.shape[1] % (4 * BLOCK) == 0 and packed.shape[1] >= s * i
         for slot in range(s):
             cols = slice(slot * i, (slot + 1) * i)
             assert torch.equal(packed[:, cols].view(torch.uint8), experts.down_proj[first + slot].view(torch.uint8))

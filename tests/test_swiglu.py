@@ -166,8 +166,8 @@ def test_packed_down_in_a_package_gpu(tmp_path):
     pw, ps = packed_down(down_w, down_s)
 
     class Swiglu(torch.nn.Module):
-        def forward(self, x, *w):
-            return torch.ops.dsv3.fp8_swiglu(x, *w)
+        def forward(self, x, gate_w, gate_s, up_w, up_s, down_w, down_s):
+            return torch.ops.dsv3.fp8_swiglu(x, gate_w, gate_s, up_w, up_s, down_w, down_s)
 
     m = torch.export.Dim("m", min=65, max=4096)
     weights = (gate_w, gate_s, up_w, up_s, pw, ps)

@@ -386,7 +386,6 @@ class RoutedExperts(nn.Module):
             y = part if y is None else y + part
         return y
 
-
     def add_prefill_copies_(self, first: int) -> None:
         """FP8 with two or more slots [first, E) (stacked shared experts): keep their down projections side by side
         as `slots_down_packed` [D, Kp] (slot s in columns s*I .. (s+1)*I, then zero columns up to Kp, a multiple of 4

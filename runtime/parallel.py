@@ -301,7 +301,9 @@ def rank_layout(model: Transformer) -> dict:
     return {"shared_expert_slots": moe.n_shared_slots if moe is not None else 0,
             "fused_qkv_a_proj": all(bool(layer.self_attn.qkv_a_rows) for layer in model.layers),
             "fused_gate_up_proj": sum(bool(mlp.gate_up_rows) for mlp in model.mlps()),
-            "prefill_copies": sum(name.rsplit(".", 1)[-1] in PREFILL_COPIES[:2] for name, _ in model.named_buffers())}
+            # copies of weights (a packed copy's block scales count with it)
+            "prefill_copies": sum(name.rsplit(".", 1)[-1] in PREFILL_COPIES and not name.endswith("_scale_inv")
+                                  for name, _ in model.named_buffers())}
 
 
 def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:

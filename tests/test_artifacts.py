@@ -414,25 +414,3 @@ def test_verify_reports_noise_floor_and_catches_a_wrong_graph(art, monkeypatch):
     with pytest.raises(SystemExit, match="decode_b1 does not match the eager model"):
         v.verify(art)
 
-
-def test_fp8_prefill_copies_in_packages(tmp_path, random_checkpoint):
-    """FP8 with two stacked shared experts (tiny-v2): the prefill graphs read the prefill copies of weights
-    (kv_b_proj dequantized, the shared experts' down projections side by side) as run-time constants, the decode
-    graphs do not; the compile-time verification (packages against the eager model) passes, and the runtime's
-    greedy tokens equal the eager model's (loaded plainly: no layout, no copies)."""
-    ckpt = random_checkpoint("tiny-v2", "fp8", num_layers=2, seed=4)
-    out = tmp_path / "art"
-    res = CliRunner().invoke(main, ["compile", "--config", str(ckpt), "--device", "cpu", "--out", str(out),
-                                    "--max-batch-size", "1", "--max-seq-len", "32", "--batch-sizes", "1",
-                                    "--prefill-chunk", "16", "--dtype", "float32"])
-    assert res.exit_code == 0, res.output + repr(res.exception)
-    m = read_manifest(out)
-    assert m["rank_layout"]["prefill_copies"] == 2 + 1  # kv_b in both layers, the packed slots in the MoE layer
-    res = CliRunner().invoke(main, ["inspect", str(out)])
-    assert "3 prefill copies of weights" in res.output
-    prompt = [0, 5, 9, 13, 200, 7, 81, 44, 3, 17, 99, 12, 4, 4, 60, 61, 62, 63, 2]  # 19 tokens: two prefill chunks
-    eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=1, max_seq_len=32, progress=False)
-    stepper, _ = artifact_stepper(out, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
-    want, _ = generate(eager, [prompt], max_new_tokens=6)
-    got, _ = generate(stepper, [prompt], max_new_tokens=6)
-    assert [c.tokens for c in got] == [c.tokens for c in want]

@@ -188,9 +188,9 @@ class MLA(nn.Module):
         and values decompressed by kv_b_proj (640 instead of 2176 FLOPs per query-key pair and head on V3 shapes)
         and attended causally; the rows already in the cache before the chunk (a continued sequence) attended in
         absorbed form and merged through their log-sum-exp. kv_b_proj is used dequantized to the activation dtype
-        (as the absorbed path uses it), not through the FP8 linear: no activation quantization of the latent. It is
-        dequantized once per call and serves the decompression and both absorptions. cache None: no prefix (every
-        row's chunk starts at position 0)."""
+        (as the absorbed path uses it), not through the FP8 linear: no activation quantization of the latent. The
+        dequantized weight (kept since load by add_prefill_copies_, else dequantized here once per call) serves the
+        decompression and both absorptions. cache None: no prefix (every row's chunk starts at position 0)."""
         bsz, seqlen = latent.shape[:2]
         kv_b = self.kv_b_proj
         w = getattr(self, "kv_b_dequantized", None)  # add_prefill_copies_: dequantized at load

@@ -52,8 +52,8 @@ Implementations (branch taken at trace time)
   * decode (T statically <= 64): slot j is the j-th smallest expert id present in topk_idx, found in-kernel
     (min(E, T*K) slots, the extra ones exit at once); the program computes all T tokens (masked to the ones routed
     to its expert; tokens padded to 16 for the tensor cores).
-  * prefill (T larger or dynamic): grouped. The (token, k) pairs are sorted by expert on the device (torch.sort,
-    cumsum, searchsorted: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
+  * prefill (T larger or dynamic): grouped. The (token, k) pairs are sorted by expert on the device
+    (dsv3.kernels.moe_schedule: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
     of up to 64 pairs of one expert (other tiles and launch fields: `grouped_block_t`, up_* / down_*; timed by
     scripts/sweep_prefill.py, docs/KERNELS.md). With FP8 weights the grouped path runs `_moe_up_grouped_kernel`
     and `_moe_down_grouped_kernel` in place of steps 1-2: the same arithmetic with the tokens as the MMA's M and
@@ -81,6 +81,7 @@ from torch.library import triton_op, wrap_triton
 from dsv3.kernels._launch import (
     cdiv, env_choice, env_switch, launch_with_descriptors, next_pow2, num_sms, static_int, tma_descriptor_ok,
 )
+from dsv3.kernels.moe_schedule import grouped_schedule
 from dsv3.kernels.tiles import load_tile
 from dsv3.kernels.fp8_linear import (
     act_quant, dot_rows, fp8_linear_a16_reference, fp8_linear_reference, k_blocks, load_weight_rows, load_x_act,
@@ -849,35 +850,6 @@ def even_blocks(k: int, n: int, block_n: int) -> bool:
     its masks too (see `_moe_down_kernel`)."""
     ks, ns = static_int(k), static_int(n)
     return ks is not None and ns is not None and ks % 128 == 0 and ns % block_n == 0
-
-
-def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tuple[torch.Tensor, int]:
-    """Device-side tile schedule for the grouped path, fixed size (no sync): int32 [3 * n_tiles + T*K] =
-    (expert, start, end) per tile, then the (token*K + k) pair ids sorted by expert (invalid ids last)."""
-    flat = topk_idx.reshape(-1)
-    p = flat.shape[0]
-    e = n_experts
-    valid = (flat >= 0) & (flat < e)
-    key = torch.where(valid, flat, torch.full_like(flat, e))
-    # the narrowest key that holds 0..E: a radix sort makes one pass per key byte (int64 ids: eight)
-    kdt = torch.uint8 if e < 256 else torch.int16
-    sorted_key, order = torch.sort(key.to(kdt), stable=True)
-    # expert i's pairs are sorted_key[bounds[i]:bounds[i + 1]]: E + 1 binary searches over the sorted keys instead of
-    # a scatter-add of T*K ones into E + 1 counters (atomics on a few addresses: 7 us per layer at T = 4095, H200)
-    bounds = torch.searchsorted(sorted_key, torch.arange(e + 1, device=flat.device, dtype=kdt))
-    seg_start = bounds[:-1]
-    counts = bounds[1:] - seg_start
-    tiles = (counts + block_t - 1) // block_t
-    tile_end = torch.cumsum(tiles, 0)
-    n_tiles = cdiv(p, block_t) + e if isinstance(p, int) else (p + block_t - 1) // block_t + e
-    j = torch.arange(n_tiles, device=flat.device)
-    te = torch.searchsorted(tile_end, j, right=True)
-    ok = te < e
-    tec = te.clamp(max=e - 1)
-    start = seg_start[tec] + (j - (tile_end[tec] - tiles[tec])) * block_t
-    end = torch.where(ok, torch.minimum(start + block_t, seg_start[tec] + counts[tec]), start)
-    sched = torch.cat([tec, start, end, order]).to(torch.int32)
-    return sched, n_tiles
 
 
 def grouped_up_tma(up_num_warps: int) -> bool:

@@ -16,6 +16,7 @@
 #   prefetch   scripts/bench_prefetch.py: o_proj + MoE T=1 (16B) after a latency window, with and without the shared
 #              experts' weights prefetched into L2 during the window (its l2_prefetch kernel; JSON in $OUT)
 #   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
+#   schedule   the grouped MoE tile schedule's GPU tests and scripts/bench_schedule.py (torch vs counting sort)
 #   ab-moe     scripts/ab_grouped_moe.py: this tree's grouped MoE against AB_OLD (a copy of kernels/routed_experts.py
 #              sent with the tree), one process, outputs compared, timed interleaved (JSON in $OUT)
 #   ab-moe-decode scripts/ab_moe_decode.py: this tree's decode MoE (T = 2, 4, 8) against AB_OLD (a copy of
@@ -237,6 +238,13 @@ step_tma_op() {
   timeout 200 $PY scripts/try_tma_op.py 2>&1 | grep -v -i warn | tee "$OUT/tma_op.log" | tail -12
   timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_prefill.py \
     2>&1 | tee "$OUT/tma_tests.log" | tail -12
+}
+
+step_schedule() {  # the grouped MoE tile schedule: GPU tests (bitwise vs torch; the pairs op under torch.compile),
+  # then scripts/bench_schedule.py (torch schedule vs the counting sort, alone and in the grouped op; JSON in $OUT)
+  timeout 200 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_kernels.py \
+    -k "grouped_schedule or routed_experts_pairs_gpu" 2>&1 | tee "$OUT/schedule_tests.log" | grep -E "^E |passed|failed" | tail -20
+  timeout 120 $PY scripts/bench_schedule.py --json "$OUT/bench_schedule.json" 2>&1 | grep -v -i warn | tail -8
 }
 
 step_ab_moe() {

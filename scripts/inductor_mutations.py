@@ -2,6 +2,7 @@
 
     python scripts/inductor_mutations.py            # per kernel: the arguments taken as written
     python scripts/inductor_mutations.py --copies   # per decode shape: copies Inductor keeps in the op's graph
+    python scripts/inductor_mutations.py --schedule # the grouped tile schedule's two kernels: the arguments written
 
 torch's `identify_accessed_tensors` (what `wrap_triton` functionalization uses) marks an argument as written when a
 store's address is derived from it, also through loaded values. A kernel that stores at rows computed from the
@@ -70,8 +71,34 @@ def decode_copies(t: int, e: int, i: int, d: int, k: int = 8, pairs: bool = Fals
             if "triton_kernel_wrapper_functional" in str(n.target) for name in n.kwargs["tensors_to_clone"]]
 
 
+def schedule_writes() -> dict[str, list[str]]:
+    """The arguments the analysis takes each kernel of the grouped schedule (`moe_schedule`) to write, at the 16B
+    prefill's 4095 x 8 pairs. The scatter must write only the schedule: its store addresses derive from the keys it
+    loads, so it reads them from the count kernel's private copy rather than from the routing ids."""
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+
+    from dsv3.kernels import moe_schedule as MS
+
+    p, e, e_pad, n_chunks, n_tiles = 4095 * 8, 66, 128, 32, 578
+    ids, keys = torch.empty(p, dtype=torch.int64), torch.empty(n_chunks * MS.CHUNK, dtype=torch.int32)
+    counts, sched = torch.empty(n_chunks, e_pad, dtype=torch.int32), torch.empty(3 * n_tiles + p, dtype=torch.int32)
+    cases = {
+        "_schedule_count_kernel": (MS._schedule_count_kernel, dict(
+            idx_ptr=ids, keys_ptr=keys, counts_ptr=counts, P=p, E=e, CHUNK_=MS.CHUNK, E_PAD=e_pad)),
+        "_schedule_scatter_kernel": (MS._schedule_scatter_kernel, dict(
+            keys_ptr=keys, counts_ptr=counts, sched_ptr=sched, P=p, E=e, n_chunks=n_chunks, n_tiles=n_tiles,
+            CHUNK_=MS.CHUNK, E_PAD=e_pad, COUNT_ROWS_=MS.COUNT_ROWS, TILE_ROWS_=MS.TILE_ROWS, BLOCK_T=64)),
+    }
+    return {name: sorted(w.name for w in identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes)
+            for name, (kernel, kwargs) in cases.items()}
+
+
 def main() -> None:
     triton.runtime.driver._active = _Sm90Driver()
+    if "--schedule" in sys.argv[1:]:
+        for name, writes in schedule_writes().items():
+            print(f"{name} writes {writes}")
+        return
     if "--copies" in sys.argv[1:]:
         for name, shape in (("16B T=1", (1, 66, 1408, 2048)), ("16B T=8", (8, 66, 1408, 2048)),
                             ("671B-ws8 rank T=1", (1, 32, 2048, 7168))):

@@ -536,6 +536,27 @@ def test_grouped_schedule():
     assert sorted(seen) == sorted(i for i, v in enumerate(flat.tolist()) if 0 <= v < 4)
 
 
+@pytest.mark.parametrize("t,k,e,block_t,invalid", [
+    (4, 2, 4, 2, 0.2),        # fewer pairs than a chunk
+    (700, 6, 66, 64, 0.0),    # 16B's prefill (64 routed + 2 shared slots' ids), 5 chunks, a partial last one
+    (530, 8, 32, 64, 0.85),   # an expert-parallel rank: most ids belong to other ranks (invalid here)
+    (129, 8, 4, 32, 0.1),     # few experts, many tiles each
+])
+def test_grouped_schedule_kernels(t, k, e, block_t, invalid):
+    """The two-launch counting sort (`moe_schedule.grouped_schedule_triton`) gives the reference's schedule bit for
+    bit: the tile table and the stable order of the pairs, invalid ids last."""
+    from dsv3.kernels import moe_schedule as MS
+
+    gen = torch.Generator().manual_seed(t + e)
+    idx = torch.randint(0, e, (t, k), generator=gen)
+    drop = torch.rand(t, k, generator=gen) < invalid
+    idx = torch.where(drop, torch.where(torch.rand(t, k, generator=gen) < 0.5, -idx - 1, idx + e), idx)
+    want, n = MS.grouped_schedule_reference(idx, e, block_t)
+    got, n2 = MS.grouped_schedule_triton(idx, e, block_t)
+    assert n == n2 and got.dtype == torch.int32
+    assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MLA absorb (W_UK into the query, W_UV^T out of the latent output), weights read from kv_b_proj
 # ---------------------------------------------------------------------------------------------------------------

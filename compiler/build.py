@@ -5,7 +5,8 @@ Stages, each timed and reported, each writing plain files into a temp directory 
             weights and static latent caches for (max_batch_size, max_seq_len) on the target device.
             Every rank runs the same graph (the rank is a buffer), so one set of packages serves all ranks.
 2. export   torch.export of each graph: decode per batch bucket (static shapes), prefill (dynamic chunk length;
-            `prefill_first` for a prompt's first chunk, `prefill` for the chunks after it).
+            `prefill_first` for a prompt's first chunk, `prefill` for the chunks after it), and first-chunk graphs
+            of static shape for short prompts (`prefill_first_1x16`, ...; --short-prefill).
 3. aoti     aoti_compile_and_package, weights and caches left out of the .so (package_constants_in_so=False):
             the runtime hands the same tensors to every package.
 4. manifest config.json, manifest.json (versions, host, buckets, expected weights, sha256 of every file).
@@ -37,6 +38,11 @@ from dsv3.runtime.steps import DecodeStep, PrefillStep, decode_inputs, prefill_i
 from dsv3.staging import staged_directory
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# (rows, width) of the static first-chunk graphs built by default for CUDA. Widths where the static shape pays on
+# the 16B (one H200): at 16 and 32 tokens the decode path of the routed experts beats the grouped one (149 / 226
+# vs 216 / 247 us per layer), at 64 it loses (314 vs 250). One row: a batch's short prompts at 8 rows are 128
+# tokens, where the grouped path wins.
+SHORT_PREFILL_DEFAULT = ((1, 16), (1, 32))
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,19 @@ class CompileOptions:
     # FP8 layers at one-token steps (the batch-1 decode graph): "fp8" quantizes activations (W8A8, as every other
     # step), "bf16" does not (W8A16, Transformer.set_batch1_activations_; the default: ParallelPlan's note).
     batch1_activations: str = "bf16"
+    # First-chunk graphs of static shape (rows, width) for short prompts; None: SHORT_PREFILL_DEFAULT on CUDA, none
+    # on CPU. A prompt of up to `width` tokens is padded to it and replayed from that graph's CUDA graph: with T
+    # static and at most 64 tokens the routed experts take the decode path and the FP8 linears the GEMV, instead of
+    # the grouped path and cuBLAS that a dynamic T needs (16B on the H200 at 16 tokens: 149 vs 216 us per MoE
+    # layer, qkv_a 8.7 vs 18.6 us; docs/BENCHMARKS.md).
+    short_prefill: tuple[tuple[int, int], ...] | None = None
+
+    def short_prefill_shapes(self) -> tuple[tuple[int, int], ...]:
+        if self.short_prefill is not None:
+            return tuple(sorted(set(self.short_prefill)))
+        if self.device != "cuda":
+            return ()
+        return tuple((r, w) for r, w in SHORT_PREFILL_DEFAULT if r <= self.max_batch_size and w <= self.prefill_chunk)
 
     def resolved_all_reduce(self) -> str:
         if self.all_reduce == "auto":
@@ -81,6 +100,11 @@ class CompileOptions:
         if not 2 <= self.prefill_chunk <= self.max_seq_len:
             raise ConfigError(f"--prefill-chunk {self.prefill_chunk}: must be between 2 and --max-seq-len "
                               f"({self.max_seq_len})")
+        for r, w in self.short_prefill_shapes():
+            if not (1 <= r <= self.max_batch_size and 2 <= w <= self.prefill_chunk):
+                raise ConfigError(f"--short-prefill {r}x{w}: rows must be between 1 and --max-batch-size "
+                                  f"({self.max_batch_size}), the width between 2 and --prefill-chunk "
+                                  f"({self.prefill_chunk})")
         if self.jobs is not None and self.jobs < 1:
             raise ConfigError(f"--jobs {self.jobs}: must be at least 1")
         if self.device not in ("cpu", "cuda"):
@@ -238,15 +262,19 @@ def _fresh_int_arrays() -> Iterator[None]:
 @dataclass(frozen=True)
 class GraphSpec:
     name: str
-    kind: str  # "decode" (static batch bucket) or "prefill" (dynamic chunk length)
-    batch: int = 1  # decode: the bucket; prefill: the most rows per call (dynamic when > 1)
+    kind: str  # "decode" (static batch bucket) or "prefill" (dynamic chunk length, or static: width)
+    batch: int = 1  # decode: the bucket; prefill: the most rows per call (dynamic when > 1; static: the rows)
     first_chunk: bool = False  # prefill: the graph for chunks at position 0 (no cached prefix)
+    width: int = 0  # prefill: a static chunk length (and `batch` static rows); 0: dynamic
 
     def manifest_entry(self, opts: CompileOptions) -> dict:
         if self.kind == "decode":
             return {"file": f"{self.name}.pt2", "kind": "decode", "batch": self.batch}
-        return {"file": f"{self.name}.pt2", "kind": "prefill", "max_chunk": opts.prefill_chunk,
-                "first_chunk": self.first_chunk, "max_batch": self.batch}
+        entry = {"file": f"{self.name}.pt2", "kind": "prefill", "max_chunk": self.width or opts.prefill_chunk,
+                 "first_chunk": self.first_chunk, "max_batch": self.batch}
+        if self.width:
+            entry["static_shape"] = [self.batch, self.width]
+        return entry
 
 
 def graph_specs(opts: CompileOptions) -> list[GraphSpec]:
@@ -254,9 +282,12 @@ def graph_specs(opts: CompileOptions) -> list[GraphSpec]:
     # out the absorbed prefix half (two absorption GEMMs, the copies feeding them, an attention kernel that would
     # find nothing); later chunks of a long prompt take the general graph. The first-chunk graph takes several
     # prompts per call (a batch's prompts in one pass over the weights instead of one pass each).
+    # Short prompts also get first-chunk graphs of static shape (opts.short_prefill_shapes()).
     return [GraphSpec(f"decode_b{b}", "decode", b) for b in sorted(set(opts.batch_sizes))] + [
         GraphSpec("prefill_first", "prefill", batch=opts.max_batch_size, first_chunk=True),
-        GraphSpec("prefill", "prefill")]
+        GraphSpec("prefill", "prefill")] + [
+        GraphSpec(f"prefill_first_{r}x{w}", "prefill", batch=r, first_chunk=True, width=w)
+        for r, w in opts.short_prefill_shapes()]
 
 
 def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable[[str], None] = print
@@ -272,6 +303,9 @@ def build_graph(opts: CompileOptions, spec: GraphSpec, out: Path, echo: Callable
         model = build_model(opts)
         if spec.kind == "decode":
             step, args, dynamic = DecodeStep(model), decode_inputs(spec.batch, opts.device), None
+        elif spec.width:  # a static (rows, width) first-chunk graph
+            step, dynamic = PrefillStep(model, first_chunk=spec.first_chunk), None
+            args = prefill_inputs(spec.width, opts.device, rows=spec.batch)
         else:
             seq = torch.export.Dim("seq", min=2, max=opts.prefill_chunk)
             if spec.batch > 1:  # a dynamic row count too (the example has 2 rows: export specializes a size of 1)
@@ -379,6 +413,7 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
                 "batch1_activations": opts.batch1_activations,
                 "max_batch_size": opts.max_batch_size, "max_seq_len": opts.max_seq_len,
                 "prefill_chunk": opts.prefill_chunk, "batch_sizes": sorted(set(opts.batch_sizes)),
+                "short_prefill": [list(rw) for rw in opts.short_prefill_shapes()],
                 "graphs": graphs,
                 "rank_weights": {"note": "identical shapes on every rank (the rank is a buffer, not baked in)",
                                  "tensors": weights},

@@ -42,7 +42,8 @@ StepFn = Callable[..., torch.Tensor]
 
 class GraphStepper:
     def __init__(self, model: Transformer, prefill_fn: StepFn, decode_fns: dict[int, StepFn], prefill_chunk: int,
-                 cuda_graphs: bool, prefill_first_fn: StepFn | None = None, prefill_first_rows: int = 1):
+                 cuda_graphs: bool, prefill_first_fn: StepFn | None = None, prefill_first_rows: int = 1,
+                 static_first_fns: dict[tuple[int, int], StepFn] | None = None):
         self.model = model
         self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
         self.device = model.rope_cos.device
@@ -50,6 +51,8 @@ class GraphStepper:
         # chunks at position 0 (artifacts from before the first-chunk graph: the general one)
         self.prefill_first_fn = prefill_first_fn if prefill_first_fn is not None else prefill_fn
         self.prefill_first_rows = prefill_first_rows if prefill_first_fn is not None else 1  # prompts per call
+        # first-chunk graphs of static (rows, width), for the short-prefill buckets of that shape
+        self.static_first_fns = dict(static_first_fns or {})
         self.buckets = sorted(decode_fns)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.loops = {b: _LoopBuffers(b, self.device) for b in self.buckets}
@@ -248,13 +251,13 @@ class GraphStepper:
         cannot be captured leaves the plain calls in place, with a warning."""
         widths = [w for w in self.SHORT_PREFILL_WIDTHS if w <= self.prefill_chunk]
         rows = [b for b in self.buckets if b <= self.prefill_first_rows] or [1]
-        shapes = sorted(((r, w) for r in rows for w in widths if r * w <= self.SHORT_PREFILL_TOKENS),
-                        key=lambda rw: (-rw[0] * rw[1], -rw[0]))
+        shapes = {(r, w) for r in rows for w in widths if r * w <= self.SHORT_PREFILL_TOKENS}
+        shapes = sorted(shapes | set(self.static_first_fns), key=lambda rw: (-rw[0] * rw[1], -rw[0]))
         t0 = time.perf_counter()
         try:
-            for r, w in shapes:
-                self.short_prefill[(r, w)] = _ShortPrefill(self.prefill_first_fn, r, w, self.device,
-                                                           self.pool if capture else None)
+            for r, w in shapes:  # a static graph of the bucket's shape where the artifacts have one
+                fn = self.static_first_fns.get((r, w), self.prefill_first_fn)
+                self.short_prefill[(r, w)] = _ShortPrefill(fn, r, w, self.device, self.pool if capture else None)
         except RuntimeError as e:  # a host sync or an uncapturable library call inside the package
             import warnings
 
@@ -446,21 +449,24 @@ def artifact_stepper(artifacts: str | Path, checkpoint: str | Path | None, plan:
     tensors = constants(model)
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()
-    decode_fns, prefill_fns = {}, {}
+    decode_fns, prefill_fns, static_first_fns = {}, {}, {}
     for name, graph in manifest["graphs"].items():
         pkg = load_package(artifacts, graph, device, single_threaded=cuda)  # every graph may be captured
         bind_constants(pkg, name, tensors)
         if graph["kind"] == "decode":
             decode_fns[graph["batch"]] = pkg
+        elif "static_shape" in graph:
+            static_first_fns[tuple(graph["static_shape"])] = pkg
         else:
             prefill_fns[bool(graph.get("first_chunk", False))] = pkg
     if False not in prefill_fns:
         raise ArtifactError(f"{artifacts} has no (general) prefill graph: rebuild it with `dsv3c compile`")
     packages_s = time.perf_counter() - t0
     first_rows = next((g.get("max_batch", 1) for g in manifest["graphs"].values()
-                       if g["kind"] == "prefill" and g.get("first_chunk")), 1)
+                       if g["kind"] == "prefill" and g.get("first_chunk") and "static_shape" not in g), 1)
     stepper = GraphStepper(model, prefill_fns[False], decode_fns, manifest["prefill_chunk"], cuda_graphs=cuda,
-                           prefill_first_fn=prefill_fns.get(True), prefill_first_rows=first_rows)
+                           prefill_first_fn=prefill_fns.get(True), prefill_first_rows=first_rows,
+                           static_first_fns=static_first_fns)
     stepper.all_reduce = plan.all_reduce + (" (symmetric memory)" if symmetric else "")
     return stepper, {"load_weights_s": load_s, "load_packages_s": packages_s, "capture_s": stepper.capture_s,
                      "warmup_s": stepper.warm_prefill()}

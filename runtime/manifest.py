@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-# 2: rank layout with stacked shared experts and fused qkv_a_proj (weight names and shapes); 3: + gate_up_proj
-FORMAT_VERSION = 3
+# 2: rank layout with stacked shared experts and fused qkv_a_proj (weight names and shapes); 3: + gate_up_proj;
+# 4: + first-chunk graphs of static shape (a prefill graph with `static_shape`, which a format-3 runtime would take
+# for the dynamic one)
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 
 

@@ -100,7 +100,9 @@ def verify(directory: str | Path) -> list[dict]:
         bind_constants(pkg, name, tensors)
         errs, noise, finite, top1 = [], [], True, []
         # a first-chunk graph that takes several prompts per call is checked with up to 4 of them (distinct rows)
-        rows_per_trial = graph["batch"] if graph["kind"] == "decode" else min(graph.get("max_batch", 1), 4)
+        static = graph.get("static_shape")  # a first-chunk graph of static (rows, width)
+        rows_per_trial = graph["batch"] if graph["kind"] == "decode" else static[0] if static else min(
+            graph.get("max_batch", 1), 4)
         for _ in range(-(-MIN_ROWS // rows_per_trial)):
             if graph["kind"] == "decode":
                 b = graph["batch"]
@@ -110,7 +112,7 @@ def verify(directory: str | Path) -> list[dict]:
                 args: tuple = (tokens, pos)
             else:  # the eager model's general prefill form, also for the first-chunk graph (then at position 0)
                 step = PrefillStep(model)
-                s, r = min(graph["max_chunk"], 7), rows_per_trial
+                s, r = static[1] if static else min(graph["max_chunk"], 7), rows_per_trial
                 start = 0 if graph.get("first_chunk") else int(
                     torch.randint(0, manifest["max_seq_len"] - s + 1, (1,), generator=g, device=device))
                 args = (torch.randint(0, cfg.vocab_size, (r, s), generator=g, device=device),

@@ -10,6 +10,8 @@ For each prompt length and batch (fresh random prompts of that length each call)
   close to the synced time);
 - graphs: the short-prefill graphs replayed (a bucket: rows and width padded), the first call at this length and
   the median of the repeats after it;
+- dynamic graph: for a bucket where the artifacts have a first-chunk graph of static shape (--short-prefill), the
+  same bucket replayed from a CUDA graph of the dynamic first-chunk graph instead (what it ran before), median;
 - ttft: what `generate` counts as time to first token (prefill, the first token's argmax, sync) on the default
   path (graphs where a bucket fits);
 - logits vs plain: the same prompts prefilled both ways, the largest relative L2 difference of a row's logits and
@@ -30,7 +32,7 @@ import time
 import torch
 
 from dsv3.generate import SamplingParams, sample
-from dsv3.runtime.engine import artifact_stepper
+from dsv3.runtime.engine import _ShortPrefill, artifact_stepper
 from dsv3.runtime.parallel import ParallelPlan
 
 
@@ -58,6 +60,9 @@ def main() -> None:
     graphs = dict(stepper.short_prefill)
     print(f"load: {json.dumps({k: round(v, 3) for k, v in timings.items()})}; short-prefill buckets "
           f"{sorted(graphs)} (captured: {all(g.graph is not None for g in graphs.values())})", flush=True)
+    # the static-shape buckets also as CUDA graphs of the dynamic first-chunk graph, for the side-by-side column
+    dynamic = {rw: _ShortPrefill(stepper.prefill_first_fn, *rw, stepper.device, stepper.pool)
+               for rw in stepper.static_first_fns if rw in graphs}
     vocab = stepper.model.cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -86,6 +91,14 @@ def main() -> None:
             replayed = [timed(lambda: stepper.prefill(prompts(length, batch)))[1] for _ in range(args.repeats + 1)]
             ttft = [timed(lambda: sample(stepper.prefill(prompts(length, batch)), SamplingParams()))[1]
                     for _ in range(args.repeats)]
+            bucket = next((rw for rw, g in graphs.items() if g is stepper._short_prefill_for(batch, max(2, length))),
+                          None)
+            dyn_ms = None
+            if bucket in dynamic:
+                stepper.short_prefill[bucket] = dynamic[bucket]
+                dyn_ms = statistics.median(timed(lambda: stepper.prefill(prompts(length, batch)))[1]
+                                           for _ in range(args.repeats))
+                stepper.short_prefill[bucket] = graphs[bucket]
             same = prompts(length, batch)  # the same prompts both ways: the replayed logits against the plain call's
             replayed_logits = stepper.prefill(same).clone()
             entry = stepper._short_prefill_for(batch, max(2, length))
@@ -103,11 +116,13 @@ def main() -> None:
                    "plain_ms": statistics.median(p[1] for p in plain),
                    "plain_host_ms": statistics.median(p[0] for p in plain),
                    "graphs_first_ms": replayed[0], "graphs_ms": statistics.median(replayed[1:]),
-                   "ttft_ms": statistics.median(ttft)}
+                   "ttft_ms": statistics.median(ttft), "bucket": bucket, "dynamic_graph_ms": dyn_ms}
             rows.append(row)
             print(f"length {length:5d} batch {batch}: plain first call {first:7.2f} ms, again "
                   f"{row['plain_ms']:7.2f} ms (host returns at {row['plain_host_ms']:6.2f}), graphs "
-                  f"{row['graphs_ms']:7.2f} ms ({row['plain_ms'] / row['graphs_ms']:.2f}x; first {replayed[0]:.2f}), ttft "
+                  f"{row['graphs_ms']:7.2f} ms ({row['plain_ms'] / row['graphs_ms']:.2f}x; first {replayed[0]:.2f})"
+                  + (f" [static {bucket[0]}x{bucket[1]}; the dynamic graph's replay {dyn_ms:.2f} ms]" if dyn_ms else "")
+                  + ", ttft "
                   f"{row['ttft_ms']:7.2f} ms; logits vs plain: rel L2 {rel:.1e}, top-1 agree {top1:.0%}; replay == direct "
                   f"call on the padded inputs: {bitwise}", flush=True)
     if args.json:

@@ -48,7 +48,7 @@ def ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def art(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("art") / "tiny-cpu"
-    _compile(out)
+    _compile(out, extra=("--short-prefill", "1x4"))  # + a first-chunk graph of static shape (1, 4)
     return out
 
 
@@ -70,10 +70,13 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 def test_compile_writes_complete_artifacts(art):
     m = read_manifest(art)
-    assert set(m["graphs"]) == {"decode_b1", "decode_b3", "prefill_first", "prefill"}
+    assert set(m["graphs"]) == {"decode_b1", "decode_b3", "prefill_first", "prefill", "prefill_first_1x4"}
     assert m["graphs"]["prefill_first"]["first_chunk"] and not m["graphs"]["prefill"]["first_chunk"]
+    assert m["graphs"]["prefill_first_1x4"] == {"file": "prefill_first_1x4.pt2", "kind": "prefill", "max_chunk": 4,
+                                                "first_chunk": True, "max_batch": 1, "static_shape": [1, 4]}
+    assert "static_shape" not in m["graphs"]["prefill_first"] and m["short_prefill"] == [[1, 4]]
     assert {p.name for p in art.iterdir()} == {"decode_b1.pt2", "decode_b3.pt2", "prefill_first.pt2", "prefill.pt2",
-                                               "config.json", "manifest.json"}
+                                               "prefill_first_1x4.pt2", "config.json", "manifest.json"}
     assert m["world_size"] == 1 and m["device"] == "cpu" and m["max_seq_len"] == MAX_SEQ
     assert m["host"]["torch"] == torch.__version__
     assert m["config_hash"] == resolve_config("tiny").config_hash()
@@ -150,10 +153,14 @@ def test_short_prefills_padded_to_static_buckets(art, ckpt):
     stepper.SHORT_PREFILL_WIDTHS, stepper.SHORT_PREFILL_TOKENS = (4, 8), 16
     stepper.short_prefill_(capture=False)
     assert sorted(stepper.short_prefill) == [(1, 4), (1, 8), (3, 4)]  # rows: the decode buckets 1, 3; 3 x 8 > 16
+    # the (1, 4) bucket runs the artifacts' static graph of that shape, the others the dynamic first-chunk graph
+    static = stepper.static_first_fns[(1, 4)]
+    assert list(stepper.static_first_fns) == [(1, 4)] and static is not stepper.prefill_first_fn
+    assert [stepper.short_prefill[rw].fn is static for rw in [(1, 4), (1, 8), (3, 4)]] == [True, False, False]
     calls = []
     real = stepper.prefill_first_fn
     for short in stepper.short_prefill.values():
-        short.fn = lambda *a: calls.append((a[0].tolist(), a[2].tolist(), a[3].tolist())) or real(*a)
+        short.fn = lambda *a, fn=short.fn: calls.append((a[0].tolist(), a[2].tolist(), a[3].tolist())) or fn(*a)
     stepper.prefill_first_fn = lambda *a: calls.append(("plain", a[0].shape)) or real(*a)
     prompts = [[0, 33], [0, 7, 8], [0, 1, 2, 3], [5]]
     eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
@@ -352,6 +359,13 @@ def test_compile_refuses_bad_options(tmp_path):
     res = CliRunner().invoke(main, ["compile", "--config", "tiny", "--device", "cpu", "--out", str(tmp_path / "y"),
                                     "--max-batch-size", "2", "--batch-sizes", "1,4"])
     assert res.exit_code == 2 and "--batch-sizes [4]" in res.output
+    for shapes, says in (("1x", "expected ROWSxWIDTH items"), ("4x8", "--short-prefill 4x8: rows must be between 1 "
+                                                                       "and --max-batch-size (2)"),
+                         ("1x9000", "the width between 2 and --prefill-chunk (4096)")):
+        res = CliRunner().invoke(main, ["compile", "--config", "tiny", "--device", "cpu", "--out", str(tmp_path / "z"),
+                                        "--max-batch-size", "2", "--short-prefill", shapes])
+        assert res.exit_code == 2 and says in res.output, res.output
+    assert not (tmp_path / "z").exists()
 
 
 WORKER = Path(__file__).parent / "workers" / "run_artifacts.py"
@@ -401,7 +415,8 @@ def test_verify_reports_noise_floor_and_catches_a_wrong_graph(art, monkeypatch):
     from dsv3.runtime import verify as v
 
     results = v.verify(art)
-    assert [r["graph"] for r in results] == ["decode_b1", "decode_b3", "prefill_first", "prefill"]
+    assert [r["graph"] for r in results] == ["decode_b1", "decode_b3", "prefill_first", "prefill",
+                                             "prefill_first_1x4"]
     for r in results:  # fp32 CPU packages: the same math as eager up to reordering
         assert r["ok"] and r["rows"] >= v.MIN_ROWS and r["median_err"] <= 1e-4 and r["top1_agree"] == 1.0, r
         assert 0 < r["median_noise"] < 1e-4  # one fp32 ulp of cache noise moves the eager logits a little

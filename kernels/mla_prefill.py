@@ -46,7 +46,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import (
-    cdiv, env_switch, launch_with_descriptors, next_pow2, tma_descriptor_ok,
+    cdiv, env_switch, launch_with_descriptors, next_pow2, static_int, tma_descriptor_ok,
 )
 from dsv3.kernels.mla_attention import LOG2E, _mla_fwd_kernel
 from dsv3.kernels.tiles import load_tile
@@ -264,8 +264,13 @@ def mla_prefill_attention_triton(
     prefix_lse = prefix_lse.contiguous()
     dn_pad, r_pad, dv_pad = (max(16, next_pow2(n)) for n in (dn, r, dv))
     exact_d = (dn, r, dv) == (dn_pad, r_pad, dv_pad)
-    # the keys through TMA descriptors over their [B*S, ...] row views, where those are views (see the kernel)
-    kv_desc = exact_d and prefill_attn_tma() and all(
+    # the keys through TMA descriptors over their [B*S, ...] row views, where those are views (see the kernel); not
+    # in a graph of static shape: there torch 2.11's AOTInductor writes the descriptors' views of Inductor buffers
+    # as C++ expressions (`reinterpret_tensor_wrapper(buf, ..., 512L)`) into the Python block that compiles the
+    # package's kernels, which then fails to parse (a short prompt's first-chunk graph at 16 tokens, where the
+    # descriptors would save nothing measurable anyway)
+    static_graph = static_int(bsz) is not None and static_int(seqlen) is not None and type(q_nope) is not torch.Tensor
+    kv_desc = exact_d and prefill_attn_tma() and not static_graph and all(
         tma_descriptor_ok(t) and statically_known_true(t.stride(0) == t.shape[1] * t.stride(1))
         for t in (k_nope, k_pe, v))
     keys = dict(kn_ptr=k_nope, kp_ptr=k_pe, v_ptr=v)

@@ -25,13 +25,16 @@ from dsv3.runtime.steps import PREFIX, DecodeStep, PrefillStep, constants
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def unread_constants(kind: str, tensors: dict[str, torch.Tensor]) -> set[str]:
-    """The model's tensors a graph of this kind does not read: a decode graph, the prefill copies of weights
+def unread_constants(graph: dict, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The model's tensors a graph (its manifest entry) does not read: a decode graph, the prefill copies of weights
     (Transformer.add_prefill_copies_); a prefill graph, the one-shot all-reduce's scratch buffer (prefill reduces
-    through NCCL) and the FP8 kv_b_proj where its dequantized copy is kept (the prefill reads only that)."""
-    if kind == "decode":
-        return {name for name in tensors if name.rsplit(".", 1)[-1] in PREFILL_COPIES}
-    unread = {PREFIX + n for n in DECODE_ONLY_BUFFERS}
+    through NCCL) and the FP8 kv_b_proj where its dequantized copy is kept (the prefill reads only that); a prefill
+    graph of static shape (a short prompt's), also the copies a decode graph leaves (at a static count of at most
+    64 tokens the shared experts take the decode kernels, not the packed down projection)."""
+    copies = {name for name in tensors if name.rsplit(".", 1)[-1] in PREFILL_COPIES}
+    if graph["kind"] == "decode":
+        return copies
+    unread = {PREFIX + n for n in DECODE_ONLY_BUFFERS} | (copies if "static_shape" in graph else set())
     for name in tensors:
         if name.endswith(".kv_b_dequantized"):
             attn = name.rsplit(".", 1)[0]
@@ -93,7 +96,7 @@ def verify(directory: str | Path) -> list[dict]:
     results = []
     for name, graph in manifest["graphs"].items():
         pkg = load_package(directory, graph, device, single_threaded=False)
-        unused = unread_constants(graph["kind"], tensors)
+        unused = unread_constants(graph, tensors)
         inlined = sorted(set(tensors) - set(pkg.get_constant_fqns()) - unused)
         if inlined:  # a weight or rank buffer baked into the code would ignore the tensors the runtime hands in
             raise SystemExit(f"{name}: tensors compiled in as constants instead of taken at run time: {inlined}")

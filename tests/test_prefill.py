@@ -187,6 +187,38 @@ def test_prefill_keys_through_descriptors_gpu(monkeypatch, tmp_path):
         assert torch.equal(runner(*b), mod(*b)), s
 
 
+class _StaticChunkAttention(torch.nn.Module):
+    """_FirstChunkAttention on keys computed inside the graph (Inductor's own buffers, as in the model's graph)."""
+
+    def forward(self, q_nope, q_pe, kv, latent, pos):
+        kv, latent = kv * 2, latent * 2
+        k_nope, v = kv.split([128, 128], dim=-1)
+        return torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, k_nope, latent[..., 512:], v, pos, 0.07)
+
+
+@pytest.mark.gpu
+def test_prefill_attention_in_a_static_package_gpu(monkeypatch, tmp_path):
+    """A short prompt's first-chunk graph has static shapes (`dsv3c compile --short-prefill`): the op inside an
+    AOTInductor package exported without dynamic dims builds and gives the eager op's output bit for bit. With the
+    keys' TMA descriptors over views of Inductor buffers in such a graph, torch 2.11 wrote C++ into the package's
+    Python autotuning block: the 16B short-prefill graph failed to build, and this package, built with them (the
+    fix reverted on the H200, 2026-11-25), failed when run (docs/KERNELS.md)."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(5)
+    rn = lambda *shape: torch.randn(*shape, device=dev, generator=g).bfloat16()  # noqa: E731
+    mod = _StaticChunkAttention()
+    for s in (16, 32):
+        a = (rn(1, s, 16, 128), rn(1, s, 16, 64), rn(1, s, 16, 256), rn(1, s, 576), torch.arange(s, device=dev)[None])
+        ep = torch.export.export(mod, a)
+        runner = torch._inductor.aoti_load_package(
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"attn{s}.pt2")))
+        monkeypatch.setenv("DSV3_PREFILL_ATTN_TMA", "off")
+        want = mod(*a)
+        monkeypatch.delenv("DSV3_PREFILL_ATTN_TMA")
+        got = runner(*a)
+        assert torch.isfinite(got).all() and torch.equal(got, want), s
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model's prefill path (CPU, float32: the references)
 # ---------------------------------------------------------------------------------------------------------------

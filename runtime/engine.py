@@ -10,7 +10,9 @@ Both implement `dsv3.generate.Stepper`:
   before they attend to them). On CUDA, short first chunks replay CUDA graphs of the first-chunk graph captured
   at load, one per (rows, width) bucket (`_ShortPrefill`): a call is padded to the bucket (tokens right-padded,
   extra rows repeating the first row: the same writes into the same cache row), so a short prompt pays neither
-  ~850 kernel launches from the host nor a first call at a new length;
+  ~850 kernel launches from the host nor a first call at a new length; a bucket for which the artifacts have a
+  first-chunk graph of static shape (`dsv3c compile --short-prefill`) captures that graph instead, whose kernels
+  are chosen for its token count (the decode paths of the experts and the FP8 linears);
 - decode: the batch is padded to the next bucket; on CUDA each bucket's graph is captured once in a CUDA graph
   (one shared pool, static token/position buffers) and replayed;
 - generation (`decode_loop`): a second graph per bucket steps the batch with the argmax and the next step's

@@ -400,7 +400,7 @@ def _shape_list(text: str | None) -> tuple[tuple[int, int], ...] | None:
               help="Activation dtype (FP8 weights stay FP8).")
 @click.option("--num-layers", type=int, default=None, help="Build only the first N layers (quick trials).")
 @click.option("--jobs", type=int, default=None,
-              help="Graphs built at once, one process each [default: cuda: as many as the CPU cores (4 per job) "
+              help="Graphs built at once, one process each [default: cuda: as many as the CPU cores (3 per 8 cores) "
                    "and free GPU memory allow; cpu: 1].")
 @click.option("--all-reduce", "all_reduce", type=click.Choice(["auto", "nccl", "one-shot"]), default="auto",
               show_default=True,

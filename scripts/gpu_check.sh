@@ -182,7 +182,7 @@ step_build16both() {  # FP8 then BF16 16B builds, one after the other (each buil
   for k in ${kinds//,/ }; do
     if [ "$k" = fp8 ]; then cfg=$WORK/cfg16fp8 out=art16q; else cfg=16B out=art16b; fi
     dsv3c compile --config "$cfg" --out "$WORK/$out" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 \
-      --overwrite --jobs "${Q16_JOBS:-4}" $([ "${BUILD_VERIFY:-1}" = 0 ] && echo --no-verify) > "$OUT/compile_$out.log" 2>&1
+      --overwrite --jobs "${Q16_JOBS:-6}" $([ "${BUILD_VERIFY:-1}" = 0 ] && echo --no-verify) > "$OUT/compile_$out.log" 2>&1
     echo "compile $out ($k): exit $?"
     grep -v Warning "$OUT/compile_$out.log" | tail -4
   done
@@ -456,7 +456,7 @@ step_quick16() {  # no checkpoint on disk: FP8 16B config -> compile -> bench wi
   local cfg=$WORK/cfg16fp8
   cfg16fp8
   dsv3c compile --config "$cfg" --out "$WORK/art16q" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
-    --max-seq-len 4096 --overwrite --jobs "${Q16_JOBS:-4}" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16q.log" | tail -8
+    --max-seq-len 4096 --overwrite --jobs "${Q16_JOBS:-6}" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16q.log" | tail -8
   dsv3c bench --artifacts "$WORK/art16q" --random-weights --batch-sizes 1,8 --context 128,4032 --steps 32 \
     --prompt-len 4096 --json "$OUT/bench16q.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -12
 }

@@ -564,7 +564,9 @@ def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | 
 @click.option("--eager", is_flag=True, help="Benchmark the eager model.")
 @click.option("--batch-sizes", default="1,8", show_default=True)
 @click.option("--context", "contexts", default="128,4096", show_default=True, help="Cache lengths to decode at.")
-@click.option("--prompt-len", type=int, default=512, show_default=True, help="Prefill length for TTFT.")
+@click.option("--prompt-len", "prompt_lens", default="512", show_default=True,
+              help="Prompt lengths to prefill, comma-separated: each one's time to first token (median of 3), "
+                   "tokens/s and MFU, e.g. 14,4096 (a short request's latency and a long prompt's throughput).")
 @click.option("--steps", type=int, default=32, show_default=True, help="Decode steps per point (median).")
 @click.option("--num-layers", type=int, default=None, help="With --random-weights: only the first N layers.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True)
@@ -582,7 +584,7 @@ def convert_cmd(checkpoint: str, out: str, world_size: int | None, dtype: str | 
                    "all-gathers stubbed (no data moves): the rank's compute and memory time per step. Add the "
                    "collectives' latency (scripts/allreduce_latency.py) for the real step.")
 def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, artifacts: str | None, jit: bool,
-              eager: bool, batch_sizes: str, contexts: str, prompt_len: int, steps: int, num_layers: int | None,
+              eager: bool, batch_sizes: str, contexts: str, prompt_lens: str, steps: int, num_layers: int | None,
               dtype: str, device: str | None, baseline: str | None, baseline_checkpoint: str | None,
               json_out: str | None, plot_out: str | None, stub_collectives: bool) -> None:
     """Decode ms/token and prefill speed per batch size and context, next to the bandwidth roofline.
@@ -615,8 +617,10 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
         except ValueError as e:
             raise click.UsageError(str(e)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    buckets, ctxs = _int_list(batch_sizes), _int_list(contexts)
-    max_seq = max(max(ctxs), prompt_len) + steps + 2
+    buckets, ctxs, lengths = _int_list(batch_sizes), _int_list(contexts), _int_list(prompt_lens)
+    if not lengths or min(lengths) < 1:
+        raise click.BadParameter(f"{prompt_lens!r}: prompt lengths must be at least 1", param_hint="--prompt-len")
+    max_seq = max(max(ctxs), max(lengths)) + steps + 2
     plan = ParallelPlan(0, 1)
     if artifacts:
         built_ws = read_manifest(artifacts)["world_size"]
@@ -669,8 +673,9 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     click.echo(f"copy bandwidth {bw / 1e12:.3f} TB/s (measured) | load {load_s:.2f}s "
                + " ".join(f"{k} {v:.2f}s" for k, v in timings.items() if v))
     decode = bench.bench_decode(stepper, model, buckets, ctxs, steps, bw, echo=click.echo)
-    prefill = bench.bench_prefill(stepper, model, min(prompt_len, stepper.max_seq_len - 1), echo=click.echo,
-                                  fp8_peak=bench.fp8_gemm_peak(torch.device(device)))
+    peak = bench.fp8_gemm_peak(torch.device(device))
+    prefill = [bench.bench_prefill(stepper, model, min(n, stepper.max_seq_len - 1), echo=click.echo, fp8_peak=peak)
+               for n in lengths]
     report = {"mode": "artifacts" if artifacts else ("jit" if jit else "eager"), "device": device,
               "world_size": plan.world_size, "collectives": "stubbed" if plan.world_size > 1 else "none",
               "config": model.cfg.name, "copy_bandwidth_Bps": bw, "load_s": load_s, "timings": timings,

@@ -193,7 +193,7 @@ step_bench16both() {
   for a in art16q art16b; do
     echo "--- $a"
     dsv3c bench --artifacts "$WORK/$a" --random-weights --batch-sizes 1,8 --context 128,4032 --steps 32 \
-      --prompt-len 4096 --json "$OUT/bench_$a.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -12
+      --prompt-len 14,4096 --json "$OUT/bench_$a.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -13
   done
 }
 
@@ -415,8 +415,8 @@ step_bench16() {  # with transformers side by side when ckpt16bf16 exists (BASEL
   [ "${BASELINE:-1}" = 1 ] && [ -f "$WORK/ckpt16bf16/config.json" ] && \
     base=(--baseline hf --baseline-checkpoint "$WORK/ckpt16bf16")
   dsv3c bench --artifacts "$ART16" --checkpoint "$WORK/ckpt16" --batch-sizes 1,8 --context 128,4032 \
-    --steps 32 --prompt-len 4096 "${base[@]}" --json "$OUT/bench16_artifacts.json" --plot "$OUT/bench16_decode.svg" \
-    2>&1 | grep --line-buffered -v Warning | tail -16
+    --steps 32 --prompt-len 14,4096 "${base[@]}" --json "$OUT/bench16_artifacts.json" --plot "$OUT/bench16_decode.svg" \
+    2>&1 | grep --line-buffered -v Warning | tail -17
   dsv3c bench --eager --checkpoint "$WORK/ckpt16" --batch-sizes 1 --context 128 --steps 8 --prompt-len 128 \
     --json "$OUT/bench16_eager.json" 2>&1 | grep --line-buffered -v Warning | tail -4
 }

@@ -91,16 +91,21 @@ def test_bench_cli_smoke(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "--random-weights", "--config", "tiny", "--eager", "--device", "cpu",
                                     "--dtype", "float32", "--batch-sizes", "1,2", "--context", "8,24", "--steps", "3",
-                                    "--prompt-len", "16", "--json", str(out)])
+                                    "--prompt-len", "5,16", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "copy bandwidth" in res.output and "roofline" in res.output and "prefill 16 tokens" in res.output
-    assert "TFLOP/s" in res.output
+    assert "prefill 5 tokens" in res.output and "TFLOP/s" in res.output
     report = json.loads(out.read_text())
+    assert [(p["prompt_len"], p["repeats"]) for p in report["prefill"]] == [(5, 3), (16, 3)]
+    assert all(p["ttft_ms"] > 0 and p["tokens_per_s"] > 0 for p in report["prefill"])
     assert [(r["batch"], r["context"]) for r in report["decode"]] == [(1, 8), (1, 24), (2, 8), (2, 24)]
     assert all(r["ms_per_token"] > 0 and 0 < r["fraction_of_roofline"] for r in report["decode"])
     assert report["kernel_overrides"] == {"DSV3_NORM_QUANT": "torch"} and "DSV3_NORM_QUANT=torch" in res.output
     res = CliRunner().invoke(main, ["bench", "--eager", "--config", "tiny"])
     assert res.exit_code == 2 and "--random-weights" in res.output
+    res = CliRunner().invoke(main, ["bench", "--random-weights", "--config", "tiny", "--eager", "--device", "cpu",
+                                    "--prompt-len", "0,8"])
+    assert res.exit_code == 2 and "prompt lengths must be at least 1" in res.output
 
 
 def test_bench_hf_baseline(tmp_path):

@@ -16,12 +16,12 @@ Implementations
   dependent phase of its own.
 - CUDA (the default; DSV3_MOE_SCHEDULE=torch keeps the reference for A/B runs): a stable counting sort in two Triton
   launches over chunks of CHUNK pairs. `_schedule_count_kernel`: each chunk's sort keys (into a private buffer)
-  and their histogram.
-  `_schedule_scatter_kernel`: each program sums the histograms (the experts' starts, its chunk's offset within each
-  expert), sorts its chunk's (expert, position) composites once (`tl.sort`) and places each pair at its expert's
-  start + offset + rank (`tl.gather` of per-expert values, no serial loop), and writes its share of the tile table.
-  Bitwise the reference's schedule; 15-17 us per call on the H200. (Its first form ranked the pairs by a one-hot prefix sum over 64 pairs at a
-  time, 16 dependent steps per chunk: 85-95 us per call on the H200, slower than the torch schedule's 50-76.)
+  and their histogram. `_schedule_scatter_kernel`: each program sums the histograms (the experts' starts, its
+  chunk's offset within each expert), sorts its chunk's (expert, position) composites once (`tl.sort`) and places
+  each pair at its expert's start + offset + rank (`tl.gather` of per-expert values, no serial loop), and writes its
+  share of the tile table. Bitwise the reference's schedule; 15-17 us per call on the H200. (Its first form ranked
+  the pairs by a one-hot prefix sum over 64 pairs at a time, 16 dependent steps per chunk: 85-95 us per call on the
+  H200, slower than the torch schedule's 50-76.)
 """
 
 from __future__ import annotations

@@ -458,7 +458,7 @@ step_quick16() {  # no checkpoint on disk: FP8 16B config -> compile -> bench wi
   dsv3c compile --config "$cfg" --out "$WORK/art16q" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
     --max-seq-len 4096 --overwrite --jobs "${Q16_JOBS:-6}" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16q.log" | tail -8
   dsv3c bench --artifacts "$WORK/art16q" --random-weights --batch-sizes 1,8 --context 128,4032 --steps 32 \
-    --prompt-len 4096 --json "$OUT/bench16q.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -12
+    --prompt-len 14,4096 --json "$OUT/bench16q.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -13
 }
 
 step_anatomy16() {  # the 16B FP8 config at 3 layers (dense + 2 MoE) compiled with its own Inductor cache, then the

@@ -1,6 +1,8 @@
-"""What a short prompt's prefill would gain from a static-shape graph: at T tokens (8-64), the routed experts'
-grouped path (what the dynamic-T prefill graph runs) against the decode path (what a graph compiled for that T
-would run, dsv3.routed_experts with its decode plan), and the dense FP8 linears' cuBLAS path (act-quant +
+"""What a short prompt's prefill would gain from a static-shape graph: at T tokens (8-256), the routed experts'
+grouped path (what the dynamic-T prefill graph runs: tiles of 64 pairs, the prefill plan), the same path with the
+sparse-tile plan (tiles of 32 pairs, 3-stage up and down kernels at 4 warps: what a static T with few pairs per
+expert could take: branch experiment/moe-sparse-tiles) and the decode path (dsv3.routed_experts with its decode
+plan, what a static T <= DECODE_MAX_T takes), and the dense FP8 linears' cuBLAS path (act-quant +
 block-scaled scaled_mm: a dynamic M) against the decode GEMV (a static M <= GEMV_MAX_M). 16B shapes, each form in
 a CUDA graph over weight copies larger than L2, outputs compared.
 
@@ -19,9 +21,12 @@ from dsv3.kernels import routed_experts as RE
 from dsv3.kernels.bench import graph_us
 from dsv3.kernels.fp8_blocks import quantize_weight
 
-TOKENS = (8, 14, 16, 32, 64)
+TOKENS = (8, 16, 32, 64, 128, 256)
 N_ROUTED, TOP_K, N_SHARED, D, I = 64, 6, 2, 2048, 1408  # 16B: top-6 of 64 + 2 shared experts stacked as slots
 LINEARS = {"qkv_a (fused q + kv_a)": (3648, 2048), "o_proj": (2048, 2048)}
+SPARSE = dict(grouped=True, grouped_block_t=32, up_num_warps=4, up_num_stages=3, down_block_n=256,
+              down_num_warps=4, down_num_stages=3)
+MOE_FORMS = (("grouped", dict(grouped=True)), ("sparse", SPARSE), ("decode", dict(grouped=False)))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,15 +55,19 @@ def main() -> None:
         wt = torch.rand(idx.shape, device="cuda")
         x = torch.randn(t, D, device="cuda", dtype=torch.bfloat16)
         row = {"t": t}
-        grouped = RE.routed_experts_triton(x, idx, wt, *ws[0], grouped=True)
-        decode = RE.routed_experts_triton(x, idx, wt, *ws[0], grouped=False)
-        row["moe_rel"] = rel(decode, grouped)
+        outs = {name: RE.routed_experts_triton(x, idx, wt, *ws[0], **kw) for name, kw in MOE_FORMS}
+        row["moe_rel"] = rel(outs["decode"], outs["grouped"])
+        row["moe_sparse_equal"] = torch.equal(outs["sparse"], outs["grouped"])
         for _ in range(3):
-            for name, g in (("grouped", True), ("decode", False)):
-                us = graph_us([lambda w=w, g=g: RE.routed_experts_triton(x, idx, wt, *w, grouped=g) for w in ws] * 4)
+            for name, kw in MOE_FORMS:
+                us = graph_us([lambda w=w, kw=kw: RE.routed_experts_triton(x, idx, wt, *w, **kw) for w in ws] * 4)
                 row[f"moe_{name}_us"] = min(row.get(f"moe_{name}_us", 1e9), us)
         for name, qs in lin.items():
             key = name.split()[0]
+            if t > FL.GEMV_MAX_M:  # the GEMV takes up to GEMV_MAX_M tokens: cuBLAS either way
+                row.update({f"{key}_rel": float("nan"), f"{key}_gemv_us": float("nan")})
+                row[f"{key}_scaled_mm_us"] = graph_us([lambda q=q: FL.fp8_scaled_mm(x, *q) for q in qs] * 2)
+                continue
             a = FL.fp8_scaled_mm(x, *qs[0])
             b = FL.fp8_gemv(x, *qs[0], x.dtype)
             row[f"{key}_rel"] = rel(b, a)
@@ -68,7 +77,8 @@ def main() -> None:
                     us = graph_us([lambda q=q, fn=fn: fn(q) for q in qs] * 2)
                     row[f"{key}_{form}_us"] = min(row.get(f"{key}_{form}_us", 1e9), us)
         rows.append(row)
-        print("T {t:3d}: MoE grouped {moe_grouped_us:6.1f} us, decode path {moe_decode_us:6.1f} us (rel {moe_rel:.1e});"
+        print("T {t:3d}: MoE grouped {moe_grouped_us:6.1f} us, sparse tiles {moe_sparse_us:6.1f} (bitwise "
+              "{moe_sparse_equal}), decode path {moe_decode_us:6.1f} us (rel {moe_rel:.1e});"
               " qkv_a scaled_mm {qkv_a_scaled_mm_us:5.1f} / gemv {qkv_a_gemv_us:5.1f} us;"
               " o_proj scaled_mm {o_proj_scaled_mm_us:5.1f} / gemv {o_proj_gemv_us:5.1f} us".format(**row), flush=True)
     if args.json:

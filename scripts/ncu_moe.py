@@ -7,7 +7,8 @@ Builds the 16B MoE shapes (64 routed experts + 2 shared slots, D 2048, I 1408, F
 outside the profiled range (Triton compiles, caches warm), then once inside `torch.cuda.profiler.start/stop`:
 1. grouped path, T = 4096 tokens, 6 routed experts per token (the model's prefill call: shared slots run as a
    dense MLP there);
-2. decode path, T = 1 (8 slots: 6 routed + 2 shared), the default plan.
+2. grouped path, T = 128 (a short prompt's prefill: ~12 pairs per expert, one mostly empty tile each);
+3. decode path, T = 1 (8 slots: 6 routed + 2 shared), the default plan.
 Without ncu it just runs (a smoke test of the inputs). A diagnostic for docs/KERNELS.md, not part of the runtime.
 """
 
@@ -36,7 +37,8 @@ def main() -> None:
         x = torch.randn(t, d, device=dev, generator=g).bfloat16()
         return x, idx, wt
 
-    cases = [("grouped T=4096", inputs(4096, False)), ("decode T=1", inputs(1, True))]
+    cases = [("grouped T=4096", inputs(4096, False)), ("grouped T=128", inputs(128, False)),
+             ("decode T=1", inputs(1, True))]
     profile_under_ncu(cases, lambda x, idx, wt: routed_experts_triton(x, idx, wt, *w))
 
 

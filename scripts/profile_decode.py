@@ -11,11 +11,11 @@ decode graph for) sequences to CONTEXT (default 128) tokens, then
    time, grouped by name, and the sum of kernel time per step. Graph replay time minus kernel time is what
    launches and gaps cost; the top kernels are where bandwidth goes.
 3. profiles a PREFILL-token prefill (default 4096, in the artifacts' chunks; 0: none) the same way: where prefill
-   MFU goes.
+   MFU goes, and how much of the GPU span (first kernel start to last end) is idle between kernels.
 Writes OUT_DIR/decode_profile.txt (table) and OUT_DIR/decode_profile.json (per kernel: calls and us per step),
 OUT_DIR/decode_sequence.txt (one step's kernels in launch order with the gap before each; called without the CUDA
 graph, as in 2., so the gaps are the host's launch gaps, not the graph's), and
-OUT_DIR/prefill_profile.txt / .json.
+OUT_DIR/prefill_profile.txt / .json, OUT_DIR/prefill_sequence.txt (the prefill's kernels in launch order, gaps).
 A diagnostic for docs/BENCHMARKS.md, not part of the runtime.
 """
 
@@ -119,11 +119,14 @@ def main() -> None:
         torch.cuda.synchronize()
     rows = _kernel_rows(prof, 1)
     kernel_us = sum(r[2] for r in rows)
+    span_us = _write_sequence(out / "prefill_sequence.txt", prof, f"one prefill of {len(prompt)} tokens")
+    # wall = host work before the first kernel and after the last + the GPU span; span = kernels + idle gaps
     _write_table(out / "prefill_profile", rows, kernel_us, "us",
                  f"prefill of {len(prompt)} tokens in chunks of {stepper.prefill_chunk}: {wall_ms:.1f} ms wall; "
-                 f"kernel time {kernel_us / 1e3:.1f} ms over {sum(r[1] for r in rows):.0f} kernels",
+                 f"first kernel start to last kernel end {span_us / 1e3:.2f} ms; kernel time {kernel_us / 1e3:.2f} "
+                 f"ms over {sum(r[1] for r in rows):.0f} kernels",
                  {"tokens": len(prompt), "chunk": stepper.prefill_chunk, "wall_ms": wall_ms,
-                  "kernel_ms": kernel_us / 1e3})
+                  "span_ms": span_us / 1e3, "kernel_ms": kernel_us / 1e3})
 
 
 def _write_table(stem: Path, rows: list[tuple[str, float, float]], total_us: float, unit: str, header: str,
@@ -139,19 +142,21 @@ def _write_table(stem: Path, rows: list[tuple[str, float, float]], total_us: flo
         {**meta, "kernels": [{"name": n, "calls": c, "us": u} for n, c, u in rows]}, indent=1))
 
 
-def _write_sequence(path: Path, prof) -> None:
-    """Every kernel of one profiled step in start order: start (us from the first), gap before it, duration, name."""
+def _write_sequence(path: Path, prof, what: str = "one decode step") -> float:
+    """Every kernel of one profiled step in start order: start (us from the first), gap before it, duration, name.
+    Returns the span from the first kernel's start to the last one's end (us)."""
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
     if not events:
-        return
+        return 0.0
     t0, prev_end = events[0].time_range.start, events[0].time_range.start
-    lines = [f"{'start':>9} {'gap':>6} {'us':>7}  kernel (one decode step, launch order)"]
+    lines = [f"{'start':>9} {'gap':>6} {'us':>7}  kernel ({what}, launch order)"]
     for e in events:
         start, end = e.time_range.start, e.time_range.end
         lines.append(f"{start - t0:9.1f} {start - prev_end:6.2f} {end - start:7.2f}  {e.name[:110]}")
         prev_end = max(prev_end, end)
     path.write_text("\n".join(lines) + "\n")
+    return prev_end - t0
 
 
 def _kernel_rows(prof, steps: int) -> list[tuple[str, float, float]]:

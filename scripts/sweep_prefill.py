@@ -167,11 +167,9 @@ def sweep_attention(t: int, peak: float, rows: list) -> None:
     k_nope, v = kv.split([dn, dv], dim=-1)
     k_pe = torch.randn(1, t, r, device=dev, generator=g, dtype=bf)
     pos = torch.arange(t, device=dev).unsqueeze(0)
-    prefix_out = torch.zeros(1, t, h, dv, device=dev, dtype=bf)
-    prefix_lse = torch.full((1, t, h), float("-inf"), device=dev)
     scale = 0.1
     flops = 2 * (dn + r + dv) * h * t * (t + 1) // 2
-    args = (q_nope, q_pe, k_nope, k_pe, v, pos, scale, prefix_out, prefix_lse)
+    args = (q_nope, q_pe, k_nope, k_pe, v, pos, scale)  # the first chunk's form: no prefix
 
     def call(cfg):
         return lambda: mla_prefill_attention_triton(*args, **cfg)

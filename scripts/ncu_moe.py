@@ -1,5 +1,5 @@
-"""The routed-experts kernels under Nsight Compute: why the grouped (prefill) path runs at ~25% of the FP8 peak and
-the one-token decode down kernel at ~57% of the copy bandwidth.
+"""The routed-experts kernels under Nsight Compute: why the grouped (prefill) path runs well below the FP8 peak (its
+L2 / DRAM throughput, stalls, occupancy) and the one-token decode kernels below the copy bandwidth.
 
     ncu --profile-from-start off --kernel-name regex:_moe_ ... python3 scripts/ncu_moe.py   (gpu_check.sh ncu-moe)
 

@@ -39,10 +39,11 @@ from dsv3.staging import staged_directory
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # (rows, width) of the static first-chunk graphs built by default for CUDA. Widths where the static shape pays on
-# the 16B (one H200): at 16 and 32 tokens the decode path of the routed experts beats the grouped one (149 / 226
-# vs 216 / 247 us per layer), at 64 it loses (314 vs 250). One row: a batch's short prompts at 8 rows are 128
-# tokens, where the grouped path wins.
-SHORT_PREFILL_DEFAULT = ((1, 16), (1, 32))
+# the 16B (one H200, us per MoE layer, dynamic graph -> static): 16 tokens the routed experts' decode path (216 ->
+# 149), 32 / 64 / 128 sparse grouped tiles (244 -> 185, 250 -> 188, 244 -> 189: `sparse_tiles` in
+# dsv3.kernels.routed_experts), and at 16-64 tokens the FP8 linears' GEMV in place of act-quant + cuBLAS. One row
+# each (eight short prompts share the dynamic graph's 8-row buckets).
+SHORT_PREFILL_DEFAULT = ((1, 16), (1, 32), (1, 64), (1, 128))
 
 
 @dataclass(frozen=True)

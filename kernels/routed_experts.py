@@ -49,13 +49,15 @@ Implementations (branch taken at trace time)
      layers, 1.65 us per layer less at batch 1 and 4.54 at batch 8 than this kernel, scripts/gpu_check.sh ab16,
      2026-11-23; DSV3_MOE_COMBINE=kernel keeps the kernel in the model).
   Slot -> expert mapping:
-  * decode (T statically <= 64): slot j is the j-th smallest expert id present in topk_idx, found in-kernel
+  * decode (T statically <= `decode_max_t`: 64, or 16 for the expert shapes of GROUPED_SPARSE_SHAPES): slot j is
+    the j-th smallest expert id present in topk_idx, found in-kernel
     (min(E, T*K) slots, the extra ones exit at once); the program computes all T tokens (masked to the ones routed
     to its expert; tokens padded to 16 for the tensor cores).
   * prefill (T larger or dynamic): grouped. The (token, k) pairs are sorted by expert on the device
     (dsv3.kernels.moe_schedule: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
     of up to 64 pairs of one expert (other tiles and launch fields: `grouped_block_t`, up_* / down_*; timed by
-    scripts/sweep_prefill.py, docs/KERNELS.md). With FP8 weights the grouped path runs `_moe_up_grouped_kernel`
+    scripts/sweep_prefill.py, docs/KERNELS.md). A static T with few pairs per expert (a short prompt's graph of
+    static shape, a large decode batch) takes sparse tiles instead (`grouped_tiles`: 32 pairs, GROUPED_SPARSE_FP8). With FP8 weights the grouped path runs `_moe_up_grouped_kernel`
     and `_moe_down_grouped_kernel` in place of steps 1-2: the same arithmetic with the tokens as the MMA's M and
     the weight rows as its N (gate and up rows in one 256-wide dot), which keeps more MACs per shared-memory byte
     than the decode kernels' orientation (16B at T=4096 on the H200: up 874 -> 755 us, down 467 -> 394 us, bitwise
@@ -90,6 +92,16 @@ from dsv3.kernels.fp8_linear import (
 
 DECODE_MAX_T = 64
 GROUPED_BLOCK_T = 64
+# Sparse tiles: the grouped FP8 path for a static T whose pairs fill at most SPARSE_TILE_PAIRS per expert on average
+# (T * K <= 32 * E), where nearly every tile is one expert's only, mostly empty one and the kernels stream weights.
+# Measured on the H200 (2026-11-25, scripts/bench_short_prefill.py, 16B shapes with the 2 shared slots stacked, us
+# per call, over weight copies larger than L2): T = 8 / 16 / 32 / 64: grouped (64-pair tiles, the prefill plan)
+# 157.4 / 215.8 / 244.4 / 250.0, sparse tiles 123.9 / 159.9 / 184.5 / 187.9, the decode path 96.4 / 149.0 / 223.0
+# / 313.7; the 64 routed experts alone (scripts/sweep_prefill.py --t 128,512): T = 128 243.9 -> 188.7 with sparse
+# tiles, T = 512 (48 pairs per expert) best on the prefill plan. GROUPED_SPARSE_SHAPES: the expert shapes (D, I)
+# measured, each with the largest static T that keeps the decode path (above it, sparse grouped tiles).
+SPARSE_TILE_PAIRS = 32
+GROUPED_SPARSE_SHAPES = {(2048, 1408): 16}
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], quant_act: bool = True) -> torch.Tensor:
@@ -677,6 +689,9 @@ MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 4, 256, 8, 4)
 # (scripts/ab_grouped_moe.py); the 671B-ws8 rank shape (D 7168, I 2048) stays on the default (1108.9 vs 1142.8 us).
 GROUPED_FP8_TUNED = {(2048, 1408): MOE_GROUPED_FP8._replace(up_num_warps=4, up_num_stages=2)}
 GROUPED_DOWN_BLOCK_NS_FP8 = (128, 256)
+# Sparse tiles (see SPARSE_TILE_PAIRS): up 4 warps (TWO_DOTS) at 3 stages, down BLOCK_N 256 at 4 warps, 3 stages: the
+# best of scripts/sweep_prefill.py's grid at T = 128 (16B routed experts, 2026-11-25).
+GROUPED_SPARSE_FP8 = MoeDecodePlan(128, 4, 3, 256, 4, 3)
 MOE_GROUPED_BF16 = MoeDecodePlan(128, 8, 2, 128, 8, 2)
 GROUPED_BLOCK_TS = (32, 64, 128)
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
@@ -806,12 +821,29 @@ def resolve_moe_decode(
     return plan
 
 
-def grouped_plan(is_fp8: bool, d: Optional[int] = None, i: Optional[int] = None,
+def decode_max_t(is_fp8: bool, d: int, i: int) -> int:
+    """The largest static T that takes the decode path: DECODE_MAX_T, or for FP8 expert shapes (D, I) in
+    GROUPED_SPARSE_SHAPES their measured bound (above it sparse grouped tiles are faster)."""
+    sparse = GROUPED_SPARSE_SHAPES.get((static_int(d), static_int(i))) if is_fp8 else None
+    return DECODE_MAX_T if sparse is None else sparse
+
+
+def sparse_tiles(is_fp8: bool, t: Optional[int], k: int, e: int, d: int, i: int) -> bool:
+    """Whether a grouped call takes sparse tiles (SPARSE_TILE_PAIRS pairs, GROUPED_SPARSE_FP8): FP8, a measured expert
+    shape (GROUPED_SPARSE_SHAPES), T static with at most SPARSE_TILE_PAIRS pairs per expert on average."""
+    return (is_fp8 and t is not None and (static_int(d), static_int(i)) in GROUPED_SPARSE_SHAPES
+            and t * k <= SPARSE_TILE_PAIRS * e)
+
+
+def grouped_plan(is_fp8: bool, d: Optional[int] = None, i: Optional[int] = None, sparse: bool = False,
                  **fields: Optional[int]) -> MoeDecodePlan:
-    """The grouped path's launch config: GROUPED_FP8_TUNED[(d, i)] or MOE_GROUPED_FP8 (bf16: MOE_GROUPED_BF16) with
-    the given up_* / down_* fields replaced."""
+    """The grouped path's launch config: GROUPED_SPARSE_FP8 for sparse tiles (`sparse_tiles`), else
+    GROUPED_FP8_TUNED[(d, i)] or MOE_GROUPED_FP8 (bf16: MOE_GROUPED_BF16), with the given up_* / down_* fields
+    replaced."""
     # (static_int: under torch.compile with dynamic shapes a size may be a SymInt, which does not hash)
     base = GROUPED_FP8_TUNED.get((static_int(d), static_int(i)), MOE_GROUPED_FP8) if is_fp8 else MOE_GROUPED_BF16
+    if sparse and is_fp8:
+        base = GROUPED_SPARSE_FP8
     plan = base._replace(**{k: v for k, v in fields.items() if v is not None})
     if is_fp8:  # `_moe_up_grouped_kernel` / `_moe_down_grouped_kernel`
         if plan.up_block_n != 128:
@@ -900,9 +932,9 @@ def routed_experts_triton(
     t_static = static_int(t)
     if t_static == 0:
         return torch.empty_like(x) if combine else x.new_empty((t, k, d))
-    if grouped is None:
-        grouped = t_static is None or t_static > DECODE_MAX_T
     is_fp8 = gate_scale_inv is not None
+    if grouped is None:
+        grouped = t_static is None or t_static > decode_max_t(is_fp8, d, i)
     if not is_fp8 and x.dtype != gate_proj.dtype:
         x = x.to(gate_proj.dtype)
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -918,13 +950,15 @@ def routed_experts_triton(
     y = torch.empty((p, d), dtype=odt, device=x.device)
     block_k = max(2, next_pow2(k))
     if grouped:
-        block_t = grouped_block_t or GROUPED_BLOCK_T
+        # sparse tiles for a static T with few pairs per expert, unless the call pins the tile
+        sparse = grouped_block_t is None and sparse_tiles(is_fp8, t_static, k, e, d, i)
+        block_t = grouped_block_t or (SPARSE_TILE_PAIRS if sparse else GROUPED_BLOCK_T)
         if block_t not in GROUPED_BLOCK_TS:
             raise ValueError(f"grouped_block_t={block_t}: one of {GROUPED_BLOCK_TS}")
         sched, n_slots = grouped_schedule(idx, e, block_t)
         block_p = block_e = 2  # unused
         n_sched = n_slots
-        plan = grouped_plan(is_fp8, d, i, up_block_n=up_block_n, up_num_warps=up_num_warps,
+        plan = grouped_plan(is_fp8, d, i, sparse, up_block_n=up_block_n, up_num_warps=up_num_warps,
                             up_num_stages=up_num_stages, down_block_n=down_block_n, down_num_warps=down_num_warps,
                             down_num_stages=down_num_stages)
     else:

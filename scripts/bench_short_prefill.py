@@ -1,8 +1,8 @@
 """What a short prompt's prefill would gain from a static-shape graph: at T tokens (8-256), the routed experts'
 grouped path (what the dynamic-T prefill graph runs: tiles of 64 pairs, the prefill plan), the same path with the
 sparse-tile plan (tiles of 32 pairs, 3-stage up and down kernels at 4 warps: what a static T with few pairs per
-expert could take: branch experiment/moe-sparse-tiles) and the decode path (dsv3.routed_experts with its decode
-plan, what a static T <= DECODE_MAX_T takes), and the dense FP8 linears' cuBLAS path (act-quant +
+expert can take) and the decode path (dsv3.routed_experts with its decode plan, what a static T <= DECODE_MAX_T
+takes), and the dense FP8 linears' cuBLAS path (act-quant +
 block-scaled scaled_mm: a dynamic M) against the decode GEMV (a static M <= GEMV_MAX_M). 16B shapes, each form in
 a CUDA graph over weight copies larger than L2, outputs compared.
 

@@ -487,6 +487,23 @@ def test_even_blocks():
     assert not RE.even_blocks(200, 256, 128) and not RE.even_blocks(256, 300, 256) and not RE.even_blocks(256, 384, 256)
 
 
+def test_grouped_sparse_tiles_launch(fixed_interpreter, monkeypatch):
+    """A static T of an expert shape listed in GROUPED_SPARSE_SHAPES (one is listed here for the test): past its
+    decode bound the launcher takes grouped tiles, of SPARSE_TILE_PAIRS pairs while T * K <= 32 * E, 64 beyond or
+    when the call pins them; each matches the reference (ids out of range included)."""
+    seen = []
+    real = RE.grouped_schedule
+    monkeypatch.setattr(RE, "grouped_schedule", lambda idx, e, block_t: seen.append(block_t) or real(idx, e, block_t))
+    monkeypatch.setitem(RE.GROUPED_SPARSE_SHAPES, (256, 200), 4)
+    gen = torch.Generator().manual_seed(31)
+    for t, pin, tiles in ((3, None, []), (12, None, [32]), (97, None, [64]), (12, 64, [64])):  # 97 x 2 > 32 x 6
+        x, idx, wt, w = _moe_inputs(t, 2, 6, 256, 200, True, torch.bfloat16, gen)
+        seen.clear()
+        out = RE.routed_experts_triton(x, idx, wt, *w, grouped_block_t=pin)
+        assert seen == tiles, (t, pin, seen)
+        assert rel_err(out, RE.routed_experts_reference(x, idx, wt, *w)) < 1e-2
+
+
 def test_grouped_plan_checks():
     assert RE.grouped_plan(True, down_block_n=128).down_block_n == 128
     assert RE.grouped_plan(True, 2048, 1408) == RE.GROUPED_FP8_TUNED[(2048, 1408)]

@@ -301,6 +301,8 @@ MOE_GPU_CASES = [
     (1, 6, 64, 2048, 1408, True), (5, 8, 32, 7168, 2048, True), (17, 3, 6, 200, 88, True),
     (64, 6, 16, 512, 256, True), (100, 6, 16, 512, 256, True), (300, 8, 12, 256, 200, True),
     (4, 2, 8, 256, 128, False), (90, 2, 8, 256, 128, False),
+    # 16B expert shapes at a static T past the decode path's bound: sparse grouped tiles (`sparse_tiles`)
+    (32, 8, 66, 2048, 1408, True), (128, 6, 64, 2048, 1408, True),
 ]
 
 
@@ -330,6 +332,22 @@ def test_routed_experts_gpu(case):
     assert out.shape == x.shape and note(name, rel(out, ref)) < bound
     if case[0] <= RE.DECODE_MAX_T:  # the grouped (prefill) path must agree on decode-sized inputs too
         assert note(name + " grouped", rel(RE.routed_experts_triton(x, idx, wt, *w, grouped=True), ref)) < bound
+
+
+def test_sparse_tile_choice(monkeypatch):
+    """Which path and tiles a static T takes: the 16B expert shapes keep the decode path up to T = 16, then sparse
+    grouped tiles while T * K <= 32 * E, then the prefill plan; unmeasured shapes, bf16 weights and a dynamic T as
+    before (decode up to DECODE_MAX_T, 64-pair tiles)."""
+    assert RE.decode_max_t(True, 2048, 1408) == 16
+    assert RE.decode_max_t(True, 7168, 2048) == RE.DECODE_MAX_T == RE.decode_max_t(False, 2048, 1408)
+    assert RE.sparse_tiles(True, 32, 8, 66, 2048, 1408) and RE.sparse_tiles(True, 341, 6, 64, 2048, 1408)
+    assert not RE.sparse_tiles(True, 342, 6, 64, 2048, 1408)        # 32.06 pairs per expert
+    assert not RE.sparse_tiles(True, None, 6, 64, 2048, 1408)       # dynamic T: the prefill graph
+    assert not RE.sparse_tiles(True, 128, 8, 32, 7168, 2048)        # not measured: the prefill plan
+    assert not RE.sparse_tiles(False, 128, 6, 64, 2048, 1408)
+    assert RE.grouped_plan(True, 2048, 1408, True) == RE.GROUPED_SPARSE_FP8
+    assert RE.grouped_plan(True, 2048, 1408, True, down_num_warps=8).down_num_warps == 8
+    assert RE.grouped_plan(False, 2048, 1408, True) == RE.MOE_GROUPED_BF16
 
 
 @pytest.mark.gpu

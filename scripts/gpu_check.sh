@@ -70,6 +70,8 @@
 #   build16both the 16B config compiled twice: FP8 (quick16's) into $WORK/art16q and BF16 (the published V2-Lite
 #              form, no conversion) into $WORK/art16b (BUILD16=fp8 or bf16: one of them); bench16both times both
 #   bench16both dsv3c bench --random-weights on both builds of build16both, one after the other in one call
+#   static16   the eager 16B (3 layers) at static prompt widths 16-128 and decode batches 1-32 with synchronous launches,
+#              then (STATIC16_BUILD=1) a 3-layer build with static first-chunk graphs and bench_ttft.py on it
 #   kdec       the GPU tests of the decode phase merges (test_norm_route, test_mla_prep, test_norm) and of the router
 #   ckpt16     init-random 16B FP8 checkpoint into $WORK/ckpt16 (kept while the machine stays warm)
 #   compile16  dsv3c compile the 16B config for cuda into $WORK/art16 (decode b1,b8 + prefill), times and sizes
@@ -472,6 +474,25 @@ step_anatomy16() {  # the 16B FP8 config at 3 layers (dense + 2 MoE) compiled wi
   $PY scripts/profile_decode.py "$WORK/art16l3" random "$dir" 128 4095 1 2>&1 | grep -v Warning | tail -45
   # one archive (the device tool brings back a bounded number of files): tar xzf kernels.tgz, grep '^def triton_'
   (cd "$cache" && grep -rl --include='*.py' -E '^def triton_' . | tar czf "$dir/kernels.tgz" -T -)
+}
+
+step_static16() {  # static prompt widths on the 16B FP8 config at 3 layers (dense + 2 MoE), every launch synchronous
+  # (CUDA_LAUNCH_BLOCKING=1: a fault is reported by the launch that made it): the eager model at prompt lengths
+  # STATIC16_LENS (16,32,64,128) and decode batches 1, 8, 32, then (STATIC16_BUILD=1) a build with static first-chunk
+  # graphs STATIC16_SHORT (1x64,1x128) and scripts/bench_ttft.py replaying them
+  local cfg=$WORK/cfg16fp8
+  cfg16fp8
+  $PY -c "import dsv3.kernels.routed_experts as r; print('routed_experts:', r.__file__, 'sparse tiles:', hasattr(r, 'SPARSE_TILE_PAIRS'))"
+  CUDA_LAUNCH_BLOCKING=1 timeout 240 $PY -m dsv3.cli bench --eager --random-weights --config "$cfg" --num-layers 3 \
+    --batch-sizes 1,8,32 --context 128 --steps 4 --prompt-len "${STATIC16_LENS:-16,32,64,128}" 2>&1 \
+    | grep --line-buffered -v -E "Warning|%\|" | tail -14
+  [ "${STATIC16_BUILD:-0}" = 1 ] || return 0
+  /usr/bin/time -f "build %e s" timeout 300 $PY -m dsv3.cli compile --config "$cfg" --num-layers 3 --out "$WORK/art16s" \
+    --device cuda --max-batch-size 1 --batch-sizes 1 --max-seq-len 4096 --short-prefill "${STATIC16_SHORT:-1x64,1x128}" \
+    --overwrite --no-verify --jobs 4 > "$OUT/compile_static16.log" 2>&1; echo "compile exit $?"
+  grep -v Warning "$OUT/compile_static16.log" | tail -3
+  CUDA_LAUNCH_BLOCKING=1 timeout 200 $PY scripts/bench_ttft.py "$WORK/art16s" --lengths 50,100 --batches 1 --repeats 2 \
+    2>&1 | grep -v -i warn | tail -14
 }
 
 step_ab16() {  # A/B of trace-time fusion switches on the 16B FP8 config at AB_LAYERS layers (default 8): one build

@@ -334,6 +334,27 @@ def test_routed_experts_gpu(case):
         assert note(name + " grouped", rel(RE.routed_experts_triton(x, idx, wt, *w, grouped=True), ref)) < bound
 
 
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("t", [17, 33, 64, 100, 128])
+@pytest.mark.parametrize("routing", ["same", "top", "random"])
+def test_sparse_tiles_skewed_routing(t, routing):
+    """Sparse grouped tiles (16B expert shapes, shared slots stacked: K 8, E 66) at static T where every token picks
+    the same K experts (each of them T pairs: several full tiles of one expert), the K highest ids (the schedule's
+    last tiles), or random ids with some out of range; freed memory poisoned, against the reference."""
+    k, e, d, i = 8, 66, 2048, 1408
+    assert RE.sparse_tiles(True, t, k, e, d, i) and t > RE.decode_max_t(True, d, i)
+    x, idx, wt, w = moe_inputs(t, k, e, d, i, True)
+    if routing == "same":
+        idx = torch.arange(k, device="cuda")[None].repeat(t, 1)
+    elif routing == "top":
+        idx = (e - 1 - torch.arange(k, device="cuda"))[None].repeat(t, 1)
+    poison_allocator()
+    out = torch.ops.dsv3.routed_experts(x, idx, wt, *w)
+    ref = RE.routed_experts_reference(x, idx, wt, *w)
+    assert note(f"sparse tiles T={t} {routing}", rel(out, ref)) < 3e-2
+
+
 def test_sparse_tile_choice(monkeypatch):
     """Which path and tiles a static T takes: the 16B expert shapes keep the decode path up to T = 16, then sparse
     grouped tiles while T * K <= 32 * E, then the prefill plan; unmeasured shapes, bf16 weights and a dynamic T as

@@ -178,13 +178,15 @@ json.dump(cfg.to_hf_dict(), open(sys.argv[1] + '/config.json', 'w'), indent=1)" 
 
 step_build16both() {  # FP8 then BF16 16B builds, one after the other (each build's processes hold a model on the GPU:
   # two builds at once ran out of its memory); BUILD16 (fp8,bf16) picks, so that one call per build fits the time limit;
-  # BUILD_VERIFY=0 skips the compile-time verification (~50 s) when the call only measures
+  # BUILD_VERIFY=0 skips the compile-time verification (~50 s) when the call only measures; SHORT16 replaces the
+  # default --short-prefill shapes
   local kinds=${BUILD16:-fp8,bf16} cfg out
   cfg16fp8
   for k in ${kinds//,/ }; do
     if [ "$k" = fp8 ]; then cfg=$WORK/cfg16fp8 out=art16q; else cfg=16B out=art16b; fi
     dsv3c compile --config "$cfg" --out "$WORK/$out" --device cuda --max-batch-size 8 --batch-sizes 1,8 --max-seq-len 4096 \
-      --overwrite --jobs "${Q16_JOBS:-6}" $([ "${BUILD_VERIFY:-1}" = 0 ] && echo --no-verify) > "$OUT/compile_$out.log" 2>&1
+      --overwrite --jobs "${Q16_JOBS:-6}" $([ "${BUILD_VERIFY:-1}" = 0 ] && echo --no-verify) \
+      ${SHORT16:+--short-prefill "$SHORT16"} > "$OUT/compile_$out.log" 2>&1
     echo "compile $out ($k): exit $?"
     grep -v Warning "$OUT/compile_$out.log" | tail -4
   done

@@ -38,12 +38,17 @@ from dsv3.runtime.steps import DecodeStep, PrefillStep, decode_inputs, prefill_i
 from dsv3.staging import staged_directory
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-# (rows, width) of the static first-chunk graphs built by default for CUDA. Widths where the static shape pays on
-# the 16B (one H200, us per MoE layer, dynamic graph -> static): 16 tokens the routed experts' decode path (216 ->
-# 149), 32 / 64 / 128 sparse grouped tiles (244 -> 185, 250 -> 188, 244 -> 189: `sparse_tiles` in
-# dsv3.kernels.routed_experts), and at 16-64 tokens the FP8 linears' GEMV in place of act-quant + cuBLAS. One row
-# each (eight short prompts share the dynamic graph's 8-row buckets).
-SHORT_PREFILL_DEFAULT = ((1, 16), (1, 32), (1, 64), (1, 128))
+# (rows, width) of the static first-chunk graphs built by default for CUDA, where a static token count pays (16B FP8
+# on one H200, docs/BENCHMARKS.md). Every config: 1x16 and 1x32, where the routed experts take the decode path and
+# the FP8 linears the GEMV instead of the grouped path and act-quant + cuBLAS (16 tokens, us per MoE layer: 216 ->
+# 149). Where the routed experts' shape takes sparse grouped tiles (`sparse_tiles` in dsv3.kernels.routed_experts:
+# FP8, a measured expert shape, one rank), also the SPARSE widths: a static T of up to 32 pairs per expert runs
+# 32-pair streaming tiles (244 -> 185 us at 32 tokens, 250 -> 188 at 64, 244 -> 189 at 128), measured replays of
+# one prompt 30 tokens 8.5 -> 6.1 ms, 50 tokens 9.1 -> 7.0, 200 tokens 9.2 -> 7.9, eight prompts of 14 tokens
+# 9.5 -> 7.8, of 30 tokens 9.1 -> 8.0. Rows 8 become --max-batch-size when that is smaller (measured at 8 only).
+# 1x128 is left out: a 65-128-token prompt replays 1x256 (7.9 ms; 1x128 7.7) for one package less to build.
+SHORT_PREFILL_DEFAULT = ((1, 16), (1, 32))
+SHORT_PREFILL_SPARSE = ((1, 64), (1, 256), (8, 16), (8, 32))
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,10 @@ class CompileOptions:
     # FP8 layers at one-token steps (the batch-1 decode graph): "fp8" quantizes activations (W8A8, as every other
     # step), "bf16" does not (W8A16, Transformer.set_batch1_activations_; the default: ParallelPlan's note).
     batch1_activations: str = "bf16"
-    # First-chunk graphs of static shape (rows, width) for short prompts; None: SHORT_PREFILL_DEFAULT on CUDA, none
-    # on CPU. A prompt of up to `width` tokens is padded to it and replayed from that graph's CUDA graph: with T
-    # static and at most 64 tokens the routed experts take the decode path and the FP8 linears the GEMV, instead of
-    # the grouped path and cuBLAS that a dynamic T needs (16B on the H200 at 16 tokens: 149 vs 216 us per MoE
-    # layer, qkv_a 8.7 vs 18.6 us; docs/BENCHMARKS.md).
+    # First-chunk graphs of static shape (rows, width) for short prompts; None: SHORT_PREFILL_DEFAULT (+
+    # SHORT_PREFILL_SPARSE) on CUDA, none on CPU. A prompt of up to `width` tokens is padded to it and replayed from
+    # that graph's CUDA graph: with T static the routed experts take the decode path or sparse tiles and the FP8
+    # linears (up to 64 tokens) the GEMV, instead of the grouped path and cuBLAS that a dynamic T needs.
     short_prefill: tuple[tuple[int, int], ...] | None = None
 
     def short_prefill_shapes(self) -> tuple[tuple[int, int], ...]:
@@ -78,7 +82,18 @@ class CompileOptions:
             return tuple(sorted(set(self.short_prefill)))
         if self.device != "cuda":
             return ()
-        return tuple((r, w) for r, w in SHORT_PREFILL_DEFAULT if r <= self.max_batch_size and w <= self.prefill_chunk)
+        shapes = SHORT_PREFILL_DEFAULT + (SHORT_PREFILL_SPARSE if self._sparse_moe_tiles() else ())
+        shapes = {(min(r, self.max_batch_size), w) for r, w in shapes if w <= self.prefill_chunk}
+        return tuple(sorted(shapes))
+
+    def _sparse_moe_tiles(self) -> bool:
+        """Whether a short prompt's static token count takes sparse grouped MoE tiles on this build (one rank: the
+        tiles' pairs-per-expert bound was measured with every expert local)."""
+        from dsv3.kernels.routed_experts import GROUPED_SPARSE_SHAPES
+
+        cfg = self.config
+        return (cfg.is_fp8 and self.world_size == 1 and cfg.n_routed_experts > 0
+                and (cfg.hidden_size, cfg.moe_intermediate_size) in GROUPED_SPARSE_SHAPES)
 
     def resolved_all_reduce(self) -> str:
         if self.all_reduce == "auto":

@@ -429,3 +429,24 @@ def test_verify_reports_noise_floor_and_catches_a_wrong_graph(art, monkeypatch):
     with pytest.raises(SystemExit, match="decode_b1 does not match the eager model"):
         v.verify(art)
 
+
+
+def test_default_short_prefill_shapes():
+    """The static first-chunk graphs a CUDA build makes by default: 1x16 and 1x32 for every config; the sparse-tile
+    widths (1x64, 1x256, 8 rows x 16 / 32) only where the routed experts take sparse tiles (FP8, the measured 16B
+    expert shape, one rank), their rows capped by --max-batch-size, widths by --prefill-chunk; none on CPU; an
+    explicit list as given."""
+    from dsv3.compiler.build import CompileOptions
+    from dsv3.config import FP8Quantization
+
+    c16 = resolve_config("16B")
+    c16q = c16.replace(quantization_config=FP8Quantization())
+    base = ((1, 16), (1, 32))
+    assert CompileOptions(c16q).short_prefill_shapes() == base + ((1, 64), (1, 256), (8, 16), (8, 32))
+    assert CompileOptions(c16q, max_batch_size=4, prefill_chunk=128).short_prefill_shapes() == base + (
+        (1, 64), (4, 16), (4, 32))
+    assert CompileOptions(c16).short_prefill_shapes() == base                      # bf16 experts: no sparse tiles
+    assert CompileOptions(c16q, world_size=2).short_prefill_shapes() == base
+    assert CompileOptions(resolve_config("671B")).short_prefill_shapes() == base   # expert shape not measured
+    assert CompileOptions(c16q, device="cpu").short_prefill_shapes() == ()
+    assert CompileOptions(c16q, short_prefill=((2, 8), (1, 4))).short_prefill_shapes() == ((1, 4), (2, 8))

@@ -402,9 +402,10 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
                       echo: Callable[[str], None] = print) -> Path:
     opts.check()
     out = Path(out_dir)
-    if opts.device == "cuda" and os.path.exists("/usr/bin/g++") and "CXX" in os.environ:
+    cxx = os.environ.get("CXX")
+    if opts.device == "cuda" and os.path.exists("/usr/bin/g++") and cxx not in (None, "/usr/bin/g++"):
         # Seen on the GPU image: its default compiler wrapper built .so files that segfault at load.
-        echo(f"using CXX=/usr/bin/g++ instead of {os.environ['CXX']}")
+        echo(f"using CXX=/usr/bin/g++ instead of {cxx}")
         os.environ["CXX"] = "/usr/bin/g++"
     log = StageLog(echo)
     t_start = time.perf_counter()

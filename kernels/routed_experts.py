@@ -57,8 +57,9 @@ Implementations (branch taken at trace time)
     (dsv3.kernels.moe_schedule: a fixed number of tiles, cdiv(T*K, 64) + E, empty ones exit), each program takes a tile
     of up to 64 pairs of one expert (other tiles and launch fields: `grouped_block_t`, up_* / down_*; timed by
     scripts/sweep_prefill.py, docs/KERNELS.md). A static T with few pairs per expert (a short prompt's graph of
-    static shape, a large decode batch) takes sparse tiles instead (`grouped_tiles`: 32 pairs, GROUPED_SPARSE_FP8). With FP8 weights the grouped path runs `_moe_up_grouped_kernel`
-    and `_moe_down_grouped_kernel` in place of steps 1-2: the same arithmetic with the tokens as the MMA's M and
+    static shape, a decode batch of 17-64 on the 16B) takes sparse tiles instead (`sparse_tiles`: 32 pairs,
+    GROUPED_SPARSE_FP8). With FP8 weights the grouped path runs `_moe_up_grouped_kernel` and
+    `_moe_down_grouped_kernel` in place of steps 1-2: the same arithmetic with the tokens as the MMA's M and
     the weight rows as its N (gate and up rows in one 256-wide dot), which keeps more MACs per shared-memory byte
     than the decode kernels' orientation (16B at T=4096 on the H200: up 874 -> 755 us, down 467 -> 394 us, bitwise
     the same outputs).

@@ -82,18 +82,20 @@ class CompileOptions:
             return tuple(sorted(set(self.short_prefill)))
         if self.device != "cuda":
             return ()
-        shapes = SHORT_PREFILL_DEFAULT + (SHORT_PREFILL_SPARSE if self._sparse_moe_tiles() else ())
-        shapes = {(min(r, self.max_batch_size), w) for r, w in shapes if w <= self.prefill_chunk}
-        return tuple(sorted(shapes))
+        shapes = {(min(r, self.max_batch_size), w) for r, w in SHORT_PREFILL_DEFAULT + SHORT_PREFILL_SPARSE}
+        return tuple(sorted((r, w) for r, w in shapes if w <= self.prefill_chunk
+                            and ((r, w) in SHORT_PREFILL_DEFAULT or self._sparse_moe_tiles(r * w))))
 
-    def _sparse_moe_tiles(self) -> bool:
-        """Whether a short prompt's static token count takes sparse grouped MoE tiles on this build (one rank: the
-        tiles' pairs-per-expert bound was measured with every expert local)."""
-        from dsv3.kernels.routed_experts import GROUPED_SPARSE_SHAPES
+    def _sparse_moe_tiles(self, tokens: int) -> bool:
+        """Whether a static count of `tokens` takes the routed experts' sparse grouped tiles on this build (the
+        kernel's own rule, `sparse_tiles`, on the routed experts alone; one rank only: the tiles' pairs-per-expert
+        bound was measured with every expert local)."""
+        from dsv3.kernels.routed_experts import sparse_tiles
 
         cfg = self.config
-        return (cfg.is_fp8 and self.world_size == 1 and cfg.n_routed_experts > 0
-                and (cfg.hidden_size, cfg.moe_intermediate_size) in GROUPED_SPARSE_SHAPES)
+        return (self.world_size == 1 and cfg.n_routed_experts > 0
+                and sparse_tiles(cfg.is_fp8, tokens, cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.hidden_size,
+                                 cfg.moe_intermediate_size))
 
     def resolved_all_reduce(self) -> str:
         if self.all_reduce == "auto":

@@ -1,7 +1,7 @@
 """What a short prompt's prefill would gain from a static-shape graph: at T tokens (8-256), the routed experts'
 grouped path (what the dynamic-T prefill graph runs: tiles of 64 pairs, the prefill plan), the same path with the
 sparse-tile plan (tiles of 32 pairs, 3-stage up and down kernels at 4 warps: what a static T with few pairs per
-expert can take) and the decode path (dsv3.routed_experts with its decode plan, what a static T <= DECODE_MAX_T
+expert takes, `sparse_tiles`) and the decode path (dsv3.routed_experts with its decode plan, what a static T <= DECODE_MAX_T
 takes), and the dense FP8 linears' cuBLAS path (act-quant +
 block-scaled scaled_mm: a dynamic M) against the decode GEMV (a static M <= GEMV_MAX_M). 16B shapes, each form in
 a CUDA graph over weight copies larger than L2, outputs compared.
@@ -24,9 +24,13 @@ from dsv3.kernels.fp8_blocks import quantize_weight
 TOKENS = (8, 16, 32, 64, 128, 256)
 N_ROUTED, TOP_K, N_SHARED, D, I = 64, 6, 2, 2048, 1408  # 16B: top-6 of 64 + 2 shared experts stacked as slots
 LINEARS = {"qkv_a (fused q + kv_a)": (3648, 2048), "o_proj": (2048, 2048)}
-SPARSE = dict(grouped=True, grouped_block_t=32, up_num_warps=4, up_num_stages=3, down_block_n=256,
-              down_num_warps=4, down_num_stages=3)
-MOE_FORMS = (("grouped", dict(grouped=True)), ("sparse", SPARSE), ("decode", dict(grouped=False)))
+# the grouped forms pin their tile (a static T would otherwise take the sparse tiles by itself, `RE.sparse_tiles`):
+# 64 pairs with the prefill plan, and the sparse plan's tiles and launch fields as the kernel module defines them
+SPARSE = dict(grouped=True, grouped_block_t=RE.SPARSE_TILE_PAIRS,
+              **{f: getattr(RE.GROUPED_SPARSE_FP8, f) for f in ("up_num_warps", "up_num_stages", "down_block_n",
+                                                                 "down_num_warps", "down_num_stages")})
+MOE_FORMS = (("grouped", dict(grouped=True, grouped_block_t=RE.GROUPED_BLOCK_T)), ("sparse", SPARSE),
+             ("decode", dict(grouped=False)))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,7 +7,9 @@ Builds the 16B MoE shapes (64 routed experts + 2 shared slots, D 2048, I 1408, F
 outside the profiled range (Triton compiles, caches warm), then once inside `torch.cuda.profiler.start/stop`:
 1. grouped path, T = 4096 tokens, 6 routed experts per token (the model's prefill call: shared slots run as a
    dense MLP there);
-2. grouped path, T = 128 (a short prompt's prefill: ~12 pairs per expert, one mostly empty tile each);
+2. grouped path, T = 128 (a short prompt's prefill: ~12 pairs per expert, one mostly empty tile each; a static
+   T this small takes the sparse tiles, `sparse_tiles`: 32 pairs, GROUPED_SPARSE_FP8; the ncu numbers of
+   docs/BENCHMARKS.md's thirtieth session are of the 64-pair tiles before that);
 3. decode path, T = 1 (8 slots: 6 routed + 2 shared), the default plan.
 Without ncu it just runs (a smoke test of the inputs). A diagnostic for docs/KERNELS.md, not part of the runtime.
 """

@@ -82,6 +82,9 @@ def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
     x, idx, wt, w, flops = moe_inputs(name, t)
 
     def call(cfg):
+        # the tile pinned (64 pairs unless the config says): a static T with few pairs per expert would otherwise
+        # take the sparse tiles and their plan by itself (`sparse_tiles`), and the fields below would vary that plan
+        cfg = {"grouped_block_t": GROUPED_BLOCK_T, **cfg}
         return lambda: routed_experts_triton(x, idx, wt, *w, grouped=True, **cfg)
 
     base = call({})()

@@ -168,8 +168,7 @@ class MLA(nn.Module):
         # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed. A first chunk has
         # no prefix: its graph has no absorbed half (two absorption GEMMs, an attention kernel, the copies feeding
         # them; the unused cache read is dead code).
-        o = self._prefill_attention(q_nope, q_pe, latent, None if first_chunk else cache, input_pos)
-        return self.o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
+        return self._prefill_attention(q_nope, q_pe, latent, None if first_chunk else cache, input_pos)
 
     @staticmethod
     def _prefill_form(seqlen, cache_rows: torch.Tensor | None) -> bool:
@@ -190,7 +189,9 @@ class MLA(nn.Module):
         absorbed form and merged through their log-sum-exp. kv_b_proj is used dequantized to the activation dtype
         (as the absorbed path uses it), not through the FP8 linear: no activation quantization of the latent. The
         dequantized weight (kept since load by add_prefill_copies_, else dequantized here once per call) serves the
-        decompression and both absorptions. cache None: no prefix (every row's chunk starts at position 0)."""
+        decompression and both absorptions. cache None: no prefix (every row's chunk starts at position 0).
+        Returns o_proj of the attention: with FP8 o_proj weights one op, dsv3.mla_prefill_attention_o_proj (on
+        CUDA the attention kernel quantizes o_proj's input itself)."""
         bsz, seqlen = latent.shape[:2]
         kv_b = self.kv_b_proj
         w = getattr(self, "kv_b_dequantized", None)  # add_prefill_copies_: dequantized at load
@@ -202,14 +203,20 @@ class MLA(nn.Module):
         k_nope, v = kv.view(bsz, seqlen, self.num_heads, self.nope_dim + self.v_dim).split(
             [self.nope_dim, self.v_dim], dim=-1)
         k_pe = latent[..., self.kv_lora_rank:]
-        if cache is None:
-            return torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, self.softmax_scale)
-        q_latent = torch.ops.dsv3.mla_absorb(q_nope, w, None, self.nope_dim, self.v_dim, False)
-        prefix_latent, prefix_lse = torch.ops.dsv3.mla_prefix_attention(q_latent, q_pe, cache, input_pos,
-                                                                        self.softmax_scale)
-        prefix_out = torch.ops.dsv3.mla_absorb(prefix_latent, w, None, self.nope_dim, self.v_dim, True)
-        return torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, self.softmax_scale,
-                                                    prefix_out, prefix_lse)
+        prefix = ()
+        if cache is not None:
+            q_latent = torch.ops.dsv3.mla_absorb(q_nope, w, None, self.nope_dim, self.v_dim, False)
+            prefix_latent, prefix_lse = torch.ops.dsv3.mla_prefix_attention(q_latent, q_pe, cache, input_pos,
+                                                                            self.softmax_scale)
+            prefix = (torch.ops.dsv3.mla_absorb(prefix_latent, w, None, self.nope_dim, self.v_dim, True), prefix_lse)
+        o_proj = self.o_proj
+        if o_proj.weight_scale_inv is not None and not (o_proj.one_token_a16 and static_int(bsz * seqlen) == 1):
+            return torch.ops.dsv3.mla_prefill_attention_o_proj(q_nope, q_pe, k_nope, k_pe, v, input_pos,
+                                                               self.softmax_scale, o_proj.weight,
+                                                               o_proj.weight_scale_inv, *prefix)
+        o = torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, self.softmax_scale,
+                                                 *prefix)
+        return o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
 
     def add_prefill_copies_(self) -> None:
         """FP8: keep kv_b_proj dequantized to the activation dtype as a buffer (`kv_b_dequantized`, filled from the

@@ -48,6 +48,10 @@ from torch.library import triton_op, wrap_triton
 from dsv3.kernels._launch import (
     cdiv, env_switch, launch_with_descriptors, next_pow2, static_int, tma_descriptor_ok,
 )
+from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
+from dsv3.kernels.fp8_linear import (
+    GEMV_MAX_M, _aot_compiling, fp8_gemm_mode, fp8_linear, quantize_tile_rcp, scaled_mm_quantized, scaled_mm_usable,
+)
 from dsv3.kernels.mla_attention import LOG2E, _mla_fwd_kernel
 from dsv3.kernels.tiles import load_tile
 
@@ -144,19 +148,24 @@ def _mha_prefill_block(
 
 @triton.jit
 def _mha_prefill_kernel(
-    qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, pos_ptr, po_ptr, plse_ptr, out_ptr,
-    S, H, DN, R, DV, scale_log2,
+    qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, pos_ptr, po_ptr, plse_ptr, out_ptr, oq_ptr, os_ptr,
+    S, H, DN, R, DV, scale_log2, n_rows, pad_rows,
     s_qn_b, s_qn_s, s_qn_h, s_qp_b, s_qp_s, s_qp_h, s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s,
-    s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, s_po_b, s_po_s, s_po_h, s_o_b, s_o_s, s_o_h,
+    s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, s_po_b, s_po_s, s_po_h, s_o_b, s_o_s, s_o_h, s_oq, s_os_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr, EXACT_D: tl.constexpr, KV_DESC: tl.constexpr,
+    QUANT_OUT: tl.constexpr,
 ):
     """Causal flash attention over a chunk's own keys (module docstring). KV_DESC (the launcher's choice, with
     EXACT_D): kn_ptr, kp_ptr and v_ptr are TMA tensor descriptors over the keys' row views k_nope [B*S, H, DN], k_pe
     [B*S, R] and v [B*S, H, DV] with boxes [BLOCK_N, 1, DN], [BLOCK_N, R], [BLOCK_N, 1, DV]: one copy instruction per
     tile instead of each thread's 64-bit address and mask arithmetic (and the registers that holds). Rows past a
     sequence's S are then the next sequence's rows (or zeros past the last): finite, and masked out of the scores
-    exactly as the pointer tiles' zeros."""
+    exactly as the pointer tiles' zeros.
+    QUANT_OUT (DV = 128: one quantization block per head and token): instead of out, the output rounded to out's
+    dtype and quantized for the o_proj GEMM as `act_quant(out.view(B*S, H*DV), pad_rows_to=4, scales_m_major=True)`
+    would: e4m3 rows b*S + s of oq [n_rows + pad_rows, H*DV] (row stride s_oq), scales at os[h * s_os_h + row];
+    the pad_rows rows past n_rows = B*S quantized zeros, written by the last sequence's last query block."""
     # The last query blocks see the most keys: they get the lowest program ids, so they start first and the
     # short blocks fill the tail (causal work grows with pid_m).
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -207,8 +216,22 @@ def _mha_prefill_kernel(
             offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, True, EXACT_D, KV_DESC, BLOCK_N, DN_PAD,
             DV_PAD)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + b * s_o_b + offs_m[:, None] * s_o_s + h * s_o_h + offs_dv[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
+    if QUANT_OUT:
+        # (`quantize_tile_rcp`: act_quant's scales bit for bit, its e4m3 values up to the sign of a zero)
+        oq, osc = quantize_tile_rcp(o.to(out_ptr.dtype.element_ty).to(tl.float32))
+        rows = b * S + offs_m
+        tl.store(oq_ptr + rows[:, None] * s_oq + h * DV + offs_dv[None, :], oq, mask=m_mask[:, None])
+        tl.store(os_ptr + h * s_os_h + rows, osc, mask=m_mask)
+        if (b == tl.num_programs(2) - 1) & (pid_m == tl.num_programs(0) - 1):
+            offs_p = tl.arange(0, 4)
+            zq, zs = quantize_tile_rcp(tl.zeros((4, DV_PAD), dtype=tl.float32))
+            prow = n_rows + offs_p
+            tl.store(oq_ptr + prow[:, None] * s_oq + h * DV + offs_dv[None, :], zq,
+                     mask=(offs_p < pad_rows)[:, None])
+            tl.store(os_ptr + h * s_os_h + prow, zs, mask=offs_p < pad_rows)
+    else:
+        tl.store(out_ptr + b * s_o_b + offs_m[:, None] * s_o_s + h * s_o_h + offs_dv[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,15 +270,29 @@ def mla_prefill_attention_triton(
     q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
     input_pos: torch.Tensor, softmax_scale: float, prefix_out: Optional[torch.Tensor] = None,
     prefix_lse: Optional[torch.Tensor] = None, block_m: int = 128, block_n: int = 64, num_warps: int = 8,
-    num_stages: int = 3,
-) -> torch.Tensor:
+    num_stages: int = 3, quant_out: bool = False,
+):
     """Launch defaults from scripts/sweep_prefill.py on the H200 (2026-11-23, 16 heads, 4096 tokens, causal):
     128 x 64 blocks, 8 warps, 3 stages 245.5 us (350 TFLOP/s) vs 311.5 with 2 stages; 128 x 128 and 64 x 64 blocks
-    ~270 us; 128-key blocks need > 227 KB of shared memory at 3 stages."""
+    ~270 us; 128-key blocks need > 227 KB of shared memory at 3 stages.
+    quant_out (Dv = 128): returns (oq, os), the output quantized for a cuBLAS block-scaled GEMM: oq e4m3
+    [Mp, H * Dv] with Mp = B * S rounded up to 4 (the extra rows quantized zeros), os fp32 [Mp, H] M-major
+    (strides (1, Mp)): what `act_quant(out.view(B * S, H * Dv), pad_rows_to=4, scales_m_major=True)` returns."""
     bsz, seqlen, heads, dn = q_nope.shape
     r = q_pe.shape[-1]
     dv = v.shape[-1]
-    out = torch.empty((bsz, seqlen, heads, dv), dtype=q_nope.dtype, device=q_nope.device)
+    n_rows = bsz * seqlen
+    if quant_out:
+        if dv != BLOCK:
+            raise ValueError(f"mla_prefill_attention_triton(quant_out=True): v_head_dim {dv}, must be {BLOCK} (one "
+                             "quantization block per head)")
+        mp = (n_rows + 3) // 4 * 4
+        oq = torch.empty((mp, heads * dv), dtype=FP8_DTYPE, device=q_nope.device)
+        os_ = torch.empty((heads, mp), dtype=torch.float32, device=q_nope.device).t()
+        out = q_nope.new_empty((1, 1, 1, 1))  # only its dtype is read (the rounding before quantization)
+    else:
+        oq = os_ = out = torch.empty((bsz, seqlen, heads, dv), dtype=q_nope.dtype, device=q_nope.device)
+        mp = n_rows
     has_prefix = prefix_out is not None
     if not has_prefix:  # the kernel reads neither (HAS_PREFIX=False): any tensor serves as the pointer
         prefix_out, prefix_lse = out, out
@@ -281,18 +318,19 @@ def mla_prefill_attention_triton(
     launch_with_descriptors(
         _mha_prefill_kernel, (cdiv(seqlen, block_m), heads, bsz), descriptors,
         qn_ptr=q_nope, qp_ptr=q_pe, **keys, pos_ptr=input_pos, po_ptr=prefix_out, plse_ptr=prefix_lse, out_ptr=out,
-        S=seqlen, H=heads, DN=dn, R=r, DV=dv, scale_log2=float(softmax_scale) * LOG2E,
+        oq_ptr=oq, os_ptr=os_, S=seqlen, H=heads, DN=dn, R=r, DV=dv, scale_log2=float(softmax_scale) * LOG2E,
+        n_rows=n_rows, pad_rows=mp - n_rows,
         s_qn_b=q_nope.stride(0), s_qn_s=q_nope.stride(1), s_qn_h=q_nope.stride(2),
         s_qp_b=q_pe.stride(0), s_qp_s=q_pe.stride(1), s_qp_h=q_pe.stride(2),
         s_kn_b=k_nope.stride(0), s_kn_s=k_nope.stride(1), s_kn_h=k_nope.stride(2),
         s_kp_b=k_pe.stride(0), s_kp_s=k_pe.stride(1), s_v_b=v.stride(0), s_v_s=v.stride(1), s_v_h=v.stride(2),
         s_pos_b=input_pos.stride(0), s_pos_s=input_pos.stride(1),
         s_po_b=prefix_out.stride(0), s_po_s=prefix_out.stride(1), s_po_h=prefix_out.stride(2),
-        s_o_b=out.stride(0), s_o_s=out.stride(1), s_o_h=out.stride(2),
+        s_o_b=out.stride(0), s_o_s=out.stride(1), s_o_h=out.stride(2), s_oq=oq.stride(0), s_os_h=os_.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, DN_PAD=dn_pad, R_PAD=r_pad, DV_PAD=dv_pad, HAS_PREFIX=has_prefix,
-        EXACT_D=exact_d, KV_DESC=kv_desc, num_warps=num_warps, num_stages=num_stages,
+        EXACT_D=exact_d, KV_DESC=kv_desc, QUANT_OUT=quant_out, num_warps=num_warps, num_stages=num_stages,
     )
-    return out
+    return (oq, os_) if quant_out else out
 
 
 def prefill_attn_tma() -> bool:
@@ -352,5 +390,61 @@ def _mla_prefill_attention_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos, softma
     return q_nope.new_empty((b, s, h, v.shape[-1]))
 
 
-__all__ = ["mla_prefix_attention", "mla_prefill_attention", "mla_prefix_attention_reference",
-           "mla_prefill_attention_reference", "mla_prefix_attention_triton", "mla_prefill_attention_triton"]
+def prefill_o_quant() -> bool:
+    """DSV3_PREFILL_O_QUANT=on (default) / off: whether dsv3.mla_prefill_attention_o_proj may quantize o_proj's
+    input in the attention kernel (off: the attention op then dsv3.fp8_linear; the A/B baseline). Trace time."""
+    return env_switch("DSV3_PREFILL_O_QUANT", "on", ("on", "off")) == "on"
+
+
+def prefill_o_proj_fused(q_nope: torch.Tensor, v: torch.Tensor, dense: tuple, o_weight: torch.Tensor) -> bool:
+    """Whether dsv3.mla_prefill_attention_o_proj takes its fused path (decided at trace time from static facts):
+    the attention's Triton kernel applies (CUDA, bf16), Dv = 128 (a head's output is one quantization block),
+    o_proj is FP8 with K = H * Dv and dsv3.fp8_linear would take cuBLAS for it (`scaled_mm_usable`, a token count
+    that is dynamic or above GEMV_MAX_M, DSV3_FP8_GEMM auto or scaled_mm), and inside AOTInductor compilation
+    K / 128 is a multiple of 4 (the v1 `_scaled_mm` there; fp8_scaled_mm would pad K)."""
+    bsz, seqlen, heads, _ = q_nope.shape
+    m = static_int(bsz * seqlen)
+    x2 = q_nope.new_empty((0, heads * v.shape[-1]))  # (what scaled_mm_usable looks at: device, dtype)
+    return (q_nope.device.type == "cuda" and _triton_ok(*dense) and q_nope.dtype == torch.bfloat16
+            and v.shape[-1] == BLOCK and o_weight.dtype == FP8_DTYPE and o_weight.shape[1] == heads * BLOCK
+            and (m is None or m > GEMV_MAX_M) and fp8_gemm_mode() in ("auto", "scaled_mm")
+            and scaled_mm_usable(x2, o_weight) and not (_aot_compiling() and heads % 4) and prefill_o_quant())
+
+
+@triton_op("dsv3::mla_prefill_attention_o_proj", mutates_args=())
+def mla_prefill_attention_o_proj(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+    input_pos: torch.Tensor, softmax_scale: float, o_weight: torch.Tensor, o_scale: torch.Tensor,
+    prefix_out: Optional[torch.Tensor] = None, prefix_lse: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """o_proj(mla_prefill_attention(...)) for FP8 o_proj weights (o_weight [N, H * Dv] e4m3, o_scale its 128x128
+    block scales): returns [B, S, N], exactly `dsv3.fp8_linear(dsv3.mla_prefill_attention(...).reshape(B, S,
+    H * Dv), o_weight, o_scale)`. Fused path (`prefill_o_proj_fused`): the attention kernel writes its output
+    quantized per token and head in the layout cuBLAS takes (QUANT_OUT), so o_proj's activation quantization (one
+    launch reading the bf16 output, ~11 us per layer at 4095 tokens on the H200) is not run and the attention
+    writes half the bytes; the same e4m3 values and scales, hence the same GEMM. Elsewhere the two ops."""
+    bsz, seqlen, heads, _ = q_nope.shape
+    dense = (q_nope, q_pe, k_nope, k_pe, v) + (() if prefix_out is None else (prefix_out,))
+    if prefill_o_proj_fused(q_nope, v, dense, o_weight):
+        oq, os_ = mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out,
+                                               prefix_lse, quant_out=True)
+        y = scaled_mm_quantized(oq, os_, o_weight, o_scale, q_nope.dtype)
+        return y[:bsz * seqlen, :o_weight.shape[0]].reshape(bsz, seqlen, o_weight.shape[0])
+    o = mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out, prefix_lse)
+    return fp8_linear(o.reshape(bsz, seqlen, heads * v.shape[-1]), o_weight, o_scale)
+
+
+@mla_prefill_attention_o_proj.register_fake
+def _mla_prefill_attention_o_proj_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, o_weight, o_scale,
+                                       prefix_out=None, prefix_lse=None):
+    torch._check(o_weight.shape[1] == q_nope.shape[2] * v.shape[-1],
+                 lambda: f"mla_prefill_attention_o_proj: o_weight {tuple(o_weight.shape)} does not take "
+                         f"{q_nope.shape[2]} heads x v_head_dim {v.shape[-1]}")
+    _mla_prefill_attention_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, prefix_out, prefix_lse)
+    b, s = q_nope.shape[:2]
+    return q_nope.new_empty((b, s, o_weight.shape[0]))
+
+
+__all__ = ["mla_prefix_attention", "mla_prefill_attention", "mla_prefill_attention_o_proj",
+           "mla_prefix_attention_reference", "mla_prefill_attention_reference", "mla_prefix_attention_triton",
+           "mla_prefill_attention_triton", "prefill_o_proj_fused"]

@@ -25,6 +25,8 @@
 #              sent with the tree), H 16 batch 1/8/32 at 1k-32k and H 128 at 8k, bitwise compared, timed interleaved
 #   ab-prefill-attn scripts/ab_prefill_attn.py: this tree's prefill attention kernel against AB_OLD_ATTN (a copy of
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
+#   o-quant    dsv3.mla_prefill_attention_o_proj (o_proj's input quantized by the prefill attention kernel): its GPU
+#              tests, then scripts/ab_prefill_o_proj.py against the two ops it replaces (JSON in $OUT)
 #   ab-prep    scripts/ab_prep.py: dsv3.mla_decode_prep against AB_OLD_PREP (a copy of kernels/mla_decode_prep.py
 #              sent with the tree) at batch 1 / 8, and dsv3.mla_prefill_prep's kernel against the composition it replaced
 #   run16q     dsv3c run --random-weights on quick16's artifacts: batch 1 and 8, 64 new tokens, --stats (the user's loop),
@@ -269,6 +271,13 @@ step_ab_mla() {
 step_ab_prefill_attn() {
   timeout 300 $PY scripts/ab_prefill_attn.py --old "${AB_OLD_ATTN:?AB_OLD_ATTN: a copy of kernels/mla_prefill.py to compare with}" \
     --json "$OUT/ab_prefill_attn.json" 2>&1 | grep -v -i warn | tail -6
+}
+
+step_o_quant() {  # dsv3.mla_prefill_attention_o_proj: its GPU tests (fused == the two ops bitwise, compiled, in
+  # packages), then scripts/ab_prefill_o_proj.py (fused vs DSV3_PREFILL_O_QUANT=off, timed interleaved; JSON in $OUT)
+  timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_prefill.py \
+    -k "attention_o_proj" 2>&1 | tee "$OUT/o_quant_tests.log" | grep -E "^E |passed|failed" | tail -12
+  timeout 200 $PY scripts/ab_prefill_o_proj.py --json "$OUT/ab_prefill_o_proj.json" 2>&1 | grep -v -i warn | tail -6
 }
 
 step_run16q() {  # needs quick16's artifacts ($WORK/art16q)

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dsv3.kernels import mla_prefill as P  # noqa: E402
+from interpret_kernels import fixed_interpreter  # noqa: E402,F401  (fixture: RTNE casts, as the GPU's)
 from kernel_checks import rel_err  # noqa: E402
 
 # (batch, chunk length S, heads, Dn, R, Dv, first position of each sequence's chunk, cache rows)
@@ -149,3 +150,41 @@ def test_prefill_keys_through_descriptors(prefix, monkeypatch):
     monkeypatch.setenv("DSV3_PREFILL_ATTN_TMA", "maybe")
     with pytest.raises(ValueError, match="DSV3_PREFILL_ATTN_TMA"):
         P.mla_prefill_attention_triton(*args, *extra, block_m=32, block_n=32, num_warps=4)
+
+
+@pytest.mark.parametrize("b,s,prefix", [(1, 37, False), (2, 21, True), (3, 33, False)])
+def test_prefill_attention_quantized_output(b, s, prefix, fixed_interpreter, monkeypatch):
+    """QUANT_OUT (dsv3.mla_prefill_attention_o_proj's fused path): the kernel's output quantized for o_proj equals
+    act_quant of its plain output in the layout cuBLAS takes (rows padded to 4 with quantized zeros, scales
+    M-major): e4m3 values (up to a zero's sign) and scales bit for bit; B * S = 37, 42, 99 leave 3, 2, 1 padding rows
+    (written by the last sequence's last query block), with and without a prefix, several query blocks."""
+    from dsv3.kernels.fp8_linear import act_quant
+
+    gen = torch.Generator().manual_seed(b * 100 + s)
+    h, dn, r, dv = 2, 32, 16, 128
+    r_ = lambda *shape: torch.randn(*shape, generator=gen).half()  # noqa: E731
+    q_nope, q_pe, k_nope, k_pe, v = r_(b, s, h, dn), r_(b, s, h, r), r_(b, s, h, dn), r_(b, s, r), r_(b, s, h, dv)
+    pos = torch.arange(s)[None].repeat(b, 1)
+    extra = ()
+    if prefix:
+        pos = pos + torch.arange(b)[:, None] * 5
+        extra = (r_(b, s, h, dv), torch.randn(b, s, h, generator=gen) * 3)
+    args = (q_nope, q_pe, k_nope, k_pe, v, pos, 0.15, *extra)
+    kw = dict(block_m=16, block_n=16, num_warps=4)
+    out = P.mla_prefill_attention_triton(*args, **kw)
+    empty = torch.empty
+
+    def poisoned(*shape, **kwargs):  # every byte the kernel leaves unwritten reads as NaN
+        t = empty(*shape, **kwargs)
+        (t.view(torch.uint8).fill_(0x7F) if t.element_size() == 1 else t.fill_(float("nan")))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    oq, os_ = P.mla_prefill_attention_triton(*args, quant_out=True, **kw)
+    monkeypatch.setattr(torch, "empty", empty)
+    want_q, want_s = act_quant(out.reshape(b * s, h * dv), pad_rows_to=4, scales_m_major=True)
+    assert oq.shape == want_q.shape == (-(-b * s // 4) * 4, h * dv) and os_.stride() == want_s.stride()
+    assert torch.equal(oq.float(), want_q.float()) and torch.equal(os_, want_s)
+    with pytest.raises(ValueError, match="v_head_dim 32"):
+        P.mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v[..., :32].contiguous(), pos, 0.15,
+                                       quant_out=True)

@@ -219,6 +219,99 @@ def test_prefill_attention_in_a_static_package_gpu(monkeypatch, tmp_path):
         assert torch.isfinite(got).all() and torch.equal(got, want), s
 
 
+class _AttentionOProj(torch.nn.Module):
+    """The model's first-chunk attention + o_proj on keys computed inside the graph, FP8 o_proj weights."""
+
+    def __init__(self, o_weight, o_scale):
+        super().__init__()
+        self.register_buffer("o_weight", o_weight)
+        self.register_buffer("o_scale", o_scale)
+
+    def forward(self, q_nope, q_pe, kv, latent, pos):
+        kv, latent = kv * 2, latent * 2
+        k_nope, v = kv.split([128, 128], dim=-1)
+        return torch.ops.dsv3.mla_prefill_attention_o_proj(q_nope, q_pe, k_nope, latent[..., 512:], v, pos, 0.07,
+                                                           self.o_weight, self.o_scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,s,prefix", [(1, 4095, False), (2, 301, True), (1, 4096, True)])
+def test_attention_o_proj_fused_gpu(b, s, prefix, monkeypatch):
+    """dsv3.mla_prefill_attention_o_proj's fused path (o_proj's input quantized by the attention kernel) equals the
+    two ops it replaces bit for bit, eagerly and under torch.compile(fullgraph=True) with a dynamic chunk length:
+    16B / 671B-ws8 shapes (16 heads, Dv 128, o_proj 2048 -> 2048), B * S not a multiple of 4 (padding rows), with and
+    without a prefix; poisoned allocations."""
+    from dsv3.kernels.fp8_blocks import quantize_weight
+    from kernel_checks import poison_allocator
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(b + s)
+    rn = lambda *shape: torch.randn(*shape, device=dev, generator=g).bfloat16()  # noqa: E731
+    h = 16
+    q_nope, q_pe, k_nope, k_pe, v = rn(b, s, h, 128), rn(b, s, h, 64), rn(b, s, h, 128), rn(b, s, 64), rn(b, s, h, 128)
+    pos = torch.arange(s, device=dev)[None].repeat(b, 1)
+    extra = ()
+    if prefix:
+        pos = pos + 37
+        extra = (rn(b, s, h, 128), torch.randn(b, s, h, device=dev, generator=g) * 3)
+    w, ws = quantize_weight(torch.randn(2048, h * 128, device=dev, generator=g) * 0.05)
+    args = (q_nope, q_pe, k_nope, k_pe, v, pos, 0.07)
+    dense = (q_nope, q_pe, k_nope, k_pe, v) + extra[:1]
+    assert P.prefill_o_proj_fused(q_nope, v, dense, w)
+
+    def composition(*a):
+        o = torch.ops.dsv3.mla_prefill_attention(*a[:7], *a[9:])
+        return torch.ops.dsv3.fp8_linear(o.reshape(b, a[0].shape[1], h * 128), a[7], a[8])
+
+    poison_allocator()
+    want = composition(*args, w, ws, *extra)
+    poison_allocator()
+    got = torch.ops.dsv3.mla_prefill_attention_o_proj(*args, w, ws, *extra)
+    assert got.shape == (b, s, 2048) and torch.isfinite(got).all() and torch.equal(got, want)
+    monkeypatch.setenv("DSV3_PREFILL_O_QUANT", "off")
+    assert not P.prefill_o_proj_fused(q_nope, v, dense, w)
+    assert torch.equal(torch.ops.dsv3.mla_prefill_attention_o_proj(*args, w, ws, *extra), want)
+    monkeypatch.delenv("DSV3_PREFILL_O_QUANT")
+    torch._dynamo.reset()
+    dyn = [t.clone() for t in (*args[:6], *extra)]
+    for t in dyn:
+        torch._dynamo.mark_dynamic(t, 1)
+    fn = torch.compile(lambda *a: torch.ops.dsv3.mla_prefill_attention_o_proj(*a[:6], 0.07, w, ws, *a[6:]),
+                       fullgraph=True)
+    assert torch.equal(fn(*dyn), want)
+
+
+@pytest.mark.gpu
+def test_attention_o_proj_in_a_package_gpu(monkeypatch, tmp_path):
+    """Inside AOTInductor packages with a dynamic chunk length (v1 `_scaled_mm` there), the fused path and the two
+    ops it replaces (DSV3_PREFILL_O_QUANT=off at export) give the same output bit for bit at three lengths, and
+    close to the eager op's (cuBLAS's v2 entry point outside packages)."""
+    from dsv3.kernels.fp8_blocks import quantize_weight
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(11)
+    rn = lambda *shape: torch.randn(*shape, device=dev, generator=g).bfloat16()  # noqa: E731
+
+    def inputs(s):
+        return (rn(1, s, 16, 128), rn(1, s, 16, 64), rn(1, s, 16, 256), rn(1, s, 576), torch.arange(s, device=dev)[None])
+
+    mod = _AttentionOProj(*quantize_weight(torch.randn(2048, 2048, device=dev, generator=g) * 0.05))
+    a = inputs(700)
+    s_dim = torch.export.Dim("s", min=65, max=4096)
+    runners = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("DSV3_PREFILL_O_QUANT", mode)
+        ep = torch.export.export(mod, a, dynamic_shapes=({1: s_dim}, {1: s_dim}, {1: s_dim}, {1: s_dim}, {1: s_dim}))
+        runners[mode] = torch._inductor.aoti_load_package(
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"attn_o_{mode}.pt2")))
+    monkeypatch.delenv("DSV3_PREFILL_O_QUANT")
+    for s in (700, 333, 4095):
+        b = a if s == 700 else inputs(s)
+        got = runners["on"](*b)
+        assert torch.isfinite(got).all() and torch.equal(got, runners["off"](*b)), s
+        assert rel_err(got, mod(*b)) < 1e-2, s
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model's prefill path (CPU, float32: the references)
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,14 @@ second; see `dsv3.model.MLA`):
   one: HAS_PREFIX=False reads nothing), then walks the
   chunk's key blocks up to its causal bound (exp2 arithmetic, P rounded to v's dtype for the P.V product).
 - Head dims that are not powers of two (tests) are padded to >= 16 with masks.
+
+`mla_prefill_attention_o_proj(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, o_weight, o_scale,
+prefix_out, prefix_lse) -> [B, S, N]`
+- Exactly dsv3.fp8_linear(mla_prefill_attention(...).reshape(B, S, H * Dv), o_weight, o_scale): the model's prefill
+  attention and o_proj with FP8 o_proj weights [N, H * Dv] and their 128x128 block scales.
+- CUDA where o_proj would run on cuBLAS (`prefill_o_proj_fused`; Dv = 128): `_mha_prefill_kernel` with QUANT_OUT
+  writes o_proj's input already quantized in cuBLAS's layout, then the block-scaled GEMM (no act-quant launch).
+  Elsewhere the two ops.
 """
 
 from __future__ import annotations

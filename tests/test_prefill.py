@@ -239,8 +239,8 @@ class _AttentionOProj(torch.nn.Module):
 def test_attention_o_proj_fused_gpu(b, s, prefix, monkeypatch):
     """dsv3.mla_prefill_attention_o_proj's fused path (o_proj's input quantized by the attention kernel) equals the
     two ops it replaces bit for bit, eagerly and under torch.compile(fullgraph=True) with a dynamic chunk length:
-    16B / 671B-ws8 shapes (16 heads, Dv 128, o_proj 2048 -> 2048), B * S not a multiple of 4 (padding rows), with and
-    without a prefix; poisoned allocations."""
+    16 heads, Dv 128 (the 16B's attention, and a 671B-ws8 rank's), o_proj 2048 -> 2048, B * S not a multiple of 4
+    (padding rows), with and without a prefix; poisoned allocations."""
     from dsv3.kernels.fp8_blocks import quantize_weight
     from kernel_checks import poison_allocator
 

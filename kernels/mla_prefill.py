@@ -412,11 +412,11 @@ def prefill_o_proj_fused(q_nope: torch.Tensor, v: torch.Tensor, dense: tuple, o_
     K / 128 is a multiple of 4 (the v1 `_scaled_mm` there; fp8_scaled_mm would pad K)."""
     bsz, seqlen, heads, _ = q_nope.shape
     m = static_int(bsz * seqlen)
-    x2 = q_nope.new_empty((0, heads * v.shape[-1]))  # (what scaled_mm_usable looks at: device, dtype)
-    return (q_nope.device.type == "cuda" and _triton_ok(*dense) and q_nope.dtype == torch.bfloat16
-            and v.shape[-1] == BLOCK and o_weight.dtype == FP8_DTYPE and o_weight.shape[1] == heads * BLOCK
+    # (scaled_mm_usable looks at the activation's device and dtype only: q_nope's are o_proj's input's)
+    return (_triton_ok(*dense) and scaled_mm_usable(q_nope, o_weight) and v.shape[-1] == BLOCK
+            and o_weight.dtype == FP8_DTYPE and o_weight.shape[1] == heads * BLOCK
             and (m is None or m > GEMV_MAX_M) and fp8_gemm_mode() in ("auto", "scaled_mm")
-            and scaled_mm_usable(x2, o_weight) and not (_aot_compiling() and heads % 4) and prefill_o_quant())
+            and not (_aot_compiling() and heads % 4) and prefill_o_quant())
 
 
 @triton_op("dsv3::mla_prefill_attention_o_proj", mutates_args=())

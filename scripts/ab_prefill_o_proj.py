@@ -1,8 +1,8 @@
 """A/B of `dsv3.mla_prefill_attention_o_proj`: the fused path (the attention kernel quantizes o_proj's input in
 its epilogue, QUANT_OUT) against the two ops it replaces (DSV3_PREFILL_O_QUANT=off: the attention op, then
 dsv3.fp8_linear, whose cuBLAS path quantizes the attention output in its own launch), side by side in one process:
-outputs compared bitwise, each timed in CUDA graphs (`dsv3.kernels.bench.graph_us`, 3 calls per graph), rounds
-alternating which form goes first; medians reported.
+outputs compared bitwise, each form timed in CUDA graphs by ab_grouped_moe.py's `timed_old_new` (3 calls per graph,
+rounds alternating which form goes first; medians, TFLOP/s of attention + o_proj).
 
     python3 scripts/ab_prefill_o_proj.py [--cases 16:2048:1:4095,...] [--rounds 5] [--json out.json]
 
@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ab_grouped_moe import timed_old_new  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +32,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     opts = ap.parse_args()
     import dsv3.kernels  # noqa: F401  (registers the ops)
-    from dsv3.kernels.bench import graph_us, save_json
+    from dsv3.kernels.bench import save_json
     from dsv3.kernels.fp8_blocks import quantize_weight
 
     dev = torch.device("cuda")
@@ -46,22 +49,16 @@ def main() -> None:
             os.environ["DSV3_PREFILL_O_QUANT"] = mode  # read at trace time, i.e. at each eager call
             return torch.ops.dsv3.mla_prefill_attention_o_proj(*args, w, ws)
 
-        outs = {m: call(m) for m in ("on", "off")}
-        equal = torch.equal(outs["on"], outs["off"])
-        times = {"on": [], "off": []}
-        for r in range(opts.rounds):
-            for m in (("on", "off") if r % 2 == 0 else ("off", "on")):
-                os.environ["DSV3_PREFILL_O_QUANT"] = m
-                times[m].append(graph_us([lambda: torch.ops.dsv3.mla_prefill_attention_o_proj(*args, w, ws)] * 3))
+        calls = {"old": lambda: call("off"), "new": lambda: call("on")}
+        equal = torch.equal(calls["old"](), calls["new"]())
+        # causal attention (2 x H x S(S+1)/2 x (192 + 128) per row) + o_proj (2 x S x H * 128 x N per row)
+        flops = b * (h * s * (s + 1) * 320 + 2 * s * h * 128 * n)
+        row = dict(heads=h, n=n, batch=b, s=s, outputs_equal=equal, **timed_old_new(calls, opts.rounds, flops))
         os.environ.pop("DSV3_PREFILL_O_QUANT")
-        med = {m: statistics.median(v) for m, v in times.items()}
-        row = dict(heads=h, n=n, batch=b, s=s, outputs_equal=equal, fused_us=round(med["on"], 1),
-                   two_ops_us=round(med["off"], 1), saved_us=round(med["off"] - med["on"], 1),
-                   rounds={m: [round(v, 1) for v in t] for m, t in times.items()})
         rows.append(row)
-        print(f"H {h} N {n} B {b} S {s}: fused {med['on']:.1f} us, two ops {med['off']:.1f} us, saved "
-              f"{med['off'] - med['on']:.1f} us ({med['off'] / med['on']:.3f}x); outputs "
-              f"{'equal' if equal else 'DIFFER'}; rounds {row['rounds']}", flush=True)
+        print(f"H {h} N {n} B {b} S {s}: two ops {row['old']['us']:.1f} us, fused {row['new']['us']:.1f} us "
+              f"({row['speedup']:.3f}x); outputs {'equal' if equal else 'DIFFER'}; rounds two ops "
+              f"{row['old']['rounds']} fused {row['new']['rounds']}", flush=True)
     if opts.json:
         save_json(opts.json, dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows))
 

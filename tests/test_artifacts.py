@@ -430,7 +430,6 @@ def test_verify_reports_noise_floor_and_catches_a_wrong_graph(art, monkeypatch):
         v.verify(art)
 
 
-
 def test_default_short_prefill_shapes():
     """The static first-chunk graphs a CUDA build makes by default: 1x16 and 1x32 for every config; the sparse-tile
     widths (1x64, 1x256, 8 rows x 16 / 32) only where the routed experts take sparse tiles (FP8, the measured 16B

@@ -23,6 +23,7 @@ from dsv3.config import ModelConfig, ceil_div
 from dsv3.kernels._launch import static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
 from dsv3.kernels.fp8_linear import GEMV_MAX_M
+from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS, takes_quantized_x
 from dsv3.kernels.mla_attention import DECODE_MAX_S
 from dsv3.kernels.rms_norm import rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
@@ -268,24 +269,31 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, dim, dtype, fp8)
         self.gate_up_rows: dict[str, tuple[int, int]] = {}  # set by fuse_gate_up_
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fp8_swiglu_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """(gate_w, gate_s, up_w, up_s, down_w, down_s) as dsv3.fp8_swiglu takes them (FP8), else None."""
         down = self.down_proj
-        if self.gate_up_rows:
-            # gate and up as one linear (fuse_gate_up_): one GEMV at decode; at GEMM-sized M their rows as views
+        if down.weight_scale_inv is None:
+            return None
+        if self.gate_up_rows:  # gate and up as one linear (fuse_gate_up_): their rows as views
             inter = self.gate_up_rows["gate_proj"][1]
             w, s = self.gate_up_proj.weight, self.gate_up_proj.weight_scale_inv
-            if s is None or not _gemm_sized(x):
-                gate, up = self.gate_up_proj(x).split([inter, inter], dim=-1)
-                return down(F.silu(gate) * up)
-            gate_w, gate_s, up_w, up_s = w[:inter], s[:inter // BLOCK], w[inter:], s[inter // BLOCK:]
+            gate_up = (w[:inter], s[:inter // BLOCK], w[inter:], s[inter // BLOCK:])
         else:
             gate, up = self.gate_proj, self.up_proj
-            if down.weight_scale_inv is None or not _gemm_sized(x):
-                return down(F.silu(gate(x)) * up(x))
-            gate_w, gate_s, up_w, up_s = gate.weight, gate.weight_scale_inv, up.weight, up.weight_scale_inv
+            gate_up = (gate.weight, gate.weight_scale_inv, up.weight, up.weight_scale_inv)
+        return (*gate_up, down.weight.unsqueeze(0), down.weight_scale_inv.unsqueeze(0))
+
+    def forward(self, x: torch.Tensor, x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x_q / x_scale: x quantized in the layout dsv3.fp8_swiglu's cuBLAS path takes (MoE.quantizes_x_for_cublas)."""
+        down = self.down_proj
+        if down.weight_scale_inv is None or not _gemm_sized(x):
+            if self.gate_up_rows:  # one GEMV at decode (fuse_gate_up_)
+                gate, up = self.gate_up_proj(x).split([self.gate_up_rows["gate_proj"][1]] * 2, dim=-1)
+                return down(F.silu(gate) * up)
+            return down(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # FP8 at GEMM-sized M: x quantized once, SiLU-mul fused with h's quantization (dsv3.fp8_swiglu)
-        return torch.ops.dsv3.fp8_swiglu(x, gate_w, gate_s, up_w, up_s, down.weight.unsqueeze(0),
-                                         down.weight_scale_inv.unsqueeze(0))
+        return torch.ops.dsv3.fp8_swiglu(x, *self.fp8_swiglu_weights(), x_q, x_scale)
 
     def can_fuse_gate_up(self) -> bool:
         return self.gate_proj.weight_scale_inv is None or self.gate_proj.out_features % BLOCK == 0
@@ -369,27 +377,35 @@ class RoutedExperts(nn.Module):
         pairs = torch.ops.dsv3.routed_experts_pairs(x, topk_idx, *weights, x_q, x_scale, quant_act)
         return combine_pairs(pairs, topk_idx, topk_weight, self.gate_proj.shape[0])
 
-    def slots_as_mlp(self, x: torch.Tensor, first: int) -> torch.Tensor:
+    def _slot_rows(self, name: str, first: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slots [first, E) of gate_proj / up_proj as one [(E - first) * I, D] matrix (a view) and its scales."""
+        w, s = getattr(self, name), getattr(self, f"{name}_scale_inv")
+        return w[first:].flatten(0, 1), None if s is None else s[first:].flatten(0, 1)
+
+    def slots_fp8_swiglu_weights(self, first: int) -> tuple[torch.Tensor, ...] | None:
+        """Slots [first, E) as dsv3.fp8_swiglu's (gate_w, gate_s, up_w, up_s, down_w, down_s) (FP8), else None."""
+        if self.down_proj_scale_inv is None:
+            return None
+        down, down_s = self.down_proj[first:], self.down_proj_scale_inv[first:]
+        if getattr(self, "slots_down_first", None) == first:  # add_prefill_copies_: side by side since load
+            down, down_s = self.slots_down_packed.unsqueeze(0), self.slots_down_packed_scale_inv.unsqueeze(0)
+        return (*self._slot_rows("gate_proj", first), *self._slot_rows("up_proj", first), down, down_s)
+
+    def slots_as_mlp(self, x: torch.Tensor, first: int, x_q: torch.Tensor | None = None,
+                     x_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Slots [first, E) applied to every token as one dense SwiGLU of width (E - first) * I, the sum of those
         experts' outputs (what the routed-experts op computes for slots every token selects with weight 1). The
         slots' gate / up rows are consecutive rows of one [(E - first) * I, D] matrix (a view; with FP8, I is a
-        multiple of 128 so their block scales stack too); down takes each slot's own I input columns, summed."""
+        multiple of 128 so their block scales stack too); down takes each slot's own I input columns, summed.
+        x_q / x_scale (FP8): x quantized in the layout dsv3.fp8_swiglu's cuBLAS path takes."""
         i = self.gate_proj.shape[1]
-
-        def rows(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-            w, s = getattr(self, name), getattr(self, f"{name}_scale_inv")
-            return w[first:].flatten(0, 1), None if s is None else s[first:].flatten(0, 1)
-
-        if self.down_proj_scale_inv is not None:  # FP8: one op, the down slots as one GEMM (dsv3.fp8_swiglu)
-            down, down_s = self.down_proj[first:], self.down_proj_scale_inv[first:]
-            if getattr(self, "slots_down_first", None) == first:  # add_prefill_copies_: side by side since load
-                down, down_s = self.slots_down_packed.unsqueeze(0), self.slots_down_packed_scale_inv.unsqueeze(0)
-            return torch.ops.dsv3.fp8_swiglu(x, *rows("gate_proj"), *rows("up_proj"), down, down_s)
-        h = F.silu(linear(x, *rows("gate_proj"))) * linear(x, *rows("up_proj"))
+        weights = self.slots_fp8_swiglu_weights(first)
+        if weights is not None:  # FP8: one op, the down slots as one GEMM (dsv3.fp8_swiglu)
+            return torch.ops.dsv3.fp8_swiglu(x, *weights, x_q, x_scale)
+        h = F.silu(linear(x, *self._slot_rows("gate_proj", first))) * linear(x, *self._slot_rows("up_proj", first))
         y = None
         for j, e in enumerate(range(first, self.gate_proj.shape[0])):
-            s = self.down_proj_scale_inv
-            part = linear(h[:, j * i:(j + 1) * i], self.down_proj[e], None if s is None else s[e])
+            part = linear(h[:, j * i:(j + 1) * i], self.down_proj[e], None)
             y = part if y is None else y + part
         return y
 
@@ -470,25 +486,45 @@ class MoE(nn.Module):
         t = _static_tokens(x)
         return t is not None and t <= DECODE_MAX_T
 
+    def quantizes_x_for_cublas(self, h: torch.Tensor) -> bool:
+        """Whether this layer's x (h's shape) is quantized by dsv3.add_rms_norm_quant_cublas: prefill-sized T with the
+        shared experts on cuBLAS (dsv3.fp8_swiglu, `takes_quantized_x`), so x is quantized once, by the norm, for
+        them and the routed experts."""
+        if self.decode_sized(h):
+            return False
+        if self.n_shared_slots:
+            weights = self.experts.slots_fp8_swiglu_weights(self.experts.gate_proj.shape[0] - self.n_shared_slots)
+        else:
+            weights = None if self.shared_experts is None else self.shared_experts.fp8_swiglu_weights()
+        return weights is not None and takes_quantized_x(h, weights[0], weights[4])
+
     def forward(self, x: torch.Tensor, x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
-                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x_q / x_scale: x already quantized for the FP8 experts (dsv3.add_rms_norm_quant's), else they do it.
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None,
+                x_scale_cublas: torch.Tensor | None = None) -> torch.Tensor:
+        """x_q / x_scale: x already quantized for the FP8 experts (dsv3.add_rms_norm_quant's), else they do it; with
+        x_scale_cublas, dsv3.add_rms_norm_quant_cublas's (`quantizes_x_for_cublas`): the shared experts take
+        (x_q, x_scale_cublas), the routed experts (x_q, x_scale).
         routing: (topk_idx, topk_weight) as this layer's router computes them (with the stacked shared slots), when
         the caller already did (`decode_sized`)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        prequant = () if x_q is None else (x_q.reshape(flat.shape), x_scale.reshape(flat.shape[0], -1))
+        t = flat.shape[0]
+        # (the cuBLAS layout's padded x_q as it is: the routed experts read its first T rows and D columns; a slice
+        # would make torch.export guard T <= Mp, which its solver cannot prove for a dynamic T)
+        routed_q = () if x_q is None else (x_q if x_scale_cublas is not None else x_q.reshape(flat.shape),
+                                            x_scale.reshape(t, -1))
+        shared_q = () if x_scale_cublas is None else (x_q, x_scale_cublas)
         if self.n_shared_slots and not self.decode_sized(x):
             # Prefill-sized T: the stacked shared experts see every token, so they are a dense MLP there: cuBLAS
             # block-scaled GEMMs at M = T (~2.5x the grouped kernel's FLOP rate on the H200), the routed ones
             # grouped. Decode keeps them in the routed op (one launch sequence streams every expert's weights).
             first = self.experts.gate_proj.shape[0] - self.n_shared_slots
             topk_idx, topk_weight = self.gate(flat, 0)
-            y = self.experts(flat, topk_idx, topk_weight, *prequant) + self.experts.slots_as_mlp(flat, first)
+            y = self.experts(flat, topk_idx, topk_weight, *routed_q) + self.experts.slots_as_mlp(flat, first, *shared_q)
             return y.view(shape)
         topk_idx, topk_weight = self.gate(flat, self.n_shared_slots) if routing is None else routing
-        y = self.experts(flat, topk_idx, topk_weight, *prequant).view(shape)
-        return y if self.shared_experts is None else y + self.shared_experts(x)
+        y = self.experts(flat, topk_idx, topk_weight, *routed_q).view(shape)
+        return y if self.shared_experts is None else y + self.shared_experts(x, *shared_q)
 
 
 class Block(nn.Module):
@@ -504,6 +540,10 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache_rows: torch.Tensor | None = None, first_chunk: bool = False) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows, first_chunk)
+        return self.feed_forward(h, attn)
+
+    def feed_forward(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The block's second half: h + attn, post_attention_layernorm, the MLP or MoE, its residual add."""
         if self.fp8_moe:
             # h + attn, post_attention_layernorm and the experts' FP8 quantization of its output as one op
             # (dsv3.kernels.rms_norm; one launch on CUDA by default), the experts take x quantized.
@@ -514,6 +554,10 @@ class Block(nn.Module):
                     h, attn, norm.weight, norm.eps, gate.weight, gate.e_score_correction_bias, **gate.route_args,
                     n_shared=moe.n_shared_slots)
                 return h + moe(x, x_q, x_scale, routing=(topk_idx, topk_weight))
+            if moe.quantizes_x_for_cublas(h):  # prefill-sized, shared experts on cuBLAS: x also in its layout
+                h, x, x_q, x_scale, x_scale_cublas = torch.ops.dsv3.add_rms_norm_quant_cublas(
+                    h, attn, norm.weight, norm.eps, QUANTIZED_X_K_BLOCKS)
+                return h + moe(x, x_q, x_scale, x_scale_cublas=x_scale_cublas)
             h, x, x_q, x_scale = torch.ops.dsv3.add_rms_norm_quant(h, attn, norm.weight, norm.eps)
             return h + moe(x, x_q, x_scale)
         h = h + attn

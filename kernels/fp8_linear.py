@@ -669,13 +669,19 @@ def scaled_mm_usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """cuBLAS blockwise FP8 applies: Hopper, torch with F.scaled_mm, bf16 out. Any N and K: fp8_scaled_mm pads a
     ragged N or K to whole 128-blocks with zeros (torch 2.11's meta function for `_scaled_mm_v2` wants N // 128
     weight-scale rows, so a ragged N cannot be passed as it is; the ceil-shaped scales already cover the padding)."""
-    ok = (
-        _HAS_SCALED_MM and x2.device.type == "cuda" and capability(x2.device) == (9, 0)
-        and x2.dtype == torch.bfloat16
-    )
+    ok = scaled_mm_hardware(x2)
     if ok and _aot_compiling():
         ok = env_choice("DSV3_AOTI_SCALED_MM", "1") == "1"
     return ok
+
+
+def scaled_mm_hardware(x2: torch.Tensor) -> bool:
+    """`scaled_mm_usable` without its AOTInductor switch (which only an op's body can read: model code traced by
+    dynamo cannot tell whether AOTInductor compiles it)."""
+    return (
+        _HAS_SCALED_MM and x2.device.type == "cuda" and capability(x2.device) == (9, 0)
+        and x2.dtype == torch.bfloat16
+    )
 
 
 def _aot_compiling() -> bool:

@@ -9,6 +9,11 @@ Contract:
     Or S = 1 with I > N, a multiple of 128: the down projection's columns past N are zero padding (weights and
     scales), h is taken as padded with zeros: the stacked shared experts' down projections laid side by side and
     padded once at load (RoutedExperts.add_prefill_copies_), so no call copies them.
+    x_q, x_scale (optional, together): x already quantized in the layout the cuBLAS path takes, exactly
+    `act_quant(x.reshape(-1, D), pad_rows_to=4, scales_m_major=True, pad_k=True, pad_k_blocks_to=P)` with P =
+    QUANTIZED_X_K_BLOCKS (or any P the call's cuBLAS path takes), as `dsv3.add_rms_norm_quant_cublas` writes it
+    (its y_q, y_scale_cublas); read on the cuBLAS path (`takes_quantized_x`), ignored elsewhere (they equal what is
+    computed there).
 
 Why one op (the 16B prefill's profile, a3c632a): the shared experts cost per MoE layer two activation quantizations
 of x (one per gate and up GEMM), an elementwise SiLU-mul writing h in bf16, one quantization of h per down slot and
@@ -31,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, next_pow2, static_int
+from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
 from dsv3.kernels.fp8_linear import (
     GEMV_MAX_M,
@@ -40,6 +45,7 @@ from dsv3.kernels.fp8_linear import (
     fp8_linear_triton,
     quantize_tile,
     scaled_mm_k_blocks,
+    scaled_mm_hardware,
     scaled_mm_quantized,
     scaled_mm_usable,
 )
@@ -105,8 +111,45 @@ def _cublas_path(x2: torch.Tensor, gate_w: torch.Tensor, down_w: torch.Tensor) -
     return down_w.shape[2] % BLOCK == 0 and scaled_mm_usable(x2, gate_w)  # I: the slots' K blocks concatenate
 
 
+def prefill_norm_quant_choice() -> str:
+    """DSV3_PREFILL_NORM_QUANT (read at trace time): 'on' lets the MoE layer's post-attention norm quantize x for
+    this op in cuBLAS's layout (`takes_quantized_x`); 'off' keeps this op's own act_quant launch (A/B baseline)."""
+    return env_switch("DSV3_PREFILL_NORM_QUANT", "on", ("on", "off"))
+
+
+# K blocks of a pre-quantized x padded to a multiple of this: what AOTInductor's v1 `_scaled_mm` needs when K/128 is
+# not a multiple of 4 (`scaled_mm_k_blocks`), and what the eager call takes as well (it pads the weight's columns to
+# match; no copy when K/128 is a multiple of 4, as on the 16B, 236B and 671B): the model asks for the layout while
+# dynamo traces it, before anything can tell whether AOTInductor will compile the graph.
+QUANTIZED_X_K_BLOCKS = 4
+
+
+def takes_quantized_x(x: torch.Tensor, gate_w: torch.Tensor, down_w: torch.Tensor) -> bool:
+    """Whether a call on x (or a tensor of x's shape, dtype and device) can read a pre-quantized x_q / x_scale: the
+    cuBLAS path (GEMM-sized M on Hopper) unless DSV3_PREFILL_NORM_QUANT=off; their layout is
+    `dsv3.add_rms_norm_quant_cublas(..., pad_k_blocks_to=QUANTIZED_X_K_BLOCKS)`'s. Dynamo-traceable
+    (model code calls it): inside AOTInductor with DSV3_AOTI_SCALED_MM=0 the op then takes its Triton path and
+    ignores them."""
+    if x.device.type != "cuda" or prefill_norm_quant_choice() == "off":
+        return False
+    m = static_int(x.reshape(-1, x.shape[-1]).shape[0])
+    if m is not None and m <= GEMV_MAX_M:
+        return False
+    return down_w.shape[2] % BLOCK == 0 and scaled_mm_hardware(x)
+
+
+def _check_quantized_x(xq: torch.Tensor, xs: torch.Tensor, m: int, gate_s: torch.Tensor) -> None:
+    mp, kb, kbt = cdiv(m, 4) * 4, gate_s.shape[1], xs.shape[1]
+    torch._check(xq.shape[0] == mp and xs.shape[0] == mp and xq.shape[1] == kbt * BLOCK and kbt >= kb
+                 and kbt % scaled_mm_k_blocks(kb) == 0 and xq.dtype == FP8_DTYPE and xs.dtype == torch.float32,
+                 lambda: f"fp8_swiglu: x_q {tuple(xq.shape)} {xq.dtype} / x_scale {tuple(xs.shape)} {xs.dtype} are not "
+                         f"a cuBLAS layout of {m} rows x {kb} blocks (takes_quantized_x)")
+    torch._check(xs.stride(0) == 1 and xs.stride(1) == mp, lambda: "fp8_swiglu: x_scale must be M-major")
+
+
 def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor,
-                      up_s: torch.Tensor, down_w: torch.Tensor, down_s: torch.Tensor) -> torch.Tensor:
+                      up_s: torch.Tensor, down_w: torch.Tensor, down_s: torch.Tensor,
+                      x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> torch.Tensor:
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
@@ -115,8 +158,12 @@ def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tenso
         return fp8_swiglu_reference(x, gate_w, gate_s, up_w, up_s, down_w, down_s, linear=fp8_linear_triton)
     m = x2.shape[0]
     s, _, i = down_w.shape
-    xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=scaled_mm_k_blocks(gate_s.shape[1]),
-                       pad_k=True)
+    if x_q is not None:  # quantized by the producer of x (add_rms_norm_quant's cuBLAS layout)
+        _check_quantized_x(x_q, x_scale, m, gate_s)
+        xq, xs = x_q, x_scale
+    else:
+        xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True,
+                           pad_k_blocks_to=scaled_mm_k_blocks(gate_s.shape[1]), pad_k=True)
     g = scaled_mm_quantized(xq, xs, gate_w, gate_s, x.dtype)
     u = scaled_mm_quantized(xq, xs, up_w, up_s, x.dtype)
     kb = s * (i // BLOCK)
@@ -131,20 +178,25 @@ def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tenso
 
 @triton_op("dsv3::fp8_swiglu", mutates_args=())
 def fp8_swiglu(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor, up_s: torch.Tensor,
-               down_w: torch.Tensor, down_s: torch.Tensor) -> torch.Tensor:
+               down_w: torch.Tensor, down_s: torch.Tensor, x_q: torch.Tensor | None = None,
+               x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    torch._check((x_q is None) == (x_scale is None), lambda: "fp8_swiglu: give x_q and x_scale together")
     if x.device.type == "cpu":
         return fp8_swiglu_reference(x, gate_w, gate_s, up_w, up_s, down_w, down_s)
-    return fp8_swiglu_triton(x, gate_w, gate_s, up_w, up_s, down_w, down_s)
+    return fp8_swiglu_triton(x, gate_w, gate_s, up_w, up_s, down_w, down_s, x_q, x_scale)
 
 
 @fp8_swiglu.register_fake
 def _fp8_swiglu_fake(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor,
-                     up_s: torch.Tensor, down_w: torch.Tensor, down_s: torch.Tensor) -> torch.Tensor:
+                     up_s: torch.Tensor, down_w: torch.Tensor, down_s: torch.Tensor, x_q=None, x_scale=None
+                     ) -> torch.Tensor:
     n, (s, _, i) = gate_w.shape[0], down_w.shape
     torch._check(n == s * i or (s == 1 and i > n and i % 128 == 0),
                  lambda: f"fp8_swiglu: gate rows {n} != slots x I {tuple(down_w.shape)} (nor a padded single down "
                          f"projection)")
+    torch._check((x_q is None) == (x_scale is None), lambda: "fp8_swiglu: give x_q and x_scale together")
     return x.new_empty((*x.shape[:-1], down_w.shape[1]))
 
 
-__all__ = ["fp8_swiglu", "fp8_swiglu_reference", "fp8_swiglu_triton", "silu_mul_quant"]
+__all__ = ["QUANTIZED_X_K_BLOCKS", "fp8_swiglu", "fp8_swiglu_reference", "fp8_swiglu_triton", "silu_mul_quant",
+           "takes_quantized_x"]

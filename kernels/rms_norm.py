@@ -16,6 +16,16 @@ Contract
   projections quantize x inside their GEMV programs) ignores y_q / y_scale: they still cost one write of D bytes +
   D/32 bytes per token, nothing at decode next to the ~2 us a separate launch costs.
 
+`torch.ops.dsv3.add_rms_norm_quant_cublas(h, delta, weight, eps, pad_k_blocks_to)`: the same kernel for a
+prefill-sized FP8 MoE layer whose shared experts run on cuBLAS (`dsv3.fp8_swiglu`, `takes_quantized_x`), so x is
+quantized once, by the norm, for both kinds of expert (16B, 4095 tokens: fp8_swiglu's own act_quant launch, ~11 us
+per MoE layer, gone). Returns (h_out, y, y_q, y_scale, y_scale_cublas): h_out, y as above; y_q [Mp, Kp] e4m3 with
+y_q[:M, :D] the values above (M = rows, Mp = M rounded up to 4, Kp = ceil(D/128) blocks rounded up to
+pad_k_blocks_to blocks; padding rows and columns quantized zeros); y_scale [..., ceil(D/128)] as above (the routed
+experts read it: per token its blocks are adjacent, which their scale loads need); y_scale_cublas [Mp, Kp/128] fp32
+with strides (1, Mp). (y_q, y_scale_cublas) is exactly `act_quant(y.reshape(-1, D), pad_rows_to=4,
+scales_m_major=True, pad_k=True, pad_k_blocks_to=pad_k_blocks_to)`, what `scaled_mm_quantized` takes.
+
 Implementations (branch taken at trace time)
 - CPU, or h not bfloat16/float16: `add_rms_norm_quant_reference` (plain torch; Inductor fuses it when the model is
   compiled on CPU).
@@ -46,6 +56,7 @@ quantized x as given (docs/KERNELS.md, "Not done").
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
@@ -107,18 +118,22 @@ def add_rms_norm_tile(hv, dv, w, D, eps, dt: tl.constexpr):
 
 @triton.jit
 def _add_rms_norm_quant_kernel(
-    h_ptr, d_ptr, w_ptr, ho_ptr, y_ptr, q_ptr, s_ptr,
-    D, eps, stride_h, stride_d, stride_ho, stride_y, stride_q, stride_s,
-    KB_PAD: tl.constexpr,
+    h_ptr, d_ptr, w_ptr, ho_ptr, y_ptr, q_ptr, s_ptr, sc_ptr,
+    M, D, KP, eps, stride_h, stride_d, stride_ho, stride_y, stride_q, stride_s, stride_scm, stride_sck,
+    CUBLAS: tl.constexpr, KB_PAD: tl.constexpr,
 ):
     """Row `program_id(0)`: h_out, y (h's dtype), y_q (e4m3) and y_scale [ceil(D/128)] (fp32). The row is one
-    [KB_PAD, 128] tile (KB_PAD >= ceil(D/128), a power of two); elements past D load as zeros, so the padding
-    adds nothing to the sum of squares and quantizes as quantize_activation's zero padding does. `eps` may arrive
-    as fp64 (Inductor passes Python floats so): rounded to fp32 here, as torch rounds the scalar it adds."""
+    [KB_PAD, 128] tile (KB_PAD >= ceil(KP/128), a power of two); elements past D load as zeros, so the padding
+    adds nothing to the sum of squares and quantizes as quantize_activation's zero padding does. y_q is written up
+    to column KP >= D. CUBLAS: the scales again at sc_ptr (M-major for cuBLAS, every block of KP), and rows M.. of
+    the grid (cuBLAS's row padding) load nothing and write only y_q and those scales: quantized zeros, as
+    `act_quant`'s padding rows. `eps` may arrive as fp64 (Inductor passes Python floats so): rounded to fp32 here,
+    as torch rounds the scalar it adds."""
     row = tl.program_id(0).to(tl.int64)
     offs_b = tl.arange(0, KB_PAD)
     offs = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]
-    mask = offs < D
+    d_row = tl.where(row < M, D, 0)  # a padding row: nothing to load or store but its quantized zeros
+    mask = offs < d_row
     dt = ho_ptr.dtype.element_ty
     hv = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
     dv = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
@@ -127,8 +142,10 @@ def _add_rms_norm_quant_kernel(
     tl.store(ho_ptr + row * stride_ho + offs, ho, mask=mask)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
     q, s = quantize_tile_rcp(y.to(tl.float32))
-    tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
-    tl.store(s_ptr + row * stride_s + offs_b, s, mask=offs_b < tl.cdiv(D, 128))
+    tl.store(q_ptr + row * stride_q + offs, q, mask=offs < KP)
+    tl.store(s_ptr + row * stride_s + offs_b, s, mask=offs_b < tl.cdiv(d_row, 128))
+    if CUBLAS:
+        tl.store(sc_ptr + row * stride_scm + offs_b * stride_sck, s, mask=offs_b < tl.cdiv(KP, 128))
 
 
 def norm_num_warps(d: int) -> int:
@@ -139,32 +156,73 @@ def norm_num_warps(d: int) -> int:
     return 4 if d <= NORM_WARPS4_MAX_D else 8
 
 
-def add_rms_norm_quant_triton(
-    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CUDA path (bfloat16/float16 h): one `_add_rms_norm_quant_kernel` launch, one program per row."""
+def _launch(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, y_q: torch.Tensor,
+            y_scale: torch.Tensor, y_scale_cublas: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One `_add_rms_norm_quant_kernel` launch into y_q [rows (or Mp), Kp] and the scales; returns (h_out, y)."""
     d = static_int(h.shape[-1])
     assert d is not None, "add_rms_norm_quant: the hidden size must be static"
-    shape = h.shape
     h2 = h.reshape(-1, d)
     d2 = delta.reshape(-1, d)
     h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
     d2 = d2 if d2.stride(-1) == 1 else d2.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    kb = cdiv(d, BLOCK)
-    h_out = torch.empty(shape, dtype=h.dtype, device=h.device)
-    y = torch.empty(shape, dtype=h.dtype, device=h.device)
-    y_q = torch.empty(shape, dtype=FP8_DTYPE, device=h.device)
-    y_scale = torch.empty((*shape[:-1], kb), dtype=torch.float32, device=h.device)
+    h_out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    y = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     m = h2.shape[0]
     if static_int(m) == 0:
-        return h_out, y, y_q, y_scale
-    wrap_triton(_add_rms_norm_quant_kernel)[(m,)](
-        h2, d2, weight, h_out, y, y_q, y_scale,
-        d, eps, h2.stride(0), d2.stride(0), d, d, d, kb,
-        KB_PAD=next_pow2(kb), num_warps=norm_num_warps(d),
+        return h_out, y
+    q2 = y_q.view(-1, y_q.shape[-1])
+    kp = q2.shape[1]
+    sc = y_scale if y_scale_cublas is None else y_scale_cublas  # (unused without CUBLAS)
+    wrap_triton(_add_rms_norm_quant_kernel)[(q2.shape[0],)](
+        h2, d2, weight, h_out, y, q2, y_scale, sc,
+        m, d, kp, eps, h2.stride(0), d2.stride(0), d, d, kp, y_scale.shape[-1], sc.stride(-2), sc.stride(-1),
+        CUBLAS=y_scale_cublas is not None, KB_PAD=next_pow2(cdiv(kp, BLOCK)), num_warps=norm_num_warps(d),
     )
-    return h_out, y, y_q, y_scale
+    return h_out, y
+
+
+def add_rms_norm_quant_triton(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CUDA path (bfloat16/float16 h): one `_add_rms_norm_quant_kernel` launch, one program per row."""
+    y_q = torch.empty(h.shape, dtype=FP8_DTYPE, device=h.device)
+    y_scale = torch.empty((*h.shape[:-1], cdiv(h.shape[-1], BLOCK)), dtype=torch.float32, device=h.device)
+    return (*_launch(h, delta, weight, eps, y_q, y_scale, None), y_q, y_scale)
+
+
+def cublas_outputs(shape, device: torch.device, pad_k_blocks_to: int) -> tuple[torch.Tensor, ...]:
+    """Empty (y_q [Mp, Kp], y_scale [..., ceil(D/128)], y_scale_cublas [Mp, Kp/128] M-major) of
+    `add_rms_norm_quant_cublas` for h of `shape`."""
+    m = 1
+    for n in shape[:-1]:
+        m = m * n
+    mp, kb = cdiv(m, 4) * 4, cdiv(shape[-1], BLOCK)
+    kbt = cdiv(kb, pad_k_blocks_to) * pad_k_blocks_to
+    return (torch.empty((mp, kbt * BLOCK), dtype=FP8_DTYPE, device=device),
+            torch.empty((*shape[:-1], kb), dtype=torch.float32, device=device),
+            torch.empty((kbt, mp), dtype=torch.float32, device=device).t())
+
+
+def add_rms_norm_quant_cublas_triton(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, pad_k_blocks_to: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`add_rms_norm_quant_cublas` on CUDA: the same kernel, one program per row and per padding row."""
+    y_q, y_scale, y_scale_cublas = cublas_outputs(h.shape, h.device, pad_k_blocks_to)
+    return (*_launch(h, delta, weight, eps, y_q, y_scale, y_scale_cublas), y_q, y_scale, y_scale_cublas)
+
+
+def add_rms_norm_quant_cublas_reference(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, pad_k_blocks_to: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: the reference, then quantize_activation of y padded with zero rows and columns."""
+    h_out, y, _, y_scale = add_rms_norm_quant_reference(h, delta, weight, eps)
+    y_q, _, y_scale_cublas = cublas_outputs(h.shape, h.device, pad_k_blocks_to)
+    y2 = y.reshape(-1, y.shape[-1])
+    q, s = quantize_activation(F.pad(y2, (0, y_q.shape[1] - y2.shape[1], 0, y_q.shape[0] - y2.shape[0])))
+    y_q.copy_(q)
+    y_scale_cublas.copy_(s)
+    return h_out.contiguous(), y.contiguous(), y_q, y_scale.contiguous(), y_scale_cublas
 
 
 def _check_args(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> None:
@@ -204,6 +262,29 @@ def add_rms_norm_quant(
     return add_rms_norm_quant_triton(h, delta, weight, eps)
 
 
+@triton_op("dsv3::add_rms_norm_quant_cublas", mutates_args=())
+def add_rms_norm_quant_cublas(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, pad_k_blocks_to: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # as add_rms_norm_quant: the reference on CPU; on CUDA the kernel, or with DSV3_NORM_QUANT=torch the torch ops
+    # and act_quant launches (once per layout)
+    _check_args(h, delta, weight)
+    if h.device.type == "cpu" or h.dtype not in (torch.bfloat16, torch.float16):
+        return add_rms_norm_quant_cublas_reference(h, delta, weight, eps, pad_k_blocks_to)
+    if norm_quant_choice() == "torch":
+        h_out, y, y_q, y_scale = add_rms_norm_quant_torch(h, delta, weight, eps)
+        y_qc, y_scale_cublas = act_quant(y.reshape(-1, y.shape[-1]), pad_rows_to=4, scales_m_major=True,
+                                         pad_k_blocks_to=pad_k_blocks_to, pad_k=True)
+        return h_out, y, y_qc, y_scale, y_scale_cublas
+    return add_rms_norm_quant_cublas_triton(h, delta, weight, eps, pad_k_blocks_to)
+
+
+@add_rms_norm_quant_cublas.register_fake
+def _add_rms_norm_quant_cublas_fake(h, delta, weight, eps, pad_k_blocks_to):
+    _check_args(h, delta, weight)
+    return (h.new_empty(h.shape), h.new_empty(h.shape), *cublas_outputs(h.shape, h.device, pad_k_blocks_to))
+
+
 @add_rms_norm_quant.register_fake
 def _add_rms_norm_quant_fake(h, delta, weight, eps):
     _check_args(h, delta, weight)
@@ -212,4 +293,6 @@ def _add_rms_norm_quant_fake(h, delta, weight, eps):
             h.new_empty((*shape[:-1], cdiv(shape[-1], BLOCK)), dtype=torch.float32))
 
 
-__all__ = ["add_rms_norm_quant", "add_rms_norm_quant_reference", "add_rms_norm_quant_triton", "norm_num_warps"]
+__all__ = ["add_rms_norm_quant", "add_rms_norm_quant_cublas", "add_rms_norm_quant_cublas_reference",
+           "add_rms_norm_quant_cublas_triton", "add_rms_norm_quant_reference", "add_rms_norm_quant_triton",
+           "cublas_outputs", "norm_num_warps"]

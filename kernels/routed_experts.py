@@ -12,7 +12,8 @@ Contract
   `dsv3.kernels.fp8_blocks.quantize_activation(x)` (float8_e4m3fn [T, D], float32 [T, ceil(D/128)]), e.g. the
   y_q / y_scale of `dsv3.add_rms_norm_quant`, whose kernel produced x. Give both or neither; with FP8 weights the
   Triton paths then read them instead of quantizing x (step 0 disappears); bf16/fp16 weights and the reference
-  ignore them (they equal what the reference computes).
+  ignore them (they equal what the reference computes). x_q may also be a larger [Mp >= T, Kp >= D] buffer whose
+  [:T, :D] part is that (`dsv3.add_rms_norm_quant_cublas`'s cuBLAS-padded y_q): only that part is read.
 - Returns [T, D] in x.dtype. No host synchronisation: the amount of work never depends on the routing values.
 
 Implementations (branch taken at trace time)

@@ -27,6 +27,8 @@
 #              kernels/mla_prefill.py sent with the tree), one process, outputs compared, timed interleaved
 #   o-quant    dsv3.mla_prefill_attention_o_proj (o_proj's input quantized by the prefill attention kernel): its GPU
 #              tests, then scripts/ab_prefill_o_proj.py against the two ops it replaces (JSON in $OUT)
+#   norm-quant the prefill MoE layer's x quantized by the post-attention norm in cuBLAS's layout: its GPU tests
+#              (op level eager / compiled / packaged, model level), then scripts/ab_prefill_norm_quant.py (JSON in $OUT)
 #   ab-prep    scripts/ab_prep.py: dsv3.mla_decode_prep against AB_OLD_PREP (a copy of kernels/mla_decode_prep.py
 #              sent with the tree) at batch 1 / 8, and dsv3.mla_prefill_prep's kernel against the composition it replaced
 #   run16q     dsv3c run --random-weights on quick16's artifacts: batch 1 and 8, 64 new tokens, --stats (the user's loop),
@@ -278,6 +280,14 @@ step_o_quant() {  # dsv3.mla_prefill_attention_o_proj: its GPU tests (fused == t
   timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_prefill.py \
     -k "attention_o_proj" 2>&1 | tee "$OUT/o_quant_tests.log" | grep -E "^E |passed|failed" | tail -12
   timeout 200 $PY scripts/ab_prefill_o_proj.py --json "$OUT/ab_prefill_o_proj.json" 2>&1 | grep -v -i warn | tail -6
+}
+
+step_norm_quant() {  # x quantized once by add_rms_norm_quant for the prefill's shared and routed experts: GPU tests
+  # (bitwise against each op quantizing x, eager / compiled / in packages / the model), then the timed A/B (JSON in $OUT)
+  timeout 400 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_swiglu.py \
+    tests/test_norm.py 2>&1 | tee "$OUT/norm_quant_tests.log" | grep -E "^E |passed|failed" | tail -12
+  timeout 200 $PY scripts/ab_prefill_norm_quant.py --json "$OUT/ab_prefill_norm_quant.json" 2>&1 | grep -v -i warn \
+    | tail -6
 }
 
 step_run16q() {  # needs quick16's artifacts ($WORK/art16q)

@@ -95,6 +95,28 @@ def test_kernel_random_inputs(d, dtype, fixed_interpreter):
     assert torch.equal(y_q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(y_scale, s_ref)
 
 
+@pytest.mark.parametrize("rows,d,pad_k", [(3, 200, 4), (6, 256, 1)])
+def test_cublas_kernel(rows, d, pad_k, fixed_interpreter):
+    """add_rms_norm_quant_cublas: (y_q, y_scale_cublas) exactly act_quant's cuBLAS layout of y (rows padded to 4,
+    K to whole blocks and to pad_k blocks, quantized zeros in the padding, scales M-major); h_out, y, y_scale and
+    y_q[:rows, :D] the default op's; bitwise the reference."""
+    gen = torch.Generator().manual_seed(rows * 100 + d)
+    h, delta, weight = grid_inputs(rows, d, torch.bfloat16, gen)
+    got = N.add_rms_norm_quant_cublas_triton(h, delta, weight, EPS, pad_k)
+    h_out, y, y_q, y_scale, y_scale_c = got
+    mp, kb = -(-rows // 4) * 4, -(-d // 128)
+    kbt = -(-kb // pad_k) * pad_k
+    assert y_q.shape == (mp, kbt * 128) and y_scale_c.shape == (mp, kbt) and y_scale_c.stride() == (1, mp)
+    want_q, want_s = N.act_quant(y, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=pad_k, pad_k=True)
+    assert torch.equal(y_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(y_scale_c, want_s)
+    default = N.add_rms_norm_quant_triton(h, delta, weight, EPS)
+    check_bitwise((h_out, y, y_q[:rows, :d], y_scale), default)
+    ref = N.add_rms_norm_quant_cublas_reference(h, delta, weight, EPS, pad_k)
+    assert ref[4].stride() == (1, mp)
+    check_bitwise(got[:4], ref[:4])
+    assert torch.equal(y_scale_c, ref[4])
+
+
 def test_kernel_eps_as_fp64_tensor_scalar(fixed_interpreter):
     """A large eps (it matters in every row) rounded to fp32 as torch rounds the scalar it adds."""
     gen = torch.Generator().manual_seed(8)

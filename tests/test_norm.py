@@ -78,6 +78,8 @@ def test_opcheck_cpu():
     for shape, dtype in (((3, 200), torch.bfloat16), ((2, 3, 256), torch.float16), ((4, 72), torch.float32)):
         args = (*random_inputs(shape, dtype, gen), 1e-5)
         torch.library.opcheck(torch.ops.dsv3.add_rms_norm_quant.default, args)
+        # and in cuBLAS's layout ([Mp, Kp], M-major scales: the fake's strides as the real ones')
+        torch.library.opcheck(torch.ops.dsv3.add_rms_norm_quant_cublas.default, (*args, 4))
     # routed_experts with x_q / x_scale (FP8: fake-tensor checks only, as in test_kernels.py::test_opcheck_cpu)
     e, d, i = 5, 200, 88
     ws = [quantize_weight(torch.randn(*s, generator=gen) * 0.1) for s in ((e, i, d), (e, i, d), (e, d, i))]

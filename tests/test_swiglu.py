@@ -182,3 +182,106 @@ def test_packed_down_in_a_package_gpu(tmp_path):
         assert out.shape == (rows, 2048) and torch.isfinite(out).all()
         assert rel_err(out, ref64) < 2e-2
         assert rel_err(out, torch.ops.dsv3.fp8_swiglu(xr, gate_w, gate_s, up_w, up_s, down_w, down_s)) < 2e-3
+
+
+def _norm_then_experts(h, delta, norm_w, swiglu_w, routed, idx, wt, quantized: bool):
+    """An FP8 MoE layer's prefill as the model runs it: the post-attention norm, the shared experts through
+    dsv3.fp8_swiglu, the routed experts; with `quantized` x is quantized once, by dsv3.add_rms_norm_quant_cublas
+    (MoE.quantizes_x_for_cublas), else fp8_swiglu quantizes it itself (the routed experts take the norm's)."""
+    from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS
+
+    if quantized:
+        _, x, xq, xs, xsc = torch.ops.dsv3.add_rms_norm_quant_cublas(h, delta, norm_w, 1e-6, QUANTIZED_X_K_BLOCKS)
+        return torch.ops.dsv3.fp8_swiglu(x, *swiglu_w, xq, xsc), torch.ops.dsv3.routed_experts(
+            x, idx, wt, *routed, xq, xs)  # (the routed experts read xq's first t rows)
+    _, x, xq, xs = torch.ops.dsv3.add_rms_norm_quant(h, delta, norm_w, 1e-6)
+    return torch.ops.dsv3.fp8_swiglu(x, *swiglu_w), torch.ops.dsv3.routed_experts(x, idx, wt, *routed, xq, xs)
+
+
+@pytest.mark.gpu
+@cuda
+def test_norm_quantized_x_gpu(tmp_path, monkeypatch):
+    """x quantized by dsv3.add_rms_norm_quant_cublas and read by dsv3.fp8_swiglu (shared experts, cuBLAS's layout)
+    and dsv3.routed_experts (the padded e4m3 as it is, per-token scales; grouped path): both outputs bitwise what
+    the ops give when fp8_swiglu quantizes x itself, eagerly (T not a multiple of 4), under torch.compile(fullgraph=
+    True) with a dynamic T (both forms compiled), and in AOTInductor packages with a dynamic T (against the package
+    with DSV3_PREFILL_NORM_QUANT=off, which turns `takes_quantized_x` off)."""
+    from dsv3.kernels.fp8_blocks import quantize_weight
+    from dsv3.kernels.fp8_swiglu import takes_quantized_x
+
+    gen = torch.Generator().manual_seed(21)
+    d, inter, slots, e_routed, k = 2048, 1408, 2, 64, 6
+
+    def inputs(t):
+        h = (torch.randn(t, d, generator=gen) * 2).to(torch.bfloat16).cuda()
+        delta = torch.randn(t, d, generator=gen).to(torch.bfloat16).cuda()
+        idx = torch.stack([torch.randperm(e_routed, generator=gen)[:k] for _ in range(t)]).cuda()
+        wt = torch.rand(t, k, generator=gen).cuda()
+        return h, delta, idx, wt
+
+    norm_w = (1 + 0.2 * torch.randn(d, generator=gen)).to(torch.bfloat16).cuda()
+    swiglu_w = swiglu_inputs(1, d, slots, inter, gen, device="cuda")[1:]
+    routed = [quantize_weight(torch.randn(*s, generator=gen) * 0.05) for s in
+              ((e_routed, inter, d), (e_routed, inter, d), (e_routed, d, inter))]
+    routed = [w.cuda() for w, _ in routed] + [s.cuda() for _, s in routed]
+    assert takes_quantized_x(inputs(65)[0], swiglu_w[0], swiglu_w[4])
+    for t in (4095, 301):
+        h, delta, idx, wt = inputs(t)
+        poison_allocator()
+        got = _norm_then_experts(h, delta, norm_w, swiglu_w, routed, idx, wt, True)
+        want = _norm_then_experts(h, delta, norm_w, swiglu_w, routed, idx, wt, False)
+        assert all(torch.isfinite(a).all() and torch.equal(a, b) for a, b in zip(got, want)), t
+    torch._dynamo.reset()
+    fns = {q: torch.compile(lambda *a, q=q: _norm_then_experts(*a[:2], norm_w, swiglu_w, routed, *a[2:], q),
+                            fullgraph=True) for q in (True, False)}
+    for t in (333, 1000):
+        args = inputs(t)
+        for a_ in args:
+            torch._dynamo.mark_dynamic(a_, 0)
+        got, want = fns[True](*args), fns[False](*args)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), t
+    torch._dynamo.reset()
+
+    class Layer(torch.nn.Module):
+        def forward(self, h, delta, idx, wt):
+            return _norm_then_experts(h, delta, norm_w, swiglu_w, routed, idx, wt,
+                                      takes_quantized_x(h, swiglu_w[0], swiglu_w[4]))
+
+    a = inputs(700)
+    t_dim = torch.export.Dim("t", min=65, max=4096)
+    runners = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("DSV3_PREFILL_NORM_QUANT", mode)
+        ep = torch.export.export(Layer(), a, dynamic_shapes=({0: t_dim},) * 4)
+        runners[mode] = torch._inductor.aoti_load_package(
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"norm_q_{mode}.pt2")))
+    monkeypatch.delenv("DSV3_PREFILL_NORM_QUANT")
+    for t in (700, 301, 4095):
+        b = a if t == 700 else inputs(t)
+        got, want = runners["on"](*b), runners["off"](*b)
+        assert all(torch.isfinite(x).all() and torch.equal(x, y) for x, y in zip(got, want)), t
+
+
+@pytest.mark.gpu
+@cuda
+def test_model_prefill_norm_quant_gpu(random_checkpoint, monkeypatch):
+    """The model's prefill with x quantized by the post-attention norm for both kinds of expert (the default on
+    Hopper) gives the logits of the path where fp8_swiglu quantizes x itself (DSV3_PREFILL_NORM_QUANT=off), bit for
+    bit, eagerly on the tiny FP8 checkpoint (its shared expert as an MLP; 301 tokens: rows padded for cuBLAS)."""
+    import dsv3
+    from dsv3.model import MoE
+
+    model = dsv3.load(random_checkpoint("tiny", "fp8"), dtype=torch.bfloat16, max_batch_size=1, max_seq_len=512,
+                      device="cuda", progress=False)
+    moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 301), generator=gen).cuda()
+    pos = torch.arange(301, device="cuda")
+    probe = torch.empty(1, 301, model.cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
+    logits = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("DSV3_PREFILL_NORM_QUANT", mode)
+        assert moes and all(moe.quantizes_x_for_cublas(probe) == (mode == "on") for moe in moes)
+        with torch.no_grad():
+            logits[mode] = model(tokens, pos)
+    assert torch.isfinite(logits["on"]).all() and torch.equal(logits["on"], logits["off"])

@@ -173,7 +173,9 @@ def _launch(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: flo
         return h_out, y
     q2 = y_q.view(-1, y_q.shape[-1])
     kp = q2.shape[1]
-    sc = y_scale if y_scale_cublas is None else y_scale_cublas  # (unused without CUBLAS)
+    # without CUBLAS sc_ptr is unused: a private empty tensor, not y_scale a second time (torch's wrap_triton
+    # analysis may take a tensor passed as two arguments that one kernel writes to need a copy first)
+    sc = torch.empty((1, 1), dtype=torch.float32, device=h.device) if y_scale_cublas is None else y_scale_cublas
     wrap_triton(_add_rms_norm_quant_kernel)[(q2.shape[0],)](
         h2, d2, weight, h_out, y, q2, y_scale, sc,
         m, d, kp, eps, h2.stride(0), d2.stride(0), d, d, kp, y_scale.shape[-1], sc.stride(-2), sc.stride(-1),

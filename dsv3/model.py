@@ -25,7 +25,7 @@ from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
 from dsv3.kernels.fp8_linear import GEMV_MAX_M
 from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS, takes_quantized_x
 from dsv3.kernels.mla_attention import DECODE_MAX_S
-from dsv3.kernels.rms_norm import rms_norm_rounded
+from dsv3.kernels.rms_norm import norm_quant_choice, rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.kernels.routed_experts import DECODE_MAX_T, combine_pairs, moe_combine_choice
 from dsv3.rope import rope_tables, softmax_scale
@@ -489,8 +489,9 @@ class MoE(nn.Module):
     def quantizes_x_for_cublas(self, h: torch.Tensor) -> bool:
         """Whether this layer's x (h's shape) is quantized by dsv3.add_rms_norm_quant_cublas: prefill-sized T with the
         shared experts on cuBLAS (dsv3.fp8_swiglu, `takes_quantized_x`), so x is quantized once, by the norm, for
-        them and the routed experts."""
-        if self.decode_sized(h):
+        them and the routed experts. Not with DSV3_NORM_QUANT=torch (the A/B baseline of the fused norm: the
+        kernels it replaced, each op's own quantization)."""
+        if self.decode_sized(h) or norm_quant_choice() == "torch":
             return False
         if self.n_shared_slots:
             weights = self.experts.slots_fp8_swiglu_weights(self.experts.gate_proj.shape[0] - self.n_shared_slots)

@@ -18,8 +18,8 @@ Contract
 
 `torch.ops.dsv3.add_rms_norm_quant_cublas(h, delta, weight, eps, pad_k_blocks_to)`: the same kernel for a
 prefill-sized FP8 MoE layer whose shared experts run on cuBLAS (`dsv3.fp8_swiglu`, `takes_quantized_x`), so x is
-quantized once, by the norm, for both kinds of expert (16B, 4095 tokens: fp8_swiglu's own act_quant launch, ~11 us
-per MoE layer, gone). Returns (h_out, y, y_q, y_scale, y_scale_cublas): h_out, y as above; y_q [Mp, Kp] e4m3 with
+quantized once, by the norm, for both kinds of expert (fp8_swiglu's own act_quant launch gone: the 16B's MoE layer
+at 4095 tokens 7.6 us faster on the H200, scripts/ab_prefill_norm_quant.py). Returns (h_out, y, y_q, y_scale, y_scale_cublas): h_out, y as above; y_q [Mp, Kp] e4m3 with
 y_q[:M, :D] the values above (M = rows, Mp = M rounded up to 4, Kp = ceil(D/128) blocks rounded up to
 pad_k_blocks_to blocks; padding rows and columns quantized zeros); y_scale [..., ceil(D/128)] as above (the routed
 experts read it: per token its blocks are adjacent, which their scale loads need); y_scale_cublas [Mp, Kp/128] fp32
@@ -268,16 +268,11 @@ def add_rms_norm_quant(
 def add_rms_norm_quant_cublas(
     h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, pad_k_blocks_to: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # as add_rms_norm_quant: the reference on CPU; on CUDA the kernel, or with DSV3_NORM_QUANT=torch the torch ops
-    # and act_quant launches (once per layout)
+    # the reference on CPU, the kernel on CUDA (the model does not call this op with DSV3_NORM_QUANT=torch, whose
+    # baseline is the earlier kernels: MoE.quantizes_x_for_cublas)
     _check_args(h, delta, weight)
     if h.device.type == "cpu" or h.dtype not in (torch.bfloat16, torch.float16):
         return add_rms_norm_quant_cublas_reference(h, delta, weight, eps, pad_k_blocks_to)
-    if norm_quant_choice() == "torch":
-        h_out, y, y_q, y_scale = add_rms_norm_quant_torch(h, delta, weight, eps)
-        y_qc, y_scale_cublas = act_quant(y.reshape(-1, y.shape[-1]), pad_rows_to=4, scales_m_major=True,
-                                         pad_k_blocks_to=pad_k_blocks_to, pad_k=True)
-        return h_out, y, y_qc, y_scale, y_scale_cublas
     return add_rms_norm_quant_cublas_triton(h, delta, weight, eps, pad_k_blocks_to)
 
 

@@ -19,6 +19,8 @@ For each prompt length and batch (fresh random prompts of that length each call)
   such differences, see the compile-time verification's noise floor); and whether the replay equals, bitwise, a
   direct call of the package on the bucket's padded inputs (None: no bucket, or more than one call).
 First, the first requests after load (14 tokens; the largest batch first): prefill and the argmax timed apart.
+`--extra-widths`: one-prompt buckets the runtime does not make (it stops at 256 tokens), captured the same way, so
+that the graphs column shows what a CUDA graph would save a long prompt (padding to the bucket included).
 Prints one line per case; `--json PATH` writes them.
 """
 
@@ -54,9 +56,14 @@ def main() -> None:
     ap.add_argument("--lengths", default="5,14,30,100,300,1000")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--extra-widths", default="",
+                    help="one-prompt buckets beyond the runtime's (e.g. 1024,4096): CUDA graphs of the first-chunk "
+                         "graph captured here too, to time a long prompt's replay against its plain call")
     ap.add_argument("--json")
     args = ap.parse_args()
     stepper, timings = artifact_stepper(args.artifacts, None, ParallelPlan(0, 1), "cuda", progress=False)
+    for w in sorted((int(x) for x in args.extra_widths.split(",") if x), reverse=True):  # largest first (the pool)
+        stepper.short_prefill[(1, w)] = _ShortPrefill(stepper.prefill_first_fn, 1, w, stepper.device, stepper.pool)
     graphs = dict(stepper.short_prefill)
     print(f"load: {json.dumps({k: round(v, 3) for k, v in timings.items()})}; short-prefill buckets "
           f"{sorted(graphs)} (captured: {all(g.graph is not None for g in graphs.values())})", flush=True)

@@ -1,14 +1,16 @@
-"""A/B of the prefill MoE layer's x quantized once, by the post-attention norm, in cuBLAS's layout
-(dsv3.add_rms_norm_quant_cublas, `MoE.quantizes_x_for_cublas`: the shared experts' dsv3.fp8_swiglu reads it,
-the routed experts its [T, D] view) against fp8_swiglu quantizing x itself (DSV3_PREFILL_NORM_QUANT=off: its own
-act_quant launch), side by side in one process: `dsv3.model.Block.feed_forward` of an FP8 MoE layer (residual add
-+ norm + quantization, router, routed and shared experts, residual), outputs compared bitwise, each form timed in CUDA graphs by
-ab_grouped_moe.py's `timed_old_new` (3 calls per graph, rounds alternating which form goes first; medians).
+"""A/B of the prefill MoE layer's x quantized once, by the post-attention norm (dsv3.add_rms_norm_quant_cublas,
+`MoE.quantizes_x_for_cublas`: the shared experts' dsv3.fp8_swiglu reads its cuBLAS layout, the routed experts the
+padded e4m3 buffer and per-token scales) against fp8_swiglu quantizing x itself (DSV3_PREFILL_NORM_QUANT=off: its
+own act_quant launch), side by side in one process: `dsv3.model.Block.feed_forward` of an FP8 MoE layer (residual
+add + norm + quantization, router, routed and shared experts, residual), outputs compared bitwise, each form timed
+in CUDA graphs by ab_grouped_moe.py's `timed_old_new` (3 calls per graph, rounds alternating which form goes first;
+medians).
 
     python3 scripts/ab_prefill_norm_quant.py [--config 16B] [--tokens 4095,1000,300] [--rounds 5] [--json out.json]
 
-The layer is the config's first MoE layer (FP8 whatever the config says) with random weights (`fill_random_`), laid out as
-the runtime lays out world size 1 (shared experts stacked as expert slots, their down projections packed at load).
+The layer is the config's first MoE layer (FP8 whatever the config says) with random weights (`fill_random_`), laid
+out as the runtime lays out world size 1 (shared experts stacked as expert slots, their down projections packed at
+load).
 """
 
 from __future__ import annotations

@@ -497,7 +497,7 @@ class MoE(nn.Module):
             weights = self.experts.slots_fp8_swiglu_weights(self.experts.gate_proj.shape[0] - self.n_shared_slots)
         else:
             weights = None if self.shared_experts is None else self.shared_experts.fp8_swiglu_weights()
-        return weights is not None and takes_quantized_x(h, weights[0], weights[4])
+        return weights is not None and takes_quantized_x(h, weights[4])
 
     def forward(self, x: torch.Tensor, x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None,

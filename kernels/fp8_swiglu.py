@@ -104,11 +104,15 @@ def silu_mul_quant(g: torch.Tensor, u: torch.Tensor, pad_k_blocks_to: int = 1, k
     return q, s
 
 
-def _cublas_path(x2: torch.Tensor, gate_w: torch.Tensor, down_w: torch.Tensor) -> bool:
+def _cublas_shapes(x2: torch.Tensor, down_w: torch.Tensor) -> bool:
     m = static_int(x2.shape[0])
     if m is not None and m <= GEMV_MAX_M:
         return False  # decode-sized: the GEMV kernels
-    return down_w.shape[2] % BLOCK == 0 and scaled_mm_usable(x2, gate_w)  # I: the slots' K blocks concatenate
+    return down_w.shape[2] % BLOCK == 0  # I: the slots' K blocks concatenate
+
+
+def _cublas_path(x2: torch.Tensor, gate_w: torch.Tensor, down_w: torch.Tensor) -> bool:
+    return _cublas_shapes(x2, down_w) and scaled_mm_usable(x2, gate_w)
 
 
 def prefill_norm_quant_choice() -> str:
@@ -124,18 +128,15 @@ def prefill_norm_quant_choice() -> str:
 QUANTIZED_X_K_BLOCKS = 4
 
 
-def takes_quantized_x(x: torch.Tensor, gate_w: torch.Tensor, down_w: torch.Tensor) -> bool:
+def takes_quantized_x(x: torch.Tensor, down_w: torch.Tensor) -> bool:
     """Whether a call on x (or a tensor of x's shape, dtype and device) can read a pre-quantized x_q / x_scale: the
-    cuBLAS path (GEMM-sized M on Hopper) unless DSV3_PREFILL_NORM_QUANT=off; their layout is
-    `dsv3.add_rms_norm_quant_cublas(..., pad_k_blocks_to=QUANTIZED_X_K_BLOCKS)`'s. Dynamo-traceable
-    (model code calls it): inside AOTInductor with DSV3_AOTI_SCALED_MM=0 the op then takes its Triton path and
-    ignores them."""
-    if x.device.type != "cuda" or prefill_norm_quant_choice() == "off":
+    cuBLAS path (`_cublas_path` less its AOTInductor switch, which model code traced by dynamo cannot read) unless
+    DSV3_PREFILL_NORM_QUANT=off; their layout is `dsv3.add_rms_norm_quant_cublas(...,
+    pad_k_blocks_to=QUANTIZED_X_K_BLOCKS)`'s. Inside AOTInductor with DSV3_AOTI_SCALED_MM=0 the op then takes its
+    Triton path and ignores them."""
+    if prefill_norm_quant_choice() == "off":
         return False
-    m = static_int(x.reshape(-1, x.shape[-1]).shape[0])
-    if m is not None and m <= GEMV_MAX_M:
-        return False
-    return down_w.shape[2] % BLOCK == 0 and scaled_mm_hardware(x)
+    return _cublas_shapes(x.reshape(-1, x.shape[-1]), down_w) and scaled_mm_hardware(x)
 
 
 def _check_quantized_x(xq: torch.Tensor, xs: torch.Tensor, m: int, gate_s: torch.Tensor) -> None:

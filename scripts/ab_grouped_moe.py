@@ -61,6 +61,21 @@ def timed_old_new(calls: dict, rounds: int, flops: float) -> dict:
     return out
 
 
+def timed_env_switch(name: str, fn, rounds: int, flops: float, old: str = "off", new: str = "on") -> dict:
+    """fn() with the trace-time switch `name` at `old` and at `new` (read at each eager call): outputs compared
+    bitwise, both timed by `timed_old_new`; the switch is unset afterwards. {outputs_equal, old, new, speedup}."""
+    def call(mode):
+        os.environ[name] = mode
+        return fn()
+
+    calls = {"old": lambda: call(old), "new": lambda: call(new)}
+    try:
+        equal = torch.equal(calls["old"](), calls["new"]())
+        return dict(outputs_equal=equal, **timed_old_new(calls, rounds, flops))
+    finally:
+        os.environ.pop(name, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=True, help="a copy of kernels/routed_experts.py to compare against")

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ab_grouped_moe import timed_old_new  # noqa: E402
+from ab_grouped_moe import timed_env_switch  # noqa: E402
 
 
 def main() -> None:
@@ -51,22 +51,21 @@ def main() -> None:
         h = torch.randn(1, t, cfg.hidden_size, device=dev, generator=g).bfloat16()
         attn = torch.randn(1, t, cfg.hidden_size, device=dev, generator=g).bfloat16()
 
-        def call(mode):
-            os.environ["DSV3_PREFILL_NORM_QUANT"] = mode  # read at trace time, i.e. at each eager call
-            assert block.mlp.quantizes_x_for_cublas(h) == (mode == "on"), mode
+        def feed_forward():
+            on = os.environ["DSV3_PREFILL_NORM_QUANT"] == "on"
+            assert block.mlp.quantizes_x_for_cublas(h) == on, "the switch did not change the layer's path"
             return block.feed_forward(h, attn)
 
-        calls = {"old": lambda: call("off"), "new": lambda: call("on")}
+        experts = cfg.num_experts_per_tok + cfg.n_shared_experts
+        flops = 2 * t * 3 * cfg.hidden_size * cfg.moe_intermediate_size * experts
         with torch.no_grad():
-            equal = torch.equal(calls["old"](), calls["new"]())
-            flops = 2 * t * 3 * cfg.hidden_size * cfg.moe_intermediate_size * (
-                cfg.num_experts_per_tok + cfg.n_shared_experts)
-            row = dict(config=opts.config, tokens=t, outputs_equal=equal, **timed_old_new(calls, opts.rounds, flops))
-        os.environ.pop("DSV3_PREFILL_NORM_QUANT")
+            row = dict(config=opts.config, tokens=t, **timed_env_switch(
+                "DSV3_PREFILL_NORM_QUANT", feed_forward, opts.rounds, flops))
         rows.append(row)
         print(f"{opts.config} T {t}: each op quantizes {row['old']['us']:.1f} us, the norm quantizes "
-              f"{row['new']['us']:.1f} us ({row['speedup']:.3f}x); outputs {'equal' if equal else 'DIFFER'}; rounds "
-              f"{row['old']['rounds']} / {row['new']['rounds']}", flush=True)
+              f"{row['new']['us']:.1f} us ({row['speedup']:.3f}x); outputs "
+              f"{'equal' if row['outputs_equal'] else 'DIFFER'}; rounds {row['old']['rounds']} / "
+              f"{row['new']['rounds']}", flush=True)
     if opts.json:
         save_json(opts.json, dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows))
 

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ab_grouped_moe import timed_old_new  # noqa: E402
+from ab_grouped_moe import timed_env_switch  # noqa: E402
 
 
 def main() -> None:
@@ -45,19 +45,14 @@ def main() -> None:
                 torch.arange(s, device=dev)[None].repeat(b, 1), 0.07)
         w, ws = quantize_weight(torch.randn(n, h * 128, device=dev, generator=g) * 0.05)
 
-        def call(mode):
-            os.environ["DSV3_PREFILL_O_QUANT"] = mode  # read at trace time, i.e. at each eager call
-            return torch.ops.dsv3.mla_prefill_attention_o_proj(*args, w, ws)
-
-        calls = {"old": lambda: call("off"), "new": lambda: call("on")}
-        equal = torch.equal(calls["old"](), calls["new"]())
         # causal attention (2 x H x S(S+1)/2 x (192 + 128) per row) + o_proj (2 x S x H * 128 x N per row)
         flops = b * (h * s * (s + 1) * 320 + 2 * s * h * 128 * n)
-        row = dict(heads=h, n=n, batch=b, s=s, outputs_equal=equal, **timed_old_new(calls, opts.rounds, flops))
-        os.environ.pop("DSV3_PREFILL_O_QUANT")
+        row = dict(heads=h, n=n, batch=b, s=s, **timed_env_switch(
+            "DSV3_PREFILL_O_QUANT", lambda: torch.ops.dsv3.mla_prefill_attention_o_proj(*args, w, ws), opts.rounds,
+            flops))
         rows.append(row)
         print(f"H {h} N {n} B {b} S {s}: two ops {row['old']['us']:.1f} us, fused {row['new']['us']:.1f} us "
-              f"({row['speedup']:.3f}x); outputs {'equal' if equal else 'DIFFER'}; rounds two ops "
+              f"({row['speedup']:.3f}x); outputs {'equal' if row['outputs_equal'] else 'DIFFER'}; rounds two ops "
               f"{row['old']['rounds']} fused {row['new']['rounds']}", flush=True)
     if opts.json:
         save_json(opts.json, dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows))

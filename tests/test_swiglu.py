@@ -224,7 +224,7 @@ def test_norm_quantized_x_gpu(tmp_path, monkeypatch):
     routed = [quantize_weight(torch.randn(*s, generator=gen) * 0.05) for s in
               ((e_routed, inter, d), (e_routed, inter, d), (e_routed, d, inter))]
     routed = [w.cuda() for w, _ in routed] + [s.cuda() for _, s in routed]
-    assert takes_quantized_x(inputs(65)[0], swiglu_w[0], swiglu_w[4])
+    assert takes_quantized_x(inputs(65)[0], swiglu_w[4])
     for t in (4095, 301):
         h, delta, idx, wt = inputs(t)
         poison_allocator()
@@ -245,7 +245,7 @@ def test_norm_quantized_x_gpu(tmp_path, monkeypatch):
     class Layer(torch.nn.Module):
         def forward(self, h, delta, idx, wt):
             return _norm_then_experts(h, delta, norm_w, swiglu_w, routed, idx, wt,
-                                      takes_quantized_x(h, swiglu_w[0], swiglu_w[4]))
+                                      takes_quantized_x(h, swiglu_w[4]))
 
     a = inputs(700)
     t_dim = torch.export.Dim("t", min=65, max=4096)

@@ -7,8 +7,9 @@ Both implement `dsv3.generate.Stepper`:
   the first-chunk graph when the artifacts have one (no attention over cached rows: there are none), several
   prompts' first chunks per call when it takes rows (right-padded to one length, at most `prefill_chunk` tokens
   per call with the padding: the padding writes cache slots after a prompt's end, which its decode steps overwrite
-  before they attend to them). On CUDA, short first chunks replay CUDA graphs of the first-chunk graph captured
-  at load, one per (rows, width) bucket (`_ShortPrefill`): a call is padded to the bucket (tokens right-padded,
+  before they attend to them). On CUDA, first chunks of up to 256 tokens (several prompts) or 2048 (one prompt)
+  replay CUDA graphs of the first-chunk graph captured at load, one per (rows, width) bucket (`_ShortPrefill`,
+  `GraphStepper.short_prefill_`): a call is padded to the bucket (tokens right-padded,
   extra rows repeating the first row: the same writes into the same cache row), so a short prompt pays neither
   ~850 kernel launches from the host nor a first call at a new length; a bucket for which the artifacts have a
   first-chunk graph of static shape (`dsv3c compile --short-prefill`) captures that graph instead, whose kernels
@@ -239,10 +240,15 @@ class GraphStepper:
     # Short first chunks through static (rows, width) buckets: widths SHORT_PREFILL_WIDTHS (at most prefill_chunk),
     # rows the decode buckets that the first-chunk graph takes, at most SHORT_PREFILL_TOKENS per call. Padding a
     # 14-token prompt to 16 costs little; the replay saves the host's launches: a plain 14-token prefill of the
-    # 16B returns to the host after ~11 ms of launching ~850 kernels, its replay takes 7.8 ms (H200). From ~300
-    # tokens on the kernels outlast the launches and a graph gains nothing.
+    # 16B returns to the host after ~11 ms of launching ~850 kernels, its replay takes 7.8 ms (H200).
     SHORT_PREFILL_WIDTHS = (16, 32, 64, 128, 256)
     SHORT_PREFILL_TOKENS = 1024
+    # One prompt past 256 tokens: buckets 128 apart up to 2048, one row (the smallest row bucket). The host still
+    # launches barely ahead of the kernels there, so the idle GPU between launches adds up: a replay saved 1.27 ms of
+    # a 500-token prompt's 10.5, 1.12 of 1000 tokens' 14.4, 0.86 of 2000 tokens' 22.1, and nothing at 4095 (16B,
+    # H200, scripts/bench_ttft.py --extra-widths, 2026-11-25). Padding costs ~7.7 us per token at these lengths:
+    # 128 apart, the average pad (64 tokens, ~0.5 ms) leaves a gain and the worst (127, ~1 ms) about breaks even.
+    LONG_PREFILL_WIDTHS = tuple(range(384, 2049, 128))
 
     @torch.inference_mode()
     def short_prefill_(self, capture: bool) -> None:
@@ -254,6 +260,7 @@ class GraphStepper:
         widths = [w for w in self.SHORT_PREFILL_WIDTHS if w <= self.prefill_chunk]
         rows = [b for b in self.buckets if b <= self.prefill_first_rows] or [1]
         shapes = {(r, w) for r in rows for w in widths if r * w <= self.SHORT_PREFILL_TOKENS}
+        shapes |= {(rows[0], w) for w in self.LONG_PREFILL_WIDTHS if w <= self.prefill_chunk}
         shapes = sorted(shapes | set(self.static_first_fns), key=lambda rw: (-rw[0] * rw[1], -rw[0]))
         t0 = time.perf_counter()
         try:

@@ -21,12 +21,16 @@ For each prompt length and batch (fresh random prompts of that length each call)
 First, the first requests after load (14 tokens; the largest batch first): prefill and the argmax timed apart.
 `--extra-widths`: one-prompt buckets the runtime does not make (it stops at 256 tokens), captured the same way, so
 that the graphs column shows what a CUDA graph would save a long prompt (padding to the bucket included).
+`--sustain N`: then N plain prefills of the longest length back to back, each timed with its UTC start (to line up
+with `nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw ... -lms 20` sampled alongside): whether a long
+prefill slows down as it keeps the GPU busy (clocks, power).
 Prints one line per case; `--json PATH` writes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import time
@@ -59,6 +63,8 @@ def main() -> None:
     ap.add_argument("--extra-widths", default="",
                     help="one-prompt buckets beyond the runtime's (e.g. 1024,4096): CUDA graphs of the first-chunk "
                          "graph captured here too, to time a long prompt's replay against its plain call")
+    ap.add_argument("--sustain", type=int, default=0,
+                    help="then this many plain prefills of the longest length back to back, each timed")
     ap.add_argument("--json")
     args = ap.parse_args()
     stepper, timings = artifact_stepper(args.artifacts, None, ParallelPlan(0, 1), "cuda", progress=False)
@@ -132,9 +138,20 @@ def main() -> None:
                   + ", ttft "
                   f"{row['ttft_ms']:7.2f} ms; logits vs plain: rel L2 {rel:.1e}, top-1 agree {top1:.0%}; replay == direct "
                   f"call on the padded inputs: {bitwise}", flush=True)
+    sustained = []
+    if args.sustain:
+        length = max(int(x) for x in args.lengths.split(","))
+        stepper.short_prefill.clear()
+        for _ in range(args.sustain):
+            start = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+            sustained.append({"utc": start, "ms": timed(lambda: stepper.prefill(prompts(length, 1)))[1]})
+        ms = [r["ms"] for r in sustained]
+        print(f"sustained: {args.sustain} plain {length}-token prefills back to back from {sustained[0]['utc']}: "
+              f"first 5 {[round(x, 2) for x in ms[:5]]}, last 5 {[round(x, 2) for x in ms[-5:]]}, "
+              f"min {min(ms):.2f} median {statistics.median(ms):.2f} max {max(ms):.2f} ms", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"timings": timings, "first_requests": cold, "rows": rows}, f, indent=1)
+            json.dump({"timings": timings, "first_requests": cold, "rows": rows, "sustained": sustained}, f, indent=1)
 
 
 if __name__ == "__main__":

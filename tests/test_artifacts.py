@@ -148,15 +148,18 @@ def test_short_prefills_padded_to_static_buckets(art, ckpt):
     """Short first chunks through the static (rows, width) buckets that CUDA graphs replay on the GPU (here called
     directly): fewer prompts than rows repeat the first prompt, shorter ones are right-padded; logits and greedy
     tokens equal the eager model's and each prompt's alone, and a chunk wider than every bucket takes the plain
-    call."""
+    call. The long one-prompt widths add one-row buckets only, none wider than the chunk."""
     stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
     stepper.SHORT_PREFILL_WIDTHS, stepper.SHORT_PREFILL_TOKENS = (4, 8), 16
+    stepper.LONG_PREFILL_WIDTHS = (6, 2 * CHUNK)
     stepper.short_prefill_(capture=False)
-    assert sorted(stepper.short_prefill) == [(1, 4), (1, 8), (3, 4)]  # rows: the decode buckets 1, 3; 3 x 8 > 16
+    # rows: the decode buckets 1, 3 (3 x 8 > 16); the long width 6 in one row, 2 x CHUNK not at all
+    assert sorted(stepper.short_prefill) == [(1, 4), (1, 6), (1, 8), (3, 4)]
     # the (1, 4) bucket runs the artifacts' static graph of that shape, the others the dynamic first-chunk graph
     static = stepper.static_first_fns[(1, 4)]
     assert list(stepper.static_first_fns) == [(1, 4)] and static is not stepper.prefill_first_fn
-    assert [stepper.short_prefill[rw].fn is static for rw in [(1, 4), (1, 8), (3, 4)]] == [True, False, False]
+    assert [stepper.short_prefill[rw].fn is static for rw in [(1, 4), (1, 6), (1, 8), (3, 4)]] == [
+        True, False, False, False]
     calls = []
     real = stepper.prefill_first_fn
     for short in stepper.short_prefill.values():
@@ -172,8 +175,12 @@ def test_short_prefills_padded_to_static_buckets(art, ckpt):
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
     _assert_greedy_equals_eager_and_alone(stepper, eager, [prompts[3], prompts[0], prompts[2]], 8)
     calls.clear()
+    stepper.prefill([list(range(1, 6))])
+    assert calls == [([[1, 2, 3, 4, 5, 0]], [0], [4])]  # 5 tokens: the (1, 6) bucket, padded
+    del stepper.short_prefill[(1, 6)]
+    calls.clear()
     stepper.prefill([list(range(1, 7))])
-    assert [c[1] for c in calls] == [[0]]  # 6 tokens: the (1, 8) bucket
+    assert calls == [([[1, 2, 3, 4, 5, 6, 0, 0]], [0], [5])]  # 6 tokens: the (1, 8) bucket
     del stepper.short_prefill[(1, 8)]
     calls.clear()
     stepper.prefill([list(range(1, 7))])

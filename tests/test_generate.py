@@ -322,21 +322,24 @@ def test_cuda_graph_sampled_loop(random_checkpoint):
 
 
 @pytest.mark.gpu
-def test_short_prefill_cuda_graphs(random_checkpoint):
+def test_short_prefill_cuda_graphs(random_checkpoint, monkeypatch):
     """The JIT stepper captures a CUDA graph of the first-chunk graph per (rows, width) bucket: short prompts
     (one, and a batch the bucket pads with repeated rows) replayed through them give the logits of the plain calls
     (bf16: the padded width changes the GEMMs' M, so close, not equal), with fresh inputs on every replay; greedy
-    generation after them gives the tokens it gives after plain prefills."""
-    from dsv3.runtime.engine import jit_stepper
+    generation after them gives the tokens it gives after plain prefills. A long one-prompt width (here 24) adds a
+    one-row bucket between the short ones."""
+    from dsv3.runtime.engine import GraphStepper, jit_stepper
 
+    monkeypatch.setattr(GraphStepper, "LONG_PREFILL_WIDTHS", (24, 64))  # 64: wider than the chunk, no bucket
     model = dsv3.load(random_checkpoint("tiny", "fp8"), dtype=torch.bfloat16, max_batch_size=4,
                       max_seq_len=MAX_SEQ_LEN, num_layers=LAYERS, device="cuda", progress=False)
     stepper, _ = jit_stepper(model, (1, 4), prefill_chunk=32)
-    assert sorted(stepper.short_prefill) == [(1, 16), (1, 32), (4, 16), (4, 32)]
+    assert sorted(stepper.short_prefill) == [(1, 16), (1, 24), (1, 32), (4, 16), (4, 32)]
     assert all(s.graph is not None for s in stepper.short_prefill.values())
     graphs = dict(stepper.short_prefill)
+    assert stepper._short_prefill_for(1, 20) is graphs[(1, 24)]
     for prompts in ([PROMPTS[0]], [p[:5 + i] for i, p in enumerate(PROMPTS)][:3], [list(range(3, 30))],
-                    [[7, 8]]):
+                    [list(range(5, 25))], [[7, 8]]):
         stepper.short_prefill.update(graphs)
         replayed = stepper.prefill(prompts).clone()
         stepper.short_prefill.clear()

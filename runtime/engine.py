@@ -249,6 +249,15 @@ class GraphStepper:
     # H200, scripts/bench_ttft.py --extra-widths, 2026-11-25). Padding costs ~7.7 us per token at these lengths:
     # 128 apart, the average pad (64 tokens, ~0.5 ms) leaves a gain and the worst (127, ~1 ms) about breaks even.
     LONG_PREFILL_WIDTHS = tuple(range(384, 2049, 128))
+    # A bucket's padding is computed like real tokens, so a call takes the bucket only while that pays: always up
+    # to PREFILL_PAD_FREE_TOKENS in all (a replay of 512 tokens, ~9.3-9.6 ms, is no slower than a plain call of
+    # any shorter chunk, which launching ~850 kernels from the host holds at ~10 ms), past that with at most
+    # PREFILL_PAD_TOKENS of padding (~7.7 us each against a ~1 ms gain). Measured (16B, H200, 2026-11-25,
+    # bench_ttft.py): 2 / 3 / 5 prompts of 100 tokens replayed in the 8 x 128 bucket 12.4 / 12.3 / 12.5 ms
+    # against 10.2 / 10.0 / 10.2 plain; 8 of them 12.8 against 13.0; 2 / 5 prompts of 60 in 8 x 64 9.6 / 9.2
+    # against 10.5 / 10.0.
+    PREFILL_PAD_FREE_TOKENS = 512
+    PREFILL_PAD_TOKENS = 256
 
     @torch.inference_mode()
     def short_prefill_(self, capture: bool) -> None:
@@ -257,14 +266,9 @@ class GraphStepper:
         decode graphs' pool, largest first (what a smaller one allocates fits in what a larger one freed). Run at
         load, before any request: warm-up and capture write cache row 0, which a prefill rewrites. A graph that
         cannot be captured leaves the plain calls in place, with a warning."""
-        widths = [w for w in self.SHORT_PREFILL_WIDTHS if w <= self.prefill_chunk]
-        rows = [b for b in self.buckets if b <= self.prefill_first_rows] or [1]
-        shapes = {(r, w) for r in rows for w in widths if r * w <= self.SHORT_PREFILL_TOKENS}
-        shapes |= {(rows[0], w) for w in self.LONG_PREFILL_WIDTHS if w <= self.prefill_chunk}
-        shapes = sorted(shapes | set(self.static_first_fns), key=lambda rw: (-rw[0] * rw[1], -rw[0]))
         t0 = time.perf_counter()
         try:
-            for r, w in shapes:  # a static graph of the bucket's shape where the artifacts have one
+            for r, w in self._short_prefill_shapes():  # a static graph of the bucket's shape where there is one
                 fn = self.static_first_fns.get((r, w), self.prefill_first_fn)
                 self.short_prefill[(r, w)] = _ShortPrefill(fn, r, w, self.device, self.pool if capture else None)
         except RuntimeError as e:  # a host sync or an uncapturable library call inside the package
@@ -275,9 +279,24 @@ class GraphStepper:
             torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t0
 
+    def _short_prefill_shapes(self) -> list[tuple[int, int]]:
+        """The (rows, width) buckets, largest first (the capture order)."""
+        widths = [w for w in self.SHORT_PREFILL_WIDTHS if w <= self.prefill_chunk]
+        rows = [b for b in self.buckets if b <= self.prefill_first_rows] or [1]
+        shapes = {(r, w) for r in rows for w in widths if r * w <= self.SHORT_PREFILL_TOKENS}
+        shapes |= {(rows[0], w) for w in self.LONG_PREFILL_WIDTHS if w <= self.prefill_chunk}
+        return sorted(shapes | set(self.static_first_fns), key=lambda rw: (-rw[0] * rw[1], -rw[0]))
+
     def _short_prefill_for(self, rows: int, width: int) -> _ShortPrefill | None:
+        """The smallest bucket that holds a call of `rows` prompts right-padded to `width` tokens, where its padding
+        pays (PREFILL_PAD_FREE_TOKENS, PREFILL_PAD_TOKENS); None: the plain call."""
         fits = [k for k in self.short_prefill if k[0] >= rows and k[1] >= width]
-        return self.short_prefill[min(fits, key=lambda rw: (rw[0] * rw[1], rw[1]))] if fits else None
+        if not fits:
+            return None
+        r, w = min(fits, key=lambda rw: (rw[0] * rw[1], rw[1]))
+        if r * w > self.PREFILL_PAD_FREE_TOKENS and r * w - rows * width > self.PREFILL_PAD_TOKENS:
+            return None
+        return self.short_prefill[(r, w)]
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:

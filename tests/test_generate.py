@@ -321,6 +321,38 @@ def test_cuda_graph_sampled_loop(random_checkpoint):
     assert len(stepper.sampled_graphs) == 2
 
 
+def test_prefill_buckets_and_which_one_a_call_takes():
+    """The first-chunk buckets of a 16B build (decode buckets 1 and 8, chunk 4096, a static 1x16 graph) and the one
+    a call of `rows` prompts right-padded to `width` tokens takes: the smallest that holds it, unless its padding
+    costs more than a replay saves (the cases measured in GraphStepper's comments); None is the plain call."""
+    from types import SimpleNamespace
+
+    from dsv3.runtime.engine import GraphStepper as G
+
+    consts = ("SHORT_PREFILL_WIDTHS", "SHORT_PREFILL_TOKENS", "LONG_PREFILL_WIDTHS", "PREFILL_PAD_FREE_TOKENS",
+              "PREFILL_PAD_TOKENS")
+    st = SimpleNamespace(**{k: getattr(G, k) for k in consts}, prefill_chunk=4096, buckets=[1, 8],
+                         prefill_first_rows=8, static_first_fns={(1, 16): None})
+    shapes = G._short_prefill_shapes(st)
+    one_row = {(1, w) for w in (16, 32, 64, 128, 256, *range(384, 2049, 128))}
+    assert sorted(shapes) == sorted(one_row | {(8, 16), (8, 32), (8, 64), (8, 128)})
+    assert shapes[:3] == [(1, 2048), (1, 1920), (1, 1792)] and shapes[-1] == (1, 16)  # captured largest first
+    st.short_prefill = {rw: rw for rw in shapes}  # stand-ins: the chosen key comes back
+
+    def pick(rows, width):
+        return G._short_prefill_for(st, rows, width)
+
+    assert [pick(1, w) for w in (14, 17, 129, 257, 385, 1000, 1153, 2048)] == [
+        (1, 16), (1, 32), (1, 256), (1, 384), (1, 512), (1, 1024), (1, 1280), (1, 2048)]
+    assert pick(1, 2049) is None  # past the widest bucket
+    assert pick(2, 60) == (8, 64) and pick(5, 14) == (8, 16)  # 512 tokens or fewer: any padding
+    assert pick(8, 100) == (8, 128)  # 224 padded tokens
+    assert pick(2, 100) is None and pick(5, 100) is None  # 824 / 524: the plain call
+    assert pick(2, 200) is None  # no bucket holds it
+    st.prefill_chunk = 512  # no bucket wider than the chunk
+    assert max(w for _, w in G._short_prefill_shapes(st)) == 512
+
+
 @pytest.mark.gpu
 def test_short_prefill_cuda_graphs(random_checkpoint, monkeypatch):
     """The JIT stepper captures a CUDA graph of the first-chunk graph per (rows, width) bucket: short prompts

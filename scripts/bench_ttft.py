@@ -1,6 +1,6 @@
 """Where a short prompt's time to first token goes, on one set of artifacts (weights generated on the GPU):
 
-    python scripts/bench_ttft.py ART_DIR [--lengths 5,14,30,100,300,1000] [--batches 1,8] [--repeats 5]
+    python scripts/bench_ttft.py ART_DIR [--lengths 5,14,30,100,300,1000,2000] [--batches 1,2,8] [--repeats 5]
 
 For each prompt length and batch (fresh random prompts of that length each call), in this order:
 - plain, first call: `GraphStepper.prefill` with the short-prefill CUDA graphs set aside, the first call at this
@@ -19,8 +19,8 @@ For each prompt length and batch (fresh random prompts of that length each call)
   such differences, see the compile-time verification's noise floor); and whether the replay equals, bitwise, a
   direct call of the package on the bucket's padded inputs (None: no bucket, or more than one call).
 First, the first requests after load (14 tokens; the largest batch first): prefill and the argmax timed apart.
-`--extra-widths`: one-prompt buckets the runtime does not make (it stops at 256 tokens), captured the same way, so
-that the graphs column shows what a CUDA graph would save a long prompt (padding to the bucket included).
+`--extra-widths`: one-prompt buckets the runtime does not make (it stops at 2048 tokens), captured the same way, so
+that the graphs column shows what a CUDA graph would save a longer prompt (padding to the bucket included).
 `--sustain N`: then N plain prefills of the longest length back to back, each timed with its UTC start (to line up
 with `nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw ... -lms 20` sampled alongside): whether a long
 prefill slows down as it keeps the GPU busy (clocks, power).
@@ -57,11 +57,11 @@ def timed(fn) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifacts")
-    ap.add_argument("--lengths", default="5,14,30,100,300,1000")
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--lengths", default="5,14,30,100,300,1000,2000")
+    ap.add_argument("--batches", default="1,2,8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--extra-widths", default="",
-                    help="one-prompt buckets beyond the runtime's (e.g. 1024,4096): CUDA graphs of the first-chunk "
+                    help="one-prompt buckets beyond the runtime's (e.g. 4096): CUDA graphs of the first-chunk "
                          "graph captured here too, to time a long prompt's replay against its plain call")
     ap.add_argument("--sustain", type=int, default=0,
                     help="then this many plain prefills of the longest length back to back, each timed")

@@ -243,7 +243,7 @@ class GraphStepper:
     # 16B returns to the host after ~11 ms of launching ~850 kernels, its replay takes 7.8 ms (H200).
     SHORT_PREFILL_WIDTHS = (16, 32, 64, 128, 256)
     SHORT_PREFILL_TOKENS = 1024
-    # One prompt past 256 tokens: buckets 128 apart up to 2048, one row (the smallest row bucket). The host still
+    # One prompt past 256 tokens: buckets 128 apart up to 2048, one row whatever the decode buckets. The host still
     # launches barely ahead of the kernels there, so the idle GPU between launches adds up: a replay saved 1.27 ms of
     # a 500-token prompt's 10.5, 1.12 of 1000 tokens' 14.4, 0.86 of 2000 tokens' 22.1, and nothing at 4095 (16B,
     # H200, scripts/bench_ttft.py --extra-widths, 2026-11-25). Padding costs ~7.7 us per token at these lengths:
@@ -284,7 +284,7 @@ class GraphStepper:
         widths = [w for w in self.SHORT_PREFILL_WIDTHS if w <= self.prefill_chunk]
         rows = [b for b in self.buckets if b <= self.prefill_first_rows] or [1]
         shapes = {(r, w) for r in rows for w in widths if r * w <= self.SHORT_PREFILL_TOKENS}
-        shapes |= {(rows[0], w) for w in self.LONG_PREFILL_WIDTHS if w <= self.prefill_chunk}
+        shapes |= {(1, w) for w in self.LONG_PREFILL_WIDTHS if w <= self.prefill_chunk}  # never past the chunk
         return sorted(shapes | set(self.static_first_fns), key=lambda rw: (-rw[0] * rw[1], -rw[0]))
 
     def _short_prefill_for(self, rows: int, width: int) -> _ShortPrefill | None:

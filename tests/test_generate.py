@@ -351,6 +351,8 @@ def test_prefill_buckets_and_which_one_a_call_takes():
     assert pick(2, 200) is None  # no bucket holds it
     st.prefill_chunk = 512  # no bucket wider than the chunk
     assert max(w for _, w in G._short_prefill_shapes(st)) == 512
+    st.buckets = [8]  # decode buckets without 1: the short buckets take 8 rows, the long ones still one
+    assert sorted(G._short_prefill_shapes(st)) == [(1, 16), (1, 384), (1, 512), (8, 16), (8, 32), (8, 64), (8, 128)]
 
 
 @pytest.mark.gpu

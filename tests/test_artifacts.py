@@ -28,6 +28,7 @@ from dsv3.runtime.manifest import ArtifactError, check_host, read_manifest
 from dsv3.runtime.parallel import ParallelPlan
 
 MAX_BATCH, MAX_SEQ, CHUNK = 3, 48, 8
+LAYERS = 2  # the tiny config's dense layer and its first MoE layer: every kind of block, a third less to build
 PROMPTS = [[0, 5, 9, 13, 200, 7, 81, 44, 3, 17, 99, 12], [0, 33], [0, 7, 8, 9, 10]]
 
 
@@ -35,14 +36,15 @@ def _compile(out: Path, world_size: int = 1, extra: tuple[str, ...] = ()) -> Non
     res = CliRunner().invoke(main, ["compile", "--config", "tiny", "--device", "cpu", "--out", str(out),
                                     "--world-size", str(world_size), "--max-batch-size", str(MAX_BATCH),
                                     "--max-seq-len", str(MAX_SEQ), "--batch-sizes", "1,3",
-                                    "--prefill-chunk", str(CHUNK), "--dtype", "float32", *extra])
+                                    "--prefill-chunk", str(CHUNK), "--dtype", "float32", "--num-layers", str(LAYERS),
+                                    *extra])
     assert res.exit_code == 0, res.output + repr(res.exception)
 
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> Path:
     return write_random_checkpoint(resolve_config("tiny"), tmp_path_factory.mktemp("ck") / "tiny", dtype="bf16",
-                                   seed=21, progress=False)
+                                   seed=21, num_layers=LAYERS, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +81,7 @@ def test_compile_writes_complete_artifacts(art):
                                                "prefill_first_1x4.pt2", "config.json", "manifest.json"}
     assert m["world_size"] == 1 and m["device"] == "cpu" and m["max_seq_len"] == MAX_SEQ
     assert m["host"]["torch"] == torch.__version__
-    assert m["config_hash"] == resolve_config("tiny").config_hash()
+    assert m["config_hash"] == resolve_config("tiny").replace(num_hidden_layers=LAYERS).config_hash()
     assert "model.layers.0.self_attn.kv_b_proj.weight" not in m["rank_weights"]["tensors"]  # names are the model's
     assert m["rank_weights"]["tensors"]["layers.0.self_attn.kv_b_proj.weight"]["shape"] == [4 * 64, 128]
     res = CliRunner().invoke(main, ["inspect", str(art)])
@@ -98,10 +100,10 @@ def test_manifest_records_kernel_overrides(art_ws2):
     assert read_manifest(art_ws2)["kernel_overrides"].get("DSV3_GEMV_VARIANT") == "cc"
     res = CliRunner().invoke(main, ["inspect", str(art_ws2)])
     assert res.exit_code == 0 and "DSV3_GEMV_VARIANT=cc (pinned at build time)" in res.output
-    # world size 2: the shared MLPs are tensor-parallel, not stacked; the input projections are still fused, and
-    # gate and up in the dense layer and both shared MLPs
+    # world size 2: the shared MLP is tensor-parallel, not stacked; the input projections are still fused, and
+    # gate and up in the dense layer and the MoE layer's shared MLP
     assert read_manifest(art_ws2)["rank_layout"] == {"shared_expert_slots": 0, "fused_qkv_a_proj": True,
-                                                     "fused_gate_up_proj": 3, "prefill_copies": 0}
+                                                     "fused_gate_up_proj": 2, "prefill_copies": 0}
 
 
 def _assert_greedy_equals_eager_and_alone(stepper, eager, prompts, max_new_tokens: int) -> None:

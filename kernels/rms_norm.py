@@ -19,12 +19,13 @@ Contract
 `torch.ops.dsv3.add_rms_norm_quant_cublas(h, delta, weight, eps, pad_k_blocks_to)`: the same kernel for a
 prefill-sized FP8 MoE layer whose shared experts run on cuBLAS (`dsv3.fp8_swiglu`, `takes_quantized_x`), so x is
 quantized once, by the norm, for both kinds of expert (fp8_swiglu's own act_quant launch gone: the 16B's MoE layer
-at 4095 tokens 7.6 us faster on the H200, scripts/ab_prefill_norm_quant.py). Returns (h_out, y, y_q, y_scale, y_scale_cublas): h_out, y as above; y_q [Mp, Kp] e4m3 with
-y_q[:M, :D] the values above (M = rows, Mp = M rounded up to 4, Kp = ceil(D/128) blocks rounded up to
-pad_k_blocks_to blocks; padding rows and columns quantized zeros); y_scale [..., ceil(D/128)] as above (the routed
-experts read it: per token its blocks are adjacent, which their scale loads need); y_scale_cublas [Mp, Kp/128] fp32
-with strides (1, Mp). (y_q, y_scale_cublas) is exactly `act_quant(y.reshape(-1, D), pad_rows_to=4,
-scales_m_major=True, pad_k=True, pad_k_blocks_to=pad_k_blocks_to)`, what `scaled_mm_quantized` takes.
+at 4095 tokens 7.6 us faster on the H200, scripts/ab_prefill_norm_quant.py). Returns (h_out, y, y_q, y_scale,
+y_scale_cublas): h_out, y as above; y_q [Mp, Kp] e4m3 with y_q[:M, :D] the values above (M = rows, Mp = M rounded
+up to 4, Kp = ceil(D/128) blocks rounded up to pad_k_blocks_to blocks; padding rows and columns quantized zeros);
+y_scale [..., ceil(D/128)] as above (the routed experts read it: per token its blocks are adjacent, which their
+scale loads need); y_scale_cublas [Mp, Kp/128] fp32 with strides (1, Mp). (y_q, y_scale_cublas) is exactly
+`act_quant(y.reshape(-1, D), pad_rows_to=4, scales_m_major=True, pad_k=True, pad_k_blocks_to=pad_k_blocks_to)`, what
+`scaled_mm_quantized` takes.
 
 Implementations (branch taken at trace time)
 - CPU, or h not bfloat16/float16: `add_rms_norm_quant_reference` (plain torch; Inductor fuses it when the model is

@@ -283,7 +283,8 @@ step_o_quant() {  # dsv3.mla_prefill_attention_o_proj: its GPU tests (fused == t
 }
 
 step_norm_quant() {  # x quantized once by add_rms_norm_quant for the prefill's shared and routed experts: GPU tests
-  # (bitwise against each op quantizing x, eager / compiled / in packages / the model), then the timed A/B (JSON in $OUT)
+  # (bitwise against each op quantizing x, eager / compiled / in packages / the model), then the timed A/B
+  # (JSON in $OUT)
   timeout 400 $PY -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short -rfE tests/test_swiglu.py \
     tests/test_norm.py 2>&1 | tee "$OUT/norm_quant_tests.log" | grep -E "^E |passed|failed" | tail -12
   timeout 200 $PY scripts/ab_prefill_norm_quant.py --json "$OUT/ab_prefill_norm_quant.json" 2>&1 | grep -v -i warn \

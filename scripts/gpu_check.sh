@@ -39,6 +39,10 @@
 #              and sampled (temperature 0.6, top-p 0.95: decode + sample against the sampled loop graph)
 #   ttft16     scripts/bench_ttft.py on quick16's artifacts: a short prompt's prefill at lengths 5..1000, batch 1 and 8:
 #              the plain calls (first at a new length, again, host time) against the short-prefill CUDA graphs
+#   gemm-power scripts/bench_gemm_power.py: the FP8 GEMM peak (per-tensor, block-scaled; 8192^3) as dsv3c bench's
+#              ~15 ms burst and for 3 s back to back, with nvidia-smi's power, SM clock, clock event reasons
+#   sustain-moe scripts/sustain_moe.py: grouped MoE launch configs (16B routed, T 4096) timed as a burst and sustained
+#              at the power cap, with nvidia-smi's power and SM clock (JSON in $OUT)
 #   ggen       the GPU tests of the loop graphs (greedy, sampled), the short-prefill graphs, greedy_next_ and
 #              top_p_scores (tests/test_generate.py, tests/test_greedy.py, tests/test_top_p.py -m gpu)
 #   topp       scripts/bench_top_p.py: dsv3.top_p_scores against the sort-based top-p it replaced, in CUDA graphs,
@@ -317,6 +321,14 @@ step_loop16() {  # needs quick16's artifacts ($WORK/art16q)
 
 step_ttft16() {  # needs quick16's artifacts ($WORK/art16q)
   timeout 300 $PY scripts/bench_ttft.py "$WORK/art16q" --json "$OUT/bench_ttft.json" 2>&1 | grep -v -i warn | tail -16
+}
+
+step_gemm_power() {
+  timeout 120 $PY scripts/bench_gemm_power.py --json "$OUT/gemm_power.json" 2>&1 | grep -v -i warn | tail -8
+}
+
+step_sustain_moe() {
+  timeout 300 $PY scripts/sustain_moe.py --json "$OUT/sustain_moe.json" 2>&1 | grep -v -i warn | tail -16
 }
 
 step_topp() {

@@ -677,6 +677,9 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     peak = bench.fp8_gemm_peak(torch.device(device))
     prefill = [bench.bench_prefill(stepper, model, min(n, stepper.max_seq_len - 1), echo=click.echo, fp8_peak=peak)
                for n in lengths]
+    sustained = bench.fp8_gemm_sustained(torch.device(device)) if prefill and peak else None
+    if sustained:
+        bench.add_sustained_mfu(prefill, sustained, echo=click.echo)
     report = {"mode": "artifacts" if artifacts else ("jit" if jit else "eager"), "device": device,
               "world_size": plan.world_size, "collectives": "stubbed" if plan.world_size > 1 else "none",
               "config": model.cfg.name, "copy_bandwidth_Bps": bw, "load_s": load_s, "timings": timings,

@@ -7,7 +7,8 @@ host reads each token while the device runs the next step, so launch and sync la
 ms/token, tokens/s,
 the bytes one step must read (from the loaded tensors, see `step_bytes`) and the fraction of the device's copy
 bandwidth that this implies; the copy bandwidth is measured in the same run. Prefill: time to first token, tokens/s,
-and the model FLOPs utilisation against an FP8 GEMM measured in the same run (`prefill_flops`, `fp8_gemm_peak`).
+and the model FLOPs utilisation against an FP8 GEMM measured in the same run (`prefill_flops`, `fp8_gemm_peak`), and
+against the rate that GEMM holds back to back (`fp8_gemm_sustained`: below the burst on a power-capped GPU).
 """
 
 from __future__ import annotations
@@ -136,15 +137,23 @@ def bench_decode(stepper: Stepper, model: Transformer, batch_sizes: Sequence[int
     return out
 
 
-def fp8_gemm_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
-    """FP8 x FP8 -> bf16 GEMM throughput (FLOP/s) of one n^3 `torch._scaled_mm` with per-tensor scales, the
-    ceiling prefill MFU is quoted against; None where FP8 GEMMs do not run (CPU, GPUs before sm_89)."""
+def _fp8_gemm(device: torch.device, n: int):
+    """One n^3 FP8 x FP8 -> bf16 `torch._scaled_mm` with per-tensor scales (a zero-argument callable), or None where
+    FP8 GEMMs do not run (CPU, GPUs before sm_89)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         return None
     a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
     b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as cuBLASLt wants
     one = torch.ones((), device=device)
-    gemm = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
+def fp8_gemm_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
+    """FP8 GEMM throughput (FLOP/s) of `reps` n^3 GEMMs (`_fp8_gemm`) in one burst (~15 ms on an H200), the ceiling
+    prefill MFU is quoted against; None where FP8 GEMMs do not run."""
+    gemm = _fp8_gemm(device, n)
+    if gemm is None:
+        return None
     gemm()
     _sync(device)
     t0 = time.perf_counter()
@@ -152,6 +161,30 @@ def fp8_gemm_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float 
         gemm()
     _sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def fp8_gemm_sustained(device: torch.device, n: int = 8192, seconds: float = 2.0, window: int = 20) -> float | None:
+    """The same GEMM back to back for `seconds`: FLOP/s over the second half, windows of `window` calls timed by CUDA
+    events. A GPU at its power cap holds less than the burst: the H200 (700 W) settles at ~1220 TFLOP/s after
+    ~50 ms at 1440 (SM clock 1980 -> ~1350 MHz; scripts/bench_gemm_power.py, 2026-11-26), so a long prefill's MFU
+    is shown against both. None where FP8 GEMMs do not run."""
+    gemm = _fp8_gemm(device, n)
+    if gemm is None:
+        return None
+    events = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(window):
+            gemm()
+        end.record()
+        events.append((start, end))
+        if len(events) > 4:
+            events[-4][1].synchronize()  # the host stays a few windows ahead: the GPU never idles
+    _sync(device)
+    ms = statistics.median(s.elapsed_time(e) for s, e in events[len(events) // 2:])
+    return 2 * n ** 3 * window / (ms / 1e3)
 
 
 def prefill_flops(model: Transformer, prompt_len: int, chunk: int | None = None) -> float:
@@ -218,6 +251,18 @@ def bench_prefill(stepper: Stepper, model: Transformer, prompt_len: int, echo: C
     echo(f"prefill {prompt_len} tokens: {1000 * dt:.1f} ms ({prompt_len / dt:.0f} tokens/s) | "
          f"{flops / 1e12:.2f} TFLOP, {flops / dt / 1e12:.1f} TFLOP/s{mfu}")
     return out
+
+
+def add_sustained_mfu(prefill: list[dict], fp8_sustained: float, echo: Callable[[str], None] = print) -> None:
+    """Each prefill row's TFLOP/s against the rate the peak's GEMM sustains (`fp8_gemm_sustained`, measured after
+    the prefills so they start from a rested GPU): fields fp8_sustained_tflops_per_s and mfu_sustained."""
+    parts = []
+    for row in prefill:
+        row["fp8_sustained_tflops_per_s"] = round(fp8_sustained / 1e12, 1)
+        row["mfu_sustained"] = round(row["flops"] / (row["ttft_ms"] / 1e3) / fp8_sustained, 4)
+        parts.append(f"{row['prompt_len']} tokens {100 * row['mfu_sustained']:.1f}%")
+    echo(f"FP8 GEMM sustained {fp8_sustained / 1e12:.0f} TFLOP/s (the peak's GEMM back to back for 2 s, as far as "
+         f"the GPU's power cap lets it); prefill MFU against it: " + ", ".join(parts))
 
 
 def _write_atomic(path: str, data: str | bytes) -> None:

@@ -86,6 +86,22 @@ def test_prefill_flops_hand_count():
         assert prefill_flops(model, length, 30) == pytest.approx(two_chunks, rel=1e-12)
 
 
+def test_sustained_mfu_fields():
+    """The prefill rows' MFU against the sustained FP8 GEMM rate: FLOPs / (ttft) / rate, recorded and printed; no
+    FP8 GEMM on the CPU (neither rate is measured there)."""
+    from dsv3.runtime.bench import add_sustained_mfu, fp8_gemm_peak, fp8_gemm_sustained
+
+    rows = [{"prompt_len": 4095, "flops": 20.68e12, "ttft_ms": 40.0}, {"prompt_len": 14, "flops": 6e10, "ttft_ms": 5.0}]
+    lines = []
+    add_sustained_mfu(rows, 1.2e15, echo=lines.append)
+    assert rows[0]["fp8_sustained_tflops_per_s"] == 1200.0
+    assert rows[0]["mfu_sustained"] == round(20.68e12 / 0.040 / 1.2e15, 4) == 0.4308
+    assert rows[1]["mfu_sustained"] == 0.01
+    assert lines == ["FP8 GEMM sustained 1200 TFLOP/s (the peak's GEMM back to back for 2 s, as far as the GPU's "
+                     "power cap lets it); prefill MFU against it: 4095 tokens 43.1%, 14 tokens 1.0%"]
+    assert fp8_gemm_peak(torch.device("cpu")) is None and fp8_gemm_sustained(torch.device("cpu")) is None
+
+
 def test_bench_cli_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3_NORM_QUANT", "torch")  # a switch in the environment: reported with the numbers
     out = tmp_path / "bench.json"

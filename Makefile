@@ -25,8 +25,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# TORCHINDUCTOR_COMPILE_THREADS=1: Inductor compiles in the process instead of starting a pool of compile workers
+# (each importing torch) in every process that compiles; with both cores already busy the pool only costs: a tiny
+# CPU build of 4 graphs 101.7 -> 87.0 s wall (91.7 -> 81.2 s user), 2026-11-26.
 test: venv
-	$(PY) -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	TORCHINDUCTOR_COMPILE_THREADS=1 $(PY) -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/dsv3c init-random --config tiny --out $(DEMO)/ckpt-tiny --overwrite

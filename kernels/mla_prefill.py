@@ -28,10 +28,10 @@ second; see `dsv3.model.MLA`):
   input_pos[j] <= input_pos[i]; the prefix enters the same softmax as one more key of logit prefix_lse[i] and
   value prefix_out[i] (exact: that is what merging two softmax partitions is).
   out[i] = softmax(...) . values, fp32 statistics, returned as [B, S, H, Dv] in q_nope.dtype.
-- CPU / fp32: reference. CUDA: `_mha_prefill_kernel`, flash attention: one program per (BLOCK_M queries, head,
-  sequence); its online-softmax state starts from the prefix (m = lse, l = 1, acc = prefix_out; empty without
-  one: HAS_PREFIX=False reads nothing), then walks the
-  chunk's key blocks up to its causal bound (exp2 arithmetic, P rounded to v's dtype for the P.V product).
+- CPU / fp32: reference. CUDA: `_mha_prefill_kernel`, flash attention: one program per (head, BLOCK_M queries,
+  sequence), the longest blocks first within groups of PREFILL_HEAD_GROUP heads; its online-softmax state starts
+  from the prefix (m = lse, l = 1, acc = prefix_out; empty without one: HAS_PREFIX=False reads nothing), then walks
+  the chunk's key blocks up to its causal bound (exp2 arithmetic, P rounded to v's dtype for the P.V product).
 - Head dims that are not powers of two (tests) are padded to >= 16 with masks.
 
 `mla_prefill_attention_o_proj(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, o_weight, o_scale,
@@ -116,6 +116,12 @@ def mla_prefill_attention_reference(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Heads per group of the prefill attention's schedule (`_mha_prefill_kernel`: a group's query blocks start longest
+# first across its heads). H200, 4096 tokens, no prefix, bitwise the same output (scripts/ab_prefill_attn.py,
+# 2026-11-26): 16 heads 224.0 -> 182.5 us per call with all 16 in one group; 128 heads in one group 1474 -> 1575 us
+# (the keys of all heads in flight at once).
+PREFILL_HEAD_GROUP = 16
+
 @triton.jit
 def _mha_prefill_block(
     q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
@@ -157,12 +163,12 @@ def _mha_prefill_block(
 @triton.jit
 def _mha_prefill_kernel(
     qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, pos_ptr, po_ptr, plse_ptr, out_ptr, oq_ptr, os_ptr,
-    S, H, DN, R, DV, scale_log2, n_rows, pad_rows,
+    S, H, DN, R, DV, scale_log2, n_rows, pad_rows, n_groups,
     s_qn_b, s_qn_s, s_qn_h, s_qp_b, s_qp_s, s_qp_h, s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s,
     s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, s_po_b, s_po_s, s_po_h, s_o_b, s_o_s, s_o_h, s_oq, s_os_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr, EXACT_D: tl.constexpr, KV_DESC: tl.constexpr,
-    QUANT_OUT: tl.constexpr,
+    QUANT_OUT: tl.constexpr, HEAD_GROUP: tl.constexpr,
 ):
     """Causal flash attention over a chunk's own keys (module docstring). KV_DESC (the launcher's choice, with
     EXACT_D): kn_ptr, kp_ptr and v_ptr are TMA tensor descriptors over the keys' row views k_nope [B*S, H, DN], k_pe
@@ -174,11 +180,17 @@ def _mha_prefill_kernel(
     dtype and quantized for the o_proj GEMM as `act_quant(out.view(B*S, H*DV), pad_rows_to=4, scales_m_major=True)`
     would: e4m3 rows b*S + s of oq [n_rows + pad_rows, H*DV] (row stride s_oq), scales at os[h * s_os_h + row];
     the pad_rows rows past n_rows = B*S quantized zeros, written by the last sequence's last query block."""
-    # The last query blocks see the most keys: they get the lowest program ids, so they start first and the
-    # short blocks fill the tail (causal work grows with pid_m).
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    # Grid (HEAD_GROUP heads, query blocks, head groups x sequences), heads fastest: within a group of heads,
+    # programs start in order of decreasing causal work (the last query block of every head first), the
+    # longest-first schedule, so the short blocks fill the tail. With query blocks fastest, each head's blocks ran
+    # long to short in turn and the last head's longest block started near the end (a list-scheduling model of 16
+    # heads x 32 blocks on 132 SMs: 82 work units against 65 for this order and 64 ideal). Groups bound the keys in
+    # flight (16 heads x 4096 tokens: ~33 MB, inside the L2; all 128 heads at once measured slower).
+    h = tl.program_id(2) % n_groups * HEAD_GROUP + tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = (tl.program_id(2) // n_groups).to(tl.int64)
+    if h >= H:  # the last group's heads past H
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < S
     offs_dn = tl.arange(0, DN_PAD)
@@ -230,7 +242,7 @@ def _mha_prefill_kernel(
         rows = b * S + offs_m
         tl.store(oq_ptr + rows[:, None] * s_oq + h * DV + offs_dv[None, :], oq, mask=m_mask[:, None])
         tl.store(os_ptr + h * s_os_h + rows, osc, mask=m_mask)
-        if (b == tl.num_programs(2) - 1) & (pid_m == tl.num_programs(0) - 1):
+        if (b == tl.num_programs(2) // n_groups - 1) & (pid_m == tl.num_programs(1) - 1):
             offs_p = tl.arange(0, 4)
             zq, zs = quantize_tile_rcp(tl.zeros((4, DV_PAD), dtype=tl.float32))
             prow = n_rows + offs_p
@@ -319,15 +331,17 @@ def mla_prefill_attention_triton(
         tma_descriptor_ok(t) and statically_known_true(t.stride(0) == t.shape[1] * t.stride(1))
         for t in (k_nope, k_pe, v))
     keys = dict(kn_ptr=k_nope, kp_ptr=k_pe, v_ptr=v)
+    group = min(heads, PREFILL_HEAD_GROUP)  # heads whose query blocks are scheduled together (see the kernel)
+    n_groups = cdiv(heads, group)
     descriptors = {}
     if kv_desc:
         keys = {name: t.flatten(0, 1) for name, t in keys.items()}
         descriptors = {"kn_ptr": [block_n, 1, dn_pad], "kp_ptr": [block_n, r_pad], "v_ptr": [block_n, 1, dv_pad]}
     launch_with_descriptors(
-        _mha_prefill_kernel, (cdiv(seqlen, block_m), heads, bsz), descriptors,
+        _mha_prefill_kernel, (group, cdiv(seqlen, block_m), n_groups * bsz), descriptors,
         qn_ptr=q_nope, qp_ptr=q_pe, **keys, pos_ptr=input_pos, po_ptr=prefix_out, plse_ptr=prefix_lse, out_ptr=out,
         oq_ptr=oq, os_ptr=os_, S=seqlen, H=heads, DN=dn, R=r, DV=dv, scale_log2=float(softmax_scale) * LOG2E,
-        n_rows=n_rows, pad_rows=mp - n_rows,
+        n_rows=n_rows, pad_rows=mp - n_rows, n_groups=n_groups,
         s_qn_b=q_nope.stride(0), s_qn_s=q_nope.stride(1), s_qn_h=q_nope.stride(2),
         s_qp_b=q_pe.stride(0), s_qp_s=q_pe.stride(1), s_qp_h=q_pe.stride(2),
         s_kn_b=k_nope.stride(0), s_kn_s=k_nope.stride(1), s_kn_h=k_nope.stride(2),
@@ -336,7 +350,8 @@ def mla_prefill_attention_triton(
         s_po_b=prefix_out.stride(0), s_po_s=prefix_out.stride(1), s_po_h=prefix_out.stride(2),
         s_o_b=out.stride(0), s_o_s=out.stride(1), s_o_h=out.stride(2), s_oq=oq.stride(0), s_os_h=os_.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, DN_PAD=dn_pad, R_PAD=r_pad, DV_PAD=dv_pad, HAS_PREFIX=has_prefix,
-        EXACT_D=exact_d, KV_DESC=kv_desc, QUANT_OUT=quant_out, num_warps=num_warps, num_stages=num_stages,
+        EXACT_D=exact_d, KV_DESC=kv_desc, QUANT_OUT=quant_out, HEAD_GROUP=group, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return (oq, os_) if quant_out else out
 

@@ -188,3 +188,35 @@ def test_prefill_attention_quantized_output(b, s, prefix, fixed_interpreter, mon
     with pytest.raises(ValueError, match="v_head_dim 32"):
         P.mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v[..., :32].contiguous(), pos, 0.15,
                                        quant_out=True)
+
+
+@pytest.mark.parametrize("quant_out", [False, True])
+def test_prefill_attention_head_groups(quant_out, fixed_interpreter, monkeypatch):
+    """Heads scheduled in groups (PREFILL_HEAD_GROUP; 2 here: 5 heads in 3 groups, the last one partial) over 3
+    sequences, with a prefix: every output element written (buffers poisoned), bitwise the one-group launch's (the
+    default up to 16 heads), which matches the float64 reference; with QUANT_OUT the padding rows too."""
+    gen = torch.Generator().manual_seed(41)
+    b, s, h, dn, r, dv = 3, 21, 5, 32, 16, 128
+    r_ = lambda *shape: torch.randn(*shape, generator=gen).half()  # noqa: E731
+    pos = torch.arange(s)[None] + torch.tensor([[0], [5], [9]])
+    args = (r_(b, s, h, dn), r_(b, s, h, r), r_(b, s, h, dn), r_(b, s, r), r_(b, s, h, dv), pos, 0.15,
+            r_(b, s, h, dv), torch.randn(b, s, h, generator=gen) * 3)
+    empty = torch.empty
+
+    def poisoned(*shape, **kwargs):
+        t = empty(*shape, **kwargs)
+        (t.view(torch.uint8).fill_(0x7F) if t.element_size() == 1 else t.fill_(float("nan")))
+        return t
+
+    outs = {}
+    for group in (16, 2):
+        monkeypatch.setattr(P, "PREFILL_HEAD_GROUP", group)
+        monkeypatch.setattr(torch, "empty", poisoned)
+        res = P.mla_prefill_attention_triton(*args, quant_out=quant_out, block_m=16, block_n=16, num_warps=4)
+        monkeypatch.setattr(torch, "empty", empty)
+        outs[group] = res if quant_out else (res,)
+    assert all(torch.equal(x.float(), y.float()) for x, y in zip(outs[16], outs[2]))
+    if not quant_out:
+        ref = P.mla_prefill_attention_reference(
+            *(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args))
+        assert rel_err(outs[2][0], ref) < 2e-3

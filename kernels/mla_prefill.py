@@ -117,10 +117,11 @@ def mla_prefill_attention_reference(
 
 
 # Heads per group of the prefill attention's schedule (`_mha_prefill_kernel`: a group's query blocks start longest
-# first across its heads). H200, 4096 tokens, no prefix, bitwise the same output (scripts/ab_prefill_attn.py,
-# 2026-11-26): 16 heads 224.0 -> 182.5 us per call with all 16 in one group; 128 heads in one group 1474 -> 1575 us
-# (the keys of all heads in flight at once).
+# first across its heads). H200, 4096 tokens, no prefix, bitwise the same output as query blocks fastest
+# (scripts/ab_prefill_attn.py, 2026-11-26): 16 heads 221.7 -> 179.7 us per call, 32 heads 1.096x, 128 heads 1.031x
+# in groups of 16; all 128 heads as one group 0.936x (every head's keys in flight at once, past the L2).
 PREFILL_HEAD_GROUP = 16
+
 
 @triton.jit
 def _mha_prefill_block(

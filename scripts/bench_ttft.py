@@ -15,8 +15,9 @@ For each prompt length and batch (fresh random prompts of that length each call)
 - ttft: what `generate` counts as time to first token (prefill, the first token's argmax, sync) on the default
   path (graphs where a bucket fits);
 - logits vs plain: the same prompts prefilled both ways, the largest relative L2 difference of a row's logits and
-  how many rows' argmax agree (the padded width changes the GEMMs' M: close, not bitwise; a random 16B amplifies
-  such differences, see the compile-time verification's noise floor); and whether the replay equals, bitwise, a
+  how many rows' argmax agree (a row's logits depend on the batch around it at rounding level, as a plain call of
+  several prompts differs from each prompt alone: scripts/check_batch_invariance.py; a random 16B amplifies such
+  differences, see the compile-time verification's noise floor); and whether the replay equals, bitwise, a
   direct call of the package on the bucket's padded inputs (None: no bucket, or more than one call).
 First, the first requests after load (14 tokens; the largest batch first): prefill and the argmax timed apart.
 `--extra-widths`: one-prompt buckets the runtime does not make (it stops at 2048 tokens), captured the same way, so

@@ -25,15 +25,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# TORCHINDUCTOR_COMPILE_THREADS=1: Inductor compiles in the process instead of starting a pool of compile workers
-# (each importing torch) in every process that compiles; with both cores already busy the pool only costs: a tiny
-# CPU build of 4 graphs 101.7 -> 87.0 s wall (91.7 -> 81.2 s user), 2026-11-26.
+# TORCHINDUCTOR_COMPILE_THREADS=1 (test, demo): Inductor compiles in the process instead of starting a pool of
+# compile workers (each importing torch) in every process that compiles; a CPU build gains nothing from the pool on 2
+# cores: a tiny build of 4 graphs 101.7 -> 87.0 s wall (91.7 -> 81.2 s user) on an idle machine, 2026-11-26.
 test: venv
 	TORCHINDUCTOR_COMPILE_THREADS=1 $(PY) -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/dsv3c init-random --config tiny --out $(DEMO)/ckpt-tiny --overwrite
-	$(VENV)/bin/dsv3c compile --config $(DEMO)/ckpt-tiny --device cpu --out $(DEMO)/art-tiny --max-batch-size 2 \
+	TORCHINDUCTOR_COMPILE_THREADS=1 $(VENV)/bin/dsv3c compile --config $(DEMO)/ckpt-tiny --device cpu \
+		--out $(DEMO)/art-tiny --max-batch-size 2 \
 		--max-seq-len 256 --batch-sizes 1,2 --prefill-chunk 64 --dtype float32 --overwrite
 	$(VENV)/bin/dsv3c inspect $(DEMO)/art-tiny
 	@echo "--- random weights: the chat answer below is nonsense; it shows the whole path runs ---"

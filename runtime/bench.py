@@ -163,27 +163,34 @@ def fp8_gemm_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float 
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def fp8_gemm_sustained(device: torch.device, n: int = 8192, seconds: float = 2.0, window: int = 20) -> float | None:
-    """The same GEMM back to back for `seconds`: FLOP/s over the second half, windows of `window` calls timed by CUDA
-    events. A GPU at its power cap holds less than the burst: the H200 (700 W) settles at ~1220 TFLOP/s after
-    ~50 ms at 1440 (SM clock 1980 -> ~1350 MHz; scripts/bench_gemm_power.py, 2026-11-26), so a long prefill's MFU
-    is shown against both. None where FP8 GEMMs do not run."""
-    gemm = _fp8_gemm(device, n)
-    if gemm is None:
-        return None
-    events = []
+def back_to_back(fn: Callable[[], object], seconds: float, ahead: int = 4) -> list[tuple[float, float]]:
+    """Runs `fn` (GPU work, enqueued asynchronously) again and again for `seconds`, each run between two CUDA events
+    and the host at most `ahead` runs ahead, so the GPU never idles: [(ms of each run, host time.time() when it was
+    enqueued)]. For rates under sustained load: a power-capped GPU slows down after a burst."""
+    runs = []
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(window):
-            gemm()
+        fn()
         end.record()
-        events.append((start, end))
-        if len(events) > 4:
-            events[-4][1].synchronize()  # the host stays a few windows ahead: the GPU never idles
-    _sync(device)
-    ms = statistics.median(s.elapsed_time(e) for s, e in events[len(events) // 2:])
+        runs.append((start, end, time.time()))
+        if len(runs) >= ahead:
+            runs[-ahead][1].synchronize()
+    torch.cuda.synchronize()
+    return [(start.elapsed_time(end), t) for start, end, t in runs]
+
+
+def fp8_gemm_sustained(device: torch.device, n: int = 8192, seconds: float = 2.0, window: int = 20) -> float | None:
+    """The same GEMM back to back for `seconds` (`back_to_back`, windows of `window` calls): FLOP/s over the second
+    half. A GPU at its power cap holds less than the burst: the H200 (700 W) settles at ~1220 TFLOP/s after ~50 ms
+    at 1440 (SM clock 1980 -> ~1350 MHz; scripts/bench_gemm_power.py, 2026-11-26), so a long prefill's MFU is shown
+    against both. None where FP8 GEMMs do not run."""
+    gemm = _fp8_gemm(device, n)
+    if gemm is None:
+        return None
+    runs = back_to_back(lambda: [gemm() for _ in range(window)], seconds)
+    ms = statistics.median(ms for ms, _ in runs[len(runs) // 2:])
     return 2 * n ** 3 * window / (ms / 1e3)
 
 

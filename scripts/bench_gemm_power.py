@@ -20,10 +20,13 @@ import statistics
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
+
+from dsv3.runtime.bench import back_to_back
 
 SMI_FIELDS = "timestamp,clocks.sm,power.draw,clocks_event_reasons.active,temperature.gpu"
 
@@ -46,13 +49,14 @@ def block_scaled_gemm(n: int):
                                output_dtype=torch.bfloat16)
 
 
-def utc() -> str:
-    return datetime.now(timezone.utc).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+def utc(t: float | None = None) -> str:
+    """nvidia-smi's timestamp format, in UTC, for time.time() value `t` (default: now)."""
+    return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
 
 
 def run_phase(gemm, flop: float, window: int, seconds: float) -> dict:
-    """A burst of `window` calls, then windows of `window` calls back to back for `seconds`, each timed by CUDA
-    events (no host sync between windows: the GPU never idles)."""
+    """A burst of `window` calls, then windows of `window` calls back to back for `seconds` (`back_to_back`: no host
+    sync between windows, the GPU never idles)."""
     gemm()
     torch.cuda.synchronize()
     start = utc()
@@ -63,22 +67,29 @@ def run_phase(gemm, flop: float, window: int, seconds: float) -> dict:
     burst = flop * window / (time.perf_counter() - t0) / 1e12
     burst_end = utc()
     time.sleep(0.5)  # let the clock recover, so the sustained run starts as the burst did
-    events = []
-    t_end = time.perf_counter() + seconds
     sustained_start = utc()
-    while time.perf_counter() < t_end:
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(window):
-            gemm()
-        e1.record()
-        events.append((e0, e1))
-        if len(events) % 8 == 0:
-            events[-8][1].synchronize()  # keep the host at most a few windows ahead
-    torch.cuda.synchronize()
-    rates = [flop * window / (e0.elapsed_time(e1) / 1e3) / 1e12 for e0, e1 in events]
+    runs = back_to_back(lambda: [gemm() for _ in range(window)], seconds)
+    rates = [flop * window / (ms / 1e3) / 1e12 for ms, _ in runs]
     return {"burst_utc": start, "burst_end_utc": burst_end, "sustained_utc": sustained_start, "end_utc": utc(),
             "burst_tflops": burst, "windows_tflops": rates}
+
+
+@contextmanager
+def smi_sampling():
+    """`nvidia-smi` samples (SMI_FIELDS) every 20 ms while the block runs; the yielded list holds them, parsed,
+    once the block has ended."""
+    samples: list[dict] = []
+    smi_file = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
+    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader", "-lms", "20"],
+                           stdout=smi_file, stderr=subprocess.DEVNULL)
+    try:
+        yield samples
+    finally:
+        time.sleep(0.3)
+        smi.terminate()
+        smi.wait()
+        smi_file.close()
+        samples.extend(parse_smi(smi_file.name))
 
 
 def samples_between(samples: list[dict], start: str, end: str) -> dict:
@@ -112,10 +123,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the phases, windows and nvidia-smi samples here")
     args = ap.parse_args()
     flop = 2.0 * args.n ** 3
-    smi_file = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
-    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader", "-lms", "20"],
-                           stdout=smi_file, stderr=subprocess.DEVNULL)
-    try:
+    with smi_sampling() as samples:
         time.sleep(1.0)
         idle = (utc(), None)
         time.sleep(0.5)
@@ -124,12 +132,6 @@ def main() -> None:
         for name, make in (("per-tensor", per_tensor_gemm), ("block-scaled", block_scaled_gemm)):
             phases[name] = run_phase(make(args.n), flop, args.window, args.seconds)
             time.sleep(1.0)
-    finally:
-        time.sleep(0.3)
-        smi.terminate()
-        smi.wait()
-        smi_file.close()
-    samples = parse_smi(smi_file.name)
     print(f"idle: {samples_between(samples, *idle)}")
     for name, p in phases.items():
         w = p["windows_tflops"]

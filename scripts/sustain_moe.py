@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import tempfile
 import time
 
 import torch
 
-from bench_gemm_power import SMI_FIELDS, parse_smi, samples_between, utc
+from bench_gemm_power import samples_between, smi_sampling, utc
 from sweep_prefill import moe_inputs
+
+from dsv3.runtime.bench import back_to_back
 
 CONFIGS = [
     {},
@@ -39,21 +39,11 @@ CONFIGS = [
 
 
 def sustained(graph: torch.cuda.CUDAGraph, calls: int, seconds: float) -> tuple[float, str, str]:
-    """Replays back to back for `seconds`: (median us per call over the second half, its start and end UTC)."""
-    events = []
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        events.append((e0, e1, utc()))
-        if len(events) % 4 == 0:
-            events[-4][1].synchronize()  # the host stays a few replays ahead, never further
-    torch.cuda.synchronize()
-    half = events[len(events) // 2:]
-    us = statistics.median(e0.elapsed_time(e1) * 1e3 / calls for e0, e1, _ in half)
-    return us, half[0][2], utc()
+    """Replays back to back for `seconds` (`back_to_back`): (median us per call over the second half, its start and
+    end UTC)."""
+    runs = back_to_back(graph.replay, seconds)
+    half = runs[len(runs) // 2:]
+    return statistics.median(ms * 1e3 / calls for ms, _ in half), utc(half[0][1]), utc()
 
 
 def main() -> None:
@@ -93,22 +83,13 @@ def main() -> None:
             graphs[key] = (g, burst)
         except Exception as exc:  # a config that does not compile or verify is reported and skipped
             print(f"{key}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    smi_file = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
-    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader", "-lms", "20"],
-                           stdout=smi_file, stderr=subprocess.DEVNULL)
     runs = []
-    try:
+    with smi_sampling() as samples:
         for r in range(args.rounds):
             for key, (g, burst) in graphs.items():
                 time.sleep(1.0)  # every run starts from a rested GPU
                 us, start, end = sustained(g, args.calls, args.seconds)
                 runs.append((r, key, burst, us, start, end))
-    finally:
-        time.sleep(0.3)
-        smi.terminate()
-        smi.wait()
-        smi_file.close()
-    samples = parse_smi(smi_file.name)
     print(f"grouped MoE {args.shape} T={args.t}: us per call, burst (graph_us) vs sustained ({args.seconds} s, second "
           f"half), TFLOP/s sustained, power / SM clock medians")
     for r, key, burst, us, start, end in runs:

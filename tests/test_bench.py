@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -100,6 +101,43 @@ def test_sustained_mfu_fields():
     assert lines == ["FP8 GEMM sustained 1200 TFLOP/s (the peak's GEMM back to back for 2 s, as far as the GPU's "
                      "power cap lets it); prefill MFU against it: 4095 tokens 43.1%, 14 tokens 1.0%"]
     assert fp8_gemm_peak(torch.device("cpu")) is None and fp8_gemm_sustained(torch.device("cpu")) is None
+
+
+def test_back_to_back_windows(monkeypatch):
+    """back_to_back (the sustained-rate loop of dsv3c bench and the power scripts) on stand-in CUDA events: every run
+    timed between its own two events, the host never more than `ahead` runs past the last one it waited for, and
+    each run's enqueue time reported."""
+    from dsv3.runtime import bench
+
+    class Event:
+        made = []
+
+        def __init__(self, enable_timing=False):
+            self.t, self.waited = None, False
+            Event.made.append(self)
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            self.waited = True
+
+        def elapsed_time(self, end):
+            return 1e3 * (end.t - self.t)
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def work():
+        ends = Event.made[1::2]
+        waited = max((i for i, e in enumerate(ends) if e.waited), default=-1)
+        calls.append(len(ends) - 1 - waited)  # runs enqueued since the last waited-for end (this one included)
+        time.sleep(0.002)
+
+    runs = bench.back_to_back(work, 0.05, ahead=3)
+    assert len(runs) == len(calls) >= 5 and max(calls) <= 4
+    assert all(ms >= 2.0 for ms, _ in runs) and [t for _, t in runs] == sorted(t for _, t in runs)
 
 
 def test_bench_cli_smoke(tmp_path, monkeypatch):

@@ -674,9 +674,17 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     click.echo(f"copy bandwidth {bw / 1e12:.3f} TB/s (measured) | load {load_s:.2f}s "
                + " ".join(f"{k} {v:.2f}s" for k, v in timings.items() if v))
     decode = bench.bench_decode(stepper, model, buckets, ctxs, steps, bw, echo=click.echo)
+    cuda = device.startswith("cuda")
+    # the model's peak memory, not the FP8 GEMM measurements' (their 8192^2 operands and outputs): the peak up to
+    # here, then again over the prefills
+    model_peak = torch.cuda.max_memory_allocated() if cuda else 0
     peak = bench.fp8_gemm_peak(torch.device(device))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     prefill = [bench.bench_prefill(stepper, model, min(n, stepper.max_seq_len - 1), echo=click.echo, fp8_peak=peak)
                for n in lengths]
+    if cuda:
+        model_peak = max(model_peak, torch.cuda.max_memory_allocated())
     sustained = bench.fp8_gemm_sustained(torch.device(device)) if prefill and peak else None
     if sustained:
         bench.add_sustained_mfu(prefill, sustained, echo=click.echo)
@@ -694,9 +702,9 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
             click.echo(f"batch {ours.batch} context {ours.context}: dsv3c {ours.ms_per_token:.3f} ms vs hf "
                        f"{theirs['ms_per_token']:.3f} ms -> {theirs['ms_per_token'] / ours.ms_per_token:.1f}x")
         report["baseline_hf"] = hf
-    if device.startswith("cuda"):
-        report["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-        click.echo(f"peak GPU memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if cuda:
+        report["peak_memory_bytes"] = model_peak
+        click.echo(f"peak GPU memory {model_peak / 2**30:.2f} GiB (load, decode, prefill)")
     if json_out:
         bench.write_json(json_out, report)
     if plot_out:

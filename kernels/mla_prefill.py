@@ -45,7 +45,7 @@ prefix_out, prefix_lse) -> [B, S, N]`
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -54,7 +54,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import (
-    cdiv, env_switch, launch_with_descriptors, next_pow2, static_int, tma_descriptor_ok,
+    cdiv, env_switch, launch_with_descriptors, next_pow2, num_sms, static_int, tma_descriptor_ok,
 )
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
 from dsv3.kernels.fp8_linear import (
@@ -121,6 +121,47 @@ def mla_prefill_attention_reference(
 # (scripts/ab_prefill_attn.py, 2026-11-26): 16 heads 221.7 -> 179.7 us per call, 32 heads 1.096x, 128 heads 1.031x
 # in groups of 16; all 128 heads as one group 0.936x (every head's keys in flight at once, past the L2).
 PREFILL_HEAD_GROUP = 16
+
+
+class PrefillAttnConfig(NamedTuple):
+    block_m: int  # queries per program
+    block_n: int  # keys per step of the online softmax
+    num_warps: int
+    num_stages: int
+
+
+# Launch configs by chunk length (scripts/sweep_prefill.py --only attention, H200, 16 heads, causal, no prefix).
+# Long chunks: 128 x 64 blocks, 8 warps, 3 stages: at 4096 tokens 245.5 us against 311.5 at 2 stages, 128 x 128 and
+# 64 x 64 blocks ~270 (2026-11-23); with the longest-first schedule still the best of 20, 179.1 us (480 TFLOP/s; next
+# 64 x 64 blocks, 4 warps, 2 stages 197.0; 2026-11-26). 128-key blocks need > 227 KB of shared memory at 3 stages.
+# Short chunks: 64 x 64 blocks, 4 warps, 3 stages, where the long config's programs fit in one wave. There its
+# programs all start at once and the causal work is uneven: at 16 heads x 1024 tokens, 128 programs (8 query blocks
+# per head) whose longest does 8 units of work against a mean of 4.5, so the wave lasts as long as its longest
+# program. 64-row programs are twice as many and half the size, two per SM, so the longest shares an SM with a short
+# one. 16 heads, us per call (scripts/ab_prefill_attn.py, 2026-11-26): 256 tokens 13.1 -> 9.3 us, 512 17.9 -> 12.6,
+# 768 22.7 -> 16.1, 1024 27.7 -> 22.3; from 1280 tokens (160 programs) the two tie (1280, 1536, 2048), and past a
+# wave the long one wins: 128 heads x 1024 tokens (1024 programs) 137.8 us long, 160.5 short.
+PREFILL_ATTN_LONG = PrefillAttnConfig(128, 64, 8, 3)
+PREFILL_ATTN_SHORT = PrefillAttnConfig(64, 64, 4, 3)
+
+
+def prefill_attention_launches(seqlen, heads: int, bsz, sms: int) -> list[tuple[PrefillAttnConfig, int]]:
+    """The prefill attention's launches for `bsz` chunks of `seqlen` tokens and `heads` heads on `sms` SMs:
+    [(config, query blocks per head)]. PREFILL_ATTN_SHORT where PREFILL_ATTN_LONG's programs (heads x bsz x query
+    blocks) fit in one wave, else PREFILL_ATTN_LONG. Static sizes (eager calls, graphs of static shape) take the
+    one launch. Dynamic ones (the prefill packages' chunk length and rows, SymInts at trace time) cannot choose at
+    trace time: both launches go into the graph and the one the rule does not pick at the run's sizes gets zero
+    query blocks. A grid with a zero dimension is not launched (Triton's launcher, Inductor's Python and
+    AOTInductor's C++ wrappers all skip it), so a run pays one launch, the one the static rule would pick. The
+    choice uses only +, * and // on the sizes, which sympy (guards, the generated grid code) handles without a
+    guard: `long` is 1 past one wave, 0 up to it, for any program count below 2**40."""
+    long_programs = heads * bsz * cdiv(seqlen, PREFILL_ATTN_LONG.block_m)
+    if static_int(long_programs) is not None:
+        cfg = PREFILL_ATTN_SHORT if static_int(long_programs) <= sms else PREFILL_ATTN_LONG
+        return [(cfg, cdiv(static_int(seqlen), cfg.block_m))]
+    long = (long_programs + (1 << 40) - sms - 1) // (1 << 40)
+    return [(PREFILL_ATTN_LONG, cdiv(seqlen, PREFILL_ATTN_LONG.block_m) * long),
+            (PREFILL_ATTN_SHORT, cdiv(seqlen, PREFILL_ATTN_SHORT.block_m) * (1 - long))]
 
 
 @triton.jit
@@ -290,13 +331,11 @@ def mla_prefix_attention_triton(
 def mla_prefill_attention_triton(
     q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
     input_pos: torch.Tensor, softmax_scale: float, prefix_out: Optional[torch.Tensor] = None,
-    prefix_lse: Optional[torch.Tensor] = None, block_m: int = 128, block_n: int = 64, num_warps: int = 8,
-    num_stages: int = 3, quant_out: bool = False,
+    prefix_lse: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: int = 64,
+    num_warps: int = 8, num_stages: int = 3, quant_out: bool = False,
 ):
-    """Launch defaults from scripts/sweep_prefill.py on the H200 (2026-11-23, 16 heads, 4096 tokens, causal):
-    128 x 64 blocks, 8 warps, 3 stages 245.5 us (350 TFLOP/s) vs 311.5 with 2 stages; 128 x 128 and 64 x 64 blocks
-    ~270 us; 128-key blocks need > 227 KB of shared memory at 3 stages. Re-swept with the longest-first schedule
-    (2026-11-26): still the best of 20, 179.1 us (480 TFLOP/s); next 64 x 64 blocks, 4 warps, 2 stages 197.0 us.
+    """block_m None: the launch config by chunk length (`prefill_attention_launches`); else that config (sweeps,
+    tests).
     quant_out (Dv = 128): returns (oq, os), the output quantized for a cuBLAS block-scaled GEMM: oq e4m3
     [Mp, H * Dv] with Mp = B * S rounded up to 4 (the extra rows quantized zeros), os fp32 [Mp, H] M-major
     (strides (1, Mp)): what `act_quant(out.view(B * S, H * Dv), pad_rows_to=4, scales_m_major=True)` returns."""
@@ -335,26 +374,29 @@ def mla_prefill_attention_triton(
     keys = dict(kn_ptr=k_nope, kp_ptr=k_pe, v_ptr=v)
     group = min(heads, PREFILL_HEAD_GROUP)  # heads whose query blocks are scheduled together (see the kernel)
     n_groups = cdiv(heads, group)
-    descriptors = {}
     if kv_desc:
         keys = {name: t.flatten(0, 1) for name, t in keys.items()}
-        descriptors = {"kn_ptr": [block_n, 1, dn_pad], "kp_ptr": [block_n, r_pad], "v_ptr": [block_n, 1, dv_pad]}
-    launch_with_descriptors(
-        _mha_prefill_kernel, (group, cdiv(seqlen, block_m), n_groups * bsz), descriptors,
-        qn_ptr=q_nope, qp_ptr=q_pe, **keys, pos_ptr=input_pos, po_ptr=prefix_out, plse_ptr=prefix_lse, out_ptr=out,
-        oq_ptr=oq, os_ptr=os_, S=seqlen, H=heads, DN=dn, R=r, DV=dv, scale_log2=float(softmax_scale) * LOG2E,
-        n_rows=n_rows, pad_rows=mp - n_rows, n_groups=n_groups,
-        s_qn_b=q_nope.stride(0), s_qn_s=q_nope.stride(1), s_qn_h=q_nope.stride(2),
-        s_qp_b=q_pe.stride(0), s_qp_s=q_pe.stride(1), s_qp_h=q_pe.stride(2),
-        s_kn_b=k_nope.stride(0), s_kn_s=k_nope.stride(1), s_kn_h=k_nope.stride(2),
-        s_kp_b=k_pe.stride(0), s_kp_s=k_pe.stride(1), s_v_b=v.stride(0), s_v_s=v.stride(1), s_v_h=v.stride(2),
-        s_pos_b=input_pos.stride(0), s_pos_s=input_pos.stride(1),
-        s_po_b=prefix_out.stride(0), s_po_s=prefix_out.stride(1), s_po_h=prefix_out.stride(2),
-        s_o_b=out.stride(0), s_o_s=out.stride(1), s_o_h=out.stride(2), s_oq=oq.stride(0), s_os_h=os_.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, DN_PAD=dn_pad, R_PAD=r_pad, DV_PAD=dv_pad, HAS_PREFIX=has_prefix,
-        EXACT_D=exact_d, KV_DESC=kv_desc, QUANT_OUT=quant_out, HEAD_GROUP=group, num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    launches = (prefill_attention_launches(seqlen, heads, bsz, num_sms(q_nope.device)) if block_m is None
+                else [(PrefillAttnConfig(block_m, block_n, num_warps, num_stages), cdiv(seqlen, block_m))])
+    for cfg, query_blocks in launches:
+        bn = cfg.block_n
+        descriptors = {"kn_ptr": [bn, 1, dn_pad], "kp_ptr": [bn, r_pad], "v_ptr": [bn, 1, dv_pad]} if kv_desc else {}
+        launch_with_descriptors(
+            _mha_prefill_kernel, (group, query_blocks, n_groups * bsz), descriptors,
+            qn_ptr=q_nope, qp_ptr=q_pe, **keys, pos_ptr=input_pos, po_ptr=prefix_out, plse_ptr=prefix_lse, out_ptr=out,
+            oq_ptr=oq, os_ptr=os_, S=seqlen, H=heads, DN=dn, R=r, DV=dv, scale_log2=float(softmax_scale) * LOG2E,
+            n_rows=n_rows, pad_rows=mp - n_rows, n_groups=n_groups,
+            s_qn_b=q_nope.stride(0), s_qn_s=q_nope.stride(1), s_qn_h=q_nope.stride(2),
+            s_qp_b=q_pe.stride(0), s_qp_s=q_pe.stride(1), s_qp_h=q_pe.stride(2),
+            s_kn_b=k_nope.stride(0), s_kn_s=k_nope.stride(1), s_kn_h=k_nope.stride(2),
+            s_kp_b=k_pe.stride(0), s_kp_s=k_pe.stride(1), s_v_b=v.stride(0), s_v_s=v.stride(1), s_v_h=v.stride(2),
+            s_pos_b=input_pos.stride(0), s_pos_s=input_pos.stride(1),
+            s_po_b=prefix_out.stride(0), s_po_s=prefix_out.stride(1), s_po_h=prefix_out.stride(2),
+            s_o_b=out.stride(0), s_o_s=out.stride(1), s_o_h=out.stride(2), s_oq=oq.stride(0), s_os_h=os_.stride(1),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DN_PAD=dn_pad, R_PAD=r_pad, DV_PAD=dv_pad, HAS_PREFIX=has_prefix,
+            EXACT_D=exact_d, KV_DESC=kv_desc, QUANT_OUT=quant_out, HEAD_GROUP=group, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     return (oq, os_) if quant_out else out
 
 
@@ -472,4 +514,4 @@ def _mla_prefill_attention_o_proj_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos,
 
 __all__ = ["mla_prefix_attention", "mla_prefill_attention", "mla_prefill_attention_o_proj",
            "mla_prefix_attention_reference", "mla_prefill_attention_reference", "mla_prefix_attention_triton",
-           "mla_prefill_attention_triton", "prefill_o_proj_fused"]
+           "mla_prefill_attention_triton", "prefill_attention_launches", "prefill_o_proj_fused"]

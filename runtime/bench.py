@@ -189,7 +189,11 @@ def fp8_gemm_sustained(device: torch.device, n: int = 8192, seconds: float = 2.0
     gemm = _fp8_gemm(device, n)
     if gemm is None:
         return None
-    runs = back_to_back(lambda: [gemm() for _ in range(window)], seconds)
+    def gemm_window():  # (a loop, not a list: the window's outputs are freed as they go)
+        for _ in range(window):
+            gemm()
+
+    runs = back_to_back(gemm_window, seconds)
     ms = statistics.median(ms for ms, _ in runs[len(runs) // 2:])
     return 2 * n ** 3 * window / (ms / 1e3)
 

@@ -63,6 +63,33 @@ def test_references_merge_prefix_exactly(start):
         assert (alone - want).abs().max() < 1e-10
 
 
+def test_prefill_attention_launch_rule():
+    """The attention's launch config by size: 64-row query blocks where the 128-row config's programs (heads x rows x
+    query blocks) fit in one wave, else 128-row. Static sizes take one launch; dynamic ones (SymInts, as the
+    prefill packages trace the chunk length and rows) get both launches, and at every size exactly the static
+    rule's launch has query blocks, the other zero (no launch), with no guard added on the sizes."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    long, short = P.PREFILL_ATTN_LONG, P.PREFILL_ATTN_SHORT
+    env = ShapeEnv()
+    s_sym, b_sym = (env.create_symbol(hint, source=ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+                    for name, hint in (("s", 700), ("b", 2)))
+    s_dyn, b_dyn = env.create_symintnode(s_sym, hint=700), env.create_symintnode(b_sym, hint=2)
+    cases = [(16, 1, n) for n in (1, 16, 333, 1023, 1024, 1025, 2048, 4096, 70000)]
+    cases += [(16, 8, 128), (16, 8, 129), (128, 1, 128), (128, 1, 129), (128, 2, 1024), (4, 3, 1408), (4, 3, 1409)]
+    for heads, bsz, n in cases:
+        (cfg, blocks), = P.prefill_attention_launches(n, heads, bsz, 132)
+        assert cfg == (short if heads * bsz * -(-n // 128) <= 132 else long), (heads, bsz, n)
+        assert blocks == -(-n // cfg.block_m)
+        for seqlen, rows in ((s_dyn, bsz), (s_dyn, b_dyn)):
+            dynamic = P.prefill_attention_launches(seqlen, heads, rows, 132)
+            assert [c for c, _ in dynamic] == [long, short]
+            at = {c: int(b.node.expr.xreplace({s_sym: n, b_sym: bsz})) for c, b in dynamic}
+            assert at == {cfg: blocks, ({long, short} - {cfg}).pop(): 0}, (heads, bsz, n)
+    assert not env.guards
+
+
 def test_descriptor_launch_support_and_layout_checks():
     """The private torch classes `launch_with_descriptors` leans on exist in this torch (CI fails here, not by a
     silent fallback to pointer tiles, when an upgrade removes them), and `tma_descriptor_ok` takes the model's key
@@ -117,7 +144,7 @@ def test_ops_fake_and_schema():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("start", [0, 300])
-@pytest.mark.parametrize("s", [17, 1000])
+@pytest.mark.parametrize("s", [17, 1000, 1500])
 def test_prefill_kernels_gpu(s, start):
     """16B shapes (H=16, Dn=128, R=64, Dv=128, C=512), bf16, against float64 references."""
     dev = torch.device("cuda")
@@ -159,7 +186,8 @@ class _FirstChunkAttention(torch.nn.Module):
 def test_prefill_keys_through_descriptors_gpu(monkeypatch, tmp_path):
     """The prefill attention's keys through TMA descriptors (the default on sm_90) give the pointer tiles' output
     bit for bit, eagerly, under torch.compile(fullgraph=True) and inside an AOTInductor package with a dynamic
-    chunk length run at two lengths (the descriptors are rebuilt from each call's sizes); 16B shapes, 2 sequences."""
+    chunk length run at five lengths (the descriptors are rebuilt from each call's sizes; both launch configs);
+    16B shapes, 2 sequences."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(3)
     rn = lambda *shape: torch.randn(*shape, device=dev, generator=g).bfloat16()  # noqa: E731
@@ -181,7 +209,7 @@ def test_prefill_keys_through_descriptors_gpu(monkeypatch, tmp_path):
     ep = torch.export.export(mod, a, dynamic_shapes=({1: s_dim}, {1: s_dim}, {1: s_dim}, {1: s_dim}, {1: s_dim}))
     runner = torch._inductor.aoti_load_package(
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "attn.pt2")))
-    for s in (700, 333, 4096):
+    for s in (700, 333, 1024, 1025, 4096):  # both launch configs (`prefill_attention_launches`), each side of the bar
         b = a if s == 700 else inputs(s)
         monkeypatch.setenv("DSV3_PREFILL_ATTN_TMA", "off")
         assert torch.equal(runner(*b), mod(*b)), s

@@ -35,6 +35,15 @@ def static_int(v) -> Optional[int]:
     return None
 
 
+def exceeds(n, bound: int):
+    """1 where n > bound, else 0, for an int or a SymInt n in [0, 2**40): a launch choice by a size that may be
+    dynamic at trace time, as a factor of a grid dimension. A grid with a zero dimension is not launched (Triton's
+    launcher, Inductor's Python and AOTInductor's C++ wrappers all skip it), so a graph can hold the launch of each
+    choice and run only the one the size picks. Only + and // (which sympy, the guards and the generated grid code
+    handle): no guard on the size, unlike a comparison."""
+    return (n + (1 << 40) - bound - 1) // (1 << 40)
+
+
 @functools.lru_cache(maxsize=None)
 def _device_props(index: int) -> tuple[int, tuple[int, int]]:
     p = torch.cuda.get_device_properties(index)

@@ -54,7 +54,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import (
-    cdiv, env_switch, launch_with_descriptors, next_pow2, num_sms, static_int, tma_descriptor_ok,
+    cdiv, env_switch, exceeds, launch_with_descriptors, next_pow2, num_sms, static_int, tma_descriptor_ok,
 )
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
 from dsv3.kernels.fp8_linear import (
@@ -151,15 +151,12 @@ def prefill_attention_launches(seqlen, heads: int, bsz, sms: int) -> list[tuple[
     blocks) fit in one wave, else PREFILL_ATTN_LONG. Static sizes (eager calls, graphs of static shape) take the
     one launch. Dynamic ones (the prefill packages' chunk length and rows, SymInts at trace time) cannot choose at
     trace time: both launches go into the graph and the one the rule does not pick at the run's sizes gets zero
-    query blocks. A grid with a zero dimension is not launched (Triton's launcher, Inductor's Python and
-    AOTInductor's C++ wrappers all skip it), so a run pays one launch, the one the static rule would pick. The
-    choice uses only +, * and // on the sizes, which sympy (guards, the generated grid code) handles without a
-    guard: `long` is 1 past one wave, 0 up to it, for any program count below 2**40."""
+    query blocks (`exceeds`: no launch, no guard), so a run pays one launch, the one the static rule would pick."""
     long_programs = heads * bsz * cdiv(seqlen, PREFILL_ATTN_LONG.block_m)
     if static_int(long_programs) is not None:
         cfg = PREFILL_ATTN_SHORT if static_int(long_programs) <= sms else PREFILL_ATTN_LONG
         return [(cfg, cdiv(static_int(seqlen), cfg.block_m))]
-    long = (long_programs + (1 << 40) - sms - 1) // (1 << 40)
+    long = exceeds(long_programs, sms)
     return [(PREFILL_ATTN_LONG, cdiv(seqlen, PREFILL_ATTN_LONG.block_m) * long),
             (PREFILL_ATTN_SHORT, cdiv(seqlen, PREFILL_ATTN_SHORT.block_m) * (1 - long))]
 

@@ -83,7 +83,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dsv3.kernels._launch import (
-    cdiv, env_choice, env_switch, launch_with_descriptors, next_pow2, num_sms, static_int, tma_descriptor_ok,
+    cdiv, env_choice, env_switch, exceeds, launch_with_descriptors, next_pow2, num_sms, static_int,
+    tma_descriptor_ok,
 )
 from dsv3.kernels.moe_schedule import grouped_schedule
 from dsv3.kernels.tiles import load_tile
@@ -690,6 +691,11 @@ MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 4, 256, 8, 4)
 # 1296.0 -> 1233.0 us (scripts/try_grouped_twodot.py at commit 382b3fb) and 1292.5 -> 1231.5 us
 # (scripts/ab_grouped_moe.py); the 671B-ws8 rank shape (D 7168, I 2048) stays on the default (1108.9 vs 1142.8 us).
 GROUPED_FP8_TUNED = {(2048, 1408): MOE_GROUPED_FP8._replace(up_num_warps=4, up_num_stages=2)}
+# ... up to this many tokens per call a tuned shape's up kernel keeps MOE_GROUPED_FP8's warps and stages (8 warps, 4
+# stages: the TMA-fed form): with few tiles per expert the tuned form's two CTAs per SM have less to overlap. 16B
+# routed experts on the H200, whole op (scripts/sweep_prefill.py --only moe, 2026-11-26): T = 384 219.2 -> 203.3 us,
+# T = 1024 338.2 -> 307.3; at T = 4096 the tuned form is the faster one (above). `grouped_up_configs`.
+GROUPED_FP8_SHORT_T = 2048
 GROUPED_DOWN_BLOCK_NS_FP8 = (128, 256)
 # Sparse tiles (see SPARSE_TILE_PAIRS): up 4 warps (TWO_DOTS) at 3 stages, down BLOCK_N 256 at 4 warps, 3 stages: the
 # best of scripts/sweep_prefill.py's grid at T = 128 (16B routed experts, 2026-11-25).
@@ -859,6 +865,22 @@ def grouped_plan(is_fp8: bool, d: Optional[int] = None, i: Optional[int] = None,
         if plan.up_block_n < 16:
             raise ValueError(f"grouped MoE plan {plan}: up_block_n must be >= 16")
     return plan
+
+
+def grouped_up_configs(plan: MoeDecodePlan, d, i, t, pinned: bool) -> list[tuple[int, int, object]]:
+    """The grouped FP8 up kernel's launches for a call of `t` tokens: [(warps, stages, tile factor)], the grid's
+    tile count multiplied by the factor. A plan of GROUPED_FP8_TUNED (not pinned by the call's own up_* fields)
+    keeps MOE_GROUPED_FP8's warps and stages up to GROUPED_FP8_SHORT_T tokens; a static T takes one launch, a
+    dynamic one both, the one not picked at the run's T with zero tiles (`exceeds`: no launch, no guard)."""
+    own = (plan.up_num_warps, plan.up_num_stages)
+    if pinned or plan != GROUPED_FP8_TUNED.get((static_int(d), static_int(i))):
+        return [own + (1,)]
+    short = (MOE_GROUPED_FP8.up_num_warps, MOE_GROUPED_FP8.up_num_stages)
+    n = static_int(t)
+    if n is not None:
+        return [(short if n <= GROUPED_FP8_SHORT_T else own) + (1,)]
+    long = exceeds(t, GROUPED_FP8_SHORT_T)
+    return [own + (long,), short + (1 - long,)]
 
 
 # The most K blocks (padded) whose scales a program preloads: the picks scale with it (one [T, KB] select and sum
@@ -1035,20 +1057,22 @@ def routed_experts_triton(
                 ACT16=a16, BLOCK_N=plan.down_block_n, KB_PAD=kb_pad_down, num_warps=plan.down_num_warps,
             )
     elif grouped and is_fp8:  # tokens as the MMA's M (`_moe_up_grouped_kernel`)
-        # the weights through TMA descriptors (DSV3_MOE_UP_TMA): the TWO_DOTS form at any warp count
-        up_desc = grouped_up_tma(plan.up_num_warps) and all(tma_descriptor_ok(w) for w in (gate_proj, up_proj))
-        two_dots = plan.up_num_warps <= 4 or up_desc  # (registers: see the kernel)
-        launch_with_descriptors(
-            _moe_up_grouped_kernel, (n_slots, cdiv(i, 128)),
-            {"wg_ptr": [1, 128, 128], "wu_ptr": [1, 128, 128]} if up_desc else {},
-            x_ptr=xq, xs_ptr=xs, sched_ptr=sched, wg_ptr=gate_proj, wu_ptr=up_proj, sg_ptr=sg, su_ptr=su, h_ptr=h,
-            hs_ptr=hs, dt_ptr=y, K=k, I=i, D=d, n_sched=n_sched, stride_xt=xq.stride(0), stride_xst=xs.stride(0),
-            stride_we=gate_proj.stride(0), stride_wn=gate_proj.stride(1), stride_se=sg.stride(0),
-            stride_sn=sg.stride(1), stride_sk=sg.stride(2), stride_h=h.stride(0), stride_hs=hs.stride(0),
-            BLOCK_T=block_t, KB_PAD=kb_pad_up, PRELOAD=preload_scales(kb_pad_up) and not two_dots,
-            TWO_DOTS=two_dots, EVEN=two_dots and even_blocks(d, i, 128), W_DESC=up_desc,
-            num_warps=plan.up_num_warps, num_stages=plan.up_num_stages,
-        )
+        pinned = up_num_warps is not None or up_num_stages is not None
+        for up_warps, up_stages, tiles in grouped_up_configs(plan, d, i, t, pinned):
+            # the weights through TMA descriptors (DSV3_MOE_UP_TMA): the TWO_DOTS form at any warp count
+            up_desc = grouped_up_tma(up_warps) and all(tma_descriptor_ok(w) for w in (gate_proj, up_proj))
+            two_dots = up_warps <= 4 or up_desc  # (registers: see the kernel)
+            launch_with_descriptors(
+                _moe_up_grouped_kernel, (n_slots * tiles, cdiv(i, 128)),
+                {"wg_ptr": [1, 128, 128], "wu_ptr": [1, 128, 128]} if up_desc else {},
+                x_ptr=xq, xs_ptr=xs, sched_ptr=sched, wg_ptr=gate_proj, wu_ptr=up_proj, sg_ptr=sg, su_ptr=su,
+                h_ptr=h, hs_ptr=hs, dt_ptr=y, K=k, I=i, D=d, n_sched=n_sched, stride_xt=xq.stride(0),
+                stride_xst=xs.stride(0), stride_we=gate_proj.stride(0), stride_wn=gate_proj.stride(1),
+                stride_se=sg.stride(0), stride_sn=sg.stride(1), stride_sk=sg.stride(2), stride_h=h.stride(0),
+                stride_hs=hs.stride(0), BLOCK_T=block_t, KB_PAD=kb_pad_up,
+                PRELOAD=preload_scales(kb_pad_up) and not two_dots, TWO_DOTS=two_dots,
+                EVEN=two_dots and even_blocks(d, i, 128), W_DESC=up_desc, num_warps=up_warps, num_stages=up_stages,
+            )
     else:
         up_desc = decode_desc and all(tma_descriptor_ok(w) for w in (gate_proj, up_proj))
         launch_with_descriptors(

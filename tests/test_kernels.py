@@ -159,6 +159,37 @@ def test_grouped_schedule_writes_no_ids():
                      "_schedule_scatter_kernel writes ['sched_ptr']"], res.stdout
 
 
+def test_grouped_up_configs_by_length():
+    """The grouped FP8 up kernel's launches: a GROUPED_FP8_TUNED plan keeps MOE_GROUPED_FP8's warps and stages up to
+    GROUPED_FP8_SHORT_T tokens, its own past them; a static T takes one launch, a dynamic T (a SymInt, as the prefill
+    packages trace it) both, and at every T exactly the static choice has a nonzero tile factor, with no guard;
+    untuned shapes, other plans and pinned up fields take the plan's own launch whatever T."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from dsv3.kernels._launch import exceeds
+
+    tuned = RE.GROUPED_FP8_TUNED[(2048, 1408)]
+    own = (tuned.up_num_warps, tuned.up_num_stages)
+    short = (RE.MOE_GROUPED_FP8.up_num_warps, RE.MOE_GROUPED_FP8.up_num_stages)
+    assert own != short
+    env = ShapeEnv()
+    sym = env.create_symbol(700, source=ConstantSource("t"), dynamic_dim=DimDynamic.DYNAMIC)
+    dynamic = RE.grouped_up_configs(tuned, 2048, 1408, env.create_symintnode(sym, hint=700), False)
+    assert [c[:2] for c in dynamic] == [own, short]
+    bar = RE.GROUPED_FP8_SHORT_T
+    for t in (1, 384, bar - 1, bar, bar + 1, 4096, 70000):
+        (cfg,) = RE.grouped_up_configs(tuned, 2048, 1408, t, False)
+        assert cfg == (short if t <= bar else own) + (1,), t
+        assert {c[:2]: int(c[2].node.expr.xreplace({sym: t})) for c in dynamic} == {
+            cfg[:2]: 1, ({own, short} - {cfg[:2]}).pop(): 0}, t
+        assert exceeds(t, bar) == (t > bar)
+        for args in ((RE.MOE_GROUPED_FP8, 7168, 2048, t, False), (tuned, 2048, 1408, t, True),
+                     (RE.GROUPED_SPARSE_FP8, 2048, 1408, t, False)):
+            assert RE.grouped_up_configs(*args) == [(args[0].up_num_warps, args[0].up_num_stages, 1)]
+    assert not env.guards
+
+
 def test_moe_decode_plan(monkeypatch):
     P = RE.MoeDecodePlan
     monkeypatch.delenv("DSV3_MOE_DECODE", raising=False)
@@ -597,6 +628,45 @@ def test_aoti_package_gpu(kind, tmp_path):
     _check_same(runner(*args), model(*args), 1e-3)
     fresh = _decode_inputs() if kind == "decode" else _prefill_inputs(333)
     _check_same(runner(*fresh), model(*fresh), 1e-3)
+
+
+class _RoutedPairs(torch.nn.Module):
+    def forward(self, x, idx, gate, up, down, sg, su, sd):
+        return torch.ops.dsv3.routed_experts_pairs(x, idx, gate, up, down, sg, su, sd)
+
+
+@pytest.mark.gpu
+@cuda
+def test_grouped_up_config_by_length_in_a_package_gpu(tmp_path):
+    """The 16B routed experts (a GROUPED_FP8_TUNED shape) take the grouped up kernel's launch by token count
+    (`grouped_up_configs`): inside an AOTInductor package with a dynamic T, both launches are in the graph and each
+    run gives the eager op's pair outputs bit for bit at T on either side of GROUPED_FP8_SHORT_T, and the float64
+    reference's on the first tokens within the FP8 bound."""
+    from dsv3.kernels.fp8_blocks import quantize_weight
+
+    g = torch.Generator(device="cuda").manual_seed(21)
+    e, k, d, i = 64, 6, 2048, 1408
+    ws = [quantize_weight(torch.randn(*shape, device="cuda", generator=g) * 0.05)
+          for shape in ((e, i, d), (e, i, d), (e, d, i))]
+    w = [ws[0][0], ws[1][0], ws[2][0], ws[0][1], ws[1][1], ws[2][1]]
+
+    def inputs(t):
+        idx = torch.stack([torch.randperm(e, device="cuda", generator=g)[:k] for _ in range(t)])
+        return torch.randn(t, d, device="cuda", generator=g).bfloat16(), idx
+
+    a = inputs(700)
+    t_dim = torch.export.Dim("t", min=65, max=4096)
+    ep = torch.export.export(_RoutedPairs(), (*a, *w), dynamic_shapes=({0: t_dim}, {0: t_dim}) + (None,) * 6)
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "moe.pt2")))
+    bar = RE.GROUPED_FP8_SHORT_T
+    for t in (700, bar, bar + 1, 3000):
+        x, idx = a if t == 700 else inputs(t)
+        want = torch.ops.dsv3.routed_experts_pairs(x, idx, *w)
+        got = runner(x, idx, *w)
+        assert torch.isfinite(got).all() and torch.equal(got, want), t
+        ref = RE.routed_experts_pairs_reference(x[:32], idx[:32], *w).double()
+        assert rel(got[:32], ref) < 3e-2, t
 
 
 class _OneLinear(torch.nn.Module):

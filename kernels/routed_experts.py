@@ -693,8 +693,9 @@ MOE_GROUPED_FP8 = MoeDecodePlan(128, 8, 4, 256, 8, 4)
 GROUPED_FP8_TUNED = {(2048, 1408): MOE_GROUPED_FP8._replace(up_num_warps=4, up_num_stages=2)}
 # ... up to this many tokens per call a tuned shape's up kernel keeps MOE_GROUPED_FP8's warps and stages (8 warps, 4
 # stages: the TMA-fed form): with few tiles per expert the tuned form's two CTAs per SM have less to overlap. 16B
-# routed experts on the H200, whole op (scripts/sweep_prefill.py --only moe, 2026-11-26): T = 384 219.2 -> 203.3 us,
-# T = 1024 338.2 -> 307.3; at T = 4096 the tuned form is the faster one (above). `grouped_up_configs`.
+# routed experts on the H200, whole op, bitwise the same output (scripts/ab_grouped_moe.py, 2026-11-26): T = 384
+# 218.8 -> 200.4 us, 1024 338.6 -> 305.4, 2048 524.7 -> 494.8; at T = 4096 the tuned form is the faster one (above;
+# the sweep's best at 384 and 1024 too). `grouped_up_configs`.
 GROUPED_FP8_SHORT_T = 2048
 GROUPED_DOWN_BLOCK_NS_FP8 = (128, 256)
 # Sparse tiles (see SPARSE_TILE_PAIRS): up 4 warps (TWO_DOTS) at 3 stages, down BLOCK_N 256 at 4 warps, 3 stages: the

@@ -80,7 +80,7 @@ def test_a16_config():
 
 
 # experts: (D, I, routed experts, shared slots, top-k); D and I ragged, ids include other ranks' (-1, E)
-MOE_CASES = [(300, 200, 6, 2, 3), (256, 130, 5, 0, 2)]
+MOE_CASES = [(300, 136, 6, 2, 3), (256, 130, 5, 0, 2)]  # (I 136 rather than 200: a third fewer row programs)
 
 
 @pytest.mark.parametrize("d,i,e_routed,n_shared,k", MOE_CASES)

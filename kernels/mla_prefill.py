@@ -328,11 +328,11 @@ def mla_prefix_attention_triton(
 def mla_prefill_attention_triton(
     q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
     input_pos: torch.Tensor, softmax_scale: float, prefix_out: Optional[torch.Tensor] = None,
-    prefix_lse: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: int = 64,
-    num_warps: int = 8, num_stages: int = 3, quant_out: bool = False,
+    prefix_lse: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: Optional[int] = None,
+    num_warps: Optional[int] = None, num_stages: Optional[int] = None, quant_out: bool = False,
 ):
-    """block_m None: the launch config by chunk length (`prefill_attention_launches`); else that config (sweeps,
-    tests).
+    """Launch config: by size (`prefill_attention_launches`), unless a field is given (sweeps, tests): then one
+    launch of PREFILL_ATTN_LONG with the given fields replaced.
     quant_out (Dv = 128): returns (oq, os), the output quantized for a cuBLAS block-scaled GEMM: oq e4m3
     [Mp, H * Dv] with Mp = B * S rounded up to 4 (the extra rows quantized zeros), os fp32 [Mp, H] M-major
     (strides (1, Mp)): what `act_quant(out.view(B * S, H * Dv), pad_rows_to=4, scales_m_major=True)` returns."""
@@ -373,8 +373,13 @@ def mla_prefill_attention_triton(
     n_groups = cdiv(heads, group)
     if kv_desc:
         keys = {name: t.flatten(0, 1) for name, t in keys.items()}
-    launches = (prefill_attention_launches(seqlen, heads, bsz, num_sms(q_nope.device)) if block_m is None
-                else [(PrefillAttnConfig(block_m, block_n, num_warps, num_stages), cdiv(seqlen, block_m))])
+    pinned = {k: v for k, v in dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
+                                    num_stages=num_stages).items() if v is not None}
+    if pinned:
+        cfg = PREFILL_ATTN_LONG._replace(**pinned)
+        launches = [(cfg, cdiv(seqlen, cfg.block_m))]
+    else:
+        launches = prefill_attention_launches(seqlen, heads, bsz, num_sms(q_nope.device))
     for cfg, query_blocks in launches:
         bn = cfg.block_n
         descriptors = {"kn_ptr": [bn, 1, dn_pad], "kp_ptr": [bn, r_pad], "v_ptr": [bn, 1, dv_pad]} if kv_desc else {}

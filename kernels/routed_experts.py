@@ -870,11 +870,13 @@ def grouped_plan(is_fp8: bool, d: Optional[int] = None, i: Optional[int] = None,
 
 def grouped_up_configs(plan: MoeDecodePlan, d, i, t, pinned: bool) -> list[tuple[int, int, object]]:
     """The grouped FP8 up kernel's launches for a call of `t` tokens: [(warps, stages, tile factor)], the grid's
-    tile count multiplied by the factor. A plan of GROUPED_FP8_TUNED (not pinned by the call's own up_* fields)
-    keeps MOE_GROUPED_FP8's warps and stages up to GROUPED_FP8_SHORT_T tokens; a static T takes one launch, a
-    dynamic one both, the one not picked at the run's T with zero tiles (`exceeds`: no launch, no guard)."""
+    tile count multiplied by the factor. A plan with the up kernel of GROUPED_FP8_TUNED for (d, i) (not pinned by
+    the call's own up_* fields; its down fields do not matter) keeps MOE_GROUPED_FP8's warps and stages up to
+    GROUPED_FP8_SHORT_T tokens; a static T takes one launch, a dynamic one both, the one not picked at the run's T
+    with zero tiles (`exceeds`: no launch, no guard)."""
     own = (plan.up_num_warps, plan.up_num_stages)
-    if pinned or plan != GROUPED_FP8_TUNED.get((static_int(d), static_int(i))):
+    tuned = GROUPED_FP8_TUNED.get((static_int(d), static_int(i)))
+    if pinned or tuned is None or own != (tuned.up_num_warps, tuned.up_num_stages):
         return [own + (1,)]
     short = (MOE_GROUPED_FP8.up_num_warps, MOE_GROUPED_FP8.up_num_stages)
     n = static_int(t)

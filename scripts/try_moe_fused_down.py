@@ -146,7 +146,7 @@ def main() -> None:
                     continue
                 # the two launches alone (the reduce over a fixed partials buffer: in the model it would live in
                 # the next kernel)
-                part = torch.zeros(idx.shape[1], 1408 // c, 2048, device=x.device)
+                part = torch.zeros(idx.shape[1], sb.i // c, sb.d, device=x.device)
                 for stage in ("fused", "reduce"):
                     variants[f"{name} [{stage} alone]"] = (
                         lambda cpy, c=c, bk=bk, warps=warps, stage=stage, part=part: fused(

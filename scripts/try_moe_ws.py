@@ -23,16 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ab_moe_decode import per_kernel_us  # noqa: E402  (mean device time per call of each MoE kernel, profiler)
+
 E, K, D, I = 64, 6, 2048, 1408  # the 16B routed experts
 
 
 @triton.jit
-def _up_contiguous_kernel(
+def _moe_up_contiguous_kernel(
     x_desc, xs_ptr, wg_desc, wu_desc, sg_ptr, su_ptr, tile_e_ptr, h_ptr,
     stride_xs, stride_se, stride_sn, stride_h,
     KB: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
@@ -91,23 +96,10 @@ def up_contiguous(xp, sp, tile_e, wg, wu, sg, su, block_t, warps, stages, ws):
     x_desc = TensorDescriptor.from_tensor(xp, [block_t, 128])
     wg_desc = TensorDescriptor.from_tensor(wg, [1, 128, 128])
     wu_desc = TensorDescriptor.from_tensor(wu, [1, 128, 128])
-    _up_contiguous_kernel[(tile_e.shape[0], I // 128)](
+    _moe_up_contiguous_kernel[(tile_e.shape[0], I // 128)](
         x_desc, sp, wg_desc, wu_desc, sg, su, tile_e, h, sp.stride(0), sg.stride(0), sg.stride(1), h.stride(0),
         KB=D // 128, BLOCK_T=block_t, STAGES=stages, WS=ws, num_warps=warps)
     return h
-
-
-def kernel_us(fn, name_part: str, calls: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times = [ev.device_time for ev in prof.events() if name_part in ev.name and ev.device_time > 0]
-    return sum(times) / max(1, len(times))
 
 
 def main() -> None:
@@ -131,7 +123,7 @@ def main() -> None:
     rows = []
 
     prod = lambda: routed_experts_triton(x, idx, wt, wg, wu, wd, sg, su, sd, grouped=True)  # noqa: E731
-    us = kernel_us(prod, "_moe_up_grouped_kernel")
+    us = per_kernel_us([prod])["moe_up_grouped"]
     rows.append(dict(kernel="production _moe_up_grouped_kernel (64-pair tiles, gathered rows)", us=round(us, 1),
                      tflops=round(flops_up / us / 1e6, 1)))
     print(f"{rows[-1]['kernel']}: {us:.1f} us, {flops_up / us / 1e6:.0f} TFLOP/s", flush=True)
@@ -161,7 +153,7 @@ def main() -> None:
             fn = lambda: up_contiguous(xp, sp, tile_e, wg, wu, sg, su, block_t, warps, stages, ws)  # noqa: E731
             h = fn().float()
             err = max(((h[s:s + n] - r).norm() / r.norm()).item() for (e, s, n), r in zip(ref_tiles, refs))
-            us = kernel_us(fn, "_up_contiguous_kernel")
+            us = per_kernel_us([fn])["moe_up_contiguous"]
         except Exception as exc:  # a config that does not compile or launch
             print(f"{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             rows.append(dict(kernel=label, error=f"{type(exc).__name__}: {str(exc)[:300]}"))

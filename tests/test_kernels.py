@@ -187,6 +187,8 @@ def test_grouped_up_configs_by_length():
         for args in ((RE.MOE_GROUPED_FP8, 7168, 2048, t, False), (tuned, 2048, 1408, t, True),
                      (RE.GROUPED_SPARSE_FP8, 2048, 1408, t, False)):
             assert RE.grouped_up_configs(*args) == [(args[0].up_num_warps, args[0].up_num_stages, 1)]
+        # the call's down fields leave the up kernel's choice alone
+        assert RE.grouped_up_configs(tuned._replace(down_block_n=128), 2048, 1408, t, False) == [cfg]
     assert not env.guards
 
 

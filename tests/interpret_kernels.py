@@ -320,14 +320,15 @@ def test_routed_experts_pairs_then_combine(case, fixed_interpreter):
 # FP8 decode launch plans: up BLOCK_N < 128 writes h in bf16 and the down kernel quantizes it per [tokens, 128] tile;
 # up BLOCK_N < 16 at one token is the row-parallel up kernel (h quantized by act_quant). Ragged I (200: one full and
 # one partial 128-block of h) and D (300), shared experts stacked as the last 2 of 8 slots, invalid (other ranks')
-# ids mixed in.
+# ids mixed in. One case per kernel form and side of each BLOCK_N bar (the interpreter is the CPU suite's costliest
+# part); the GPU suite runs every plan of the table and the tuned ones at the 16B / 671B shapes
+# (tests/test_kernels.py MOE_PLAN_GPU).
 MOE_PLAN_CASES = [
     # T, up_block_n, down_block_n
-    (1, 16, 64), (1, 32, 32), (1, 64, 128), (1, 128, 32), (1, 8, 128),
-    (3, 16, 32), (3, 32, 128), (3, 64, 64), (3, 128, 64),
-    # + the row-parallel down kernel; each case also runs its up kernel with the MMA down kernel (the last check
-    # below), so the row-parallel up kernel at 1 and 2 rows meets the MMA down kernel there
-    (1, 2, 1), (1, 4, 2), (1, 1, 8),
+    (1, 16, 64), (1, 8, 128), (3, 32, 128), (3, 128, 32),
+    # + the row-parallel down kernel (one row per program and several); each case also runs its up kernel with the
+    # MMA down kernel (the last check below), so the row-parallel up kernel at 1 and 2 rows meets it there
+    (1, 2, 1), (1, 1, 8),
 ]
 
 
@@ -369,7 +370,7 @@ def test_routed_experts_grouped_plans(block_t, down_bn, d, preload, up_warps, fi
     I (200), with and without preloaded scales, the up kernel's one 256-wide dot or two 128-wide ones: same result
     as the default tiles and the reference."""
     gen = torch.Generator().manual_seed(31 + block_t + down_bn + d)
-    x, idx, wt, w = _moe_inputs(150, 3, 5, d, 200, True, torch.bfloat16, gen)
+    x, idx, wt, w = _moe_inputs(96, 3, 5, d, 200, True, torch.bfloat16, gen)
     base = RE.routed_experts_triton(x, idx, wt, *w, grouped=True)
     monkeypatch.setattr(RE, "PRELOAD_MAX_KB", 16 if preload else 0)
     out = RE.routed_experts_triton(x, idx, wt, *w, grouped=True, grouped_block_t=block_t, down_block_n=down_bn,
@@ -439,7 +440,7 @@ def test_grouped_up_weights_through_descriptors(d, i, up_warps, fixed_interprete
     pointer tiles' output bit for bit: ragged D and I (rows and columns past them zero-filled by the descriptor as
     by the masks) and whole blocks (EVEN)."""
     gen = torch.Generator().manual_seed(3 + d + i)
-    x, idx, wt, w = _moe_inputs(150, 3, 5, d, i, True, torch.bfloat16, gen)
+    x, idx, wt, w = _moe_inputs(96, 3, 5, d, i, True, torch.bfloat16, gen)
     assert RE.tma_descriptor_ok(w[0]) and RE.tma_descriptor_ok(w[1])
     kw = dict(grouped=True, grouped_block_t=32, up_num_warps=up_warps)
     outs = {}
@@ -459,9 +460,9 @@ GROUPED_EVEN_CASES = [(256, 256, 32, 256, 4), (256, 384, 64, 128, 4), (256, 256,
 @pytest.mark.parametrize("d,i,block_t,down_bn,up_warps", GROUPED_EVEN_CASES)
 def test_grouped_fp8_even_blocks_bitwise(d, i, block_t, down_bn, up_warps, fixed_interpreter, monkeypatch):
     """Whole K and row blocks: the grouped FP8 kernels' unmasked loops (EVEN, `even_blocks`) give bitwise the
-    masked loops' output, on tiles with unused columns (150 tokens, 3 of 5 experts each; those columns load row 0)."""
+    masked loops' output, on tiles with unused columns (96 tokens, 3 of 5 experts each; those columns load row 0)."""
     gen = torch.Generator().manual_seed(d + i + block_t + up_warps)
-    x, idx, wt, w = _moe_inputs(150, 3, 5, d, i, True, torch.bfloat16, gen)
+    x, idx, wt, w = _moe_inputs(96, 3, 5, d, i, True, torch.bfloat16, gen)
     kw = dict(grouped=True, grouped_block_t=block_t, down_block_n=down_bn, up_num_warps=up_warps)
     assert RE.even_blocks(i, d, down_bn) and RE.even_blocks(d, i, 128)
     out = RE.routed_experts_triton(x, idx, wt, *w, **kw)

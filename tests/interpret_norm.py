@@ -142,9 +142,9 @@ PREQUANT_CASES = [
 
 @pytest.mark.parametrize("t,grouped,up_bn", PREQUANT_CASES)
 def test_routed_experts_prequantized_x(t, grouped, up_bn, fixed_interpreter):
-    # one token: the row-parallel up kernel runs a program per row pair, costly in the interpreter (I 136: still
-    # ragged, a third fewer programs)
-    e_routed, n_shared, d, i = 6, 2, 300, 136 if t == 1 else 200
+    # one token: the row-parallel up kernel runs a program per row pair, costly in the interpreter (I 136 and D 200:
+    # still ragged, fewer programs and K blocks)
+    e_routed, n_shared, d, i = (6, 2, 200, 136) if t == 1 else (6, 2, 300, 200)
     gen = torch.Generator().manual_seed(2000 + t + (up_bn or 0))
     x, _, _, w = IK._moe_inputs(t, 1, e_routed + n_shared, d, i, True, torch.bfloat16, gen)
     idx = moe_shared_slot_idx(t, e_routed, 3, n_shared, gen, n_invalid=1)

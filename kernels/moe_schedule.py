@@ -15,13 +15,14 @@ Implementations
   cumsum, gathers), 50-76 us per call in a CUDA graph from a short prompt's few tokens to T = 4095, each launch a
   dependent phase of its own.
 - CUDA (the default; DSV3_MOE_SCHEDULE=torch keeps the reference for A/B runs): a stable counting sort in two Triton
-  launches over chunks of CHUNK pairs. `_schedule_count_kernel`: each chunk's sort keys (into a private buffer)
-  and their histogram. `_schedule_scatter_kernel`: each program sums the histograms (the experts' starts, its
-  chunk's offset within each expert), sorts its chunk's (expert, position) composites once (`tl.sort`) and places
-  each pair at its expert's start + offset + rank (`tl.gather` of per-expert values, no serial loop), and writes its
-  share of the tile table. Bitwise the reference's schedule; 15-17 us per call on the H200. (Its first form ranked
-  the pairs by a one-hot prefix sum over 64 pairs at a time, 16 dependent steps per chunk: 85-95 us per call on the
-  H200, slower than the torch schedule's 50-76.)
+  launches over chunks of 128-512 pairs (by pair count: SCHEDULE_LAUNCHES). `_schedule_count_kernel`: each chunk's
+  sort keys (into a private buffer) and their histogram. `_schedule_scatter_kernel`: each program sums the
+  histograms (the experts' starts, its chunk's offset within each expert), sorts its chunk's (expert, position)
+  composites once (`tl.sort`) and places each pair at its expert's start + offset + rank (`tl.gather` of
+  per-expert values, no serial loop), and writes its share of the tile table. Bitwise the reference's schedule;
+  6-10 us per call on the H200 (13-14 us at every T with the 1024-pair chunks of before 2026-11-26). (Its first
+  form ranked the pairs by a one-hot prefix sum over 64 pairs at a time, 16 dependent steps per chunk: 85-95 us
+  per call on the H200, slower than the torch schedule's 50-76.)
 """
 
 from __future__ import annotations
@@ -31,9 +32,16 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from dsv3.kernels._launch import cdiv, env_switch, next_pow2
+from dsv3.kernels._launch import cdiv, env_switch, exceeds, next_pow2, static_int
 
-CHUNK = 1024  # pairs per program
+CHUNK = 1024  # pairs per program when a call pins no launch (the interpreter tests' and the sweep's baseline)
+SCHEDULE_WARPS = 4
+# The launch by pair count P = T * K: (most pairs, pairs per program, warps), the last row unbounded. Measured with
+# scripts/bench_schedule.py --sweep (H200, 2026-11-26; 16 launches, each bitwise the reference's schedule; us per
+# call, CUDA graphs): 1024 pairs at 4 warps took 13.0-14.2 us at every T, the time of its one sort of 1024
+# composites; smaller chunks sort less per program and run more programs. 16B prefill (K 6): T 384 6.4 us (128 /
+# 2), 1024 7.0 (128 / 2), 2048 8.2 (256 / 2), 4096 9.9 (512 / 4); the 671B-ep8 rank at T 4096 (K 8) 9.1 (512 / 4).
+SCHEDULE_LAUNCHES = ((8192, 128, 2), (16384, 256, 2), (None, 512, 4))
 COUNT_ROWS = 16  # chunk histograms summed per step
 TILE_ROWS = 64  # tiles per step of the tile table
 
@@ -138,26 +146,49 @@ def _schedule_scatter_kernel(keys_ptr, counts_ptr, sched_ptr, P, E, n_chunks, n_
         tl.store(sched_ptr + 2 * n_tiles + j, end, mask=in_table)
 
 
-def grouped_schedule_triton(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tuple[torch.Tensor, int]:
+def schedule_launches(p) -> list[tuple[int, int, object]]:
+    """The schedule's launches for P pairs: [(pairs per program, warps, grid factor)] from SCHEDULE_LAUNCHES. A
+    static P takes one launch; a dynamic P (a SymInt: the prefill packages) every row's, each with factor 1 only
+    where P falls in its range (`exceeds`: no launch for a zero grid, no guard on P)."""
+    n = static_int(p)
+    if n is not None:
+        return [next((chunk, warps, 1) for bound, chunk, warps in SCHEDULE_LAUNCHES if bound is None or n <= bound)]
+    launches, below = [], 1  # below: 1 where P is past the previous row's bound (every P for the first row)
+    for bound, chunk, warps in SCHEDULE_LAUNCHES:
+        past = 0 if bound is None else exceeds(p, bound)
+        launches.append((chunk, warps, below - past))
+        below = past
+    return launches
+
+
+def grouped_schedule_triton(topk_idx: torch.Tensor, n_experts: int, block_t: int, chunk: int | None = None,
+                            num_warps: int | None = None) -> tuple[torch.Tensor, int]:
+    """`chunk` (pairs per program, a power of two) and `num_warps` pin one launch (with only one of them given,
+    the other is CHUNK's / SCHEDULE_WARPS); by default the launch by pair count (`schedule_launches`)."""
     flat = topk_idx.reshape(-1)
     p = flat.shape[0]
     e = n_experts
     e_pad = next_pow2(e + 2)  # bins 0..E and the padding bin E_PAD - 1
     n_tiles = n_schedule_tiles(p, e, block_t)
-    n_chunks = (p + CHUNK - 1) // CHUNK
-    # the keys go to a private buffer for the scatter: its store addresses derive from the values it loads, and
-    # torch's wrap_triton analysis takes a kernel to write every tensor its store addresses derive from: reading the
-    # ids there would make Inductor copy them (the caller reads them again), and on torch 2.11 cloning the ids' flat
-    # view trips an assertion in Inductor's post-grad pass (pytorch#181735)
-    keys = torch.empty((n_chunks * CHUNK,), dtype=torch.int32, device=flat.device)
-    counts = torch.empty((n_chunks, e_pad), dtype=torch.int32, device=flat.device)
     sched = torch.empty((3 * n_tiles + p,), dtype=torch.int32, device=flat.device)
-    wrap_triton(_schedule_count_kernel)[(n_chunks,)](flat, keys, counts, p, e, CHUNK_=CHUNK, E_PAD=e_pad,
-                                                     num_warps=4)
-    wrap_triton(_schedule_scatter_kernel)[(n_chunks,)](
-        keys, counts, sched, p, e, n_chunks, n_tiles, CHUNK_=CHUNK, E_PAD=e_pad, COUNT_ROWS_=COUNT_ROWS,
-        TILE_ROWS_=TILE_ROWS, BLOCK_T=block_t, num_warps=4,
-    )
+    if chunk is None and num_warps is None:
+        launches = schedule_launches(p)
+    else:
+        launches = [(chunk or CHUNK, num_warps or SCHEDULE_WARPS, 1)]
+    for chunk_, warps, factor in launches:
+        n_chunks = (p + chunk_ - 1) // chunk_
+        # the keys go to a private buffer for the scatter: its store addresses derive from the values it loads, and
+        # torch's wrap_triton analysis takes a kernel to write every tensor its store addresses derive from: reading
+        # the ids there would make Inductor copy them (the caller reads them again), and on torch 2.11 cloning the
+        # ids' flat view trips an assertion in Inductor's post-grad pass (pytorch#181735)
+        keys = torch.empty((n_chunks * chunk_,), dtype=torch.int32, device=flat.device)
+        counts = torch.empty((n_chunks, e_pad), dtype=torch.int32, device=flat.device)
+        wrap_triton(_schedule_count_kernel)[(n_chunks * factor,)](flat, keys, counts, p, e, CHUNK_=chunk_,
+                                                                  E_PAD=e_pad, num_warps=warps)
+        wrap_triton(_schedule_scatter_kernel)[(n_chunks * factor,)](
+            keys, counts, sched, p, e, n_chunks, n_tiles, CHUNK_=chunk_, E_PAD=e_pad, COUNT_ROWS_=COUNT_ROWS,
+            TILE_ROWS_=TILE_ROWS, BLOCK_T=block_t, num_warps=warps,
+        )
     return sched, n_tiles
 
 
@@ -168,4 +199,5 @@ def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tu
     return grouped_schedule_triton(topk_idx, n_experts, block_t)
 
 
-__all__ = ["grouped_schedule", "grouped_schedule_reference", "grouped_schedule_triton", "n_schedule_tiles"]
+__all__ = ["grouped_schedule", "grouped_schedule_reference", "grouped_schedule_triton", "n_schedule_tiles",
+           "schedule_launches"]

@@ -1,8 +1,10 @@
 """The grouped MoE path's tile schedule on the GPU: the torch reference (stable radix sort, searchsorted, cumsum)
 against the two-launch counting sort (dsv3.kernels.moe_schedule), each in a CUDA graph, checked bitwise; and the
-whole grouped op (dsv3.routed_experts at prefill-sized T, 16B shapes) with either schedule.
+whole grouped op (dsv3.routed_experts at prefill-sized T, 16B shapes) with either schedule. With --sweep: the
+Triton schedule's launch (pairs per program, warps) at the prefill buckets' T, each checked bitwise against the
+reference and timed in CUDA graphs, interleaved rounds.
 
-    python3 scripts/bench_schedule.py [--json F]
+    python3 scripts/bench_schedule.py [--sweep] [--json F]
 """
 
 from __future__ import annotations
@@ -23,11 +25,58 @@ CASES = [  # T, K, E (16B prefill: 66 slots; 671B-ep8 rank: 32 local experts, ~7
 ]
 
 
+SWEEP_CASES = [  # T, K, E, invalid share: the 16B prefill's routed ids (64 of 66 slots; the shared slots run as an
+    # MLP at prefill), its buckets' T; the 671B-ep8 rank
+    (384, 6, 66, 0.0), (1024, 6, 66, 0.0), (2048, 6, 66, 0.0), (4096, 6, 66, 0.0), (4096, 8, 32, 0.875),
+]
+SWEEP_CHUNKS = (128, 256, 512, 1024)
+SWEEP_WARPS = (1, 2, 4, 8)
+
+
+def routing_ids(t: int, k: int, e: int, invalid: float, n_valid: int | None = None) -> torch.Tensor:
+    idx = torch.randint(0, n_valid or e, (t, k), device="cuda")
+    return torch.where(torch.rand(t, k, device="cuda") < invalid, idx + e, idx)
+
+
+def sweep(rounds: int = 3) -> list[dict]:
+    rows = []
+    for t, k, e, invalid in SWEEP_CASES:
+        idx = routing_ids(t, k, e, invalid, 64 if e == 66 else None)
+        want, _ = MS.grouped_schedule_reference(idx, e, RE.GROUPED_BLOCK_T)
+        cfgs = [(c, w) for c in SWEEP_CHUNKS for w in SWEEP_WARPS]
+        times: dict = {}
+        for cfg in cfgs:
+            got, _ = MS.grouped_schedule_triton(idx, e, RE.GROUPED_BLOCK_T, *cfg)
+            if not torch.equal(got, want):
+                raise SystemExit(f"T {t} E {e}: chunk {cfg[0]} warps {cfg[1]} differs from the reference")
+        for _ in range(rounds):
+            for cfg in cfgs:
+                us = graph_us([lambda cfg=cfg: MS.grouped_schedule_triton(idx, e, RE.GROUPED_BLOCK_T, *cfg)] * 20)
+                times[cfg] = min(times.get(cfg, 1e9), us)
+        before = (MS.CHUNK, MS.SCHEDULE_WARPS)  # the one launch of before SCHEDULE_LAUNCHES
+        (rule,) = [c[:2] for c in MS.schedule_launches(t * k)]
+        best = min(times, key=times.get)
+        print(f"T {t:5d} K {k} E {e:3d}: chunk {before[0]} / {before[1]} warps (before) {times[before]:6.2f} us; the "
+              f"rule's {rule[0]} / {rule[1]} {times[rule]:6.2f} us; best {best[0]} / {best[1]} {times[best]:6.2f} us; "
+              "all bitwise equal", flush=True)
+        print("   " + "  ".join(f"{c}/{w}: {times[(c, w)]:.2f}" for c, w in cfgs), flush=True)
+        rows.append({"t": t, "k": k, "e": e, "invalid": invalid,
+                     "us": {f"{c}/{w}": times[(c, w)] for c, w in cfgs}, "best": list(best)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="the Triton schedule's launch configs (see above)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.sweep:
+        rows = sweep()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     for t, k, e, invalid in CASES:
         idx = torch.randint(0, e, (t, k), device="cuda")

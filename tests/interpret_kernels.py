@@ -34,6 +34,7 @@ from triton.runtime import interpreter as _interp  # noqa: E402
 from dsv3.kernels import fp8_linear as L  # noqa: E402
 from dsv3.kernels import mla_absorb as AB  # noqa: E402
 from dsv3.kernels import mla_attention as A  # noqa: E402
+from dsv3.kernels import moe_schedule as MS  # noqa: E402
 from dsv3.kernels import routed_experts as RE  # noqa: E402
 from kernel_checks import exactly_quantizable, moe_shared_slot_idx, rel_err  # noqa: E402
 from dsv3.kernels.fp8_blocks import (  # noqa: E402
@@ -570,8 +571,6 @@ def test_grouped_schedule():
 def test_grouped_schedule_kernels(t, k, e, block_t, invalid):
     """The two-launch counting sort (`moe_schedule.grouped_schedule_triton`) gives the reference's schedule bit for
     bit: the tile table and the stable order of the pairs, invalid ids last."""
-    from dsv3.kernels import moe_schedule as MS
-
     gen = torch.Generator().manual_seed(t + e)
     idx = torch.randint(0, e, (t, k), generator=gen)
     drop = torch.rand(t, k, generator=gen) < invalid
@@ -580,6 +579,18 @@ def test_grouped_schedule_kernels(t, k, e, block_t, invalid):
     got, n2 = MS.grouped_schedule_triton(idx, e, block_t)
     assert n == n2 and got.dtype == torch.int32
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("chunk,warps", sorted({(c, w) for _, c, w in MS.SCHEDULE_LAUNCHES}))
+def test_grouped_schedule_each_launch(chunk, warps):
+    """Each launch of moe_schedule.SCHEDULE_LAUNCHES (pinned: a small P would take the first row's) gives the
+    reference's schedule bit for bit: 16B-like ids (66 slots, 64 routed), several chunks, a partial last one."""
+    gen = torch.Generator().manual_seed(chunk)
+    idx = torch.randint(0, 64, (300, 6), generator=gen)
+    idx[::7, 2] = -1  # other ranks' ids
+    want, n = MS.grouped_schedule_reference(idx, 66, 64)
+    got, n2 = MS.grouped_schedule_triton(idx, 66, 64, chunk, warps)
+    assert n == n2 and torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -192,6 +192,31 @@ def test_grouped_up_configs_by_length():
     assert not env.guards
 
 
+def test_schedule_launches_by_pair_count():
+    """The grouped schedule's launch by pair count (moe_schedule.SCHEDULE_LAUNCHES): a static P takes its row's one
+    launch; a dynamic P (a SymInt, as the prefill packages trace it) every row's, and at every P exactly the static
+    choice has a nonzero grid factor, with no guard."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from dsv3.kernels import moe_schedule as MS
+
+    rows = [(chunk, warps) for _, chunk, warps in MS.SCHEDULE_LAUNCHES]
+    assert len(set(rows)) == len(rows)
+    env = ShapeEnv()
+    sym = env.create_symbol(4200, source=ConstantSource("p"), dynamic_dim=DimDynamic.DYNAMIC)
+    dynamic = MS.schedule_launches(env.create_symintnode(sym, hint=4200))
+    assert [c[:2] for c in dynamic] == rows
+    bounds = [b for b, _, _ in MS.SCHEDULE_LAUNCHES[:-1]]
+    for p in (1, 6, 2304, bounds[0], bounds[0] + 1, bounds[1], bounds[1] + 1, 32768, 10 ** 6):
+        (cfg,) = MS.schedule_launches(p)
+        want = rows[sum(p > b for b in bounds)]
+        assert cfg == want + (1,), p
+        factors = {c[:2]: int(c[2].node.expr.xreplace({sym: p})) for c in dynamic}
+        assert factors == {r: int(r == want) for r in rows}, p
+    assert not env.guards
+
+
 def test_moe_decode_plan(monkeypatch):
     P = RE.MoeDecodePlan
     monkeypatch.delenv("DSV3_MOE_DECODE", raising=False)
@@ -641,9 +666,11 @@ class _RoutedPairs(torch.nn.Module):
 @cuda
 def test_grouped_up_config_by_length_in_a_package_gpu(tmp_path):
     """The 16B routed experts (a GROUPED_FP8_TUNED shape) take the grouped up kernel's launch by token count
-    (`grouped_up_configs`): inside an AOTInductor package with a dynamic T, both launches are in the graph and each
-    run gives the eager op's pair outputs bit for bit at T on either side of GROUPED_FP8_SHORT_T, and the float64
+    (`grouped_up_configs`), and the tile schedule its launch by pair count (`moe_schedule.schedule_launches`):
+    inside an AOTInductor package with a dynamic T, every launch is in the graph and each run gives the eager op's
+    pair outputs bit for bit at T on either side of GROUPED_FP8_SHORT_T and of the schedule's bounds, and the float64
     reference's on the first tokens within the FP8 bound."""
+    from dsv3.kernels import moe_schedule as MS
     from dsv3.kernels.fp8_blocks import quantize_weight
 
     g = torch.Generator(device="cuda").manual_seed(21)
@@ -662,7 +689,9 @@ def test_grouped_up_config_by_length_in_a_package_gpu(tmp_path):
     runner = torch._inductor.aoti_load_package(
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "moe.pt2")))
     bar = RE.GROUPED_FP8_SHORT_T
-    for t in (700, bar, bar + 1, 3000):
+    # + T on either side of the schedule's pair-count bounds (moe_schedule.SCHEDULE_LAUNCHES; K = 6)
+    edges = [t for b, _, _ in MS.SCHEDULE_LAUNCHES[:-1] for t in (b // k, b // k + 1)]
+    for t in (700, bar, bar + 1, 3000, *edges):
         x, idx = a if t == 700 else inputs(t)
         want = torch.ops.dsv3.routed_experts_pairs(x, idx, *w)
         got = runner(x, idx, *w)

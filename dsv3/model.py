@@ -32,7 +32,8 @@ from dsv3.rope import rope_tables, softmax_scale
 
 
 # Buffers of Transformer.add_prefill_copies_ (weights rearranged for the prefill at load): decode graphs never read them
-PREFILL_COPIES = ("kv_b_dequantized", "slots_down_packed", "slots_down_packed_scale_inv")
+PREFILL_COPIES = ("kv_b_dequantized", "slots_down_packed", "slots_down_packed_scale_inv", "slots_gate_up_packed",
+                  "slots_gate_up_packed_scale_inv")
 
 # Activations of one-token steps in FP8 layers (Transformer.set_batch1_activations_)
 BATCH1_ACTIVATIONS = ("fp8", "bf16")
@@ -270,14 +271,13 @@ class MLP(nn.Module):
         self.gate_up_rows: dict[str, tuple[int, int]] = {}  # set by fuse_gate_up_
 
     def fp8_swiglu_weights(self) -> tuple[torch.Tensor, ...] | None:
-        """(gate_w, gate_s, up_w, up_s, down_w, down_s) as dsv3.fp8_swiglu takes them (FP8), else None."""
+        """(gate_w, gate_s, up_w, up_s, down_w, down_s) as dsv3.fp8_swiglu takes them (FP8), else None. up_w, up_s
+        None: gate_w is the fused gate / up weight (fuse_gate_up_), one cuBLAS GEMM for both."""
         down = self.down_proj
         if down.weight_scale_inv is None:
             return None
-        if self.gate_up_rows:  # gate and up as one linear (fuse_gate_up_): their rows as views
-            inter = self.gate_up_rows["gate_proj"][1]
-            w, s = self.gate_up_proj.weight, self.gate_up_proj.weight_scale_inv
-            gate_up = (w[:inter], s[:inter // BLOCK], w[inter:], s[inter // BLOCK:])
+        if self.gate_up_rows:  # gate and up as one linear (fuse_gate_up_): the op takes it whole
+            gate_up = (self.gate_up_proj.weight, self.gate_up_proj.weight_scale_inv, None, None)
         else:
             gate, up = self.gate_proj, self.up_proj
             gate_up = (gate.weight, gate.weight_scale_inv, up.weight, up.weight_scale_inv)
@@ -383,12 +383,15 @@ class RoutedExperts(nn.Module):
         return w[first:].flatten(0, 1), None if s is None else s[first:].flatten(0, 1)
 
     def slots_fp8_swiglu_weights(self, first: int) -> tuple[torch.Tensor, ...] | None:
-        """Slots [first, E) as dsv3.fp8_swiglu's (gate_w, gate_s, up_w, up_s, down_w, down_s) (FP8), else None."""
+        """Slots [first, E) as dsv3.fp8_swiglu's (gate_w, gate_s, up_w, up_s, down_w, down_s) (FP8), else None.
+        With the prefill copies (add_prefill_copies_): the packed gate / up rows as one weight (up_w, up_s None)
+        and the packed down projections as one."""
         if self.down_proj_scale_inv is None:
             return None
+        if getattr(self, "slots_down_first", None) == first:  # add_prefill_copies_: packed since load
+            return (self.slots_gate_up_packed, self.slots_gate_up_packed_scale_inv, None, None,
+                    self.slots_down_packed.unsqueeze(0), self.slots_down_packed_scale_inv.unsqueeze(0))
         down, down_s = self.down_proj[first:], self.down_proj_scale_inv[first:]
-        if getattr(self, "slots_down_first", None) == first:  # add_prefill_copies_: side by side since load
-            down, down_s = self.slots_down_packed.unsqueeze(0), self.slots_down_packed_scale_inv.unsqueeze(0)
         return (*self._slot_rows("gate_proj", first), *self._slot_rows("up_proj", first), down, down_s)
 
     def slots_as_mlp(self, x: torch.Tensor, first: int, x_q: torch.Tensor | None = None,
@@ -396,7 +399,8 @@ class RoutedExperts(nn.Module):
         """Slots [first, E) applied to every token as one dense SwiGLU of width (E - first) * I, the sum of those
         experts' outputs (what the routed-experts op computes for slots every token selects with weight 1). The
         slots' gate / up rows are consecutive rows of one [(E - first) * I, D] matrix (a view; with FP8, I is a
-        multiple of 128 so their block scales stack too); down takes each slot's own I input columns, summed.
+        multiple of 128 so their block scales stack too; with the prefill copies, gate and up are one packed
+        matrix, one GEMM); down takes each slot's own I input columns, summed.
         x_q / x_scale (FP8): x quantized in the layout dsv3.fp8_swiglu's cuBLAS path takes."""
         i = self.gate_proj.shape[1]
         weights = self.slots_fp8_swiglu_weights(first)
@@ -412,22 +416,30 @@ class RoutedExperts(nn.Module):
     def add_prefill_copies_(self, first: int) -> None:
         """FP8 with two or more slots [first, E) (stacked shared experts): keep their down projections side by side
         as `slots_down_packed` [D, Kp] (slot s in columns s*I .. (s+1)*I, then zero columns up to Kp, a multiple of 4
-        blocks) with `slots_down_packed_scale_inv` (zero scales past the slots), filled from the slots by
-        refresh_prefill_copies_. `slots_as_mlp` passes them to dsv3.fp8_swiglu as one down projection: otherwise
-        every prefill call copies the slots side by side and pads K for AOTInductor's cuBLAS call (16B: 6.3 MB per
-        layer, ~12 us on the H200, whatever the prompt length). Decode reads the slots."""
+        blocks) with `slots_down_packed_scale_inv` (zero scales past the slots), and their gate rows then their up
+        rows as one matrix, `slots_gate_up_packed` [2*S*I, D] with `slots_gate_up_packed_scale_inv`, filled from the
+        slots by refresh_prefill_copies_. `slots_as_mlp` passes them to dsv3.fp8_swiglu as one down projection and
+        one gate / up weight: otherwise every prefill call copies the down slots side by side and pads K for
+        AOTInductor's cuBLAS call (16B: 6.3 MB per layer, ~12 us on the H200, whatever the prompt length), and runs
+        gate and up as two GEMMs (16B: 11.5 MB per layer; one GEMM saves ~8 us at 384 tokens, ~10 us at 4096, the
+        outputs bitwise equal). Decode reads the slots."""
         slots = self.gate_proj.shape[0] - first
         if self.down_proj_scale_inv is None or slots < 2 or hasattr(self, "slots_down_packed"):
             return
         d, i = self.down_proj.shape[1:]
         kp = ceil_div(slots * i, 4 * BLOCK) * 4 * BLOCK
         device = self.down_proj.device
-        self.slots_down_first = first
+        self.slots_down_first = first  # the first slot of both packed copies
         self.register_buffer("slots_down_packed", torch.empty(d, kp, dtype=FP8_DTYPE, device=device),
                              persistent=False)
         self.register_buffer("slots_down_packed_scale_inv", torch.empty(ceil_div(d, BLOCK), kp // BLOCK,
                                                                         dtype=torch.float32, device=device),
                              persistent=False)
+        self.register_buffer("slots_gate_up_packed", torch.empty(2 * slots * i, d, dtype=FP8_DTYPE, device=device),
+                             persistent=False)
+        self.register_buffer("slots_gate_up_packed_scale_inv",
+                             torch.empty(2 * slots * i // BLOCK, ceil_div(d, BLOCK), dtype=torch.float32,
+                                         device=device), persistent=False)
 
     def refresh_prefill_copies_(self) -> None:
         if not hasattr(self, "slots_down_packed"):
@@ -440,6 +452,12 @@ class RoutedExperts(nn.Module):
         scales, kb = self.slots_down_packed_scale_inv, slots * s.shape[2]
         scales[:, :kb].copy_(s.permute(1, 0, 2).reshape(s.shape[1], kb))
         scales[:, kb:].zero_()
+        rows = slots * i  # the slots' gate rows, then their up rows
+        gate_up, gate_up_s = self.slots_gate_up_packed.view(torch.uint8), self.slots_gate_up_packed_scale_inv
+        for j, name in enumerate(("gate_proj", "up_proj")):
+            w, s = self._slot_rows(name, self.slots_down_first)
+            gate_up[j * rows:(j + 1) * rows].copy_(w.view(torch.uint8))
+            gate_up_s[j * rows // BLOCK:(j + 1) * rows // BLOCK].copy_(s)
 
 
 def can_stack_shared(cfg: ModelConfig) -> bool:
@@ -687,10 +705,10 @@ class Transformer(nn.Module):
     def add_prefill_copies_(self) -> "Transformer":
         """Keep rearranged copies of the weights that the prefill path would otherwise rearrange on every call
         (MLA.add_prefill_copies_: kv_b_proj dequantized; RoutedExperts.add_prefill_copies_: the stacked shared
-        experts' down projections side by side). A layout step, after sharding and stacking, before the model is
-        materialised: non-persistent buffers (not in the state dict or a checkpoint), filled from the weights by
-        `refresh_prefill_copies_`, which every loader calls after writing the weights (and load_state_dict, through
-        a hook). Memory: 16B ~0.27 GB, a 671B rank at world size 8 ~0.26 GB."""
+        experts' down projections side by side, their gate / up rows as one matrix). A layout step, after sharding
+        and stacking, before the model is materialised: non-persistent buffers (not in the state dict or a
+        checkpoint), filled from the weights by `refresh_prefill_copies_`, which every loader calls after writing the
+        weights (and load_state_dict, through a hook). Memory: 16B ~0.58 GB, a 671B rank at world size 8 ~0.26 GB."""
         for layer in self.layers:
             layer.self_attn.add_prefill_copies_()
             if isinstance(layer.mlp, MoE) and layer.mlp.n_shared_slots:

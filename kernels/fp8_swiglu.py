@@ -2,6 +2,10 @@
 
 Contract:
     x [..., D] bf16/fp32; gate_w, up_w [N, D] e4m3 with gate_s, up_s [N/128, D/128] fp32 (N = S * I);
+    or up_w, up_s None (together) and gate_w [2N, D] the gate rows then the up rows (N a multiple of 128), gate_s
+    its [2N/128, D/128] scales: a fused gate / up weight, one GEMM on the cuBLAS path instead of two (16B shared
+    experts, N 2816: 17.9 -> 9.5 us at M 384, 90.9 -> 81.3 at 4096 on the H200, scripts/try_shared_gate_up.py);
+    elsewhere split into its halves, so the result is the two halves' bit for bit.
     down_w [S, D, I] e4m3 with down_s [S, D/128, ceil(I/128)]: S down projections, one per I-column slice of
     h = silu(g) * u, summed. S = 1 is a plain MLP (dense layers, an unstacked shared MLP); S > 1 the stacked shared
     experts of world size 1 (their gate/up rows are consecutive rows of one matrix, their down projections separate
@@ -52,10 +56,32 @@ from dsv3.kernels.fp8_linear import (
 from dsv3.kernels.routed_experts import _swiglu
 
 
-def fp8_swiglu_reference(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor,
-                         up_s: torch.Tensor, down_w: torch.Tensor, down_s: torch.Tensor,
+def _gate_rows(gate_w: torch.Tensor, up_w: torch.Tensor | None, up_s: torch.Tensor | None) -> int:
+    """N, the gate projection's rows: all of gate_w's, or half of a fused gate / up weight's (up_w None)."""
+    torch._check((up_w is None) == (up_s is None), lambda: "fp8_swiglu: give up_w and up_s together (or neither)")
+    if up_w is not None:
+        return gate_w.shape[0]
+    rows = gate_w.shape[0]
+    # whole 128-row blocks per half: the scale rows split between gate and up
+    torch._check(rows % (2 * BLOCK) == 0, lambda: f"fp8_swiglu: a fused gate / up weight (up_w None) needs 2N rows "
+                                                  f"with N a multiple of {BLOCK}, got {rows}")
+    return rows // 2
+
+
+def _split_gate_up(gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor | None,
+                   up_s: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(gate_w, gate_s, up_w, up_s), a fused gate / up weight (up_w None) as its two halves (views)."""
+    if up_w is not None:
+        return gate_w, gate_s, up_w, up_s
+    n = _gate_rows(gate_w, up_w, up_s)
+    return gate_w[:n], gate_s[:n // BLOCK], gate_w[n:], gate_s[n // BLOCK:]
+
+
+def fp8_swiglu_reference(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor | None,
+                         up_s: torch.Tensor | None, down_w: torch.Tensor, down_s: torch.Tensor,
                          linear=fp8_linear_reference) -> torch.Tensor:
-    """The composition (plain PyTorch with the default `linear`)."""
+    """The composition (plain PyTorch with the default `linear`); a fused gate / up weight as its two halves."""
+    gate_w, gate_s, up_w, up_s = _split_gate_up(gate_w, gate_s, up_w, up_s)
     i = down_w.shape[2]
     h = F.silu(linear(x, gate_w, gate_s)) * linear(x, up_w, up_s)
     if down_w.shape[0] == 1 and i > h.shape[-1]:  # a padded down projection: zero columns past N
@@ -148,8 +174,8 @@ def _check_quantized_x(xq: torch.Tensor, xs: torch.Tensor, m: int, gate_s: torch
     torch._check(xs.stride(0) == 1 and xs.stride(1) == mp, lambda: "fp8_swiglu: x_scale must be M-major")
 
 
-def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor,
-                      up_s: torch.Tensor, down_w: torch.Tensor, down_s: torch.Tensor,
+def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor | None,
+                      up_s: torch.Tensor | None, down_w: torch.Tensor, down_s: torch.Tensor,
                       x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> torch.Tensor:
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
@@ -165,8 +191,13 @@ def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tenso
     else:
         xq, xs = act_quant(x2, pad_rows_to=4, scales_m_major=True,
                            pad_k_blocks_to=scaled_mm_k_blocks(gate_s.shape[1]), pad_k=True)
-    g = scaled_mm_quantized(xq, xs, gate_w, gate_s, x.dtype)
-    u = scaled_mm_quantized(xq, xs, up_w, up_s, x.dtype)
+    if up_w is None:  # a fused gate / up weight: one GEMM, [Mp, 2N] (2N whole 128-blocks: no row padding)
+        n = _gate_rows(gate_w, up_w, up_s)
+        gu = scaled_mm_quantized(xq, xs, gate_w, gate_s, x.dtype)
+        g, u = gu[:, :n], gu[:, n:]  # column slices: silu_mul_quant reads them through their row strides
+    else:
+        g = scaled_mm_quantized(xq, xs, gate_w, gate_s, x.dtype)
+        u = scaled_mm_quantized(xq, xs, up_w, up_s, x.dtype)
     kb = s * (i // BLOCK)
     hq, hs = silu_mul_quant(g, u, pad_k_blocks_to=scaled_mm_k_blocks(kb), k_blocks=kb)
     # the S down slots side by side along K: [D, S*I] (a copy, fused with scaled_mm_quantized's K padding by
@@ -178,20 +209,21 @@ def fp8_swiglu_triton(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tenso
 
 
 @triton_op("dsv3::fp8_swiglu", mutates_args=())
-def fp8_swiglu(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor, up_s: torch.Tensor,
-               down_w: torch.Tensor, down_s: torch.Tensor, x_q: torch.Tensor | None = None,
+def fp8_swiglu(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor | None,
+               up_s: torch.Tensor | None, down_w: torch.Tensor, down_s: torch.Tensor, x_q: torch.Tensor | None = None,
                x_scale: torch.Tensor | None = None) -> torch.Tensor:
     torch._check((x_q is None) == (x_scale is None), lambda: "fp8_swiglu: give x_q and x_scale together")
+    _gate_rows(gate_w, up_w, up_s)
     if x.device.type == "cpu":
         return fp8_swiglu_reference(x, gate_w, gate_s, up_w, up_s, down_w, down_s)
     return fp8_swiglu_triton(x, gate_w, gate_s, up_w, up_s, down_w, down_s, x_q, x_scale)
 
 
 @fp8_swiglu.register_fake
-def _fp8_swiglu_fake(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor,
-                     up_s: torch.Tensor, down_w: torch.Tensor, down_s: torch.Tensor, x_q=None, x_scale=None
+def _fp8_swiglu_fake(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor | None,
+                     up_s: torch.Tensor | None, down_w: torch.Tensor, down_s: torch.Tensor, x_q=None, x_scale=None
                      ) -> torch.Tensor:
-    n, (s, _, i) = gate_w.shape[0], down_w.shape
+    n, (s, _, i) = _gate_rows(gate_w, up_w, up_s), down_w.shape
     torch._check(n == s * i or (s == 1 and i > n and i % 128 == 0),
                  lambda: f"fp8_swiglu: gate rows {n} != slots x I {tuple(down_w.shape)} (nor a padded single down "
                          f"projection)")

@@ -77,9 +77,10 @@ class ParallelPlan:
     # 579.9 us per 8-layer step; docs/BENCHMARKS.md).
     batch1_activations: str = "bf16"
     # Any world size: keep copies of the weights the prefill would otherwise rearrange on every call (kv_b_proj
-    # dequantized; at world size 1 the stacked shared experts' down projections side by side;
-    # Transformer.add_prefill_copies_), ~0.27 GB on 16B and on a 671B rank at world size 8. The graphs read them as
-    # constants, so it is a compile-time choice too; both sides default to it.
+    # dequantized; at world size 1 the stacked shared experts' down projections side by side and their gate / up
+    # rows as one matrix; Transformer.add_prefill_copies_), ~0.58 GB on 16B (0.11 kv_b, 0.16 down, 0.30 gate / up),
+    # ~0.26 GB on a 671B rank at world size 8. The graphs read them as constants, so it is a compile-time choice too;
+    # both sides default to it.
     prefill_copies: bool = True
 
     @property

@@ -1,5 +1,6 @@
 """`dsv3.fp8_swiglu`'s Triton kernel (SiLU-mul fused with the 1x128 quantization of h), run by the Triton CPU
-interpreter against `quantize_activation(F.silu(g) * u)`, bitwise.
+interpreter against `quantize_activation(F.silu(g) * u)`, bitwise; also with g and u the column halves of one
+output (the fused gate / up GEMM's).
 
 Not collected by the normal suite: `tests/test_swiglu.py` runs it in a subprocess with TRITON_INTERPRET=1. By hand:
 
@@ -43,3 +44,18 @@ def test_silu_mul_quant_matches_reference(fixed_interpreter, m, n, pad):
     assert torch.equal(s[:, :nb], want_s)
     assert torch.equal(q[:, :n].view(torch.uint8), want_q.view(torch.uint8))
     assert not q[:, n:].view(torch.uint8).any()  # padding blocks: quantized zeros
+
+
+def test_silu_mul_quant_reads_column_slices(fixed_interpreter):
+    """g and u as the two column halves of one [M, 2N] output (dsv3.fp8_swiglu's fused gate / up GEMM): read
+    through their row stride 2N, the result of contiguous copies."""
+    gen = torch.Generator().manual_seed(7)
+    m, n = 5, 384
+    gu = (torch.randn(m, 2 * n, generator=gen) * 2).to(torch.bfloat16)
+    g, u = gu[:, :n], gu[:, n:]
+    assert g.stride() == u.stride() == (2 * n, 1)
+    q, s = silu_mul_quant(g, u, pad_k_blocks_to=4)
+    want_q, want_s = silu_mul_quant(g.contiguous(), u.contiguous(), pad_k_blocks_to=4)
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    ref_q, ref_s = quantize_activation(F.silu(g) * u)
+    assert torch.equal(s[:, :n // 128], ref_s) and torch.equal(q[:, :n].view(torch.uint8), ref_q.view(torch.uint8))

@@ -20,9 +20,9 @@ from dsv3.runtime.parallel import ParallelPlan
 
 def test_fp8_prefill_copies_in_packages(tmp_path):
     """FP8 with two stacked shared experts (tiny-v2): the prefill graphs read the prefill copies of weights
-    (kv_b_proj dequantized, the shared experts' down projections side by side) as run-time constants, the decode
-    graphs do not; the compile-time verification (packages against the eager model) passes, and the runtime's
-    greedy tokens equal the eager model's (loaded plainly: no layout, no copies)."""
+    (kv_b_proj dequantized, the shared experts' down projections side by side, their gate / up rows as one matrix)
+    as run-time constants, the decode graphs do not; the compile-time verification (packages against the eager
+    model) passes, and the runtime's greedy tokens equal the eager model's (loaded plainly: no layout, no copies)."""
     # one MoE layer (its two shared experts stacked as slots): the least a package with every copy needs
     cfg = resolve_config("tiny-v2").replace(num_hidden_layers=1, first_k_dense_replace=0)
     ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype="fp8", seed=4, progress=False)
@@ -32,9 +32,9 @@ def test_fp8_prefill_copies_in_packages(tmp_path):
                                     "--prefill-chunk", "16", "--dtype", "float32"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     m = read_manifest(out)
-    assert m["rank_layout"]["prefill_copies"] == 2  # kv_b dequantized, the packed slots
+    assert m["rank_layout"]["prefill_copies"] == 3  # kv_b dequantized, the packed down and gate / up slots
     res = CliRunner().invoke(main, ["inspect", str(out)])
-    assert "2 prefill copies of weights" in res.output
+    assert "3 prefill copies of weights" in res.output
     prompt = [0, 5, 9, 13, 200, 7, 81, 44, 3, 17, 99, 12, 4, 4, 60, 61, 62, 63, 2]  # 19 tokens: two prefill chunks
     eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=1, max_seq_len=32, progress=False)
     stepper, _ = artifact_stepper(out, ckpt, ParallelPlan(0, 1), "cpu", progress=False)

@@ -23,6 +23,7 @@ from dsv3.checkpoint import CheckpointReader
 from dsv3.config import resolve_config
 from dsv3.init_random import write_random_checkpoint
 from dsv3.kernels.fp8_blocks import BLOCK
+from dsv3.model import PREFILL_COPIES
 from dsv3.runtime.convert import convert_to_ranks
 from dsv3.runtime.engine import load_rank_model
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model
@@ -225,7 +226,8 @@ def test_fused_gate_up_matches_the_unfused_model(tmp_path, config):
 
 
 # Prefill copies (Transformer.add_prefill_copies_, any world size): kv_b_proj dequantized, and at world size 1 the
-# stacked shared experts' down projections side by side, kept as non-persistent buffers that every loader refreshes.
+# stacked shared experts' down projections side by side and their gate / up rows as one matrix, kept as
+# non-persistent buffers that every loader refreshes.
 
 def _check_prefill_copies(model, cfg) -> int:
     """Asserts every copy equals what it copies; returns how many copies the model holds."""
@@ -252,7 +254,13 @@ def _check_prefill_copies(model, cfg) -> int:
             assert torch.equal(scales[:, slot * (i // BLOCK):(slot + 1) * (i // BLOCK)],
                                experts.down_proj_scale_inv[first + slot])
         assert not packed[:, s * i:].view(torch.uint8).any() and not scales[:, s * i // BLOCK:].any()
-        n += 1
+        # the slots' gate rows, then their up rows
+        rows = [getattr(experts, p)[first:].flatten(0, 1) for p in ("gate_proj", "up_proj")]
+        row_scales = [getattr(experts, f"{p}_scale_inv")[first:].flatten(0, 1) for p in ("gate_proj", "up_proj")]
+        assert torch.equal(experts.slots_gate_up_packed.view(torch.uint8),
+                           torch.cat([r.view(torch.uint8) for r in rows]))
+        assert torch.equal(experts.slots_gate_up_packed_scale_inv, torch.cat(row_scales))
+        n += 2
     return n
 
 
@@ -261,7 +269,7 @@ def test_prefill_copies_follow_every_loader(tmp_path):
 
     ckpt = write_random_checkpoint(resolve_config("tiny-v2"), tmp_path / "ck", dtype="fp8", seed=7, progress=False)
     cfg = CheckpointReader(ckpt).config  # two shared experts of width 128, FP8: stacked at world size 1
-    want = cfg.num_hidden_layers + cfg.num_hidden_layers - cfg.first_k_dense_replace
+    want = cfg.num_hidden_layers + 2 * (cfg.num_hidden_layers - cfg.first_k_dense_replace)
     hf_layout = _rank_model(ckpt)
     assert _check_prefill_copies(hf_layout, cfg) == want
     presharded = _rank_model(convert_to_ranks(ckpt, tmp_path / "ranks", 1, progress=False))
@@ -273,7 +281,7 @@ def test_prefill_copies_follow_every_loader(tmp_path):
     assert _check_prefill_copies(fresh, cfg) == want
     none = build_rank_model(cfg, ParallelPlan(0, 1, prefill_copies=False), dtype=torch.float32, device="meta",
                             max_batch_size=1, max_seq_len=8)
-    assert not any(n.endswith(("kv_b_dequantized", "slots_down_packed")) for n, _ in none.named_buffers())
+    assert not any(n.endswith(PREFILL_COPIES) for n, _ in none.named_buffers())
     # world size 2 (FP8 heads of 128-row blocks): the rank's kv_b rows dequantized; the shared MLPs are not slots
     cfg2 = cfg.replace(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
     ws2 = build_rank_model(cfg2, ParallelPlan(0, 2), dtype=torch.bfloat16, device="meta", max_batch_size=1,
@@ -281,14 +289,28 @@ def test_prefill_copies_follow_every_loader(tmp_path):
     attn = ws2.layers[-1].self_attn
     assert attn.kv_b_dequantized.shape == attn.kv_b_proj.weight.shape == (2 * 256, cfg.kv_lora_rank)
     assert attn.kv_b_dequantized.dtype == torch.bfloat16
-    assert not any(n.endswith("slots_down_packed") for n, _ in ws2.named_buffers())
+    assert not any(n.endswith(("slots_down_packed", "slots_gate_up_packed")) for n, _ in ws2.named_buffers())
 
 
 def test_prefill_copies_keep_the_logits(tmp_path):
     cfg = resolve_config("tiny-v2")
     ckpt = write_random_checkpoint(cfg, tmp_path / "ck", dtype="fp8", seed=8, progress=False)
     with_copies, without = _rank_model(ckpt), _rank_model(ckpt, prefill_copies=False)
-    assert hasattr(with_copies.layers[-1].mlp.experts, "slots_down_packed")
+    experts, moe = with_copies.layers[-1].mlp.experts, with_copies.layers[-1].mlp
+    assert hasattr(experts, "slots_down_packed")
+    # the stacked shared slots' prefill weights: gate and up as one packed matrix (one GEMM), down packed
+    first = experts.gate_proj.shape[0] - moe.n_shared_slots
+    gate_w, gate_s, up_w, up_s, down_w, down_s = experts.slots_fp8_swiglu_weights(first)
+    assert up_w is None and up_s is None and gate_w is experts.slots_gate_up_packed
+    assert gate_s is experts.slots_gate_up_packed_scale_inv and down_w.shape[0] == 1
+    assert torch.equal(gate_w.view(torch.uint8), torch.cat([experts.gate_proj[first:].flatten(0, 1).view(torch.uint8),
+                                                            experts.up_proj[first:].flatten(0, 1).view(torch.uint8)]))
+    assert torch.equal(gate_s, torch.cat([experts.gate_proj_scale_inv[first:].flatten(0, 1),
+                                          experts.up_proj_scale_inv[first:].flatten(0, 1)]))
+    # without the copies: the slots' gate and up rows as two views
+    plain = without.layers[-1].mlp.experts.slots_fp8_swiglu_weights(first)
+    assert plain[2] is not None and plain[0].shape == plain[2].shape == (moe.n_shared_slots * cfg.moe_intermediate_size,
+                                                                         cfg.hidden_size)
     tokens = torch.randint(0, cfg.vocab_size, (3, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a = with_copies(tokens, torch.arange(24))  # prefill-sized: the copies are read

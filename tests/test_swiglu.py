@@ -1,11 +1,13 @@
 """dsv3.fp8_swiglu: the FP8 SwiGLU MLP (dense layers, shared experts) at prefill-sized M.
 
 - CPU: the Triton kernel under the interpreter (`tests/interpret_swiglu.py`, subprocess); the op against a float64
-  SwiGLU on the dequantized weights with the spec's activation quantization of x and h; the model's prefill MoE
-  and dense MLP through the op equal the composition they replaced.
+  SwiGLU on the dequantized weights with the spec's activation quantization of x and h; a fused gate / up weight
+  (up_w None) gives the two halves' output bitwise (and the fake impl its shape, opcheck); the model's prefill MoE
+  and dense MLP (also with gate and up fused) through the op equal the composition they replaced.
 - GPU (`-m gpu`): the cuBLAS path (x quantized once, fused SiLU-mul-quant, the S down slots as one GEMM) against the
   float64 SwiGLU and against the composition of dsv3.fp8_linear calls, eager and under torch.compile(fullgraph=True),
-  on the 16B shared-expert and 671B-rank shapes, outputs poisoned.
+  on the 16B shared-expert and 671B-rank shapes, outputs poisoned; gate and up as one GEMM (a fused weight) bitwise
+  the two GEMMs' result, eager, compiled and in an AOTInductor package.
 """
 
 from __future__ import annotations
@@ -95,6 +97,41 @@ def test_packed_down_equals_one_projection(m, d, slots, inter):
     assert rel_err(out, ref) < 2e-2
 
 
+def fused_gate_up(gate_w, gate_s, up_w, up_s) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate rows then the up rows as one [2N, D] weight with its scales: dsv3.fp8_swiglu's fused form (up_w,
+    up_s None), RoutedExperts.add_prefill_copies_'s `slots_gate_up_packed`."""
+    w = torch.cat([gate_w.view(torch.uint8), up_w.view(torch.uint8)]).view(gate_w.dtype)
+    return w, torch.cat([gate_s, up_s])
+
+
+@pytest.mark.parametrize("m,d,slots,inter", [(70, 256, 2, 128), (5, 384, 1, 256), (3, 200, 3, 128)])
+def test_fused_gate_up_equals_halves(m, d, slots, inter):
+    """A fused gate / up weight (up_w, up_s None) gives the two halves' output bit for bit (CPU: split and computed
+    as the halves), with the slots' down projections and with them packed; the fake impl gives the output's shape;
+    the op's registration passes opcheck in both forms; a malformed fused form is refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(m * 3 + d)
+    x, gate_w, gate_s, up_w, up_s, down_w, down_s = swiglu_inputs(m, d, slots, inter, gen)
+    fw, fs = fused_gate_up(gate_w, gate_s, up_w, up_s)
+    assert fw.shape == (2 * slots * inter, d)
+    op = torch.ops.dsv3.fp8_swiglu
+    for down in ((down_w, down_s), packed_down(down_w, down_s)):
+        want = op(x, gate_w, gate_s, up_w, up_s, *down)
+        assert torch.equal(op(x, fw, fs, None, None, *down), want)
+        assert torch.equal(fp8_swiglu_reference(x, fw, fs, None, None, *down), want)
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(t) for t in (x, fw, fs)), None, None,
+                  *(mode.from_tensor(t) for t in (down_w, down_s)))
+    assert fake.shape == (m, d) and fake.dtype == x.dtype
+    for args in ((x, fw, fs, None, None, down_w, down_s), (x, gate_w, gate_s, up_w, up_s, down_w, down_s)):
+        torch.library.opcheck(op.default, args, test_utils="test_faketensor")  # (test_schema: no e4m3 mul)
+    with pytest.raises(RuntimeError, match="together"):
+        op(x, fw, fs, None, up_s, down_w, down_s)
+    with pytest.raises(RuntimeError, match="multiple of 128"):  # halves not on a 128-row block
+        op(x, fw[:-128], fs[:-1], None, None, down_w, down_s)
+
+
 def test_model_paths_use_the_op_and_match_the_composition():
     """The prefill MoE's stacked shared slots and a dense FP8 MLP at GEMM-sized M go through dsv3.fp8_swiglu and
     give what the composition of fp8_linear calls gave (CPU: the same reference arithmetic)."""
@@ -124,6 +161,18 @@ def test_model_paths_use_the_op_and_match_the_composition():
                 F.silu(fp8_linear_reference(x[:m], dense.gate_proj.weight, dense.gate_proj.weight_scale_inv))
                 * fp8_linear_reference(x[:m], dense.up_proj.weight, dense.up_proj.weight_scale_inv),
                 dense.down_proj.weight, dense.down_proj.weight_scale_inv))
+        # gate and up fused (MLP.fuse_gate_up_): the op takes the fused weight whole (one GEMM on cuBLAS)
+        halves = (dense.gate_proj.weight, dense.gate_proj.weight_scale_inv, dense.up_proj.weight,
+                  dense.up_proj.weight_scale_inv)
+        want = {m: dense(x[:m]) for m in (1, 80)}
+        fw, fs = fused_gate_up(*halves)
+        dense.fuse_gate_up_()
+        dense.gate_up_proj.weight.copy_(fw)
+        dense.gate_up_proj.weight_scale_inv.copy_(fs)
+        weights = dense.fp8_swiglu_weights()
+        assert weights[0] is dense.gate_up_proj.weight and weights[2] is None and weights[3] is None
+        for m in (1, 80):
+            assert torch.equal(dense(x[:m]), want[m])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,9 +207,38 @@ def test_cublas_path_gpu(m, d, slots, inter, compiled):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("m", [300, 1024])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_gate_up_gpu(m, compiled):
+    """16B shared experts (D 2048, N 2816): gate and up as one cuBLAS GEMM over a fused weight (up_w None) give the
+    two GEMMs' output bit for bit (each output column is the same dot product; the halves are read as column slices
+    of one [Mp, 2N] output), with the slots' down projections or packed ones, x quantized by the op or given in
+    cuBLAS's layout, eager and under torch.compile(fullgraph=True)."""
+    from dsv3.kernels.fp8_linear import act_quant
+    from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS
+
+    gen = torch.Generator().manual_seed(m + 5)
+    x, gate_w, gate_s, up_w, up_s, down_w, down_s = swiglu_inputs(m, 2048, 2, 1408, gen, device="cuda")
+    fw, fs = fused_gate_up(gate_w, gate_s, up_w, up_s)
+    xq = act_quant(x, pad_rows_to=4, scales_m_major=True, pad_k=True, pad_k_blocks_to=QUANTIZED_X_K_BLOCKS)
+    op = torch.ops.dsv3.fp8_swiglu
+    torch._dynamo.reset()  # each form's 4 graphs (down, x_q) under the recompile limit, per form
+    halves = torch.compile(lambda *a: op(*a), fullgraph=True, dynamic=False) if compiled else op
+    fused = torch.compile(lambda *a: op(*a), fullgraph=True, dynamic=False) if compiled else op
+    for down in ((down_w, down_s), packed_down(down_w, down_s)):
+        for x_q in ((), xq):
+            poison_allocator()
+            want = halves(x, gate_w, gate_s, up_w, up_s, *down, *x_q)
+            got = fused(x, fw, fs, None, None, *down, *x_q)
+            assert got.shape == (m, 2048) and torch.isfinite(got).all() and torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@cuda
 def test_packed_down_in_a_package_gpu(tmp_path):
     """Inside an AOTInductor package (v1 `torch._scaled_mm`, K padded to whole 4-block groups) at a dynamic prefill
-    M: the packed down projection needs no pad, and gives the slots' result."""
+    M: the packed down projection needs no pad, and gives the slots' result; with gate and up as one weight too
+    (the model's prefill copies), bitwise the package with two."""
     gen = torch.Generator().manual_seed(11)
     x, gate_w, gate_s, up_w, up_s, down_w, down_s = swiglu_inputs(300, 2048, 2, 1408, gen, device="cuda")
     pw, ps = packed_down(down_w, down_s)
@@ -174,6 +252,15 @@ def test_packed_down_in_a_package_gpu(tmp_path):
     ep = torch.export.export(Swiglu(), (x, *weights), dynamic_shapes=({0: m},) + (None,) * 6)
     runner = torch._inductor.aoti_load_package(
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "swiglu.pt2")))
+
+    class FusedGateUp(torch.nn.Module):  # gate and up as one weight (the prefill copy of the stacked slots)
+        def forward(self, x, gate_up_w, gate_up_s, down_w, down_s):
+            return torch.ops.dsv3.fp8_swiglu(x, gate_up_w, gate_up_s, None, None, down_w, down_s)
+
+    fused_weights = (*fused_gate_up(gate_w, gate_s, up_w, up_s), pw, ps)
+    ep = torch.export.export(FusedGateUp(), (x, *fused_weights), dynamic_shapes=({0: m},) + (None,) * 4)
+    fused_runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "swiglu_fused.pt2")))
     for rows in (300, 777):
         xr = torch.randn(rows, 2048, generator=gen).to(torch.bfloat16).cuda()
         poison_allocator()
@@ -182,6 +269,7 @@ def test_packed_down_in_a_package_gpu(tmp_path):
         assert out.shape == (rows, 2048) and torch.isfinite(out).all()
         assert rel_err(out, ref64) < 2e-2
         assert rel_err(out, torch.ops.dsv3.fp8_swiglu(xr, gate_w, gate_s, up_w, up_s, down_w, down_s)) < 2e-3
+        assert torch.equal(fused_runner(xr, *fused_weights), out)  # one GEMM for gate and up: the same columns
 
 
 def _norm_then_experts(h, delta, norm_w, swiglu_w, routed, idx, wt, quantized: bool):

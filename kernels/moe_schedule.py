@@ -34,7 +34,9 @@ from torch.library import wrap_triton
 
 from dsv3.kernels._launch import cdiv, env_switch, exceeds, next_pow2, static_int
 
-CHUNK = 1024  # pairs per program when a call pins no launch (the interpreter tests' and the sweep's baseline)
+# A pinned launch's default fields (grouped_schedule_triton given only one of chunk / num_warps): the one launch of
+# before SCHEDULE_LAUNCHES, the sweep's baseline
+CHUNK = 1024
 SCHEDULE_WARPS = 4
 # The launch by pair count P = T * K: (most pairs, pairs per program, warps), the last row unbounded. Measured with
 # scripts/bench_schedule.py --sweep (H200, 2026-11-26; 16 launches, each bitwise the reference's schedule; us per

@@ -70,6 +70,8 @@
 #              package at 3 sizes), then the GPU tests of the prefill attention's descriptor form (incl. an AOTI package)
 #   tma-moe    scripts/try_grouped_tma.py: the grouped MoE kernels with TMA descriptor loads vs the production ones
 #              (bitwise compared, timed interleaved; JSON in $OUT)
+#   small-gemm scripts/sweep_small_m_gemm.py: the 16B prefill's dense FP8 GEMMs at M 300-1024, cuBLAS against the
+#              Triton tiled GEMM's tile shapes / warps / stages (checked against float64, timed; JSON in $OUT)
 #   sdpa       scripts/bench_prefill_sdpa.py: the first-chunk prefill attention, our kernel vs PyTorch's cuDNN / flash
 #              SDPA (timed, checked, and inside AOTInductor packages; JSON in $OUT)
 #   gpu-all    the whole GPU-marked suite (`pytest -m gpu tests/`) in one run, GPU_WORKERS (6) pytest-xdist workers
@@ -216,6 +218,11 @@ step_attnout() {
 }
 
 step_sdpa() { timeout 400 $PY scripts/bench_prefill_sdpa.py --json "$OUT/bench_prefill_sdpa.json" 2>&1 | grep -v -i warn | tail -60; }
+
+step_small_gemm() {  # the prefill's FP8 GEMMs at short-prompt M: cuBLAS against the Triton tiled GEMM's configs
+  timeout 400 $PY scripts/sweep_small_m_gemm.py ${SMALL_GEMM_ARGS:-} --json "$OUT/sweep_small_m_gemm.json" 2>&1 \
+    | grep -v -i warn | tail -24
+}
 
 step_sel_up() { timeout 300 $PY scripts/try_select_in_up.py --json "$OUT/try_select_in_up.json" 2>&1 | grep -v -i warn | tail -6; }
 

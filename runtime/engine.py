@@ -87,10 +87,12 @@ class GraphStepper:
         t0 = time.perf_counter()
         pool = self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
         for b in self.buckets:
             tok = torch.zeros(b, 1, dtype=torch.long, device=self.device)
             pos = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+            # after the fills: the side stream would otherwise read tok / pos before this stream zeroes them (the
+            # allocator's recycled bytes: an out-of-range token id, a device-side assert in the embedding)
+            side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
                     self.decode_fns[b](tok, pos)

@@ -287,6 +287,41 @@ def test_cuda_graph_greedy_loop_equals_eager(random_checkpoint):
 
 
 @pytest.mark.gpu
+def test_capture_warm_up_reads_zeroed_inputs(monkeypatch):
+    """The decode graphs' warm-up runs on a side stream: it must wait for the current stream's zero-fill of each
+    bucket's static tokens and positions. A race here read the allocator's recycled bytes as token ids (a device-side
+    assert in the embedding, one whole-suite run in four). torch.zeros is made late on purpose (the tensor holds 7s
+    until a zero-fill queued behind a ~25 ms sleep), so a warm-up that does not wait sees the 7s."""
+    from types import SimpleNamespace
+
+    from dsv3.runtime.engine import GraphStepper
+
+    vocab, seen = 64, []
+    table = torch.randn(vocab, vocab, device="cuda")
+    real_zeros = torch.zeros
+
+    def late_zeros(*shape, **kw):
+        t = torch.empty(*shape, **kw).fill_(7)
+        if t.is_cuda and not torch.cuda.is_current_stream_capturing():
+            torch.cuda._sleep(50_000_000)
+            t.zero_()
+        return t
+
+    def step(tok, *rest):  # a decode (tok, pos) or prefill (tok, pos, rows, last) graph's stand-in
+        if not torch.cuda.is_current_stream_capturing():
+            seen.append(tok.clone())  # on the stream the caller runs it on
+        return table[tok[:, -1].clamp(0, vocab - 1)]
+
+    model = SimpleNamespace(max_batch_size=4, max_seq_len=32, rope_cos=real_zeros(1, device="cuda"))
+    monkeypatch.setattr(torch, "zeros", late_zeros)
+    stepper = GraphStepper(model, step, {1: step, 4: step}, prefill_chunk=16, cuda_graphs=True)
+    torch.cuda.synchronize()
+    monkeypatch.setattr(torch, "zeros", real_zeros)
+    assert sorted(stepper.graphs) == [1, 4] and len(seen) >= 6
+    assert all(int(t.abs().max()) == 0 for t in seen), [t.flatten().tolist() for t in seen]
+
+
+@pytest.mark.gpu
 def test_cuda_graph_sampled_loop(random_checkpoint):
     """Sampled generation through the JIT stepper's sampled loop graphs (decode, temperature / top-k / top-p, the
     random draws and the next inputs in one graph, captured on first use): a batch that fills its bucket draws what

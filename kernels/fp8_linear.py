@@ -77,6 +77,10 @@ from dsv3.kernels.fp8_blocks import (
 # this module too, and older builds lack it).
 _HAS_SCALED_MM = hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
 GEMV_MAX_M = 64
+# Rows per program of the activation-quantization kernels past decode sizes (`act_quant_launch`): act_quant of a
+# [M, 2048] x in cuBLAS's layout 11.0 -> 8.6 us at M 4096, 7.4 -> 6.4 at 2048 (with one division per block; H200,
+# scripts/ab_act_quant.py, 2026-11-26); silu_mul_quant reads two inputs and is best at 2 rows (its own rule)
+ACT_QUANT_ROWS = 4
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
@@ -326,21 +330,24 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr)
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, M, K, KP, stride_xm, stride_qm, stride_sm, stride_sk,
-    BLOCKS: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, M, MP, K, KP, stride_xm, stride_qm, stride_sm, stride_sk,
+    ROWS: tl.constexpr, BLOCKS: tl.constexpr,
 ):
-    """Row m, BLOCKS 128-wide blocks per program, written up to KP >= K columns. Rows >= M and columns >= K are
-    quantized zeros (padding for cuBLAS: e4m3 0 with the floor scale, contributing nothing to a product)."""
-    m = tl.program_id(0)
+    """ROWS rows x BLOCKS 128-wide blocks per program, written up to MP >= M rows and KP >= K columns. Rows >= M and
+    columns >= K are quantized zeros (padding for cuBLAS: e4m3 0 with the floor scale, contributing nothing to a
+    product). One division per block, not per element (`quantize_tile_rcp`: the same e4m3 values and scales as
+    `quantize_tile`; per-element IEEE divisions made this kernel ALU-bound at prefill sizes)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     kb = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-    offs = kb[:, None] * 128 + tl.arange(0, 128)[None, :]
-    kb_total = tl.cdiv(KP, 128)
-    m64 = m.to(tl.int64)
-    row_ok = (tl.zeros_like(offs) + m) < M
-    x = tl.load(x_ptr + m64 * stride_xm + offs, mask=(offs < K) & row_ok, other=0.0).to(tl.float32)
-    q, s = quantize_tile(x, 1)
-    tl.store(q_ptr + m64 * stride_qm + offs, q, mask=offs < KP)
-    tl.store(s_ptr + m64 * stride_sm + kb * stride_sk, s, mask=kb < kb_total)
+    cols = kb[:, None] * 128 + tl.arange(0, 128)[None, :]  # [BLOCKS, 128]
+    r64 = rows.to(tl.int64)[:, None, None]
+    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :, :], mask=(rows < M)[:, None, None] & (cols < K)[None, :, :],
+                other=0.0).to(tl.float32)
+    q, s = quantize_tile_rcp(tl.reshape(x, (ROWS * BLOCKS, 128)))
+    tl.store(q_ptr + r64 * stride_qm + cols[None, :, :], tl.reshape(q, (ROWS, BLOCKS, 128)),
+             mask=(rows < MP)[:, None, None] & (cols < KP)[None, :, :])
+    tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_sm + kb[None, :] * stride_sk, tl.reshape(s, (ROWS, BLOCKS)),
+             mask=(rows < MP)[:, None] & (kb < tl.cdiv(KP, 128))[None, :])
 
 
 @triton.jit
@@ -636,11 +643,18 @@ def act_quant(x2: torch.Tensor, pad_rows_to: int = 1, scales_m_major: bool = Fal
         s = torch.empty((kbt, mp), dtype=torch.float32, device=x2.device).t()
     else:
         s = torch.empty((mp, kbt), dtype=torch.float32, device=x2.device)
-    blocks = min(8, next_pow2(kbt))
-    wrap_triton(_act_quant_kernel)[(mp, cdiv(kbt, blocks))](
-        x2, q, s, m, k, kp, x2.stride(0), q.stride(0), s.stride(0), s.stride(1), BLOCKS=blocks, num_warps=4,
+    rows, blocks, warps = act_quant_launch(m, kbt)
+    wrap_triton(_act_quant_kernel)[(cdiv(mp, rows), cdiv(kbt, blocks))](
+        x2, q, s, m, mp, k, kp, x2.stride(0), q.stride(0), s.stride(0), s.stride(1), ROWS=rows, BLOCKS=blocks,
+        num_warps=warps,
     )
     return q, s
+
+
+def act_quant_launch(m, kb: int, rows: int = ACT_QUANT_ROWS) -> tuple[int, int, int]:
+    """(rows, blocks, warps) per program of the quantization kernels for M rows (an int, or a SymInt when dynamic:
+    read without a guard) of kb 128-wide blocks: one row at decode sizes, `rows` past them."""
+    return (1 if isinstance(m, int) and m <= GEMV_MAX_M else rows), min(8, next_pow2(kb)), 4
 
 
 def fp8_gemm(

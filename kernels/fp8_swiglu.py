@@ -40,14 +40,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
+from dsv3.kernels._launch import cdiv, env_switch, static_int
 from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE
 from dsv3.kernels.fp8_linear import (
     GEMV_MAX_M,
     act_quant,
+    act_quant_launch,
     fp8_linear_reference,
     fp8_linear_triton,
-    quantize_tile,
+    quantize_tile_rcp,
     scaled_mm_k_blocks,
     scaled_mm_hardware,
     scaled_mm_quantized,
@@ -95,22 +96,27 @@ def fp8_swiglu_reference(x: torch.Tensor, gate_w: torch.Tensor, gate_s: torch.Te
 
 @triton.jit
 def _silu_mul_quant_kernel(
-    g_ptr, u_ptr, q_ptr, s_ptr, N, KP, stride_gm, stride_um, stride_qm, stride_sm, stride_sk,
-    BLOCKS: tl.constexpr,
+    g_ptr, u_ptr, q_ptr, s_ptr, M, N, KP, stride_gm, stride_um, stride_qm, stride_sm, stride_sk,
+    ROWS: tl.constexpr, BLOCKS: tl.constexpr,
 ):
-    """Row m, BLOCKS 128-wide blocks per program: h = silu(g) * u rounded as eager PyTorch does in g's dtype,
-    quantized per block; columns N..KP are quantized zeros (K padding for cuBLAS)."""
-    m = tl.program_id(0)
+    """ROWS rows x BLOCKS 128-wide blocks per program: h = silu(g) * u rounded as eager PyTorch does in g's dtype,
+    quantized per block (one division per block: `quantize_tile_rcp`); columns N..KP are quantized zeros (K padding
+    for cuBLAS)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     kb = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-    offs = kb[:, None] * 128 + tl.arange(0, 128)[None, :]
-    m64 = m.to(tl.int64)
-    mask = offs < N
-    g = tl.load(g_ptr + m64 * stride_gm + offs, mask=mask, other=0.0)
-    u = tl.load(u_ptr + m64 * stride_um + offs, mask=mask, other=0.0)
+    cols = kb[:, None] * 128 + tl.arange(0, 128)[None, :]  # [BLOCKS, 128]
+    r64 = rows.to(tl.int64)[:, None, None]
+    row_ok = (rows < M)[:, None, None]
+    mask = row_ok & (cols < N)[None, :, :]
+    g = tl.load(g_ptr + r64 * stride_gm + cols[None, :, :], mask=mask, other=0.0)
+    u = tl.load(u_ptr + r64 * stride_um + cols[None, :, :], mask=mask, other=0.0)
     # the routed experts' SwiGLU (silu and the product each rounded to the activation dtype, as eager PyTorch)
-    q, s = quantize_tile(_swiglu(g.to(tl.float32), u.to(tl.float32), g.dtype), 1)
-    tl.store(q_ptr + m64 * stride_qm + offs, q, mask=offs < KP)
-    tl.store(s_ptr + m64 * stride_sm + kb * stride_sk, s, mask=kb < tl.cdiv(KP, 128))
+    h = _swiglu(g.to(tl.float32), u.to(tl.float32), g.dtype)
+    q, s = quantize_tile_rcp(tl.reshape(h, (ROWS * BLOCKS, 128)))
+    tl.store(q_ptr + r64 * stride_qm + cols[None, :, :], tl.reshape(q, (ROWS, BLOCKS, 128)),
+             mask=row_ok & (cols < KP)[None, :, :])
+    tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_sm + kb[None, :] * stride_sk, tl.reshape(s, (ROWS, BLOCKS)),
+             mask=(rows < M)[:, None] & (kb < tl.cdiv(KP, 128))[None, :])
 
 
 def silu_mul_quant(g: torch.Tensor, u: torch.Tensor, pad_k_blocks_to: int = 1, k_blocks: int = 0
@@ -122,10 +128,12 @@ def silu_mul_quant(g: torch.Tensor, u: torch.Tensor, pad_k_blocks_to: int = 1, k
     kp = kbt * BLOCK
     q = torch.empty((m, kp), dtype=FP8_DTYPE, device=g.device)
     s = torch.empty((kbt, m), dtype=torch.float32, device=g.device).t()
-    blocks = min(8, next_pow2(kbt))
-    wrap_triton(_silu_mul_quant_kernel)[(m, cdiv(kbt, blocks))](
-        g, u, q, s, n, kp, g.stride(0), u.stride(0), q.stride(0), s.stride(0), s.stride(1), BLOCKS=blocks,
-        num_warps=4,
+    # 2 rows per program past decode sizes: [M, 2816] halves 23.7 -> 20.0 us at M 4096, [M, 10944] 72.2 -> 63.8
+    # (4 rows: 22.5 / 70.7; H200, scripts/ab_act_quant.py, 2026-11-26)
+    rows, blocks, warps = act_quant_launch(m, kbt, rows=2)
+    wrap_triton(_silu_mul_quant_kernel)[(cdiv(m, rows), cdiv(kbt, blocks))](
+        g, u, q, s, m, n, kp, g.stride(0), u.stride(0), q.stride(0), s.stride(0), s.stride(1), ROWS=rows,
+        BLOCKS=blocks, num_warps=warps,
     )
     return q, s
 

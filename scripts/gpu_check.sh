@@ -29,6 +29,9 @@
 #              tests, then scripts/ab_prefill_o_proj.py against the two ops it replaces (JSON in $OUT)
 #   norm-quant the prefill MoE layer's x quantized by the post-attention norm in cuBLAS's layout: its GPU tests
 #              (op level eager / compiled / packaged, model level), then scripts/ab_prefill_norm_quant.py (JSON in $OUT)
+#   ab-act-quant scripts/ab_act_quant.py: act_quant and silu_mul_quant (the prefill's activation quantization) against
+#              AB_OLD_LINEAR / AB_OLD_SWIGLU (copies of kernels/fp8_linear.py, fp8_swiglu.py sent with the tree), then
+#              at other rows-per-program / warps (outputs compared, timed interleaved; JSON in $OUT)
 #   ab-prep    scripts/ab_prep.py: dsv3.mla_decode_prep against AB_OLD_PREP (a copy of kernels/mla_decode_prep.py
 #              sent with the tree) at batch 1 / 8, and dsv3.mla_prefill_prep's kernel against the composition it replaced
 #   run16q     dsv3c run --random-weights on quick16's artifacts: batch 1 and 8, 64 new tokens, --stats (the user's loop),
@@ -357,6 +360,12 @@ step_rope() {  # scripts/bench_rope.py: the prefill q_pe RoPE as Inductor compil
 step_ab_prep() {  # scripts/ab_prep.py: decode prep old (AB_OLD_PREP) vs new, prefill prep kernel vs composition
   timeout 300 $PY scripts/ab_prep.py --old "${AB_OLD_PREP:?AB_OLD_PREP: a copy of kernels/mla_decode_prep.py}" \
     ${AB_PREP_ARGS:-} --json "$OUT/ab_prep.json" 2>&1 | grep -v -i warn | tail -10
+}
+
+step_ab_act_quant() {  # scripts/ab_act_quant.py: act_quant / silu_mul_quant old (AB_OLD_LINEAR, AB_OLD_SWIGLU) vs new
+  timeout 300 $PY scripts/ab_act_quant.py --old-linear "${AB_OLD_LINEAR:?AB_OLD_LINEAR: a copy of kernels/fp8_linear.py}" \
+    --old-swiglu "${AB_OLD_SWIGLU:?AB_OLD_SWIGLU: a copy of kernels/fp8_swiglu.py}" --json "$OUT/ab_act_quant.json" 2>&1 \
+    | grep -v -i warn | tail -20
 }
 
 step_sweep_prefill() {

@@ -118,7 +118,7 @@ def test_tiled_gemm_prequantized(m, n, k):
     assert rel_err(L.fp8_gemm(xq, xs_t, w, s, torch.float32, block_m=32, block_n=64), ref) < 1e-6
 
 
-@pytest.mark.parametrize("m,k", [(1, 200), (3, 1408), (17, 256), (6, 72)])
+@pytest.mark.parametrize("m,k", [(1, 200), (3, 1408), (17, 256), (6, 72), (67, 264)])  # 67: 4 rows per program
 def test_act_quant_exact(m, k):
     gen = torch.Generator().manual_seed(m + k)
     x = exactly_quantizable(m, k, gen)

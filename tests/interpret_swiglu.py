@@ -30,7 +30,7 @@ import interpret_kernels as IK  # noqa: E402
 fixed_interpreter = IK.fixed_interpreter
 
 
-@pytest.mark.parametrize("m,n,pad", [(1, 128, 1), (3, 384, 4), (4, 2816, 4), (17, 256, 1), (5, 1408, 1)])
+@pytest.mark.parametrize("m,n,pad", [(1, 128, 1), (3, 384, 4), (4, 2816, 4), (17, 256, 1), (5, 1408, 1), (67, 256, 4)])
 def test_silu_mul_quant_matches_reference(fixed_interpreter, m, n, pad):
     gen = torch.Generator().manual_seed(m * 1000 + n)
     g = (torch.randn(m, n, generator=gen) * 3).to(torch.bfloat16)

@@ -16,8 +16,9 @@ Implementations (one op; the branch is taken at trace time from the device and t
   measured table by `DSV3_GEMV_TABLE=sweep_gemv.json` (scripts/sweep_gemv.py's output; read at trace time, for
   building artifacts with a table measured on the build GPU before it is pasted into GEMV_TUNED). Every variant quantizes x
   exactly as `quantize_activation` (amax/448 with the 1e-4 floor, correctly rounded division, RTNE cast), either
-  once in `_act_quant_kernel` (`quantize_tile`) or inside each GEMV program on the [M, 128] x block it is about to
-  use (`quantize_tile_rcp`: one division per row, an FMA-corrected product per element; same e4m3 values and scales),
+  once in `_act_quant_kernel` or inside each GEMV program on the [M, 128] x block it is about to use, both with
+  `quantize_tile_rcp` (one division per row, an FMA-corrected product per element: the e4m3 values and scales of
+  `quantize_tile`'s per-element division),
   and accumulates every 128-wide K block's exact e4m3 products in fp32 times xs * ws.
   - 'splitk' (3 launches): `_act_quant_kernel`, then `_fp8_gemv_kernel`, a split-K "swap-AB" GEMV: each program
     owns BLOCK_N = 64 weight rows and a range of 128-wide K blocks, streams its weight tiles once (5-stage cp.async

@@ -13,6 +13,9 @@
 #              ones (ROWS_ONLY=gemv|moe|absorb: one part; JSON in $OUT)
 #   pdl        scripts/bench_pdl.py: a chain of dependent FP8 GEMVs in a CUDA graph, plain vs programmatic dependent
 #              launch (weights loaded before gdc_wait): does PDL hide a decode kernel's fixed cost? (JSON in $OUT)
+#   persistent-chain scripts/try_persistent_chain.py: a chain of dependent FP8 GEMVs as one persistent kernel (grid
+#              barriers, the next link's weights loaded before the wait or after) against one launch per link, in
+#              CUDA graphs, outputs compared (JSON in $OUT): is a persistent decode layer kernel worth building?
 #   prefetch   scripts/bench_prefetch.py: o_proj + MoE T=1 (16B) after a latency window, with and without the shared
 #              experts' weights prefetched into L2 during the window (its l2_prefetch kernel; JSON in $OUT)
 #   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
@@ -244,6 +247,11 @@ step_select() {  # the router select kernel at 671B's grouping: group view vs me
   timeout 200 $PY scripts/bench_select.py --json "$OUT/bench_select.json" 2>&1 | grep -v -i warn | tail -16
 }
 step_pdl() { timeout 300 $PY scripts/bench_pdl.py --json "$OUT/pdl.json" 2>&1 | grep -v Warning | tail -8; }
+
+step_persistent_chain() {  # one persistent kernel with grid barriers vs one launch per link (CHAIN_ARGS passed on)
+  timeout 300 $PY scripts/try_persistent_chain.py ${CHAIN_ARGS:-} --json "$OUT/persistent_chain.json" 2>&1 \
+    | grep -v Warning | tail -8
+}
 
 step_sweep_gemv() {  # decode GEMV variants x launch configs on the 16B and 671B-TP8 shapes, in CUDA graphs
   timeout 300 $PY scripts/sweep_gemv.py ${SWEEP_ARGS:-} --json "$OUT/sweep_gemv.json" 2>&1 | tee "$OUT/sweep_gemv.log" \

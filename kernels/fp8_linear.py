@@ -655,7 +655,8 @@ def act_quant(x2: torch.Tensor, pad_rows_to: int = 1, scales_m_major: bool = Fal
 def act_quant_launch(m, kb: int, rows: int = ACT_QUANT_ROWS) -> tuple[int, int, int]:
     """(rows, blocks, warps) per program of the quantization kernels for M rows (an int, or a SymInt when dynamic:
     read without a guard) of kb 128-wide blocks: one row at decode sizes, `rows` past them."""
-    return (1 if isinstance(m, int) and m <= GEMV_MAX_M else rows), min(8, next_pow2(kb)), 4
+    static_m = static_int(m)
+    return (1 if static_m is not None and static_m <= GEMV_MAX_M else rows), min(8, next_pow2(kb)), 4
 
 
 def fp8_gemm(

@@ -217,6 +217,22 @@ def test_schedule_launches_by_pair_count():
     assert not env.guards
 
 
+def test_act_quant_launch_by_rows():
+    """The quantization kernels' launch (fp8_linear.act_quant_launch): one row per program at decode sizes, the
+    asked rows past them and for a dynamic M (a SymInt, as the prefill packages trace it: read with no guard);
+    blocks per program up to 8 of the row's 128-wide blocks."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    assert L.act_quant_launch(1, 16) == (1, 8, 4) and L.act_quant_launch(L.GEMV_MAX_M, 3) == (1, 4, 4)
+    assert L.act_quant_launch(L.GEMV_MAX_M + 1, 16) == (L.ACT_QUANT_ROWS, 8, 4)
+    assert L.act_quant_launch(4096, 86, rows=2) == (2, 8, 4)
+    env = ShapeEnv()
+    sym = env.create_symbol(30, source=ConstantSource("m"), dynamic_dim=DimDynamic.DYNAMIC)
+    assert L.act_quant_launch(env.create_symintnode(sym, hint=30), 16) == (L.ACT_QUANT_ROWS, 8, 4)
+    assert not env.guards
+
+
 def test_moe_decode_plan(monkeypatch):
     P = RE.MoeDecodePlan
     monkeypatch.delenv("DSV3_MOE_DECODE", raising=False)

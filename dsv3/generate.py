@@ -166,14 +166,16 @@ def decode_loop(stepper: Stepper, tokens: torch.Tensor, positions: torch.Tensor,
     return loop if loop is not None else EagerDecodeLoop(stepper, tokens, positions, sampling, generator)
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], max_batch_size: int, max_seq_len: int) -> None:
-    """Refuse, before any work, what cannot run: too many prompts, empty ones, ones that fill the cache."""
+def check_prompts(prompts: Sequence[Sequence[int]], max_batch_size: int, max_seq_len: int,
+                  first_index: int = 0) -> None:
+    """Refuse, before any work, what cannot run: too many prompts, empty ones, ones that fill the cache. Errors
+    number the prompts from `first_index` (a caller's batch of a longer list)."""
     if not prompts:
         raise GenerationError("no prompts given")
     if len(prompts) > max_batch_size:
         raise GenerationError(f"{len(prompts)} prompts but the model was built for max_batch_size "
                               f"{max_batch_size}; load (or compile) it with a larger max_batch_size")
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompts, start=first_index):
         if not p:
             raise GenerationError(f"prompt {i} is empty")
         if len(p) >= max_seq_len:

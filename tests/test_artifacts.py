@@ -256,6 +256,30 @@ def test_run_cli_from_artifacts(art, ckpt, tmp_path):
     assert "time to first token" in res.output and "artifacts" in res.output
 
 
+def test_run_cli_more_prompts_than_the_batch(art, ckpt, tmp_path):
+    """More prompts than the artifacts' max batch (3) run as consecutive batches of at most 3, in input order: each
+    prompt's greedy tokens are its tokens alone; a prompt that cannot run, in any batch, is refused before the first
+    batch runs, numbered in the whole list."""
+    from transformers import AutoTokenizer
+
+    prompts = ["hello", "a longer prompt here", "x", "the fourth one", "five"]
+    out = tmp_path / "out.jsonl"
+    args = ["run", "--artifacts", str(art), "--checkpoint", str(ckpt), "--max-new-tokens", "4"]
+    res = CliRunner().invoke(main, args + [a for p in prompts for a in ("--prompt", p)]
+                             + ["--stats", "--output-file", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"5 prompts in 2 batches of up to {MAX_BATCH}" in res.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == prompts and records[0]["timings"]["batches"] == 2
+    stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    eos = AutoTokenizer.from_pretrained(str(ckpt)).eos_token_id
+    for r in records:
+        alone, _ = generate(stepper, [r["prompt_token_ids"]], max_new_tokens=4, eos_id=eos)
+        assert alone[0].tokens == r["token_ids"] and alone[0].finish_reason == r["finish_reason"]
+    res = CliRunner().invoke(main, args + [a for p in prompts + ["word " * 60] for a in ("--prompt", p)])
+    assert res.exit_code != 0 and "prompt 5 has" in res.output and "### prompt" not in res.output
+
+
 def test_random_weights_from_artifacts_equal_the_eager_random_model(art):
     """No checkpoint: the rank's weights are generated on the device for the artifacts' config (671B does not fit
     on a disk). The packages bound to them give the greedy tokens of the eager model with the same random weights."""

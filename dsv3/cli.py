@@ -126,7 +126,7 @@ def _read_prompts(prompts: tuple[str, ...], input_file: str | None) -> list[str]
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
 @click.option("--input-file", type=click.Path(exists=True, dir_okay=False),
               help="One prompt per line, or JSONL with a \"prompt\" field.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 means off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 means off.")
@@ -174,6 +174,10 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
     if random_weights and not artifacts:
         raise click.UsageError("--random-weights needs --artifacts DIR (its config.json says what to generate); "
                                "for --eager/--jit write a checkpoint with `dsv3c init-random`")
+    if artifacts:  # a missing or partial artifact directory is named before anything loads
+        from dsv3.runtime.manifest import read_manifest
+
+        read_manifest(artifacts)
     maybe_relaunch(world_size)  # re-executes under torchrun when --world-size N > 1 is asked outside it
     plan, device = init_from_env(device)
     stepper = None

@@ -105,7 +105,11 @@ def bench_decode(stepper: Stepper, model: Transformer, batch_sizes: Sequence[int
     g = torch.Generator().manual_seed(0)
     for b in batch_sizes:
         for ctx in contexts:
-            if ctx + max(steps, WARMUP_STEPS) + 1 > stepper.max_seq_len or b > stepper.max_batch_size:
+            if b > stepper.max_batch_size:
+                echo(f"skip batch {b} context {ctx}: the model's max batch size is {stepper.max_batch_size}; "
+                     "compile with a larger --max-batch-size")
+                continue
+            if ctx + max(steps, WARMUP_STEPS) + 1 > stepper.max_seq_len:
                 echo(f"skip batch {b} context {ctx}: context + {steps} timed steps + 1 must fit the cache "
                      f"({stepper.max_batch_size} x {stepper.max_seq_len}); compile with a larger --max-seq-len")
                 continue

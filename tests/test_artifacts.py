@@ -304,9 +304,10 @@ def test_run_cli_random_weights(art, ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     assert len(json.loads(out.read_text())["token_ids"]) <= 4 and "time to first token" in res.output
     res = CliRunner().invoke(main, ["bench", "--artifacts", str(art), "--random-weights", "--device", "cpu",
-                                    "--batch-sizes", "1", "--context", "8", "--steps", "2", "--prompt-len", "8"])
+                                    "--batch-sizes", "1,4", "--context", "8", "--steps", "2", "--prompt-len", "8"])
     assert res.exit_code == 0, res.output
     assert "decode batch   1 context      8" in res.output and "prefill 8 tokens" in res.output
+    assert f"skip batch 4 context 8: the model's max batch size is {MAX_BATCH}" in res.output
     res = CliRunner().invoke(main, ["run", "--eager", "--random-weights", "--prompt", "hello"])
     assert res.exit_code != 0 and "--random-weights needs --artifacts" in res.output
     res = CliRunner().invoke(main, ["run", "--artifacts", str(art), "--random-weights", "--checkpoint", str(ckpt),

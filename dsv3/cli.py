@@ -174,10 +174,15 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
     if random_weights and not artifacts:
         raise click.UsageError("--random-weights needs --artifacts DIR (its config.json says what to generate); "
                                "for --eager/--jit write a checkpoint with `dsv3c init-random`")
-    if artifacts:  # a missing or partial artifact directory is named before anything loads
+    if artifacts:  # a missing or partial artifact directory, or another world size, before anything starts
         from dsv3.runtime.manifest import read_manifest
 
-        read_manifest(artifacts)
+        built = read_manifest(artifacts)["world_size"]
+        asked = world_size or 1
+        if "LOCAL_RANK" not in os.environ and asked != built:
+            raise click.UsageError(f"{artifacts} was compiled for world size {built}, this run asks for {asked}: "
+                                   f"run with --world-size {built}, or compile for {asked} "
+                                   f"(dsv3c compile ... --world-size {asked})")
     maybe_relaunch(world_size)  # re-executes under torchrun when --world-size N > 1 is asked outside it
     plan, device = init_from_env(device)
     stepper = None

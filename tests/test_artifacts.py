@@ -310,6 +310,10 @@ def test_run_cli_random_weights(art, ckpt, tmp_path):
     assert f"skip batch 4 context 8: the model's max batch size is {MAX_BATCH}" in res.output
     res = CliRunner().invoke(main, ["run", "--eager", "--random-weights", "--prompt", "hello"])
     assert res.exit_code != 0 and "--random-weights needs --artifacts" in res.output
+    # another world size than the artifacts': refused before torchrun starts ranks
+    res = CliRunner().invoke(main, ["run", "--artifacts", str(art), "--random-weights", "--world-size", "2",
+                                    "--prompt", "hello"])
+    assert res.exit_code == 2 and "compiled for world size 1, this run asks for 2" in res.output
     res = CliRunner().invoke(main, ["run", "--artifacts", str(art), "--random-weights", "--checkpoint", str(ckpt),
                                     "--prompt", "hello"])
     assert res.exit_code != 0 and "give --checkpoint CKPT, or --random-weights" in res.output

@@ -105,7 +105,9 @@ def write_random_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike, *, dty
     shards = list(iter_shards(weights, shard_specs, max_shard_size))
     total_bytes = sum(shard_specs[n].nbytes() for n in weights)
 
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    with staged_directory(out, overwrite=overwrite, needs_bytes=total_bytes, space_hint=(
+            ", or write fewer layers (--num-layers N); run and bench take --random-weights with artifacts: the weights "
+            "made on the GPU, no checkpoint")) as tmp:
         weight_map: dict[str, str] = {}
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"init-random {cfg.name or ''}".strip(),
                   disable=not progress) as bar:

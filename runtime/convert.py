@@ -160,9 +160,13 @@ def convert_to_bf16(checkpoint: str | Path, out: str | Path, *, overwrite: bool 
 
     raw = json.loads((reader.path / "config.json").read_text())
     raw.pop("quantization_config", None)
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    with staged_directory(out, overwrite=overwrite, needs_bytes=_shards_bytes(by_file, spec_of)) as tmp:
         _write_shards(reader, tmp, by_file, spec_of, produce, raw, "dequantize to bf16", progress)
     return Path(out)
+
+
+def _shards_bytes(by_file: dict[str, list[str]], spec_of: Callable[[str], TensorSpec]) -> int:
+    return sum(spec_of(n).nbytes() for names in by_file.values() for n in names)
 
 
 def _write_shards(reader: CheckpointReader, out: Path, by_file: dict[str, list[str]],
@@ -170,7 +174,7 @@ def _write_shards(reader: CheckpointReader, out: Path, by_file: dict[str, list[s
                   desc: str, progress: bool) -> None:
     """The HF layout again under `out` (staged): the same shard files holding `by_file`'s names, an index when the
     source had one, config.json = `config`, the tokenizer files."""
-    total = sum(spec_of(n).nbytes() for names in by_file.values() for n in names)
+    total = _shards_bytes(by_file, spec_of)
     weight_map: dict[str, str] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
         for file, file_names in sorted(by_file.items()):
@@ -229,7 +233,7 @@ def convert_to_fp8(checkpoint: str | Path, out: str | Path, *, overwrite: bool =
 
     raw = json.loads((reader.path / "config.json").read_text())
     raw["quantization_config"] = FP8Quantization().to_hf()
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    with staged_directory(out, overwrite=overwrite, needs_bytes=_shards_bytes(by_file, spec_of)) as tmp:
         _write_shards(reader, tmp, by_file, spec_of, produce, raw, "quantize to fp8", progress)
     return Path(out)
 

@@ -56,6 +56,19 @@ def test_init_random_fp8_default(tmp_path):
                                                      "tokenizer_config.json"]
 
 
+def test_init_random_refuses_what_does_not_fit(tmp_path, monkeypatch):
+    """A checkpoint larger than the free space is refused before anything is written (the 671B is ~690 GB),
+    with its size, the free space and the ways out; the bytes counted are the shards' (the tiny config's ~4 MB)."""
+    free = {"bytes": 1 << 20}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, free["bytes"]))
+    out = tmp_path / "ck"
+    res = CliRunner().invoke(main, ["init-random", "--config", "tiny", "--out", str(out)])
+    assert res.exit_code == 2 and "GB free" in res.output and "--num-layers" in res.output
+    assert list(tmp_path.iterdir()) == []  # not even the staging directory
+    free["bytes"] = 1 << 30
+    assert invoke("init-random", "--config", "tiny", "--out", str(out)).exit_code == 0
+
+
 def run(ckpt: Path, tmp_path: Path, *extra: str, name: str = "out.jsonl", max_seq_len: int = MAX_SEQ_LEN
         ) -> tuple[object, list[dict]]:
     out = tmp_path / name

@@ -107,6 +107,17 @@ def test_bf16_dequantization_loads_in_transformers(tmp_path):
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 
+def test_convert_refuses_what_does_not_fit(ckpt, tmp_path, monkeypatch):
+    """An output larger than the free space is refused before anything is written (here BF16 -> FP8 blocks)."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, 1 << 20))
+    res = CliRunner().invoke(main, ["convert", "--checkpoint", str(ckpt), "--out", str(tmp_path / "fp8"),
+                                    "--dtype", "fp8"])
+    assert res.exit_code == 2 and "GB free" in res.output, res.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_needs_one_mode(ckpt, tmp_path):
     res = CliRunner().invoke(main, ["convert", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "exactly one of" in res.output

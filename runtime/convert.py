@@ -84,7 +84,8 @@ def convert_to_ranks(checkpoint: str | Path, out: str | Path, world_size: int, *
     reader = CheckpointReader(checkpoint)
     cfg = reader.config
     expected = validate(reader, cfg)
-    with staged_directory(out, overwrite=overwrite) as tmp:
+    # at least the checkpoint's bytes (every tensor lands on some rank; replicated ones count once here)
+    with staged_directory(out, overwrite=overwrite, needs_bytes=sum(s.nbytes() for s in expected.values())) as tmp:
         for rank in range(world_size):
             plan = ParallelPlan(rank, world_size)
             plan.check(cfg)

@@ -21,12 +21,14 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         from dsv3.checkpoint import CheckpointError
         from dsv3.generate import GenerationError
+        from dsv3.model import DeviceMemoryError
         from dsv3.runtime.manifest import ArtifactError
         from dsv3.staging import NoSpaceError
 
         try:
             return super().invoke(ctx)
-        except (ConfigError, CheckpointError, GenerationError, ArtifactError, FileExistsError, NoSpaceError) as e:
+        except (ConfigError, CheckpointError, GenerationError, ArtifactError, FileExistsError, NoSpaceError,
+                DeviceMemoryError) as e:
             if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
                 click.echo(f"error: {e}", err=True)
             sys.exit(2)

@@ -587,6 +587,29 @@ def _refresh_prefill_copies_hook(model: "Transformer", _incompatible_keys) -> No
     model.refresh_prefill_copies_()  # load_state_dict wrote the weights the copies are made from
 
 
+class DeviceMemoryError(RuntimeError):
+    """The model's weights and caches alone do not fit the device's free memory."""
+
+
+def check_device_memory(model: nn.Module, device: torch.device | str) -> None:
+    """Refuse to materialise `model` (its parameters and buffers, on any device) on a CUDA device whose free memory
+    is smaller: a clear error now rather than an out-of-memory traceback part-way through a long load. A lower
+    bound: prefill copies, activations and CUDA graph pools come on top."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # this process's cached blocks
+    if need > free:
+        max_batch, max_seq = getattr(model, "max_batch_size", "?"), getattr(model, "max_seq_len", "?")
+        raise DeviceMemoryError(
+            f"this rank's model needs {need / 2**30:.1f} GiB of GPU memory for its weights and caches (max batch "
+            f"{max_batch}, max sequence {max_seq}), {device} has {free / 2**30:.1f} of {total / 2**30:.1f} GiB free; "
+            "use more GPUs (--world-size), a smaller cache (--max-seq-len / --max-batch-size; compile time for "
+            "artifacts), or free the device")
+
+
 class Transformer(nn.Module):
     """`model(tokens, input_pos)` -> fp32 logits.
 
@@ -646,7 +669,9 @@ class Transformer(nn.Module):
         buffers: rope tables, zeroed latent caches, and any submodule's `reset_buffers_()` (modules added from
         outside, e.g. the tensor-parallel rank offsets). Building on meta first and materialising after sharding
         means a rank never allocates the whole model (671B: 1.3 TB at full size, 81 GiB per rank at world size 8).
-        Weights stay uninitialised: the loader (or fill_random_) writes them."""
+        Weights stay uninitialised: the loader (or fill_random_) writes them. On CUDA, a model that cannot fit the
+        device's free memory is refused here, before the allocation (`check_device_memory`)."""
+        check_device_memory(self, device)
         self.to_empty(device=device)
         with torch.device(device):
             cos, sin = rope_tables(self.cfg, self.max_seq_len)

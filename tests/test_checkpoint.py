@@ -611,3 +611,21 @@ def test_reader_exposes_memory_mapped_tensors(sharded):
     spec = reader.spec(Q_A)
     assert spec.shape == (96, 256) and spec.dtype == FP8
     assert reader.get(Q_A).shape == (96, 256)
+
+
+def test_model_that_cannot_fit_the_gpu_is_refused_before_allocating(monkeypatch):
+    """materialize_ on CUDA first compares the model's parameter and buffer bytes (weights and caches: the 16B in
+    FP8 at max batch 8 x 4096 positions) with the device's free memory (faked here): a clear error naming both and
+    the ways out, not an out-of-memory traceback part-way through a load; nothing checked on other devices."""
+    from dsv3.model import DeviceMemoryError, check_device_memory
+
+    model = Transformer(resolve_config("16B").replace(quantization_config=resolve_config("671B").quantization_config),
+                        max_batch_size=8, max_seq_len=4096, device="meta")
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert 15e9 < need < 20e9  # ~16 GB of FP8 weights (the bf16 embedding and head included) and the latent caches
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 1, 141 * 2**30))
+    with pytest.raises(DeviceMemoryError, match=r"needs 1\d\.\d GiB .*max batch 8, max sequence 4096.*--world-size"):
+        check_device_memory(model, "cuda:0")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need, 141 * 2**30))
+    check_device_memory(model, "cuda:0")
+    check_device_memory(model, "cpu")  # no query off CUDA

@@ -79,7 +79,7 @@ from dsv3.kernels.fp8_blocks import (
 _HAS_SCALED_MM = hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
 GEMV_MAX_M = 64
 # Rows per program of the activation-quantization kernels past decode sizes (`act_quant_launch`): act_quant of a
-# [M, 2048] x in cuBLAS's layout 11.0 -> 8.6 us at M 4096, 7.4 -> 6.4 at 2048 (with one division per block; H200,
+# [M, 2048] x in cuBLAS's layout 10.1 -> 8.0 us at M 4096, 6.5 -> 5.4 at 2048 (with one division per block; H200,
 # scripts/ab_act_quant.py, 2026-11-26); silu_mul_quant reads two inputs and is best at 2 rows (its own rule)
 ACT_QUANT_ROWS = 4
 

@@ -128,8 +128,8 @@ def silu_mul_quant(g: torch.Tensor, u: torch.Tensor, pad_k_blocks_to: int = 1, k
     kp = kbt * BLOCK
     q = torch.empty((m, kp), dtype=FP8_DTYPE, device=g.device)
     s = torch.empty((kbt, m), dtype=torch.float32, device=g.device).t()
-    # 2 rows per program past decode sizes: [M, 2816] halves 23.7 -> 20.0 us at M 4096, [M, 10944] 72.2 -> 63.8
-    # (4 rows: 22.5 / 70.7; H200, scripts/ab_act_quant.py, 2026-11-26)
+    # 2 rows per program past decode sizes: [M, 2816] halves 22.8 -> 19.4 us at M 4096, [M, 10944] 70.9 -> 61.6
+    # (4 rows measured no better than the old kernel at M >= 1024; H200, scripts/ab_act_quant.py, 2026-11-26)
     rows, blocks, warps = act_quant_launch(m, kbt, rows=2)
     wrap_triton(_silu_mul_quant_kernel)[(cdiv(m, rows), cdiv(kbt, blocks))](
         g, u, q, s, m, n, kp, g.stride(0), u.stride(0), q.stride(0), s.stride(0), s.stride(1), ROWS=rows,

@@ -167,7 +167,7 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
     import torch
     from transformers import AutoTokenizer
 
-    from dsv3.generate import GenerationStats, SamplingParams, check_prompts, generate
+    from dsv3.generate import SamplingParams, generate_in_batches
     from dsv3.runtime.distributed import init_from_env, maybe_relaunch, shutdown
 
     if sum([bool(artifacts), jit, eager]) != 1:
@@ -230,13 +230,9 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
                 mode = "jit"
             else:
                 stepper, mode = model, "eager"
-        # More prompts than the model's batch (artifacts compiled for a smaller one): consecutive batches of at most
-        # max_batch_size, in input order, every prompt checked before the first one runs
-        waves = [encoded[i:i + stepper.max_batch_size] for i in range(0, len(encoded), stepper.max_batch_size)]
-        for i, wave in enumerate(waves):
-            check_prompts(wave, stepper.max_batch_size, stepper.max_seq_len, first_index=i * stepper.max_batch_size)
         if hasattr(stepper, "prepare_sampling"):  # a sampled run's loop graph, captured now rather than on request
-            stepper.prepare_sampling(sampling, len(waves[0]) if waves else 1)
+            # (more prompts than the artifacts' max batch run as consecutive batches)
+            stepper.prepare_sampling(sampling, min(batch, stepper.max_batch_size))
             timings["capture_s"] = stepper.capture_s
         load_s = time.perf_counter() - t0
 
@@ -262,15 +258,7 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
         on_token = _streamer(tok) if stream else None
         if stream:
             click.echo(texts[0], nl=False)
-        completions, gen_stats, decoded, first_ttft = [], GenerationStats(), 0, 0.0
-        for i, wave in enumerate(waves):
-            done, wave_stats = generate(stepper, wave, on_token=on_token, **gen_kwargs)
-            completions += done
-            first_ttft = wave_stats.prefill_s if i == 0 else first_ttft
-            gen_stats.prefill_s += wave_stats.prefill_s
-            gen_stats.decode_s += wave_stats.decode_s
-            gen_stats.decode_steps += wave_stats.decode_steps
-            decoded += len(wave) * wave_stats.decode_steps  # tokens the steps produced (padding rows aside)
+        completions, gen_stats = generate_in_batches(stepper, encoded, on_token=on_token, **gen_kwargs)
         records = []
         for text, comp in zip(texts, completions):
             out_text = finish_text(comp.tokens)
@@ -281,19 +269,19 @@ def run_cmd(checkpoint: str | None, random_weights: bool, artifacts: str | None,
         if stream:
             click.echo(f"\n[{completions[0].finish_reason}, {len(completions[0].tokens)} tokens]")
         timings = {k: round(v, 4) for k, v in timings.items()}
-        timings.update(load_s=round(load_s, 4), ttft_s=round(first_ttft, 4),
+        timings.update(load_s=round(load_s, 4), ttft_s=round(gen_stats.ttft_s, 4),
                        decode_ms_per_token=round(gen_stats.ms_per_token, 3), decode_steps=gen_stats.decode_steps,
-                       batches=len(waves), prefill_s=round(gen_stats.prefill_s, 4))
+                       batches=gen_stats.batches, prefill_s=round(gen_stats.prefill_s, 4))
         if output_file and plan.rank == 0:
             _write_jsonl(output_file, [dict(r, timings=timings) for r in records])
         if stats:
-            tps = decoded / gen_stats.decode_s if gen_stats.decode_s > 0 else float("nan")
+            tps = gen_stats.tokens_per_s
             extra = "".join(f", {k[:-2]} {timings[k]:.2f}s" for k in ("compile_s", "capture_s", "warmup_s")
                             if timings.get(k))
             extra = f" (incl.{extra[1:]})" if extra else ""
-            batches = (f"{len(encoded)} prompts in {len(waves)} batches of up to {stepper.max_batch_size}"
-                       if len(waves) > 1 else f"batch {len(encoded)}")
-            echo(f"load {load_s:.2f}s{extra} | time to first token {first_ttft * 1000:.1f} ms | decode "
+            batches = (f"{len(encoded)} prompts in {gen_stats.batches} batches of up to {stepper.max_batch_size}"
+                       if gen_stats.batches > 1 else f"batch {len(encoded)}")
+            echo(f"load {load_s:.2f}s{extra} | time to first token {gen_stats.ttft_s * 1000:.1f} ms | decode "
                  f"{gen_stats.ms_per_token:.2f} ms/token, {tps:.1f} tokens/s ({batches}, {mode}, {device}, "
                  f"world size {plan.world_size}"
                  + (f", all-reduce {stepper.all_reduce})" if plan.world_size > 1 else ")"))

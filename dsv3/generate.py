@@ -68,13 +68,20 @@ class Completion:
 
 @dataclass
 class GenerationStats:
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0  # every batch's prefill
     decode_s: float = 0.0
     decode_steps: int = 0
+    ttft_s: float = 0.0  # the first batch's prefill: the time to the first token
+    batches: int = 1
+    decoded_tokens: int = 0  # rows x steps over the batches (padding rows aside)
 
     @property
     def ms_per_token(self) -> float:
         return 1000 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.decoded_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
 def _sync(device: torch.device) -> None:
@@ -253,4 +260,39 @@ def generate(
         tok = next_tok
     _sync(device)
     stats.decode_s = time.perf_counter() - t0
+    stats.ttft_s, stats.decoded_tokens = stats.prefill_s, bsz * stats.decode_steps
+    return out, stats
+
+
+def generate_in_batches(model: Transformer | Stepper, prompts: Sequence[Sequence[int]], *,
+                        seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
+                        should_stop: Callable[[int, list[int]], bool] | None = None, **kwargs
+                        ) -> tuple[list[Completion], GenerationStats]:
+    """`generate` for any number of prompts: consecutive batches of at most the model's max batch size (its decode
+    graphs are static in batch), in order. Every prompt is checked before the first batch runs; rows are numbered
+    in the whole list (errors, on_token, should_stop); batch k draws from seed + k. Stats summed over the batches,
+    ttft_s the first batch's."""
+    stepper: Stepper = EagerStepper(model) if isinstance(model, Transformer) else model
+    if not prompts:
+        raise GenerationError("no prompts given")
+    b = stepper.max_batch_size
+    batches = [range(i, min(i + b, len(prompts))) for i in range(0, len(prompts), b)]
+    for rows in batches:
+        check_prompts([prompts[i] for i in rows], b, stepper.max_seq_len, first_index=rows.start)
+    out: list[Completion] = []
+    stats = GenerationStats(batches=len(batches))
+    for k, rows in enumerate(batches):
+        first = rows.start
+        done, part = generate(
+            stepper, [prompts[i] for i in rows], seed=None if seed is None else seed + k,
+            on_token=None if on_token is None else (lambda row, t, first=first: on_token(first + row, t)),
+            should_stop=None if should_stop is None else (lambda row, tokens, first=first:
+                                                          should_stop(first + row, tokens)),
+            **kwargs)
+        out += done
+        stats.ttft_s = part.ttft_s if k == 0 else stats.ttft_s
+        stats.prefill_s += part.prefill_s
+        stats.decode_s += part.decode_s
+        stats.decode_steps += part.decode_steps
+        stats.decoded_tokens += part.decoded_tokens
     return out, stats

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.generate import GenerationError, SamplingParams, generate, sample
+from dsv3.generate import GenerationError, SamplingParams, generate, generate_in_batches, sample
 
 MAX_SEQ_LEN = 32
 LAYERS = 2  # one dense and one MoE layer of the tiny config: all the kinds of block, less CPU time
@@ -257,6 +257,29 @@ def test_all_rows_eos_ends_early(model):
     assert comps[0].tokens == [first] and comps[0].finish_reason == "eos"
     # the host sees the eos only after the next step was launched (the token copy overlaps it): one step at most
     assert stats.decode_steps <= 1
+
+
+def test_more_prompts_than_the_batch_run_in_batches(model):
+    """generate_in_batches: five prompts on a model of max batch 3 run as two batches, in order, each prompt's
+    greedy tokens its tokens alone; on_token and should_stop see rows numbered in the whole list; a prompt that
+    cannot run in the second batch is refused before the first one runs, numbered in the whole list."""
+    prompts = PROMPTS + [[0, 9, 10, 11], [0, 42]]
+    seen: list[tuple[int, int]] = []
+    comps, stats = generate_in_batches(model, prompts, max_new_tokens=4,
+                                       on_token=lambda row, t: seen.append((row, t)),
+                                       should_stop=lambda row, tokens: row == 4 and len(tokens) == 2)
+    assert stats.batches == 2 and stats.decoded_tokens > 0 and 0 < stats.ttft_s <= stats.prefill_s
+    for i, p in enumerate(prompts):
+        alone, _ = generate(model, [p], max_new_tokens=4)
+        want = alone[0].tokens[:2] if i == 4 else alone[0].tokens
+        assert comps[i].tokens == want, i
+        assert [t for row, t in seen if row == i] == want
+    assert comps[4].finish_reason == "stop"
+    calls = []
+    with pytest.raises(GenerationError, match="prompt 4 is empty"):
+        generate_in_batches(model, PROMPTS + [[0, 1], []], max_new_tokens=2,
+                            on_token=lambda row, t: calls.append(row))
+    assert calls == []
 
 
 def test_max_new_tokens_must_be_positive(model):

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from dsv3.config import ConfigError, ModelConfig
-from dsv3.model import BATCH1_ACTIVATIONS, Transformer
+from dsv3.model import BATCH1_ACTIVATIONS, Transformer, model_bytes
 from dsv3.runtime.distributed import stub_process_group
 from dsv3.runtime.manifest import host_info, write_manifest
 from dsv3.runtime.parallel import ParallelPlan, build_rank_model, rank_layout
@@ -366,12 +366,6 @@ class GraphBuildError(RuntimeError):
     """A graph build in a worker process failed (the message carries the worker's error and traceback)."""
 
 
-def model_bytes(model: Transformer) -> int:
-    """Bytes of one rank's weights and caches (what each graph-building process allocates)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def gpu_slots(free_bytes: list[int], per_job: float) -> list[int]:
     """The GPU of each build process that fits at once: as many per GPU as 90% of its free memory holds, GPUs
     interleaved (0, 1, ..., 0, 1, ...) so a few graphs spread over the GPUs; at least one slot on GPU 0."""
@@ -385,7 +379,8 @@ def _free_gpu_memory() -> list[int]:
 
 
 def _per_job_bytes(model: Transformer) -> float:
-    return model_bytes(model) * 1.1 + (2 << 30)  # + activations, workspace and the CUDA context
+    # what each graph-building process allocates: the rank's weights and caches + activations, workspace, context
+    return model_bytes(model) * 1.1 + (2 << 30)
 
 
 def default_jobs(opts: CompileOptions, n_graphs: int, model: Transformer) -> int:

@@ -591,6 +591,11 @@ class DeviceMemoryError(RuntimeError):
     """The model's weights and caches alone do not fit the device's free memory."""
 
 
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (one rank's weights and caches), on any device, meta included."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def check_device_memory(model: nn.Module, device: torch.device | str) -> None:
     """Refuse to materialise `model` (its parameters and buffers, on any device) on a CUDA device whose free memory
     is smaller: a clear error now rather than an out-of-memory traceback part-way through a long load. A lower
@@ -598,7 +603,7 @@ def check_device_memory(model: nn.Module, device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type != "cuda":
         return
-    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    need = model_bytes(model)
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # this process's cached blocks
     if need > free:

@@ -40,9 +40,12 @@ def main() -> None:
     """dsv3c: take a DeepSeek-V3 / V2 / V2-Lite checkpoint from Hugging Face format to fast generation.
 
     \b
-    Typical use:
-      dsv3c init-random --config tiny --out ckpt/tiny     # a random checkpoint in the real HF layout
-      dsv3c run --checkpoint ckpt/tiny --eager --prompt "Hello"
+    Typical use (a GPU host; a real checkpoint directory instead of ckpt/16b):
+      dsv3c init-random --config 16B --out ckpt/16b            # a random checkpoint in the real HF layout
+      dsv3c compile --config ckpt/16b --out art/16b            # AOT graphs, no weights needed (~10 min)
+      dsv3c run --artifacts art/16b --checkpoint ckpt/16b --prompt "Hello"
+      dsv3c bench --artifacts art/16b --checkpoint ckpt/16b    # ms/token, TTFT, MFU, against the roofline
+    Without a GPU or a build: `dsv3c run --checkpoint ckpt/tiny --eager --prompt "Hello"` on the tiny config.
     Configs: a shipped name (see `dsv3c configs`), a config.json path, or a checkpoint directory.
     """
 

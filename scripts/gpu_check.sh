@@ -326,6 +326,20 @@ step_run16q() {  # needs quick16's artifacts ($WORK/art16q)
     $PY -m dsv3.cli run --artifacts "$WORK/art16q" --random-weights "${args[@]}" --max-new-tokens 64 --stats \
       --temperature 0.6 --top-p 0.95 --seed 0 2>&1 | grep -E "load|error|Error" | tail -3
   done
+  # more prompts than the artifacts' max batch (8): 12 lines of an input file run as batches of 8 and 4, in order
+  local file=$WORK/prompts12.txt
+  printf '%s\n' "${prompts[@]}" "${prompts[@]:0:4}" > "$file"
+  echo "  12 prompts from --input-file (max batch 8):"
+  $PY -m dsv3.cli run --artifacts "$WORK/art16q" --random-weights --input-file "$file" --max-new-tokens 32 --stats \
+    --output-file "$OUT/run16q_12.jsonl" 2>&1 | grep -E "load|batch|error|Error" | tail -4
+  $PY - "$OUT/run16q_12.jsonl" "$OUT/run16q_b8.jsonl" <<'PYEOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+first8 = [json.loads(line) for line in open(sys.argv[2])]
+print(f"  {len(rows)} records; prompts in input order: {[r.get('prompt', '')[:12] for r in rows]}")
+same = sum(a["token_ids"] == b["token_ids"][:32] for a, b in zip(rows[:8], first8))
+print(f"  first batch's greedy tokens equal the 8-prompt run's first 32: {same}/8; batches {rows[0]['timings']['batches']}")
+PYEOF
 }
 
 step_ragged_n() {

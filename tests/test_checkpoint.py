@@ -629,3 +629,21 @@ def test_model_that_cannot_fit_the_gpu_is_refused_before_allocating(monkeypatch)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need, 141 * 2**30))
     check_device_memory(model, "cuda:0")
     check_device_memory(model, "cpu")  # no query off CUDA
+
+
+@pytest.mark.gpu
+def test_model_larger_than_the_gpu_is_refused_on_the_device():
+    """On a real GPU: the 671B model at world size 1 (~0.69 TB of FP8 weights, far more than an H200's 141 GB) is
+    refused by materialize_ with the device's own free memory, and nothing is allocated on the way; a model that
+    fits materialises."""
+    from dsv3.model import DeviceMemoryError
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    big = Transformer(resolve_config("671B"), max_batch_size=1, max_seq_len=4096, device="meta")
+    with pytest.raises(DeviceMemoryError, match=r"needs 6\d\d\.\d GiB .*cuda(:0)? has \d+\.\d of \d+\.\d GiB free"):
+        big.materialize_("cuda")
+    assert torch.cuda.memory_allocated() == before
+    small = Transformer(resolve_config("tiny"), max_batch_size=1, max_seq_len=32, device="meta").materialize_("cuda")
+    assert small.layers[0].self_attn.latent_cache.is_cuda
+    assert int(small.layers[0].self_attn.latent_cache.abs().max()) == 0

@@ -310,6 +310,26 @@ def test_cuda_graph_greedy_loop_equals_eager(random_checkpoint):
 
 
 @pytest.mark.gpu
+def test_cuda_graph_batches_past_the_max_batch(random_checkpoint):
+    """generate_in_batches through the JIT stepper's CUDA graphs (the runtime's GraphStepper): five prompts on a
+    model of max batch 2 run as batches of 2, 2 and 1, each batch reusing the captured graphs after the last one
+    left its rows in the cache; every prompt's greedy tokens equal those of its batch run alone as eager decode +
+    argmax (the same batch: a row's logits depend on the rows beside it at rounding level)."""
+    from dsv3.generate import PlainSteps
+    from dsv3.runtime.engine import jit_stepper
+
+    model = dsv3.load(random_checkpoint("tiny", "fp8"), dtype=torch.bfloat16, max_batch_size=2,
+                      max_seq_len=MAX_SEQ_LEN, num_layers=LAYERS, device="cuda", progress=False)
+    stepper, _ = jit_stepper(model, (1, 2), prefill_chunk=16)
+    prompts = PROMPTS + [[0, 9, 10, 11, 12, 13], [0, 42], list(range(3, 20))]
+    comps, stats = generate_in_batches(stepper, prompts, max_new_tokens=6)
+    assert stats.batches == 3 and len(comps) == len(prompts)
+    for first in range(0, len(prompts), 2):
+        ref, _ = generate(PlainSteps(stepper), prompts[first:first + 2], max_new_tokens=6)
+        assert [c.tokens for c in comps[first:first + 2]] == [c.tokens for c in ref], first
+
+
+@pytest.mark.gpu
 def test_capture_warm_up_reads_zeroed_inputs(monkeypatch):
     """The decode graphs' warm-up runs on a side stream: it must wait for the current stream's zero-fill of each
     bucket's static tokens and positions. A race here read the allocator's recycled bytes as token ids (a device-side

@@ -22,6 +22,7 @@ For each prompt length and batch (fresh random prompts of that length each call)
 First, the first requests after load (14 tokens; the largest batch first): prefill and the argmax timed apart.
 `--extra-widths`: one-prompt buckets the runtime does not make (it stops at 2048 tokens), captured the same way, so
 that the graphs column shows what a CUDA graph would save a longer prompt (padding to the bucket included).
+`--idle-ms MS`: the GPU left idle MS before each timed call of the rows (requests arriving at a rested GPU).
 `--sustain N`: then N plain prefills of the longest length back to back, each timed with its UTC start (to line up
 with `nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw ... -lms 20` sampled alongside): whether a long
 prefill slows down as it keeps the GPU busy (clocks, power).
@@ -43,9 +44,11 @@ from dsv3.runtime.engine import _ShortPrefill, artifact_stepper
 from dsv3.runtime.parallel import ParallelPlan
 
 
-def timed(fn) -> tuple[float, float]:
-    """(ms until fn returned, ms until the device finished)."""
+def timed(fn, idle_s: float = 0.0) -> tuple[float, float]:
+    """(ms until fn returned, ms until the device finished); the GPU left idle for idle_s first."""
     torch.cuda.synchronize()
+    if idle_s:
+        time.sleep(idle_s)
     t0 = time.perf_counter()
     out = fn()
     t1 = time.perf_counter()
@@ -66,6 +69,10 @@ def main() -> None:
                          "graph captured here too, to time a long prompt's replay against its plain call")
     ap.add_argument("--sustain", type=int, default=0,
                     help="then this many plain prefills of the longest length back to back, each timed")
+    ap.add_argument("--idle-ms", type=float, default=0.0,
+                    help="leave the GPU idle this long before each timed prefill of the length x batch rows (a "
+                         "request arriving at a rested GPU: a long prefill runs into the 700 W power cap, and "
+                         "back-to-back calls start from a hotter, slower clock)")
     ap.add_argument("--json")
     args = ap.parse_args()
     stepper, timings = artifact_stepper(args.artifacts, None, ParallelPlan(0, 1), "cuda", progress=False)
@@ -93,24 +100,24 @@ def main() -> None:
         cold[batch] = {"prefill_ms": pre, "argmax_ms": arg, "again_ttft_ms": again}
         print(f"first request after load, batch {batch}, 14 tokens: prefill {pre:.2f} ms, argmax {arg:.2f} ms; "
               f"the next request {again:.2f} ms", flush=True)
-    rows = []
+    rows, idle = [], args.idle_ms / 1e3
     for length in (int(x) for x in args.lengths.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):
             if length * batch > 4 * stepper.prefill_chunk or length >= stepper.max_seq_len:
                 continue
             stepper.short_prefill.clear()
-            first = timed(lambda: stepper.prefill(prompts(length, batch)))[1]
-            plain = [timed(lambda: stepper.prefill(prompts(length, batch))) for _ in range(args.repeats)]
+            first = timed(lambda: stepper.prefill(prompts(length, batch)), idle)[1]
+            plain = [timed(lambda: stepper.prefill(prompts(length, batch)), idle) for _ in range(args.repeats)]
             stepper.short_prefill.update(graphs)
-            replayed = [timed(lambda: stepper.prefill(prompts(length, batch)))[1] for _ in range(args.repeats + 1)]
-            ttft = [timed(lambda: sample(stepper.prefill(prompts(length, batch)), SamplingParams()))[1]
+            replayed = [timed(lambda: stepper.prefill(prompts(length, batch)), idle)[1] for _ in range(args.repeats + 1)]
+            ttft = [timed(lambda: sample(stepper.prefill(prompts(length, batch)), SamplingParams()), idle)[1]
                     for _ in range(args.repeats)]
             bucket = next((rw for rw, g in graphs.items() if g is stepper._short_prefill_for(batch, max(2, length))),
                           None)
             dyn_ms = None
             if bucket in dynamic:
                 stepper.short_prefill[bucket] = dynamic[bucket]
-                dyn_ms = statistics.median(timed(lambda: stepper.prefill(prompts(length, batch)))[1]
+                dyn_ms = statistics.median(timed(lambda: stepper.prefill(prompts(length, batch)), idle)[1]
                                            for _ in range(args.repeats))
                 stepper.short_prefill[bucket] = graphs[bucket]
             same = prompts(length, batch)  # the same prompts both ways: the replayed logits against the plain call's

@@ -489,3 +489,20 @@ def test_default_short_prefill_shapes():
     assert CompileOptions(resolve_config("671B")).short_prefill_shapes() == base   # expert shape not measured
     assert CompileOptions(c16q, device="cpu").short_prefill_shapes() == ()
     assert CompileOptions(c16q, short_prefill=((2, 8), (1, 4))).short_prefill_shapes() == ((1, 4), (2, 8))
+
+
+def test_prefill_inputs_staged_in_one_aligned_buffer():
+    """A prefill call's int64 inputs go to the device as views of one buffer (one copy): right-padded token rows,
+    positions, cache rows, logits indices, each view contiguous and starting 16-byte aligned (the compiled kernels
+    assume aligned inputs), also after parts of odd length."""
+    import numpy as np
+
+    from dsv3.runtime.engine import _int64_rows, _staged
+
+    parts = [_int64_rows([[5, 6, 7], [8]], 3), np.broadcast_to(np.arange(3), (2, 3)),
+             np.asarray([4, 1], dtype=np.int64), np.asarray([2, 0], dtype=np.int64), np.arange(7), np.arange(2)]
+    buf, views = _staged(parts, torch.device("cpu"))
+    assert [v.tolist() for v in views] == [[[5, 6, 7], [8, 0, 0]], [[0, 1, 2], [0, 1, 2]], [4, 1], [2, 0],
+                                           list(range(7)), [0, 1]]
+    assert all(v.is_contiguous() and v.dtype == torch.long and v.data_ptr() % 16 == 0 for v in views)
+    assert all(v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for v in views)

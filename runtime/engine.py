@@ -374,11 +374,12 @@ class _ShortPrefill:
 
     def __init__(self, fn: StepFn, rows: int, width: int, device: torch.device, pool=None):
         self.fn, self.rows, self.width = fn, rows, width
-        tokens, self.positions, cache_rows, logits_index = prefill_inputs(width, device, rows)
-        cache_rows.zero_()  # warm-up and capture write cache row 0 (see short_prefill_)
-        # tokens, cache rows and logits indices as (16-byte aligned) views of one buffer: a call's inputs are one copy
+        self.positions = prefill_inputs(width, device, rows)[1]
+        # tokens, cache rows and logits indices as (16-byte aligned) views of one buffer: a call's inputs are one
+        # copy. Cache rows 0: warm-up and capture write cache row 0 (see short_prefill_).
         self.inputs, (self.tokens, self.cache_rows, self.logits_index) = _staged(
-            [t.cpu().numpy() for t in (tokens, cache_rows, logits_index)], torch.device(device))
+            [np.zeros((rows, width), np.int64), np.zeros(rows, np.int64), np.full(rows, width - 1, np.int64)],
+            torch.device(device))
         self.graph = None
         self.out = fn(self.tokens, self.positions, self.cache_rows, self.logits_index)  # first call at this shape
         if pool is not None:

@@ -102,6 +102,8 @@ class GraphStepper:
         self.sample_generator = torch.Generator(device=self.device) if cuda_graphs else None
         # short first chunks: (rows, width) -> static inputs and, on CUDA, the captured graph (`short_prefill_`)
         self.short_prefill: dict[tuple[int, int], _ShortPrefill] = {}
+        # a prompt's later chunks: the general prefill graph at one full chunk (`short_prefill_`), None: plain calls
+        self.later_prefill: _ShortPrefill | None = None
         self.pool = None
         self.capture_s = 0.0
         self.all_reduce = "none" if getattr(model, "tp_all_reduce", None) is None else "nccl"  # artifact_stepper
@@ -238,6 +240,7 @@ class GraphStepper:
         self.loop_graphs.clear()
         self.sampled_graphs.clear()
         self.short_prefill.clear()
+        self.later_prefill = None
 
     # -------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -286,6 +289,12 @@ class GraphStepper:
     # H200, scripts/bench_ttft.py --extra-widths, 2026-11-25). Padding costs ~7.7 us per token at these lengths:
     # 128 apart, the average pad (64 tokens, ~0.5 ms) leaves a gain and the worst (127, ~1 ms) about breaks even.
     LONG_PREFILL_WIDTHS = tuple(range(384, 2049, 128))
+    # and one bucket of a whole chunk (prefill_chunk tokens), in two graphs: the first-chunk graph's for prompts
+    # of a chunk or longer (and within PREFILL_PAD_TOKENS of it), the general graph's for their later chunks
+    # (`later_prefill`). The host launches a 4096-token chunk's ~620 kernels barely ahead of them, with ~1.8 us of
+    # idle GPU at each boundary of a plain call: its replay took 37.6-38.0 ms against the plain call's 38.0-38.1
+    # back to back, 36.8-37.1 against 37.5-37.9 from a rested GPU (16B, H200, bench_ttft.py --extra-widths 4096,
+    # 2026-11-26). Its memory is the pool's: captured first, the smaller buckets reuse it.
     # A bucket's padding is computed like real tokens, so a call takes the bucket only while that pays: always up
     # to PREFILL_PAD_FREE_TOKENS in all (a replay of 512 tokens, ~9.3-9.6 ms, is no slower than a plain call of
     # any shorter chunk, which launching ~850 kernels from the host holds at ~10 ms), past that with at most
@@ -304,15 +313,20 @@ class GraphStepper:
         load, before any request: warm-up and capture write cache row 0, which a prefill rewrites. A graph that
         cannot be captured leaves the plain calls in place, with a warning."""
         t0 = time.perf_counter()
+        pool = self.pool if capture else None
         try:
             for r, w in self._short_prefill_shapes():  # a static graph of the bucket's shape where there is one
                 fn = self.static_first_fns.get((r, w), self.prefill_first_fn)
-                self.short_prefill[(r, w)] = _ShortPrefill(fn, r, w, self.device, self.pool if capture else None)
+                self.short_prefill[(r, w)] = _ShortPrefill(fn, r, w, self.device, pool)
+            full = self.short_prefill.get((1, self.prefill_chunk))
+            self.later_prefill = full if full is not None and full.fn is self.prefill_fn else _ShortPrefill(
+                self.prefill_fn, 1, self.prefill_chunk, self.device, pool)
         except RuntimeError as e:  # a host sync or an uncapturable library call inside the package
             import warnings
 
-            warnings.warn(f"short prefills run without CUDA graphs: capturing the first-chunk graph failed ({e})")
+            warnings.warn(f"prefills run without CUDA graphs: capturing a prefill graph failed ({e})")
             self.short_prefill.clear()
+            self.later_prefill = None
             torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t0
 
@@ -322,6 +336,7 @@ class GraphStepper:
         rows = [b for b in self.buckets if b <= self.prefill_first_rows] or [1]
         shapes = {(r, w) for r in rows for w in widths if r * w <= self.SHORT_PREFILL_TOKENS}
         shapes |= {(1, w) for w in self.LONG_PREFILL_WIDTHS if w <= self.prefill_chunk}  # never past the chunk
+        shapes.add((1, self.prefill_chunk))
         return sorted(shapes | set(self.static_first_fns), key=lambda rw: (-rw[0] * rw[1], -rw[0]))
 
     def _short_prefill_for(self, rows: int, width: int) -> _ShortPrefill | None:
@@ -331,9 +346,18 @@ class GraphStepper:
         if not fits:
             return None
         r, w = min(fits, key=lambda rw: (rw[0] * rw[1], rw[1]))
-        if r * w > self.PREFILL_PAD_FREE_TOKENS and r * w - rows * width > self.PREFILL_PAD_TOKENS:
+        return self.short_prefill[(r, w)] if self._padding_pays(r * w, rows * width) else None
+
+    def _padding_pays(self, bucket_tokens: int, tokens: int) -> bool:
+        return bucket_tokens <= self.PREFILL_PAD_FREE_TOKENS or bucket_tokens - tokens <= self.PREFILL_PAD_TOKENS
+
+    def _later_prefill_for(self, start: int, length: int) -> _ShortPrefill | None:
+        """The later-chunk bucket for a chunk of `length` tokens at position `start`, where its padding pays and its
+        padded positions stay inside the cache; None: the plain call."""
+        full = self.later_prefill
+        if full is None or start + full.width > self.max_seq_len:
             return None
-        return self.short_prefill[(r, w)]
+        return full if self._padding_pays(full.width, length) else None
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -356,6 +380,10 @@ class GraphStepper:
         for row, prompt in enumerate(prompts):  # the chunks after the first, one prompt at a time
             for start in range(self.prefill_chunk, len(prompt), self.prefill_chunk):
                 piece = list(prompt[start: start + self.prefill_chunk])
+                full = self._later_prefill_for(start, len(piece))
+                if full is not None:
+                    logits[row] = full.run([piece], [row], start)[0]
+                    continue
                 last = len(piece) - 1
                 if len(piece) == 1:
                     piece.append(0)  # dummy token at the next position; the first decode step overwrites it
@@ -366,20 +394,20 @@ class GraphStepper:
 
 
 class _ShortPrefill:
-    """First-chunk calls of `rows` x `width` tokens on static inputs, replayed from a CUDA graph when captured (pool
-    given), else called directly (CPU, and tests of the padding). Fewer prompts than rows: the extra rows repeat
-    the first prompt into its own cache row (identical writes of identical values); shorter prompts are
-    right-padded with token 0, whose cache slots come after the prompt's end (overwritten by its decode steps
-    before they are attended to)."""
+    """Prefill calls of `rows` x `width` tokens on static inputs, replayed from a CUDA graph when captured (pool
+    given), else called directly (CPU, and tests of the padding). A first-chunk bucket, or (`run`'s start > 0) the
+    one-row bucket of the general prefill graph that takes a prompt's later chunks. Fewer prompts than rows: the
+    extra rows repeat the first prompt into its own cache row (identical writes of identical values); shorter
+    pieces are right-padded with token 0, whose cache slots come after the prompt's end (overwritten by its decode
+    steps before they are attended to)."""
 
     def __init__(self, fn: StepFn, rows: int, width: int, device: torch.device, pool=None):
         self.fn, self.rows, self.width = fn, rows, width
-        self.positions = prefill_inputs(width, device, rows)[1]
-        # tokens, cache rows and logits indices as (16-byte aligned) views of one buffer: a call's inputs are one
-        # copy. Cache rows 0: warm-up and capture write cache row 0 (see short_prefill_).
-        self.inputs, (self.tokens, self.cache_rows, self.logits_index) = _staged(
-            [np.zeros((rows, width), np.int64), np.zeros(rows, np.int64), np.full(rows, width - 1, np.int64)],
-            torch.device(device))
+        # tokens, positions, cache rows and logits indices as (16-byte aligned) views of one buffer: a call's inputs
+        # are one copy. Cache rows 0: warm-up and capture write cache row 0 (see short_prefill_).
+        self.inputs, (self.tokens, self.positions, self.cache_rows, self.logits_index) = _staged(
+            [np.zeros((rows, width), np.int64), np.broadcast_to(np.arange(width), (rows, width)),
+             np.zeros(rows, np.int64), np.full(rows, width - 1, np.int64)], torch.device(device))
         self.graph = None
         self.out = fn(self.tokens, self.positions, self.cache_rows, self.logits_index)  # first call at this shape
         if pool is not None:
@@ -394,13 +422,14 @@ class _ShortPrefill:
             graph.replay()  # a graph's first launch uploads it: here, not in the first request
             self.graph = graph
 
-    def run(self, firsts: list[list[int]], cache_rows: list[int]) -> torch.Tensor:
-        """[len(firsts), vocab] logits of each prompt's last token; from a graph, a view of its output, valid until its
-        next replay."""
-        n = len(firsts)
+    def run(self, pieces: list[list[int]], cache_rows: list[int], start: int = 0) -> torch.Tensor:
+        """[len(pieces), vocab] logits of each piece's last token, the pieces at positions start..; from a graph, a
+        view of its output, valid until its next replay."""
+        n = len(pieces)
         rows = cache_rows + [cache_rows[0]] * (self.rows - n)
-        last = [len(p) - 1 for p in firsts] + [len(firsts[0]) - 1] * (self.rows - n)
-        host, _ = _packed([_int64_rows(firsts + [firsts[0]] * (self.rows - n), self.width),
+        last = [len(p) - 1 for p in pieces] + [len(pieces[0]) - 1] * (self.rows - n)
+        host, _ = _packed([_int64_rows(pieces + [pieces[0]] * (self.rows - n), self.width),
+                           np.broadcast_to(np.arange(start, start + self.width), (self.rows, self.width)),
                            np.asarray(rows, dtype=np.int64), np.asarray(last, dtype=np.int64)],
                           pinned=self.inputs.is_cuda)  # the layout of self.inputs (same shapes)
         self.inputs.copy_(host, non_blocking=True)  # one transfer, ordered before the replay on this stream

@@ -16,6 +16,8 @@
 #   persistent-chain scripts/try_persistent_chain.py: a chain of dependent FP8 GEMVs as one persistent kernel (grid
 #              barriers, the next link's weights loaded before the wait or after) against one launch per link, in
 #              CUDA graphs, outputs compared (JSON in $OUT): is a persistent decode layer kernel worth building?
+#   cublas-ws  scripts/try_cublaslt_workspace.py on quick16's artifacts: the 4095-token prefill with
+#              CUBLASLT_WORKSPACE_SIZE unset / 0 / 64 / 1024 KiB (WS_SIZES), memsets and cuBLAS kernels profiled
 #   prefetch   scripts/bench_prefetch.py: o_proj + MoE T=1 (16B) after a latency window, with and without the shared
 #              experts' weights prefetched into L2 during the window (its l2_prefetch kernel; JSON in $OUT)
 #   moe-grouped the MoE half of sweep-prefill (scripts/sweep_prefill.py --only moe; it replaced bench_grouped_moe.py)
@@ -102,6 +104,7 @@
 #   ckpt16bf16 dsv3c convert --dtype bf16 of ckpt16 (CPU; transformers' baseline loads it)
 #   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4032: the 32 timed steps must fit the 4096 cache)
 #              with --baseline hf when ckpt16bf16 exists, and the eager model, JSON and SVG in $OUT
+#   bench16q   quick16's bench alone, on artifacts already in $WORK/art16q (quick16 or build16both)
 #   quick16    no checkpoint: the FP8 16B config compiled, then dsv3c bench --random-weights (weights made on the GPU)
 #   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
@@ -352,7 +355,12 @@ step_loop16() {  # needs quick16's artifacts ($WORK/art16q)
 }
 
 step_ttft16() {  # needs quick16's artifacts ($WORK/art16q)
-  timeout 300 $PY scripts/bench_ttft.py "$WORK/art16q" --json "$OUT/bench_ttft.json" 2>&1 | grep -v -i warn | tail -16
+  timeout 300 $PY scripts/bench_ttft.py "$WORK/art16q" ${TTFT_ARGS:-} --json "$OUT/bench_ttft.json" 2>&1 | grep -v -i warn | tail -16
+}
+
+step_cublas_ws() {  # needs quick16's artifacts ($WORK/art16q)
+  timeout 400 $PY scripts/try_cublaslt_workspace.py "$WORK/art16q" --sizes "${WS_SIZES:-default,0,64,1024}" \
+    --json "$OUT/cublaslt_workspace.json" 2>&1 | grep -v -i warn | tail -16
 }
 
 step_gemm_power() {
@@ -531,6 +539,10 @@ step_quick16() {  # no checkpoint on disk: FP8 16B config -> compile -> bench wi
   cfg16fp8
   dsv3c compile --config "$cfg" --out "$WORK/art16q" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
     --max-seq-len 4096 --overwrite --jobs "${Q16_JOBS:-6}" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16q.log" | tail -8
+  step_bench16q
+}
+
+step_bench16q() {  # dsv3c bench on quick16's (or build16both's FP8) artifacts, weights generated on the GPU
   dsv3c bench --artifacts "$WORK/art16q" --random-weights --batch-sizes 1,8 --context 128,4032 --steps 32 \
     --prompt-len 14,4096 --json "$OUT/bench16q.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -13
 }

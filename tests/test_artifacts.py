@@ -191,6 +191,34 @@ def test_short_prefills_padded_to_static_buckets(art, ckpt):
     assert calls == [("plain", torch.Size([1, 6]))]  # no bucket that wide: the plain call
 
 
+def test_later_chunks_through_the_full_chunk_bucket(art, ckpt):
+    """A prompt's chunks after the first go through the one-row bucket of the general prefill graph at a whole
+    chunk (a CUDA graph on the GPU, called directly here) with their positions as inputs: full chunks as they are,
+    a shorter last one right-padded (test_generate's bucket test has the cases that take the plain call).
+    Logits equal the eager model's; greedy tokens equal its and each prompt's alone."""
+    stepper, _ = artifact_stepper(art, ckpt, ParallelPlan(0, 1), "cpu", progress=False)
+    stepper.short_prefill_(capture=False)
+    later = stepper.later_prefill
+    assert later is not None and later.fn is stepper.prefill_fn and (later.rows, later.width) == (1, CHUNK)
+    assert stepper.short_prefill[(1, CHUNK)].fn is stepper.prefill_first_fn  # the first chunk's own bucket
+    calls = []
+    real = stepper.prefill_fn
+    later.fn = lambda *a: calls.append((a[0].tolist(), a[1].tolist(), a[2].tolist(), a[3].tolist())) or real(*a)
+    stepper.prefill_fn = lambda *a: calls.append(("plain", a[1].tolist())) or real(*a)
+    prompts = [list(range(1, 2 * CHUNK + 4)), list(range(40, 40 + CHUNK + 1))]  # 8 + 8 + 3 tokens; 8 + 1
+    got = stepper.prefill(prompts)
+    pad = [0] * (CHUNK - 3)
+    assert calls == [([list(range(1 + CHUNK, 1 + 2 * CHUNK))], [list(range(CHUNK, 2 * CHUNK))], [0], [CHUNK - 1]),
+                     ([list(range(1 + 2 * CHUNK, 2 * CHUNK + 4)) + pad], [list(range(2 * CHUNK, 3 * CHUNK))], [0],
+                      [2]),
+                     ([[40 + CHUNK] + [0] * (CHUNK - 1)], [list(range(CHUNK, 2 * CHUNK))], [1], [0])]
+    eager = dsv3.load(ckpt, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
+    for i, p in enumerate(prompts):
+        want = eager(torch.tensor([p]), torch.arange(len(p)).unsqueeze(0), last_only=True)[0]
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+    _assert_greedy_equals_eager_and_alone(stepper, eager, prompts, 6)
+
+
 def test_greedy_loop_feeds_itself_with_padding_rows(art, ckpt, monkeypatch):
     """Two prompts in the 3-row bucket: the stepper's own greedy loop (the body its CUDA graph captures, run plainly
     on the CPU) writes the next tokens and positions into its static buffers, leaves the padding row at token 0 /

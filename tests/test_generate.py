@@ -320,7 +320,7 @@ def test_cuda_graph_batches_past_the_max_batch(random_checkpoint):
 
     model = dsv3.load(random_checkpoint("tiny", "fp8"), dtype=torch.bfloat16, max_batch_size=2,
                       max_seq_len=MAX_SEQ_LEN, num_layers=LAYERS, device="cuda", progress=False)
-    stepper, _ = jit_stepper(model, (1, 2), prefill_chunk=16)
+    stepper, _ = jit_stepper(model, (1, 4), prefill_chunk=16)
     prompts = PROMPTS + [[0, 9, 10, 11, 12, 13], [0, 42], list(range(3, 20))]
     comps, stats = generate_in_batches(stepper, prompts, max_new_tokens=6)
     assert stats.batches == 3 and len(comps) == len(prompts)
@@ -411,10 +411,11 @@ def test_prefill_buckets_and_which_one_a_call_takes():
               "PREFILL_PAD_TOKENS")
     st = SimpleNamespace(**{k: getattr(G, k) for k in consts}, prefill_chunk=4096, buckets=[1, 8],
                          prefill_first_rows=8, static_first_fns={(1, 16): None})
+    st._padding_pays = lambda *a: G._padding_pays(st, *a)
     shapes = G._short_prefill_shapes(st)
-    one_row = {(1, w) for w in (16, 32, 64, 128, 256, *range(384, 2049, 128))}
+    one_row = {(1, w) for w in (16, 32, 64, 128, 256, *range(384, 2049, 128), 4096)}  # and the whole chunk
     assert sorted(shapes) == sorted(one_row | {(8, 16), (8, 32), (8, 64), (8, 128)})
-    assert shapes[:3] == [(1, 2048), (1, 1920), (1, 1792)] and shapes[-1] == (1, 16)  # captured largest first
+    assert shapes[:3] == [(1, 4096), (1, 2048), (1, 1920)] and shapes[-1] == (1, 16)  # captured largest first
     st.short_prefill = {rw: rw for rw in shapes}  # stand-ins: the chosen key comes back
 
     def pick(rows, width):
@@ -422,11 +423,20 @@ def test_prefill_buckets_and_which_one_a_call_takes():
 
     assert [pick(1, w) for w in (14, 17, 129, 257, 385, 1000, 1153, 2048)] == [
         (1, 16), (1, 32), (1, 256), (1, 384), (1, 512), (1, 1024), (1, 1280), (1, 2048)]
-    assert pick(1, 2049) is None  # past the widest bucket
+    assert pick(1, 2049) is None and pick(1, 3839) is None  # the next bucket is the chunk: too much padding
+    assert pick(1, 3840) == (1, 4096) and pick(1, 4095) == (1, 4096)
     assert pick(2, 60) == (8, 64) and pick(5, 14) == (8, 16)  # 512 tokens or fewer: any padding
     assert pick(8, 100) == (8, 128)  # 224 padded tokens
     assert pick(2, 100) is None and pick(5, 100) is None  # 824 / 524: the plain call
     assert pick(2, 200) is None  # no bucket holds it
+    # a later chunk: the whole-chunk bucket of the general graph while its padding pays and its padded positions
+    # stay inside the cache
+    st.later_prefill, st.max_seq_len = SimpleNamespace(width=4096), 16384
+    later = [G._later_prefill_for(st, start, n) for start, n in ((4096, 4096), (8192, 3840), (12288, 4096),
+                                                                    (8192, 3839), (12289, 4095), (4096, 1))]
+    assert later == [st.later_prefill] * 3 + [None] * 3
+    st.later_prefill = None
+    assert G._later_prefill_for(st, 4096, 4096) is None
     st.prefill_chunk = 512  # no bucket wider than the chunk
     assert max(w for _, w in G._short_prefill_shapes(st)) == 512
     st.buckets = [8]  # decode buckets without 1: the short buckets take 8 rows, the long ones still one
@@ -462,4 +472,31 @@ def test_short_prefill_cuda_graphs(random_checkpoint, monkeypatch):
     ours, _ = generate(stepper, [PROMPTS[1], PROMPTS[0]], max_new_tokens=6)
     stepper.short_prefill.clear()
     ref, _ = generate(stepper, [PROMPTS[1], PROMPTS[0]], max_new_tokens=6)
+    assert [c.tokens for c in ours] == [c.tokens for c in ref]
+
+
+@pytest.mark.gpu
+def test_later_chunks_replayed_from_the_full_chunk_graph(random_checkpoint):
+    """A prompt's chunks after the first replay a CUDA graph of the general prefill graph at a whole chunk, its
+    positions an input of the graph: a full chunk, and a shorter last one padded to it. Logits close to the plain
+    calls' (bf16: the padded width changes the GEMMs' M) with the same argmax, and the same greedy tokens after."""
+    from dsv3.runtime.engine import jit_stepper
+
+    model = dsv3.load(random_checkpoint("tiny", "fp8"), dtype=torch.bfloat16, max_batch_size=4, max_seq_len=64,
+                      num_layers=LAYERS, device="cuda", progress=False)
+    stepper, _ = jit_stepper(model, (1, 4), prefill_chunk=16)
+    later = stepper.later_prefill
+    assert later is not None and later.graph is not None and later.fn is stepper.prefill_fn and later.width == 16
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 1000, (n,), generator=g).tolist() for n in (40, 32, 19)]  # 16+16+8, 16+16, 16+3
+    for batch in ([prompts[0]], prompts):
+        replayed = stepper.prefill(batch).clone()
+        stepper.later_prefill = None
+        plain = stepper.prefill(batch)
+        stepper.later_prefill = later
+        assert replayed.argmax(-1).tolist() == plain.argmax(-1).tolist()
+        assert ((replayed - plain).abs().max() / plain.abs().max()).item() < 2e-2
+    ours, _ = generate(stepper, prompts, max_new_tokens=6)
+    stepper.later_prefill = None
+    ref, _ = generate(stepper, prompts, max_new_tokens=6)
     assert [c.tokens for c in ours] == [c.tokens for c in ref]

@@ -66,7 +66,7 @@ def child(artifacts: str, length: int, reps: int) -> dict:
         return e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
 
     memsets = [e for e in events if "memset" in e.name.lower()]
-    cublas = [e for e in events if any(k in e.name for k in ("xmma", "cutlass", "gemm", "Gemm"))
+    cublas = [e for e in events if any(k in e.name for k in ("nvjet", "xmma", "cutlass", "gemm", "Gemm"))
               and "triton" not in e.name]
     return {"plain_ms": statistics.median(times["plain"]), "default_ms": statistics.median(times["default"]),
             "memsets": len(memsets), "memset_us": sum(map(us, memsets)), "cublas_kernels": len(cublas),

@@ -48,6 +48,9 @@ def main() -> None:
     Without a GPU or a build: `dsv3c run --checkpoint ckpt/tiny --eager --prompt "Hello"` on the tiny config.
     Configs: a shipped name (see `dsv3c configs`), a config.json path, or a checkpoint directory.
     """
+    from dsv3.runtime.gemm_env import prefer_static_gemm_schedules
+
+    prefer_static_gemm_schedules()  # before any GEMM of the process (dsv3.runtime.gemm_env says why)
 
 
 @main.command("configs")
@@ -688,6 +691,8 @@ def bench_cmd(checkpoint: str | None, random_weights: bool, config: str | None, 
     # the trace-time kernel switches behind these numbers: the artifacts' (fixed at build time) or this process's
     overrides = (read_manifest(artifacts).get("kernel_overrides") or {}) if artifacts else {
         k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV3_")}
+    if os.environ.get("CUBLASLT_WORKSPACE_SIZE", "0") != "0":  # dsv3c's default is 0 (dsv3.runtime.gemm_env)
+        overrides = {**overrides, "CUBLASLT_WORKSPACE_SIZE": os.environ["CUBLASLT_WORKSPACE_SIZE"]}
     if overrides:
         click.echo("kernel switches " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     bw = bench.copy_bandwidth(torch.device(device))

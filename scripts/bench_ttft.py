@@ -41,6 +41,7 @@ import torch
 
 from dsv3.generate import SamplingParams, sample
 from dsv3.runtime.engine import _ShortPrefill, artifact_stepper
+from dsv3.runtime.gemm_env import prefer_static_gemm_schedules
 from dsv3.runtime.parallel import ParallelPlan
 
 
@@ -75,6 +76,7 @@ def main() -> None:
                          "back-to-back calls start from a hotter, slower clock)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    prefer_static_gemm_schedules()  # as dsv3c does, before the first GEMM
     stepper, timings = artifact_stepper(args.artifacts, None, ParallelPlan(0, 1), "cuda", progress=False)
     for w in sorted((int(x) for x in args.extra_widths.split(",") if x), reverse=True):  # largest first (the pool)
         stepper.short_prefill[(1, w)] = _ShortPrefill(stepper.prefill_first_fn, 1, w, stepper.device, stepper.pool)

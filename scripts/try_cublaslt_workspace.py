@@ -8,7 +8,7 @@ fresh process (the size is read once): one prompt's prefill through the runtime 
 generated on the GPU, the plain call (graph buckets set aside) and the runtime's default path, alternated, median of
 --reps ms each; then one profiled plain call: memsets, cuBLAS kernels (count, us), all kernels (us).
 
-    python scripts/try_cublaslt_workspace.py ART_DIR [--length 4095] [--reps 9] [--sizes default,0,64,1024]
+    python scripts/try_cublaslt_workspace.py ART_DIR [--length 4095] [--reps 9] [--sizes default,0,0+VAR=VALUE]
         [--json out.json]
 """
 
@@ -66,13 +66,15 @@ def child(artifacts: str, length: int, reps: int) -> dict:
         return e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
 
     memsets = [e for e in events if "memset" in e.name.lower()]
+    ordered = sorted(events, key=lambda e: e.time_range.start)
+    after = {ordered[i + 1].name[:90] for i, e in enumerate(ordered[:-1]) if "memset" in e.name.lower()}
     cublas = [e for e in events if any(k in e.name for k in ("nvjet", "xmma", "cutlass", "gemm", "Gemm"))
               and "triton" not in e.name]
     return {"plain_ms": statistics.median(times["plain"]), "default_ms": statistics.median(times["default"]),
             "memsets": len(memsets), "memset_us": sum(map(us, memsets)), "cublas_kernels": len(cublas),
             "cublas_us": sum(map(us, cublas)), "kernels": len(events) - len(memsets),
             "kernel_us": sum(us(e) for e in events if e not in memsets),
-            "cublas_names": sorted({e.name[:90] for e in cublas})[:8]}
+            "cublas_names": sorted({e.name[:90] for e in cublas})[:8], "after_memsets": sorted(after)}
 
 
 def main() -> None:
@@ -80,7 +82,9 @@ def main() -> None:
     ap.add_argument("artifacts")
     ap.add_argument("--length", type=int, default=4095)
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--sizes", default="default,0,64,1024", help="CUBLASLT_WORKSPACE_SIZE values (KiB); default: unset")
+    ap.add_argument("--sizes", default="default,0,64,1024",
+                    help="CUBLASLT_WORKSPACE_SIZE values (KiB; default: unset), each optionally with more VAR=VALUE "
+                         "settings after '+' (0+CUBLAS_WORKSPACE_CONFIG=:0:0)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -91,8 +95,10 @@ def main() -> None:
     for size in args.sizes.split(","):
         env = dict(os.environ)
         env.pop("CUBLASLT_WORKSPACE_SIZE", None)
-        if size != "default":
-            env["CUBLASLT_WORKSPACE_SIZE"] = size
+        kib, *extra = size.split("+")
+        if kib != "default":
+            env["CUBLASLT_WORKSPACE_SIZE"] = kib
+        env.update(kv.split("=", 1) for kv in extra)
         res = subprocess.run([sys.executable, __file__, args.artifacts, "--length", str(args.length), "--reps",
                               str(args.reps), "--child"], env=env, capture_output=True, text=True)
         line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -101,10 +107,11 @@ def main() -> None:
             continue
         row = {"workspace_kib": size, **json.loads(line[7:])}
         rows.append(row)
-        print(f"workspace {size:>7}: plain {row['plain_ms']:.2f} ms, default path {row['default_ms']:.2f} | profiled "
+        print(f"workspace {size}: plain {row['plain_ms']:.2f} ms, default path {row['default_ms']:.2f} | profiled "
               f"plain call: {row['memsets']} memsets ({row['memset_us']:.0f} us), {row['cublas_kernels']} cuBLAS "
               f"kernels {row['cublas_us']:.0f} us, {row['kernels']} kernels {row['kernel_us']:.0f} us", flush=True)
         print("   cuBLAS kernels: " + "; ".join(row["cublas_names"]), flush=True)
+        print("   after a memset: " + "; ".join(row["after_memsets"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -86,6 +86,19 @@ def test_main_help():
         assert cmd in res.output
 
 
+def test_commands_run_without_a_cublaslt_workspace_unless_the_user_set_one(monkeypatch):
+    """Every dsv3c command sets CUBLASLT_WORKSPACE_SIZE=0 before its first GEMM (dsv3.runtime.gemm_env: the block-scaled
+    FP8 GEMMs' statically scheduled kernels, no memset before each), and keeps a value the user exported."""
+    import os
+
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    assert invoke("configs").exit_code == 0
+    assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "0"
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "4096")
+    assert invoke("configs").exit_code == 0
+    assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "4096"
+
+
 def test_init_random_help():
     res = invoke("init-random", "--help")
     assert res.exit_code == 0
@@ -276,7 +289,6 @@ def test_interactive_session(ckpt, tmp_path):
 
 
 def test_stop_strings_end_a_row(ckpt, tmp_path):
-    out = tmp_path / "o.jsonl"
     base = run(ckpt, tmp_path, "--prompt", "hello", "--max-new-tokens", "12", name="base.jsonl")[1][0]
     assert len(base["text"]) > 2
     stop = base["text"][1:3]  # some text the model will produce

@@ -292,9 +292,9 @@ class GraphStepper:
     # and one bucket of a whole chunk (prefill_chunk tokens), in two graphs: the first-chunk graph's for prompts
     # of a chunk or longer (and within PREFILL_PAD_TOKENS of it), the general graph's for their later chunks
     # (`later_prefill`). The host launches a 4096-token chunk's ~620 kernels barely ahead of them, with ~1.8 us of
-    # idle GPU at each boundary of a plain call: its replay took 37.6-38.0 ms against the plain call's 38.0-38.1
-    # back to back, 36.8-37.1 against 37.5-37.9 from a rested GPU (16B, H200, bench_ttft.py --extra-widths 4096,
-    # 2026-11-26). Its memory is the pool's: captured first, the smaller buckets reuse it.
+    # idle GPU at each boundary of a plain call: 4095 tokens back to back, plain call then replay alternated, 38.09-
+    # 38.76 -> 37.00-37.49 ms (16B, H200, scripts/try_cublaslt_workspace.py, 2026-11-26, three machines). Its memory
+    # is the pool's (captured first, the smaller buckets reuse it): dsv3c bench's peak 19.15 -> 19.5 GiB.
     # A bucket's padding is computed like real tokens, so a call takes the bucket only while that pays: always up
     # to PREFILL_PAD_FREE_TOKENS in all (a replay of 512 tokens, ~9.3-9.6 ms, is no slower than a plain call of
     # any shorter chunk, which launching ~850 kernels from the host holds at ~10 ms), past that with at most

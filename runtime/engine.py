@@ -294,7 +294,8 @@ class GraphStepper:
     # (`later_prefill`). The host launches a 4096-token chunk's ~620 kernels barely ahead of them, with ~1.8 us of
     # idle GPU at each boundary of a plain call: 4095 tokens back to back, plain call then replay alternated, 38.09-
     # 38.76 -> 37.00-37.49 ms (16B, H200, scripts/try_cublaslt_workspace.py, 2026-11-26, three machines). Its memory
-    # is the pool's (captured first, the smaller buckets reuse it): dsv3c bench's peak 19.15 -> 19.5 GiB.
+    # is the pool's (captured first, the smaller buckets reuse it): dsv3c bench's peak 19.15 -> 19.5 GiB (measured
+    # with the later-chunk graph captured last).
     # A bucket's padding is computed like real tokens, so a call takes the bucket only while that pays: always up
     # to PREFILL_PAD_FREE_TOKENS in all (a replay of 512 tokens, ~9.3-9.6 ms, is no slower than a plain call of
     # any shorter chunk, which launching ~850 kernels from the host holds at ~10 ms), past that with at most
@@ -315,12 +316,15 @@ class GraphStepper:
         t0 = time.perf_counter()
         pool = self.pool if capture else None
         try:
+            # the later-chunk graph first: with the whole-chunk bucket the largest, captured before the smaller ones
+            # (whose allocations then fit in what these freed); shared when both are the same graph
+            if self.prefill_fn is not self.prefill_first_fn or (1, self.prefill_chunk) in self.static_first_fns:
+                self.later_prefill = _ShortPrefill(self.prefill_fn, 1, self.prefill_chunk, self.device, pool)
             for r, w in self._short_prefill_shapes():  # a static graph of the bucket's shape where there is one
                 fn = self.static_first_fns.get((r, w), self.prefill_first_fn)
                 self.short_prefill[(r, w)] = _ShortPrefill(fn, r, w, self.device, pool)
-            full = self.short_prefill.get((1, self.prefill_chunk))
-            self.later_prefill = full if full is not None and full.fn is self.prefill_fn else _ShortPrefill(
-                self.prefill_fn, 1, self.prefill_chunk, self.device, pool)
+            if self.later_prefill is None:
+                self.later_prefill = self.short_prefill[(1, self.prefill_chunk)]
         except RuntimeError as e:  # a host sync or an uncapturable library call inside the package
             import warnings
 

@@ -14,6 +14,8 @@ MLP.fuse_gate_up_, Transformer.add_prefill_copies_); the loader maps the checkpo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,7 @@ from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
 from dsv3.kernels.fp8_linear import GEMV_MAX_M
 from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS, takes_quantized_x
 from dsv3.kernels.mla_attention import DECODE_MAX_S
+from dsv3.kernels.moe_residual_norm import moe_residual_choice
 from dsv3.kernels.rms_norm import norm_quant_choice, rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
 from dsv3.kernels.routed_experts import DECODE_MAX_T, combine_pairs, moe_combine_choice
@@ -129,10 +132,19 @@ class MLA(nn.Module):
             "latent_cache", torch.zeros(max_batch_size, max_seq_len, cfg.latent_dim, dtype=dtype), persistent=False
         )
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache_rows: torch.Tensor | None = None, first_chunk: bool = False) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
-        if self.qkv_a_rows:
+    def forward(self, x: torch.Tensor | None, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache_rows: torch.Tensor | None = None, first_chunk: bool = False,
+                x_quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: the normed input [B, S, D]; or None with x_quantized = (x_q, x_scale), x already quantized for the FP8
+        input projections in cuBLAS's layout (dsv3.moe_residual_norm_quant, Block.defer_moe_add)."""
+        bsz, seqlen = input_pos.shape
+        if x_quantized is not None:
+            outs = [torch.ops.dsv3.fp8_linear_quantized(*x_quantized, proj.weight, proj.weight_scale_inv,
+                                                        self.latent_cache.dtype)[:bsz * seqlen].view(bsz, seqlen, -1)
+                    for proj in self.input_projections()]
+            q_first, kv_a = (outs[0].split([n for _, n in self.qkv_a_rows.values()], dim=-1) if self.qkv_a_rows
+                             else outs)
+        elif self.qkv_a_rows:
             # both input projections in one linear (fuse_input_projections_): one GEMV at decode, one cuBLAS GEMM at
             # prefill (its ragged N, q rows + kv_a's 576, padded to whole blocks by dsv3.fp8_linear)
             q_first, kv_a = self.qkv_a_proj(x).split([n for _, n in self.qkv_a_rows.values()], dim=-1)
@@ -236,6 +248,12 @@ class MLA(nn.Module):
             kv_b = self.kv_b_proj
             self.kv_b_dequantized.copy_(dequantize_weight(kv_b.weight, kv_b.weight_scale_inv,
                                                           self.kv_b_dequantized.dtype))
+
+    def input_projections(self) -> list[Linear]:
+        """The linears that read x: qkv_a_proj when fused, else q_proj (q_a_proj) and kv_a_proj_with_mqa."""
+        if self.qkv_a_rows:
+            return [self.qkv_a_proj]
+        return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
 
     def can_fuse_input_projections(self) -> bool:
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
@@ -374,8 +392,15 @@ class RoutedExperts(nn.Module):
             return torch.ops.dsv3.routed_experts(x, topk_idx, topk_weight, *weights, x_q, x_scale, quant_act)
         # The weighted sum over each token's experts as plain torch ops: Inductor fuses it into the kernel that
         # consumes the output (the residual add and the next layer's RMSNorm), one launch less per MoE layer.
-        pairs = torch.ops.dsv3.routed_experts_pairs(x, topk_idx, *weights, x_q, x_scale, quant_act)
-        return combine_pairs(pairs, topk_idx, topk_weight, self.gate_proj.shape[0])
+        return combine_pairs(self.pairs(x, topk_idx, x_q, x_scale, quant_act), topk_idx, topk_weight,
+                             self.gate_proj.shape[0])
+
+    def pairs(self, x: torch.Tensor, topk_idx: torch.Tensor, x_q: torch.Tensor | None = None,
+              x_scale: torch.Tensor | None = None, quant_act: bool = True) -> torch.Tensor:
+        """[T, K, D]: each selected expert's output per token, not yet weighted and summed (combine_pairs)."""
+        weights = (self.gate_proj, self.up_proj, self.down_proj,
+                   self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv)
+        return torch.ops.dsv3.routed_experts_pairs(x, topk_idx, *weights, x_q, x_scale, quant_act)
 
     def _slot_rows(self, name: str, first: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Slots [first, E) of gate_proj / up_proj as one [(E - first) * I, D] matrix (a view) and its scales."""
@@ -467,6 +492,18 @@ def can_stack_shared(cfg: ModelConfig) -> bool:
         not cfg.is_fp8 or cfg.moe_intermediate_size % BLOCK == 0)
 
 
+class MoEOutput(NamedTuple):
+    """A prefill MoE layer's output not yet added to the residual stream (Block.defer_moe_add): the routed experts'
+    per-pair outputs with their ids and weights (combine_pairs' inputs) and the stacked shared experts' output. The
+    next block adds it inside its input norm's kernel (dsv3.moe_residual_norm_quant), which also quantizes the
+    normed x for the attention's FP8 input projection: x is never written in bf16."""
+    pairs: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weight: torch.Tensor
+    shared: torch.Tensor
+    n_experts: int
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
@@ -517,14 +554,21 @@ class MoE(nn.Module):
             weights = None if self.shared_experts is None else self.shared_experts.fp8_swiglu_weights()
         return weights is not None and takes_quantized_x(h, weights[4])
 
+    def can_leave_unadded(self, x: torch.Tensor) -> bool:
+        """Whether forward(..., unadded=True) returns a MoEOutput for x: prefill-sized T with the shared experts
+        stacked and the routed pairs summed in the graph (DSV3_MOE_COMBINE=graph), unless DSV3_MOE_RESIDUAL=torch."""
+        return (bool(self.n_shared_slots) and not self.decode_sized(x) and moe_combine_choice() == "graph"
+                and moe_residual_choice() == "fused")
+
     def forward(self, x: torch.Tensor, x_q: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None,
-                x_scale_cublas: torch.Tensor | None = None) -> torch.Tensor:
+                x_scale_cublas: torch.Tensor | None = None, unadded: bool = False) -> torch.Tensor | MoEOutput:
         """x_q / x_scale: x already quantized for the FP8 experts (dsv3.add_rms_norm_quant's), else they do it; with
         x_scale_cublas, dsv3.add_rms_norm_quant_cublas's (`quantizes_x_for_cublas`): the shared experts take
         (x_q, x_scale_cublas), the routed experts (x_q, x_scale).
         routing: (topk_idx, topk_weight) as this layer's router computes them (with the stacked shared slots), when
-        the caller already did (`decode_sized`)."""
+        the caller already did (`decode_sized`).
+        unadded (where `can_leave_unadded`): return the output's parts as a MoEOutput instead of their sum."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         t = flat.shape[0]
@@ -539,6 +583,10 @@ class MoE(nn.Module):
             # grouped. Decode keeps them in the routed op (one launch sequence streams every expert's weights).
             first = self.experts.gate_proj.shape[0] - self.n_shared_slots
             topk_idx, topk_weight = self.gate(flat, 0)
+            if unadded and self.can_leave_unadded(x):
+                pairs = self.experts.pairs(flat, topk_idx, *routed_q)
+                shared = self.experts.slots_as_mlp(flat, first, *shared_q).view(shape)
+                return MoEOutput(pairs, topk_idx, topk_weight, shared, self.experts.gate_proj.shape[0])
             y = self.experts(flat, topk_idx, topk_weight, *routed_q) + self.experts.slots_as_mlp(flat, first, *shared_q)
             return y.view(shape)
         topk_idx, topk_weight = self.gate(flat, self.n_shared_slots) if routing is None else routing
@@ -555,14 +603,27 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size,
                                                                         dtype, cfg.is_fp8)
         self.fp8_moe = cfg.is_fp8 and cfg.is_moe_layer(layer)
+        # Transformer.defer_moe_adds_: at prefill sizes this block hands its MoE output to the next block unadded
+        self.defer_moe_add = False
 
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache_rows: torch.Tensor | None = None, first_chunk: bool = False) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows, first_chunk)
+                cache_rows: torch.Tensor | None = None, first_chunk: bool = False,
+                moe_out: MoEOutput | None = None) -> tuple[torch.Tensor, MoEOutput | None]:
+        """Returns (h, None), or (h, MoEOutput) when this block leaves its MoE output unadded (defer_moe_add).
+        moe_out: the previous block's unadded MoE output: added to h by this block's input norm op, which also
+        quantizes the normed x for the attention's fused FP8 input projection."""
+        if moe_out is None:
+            attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows, first_chunk)
+        else:
+            norm = self.input_layernorm
+            h, x_q, x_scale = torch.ops.dsv3.moe_residual_norm_quant(h, *moe_out, norm.weight, norm.eps,
+                                                                     QUANTIZED_X_K_BLOCKS)
+            attn = self.self_attn(None, input_pos, cos, sin, cache_rows, first_chunk, x_quantized=(x_q, x_scale))
         return self.feed_forward(h, attn)
 
-    def feed_forward(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The block's second half: h + attn, post_attention_layernorm, the MLP or MoE, its residual add."""
+    def feed_forward(self, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, MoEOutput | None]:
+        """The block's second half: h + attn, post_attention_layernorm, the MLP or MoE, its residual add (or, with
+        defer_moe_add at prefill sizes, the MoE output left for the next block: (h, MoEOutput))."""
         if self.fp8_moe:
             # h + attn, post_attention_layernorm and the experts' FP8 quantization of its output as one op
             # (dsv3.kernels.rms_norm; one launch on CUDA by default), the experts take x quantized.
@@ -572,15 +633,18 @@ class Block(nn.Module):
                 h, x, x_q, x_scale, topk_idx, topk_weight = torch.ops.dsv3.add_rms_norm_quant_route(
                     h, attn, norm.weight, norm.eps, gate.weight, gate.e_score_correction_bias, **gate.route_args,
                     n_shared=moe.n_shared_slots)
-                return h + moe(x, x_q, x_scale, routing=(topk_idx, topk_weight))
+                return h + moe(x, x_q, x_scale, routing=(topk_idx, topk_weight)), None
+            unadded = self.defer_moe_add and moe.can_leave_unadded(h)
             if moe.quantizes_x_for_cublas(h):  # prefill-sized, shared experts on cuBLAS: x also in its layout
                 h, x, x_q, x_scale, x_scale_cublas = torch.ops.dsv3.add_rms_norm_quant_cublas(
                     h, attn, norm.weight, norm.eps, QUANTIZED_X_K_BLOCKS)
-                return h + moe(x, x_q, x_scale, x_scale_cublas=x_scale_cublas)
-            h, x, x_q, x_scale = torch.ops.dsv3.add_rms_norm_quant(h, attn, norm.weight, norm.eps)
-            return h + moe(x, x_q, x_scale)
+                out = moe(x, x_q, x_scale, x_scale_cublas=x_scale_cublas, unadded=unadded)
+            else:
+                h, x, x_q, x_scale = torch.ops.dsv3.add_rms_norm_quant(h, attn, norm.weight, norm.eps)
+                out = moe(x, x_q, x_scale, unadded=unadded)
+            return (h, out) if isinstance(out, MoEOutput) else (h + out, None)
         h = h + attn
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h)), None
 
 
 def _refresh_prefill_copies_hook(model: "Transformer", _incompatible_keys) -> None:
@@ -656,9 +720,10 @@ class Transformer(nn.Module):
         if input_pos.dim() == 1:
             input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        h = self.embed_tokens(tokens)
+        h, moe_out = self.embed_tokens(tokens), None
         for layer in self.layers:
-            h = layer(h, input_pos, cos, sin, cache_rows, first_chunk)
+            h, moe_out = layer(h, input_pos, cos, sin, cache_rows, first_chunk, moe_out)
+        assert moe_out is None, "the last block adds its own MoE output (defer_moe_adds_ leaves it out)"
         if logits_index is not None:
             h = h.gather(1, logits_index.view(bsz, 1, 1).expand(bsz, 1, h.shape[-1])).squeeze(1)
         elif last_only:
@@ -700,6 +765,18 @@ class Transformer(nn.Module):
     def mlps(self) -> list[MLP]:
         """The dense MLPs: dense layers' and MoE layers' shared experts (unless stacked as expert slots)."""
         return [m for m in self.modules() if isinstance(m, MLP)]
+
+    def defer_moe_adds_(self) -> "Transformer":
+        """At prefill sizes let each FP8 MoE block with stacked shared experts hand its output to the next block
+        unadded, where one kernel adds it, normalises and quantizes x for the FP8 input projections
+        (dsv3.moe_residual_norm_quant): x is not written in bf16 and read back by a separate quantization launch.
+        Call after stack_shared_experts_ (required) and fuse_input_projections_ (the next block's projections
+        take x quantized either way; the last block has no next one). Not under tensor parallel: the MoE's
+        all-reduce hook needs its output summed."""
+        for layer, nxt in zip(self.layers[:-1], self.layers[1:]):
+            fp8_inputs = all(p.weight_scale_inv is not None for p in nxt.self_attn.input_projections())
+            layer.defer_moe_add = layer.fp8_moe and bool(getattr(layer.mlp, "n_shared_slots", 0)) and fp8_inputs
+        return self
 
     def fuse_gate_up_(self) -> "Transformer":
         """Every MLP whose gate rows end on an FP8 block computes gate and up as one linear (MLP.fuse_gate_up_)."""

@@ -13,6 +13,7 @@ from dsv3.kernels import norm_route  # noqa: F401  (registers torch.ops.dsv3.add
 from dsv3.kernels import fp8_swiglu  # noqa: F401  (registers torch.ops.dsv3.fp8_swiglu)
 from dsv3.kernels import greedy  # noqa: F401  (registers torch.ops.dsv3.greedy_next_)
 from dsv3.kernels import top_p  # noqa: F401  (registers torch.ops.dsv3.top_p_scores)
+from dsv3.kernels import moe_residual_norm  # noqa: F401  (registers torch.ops.dsv3.moe_residual_norm_quant)
 from dsv3.kernels.cache_key import install as _install_cache_key
 
 _install_cache_key()

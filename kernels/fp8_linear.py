@@ -805,6 +805,40 @@ def _fp8_linear_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def fp8_linear_quantized_reference(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                                   weight_scale_inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Plain PyTorch: both sides dequantized (x's padding columns dropped), fp32 GEMM: `fp8_linear_reference` on
+    the activation x_q / x_scale were quantized from."""
+    k = weight.shape[1]
+    x = dequantize_activation(x_q[:, :k].contiguous(), x_scale[:, :cdiv(k, BLOCK)])
+    return (x @ dequantize_weight(weight, weight_scale_inv).t()).to(out_dtype)
+
+
+@triton_op("dsv3::fp8_linear_quantized", mutates_args=())
+def fp8_linear_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                         weight_scale_inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x @ weight.T for an x already quantized in cuBLAS's layout (x_q [Mp, Kp] e4m3, Mp % 4 == 0, Kp whole
+    128-blocks >= K; x_scale [Mp, Kp/128] fp32, any strides: what dsv3.moe_residual_norm_quant returns) -> [Mp, N]
+    in out_dtype; the caller slices its M rows (the padding rows are zeros times the weight). The values
+    `fp8_linear` gives on the x they were quantized from: cuBLAS's block-scaled GEMM on Hopper (bf16 out), else the
+    Triton tiled GEMM; plain torch on CPU."""
+    n, k = weight.shape
+    if x_q.device.type == "cpu":
+        return fp8_linear_quantized_reference(x_q, x_scale, weight, weight_scale_inv, out_dtype)
+    probe = x_q.new_empty((0, k), dtype=out_dtype)  # scaled_mm_usable reads device and output dtype
+    if scaled_mm_usable(probe, weight):
+        y = scaled_mm_quantized(x_q, x_scale, weight, weight_scale_inv, out_dtype)
+        return y if static_int(y.shape[1]) == n else y[:, :n].contiguous()  # eager pads a ragged N to whole blocks
+    return fp8_gemm(x_q[:, :k], x_scale[:, :cdiv(k, BLOCK)], weight.contiguous(), weight_scale_inv, out_dtype)
+
+
+@fp8_linear_quantized.register_fake
+def _fp8_linear_quantized_fake(x_q, x_scale, weight, weight_scale_inv, out_dtype):
+    torch._check(x_q.shape[1] >= weight.shape[1] and x_q.shape[1] % BLOCK == 0,
+                 lambda: f"fp8_linear_quantized: x_q {tuple(x_q.shape)} does not cover weight {tuple(weight.shape)}")
+    return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # W8A16: `torch.ops.dsv3.fp8_linear_a16`
 # ----------------------------------------------------------------------------------------------------------------
@@ -906,5 +940,6 @@ def _fp8_linear_a16_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-__all__ = ["fp8_linear", "fp8_linear_a16", "fp8_linear_a16_reference", "fp8_linear_reference", "fp8_linear_triton",
+__all__ = ["fp8_linear", "fp8_linear_a16", "fp8_linear_a16_reference", "fp8_linear_quantized",
+           "fp8_linear_quantized_reference", "fp8_linear_reference", "fp8_linear_triton",
            "fp8_gemv", "fp8_gemm", "act_quant", "gemv_choice", "quantize_tile", "ACT_AMAX_FLOOR", "FP8_MAX", "GEMV_VARIANTS", "GEMV_CUDA_CORE_VARIANTS"]

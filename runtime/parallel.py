@@ -82,6 +82,10 @@ class ParallelPlan:
     # ~0.26 GB on a 671B rank at world size 8. The graphs read them as constants, so it is a compile-time choice too;
     # both sides default to it.
     prefill_copies: bool = True
+    # World size 1 (the MoE output's all-reduce hook needs it summed): at prefill sizes each FP8 MoE layer with
+    # stacked shared experts hands its output to the next block unadded, where one kernel adds it, normalises and
+    # quantizes x for the fused input projection (Transformer.defer_moe_adds_). Graph structure only, no weights.
+    defer_moe_adds: bool = True
 
     @property
     def all_reduce(self) -> str:
@@ -243,7 +247,7 @@ def apply_parallel(model: Transformer, plan: ParallelPlan) -> Transformer:
     """Lay out a freshly built (unloaded) model in place for `plan`: shard it, or at world size 1 stack the shared
     experts into the routed-experts tensors where the config allows (`ParallelPlan.stack_shared_experts`); then
     fuse each layer's attention input projections and each MLP's gate and up (`ParallelPlan.fuse_input_projections`,
-    `fuse_gate_up`)."""
+    `fuse_gate_up`), and at world size 1 defer each MoE layer's residual add to the next block (`defer_moe_adds`)."""
     cfg = model.cfg
     plan.check(cfg)
     ws = plan.world_size
@@ -315,4 +319,6 @@ def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:
         model.fuse_gate_up_()
     if plan.prefill_copies:  # after sharding and stacking: the copies take the rank's shapes
         model.add_prefill_copies_()
+    if plan.defer_moe_adds and plan.world_size == 1:  # after stacking and fusing the input projections
+        model.defer_moe_adds_()
     return model.set_batch1_activations_(plan.batch1_activations)  # last: the fusions above build new modules

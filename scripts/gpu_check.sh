@@ -26,6 +26,8 @@
 #              sent with the tree), one process, outputs compared, timed interleaved (JSON in $OUT)
 #   ab-moe-decode scripts/ab_moe_decode.py: this tree's decode MoE (T = 2, 4, 8) against AB_OLD (a copy of
 #              kernels/routed_experts.py sent with the tree), bitwise compared, timed over weight copies, per kernel
+#   ab-moe-residual scripts/ab_moe_residual.py: a prefill MoE layer's end, Inductor's combine + add + norm kernel and
+#              act_quant against dsv3.moe_residual_norm_quant (outputs compared, timed interleaved; JSON in $OUT)
 #   ab-mla     scripts/ab_mla.py: this tree's MLA decode op against AB_OLD_MLA (a copy of kernels/mla_attention.py
 #              sent with the tree), H 16 batch 1/8/32 at 1k-32k and H 128 at 8k, bitwise compared, timed interleaved
 #   ab-prefill-attn scripts/ab_prefill_attn.py: this tree's prefill attention kernel against AB_OLD_ATTN (a copy of
@@ -396,6 +398,11 @@ step_ab_act_quant() {  # scripts/ab_act_quant.py: act_quant / silu_mul_quant old
   timeout 300 $PY scripts/ab_act_quant.py --old-linear "${AB_OLD_LINEAR:?AB_OLD_LINEAR: a copy of kernels/fp8_linear.py}" \
     --old-swiglu "${AB_OLD_SWIGLU:?AB_OLD_SWIGLU: a copy of kernels/fp8_swiglu.py}" --json "$OUT/ab_act_quant.json" 2>&1 \
     | grep -v -i warn | tail -20
+}
+
+step_ab_moe_residual() {  # scripts/ab_moe_residual.py: combine + norm + act_quant vs moe_residual_norm_quant
+  timeout 300 $PY scripts/ab_moe_residual.py ${AB_RESIDUAL_ARGS:-} --json "$OUT/ab_moe_residual.json" 2>&1 \
+    | grep -v -i warn | tail -6
 }
 
 step_sweep_prefill() {

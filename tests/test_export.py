@@ -125,7 +125,7 @@ def test_blocks_match_the_model(random_checkpoint):
         model.reset_caches()
         ref_attn = blk.self_attn(x, pos, cos, sin)
         model.reset_caches()
-        ref_layer = blk(x, pos, cos, sin)
+        ref_layer, _ = blk(x, pos, cos, sin)
         ref_idx, ref_w = model.layers[1].mlp.gate(x.view(-1, cfg.hidden_size))
         attn = ExportBlock(cfg, "attention", 0, get, torch.float32)(x)
         layer = ExportBlock(cfg, "dense-layer", 0, get, torch.float32)(x)

@@ -1,0 +1,238 @@
+"""Tests for torch.ops.dsv3.moe_residual_norm_quant (a prefill MoE layer's output added to the residual stream, the
+next block's input RMSNorm and FP8 quantization, one kernel), torch.ops.dsv3.fp8_linear_quantized, and the model's
+deferred MoE adds (Block.defer_moe_add, Transformer.defer_moe_adds_).
+
+CPU (part of `make test`): the Triton kernels under the interpreter (`tests/interpret_moe_residual.py`, its own
+process); opcheck of both ops; the reference against the formula in float64; fp8_linear_quantized on act_quant's
+layout equals fp8_linear on the x it came from, bitwise; the model with deferred adds gives the logits of the model
+without, bitwise in eager mode (the references share their arithmetic), calls the op once per deferring MoE layer
+at prefill sizes and never at decode sizes or with DSV3_MOE_RESIDUAL=torch; the op compiles (dynamic T).
+
+GPU (`pytest -m gpu tests/test_moe_residual.py`, on the device): the kernel at the 16B and 671B prefill shapes with
+a poisoned allocator against the reference run on the GPU (h_out within a bf16 ulp: the kernel may contract a
+multiply-add the reference rounds twice; x_q / x_scale dequantized within e4m3's rounding; padding rows zero); the
+op compiled with a dynamic T; fp8_linear_quantized (cuBLAS) against fp8_linear; a tiny FP8 model with and without
+deferred adds, eager and compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dsv3.config import FP8Quantization, resolve_config
+from dsv3.kernels import fp8_linear as L
+from dsv3.kernels import moe_residual_norm as MR
+from dsv3.kernels.fp8_blocks import dequantize_activation, dequantize_weight, quantize_activation, quantize_weight
+from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS
+from dsv3.kernels.routed_experts import DECODE_MAX_T
+from dsv3.model import Transformer
+from kernel_checks import check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+
+EPS = 1e-6
+
+
+def make_inputs(t: int, k: int, d: int, n_experts: int, gen: torch.Generator, device="cpu", lead=None):
+    """Random (h, pairs, idx, weight, shared, norm_weight) with one invalid id per token whose pair row is NaN."""
+    h = (torch.randn(t, d, generator=gen) * 3).bfloat16()
+    pairs = torch.randn(t, k, d, generator=gen).bfloat16()
+    idx = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(t)])
+    bad = torch.randint(0, k, (t,), generator=gen)
+    idx[torch.arange(t), bad] = torch.where(torch.rand(t, generator=gen) < 0.5, -1, n_experts)
+    pairs[torch.arange(t), bad] = float("nan")
+    w = torch.rand(t, k, generator=gen)
+    shared = torch.randn(t, d, generator=gen).bfloat16()
+    nw = (1.0 + 0.3 * torch.randn(d, generator=gen)).bfloat16()
+    if lead is not None:
+        h, shared = h.view(*lead, d), shared.view(*lead, d)
+    return [x.to(device) for x in (h, pairs, idx, w, shared)], nw.to(device)
+
+
+def deq(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.double().view(q.shape[0], -1, 128) * s.double()[:, :, None]
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_kernels_interpreted():
+    res = run_interpreted("interpret_moe_residual.py")
+    assert res.returncode == 0, interpreter_failure(res)
+
+
+def test_opcheck_and_switch(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    (h, pairs, idx, w, shared), nw = make_inputs(6, 4, 200, 9, gen, lead=(2, 3))
+    pairs = torch.nan_to_num(pairs)  # opcheck compares outputs of repeated calls; NaN rows are ignored anyway
+    torch.library.opcheck(torch.ops.dsv3.moe_residual_norm_quant.default,
+                          (h, pairs, idx, w, shared, 9, nw, EPS, 4))
+    x = torch.randn(5, 256, generator=gen).bfloat16()
+    wq, ws = quantize_weight(torch.randn(200, 256, generator=gen) * 0.1)
+    xq, xs = _cublas_layout(x, 4)
+    # (FP8 inputs: fake-tensor checks only, as test_norm.py's routed_experts; the schema checker multiplies them)
+    torch.library.opcheck(torch.ops.dsv3.fp8_linear_quantized.default, (xq, xs, wq, ws, torch.bfloat16),
+                          test_utils="test_faketensor")
+    check_env_switch(monkeypatch, "DSV3_MOE_RESIDUAL", MR.moe_residual_choice, MR.MOE_RESIDUAL_DEFAULT, "torch")
+
+
+def _cublas_layout(x: torch.Tensor, pad_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_quant's cuBLAS layout of x in plain torch: rows padded to 4, K to pad_k blocks, M-major scales."""
+    m, d = x.shape
+    mp, kb = -(-m // 4) * 4, -(-d // 128)
+    kbt = -(-kb // pad_k) * pad_k
+    q, s = quantize_activation(torch.nn.functional.pad(x, (0, kbt * 128 - d, 0, mp - m)))
+    return q, torch.empty((kbt, mp)).t().copy_(s)
+
+
+def test_reference_vs_float64():
+    """h_out within half a bf16 ulp of each rounded step's exact value, x_q / x_scale dequantizing to the float64
+    RMSNorm of h_out within e4m3's rounding; the padding rows and columns are quantized zeros."""
+    gen = torch.Generator().manual_seed(1)
+    (h, pairs, idx, w, shared), nw = make_inputs(7, 6, 576, 12, gen)
+    h_out, x_q, x_scale = MR.moe_residual_norm_quant_reference(h, pairs, idx, w, shared, 12, nw, EPS, 4)
+    valid = (idx >= 0) & (idx < 12)
+    routed = torch.where(valid[:, :, None], pairs.double() * w.double()[:, :, None], 0.0).sum(1)
+    moe = (routed.to(torch.bfloat16).double() + shared.double()).to(torch.bfloat16).double()
+    exact = h.double() + moe
+    assert ((h_out.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-30).all()
+    x = h_out.double() / torch.sqrt(h_out.double().pow(2).mean(-1, keepdim=True) + EPS) * nw.double()
+    got = deq(x_q, x_scale)
+    assert x_q.shape == (8, 8 * 128) and x_scale.shape == (8, 8) and x_scale.stride() == (1, 8)  # 5 blocks -> 8
+    assert rel_err(got[:7].flatten(1)[:, :576], x) < 3e-2
+    assert (got[7] == 0).all() and (got[:7].flatten(1)[:, 576:] == 0).all()
+
+
+def test_linear_quantized_equals_fp8_linear():
+    """On CPU: fp8_linear_quantized of x's cuBLAS-layout quantization is fp8_linear(x) bitwise (its padding rows
+    the zero rows' product)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 384, generator=gen).bfloat16()
+    wq, ws = quantize_weight(torch.randn(200, 384, generator=gen) * 0.1)
+    xq, xs = _cublas_layout(x, 4)
+    y = torch.ops.dsv3.fp8_linear_quantized(xq, xs, wq, ws, torch.bfloat16)
+    assert y.shape == (8, 200) and y.dtype == torch.bfloat16
+    assert torch.equal(y[:6], torch.ops.dsv3.fp8_linear(x, wq, ws)) and (y[6:] == 0).all()
+
+
+def _tiny_fp8(defer: bool, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    from dsv3.runtime.parallel import ParallelPlan, apply_parallel
+    from dsv3.runtime.random_weights import fill_random_
+
+    cfg = resolve_config("tiny").replace(quantization_config=FP8Quantization())
+    model = Transformer(cfg, dtype=dtype, max_batch_size=2, max_seq_len=96, device="meta")
+    apply_parallel(model, ParallelPlan(0, 1, defer_moe_adds=defer)).materialize_(device)
+    fill_random_(model, seed=3)
+    model.refresh_prefill_copies_()
+    return model
+
+
+def test_model_defers_moe_adds(monkeypatch):
+    """The world-size-1 layout defers the adds of MoE layers followed by a block (not the last one); a prefill-sized
+    call then runs the op once per such layer and gives the non-deferring model's logits bitwise (eager, CPU: the
+    same reference arithmetic); decode-sized calls and DSV3_MOE_RESIDUAL=torch never run it."""
+    plain, deferred = _tiny_fp8(False), _tiny_fp8(True)
+    flags = [layer.defer_moe_add for layer in deferred.layers]
+    cfg = deferred.cfg
+    assert flags == [cfg.is_moe_layer(i) and i < cfg.num_hidden_layers - 1 for i in range(cfg.num_hidden_layers)]
+    assert any(flags) and not any(layer.defer_moe_add for layer in plain.layers)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 41), generator=torch.Generator().manual_seed(4))
+    assert 2 * 40 > DECODE_MAX_T >= 2
+    with torch.no_grad():
+        want = plain(tokens[:, :40], torch.arange(40))
+        want_step = plain(tokens[:, 40:], torch.tensor([40]))
+        with OpLog() as log:
+            got = deferred(tokens[:, :40], torch.arange(40))
+        with OpLog() as step_log:
+            got_step = deferred(tokens[:, 40:], torch.tensor([40]))
+        monkeypatch.setenv("DSV3_MOE_RESIDUAL", "torch")
+        deferred.reset_caches()
+        with OpLog() as off_log:
+            off = deferred(tokens[:, :40], torch.arange(40))
+    count = lambda names: sum("moe_residual_norm_quant" in n for n in names)  # noqa: E731
+    assert count(log.names) == sum(flags) and count(step_log.names) == 0 and count(off_log.names) == 0
+    assert torch.equal(got, want) and torch.equal(got_step, want_step) and torch.equal(off, want)
+
+
+def test_op_compiles():
+    """The op under torch.compile(fullgraph=True) with a dynamic token count (the prefill graph's form) on CPU: h_out
+    and x within rounding of eager (Inductor keeps fp32 between the reference's bf16 roundings of the routed sum and
+    of moe: a few bf16 ulps of those terms where they cancel). (The model's compiled prefill with deferred adds:
+    test_artifacts_fp8.py, through the compiler's layout.)"""
+    compiled = torch.compile(torch.ops.dsv3.moe_residual_norm_quant, fullgraph=True, dynamic=True)
+    for t in (5, 9):
+        (h, pairs, idx, w, shared), nw = make_inputs(t, 4, 256, 9, torch.Generator().manual_seed(t))
+        args = (h, pairs, idx, w, shared, 9, nw, EPS, 4)
+        got, want = compiled(*args), torch.ops.dsv3.moe_residual_norm_quant(*args)
+        assert rel_err(got[0], want[0]) < 1e-2 and rel_err(deq(got[1], got[2]), deq(want[1], want[2])) < 3e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("t,k,d,e", [(4095, 6, 2048, 64), (333, 8, 7168, 256), (70, 6, 2048, 64)])
+def test_gpu_kernel_against_reference(t, k, d, e):
+    gen = torch.Generator().manual_seed(t + d)
+    (h, pairs, idx, w, shared), nw = make_inputs(t, k, d, e, gen, device="cuda")
+    args = (h, pairs, idx, w, shared, e, nw, EPS, QUANTIZED_X_K_BLOCKS)
+    poison_allocator()
+    got = torch.ops.dsv3.moe_residual_norm_quant(*args)
+    ref = MR.moe_residual_norm_quant_reference(*args)
+    assert [(g.shape, g.dtype, g.stride()) for g in got] == [(r.shape, r.dtype, r.stride()) for r in ref]
+    ulp = (ref[0].float().abs() * 2.0 ** -7).clamp_min(1e-30)
+    assert ((got[0].float() - ref[0].float()).abs() <= ulp).all()
+    assert (got[0] == ref[0]).float().mean() > 0.99
+    assert rel_err(deq(got[1], got[2])[:t], deq(ref[1], ref[2])[:t]) < 1e-2
+    mp = -(-t // 4) * 4
+    assert (got[1][t:mp].float() == 0).all() and torch.isfinite(got[2]).all()
+    compiled = torch.compile(torch.ops.dsv3.moe_residual_norm_quant, fullgraph=True, dynamic=True)
+    again = compiled(*args)
+    assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b) for a, b in zip(again, got))
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_linear_quantized_equals_fp8_linear():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4095, 2048, generator=gen).bfloat16().cuda()
+    wq, ws = (t.cuda() for t in quantize_weight(torch.randn(3648, 2048, generator=gen) * 0.05))
+    xq, xs = L.act_quant(x, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=QUANTIZED_X_K_BLOCKS, pad_k=True)
+    y = torch.ops.dsv3.fp8_linear_quantized(xq, xs, wq, ws, torch.bfloat16)
+    assert y.shape == (4096, 3648)
+    assert torch.equal(y[:4095], torch.ops.dsv3.fp8_linear(x, wq, ws))
+    ref = (dequantize_activation(xq[:4095].cpu(), xs[:4095].cpu()) @ dequantize_weight(wq.cpu(), ws.cpu()).t())
+    assert rel_err(y[:4095].cpu(), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_model_with_deferred_adds():
+    """A tiny FP8 model on the GPU with and without deferred adds: prefill logits within rounding of each other,
+    eager and compiled (dynamic T); the same greedy next token."""
+    plain, deferred = _tiny_fp8(False, "cuda"), _tiny_fp8(True, "cuda")
+    tokens = torch.randint(0, plain.cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(7)).cuda()
+    pos = torch.arange(70, device="cuda")
+    with torch.no_grad():
+        want = plain(tokens, pos, last_only=True)
+        got = deferred(tokens, pos, last_only=True)
+        deferred.reset_caches()
+        compiled = torch.compile(deferred, fullgraph=True, dynamic=True)(tokens, pos, last_only=True)
+    assert rel_err(got, want) < 2e-2 and rel_err(compiled, want) < 2e-2
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

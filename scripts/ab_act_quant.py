@@ -1,7 +1,7 @@
 """A/B the activation-quantization kernels of this tree (`act_quant`, `silu_mul_quant`) against another version of
 kernels/fp8_linear.py and kernels/fp8_swiglu.py, side by side in one process on the GPU: outputs compared (e4m3 as
 values, scales bitwise), timed in CUDA graphs, interleaved rounds; then this tree's kernels at other launch shapes
-(rows per program, warps) to check the rule (`act_quant_launch`).
+(rows and 128-blocks per program, warps) to check the rule (`act_quant_launch`).
 
     git show REF:kernels/fp8_linear.py > /tmp/old_fp8_linear.py          # on the development machine
     git show REF:kernels/fp8_swiglu.py > /tmp/old_fp8_swiglu.py
@@ -25,7 +25,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ab_grouped_moe import load_old, timed_old_new  # noqa: E402
 
-LAUNCHES = [(1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8)]  # (rows, warps), blocks per program as the rule's
+# (rows, blocks, warps); blocks None: the rule's (min(8, next_pow2(K blocks))). Blocks that divide the padded K
+# blocks leave no masked programs: the shared experts' 12 blocks (1408 columns padded to 4 blocks) take 4
+LAUNCHES = [(1, None, 4), (2, None, 4), (4, None, 4), (8, None, 4), (4, None, 8), (8, None, 8),
+            (2, 4, 4), (4, 4, 4), (8, 4, 4), (8, 4, 8), (16, 4, 8), (4, 2, 4), (8, 2, 4), (16, 2, 8), (1, 16, 4),
+            (2, 16, 8)]
 
 
 def same(a: tuple, b: tuple) -> bool:
@@ -71,12 +75,12 @@ def main() -> None:
                        rule=list(rule(m, 16, **({} if name.startswith("act") else {"rows": 2}))))
             launches = {}
             try:
-                for rows, warps in LAUNCHES:
-                    def pinned(mm, kb, rows=None, pin=(rows, warps)):  # the kernels' own rows ignored
-                        return pin[0], rule(mm, kb)[1], pin[1]
+                for rows, blocks, warps in LAUNCHES:
+                    def pinned(mm, kb, rows=None, pin=(rows, blocks, warps)):  # the kernels' own rows ignored
+                        return pin[0], pin[1] or rule(mm, kb)[1], pin[2]
                     L.act_quant_launch = SW.act_quant_launch = pinned
                     ok = same(fn(olds), fn(news))
-                    launches[f"{rows}x{warps}w"] = (round(graph_us([lambda: fn(news)] * 3), 1), ok)
+                    launches[f"{rows}r{blocks or 'rule'}b{warps}w"] = (round(graph_us([lambda: fn(news)] * 3), 1), ok)
             finally:
                 L.act_quant_launch = SW.act_quant_launch = rule
             row["launches"] = launches

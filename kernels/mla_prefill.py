@@ -186,14 +186,16 @@ def _mha_prefill_block(
                        MASKED, not EXACT_D)
         vv = load_tile(v_ptr + b * s_v_b + offs_n[:, None] * s_v_s + h * s_v_h + offs_dv[None, :], n_mask, dv_mask,
                        MASKED, not EXACT_D)
-    sc = (tl.dot(q, tl.trans(kn)) + tl.dot(qpe, tl.trans(kp))) * scale_f32       # [BLOCK_M, BLOCK_N]
+    # the rope part's MMA accumulates onto the nope part's (one fp32 tile, no add); the scale goes into the
+    # exponent's FFMA: max(raw) * scale == max(raw * scale) for scale > 0 (rounding is monotone)
+    raw = tl.dot(qpe, tl.trans(kp), tl.dot(q, tl.trans(kn)))       # [BLOCK_M, BLOCK_N] unscaled scores
     if MASKED:
         pos_k = tl.load(pos_ptr + b * s_pos_b + offs_n * s_pos_s, mask=n_mask, other=0)
         visible = (pos_k[None, :] <= pos_q[:, None]) & n_mask[None, :]
-        sc = tl.where(visible, sc, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        raw = tl.where(visible, raw, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(raw, axis=1) * scale_f32)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(sc - m_new[:, None])
+    p = tl.exp2(raw * scale_f32 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
     return acc, m_new, l_i

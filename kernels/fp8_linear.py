@@ -685,7 +685,12 @@ def scaled_mm_usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """cuBLAS blockwise FP8 applies: Hopper, torch with F.scaled_mm, bf16 out. Any N and K: fp8_scaled_mm pads a
     ragged N or K to whole 128-blocks with zeros (torch 2.11's meta function for `_scaled_mm_v2` wants N // 128
     weight-scale rows, so a ragged N cannot be passed as it is; the ceil-shaped scales already cover the padding)."""
-    ok = scaled_mm_hardware(x2)
+    return scaled_mm_runs(x2.device, x2.dtype)
+
+
+def scaled_mm_runs(device: torch.device, out_dtype: torch.dtype) -> bool:
+    """`scaled_mm_usable` from the activation's device and output dtype alone."""
+    ok = scaled_mm_hardware_for(device, out_dtype)
     if ok and _aot_compiling():
         ok = env_choice("DSV3_AOTI_SCALED_MM", "1") == "1"
     return ok
@@ -694,10 +699,11 @@ def scaled_mm_usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
 def scaled_mm_hardware(x2: torch.Tensor) -> bool:
     """`scaled_mm_usable` without its AOTInductor switch (which only an op's body can read: model code traced by
     dynamo cannot tell whether AOTInductor compiles it)."""
-    return (
-        _HAS_SCALED_MM and x2.device.type == "cuda" and capability(x2.device) == (9, 0)
-        and x2.dtype == torch.bfloat16
-    )
+    return scaled_mm_hardware_for(x2.device, x2.dtype)
+
+
+def scaled_mm_hardware_for(device: torch.device, out_dtype: torch.dtype) -> bool:
+    return _HAS_SCALED_MM and device.type == "cuda" and capability(device) == (9, 0) and out_dtype == torch.bfloat16
 
 
 def _aot_compiling() -> bool:
@@ -825,8 +831,8 @@ def fp8_linear_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch
     n, k = weight.shape
     if x_q.device.type == "cpu":
         return fp8_linear_quantized_reference(x_q, x_scale, weight, weight_scale_inv, out_dtype)
-    probe = x_q.new_empty((0, k), dtype=out_dtype)  # scaled_mm_usable reads device and output dtype
-    if scaled_mm_usable(probe, weight):
+    # (no tensor made only to ask: a dead node in the op's traced body breaks Inductor's replacement of it)
+    if scaled_mm_runs(x_q.device, out_dtype):
         y = scaled_mm_quantized(x_q, x_scale, weight, weight_scale_inv, out_dtype)
         return y if static_int(y.shape[1]) == n else y[:, :n].contiguous()  # eager pads a ragged N to whole blocks
     return fp8_gemm(x_q[:, :k], x_scale[:, :cdiv(k, BLOCK)], weight.contiguous(), weight_scale_inv, out_dtype)

@@ -43,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 from dsv3.kernels._launch import cdiv, env_switch, next_pow2, static_int
 from dsv3.kernels.fp8_blocks import BLOCK
 from dsv3.kernels.fp8_linear import quantize_tile_rcp
-from dsv3.kernels.rms_norm import add_rms_norm_quant_cublas_reference, add_rms_norm_tile, cublas_outputs, norm_num_warps
+from dsv3.kernels.rms_norm import add_rms_norm_quant_cublas_reference, add_rms_norm_tile, cublas_layout, norm_num_warps
 from dsv3.kernels.routed_experts import combine_pairs
 
 # DSV3_MOE_RESIDUAL (read at trace time): 'fused' lets the model hand a prefill MoE layer's output to the next block
@@ -113,9 +113,9 @@ def moe_residual_norm_quant_triton(
     assert k is not None, "moe_residual_norm_quant: the pairs per token must be static"
     # (no-op copies for the model's tensors; h, shared and h_out then share the row stride D)
     h2, p2, sh2 = h.reshape(-1, d).contiguous(), pairs.reshape(-1, d).contiguous(), shared.reshape(-1, d).contiguous()
-    weight = weight.contiguous()
+    weight, topk_idx, topk_weight = weight.contiguous(), topk_idx.contiguous(), topk_weight.contiguous()
     h_out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    x_q, _, x_scale = cublas_outputs(h.shape, h.device, pad_k_blocks_to)
+    x_q, x_scale = cublas_layout(h.shape, h.device, pad_k_blocks_to)
     m = h2.shape[0]
     kp = x_q.shape[1]
     wrap_triton(_moe_residual_norm_quant_kernel)[(x_q.shape[0],)](
@@ -155,7 +155,7 @@ def moe_residual_norm_quant(
 @moe_residual_norm_quant.register_fake
 def _moe_residual_norm_quant_fake(h, pairs, topk_idx, topk_weight, shared, n_experts, weight, eps, pad_k_blocks_to):
     _check_args(h, pairs, topk_idx, topk_weight, shared, weight)
-    x_q, _, x_scale = cublas_outputs(h.shape, h.device, pad_k_blocks_to)
+    x_q, x_scale = cublas_layout(h.shape, h.device, pad_k_blocks_to)
     return h.new_empty(h.shape), x_q, x_scale
 
 

@@ -197,13 +197,20 @@ def add_rms_norm_quant_triton(
 def cublas_outputs(shape, device: torch.device, pad_k_blocks_to: int) -> tuple[torch.Tensor, ...]:
     """Empty (y_q [Mp, Kp], y_scale [..., ceil(D/128)], y_scale_cublas [Mp, Kp/128] M-major) of
     `add_rms_norm_quant_cublas` for h of `shape`."""
+    y_q, y_scale_cublas = cublas_layout(shape, device, pad_k_blocks_to)
+    y_scale = torch.empty((*shape[:-1], cdiv(shape[-1], BLOCK)), dtype=torch.float32, device=device)
+    return y_q, y_scale, y_scale_cublas
+
+
+def cublas_layout(shape, device: torch.device, pad_k_blocks_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (x_q [Mp, Kp] e4m3, x_scale [Mp, Kp/128] fp32 M-major): act_quant's cuBLAS layout for an activation of
+    `shape` (rows padded to 4, K blocks to a multiple of pad_k_blocks_to)."""
     m = 1
     for n in shape[:-1]:
         m = m * n
     mp, kb = cdiv(m, 4) * 4, cdiv(shape[-1], BLOCK)
     kbt = cdiv(kb, pad_k_blocks_to) * pad_k_blocks_to
     return (torch.empty((mp, kbt * BLOCK), dtype=FP8_DTYPE, device=device),
-            torch.empty((*shape[:-1], kb), dtype=torch.float32, device=device),
             torch.empty((kbt, mp), dtype=torch.float32, device=device).t())
 
 
@@ -220,7 +227,7 @@ def add_rms_norm_quant_cublas_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain PyTorch: the reference, then quantize_activation of y padded with zero rows and columns."""
     h_out, y, _, y_scale = add_rms_norm_quant_reference(h, delta, weight, eps)
-    y_q, _, y_scale_cublas = cublas_outputs(h.shape, h.device, pad_k_blocks_to)
+    y_q, y_scale_cublas = cublas_layout(h.shape, h.device, pad_k_blocks_to)
     y2 = y.reshape(-1, y.shape[-1])
     q, s = quantize_activation(F.pad(y2, (0, y_q.shape[1] - y2.shape[1], 0, y_q.shape[0] - y2.shape[0])))
     y_q.copy_(q)
@@ -293,4 +300,4 @@ def _add_rms_norm_quant_fake(h, delta, weight, eps):
 
 __all__ = ["add_rms_norm_quant", "add_rms_norm_quant_cublas", "add_rms_norm_quant_cublas_reference",
            "add_rms_norm_quant_cublas_triton", "add_rms_norm_quant_reference", "add_rms_norm_quant_triton",
-           "cublas_outputs", "norm_num_warps"]
+           "cublas_layout", "cublas_outputs", "norm_num_warps"]

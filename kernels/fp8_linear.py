@@ -831,7 +831,6 @@ def fp8_linear_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch
     n, k = weight.shape
     if x_q.device.type == "cpu":
         return fp8_linear_quantized_reference(x_q, x_scale, weight, weight_scale_inv, out_dtype)
-    # (no tensor made only to ask: a dead node in the op's traced body breaks Inductor's replacement of it)
     if scaled_mm_runs(x_q.device, out_dtype):
         y = scaled_mm_quantized(x_q, x_scale, weight, weight_scale_inv, out_dtype)
         return y if static_int(y.shape[1]) == n else y[:, :n].contiguous()  # eager pads a ragged N to whole blocks

@@ -139,8 +139,8 @@ class MLA(nn.Module):
         input projections in cuBLAS's layout (dsv3.moe_residual_norm_quant, Block.defer_moe_add)."""
         bsz, seqlen = input_pos.shape
         if x_quantized is not None:
-            outs = [torch.ops.dsv3.fp8_linear_quantized(*x_quantized, proj.weight, proj.weight_scale_inv,
-                                                        self.latent_cache.dtype)[:bsz * seqlen].view(bsz, seqlen, -1)
+            outs = [torch.ops.dsv3.fp8_linear_quantized(*x_quantized, bsz * seqlen, proj.weight, proj.weight_scale_inv,
+                                                        self.latent_cache.dtype).view(bsz, seqlen, -1)
                     for proj in self.input_projections()]
             q_first, kv_a = (outs[0].split([n for _, n in self.qkv_a_rows.values()], dim=-1) if self.qkv_a_rows
                              else outs)

@@ -811,37 +811,38 @@ def _fp8_linear_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def fp8_linear_quantized_reference(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+def fp8_linear_quantized_reference(x_q: torch.Tensor, x_scale: torch.Tensor, m: int, weight: torch.Tensor,
                                    weight_scale_inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Plain PyTorch: both sides dequantized (x's padding columns dropped), fp32 GEMM: `fp8_linear_reference` on
-    the activation x_q / x_scale were quantized from."""
+    """Plain PyTorch: both sides dequantized (x's padding rows and columns dropped), fp32 GEMM: `fp8_linear_reference`
+    on the activation x_q / x_scale were quantized from."""
     k = weight.shape[1]
-    x = dequantize_activation(x_q[:, :k].contiguous(), x_scale[:, :cdiv(k, BLOCK)])
+    x = dequantize_activation(x_q[:m, :k].contiguous(), x_scale[:m, :cdiv(k, BLOCK)])
     return (x @ dequantize_weight(weight, weight_scale_inv).t()).to(out_dtype)
 
 
 @triton_op("dsv3::fp8_linear_quantized", mutates_args=())
-def fp8_linear_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+def fp8_linear_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, m: int, weight: torch.Tensor,
                          weight_scale_inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """x @ weight.T for an x already quantized in cuBLAS's layout (x_q [Mp, Kp] e4m3, Mp % 4 == 0, Kp whole
-    128-blocks >= K; x_scale [Mp, Kp/128] fp32, any strides: what dsv3.moe_residual_norm_quant returns) -> [Mp, N]
-    in out_dtype; the caller slices its M rows (the padding rows are zeros times the weight). The values
-    `fp8_linear` gives on the x they were quantized from: cuBLAS's block-scaled GEMM on Hopper (bf16 out), else the
-    Triton tiled GEMM; plain torch on CPU."""
+    """x @ weight.T for an x of m rows already quantized in cuBLAS's layout (x_q [Mp, Kp] e4m3, Mp = m rounded up to
+    4, Kp whole 128-blocks >= K; x_scale [Mp, Kp/128] fp32, any strides: what dsv3.moe_residual_norm_quant returns)
+    -> [m, N] in out_dtype, the values `fp8_linear` gives on the x they were quantized from: cuBLAS's block-scaled
+    GEMM on Hopper (bf16 out), else the Triton tiled GEMM; plain torch on CPU. The padding rows are dropped here,
+    inside the op: a slice in the model would make torch.export guard m <= Mp, which its solver cannot prove for a
+    dynamic m."""
     n, k = weight.shape
     if x_q.device.type == "cpu":
-        return fp8_linear_quantized_reference(x_q, x_scale, weight, weight_scale_inv, out_dtype)
+        return fp8_linear_quantized_reference(x_q, x_scale, m, weight, weight_scale_inv, out_dtype)
     if scaled_mm_runs(x_q.device, out_dtype):
-        y = scaled_mm_quantized(x_q, x_scale, weight, weight_scale_inv, out_dtype)
-        return y if static_int(y.shape[1]) == n else y[:, :n].contiguous()  # eager pads a ragged N to whole blocks
-    return fp8_gemm(x_q[:, :k], x_scale[:, :cdiv(k, BLOCK)], weight.contiguous(), weight_scale_inv, out_dtype)
+        # (no-op views when m % 4 == 0 and N % 128 == 0; eager pads a ragged N to whole blocks)
+        return scaled_mm_quantized(x_q, x_scale, weight, weight_scale_inv, out_dtype)[:m, :n]
+    return fp8_gemm(x_q[:m, :k], x_scale[:m, :cdiv(k, BLOCK)], weight.contiguous(), weight_scale_inv, out_dtype)
 
 
 @fp8_linear_quantized.register_fake
-def _fp8_linear_quantized_fake(x_q, x_scale, weight, weight_scale_inv, out_dtype):
+def _fp8_linear_quantized_fake(x_q, x_scale, m, weight, weight_scale_inv, out_dtype):
     torch._check(x_q.shape[1] >= weight.shape[1] and x_q.shape[1] % BLOCK == 0,
                  lambda: f"fp8_linear_quantized: x_q {tuple(x_q.shape)} does not cover weight {tuple(weight.shape)}")
-    return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=out_dtype)
+    return x_q.new_empty((m, weight.shape[0]), dtype=out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -308,7 +308,9 @@ def rank_layout(model: Transformer) -> dict:
             "fused_gate_up_proj": sum(bool(mlp.gate_up_rows) for mlp in model.mlps()),
             # copies of weights (a packed copy's block scales count with it)
             "prefill_copies": sum(name.rsplit(".", 1)[-1] in PREFILL_COPIES and not name.endswith("_scale_inv")
-                                  for name, _ in model.named_buffers())}
+                                  for name, _ in model.named_buffers()),
+            # MoE layers whose prefill output the next block adds (Transformer.defer_moe_adds_; graph structure)
+            "deferred_moe_adds": sum(layer.defer_moe_add for layer in model.layers)}
 
 
 def _fuse(model: Transformer, plan: ParallelPlan) -> Transformer:

@@ -111,8 +111,8 @@ def test_linear_quantized_triton_gemm(fixed_interpreter):
     x = torch.randn(6, 256, generator=gen).bfloat16()
     wq, ws = quantize_weight(torch.randn(200, 256, generator=gen) * 0.1)
     xq, xs = L.act_quant(x, pad_rows_to=4, scales_m_major=True, pad_k_blocks_to=4, pad_k=True)
-    got = L.fp8_gemm(xq[:, :256], xs[:, :2], wq, ws, torch.bfloat16)
-    want = L.fp8_linear_quantized_reference(xq, xs, wq, ws, torch.bfloat16)
-    assert got.shape == want.shape == (8, 200)
-    assert rel_err(got[:6], want[:6]) < 1e-2
-    assert torch.equal(want[:6], L.fp8_linear_reference(x, wq, ws))
+    got = L.fp8_gemm(xq[:6, :256], xs[:6, :2], wq, ws, torch.bfloat16)  # the op's call on the GPU without cuBLAS
+    want = L.fp8_linear_quantized_reference(xq, xs, 6, wq, ws, torch.bfloat16)
+    assert got.shape == want.shape == (6, 200)
+    assert rel_err(got, want) < 1e-2
+    assert torch.equal(want, L.fp8_linear_reference(x, wq, ws))

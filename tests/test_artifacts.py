@@ -91,7 +91,8 @@ def test_compile_writes_complete_artifacts(art):
     assert m["kernel_overrides"] == {k: v for k, v in os.environ.items() if k.startswith("DSV3_")}
     # the dense layer's gate and up as one linear (its 512 rows end on a block); the shared expert is in the slots
     assert m["rank_layout"] == {"shared_expert_slots": 1, "fused_qkv_a_proj": True, "fused_gate_up_proj": 1,
-                                "prefill_copies": 0}  # bf16: nothing to dequantize or lay side by side
+                                "prefill_copies": 0,  # bf16: nothing to dequantize or lay side by side
+                                "deferred_moe_adds": 0}  # (FP8 only: the next block's projections take x quantized)
     assert ("layout      shared experts as 1 extra expert slot(s); q and kv_a projections fused; gate and up fused "
             "in 1 MLP(s)") in res.output
     assert "layers.0.mlp.gate_up_proj.weight" in m["rank_weights"]["tensors"]
@@ -105,7 +106,8 @@ def test_manifest_records_kernel_overrides(art_ws2):
     # world size 2: the shared MLP is tensor-parallel, not stacked; the input projections are still fused, and
     # gate and up in the dense layer and the MoE layer's shared MLP
     assert read_manifest(art_ws2)["rank_layout"] == {"shared_expert_slots": 0, "fused_qkv_a_proj": True,
-                                                     "fused_gate_up_proj": 2, "prefill_copies": 0}
+                                                     "fused_gate_up_proj": 2, "prefill_copies": 0,
+                                                     "deferred_moe_adds": 0}
 
 
 def _assert_greedy_equals_eager_and_alone(stepper, eager, prompts, max_new_tokens: int) -> None:

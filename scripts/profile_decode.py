@@ -34,6 +34,9 @@ def main() -> None:
     if len(sys.argv) < 4 or any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
         raise SystemExit(0 if len(sys.argv) > 1 else 2)
+    from dsv3.runtime.gemm_env import prefer_static_gemm_schedules
+
+    prefer_static_gemm_schedules()  # as `dsv3c` runs: before the first cuBLASLt GEMM (no per-GEMM memsets)
     artifacts, out = Path(sys.argv[1]), Path(sys.argv[3])
     checkpoint = None if sys.argv[2] == "random" else Path(sys.argv[2])
     context = int(sys.argv[4]) if len(sys.argv) > 4 else 128

@@ -294,7 +294,8 @@ def test_weight_std_formula_on_full_size_shapes(config, names):
 
 def _layer_rms(model, tokens: torch.Tensor) -> tuple[list[float], torch.Tensor]:
     rms: list[float] = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: rms.append(o.float().pow(2).mean().sqrt().item()))
+    # a block returns (h, its MoE output when left unadded): h, the residual stream
+    hooks = [layer.register_forward_hook(lambda m, i, o: rms.append(o[0].float().pow(2).mean().sqrt().item()))
              for layer in model.layers]
     try:
         out = model(tokens, torch.arange(tokens.shape[1]))

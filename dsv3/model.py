@@ -611,7 +611,7 @@ class Block(nn.Module):
                 moe_out: MoEOutput | None = None) -> tuple[torch.Tensor, MoEOutput | None]:
         """Returns (h, None), or (h, MoEOutput) when this block leaves its MoE output unadded (defer_moe_add).
         moe_out: the previous block's unadded MoE output: added to h by this block's input norm op, which also
-        quantizes the normed x for the attention's fused FP8 input projection."""
+        quantizes the normed x for the attention's FP8 input projections."""
         if moe_out is None:
             attn = self.self_attn(self.input_layernorm(h), input_pos, cos, sin, cache_rows, first_chunk)
         else:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3.kernels.fp8_blocks import (
     FP8_DTYPE,
@@ -99,6 +100,18 @@ def fp8_ref64(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor
     the kernels divide exactly."""
     xq, xs = (t.to(x.device) for t in quantize_activation(x.cpu()))
     return dequantize_activation(xq, xs).double() @ dequantize_weight(w, s).double().t()
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op dispatched inside it (`names`): which ops a model call ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def poison_allocator() -> None:

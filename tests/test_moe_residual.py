@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3.config import FP8Quantization, resolve_config
 from dsv3.kernels import fp8_linear as L
@@ -29,7 +28,8 @@ from dsv3.kernels.fp8_blocks import dequantize_activation, dequantize_weight, qu
 from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS
 from dsv3.kernels.routed_experts import DECODE_MAX_T
 from dsv3.model import Transformer
-from kernel_checks import check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+from kernel_checks import (OpLog, check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err,
+                           run_interpreted)
 
 EPS = 1e-6
 
@@ -52,16 +52,6 @@ def make_inputs(t: int, k: int, d: int, n_experts: int, gen: torch.Generator, de
 
 def deq(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return q.double().view(q.shape[0], -1, 128) * s.double()[:, :, None]
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

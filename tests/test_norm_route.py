@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3.config import FP8Quantization, resolve_config
 from dsv3.kernels import norm_route as NR
 from dsv3.kernels import router as R
 from dsv3.model import MoE, Transformer
-from kernel_checks import check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+from kernel_checks import (OpLog, check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err,
+                           run_interpreted)
 from test_router import REAL_CONFIGS, assert_routing
 
 EPS = 1e-6
@@ -69,16 +69,6 @@ def test_reference_is_norm_then_route():
         assert torch.equal(_bits(a), _bits(b))
     idx, wt = torch.ops.dsv3.route(norm[1], args[4], args[5], *kw.values())
     assert torch.equal(out[4], idx) and torch.equal(out[5], wt)
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _unfused_logits(model, tokens, pos):

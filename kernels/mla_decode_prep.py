@@ -16,8 +16,8 @@ Contract
   overwritten for every token; rows b < B), input_pos: [B, S] int64 (< T), kv_b_weight / kv_b_scale: kv_b_proj
   (FP8 with block scales, or dense with scale None), eps: the RMSNorm epsilon, nope_dim = Dn, v_dim = Dv.
 - latent_cache[b, input_pos[b, s]] = cat(RMSNorm(c_kv) * weight, rope(k_pe)) in the cache dtype, with the model's
-  rounding (dsv3.model.RMSNorm: normalise in fp32, round to the activation dtype, times the weight; dsv3.rope.apply_rope:
-  fp32 rotation of interleaved pairs, de-interleaved output, rounded).
+  rounding (dsv3.model.RMSNorm: normalise in fp32, round to the activation dtype, times the weight;
+  dsv3.rope.apply_rope: fp32 rotation of interleaved pairs, de-interleaved output, rounded).
 - Returns (q_latent [B, S, H, C] = q_nope @ W_UK per head as `dsv3.mla_absorb(..., output=False)`,
            q_pe [B, S, H, R] = rope(q[..., Dn:])), contiguous, in q.dtype.
 
@@ -39,8 +39,14 @@ keys instead of absorbing the queries): the latent rows into the cache (row cach
 cache_rows is None) and returned ([B, S, C + R] in q.dtype: the naive attention's input), and q_pe roped. CPU, other
 dtypes or DSV3_PREFILL_PREP=torch: `mla_prefill_prep_reference` (the composition the prefill graph had before:
 Inductor made it four kernels, ~40 us per 16B layer at 4095 tokens, the q rope alone ~26). CUDA:
-`_mla_prefill_prep_kernel`, programs of (token, 16 query heads) running the decode kernel's per-token code
-(`prep_latent_row`, `rope_query_heads`).
+`_mla_prefill_prep_kernel`, programs of (BLOCK_T tokens, a block of query heads), the first head block's also
+writing the latent rows. It replaced programs of one token, running the decode kernel's per-token code
+(`prep_latent_row`, `rope_query_heads`) in one warp, whose outputs it reproduces bit for bit (see the kernel):
+~16.6 us at 16B's 4095 tokens for ~31 MB moved (~1.9 TB/s), the rope pairs read by two stride-2 gathers (half of
+each sector per load instruction) and ~7 KB per program. Here the rope parts are contiguous tiles split into the
+pairs' halves in registers, the kv RMSNorm covers BLOCK_T rows at once, and each program moves BLOCK_T times more
+(`prefill_prep_launch` picks the launch). H200, 4095 tokens, bitwise equal to the one-token kernel at every launch
+swept (scripts/ab_prep.py, 2026-11-26): 16 heads 17.17 -> 8.37 us, 128 heads 89.38 -> 43.71 us.
 """
 
 from __future__ import annotations
@@ -61,7 +67,14 @@ DECODE_PREP_DEFAULT = "fused"
 # `mla_prefill_prep`: DSV3_PREFILL_PREP=fused|torch pins a path (read at trace time); torch is the composition the
 # prefill graph had before the op (Inductor's q rope, kv norm, latent cat and cache-write kernels).
 PREFILL_PREP_DEFAULT = "fused"
-PREFILL_PREP_HEADS = 16  # query heads per `_mla_prefill_prep_kernel` program
+# `prefill_prep_launch`'s defaults: ~13 KB read and ~17 KB written per program of 4 tokens x 16 heads (1024 programs
+# at 4095 tokens, ~8 per SM), where the one-token programs moved ~7 KB. Measured (scripts/ab_prep.py, H200,
+# 2026-11-26, 4095 tokens, BLOCK_T 2-16 x 1-8 warps x head blocks 16 / 32): within 0.2% of the sweep's best at 16
+# heads (8.37 vs 8.32 us) and at 128 heads (43.71 vs 43.64); BLOCK_T 16 or 1 warp per program 3-9% slower.
+PREFILL_PREP_HEADS = 16  # query heads per program (a head block)
+PREFILL_PREP_BLOCK_T = 4  # tokens per program
+PREFILL_PREP_WARPS = 4
+PREFILL_PREP_MAX_TILE = 64  # BLOCK_T * head block at most: a [BLOCK_T, heads, 64] query tile and its fp32 halves
 
 
 def mla_prefill_prep_reference(
@@ -290,39 +303,221 @@ def _mla_decode_prep_fake(q, kv_a, kv_norm_weight, cos, sin, latent_cache, input
 @triton.jit
 def _mla_prefill_prep_kernel(
     q_ptr, kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, rows_ptr, qpe_ptr, lat_ptr,
-    S, H, C, DN, R_HALF, T, eps,
+    M, S, H, C, DN, R_HALF, T, eps,
     stride_qm, stride_qh, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps,
     stride_em, stride_eh, stride_am,
-    HAS_ROWS: tl.constexpr, C_PAD: tl.constexpr, RH_PAD: tl.constexpr, H_PAD: tl.constexpr,
+    HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, H_PAD: tl.constexpr, RH_PAD: tl.constexpr,
+    RED_N: tl.constexpr, RED_L: tl.constexpr, RED_V: tl.constexpr, LOG2_RED_L: tl.constexpr, FUSED_ROPE: tl.constexpr,
 ):
-    """Grid (tokens, head blocks): program (m, j) ropes token m's query heads [j * H_PAD, (j + 1) * H_PAD), and the
-    first of each token's programs also writes its latent row (cache row cache_rows[b] (HAS_ROWS) or b, and lat[m]).
-    Head blocks rather than all heads per program: at 64 or 128 heads one program per token measured 1.5-1.8x
-    slower than the composition (the rope of all heads serialized in one program)."""
-    m = tl.program_id(0)
-    j = tl.program_id(1)
+    """Grid (token blocks, head blocks): program (i, j) ropes the query heads [j * H_PAD, (j + 1) * H_PAD) of tokens
+    m = i * BLOCK_T + [0, BLOCK_T) (m = b * S + s, those < M; a block may straddle two sequences), and the programs
+    of head block 0 also write those tokens' latent rows (cache row cache_rows[b] (HAS_ROWS) or b, and lat[m]).
+
+    Bitwise what the one-token kernel it replaced (`prep_latent_row` + `rope_query_heads` per program) computed on
+    the GPU, which takes more than the same source operations. The kv sum of squares: in that kernel's reduction
+    order, spelled out (`_row_sum_sq`). The rope: with Triton's default fp fusion LLVM contracts a product of
+    x1 * cos - x2 * sin and of x2 * cos + x1 * sin into an FMA. In a difference it fuses the first product, here as
+    there; in a sum it picks by its operands' ranks, which follow the order of the loads, and the loads differ here:
+    Triton 3.6's sm_90 PTX of that kernel fuses x2 * cos into the query sum and x1 * sin into the key sum, and
+    FUSED_ROPE spells those out with `tl.fma`. Without FUSED_ROPE (the interpreter, which contracts nothing) the
+    plain products, as the torch reference computes them."""
+    m0 = tl.program_id(0) * BLOCK_T
+    h0 = tl.program_id(1) * H_PAD
+    # the query rope first and done (stores are not waited for): the latent rows' loads then follow without keeping
+    # the query tile's registers live through them (Triton issues loads and stores in program order)
+    q = _prefill_query_tile(q_ptr, m0, M, h0, H, DN, R_HALF, stride_qm, stride_qh, BLOCK_T, H_PAD, RH_PAD)
+    _prefill_query_rope(q, cos_ptr, sin_ptr, qpe_ptr, m0, M, S, h0, H, R_HALF, stride_csb, stride_css, stride_em,
+                        stride_eh, BLOCK_T, H_PAD, RH_PAD, FUSED_ROPE)
+    if tl.program_id(1) == 0:
+        _prefill_latent_rows(kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, rows_ptr, lat_ptr, m0, M, S, C,
+                             R_HALF, T, eps, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb,
+                             stride_ps, stride_am, HAS_ROWS, BLOCK_T, RH_PAD, FUSED_ROPE, RED_N, RED_L, RED_V,
+                             LOG2_RED_L)
+
+
+@triton.jit
+def _prefill_cache_rows(m, M, S, T, pos_ptr, rows_ptr, stride_cb, stride_ct, stride_pb, stride_ps,
+                        HAS_ROWS: tl.constexpr):
+    """For tokens m (a vector): whether each is < M, its (b, s), the offset of its cache row (row cache_rows[b] or b
+    at position input_pos[b, s]) and whether that row is written (0 <= pos < T, as `prep_latent_row`)."""
+    t_ok = m < M
+    b = m // S
+    s = m - b * S
+    b = b.to(tl.int64)  # b * stride_cb: a cache of 2^31 elements per layer is not reachable today, but cheap
+    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=t_ok, other=-1)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + b, mask=t_ok, other=0)
+    else:
+        row = b
+    return t_ok, b, s, row * stride_cb + pos * stride_ct, t_ok & (pos >= 0) & (pos < T)
+
+
+@triton.jit
+def _prefill_latent_rows(
+    kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, rows_ptr, lat_ptr, m0, M, S, C, R_HALF, T, eps,
+    stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps, stride_am,
+    HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, RH_PAD: tl.constexpr, FUSED_ROPE: tl.constexpr,
+    RED_N: tl.constexpr, RED_L: tl.constexpr, RED_V: tl.constexpr, LOG2_RED_L: tl.constexpr,
+):
+    """`prep_latent_row` for tokens [m0, m0 + BLOCK_T) at once, with the same operations and rounding points; all
+    loads before the first store."""
+    dt = kv_ptr.dtype.element_ty
+    ce = cache_ptr.dtype.element_ty
+    # The C_PAD channels as RED_N pieces of RED_L * RED_V (256 at C = 512: 16-byte vectors over the 32 lanes of a
+    # warp), piece n of token t in tile row n * BLOCK_T + t. Rows exactly one warp wide put the warps on tokens (a
+    # [BLOCK_T, C_PAD] tile would split each token's channels over two warps), so a lane holds all RED_N pieces of
+    # its tokens in registers, as in `prep_latent_row`'s one warp.
+    i = tl.arange(0, RED_N * BLOCK_T)
+    mi = m0 + i % BLOCK_T
+    ti_ok, _, _, row_off_i, w_ok_i = _prefill_cache_rows(mi, M, S, T, pos_ptr, rows_ptr, stride_cb, stride_ct,
+                                                         stride_pb, stride_ps, HAS_ROWS)
+    offs_c = (i // BLOCK_T)[:, None] * (RED_L * RED_V) + tl.arange(0, RED_L * RED_V)[None, :]
+    x_ok = ti_ok[:, None] & (offs_c < C)
+    x = tl.load(kv_ptr + mi[:, None] * stride_kvm + offs_c, mask=x_ok, other=0.0)
+    w = tl.load(nw_ptr + offs_c, mask=offs_c < C, other=0.0)
+    # k_pe: one contiguous load of the interleaved pairs, split in registers (not two stride-2 gathers)
+    m = m0 + tl.arange(0, BLOCK_T)
+    t_ok, b, s, row_off, w_ok = _prefill_cache_rows(m, M, S, T, pos_ptr, rows_ptr, stride_cb, stride_ct, stride_pb,
+                                                    stride_ps, HAS_ROWS)
+    offs_r = tl.arange(0, 2 * RH_PAD)
+    k = tl.load(kv_ptr + m[:, None] * stride_kvm + C + offs_r[None, :],
+                mask=t_ok[:, None] & (offs_r < 2 * R_HALF)[None, :], other=0.0)
+    offs_j = tl.arange(0, RH_PAD)
+    tj_ok = t_ok[:, None] & (offs_j < R_HALF)[None, :]
+    cs_off = (b * stride_csb + s * stride_css)[:, None] + offs_j[None, :]
+    cs = tl.load(cos_ptr + cs_off, mask=tj_ok, other=0.0)
+    sn = tl.load(sin_ptr + cs_off, mask=tj_ok, other=0.0)
+
+    x = x.to(tl.float32)
+    inv = rms_scale(_row_sum_sq(x * x, BLOCK_T, RED_N, RED_L, RED_V, LOG2_RED_L), C, eps)
+    inv = tl.reshape(tl.broadcast_to(inv[None, :], [RED_N, BLOCK_T]), [RED_N * BLOCK_T])  # per tile row
+    normed = (x * inv[:, None]).to(dt).to(tl.float32)
+    c_kv = (w.to(tl.float32) * normed).to(dt)
+    tl.store(cache_ptr + row_off_i[:, None] + offs_c, c_kv.to(ce), mask=x_ok & w_ok_i[:, None])
+    tl.store(lat_ptr + mi[:, None] * stride_am + offs_c, c_kv, mask=x_ok)
+
+    k1, k2 = tl.split(tl.reshape(k, [BLOCK_T, RH_PAD, 2]))
+    k1 = k1.to(tl.float32)
+    k2 = k2.to(tl.float32)
+    k_lo = (k1 * cs - k2 * sn).to(dt)
+    if FUSED_ROPE:
+        k_hi = tl.fma(k1, sn, k2 * cs).to(dt)
+    else:
+        k_hi = (k2 * cs + k1 * sn).to(dt)
+    j_store = tj_ok & w_ok[:, None]
+    k_row = cache_ptr + row_off[:, None] + C + offs_j[None, :]
+    tl.store(k_row, k_lo.to(ce), mask=j_store)
+    tl.store(k_row + R_HALF, k_hi.to(ce), mask=j_store)
+    k_lat = lat_ptr + m[:, None] * stride_am + C + offs_j[None, :]
+    tl.store(k_lat, k_lo, mask=tj_ok)
+    tl.store(k_lat + R_HALF, k_hi, mask=tj_ok)
+
+
+@triton.jit
+def _row_sum_sq(sq, BLOCK_T: tl.constexpr, RED_N: tl.constexpr, RED_L: tl.constexpr, RED_V: tl.constexpr,
+                LOG2_RED_L: tl.constexpr):
+    """Per token, the sum of its squares sq [RED_N * BLOCK_T, RED_L * RED_V] (`_prefill_latent_rows`' tile) in the
+    order `prep_latent_row`'s `tl.sum` has in a one-warp program (Triton 3.6 on sm_90, C = 512, 16-byte aligned
+    rows: lane l folds its registers, channels n * RED_L * RED_V + l * RED_V + v for n, then v, left to right; then a
+    butterfly over the lanes, halves first), spelled out so that it cannot depend on this kernel's layout (warps,
+    tokens per program) or compiler version: every step is a two-operand add, or the pick of one element (the
+    others -0.0, which adds exactly). Squares of 16-bit floats are exact in fp32: FMAs fused from them change
+    nothing."""
+    E: tl.constexpr = RED_N * RED_V
+    per_lane = tl.reshape(tl.permute(tl.reshape(sq, [RED_N, BLOCK_T, RED_L, RED_V]), (1, 2, 0, 3)),
+                          [BLOCK_T, RED_L, E])
+    e_idx = tl.arange(0, E)[None, None, :]
+    acc = tl.sum(tl.where(e_idx == 0, per_lane, -0.0), axis=2)
+    for e in tl.static_range(1, E):
+        acc += tl.sum(tl.where(e_idx == e, per_lane, -0.0), axis=2)
+    for k in tl.static_range(LOG2_RED_L):  # lane l + half onto lane l
+        acc = tl.sum(tl.reshape(acc, [BLOCK_T, 2, RED_L >> (k + 1)]), axis=1)
+    return tl.reshape(acc, [BLOCK_T])
+
+
+@triton.jit
+def _prefill_query_tile(q_ptr, m0, M, h0, H, DN, R_HALF, stride_qm, stride_qh,
+                        BLOCK_T: tl.constexpr, H_PAD: tl.constexpr, RH_PAD: tl.constexpr):
+    """The rope parts of query heads [h0, h0 + H_PAD) of tokens [m0, m0 + BLOCK_T) as one contiguous
+    [BLOCK_T, H_PAD, R] tile (R = 64: 128 bytes per head), where `rope_query_heads`' two stride-2 gathers used half of
+    each sector per load instruction."""
+    m = m0 + tl.arange(0, BLOCK_T)
+    offs_h = h0 + tl.arange(0, H_PAD)
+    offs_r = tl.arange(0, 2 * RH_PAD)
+    ok = (m < M)[:, None, None] & (offs_h < H)[None, :, None] & (offs_r < 2 * R_HALF)[None, None, :]
+    return tl.load(q_ptr + m[:, None, None] * stride_qm + offs_h[None, :, None] * stride_qh + DN
+                   + offs_r[None, None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _prefill_query_rope(
+    q, cos_ptr, sin_ptr, qpe_ptr, m0, M, S, h0, H, R_HALF, stride_csb, stride_css, stride_em, stride_eh,
+    BLOCK_T: tl.constexpr, H_PAD: tl.constexpr, RH_PAD: tl.constexpr, FUSED_ROPE: tl.constexpr,
+):
+    """`rope_query_heads` for the tile of `_prefill_query_tile`: its pairs split in registers, the same fp32
+    operations in the same order."""
+    dt = q.dtype
+    m = m0 + tl.arange(0, BLOCK_T)
     b = m // S
     s = m - b * S
     b = b.to(tl.int64)
-    if j == 0:
-        if HAS_ROWS:
-            row = tl.load(rows_ptr + b)
-        else:
-            row = b
-        prep_latent_row(kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, lat_ptr, m, b, s, row, C, R_HALF, T,
-                        eps, stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps,
-                        stride_am, True, C_PAD, RH_PAD)
-    rope_query_heads(q_ptr, cos_ptr, sin_ptr, qpe_ptr, m, b, s, j * H_PAD, H, DN, R_HALF, stride_qm, stride_qh,
-                     stride_csb, stride_css, stride_em, stride_eh, RH_PAD, H_PAD)
+    t_ok = m < M
+    offs_h = h0 + tl.arange(0, H_PAD)
+    offs_j = tl.arange(0, RH_PAD)
+    tj_ok = t_ok[:, None] & (offs_j < R_HALF)[None, :]
+    cs_off = (b * stride_csb + s * stride_css)[:, None] + offs_j[None, :]
+    cs = tl.load(cos_ptr + cs_off, mask=tj_ok, other=0.0)[:, None, :]
+    sn = tl.load(sin_ptr + cs_off, mask=tj_ok, other=0.0)[:, None, :]
+    q1, q2 = tl.split(tl.reshape(q, [BLOCK_T, H_PAD, RH_PAD, 2]))
+    q1 = q1.to(tl.float32)
+    q2 = q2.to(tl.float32)
+    e_ok = t_ok[:, None, None] & (offs_h < H)[None, :, None] & (offs_j < R_HALF)[None, None, :]
+    # the halves as split leaves them, half the load's vector per thread: stores of that width need no exchange
+    offs_e = tl.max_contiguous(offs_j, 4)
+    e_ptr = qpe_ptr + m[:, None, None] * stride_em + offs_h[None, :, None] * stride_eh + offs_e[None, None, :]
+    tl.store(e_ptr, (q1 * cs - q2 * sn).to(dt), mask=e_ok)
+    if FUSED_ROPE:
+        hi = tl.fma(q2, cs, q1 * sn)
+    else:
+        hi = q2 * cs + q1 * sn
+    tl.store(e_ptr + R_HALF, hi.to(dt), mask=e_ok)
+
+
+def _fp_fusion(t: torch.Tensor) -> bool:
+    """Whether Triton contracts a kernel's multiply-adds on t's device (its default, TRITON_DEFAULT_FP_FUSION)."""
+    if t.device.type != "cuda":
+        return False
+    language = getattr(getattr(triton, "knobs", None), "language", None)
+    return bool(getattr(language, "default_fp_fusion", True)) and not getattr(language, "force_disable_fp_fusion",
+                                                                              False)
+
+
+def prefill_prep_launch(m, heads: int, block_t: Optional[int] = None, head_block: Optional[int] = None,
+                        num_warps: Optional[int] = None) -> tuple[int, int, int]:
+    """(BLOCK_T, H_PAD, num_warps) of `_mla_prefill_prep_kernel` for m = B * S tokens (an int, or a SymInt when the
+    token count is dynamic: then never read, so no guard) and `heads` query heads; values given are kept. Heads in
+    blocks of PREFILL_PREP_HEADS (one block at 16 heads, 8 at 128: the rope of all 128 in one program serialized,
+    1.5-1.8x slower than the composition when the kernel had one token per program); PREFILL_PREP_BLOCK_T tokens,
+    fewer where the query tile would pass PREFILL_PREP_MAX_TILE (token, head) pairs or a known token count is
+    smaller; PREFILL_PREP_WARPS, at most one per token (more would put a warp on a token's second channel piece in
+    `_prefill_latent_rows`, where the sum of squares then crosses warps)."""
+    h_pad = head_block or min(PREFILL_PREP_HEADS, max(2, next_pow2(heads)))
+    bt = block_t or max(1, min(PREFILL_PREP_BLOCK_T, PREFILL_PREP_MAX_TILE // h_pad))
+    static_m = static_int(m)
+    if block_t is None and static_m is not None:
+        bt = min(bt, next_pow2(max(1, static_m)))
+    return bt, h_pad, num_warps or min(PREFILL_PREP_WARPS, bt)
 
 
 def mla_prefill_prep_triton(
     q: torch.Tensor, kv_a: torch.Tensor, kv_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     latent_cache: torch.Tensor, input_pos: torch.Tensor, cache_rows: Optional[torch.Tensor], eps: float,
-    nope_dim: int, num_warps: int = 1,
+    nope_dim: int, num_warps: Optional[int] = None, block_t: Optional[int] = None, head_block: Optional[int] = None,
+    fused_rope: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Programs of 16 query heads, 1 warp each (scripts/ab_prep.py on the H200, 2026-11-24, 16B shapes, 4095 tokens:
-    1 / 2 / 4 / 8 warps 16.57 / 17.29 / 18.18 / 21.44 us against 24.12 for the Inductor-compiled composition)."""
+    """`_mla_prefill_prep_kernel` with `prefill_prep_launch`'s (BLOCK_T, head block, warps), or the ones given
+    (scripts/ab_prep.py sweeps them). fused_rope: the kernel's FUSED_ROPE; by default where Triton compiles with fp
+    fusion (CUDA, unless TRITON_DEFAULT_FP_FUSION=0), not in the interpreter (tests set it to check that path)."""
     bsz, seqlen, heads, qdim = q.shape
     rope = qdim - nope_dim
     kv_rank = kv_norm_weight.shape[0]
@@ -332,15 +527,20 @@ def mla_prefill_prep_triton(
     latent = torch.empty((bsz, seqlen, kv_a.shape[-1]), dtype=q.dtype, device=q.device)
     pe3, lat2 = q_pe.view(m, heads, rope), latent.view(m, kv_a.shape[-1])
     rows = cache_rows if cache_rows is not None else input_pos  # unread without HAS_ROWS
-    h_pad = min(PREFILL_PREP_HEADS, max(2, next_pow2(heads)))
-    wrap_triton(_mla_prefill_prep_kernel)[(m, cdiv(heads, h_pad))](
+    block_t, h_pad, num_warps = prefill_prep_launch(m, heads, block_t, head_block, num_warps)
+    # `_row_sum_sq`'s split of the C_PAD channels: 16-byte vectors over up to 32 lanes, the rest in registers
+    c_pad = next_pow2(kv_rank)
+    red_v = min(16 // kv_a.element_size(), c_pad)
+    red_l = min(32, c_pad // red_v)
+    wrap_triton(_mla_prefill_prep_kernel)[(cdiv(m, block_t), cdiv(heads, h_pad))](
         q3, kv2, kv_norm_weight, cos, sin, latent_cache, input_pos, rows, pe3, lat2,
-        seqlen, heads, kv_rank, nope_dim, rope // 2, latent_cache.shape[1], float(eps),
+        m, seqlen, heads, kv_rank, nope_dim, rope // 2, latent_cache.shape[1], float(eps),
         q3.stride(0), q3.stride(1), kv2.stride(0), cos.stride(0), cos.stride(1),
         latent_cache.stride(0), latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1),
         pe3.stride(0), pe3.stride(1), lat2.stride(0),
-        HAS_ROWS=cache_rows is not None, C_PAD=next_pow2(kv_rank), RH_PAD=max(2, next_pow2(rope // 2)),
-        H_PAD=h_pad, num_warps=num_warps,
+        HAS_ROWS=cache_rows is not None, BLOCK_T=block_t, H_PAD=h_pad, RH_PAD=max(2, next_pow2(rope // 2)),
+        RED_N=c_pad // (red_v * red_l), RED_L=red_l, RED_V=red_v, LOG2_RED_L=red_l.bit_length() - 1,
+        FUSED_ROPE=_fp_fusion(q) if fused_rope is None else fused_rope, num_warps=num_warps,
     )
     return q_pe, latent
 

@@ -1,29 +1,51 @@
-"""MLA prep ops side by side on the GPU: `dsv3.mla_decode_prep` of this tree against another version of
-kernels/mla_decode_prep.py, and `dsv3.mla_prefill_prep`'s kernel against the composition it replaced.
+"""MLA prep ops side by side on the GPU: this tree's `dsv3.mla_decode_prep` and `dsv3.mla_prefill_prep` kernels
+against another version of kernels/mla_decode_prep.py, outputs compared bit for bit.
 
-    git show REF:kernels/mla_decode_prep.py > ab_old/mla_decode_prep.py    # on the development machine
-    python3 scripts/ab_prep.py --old ab_old/mla_decode_prep.py [--rounds 5] [--json out.json]
+    git show 1dbe012:kernels/mla_decode_prep.py > ab_old/mla_decode_prep.py    # on the development machine
+    python3 scripts/ab_prep.py --old ab_old/mla_decode_prep.py --prefill-heads 16,128 --json $OUT/ab_prep.json
 
-16B shapes (16 heads, Dn 128, R 64, Dv 128, C 512, FP8 kv_b_proj, a 4096-row cache; --prefill-heads for the prefill
-cases, e.g. 16,64,128: one rank of 671B at tensor parallel 8, 2, 1). Decode: batch 1 and 8, one
-token each, old vs new module (outputs and cache compared bitwise). Prefill: one 4095-token chunk into cache row 1:
-the reference composition compiled by Inductor (what the prefill graph ran before the op: q rope, kv norm, latent
-cat, cache write) against the op's kernel at 1, 2, 4 and 8 warps (outputs within one bf16 ulp of the composition's).
+(1dbe012: the last commit with the one-token prefill kernel, programs of (token, 16 query heads) and one warp.)
+16B shapes (16 heads, Dn 128, R 64, Dv 128, C 512, FP8 kv_b_proj, a 4096-row cache; q and kv_a column slices of
+one projection output, as the model's fused qkv_a projection gives them). Decode: batch 1 and 8, one token each,
+old vs new module. Prefill, per --prefill-heads count (16: 16B, and 671B's rank at tensor parallel 8; 128: 671B on
+one GPU): one 4095-token chunk into cache row 1: the old module's kernel at its default launch, the new kernel at
+its default launch (`prefill_prep_launch`) and at every candidate (BLOCK_T 2-16, head block, warps 1-8) of
+`candidates`, each checked bit for bit against the old one (q_pe, the latent returned, the whole cache);
+--composition adds the reference composition compiled by Inductor (what the prefill graph ran before the op).
 Timing: `dsv3.kernels.bench.graph_us` (3 calls per CUDA graph), interleaved rounds, medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
+import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ab_grouped_moe import load_old, timed_old_new  # noqa: E402
+from ab_grouped_moe import timed_old_new  # noqa: E402
+
+
+def load_old_module(path: str):
+    """All kernels and launchers of an old copy of kernels/mla_decode_prep.py, its op registrations dropped
+    (`@triton_op` and `.register_fake` decorators: the ops are this tree's), so its functions are plain ones."""
+    src = open(path).read()
+    if "def mla_prefill_prep_triton(" not in src:
+        raise SystemExit(f"{path}: no mla_prefill_prep_triton; is it a copy of kernels/mla_decode_prep.py?")
+    src = re.sub(r"^@(triton_op\(.*\)|\w+\.register_fake)\n", "", src, flags=re.M)
+    fd, tmp = tempfile.mkstemp(prefix="ab_old_mla_decode_prep_", suffix=".py")
+    with os.fdopen(fd, "w") as f:  # triton.jit reads kernel sources from a real file
+        f.write(src)
+    spec = importlib.util.spec_from_file_location("ab_old_mla_decode_prep", tmp)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def inputs(b: int, s: int, seed: int, dev: torch.device, h: int = 16):
@@ -43,17 +65,33 @@ def inputs(b: int, s: int, seed: int, dev: torch.device, h: int = 16):
                 eps=1e-6, dn=dn, dv=dv)
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)  # equal bits, not just values (-0.0 != +0.0)
+
+
+def candidates(heads: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_T, head block, warps) to time: head blocks of 16 and 32 (fewer at fewer heads), BLOCK_T 2-16, warps
+    1-8 with at most one warp per token (more cross warps in the kv sum of squares) and at most 64 (token, head)
+    pairs per warp (more spill registers: ptxas, sm_90)."""
+    from dsv3.kernels._launch import next_pow2
+
+    out = []
+    for hb in sorted({min(16, max(2, next_pow2(heads))), min(32, max(2, next_pow2(heads)))}):
+        out += [(bt, hb, w) for bt in (2, 4, 8, 16) for w in (1, 2, 4, 8) if w <= bt and bt * hb <= 64 * w]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=True, help="a copy of kernels/mla_decode_prep.py to compare against")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--prefill-heads", default="16", help="comma-separated query heads of the prefill cases")
+    ap.add_argument("--prefill-heads", default="16,128", help="comma-separated query heads of the prefill cases")
+    ap.add_argument("--composition", action="store_true", help="also time the Inductor-compiled composition")
     opts = ap.parse_args()
     from dsv3.kernels import mla_decode_prep as new
-    from dsv3.kernels.bench import graph_us
 
-    old = load_old(opts.old, "mla_decode_prep")
+    old = load_old_module(opts.old)
     dev = torch.device("cuda")
     rows = []
     for b in (1, 8):
@@ -73,44 +111,56 @@ def main() -> None:
               f"outputs and cache bitwise equal: {same}", flush=True)
 
     for heads in (int(v) for v in opts.prefill_heads.split(",")):
-        rows.append(prefill_case(new, graph_us, dev, heads, opts.rounds))
+        rows.append(prefill_case(old, new, dev, heads, opts.rounds, opts.composition))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(rows, f, indent=1)
 
 
-def prefill_case(new, graph_us, dev: torch.device, heads: int, rounds: int) -> dict:
-    a = inputs(1, 4095, 7, dev, heads)
+def prefill_case(old, new, dev: torch.device, heads: int, rounds: int, composition: bool) -> dict:
+    from dsv3.kernels.bench import graph_us
+
+    tokens = 4095
+    a = inputs(1, tokens, 7, dev, heads)
     cache_rows = torch.tensor([1], device=dev)
-    composition = torch.compile(new.mla_prefill_prep_reference, fullgraph=True, dynamic=False)
     caches = {}
 
-    def prefill_call(name, warps=None):
-        caches.setdefault(name, a["cache"].clone())
+    def call(name, fn, **kw):
+        caches[name] = a["cache"].clone()
         args = (a["q"], a["kv_a"], a["norm_w"], a["cos"], a["sin"], caches[name], a["pos"], cache_rows, a["eps"],
                 a["dn"])
-        if warps is None:
-            return lambda: composition(*args)
-        return lambda: new.mla_prefill_prep_triton(*args, num_warps=warps)
+        return lambda: fn(*args, **kw)
 
-    calls = {"composition (Inductor)": prefill_call("ref")}
-    calls.update({f"kernel, {w} warps": prefill_call(f"w{w}", w) for w in (1, 2, 4, 8)})
-    ref_pe, ref_lat = calls["composition (Inductor)"]()
-    errs = {}
-    for k, c in calls.items():
-        pe, lat = c()
-        ulp = ((lat.float() - ref_lat.float()).abs() / ref_lat.float().abs().clamp_min(1e-30)).max().item()
-        errs[k] = dict(q_pe_equal=torch.equal(pe, ref_pe), latent_max_rel=ulp)
+    default = f"new default {new.prefill_prep_launch(tokens, heads)}"
+    calls = {"old": call("old", old.mla_prefill_prep_triton), default: call(default, new.mla_prefill_prep_triton)}
+    for bt, hb, w in candidates(heads):
+        name = f"new {(bt, hb, w)}"
+        calls[name] = call(name, new.mla_prefill_prep_triton, block_t=bt, head_block=hb, num_warps=w)
+    if composition:
+        compiled = torch.compile(new.mla_prefill_prep_reference, fullgraph=True, dynamic=False)
+        calls["composition (Inductor)"] = call("composition (Inductor)", compiled)
+    outs = {k: c() for k, c in calls.items()}
+    torch.cuda.synchronize()
+    ref_pe, ref_lat = outs["old"]
+    equal = {}
+    for k, (pe, lat) in outs.items():
+        equal[k] = (torch.equal(bits(pe), bits(ref_pe)) and torch.equal(bits(lat), bits(ref_lat))
+                    and torch.equal(bits(caches[k]), bits(caches["old"])))
     times = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, c in calls.items():
-            times[k].append(graph_us([c] * 3))
+    names = list(calls)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(graph_us([calls[k]] * 3))
     med = {k: round(statistics.median(v), 2) for k, v in times.items()}
-    print(f"prefill prep, 4095 tokens, {heads} heads: " + ", ".join(f"{k} {v} us" for k, v in med.items()),
-          flush=True)
-    print("  checks against the composition: " + "; ".join(
-        f"{k}: q_pe equal {e['q_pe_equal']}, latent max rel {e['latent_max_rel']:.1e}" for k, e in errs.items()))
-    return dict(op="mla_prefill_prep", tokens=4095, heads=heads, us=med, checks=errs)
+    print(f"prefill prep, {tokens} tokens, {heads} heads (us; bitwise equal to old):", flush=True)
+    for k in sorted(med, key=med.get):
+        print(f"  {k:32s} {med[k]:8.2f}  {'equal' if equal[k] else 'DIFFERENT'}  {med['old'] / med[k]:.2f}x")
+    new_keys = [k for k in med if k.startswith("new")]
+    best = min(new_keys, key=med.get)
+    print(f"  best new: {best} {med[best]} us ({med['old'] / med[best]:.2f}x old); all new bitwise equal to old: "
+          f"{all(equal[k] for k in new_keys)}", flush=True)
+    return dict(op="mla_prefill_prep", tokens=tokens, heads=heads, us=med, bitwise_equal_to_old=equal,
+                rounds={k: [round(v, 2) for v in t] for k, t in times.items()}, best=best)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@ CPU (part of `make test`): the fused Triton kernel under the Triton interpreter 
 (`tests/interpret_mla_prep.py`, its own process); the composition against independent float64 formulas (DeepSeek's
 interleaved rotary as complex multiplication, RMSNorm from its definition); the op's registration (opcheck), its
 path switch, and the model's decode step through it equal to the model's prefill branch (which keeps the torch ops).
+`mla_prefill_prep`: its launch rule, and its launcher traced with a symbolic token count (one launch, no
+specialization on the count); its kernel bit for bit under the interpreter (also in `tests/interpret_mla_prep.py`).
 
 GPU (`pytest -m gpu`, on the device): the fused kernel against the composition on fresh inputs with a poisoned
 allocator; under torch.compile(fullgraph=True) with the cache as a module buffer it must stay ONE kernel launch
-(the cache mutated in place: no clone or copy of the cache around it), and inside CUDA-graph capture.
+(the cache mutated in place: no clone or copy of the cache around it), and inside CUDA-graph capture. The prefill
+kernel against its reference, and bit for bit against `mla_prep_expect.prefill_expected` at several launches.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dsv3.kernels import mla_decode_prep as P
 from dsv3.kernels.fp8_blocks import quantize_weight
 from dsv3.model import Transformer
 from kernel_checks import check_env_switch, cuda, interpreter_failure, poison_allocator, rel_err, run_interpreted
+from mla_prep_expect import bits, prefill_expected, prefill_inputs
 
 
 def make_inputs(b, s, h, dn, r, dv, c, t_cap=64, fp8=True, device="cpu", seed=0):
@@ -102,6 +106,42 @@ def test_prefill_prep_opcheck_and_path_switch(monkeypatch):
                               (q, kv_a, norm_w, cos, sin, cache.clone(), pos, rows, eps, dn),
                               test_utils="test_faketensor")
     check_env_switch(monkeypatch, "DSV3_PREFILL_PREP", P.prefill_prep_choice, P.PREFILL_PREP_DEFAULT, valid="fused")
+
+
+def test_prefill_prep_launch_rule():
+    """`prefill_prep_launch`: one head block at 16 heads, blocks of PREFILL_PREP_HEADS at 128; the query tile within
+    PREFILL_PREP_MAX_TILE; at most one warp per token; fewer tokens per program only for a known smaller count;
+    values given kept."""
+    bt, hb, warps = P.PREFILL_PREP_BLOCK_T, P.PREFILL_PREP_HEADS, P.PREFILL_PREP_WARPS
+    assert P.prefill_prep_launch(4095, 16) == (bt, 16, min(warps, bt))
+    assert P.prefill_prep_launch(4095, 128) == (min(bt, P.PREFILL_PREP_MAX_TILE // hb), hb, min(warps, bt))
+    for heads in (1, 3, 5, 16, 20, 64, 128):
+        b, h, w = P.prefill_prep_launch(4095, heads)
+        assert b * h <= P.PREFILL_PREP_MAX_TILE and 1 <= w <= b and h >= 2 and (h >= heads or h == hb)
+    assert P.prefill_prep_launch(1, 16) == (1, 16, 1)
+    assert P.prefill_prep_launch(3, 16)[0] == min(bt, 4)
+    assert P.prefill_prep_launch(3, 16, block_t=16, head_block=4, num_warps=8) == (16, 4, 8)
+
+
+def test_prefill_prep_traces_with_a_dynamic_token_count():
+    """The launcher traced with symbolic sizes (as torch.compile and AOTInductor trace the op's CUDA body with a
+    dynamic token count): one kernel launch whose grid and token arguments are symbolic, and whose constexprs are
+    the defaults for an unknown count (a 2-token example would get BLOCK_T 2 if the count were read)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, kv_a, norm_w, cos, sin, cache, pos, _, _, eps, dn, _ = make_inputs(1, 2, 3, 16, 8, 24, 72, seed=9)
+    rows = torch.tensor([0])
+
+    def prep(q, kv_a, norm_w, cos, sin, cache, pos, rows):
+        return P.mla_prefill_prep_triton(q, kv_a, norm_w, cos, sin, cache, pos, rows, eps, dn)
+
+    gm = make_fx(prep, tracing_mode="symbolic")(q, kv_a, norm_w, cos, sin, cache, pos, rows)
+    launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
+    assert len(launches) == 1
+    grid, args = launches[0].kwargs["grid"], launches[0].kwargs["kwargs"]
+    assert isinstance(grid[0][0], torch.fx.Node) and isinstance(args["M"], torch.fx.Node)
+    assert isinstance(args["S"], torch.fx.Node)
+    assert (args["BLOCK_T"], args["H_PAD"]) == P.prefill_prep_launch(10 ** 6, 3)[:2]
 
 
 def test_prefill_prep_reference_is_the_decode_prep_token_work():
@@ -190,6 +230,33 @@ def test_prefill_prep_gpu(rows, heads):
     others = torch.ones(cache.shape[1], dtype=torch.bool, device="cuda")
     others[pos[0]] = False
     assert torch.equal(cache[row, others], ref_cache[row, others])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("rows,heads", [(None, 16), ([1], 16), ([1], 128)])
+def test_prefill_prep_gpu_bitwise(rows, heads):
+    """The compiled prefill kernel's bits, at every launch choice tried: `mla_prep_expect.prefill_expected` with the
+    contractions the compiled kernel has under fp fusion (Triton's default), i.e. what the one-token kernel it
+    replaced computed on the H200: q_pe, the latent returned and the cache rows written; other rows untouched."""
+    q, kv_a, norm_w, cos, sin, cache, pos = prefill_inputs(1, 1000, heads, 128, 64, 512, seed=23, device="cuda")
+    cache_rows = None if rows is None else torch.tensor(rows, device="cuda")
+    fused = P._fp_fusion(q)
+    want_pe, want_lat = prefill_expected(*(t.cpu() for t in (q, kv_a, norm_w, cos, sin)), 1e-6, 128, fused,
+                                         contract_lo=fused)
+    row = 0 if rows is None else rows[0]
+    written = torch.zeros(cache.shape[:2], dtype=torch.bool)
+    written[row, pos[0].cpu()] = True
+    for launch in [(None, None, None), (2, 16, 2), (8, 16, 8), (16, 8, 4), (4, 32, 4)]:
+        got_cache = cache.clone()
+        poison_allocator()
+        pe, lat = P.mla_prefill_prep_triton(q, kv_a, norm_w, cos, sin, got_cache, pos, cache_rows, 1e-6, 128,
+                                            block_t=launch[0], head_block=launch[1], num_warps=launch[2])
+        got_cache = got_cache.cpu()
+        assert torch.equal(bits(pe.cpu()), bits(want_pe)), launch
+        assert torch.equal(bits(lat.cpu()), bits(want_lat)), launch
+        assert torch.equal(bits(got_cache[row, pos[0].cpu()]), bits(want_lat[0])), launch
+        assert torch.equal(bits(got_cache[~written]), bits(cache.cpu()[~written])), launch
 
 
 class _PrepLayer(torch.nn.Module):

@@ -336,23 +336,6 @@ def _mla_prefill_prep_kernel(
 
 
 @triton.jit
-def _prefill_cache_rows(m, M, S, T, pos_ptr, rows_ptr, stride_cb, stride_ct, stride_pb, stride_ps,
-                        HAS_ROWS: tl.constexpr):
-    """For tokens m (a vector): whether each is < M, its (b, s), the offset of its cache row (row cache_rows[b] or b
-    at position input_pos[b, s]) and whether that row is written (0 <= pos < T, as `prep_latent_row`)."""
-    t_ok = m < M
-    b = m // S
-    s = m - b * S
-    b = b.to(tl.int64)  # b * stride_cb: a cache of 2^31 elements per layer is not reachable today, but cheap
-    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=t_ok, other=-1)
-    if HAS_ROWS:
-        row = tl.load(rows_ptr + b, mask=t_ok, other=0)
-    else:
-        row = b
-    return t_ok, b, s, row * stride_cb + pos * stride_ct, t_ok & (pos >= 0) & (pos < T)
-
-
-@triton.jit
 def _prefill_latent_rows(
     kv_ptr, nw_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, rows_ptr, lat_ptr, m0, M, S, C, R_HALF, T, eps,
     stride_kvm, stride_csb, stride_css, stride_cb, stride_ct, stride_pb, stride_ps, stride_am,
@@ -367,18 +350,31 @@ def _prefill_latent_rows(
     # warp), piece n of token t in tile row n * BLOCK_T + t. Rows exactly one warp wide put the warps on tokens (a
     # [BLOCK_T, C_PAD] tile would split each token's channels over two warps), so a lane holds all RED_N pieces of
     # its tokens in registers, as in `prep_latent_row`'s one warp.
+    m = m0 + tl.arange(0, BLOCK_T)
+    t_ok = m < M
+    b = m // S
+    s = m - b * S
+    b = b.to(tl.int64)  # b * stride_cb: a cache of 2^31 elements per layer is not reachable today, but cheap
+    # Loaded here, not in a helper returning the row offsets: Inductor's mutation analysis of the kernel's TTIR takes
+    # every argument of a called function whose result addresses a store as written, and compiled graphs then cloned
+    # input_pos and cache_rows around the launch.
+    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=t_ok, other=-1)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + b, mask=t_ok, other=0)
+    else:
+        row = b
+    row_off = row * stride_cb + pos * stride_ct  # token t's cache row at input_pos[b, s]
+    w_ok = t_ok & (pos >= 0) & (pos < T)  # written only inside the cache, as `prep_latent_row`
     i = tl.arange(0, RED_N * BLOCK_T)
     mi = m0 + i % BLOCK_T
-    ti_ok, _, _, row_off_i, w_ok_i = _prefill_cache_rows(mi, M, S, T, pos_ptr, rows_ptr, stride_cb, stride_ct,
-                                                         stride_pb, stride_ps, HAS_ROWS)
+    ti_ok = mi < M
+    row_off_i = tl.reshape(tl.broadcast_to(row_off[None, :], [RED_N, BLOCK_T]), [RED_N * BLOCK_T])  # per tile row
+    w_ok_i = tl.reshape(tl.broadcast_to(w_ok[None, :], [RED_N, BLOCK_T]), [RED_N * BLOCK_T])
     offs_c = (i // BLOCK_T)[:, None] * (RED_L * RED_V) + tl.arange(0, RED_L * RED_V)[None, :]
     x_ok = ti_ok[:, None] & (offs_c < C)
     x = tl.load(kv_ptr + mi[:, None] * stride_kvm + offs_c, mask=x_ok, other=0.0)
     w = tl.load(nw_ptr + offs_c, mask=offs_c < C, other=0.0)
     # k_pe: one contiguous load of the interleaved pairs, split in registers (not two stride-2 gathers)
-    m = m0 + tl.arange(0, BLOCK_T)
-    t_ok, b, s, row_off, w_ok = _prefill_cache_rows(m, M, S, T, pos_ptr, rows_ptr, stride_cb, stride_ct, stride_pb,
-                                                    stride_ps, HAS_ROWS)
     offs_r = tl.arange(0, 2 * RH_PAD)
     k = tl.load(kv_ptr + m[:, None] * stride_kvm + C + offs_r[None, :],
                 mask=t_ok[:, None] & (offs_r < 2 * R_HALF)[None, :], other=0.0)

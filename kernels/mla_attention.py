@@ -72,16 +72,24 @@ def mla_attention_reference(
 
 
 @triton.jit
+def _split_chunk(pos, N_SPLITS, MIN_CHUNK_: tl.constexpr, BLOCK_T: tl.constexpr):
+    """From a row block's positions: L = 1 + max position and the split chunk length."""
+    length = tl.max(pos, axis=0) + 1
+    chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_T) * BLOCK_T
+    chunk = tl.maximum(chunk, MIN_CHUNK_)
+    return length, chunk
+
+
+@triton.jit
 def _block_bounds(pos_ptr, b, rb, S, H, stride_pb, stride_ps, N_SPLITS, MIN_CHUNK_: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Rows of block rb, their positions, L = 1 + max position and the split chunk length (shared by both kernels)."""
+    """Rows of block rb, their positions, L = 1 + max position and the split chunk length (`active_splits`; the
+    attention kernel spells the loads out: see there)."""
     rows = rb * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < S * H
     s_idx = rows // H
     pos = tl.load(pos_ptr + b * stride_pb + s_idx * stride_ps, mask=row_mask, other=-1)
-    length = tl.max(pos, axis=0) + 1
-    chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_T) * BLOCK_T
-    chunk = tl.maximum(chunk, MIN_CHUNK_)
+    length, chunk = _split_chunk(pos, N_SPLITS, MIN_CHUNK_, BLOCK_T)
     return rows, row_mask, pos, length, chunk
 
 
@@ -101,8 +109,12 @@ def _mla_fwd_kernel(
     rb = tl.program_id(0)  # row blocks first: prefill can have more than 65535 of them
     sp = tl.program_id(1)
     b = tl.program_id(2)
-    rows, row_mask, pos, length, chunk = _block_bounds(
-        pos_ptr, b, rb, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    # `_block_bounds` spelled out: Inductor's mutation analysis of the TTIR takes every argument of a called function
+    # whose result addresses a store as written, and would take input_pos as written (a copy in compiled graphs)
+    rows = rb * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < S * H
+    pos = tl.load(pos_ptr + b * stride_posb + (rows // H) * stride_poss, mask=row_mask, other=-1)
+    length, chunk = _split_chunk(pos, N_SPLITS, MIN_CHUNK_, BLOCK_T)
     if PREFIX:
         length = tl.load(pos_ptr + b * stride_posb)
         pos = tl.where(row_mask, length - 1, -1)

@@ -218,39 +218,29 @@ def _swiglu(acc_g, acc_u, odt: tl.constexpr):
 
 
 @triton.jit
-def _slot_columns(
-    idx_ptr, sched_ptr, slot, T, K, E, n_sched,
-    GROUPED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    """The expert of this program (-1: nothing to do) and its columns: pair row (t*K + k), token, mask."""
+def _expert_columns(flat, ids, slot, T, K, E, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The decode path's expert of program `slot` (-1: nothing to do) and its columns: pair row (t*K + k), token,
+    mask; from the routing ids the caller loaded (flat: ids [T * K] padded with -1; ids: [BLOCK_T, BLOCK_K] padded
+    with -1). The loads stay in the kernels: Inductor's mutation analysis of the TTIR takes every argument of a
+    called function whose result addresses a store as written, and took idx as written when they were made here."""
+    # slot j -> j-th smallest expert id present among the T*K valid ids (ids outside [0, E) never match).
+    e = slot * 0 - 1
+    base = slot * 0
+    for e0 in range(0, E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        hit = (flat[None, :] == offs_e[:, None]) & (offs_e < E)[:, None]
+        present = tl.max(hit.to(tl.int32), axis=1)
+        rank = tl.cumsum(present, axis=0) + base
+        e = tl.maximum(e, tl.max(tl.where((present > 0) & (rank == slot + 1), offs_e, -1), axis=0))
+        base += tl.sum(present, axis=0)
+    # tokens routed to e, and for each the first k that names it (its pair row)
     offs = tl.arange(0, BLOCK_T)
-    if GROUPED:
-        e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
-    else:
-        # slot j -> j-th smallest expert id present among the T*K valid ids (ids outside [0, E) never match).
-        offs_p = tl.arange(0, BLOCK_P)
-        flat = tl.load(idx_ptr + offs_p, mask=offs_p < T * K, other=-1)
-        e = slot * 0 - 1
-        base = slot * 0
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            hit = (flat[None, :] == offs_e[:, None]) & (offs_e < E)[:, None]
-            present = tl.max(hit.to(tl.int32), axis=1)
-            rank = tl.cumsum(present, axis=0) + base
-            e = tl.maximum(e, tl.max(tl.where((present > 0) & (rank == slot + 1), offs_e, -1), axis=0))
-            base += tl.sum(present, axis=0)
-        # tokens routed to e, and for each the first k that names it (its pair row)
-        offs_k = tl.arange(0, BLOCK_K)
-        ids = tl.load(idx_ptr + offs[:, None] * K + offs_k[None, :],
-                      mask=(offs < T)[:, None] & (offs_k < K)[None, :], other=-1)
-        match = ids == e
-        col_mask = tl.max(match.to(tl.int32), axis=1) > 0
-        kk = tl.min(tl.where(match, offs_k[None, :], BLOCK_K), axis=1)
-        kk = tl.where(col_mask, kk, 0)
-        token = offs
-        pair = offs * K + kk
-    return e, pair, token, col_mask
+    offs_k = tl.arange(0, BLOCK_K)
+    match = ids == e
+    col_mask = tl.max(match.to(tl.int32), axis=1) > 0
+    kk = tl.min(tl.where(match, offs_k[None, :], BLOCK_K), axis=1)
+    kk = tl.where(col_mask, kk, 0)
+    return e, offs * K + kk, offs, col_mask
 
 
 @triton.jit
@@ -273,8 +263,16 @@ def _moe_up_kernel(
     BLOCK_D: tl.constexpr = 128
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e, pair, token, col_mask = _slot_columns(idx_ptr, sched_ptr, slot, T, K, E, n_sched,
-                                             GROUPED, BLOCK_T, BLOCK_K, BLOCK_P, BLOCK_E)
+    if GROUPED:
+        e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
+    else:  # the routing ids loaded here, not in a helper (see `_expert_columns`)
+        offs_p = tl.arange(0, BLOCK_P)
+        flat = tl.load(idx_ptr + offs_p, mask=offs_p < T * K, other=-1)
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_k = tl.arange(0, BLOCK_K)
+        ids = tl.load(idx_ptr + offs_t[:, None] * K + offs_k[None, :],
+                      mask=(offs_t < T)[:, None] & (offs_k < K)[None, :], other=-1)
+        e, pair, token, col_mask = _expert_columns(flat, ids, slot, T, K, E, BLOCK_T, BLOCK_K, BLOCK_E)
     if e >= 0:
         e64 = e.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -374,8 +372,16 @@ def _moe_down_kernel(
     BLOCK_I: tl.constexpr = 128
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e, pair, token, col_mask = _slot_columns(idx_ptr, sched_ptr, slot, T, K, E, n_sched,
-                                             GROUPED, BLOCK_T, BLOCK_K, BLOCK_P, BLOCK_E)
+    if GROUPED:
+        e, pair, token, col_mask = _grouped_tile(sched_ptr, slot, K, n_sched, BLOCK_T)
+    else:  # the routing ids loaded here, not in a helper (see `_expert_columns`)
+        offs_p = tl.arange(0, BLOCK_P)
+        flat = tl.load(idx_ptr + offs_p, mask=offs_p < T * K, other=-1)
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_k = tl.arange(0, BLOCK_K)
+        ids = tl.load(idx_ptr + offs_t[:, None] * K + offs_k[None, :],
+                      mask=(offs_t < T)[:, None] & (offs_k < K)[None, :], other=-1)
+        e, pair, token, col_mask = _expert_columns(flat, ids, slot, T, K, E, BLOCK_T, BLOCK_K, BLOCK_E)
     if e >= 0:
         e64 = e.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -991,8 +997,8 @@ def routed_experts_triton(
     else:
         block_t = max(16, next_pow2(t_static))
         n_slots = min(e, p)
-        # Unused here, but not idx: torch's wrap_triton analysis takes the up (T > 1) and down kernels to write the
-        # tensors their store addresses derive from, and one tensor passed as two such arguments is copied before
+        # Unused here. Not idx: while the kernels took their columns from a helper given both pointers, torch's
+        # wrap_triton analysis took both as written, and one tensor passed as two such arguments was copied before
         # the kernel (a launch per MoE layer; scripts/inductor_mutations.py). A private empty buffer costs nothing.
         sched = torch.empty(1, dtype=torch.int32, device=x.device)
         n_sched = 0

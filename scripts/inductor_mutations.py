@@ -4,14 +4,15 @@
     python scripts/inductor_mutations.py --copies   # per decode shape: copies Inductor keeps in the op's graph
     python scripts/inductor_mutations.py --schedule # the grouped tile schedule's two kernels: the arguments written
 
-torch's `identify_accessed_tensors` (what `wrap_triton` functionalization uses) marks an argument as written when a
-store's address is derived from it, also through loaded values. A kernel that stores at rows computed from the
-routing ids (the MoE down kernel writes y at pair rows t*K + k; the MMA up kernel h the same way) is therefore taken
-to write `idx` as well, and where a later kernel (the combine) still reads the ids, Inductor keeps the original with
-a copy kernel before the "writer". Passing one tensor as two such arguments has the same effect (the decode path
-once passed idx also as the unused schedule: one copy launch per MoE layer). `--copies` functionalizes
-`routed_experts_triton` on fake CUDA tensors, runs Inductor's reinplacing pass and prints the copies left
-(tests/test_kernels.py asserts there are none). A diagnostic, not part of the runtime.
+torch's `identify_accessed_tensors` / `identify_mutated_tensors` (what `wrap_triton` functionalization uses) marks an
+argument as written when a store's address is derived from it; a value loaded in the kernel's own body ends that
+chain, but the result of a called `@triton.jit` function counts as derived from every argument of the call. The up
+and down kernels once took their expert and pair rows from a helper given `idx_ptr` and were taken to write `idx`
+(and the schedule), so where a later kernel (the combine) still read the ids Inductor kept the original with a copy
+kernel before the "writer"; they load the ids themselves now (`_expert_columns` takes the loaded values).
+tests/test_kernel_access.py checks every launch of the tiny models' generation on the GPU the same way. `--copies`
+functionalizes `routed_experts_triton` on fake CUDA tensors, runs Inductor's reinplacing pass and prints the copies
+left (tests/test_kernels.py asserts there are none). A diagnostic, not part of the runtime.
 """
 
 from __future__ import annotations

@@ -9,12 +9,11 @@ scheduler orders other reads and writes around it. Two ways that goes wrong, bot
   result addresses a store), and the compiled chunked-prefill graphs hit illegal memory accesses (2026-11-26).
 - a tensor a launch changes that the analysis misses: Inductor could move a read of it across the write.
 
-Every launch that the tiny models' eager generation makes through `wrap_triton` (FP8 and BF16 weights; prefill of
-a long prompt and a short batch, decode, greedy and top-p sampling) and the loop graphs' greedy step, inside its
-`dsv3` op: the analysis of that
-launch (on its real arguments) must not mark any tensor sharing storage with an input the op's schema does not
-declare mutated, and every storage the launch changed must hold a tensor the analysis marks. Launches with TMA
-descriptors (`_launch.launch_with_descriptors`) go through torch's descriptor path and are not seen here.
+Every launch that the tiny models' eager generation makes (FP8 and BF16 weights, loaded as `dsv3c run` loads them;
+prefill of a long prompt and a short batch, decode, greedy and top-p sampling) and the loop graphs' greedy step,
+inside its `dsv3` op: the analysis of that launch (on its real arguments; parameters passed as TMA descriptors
+analysed as descriptors, as Inductor sees them) must not mark any tensor sharing storage with an input the op's
+schema does not declare mutated, and every storage the launch changed must hold a tensor the analysis marks.
 """
 
 from __future__ import annotations
@@ -27,19 +26,19 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import dsv3
+from dsv3.kernels import _launch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _written_by_analysis(kernel, kwargs: dict) -> set[str]:
+def _written_by_analysis(kernel, kwargs: dict, tma: dict) -> set[str]:
     """The kernel parameters torch's TTIR analysis takes as written (torch 2.13: identify_accessed_tensors;
     2.11: identify_mutated_tensors). It falls back to 'everything' on an exception, which this test then reports."""
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
     if hasattr(tkw, "identify_accessed_tensors"):
-        return {dep.name for dep in tkw.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes}
-    return set(tkw.identify_mutated_tensors(kernel, kwargs, {}))
+        return {dep.name for dep in tkw.identify_accessed_tensors(kernel, kwargs, tma).read_writes.writes}
+    return set(tkw.identify_mutated_tensors(kernel, kwargs, tma))
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -88,38 +87,55 @@ class LaunchAudit(TorchDispatchMode):
         finally:
             self.op = None
 
+    def record(self, kernel, launch, params: dict, descriptors: dict) -> None:
+        """Run launch() (the kernel with params) and record it: what the analysis takes as written (descriptors:
+        the parameters passed as TMA descriptors, with their block shapes), what changed."""
+        from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+        tensors = {k: v for k, v in params.items() if isinstance(v, torch.Tensor) and v.numel()}
+        before = {_storage(t): _storage_bytes(t) for t in tensors.values()}
+        launch()
+        torch.cuda.synchronize()
+        op, read_only = self.op or ("(no dsv3 op)", set())
+        tma = {name: tkw.create_tma_stable_metadata(list(block)) for name, block in descriptors.items()}
+        rec = Launch(op, getattr(kernel, "__name__", None) or kernel.fn.__name__,
+                     _written_by_analysis(kernel, params, tma), read_only, {k: _storage(t) for k, t in tensors.items()})
+        for t in tensors.values():
+            if not torch.equal(_storage_bytes(t), before[_storage(t)]):
+                rec.changed.add(_storage(t))
+        self.launches.append(rec)
+
     def wrap(self, kernel):
+        """Stands in for `wrap_triton` in the kernel modules."""
         audit = self
+        names = getattr(kernel, "arg_names", None) or kernel.fn.arg_names
 
         class Launcher:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    names = getattr(kernel, "arg_names", None) or kernel.fn.arg_names
                     params = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-                    tensors = {k: v for k, v in params.items() if isinstance(v, torch.Tensor) and v.numel()}
-                    before = {_storage(t): _storage_bytes(t) for t in tensors.values()}
-                    kernel[grid](*args, **kwargs)
-                    torch.cuda.synchronize()
-                    op, read_only = audit.op or ("(no dsv3 op)", set())
-                    rec = Launch(op, getattr(kernel, "__name__", None) or kernel.fn.__name__,
-                                 _written_by_analysis(kernel, params), read_only,
-                                 {k: _storage(t) for k, t in tensors.items()})
-                    for t in tensors.values():
-                        if not torch.equal(_storage_bytes(t), before[_storage(t)]):
-                            rec.changed.add(_storage(t))
-                    audit.launches.append(rec)
+                    audit.record(kernel, lambda: kernel[grid](*args, **kwargs), params, {})
 
                 return launch
 
         return Launcher()
+
+    def launch_with_descriptors(self, kernel, grid, descriptors, **kwargs):
+        """Stands in for `_launch.launch_with_descriptors` in the kernel modules."""
+        names = getattr(kernel, "arg_names", None) or kernel.fn.arg_names
+        params = {k: v for k, v in kwargs.items() if k in names}
+        self.record(kernel, lambda: _launch.launch_with_descriptors(kernel, grid, descriptors, **dict(kwargs)), params,
+                    descriptors)
 
 
 def _kernel_modules():
     import dsv3.kernels as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name == "_launch":  # defines launch_with_descriptors (the stand-in calls it)
+            continue
         mod = importlib.import_module(f"dsv3.kernels.{info.name}")
-        if hasattr(mod, "wrap_triton"):
+        if hasattr(mod, "wrap_triton") or hasattr(mod, "launch_with_descriptors"):
             yield mod
 
 
@@ -128,12 +144,17 @@ def _kernel_modules():
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 def test_compiled_view_of_kernel_writes(random_checkpoint, monkeypatch, dtype):
     from dsv3.generate import SamplingParams, generate
+    from dsv3.runtime.engine import load_rank_model
+    from dsv3.runtime.parallel import ParallelPlan
 
     audit = LaunchAudit()
     for mod in _kernel_modules():
-        monkeypatch.setattr(mod, "wrap_triton", audit.wrap)
-    model = dsv3.load(random_checkpoint("tiny", dtype), dtype=torch.bfloat16, max_batch_size=4, max_seq_len=96,
-                      device="cuda", progress=False)
+        for name, stand_in in (("wrap_triton", audit.wrap), ("launch_with_descriptors", audit.launch_with_descriptors)):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, stand_in)
+    # as `dsv3c run` loads it: the world-size-1 layout (stacked shared experts, fused projections, deferred MoE adds)
+    model = load_rank_model(random_checkpoint("tiny", dtype), ParallelPlan(0, 1), dtype=torch.bfloat16, device="cuda",
+                            max_batch_size=4, max_seq_len=96, progress=False)
     g = torch.Generator().manual_seed(5)
     long_prompt = torch.randint(2, 1000, (40,), generator=g).tolist()
     short = [torch.randint(2, 1000, (n,), generator=g).tolist() for n in (3, 7)]

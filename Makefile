@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 # compile workers (each importing torch) in every process that compiles; a CPU build gains nothing from the pool on 2
 # cores: a tiny build of 4 graphs 101.7 -> 87.0 s wall (91.7 -> 81.2 s user) on an idle machine, 2026-11-26.
 test: venv
-	TORCHINDUCTOR_COMPILE_THREADS=1 $(PY) -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	TORCHINDUCTOR_COMPILE_THREADS=1 $(PY) -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/dsv3c init-random --config tiny --out $(DEMO)/ckpt-tiny --overwrite

@@ -3,6 +3,7 @@
     python scripts/inductor_mutations.py            # per kernel: the arguments taken as written
     python scripts/inductor_mutations.py --copies   # per decode shape: copies Inductor keeps in the op's graph
     python scripts/inductor_mutations.py --schedule # the grouped tile schedule's two kernels: the arguments written
+    python scripts/inductor_mutations.py --positions # the MLA kernels that read input_pos: the arguments written
 
 torch's `identify_accessed_tensors` / `identify_mutated_tensors` (what `wrap_triton` functionalization uses) marks an
 argument as written when a store's address is derived from it; a value loaded in the kernel's own body ends that
@@ -94,8 +95,61 @@ def schedule_writes() -> dict[str, list[str]]:
             for name, (kernel, kwargs) in cases.items()}
 
 
+def _analysed_writes(kernel, tensors: dict, constexprs: dict) -> list[str]:
+    """identify_accessed_tensors on `kernel` with these tensors and constexprs; every other parameter an int 32 (a
+    size or stride, specialized as divisible by 16 as a real launch's would be) or, for eps / scale_log2, a float."""
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+
+    kwargs = {}
+    for name in kernel.arg_names:
+        if name in tensors:
+            kwargs[name] = tensors[name]
+        elif name in constexprs:
+            kwargs[name] = constexprs[name]
+        else:
+            kwargs[name] = 1e-6 if name in ("eps", "scale_log2") else 32
+    return sorted(w.name for w in identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes)
+
+
+def positions_writes() -> dict[str, list[str]]:
+    """The arguments the analysis takes the MLA kernels that read input_pos (and cache_rows) to write, at 16B shapes
+    (16 heads, C 512, rope 64). None may be input_pos or cache_rows: a helper returning values derived from them into a
+    store address made the analysis take them as written (the prefill prep kernel's first multi-token form, whose
+    compiled graphs then failed; `_mla_fwd_kernel` through `_block_bounds`)."""
+    from dsv3.kernels import mla_attention as MA
+    from dsv3.kernels import mla_decode_prep as MP
+
+    bf, f32, i64 = torch.bfloat16, torch.float32, torch.int64
+
+    def t(dtype):
+        return torch.empty(64, dtype=dtype)
+
+    prep = dict(q_ptr=t(bf), kv_ptr=t(bf), nw_ptr=t(bf), cos_ptr=t(f32), sin_ptr=t(f32), cache_ptr=t(bf),
+                pos_ptr=t(i64), rows_ptr=t(i64), qpe_ptr=t(bf), lat_ptr=t(bf))
+    decode = dict(prep, w_ptr=t(torch.float8_e4m3fn), s_ptr=t(f32), qlat_ptr=t(bf))
+    attn = dict(q_ptr=t(bf), qpe_ptr=t(bf), cache_ptr=t(bf), pos_ptr=t(i64), out_ptr=t(bf), part_ptr=t(f32),
+                ml_ptr=t(f32), lse_ptr=t(f32))
+    red = dict(RED_N=2, RED_L=32, RED_V=8, LOG2_RED_L=5, RH_PAD=32, FUSED_ROPE=True)
+    cases = {}
+    for rows in (True, False):
+        for bt in (1, 4):
+            cases[f"_mla_prefill_prep_kernel (HAS_ROWS={rows}, BLOCK_T={bt})"] = _analysed_writes(
+                MP._mla_prefill_prep_kernel, prep, dict(red, HAS_ROWS=rows, BLOCK_T=bt, H_PAD=16))
+    cases["_mla_decode_prep_kernel"] = _analysed_writes(MP._mla_decode_prep_kernel, decode, dict(
+        HAS_SCALE=True, BLOCK_M=16, BLOCK_DN=128, BLOCK_C=64, C_PAD=512, RH_PAD=32, H_PAD=16))
+    for name, flags in (("split", dict(SPLIT=True, PREFIX=False)), ("one pass", dict(SPLIT=False, PREFIX=False)),
+                        ("prefix", dict(SPLIT=False, PREFIX=True))):
+        cases[f"_mla_fwd_kernel ({name})"] = _analysed_writes(MA._mla_fwd_kernel, attn, dict(
+            flags, BLOCK_H=16, BLOCK_T=64, C_PAD=512, R_PAD=64, MIN_CHUNK_=64, SWAP=False))
+    return cases
+
+
 def main() -> None:
     triton.runtime.driver._active = _Sm90Driver()
+    if "--positions" in sys.argv[1:]:
+        for name, writes in positions_writes().items():
+            print(f"{name} writes {writes}")
+        return
     if "--schedule" in sys.argv[1:]:
         for name, writes in schedule_writes().items():
             print(f"{name} writes {writes}")

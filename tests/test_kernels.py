@@ -159,6 +159,43 @@ def test_grouped_schedule_writes_no_ids():
                      "_schedule_scatter_kernel writes ['sched_ptr']"], res.stdout
 
 
+def _mutation_lines(flag: str) -> list[str]:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "inductor_mutations.py"
+    res = subprocess.run([sys.executable, str(script), *([flag] if flag else [])], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return sorted(" ".join(ln.split()) for ln in res.stdout.splitlines() if " writes " in ln)
+
+
+def test_position_readers_write_no_positions():
+    """The MLA kernels that read input_pos (and cache_rows) are taken to write only their outputs: a jit helper
+    returning values derived from the positions into a store address made torch's analysis take them as written,
+    and compiled graphs then cloned them around the launch (the prefill prep kernel's first multi-token form failed
+    so on the GPU). tests/test_kernel_access.py checks every launch on the GPU; this is the CPU side (sm_90 TTIR)."""
+    outputs = {"_mla_prefill_prep_kernel": "['cache_ptr', 'lat_ptr', 'qpe_ptr']",
+               "_mla_decode_prep_kernel": "['cache_ptr', 'qlat_ptr', 'qpe_ptr']",
+               "_mla_fwd_kernel (split)": "['ml_ptr', 'part_ptr']", "_mla_fwd_kernel (one pass)": "['out_ptr']",
+               "_mla_fwd_kernel (prefix)": "['lse_ptr', 'out_ptr']"}
+    lines = _mutation_lines("--positions")
+    assert len(lines) == 8, lines
+    for ln in lines:
+        name, writes = ln.split(" writes ")
+        want = next(v for k, v in outputs.items() if name.startswith(k))
+        assert writes == want, ln
+
+
+def test_decode_moe_kernels_write_no_ids():
+    """The decode MoE kernels (rows forms at T = 1, the MMA forms at T > 1) are taken to write their outputs only,
+    not the routing ids their columns come from (the up / down kernels once derived them in a helper)."""
+    assert _mutation_lines("") == [
+        "_moe_combine_kernel (T=1) writes ['out_ptr']", "_moe_down_kernel (T=1) writes ['y_ptr']",
+        "_moe_up_kernel (T=8) writes ['h_ptr', 'hs_ptr']", "_moe_up_rows_kernel (T=1) writes ['h_ptr']"]
+
+
 def test_grouped_up_configs_by_length():
     """The grouped FP8 up kernel's launches: a GROUPED_FP8_TUNED plan keeps MOE_GROUPED_FP8's warps and stages up to
     GROUPED_FP8_SHORT_T tokens, its own past them; a static T takes one launch, a dynamic T (a SymInt, as the prefill

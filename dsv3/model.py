@@ -634,7 +634,7 @@ class Block(nn.Module):
                     h, attn, norm.weight, norm.eps, gate.weight, gate.e_score_correction_bias, **gate.route_args,
                     n_shared=moe.n_shared_slots)
                 return h + moe(x, x_q, x_scale, routing=(topk_idx, topk_weight)), None
-            unadded = self.defer_moe_add and moe.can_leave_unadded(h)
+            unadded = self.defer_moe_add  # the MoE returns its parts unadded only where it can (can_leave_unadded)
             if moe.quantizes_x_for_cublas(h):  # prefill-sized, shared experts on cuBLAS: x also in its layout
                 h, x, x_q, x_scale, x_scale_cublas = torch.ops.dsv3.add_rms_norm_quant_cublas(
                     h, attn, norm.weight, norm.eps, QUANTIZED_X_K_BLOCKS)

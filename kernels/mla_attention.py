@@ -73,24 +73,12 @@ def mla_attention_reference(
 
 @triton.jit
 def _split_chunk(pos, N_SPLITS, MIN_CHUNK_: tl.constexpr, BLOCK_T: tl.constexpr):
-    """From a row block's positions: L = 1 + max position and the split chunk length."""
+    """From a row block's positions (loaded by the caller: see `_mla_fwd_kernel`): L = 1 + max position and the
+    split chunk length."""
     length = tl.max(pos, axis=0) + 1
     chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_T) * BLOCK_T
     chunk = tl.maximum(chunk, MIN_CHUNK_)
     return length, chunk
-
-
-@triton.jit
-def _block_bounds(pos_ptr, b, rb, S, H, stride_pb, stride_ps, N_SPLITS, MIN_CHUNK_: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Rows of block rb, their positions, L = 1 + max position and the split chunk length (`active_splits`; the
-    attention kernel spells the loads out: see there)."""
-    rows = rb * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < S * H
-    s_idx = rows // H
-    pos = tl.load(pos_ptr + b * stride_pb + s_idx * stride_ps, mask=row_mask, other=-1)
-    length, chunk = _split_chunk(pos, N_SPLITS, MIN_CHUNK_, BLOCK_T)
-    return rows, row_mask, pos, length, chunk
 
 
 @triton.jit
@@ -109,8 +97,9 @@ def _mla_fwd_kernel(
     rb = tl.program_id(0)  # row blocks first: prefill can have more than 65535 of them
     sp = tl.program_id(1)
     b = tl.program_id(2)
-    # `_block_bounds` spelled out: Inductor's mutation analysis of the TTIR takes every argument of a called function
-    # whose result addresses a store as written, and would take input_pos as written (a copy in compiled graphs)
+    # the positions loaded here, not in a helper: Inductor's mutation analysis of the TTIR takes every argument of a
+    # called function whose result addresses a store as written, and took input_pos as written (a copy in compiled
+    # graphs) when a helper loaded them
     rows = rb * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < S * H
     pos = tl.load(pos_ptr + b * stride_posb + (rows // H) * stride_poss, mask=row_mask, other=-1)
@@ -259,8 +248,9 @@ def combine_channels(part_ptr, ml_ptr, b64, row, n_active, m_max, offs_c, ROWS, 
 def active_splits(pos_ptr, b, row, S, H, stride_posb, stride_poss, N_SPLITS, MIN_CHUNK_: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
     """How many splits of query row `row`'s block ran (recomputed as `_mla_fwd_kernel` computed them)."""
-    _, _, _, length, chunk = _block_bounds(pos_ptr, b, row // BLOCK_H, S, H, stride_posb, stride_poss, N_SPLITS,
-                                           MIN_CHUNK_, BLOCK_H, BLOCK_T)
+    rows = (row // BLOCK_H) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pos = tl.load(pos_ptr + b * stride_posb + (rows // H) * stride_poss, mask=rows < S * H, other=-1)
+    length, chunk = _split_chunk(pos, N_SPLITS, MIN_CHUNK_, BLOCK_T)
     return tl.minimum(tl.cdiv(length, chunk), N_SPLITS)
 
 

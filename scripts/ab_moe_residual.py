@@ -15,7 +15,6 @@ shared, h (read), h_out (written), x_q + scales.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,6 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ab_grouped_moe import timed_old_new  # noqa: E402
+
+from dsv3.kernels.bench import save_json  # noqa: E402
 
 
 def main() -> None:
@@ -79,8 +80,7 @@ def main() -> None:
               f"({row['speedup']}x, {row['new_tbs']} TB/s); h rel err {h_err:.2e} (equal {row['h_equal_frac']:.4f}), "
               f"x rel err {x_err:.2e}", flush=True)
     if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        save_json(opts.json, rows)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def positions_writes() -> dict[str, list[str]]:
     """The arguments the analysis takes the MLA kernels that read input_pos (and cache_rows) to write, at 16B shapes
     (16 heads, C 512, rope 64). None may be input_pos or cache_rows: a helper returning values derived from them into a
     store address made the analysis take them as written (the prefill prep kernel's first multi-token form, whose
-    compiled graphs then failed; `_mla_fwd_kernel` through `_block_bounds`)."""
+    compiled graphs then failed; `_mla_fwd_kernel` through its former `_block_bounds` helper)."""
     from dsv3.kernels import mla_attention as MA
     from dsv3.kernels import mla_decode_prep as MP
 

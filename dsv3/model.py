@@ -27,6 +27,7 @@ from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
 from dsv3.kernels.fp8_linear import GEMV_MAX_M
 from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS, takes_quantized_x
 from dsv3.kernels.mla_attention import DECODE_MAX_S
+from dsv3.kernels.mla_prefill import cached_prefill_choice
 from dsv3.kernels.moe_residual_norm import moe_residual_choice
 from dsv3.kernels.rms_norm import norm_quant_choice, rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
@@ -197,15 +198,17 @@ class MLA(nn.Module):
 
     def _prefill_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                            cache: torch.Tensor | None, input_pos: torch.Tensor) -> torch.Tensor:
-        """Attention of a prefill chunk (consecutive positions per row), dsv3.kernels.mla_prefill: the chunk's keys
-        and values decompressed by kv_b_proj (640 instead of 2176 FLOPs per query-key pair and head on V3 shapes)
-        and attended causally; the rows already in the cache before the chunk (a continued sequence) attended in
-        absorbed form and merged through their log-sum-exp. kv_b_proj is used dequantized to the activation dtype
-        (as the absorbed path uses it), not through the FP8 linear: no activation quantization of the latent. The
-        dequantized weight (kept since load by add_prefill_copies_, else dequantized here once per call) serves the
-        decompression and both absorptions. cache None: no prefix (every row's chunk starts at position 0).
-        Returns o_proj of the attention: with FP8 o_proj weights one op, dsv3.mla_prefill_attention_o_proj (on
-        CUDA the attention kernel quantizes o_proj's input itself)."""
+        """Attention of a prefill chunk (consecutive positions per row), dsv3.kernels.mla_prefill, in naive form:
+        keys and values decompressed by kv_b_proj (640 instead of 2176 FLOPs per query-key pair and head on V3
+        shapes), attended causally. cache None (a first chunk): the chunk's own keys. A chunk that continues its
+        sequences (`cached_prefill_choice`): one op, dsv3.mla_cached_prefill_attention, decompresses the cache rows
+        up to the chunk's last position (the prefix and the chunk, written by the prep op) and attends over them;
+        otherwise (DSV3_PREFILL_PREFIX=absorbed, caches too large to decompress) the prefix is attended in absorbed
+        form and merged with the chunk's keys through its log-sum-exp. kv_b_proj is used dequantized to the
+        activation dtype (as decode's absorption uses it), not through the FP8 linear: no activation quantization
+        of the latent; the dequantized weight is kept since load by add_prefill_copies_, else dequantized here once
+        per call. Returns o_proj of the attention: with FP8 o_proj weights one op (on CUDA the attention kernel
+        quantizes o_proj's input itself)."""
         bsz, seqlen = latent.shape[:2]
         kv_b = self.kv_b_proj
         w = getattr(self, "kv_b_dequantized", None)  # add_prefill_copies_: dequantized at load
@@ -213,6 +216,18 @@ class MLA(nn.Module):
             w = kv_b.weight if kv_b.weight_scale_inv is None else dequantize_weight(kv_b.weight, kv_b.weight_scale_inv,
                                                                                     latent.dtype)
         w = w.to(latent.dtype)
+        o_proj = self.o_proj
+        o_fp8 = o_proj.weight_scale_inv is not None and not (o_proj.one_token_a16 and static_int(bsz * seqlen) == 1)
+        if cache is not None and cached_prefill_choice(cache, self.num_heads, self.nope_dim, self.v_dim):
+            # A continued sequence: its rows up to the chunk's last position (the prefix and the chunk, which the
+            # prep op has just written) decompressed, one causal attention over them. The absorbed prefix below
+            # costs 2 * (2 * C + R) FLOPs per query-key pair and head against 2 * (Dn + R + Dv) here (V3 shapes:
+            # 2176 against 640) plus the decompression of each prefix row once per chunk.
+            args = (q_nope, q_pe, cache, input_pos, w, self.softmax_scale, self.nope_dim, self.v_dim)
+            if o_fp8:
+                return torch.ops.dsv3.mla_cached_prefill_attention_o_proj(*args, o_proj.weight, o_proj.weight_scale_inv)
+            o = torch.ops.dsv3.mla_cached_prefill_attention(*args)
+            return o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
         kv = F.linear(latent[..., :self.kv_lora_rank], w)
         k_nope, v = kv.view(bsz, seqlen, self.num_heads, self.nope_dim + self.v_dim).split(
             [self.nope_dim, self.v_dim], dim=-1)
@@ -223,8 +238,7 @@ class MLA(nn.Module):
             prefix_latent, prefix_lse = torch.ops.dsv3.mla_prefix_attention(q_latent, q_pe, cache, input_pos,
                                                                             self.softmax_scale)
             prefix = (torch.ops.dsv3.mla_absorb(prefix_latent, w, None, self.nope_dim, self.v_dim, True), prefix_lse)
-        o_proj = self.o_proj
-        if o_proj.weight_scale_inv is not None and not (o_proj.one_token_a16 and static_int(bsz * seqlen) == 1):
+        if o_fp8:
             return torch.ops.dsv3.mla_prefill_attention_o_proj(q_nope, q_pe, k_nope, k_pe, v, input_pos,
                                                                self.softmax_scale, o_proj.weight,
                                                                o_proj.weight_scale_inv, *prefix)

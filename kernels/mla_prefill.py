@@ -48,6 +48,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -111,6 +112,22 @@ def mla_prefill_attention_reference(
     return out.permute(0, 2, 1, 3).to(q_nope.dtype).contiguous()
 
 
+def mla_cached_prefill_attention_reference(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    kv_b_weight: torch.Tensor, softmax_scale: float, nope_dim: int, v_dim: int,
+) -> torch.Tensor:
+    kv_lora_rank = kv_b_weight.shape[1]
+    kv = F.linear(latent_cache[..., :kv_lora_rank], kv_b_weight.to(latent_cache.dtype))
+    k_nope, k_pe, v = _cached_keys(kv, latent_cache, kv_lora_rank, q_nope.shape[2], nope_dim, v_dim)
+    scores = (torch.einsum("bshd,bthd->bhst", _wide(q_nope), _wide(k_nope))
+              + torch.einsum("bshr,btr->bhst", _wide(q_pe), _wide(k_pe))) * softmax_scale
+    t = torch.arange(latent_cache.shape[1], device=latent_cache.device)
+    visible = t[None, None, None, :] <= input_pos[:, None, :, None]          # [B, 1, S (query), T (cache row)]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    out = torch.einsum("bhst,bthd->bhsd", torch.softmax(scores, dim=-1), _wide(v))
+    return out.permute(0, 2, 1, 3).to(q_nope.dtype).contiguous()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel (the prefix half runs dsv3.kernels.mla_attention's kernel)
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,19 +180,21 @@ def prefill_attention_launches(seqlen, heads: int, bsz, sms: int) -> list[tuple[
 
 @triton.jit
 def _mha_prefill_block(
-    q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
+    q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, KR,
     s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
     offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, MASKED: tl.constexpr, EXACT_D: tl.constexpr,
-    KV_DESC: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    KV_DESC: tl.constexpr, KEYS_CACHED: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
 ):
-    """One key block of the online softmax. MASKED=False: every key of the block is before every query of the
-    program (positions strictly increase along S), so no position test, and every key row exists (the block ends
-    before the program's first query), so no row mask. EXACT_D: the head dims are their padded sizes (no column
-    masks). KV_DESC: kn / kp / v are TMA descriptors over the [B*S, ...] row views (see the kernel)."""
+    """One key block of the online softmax. KR: key rows per sequence. MASKED=False: every key of the block is
+    before every query of the program (positions strictly increase along S), so no position test, and every key row
+    exists (the block ends before the program's first query), so no row mask. EXACT_D: the head dims are their
+    padded sizes (no column masks). KV_DESC: kn / kp / v are TMA descriptors over the [B*KR, ...] row views (see the
+    kernel). KEYS_CACHED: key row t is position t (the kernel's KEYS_CACHED), so no position load."""
     offs_n = n0 + offs_n0
-    n_mask = offs_n < S
+    n_mask = offs_n < KR
     if KV_DESC:
-        row = (b * S + n0).to(tl.int32)
+        row = (b * KR + n0).to(tl.int32)
         kn = kn_ptr.load([row, h, 0]).reshape(BLOCK_N, DN_PAD)
         kp = kp_ptr.load([row, 0])
         vv = v_ptr.load([row, h, 0]).reshape(BLOCK_N, DV_PAD)
@@ -190,7 +209,10 @@ def _mha_prefill_block(
     # exponent's FFMA: max(raw) * scale == max(raw * scale) for scale > 0 (rounding is monotone)
     raw = tl.dot(qpe, tl.trans(kp), tl.dot(q, tl.trans(kn)))       # [BLOCK_M, BLOCK_N] unscaled scores
     if MASKED:
-        pos_k = tl.load(pos_ptr + b * s_pos_b + offs_n * s_pos_s, mask=n_mask, other=0)
+        if KEYS_CACHED:
+            pos_k = offs_n
+        else:
+            pos_k = tl.load(pos_ptr + b * s_pos_b + offs_n * s_pos_s, mask=n_mask, other=0)
         visible = (pos_k[None, :] <= pos_q[:, None]) & n_mask[None, :]
         raw = tl.where(visible, raw, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(raw, axis=1) * scale_f32)
@@ -204,14 +226,17 @@ def _mha_prefill_block(
 @triton.jit
 def _mha_prefill_kernel(
     qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, pos_ptr, po_ptr, plse_ptr, out_ptr, oq_ptr, os_ptr,
-    S, H, DN, R, DV, scale_log2, n_rows, pad_rows, n_groups,
+    S, KR, H, DN, R, DV, scale_log2, n_rows, pad_rows, n_groups,
     s_qn_b, s_qn_s, s_qn_h, s_qp_b, s_qp_s, s_qp_h, s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s,
     s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, s_po_b, s_po_s, s_po_h, s_o_b, s_o_s, s_o_h, s_oq, s_os_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr, EXACT_D: tl.constexpr, KV_DESC: tl.constexpr,
-    QUANT_OUT: tl.constexpr, HEAD_GROUP: tl.constexpr,
+    QUANT_OUT: tl.constexpr, HEAD_GROUP: tl.constexpr, KEYS_CACHED: tl.constexpr,
 ):
-    """Causal flash attention over a chunk's own keys (module docstring). KV_DESC (the launcher's choice, with
+    """Causal flash attention over a chunk's own keys (module docstring); KR = S key rows per sequence.
+    KEYS_CACHED (dsv3.mla_cached_prefill_attention): the keys are KR rows per sequence indexed by position (row t
+    is position t: the decompressed latent cache, prefix and chunk), each query sees rows t <= its position; the
+    walk starts at row 0 and ends at the block's last position. KV_DESC (the launcher's choice, with
     EXACT_D): kn_ptr, kp_ptr and v_ptr are TMA tensor descriptors over the keys' row views k_nope [B*S, H, DN], k_pe
     [B*S, R] and v [B*S, H, DV] with boxes [BLOCK_N, 1, DN], [BLOCK_N, R], [BLOCK_N, 1, DV]: one copy instruction per
     tile instead of each thread's 64-bit address and mask arithmetic (and the registers that holds). Rows past a
@@ -262,20 +287,28 @@ def _mha_prefill_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     # Key blocks wholly before the first query of this program: visible to all its queries (unmasked loop).
     # From there to the last query (causal bound), the position test.
-    lo = (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    if KEYS_CACHED:
+        # (the first position loaded here, in the kernel's body: see docs/KERNELS.md on what Inductor takes as
+        # written) query m is at position >= start + m, so rows before start + the block's first query are
+        # visible to all of its queries; the last one it sees is its largest position
+        start = tl.load(pos_ptr + b * s_pos_b)
+        lo = ((start + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(KR, tl.max(pos_q, axis=0) + 1)
+    else:
+        lo = (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for n0 in range(0, lo, BLOCK_N):
         acc, m_i, l_i = _mha_prefill_block(
-            q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
+            q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, KR,
             s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
-            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, False, EXACT_D, KV_DESC, BLOCK_N, DN_PAD,
-            DV_PAD)
+            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, False, EXACT_D, KV_DESC, KEYS_CACHED,
+            BLOCK_N, DN_PAD, DV_PAD)
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _mha_prefill_block(
-            q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, S,
+            q, qpe, acc, m_i, l_i, pos_q, n0, kn_ptr, kp_ptr, v_ptr, pos_ptr, b, h, KR,
             s_kn_b, s_kn_s, s_kn_h, s_kp_b, s_kp_s, s_v_b, s_v_s, s_v_h, s_pos_b, s_pos_s, scale_f32,
-            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, True, EXACT_D, KV_DESC, BLOCK_N, DN_PAD,
-            DV_PAD)
+            offs_n0, offs_dn, offs_r, offs_dv, dn_mask, r_mask, dv_mask, True, EXACT_D, KV_DESC, KEYS_CACHED,
+            BLOCK_N, DN_PAD, DV_PAD)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if QUANT_OUT:
         # (`quantize_tile_rcp`: act_quant's scales bit for bit, its e4m3 values up to the sign of a zero)
@@ -332,9 +365,13 @@ def mla_prefill_attention_triton(
     input_pos: torch.Tensor, softmax_scale: float, prefix_out: Optional[torch.Tensor] = None,
     prefix_lse: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: Optional[int] = None,
     num_warps: Optional[int] = None, num_stages: Optional[int] = None, quant_out: bool = False,
+    keys_cached: bool = False,
 ):
     """Launch config: by size (`prefill_attention_launches`), unless a field is given (sweeps, tests): then one
     launch of PREFILL_ATTN_LONG with the given fields replaced.
+    keys_cached (no prefix_out / prefix_lse): k_nope [B, T, H, Dn], k_pe [B, T, R] and v [B, T, H, Dv] hold
+    positions 0 .. T-1 (a decompressed latent cache: `mla_cached_prefill_attention`); query (b, s) sees rows
+    t <= input_pos[b, s]. Rows a query could see must hold finite values up to the key block's end.
     quant_out (Dv = 128): returns (oq, os), the output quantized for a cuBLAS block-scaled GEMM: oq e4m3
     [Mp, H * Dv] with Mp = B * S rounded up to 4 (the extra rows quantized zeros), os fp32 [Mp, H] M-major
     (strides (1, Mp)): what `act_quant(out.view(B * S, H * Dv), pad_rows_to=4, scales_m_major=True)` returns."""
@@ -354,6 +391,8 @@ def mla_prefill_attention_triton(
         oq = os_ = out = torch.empty((bsz, seqlen, heads, dv), dtype=q_nope.dtype, device=q_nope.device)
         mp = n_rows
     has_prefix = prefix_out is not None
+    if keys_cached and has_prefix:
+        raise ValueError("mla_prefill_attention_triton: keys_cached takes every key from the cache, no prefix_out")
     if not has_prefix:  # the kernel reads neither (HAS_PREFIX=False): any tensor serves as the pointer
         prefix_out, prefix_lse = out, out
     q_nope, q_pe, k_nope, k_pe, v, prefix_out = (
@@ -388,7 +427,8 @@ def mla_prefill_attention_triton(
         launch_with_descriptors(
             _mha_prefill_kernel, (group, query_blocks, n_groups * bsz), descriptors,
             qn_ptr=q_nope, qp_ptr=q_pe, **keys, pos_ptr=input_pos, po_ptr=prefix_out, plse_ptr=prefix_lse, out_ptr=out,
-            oq_ptr=oq, os_ptr=os_, S=seqlen, H=heads, DN=dn, R=r, DV=dv, scale_log2=float(softmax_scale) * LOG2E,
+            oq_ptr=oq, os_ptr=os_, S=seqlen, KR=k_nope.shape[1] if keys_cached else seqlen, H=heads, DN=dn, R=r,
+            DV=dv, scale_log2=float(softmax_scale) * LOG2E,
             n_rows=n_rows, pad_rows=mp - n_rows, n_groups=n_groups,
             s_qn_b=q_nope.stride(0), s_qn_s=q_nope.stride(1), s_qn_h=q_nope.stride(2),
             s_qp_b=q_pe.stride(0), s_qp_s=q_pe.stride(1), s_qp_h=q_pe.stride(2),
@@ -398,10 +438,76 @@ def mla_prefill_attention_triton(
             s_po_b=prefix_out.stride(0), s_po_s=prefix_out.stride(1), s_po_h=prefix_out.stride(2),
             s_o_b=out.stride(0), s_o_s=out.stride(1), s_o_h=out.stride(2), s_oq=oq.stride(0), s_os_h=os_.stride(1),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DN_PAD=dn_pad, R_PAD=r_pad, DV_PAD=dv_pad, HAS_PREFIX=has_prefix,
-            EXACT_D=exact_d, KV_DESC=kv_desc, QUANT_OUT=quant_out, HEAD_GROUP=group, num_warps=cfg.num_warps,
+            EXACT_D=exact_d, KV_DESC=kv_desc, QUANT_OUT=quant_out, HEAD_GROUP=group, KEYS_CACHED=keys_cached,
+            num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     return (oq, os_) if quant_out else out
+
+
+# Decompression tiles (`_kv_decompress_kernel`): 128 cache rows x 128 output channels, K (the latent) in steps of 64.
+# A row tile is computed whole (its rows past the last position too, finite values of the zero-initialized cache),
+# so the attention's last key block (KEY_TILE_ROWS is a multiple of its BLOCK_N) reads only computed rows.
+KEY_TILE_ROWS = 128
+DECOMPRESS_BLOCK_N = 128
+DECOMPRESS_BLOCK_K = 64
+
+
+@triton.jit
+def _kv_decompress_kernel(
+    c_ptr, pos_ptr, w_ptr, out_ptr, T, C, N, S, s_c_b, s_c_t, s_pos_b, s_pos_s, s_w_n, s_o_b, s_o_t,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[b, t, n] = sum_k c[b, t, k] * w[n, k] (fp32 accumulation, rounded to out's dtype) for the row tiles that
+    start before sequence b's last position + 1 (its chunk's last query, read on the device); later tiles exit at
+    once. Grid (N / BLOCK_N, T / BLOCK_T, B): a row tile's programs run together and share its cache rows in L2."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    limit = tl.load(pos_ptr + b * s_pos_b + (S - 1) * s_pos_s) + 1  # positions increase along the chunk
+    t0 = pid_t * BLOCK_T
+    if t0 >= limit:
+        return
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_mask = offs_t < T
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < C
+        a = tl.load(c_ptr + b * s_c_b + offs_t[:, None] * s_c_t + offs_k[None, :],
+                    mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * s_w_n + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc)
+    tl.store(out_ptr + b * s_o_b + offs_t[:, None] * s_o_t + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & n_mask[None, :])
+
+
+def kv_decompress_triton(latent_cache: torch.Tensor, input_pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[B, T, C + R] cache, [B, S] positions, [N, C] kv_b_proj weight (the cache's dtype) -> [B, T, N]: each
+    sequence's rows up to its last position decompressed (whole KEY_TILE_ROWS tiles), later rows left unwritten."""
+    bsz, t_cap, _ = latent_cache.shape
+    n, c = w.shape
+    out = torch.empty((bsz, t_cap, n), dtype=latent_cache.dtype, device=latent_cache.device)
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    wrap_triton(_kv_decompress_kernel)[(cdiv(n, DECOMPRESS_BLOCK_N), cdiv(t_cap, KEY_TILE_ROWS), bsz)](
+        latent_cache, input_pos, w, out, t_cap, c, n, input_pos.shape[1], latent_cache.stride(0),
+        latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1), w.stride(0), out.stride(0), out.stride(1),
+        BLOCK_T=KEY_TILE_ROWS, BLOCK_N=DECOMPRESS_BLOCK_N, BLOCK_K=DECOMPRESS_BLOCK_K, num_warps=8, num_stages=3,
+    )
+    return out
+
+
+def _cached_keys(kv: torch.Tensor, latent_cache: torch.Tensor, kv_lora_rank: int, heads: int, nope_dim: int,
+                 v_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_nope [B, T, H, Dn], k_pe [B, T, R], v [B, T, H, Dv]): views of the decompressed rows kv [B, T, H*(Dn+Dv)]
+    and of the cache's rope columns."""
+    bsz, t_cap = kv.shape[:2]
+    k_nope, v = kv.view(bsz, t_cap, heads, nope_dim + v_dim).split([nope_dim, v_dim], dim=-1)
+    return k_nope, latent_cache[..., kv_lora_rank:], v
 
 
 def prefill_attn_tma() -> bool:
@@ -516,6 +622,90 @@ def _mla_prefill_attention_o_proj_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos,
     return q_nope.new_empty((b, s, o_weight.shape[0]))
 
 
+CACHED_PREFILL_MAX_BYTES = 4 << 30
+
+
+def cached_prefill_choice(latent_cache: torch.Tensor, heads: int, nope_dim: int, v_dim: int) -> bool:
+    """Whether a prefill chunk that continues its sequences runs `dsv3.mla_cached_prefill_attention` (its prefix
+    decompressed) rather than the absorbed prefix (dsv3.mla_prefix_attention): read at trace time. Yes unless
+    DSV3_PREFILL_PREFIX=absorbed, or the decompressed rows of the cache's static [B, T] would take more than
+    CACHED_PREFILL_MAX_BYTES (the op allocates [B, T, H*(Dn+Dv)] for them: 16B at 32768 rows 268 MB per row,
+    671B's full 163840 at 16 heads per rank 1.3 GB), or B / T are dynamic."""
+    if env_switch("DSV3_PREFILL_PREFIX", "decompressed", ("decompressed", "absorbed")) != "decompressed":
+        return False
+    b, t = (static_int(n) for n in latent_cache.shape[:2])
+    return (b is not None and t is not None
+            and b * t * heads * (nope_dim + v_dim) * latent_cache.element_size() <= CACHED_PREFILL_MAX_BYTES)
+
+
+@triton_op("dsv3::mla_cached_prefill_attention", mutates_args=())
+def mla_cached_prefill_attention(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    kv_b_weight: torch.Tensor, softmax_scale: float, nope_dim: int, v_dim: int,
+) -> torch.Tensor:
+    if q_nope.device.type == "cpu" or not _triton_ok(q_nope, q_pe, latent_cache, kv_b_weight):
+        return mla_cached_prefill_attention_reference(q_nope, q_pe, latent_cache, input_pos, kv_b_weight,
+                                                      softmax_scale, nope_dim, v_dim)
+    kv = kv_decompress_triton(latent_cache, input_pos, kv_b_weight)
+    k_nope, k_pe, v = _cached_keys(kv, latent_cache, kv_b_weight.shape[1], q_nope.shape[2], nope_dim, v_dim)
+    return mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, keys_cached=True)
+
+
+def _check_cached(q_nope, q_pe, latent_cache, kv_b_weight, nope_dim, v_dim) -> None:
+    heads, c = q_nope.shape[2], kv_b_weight.shape[1]
+    torch._check(kv_b_weight.shape[0] == heads * (nope_dim + v_dim) and q_nope.shape[-1] == nope_dim,
+                 lambda: f"mla_cached_prefill_attention: kv_b_weight {tuple(kv_b_weight.shape)} does not give "
+                         f"{heads} heads of nope {nope_dim} + v {v_dim} (q_nope {tuple(q_nope.shape)})")
+    torch._check(latent_cache.shape[-1] == c + q_pe.shape[-1],
+                 lambda: f"mla_cached_prefill_attention: cache rows of {latent_cache.shape[-1]} are not kv_lora_rank "
+                         f"{c} + rope {q_pe.shape[-1]}")
+
+
+@mla_cached_prefill_attention.register_fake
+def _mla_cached_prefill_attention_fake(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale, nope_dim,
+                                       v_dim):
+    _check_cached(q_nope, q_pe, latent_cache, kv_b_weight, nope_dim, v_dim)
+    b, s, h, _ = q_nope.shape
+    return q_nope.new_empty((b, s, h, v_dim))
+
+
+@triton_op("dsv3::mla_cached_prefill_attention_o_proj", mutates_args=())
+def mla_cached_prefill_attention_o_proj(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
+    kv_b_weight: torch.Tensor, softmax_scale: float, nope_dim: int, v_dim: int, o_weight: torch.Tensor,
+    o_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Exactly dsv3.fp8_linear(mla_cached_prefill_attention(...).reshape(B, S, H * Dv), o_weight, o_scale), with the
+    attention kernel quantizing o_proj's input where `prefill_o_proj_fused` says (as mla_prefill_attention_o_proj)."""
+    bsz, seqlen, heads, _ = q_nope.shape
+    if q_nope.device.type == "cpu" or not _triton_ok(q_nope, q_pe, latent_cache, kv_b_weight):
+        o = mla_cached_prefill_attention_reference(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale,
+                                                   nope_dim, v_dim)
+        return fp8_linear(o.reshape(bsz, seqlen, heads * v_dim), o_weight, o_scale)
+    kv = kv_decompress_triton(latent_cache, input_pos, kv_b_weight)
+    k_nope, k_pe, v = _cached_keys(kv, latent_cache, kv_b_weight.shape[1], heads, nope_dim, v_dim)
+    if prefill_o_proj_fused(q_nope, v, (q_nope, q_pe, k_nope, k_pe, v), o_weight):
+        oq, os_ = mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale,
+                                               quant_out=True, keys_cached=True)
+        y = scaled_mm_quantized(oq, os_, o_weight, o_scale, q_nope.dtype)
+        return y[:bsz * seqlen, :o_weight.shape[0]].reshape(bsz, seqlen, o_weight.shape[0])
+    o = mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, keys_cached=True)
+    return fp8_linear(o.reshape(bsz, seqlen, heads * v_dim), o_weight, o_scale)
+
+
+@mla_cached_prefill_attention_o_proj.register_fake
+def _mla_cached_prefill_attention_o_proj_fake(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale,
+                                              nope_dim, v_dim, o_weight, o_scale):
+    _check_cached(q_nope, q_pe, latent_cache, kv_b_weight, nope_dim, v_dim)
+    torch._check(o_weight.shape[1] == q_nope.shape[2] * v_dim,
+                 lambda: f"mla_cached_prefill_attention_o_proj: o_weight {tuple(o_weight.shape)} does not take "
+                         f"{q_nope.shape[2]} heads x v_head_dim {v_dim}")
+    b, s = q_nope.shape[:2]
+    return q_nope.new_empty((b, s, o_weight.shape[0]))
+
+
 __all__ = ["mla_prefix_attention", "mla_prefill_attention", "mla_prefill_attention_o_proj",
            "mla_prefix_attention_reference", "mla_prefill_attention_reference", "mla_prefix_attention_triton",
-           "mla_prefill_attention_triton", "prefill_attention_launches", "prefill_o_proj_fused"]
+           "mla_prefill_attention_triton", "prefill_attention_launches", "prefill_o_proj_fused",
+           "mla_cached_prefill_attention", "mla_cached_prefill_attention_o_proj",
+           "mla_cached_prefill_attention_reference", "kv_decompress_triton", "cached_prefill_choice"]

@@ -24,6 +24,7 @@ from xml.sax.saxutils import escape
 
 import torch
 
+from dsv3.kernels.mla_prefill import cached_prefill_choice
 from dsv3.generate import SamplingParams, Stepper, decode_loop, generate
 from dsv3.model import Transformer
 
@@ -208,9 +209,9 @@ def prefill_flops(model: Transformer, prompt_len: int, chunk: int | None = None)
     experts, the shared ones; the LM head for the last token only), the chunk's keys and values decompressed by
     kv_b_proj, naive causal attention within the chunk (per head and query: scores over qk_nope + rope dims, values
     over v_head_dim, for the (S + 1) / 2 chunk keys it sees on average), and for a chunk that continues the prompt
-    the absorbed attention over the P rows before it (W_UK / W_UV absorption, scores over kv_lora_rank + rope, values
-    over kv_lora_rank). The model also runs the absorptions on an empty prefix (zeros); that is not counted.
-    Elementwise work (norms, rope, softmax) is not counted either."""
+    the P rows before it: by default (`cached_prefill_choice`) decompressed by kv_b_proj again and attended in the
+    same naive form; otherwise in absorbed form (W_UK / W_UV absorption, scores over kv_lora_rank + rope, values
+    over kv_lora_rank). Elementwise work (norms, rope, softmax) is not counted."""
     cfg = model.cfg
     per_token = 0.0
     for name, t in model.state_dict().items():
@@ -229,12 +230,16 @@ def prefill_flops(model: Transformer, prompt_len: int, chunk: int | None = None)
     lat, rope, dn, dv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
     decompress = 2 * heads * lat * (dn + dv)
     absorb = 2 * heads * lat * (dn + dv)
+    attn = model.layers[0].self_attn
+    prefix_decompressed = cached_prefill_choice(attn.latent_cache[:1], heads, dn, dv)
     total = per_token * prompt_len
     chunk = chunk or prompt_len
     for p in range(0, prompt_len, chunk):
         s = min(chunk, prompt_len - p)
         attention = s * (decompress + 2 * heads * (dn + rope + dv) * (s + 1) / 2)
-        if p:
+        if p and prefix_decompressed:
+            attention += p * decompress + s * 2 * heads * (dn + rope + dv) * p
+        elif p:
             attention += s * (absorb + 2 * heads * (lat + rope + lat) * p)
         total += cfg.num_hidden_layers * attention
     return total

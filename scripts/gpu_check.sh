@@ -107,6 +107,9 @@
 #   bench16    dsv3c bench on the 16B artifacts (batch 1,8; context 128,4032: the 32 timed steps must fit the 4096 cache)
 #              with --baseline hf when ckpt16bf16 exists, and the eager model, JSON and SVG in $OUT
 #   bench16q   quick16's bench alone, on artifacts already in $WORK/art16q (quick16 or build16both)
+#   long16     the FP8 16B config compiled for 32768-token sequences ($WORK/art16long; LONG16=build,bench picks), then
+#              dsv3c bench --random-weights at contexts up to 32640 and prompts up to 32767 tokens (8 chunks);
+#              PROF_ART=art16long with prof16q profiles it
 #   quick16    no checkpoint: the FP8 16B config compiled, then dsv3c bench --random-weights (weights made on the GPU)
 #   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
@@ -547,6 +550,23 @@ step_quick16() {  # no checkpoint on disk: FP8 16B config -> compile -> bench wi
   dsv3c compile --config "$cfg" --out "$WORK/art16q" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
     --max-seq-len 4096 --overwrite --jobs "${Q16_JOBS:-6}" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/compile16q.log" | tail -8
   step_bench16q
+}
+
+step_long16() {  # decode and prefill at long context: the cache holds 32768 rows per sequence (batch 1 and 8)
+  local parts=${LONG16:-build,bench}
+  cfg16fp8
+  if [[ $parts == *build* ]]; then
+    dsv3c compile --config "$WORK/cfg16fp8" --out "$WORK/art16long" --device cuda --max-batch-size 8 --batch-sizes 1,8 \
+      --max-seq-len 32768 --overwrite --jobs "${Q16_JOBS:-6}" --no-verify --short-prefill "${SHORT16:-1x16}" \
+      > "$OUT/compile_art16long.log" 2>&1
+    echo "compile art16long: exit $?"
+    grep -v Warning "$OUT/compile_art16long.log" | tail -3
+  fi
+  if [[ $parts == *bench* ]]; then
+    dsv3c bench --artifacts "$WORK/art16long" --random-weights --batch-sizes 1,8 --context 128,4032,16384,32640 \
+      --steps 32 --prompt-len 4096,16384,32767 --json "$OUT/bench16long.json" 2>&1 \
+      | grep --line-buffered -v -E "Warning|%\|" | tail -20
+  fi
 }
 
 step_bench16q() {  # dsv3c bench on quick16's (or build16both's FP8) artifacts, weights generated on the GPU

@@ -141,6 +141,16 @@ def positions_writes() -> dict[str, list[str]]:
                         ("prefix", dict(SPLIT=False, PREFIX=True))):
         cases[f"_mla_fwd_kernel ({name})"] = _analysed_writes(MA._mla_fwd_kernel, attn, dict(
             flags, BLOCK_H=16, BLOCK_T=64, C_PAD=512, R_PAD=64, MIN_CHUNK_=64, SWAP=False))
+    from dsv3.kernels import mla_prefill as PF
+
+    cases["_kv_decompress_kernel"] = _analysed_writes(PF._kv_decompress_kernel, dict(
+        c_ptr=t(bf), pos_ptr=t(i64), w_ptr=t(bf), out_ptr=t(bf)), dict(BLOCK_T=128, BLOCK_N=128, BLOCK_K=64))
+    chunk = dict(qn_ptr=t(bf), qp_ptr=t(bf), kn_ptr=t(bf), kp_ptr=t(bf), v_ptr=t(bf), pos_ptr=t(i64), po_ptr=t(bf),
+                 plse_ptr=t(f32), out_ptr=t(bf), oq_ptr=t(torch.float8_e4m3fn), os_ptr=t(f32))
+    for cached in (False, True):
+        cases[f"_mha_prefill_kernel (KEYS_CACHED={cached})"] = _analysed_writes(PF._mha_prefill_kernel, chunk, dict(
+            BLOCK_M=128, BLOCK_N=64, DN_PAD=128, R_PAD=64, DV_PAD=128, HAS_PREFIX=not cached, EXACT_D=True,
+            KV_DESC=False, QUANT_OUT=True, HEAD_GROUP=16, KEYS_CACHED=cached))
     return cases
 
 

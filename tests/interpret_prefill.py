@@ -220,3 +220,46 @@ def test_prefill_attention_head_groups(quant_out, fixed_interpreter, monkeypatch
         ref = P.mla_prefill_attention_reference(
             *(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args))
         assert rel_err(outs[2][0], ref) < 2e-3
+
+
+# (batch, chunk length S, heads, Dn, R, Dv, kv_lora_rank C, first position of each row's chunk, cache rows T)
+CACHED_CASES = [
+    (2, 37, 3, 24, 8, 20, 40, [150, 0], 300),       # ragged dims (pointer tiles), a prefix past one row tile
+    (1, 70, 2, 32, 16, 32, 64, [130], 256),         # exact dims: keys through TMA descriptors, chunk ends at 200
+    (2, 16, 2, 32, 16, 32, 64, [0, 240], 256),      # the second row's chunk ends at the cache's last row
+]
+
+
+@pytest.mark.parametrize("case", CACHED_CASES)
+@pytest.mark.parametrize("blocks", [None, (32, 16)])
+def test_cached_prefill_attention(case, blocks):
+    """dsv3.mla_cached_prefill_attention's CUDA path on the interpreter: `kv_decompress_triton` decompresses each
+    row's cache rows up to its chunk's last position in whole KEY_TILE_ROWS tiles (equal to F.linear there; the
+    cache past those tiles NaN, never read), then the attention kernel with KEYS_CACHED (its keys past those tiles
+    NaN too) equals the float64 reference, with the launcher's default blocks and small ones (several masked and
+    unmasked key blocks per program)."""
+    b, s, h, dn, r, dv, c, starts, t = case
+    gen = torch.Generator().manual_seed(sum(starts) + s)
+    r_ = lambda *shape: torch.randn(*shape, generator=gen).half()  # noqa: E731
+    cache, w = r_(b, t, c + r), (torch.randn(h * (dn + dv), c, generator=gen) * c ** -0.5).half()
+    q_nope, q_pe = r_(b, s, h, dn), r_(b, s, h, r)
+    pos = torch.tensor(starts)[:, None] + torch.arange(s)[None]
+    tile = P.KEY_TILE_ROWS
+    ends = [min(t, -(-(st + s) // tile) * tile) for st in starts]  # rows the decompression computes
+    clean = cache.clone()
+    for i, e in enumerate(ends):
+        cache[i, e:] = float("nan")
+    kv = P.kv_decompress_triton(cache, pos, w)
+    want_kv = torch.nn.functional.linear(clean.float()[..., :c], w.float())
+    for i, e in enumerate(ends):
+        assert rel_err(kv[i, :e], want_kv[i, :e]) < 1e-3
+        kv[i, e:] = float("nan")
+    k_nope, k_pe, v = P._cached_keys(kv, cache, c, h, dn, v_dim=dv)
+    kw = {} if blocks is None else dict(block_m=blocks[0], block_n=blocks[1], num_warps=4)
+    out = P.mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, pos, 0.15, keys_cached=True, **kw)
+    ref = P.mla_cached_prefill_attention_reference(q_nope.double(), q_pe.double(), clean.double(), pos, w.double(),
+                                                   0.15, dn, dv)
+    assert out.shape == (b, s, h, dv) and rel_err(out, ref) < 2e-3
+    with pytest.raises(ValueError, match="keys_cached"):
+        P.mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, pos, 0.15, out, torch.zeros(b, s, h),
+                                       keys_cached=True)

@@ -72,11 +72,13 @@ def test_prefill_flops_hand_count():
     # one chunk: kv_b_proj decompresses every token, naive causal attention (nope + rope scores, v values)
     one_chunk = per_token * length + cfg.num_hidden_layers * length * (
         2 * h * lat * (dn + v) + 2 * h * (dn + rope + v) * (length + 1) / 2)
-    # chunks of 30 + 20: the second one also absorbs q and o and attends the 30 rows before it in latent space
-    two_chunks = per_token * length + cfg.num_hidden_layers * (
+    # chunks of 30 + 20: the second one decompresses the 30 rows before it again and attends them in the same form
+    first_two = per_token * length + cfg.num_hidden_layers * (
         30 * (2 * h * lat * (dn + v) + 2 * h * (dn + rope + v) * 31 / 2)
-        + 20 * (2 * h * lat * (dn + v) + 2 * h * (dn + rope + v) * 21 / 2)
-        + 20 * (2 * h * lat * (dn + v) + 2 * h * (2 * lat + rope) * 30))
+        + 20 * (2 * h * lat * (dn + v) + 2 * h * (dn + rope + v) * 21 / 2))
+    two_chunks = first_two + cfg.num_hidden_layers * (30 * 2 * h * lat * (dn + v) + 20 * 2 * h * (dn + rope + v) * 30)
+    # DSV3_PREFILL_PREFIX=absorbed: the second one also absorbs q and o and attends those rows in latent space
+    two_absorbed = first_two + cfg.num_hidden_layers * 20 * (2 * h * lat * (dn + v) + 2 * h * (2 * lat + rope) * 30)
     with torch.device("meta"):
         plain = Transformer(cfg, dtype=torch.bfloat16, max_batch_size=1, max_seq_len=64)
     laid_out = build_rank_model(cfg, ParallelPlan(0, 1), dtype=torch.bfloat16, device="meta", max_batch_size=1,
@@ -85,6 +87,9 @@ def test_prefill_flops_hand_count():
     for model in (plain, laid_out):
         assert prefill_flops(model, length) == pytest.approx(one_chunk, rel=1e-12)
         assert prefill_flops(model, length, 30) == pytest.approx(two_chunks, rel=1e-12)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSV3_PREFILL_PREFIX", "absorbed")
+        assert prefill_flops(plain, length, 30) == pytest.approx(two_absorbed, rel=1e-12)
 
 
 def test_sustained_mfu_fields():

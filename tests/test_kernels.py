@@ -179,9 +179,10 @@ def test_position_readers_write_no_positions():
     outputs = {"_mla_prefill_prep_kernel": "['cache_ptr', 'lat_ptr', 'qpe_ptr']",
                "_mla_decode_prep_kernel": "['cache_ptr', 'qlat_ptr', 'qpe_ptr']",
                "_mla_fwd_kernel (split)": "['ml_ptr', 'part_ptr']", "_mla_fwd_kernel (one pass)": "['out_ptr']",
-               "_mla_fwd_kernel (prefix)": "['lse_ptr', 'out_ptr']"}
+               "_mla_fwd_kernel (prefix)": "['lse_ptr', 'out_ptr']", "_kv_decompress_kernel": "['out_ptr']",
+               "_mha_prefill_kernel": "['oq_ptr', 'os_ptr']"}
     lines = _mutation_lines("--positions")
-    assert len(lines) == 8, lines
+    assert len(lines) == 11, lines
     for ln in lines:
         name, writes = ln.split(" writes ")
         want = next(v for k, v in outputs.items() if name.startswith(k))

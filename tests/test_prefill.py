@@ -58,6 +58,12 @@ def test_references_merge_prefix_exactly(start):
                                             scale, prefix_out, lse)
     assert torch.isneginf(lse).all() == (start == 0)
     assert (got - want).abs().max() < 1e-10
+    # every key decompressed from the cache (dsv3.mla_cached_prefill_attention): kv_b_proj's rows per head are W_UK's
+    # then W_UV's; cache rows past the chunk hold other values and must be masked out
+    w_kv_b = torch.cat([w_uk, w_uv], dim=1).reshape(h * (dn + dv), c)
+    stale = torch.cat([cache, torch.randn(b, 5, c + r, generator=g, dtype=d)], dim=1)
+    cached = P.mla_cached_prefill_attention_reference(q_nope, q_pe, stale, pos, w_kv_b, scale, dn, dv)
+    assert (cached - want).abs().max() < 1e-10
     if start == 0:  # no prefix at all (the first-chunk graph's call): the same attention
         alone = P.mla_prefill_attention_reference(q_nope, q_pe, k_nope, k_pe, v, pos, scale)
         assert (alone - want).abs().max() < 1e-10
@@ -135,6 +141,18 @@ def test_ops_fake_and_schema():
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(Exception, match="together"):
         torch.ops.dsv3.mla_prefill_attention(*args[:8])
+    from dsv3.kernels.fp8_blocks import quantize_weight
+
+    w_kv_b = torch.randn(h * (dn + dv), c, generator=g)
+    cached = (args[0], q_pe, cache, pos, w_kv_b, 0.2, dn, dv)
+    torch.library.opcheck(torch.ops.dsv3.mla_cached_prefill_attention.default, cached,
+                          test_utils=("test_schema", "test_faketensor"))
+    o_w, o_s = quantize_weight(torch.randn(24, h * dv, generator=g))
+    torch.library.opcheck(torch.ops.dsv3.mla_cached_prefill_attention_o_proj.default, (*cached, o_w, o_s),
+                          test_utils=("test_faketensor",))  # (test_schema multiplies the FP8 weight: not on CPU)
+    with pytest.raises(Exception, match="does not give"):
+        torch.ops.dsv3.mla_cached_prefill_attention(*(a.to("meta") for a in (args[0], q_pe, cache, pos)),
+                                                    w_kv_b[:-1].to("meta"), 0.2, dn, dv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,3 +440,59 @@ def test_jit_prefill_graph_is_one_graph_for_every_chunk_length(tiny_model):
     want = PrefillStep(tiny_model)(*args)
     assert rel_err(got, want) < 1e-5
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s,start", [(17, 300), (1000, 4096), (4096, 4096), (301, 0)])
+def test_cached_prefill_attention_gpu(s, start, monkeypatch):
+    """dsv3.mla_cached_prefill_attention at 16B shapes (16 heads, C 512, R 64, Dn = Dv = 128) over an 8192-row
+    cache: against the float64 reference; against the absorbed prefix (dsv3.mla_prefix_attention, W_UV, merged by
+    dsv3.mla_prefill_attention), the form it replaces, within bf16 rounding; the cache past the decompressed row
+    tiles NaN and allocations poisoned (nothing unwritten is read); the o_proj op bitwise the attention op followed
+    by dsv3.fp8_linear, fused (o_proj's input quantized by the attention) or not, eagerly and compiled with a
+    dynamic chunk length."""
+    from dsv3.kernels.fp8_blocks import quantize_weight
+    from kernel_checks import poison_allocator
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(s + start)
+    b, h, dn, r, dv, c, t = 1, 16, 128, 64, 128, 512, 8192
+    rn = lambda *shape: torch.randn(*shape, device=dev, generator=g).bfloat16()  # noqa: E731
+    cache = rn(b, t, c + r)
+    w = (torch.randn(h * (dn + dv), c, device=dev, generator=g) * c ** -0.5).bfloat16()
+    q_nope, q_pe = rn(b, s, h, dn), rn(b, s, h, r)
+    pos = (start + torch.arange(s, device=dev))[None]
+    clean = cache.clone()
+    cache[:, -(-(start + s) // P.KEY_TILE_ROWS) * P.KEY_TILE_ROWS:] = float("nan")
+    args = (q_nope, q_pe, cache, pos, w, 0.07, dn, dv)
+    poison_allocator()
+    out = torch.ops.dsv3.mla_cached_prefill_attention(*args)
+    ref = P.mla_cached_prefill_attention_reference(q_nope.double(), q_pe.double(), clean.double(), pos, w.double(),
+                                                   0.07, dn, dv)
+    assert rel_err(out, ref) < 8e-3
+    # the absorbed prefix (the form before): q absorbed by W_UK, the prefix's latent output by W_UV
+    w4 = w.view(h, dn + dv, c)
+    q_latent = torch.einsum("bshd,hdc->bshc", q_nope.float(), w4[:, :dn].float()).bfloat16()
+    o_lat, lse = torch.ops.dsv3.mla_prefix_attention(q_latent, q_pe, clean, pos, 0.07)
+    prefix_out = torch.einsum("bshc,hdc->bshd", o_lat.float(), w4[:, dn:].float()).bfloat16()
+    kv = torch.nn.functional.linear(clean[:, start:start + s, :c], w).view(b, s, h, dn + dv)
+    absorbed = torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, kv[..., :dn], clean[:, start:start + s, c:],
+                                                    kv[..., dn:], pos, 0.07, prefix_out, lse)
+    assert rel_err(out, absorbed) < 1e-2
+    o_w, o_s = quantize_weight(torch.randn(2048, h * dv, device=dev, generator=g) * 0.05)
+    want = torch.ops.dsv3.fp8_linear(out.reshape(b, s, h * dv), o_w, o_s)
+    for fused in ("on", "off"):
+        monkeypatch.setenv("DSV3_PREFILL_O_QUANT", fused)
+        poison_allocator()
+        got = torch.ops.dsv3.mla_cached_prefill_attention_o_proj(*args, o_w, o_s)
+        assert got.shape == (b, s, 2048) and torch.equal(got, want), fused
+    monkeypatch.delenv("DSV3_PREFILL_O_QUANT")
+    torch._dynamo.reset()
+    dyn = [q_nope.clone(), q_pe.clone(), pos.clone()]
+    for x in dyn:
+        torch._dynamo.mark_dynamic(x, 1)
+    fn = torch.compile(lambda qn, qp, p: torch.ops.dsv3.mla_cached_prefill_attention_o_proj(
+        qn, qp, cache, p, w, 0.07, dn, dv, o_w, o_s), fullgraph=True)
+    # (a dynamic chunk length takes cuBLAS for o_proj; an eager 17-row call another FP8 GEMM: rounding apart)
+    got = fn(*dyn)
+    assert torch.equal(got, want) if s >= 300 else rel_err(got, want) < 1e-2

@@ -405,7 +405,10 @@ def mla_prefill_attention_triton(
     # as C++ expressions (`reinterpret_tensor_wrapper(buf, ..., 512L)`) into the Python block that compiles the
     # package's kernels, which then fails to parse (a short prompt's first-chunk graph at 16 tokens, where the
     # descriptors would save nothing measurable anyway)
-    static_graph = static_int(bsz) is not None and static_int(seqlen) is not None and type(q_nope) is not torch.Tensor
+    # (keys_cached: the keys are views of a buffer of static shape [B, T, ...] even in the graphs of dynamic chunk
+    # length, the same failure: "invalid decimal literal" in the prefill package's build, 2026-11-26)
+    static_graph = ((static_int(bsz) is not None and static_int(seqlen) is not None or keys_cached)
+                    and type(q_nope) is not torch.Tensor)
     kv_desc = exact_d and prefill_attn_tma() and not static_graph and all(
         tma_descriptor_ok(t) and statically_known_true(t.stride(0) == t.shape[1] * t.stride(1))
         for t in (k_nope, k_pe, v))

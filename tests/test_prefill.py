@@ -496,3 +496,43 @@ def test_cached_prefill_attention_gpu(s, start, monkeypatch):
     # (a dynamic chunk length takes cuBLAS for o_proj; an eager 17-row call another FP8 GEMM: rounding apart)
     got = fn(*dyn)
     assert torch.equal(got, want) if s >= 300 else rel_err(got, want) < 1e-2
+
+
+class _CachedChunkAttention(torch.nn.Module):
+    """A later chunk's attention + o_proj as the model calls it: cache and weights as buffers."""
+
+    def __init__(self, cache, w, o_weight, o_scale):
+        super().__init__()
+        for name, t in (("cache", cache), ("w", w), ("o_weight", o_weight), ("o_scale", o_scale)):
+            self.register_buffer(name, t)
+
+    def forward(self, q_nope, q_pe, pos):
+        return torch.ops.dsv3.mla_cached_prefill_attention_o_proj(q_nope, q_pe, self.cache, pos, self.w, 0.07, 128,
+                                                                  128, self.o_weight, self.o_scale)
+
+
+@pytest.mark.gpu
+def test_cached_prefill_attention_in_a_package_gpu(tmp_path):
+    """dsv3.mla_cached_prefill_attention_o_proj inside an AOTInductor package with a dynamic chunk length (the
+    runtime's later-chunk prefill graph) builds and gives the eager op's output bit for bit at two lengths. Its keys
+    are views of a buffer of static shape: with TMA descriptors over them the 16B prefill package failed to build
+    ("invalid decimal literal" in its autotuning block, 2026-11-26), so compiled graphs take pointer tiles."""
+    from dsv3.kernels.fp8_blocks import quantize_weight
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(9)
+    rn = lambda *shape: torch.randn(*shape, device=dev, generator=g).bfloat16()  # noqa: E731
+    o_w, o_s = quantize_weight(torch.randn(2048, 16 * 128, device=dev, generator=g) * 0.05)
+    mod = _CachedChunkAttention(rn(1, 4096, 576), (rn(16 * 256, 512) * 512 ** -0.5).bfloat16(), o_w, o_s)
+
+    def inputs(s, start):
+        return rn(1, s, 16, 128), rn(1, s, 16, 64), (start + torch.arange(s, device=dev))[None]
+
+    seq = torch.export.Dim("seq", min=2, max=2048)
+    ep = torch.export.export(mod, inputs(64, 100), dynamic_shapes=({1: seq}, {1: seq}, {1: seq}))
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "cached.pt2")))
+    for s, start in ((300, 1000), (2048, 2048)):
+        a = inputs(s, start)
+        got, want = runner(*a), mod(*a)
+        assert torch.isfinite(got).all() and torch.equal(got, want), (s, start)

@@ -355,7 +355,11 @@ def _build_graph_in_worker(opts: CompileOptions, spec: GraphSpec, out: str, gpus
         # 'frame' object", hiding the cause).
         import traceback
 
-        raise GraphBuildError(f"building graph {spec.name!r} failed: {type(e).__name__}: {e}\n"
+        hint = ""
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e):
+            hint = ("\n(graphs build in parallel processes, each holding the rank's model on the GPU: a smaller --jobs "
+                    "needs less memory; --jobs 1 builds one graph at a time)")
+        raise GraphBuildError(f"building graph {spec.name!r} failed: {type(e).__name__}: {e}{hint}\n"
                               f"{traceback.format_exc()[-4000:]}") from None
     finally:
         if gpu is not None:
@@ -411,6 +415,12 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
         with log.stage("model"), _process_group(opts.world_size):
             model = build_model(opts, device="meta")  # shapes only: the manifest's expected weights
             jobs = min(opts.jobs or default_jobs(opts, len(specs), model), len(specs))
+            if opts.jobs and opts.device == "cuda":
+                fit = len(gpu_slots(_free_gpu_memory(), _per_job_bytes(model)))
+                if jobs > fit:  # the user's count stands (the estimate is a rule of thumb), with the risk named
+                    echo(f"warning: --jobs {opts.jobs}: each build process holds this rank's model, about "
+                         f"{_per_job_bytes(model) / 2**30:.0f} GiB of GPU memory; the free memory holds {fit} at once, "
+                         f"so {jobs} may run out of it (leave --jobs out to build {fit} at a time)")
         echo(f"building {len(specs)} graphs ({', '.join(s.name for s in specs)}), {jobs} at a time")
         if jobs == 1 and opts.device != "cuda":
             for spec in specs:

@@ -107,7 +107,38 @@ def test_worker_build_errors_reach_the_parent_picklable(monkeypatch):
     with pytest.raises(B.GraphBuildError) as info:
         B._build_graph_in_worker(None, B.GraphSpec("decode_b1", "decode", 1), "/nonexistent")
     back = pickle.loads(pickle.dumps(info.value))
-    assert "decode_b1" in str(back) and "_grid_2" in str(back)
+    assert "decode_b1" in str(back) and "_grid_2" in str(back) and "--jobs" not in str(back)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 288.00 MiB.")
+
+    monkeypatch.setattr(B, "build_graph", out_of_memory)
+    with pytest.raises(B.GraphBuildError, match=r"(?s)prefill.*out of memory.*a smaller --jobs"):
+        B._build_graph_in_worker(None, B.GraphSpec("prefill", "prefill"), "/nonexistent")
+
+
+def test_jobs_beyond_free_memory_warn(monkeypatch, tmp_path):
+    """An explicit --jobs above what the free GPU memory holds (per process: the rank's model + 10% + 2 GiB) is kept,
+    with a warning naming the estimate and the count that fits (a 32768-row 16B build with --jobs 6 on one H200 ran
+    out of memory five minutes in, 2026-11-26)."""
+    from dsv3.compiler import build as B
+
+    monkeypatch.setattr(B, "_free_gpu_memory", lambda: [40 << 30])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (the options check; nothing touches a GPU)
+    monkeypatch.setattr(B, "_build_in_parallel", lambda *a, **k: (_ for _ in ()).throw(SystemExit("stop")))
+    opts = B.CompileOptions(config=resolve_config("tiny"), device="cuda", jobs=3, verify=False)
+    lines = []
+    with pytest.raises(SystemExit):
+        B.compile_artifacts(opts, tmp_path / "art", echo=lines.append)
+    # (the tiny model is a few MB: ~2 GiB per process, 18 fit in 90% of 40 GiB; 3 fit without a warning)
+    assert not any("warning" in ln for ln in lines)
+    monkeypatch.setattr(B, "_per_job_bytes", lambda model: 20 << 30)
+    lines.clear()
+    with pytest.raises(SystemExit):
+        B.compile_artifacts(opts, tmp_path / "art2", echo=lines.append)
+    warning = next(ln for ln in lines if ln.startswith("warning"))
+    assert "--jobs 3" in warning and "about 20 GiB" in warning and "holds 1 at once" in warning
+    assert any("3 at a time" in ln for ln in lines)
 
 
 @torch.library.triton_op("dsv3test::switched", mutates_args=())

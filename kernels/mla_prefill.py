@@ -5,11 +5,12 @@ space for every head, 2 * (576 + 512) FLOPs per pair and head. Prefill has as ma
 that for every pair of the prompt. The naive form decompresses the chunk's own keys and values once (kv_b_proj:
 k_nope [Dn], v [Dv] per head) and then costs 2 * (Dn + R + Dv) = 640 FLOPs per pair and head on V2/V3 shapes:
 3.4x less (DeepSeek's own inference code and the serving stacks prefill this way too). A prefill chunk that
-continues a sequence also sees the rows already in the latent cache (the prefix); those stay in absorbed form
-(no decompression of the whole cache). The two parts are merged through the log-sum-exp of the prefix.
-
-The two ops (the halves of one attention; the model calls the first, absorbs its output with W_UV, then the
-second; see `dsv3.model.MLA`):
+continues a sequence also sees the rows already in the latent cache (the prefix). By default
+(`cached_prefill_choice`) those are decompressed again for every chunk, `mla_cached_prefill_attention` below: one
+causal attention over the cache rows up to the chunk's last position. Otherwise (DSV3_PREFILL_PREFIX=absorbed, or a
+cache too large for the decompressed rows' buffer) the prefix is attended in absorbed form and merged with the
+chunk's keys through its log-sum-exp, the first two ops below (the halves of one attention; the model calls the
+first, absorbs its output with W_UV, then the second; see `dsv3.model.MLA`).
 
 `mla_prefix_attention(q_latent, q_pe, latent_cache, input_pos, softmax_scale) -> (out, lse)`
 - As `dsv3.mla_attention` (same shapes and scores), but every query of sequence b sees exactly the cache rows
@@ -33,6 +34,18 @@ second; see `dsv3.model.MLA`):
   from the prefix (m = lse, l = 1, acc = prefix_out; empty without one: HAS_PREFIX=False reads nothing), then walks
   the chunk's key blocks up to its causal bound (exp2 arithmetic, P rounded to v's dtype for the P.V product).
 - Head dims that are not powers of two (tests) are padded to >= 16 with masks.
+
+`mla_cached_prefill_attention(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale, nope_dim, v_dim)
+-> out`
+- latent_cache [B, T, C + R] (row t holds position t), the chunk's rows already written; kv_b_weight [H*(Dn+Dv), C]
+  in the cache's dtype (kv_b_proj dequantized: per head Dn rows of W_UK then Dv of W_UV); input_pos [B, S]
+  increasing along S. out[b, s] = softmax over rows t <= input_pos[b, s] of (q_nope . k_nope[t] + q_pe . k_pe[t]) *
+  softmax_scale, times v, with (k_nope, v) = kv_b_weight @ cache[b, t, :C] per head and k_pe = cache[b, t, C:];
+  [B, S, H, Dv] in q_nope.dtype.
+- CPU / fp32: reference (every row decompressed, masked). CUDA: `_kv_decompress_kernel` (rows up to each sequence's
+  last position, whole KEY_TILE_ROWS tiles, into a [B, T, H*(Dn+Dv)] buffer), then `_mha_prefill_kernel` with
+  KEYS_CACHED. `mla_cached_prefill_attention_o_proj(..., o_weight, o_scale)`: the same followed by the FP8 o_proj,
+  fused as `mla_prefill_attention_o_proj` below.
 
 `mla_prefill_attention_o_proj(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, o_weight, o_scale,
 prefix_out, prefix_lse) -> [B, S, N]`

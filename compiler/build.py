@@ -147,11 +147,12 @@ class CompileOptions:
 def check_kernel_switches() -> None:
     """The DSV3_* trace-time switches are read inside the graph-building processes: a bad value would surface there
     as a traceback per graph. Check the ones with a fixed syntax before anything is built."""
-    from dsv3.kernels import fp8_linear, mla_decode_prep, norm_route, rms_norm, routed_experts
+    from dsv3.kernels import fp8_linear, mla_decode_prep, mla_prefill, norm_route, rms_norm, routed_experts
 
     checks = {
         "DSV3_DECODE_PREP": mla_decode_prep.decode_prep_choice,
         "DSV3_PREFILL_PREP": mla_decode_prep.prefill_prep_choice,
+        "DSV3_PREFILL_PREFIX": mla_prefill.prefill_prefix_choice,
         "DSV3_NORM_QUANT": rms_norm.norm_quant_choice,
         "DSV3_NORM_ROUTE": norm_route.norm_route_choice,
         "DSV3_FP8_GEMM": fp8_linear.fp8_gemm_mode,

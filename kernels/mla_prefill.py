@@ -641,13 +641,19 @@ def _mla_prefill_attention_o_proj_fake(q_nope, q_pe, k_nope, k_pe, v, input_pos,
 CACHED_PREFILL_MAX_BYTES = 4 << 30
 
 
+def prefill_prefix_choice() -> str:
+    """DSV3_PREFILL_PREFIX=decompressed (default) / absorbed: how a continued prompt's chunk attends its prefix (the
+    A/B baseline and an escape hatch). Read at trace time."""
+    return env_switch("DSV3_PREFILL_PREFIX", "decompressed", ("decompressed", "absorbed"))
+
+
 def cached_prefill_choice(latent_cache: torch.Tensor, heads: int, nope_dim: int, v_dim: int) -> bool:
     """Whether a prefill chunk that continues its sequences runs `dsv3.mla_cached_prefill_attention` (its prefix
     decompressed) rather than the absorbed prefix (dsv3.mla_prefix_attention): read at trace time. Yes unless
     DSV3_PREFILL_PREFIX=absorbed, or the decompressed rows of the cache's static [B, T] would take more than
     CACHED_PREFILL_MAX_BYTES (the op allocates [B, T, H*(Dn+Dv)] for them: 16B at 32768 rows 268 MB per row,
     671B's full 163840 at 16 heads per rank 1.3 GB), or B / T are dynamic."""
-    if env_switch("DSV3_PREFILL_PREFIX", "decompressed", ("decompressed", "absorbed")) != "decompressed":
+    if prefill_prefix_choice() != "decompressed":
         return False
     b, t = (static_int(n) for n in latent_cache.shape[:2])
     return (b is not None and t is not None
@@ -724,4 +730,5 @@ __all__ = ["mla_prefix_attention", "mla_prefill_attention", "mla_prefill_attenti
            "mla_prefix_attention_reference", "mla_prefill_attention_reference", "mla_prefix_attention_triton",
            "mla_prefill_attention_triton", "prefill_attention_launches", "prefill_o_proj_fused",
            "mla_cached_prefill_attention", "mla_cached_prefill_attention_o_proj",
-           "mla_cached_prefill_attention_reference", "kv_decompress_triton", "cached_prefill_choice"]
+           "mla_cached_prefill_attention_reference", "kv_decompress_triton", "cached_prefill_choice",
+           "prefill_prefix_choice"]

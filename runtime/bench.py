@@ -24,8 +24,8 @@ from xml.sax.saxutils import escape
 
 import torch
 
-from dsv3.kernels.mla_prefill import cached_prefill_choice
 from dsv3.generate import SamplingParams, Stepper, decode_loop, generate
+from dsv3.kernels.mla_prefill import cached_prefill_choice
 from dsv3.model import Transformer
 
 

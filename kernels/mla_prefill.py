@@ -501,18 +501,21 @@ def _kv_decompress_kernel(
              mask=t_mask[:, None] & n_mask[None, :])
 
 
-def kv_decompress_triton(latent_cache: torch.Tensor, input_pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def kv_decompress_triton(latent_cache: torch.Tensor, input_pos: torch.Tensor, w: torch.Tensor,
+                         block_n: int = DECOMPRESS_BLOCK_N, block_k: int = DECOMPRESS_BLOCK_K, num_warps: int = 8,
+                         num_stages: int = 3) -> torch.Tensor:
     """[B, T, C + R] cache, [B, S] positions, [N, C] kv_b_proj weight (the cache's dtype) -> [B, T, N]: each
-    sequence's rows up to its last position decompressed (whole KEY_TILE_ROWS tiles), later rows left unwritten."""
+    sequence's rows up to its last position decompressed (whole KEY_TILE_ROWS tiles), later rows left unwritten.
+    The keyword arguments are for sweeps (scripts/sweep_decompress.py)."""
     bsz, t_cap, _ = latent_cache.shape
     n, c = w.shape
     out = torch.empty((bsz, t_cap, n), dtype=latent_cache.dtype, device=latent_cache.device)
     if w.stride(-1) != 1:
         w = w.contiguous()
-    wrap_triton(_kv_decompress_kernel)[(cdiv(n, DECOMPRESS_BLOCK_N), cdiv(t_cap, KEY_TILE_ROWS), bsz)](
+    wrap_triton(_kv_decompress_kernel)[(cdiv(n, block_n), cdiv(t_cap, KEY_TILE_ROWS), bsz)](
         latent_cache, input_pos, w, out, t_cap, c, n, input_pos.shape[1], latent_cache.stride(0),
         latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1), w.stride(0), out.stride(0), out.stride(1),
-        BLOCK_T=KEY_TILE_ROWS, BLOCK_N=DECOMPRESS_BLOCK_N, BLOCK_K=DECOMPRESS_BLOCK_K, num_warps=8, num_stages=3,
+        BLOCK_T=KEY_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

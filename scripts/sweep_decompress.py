@@ -1,0 +1,74 @@
+"""Launch configs of `_kv_decompress_kernel` (dsv3.mla_cached_prefill_attention's decompression) against cuBLAS on
+the same rows (GPU measurement). 16B shapes: 16 heads x (128 + 128) outputs from the 512-wide latent, a 32768-row
+cache, a later chunk ending at row 8192 / 16384 / 32768. Each config is checked against F.linear on the rows it must
+compute, then timed as CUDA-graph replays of 20 calls (median of 5).
+
+    python3 scripts/sweep_decompress.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.kernels.bench import save_json
+from dsv3.kernels.mla_prefill import KEY_TILE_ROWS, kv_decompress_triton
+
+CONFIGS = [  # (BLOCK_N, BLOCK_K, warps, stages); the first is the default
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4),
+    (64, 64, 4, 3), (128, 32, 4, 4),
+]
+
+
+def graph_us(fn, calls: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    t_cap, c, n = 32768, 512, 16 * 256
+    cache = torch.randn(1, t_cap, c + 64, device=dev, generator=g).bfloat16()
+    w = (torch.randn(n, c, device=dev, generator=g) * c ** -0.5).bfloat16()
+    rows = []
+    for end in (8192, 16384, 32768):
+        pos = (end - 4096 + torch.arange(4096, device=dev))[None]
+        want = F.linear(cache[0, :end, :c], w)
+        flops = 2 * end * n * c
+        base = graph_us(lambda: F.linear(cache[0, :end, :c], w))
+        print(f"rows {end}: cuBLAS {base:.1f} us ({flops / base / 1e6:.0f} TFLOP/s)")
+        for bn, bk, warps, stages in CONFIGS:
+            out = kv_decompress_triton(cache, pos, w, bn, bk, warps, stages)
+            err = ((out[0, :end].float() - want.float()).norm() / want.float().norm()).item()
+            us = graph_us(lambda: kv_decompress_triton(cache, pos, w, bn, bk, warps, stages))
+            rows.append(dict(rows=end, block_n=bn, block_k=bk, warps=warps, stages=stages, us=round(us, 2),
+                             cublas_us=round(base, 2), rel_err=err))
+            print(f"  {bn:3d} x {bk:3d}, {warps} warps, {stages} stages: {us:8.1f} us "
+                  f"({flops / us / 1e6:4.0f} TFLOP/s, {base / us:.2f}x cuBLAS), rel err {err:.1e}")
+    assert KEY_TILE_ROWS == 128
+    if args.json:
+        save_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -397,7 +397,12 @@ def default_jobs(opts: CompileOptions, n_graphs: int, model: Transformer) -> int
     # 3 processes per 8 cores: on the 16-core H200 host the 16B's 6 graphs built in ~260 s with 6 processes against
     # 371 s with 4 (one per 4 cores, the rule before), each graph's own time unchanged (145-224 s), 2026-11-25
     by_cores = max(1, 3 * (os.cpu_count() or 1) // 8)
-    return max(1, min(n_graphs, by_cores, len(gpu_slots(_free_gpu_memory(), _per_job_bytes(model)))))
+    return max(1, min(n_graphs, by_cores, _jobs_that_fit(model)))
+
+
+def _jobs_that_fit(model: Transformer) -> int:
+    """Build processes the visible GPUs' free memory holds at once (`gpu_slots`; at least one)."""
+    return len(gpu_slots(_free_gpu_memory(), _per_job_bytes(model)))
 
 
 def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -417,7 +422,7 @@ def compile_artifacts(opts: CompileOptions, out_dir: str | os.PathLike, *, overw
             model = build_model(opts, device="meta")  # shapes only: the manifest's expected weights
             jobs = min(opts.jobs or default_jobs(opts, len(specs), model), len(specs))
             if opts.jobs and opts.device == "cuda":
-                fit = len(gpu_slots(_free_gpu_memory(), _per_job_bytes(model)))
+                fit = _jobs_that_fit(model)
                 if jobs > fit:  # the user's count stands (the estimate is a rule of thumb), with the risk named
                     echo(f"warning: --jobs {opts.jobs}: each build process holds this rank's model, about "
                          f"{_per_job_bytes(model) / 2**30:.0f} GiB of GPU memory; the free memory holds {fit} at once, "

@@ -414,15 +414,14 @@ def mla_prefill_attention_triton(
     dn_pad, r_pad, dv_pad = (max(16, next_pow2(n)) for n in (dn, r, dv))
     exact_d = (dn, r, dv) == (dn_pad, r_pad, dv_pad)
     # the keys through TMA descriptors over their [B*S, ...] row views, where those are views (see the kernel); not
-    # in a graph of static shape: there torch 2.11's AOTInductor writes the descriptors' views of Inductor buffers
-    # as C++ expressions (`reinterpret_tensor_wrapper(buf, ..., 512L)`) into the Python block that compiles the
-    # package's kernels, which then fails to parse (a short prompt's first-chunk graph at 16 tokens, where the
-    # descriptors would save nothing measurable anyway)
-    # (keys_cached: the keys are views of a buffer of static shape [B, T, ...] even in the graphs of dynamic chunk
-    # length, the same failure: "invalid decimal literal" in the prefill package's build, 2026-11-26)
-    static_graph = ((static_int(bsz) is not None and static_int(seqlen) is not None or keys_cached)
-                    and type(q_nope) is not torch.Tensor)
-    kv_desc = exact_d and prefill_attn_tma() and not static_graph and all(
+    # while tracing keys of static shape: there torch 2.11's AOTInductor writes the descriptors' views of Inductor
+    # buffers as C++ expressions (`reinterpret_tensor_wrapper(buf, ..., 512L)`) into the Python block that compiles
+    # the package's kernels, which then fails to parse. Seen in a short prompt's first-chunk graph at 16 tokens
+    # (static shapes throughout; the descriptors would save nothing measurable there) and with keys_cached, whose
+    # keys are a [B, T, ...] buffer of static shape in the graphs of dynamic chunk length too ("invalid decimal
+    # literal" in the 16B prefill package's build, 2026-11-26)
+    static_keys = type(k_nope) is not torch.Tensor and all(static_int(n) is not None for n in k_nope.shape[:2])
+    kv_desc = exact_d and prefill_attn_tma() and not static_keys and all(
         tma_descriptor_ok(t) and statically_known_true(t.stride(0) == t.shape[1] * t.stride(1))
         for t in (k_nope, k_pe, v))
     keys = dict(kn_ptr=k_nope, kp_ptr=k_pe, v_ptr=v)

@@ -27,7 +27,7 @@ from dsv3.kernels.fp8_blocks import BLOCK, FP8_DTYPE, dequantize_weight
 from dsv3.kernels.fp8_linear import GEMV_MAX_M
 from dsv3.kernels.fp8_swiglu import QUANTIZED_X_K_BLOCKS, takes_quantized_x
 from dsv3.kernels.mla_attention import DECODE_MAX_S
-from dsv3.kernels.mla_prefill import cached_prefill_choice
+from dsv3.kernels.mla_prefill import cache_sequences, cached_prefill_choice
 from dsv3.kernels.moe_residual_norm import moe_residual_choice
 from dsv3.kernels.rms_norm import norm_quant_choice, rms_norm_rounded
 from dsv3.kernels.router import route_args, select_experts_reference
@@ -178,12 +178,8 @@ class MLA(nn.Module):
         q_pe, latent = torch.ops.dsv3.mla_prefill_prep(q, kv_a, self.kv_a_layernorm.weight, cos, sin,
                                                        self.latent_cache, input_pos, cache_rows,
                                                        self.kv_a_layernorm.eps, self.nope_dim)
-        # the read gathers the chosen rows
-        cache = self.latent_cache[:bsz] if cache_rows is None else self.latent_cache.index_select(0, cache_rows)
-        # prefill: the chunk's own keys decompressed (naive attention), the cached prefix absorbed. A first chunk has
-        # no prefix: its graph has no absorbed half (two absorption GEMMs, an attention kernel, the copies feeding
-        # them; the unused cache read is dead code).
-        return self._prefill_attention(q_nope, q_pe, latent, None if first_chunk else cache, input_pos)
+        # prefill. A first chunk has no prefix: its graph attends the chunk's own keys only.
+        return self._prefill_attention(q_nope, q_pe, latent, input_pos, cache_rows, first_chunk)
 
     @staticmethod
     def _prefill_form(seqlen, cache_rows: torch.Tensor | None) -> bool:
@@ -197,14 +193,17 @@ class MLA(nn.Module):
         return s_static is None or s_static > DECODE_MAX_S
 
     def _prefill_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-                           cache: torch.Tensor | None, input_pos: torch.Tensor) -> torch.Tensor:
+                           input_pos: torch.Tensor, cache_rows: torch.Tensor | None,
+                           first_chunk: bool) -> torch.Tensor:
         """Attention of a prefill chunk (consecutive positions per row), dsv3.kernels.mla_prefill, in naive form:
         keys and values decompressed by kv_b_proj (640 instead of 2176 FLOPs per query-key pair and head on V3
-        shapes), attended causally. cache None (a first chunk): the chunk's own keys. A chunk that continues its
-        sequences (`cached_prefill_choice`): one op, dsv3.mla_cached_prefill_attention, decompresses the cache rows
-        up to the chunk's last position (the prefix and the chunk, written by the prep op) and attends over them;
-        otherwise (DSV3_PREFILL_PREFIX=absorbed, caches too large to decompress) the prefix is attended in absorbed
-        form and merged with the chunk's keys through its log-sum-exp. kv_b_proj is used dequantized to the
+        shapes), attended causally. A first chunk: the chunk's own keys. A chunk that continues its sequences
+        (cache sequences cache_rows, else 0..B-1; `cached_prefill_choice`): one op,
+        dsv3.mla_cached_prefill_attention, decompresses the cache rows up to the chunk's last position (the prefix
+        and the chunk, written by the prep op) and attends over them, reading the sequences' rows of the whole cache
+        in place; otherwise (DSV3_PREFILL_PREFIX=absorbed, caches too large to decompress) the prefix is attended in
+        absorbed form over a gathered copy of the sequences' cache rows and merged with the chunk's keys through its
+        log-sum-exp. kv_b_proj is used dequantized to the
         activation dtype (as decode's absorption uses it), not through the FP8 linear: no activation quantization
         of the latent; the dequantized weight is kept since load by add_prefill_copies_, else dequantized here once
         per call. Returns o_proj of the attention: with FP8 o_proj weights one op (on CUDA the attention kernel
@@ -218,22 +217,25 @@ class MLA(nn.Module):
         w = w.to(latent.dtype)
         o_proj = self.o_proj
         o_fp8 = o_proj.weight_scale_inv is not None and not (o_proj.one_token_a16 and static_int(bsz * seqlen) == 1)
-        if cache is not None and cached_prefill_choice(cache, self.num_heads, self.nope_dim, self.v_dim):
+        if not first_chunk and cached_prefill_choice(self.latent_cache, bsz, self.num_heads, self.nope_dim,
+                                                     self.v_dim):
             # A continued sequence: its rows up to the chunk's last position (the prefix and the chunk, which the
             # prep op has just written) decompressed, one causal attention over them. The absorbed prefix below
             # costs 2 * (2 * C + R) FLOPs per query-key pair and head against 2 * (Dn + R + Dv) here (V3 shapes:
             # 2176 against 640) plus the decompression of each prefix row once per chunk.
-            args = (q_nope, q_pe, cache, input_pos, w, self.softmax_scale, self.nope_dim, self.v_dim)
+            args = (q_nope, q_pe, self.latent_cache, input_pos, w, self.softmax_scale, self.nope_dim, self.v_dim)
             if o_fp8:
-                return torch.ops.dsv3.mla_cached_prefill_attention_o_proj(*args, o_proj.weight, o_proj.weight_scale_inv)
-            o = torch.ops.dsv3.mla_cached_prefill_attention(*args)
+                return torch.ops.dsv3.mla_cached_prefill_attention_o_proj(*args, o_proj.weight, o_proj.weight_scale_inv,
+                                                                          cache_rows)
+            o = torch.ops.dsv3.mla_cached_prefill_attention(*args, cache_rows)
             return o_proj(o.reshape(bsz, seqlen, self.num_heads * self.v_dim))
         kv = F.linear(latent[..., :self.kv_lora_rank], w)
         k_nope, v = kv.view(bsz, seqlen, self.num_heads, self.nope_dim + self.v_dim).split(
             [self.nope_dim, self.v_dim], dim=-1)
         k_pe = latent[..., self.kv_lora_rank:]
         prefix = ()
-        if cache is not None:
+        if not first_chunk:
+            cache = cache_sequences(self.latent_cache, bsz, cache_rows)
             q_latent = torch.ops.dsv3.mla_absorb(q_nope, w, None, self.nope_dim, self.v_dim, False)
             prefix_latent, prefix_lse = torch.ops.dsv3.mla_prefix_attention(q_latent, q_pe, cache, input_pos,
                                                                             self.softmax_scale)

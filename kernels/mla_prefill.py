@@ -35,15 +35,17 @@ first, absorbs its output with W_UV, then the second; see `dsv3.model.MLA`).
   the chunk's key blocks up to its causal bound (exp2 arithmetic, P rounded to v's dtype for the P.V product).
 - Head dims that are not powers of two (tests) are padded to >= 16 with masks.
 
-`mla_cached_prefill_attention(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale, nope_dim, v_dim)
--> out`
-- latent_cache [B, T, C + R] (row t holds position t), the chunk's rows already written; kv_b_weight [H*(Dn+Dv), C]
-  in the cache's dtype (kv_b_proj dequantized: per head Dn rows of W_UK then Dv of W_UV); input_pos [B, S]
-  increasing along S. out[b, s] = softmax over rows t <= input_pos[b, s] of (q_nope . k_nope[t] + q_pe . k_pe[t]) *
-  softmax_scale, times v, with (k_nope, v) = kv_b_weight @ cache[b, t, :C] per head and k_pe = cache[b, t, C:];
-  [B, S, H, Dv] in q_nope.dtype.
+`mla_cached_prefill_attention(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale, nope_dim, v_dim,
+cache_rows) -> out`
+- latent_cache [Bc, T, C + R]: the model's whole cache (row t of a sequence holds position t), the chunk's rows already
+  written; sequence b of the batch is cache sequence cache_rows[b] ([B] int64), or b when cache_rows is None (then
+  Bc >= B). kv_b_weight [H*(Dn+Dv), C] in the cache's dtype (kv_b_proj dequantized: per head Dn rows of W_UK then Dv
+  of W_UV); input_pos [B, S] increasing along S. out[b, s] = softmax over rows t <= input_pos[b, s] of
+  (q_nope . k_nope[t] + q_pe . k_pe[t]) * softmax_scale, times v, with (k_nope, v) = kv_b_weight @ cache[row, t, :C]
+  per head and k_pe = cache[row, t, C:]; [B, S, H, Dv] in q_nope.dtype.
 - CPU / fp32: reference (every row decompressed, masked). CUDA: `_kv_decompress_kernel` (rows up to each sequence's
-  last position, whole KEY_TILE_ROWS tiles, into a [B, T, H*(Dn+Dv)] buffer), then `_mha_prefill_kernel` with
+  last position, whole KEY_TILE_ROWS tiles, read from the sequence's own cache row: no gathered copy of the cache,
+  into a [B, T, H*(Dn+Dv) + R] buffer with k_pe copied after the heads), then `_mha_prefill_kernel` with
   KEYS_CACHED. `mla_cached_prefill_attention_o_proj(..., o_weight, o_scale)`: the same followed by the FP8 o_proj,
   fused as `mla_prefill_attention_o_proj` below.
 
@@ -125,13 +127,21 @@ def mla_prefill_attention_reference(
     return out.permute(0, 2, 1, 3).to(q_nope.dtype).contiguous()
 
 
+def cache_sequences(latent_cache: torch.Tensor, bsz: int, cache_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The batch's sequences of the cache: cache_rows' (a gathered copy), else the first bsz (a view)."""
+    return latent_cache[:bsz] if cache_rows is None else latent_cache.index_select(0, cache_rows)
+
+
 def mla_cached_prefill_attention_reference(
     q_nope: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     kv_b_weight: torch.Tensor, softmax_scale: float, nope_dim: int, v_dim: int,
+    cache_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     kv_lora_rank = kv_b_weight.shape[1]
+    latent_cache = cache_sequences(latent_cache, q_nope.shape[0], cache_rows)
     kv = F.linear(latent_cache[..., :kv_lora_rank], kv_b_weight.to(latent_cache.dtype))
-    k_nope, k_pe, v = _cached_keys(kv, latent_cache, kv_lora_rank, q_nope.shape[2], nope_dim, v_dim)
+    k_nope, v = kv.view(*kv.shape[:2], q_nope.shape[2], nope_dim + v_dim).split([nope_dim, v_dim], dim=-1)
+    k_pe = latent_cache[..., kv_lora_rank:]
     scores = (torch.einsum("bshd,bthd->bhst", _wide(q_nope), _wide(k_nope))
               + torch.einsum("bshr,btr->bhst", _wide(q_pe), _wide(k_pe))) * softmax_scale
     t = torch.arange(latent_cache.shape[1], device=latent_cache.device)
@@ -470,12 +480,16 @@ DECOMPRESS_BLOCK_K = 64
 
 @triton.jit
 def _kv_decompress_kernel(
-    c_ptr, pos_ptr, w_ptr, out_ptr, T, C, N, S, s_c_b, s_c_t, s_pos_b, s_pos_s, s_w_n, s_o_b, s_o_t,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    c_ptr, rows_ptr, pos_ptr, w_ptr, out_ptr, T, C, N, R, S, s_c_b, s_c_t, s_rows, s_pos_b, s_pos_s, s_w_n, s_o_b,
+    s_o_t, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
-    """out[b, t, n] = sum_k c[b, t, k] * w[n, k] (fp32 accumulation, rounded to out's dtype) for the row tiles that
-    start before sequence b's last position + 1 (its chunk's last query, read on the device); later tiles exit at
-    once. Grid (N / BLOCK_N, T / BLOCK_T, B): a row tile's programs run together and share its cache rows in L2."""
+    """out[b, t, n] = sum_k c[row, t, k] * w[n, k] (fp32 accumulation, rounded to out's dtype) for n < N, and
+    out[b, t, N + r] = c[row, t, C + r] for r < R (k_pe, copied by the programs of the first column block), for the
+    row tiles that start before sequence b's last position + 1 (its chunk's last query, read on the device); later
+    tiles exit at once. row: cache sequence rows[b] (HAS_ROWS; loaded here, in the kernel's body: see
+    docs/KERNELS.md on what Inductor takes as written), else b. Grid (N / BLOCK_N, T / BLOCK_T, B): a row tile's
+    programs run together and share its cache rows in L2."""
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -483,15 +497,24 @@ def _kv_decompress_kernel(
     t0 = pid_t * BLOCK_T
     if t0 >= limit:
         return
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + b * s_rows).to(tl.int64)
+    else:
+        row = b
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_mask = offs_t < T
     n_mask = offs_n < N
+    if pid_n == 0:
+        offs_r = tl.arange(0, R_PAD)
+        rt_mask = t_mask[:, None] & (offs_r < R)[None, :]
+        k_pe = tl.load(c_ptr + row * s_c_b + offs_t[:, None] * s_c_t + C + offs_r[None, :], mask=rt_mask)
+        tl.store(out_ptr + b * s_o_b + offs_t[:, None] * s_o_t + N + offs_r[None, :], k_pe, mask=rt_mask)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < C
-        a = tl.load(c_ptr + b * s_c_b + offs_t[:, None] * s_c_t + offs_k[None, :],
+        a = tl.load(c_ptr + row * s_c_b + offs_t[:, None] * s_c_t + offs_k[None, :],
                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * s_w_n + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                     other=0.0)
@@ -501,31 +524,36 @@ def _kv_decompress_kernel(
 
 
 def kv_decompress_triton(latent_cache: torch.Tensor, input_pos: torch.Tensor, w: torch.Tensor,
-                         block_n: int = DECOMPRESS_BLOCK_N, block_k: int = DECOMPRESS_BLOCK_K, num_warps: int = 8,
-                         num_stages: int = 3) -> torch.Tensor:
-    """[B, T, C + R] cache, [B, S] positions, [N, C] kv_b_proj weight (the cache's dtype) -> [B, T, N]: each
-    sequence's rows up to its last position decompressed (whole KEY_TILE_ROWS tiles), later rows left unwritten.
-    The keyword arguments are for sweeps (scripts/sweep_decompress.py)."""
-    bsz, t_cap, _ = latent_cache.shape
+                         cache_rows: Optional[torch.Tensor] = None, block_n: int = DECOMPRESS_BLOCK_N,
+                         block_k: int = DECOMPRESS_BLOCK_K, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+    """[Bc, T, C + R] cache, [B, S] positions, [N, C] kv_b_proj weight (the cache's dtype), cache_rows [B] (None:
+    sequences 0..B-1) -> [B, T, N + R]: each sequence's rows up to its last position decompressed (columns < N) with
+    their k_pe after them (whole KEY_TILE_ROWS tiles), later rows left unwritten. The keyword arguments after
+    cache_rows are for sweeps (scripts/sweep_decompress.py)."""
+    t_cap, cr = latent_cache.shape[1:]
+    bsz = input_pos.shape[0]
     n, c = w.shape
-    out = torch.empty((bsz, t_cap, n), dtype=latent_cache.dtype, device=latent_cache.device)
+    r = cr - c
+    out = torch.empty((bsz, t_cap, n + r), dtype=latent_cache.dtype, device=latent_cache.device)
     if w.stride(-1) != 1:
         w = w.contiguous()
+    rows = input_pos if cache_rows is None else cache_rows  # (not read without HAS_ROWS)
     wrap_triton(_kv_decompress_kernel)[(cdiv(n, block_n), cdiv(t_cap, KEY_TILE_ROWS), bsz)](
-        latent_cache, input_pos, w, out, t_cap, c, n, input_pos.shape[1], latent_cache.stride(0),
-        latent_cache.stride(1), input_pos.stride(0), input_pos.stride(1), w.stride(0), out.stride(0), out.stride(1),
-        BLOCK_T=KEY_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        latent_cache, rows, input_pos, w, out, t_cap, c, n, r, input_pos.shape[1], latent_cache.stride(0),
+        latent_cache.stride(1), rows.stride(0), input_pos.stride(0), input_pos.stride(1), w.stride(0), out.stride(0),
+        out.stride(1), BLOCK_T=KEY_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, R_PAD=max(16, next_pow2(r)),
+        HAS_ROWS=cache_rows is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-def _cached_keys(kv: torch.Tensor, latent_cache: torch.Tensor, kv_lora_rank: int, heads: int, nope_dim: int,
-                 v_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(k_nope [B, T, H, Dn], k_pe [B, T, R], v [B, T, H, Dv]): views of the decompressed rows kv [B, T, H*(Dn+Dv)]
-    and of the cache's rope columns."""
+def _cached_keys(kv: torch.Tensor, heads: int, nope_dim: int, v_dim: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_nope [B, T, H, Dn], k_pe [B, T, R], v [B, T, H, Dv]): views of kv_decompress_triton's [B, T, N + R]."""
     bsz, t_cap = kv.shape[:2]
-    k_nope, v = kv.view(bsz, t_cap, heads, nope_dim + v_dim).split([nope_dim, v_dim], dim=-1)
-    return k_nope, latent_cache[..., kv_lora_rank:], v
+    n = heads * (nope_dim + v_dim)
+    k_nope, v = kv[..., :n].view(bsz, t_cap, heads, nope_dim + v_dim).split([nope_dim, v_dim], dim=-1)
+    return k_nope, kv[..., n:], v
 
 
 def prefill_attn_tma() -> bool:
@@ -649,33 +677,36 @@ def prefill_prefix_choice() -> str:
     return env_switch("DSV3_PREFILL_PREFIX", "decompressed", ("decompressed", "absorbed"))
 
 
-def cached_prefill_choice(latent_cache: torch.Tensor, heads: int, nope_dim: int, v_dim: int) -> bool:
-    """Whether a prefill chunk that continues its sequences runs `dsv3.mla_cached_prefill_attention` (its prefix
-    decompressed) rather than the absorbed prefix (dsv3.mla_prefix_attention): read at trace time. Yes unless
-    DSV3_PREFILL_PREFIX=absorbed, or the decompressed rows of the cache's static [B, T] would take more than
-    CACHED_PREFILL_MAX_BYTES (the op allocates [B, T, H*(Dn+Dv)] for them: 16B at 32768 rows 268 MB per row,
-    671B's full 163840 at 16 heads per rank 1.3 GB), or B / T are dynamic."""
+def cached_prefill_choice(latent_cache: torch.Tensor, bsz, heads: int, nope_dim: int, v_dim: int) -> bool:
+    """Whether a prefill chunk of `bsz` sequences that continues them runs `dsv3.mla_cached_prefill_attention` (its
+    prefix decompressed) rather than the absorbed prefix (dsv3.mla_prefix_attention): read at trace time. Yes
+    unless DSV3_PREFILL_PREFIX=absorbed, or the decompressed rows of [bsz, T] (T: the cache's rows per sequence)
+    would take more than CACHED_PREFILL_MAX_BYTES (the op allocates [B, T, H*(Dn+Dv) + R] for them: 16B at 32768
+    rows 273 MB per sequence, 671B's full 163840 at 16 heads per rank 1.4 GB; counted here with the cache's whole
+    row width for R), or B / T are dynamic."""
     if prefill_prefix_choice() != "decompressed":
         return False
-    b, t = (static_int(n) for n in latent_cache.shape[:2])
+    b, t = static_int(bsz), static_int(latent_cache.shape[1])
+    width = heads * (nope_dim + v_dim) + latent_cache.shape[-1]
     return (b is not None and t is not None
-            and b * t * heads * (nope_dim + v_dim) * latent_cache.element_size() <= CACHED_PREFILL_MAX_BYTES)
+            and b * t * width * latent_cache.element_size() <= CACHED_PREFILL_MAX_BYTES)
 
 
 @triton_op("dsv3::mla_cached_prefill_attention", mutates_args=())
 def mla_cached_prefill_attention(
     q_nope: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     kv_b_weight: torch.Tensor, softmax_scale: float, nope_dim: int, v_dim: int,
+    cache_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if q_nope.device.type == "cpu" or not _triton_ok(q_nope, q_pe, latent_cache, kv_b_weight):
         return mla_cached_prefill_attention_reference(q_nope, q_pe, latent_cache, input_pos, kv_b_weight,
-                                                      softmax_scale, nope_dim, v_dim)
-    kv = kv_decompress_triton(latent_cache, input_pos, kv_b_weight)
-    k_nope, k_pe, v = _cached_keys(kv, latent_cache, kv_b_weight.shape[1], q_nope.shape[2], nope_dim, v_dim)
+                                                      softmax_scale, nope_dim, v_dim, cache_rows)
+    kv = kv_decompress_triton(latent_cache, input_pos, kv_b_weight, cache_rows)
+    k_nope, k_pe, v = _cached_keys(kv, q_nope.shape[2], nope_dim, v_dim)
     return mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, keys_cached=True)
 
 
-def _check_cached(q_nope, q_pe, latent_cache, kv_b_weight, nope_dim, v_dim) -> None:
+def _check_cached(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, nope_dim, v_dim, cache_rows) -> None:
     heads, c = q_nope.shape[2], kv_b_weight.shape[1]
     torch._check(kv_b_weight.shape[0] == heads * (nope_dim + v_dim) and q_nope.shape[-1] == nope_dim,
                  lambda: f"mla_cached_prefill_attention: kv_b_weight {tuple(kv_b_weight.shape)} does not give "
@@ -683,12 +714,20 @@ def _check_cached(q_nope, q_pe, latent_cache, kv_b_weight, nope_dim, v_dim) -> N
     torch._check(latent_cache.shape[-1] == c + q_pe.shape[-1],
                  lambda: f"mla_cached_prefill_attention: cache rows of {latent_cache.shape[-1]} are not kv_lora_rank "
                          f"{c} + rope {q_pe.shape[-1]}")
+    if cache_rows is None:
+        torch._check(input_pos.shape[0] <= latent_cache.shape[0],
+                     lambda: f"mla_cached_prefill_attention: {input_pos.shape[0]} sequences, the cache holds "
+                             f"{latent_cache.shape[0]} (pass cache_rows to choose them)")
+    else:
+        torch._check(cache_rows.shape == (input_pos.shape[0],),
+                     lambda: f"mla_cached_prefill_attention: cache_rows {tuple(cache_rows.shape)}, want one row per "
+                             f"sequence ({input_pos.shape[0]})")
 
 
 @mla_cached_prefill_attention.register_fake
 def _mla_cached_prefill_attention_fake(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale, nope_dim,
-                                       v_dim):
-    _check_cached(q_nope, q_pe, latent_cache, kv_b_weight, nope_dim, v_dim)
+                                       v_dim, cache_rows=None):
+    _check_cached(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, nope_dim, v_dim, cache_rows)
     b, s, h, _ = q_nope.shape
     return q_nope.new_empty((b, s, h, v_dim))
 
@@ -697,17 +736,17 @@ def _mla_cached_prefill_attention_fake(q_nope, q_pe, latent_cache, input_pos, kv
 def mla_cached_prefill_attention_o_proj(
     q_nope: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tensor,
     kv_b_weight: torch.Tensor, softmax_scale: float, nope_dim: int, v_dim: int, o_weight: torch.Tensor,
-    o_scale: torch.Tensor,
+    o_scale: torch.Tensor, cache_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Exactly dsv3.fp8_linear(mla_cached_prefill_attention(...).reshape(B, S, H * Dv), o_weight, o_scale), with the
     attention kernel quantizing o_proj's input where `prefill_o_proj_fused` says (as mla_prefill_attention_o_proj)."""
     bsz, seqlen, heads, _ = q_nope.shape
     if q_nope.device.type == "cpu" or not _triton_ok(q_nope, q_pe, latent_cache, kv_b_weight):
         o = mla_cached_prefill_attention_reference(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale,
-                                                   nope_dim, v_dim)
+                                                   nope_dim, v_dim, cache_rows)
         return fp8_linear(o.reshape(bsz, seqlen, heads * v_dim), o_weight, o_scale)
-    kv = kv_decompress_triton(latent_cache, input_pos, kv_b_weight)
-    k_nope, k_pe, v = _cached_keys(kv, latent_cache, kv_b_weight.shape[1], heads, nope_dim, v_dim)
+    kv = kv_decompress_triton(latent_cache, input_pos, kv_b_weight, cache_rows)
+    k_nope, k_pe, v = _cached_keys(kv, heads, nope_dim, v_dim)
     if prefill_o_proj_fused(q_nope, v, (q_nope, q_pe, k_nope, k_pe, v), o_weight):
         oq, os_ = mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale,
                                                quant_out=True, keys_cached=True)
@@ -719,8 +758,8 @@ def mla_cached_prefill_attention_o_proj(
 
 @mla_cached_prefill_attention_o_proj.register_fake
 def _mla_cached_prefill_attention_o_proj_fake(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, softmax_scale,
-                                              nope_dim, v_dim, o_weight, o_scale):
-    _check_cached(q_nope, q_pe, latent_cache, kv_b_weight, nope_dim, v_dim)
+                                              nope_dim, v_dim, o_weight, o_scale, cache_rows=None):
+    _check_cached(q_nope, q_pe, latent_cache, input_pos, kv_b_weight, nope_dim, v_dim, cache_rows)
     torch._check(o_weight.shape[1] == q_nope.shape[2] * v_dim,
                  lambda: f"mla_cached_prefill_attention_o_proj: o_weight {tuple(o_weight.shape)} does not take "
                          f"{q_nope.shape[2]} heads x v_head_dim {v_dim}")
@@ -732,5 +771,5 @@ __all__ = ["mla_prefix_attention", "mla_prefill_attention", "mla_prefill_attenti
            "mla_prefix_attention_reference", "mla_prefill_attention_reference", "mla_prefix_attention_triton",
            "mla_prefill_attention_triton", "prefill_attention_launches", "prefill_o_proj_fused",
            "mla_cached_prefill_attention", "mla_cached_prefill_attention_o_proj",
-           "mla_cached_prefill_attention_reference", "kv_decompress_triton", "cached_prefill_choice",
+           "mla_cached_prefill_attention_reference", "kv_decompress_triton", "cached_prefill_choice", "cache_sequences",
            "prefill_prefix_choice"]

@@ -231,7 +231,7 @@ def prefill_flops(model: Transformer, prompt_len: int, chunk: int | None = None)
     decompress = 2 * heads * lat * (dn + dv)
     absorb = 2 * heads * lat * (dn + dv)
     attn = model.layers[0].self_attn
-    prefix_decompressed = cached_prefill_choice(attn.latent_cache[:1], heads, dn, dv)
+    prefix_decompressed = cached_prefill_choice(attn.latent_cache, 1, heads, dn, dv)
     total = per_token * prompt_len
     chunk = chunk or prompt_len
     for p in range(0, prompt_len, chunk):

@@ -143,8 +143,10 @@ def positions_writes() -> dict[str, list[str]]:
             flags, BLOCK_H=16, BLOCK_T=64, C_PAD=512, R_PAD=64, MIN_CHUNK_=64, SWAP=False))
     from dsv3.kernels import mla_prefill as PF
 
-    cases["_kv_decompress_kernel"] = _analysed_writes(PF._kv_decompress_kernel, dict(
-        c_ptr=t(bf), pos_ptr=t(i64), w_ptr=t(bf), out_ptr=t(bf)), dict(BLOCK_T=128, BLOCK_N=128, BLOCK_K=64))
+    for rows in (True, False):
+        cases[f"_kv_decompress_kernel (HAS_ROWS={rows})"] = _analysed_writes(PF._kv_decompress_kernel, dict(
+            c_ptr=t(bf), rows_ptr=t(i64), pos_ptr=t(i64), w_ptr=t(bf), out_ptr=t(bf)),
+            dict(BLOCK_T=128, BLOCK_N=128, BLOCK_K=64, R_PAD=64, HAS_ROWS=rows))
     chunk = dict(qn_ptr=t(bf), qp_ptr=t(bf), kn_ptr=t(bf), kp_ptr=t(bf), v_ptr=t(bf), pos_ptr=t(i64), po_ptr=t(bf),
                  plse_ptr=t(f32), out_ptr=t(bf), oq_ptr=t(torch.float8_e4m3fn), os_ptr=t(f32))
     for cached in (False, True):

@@ -58,9 +58,10 @@ def main() -> None:
         base = graph_us(lambda: F.linear(cache[0, :end, :c], w))
         print(f"rows {end}: cuBLAS {base:.1f} us ({flops / base / 1e6:.0f} TFLOP/s)")
         for bn, bk, warps, stages in CONFIGS:
-            out = kv_decompress_triton(cache, pos, w, bn, bk, warps, stages)
-            err = ((out[0, :end].float() - want.float()).norm() / want.float().norm()).item()
-            us = graph_us(lambda: kv_decompress_triton(cache, pos, w, bn, bk, warps, stages))
+            cfg = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            out = kv_decompress_triton(cache, pos, w, **cfg)
+            err = ((out[0, :end, :n].float() - want.float()).norm() / want.float().norm()).item()
+            us = graph_us(lambda: kv_decompress_triton(cache, pos, w, **cfg))
             rows.append(dict(rows=end, block_n=bn, block_k=bk, warps=warps, stages=stages, us=round(us, 2),
                              cublas_us=round(base, 2), rel_err=err))
             print(f"  {bn:3d} x {bk:3d}, {warps} warps, {stages} stages: {us:8.1f} us "

@@ -11,7 +11,10 @@ the up kernel's TWO_DOTS form), then pairs per tile x the up
 kernel's (warps, stages) with the down kernel at its default, then the down kernel's (BLOCK_N 128 / 256, warps,
 stages) under the best up config.
 Attention: 16 heads (the 16B model, and 671B at tensor parallel 8), Dn 128, R 64, Dv 128, one sequence of T tokens,
-no prefix; configs (BLOCK_M, BLOCK_N, warps, stages).
+no prefix; configs (BLOCK_M, BLOCK_N, warps, stages). With --prefix P: a later chunk's attention as
+`dsv3.mla_cached_prefill_attention` runs it (keys_cached: T queries at positions P .. P+T-1 over P + T decompressed
+key rows), once with the keys through TMA descriptors (eager calls take them) and once through pointer tiles
+(DSV3_PREFILL_ATTN_TMA=off: what compiled graphs of static key shapes take).
 
 Every config runs once eagerly and is checked against the default config's output (MoE: max abs difference <=
 1e-2 * max |default|, the default against `routed_experts_reference` on the first 64 tokens; attention: against
@@ -157,25 +160,38 @@ def confirm(kind, name, t, timed, make_call, flops, peak, rows, rounds: int = 3)
         log(f"  {k}: {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s ({flops / us / 1e6 / peak:.1%})")
 
 
-def sweep_attention(t: int, peak: float, rows: list) -> None:
+def sweep_attention(t: int, peak: float, rows: list, prefix: int = 0, tma: str = "on") -> None:
+    import os
+
     from dsv3.kernels.mla_prefill import mla_prefill_attention_triton
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(1)
     h, dn, r, dv = 16, 128, 64, 128
+    kr = prefix + t  # key rows
     bf = torch.bfloat16
     q = torch.randn(1, t, h, dn + r, device=dev, generator=g, dtype=bf)
     q_nope, q_pe = q.split([dn, r], dim=-1)
-    kv = torch.randn(1, t, h, dn + dv, device=dev, generator=g, dtype=bf)   # as kv_b_proj's output, split
+    kv = torch.randn(1, kr, h, dn + dv, device=dev, generator=g, dtype=bf)   # as kv_b_proj's output, split
     k_nope, v = kv.split([dn, dv], dim=-1)
-    k_pe = torch.randn(1, t, r, device=dev, generator=g, dtype=bf)
-    pos = torch.arange(t, device=dev).unsqueeze(0)
+    # k_pe as the model passes it: the rope columns of latent-cache rows (512 + 64 wide)
+    k_pe = torch.randn(1, kr, 512 + r, device=dev, generator=g, dtype=bf)[..., 512:]
+    pos = torch.arange(prefix, kr, device=dev).unsqueeze(0)
     scale = 0.1
-    flops = 2 * (dn + r + dv) * h * t * (t + 1) // 2
-    args = (q_nope, q_pe, k_nope, k_pe, v, pos, scale)  # the first chunk's form: no prefix
+    flops = 2 * (dn + r + dv) * h * (t * prefix + t * (t + 1) // 2)
+    args = (q_nope, q_pe, k_nope, k_pe, v, pos, scale)  # no prefix: the first chunk's form
+    name = f"H16 prefix {prefix} TMA {tma}" if prefix else "H16"
 
     def call(cfg):
-        return lambda: mla_prefill_attention_triton(*args, **cfg)
+        def run():
+            old = os.environ.get("DSV3_PREFILL_ATTN_TMA")
+            os.environ["DSV3_PREFILL_ATTN_TMA"] = tma
+            try:
+                return mla_prefill_attention_triton(*args, keys_cached=bool(prefix), **cfg)
+            finally:
+                os.environ.pop("DSV3_PREFILL_ATTN_TMA") if old is None else os.environ.update(
+                    DSV3_PREFILL_ATTN_TMA=old)
+        return run
 
     # reference on the last 256 queries (they see every key): the rows of a full run are checked against it
     sl = slice(t - 256, t)
@@ -186,16 +202,17 @@ def sweep_attention(t: int, peak: float, rows: list) -> None:
         return (f"rel err {err:.1e} against the reference on the last 256 queries" if not err < 5e-3 else None,
                 dict(rel_err=err))
 
-    measure = measurer("attention", "H16", t, call, check, flops, peak, rows)
+    measure = measurer("attention", name, t, call, check, flops, peak, rows)
     timed = {json.dumps({}): measure({})}
     for bm, bn, nw, ns in ATTN_GRID:
         cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         timed[json.dumps(cfg, sort_keys=True)] = measure(cfg)
-    confirm("attention", "H16", t, timed, lambda k: call(json.loads(k)), flops, peak, rows)
+    confirm("attention", name, t, timed, lambda k: call(json.loads(k)), flops, peak, rows)
 
 
 def _attention_tail_reference(q_nope, q_pe, k_nope, k_pe, v, scale, n_tail):
-    """float64 causal attention of the last n_tail queries over all keys (no prefix): [n_tail, H, Dv]."""
+    """float64 causal attention of the last n_tail queries over all keys, the queries being the last of the key
+    rows (a first chunk, or a chunk over its cached prefix): [n_tail, H, Dv]."""
     qn, qp = q_nope[0, -n_tail:].double(), q_pe[0, -n_tail:].double()
     s = (torch.einsum("qhd,khd->hqk", qn, k_nope[0].double())
          + torch.einsum("qhr,kr->hqk", qp, k_pe[0].double())) * scale
@@ -211,6 +228,8 @@ def main() -> None:
     ap.add_argument("--t", default="4096", help="comma-separated token counts")
     ap.add_argument("--only", choices=("moe", "attention"), default=None)
     ap.add_argument("--shapes", default=",".join(MOE_SHAPES), help="MoE shapes")
+    ap.add_argument("--prefix", type=int, default=0,
+                    help="attention: a later chunk over this many cached rows (keys_cached), TMA on and off")
     ap.add_argument("--json", default=None)
     opts = ap.parse_args()
     from dsv3.kernels.bench import ceilings, CEIL
@@ -231,8 +250,9 @@ def main() -> None:
 
     for t in (int(v) for v in opts.t.split(",")):
         if opts.only in (None, "attention"):
-            sweep_attention(t, bf16_peak, rows)
-            dump()
+            for tma in (("on", "off") if opts.prefix else ("on",)):
+                sweep_attention(t, bf16_peak, rows, opts.prefix, tma)
+                dump()
         if opts.only in (None, "moe"):
             for name in opts.shapes.split(","):
                 sweep_moe(name, t, fp8_peak, rows)

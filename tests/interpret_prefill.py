@@ -232,12 +232,14 @@ CACHED_CASES = [
 
 @pytest.mark.parametrize("case", CACHED_CASES)
 @pytest.mark.parametrize("blocks", [None, (32, 16)])
-def test_cached_prefill_attention(case, blocks):
+@pytest.mark.parametrize("chosen_rows", [False, True])
+def test_cached_prefill_attention(case, blocks, chosen_rows):
     """dsv3.mla_cached_prefill_attention's CUDA path on the interpreter: `kv_decompress_triton` decompresses each
-    row's cache rows up to its chunk's last position in whole KEY_TILE_ROWS tiles (equal to F.linear there; the
-    cache past those tiles NaN, never read), then the attention kernel with KEYS_CACHED (its keys past those tiles
-    NaN too) equals the float64 reference, with the launcher's default blocks and small ones (several masked and
-    unmasked key blocks per program)."""
+    row's cache rows up to its chunk's last position in whole KEY_TILE_ROWS tiles (equal to F.linear there, k_pe
+    copied after the heads bit for bit; the cache past those tiles NaN, never read), then the attention kernel with
+    KEYS_CACHED (its keys past those tiles NaN too) equals the float64 reference, with the launcher's default blocks
+    and small ones (several masked and unmasked key blocks per program). chosen_rows: the sequences sit at rows
+    cache_rows of a larger cache (reversed, one spare row; the rows not chosen NaN) and are read there in place."""
     b, s, h, dn, r, dv, c, starts, t = case
     gen = torch.Generator().manual_seed(sum(starts) + s)
     r_ = lambda *shape: torch.randn(*shape, generator=gen).half()  # noqa: E731
@@ -249,17 +251,32 @@ def test_cached_prefill_attention(case, blocks):
     clean = cache.clone()
     for i, e in enumerate(ends):
         cache[i, e:] = float("nan")
-    kv = P.kv_decompress_triton(cache, pos, w)
+    rows = None
+    if chosen_rows:
+        rows = torch.arange(b, 0, -1)                      # sequence i at row b - i of b + 1 rows
+        whole = torch.full((b + 1, t, c + r), float("nan"), dtype=cache.dtype)
+        whole[rows] = cache
+        cache = whole
+    kv = P.kv_decompress_triton(cache, pos, w, rows)
+    n = h * (dn + dv)
+    assert kv.shape == (b, t, n + r)
     want_kv = torch.nn.functional.linear(clean.float()[..., :c], w.float())
     for i, e in enumerate(ends):
-        assert rel_err(kv[i, :e], want_kv[i, :e]) < 1e-3
+        assert rel_err(kv[i, :e, :n], want_kv[i, :e]) < 1e-3
+        assert torch.equal(kv[i, :e, n:], clean[i, :e, c:])
         kv[i, e:] = float("nan")
-    k_nope, k_pe, v = P._cached_keys(kv, cache, c, h, dn, v_dim=dv)
+    k_nope, k_pe, v = P._cached_keys(kv, h, dn, v_dim=dv)
     kw = {} if blocks is None else dict(block_m=blocks[0], block_n=blocks[1], num_warps=4)
     out = P.mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, pos, 0.15, keys_cached=True, **kw)
     ref = P.mla_cached_prefill_attention_reference(q_nope.double(), q_pe.double(), clean.double(), pos, w.double(),
                                                    0.15, dn, dv)
     assert out.shape == (b, s, h, dv) and rel_err(out, ref) < 2e-3
+    if chosen_rows:  # the reference reads the chosen rows too
+        whole = clean.new_zeros((b + 1, t, c + r))
+        whole[rows] = clean
+        chosen = P.mla_cached_prefill_attention_reference(q_nope.double(), q_pe.double(), whole.double(), pos,
+                                                          w.double(), 0.15, dn, dv, rows)
+        assert torch.equal(chosen, ref)
     with pytest.raises(ValueError, match="keys_cached"):
         P.mla_prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, pos, 0.15, out, torch.zeros(b, s, h),
                                        keys_cached=True)

@@ -182,7 +182,7 @@ def test_position_readers_write_no_positions():
                "_mla_fwd_kernel (prefix)": "['lse_ptr', 'out_ptr']", "_kv_decompress_kernel": "['out_ptr']",
                "_mha_prefill_kernel": "['oq_ptr', 'os_ptr']"}
     lines = _mutation_lines("--positions")
-    assert len(lines) == 11, lines
+    assert len(lines) == 12, lines
     for ln in lines:
         name, writes = ln.split(" writes ")
         want = next(v for k, v in outputs.items() if name.startswith(k))

@@ -153,6 +153,19 @@ def test_ops_fake_and_schema():
     with pytest.raises(Exception, match="does not give"):
         torch.ops.dsv3.mla_cached_prefill_attention(*(a.to("meta") for a in (args[0], q_pe, cache, pos)),
                                                     w_kv_b[:-1].to("meta"), 0.2, dn, dv)
+    # the batch's sequence at a chosen row of a larger cache (read in place on CUDA)
+    whole = torch.cat([torch.randn(2, t, c + r, generator=g), cache])
+    rows = torch.tensor([2])
+    chosen = (args[0], q_pe, whole, pos, w_kv_b, 0.2, dn, dv, rows)
+    torch.library.opcheck(torch.ops.dsv3.mla_cached_prefill_attention.default, chosen,
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.dsv3.mla_cached_prefill_attention_o_proj.default, (*chosen[:8], o_w, o_s, rows),
+                          test_utils=("test_faketensor",))
+    assert torch.equal(torch.ops.dsv3.mla_cached_prefill_attention(*chosen),
+                       torch.ops.dsv3.mla_cached_prefill_attention(*cached))
+    with pytest.raises(Exception, match="one row per sequence"):
+        torch.ops.dsv3.mla_cached_prefill_attention(*(a.to("meta") for a in chosen[:5]), 0.2, dn, dv,
+                                                    torch.tensor([2, 0], device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,6 +492,11 @@ def test_cached_prefill_attention_gpu(s, start, monkeypatch):
     absorbed = torch.ops.dsv3.mla_prefill_attention(q_nope, q_pe, kv[..., :dn], clean[:, start:start + s, c:],
                                                     kv[..., dn:], pos, 0.07, prefix_out, lse)
     assert rel_err(out, absorbed) < 1e-2
+    # the sequence at row 1 of a 3-sequence cache (the others NaN), read in place through cache_rows: the same
+    whole = torch.full((3, t, c + r), float("nan"), device=dev, dtype=cache.dtype)
+    whole[1] = cache[0]
+    rows = torch.tensor([1], device=dev)
+    assert torch.equal(torch.ops.dsv3.mla_cached_prefill_attention(*args[:2], whole, *args[3:], rows), out)
     o_w, o_s = quantize_weight(torch.randn(2048, h * dv, device=dev, generator=g) * 0.05)
     want = torch.ops.dsv3.fp8_linear(out.reshape(b, s, h * dv), o_w, o_s)
     for fused in ("on", "off"):
@@ -486,6 +504,8 @@ def test_cached_prefill_attention_gpu(s, start, monkeypatch):
         poison_allocator()
         got = torch.ops.dsv3.mla_cached_prefill_attention_o_proj(*args, o_w, o_s)
         assert got.shape == (b, s, 2048) and torch.equal(got, want), fused
+        got = torch.ops.dsv3.mla_cached_prefill_attention_o_proj(*args[:2], whole, *args[3:], o_w, o_s, rows)
+        assert torch.equal(got, want), fused
     monkeypatch.delenv("DSV3_PREFILL_O_QUANT")
     torch._dynamo.reset()
     dyn = [q_nope.clone(), q_pe.clone(), pos.clone()]
@@ -499,16 +519,17 @@ def test_cached_prefill_attention_gpu(s, start, monkeypatch):
 
 
 class _CachedChunkAttention(torch.nn.Module):
-    """A later chunk's attention + o_proj as the model calls it: cache and weights as buffers."""
+    """A later chunk's attention + o_proj as the model calls it: cache and weights as buffers, the sequence's cache
+    row an input."""
 
     def __init__(self, cache, w, o_weight, o_scale):
         super().__init__()
         for name, t in (("cache", cache), ("w", w), ("o_weight", o_weight), ("o_scale", o_scale)):
             self.register_buffer(name, t)
 
-    def forward(self, q_nope, q_pe, pos):
+    def forward(self, q_nope, q_pe, pos, rows):
         return torch.ops.dsv3.mla_cached_prefill_attention_o_proj(q_nope, q_pe, self.cache, pos, self.w, 0.07, 128,
-                                                                  128, self.o_weight, self.o_scale)
+                                                                  128, self.o_weight, self.o_scale, rows)
 
 
 @pytest.mark.gpu
@@ -523,16 +544,17 @@ def test_cached_prefill_attention_in_a_package_gpu(tmp_path):
     g = torch.Generator(device=dev).manual_seed(9)
     rn = lambda *shape: torch.randn(*shape, device=dev, generator=g).bfloat16()  # noqa: E731
     o_w, o_s = quantize_weight(torch.randn(2048, 16 * 128, device=dev, generator=g) * 0.05)
-    mod = _CachedChunkAttention(rn(1, 4096, 576), (rn(16 * 256, 512) * 512 ** -0.5).bfloat16(), o_w, o_s)
+    mod = _CachedChunkAttention(rn(2, 4096, 576), (rn(16 * 256, 512) * 512 ** -0.5).bfloat16(), o_w, o_s)
 
-    def inputs(s, start):
-        return rn(1, s, 16, 128), rn(1, s, 16, 64), (start + torch.arange(s, device=dev))[None]
+    def inputs(s, start, row):
+        return (rn(1, s, 16, 128), rn(1, s, 16, 64), (start + torch.arange(s, device=dev))[None],
+                torch.tensor([row], device=dev))
 
     seq = torch.export.Dim("seq", min=2, max=2048)
-    ep = torch.export.export(mod, inputs(64, 100), dynamic_shapes=({1: seq}, {1: seq}, {1: seq}))
+    ep = torch.export.export(mod, inputs(64, 100, 1), dynamic_shapes=({1: seq}, {1: seq}, {1: seq}, None))
     runner = torch._inductor.aoti_load_package(
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "cached.pt2")))
-    for s, start in ((300, 1000), (2048, 2048)):
-        a = inputs(s, start)
+    for s, start, row in ((300, 1000, 1), (2048, 2048, 0)):
+        a = inputs(s, start, row)
         got, want = runner(*a), mod(*a)
         assert torch.isfinite(got).all() and torch.equal(got, want), (s, start)

@@ -17,17 +17,27 @@ done by the programs of the first output block, or before the tile loop in the p
   t256        the same, 256 x 128 tiles (the weight tile serves 256 rows); a 256-row tile runs when it starts before
               the limit, so up to 128 rows past the last needed 128-row tile may be written too (the attention never
               reads them; the k_pe copy stays at 128-row tiles)
+  areg        the whole 128 x 512 cache tile loaded once per program (triton keeps it in shared memory, 128 KB),
+              then 8 weight blocks of 32 outputs streamed past it in a pipelined loop, one K=512 dot each: the cache
+              tile is read from L2 once per 256 outputs (BLOCK_N 64 would need 272 KB of shared memory)
   pers        persistent (one program per SM), TMA loads and store, the tile loop flattened with the K loop
               (tl.range(flatten=True)) so the software pipeline loads the next tile's K steps during the current
-              tile's epilogue; tiles in grouped order (8 row tiles)
+              tile's epilogue (the TMA store of tile i drains during tile i + 1); tiles in grouped order (8 row
+              tiles); pers_s4 with 4 stages
   pers_n256   the same with 128 x 256 tiles, the epilogue stored in two 128 x 128 halves
   pers_t256   the same with 256 x 128 tiles
   pers_ptr    persistent and flattened like pers, with pointer loads and stores (no descriptors)
   pers_x2     pers with 2 programs per SM and 2 stages (one program's epilogue overlaps the other's main loop)
-  pers_ws     pers with tl.range(warp_specialize=True) (triton 3.6's Hopper warp specialization: a producer warp
-              group issues the TMA loads)
-  areg        the whole 128 x 512 cache tile loaded once per program, then 4 weight blocks of 64 outputs streamed
-              past it in a pipelined loop: only the weight is re-read from L2 (128 FLOP per L2 byte)
+  pers_ws     persistent with tl.range(warp_specialize=True): triton 3.6's Hopper warp specialization, which acts
+              only on 4-warp kernels without a flattened loop or a TMA store of a 128-row tile (else it is a no-op or
+              fails to compile); it launches 12 warps: a producer warp group issuing the TMA loads (40 registers)
+              and two consumer warp groups each computing 64 rows of the tile (setmaxnreg 232), pointer stores;
+              pers_ws_s5 with 5 stages, pers_ws_n256 with 128 x 256 tiles (3 stages; _s4 with 4)
+
+Shared memory / registers for sm_90 with triton 3.6 (no spills in any): production 96 KB / 107, swz8 96 KB,
+tma 96 KB / 90, tma_n256 and t256 144 KB / 154, areg 200 KB / 56, pers 128 KB / 93 (s4 160 KB), pers_n256
+176 KB / 156, pers_t256 208 KB / 156, pers_ptr 128 KB / 128, pers_x2 96 KB / 93, pers_ws 112 KB (s5 176 KB),
+pers_ws_n256 176 KB (s4 224 KB), the WS kernels 168 registers (consumers raised to 232).
 
 Each variant is checked against F.linear on the rows it must compute (relative error; k_pe columns bit for bit),
 then timed with the production kernel and cuBLAS (F.linear on the same rows) as CUDA-graph replays of 20 calls
@@ -370,22 +380,25 @@ def decompress_areg(latent_cache, input_pos, w, cache_rows=None, block_n=32, n_p
 
 
 P = functools.partial
+WS = dict(flatten=False, warp_spec=True, tma_store=False, num_warps=4)  # what triton 3.6's Hopper WS takes
 VARIANTS = {
     "swz8": P(decompress_swizzle),
     "tma": P(decompress_tma),
     "tma_n256": P(decompress_tma, block_n=256),
     "t256": P(decompress_tma, block_t=256),
+    "areg": P(decompress_areg),
     "pers": P(decompress_persistent),
+    "pers_s4": P(decompress_persistent, num_stages=4),
     "pers_n256": P(decompress_persistent, block_n=256, epi_split=True),
     "pers_t256": P(decompress_persistent, block_t=256),
     "pers_ptr": P(decompress_persistent_ptr),
     "pers_x2": P(decompress_persistent, per_sm=2, num_stages=2),
-    "pers_ws": P(decompress_persistent, flatten=False, warp_spec=True, tma_store=False, num_warps=4),
-    "pers_ws_n256": P(decompress_persistent, block_n=256, flatten=False, warp_spec=True, tma_store=False,
-                      num_warps=4),
-    "areg": P(decompress_areg),
+    "pers_ws": P(decompress_persistent, **WS),
+    "pers_ws_s5": P(decompress_persistent, **WS, num_stages=5),
+    "pers_ws_n256": P(decompress_persistent, block_n=256, **WS),
+    "pers_ws_n256_s4": P(decompress_persistent, block_n=256, **WS, num_stages=4),
 }
-PERSISTENT = ("pers", "pers_n256", "pers_t256", "pers_ptr", "pers_x2", "pers_ws", "pers_ws_n256")
+PERSISTENT = tuple(name for name in VARIANTS if name.startswith("pers"))
 
 
 def needed_rows(input_pos: torch.Tensor, t_cap: int) -> list[int]:
@@ -421,7 +434,8 @@ def rel_err(out: torch.Tensor, latent_cache: torch.Tensor, input_pos: torch.Tens
 def cpu_check() -> None:
     """Small fp16 shapes (the interpreter's bf16 dot is unreliable): limits mid-tile, two sequences with different
     limits, a row count that is not a multiple of 128, chosen cache rows (reversed in a larger cache whose other row
-    is NaN), persistent variants with 3 programs (each strides over several tiles)."""
+    is NaN), persistent variants with 3 programs (each strides over several tiles). Then main's bench() on small
+    shapes without timing (its checks and report)."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1"
     g = torch.Generator().manual_seed(0)
     cases = [(1, 512, 128, 256, [300], False), (2, 500, 512, 256, [130, 499], False),
@@ -442,9 +456,11 @@ def cpu_check() -> None:
             out = fn(cache, pos, w, rows, **kw)
             err = rel_err(out, cache, pos, w, rows, exact=True)
             failed += not err < 2e-3
-            print(f"B {bsz} T {t_cap} C {c} N {n} last {lasts} rows {rows}: {name:10s} rel err vs float64 {err:.1e}"
+            print(f"B {bsz} T {t_cap} C {c} N {n} last {lasts} rows {rows}: {name:15s} rel err vs float64 {err:.1e}"
                   f"{'' if err < 2e-3 else '  FAIL'}")
     print("all passed" if not failed else f"{failed} FAILED")
+    print("\nbench() dry run (timings are placeholders):")
+    bench(torch.device("cpu"), 512, 128, 256, (256, 512), 128, list(VARIANTS), None, timer=lambda fn: (fn(), 1.0)[1])
 
 
 def graph_us(fn, calls: int = 20) -> float:
@@ -465,6 +481,58 @@ def graph_us(fn, calls: int = 20) -> float:
     return statistics.median(times)
 
 
+def bench(dev: torch.device, t_cap: int, c: int, n: int, ends: tuple, window: int, names: list, json_path,
+          timer=None) -> None:
+    """Check and time the production kernel and `names` on a [1, t_cap, c + 64] cache and an [n, c] weight, for
+    chunks of `window` positions ending at each of `ends` (timer: graph_us; a stand-in for a CPU dry run)."""
+    timer = timer or graph_us
+    g = torch.Generator(device=dev).manual_seed(0)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    cache = torch.randn(1, t_cap, c + 64, device=dev, generator=g).to(dtype)
+    w = (torch.randn(n, c, device=dev, generator=g) * c ** -0.5).to(dtype)
+    rows, dead, table = [], {}, {}
+    for end in ends:
+        pos = (end - window + torch.arange(window, device=dev))[None]
+        flops = 2 * end * n * c
+        want = F.linear(cache[0, :end, :c], w).float()
+        base = timer(lambda: F.linear(cache[0, :end, :c], w))
+        table.setdefault("cuBLAS", {})[end] = (base, 1.0)
+        print(f"rows {end}: cuBLAS {base:.1f} us ({flops / base / 1e6:.0f} TFLOP/s)")
+        for name in ["production"] + names:
+            if name in dead:
+                continue
+            fn = kv_decompress_triton if name == "production" else VARIANTS[name]
+            try:
+                out = fn(cache, pos, w)
+                got = out[0, :end, :n].float()
+                err = ((got - want).norm() / want.norm()).item()
+                if not err < 1e-2:
+                    raise RuntimeError(f"wrong result: rel err {err:.2e} vs F.linear")
+                if out.shape[-1] > n and not torch.equal(out[0, :end, n:], cache[0, :end, c:]):
+                    raise RuntimeError("k_pe columns not copied")
+                del out, got
+                us = timer(lambda: fn(cache, pos, w))
+            except Exception as e:  # a failed compile / launch / check: report, skip this variant from now on
+                dead[name] = f"{type(e).__name__}: {e}"
+                print(f"  {name:15s} FAILED ({dead[name].splitlines()[0][:90]}), skipped")
+                traceback.print_exc(limit=2)
+                continue
+            table.setdefault(name, {})[end] = (us, base / us)
+            rows.append(dict(rows=end, variant=name, us=round(us, 2), cublas_us=round(base, 2),
+                             tflops=round(flops / us / 1e6, 1), ratio=round(base / us, 3), rel_err=err))
+            print(f"  {name:15s} {us:8.1f} us ({flops / us / 1e6:4.0f} TFLOP/s, {base / us:.2f}x cuBLAS), "
+                  f"rel err {err:.1e}")
+            if json_path:
+                save_json(json_path, dict(results=rows, failed=dead))
+    print("\nus (x cuBLAS) per row count:")
+    for name, by_end in table.items():
+        print(f"  {name:15s} " + "  ".join(f"{end:6d}: {us:7.1f} ({r:.2f}x)" for end, (us, r) in by_end.items()))
+    for name, why in dead.items():
+        print(f"  {name:15s} FAILED: {why.splitlines()[0][:100]}")
+    if json_path:
+        save_json(json_path, dict(results=rows, failed=dead))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
@@ -475,39 +543,15 @@ def main() -> None:
         cpu_check()
         return
     names = args.only.split(",") if args.only else list(VARIANTS)
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    t_cap, c, n = 32768, 512, 16 * 256
-    cache = torch.randn(1, t_cap, c + 64, device=dev, generator=g).bfloat16()
-    w = (torch.randn(n, c, device=dev, generator=g) * c ** -0.5).bfloat16()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    rows, dead = [], {}
-    for end in (8192, 16384, 32768):
-        pos = (end - 4096 + torch.arange(4096, device=dev))[None]
-        flops = 2 * end * n * c
-        base = graph_us(lambda: F.linear(cache[0, :end, :c], w))
-        print(f"rows {end}: cuBLAS {base:.1f} us ({flops / base / 1e6:.0f} TFLOP/s)")
-        for name in ["production"] + names:
-            if name in dead:
-                continue
-            fn = kv_decompress_triton if name == "production" else VARIANTS[name]
-            try:
-                err = rel_err(fn(cache, pos, w), cache, pos, w)
-                if not err < 1e-2:
-                    raise RuntimeError(f"wrong result: rel err {err:.2e} vs F.linear")
-                us = graph_us(lambda: fn(cache, pos, w))
-            except Exception as e:  # a failed compile / launch / check: report, skip this variant from now on
-                dead[name] = f"{type(e).__name__}: {e}"
-                print(f"  {name:10s} FAILED ({dead[name].splitlines()[0][:90]}), skipped")
-                traceback.print_exc(limit=2)
-                continue
-            rows.append(dict(rows=end, variant=name, us=round(us, 2), cublas_us=round(base, 2),
-                             tflops=round(flops / us / 1e6, 1), ratio=round(base / us, 3), rel_err=err))
-            print(f"  {name:10s} {us:8.1f} us ({flops / us / 1e6:4.0f} TFLOP/s, {base / us:.2f}x cuBLAS), "
-                  f"rel err {err:.1e}")
-        if args.json:
-            save_json(args.json, dict(results=rows, failed=dead))
+    unknown = [name for name in names if name not in VARIANTS]
+    assert not unknown, f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}"
     assert KEY_TILE_ROWS == 128
+    dev = torch.device("cuda")
+    # (for kernels that want global scratch; host-side descriptors need none)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev))
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    # 16B: 16 heads x (128 + 128) outputs from the 512-wide latent, a 32768-row cache, 4096-position chunks
+    bench(dev, 32768, 512, 16 * 256, (8192, 16384, 32768), 4096, names, args.json)
 
 
 if __name__ == "__main__":

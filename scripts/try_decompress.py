@@ -1,5 +1,8 @@
 """Faster forms of `_kv_decompress_kernel` (dsv3.kernels.mla_prefill, the cached prefill's decompression)? GPU
-experiment. The production kernel runs at 0.74-0.76x cuBLAS on the 16B shapes (8192 rows 76 vs 56 us, 32768 rows 276
+experiment. Measured 2026-11-26 (H200, 8192 rows): pers_n256 56.0 us against the production kernel's 77.1 and
+cuBLAS's 55.6 (pers_s4 60.7, pers_t256 61.8, pers / tma ~69, the rest slower; the pers_ws variants hung). Built into
+the op on branch experiment/decompress-tma (1.26-1.36x at 8192-32768 rows), not on main: its AOTInductor package
+failed at run time ("CUDA driver error: invalid argument"; docs/BENCHMARKS.md). The production kernel runs at 0.74-0.76x cuBLAS on the 16B shapes (8192 rows 76 vs 56 us, 32768 rows 276
 vs 207 us) and launch-config sweeps (scripts/sweep_decompress.py) found nothing better. K is only 512, so each
 128 x 128 tile re-reads a 128 x 512 cache tile and a 128 x 512 weight tile from L2 (~65 FLOP per L2 byte) for just
 8 K steps: its prologue and its 32 KB output store are not hidden behind other K steps of the same program.
@@ -536,13 +539,14 @@ def bench(dev: torch.device, t_cap: int, c: int, n: int, ends: tuple, window: in
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
-    ap.add_argument("--only", help="comma-separated variant names (default: all)")
+    ap.add_argument("--only", help="comma-separated variant names (default: all but the warp-specialized ones, which "
+                                   "hung on the H200 with triton 3.6, 2026-11-26)")
     ap.add_argument("--cpu-check", action="store_true", help="interpreter check on small shapes (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     if args.cpu_check:
         cpu_check()
         return
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    names = args.only.split(",") if args.only else [name for name in VARIANTS if not name.startswith("pers_ws")]
     unknown = [name for name in names if name not in VARIANTS]
     assert not unknown, f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}"
     assert KEY_TILE_ROWS == 128

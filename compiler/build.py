@@ -153,6 +153,7 @@ def check_kernel_switches() -> None:
         "DSV3_DECODE_PREP": mla_decode_prep.decode_prep_choice,
         "DSV3_PREFILL_PREP": mla_decode_prep.prefill_prep_choice,
         "DSV3_PREFILL_PREFIX": mla_prefill.prefill_prefix_choice,
+        "DSV3_PREFILL_DECOMPRESS": mla_prefill.decompress_choice,
         "DSV3_NORM_QUANT": rms_norm.norm_quant_choice,
         "DSV3_NORM_ROUTE": norm_route.norm_route_choice,
         "DSV3_FP8_GEMM": fp8_linear.fp8_gemm_mode,

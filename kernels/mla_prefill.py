@@ -523,13 +523,86 @@ def _kv_decompress_kernel(
              mask=t_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _kv_decompress_tma_kernel(
+    a_desc, w_desc, o_desc, c_ptr, rows_ptr, pos_ptr, T, C, N, R, S, s_c_b, s_c_t, s_rows, s_pos_b, s_pos_s, progs,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROWS: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
+    """`_kv_decompress_kernel`'s output, persistent, through TMA: grid (progs, B), sequence b's programs stride over
+    its [BLOCK_T, BLOCK_N] output tiles that start before its last position + 1 (row tiles of BLOCK_T = 128: the
+    same rows), in groups of GROUP_T row tiles per weight tile (consecutive tiles share the weight tile in L2). The
+    tile loop and the K loop are one flattened loop, so the next tile's loads are in flight while a tile is stored.
+    a_desc: the whole cache [Bc, T, C + R], box [1, BLOCK_T, BLOCK_K] (C a multiple of BLOCK_K: no box reaches the
+    rope columns); w_desc [N, C], box [BLOCK_N, BLOCK_K]; o_desc: the whole output [B, T, N + R], box [1, BLOCK_T,
+    BLOCK_N // 2] (N a multiple of BLOCK_N: no tile reaches k_pe's columns), each tile stored as two halves
+    (half the registers for the conversion). k_pe's columns first: loaded as [BLOCK_T, BLOCK_N // 2] pointer tiles
+    (zeros past R <= BLOCK_N // 2) and stored through o_desc at column N, the box clipped at the row's end (the
+    output is written through the descriptor alone: passed as a second, pointer argument too, torch's analysis of
+    the launch would take both as written, and a compiled graph may then copy each back over the other). The
+    launcher checks the sizes; descriptors over whole tensors, not views (see mla_prefill_attention_triton)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    # (positions and rows loaded here, in the kernel's body: docs/KERNELS.md on what Inductor takes as written)
+    limit = tl.load(pos_ptr + b * s_pos_b + (S - 1) * s_pos_s).to(tl.int32) + 1
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + b * s_rows).to(tl.int64)
+    else:
+        row = b
+    n_t = tl.minimum(tl.cdiv(limit, BLOCK_T), tl.cdiv(T, BLOCK_T))
+    offs_r = tl.arange(0, BLOCK_N // 2)
+    b32 = b.to(tl.int32)
+    for pt in range(pid, n_t, progs):
+        offs_t = pt * BLOCK_T + tl.arange(0, BLOCK_T)
+        k_pe = tl.load(c_ptr + row * s_c_b + offs_t[:, None] * s_c_t + C + offs_r[None, :],
+                       mask=(offs_t < T)[:, None] & (offs_r < R)[None, :], other=0.0)
+        o_desc.store([b32, pt * BLOCK_T, N], k_pe.reshape(1, BLOCK_T, BLOCK_N // 2))
+    row32 = row.to(tl.int32)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_T * n_n
+    for tile in tl.range(pid, n_t * n_n, progs, flatten=True):
+        first_t = (tile // per_group) * GROUP_T
+        size = tl.minimum(n_t - first_t, GROUP_T)
+        t0 = (first_t + (tile % per_group) % size) * BLOCK_T
+        n0 = ((tile % per_group) // size) * BLOCK_N
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            a = a_desc.load([row32, t0, k0]).reshape(BLOCK_T, BLOCK_K)
+            acc = tl.dot(a, w_desc.load([n0, k0]).T, acc)
+        lo, hi = acc.reshape(BLOCK_T, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+        o_desc.store([b32, t0, n0], lo.to(o_desc.dtype).reshape(1, BLOCK_T, BLOCK_N // 2))
+        o_desc.store([b32, t0, n0 + BLOCK_N // 2], hi.to(o_desc.dtype).reshape(1, BLOCK_T, BLOCK_N // 2))
+
+
+# The persistent TMA decompression's launch (scripts/try_decompress.py, H200, 16B shapes: N 4096, C 512): 128 x 256
+# tiles, K steps of 64, 3 stages, 8 warps, groups of 8 row tiles, one program per SM per sequence. 8192 cache rows
+# 77.1 -> 56.0 us against `_kv_decompress_kernel` (cuBLAS on the same rows 55.6; 2026-11-26).
+DECOMPRESS_TMA_BLOCK_N = 256
+DECOMPRESS_TMA_GROUP_T = 8
+
+
+def decompress_choice() -> str:
+    """DSV3_PREFILL_DECOMPRESS=tma (default) / pointer: `_kv_decompress_tma_kernel` where its descriptors are
+    possible, or always `_kv_decompress_kernel` (the A/B baseline). Read at trace time."""
+    return env_switch("DSV3_PREFILL_DECOMPRESS", "tma", ("tma", "pointer"))
+
+
+def _decompress_tma_ok(latent_cache: torch.Tensor, w: torch.Tensor, out: torch.Tensor, c: int, n: int,
+                       r: int) -> bool:
+    half = DECOMPRESS_TMA_BLOCK_N // 2
+    return (decompress_choice() == "tma" and c % DECOMPRESS_BLOCK_K == 0 and n % DECOMPRESS_TMA_BLOCK_N == 0
+            and r <= half
+            and all(tma_descriptor_ok(t) for t in (latent_cache, w, out)))
+
+
 def kv_decompress_triton(latent_cache: torch.Tensor, input_pos: torch.Tensor, w: torch.Tensor,
-                         cache_rows: Optional[torch.Tensor] = None, block_n: int = DECOMPRESS_BLOCK_N,
+                         cache_rows: Optional[torch.Tensor] = None, block_n: Optional[int] = None,
                          block_k: int = DECOMPRESS_BLOCK_K, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """[Bc, T, C + R] cache, [B, S] positions, [N, C] kv_b_proj weight (the cache's dtype), cache_rows [B] (None:
     sequences 0..B-1) -> [B, T, N + R]: each sequence's rows up to its last position decompressed (columns < N) with
-    their k_pe after them (whole KEY_TILE_ROWS tiles), later rows left unwritten. The keyword arguments after
-    cache_rows are for sweeps (scripts/sweep_decompress.py)."""
+    their k_pe after them (whole KEY_TILE_ROWS tiles), later rows left unwritten. `_kv_decompress_tma_kernel` where
+    `_decompress_tma_ok`, else `_kv_decompress_kernel`. The keyword arguments after cache_rows are for sweeps of the
+    pointer kernel (scripts/sweep_decompress.py; block_n given: that kernel)."""
     t_cap, cr = latent_cache.shape[1:]
     bsz = input_pos.shape[0]
     n, c = w.shape
@@ -538,6 +611,21 @@ def kv_decompress_triton(latent_cache: torch.Tensor, input_pos: torch.Tensor, w:
     if w.stride(-1) != 1:
         w = w.contiguous()
     rows = input_pos if cache_rows is None else cache_rows  # (not read without HAS_ROWS)
+    if block_n is None and _decompress_tma_ok(latent_cache, w, out, c, n, r):
+        progs = max(1, num_sms(latent_cache.device) // bsz)
+        bn = DECOMPRESS_TMA_BLOCK_N
+        launch_with_descriptors(
+            _kv_decompress_tma_kernel, (progs, bsz),
+            {"a_desc": [1, KEY_TILE_ROWS, DECOMPRESS_BLOCK_K], "w_desc": [bn, DECOMPRESS_BLOCK_K],
+             "o_desc": [1, KEY_TILE_ROWS, bn // 2]},
+            a_desc=latent_cache, w_desc=w, o_desc=out, c_ptr=latent_cache, rows_ptr=rows, pos_ptr=input_pos,
+            T=t_cap, C=c, N=n, R=r, S=input_pos.shape[1], s_c_b=latent_cache.stride(0), s_c_t=latent_cache.stride(1),
+            s_rows=rows.stride(0), s_pos_b=input_pos.stride(0), s_pos_s=input_pos.stride(1), progs=progs,
+            BLOCK_T=KEY_TILE_ROWS, BLOCK_N=bn, BLOCK_K=DECOMPRESS_BLOCK_K, HAS_ROWS=cache_rows is not None,
+            GROUP_T=DECOMPRESS_TMA_GROUP_T, num_warps=8, num_stages=3,
+        )
+        return out
+    block_n = block_n or DECOMPRESS_BLOCK_N
     wrap_triton(_kv_decompress_kernel)[(cdiv(n, block_n), cdiv(t_cap, KEY_TILE_ROWS), bsz)](
         latent_cache, rows, input_pos, w, out, t_cap, c, n, r, input_pos.shape[1], latent_cache.stride(0),
         latent_cache.stride(1), rows.stride(0), input_pos.stride(0), input_pos.stride(1), w.stride(0), out.stride(0),

@@ -95,11 +95,18 @@ def schedule_writes() -> dict[str, list[str]]:
             for name, (kernel, kwargs) in cases.items()}
 
 
-def _analysed_writes(kernel, tensors: dict, constexprs: dict) -> list[str]:
+def _analysed_writes(kernel, tensors: dict, constexprs: dict, descriptors: dict | None = None) -> list[str]:
     """identify_accessed_tensors on `kernel` with these tensors and constexprs; every other parameter an int 32 (a
-    size or stride, specialized as divisible by 16 as a real launch's would be) or, for eps / scale_log2, a float."""
+    size or stride, specialized as divisible by 16 as a real launch's would be) or, for eps / scale_log2, a float.
+    descriptors: {parameter: block shape} for the tensors passed as host-side TMA descriptors (as
+    `launch_with_descriptors` records them); torch expands each into the TTIR's descriptor, size and stride
+    parameters only where it believes the device has TMA, so that check is answered yes here (no GPU)."""
+    import torch._higher_order_ops.triton_kernel_wrap as tkw
+    import torch.utils._triton as torch_triton
     from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 
+    torch_triton.has_triton_tensor_descriptor_host_tma = lambda: True
+    tma = {name: tkw.create_tma_stable_metadata(list(block)) for name, block in (descriptors or {}).items()}
     kwargs = {}
     for name in kernel.arg_names:
         if name in tensors:
@@ -108,7 +115,7 @@ def _analysed_writes(kernel, tensors: dict, constexprs: dict) -> list[str]:
             kwargs[name] = constexprs[name]
         else:
             kwargs[name] = 1e-6 if name in ("eps", "scale_log2") else 32
-    return sorted(w.name for w in identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes)
+    return sorted(w.name for w in identify_accessed_tensors(kernel, kwargs, tma).read_writes.writes)
 
 
 def positions_writes() -> dict[str, list[str]]:
@@ -147,6 +154,11 @@ def positions_writes() -> dict[str, list[str]]:
         cases[f"_kv_decompress_kernel (HAS_ROWS={rows})"] = _analysed_writes(PF._kv_decompress_kernel, dict(
             c_ptr=t(bf), rows_ptr=t(i64), pos_ptr=t(i64), w_ptr=t(bf), out_ptr=t(bf)),
             dict(BLOCK_T=128, BLOCK_N=128, BLOCK_K=64, R_PAD=64, HAS_ROWS=rows))
+    cases["_kv_decompress_tma_kernel"] = _analysed_writes(PF._kv_decompress_tma_kernel, dict(
+        a_desc=torch.empty(2, 128, 576, dtype=bf), w_desc=torch.empty(256, 512, dtype=bf),
+        o_desc=torch.empty(1, 128, 4160, dtype=bf), c_ptr=t(bf), rows_ptr=t(i64), pos_ptr=t(i64)),
+        dict(BLOCK_T=128, BLOCK_N=256, BLOCK_K=64, HAS_ROWS=True, GROUP_T=8),
+        {"a_desc": [1, 128, 64], "w_desc": [256, 64], "o_desc": [1, 128, 128]})
     chunk = dict(qn_ptr=t(bf), qp_ptr=t(bf), kn_ptr=t(bf), kp_ptr=t(bf), v_ptr=t(bf), pos_ptr=t(i64), po_ptr=t(bf),
                  plse_ptr=t(f32), out_ptr=t(bf), oq_ptr=t(torch.float8_e4m3fn), os_ptr=t(f32))
     for cached in (False, True):

@@ -1,5 +1,5 @@
-"""Launch configs of `_kv_decompress_kernel` (dsv3.mla_cached_prefill_attention's decompression) against cuBLAS on
-the same rows (GPU measurement). 16B shapes: 16 heads x (128 + 128) outputs from the 512-wide latent, a 32768-row
+"""The default decompression of dsv3.mla_cached_prefill_attention (`_kv_decompress_tma_kernel`, persistent, TMA) and
+launch configs of its pointer form `_kv_decompress_kernel`, against cuBLAS on the same rows (GPU measurement). 16B shapes: 16 heads x (128 + 128) outputs from the 512-wide latent, a 32768-row
 cache, a later chunk ending at row 8192 / 16384 / 32768. Each config is checked against F.linear on the rows it must
 compute, then timed as CUDA-graph replays of 20 calls (median of 5).
 
@@ -57,14 +57,15 @@ def main() -> None:
         flops = 2 * end * n * c
         base = graph_us(lambda: F.linear(cache[0, :end, :c], w))
         print(f"rows {end}: cuBLAS {base:.1f} us ({flops / base / 1e6:.0f} TFLOP/s)")
-        for bn, bk, warps, stages in CONFIGS:
-            cfg = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+        for bn, bk, warps, stages in [(None, None, None, None)] + CONFIGS:  # None: the default launch
+            cfg = {} if bn is None else dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
             out = kv_decompress_triton(cache, pos, w, **cfg)
             err = ((out[0, :end, :n].float() - want.float()).norm() / want.float().norm()).item()
             us = graph_us(lambda: kv_decompress_triton(cache, pos, w, **cfg))
             rows.append(dict(rows=end, block_n=bn, block_k=bk, warps=warps, stages=stages, us=round(us, 2),
                              cublas_us=round(base, 2), rel_err=err))
-            print(f"  {bn:3d} x {bk:3d}, {warps} warps, {stages} stages: {us:8.1f} us "
+            label = "default (TMA, persistent)" if bn is None else f"{bn:3d} x {bk:3d}, {warps} warps, {stages} stages"
+            print(f"  {label}: {us:8.1f} us "
                   f"({flops / us / 1e6:4.0f} TFLOP/s, {base / us:.2f}x cuBLAS), rel err {err:.1e}")
     assert KEY_TILE_ROWS == 128
     if args.json:

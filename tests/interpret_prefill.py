@@ -226,14 +226,14 @@ def test_prefill_attention_head_groups(quant_out, fixed_interpreter, monkeypatch
 CACHED_CASES = [
     (2, 37, 3, 24, 8, 20, 40, [150, 0], 300),       # ragged dims (pointer tiles), a prefix past one row tile
     (1, 70, 2, 32, 16, 32, 64, [130], 256),         # exact dims: keys through TMA descriptors, chunk ends at 200
-    (2, 16, 2, 32, 16, 32, 64, [0, 240], 256),      # the second row's chunk ends at the cache's last row
-]
+    (2, 16, 4, 32, 16, 32, 64, [0, 240], 256),      # the second row's chunk ends at the cache's last row; N = 256:
+]                                                   # the persistent TMA decompression (the others: its pointer form)
 
 
 @pytest.mark.parametrize("case", CACHED_CASES)
 @pytest.mark.parametrize("blocks", [None, (32, 16)])
 @pytest.mark.parametrize("chosen_rows", [False, True])
-def test_cached_prefill_attention(case, blocks, chosen_rows):
+def test_cached_prefill_attention(case, blocks, chosen_rows, monkeypatch):
     """dsv3.mla_cached_prefill_attention's CUDA path on the interpreter: `kv_decompress_triton` decompresses each
     row's cache rows up to its chunk's last position in whole KEY_TILE_ROWS tiles (equal to F.linear there, k_pe
     copied after the heads bit for bit; the cache past those tiles NaN, never read), then the attention kernel with
@@ -260,6 +260,12 @@ def test_cached_prefill_attention(case, blocks, chosen_rows):
     kv = P.kv_decompress_triton(cache, pos, w, rows)
     n = h * (dn + dv)
     assert kv.shape == (b, t, n + r)
+    if n % P.DECOMPRESS_TMA_BLOCK_N == 0:  # the TMA kernel ran: the pointer kernel computes the same rows
+        monkeypatch.setenv("DSV3_PREFILL_DECOMPRESS", "pointer")
+        ptr = P.kv_decompress_triton(cache, pos, w, rows)
+        monkeypatch.delenv("DSV3_PREFILL_DECOMPRESS")
+        for i, e in enumerate(ends):
+            assert torch.equal(ptr[i, :e], kv[i, :e])
     want_kv = torch.nn.functional.linear(clean.float()[..., :c], w.float())
     for i, e in enumerate(ends):
         assert rel_err(kv[i, :e, :n], want_kv[i, :e]) < 1e-3

@@ -299,7 +299,8 @@ def test_stop_strings_end_a_row(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("name,value", [("DSV3_DECODE_PREP", "fast"), ("DSV3_PREFILL_PREP", "1"),
-                                        ("DSV3_PREFILL_PREFIX", "naive"), ("DSV3_NORM_QUANT", "yes"),
+                                        ("DSV3_PREFILL_PREFIX", "naive"), ("DSV3_PREFILL_DECOMPRESS", "cublas"),
+                                        ("DSV3_NORM_QUANT", "yes"),
                                         ("DSV3_NORM_ROUTE", "on"),
                                         ("DSV3_GEMV_VARIANT", "rows:8"), ("DSV3_FP8_GEMM", "cublas")])
 def test_compile_refuses_bad_kernel_switch(tmp_path, monkeypatch, name, value):

@@ -180,9 +180,10 @@ def test_position_readers_write_no_positions():
                "_mla_decode_prep_kernel": "['cache_ptr', 'qlat_ptr', 'qpe_ptr']",
                "_mla_fwd_kernel (split)": "['ml_ptr', 'part_ptr']", "_mla_fwd_kernel (one pass)": "['out_ptr']",
                "_mla_fwd_kernel (prefix)": "['lse_ptr', 'out_ptr']", "_kv_decompress_kernel": "['out_ptr']",
+               "_kv_decompress_tma_kernel": "['o_desc']",
                "_mha_prefill_kernel": "['oq_ptr', 'os_ptr']"}
     lines = _mutation_lines("--positions")
-    assert len(lines) == 12, lines
+    assert len(lines) == 13, lines
     for ln in lines:
         name, writes = ln.split(" writes ")
         want = next(v for k, v in outputs.items() if name.startswith(k))

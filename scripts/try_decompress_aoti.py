@@ -10,9 +10,11 @@ output, then timed eagerly against the pointer kernel:
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
+import zipfile
 
 import torch
 import triton
@@ -129,7 +131,9 @@ def main() -> None:
     cache = torch.randn(1, 8192, 576, device=dev, generator=g).bfloat16()
     w = (torch.randn(4096, 512, device=dev, generator=g) * 512 ** -0.5).bfloat16()
     pos = (4096 + torch.arange(4096, device=dev))[None]
-    for name, op in (("loads", torch.ops.dsv3try.decompress_loads), ("store", torch.ops.dsv3try.decompress_store)):
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["store", "loads"]
+    ops = {"store": torch.ops.dsv3try.decompress_store, "loads": torch.ops.dsv3try.decompress_loads}
+    for name, op in ((n, ops[n]) for n in names):
         want = op(cache, pos, w)
         print(f"{name}: eager {graph_us(lambda: op(cache, pos, w)):.1f} us", flush=True)
         try:
@@ -137,8 +141,17 @@ def main() -> None:
             seq = torch.export.Dim("seq", min=2, max=4096)
             ep = torch.export.export(mod, (pos,), dynamic_shapes=({1: seq},))
             with tempfile.TemporaryDirectory() as tmp:
-                runner = torch._inductor.aoti_load_package(
-                    torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/{name}.pt2"))
+                path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/{name}.pt2")
+                out_dir = os.environ.get("OUT")
+                if out_dir:  # the package's generated sources, to read offline
+                    with zipfile.ZipFile(path) as zf:
+                        for member in zf.namelist():
+                            if member.endswith((".cpp", ".py", ".json")):
+                                dst = os.path.join(out_dir, name, os.path.basename(member))
+                                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                                with open(dst, "wb") as f:
+                                    f.write(zf.read(member))
+                runner = torch._inductor.aoti_load_package(path)
                 got = runner(pos)
                 torch.cuda.synchronize()
             print(f"{name}: package ran, equal to eager: {torch.equal(got, want)}", flush=True)

@@ -526,8 +526,8 @@ def _kv_decompress_kernel(
 @triton.jit
 def _kv_decompress_tma_kernel(
     a_desc, w_desc, o_desc, c_ptr, rows_ptr, pos_ptr, T, C, N, R, S, s_c_b, s_c_t, s_rows, s_pos_b, s_pos_s, progs,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROWS: tl.constexpr,
-    GROUP_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, O_BOX: tl.constexpr,
+    HAS_ROWS: tl.constexpr, GROUP_T: tl.constexpr,
 ):
     """`_kv_decompress_kernel`'s output, persistent, through TMA: grid (progs, B), sequence b's programs stride over
     its [BLOCK_T, BLOCK_N] output tiles that start before its last position + 1 (row tiles of BLOCK_T = 128: the
@@ -535,12 +535,15 @@ def _kv_decompress_tma_kernel(
     tile loop and the K loop are one flattened loop, so the next tile's loads are in flight while a tile is stored.
     a_desc: the whole cache [Bc, T, C + R], box [1, BLOCK_T, BLOCK_K] (C a multiple of BLOCK_K: no box reaches the
     rope columns); w_desc [N, C], box [BLOCK_N, BLOCK_K]; o_desc: the whole output [B, T, N + R], box [1, BLOCK_T,
-    BLOCK_N // 2] (N a multiple of BLOCK_N: no tile reaches k_pe's columns), each tile stored as two halves
-    (half the registers for the conversion). k_pe's columns first: loaded as [BLOCK_T, BLOCK_N // 2] pointer tiles
-    (zeros past R <= BLOCK_N // 2) and stored through o_desc at column N, the box clipped at the row's end (the
-    output is written through the descriptor alone: passed as a second, pointer argument too, torch's analysis of
-    the launch would take both as written, and a compiled graph may then copy each back over the other). The
-    launcher checks the sizes; descriptors over whole tensors, not views (see mla_prefill_attention_triton)."""
+    O_BOX] (N a multiple of BLOCK_N: no tile reaches k_pe's columns), each tile stored as BLOCK_N / O_BOX = 4
+    column blocks. Every box's inner side is at most 128 bytes (O_BOX, BLOCK_K: 64 bf16 values): AOTInductor's
+    generated code builds each descriptor with the whole box and a 128-byte swizzle, which the driver refuses for a
+    wider box ("CUDA driver error: invalid argument" at the package's first run; Triton's own launcher splits such
+    boxes). k_pe's columns first: loaded as [BLOCK_T, O_BOX] pointer tiles (zeros past R <= O_BOX) and stored
+    through o_desc at column N, the box clipped at the row's end (the output is written through the descriptor
+    alone: passed as a second, pointer argument too, torch's analysis of the launch would take both as written, and
+    a compiled graph may then copy each back over the other). The launcher checks the sizes; descriptors over whole
+    tensors, not views (see mla_prefill_attention_triton)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # (positions and rows loaded here, in the kernel's body: docs/KERNELS.md on what Inductor takes as written)
@@ -549,14 +552,15 @@ def _kv_decompress_tma_kernel(
         row = tl.load(rows_ptr + b * s_rows).to(tl.int64)
     else:
         row = b
+    tl.static_assert(BLOCK_N == 4 * O_BOX)
     n_t = tl.minimum(tl.cdiv(limit, BLOCK_T), tl.cdiv(T, BLOCK_T))
-    offs_r = tl.arange(0, BLOCK_N // 2)
+    offs_r = tl.arange(0, O_BOX)
     b32 = b.to(tl.int32)
     for pt in range(pid, n_t, progs):
         offs_t = pt * BLOCK_T + tl.arange(0, BLOCK_T)
         k_pe = tl.load(c_ptr + row * s_c_b + offs_t[:, None] * s_c_t + C + offs_r[None, :],
                        mask=(offs_t < T)[:, None] & (offs_r < R)[None, :], other=0.0)
-        o_desc.store([b32, pt * BLOCK_T, N], k_pe.reshape(1, BLOCK_T, BLOCK_N // 2))
+        o_desc.store([b32, pt * BLOCK_T, N], k_pe.reshape(1, BLOCK_T, O_BOX))
     row32 = row.to(tl.int32)
     n_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_T * n_n
@@ -569,9 +573,14 @@ def _kv_decompress_tma_kernel(
         for k0 in range(0, C, BLOCK_K):
             a = a_desc.load([row32, t0, k0]).reshape(BLOCK_T, BLOCK_K)
             acc = tl.dot(a, w_desc.load([n0, k0]).T, acc)
-        lo, hi = acc.reshape(BLOCK_T, 2, BLOCK_N // 2).permute(0, 2, 1).split()
-        o_desc.store([b32, t0, n0], lo.to(o_desc.dtype).reshape(1, BLOCK_T, BLOCK_N // 2))
-        o_desc.store([b32, t0, n0 + BLOCK_N // 2], hi.to(o_desc.dtype).reshape(1, BLOCK_T, BLOCK_N // 2))
+        # column c = i * 2 * O_BOX + j * O_BOX + k of the tile -> [BLOCK_T, O_BOX] block i * 2 + j
+        even, odd = acc.reshape(BLOCK_T, 2, 2, O_BOX).permute(0, 3, 1, 2).split()  # j = 0, 1
+        q0, q2 = even.split()
+        q1, q3 = odd.split()
+        o_desc.store([b32, t0, n0], q0.to(o_desc.dtype).reshape(1, BLOCK_T, O_BOX))
+        o_desc.store([b32, t0, n0 + O_BOX], q1.to(o_desc.dtype).reshape(1, BLOCK_T, O_BOX))
+        o_desc.store([b32, t0, n0 + 2 * O_BOX], q2.to(o_desc.dtype).reshape(1, BLOCK_T, O_BOX))
+        o_desc.store([b32, t0, n0 + 3 * O_BOX], q3.to(o_desc.dtype).reshape(1, BLOCK_T, O_BOX))
 
 
 # The persistent TMA decompression's launch (scripts/try_decompress.py, H200, 16B shapes: N 4096, C 512): 128 x 256
@@ -589,9 +598,8 @@ def decompress_choice() -> str:
 
 def _decompress_tma_ok(latent_cache: torch.Tensor, w: torch.Tensor, out: torch.Tensor, c: int, n: int,
                        r: int) -> bool:
-    half = DECOMPRESS_TMA_BLOCK_N // 2
-    return (decompress_choice() == "tma" and c % DECOMPRESS_BLOCK_K == 0 and n % DECOMPRESS_TMA_BLOCK_N == 0
-            and r <= half
+    return (decompress_choice() == "tma" and latent_cache.element_size() == 2 and c % DECOMPRESS_BLOCK_K == 0
+            and n % DECOMPRESS_TMA_BLOCK_N == 0 and r <= DECOMPRESS_TMA_BLOCK_N // 4
             and all(tma_descriptor_ok(t) for t in (latent_cache, w, out)))
 
 
@@ -617,11 +625,12 @@ def kv_decompress_triton(latent_cache: torch.Tensor, input_pos: torch.Tensor, w:
         launch_with_descriptors(
             _kv_decompress_tma_kernel, (progs, bsz),
             {"a_desc": [1, KEY_TILE_ROWS, DECOMPRESS_BLOCK_K], "w_desc": [bn, DECOMPRESS_BLOCK_K],
-             "o_desc": [1, KEY_TILE_ROWS, bn // 2]},
+             "o_desc": [1, KEY_TILE_ROWS, bn // 4]},
             a_desc=latent_cache, w_desc=w, o_desc=out, c_ptr=latent_cache, rows_ptr=rows, pos_ptr=input_pos,
             T=t_cap, C=c, N=n, R=r, S=input_pos.shape[1], s_c_b=latent_cache.stride(0), s_c_t=latent_cache.stride(1),
             s_rows=rows.stride(0), s_pos_b=input_pos.stride(0), s_pos_s=input_pos.stride(1), progs=progs,
-            BLOCK_T=KEY_TILE_ROWS, BLOCK_N=bn, BLOCK_K=DECOMPRESS_BLOCK_K, HAS_ROWS=cache_rows is not None,
+            BLOCK_T=KEY_TILE_ROWS, BLOCK_N=bn, BLOCK_K=DECOMPRESS_BLOCK_K, O_BOX=bn // 4,
+            HAS_ROWS=cache_rows is not None,
             GROUP_T=DECOMPRESS_TMA_GROUP_T, num_warps=8, num_stages=3,
         )
         return out

@@ -157,8 +157,8 @@ def positions_writes() -> dict[str, list[str]]:
     cases["_kv_decompress_tma_kernel"] = _analysed_writes(PF._kv_decompress_tma_kernel, dict(
         a_desc=torch.empty(2, 128, 576, dtype=bf), w_desc=torch.empty(256, 512, dtype=bf),
         o_desc=torch.empty(1, 128, 4160, dtype=bf), c_ptr=t(bf), rows_ptr=t(i64), pos_ptr=t(i64)),
-        dict(BLOCK_T=128, BLOCK_N=256, BLOCK_K=64, HAS_ROWS=True, GROUP_T=8),
-        {"a_desc": [1, 128, 64], "w_desc": [256, 64], "o_desc": [1, 128, 128]})
+        dict(BLOCK_T=128, BLOCK_N=256, BLOCK_K=64, O_BOX=64, HAS_ROWS=True, GROUP_T=8),
+        {"a_desc": [1, 128, 64], "w_desc": [256, 64], "o_desc": [1, 128, 64]})
     chunk = dict(qn_ptr=t(bf), qp_ptr=t(bf), kn_ptr=t(bf), kp_ptr=t(bf), v_ptr=t(bf), pos_ptr=t(i64), po_ptr=t(bf),
                  plse_ptr=t(f32), out_ptr=t(bf), oq_ptr=t(torch.float8_e4m3fn), os_ptr=t(f32))
     for cached in (False, True):

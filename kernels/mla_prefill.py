@@ -43,11 +43,12 @@ cache_rows) -> out`
   of W_UV); input_pos [B, S] increasing along S. out[b, s] = softmax over rows t <= input_pos[b, s] of
   (q_nope . k_nope[t] + q_pe . k_pe[t]) * softmax_scale, times v, with (k_nope, v) = kv_b_weight @ cache[row, t, :C]
   per head and k_pe = cache[row, t, C:]; [B, S, H, Dv] in q_nope.dtype.
-- CPU / fp32: reference (every row decompressed, masked). CUDA: `_kv_decompress_kernel` (rows up to each sequence's
-  last position, whole KEY_TILE_ROWS tiles, read from the sequence's own cache row: no gathered copy of the cache,
-  into a [B, T, H*(Dn+Dv) + R] buffer with k_pe copied after the heads), then `_mha_prefill_kernel` with
-  KEYS_CACHED. `mla_cached_prefill_attention_o_proj(..., o_weight, o_scale)`: the same followed by the FP8 o_proj,
-  fused as `mla_prefill_attention_o_proj` below.
+- CPU / fp32: reference (every row decompressed, masked). CUDA: `_kv_decompress_tma_kernel` (persistent, TMA; or its
+  pointer form `_kv_decompress_kernel`: rows up to each sequence's last position, whole KEY_TILE_ROWS tiles, read
+  from the sequence's own cache row: no gathered copy of the cache, into a [B, T, H*(Dn+Dv) + R] buffer with k_pe
+  copied after the heads), then `_mha_prefill_kernel` with KEYS_CACHED.
+  `mla_cached_prefill_attention_o_proj(..., o_weight, o_scale)`: the same followed by the FP8 o_proj, fused as
+  `mla_prefill_attention_o_proj` below.
 
 `mla_prefill_attention_o_proj(q_nope, q_pe, k_nope, k_pe, v, input_pos, softmax_scale, o_weight, o_scale,
 prefix_out, prefix_lse) -> [B, S, N]`

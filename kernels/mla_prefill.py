@@ -584,9 +584,10 @@ def _kv_decompress_tma_kernel(
         o_desc.store([b32, t0, n0 + 3 * O_BOX], q3.to(o_desc.dtype).reshape(1, BLOCK_T, O_BOX))
 
 
-# The persistent TMA decompression's launch (scripts/try_decompress.py, H200, 16B shapes: N 4096, C 512): 128 x 256
-# tiles, K steps of 64, 3 stages, 8 warps, groups of 8 row tiles, one program per SM per sequence. 8192 cache rows
-# 77.1 -> 56.0 us against `_kv_decompress_kernel` (cuBLAS on the same rows 55.6; 2026-11-26).
+# The persistent TMA decompression's launch (the best of scripts/try_decompress.py's variants, H200, 16B shapes: N
+# 4096, C 512): 128 x 256 tiles, K steps of 64, 3 stages, 8 warps, groups of 8 row tiles, one program per SM per
+# sequence. Against `_kv_decompress_kernel` (scripts/sweep_decompress.py, 2026-11-26): 8192 rows 77.3 -> 58.8 us,
+# 32768 rows 279.0 -> 223.6 (cuBLAS on the same rows 55.1 / 208.8).
 DECOMPRESS_TMA_BLOCK_N = 256
 DECOMPRESS_TMA_GROUP_T = 8
 
@@ -631,8 +632,7 @@ def kv_decompress_triton(latent_cache: torch.Tensor, input_pos: torch.Tensor, w:
             T=t_cap, C=c, N=n, R=r, S=input_pos.shape[1], s_c_b=latent_cache.stride(0), s_c_t=latent_cache.stride(1),
             s_rows=rows.stride(0), s_pos_b=input_pos.stride(0), s_pos_s=input_pos.stride(1), progs=progs,
             BLOCK_T=KEY_TILE_ROWS, BLOCK_N=bn, BLOCK_K=DECOMPRESS_BLOCK_K, O_BOX=bn // 4,
-            HAS_ROWS=cache_rows is not None,
-            GROUP_T=DECOMPRESS_TMA_GROUP_T, num_warps=8, num_stages=3,
+            HAS_ROWS=cache_rows is not None, GROUP_T=DECOMPRESS_TMA_GROUP_T, num_warps=8, num_stages=3,
         )
         return out
     block_n = block_n or DECOMPRESS_BLOCK_N

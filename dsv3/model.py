@@ -205,8 +205,8 @@ class MLA(nn.Module):
         absorbed form over a gathered copy of the sequences' cache rows and merged with the chunk's keys through its
         log-sum-exp. kv_b_proj is used dequantized to the activation dtype (as decode's absorption uses it), not
         through the FP8 linear: no activation quantization of the latent; the dequantized weight is kept since load
-        by add_prefill_copies_, else dequantized here once per call. Returns o_proj of the attention: with FP8 o_proj weights one op (on CUDA the attention kernel
-        quantizes o_proj's input itself)."""
+        by add_prefill_copies_, else dequantized here once per call. Returns o_proj of the attention: with FP8 o_proj
+        weights one op (on CUDA the attention kernel quantizes o_proj's input itself)."""
         bsz, seqlen = latent.shape[:2]
         kv_b = self.kv_b_proj
         w = getattr(self, "kv_b_dequantized", None)  # add_prefill_copies_: dequantized at load

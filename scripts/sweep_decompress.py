@@ -1,6 +1,7 @@
 """The default decompression of dsv3.mla_cached_prefill_attention (`_kv_decompress_tma_kernel`, persistent, TMA) and
-launch configs of its pointer form `_kv_decompress_kernel`, against cuBLAS on the same rows (GPU measurement). 16B shapes: 16 heads x (128 + 128) outputs from the 512-wide latent, a 32768-row
-cache, a later chunk ending at row 8192 / 16384 / 32768. Each config is checked against F.linear on the rows it must
+launch configs of its pointer form `_kv_decompress_kernel`, against cuBLAS on the same rows (GPU measurement). 16B
+shapes: 16 heads x (128 + 128) outputs from the 512-wide latent, a 32768-row cache, a later chunk ending at row 8192
+/ 16384 / 32768. Each config is checked against F.linear on the rows it must
 compute, then timed as CUDA-graph replays of 20 calls (median of 5).
 
     python3 scripts/sweep_decompress.py [--json out.json]

@@ -2,8 +2,9 @@
 experiment. Measured 2026-11-26 (H200, 8192 rows): pers_n256 56.0 us against the production kernel's 77.1 and
 cuBLAS's 55.6 (pers_s4 60.7, pers_t256 61.8, pers / tma ~69, the rest slower; the pers_ws variants hung). Built into
 the op as `_kv_decompress_tma_kernel` with 64-column output boxes (AOTInductor's descriptors need boxes of at most 128
-bytes: docs/KERNELS.md): 1.23-1.31x the pointer kernel at 8192-32768 rows. The production kernel runs at 0.74-0.76x cuBLAS on the 16B shapes (8192 rows 76 vs 56 us, 32768 rows 276
-vs 207 us) and launch-config sweeps (scripts/sweep_decompress.py) found nothing better. K is only 512, so each
+bytes: docs/KERNELS.md): 1.23-1.31x the pointer kernel at 8192-32768 rows. The question, as it stood: the pointer
+kernel runs at 0.74-0.76x cuBLAS on the 16B shapes (8192 rows 76 vs 56 us, 32768 rows 276 vs 207 us) and launch-config
+sweeps (scripts/sweep_decompress.py) found nothing better. K is only 512, so each
 128 x 128 tile re-reads a 128 x 512 cache tile and a 128 x 512 weight tile from L2 (~65 FLOP per L2 byte) for just
 8 K steps: its prologue and its 32 KB output store are not hidden behind other K steps of the same program.
 

@@ -10,12 +10,11 @@ compute, then timed as CUDA-graph replays of 20 calls (median of 5).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from dsv3.kernels.bench import save_json
+from dsv3.kernels.bench import graph_us as bench_graph_us, save_json
 from dsv3.kernels.mla_prefill import KEY_TILE_ROWS, kv_decompress_triton
 
 CONFIGS = [  # (BLOCK_N, BLOCK_K, warps, stages); the first is the default
@@ -25,21 +24,8 @@ CONFIGS = [  # (BLOCK_N, BLOCK_K, warps, stages); the first is the default
 
 
 def graph_us(fn, calls: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
+    """Median microseconds per call of fn, replayed as `calls` back-to-back calls in one CUDA graph."""
+    return bench_graph_us([fn] * calls)
 
 
 def main() -> None:

@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import traceback
 
 import torch
@@ -65,7 +64,7 @@ import triton
 import triton.language as tl
 
 from dsv3.kernels._launch import cdiv, next_pow2, num_sms
-from dsv3.kernels.bench import save_json
+from dsv3.kernels.bench import graph_us as bench_graph_us, save_json
 from dsv3.kernels.mla_prefill import KEY_TILE_ROWS, kv_decompress_triton
 
 
@@ -468,21 +467,8 @@ def cpu_check() -> None:
 
 
 def graph_us(fn, calls: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
+    """Median microseconds per call of fn, replayed as `calls` back-to-back calls in one CUDA graph."""
+    return bench_graph_us([fn] * calls)
 
 
 def bench(dev: torch.device, t_cap: int, c: int, n: int, ends: tuple, window: int, names: list, json_path,

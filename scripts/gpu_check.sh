@@ -111,6 +111,10 @@
 #              dsv3c bench --random-weights at contexts up to 32640 and prompts up to 32767 tokens (8 chunks);
 #              PROF_ART=art16long with prof16q profiles it
 #   quick16    no checkpoint: the FP8 16B config compiled, then dsv3c bench --random-weights (weights made on the GPU)
+#   wide16     serving-sized batches: the FP8 16B config compiled with decode buckets WIDE16_BATCHES (1,8,32: with 64
+#              the build passes 600 s) into $WORK/art16w (WIDE16=build,bench picks), then dsv3c bench --random-weights
+#              at those batches and contexts 128 / 4032;
+#              PROF_ART=art16w PROF_BATCH=32 prof16q profiles a batch-32 step
 #   compile16-ws2  the same for world size 2 into $WORK/art16_ws2 (per-rank TP+EP graphs)
 #   nccl2      needs 2 GPUs: scripts/nccl_check.py (ws2 artifacts over NCCL vs ws1 eager) + dsv3c run --world-size 2
 #   est671     rank 0 of 671B at world size 8: compile 4, 6 and 8 layers (EST671_LAYERS), time decode round-robin
@@ -566,6 +570,22 @@ step_long16() {  # decode and prefill at long context: the cache holds 32768 row
     dsv3c bench --artifacts "$WORK/art16long" --random-weights --batch-sizes 1,8 --context 128,4032,16384,32640 \
       --steps 32 --prompt-len 4096,16384,32767 --json "$OUT/bench16long.json" 2>&1 \
       | grep --line-buffered -v -E "Warning|%\|" | tail -20
+  fi
+}
+
+step_wide16() {  # decode at a server's batch sizes next to 1 and 8, from one build
+  local parts=${WIDE16:-build,bench} batches=${WIDE16_BATCHES:-1,8,32}
+  cfg16fp8
+  if [[ $parts == *build* ]]; then
+    dsv3c compile --config "$WORK/cfg16fp8" --out "$WORK/art16w" --device cuda --max-batch-size "${batches##*,}" \
+      --batch-sizes "$batches" --max-seq-len 4096 --overwrite ${Q16_JOBS:+--jobs $Q16_JOBS} --no-verify \
+      --short-prefill "${SHORT16:-1x16}" > "$OUT/compile_art16w.log" 2>&1
+    echo "compile art16w: exit $?"
+    grep -v Warning "$OUT/compile_art16w.log" | tail -3
+  fi
+  if [[ $parts == *bench* ]]; then
+    dsv3c bench --artifacts "$WORK/art16w" --random-weights --batch-sizes "$batches" --context 128,4032 --steps 32 \
+      --prompt-len 4096 --json "$OUT/bench16w.json" 2>&1 | grep --line-buffered -v -E "Warning|%\|" | tail -16
   fi
 }
 

@@ -403,11 +403,10 @@ def export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], dims: dict[
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-@cuda
 def test_modules_call_every_triton_op():
     """The two modules' declared ops are every registered triton_op less EXCLUDED (each test below checks that the
-    exported graph it packages calls exactly its module's)."""
+    exported graph it packages calls exactly its module's). No GPU needed: CI fails here when an op is added to the
+    sources and not to a module."""
     registered = registered_triton_ops()
     assert all(hasattr(torch.ops.dsv3, name) for name in registered), registered
     assert set(EXCLUDED) <= registered

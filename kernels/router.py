@@ -31,6 +31,10 @@ Implementations (branch taken at trace time from the device and the static shape
      fp32 (no tl.dot: the result is true fp32, as cuBLAS's fp32 GEMM, never TF32), and writes fp32 partial logits
      [splits, T, E]. D is split so that a program streams one chunk of D at batch 1 (`logits_plan`): the weight
      read (E * D * 2 bytes, 3.7 MB on 671B) is then spread over a few programs per SM, each one load round trip.
+     Above 8 tokens with x and weight both bf16 (the model's decode at batch 16-64) the products go through the
+     tensor cores instead (DOT): a product of two bf16 values is exact in fp32 and the MMA accumulates in fp32, as
+     the prefill path's torch.mm(out_dtype=float32) does; only the order of the fp32 sums differs. The FMA tiles
+     there spent 7.6 / 18 us per call on the 16B / 671B routers at T = 32 (scripts/sweep_router_splits.py).
   2. `_router_select_kernel`, one program per token: sums the partials in a fixed order, scores, bias, group
      limiting (group of expert e = e // (E / n_group), on a [G_PAD, E_PAD] masked matrix), then TOP_K rounds of
      argmax-and-mask on 64-bit keys (order-preserving fp32 bits << 32 | reversed index: one reduction per round,
@@ -55,6 +59,12 @@ SELECT_MAX_E = 512
 # Elements of the per-program fp32 accumulator of the logits kernel (64 per thread at 4 warps): the products are
 # accumulated element-wise and reduced over D once at the end, so the loop is loads and FMAs only.
 LOGITS_ACC_ELEMS = 8192
+# DOT tiles (T > 8, bf16 x and weight): experts per program and D per step. scripts/sweep_router_splits.py on the
+# H200 (2026-11-26, route op us at T = 16 / 32 / 64, 12 DOT tiles and splits): 32 x 128 with >= 2 steps per program
+# 16B 4.91 / 5.19 / 5.08 (64 x 128, one step: 5.41 / 5.68 / 5.96), 671B 7.47 / 7.82 / 8.01 (7.92 / 8.43 / 8.82);
+# the FMA tiles of before 6.08 / 7.64 / 20.41 and 13.43 / 18.20 / 32.53.
+DOT_BLOCK_E = 32
+DOT_BLOCK_D = 128
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,12 +167,15 @@ def _check_args(n_experts: int, top_k: int, n_group: int, topk_group: int, group
 @triton.jit
 def _router_logits_kernel(
     x_ptr, w_ptr, part_ptr, T, E, D, D_PER_SPLIT, stride_xt, stride_we,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, DOT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """part[split, t, e] = sum over this split's slice of D of x[t, d] * w[e, d]: fp32 FMAs (no tensor cores) into
     an element-wise accumulator, reduced over D once at the end.
     FLAT (T <= 8): the tile's rows are (expert, token) pairs, so weight and x tiles are plain 2D loads in the
     accumulator's own layout (a weight row repeats for each token: merged in the same load or served by L1).
+    DOT (16-bit x and weight of one dtype, BLOCK_T >= 16): acc[t, e] += tl.dot(x tile, weight tile^T), fp32
+    accumulation of exact products (see the module docstring).
     Otherwise a [BLOCK_T, BLOCK_E, BLOCK_D] accumulator reuses each loaded x element for BLOCK_E experts and each
     weight element for BLOCK_T tokens, at the price of a layout conversion of the tiles per trip."""
     pid_e = tl.program_id(0)
@@ -184,6 +197,21 @@ def _router_logits_kernel(
             xv = tl.load(x_ptrs + d, mask=mask, other=0.0).to(tl.float32)
             acc += xv * w
         tl.store(part_ptr + (pid_s * T + offs_t) * E + offs_e, tl.sum(acc, axis=1), mask=row_ok)
+    elif DOT:
+        offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_t = tl.arange(0, BLOCK_T)
+        e_mask = offs_e < E
+        t_mask = offs_t < T
+        w_ptrs = w_ptr + offs_e.to(tl.int64)[:, None] * stride_we + offs_d[None, :]
+        x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_d[None, :]
+        acc2 = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for d in tl.range(d0, d1, BLOCK_D, num_stages=STAGES):
+            d_mask = (d + offs_d) < d1
+            w = tl.load(w_ptrs + d, mask=e_mask[:, None] & d_mask[None, :], other=0.0)
+            xv = tl.load(x_ptrs + d, mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+            acc2 = tl.dot(xv, tl.trans(w), acc2)
+        p_ptrs = part_ptr + (pid_s * T + offs_t)[:, None] * E + offs_e[None, :]
+        tl.store(p_ptrs, acc2, mask=t_mask[:, None] & e_mask[None, :])
     else:
         offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_t = tl.arange(0, BLOCK_T)
@@ -320,8 +348,10 @@ def _router_select_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def logits_plan(t: int, e: int, d: int, sms: int) -> dict:
+def logits_plan(t: int, e: int, d: int, sms: int, dot: bool = False) -> dict:
     """Launch plan of the logits kernel: tile, D split, warps, pipelining (all from static shapes).
+    - dot (x and weight bf16) and T > 8: DOT tiles of T (padded to 16..64) tokens x DOT_BLOCK_E experts x DOT_BLOCK_D,
+      D split over up to one program per SM with the fp32 partials no larger than the weight (`_dot_plan`).
     - T <= 8: FLAT tiles of 8 experts x T tokens; else 3D tiles of 16 experts x T (padded to 16..64) tokens.
     - BLOCK_D: as wide as an accumulator of LOGITS_ACC_ELEMS allows (long contiguous weight rows), 16 to 512.
     - D is split so that each program streams as few chunks as possible (one, at batch 1: the latency is then one
@@ -329,6 +359,8 @@ def logits_plan(t: int, e: int, d: int, sms: int) -> dict:
       (splits * T * E * 4 bytes, read back from L2 by the select kernel) under 1/4 of the bf16 weight's bytes.
     - Programs with several chunks pipeline their loads (cp.async, 3 stages); single-chunk ones need no buffers."""
     flat = next_pow2(t) <= 8
+    if dot and not flat:
+        return _dot_plan(t, e, d, sms, DOT_BLOCK_E, DOT_BLOCK_D)
     block_t = next_pow2(t) if flat else max(16, next_pow2(t))
     block_e = 8 if flat else 16
     block_d = max(16, min(512, LOGITS_ACC_ELEMS // (block_t * block_e), next_pow2(d)))
@@ -337,10 +369,22 @@ def logits_plan(t: int, e: int, d: int, sms: int) -> dict:
     target = max(1, min(chunks, (4 * sms) // n_e, d // (8 * t)))
     per = cdiv(chunks, target)
     return dict(
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, FLAT=flat, STAGES=1 if per == 1 else 3,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, FLAT=flat, DOT=False, STAGES=1 if per == 1 else 3,
         splits=cdiv(chunks, per), d_per_split=per * block_d,
         num_warps=4 if block_t * block_e * block_d <= LOGITS_ACC_ELEMS else 8,
     )
+
+
+def _dot_plan(t: int, e: int, d: int, sms: int, block_e: int, block_d: int, splits: Optional[int] = None) -> dict:
+    """The DOT tiles' plan (`logits_plan`); `splits` pins the D split (sweeps)."""
+    block_e = min(block_e, max(16, next_pow2(e)))
+    n_e = cdiv(e, block_e)
+    chunks = cdiv(d, block_d)
+    # >= 2 D steps per program, <= 1 program per SM, partials no larger than the weight
+    target = splits or max(1, min(cdiv(chunks, 2), sms // n_e, d // (2 * t)))
+    per = cdiv(chunks, target)
+    return dict(BLOCK_T=max(16, next_pow2(t)), BLOCK_E=block_e, BLOCK_D=block_d, FLAT=False, DOT=True,
+                STAGES=1 if per == 1 else 3, splits=cdiv(chunks, per), d_per_split=per * block_d, num_warps=4)
 
 
 def route_triton(
@@ -359,7 +403,7 @@ def route_triton(
     wt = torch.empty((t, top_k + n_shared), dtype=torch.float32, device=x.device)
     if t == 0:
         return idx, wt
-    plan = logits_plan(t, e, d, num_sms(x.device))
+    plan = logits_plan(t, e, d, num_sms(x.device), dot=x.dtype == weight.dtype == torch.bfloat16)
     n_split, per = plan.pop("splits"), plan.pop("d_per_split")
     if splits is not None:
         chunks = cdiv(cdiv(d, plan["BLOCK_D"]), splits)

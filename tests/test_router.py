@@ -169,16 +169,22 @@ def test_reference_matches_float64(name):
     assert_routing(idx, wt, x, w, bias, args, rtol=1e-5)
 
 
-def test_logits_plan():
+@pytest.mark.parametrize("dot", [False, True])
+def test_logits_plan(dot):
     for t in (1, 3, 8, 17, 64):
         for e, d in ((64, 2048), (160, 5120), (256, 7168), (16, 64), (12, 200)):
-            p = R.logits_plan(t, e, d, 132)
+            p = R.logits_plan(t, e, d, 132, dot=dot)
             bt, be, bd, splits, per = p["BLOCK_T"], p["BLOCK_E"], p["BLOCK_D"], p["splits"], p["d_per_split"]
             assert bt >= t and p["FLAT"] == (bt <= 8) and per % bd == 0 and (splits - 1) * per < d <= splits * per
+            assert p["DOT"] == (dot and bt > 8) and p["STAGES"] == (1 if per == bd else 3)
+            if p["DOT"]:  # tensor-core tiles: >= 16 on every side, at most one program per SM
+                assert min(bt, be, bd) >= 16 and p["num_warps"] == 4
+                assert -(-e // be) * splits <= 132 or splits == 1
+                assert splits * t * e * 4 <= e * d * 2 or splits == 1       # partials no larger than the weight
+                continue
             assert bt * be * bd <= 2 * R.LOGITS_ACC_ELEMS and p["num_warps"] in (4, 8)
             assert -(-e // be) * splits <= 4 * 132 or splits == 1           # at most 4 programs per SM
             assert splits * t * e * 4 <= e * d * 2 // 4 or splits == 1     # partials small next to the weight
-            assert p["STAGES"] == (1 if per == bd else 3)
     # batch-1 decode of 671B: one 512-wide chunk of D per program, 14 programs per 8 experts
     p = R.logits_plan(1, 256, 7168, 132)
     assert (p["BLOCK_D"], p["d_per_split"], p["splits"], p["FLAT"]) == (512, 512, 14, True)

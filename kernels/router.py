@@ -61,8 +61,8 @@ SELECT_MAX_E = 512
 LOGITS_ACC_ELEMS = 8192
 # DOT tiles (T > 8, bf16 x and weight): experts per program and D per step. scripts/sweep_router_splits.py on the
 # H200 (2026-11-26, route op us at T = 16 / 32 / 64, 12 DOT tiles and splits): 32 x 128 with >= 2 steps per program
-# 16B 4.91 / 5.19 / 5.08 (64 x 128, one step: 5.41 / 5.68 / 5.96), 671B 7.47 / 7.82 / 8.01 (7.92 / 8.43 / 8.82);
-# the FMA tiles of before 6.08 / 7.64 / 20.41 and 13.43 / 18.20 / 32.53.
+# 16B 4.84 / 5.15 / 5.07 (64 x 128, one step: 5.41 / 5.68 / 5.96), 671B 7.42 / 7.87 / 7.86 (7.92 / 8.43 / 8.82);
+# the FMA tiles of before 6.01 / 7.56 / 20.26 and 13.26 / 17.97 / 32.32.
 DOT_BLOCK_E = 32
 DOT_BLOCK_D = 128
 
@@ -170,8 +170,8 @@ def _router_logits_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, DOT: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """part[split, t, e] = sum over this split's slice of D of x[t, d] * w[e, d]: fp32 FMAs (no tensor cores) into
-    an element-wise accumulator, reduced over D once at the end.
+    """part[split, t, e] = sum over this split's slice of D of x[t, d] * w[e, d]: fp32 FMAs (no tensor cores; DOT
+    below is the exception) into an element-wise accumulator, reduced over D once at the end.
     FLAT (T <= 8): the tile's rows are (expert, token) pairs, so weight and x tiles are plain 2D loads in the
     accumulator's own layout (a weight row repeats for each token: merged in the same load or served by L1).
     DOT (16-bit x and weight of one dtype, BLOCK_T >= 16): acc[t, e] += tl.dot(x tile, weight tile^T), fp32
@@ -351,7 +351,7 @@ def _router_select_kernel(
 def logits_plan(t: int, e: int, d: int, sms: int, dot: bool = False) -> dict:
     """Launch plan of the logits kernel: tile, D split, warps, pipelining (all from static shapes).
     - dot (x and weight bf16) and T > 8: DOT tiles of T (padded to 16..64) tokens x DOT_BLOCK_E experts x DOT_BLOCK_D,
-      D split over up to one program per SM with the fp32 partials no larger than the weight (`_dot_plan`).
+      D split into >= 2 steps per program, <= 1 program per SM, fp32 partials no larger than the weight (`_dot_plan`).
     - T <= 8: FLAT tiles of 8 experts x T tokens; else 3D tiles of 16 experts x T (padded to 16..64) tokens.
     - BLOCK_D: as wide as an accumulator of LOGITS_ACC_ELEMS allows (long contiguous weight rows), 16 to 512.
     - D is split so that each program streams as few chunks as possible (one, at batch 1: the latency is then one

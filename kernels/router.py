@@ -197,36 +197,31 @@ def _router_logits_kernel(
             xv = tl.load(x_ptrs + d, mask=mask, other=0.0).to(tl.float32)
             acc += xv * w
         tl.store(part_ptr + (pid_s * T + offs_t) * E + offs_e, tl.sum(acc, axis=1), mask=row_ok)
-    elif DOT:
+    else:  # [BLOCK_T tokens, BLOCK_E experts] tiles (DOT and FMA forms resolved at compile time)
         offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_t = tl.arange(0, BLOCK_T)
         e_mask = offs_e < E
         t_mask = offs_t < T
         w_ptrs = w_ptr + offs_e.to(tl.int64)[:, None] * stride_we + offs_d[None, :]
         x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_d[None, :]
-        acc2 = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        if DOT:
+            acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
         for d in tl.range(d0, d1, BLOCK_D, num_stages=STAGES):
             d_mask = (d + offs_d) < d1
             w = tl.load(w_ptrs + d, mask=e_mask[:, None] & d_mask[None, :], other=0.0)
             xv = tl.load(x_ptrs + d, mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-            acc2 = tl.dot(xv, tl.trans(w), acc2)
+            if DOT:
+                acc = tl.dot(xv, tl.trans(w), acc)
+            else:
+                acc += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if DOT:
+            logits = acc
+        else:
+            logits = tl.sum(acc, axis=2)
         p_ptrs = part_ptr + (pid_s * T + offs_t)[:, None] * E + offs_e[None, :]
-        tl.store(p_ptrs, acc2, mask=t_mask[:, None] & e_mask[None, :])
-    else:
-        offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-        offs_t = tl.arange(0, BLOCK_T)
-        e_mask = offs_e < E
-        t_mask = offs_t < T
-        w_ptrs = w_ptr + offs_e.to(tl.int64)[:, None] * stride_we + offs_d[None, :]
-        x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_d[None, :]
-        acc3 = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
-        for d in tl.range(d0, d1, BLOCK_D, num_stages=STAGES):
-            d_mask = (d + offs_d) < d1
-            w = tl.load(w_ptrs + d, mask=e_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            xv = tl.load(x_ptrs + d, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            acc3 += xv[:, None, :] * w[None, :, :]
-        p_ptrs = part_ptr + (pid_s * T + offs_t)[:, None] * E + offs_e[None, :]
-        tl.store(p_ptrs, tl.sum(acc3, axis=2), mask=t_mask[:, None] & e_mask[None, :])
+        tl.store(p_ptrs, logits, mask=t_mask[:, None] & e_mask[None, :])
 
 
 @triton.jit

@@ -20,9 +20,10 @@ Implementations (branch taken at trace time)
   * Decode / speculative verify (S statically <= 16: few rows, long context): flash-decoding. The grid has a
     static number of splits per (sequence, row block), sized to fill the GPU; each program takes an equal share
     of [0, L) (at least min_chunk = 128 rows), splits past L exit at once, and
-    `_mla_combine_kernel` (one program per query row and COMBINE_BLOCK_C = 32 channels, splits reduced up to 64 at
-    a time) merges the partials of the splits that ran (it recomputes L the same way). Partials are unnormalized
-    split outputs in fp32 (`mla_partials`; bf16 halves their bytes), statistics (max, sum) in fp32.
+    `_mla_combine_kernel` (one program per query row and 32 channels, or the whole row at >= 128 rows over <= 16
+    splits: `combine_config`; splits reduced up to 64 at a time) merges the partials of the splits that ran (it
+    recomputes L the same way). Partials are unnormalized split outputs in fp32 (`mla_partials`; bf16 halves their
+    bytes), statistics (max, sum) in fp32.
   * Blocks hold min(64, next_pow2(S*H)) rows (>= 16). H = 16 per rank at decode: 16-row blocks, 8 warps
     (mma.sync); H = 128 or prefill: 64-row blocks, 8 warps (wgmma). BLOCK_T = 64 cache rows per step, 2 stages.
     At H = 16 (`mla_plan`): 128-row steps over caches of 8192+ rows where a split is one step; 64-row steps in 3
@@ -474,15 +475,33 @@ def mla_attention_triton(
 # combine variant at every case but two (batch 8 at context 128: 10.5-11.0 us either way; batch 8 at 32k: 64 / 4).
 COMBINE_BLOCK_C = 32
 COMBINE_WARPS = 2
+# ... except where many query rows share few splits: there one program merges a whole row (C_PAD channels, 8 warps),
+# so a row's split maxima and active-split count are loaded and recomputed once instead of C_PAD / 32 times, and
+# 16x fewer programs run. scripts/sweep_mla_pipeline.py on the H200 (2026-11-26, 16 heads, a 4096-row cache, op us,
+# 32 / 2 -> whole rows): batch 32 (4 splits) at context 128 / 1024 / 4032 16.64 / 27.24 / 56.15 -> 12.78 / 23.24 /
+# 52.91, batch 8 (16 splits) at 128 10.58 -> 9.64, at 4032 21.22 -> 21.25 (256 channels in 8 warps: 17.63 / 27.65 /
+# 57.90 / 10.60 / 21.88; 128 in 4: 17.73 / 27.22 / 56.00 / 10.62 / 21.79). Batch 1 (16 rows, 64 splits) keeps 32 / 2.
+COMBINE_ROW_MIN_ROWS = 128
+COMBINE_ROW_MAX_SPLITS = 16
+COMBINE_ROW_WARPS = 8
+
+
+def combine_config(rows: int, n_splits: int, c_pad: int) -> tuple[int, int]:
+    """(channels per program, warps) of `_mla_combine_kernel` for `rows` query rows (B * S * H) over n_splits."""
+    if rows >= COMBINE_ROW_MIN_ROWS and n_splits <= COMBINE_ROW_MAX_SPLITS:
+        return c_pad, COMBINE_ROW_WARPS
+    return COMBINE_BLOCK_C, COMBINE_WARPS
 
 
 def combine_splits(sa: SplitAttention, q_latent: torch.Tensor, input_pos: torch.Tensor,
                    block_c: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
     """`_mla_combine_kernel` over the partials of `mla_attention_split`: the attention output (in sa.out).
-    block_c: channels per program (a power of two >= 16, default COMBINE_BLOCK_C)."""
+    block_c: channels per program (a power of two >= 16), num_warps: default `combine_config`'s."""
     bsz, seqlen, heads, c = q_latent.shape
     out = sa.out
-    block_c = min(sa.c_pad, block_c or COMBINE_BLOCK_C)
+    auto_c, auto_warps = combine_config(bsz * seqlen * heads, sa.n_splits, sa.c_pad)
+    block_c = min(sa.c_pad, block_c or auto_c)
+    num_warps = num_warps or (auto_warps if block_c == auto_c else COMBINE_WARPS)
     if block_c & (block_c - 1) or block_c < 16:
         raise ValueError(f"combine block_c={block_c}: a power of two >= 16")
     wrap_triton(_mla_combine_kernel)[(seqlen * heads, sa.c_pad // block_c, bsz)](
@@ -490,7 +509,7 @@ def combine_splits(sa: SplitAttention, q_latent: torch.Tensor, input_pos: torch.
         input_pos.stride(0), input_pos.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         BLOCK_H=sa.block_h, BLOCK_T=sa.block_t, C_PAD=sa.c_pad, BLOCK_C=block_c, MIN_CHUNK_=sa.min_chunk,
         BLOCK_S=combine_block_s(sa.n_splits), NS_PAD=sa.ns_pad,
-        num_warps=num_warps or COMBINE_WARPS,
+        num_warps=num_warps,
     )
     return out
 

@@ -707,6 +707,11 @@ GROUPED_DOWN_BLOCK_NS_FP8 = (128, 256)
 # Sparse tiles (see SPARSE_TILE_PAIRS): up 4 warps (TWO_DOTS) at 3 stages, down BLOCK_N 256 at 4 warps, 3 stages: the
 # best of scripts/sweep_prefill.py's grid at T = 128 (16B routed experts, 2026-11-25).
 GROUPED_SPARSE_FP8 = MoeDecodePlan(128, 4, 3, 256, 4, 3)
+# ... and at decode batches (T <= DECODE_MAX_T: batch 32 and 64 steps of the 16B config) the up kernel in 4 stages:
+# scripts/sweep_prefill.py --sparse on the H200 (2026-11-26, 16B with its 2 shared slots, whole op, bitwise the same
+# output, 3 interleaved rounds): T = 32 179.5 -> 176.6 us, T = 64 187.2 -> 184.4 (8 warps: 190-236; down configs
+# other than 256 / 4 / 3 no faster). Short prompts (T 65-264) keep the plan above (measured at T = 128 only).
+GROUPED_SPARSE_DECODE_FP8 = GROUPED_SPARSE_FP8._replace(up_num_stages=4)
 MOE_GROUPED_BF16 = MoeDecodePlan(128, 8, 2, 128, 8, 2)
 GROUPED_BLOCK_TS = (32, 64, 128)
 UP_BLOCK_NS_FP8 = (16, 32, 64, 128)
@@ -851,14 +856,15 @@ def sparse_tiles(is_fp8: bool, t: Optional[int], k: int, e: int, d: int, i: int)
 
 
 def grouped_plan(is_fp8: bool, d: Optional[int] = None, i: Optional[int] = None, sparse: bool = False,
-                 **fields: Optional[int]) -> MoeDecodePlan:
-    """The grouped path's launch config: GROUPED_SPARSE_FP8 for sparse tiles (`sparse_tiles`), else
+                 t: Optional[int] = None, **fields: Optional[int]) -> MoeDecodePlan:
+    """The grouped path's launch config: GROUPED_SPARSE_FP8 for sparse tiles (`sparse_tiles`; at a static T <=
+    DECODE_MAX_T GROUPED_SPARSE_DECODE_FP8), else
     GROUPED_FP8_TUNED[(d, i)] or MOE_GROUPED_FP8 (bf16: MOE_GROUPED_BF16), with the given up_* / down_* fields
     replaced."""
     # (static_int: under torch.compile with dynamic shapes a size may be a SymInt, which does not hash)
     base = GROUPED_FP8_TUNED.get((static_int(d), static_int(i)), MOE_GROUPED_FP8) if is_fp8 else MOE_GROUPED_BF16
     if sparse and is_fp8:
-        base = GROUPED_SPARSE_FP8
+        base = GROUPED_SPARSE_DECODE_FP8 if t is not None and t <= DECODE_MAX_T else GROUPED_SPARSE_FP8
     plan = base._replace(**{k: v for k, v in fields.items() if v is not None})
     if is_fp8:  # `_moe_up_grouped_kernel` / `_moe_down_grouped_kernel`
         if plan.up_block_n != 128:
@@ -991,7 +997,7 @@ def routed_experts_triton(
         sched, n_slots = grouped_schedule(idx, e, block_t)
         block_p = block_e = 2  # unused
         n_sched = n_slots
-        plan = grouped_plan(is_fp8, d, i, sparse, up_block_n=up_block_n, up_num_warps=up_num_warps,
+        plan = grouped_plan(is_fp8, d, i, sparse, t_static, up_block_n=up_block_n, up_num_warps=up_num_warps,
                             up_num_stages=up_num_stages, down_block_n=down_block_n, down_num_warps=down_num_warps,
                             down_num_stages=down_num_stages)
     else:

@@ -12,7 +12,8 @@ What it measures, per decode linear (16B unsharded; 671B at TP 8, per-rank shard
   over a small grid of (block_n, num_warps, num_stages): a coordinate search (all block_n x num_warps at a middle
   num_stages, then every num_stages at the best pair; `--full` times the whole grid);
 - the op as dispatched today (`torch.ops.dsv3.fp8_linear`, i.e. `gemv_choice` / DSV3_GEMV_VARIANT), `F.linear` in
-  bf16 on the dequantized weight (baseline), and `_act_quant_kernel` alone;
+  bf16 on the dequantized weight (baseline), `_act_quant_kernel` alone, and cuBLAS's block-scaled GEMM with its
+  activation quantization (`fp8_scaled_mm`, the path above GEMV_MAX_M tokens; Hopper only);
 - once: an empty Triton kernel as a CUDA-graph node (the per-launch floor) and a device-to-device copy (TB/s).
 Timing: C distinct copies of the weights and activations (C * weight bytes >= 256 MB, several times the L2, as a
 decode step reads every layer's weights from HBM), the C calls of one config captured back to back in one CUDA graph
@@ -414,6 +415,10 @@ def main() -> None:
         op_us, _ = sb.time_op(lambda x, w, s: torch.ops.dsv3.fp8_linear(x, w, s))
         rec["op_us"] = round(op_us, 3)
         rec["op_choice"] = list(L.resolve_gemv(m, n, k, props.multi_processor_count))
+        rec["scaled_mm_us"] = None  # cuBLAS block-scaled GEMM with its activation quantization (the M > 64 path)
+        if L.scaled_mm_hardware_for(sb.x[0].device, torch.bfloat16):
+            sm_us, _ = sb.time_op(L.fp8_scaled_mm)
+            rec["scaled_mm_us"] = round(sm_us, 3)
         aq_us = float("nan")
         try:
             aq_us = graph_us([lambda i=i: L.act_quant(sb.x[i]) for i in range(sb.copies)])
@@ -439,7 +444,8 @@ def main() -> None:
         mb = sb.bytes / 1e6
         log(f"\n{mdl} {name} N={n} K={k} M={m}: {mb:.2f} MB, {sb.copies} copies; bf16 F.linear "
             f"{rec['bf16_linear_us']:.2f} us; op today ({'/'.join(map(str, rec['op_choice']))}) {op_us:.2f} us "
-            f"({sb.tb_s(op_us) / PEAK_TB_S:.0%}); act_quant alone {aq_us:.2f} us"
+            f"({sb.tb_s(op_us) / PEAK_TB_S:.0%}); act_quant alone {aq_us:.2f} us; cuBLAS block-scaled (with "
+            f"act_quant) {rec['scaled_mm_us'] or float('nan'):.2f} us"
             + ("  [over budget: first search stage only]" if over_budget else ""))
         for v, vr in rec["variants"].items():
             b = vr["best"]

@@ -46,7 +46,7 @@ def variants(plan, shallow):
     if os.environ.get("MLA_PIPE_GRID"):  # the grids of the first two runs (their results: docs/BENCHMARKS.md)
         # the combine kernel's channels per program and warps (default COMBINE_BLOCK_C / COMBINE_WARPS, 32 / 2; 128
         # / 4 before 2026-11-24), with the plan
-        for bc, cw in ((128, 4), (64, 4), (32, 4), (16, 2)):
+        for bc, cw in ((512, 8), (256, 8), (128, 4), (64, 4), (32, 4), (16, 2)):
             yield f"combine_bc{bc}_w{cw}", dict(combine_block_c=bc, combine_warps=cw)
         for bt, mc, stages, warps in ((32, 32, 2, 4), (32, 32, 3, 4), (32, 32, 4, 4), (32, 32, 3, 8), (32, 64, 3, 4),
                                       (64, 64, 3, 8), (64, 128, 3, 8)):
@@ -57,12 +57,15 @@ def variants(plan, shallow):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cases", default=None,
+                    help="B:CONTEXT:CACHE_ROWS,... instead of CASES (e.g. 32:128:4096,32:1024:4096)")
     opts = ap.parse_args()
+    cases = CASES if not opts.cases else [tuple(int(v) for v in c.split(":")) for c in opts.cases.split(",")]
     dev = torch.device("cuda")
     sms = num_sms(dev)
     heads, c, r, scale = 16, 512, 64, 0.1
     rows = []
-    for b, ctx, t_cap in CASES:
+    for b, ctx, t_cap in cases:
         size = b * ctx * (c + r) * 2
         copies = max(2, min(24, (512 << 20) // (b * t_cap * (c + r) * 2)))
         g = torch.Generator(device=dev).manual_seed(b * 100000 + ctx)

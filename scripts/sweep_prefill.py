@@ -3,6 +3,7 @@ causal attention of `dsv3.mla_prefill_attention`, at prompt-sized T.
 
     python3 scripts/sweep_prefill.py --json $OUT/sweep_prefill.json        # ~3-4 min on an H200
     python3 scripts/sweep_prefill.py --only moe --t 4096,16384
+    python3 scripts/sweep_prefill.py --only moe --sparse --shapes 16B --t 32,64   # decode batches' sparse tiles
 
 MoE (FP8 weights, bf16 activations), T tokens with random distinct routing: 16B (64 routed + 2 shared slots,
 top-6 + 2, D 2048, I 1408; `16B-routed`: the 64 routed top-6 alone, as the model's prefill runs them) and one rank of 671B at world size 8 (32 local experts, 1 local id per token, D 7168,
@@ -42,6 +43,8 @@ MOE_SHAPES = {
 }
 UP_GRID = [(bt, w, s) for bt in (32, 64, 128) for w, s in ((4, 2), (4, 3), (8, 3), (8, 4))]
 DOWN_GRID = [(bn, w, s) for bn in (128, 256) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4))]
+# --sparse (decode-sized T with sparse tiles): the up kernel's warps and stages (the tile stays SPARSE_TILE_PAIRS)
+SPARSE_UP_CONFIGS = [dict(up_num_warps=w, up_num_stages=s) for w, s in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4))]
 ATTN_GRID = [(bm, bn, w, s) for bm, bn in ((128, 64), (128, 128), (128, 32), (64, 64), (64, 128))
              for w in (4, 8) for s in (2, 3)]
 
@@ -76,26 +79,32 @@ def moe_inputs(name: str, t: int, device: str = "cuda"):
     return x, idx, wt, w, 2 * 3 * d * i * idx.numel()
 
 
-def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
+def sweep_moe(name: str, t: int, peak: float, rows: list, sparse: bool = False) -> None:
     from dsv3.kernels.routed_experts import (
-        GROUPED_BLOCK_T, grouped_plan, routed_experts_reference, routed_experts_triton,
+        GROUPED_BLOCK_T, SPARSE_TILE_PAIRS, grouped_plan, routed_experts_reference, routed_experts_triton,
+        sparse_tiles,
     )
 
     d, i = MOE_SHAPES[name]["d"], MOE_SHAPES[name]["i"]
     x, idx, wt, w, flops = moe_inputs(name, t)
+    if sparse and not sparse_tiles(True, t, idx.shape[1], w[0].shape[0], d, i):
+        log(f"MoE {name} T={t}: the op does not take sparse tiles here (`sparse_tiles`); skipped")
+        return
 
     def call(cfg):
         # the tile pinned (64 pairs unless the config says): a static T with few pairs per expert would otherwise
-        # take the sparse tiles and their plan by itself (`sparse_tiles`), and the fields below would vary that plan
-        cfg = {"grouped_block_t": GROUPED_BLOCK_T, **cfg}
+        # take the sparse tiles and their plan by itself (`sparse_tiles`), and the fields below would vary that plan.
+        # --sparse: not pinned, so the fields vary the sparse tiles' plan (GROUPED_SPARSE_FP8).
+        cfg = cfg if sparse else {"grouped_block_t": GROUPED_BLOCK_T, **cfg}
         return lambda: routed_experts_triton(x, idx, wt, *w, grouped=True, **cfg)
 
     base = call({})()
     ref = routed_experts_reference(x[:64], idx[:64], wt[:64], *w)
     ref_err = ((base[:64].double() - ref.double()).norm() / ref.double().norm()).item()
     scale = base.float().abs().max().item()
-    log(f"MoE {name} T={t}: default ({GROUPED_BLOCK_T} pairs, {grouped_plan(True, d, i)}) vs reference rel err "
-        f"{ref_err:.1e}")
+    tile = SPARSE_TILE_PAIRS if sparse else GROUPED_BLOCK_T
+    log(f"MoE {name} T={t}: default ({tile} pairs{', sparse tiles' if sparse else ''}, "
+        f"{grouped_plan(True, d, i, sparse, t if sparse else None)}) vs reference rel err {ref_err:.1e}")
     rows.append(dict(kind="moe", shape=name, t=t, default_ref_rel_err=ref_err))
 
     def check(out):
@@ -106,7 +115,7 @@ def sweep_moe(name: str, t: int, peak: float, rows: list) -> None:
 
     measure = measurer("moe", name, t, call, check, flops, peak, rows)
     timed = {json.dumps({}): measure({})}
-    for cfg in moe_configs_up():
+    for cfg in (SPARSE_UP_CONFIGS if sparse else moe_configs_up()):
         timed[json.dumps(cfg, sort_keys=True)] = measure(cfg)
     best_up = min((k for k in timed if timed[k] is not None), key=lambda k: timed[k])
     up = json.loads(best_up)
@@ -230,6 +239,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(MOE_SHAPES), help="MoE shapes")
     ap.add_argument("--prefix", type=int, default=0,
                     help="attention: a later chunk over this many cached rows (keys_cached), TMA on and off")
+    ap.add_argument("--sparse", action="store_true",
+                    help="MoE at decode-sized T: vary the sparse tiles' plan instead of pinning 64-pair tiles")
     ap.add_argument("--json", default=None)
     opts = ap.parse_args()
     from dsv3.kernels.bench import ceilings, CEIL
@@ -255,7 +266,7 @@ def main() -> None:
                 dump()
         if opts.only in (None, "moe"):
             for name in opts.shapes.split(","):
-                sweep_moe(name, t, fp8_peak, rows)
+                sweep_moe(name, t, fp8_peak, rows, opts.sparse)
                 dump()
 
 

@@ -239,6 +239,16 @@ def test_mla_combine_block_c(block_c, warps):
         A.mla_attention_triton(q, qp, cache, pos, 0.12, n_splits=5, combine_block_c=24)
 
 
+def test_mla_combine_whole_rows():
+    """>= 128 query rows over few splits: the default combine merges each row in one program (`combine_config`)."""
+    gen = torch.Generator().manual_seed(29)
+    q, qp, cache, pos = _mla_inputs(8, 1, 16, 160, 40, 8, torch.float16, gen)
+    assert A.combine_config(8 * 16, 5, 64) == (64, 8) and A.combine_config(8 * 16, 17, 64) == (32, 2)
+    out = A.mla_attention_triton(q, qp, cache, pos, 0.12, n_splits=5)
+    ref = A.mla_attention_reference(q.double(), qp.double(), cache.double(), pos, 0.12)
+    assert rel_err(out, ref) < 2e-3
+
+
 def test_mla_strided_inputs():
     """q_pe as a view of a wider tensor (as the model splits q), non-contiguous output layout promised by the fake."""
     gen = torch.Generator().manual_seed(5)

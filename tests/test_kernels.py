@@ -98,6 +98,9 @@ def test_launch_plans(monkeypatch):
         kb = -(-k // 128)
         assert (splits - 1) * per < kb <= splits * per
         assert splits * m * n * 4 <= n * k or splits == 1
+    # MLA's combine: whole rows per program at >= 128 query rows over <= 16 splits (batch 8 and 32 at 16 heads)
+    assert A.combine_config(16, 64, 512) == (32, 2) and A.combine_config(128, 16, 512) == (512, 8)
+    assert A.combine_config(512, 4, 512) == (512, 8) and A.combine_config(512, 17, 512) == (32, 2)
     # MLA: decode splits the sequence, prefill / dynamic shapes never do
     assert A.mla_plan(1, 1, 16, 32768, 512, 132)[4] == 132 and A.mla_plan(1, 1, 16, 8192, 512, 132)[4] == 64
     # whole waves of programs: 8 x 16 = 128 (not 8 x 17 = 136) on 132 SMs; 128 heads: 2 row blocks per sequence
@@ -480,6 +483,9 @@ def test_sparse_tile_choice(monkeypatch):
     assert not RE.sparse_tiles(True, 128, 8, 32, 7168, 2048)        # not measured: the prefill plan
     assert not RE.sparse_tiles(False, 128, 6, 64, 2048, 1408)
     assert RE.grouped_plan(True, 2048, 1408, True) == RE.GROUPED_SPARSE_FP8
+    assert RE.grouped_plan(True, 2048, 1408, True, 65) == RE.GROUPED_SPARSE_FP8
+    assert RE.grouped_plan(True, 2048, 1408, True, 32) == RE.GROUPED_SPARSE_DECODE_FP8
+    assert RE.GROUPED_SPARSE_DECODE_FP8.up_num_stages == 4
     assert RE.grouped_plan(True, 2048, 1408, True, down_num_warps=8).down_num_warps == 8
     assert RE.grouped_plan(False, 2048, 1408, True) == RE.MOE_GROUPED_BF16
 

@@ -22,7 +22,9 @@ Implementations
   per-expert values, no serial loop), and writes its share of the tile table. Bitwise the reference's schedule;
   6-10 us per call on the H200 (13-14 us at every T with the 1024-pair chunks of before 2026-11-26). (Its first
   form ranked the pairs by a one-hot prefix sum over 64 pairs at a time, 16 dependent steps per chunk: 85-95 us
-  per call on the H200, slower than the torch schedule's 50-76.)
+  per call on the H200, slower than the torch schedule's 50-76.) A static P of at most SCHEDULE_ONE_MAX_P pairs
+  (the decode batches that take sparse tiles) runs `_schedule_one_kernel` instead: the whole schedule in one
+  program, one launch.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ SCHEDULE_WARPS = 4
 # composites; smaller chunks sort less per program and run more programs. 16B prefill (K 6): T 384 6.4 us (128 /
 # 2), 1024 7.0 (128 / 2), 2048 8.2 (256 / 2), 4096 9.9 (512 / 4); the 671B-ep8 rank at T 4096 (K 8) 9.1 (512 / 4).
 SCHEDULE_LAUNCHES = ((8192, 128, 2), (16384, 256, 2), (None, 512, 4))
+# Decode batches (a static P of at most this many pairs: 16B batch 32 / 64 steps have 256 / 512): the whole schedule
+# in one program (`_schedule_one_kernel`), SCHEDULE_ONE_WARPS warps, instead of the count and scatter launches.
+SCHEDULE_ONE_MAX_P = 512
+SCHEDULE_ONE_WARPS = 4
 COUNT_ROWS = 16  # chunk histograms summed per step
 TILE_ROWS = 64  # tiles per step of the tile table
 
@@ -131,11 +137,20 @@ def _schedule_scatter_kernel(keys_ptr, counts_ptr, sched_ptr, P, E, n_chunks, n_
     pos = tl.gather(seg_start + before - first, skey, 0) + lane
     tl.store(sched_ptr + 3 * n_tiles + pos, pair, mask=pair < P)
     # the tile table, TILE_ROWS tiles at a time, shared out among the programs
+    _tile_table(sched_ptr, total, seg_start, lanes, E, n_tiles, c * TILE_ROWS_, n_chunks * TILE_ROWS_, TILE_ROWS_,
+                BLOCK_T)
+
+
+@triton.jit
+def _tile_table(sched_ptr, total, seg_start, lanes, E, n_tiles, j_first, j_step, TILE_ROWS_: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """Tiles j_first, j_first + j_step, ... (TILE_ROWS_ at a time) of the table: expert, start, end, from the experts'
+    pair counts `total` and their starts `seg_start` in the sorted pair list ([E_PAD] over `lanes`)."""
     tiles = tl.where(lanes < E, (total + BLOCK_T - 1) // BLOCK_T, 0)
     tile_end = tl.cumsum(tiles, axis=0)
     last = tl.where(lanes < E, tile_end, 2147483647)  # searchsorted(tile_end, j, right=True) over experts 0..E-1
     first_tile = tile_end - tiles
-    for j0 in range(c * TILE_ROWS_, n_tiles, n_chunks * TILE_ROWS_):
+    for j0 in range(j_first, n_tiles, j_step):
         j = j0 + tl.arange(0, TILE_ROWS_)
         te = tl.sum((last[None, :] <= j[:, None]).to(tl.int32), axis=1)
         tec = tl.minimum(te, E - 1)
@@ -146,6 +161,23 @@ def _schedule_scatter_kernel(keys_ptr, counts_ptr, sched_ptr, P, E, n_chunks, n_
         tl.store(sched_ptr + j, tec, mask=in_table)
         tl.store(sched_ptr + n_tiles + j, start, mask=in_table)
         tl.store(sched_ptr + 2 * n_tiles + j, end, mask=in_table)
+
+
+@triton.jit
+def _schedule_one_kernel(idx_ptr, sched_ptr, P, E, n_tiles, CHUNK_: tl.constexpr, E_PAD: tl.constexpr,
+                         TILE_ROWS_: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The whole schedule of P <= CHUNK_ pairs in one program (decode batches' few pairs): one sort of the (expert,
+    position) composites puts every pair at its place, so the i-th sorted one is stored at i: no store address
+    derives from the loaded ids (torch's analysis would take the ids as written, see grouped_schedule_triton) and
+    no key buffer or histogram launch is needed. Padding lanes sort last (key E_PAD - 1 > E)."""
+    lane = tl.arange(0, CHUNK_)
+    key = _chunk_keys(idx_ptr, lane, P, E, E_PAD)
+    lanes = tl.arange(0, E_PAD)
+    total = tl.where(lanes <= E, tl.histogram(key, E_PAD), 0)
+    seg_start = tl.cumsum(total, axis=0) - total
+    ranked = tl.sort(key * CHUNK_ + lane)
+    tl.store(sched_ptr + 3 * n_tiles + lane, ranked % CHUNK_, mask=lane < P)
+    _tile_table(sched_ptr, total, seg_start, lanes, E, n_tiles, 0, TILE_ROWS_, TILE_ROWS_, BLOCK_T)
 
 
 def schedule_launches(p) -> list[tuple[int, int, object]]:
@@ -164,15 +196,28 @@ def schedule_launches(p) -> list[tuple[int, int, object]]:
 
 
 def grouped_schedule_triton(topk_idx: torch.Tensor, n_experts: int, block_t: int, chunk: int | None = None,
-                            num_warps: int | None = None) -> tuple[torch.Tensor, int]:
+                            num_warps: int | None = None, one: bool | None = None) -> tuple[torch.Tensor, int]:
     """`chunk` (pairs per program, a power of two) and `num_warps` pin one launch (with only one of them given,
-    the other is CHUNK's / SCHEDULE_WARPS); by default the launch by pair count (`schedule_launches`)."""
+    the other is CHUNK's / SCHEDULE_WARPS); by default the launch by pair count (`schedule_launches`), or for a
+    static P <= SCHEDULE_ONE_MAX_P the one-program kernel. `one` pins that choice (True: P must be static and fit
+    `chunk`, default next_pow2(P))."""
     flat = topk_idx.reshape(-1)
     p = flat.shape[0]
     e = n_experts
     e_pad = next_pow2(e + 2)  # bins 0..E and the padding bin E_PAD - 1
     n_tiles = n_schedule_tiles(p, e, block_t)
     sched = torch.empty((3 * n_tiles + p,), dtype=torch.int32, device=flat.device)
+    p_static = static_int(p)
+    if one is None:
+        one = chunk is None and num_warps is None and p_static is not None and p_static <= SCHEDULE_ONE_MAX_P
+    if one:
+        chunk_ = chunk or max(16, next_pow2(p_static))
+        if p_static is None or p_static > chunk_:
+            raise ValueError(f"the one-program schedule needs a static P <= chunk ({p} pairs, chunk {chunk_})")
+        wrap_triton(_schedule_one_kernel)[(1,)](flat, sched, p, e, n_tiles, CHUNK_=chunk_, E_PAD=e_pad,
+                                                 TILE_ROWS_=TILE_ROWS, BLOCK_T=block_t,
+                                                 num_warps=num_warps or SCHEDULE_ONE_WARPS)
+        return sched, n_tiles
     if chunk is None and num_warps is None:
         launches = schedule_launches(p)
     else:
@@ -195,7 +240,7 @@ def grouped_schedule_triton(topk_idx: torch.Tensor, n_experts: int, block_t: int
 
 
 def grouped_schedule(topk_idx: torch.Tensor, n_experts: int, block_t: int) -> tuple[torch.Tensor, int]:
-    """See the module docstring. CPU, or DSV3_MOE_SCHEDULE=torch: the reference; CUDA: the two Triton launches."""
+    """See the module docstring. CPU, or DSV3_MOE_SCHEDULE=torch: the reference; CUDA: the Triton launches."""
     if topk_idx.device.type == "cpu" or schedule_impl() == "torch":
         return grouped_schedule_reference(topk_idx, n_experts, block_t)
     return grouped_schedule_triton(topk_idx, n_experts, block_t)

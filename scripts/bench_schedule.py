@@ -2,9 +2,10 @@
 against the two-launch counting sort (dsv3.kernels.moe_schedule), each in a CUDA graph, checked bitwise; and the
 whole grouped op (dsv3.routed_experts at prefill-sized T, 16B shapes) with either schedule. With --sweep: the
 Triton schedule's launch (pairs per program, warps) at the prefill buckets' T, each checked bitwise against the
-reference and timed in CUDA graphs, interleaved rounds.
+reference and timed in CUDA graphs, interleaved rounds. With --decode: decode batches' few pairs, the one-program
+schedule (`_schedule_one_kernel`) at 1-8 warps against the two launches.
 
-    python3 scripts/bench_schedule.py [--sweep] [--json F]
+    python3 scripts/bench_schedule.py [--sweep | --decode] [--json F]
 """
 
 from __future__ import annotations
@@ -65,14 +66,41 @@ def sweep(rounds: int = 3) -> list[dict]:
     return rows
 
 
+DECODE_CASES = [(8, 8, 66), (16, 8, 66), (32, 8, 66), (64, 8, 66)]  # 16B decode batches' pairs (sparse tiles: 32)
+DECODE_WARPS = (1, 2, 4, 8)
+
+
+def decode(rounds: int = 3) -> list[dict]:
+    """Decode-sized P: the one-program schedule at each warp count against the two launches of the rule."""
+    rows = []
+    for t, k, e in DECODE_CASES:
+        idx = routing_ids(t, k, e, 0.0)
+        want, _ = MS.grouped_schedule_reference(idx, e, RE.SPARSE_TILE_PAIRS)
+        forms = {"two launches": dict(one=False)} | {f"one program, {w} warps": dict(one=True, num_warps=w)
+                                                      for w in DECODE_WARPS}
+        for name, kw in forms.items():
+            if not torch.equal(MS.grouped_schedule_triton(idx, e, RE.SPARSE_TILE_PAIRS, **kw)[0], want):
+                raise SystemExit(f"T {t}: {name} differs from the reference")
+        times: dict = {}
+        for _ in range(rounds):
+            for name, kw in forms.items():
+                us = graph_us([lambda kw=kw: MS.grouped_schedule_triton(idx, e, RE.SPARSE_TILE_PAIRS, **kw)] * 20)
+                times[name] = min(times.get(name, 1e9), us)
+        print(f"T {t:3d} K {k} E {e} (P {t * k}): " + ", ".join(f"{n} {u:.2f} us" for n, u in times.items())
+              + "; all bitwise equal", flush=True)
+        rows.append({"t": t, "k": k, "e": e, "us": times})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="the Triton schedule's launch configs (see above)")
+    ap.add_argument("--decode", action="store_true", help="decode-sized P: one program against two launches")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    if args.sweep:
-        rows = sweep()
+    if args.sweep or args.decode:
+        rows = sweep() if args.sweep else decode()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

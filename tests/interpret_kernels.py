@@ -573,14 +573,17 @@ def test_grouped_schedule():
 
 
 @pytest.mark.parametrize("t,k,e,block_t,invalid", [
-    (4, 2, 4, 2, 0.2),        # fewer pairs than a chunk
+    (4, 2, 4, 2, 0.2),        # fewer pairs than a chunk (one program: `_schedule_one_kernel`)
+    (32, 8, 66, 32, 0.0),     # 16B's batch-32 decode step (sparse tiles of 32 pairs), one program
+    (64, 8, 66, 32, 0.1),     # batch 64 with other ranks' ids: SCHEDULE_ONE_MAX_P pairs, one program
     (700, 6, 66, 64, 0.0),    # 16B's prefill (64 routed + 2 shared slots' ids), 5 chunks, a partial last one
     (300, 8, 32, 64, 0.85),   # an expert-parallel rank: most ids belong to other ranks (invalid here), 3 chunks
     (129, 8, 4, 32, 0.1),     # few experts, many tiles each
 ])
 def test_grouped_schedule_kernels(t, k, e, block_t, invalid):
-    """The two-launch counting sort (`moe_schedule.grouped_schedule_triton`) gives the reference's schedule bit for
-    bit: the tile table and the stable order of the pairs, invalid ids last."""
+    """The Triton schedule (`moe_schedule.grouped_schedule_triton`: one program up to SCHEDULE_ONE_MAX_P pairs, else
+    the two-launch counting sort; small P also pinned to the other form) gives the reference's schedule bit for bit:
+    the tile table and the stable order of the pairs, invalid ids last."""
     gen = torch.Generator().manual_seed(t + e)
     idx = torch.randint(0, e, (t, k), generator=gen)
     drop = torch.rand(t, k, generator=gen) < invalid
@@ -589,6 +592,12 @@ def test_grouped_schedule_kernels(t, k, e, block_t, invalid):
     got, n2 = MS.grouped_schedule_triton(idx, e, block_t)
     assert n == n2 and got.dtype == torch.int32
     assert torch.equal(got, want)
+    if t * k <= MS.SCHEDULE_ONE_MAX_P:
+        assert torch.equal(MS.grouped_schedule_triton(idx, e, block_t, one=False)[0], want)
+        assert torch.equal(MS.grouped_schedule_triton(idx, e, block_t, chunk=1024, num_warps=2, one=True)[0], want)
+    else:
+        with pytest.raises(ValueError, match="one-program schedule"):
+            MS.grouped_schedule_triton(idx, e, block_t, chunk=512, one=True)
 
 
 @pytest.mark.parametrize("chunk,warps", sorted({(c, w) for _, c, w in MS.SCHEDULE_LAUNCHES}))

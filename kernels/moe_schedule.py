@@ -47,9 +47,18 @@ SCHEDULE_WARPS = 4
 # 2), 1024 7.0 (128 / 2), 2048 8.2 (256 / 2), 4096 9.9 (512 / 4); the 671B-ep8 rank at T 4096 (K 8) 9.1 (512 / 4).
 SCHEDULE_LAUNCHES = ((8192, 128, 2), (16384, 256, 2), (None, 512, 4))
 # Decode batches (a static P of at most this many pairs: 16B batch 32 / 64 steps have 256 / 512): the whole schedule
-# in one program (`_schedule_one_kernel`), SCHEDULE_ONE_WARPS warps, instead of the count and scatter launches.
+# in one program (`_schedule_one_kernel`) instead of the count and scatter launches; 1 warp up to
+# SCHEDULE_ONE_SMALL_P pairs, else 8. scripts/bench_schedule.py --decode on the H200 (2026-11-26; 66 slots, 32-pair
+# tiles, CUDA graphs, best of 3 interleaved rounds, every form bitwise the reference's), us per call, two launches ->
+# one program at 1 / 2 / 4 / 8 warps: P 64 6.86 -> 4.10 / 4.61 / 4.58 / 4.38, P 128 6.94 -> 4.52 / 4.92 / 4.92 /
+# 4.75, P 256 6.02 -> 5.58 / 5.98 / 5.23 / 5.13, P 512 5.86 -> 7.80 / 8.63 / 6.43 / 5.66.
 SCHEDULE_ONE_MAX_P = 512
-SCHEDULE_ONE_WARPS = 4
+SCHEDULE_ONE_SMALL_P = 128
+
+
+def schedule_one_warps(p: int) -> int:
+    """Warps of the one-program schedule for P pairs (see SCHEDULE_ONE_MAX_P)."""
+    return 1 if p <= SCHEDULE_ONE_SMALL_P else 8
 COUNT_ROWS = 16  # chunk histograms summed per step
 TILE_ROWS = 64  # tiles per step of the tile table
 
@@ -216,7 +225,7 @@ def grouped_schedule_triton(topk_idx: torch.Tensor, n_experts: int, block_t: int
             raise ValueError(f"the one-program schedule needs a static P <= chunk ({p} pairs, chunk {chunk_})")
         wrap_triton(_schedule_one_kernel)[(1,)](flat, sched, p, e, n_tiles, CHUNK_=chunk_, E_PAD=e_pad,
                                                  TILE_ROWS_=TILE_ROWS, BLOCK_T=block_t,
-                                                 num_warps=num_warps or SCHEDULE_ONE_WARPS)
+                                                 num_warps=num_warps or schedule_one_warps(p_static))
         return sched, n_tiles
     if chunk is None and num_warps is None:
         launches = schedule_launches(p)

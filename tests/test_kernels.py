@@ -257,6 +257,8 @@ def test_schedule_launches_by_pair_count():
         factors = {c[:2]: int(c[2].node.expr.xreplace({sym: p})) for c in dynamic}
         assert factors == {r: int(r == want) for r in rows}, p
     assert not env.guards
+    # decode-sized static P: one program (1 warp up to 128 pairs, else 8) instead of these launches
+    assert [MS.schedule_one_warps(p) for p in (1, 128, 129, 512)] == [1, 1, 8, 8]
 
 
 def test_act_quant_launch_by_rows():

@@ -436,16 +436,19 @@ GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = 
     # H200, scripts/sweep_gemv.py --quick (M = 1 and 8), 2026-11-23, the rank layout's GEMVs. Per shape class, the
     # best config against the split-K default: M=1 under 2 MB 1.34x, 2-8 MB 1.07x, >= 8 MB 1.00x; M=8 1.31x /
     # 1.08x / 1.00x (rows equal to the default are kept: they record that the default won there).
-    (256, 7168): ((1, "rows", 2, 8, 1), (8, "splitk_fused", 32, 4, 5)),  # 671B-tp8 shared.gate/up
-    (2048, 2048): ((1, "rows", 8, 8, 1), (8, "splitk_fused", 64, 4, 5)),  # 16B o_proj
-    (2048, 10944): ((1, "rows_prequant", 2, 8, 1), (8, "splitk", 64, 4, 5)),  # 16B dense.down
+    (256, 7168): ((1, "rows", 2, 8, 1), (4, "rows_prequant", 1, 8, 1),
+                  (8, "splitk_fused", 32, 4, 5)),  # 671B-tp8 shared.gate/up
+    (2048, 2048): ((1, "rows", 8, 8, 1), (16, "splitk_fused", 64, 4, 5), (32, "nosplit", 16, 4, 6)),  # 16B o_proj
+    (2048, 10944): ((1, "rows_prequant", 2, 8, 1), (16, "splitk_fused", 128, 8, 3), (32, "splitk", 128, 4, 3)),  # dn
     (2112, 7168): ((1, "rows_prequant", 2, 8, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 qkv_a_proj
-    (2304, 7168): ((1, "rows_prequant", 2, 8, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 dense.gate/up
-    (3072, 1536): ((1, "rows", 8, 8, 1), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 q_b_proj
-    (3648, 2048): ((1, "rows", 8, 8, 1), (16, "splitk", 64, 4, 5)),  # 16B qkv_a_proj
-    (7168, 256): ((1, "rows", 8, 2, 1), (8, "splitk_fused", 64, 4, 5)),  # 671B-tp8 shared.down
-    (7168, 2048): ((1, "rows_prequant", 2, 4, 1), (8, "splitk", 64, 4, 5)),  # 671B-tp8 o_proj
-    (7168, 2304): ((1, "splitk", 64, 4, 5), (8, "nosplit", 32, 4, 4)),  # 671B-tp8 dense.down
+    (2304, 7168): ((1, "rows_prequant", 2, 8, 1), (8, "splitk", 64, 4, 5), (16, "splitk_fused", 128, 8, 3)),  # g/u
+    (3072, 1536): ((1, "rows", 8, 8, 1), (8, "splitk_fused", 64, 4, 5), (16, "splitk_fused", 128, 8, 3),
+                   (32, "nosplit", 16, 4, 4)),  # 671B-tp8 q_b_proj
+    (3648, 2048): ((1, "rows", 8, 8, 1), (16, "splitk_fused", 128, 8, 3)),  # 16B qkv_a_proj
+    (7168, 256): ((1, "rows", 8, 2, 1), (16, "splitk_fused", 64, 4, 5), (32, "splitk_fused", 64, 8, 5)),  # sh.down
+    (7168, 2048): ((1, "rows_prequant", 2, 4, 1), (16, "splitk", 64, 4, 5), (32, "splitk", 64, 8, 5)),  # o_proj
+    (7168, 2304): ((1, "splitk", 64, 4, 5), (4, "splitk_fused", 128, 8, 3), (8, "nosplit", 32, 4, 4),
+                   (16, "nosplit", 16, 2, 4), (32, "nosplit", 32, 2, 4)),  # 671B-tp8 dense.down
     (10944, 2048): ((1, "rows_prequant", 4, 4, 1), (8, "splitk", 64, 4, 5)),  # 16B dense.gate/up
     # 2026-11-24, the same sweep with the row-parallel variants in its grid (--models 16B,671B-tp8 --ms 1,4,8,16),
     # rows changed where the best beat the op by >= 5% (us, op -> best): 671B-tp8 shared.gate/up M=1 8.66 -> 3.51
@@ -456,6 +459,18 @@ GEMV_TUNED: dict[tuple[int, int], tuple[tuple[int, str, int, int, int], ...]] = 
     (512, 7168): ((1, "rows", 4, 8, 1),),  # 671B-tp4 shared.gate/up: 5.23 -> 4.48
     (7168, 1024): ((1, "rows", 8, 4, 1), (16, "splitk", 64, 4, 5)),  # 671B-tp2 shared.down: M=4 7.88 -> 6.79
 }
+# 2026-11-26: sweep_gemv.py --models 16B,671B-tp8 --ms 4,8,16,32 (variants splitk, splitk_fused, nosplit,
+# fused_nosplit, rows, rows_prequant; H200), rows changed above where the best config beat the op by >= 5% (us, op ->
+# best; each config's output checked against float64): 16B qkv_a M = 4 / 8 / 16 8.48 / 8.76 / 8.79 -> 7.86 / 7.86 /
+# 8.14, o_proj M = 32 9.01 -> 8.47, dense.down M = 4 / 8 / 16 / 32 17.82 / 18.10 / 18.23 / 18.83 -> 14.05 / 14.36 /
+# 14.66 / 15.55; 671B-tp8 shared.gate/up M = 4 8.62 -> 7.33, q_b M = 16 / 32 8.13 / 9.05 -> 7.38 / 8.43, o_proj M = 32
+# 11.05 -> 10.40, shared.down M = 32 5.07 -> 4.08, dense.gate/up M = 16 12.59 -> 11.86, dense.down M = 4 / 16 / 32
+# 11.71 / 12.25 / 13.38 -> 11.03 / 11.29 / 12.28. Rows whose range now reaches past M = 8 or 16 repeat the config M
+# 9-16 had before (gemv_default's), so only measured M changed; M 2-3 take the new M = 4 rows and M 17-31 the M = 32
+# rows (not measured there).
+# cuBLAS's block-scaled GEMM (with act_quant) took 8.5-77 us at these M: not a decode path. bf16 F.linear on twice
+# the bytes beat every FP8 config on 16B qkv_a / o_proj, 671B q_b / shared.gate/up (5.8-7.7 us against 7.3-9.6):
+# one cuBLAS launch against our act_quant / split-K / reduce chain (docs/BENCHMARKS.md, forty-sixth session).
 GEMV_DEFAULT: tuple[str, int, int, int] = ("splitk", 64, 4, 5)
 # The rows kernels hold a program's rows over the whole K (padded to a power of two of 128-blocks) in registers:
 # past this K they spill (H200: 7168 x 9216 at 8 rows x 8 warps took 710 us against 28 us split-K).

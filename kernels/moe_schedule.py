@@ -54,13 +54,13 @@ SCHEDULE_LAUNCHES = ((8192, 128, 2), (16384, 256, 2), (None, 512, 4))
 # 4.75, P 256 6.02 -> 5.58 / 5.98 / 5.23 / 5.13, P 512 5.86 -> 7.80 / 8.63 / 6.43 / 5.66.
 SCHEDULE_ONE_MAX_P = 512
 SCHEDULE_ONE_SMALL_P = 128
+COUNT_ROWS = 16  # chunk histograms summed per step
+TILE_ROWS = 64  # tiles per step of the tile table
 
 
 def schedule_one_warps(p: int) -> int:
     """Warps of the one-program schedule for P pairs (see SCHEDULE_ONE_MAX_P)."""
     return 1 if p <= SCHEDULE_ONE_SMALL_P else 8
-COUNT_ROWS = 16  # chunk histograms summed per step
-TILE_ROWS = 64  # tiles per step of the tile table
 
 
 def schedule_impl() -> str:
@@ -220,7 +220,7 @@ def grouped_schedule_triton(topk_idx: torch.Tensor, n_experts: int, block_t: int
     if one is None:
         one = chunk is None and num_warps is None and p_static is not None and p_static <= SCHEDULE_ONE_MAX_P
     if one:
-        chunk_ = chunk or max(16, next_pow2(p_static))
+        chunk_ = chunk or max(16, next_pow2(p_static or 1))
         if p_static is None or p_static > chunk_:
             raise ValueError(f"the one-program schedule needs a static P <= chunk ({p} pairs, chunk {chunk_})")
         wrap_triton(_schedule_one_kernel)[(1,)](flat, sched, p, e, n_tiles, CHUNK_=chunk_, E_PAD=e_pad,

@@ -44,18 +44,3 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[...,
         return cache[key]
 
     return make
-
-
-# The test files that take minutes on a 2-core CI machine (interpreted kernels, compiled artifacts), longest first:
-# collected first, so that pytest-xdist's loadfile scheduler (which hands out files in collection order) starts them
-# at once and the short files fill the end, instead of one worker finishing a long file alone (2026-11-26: the last
-# ~3 of 13.6 minutes). Tests within a file keep their order.
-SLOW_FILES_FIRST = (
-    "test_kernels.py", "test_artifacts.py", "test_compile.py", "test_artifacts_fp8.py", "test_a16.py", "test_router.py",
-    "test_norm.py", "test_gemv_variants.py", "test_attn_out.py", "test_prefill.py", "test_top_p.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

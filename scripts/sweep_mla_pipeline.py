@@ -44,8 +44,8 @@ def variants(plan, shallow):
     yield "plan_bf16part", dict(partial_dtype=torch.bfloat16)
     yield "shallow", dict(block_t=shallow.block_t, min_chunk=shallow.min_chunk, num_stages=2)
     if os.environ.get("MLA_PIPE_GRID"):  # the grids of the first two runs (their results: docs/BENCHMARKS.md)
-        # the combine kernel's channels per program and warps (default COMBINE_BLOCK_C / COMBINE_WARPS, 32 / 2; 128
-        # / 4 before 2026-11-24), with the plan
+        # the combine kernel's channels per program and warps (default `combine_config`'s: 32 / 2, or whole rows /
+        # 8 at >= 128 query rows over <= 16 splits since 2026-11-26; 128 / 4 before 2026-11-24), with the plan
         for bc, cw in ((512, 8), (256, 8), (128, 4), (64, 4), (32, 4), (16, 2)):
             yield f"combine_bc{bc}_w{cw}", dict(combine_block_c=bc, combine_warps=cw)
         for bt, mc, stages, warps in ((32, 32, 2, 4), (32, 32, 3, 4), (32, 32, 4, 4), (32, 32, 3, 8), (32, 64, 3, 4),
